@@ -1,0 +1,66 @@
+"""The ``recloop`` command.
+
+The Typer app lives in :mod:`recloop.cli.app`; each module here adds its commands to it.
+It is a package rather than one ``cli.py`` so that each command group (data, prepare,
+training, online) stays a readable module of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from recloop import __version__
+from recloop.cli import data as _data  # noqa: F401  (registers commands)
+from recloop.cli.app import app
+from recloop.errors import RecloopError
+from recloop.progress import disable_progress, setup_logging
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Offline RL recommenders: from logged events to real-time serving and back."""
+    setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if no_progress:
+        disable_progress()
+
+
+@app.command("version")
+def version() -> None:
+    """Print the recloop version."""
+    typer.echo(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one clear line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RecloopError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            code = getattr(exc, "code", 0)
+        return int(code or 0)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors surface here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""``recloop data …``: download, synthesise and inspect raw datasets."""
+
+from __future__ import annotations

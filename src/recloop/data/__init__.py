@@ -1,0 +1,1 @@
+"""Loading, preparing and sampling logged user behaviour."""

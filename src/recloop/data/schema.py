@@ -1,0 +1,64 @@
+"""The one internal schema every loader produces.
+
+A loader returns :class:`RawData`: an events table plus optional user and item feature
+tables, all polars frames with fixed column names.  Raw ids are kept as they were read
+(``Int64`` when every id in the file is an integer, else ``String``); preparation maps them
+to dense indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+USER = "user"
+"""Raw user id column (Int64 or String)."""
+ITEM = "item"
+"""Raw item id column (Int64 or String)."""
+TIMESTAMP = "timestamp"
+"""Event time in whole seconds since the epoch (Int64)."""
+BEHAVIOR = "behavior"
+"""Kind of interaction (String), e.g. pv, cart, fav, buy; absent for rating data."""
+RATING = "rating"
+"""Explicit rating (Float64); absent for implicit-feedback data."""
+EVENT_ID = "event_id"
+"""Optional unique event id (String); used for idempotent logging."""
+
+REQUIRED_EVENT_COLUMNS = (USER, ITEM, TIMESTAMP)
+BEHAVIORS = ("pv", "cart", "fav", "buy")
+"""Behaviour vocabulary of e-commerce logs (Tianchi ECommAI)."""
+
+
+@dataclass(frozen=True)
+class SkipReport:
+    """Rows dropped by ``--skip-bad-rows``: how many and the first few reasons."""
+
+    count: int = 0
+    """Number of rows skipped."""
+    examples: tuple[str, ...] = ()
+    """Up to ten messages, each naming file, line, column and value."""
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        return SkipReport(self.count + other.count, (self.examples + other.examples)[:10])
+
+
+@dataclass(frozen=True, kw_only=True)
+class RawData:
+    """Events and optional side tables, as loaded.
+
+    ``events`` has at least ``user``, ``item``, ``timestamp`` and at most one of ``behavior``
+    and ``rating`` (both are allowed); extra columns pass through.  ``users`` has ``user`` plus
+    feature columns, ``items`` has ``item`` plus feature columns.
+    """
+
+    events: pl.DataFrame
+    """(E rows) user, item, timestamp[, behavior][, rating][, extras]."""
+    users: pl.DataFrame | None = None
+    """User feature table keyed by ``user``."""
+    items: pl.DataFrame | None = None
+    """Item feature table keyed by ``item``."""
+    source: str = ""
+    """Human-readable description of where the data came from (format and path)."""
+    skipped: SkipReport = field(default_factory=SkipReport)
+    """Bad rows skipped while loading (only with ``skip_bad_rows``)."""

@@ -1,0 +1,1 @@
+"""State encoders, one module each, registered in :data:`recloop.encoders.base.ENCODERS`."""

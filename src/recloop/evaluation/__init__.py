@@ -1,0 +1,1 @@
+"""recloop.evaluation."""
