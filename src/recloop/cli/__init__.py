@@ -13,7 +13,15 @@ import sys
 import typer
 
 from recloop import __version__
-from recloop.cli import data as _data  # noqa: F401  (registers commands)
+
+# Each import registers its commands on the app.
+from recloop.cli import data as _data  # noqa: F401
+from recloop.cli import demo as _demo  # noqa: F401
+from recloop.cli import online as _online  # noqa: F401
+from recloop.cli import prepare as _prepare  # noqa: F401
+from recloop.cli import pretrain as _pretrain  # noqa: F401
+from recloop.cli import synth as _synth  # noqa: F401
+from recloop.cli import train as _train  # noqa: F401
 from recloop.cli.app import app
 from recloop.errors import RecloopError
 from recloop.progress import disable_progress, setup_logging

@@ -1,0 +1,3 @@
+"""recloop CLI: demo commands."""
+
+from __future__ import annotations

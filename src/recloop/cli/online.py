@@ -1,0 +1,3 @@
+"""recloop CLI: online commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""recloop CLI: prepare commands."""
+
+from __future__ import annotations

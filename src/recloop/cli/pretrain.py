@@ -1,0 +1,3 @@
+"""recloop CLI: pretrain commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""recloop CLI: synth commands."""
+
+from __future__ import annotations

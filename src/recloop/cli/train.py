@@ -1,0 +1,3 @@
+"""recloop CLI: train commands."""
+
+from __future__ import annotations
