@@ -1,0 +1,151 @@
+"""Generic event tables: a CSV or Parquet file whose columns a :class:`ColumnMapping` names.
+
+Columns the mapping does not use pass through as extra event columns (strings for CSV, their
+own type for Parquet).  Optional user/item feature files are keyed by the mapped user/item
+column; their other columns are features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from recloop.data.loaders._read import EXTRA, Table, read_parquet, read_text
+from recloop.data.loaders._validate import (
+    FieldSpec,
+    Kind,
+    Validated,
+    assemble,
+    check_columns,
+    infer_int,
+    validate,
+)
+from recloop.data.loaders.base import LOADERS, ColumnMapping, LoadOptions
+from recloop.data.schema import BEHAVIOR, ITEM, RATING, TIMESTAMP, USER, RawData
+from recloop.errors import DataError, Location
+
+_SUFFIXES = {"csv": (".csv", ".tsv", ".txt", ".dat"), "parquet": (".parquet", ".pq")}
+_OUTPUTS = (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING)
+
+
+def _files(path: Path, fmt: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError("no such file or directory", location=Location(file=str(path)))
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES[fmt])
+    if not found or (fmt == "csv" and len(found) > 1):
+        what = f"{len(found)} {fmt} files" + (
+            f" ({', '.join(p.name for p in found)}); pass the events file" if found else ""
+        )
+        raise DataError(f"{what} in this directory", location=Location(file=str(path)))
+    return found
+
+
+def _read(paths: list[Path], mapping: ColumnMapping) -> Table:
+    if paths[0].suffix.lower() in _SUFFIXES["parquet"]:
+        if len(paths) == 1:
+            return read_parquet(paths[0])
+        tables = [read_parquet(p) for p in paths]
+        try:
+            frame = pl.concat([t.frame for t in tables], how="diagonal_relaxed")
+        except pl.exceptions.PolarsError as exc:
+            raise DataError(
+                f"Parquet parts do not share a schema: {exc}",
+                location=Location(file=str(paths[0].parent)),
+            ) from None
+        return Table(frame=frame, file=str(paths[0].parent))
+    return read_text(
+        paths[0],
+        delimiter=mapping.delimiter,
+        has_header=mapping.has_header,
+        quote_char=mapping.quote_char,
+    )
+
+
+def _event_fields(table: Table, m: ColumnMapping) -> tuple[list[FieldSpec], list[str]]:
+    columns = [c for c in table.frame.columns if c != EXTRA]
+    fields = [
+        FieldSpec(source=m.user, name=USER, kind="id"),
+        FieldSpec(source=m.item, name=ITEM, kind="id"),
+        FieldSpec(
+            source=m.timestamp, name=TIMESTAMP, kind="timestamp", time_format=m.timestamp_format
+        ),
+    ]
+    used = {m.user, m.item, m.timestamp}
+    behavior = m.behavior or (BEHAVIOR if BEHAVIOR in columns and BEHAVIOR not in used else None)
+    if behavior is not None:
+        values = m.behavior_values or ()
+        kind: Kind = "enum" if values else "str"
+        fields.append(FieldSpec(source=behavior, name=BEHAVIOR, kind=kind, values=values))
+        used.add(behavior)
+    rating = m.rating or (RATING if RATING in columns and RATING not in used else None)
+    if rating is not None:
+        fields.append(FieldSpec(source=rating, name=RATING, kind="float"))
+        used.add(rating)
+    check_columns(table, fields)
+    keep = [c for c in columns if c not in used]
+    clash = [c for c in keep if c in _OUTPUTS]
+    if clash:
+        raise DataError(
+            f'column "{clash[0]}" is not mapped but has the name of a schema column; map it '
+            f"(columns.{clash[0]}) or rename it",
+            location=Location(
+                file=table.file, line=1 if table.first_line else None, column=clash[0]
+            ),
+        )
+    return fields, keep
+
+
+def _features(path: Path, key: str, out: str, m: ColumnMapping, options: LoadOptions) -> Validated:
+    table = _read([path], m)
+    fields = [FieldSpec(source=key, name=out, kind="id")]
+    keep = [c for c in table.frame.columns if c not in (key, EXTRA)]
+    result = validate(
+        table,
+        fields,
+        keep=keep,
+        skip_bad_rows=options.skip_bad_rows,
+        max_examples=options.max_examples,
+    )
+    frame = result.frame.with_columns(infer_int(result.frame[c]) for c in keep)
+    return Validated(frame=frame, skipped=result.skipped)
+
+
+def _load(fmt: str, path: Path, options: LoadOptions) -> RawData:
+    m = options.columns or ColumnMapping()
+    files = _files(path, fmt)
+    table = _read(files, m)
+    fields, keep = _event_fields(table, m)
+    events = validate(
+        table,
+        fields,
+        keep=keep,
+        skip_bad_rows=options.skip_bad_rows,
+        max_examples=options.max_examples,
+    )
+    users = items = None
+    if m.user_features is not None:
+        users = _features(m.user_features, m.user, USER, m, options)
+    if m.item_features is not None:
+        items = _features(m.item_features, m.item, ITEM, m, options)
+    return assemble(
+        events=events,
+        users=users,
+        items=items,
+        source=f"{fmt} {path}",
+        files=(str(m.user_features), str(m.item_features)),
+    )
+
+
+@LOADERS.register("csv")
+def load_csv(path: Path, options: LoadOptions) -> RawData:
+    """Load a delimited events file (or the one such file in a directory)."""
+    return _load("csv", path, options)
+
+
+@LOADERS.register("parquet")
+def load_parquet(path: Path, options: LoadOptions) -> RawData:
+    """Load a Parquet events file, or every ``*.parquet`` part in a directory."""
+    return _load("parquet", path, options)
