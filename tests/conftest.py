@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +25,9 @@ def ml100k_dir() -> Path:
             pytest.fail(f"MovieLens-100K not found at {path} (set RECLOOP_ML100K)")
         pytest.skip(f"MovieLens-100K not found at {path} (set RECLOOP_ML100K)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """The models under test are tiny: one thread avoids oversubscribing the 2 CI cores."""
+    torch.set_num_threads(1)

@@ -32,11 +32,23 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        envvar="RECLOOP_THREADS",
+        min=1,
+        help="PyTorch CPU threads (default: torch's choice). The models here are small, so "
+        "1 thread is often fastest on a busy machine.",
+    ),
 ) -> None:
     """Offline RL recommenders: from logged events to real-time serving and back."""
     setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if no_progress:
         disable_progress()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @app.command("version")
