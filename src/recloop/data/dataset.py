@@ -108,7 +108,8 @@ class PreparedDataset:
             "n_items": self.n_items,
             "n_events": self.n_events,
             "splits": self.split_counts(),
-            "sessions": int(np.unique(self.session).shape[0]) if self.n_events else 0,
+            # Session numbers increase along the rows, so counting changes counts sessions.
+            "sessions": int(np.count_nonzero(np.diff(self.session))) + 1 if self.n_events else 0,
             "mean_reward": float(self.reward.mean()) if self.n_events else 0.0,
         }
 
@@ -189,7 +190,9 @@ class PreparedDataset:
             "split": self.split,
         }
         cols.update(self.extra)
-        pl.DataFrame(cols).write_parquet(directory / "events.parquet", statistics=False)
+        pl.DataFrame(cols).write_parquet(
+            directory / "events.parquet", statistics=False, compression_level=1
+        )
         files = {
             "events.parquet": sha256_file(directory / "events.parquet"),
             "user_ids.txt": write_ids(directory / "user_ids.txt", self.user_ids),

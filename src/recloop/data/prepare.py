@@ -1,0 +1,392 @@
+"""The prepare pipeline: raw events → a :class:`~recloop.data.dataset.PreparedDataset`.
+
+Steps, in order (each filter records what it removed in the manifest):
+
+1. dense codes for raw user and item ids, and one chronological sort by
+   (user, timestamp, source row) — ties in time keep source order;
+2. ``filters.dedupe``: exact duplicate events;
+3. interaction-count filters and k-core (``filters``);
+4. DBRL sampling of short- and long-history users (``sample_users``, off by default);
+5. frequency-ranked id maps (index 1 = most frequent; 0 reserved for padding/unknown);
+6. rewards from behaviours or ratings (``reward``);
+7. sessions (``sessions``) and discounted returns per session (``gamma``);
+8. the split (``split``);
+9. user and item feature tables as Int32 codes (``features``).
+
+Everything is flat numpy arrays and a few polars calls; nothing loops over users or rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recloop.config import check, config_to_dict
+from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
+from recloop.data.filters import (
+    FilterConfig,
+    UserSampleConfig,
+    count_filter,
+    duplicate_rows,
+    sample_users,
+)
+from recloop.data.ids import (
+    DenseCodes,
+    FeatureConfig,
+    IdMap,
+    dense_codes,
+    encode_features,
+    frequency_ranked,
+)
+from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
+from recloop.data.schema import BEHAVIOR, ITEM, RATING, TIMESTAMP, USER, RawData
+from recloop.data.sessions import (
+    SessionConfig,
+    chronological_order,
+    discounted_returns,
+    session_starts,
+)
+from recloop.data.splits import SplitConfig, assign_splits
+from recloop.errors import ConfigError, DataError, PrepareError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    """Everything ``recloop prepare`` does to raw events (YAML sections mirror these fields)."""
+
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Duplicate removal, interaction-count filters and k-core."""
+    sample_users: UserSampleConfig = field(default_factory=UserSampleConfig)
+    """DBRL-style sampling of short- and long-history users (off by default)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Behaviour → reward and rating → reward."""
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    """How histories are cut into sessions."""
+    gamma: float = 0.9
+    """Discount of the per-session returns G_t = r_t + gamma * G_{t+1}."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """Train / validation / test protocol."""
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    """Encoding of the user and item feature tables."""
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.gamma <= 1.0, f"gamma must lie in [0, 1], got {self.gamma}")
+
+
+@dataclass
+class _Ledger:
+    """Counts after each step, for the manifest and the log."""
+
+    n_user_codes: int
+    n_item_codes: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(
+        self,
+        step: str,
+        user: np.ndarray,
+        item: np.ndarray,
+        keep: np.ndarray | None = None,
+        *,
+        n_users: int | None = None,
+        n_items: int | None = None,
+        **details: Any,
+    ) -> None:
+        """Count the rows of ``user`` / ``item`` (E,) marked in ``keep`` (default all)."""
+        if keep is not None:
+            user, item = user[keep], item[keep]
+        events = int(user.shape[0])
+        if n_users is None:
+            n_users = int(np.count_nonzero(np.bincount(user, minlength=self.n_user_codes)))
+        if n_items is None:
+            n_items = int(np.count_nonzero(np.bincount(item, minlength=self.n_item_codes)))
+        before = self.steps[-1]["events"] if self.steps else events
+        entry: dict[str, Any] = {
+            "step": step,
+            "events": events,
+            "users": n_users,
+            "items": n_items,
+            "removed_events": before - events,
+            **details,
+        }
+        self.steps.append(entry)
+        logger.info(
+            "%s: %d events, %d users, %d items (%d events removed)",
+            step,
+            events,
+            n_users,
+            n_items,
+            entry["removed_events"],
+        )
+        if events == 0:
+            raise PrepareError(f"no events left after step {step!r}; loosen the config ({entry})")
+
+
+class _Clock:
+    """Debug-level timing of the pipeline's phases."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
+
+    def lap(self, phase: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        logger.debug(
+            "prepare phase %s: %.3f s (%.3f s CPU)", phase, now - self.last, cpu - self.last_cpu
+        )
+        self.last, self.last_cpu = now, cpu
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Per-event columns of the raw events, in source order."""
+
+    users: DenseCodes
+    items: DenseCodes
+    timestamp: np.ndarray  # (E,) int64
+    behavior: np.ndarray | None  # (E,) int8 behaviour codes
+    rating: np.ndarray | None  # (E,) float64
+
+    def dedupe_keys(self) -> dict[str, np.ndarray]:
+        keys = {BEHAVIOR: self.behavior, RATING: self.rating}
+        return {k: v for k, v in keys.items() if v is not None}
+
+
+def _timestamps(events: pl.DataFrame) -> np.ndarray:
+    s = events[TIMESTAMP]
+    if s.null_count():
+        raise DataError(f'column "{TIMESTAMP}": {s.null_count()} missing timestamps')
+    if isinstance(s.dtype, pl.Datetime):
+        s = s.dt.epoch("s")
+    elif not s.dtype.is_integer():
+        raise DataError(f'column "{TIMESTAMP}" must hold integer seconds, got {s.dtype}')
+    return s.cast(pl.Int64).to_numpy()
+
+
+def _read_source(raw: RawData) -> _Source:
+    ev = raw.events
+    missing = [c for c in (USER, ITEM, TIMESTAMP) if c not in ev.columns]
+    if missing:
+        raise DataError(f"events table lacks column(s) {', '.join(missing)}")
+    if ev.height == 0:
+        raise PrepareError(f"{raw.source or 'input'}: no events to prepare")
+    behavior = behavior_codes(ev[BEHAVIOR]) if BEHAVIOR in ev.columns else None
+    rating = ev[RATING].cast(pl.Float64).to_numpy() if RATING in ev.columns else None
+    return _Source(
+        users=dense_codes(ev[USER], name=USER),
+        items=dense_codes(ev[ITEM], name=ITEM),
+        timestamp=_timestamps(ev),
+        behavior=behavior,
+        rating=rating,
+    )
+
+
+@dataclass(frozen=True)
+class _Cleaned:
+    """Sorted rows and which of them survived the filters."""
+
+    row: np.ndarray  # (E0,) int64 source row, sorted by (user code, timestamp, source row)
+    user: np.ndarray  # (E0,) int32 user code
+    item: np.ndarray  # (E0,) int32 item code
+    timestamp: np.ndarray  # (E0,) int64
+    keep: np.ndarray | None  # (E0,) bool, None when every row stays
+
+
+def _clean(
+    raw: RawData, src: _Source, cfg: PrepareConfig, ledger: _Ledger, clock: _Clock
+) -> _Cleaned:
+    """Sort once, then dedupe, count-filter and sample, narrowing one keep mask."""
+    # Later steps only drop rows (or move whole user blocks), so this is the only sort.  Rows
+    # are dropped once, at the end, and columns the filters do not need are gathered then.
+    chrono = chronological_order(src.users.codes, src.timestamp)
+    row, ts = chrono.order, chrono.timestamp
+    user = chrono.user.astype(np.int32)
+    item = src.items.codes[row]
+    del chrono
+    clock.lap("sort")
+    ledger.record(
+        "load",
+        user,
+        item,
+        n_users=src.users.n_codes,
+        n_items=src.items.n_codes,
+        skipped_bad_rows=raw.skipped.count,
+    )
+    keep: np.ndarray | None = None
+    if cfg.filters.dedupe:
+        dup = duplicate_rows(
+            raw.events,
+            order=row,
+            user=user,
+            timestamp=ts,
+            item=item,
+            source_keys=src.dedupe_keys(),
+        )
+        keep = dup.keep
+        ledger.record("dedupe", user, item, keep, **dup.details)
+        clock.lap("dedupe")
+    counted = count_filter(
+        user, item, n_users=src.users.n_codes, n_items=src.items.n_codes, cfg=cfg.filters, keep=keep
+    )
+    if counted.details["rounds"]:
+        keep = counted.keep
+        name = "k_core" if cfg.filters.k_core else "min_events"
+        ledger.record(name, user, item, keep, **counted.details)
+    if cfg.sample_users.enabled:
+        sampled = sample_users(user, n_users=src.users.n_codes, cfg=cfg.sample_users, keep=keep)
+        keep = sampled.keep
+        ledger.record("sample_users", user, item, keep, **sampled.details)
+    clock.lap("filters")
+    if keep is not None and keep.all():
+        keep = None
+    return _Cleaned(row=row, user=user, item=item, timestamp=ts, keep=keep)
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """Kept events under the final id maps, sorted by (user index, timestamp, source row)."""
+
+    user_map: IdMap
+    item_map: IdMap
+    offsets: np.ndarray  # (U + 2,) int64
+    row: np.ndarray  # (E,) int64 source row
+    user: np.ndarray  # (E,) int32
+    item: np.ndarray  # (E,) int32
+    timestamp: np.ndarray  # (E,) int64
+
+
+def _reindex(cleaned: _Cleaned, src: _Source) -> _Indexed:
+    """Frequency-ranked id maps, and each user's block of rows moved to its new place."""
+    kept = None if cleaned.keep is None else np.flatnonzero(cleaned.keep)
+    user = cleaned.user if kept is None else cleaned.user[kept]
+    item = cleaned.item if kept is None else cleaned.item[kept]
+    user_map = frequency_ranked(user, src.users.n_codes)
+    item_map = frequency_ranked(item, src.items.n_codes)
+    n_users, e = user_map.size, int(user.shape[0])
+    offsets = np.zeros(n_users + 2, np.int64)
+    np.cumsum(user_map.counts[1:], out=offsets[2:])
+    # Kept rows are grouped by user code in code order; a block move is index arithmetic.
+    code_counts = np.zeros(src.users.n_codes, np.int64)
+    code_counts[user_map.code_of_index[1:]] = user_map.counts[1:]
+    code_start = np.cumsum(code_counts) - code_counts
+    old_start = code_start[user_map.code_of_index[1:]]
+    perm = np.repeat(old_start - offsets[1:-1], user_map.counts[1:]) + np.arange(e)
+    at = perm if kept is None else kept[perm]
+    return _Indexed(
+        user_map=user_map,
+        item_map=item_map,
+        offsets=offsets,
+        row=cleaned.row[at],
+        user=np.repeat(np.arange(1, n_users + 1, dtype=np.int32), user_map.counts[1:]),
+        item=item_map.index_of_code[item[perm]],
+        timestamp=cleaned.timestamp[at],
+    )
+
+
+def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
+    """Run the whole pipeline on ``raw`` and return the dataset (not yet saved)."""
+    clock = _Clock()
+    src = _read_source(raw)
+    if cfg.reward.source == "behavior" and src.behavior is None:
+        raise ConfigError(f'reward.source is "behavior" but the events have no "{BEHAVIOR}"')
+    if cfg.reward.source == "rating" and src.rating is None:
+        raise ConfigError(f'reward.source is "rating" but the events have no "{RATING}"')
+    clock.lap("codes")
+    ledger = _Ledger(src.users.n_codes, src.items.n_codes)
+    idx = _reindex(_clean(raw, src, cfg, ledger, clock), src)
+    clock.lap("id maps")
+    # Per-event columns in final order: one gather each, then rewards from them.
+    extra: dict[str, np.ndarray] = {}
+    if src.behavior is not None:
+        extra[BEHAVIOR] = src.behavior[idx.row]
+    if src.rating is not None:
+        extra[RATING] = src.rating[idx.row].astype(np.float32)
+    rewards = compute_rewards(
+        behavior=extra.get(BEHAVIOR),
+        rating=extra.get(RATING),
+        n_events=idx.row.shape[0],
+        cfg=cfg.reward,
+        source_row=idx.row,
+    )
+    reward = rewards.reward
+
+    gap = cfg.sessions.gap_seconds if cfg.sessions.mode == "gap" else None
+    starts = session_starts(idx.user, idx.timestamp, gap_seconds=gap)
+    session = (np.cumsum(starts) - 1).astype(np.int32)
+    returns = discounted_returns(reward, starts, cfg.gamma)
+    clock.lap("sessions and returns")
+    splits = assign_splits(idx.offsets[1:], idx.timestamp, cfg.split)
+    clock.lap("split")
+
+    user_feats = encode_features(
+        raw.users, key=USER, values=src.users.values, id_map=idx.user_map, cfg=cfg.features
+    )
+    item_feats = encode_features(
+        raw.items, key=ITEM, values=src.items.values, id_map=idx.item_map, cfg=cfg.features
+    )
+    clock.lap("features")
+    split_counts = np.bincount(splits.split, minlength=3)
+    manifest: dict[str, Any] = {
+        "source": raw.source,
+        "config": config_to_dict(cfg),
+        "counts": {
+            "steps": ledger.steps,
+            "sessions": int(session[-1]) + 1,
+            "splits": {SPLIT_NAMES[k]: int(split_counts[k]) for k in SPLIT_NAMES},
+            "skipped_bad_rows": raw.skipped.count,
+            "skipped_examples": list(raw.skipped.examples),
+        },
+        "reward_source": rewards.source,
+        "split": {"mode": cfg.split.mode, **splits.info},
+        "id_maps": {
+            "order": "descending frequency, ties by ascending raw id",
+            "padding_index": 0,
+            "user_id_dtype": str(src.users.values.dtype),
+            "item_id_dtype": str(src.items.values.dtype),
+        },
+        "columns": {
+            **({BEHAVIOR: {"codes": BEHAVIOR_CODES, "missing": 0}} if BEHAVIOR in extra else {}),
+            **({RATING: {"dtype": "float32"}} if RATING in extra else {}),
+        },
+        "dropped_columns": [
+            c for c in raw.events.columns if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING)
+        ],
+        "features": {
+            "user": user_feats.columns,
+            "item": item_feats.columns,
+            "skipped": {"user": user_feats.skipped, "item": item_feats.skipped},
+        },
+    }
+    dataset = PreparedDataset(
+        n_users=idx.user_map.size,
+        n_items=idx.item_map.size,
+        user=idx.user,
+        item=idx.item,
+        timestamp=idx.timestamp,
+        reward=reward,
+        returns=returns,
+        session=session,
+        split=splits.split,
+        user_offsets=idx.offsets,
+        user_ids=idx.user_map.raw_ids(src.users.values),
+        item_ids=idx.item_map.raw_ids(src.items.values),
+        user_features=user_feats.table,
+        item_features=item_feats.table,
+        extra=extra,
+        manifest=manifest,
+    )
+    logger.info(
+        "prepared %d events, %d users, %d items in %.2f s",
+        dataset.n_events,
+        dataset.n_users,
+        dataset.n_items,
+        time.perf_counter() - clock.start,
+    )
+    return dataset
