@@ -1,0 +1,164 @@
+"""Full-ranking evaluation speed: every user over the whole catalogue, ml-100k sized.
+
+    .venv/bin/python bench/bench_eval.py [--ml100k DIR] [--dim 64] [--history 10] [--repeat 5]
+
+Uses MovieLens-100K's RecBole atomic file (``ml-100k.inter``) when it is found (default
+``../shared/datasets/ml-100k`` beside the repository, or ``$RECLOOP_ML100K``), read here with
+polars and split by temporal leave-one-out (last event test, second-to-last valid), so the
+benchmark needs no other recloop pipeline; otherwise a synthetic log of the same shape (943
+users x 1682 items, 100k events).  The scorer is a random linear model: (user embedding +
+mean of the history's item embeddings) @ item embeddings^T.  Prints the time of each stage
+(build users, scoring, masking + top-k + hits, metrics) and the GFLOP/s a plain
+``torch.matmul`` of the scoring shapes reaches in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.evaluation import EvalConfig, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, load avg {load[0]:.1f}/{load[1]:.1f}, "
+        f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+
+
+def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> PreparedDataset:
+    """Dense ids by first appearance, rows sorted by (user, time), last two events held out."""
+    _, u = np.unique(user, return_inverse=True)
+    _, i = np.unique(item, return_inverse=True)
+    u, i = u + 1, i + 1
+    order = np.lexsort((np.arange(u.shape[0]), ts, u))
+    u, i, ts = u[order], i[order], ts[order]
+    from_end = np.zeros(u.shape[0], np.int64)
+    last = np.r_[u[1:] != u[:-1], True]
+    # Position from the end of each user's sequence: 0 for the last event.
+    ends = np.flatnonzero(last)
+    counts = np.diff(np.r_[-1, ends])
+    from_end = np.repeat(ends, counts) - np.arange(u.shape[0])
+    split = np.where(from_end == 0, TEST, np.where(from_end == 1, VALID, TRAIN))
+    return PreparedDataset.from_arrays(user=u, item=i, timestamp=ts, split=split)
+
+
+def load_data(ml100k: Path) -> tuple[PreparedDataset, str]:
+    inter = ml100k / "ml-100k.inter"
+    if inter.is_file():
+        df = pl.read_csv(inter, separator="\t")
+        cols = {c.split(":")[0]: c for c in df.columns}
+        ds = leave_one_out(
+            df[cols["user_id"]].to_numpy(),
+            df[cols["item_id"]].to_numpy(),
+            df[cols["timestamp"]].to_numpy().astype(np.int64),
+        )
+        return ds, f"MovieLens-100K from {inter} (temporal leave-one-out)"
+    rng = np.random.default_rng(0)
+    n = 100_000
+    user = rng.integers(1, 944, n)
+    user[:943] = np.arange(1, 944)
+    item = (rng.zipf(1.3, n) % 1682) + 1
+    item[:1682] = np.arange(1, 1683)
+    return leave_one_out(user, item, rng.permutation(n)), "synthetic 943 x 1682, 100k events"
+
+
+class LinearScorer:
+    """(user embedding + mean history item embedding) @ item embeddings^T; random weights."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.user_emb = torch.randn(n_users + 1, dim, generator=gen)
+        self.item_emb = torch.randn(n_items + 1, dim, generator=gen)
+        self.item_emb[0] = 0
+
+    def __call__(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        hist = self.item_emb[history]  # (B, H, D); padding rows are zero
+        n = (history != 0).sum(1, keepdim=True).clamp(min=1)
+        state = self.user_emb[user] + hist.sum(1) / n  # (B, D)
+        return state @ self.item_emb.T  # (B, N + 1)
+
+
+def matmul_gflops(m: int, d: int, n: int, repeat: int = 50) -> float:
+    a, b = torch.randn(m, d), torch.randn(d, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * d * n / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    env = os.environ.get("RECLOOP_ML100K")
+    default = Path(env) if env else ROOT.parent / "shared" / "datasets" / "ml-100k"
+    ap.add_argument("--ml100k", type=Path, default=default)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--history", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("machine:", machine())
+    ds, source = load_data(args.ml100k)
+    print(f"data: {source}: {ds.n_users} users, {ds.n_items} items, {ds.n_events} events")
+    scorer = LinearScorer(ds.n_users, ds.n_items, args.dim)
+    cfg = EvalConfig()
+    evaluate(scorer, ds, split="test", history=args.history, cfg=cfg)  # warm-up
+    runs = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        report = evaluate(scorer, ds, split="test", history=args.history, cfg=cfg)
+        runs.append((time.perf_counter() - t, report))
+    total = [r[0] for r in runs]
+    best = min(runs, key=lambda r: r[0])[1]
+    stages = {k: statistics.median(r[1].seconds[k] for r in runs) for k in best.seconds}
+    print(
+        f"full ranking of {best.n_users} users x {ds.n_items} items, ks {cfg.ks}, "
+        f"mask_consumed {cfg.mask_consumed}, batch {cfg.batch_size}:"
+    )
+    print(
+        f"  total  median {statistics.median(total) * 1e3:7.1f} ms, best {min(total) * 1e3:.1f} ms"
+    )
+    for name in ("build", "score", "rank", "metrics"):
+        print(f"  {name:7s}median {stages[name] * 1e3:7.1f} ms")
+    gf = matmul_gflops(best.n_users, args.dim, ds.n_items + 1)
+    score_gf = 2 * best.n_users * args.dim * (ds.n_items + 1) / stages["score"] / 1e9
+    print(
+        f"  plain torch.matmul ({best.n_users}x{args.dim}) @ ({args.dim}x{ds.n_items + 1}): "
+        f"{gf:.1f} GFLOP/s; the scoring stage runs at {score_gf:.1f} GFLOP/s ({score_gf / gf:.0%})"
+    )
+    m = best.metrics
+    print(f"  (random scorer: hr@10 {m['hr@10']:.4f}, ndcg@10 {m['ndcg@10']:.4f})")
+    target = 1.0
+    verdict = "met" if statistics.median(total) < target else "NOT met"
+    print(f"target < {target:.0f} s: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
