@@ -1,3 +1,274 @@
 """recloop CLI: online commands."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from recloop.cli.app import app
+
+# ----------------------------------------------------------------------------- serve
+# Imports stay inside the command: `recloop --help` must not load torch, FastAPI or uvicorn.
+
+
+@app.command("serve")
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact or run directory to serve."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="TCP port."),
+    workers: int = typer.Option(1, min=1, help="Worker processes (each loads the model)."),
+    store_url: str | None = typer.Option(
+        None,
+        help="Online store: redis://…, sqlite:///path or memory:// "
+        "(default: RECLOOP_STORE_URL, else RECLOOP_REDIS_URL, else memory).",
+    ),
+    api_key: str | None = typer.Option(
+        None, help="Require this X-API-Key on every route but /healthz and /readyz."
+    ),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the recommendation service (FastAPI on uvicorn) for an artifact.
+
+    Other settings come from RECLOOP_* environment variables (see ServeSettings); SIGHUP to
+    a worker reloads the artifact in place, SIGHUP to the parent replaces the workers.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import pydantic
+    import uvicorn
+
+    from recloop.artifacts import load_artifact, resolve_artifact_dir
+    from recloop.errors import ConfigError
+    from recloop.serving.metrics import MULTIPROC_ENV
+    from recloop.serving.settings import ServeSettings
+
+    # Fail here, with one clear line, rather than in every worker.
+    path = resolve_artifact_dir(artifact).resolve()
+    load_artifact(path)
+    # Workers are fresh processes that build the app from the environment.
+    env = {"RECLOOP_ARTIFACT": str(path), "RECLOOP_LOG_LEVEL": log_level}
+    if store_url is not None:
+        env["RECLOOP_STORE_URL"] = store_url
+    if api_key is not None:
+        env["RECLOOP_API_KEY"] = api_key
+    metrics_dir = None
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="recloop-metrics-")
+        env[MULTIPROC_ENV] = metrics_dir
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        try:
+            ServeSettings()  # type: ignore[call-arg]  # fields come from the environment
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"RECLOOP_{field.upper()}: {first['msg']}") from None
+        uvicorn.run(
+            "recloop.serving.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level.lower(),
+            access_log=False,
+            lifespan="on",
+            # a worker importing torch on a busy machine can take longer than the default 5 s
+            timeout_worker_healthcheck=120,
+        )
+    finally:
+        # leave the caller's environment as it was (``main([...])`` runs in-process)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- end serve
+
+
+# ----------------------------------------------------------------------------- stream, replay
+# Owned by the streaming side.  Imports stay inside the commands (no torch for --help).
+
+
+@app.command("stream")
+def stream(
+    bus_url: str | None = typer.Option(
+        None,
+        help="Event bus: redis://host:port/db or memory:// (default RECLOOP_BUS_URL, "
+        "else RECLOOP_REDIS_URL, else memory://).",
+    ),
+    database_url: str | None = typer.Option(
+        None,
+        help="Behaviour log (SQLAlchemy URL; default RECLOOP_DATABASE_URL, else "
+        "sqlite:///./recloop-log.db).",
+    ),
+    store_url: str | None = typer.Option(
+        None,
+        help="Online store: redis://, sqlite:///path or memory:// (default: the bus's "
+        "Redis, else memory).",
+    ),
+    artifact: Path | None = typer.Option(
+        None, help="Artifact: refresh each batch's users' recommendations with it."
+    ),
+    workers: int | None = typer.Option(None, min=1, help="Worker processes (default 1)."),
+    group: str | None = typer.Option(None, help="Consumer group (default recloop-stream)."),
+    stream_name: str | None = typer.Option(
+        None, "--stream", help="Event stream name (default recloop:events)."
+    ),
+    table_prefix: str | None = typer.Option(None, help="Prefix of the SQL table names."),
+    batch_size: int | None = typer.Option(None, min=1, help="Events per batch (default 1000)."),
+    window: int | None = typer.Option(None, min=1, help="Popular-items window, s (3600)."),
+    slide: int | None = typer.Option(None, min=1, help="Window slide, s (80)."),
+    top: int | None = typer.Option(None, min=1, help="Popular items published (20)."),
+    allowed_lateness: int | None = typer.Option(
+        None,
+        help="Seconds an event may lag the newest event time and still count in the "
+        "popular items (300; -1: any).",
+    ),
+    claim_min_idle_ms: int | None = typer.Option(
+        None, min=0, help="Take over entries pending this long at a dead consumer (30000)."
+    ),
+    exit_when_idle: float | None = typer.Option(
+        None, help="Stop after this many seconds without events (default: run until stopped)."
+    ),
+    replay_dir: Path | None = typer.Option(
+        None,
+        "--replay",
+        help="Replay this prepared dataset onto the bus first, in this "
+        "process (works with memory://).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the final counters as JSON."),
+) -> None:
+    """Run stream workers: behaviour log, popular and recent items, recommendation refresh.
+
+    Every setting also reads from RECLOOP_<NAME> (e.g. RECLOOP_BATCH_SIZE).  SIGTERM or
+    Ctrl-C lets each worker finish its batch and stop.
+    """
+    import asyncio
+
+    from recloop.cli.app import echo, echo_json
+    from recloop.streaming.runner import WorkerStats, run_stream, run_worker_async
+    from recloop.streaming.settings import load_stream_settings
+
+    values = {
+        "bus_url": bus_url,
+        "database_url": database_url,
+        "store_url": store_url,
+        "artifact": artifact,
+        "workers": workers,
+        "group": group,
+        "stream": stream_name,
+        "table_prefix": table_prefix,
+        "batch_size": batch_size,
+        "window_s": window,
+        "slide_s": slide,
+        "top": top,
+        "claim_min_idle_ms": claim_min_idle_ms,
+        "exit_when_idle_s": exit_when_idle,
+        "allowed_lateness_s": allowed_lateness,
+    }
+    if replay_dir is not None and exit_when_idle is None:
+        values["exit_when_idle_s"] = 2.0
+    settings = load_stream_settings(**values)
+    if replay_dir is None:
+        stats = run_stream(settings)
+    else:
+        from recloop.errors import ConfigError
+        from recloop.streaming.bus import open_bus
+        from recloop.streaming.replay import load_replay_events, replay
+
+        if settings.workers != 1:
+            raise ConfigError(
+                "--replay runs the producer and one worker in this process; "
+                "use `recloop replay` beside `recloop stream --workers N`"
+            )
+        events = load_replay_events(replay_dir)
+
+        async def both() -> WorkerStats:
+            bus = open_bus(
+                settings.bus_url, stream=settings.stream, dead_letter_stream=settings.dead_letters
+            )
+            try:
+                producer = asyncio.create_task(replay(events, bus))
+                stats = await run_worker_async(settings, bus=bus)
+                await producer
+                return stats
+            finally:
+                await bus.close()
+
+        stats = asyncio.run(both())
+    if as_json:
+        echo_json(stats.as_dict())
+    else:
+        echo(" ".join(f"{k}={v}" for k, v in stats.as_dict().items()))
+
+
+@app.command("replay")
+def replay_command(
+    prepared_dir: Path = typer.Argument(..., help="Prepared dataset directory."),
+    bus_url: str | None = typer.Option(
+        None,
+        help="Event bus: redis://host:port/db (default RECLOOP_BUS_URL, else RECLOOP_REDIS_URL).",
+    ),
+    stream_name: str | None = typer.Option(
+        None, "--stream", help="Event stream name (default recloop:events)."
+    ),
+    rate: float | None = typer.Option(
+        None, help="Events per second (default: as fast as possible)."
+    ),
+    speed: float | None = typer.Option(
+        None, help="Time compression: 3600 replays an hour of the log per second."
+    ),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N events (by time)."),
+    batch_size: int = typer.Option(500, min=1, help="Events per publish round trip."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counters as JSON."),
+) -> None:
+    """Publish a prepared dataset's events to the bus in event-time order."""
+    import asyncio
+
+    from recloop.cli.app import echo, echo_json
+    from recloop.errors import ConfigError
+    from recloop.streaming.bus import is_in_process, open_bus
+    from recloop.streaming.replay import ReplayStats, load_replay_events, replay
+    from recloop.streaming.settings import load_stream_settings
+
+    settings = load_stream_settings(bus_url=bus_url, stream=stream_name)
+    if is_in_process(settings.bus_url):
+        raise ConfigError(
+            "replay: memory:// lives in one process, nothing else could read it; use "
+            "--bus-url redis://..., or `recloop stream --replay DIR` for an in-process run"
+        )
+    events = load_replay_events(prepared_dir, limit=limit)
+
+    async def run() -> ReplayStats:
+        bus = open_bus(
+            settings.bus_url, stream=settings.stream, dead_letter_stream=settings.dead_letters
+        )
+        try:
+            return await replay(events, bus, rate=rate, speed=speed, batch_size=batch_size)
+        finally:
+            await bus.close()
+
+    stats = asyncio.run(run())
+    out = {
+        "events": stats.events,
+        "published": stats.published,
+        "restarts": stats.restarts,
+        "seconds": round(stats.seconds, 3),
+        "events_per_s": round(stats.events_per_s, 1),
+        "stream": settings.stream,
+    }
+    if as_json:
+        echo_json(out)
+    else:
+        echo(" ".join(f"{k}={v}" for k, v in out.items()))
+
+
+# ----------------------------------------------------------------------------- end stream, replay

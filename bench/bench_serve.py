@@ -1,0 +1,498 @@
+"""Throughput and latency of ``recloop serve`` under wrk, on this machine.
+
+Builds random-weight artifacts of MovieLens-100K size (943 users, 1,682 items, concat encoder
+H=10, D=32, linear head: the REINFORCE policy's shape) and of a synthetic 100k-item
+catalogue, fills the online store with every user's last H items, starts the server with
+2 workers on 127.0.0.1 and POSTs /v1/recommend for random known users with wrk at each
+concurrency.  Every request does the full work: raw-id mapping, a store read, masking of the
+user's consumed items, a forward pass, top-k and raw ids out.
+
+In the same run, the same load hits a seeds-style service (``baseline``: FastAPI with
+pydantic in and out, the history from Redis, one forward pass per request, no id mapping,
+no masking) with the same number of uvicorn workers, so the ratio between the two is
+measured on the same machine in the same state: other work on these 2 cores moves the
+absolute figures a lot, the ratio much less.
+
+    .venv/bin/python bench/bench_serve.py            # both catalogues, c = 1, 16, 64
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k \\
+        --variants recloop,recloop-nobatch,baseline
+
+The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
+else each worker's in-process memory store, empty (no history, nothing to mask: lighter
+work).  wrk is the Debian package; without it a bounded Python load generator runs instead
+(slower than wrk and on the same cores, so its figures are a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
+from recloop.encoders.base import EncoderConfig
+from recloop.serving.stores import RedisStore, open_store
+
+SEED_REFERENCE = {16: (3800, 10.0), 64: (3300, 34.0)}
+"""The seeds' FastAPI service on these cores: c → (requests/s, p99 ms)."""
+TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
+"""Issue 5's target: c → (requests/s at least, p99 ms at most)."""
+
+CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
+
+WRK_LUA = r"""
+local bodies = {}
+local f = io.open(os.getenv("RECLOOP_BENCH_BODIES"), "r")
+for line in f:lines() do bodies[#bodies + 1] = line end
+f:close()
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+
+setup = function(thread)
+  thread:set("offset", math.random(1, #bodies))
+end
+
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/v1/recommend", nil, bodies[(i + (offset or 0)) % #bodies + 1])
+end
+
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
+  io.write(string.format(
+    'RESULT {"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p95_us": %d, '
+    .. '"p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, errors, latency:percentile(50),
+    latency:percentile(95), latency:percentile(99), latency.max))
+end
+"""
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    wrk = shutil.which("wrk")
+    wrk_v = "none"
+    if wrk:
+        out = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+        wrk_v = (out.stdout or out.stderr).split("\n")[0].strip()
+    return (
+        f"{cpu}, {os.cpu_count()} cores; python {platform.python_version()}, "
+        f"torch {torch.__version__}; load generator: {wrk_v}"
+    )
+
+
+def build_artifact(directory: Path, *, n_users: int, n_items: int, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    spec = PolicySpec(
+        n_users=n_users,
+        n_items=n_items,
+        encoder=EncoderConfig(kind="concat", history=10, embedding_dim=32),
+        head=HeadConfig(kind="linear"),
+    )
+    rng = np.random.default_rng(seed)
+    pop = np.concatenate([[0.0], rng.integers(1, 500, n_items)]).astype(np.float32)
+    return save_artifact(
+        directory,
+        algo="reinforce",
+        config={"bench": True},
+        policy=PolicyNet(spec),
+        popularity=pop,
+        user_ids=[str(u) for u in range(1, n_users + 1)],
+        item_ids=[str(i) for i in range(1, n_items + 1)],
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_bodies(path: Path, *, n_users: int, count: int = 2000, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, n_users + 1, count)
+    path.write_text("".join(json.dumps({"user_id": str(u), "n": 10}) + "\n" for u in users))
+
+
+async def fill_store(url: str, prefix: str, *, n_users: int, n_items: int, h: int) -> None:
+    """Every user's last H items (random) and a popular list, as the stream would write."""
+    store = open_store(url, prefix=prefix, timeout_s=5.0)
+    rng = np.random.default_rng(2)
+    items = rng.integers(1, n_items + 1, (n_users, h))
+    events = {str(u + 1): [(str(i), 1.0) for i in items[u].tolist()] for u in range(n_users)}
+    await store.push_recent(events, max_len=h)
+    await store.set_popular([(str(i), float(100 - k)) for k, i in enumerate(range(1, 21))])
+    await store.close()
+
+
+async def drop_store(url: str, prefix: str) -> None:
+    store = open_store(url, prefix=prefix)
+    if isinstance(store, RedisStore):
+        await store.delete_all()
+    await store.close()
+
+
+async def redis_up(url: str) -> bool:
+    store = open_store(url, timeout_s=0.5)
+    ok = await store.ping()
+    await store.close()
+    return ok
+
+
+BASELINE_APP = r'''
+"""A seeds-style service: FastAPI parses and validates, the user's last H item indices come
+from Redis, one forward pass per request, pydantic serialises; no raw-id mapping, no masking."""
+import os
+
+import redis.asyncio as aioredis
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from recloop.artifacts import load_artifact
+
+torch.set_num_threads(1)
+art = load_artifact(os.environ["BASELINE_ARTIFACT"])
+policy, H = art.policy, art.history_len
+url, prefix = os.environ.get("BASELINE_REDIS"), os.environ.get("BASELINE_PREFIX", "")
+r = aioredis.from_url(url) if url else None
+
+
+class Req(BaseModel):
+    user_id: int
+    n: int = 10
+
+
+class Item(BaseModel):
+    item_id: int
+    score: float
+
+
+class Resp(BaseModel):
+    items: list[Item]
+
+
+# The seeds ran a FastAPI without native OpenTelemetry; switch it off for a fair comparison.
+app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False,
+                         "operation_spans": False})
+
+
+@app.get("/readyz")
+async def ready() -> dict:
+    return {"status": "ready"}
+
+
+@app.post("/v1/recommend", response_model=Resp)
+async def recommend(req: Req) -> dict:
+    hist = []
+    if r is not None:
+        raw = await r.lrange(f"{prefix}recent:{req.user_id}", -H, -1)
+        hist = [int(x.split(b" ", 1)[1]) for x in raw]  # bench ids are their own indices
+    h = torch.tensor([[0] * (H - len(hist)) + hist])
+    with torch.inference_mode():
+        s = policy(torch.tensor([req.user_id]), h, (h != 0).float())
+        v, i = torch.topk(s, req.n)
+    return {"items": [{"item_id": a, "score": b} for a, b in zip(i[0].tolist(), v[0].tolist())]}
+'''
+
+VARIANTS = {
+    "recloop": "recloop serve, micro-batching on (the default)",
+    "recloop-nobatch": "recloop serve, micro-batching off",
+    "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
+}
+
+
+class Server:
+    """A service in a subprocess (its own session, so stop() reaches every worker)."""
+
+    def __init__(self, cmd: list[str], *, port: int, env: dict[str, str]) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+
+    @classmethod
+    def recloop(cls, artifact: Path, *, port: int, workers: int, env: dict[str, str]) -> Server:
+        code = "import sys; from recloop.cli import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", code, "-q", "serve", str(artifact), "--port", str(port)]
+        cmd += ["--workers", str(workers), "--log-level", "warning"]
+        return cls(cmd, port=port, env=env)
+
+    @classmethod
+    def baseline(cls, app_dir: Path, *, port: int, workers: int, env: dict[str, str]) -> Server:
+        (app_dir / "seed_style_app.py").write_text(BASELINE_APP)
+        cmd = [sys.executable, "-m", "uvicorn", "seed_style_app:app", "--app-dir", str(app_dir)]
+        cmd += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+        cmd += ["--no-access-log", "--timeout-worker-healthcheck", "120"]
+        return cls(cmd, port=port, env=env)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1.0)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server not ready in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_wrk(
+    port: int, *, concurrency: int, duration: float, bodies: Path, lua: Path
+) -> dict[str, Any]:
+    threads = min(2, concurrency)
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
+        "--timeout", "5s",
+        "-s", str(lua), f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "RECLOOP_BENCH_BODIES": str(bodies)},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    r = json.loads(line.removeprefix("RESULT "))
+    # wrk counts non-2xx responses in summary.errors.status as well
+    return {
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1e3,
+        "p95_ms": r["p95_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "errors": r["errors"],
+    }
+
+
+async def _python_load(
+    port: int, *, concurrency: int, duration: float, bodies: list[bytes]
+) -> dict[str, Any]:
+    """A keep-alive HTTP/1.1 client per connection, bounded by ``duration``."""
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def conn(k: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k * 7919
+        while time.perf_counter() < stop:
+            body = bodies[i % len(bodies)]
+            i += 1
+            req = (
+                b"POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - t0)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors += 1
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[conn(k) for k in range(concurrency)])
+    elapsed = time.perf_counter() - t0
+    q = np.percentile(np.asarray(lat), [50, 95, 99]) * 1e3 if lat else [float("nan")] * 3
+    return {
+        "rps": len(lat) / elapsed,
+        "p50_ms": float(q[0]),
+        "p95_ms": float(q[1]),
+        "p99_ms": float(q[2]),
+        "errors": errors,
+    }
+
+
+def bench_catalogue(
+    name: str,
+    *,
+    args: argparse.Namespace,
+    tmp: Path,
+    store_url: str,
+    variant: str,
+) -> list[dict[str, Any]]:
+    n_users, n_items = CATALOGUES[name]
+    art = tmp / f"artifact-{name}"
+    if not art.exists():
+        build_artifact(art, n_users=n_users, n_items=n_items)
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    if store_url.startswith("redis"):
+        asyncio.run(fill_store(store_url, prefix, n_users=n_users, n_items=n_items, h=10))
+    bodies = tmp / "bodies.jsonl"
+    write_bodies(bodies, n_users=n_users)
+    lua = tmp / "recommend.lua"
+    lua.write_text(WRK_LUA)
+    port = free_port()
+    if variant == "baseline":
+        env = {"BASELINE_ARTIFACT": str(art), "BASELINE_PREFIX": prefix}
+        if store_url.startswith("redis"):
+            env["BASELINE_REDIS"] = store_url
+        server = Server.baseline(tmp, port=port, workers=args.workers, env=env)
+    else:
+        env = {
+            "RECLOOP_STORE_URL": store_url,
+            "RECLOOP_STORE_PREFIX": prefix,
+            "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
+        }
+        server = Server.recloop(art, port=port, workers=args.workers, env=env)
+    rows = []
+    try:
+        server.wait_ready()
+        use_wrk = shutil.which("wrk") is not None and not args.python_load
+        body_list = [b.encode() for b in bodies.read_text().splitlines()]
+        # Warm-up: first requests pay for lazy imports and connection set-up.
+        if use_wrk:
+            run_wrk(port, concurrency=4, duration=2, bodies=bodies, lua=lua)
+        else:
+            asyncio.run(_python_load(port, concurrency=4, duration=2, bodies=body_list))
+        for c in args.concurrency:
+            if use_wrk:
+                r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
+            else:
+                r = asyncio.run(
+                    _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
+                )
+            r.update(catalogue=name, concurrency=c, variant=variant)
+            rows.append(r)
+            print(
+                f"{name:>7} {variant:<15} c={c:<3} "
+                f"{r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p95 {r['p95_ms']:6.2f} ms  "
+                f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+        if store_url.startswith("redis"):
+            asyncio.run(drop_store(store_url, prefix))
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    """Ratios measured in this run, and the issue's absolute targets."""
+    by = {(r["catalogue"], r["variant"], r["concurrency"]): r for r in rows}
+    print("\nratios in this run (requests/s; p99):")
+    for (cat, v, c), r in by.items():
+        if v == "baseline":
+            continue
+        base = by.get((cat, "baseline", c))
+        if base is not None:
+            print(
+                f"  {cat:>7} c={c:<3} {v} / baseline: {r['rps'] / base['rps']:.2f}x req/s, "
+                f"p99 {r['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms"
+            )
+        nob = by.get((cat, "recloop-nobatch", c))
+        if v == "recloop" and nob is not None:
+            print(f"  {cat:>7} c={c:<3} micro-batching on / off: {r['rps'] / nob['rps']:.2f}x")
+    print(
+        "\nissue 5 (ml-100k, recloop): the seeds reached 3,800 req/s (p99 10 ms) at c=16 and "
+        "3,300 (p99 34 ms) at c=64 on these cores; the target ratio over the seeds is "
+        f"{TARGET[16][0] / SEED_REFERENCE[16][0]:.2f}x at c=16, "
+        f"{TARGET[64][0] / SEED_REFERENCE[64][0]:.2f}x at c=64"
+    )
+    for c, (tgt_rps, tgt_p99) in TARGET.items():
+        r = by.get(("ml100k", "recloop", c))
+        if r is None:
+            continue
+        ok = r["rps"] >= tgt_rps and r["p99_ms"] <= tgt_p99
+        print(
+            f"  c={c}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.1f} ms; target >= {tgt_rps} req/s "
+            f"with p99 <= {tgt_p99:g} ms: {'met' if ok else 'NOT met'}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--catalogues", default="ml100k,100k", help="ml100k and/or 100k")
+    ap.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--redis-url", default=os.environ.get("RECLOOP_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    ap.add_argument("--memory-store", action="store_true", help="skip Redis even when it answers")
+    ap.add_argument(
+        "--variants",
+        default="recloop,baseline",
+        help=f"comma-separated, run in this order: {', '.join(VARIANTS)}",
+    )
+    ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+
+    print(f"machine: {machine()}")
+    if shutil.which("wrk") is None:
+        print("wrk not found (apt-get install -y wrk); using the Python load generator")
+    use_redis = not args.memory_store and asyncio.run(redis_up(args.redis_url))
+    store_url = args.redis_url if use_redis else "memory://"
+    print(f"store: {'redis ' + args.redis_url if use_redis else 'in-process memory (per worker)'}")
+    print(f"servers: {args.workers} uvicorn workers on 127.0.0.1, {args.duration:g} s per run:")
+    for v in variants:
+        print(f"  {v}: {VARIANTS[v]}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="recloop-bench-") as d:
+        tmp = Path(d)
+        for name in args.catalogues.split(","):
+            for v in variants:
+                rows += bench_catalogue(name, args=args, tmp=tmp, store_url=store_url, variant=v)
+
+    report(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

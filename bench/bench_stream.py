@@ -1,0 +1,280 @@
+"""Stream processor throughput, end to end on Redis Streams + PostgreSQL.
+
+Publishes MovieLens-100K's ratings in time order (or, without the data, a synthetic stream of
+the same size and shape) to a fresh stream, then runs ``recloop stream`` workers on it and
+measures events per second from the first logged row to the last acknowledged entry, and
+the CPU time per event of the workers (from their first batch on) and of the PostgreSQL
+and Redis servers (sampled from /proc; other users of those servers add to it):
+
+- ``log+popular+recent``: behaviour log, sliding-window popular items, recent items;
+- ``+recommendations``: the same plus one batched refresh per batch with a random
+  ml-100k-sized artifact (943 users, 1682 items, mean encoder, linear head).
+
+Run: ``.venv/bin/python bench/bench_stream.py [--events 100000] [--batch-size 2000]
+[--workers 1 2]``.  Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (or
+RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import redis
+import sqlalchemy as sa
+
+from recloop.data.dataset import PreparedDataset
+from recloop.streaming.bus import RedisStreamBus
+from recloop.streaming.log import BehaviorLog
+from recloop.streaming.replay import replay, replay_events
+from recloop.streaming.runner import run_stream
+from recloop.streaming.settings import StreamSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = Path(os.environ.get("RECLOOP_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
+REDIS_URL = os.environ.get("RECLOOP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get(
+    "RECLOOP_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{cpu}, {os.cpu_count()} cores (load {load:.1f}), python {platform.python_version()}, "
+        f"torch {torch.__version__}, polars {pl.__version__}, redis-py {redis.__version__}, "
+        f"sqlalchemy {sa.__version__}"
+    )
+
+
+def dataset(n_events: int) -> tuple[PreparedDataset, str]:
+    inter = ML100K / "ml-100k.inter"
+    if inter.is_file():
+        df = pl.read_csv(inter, separator="\t")
+        df.columns = ["user", "item", "rating", "timestamp"]
+        users = np.sort(df["user"].unique().to_numpy())
+        items = np.sort(df["item"].unique().to_numpy())
+        ds = PreparedDataset.from_arrays(
+            user=np.searchsorted(users, df["user"].to_numpy()) + 1,
+            item=np.searchsorted(items, df["item"].to_numpy()) + 1,
+            timestamp=df["timestamp"].cast(pl.Int64).to_numpy(),
+            reward=df["rating"].to_numpy().astype(np.float32),
+            user_ids=[str(u) for u in users],
+            item_ids=[str(i) for i in items],
+        )
+        source = "MovieLens-100K"
+    else:
+        # Sessions: each user rates a run of items within a few hours, like ml-100k.
+        rng = np.random.default_rng(0)
+        n_sessions = n_events // 40
+        start = np.sort(rng.integers(0, 200 * 86400, n_sessions))
+        user = rng.integers(1, 944, n_sessions)
+        length = rng.integers(1, 80, n_sessions)
+        row_session = np.repeat(np.arange(n_sessions), length)[:n_events]
+        ds = PreparedDataset.from_arrays(
+            user=user[row_session],
+            item=rng.zipf(1.3, row_session.size) % 1682 + 1,
+            timestamp=start[row_session] + rng.integers(0, 3 * 3600, row_session.size),
+            reward=rng.integers(1, 6, row_session.size).astype(np.float32),
+            n_users=943,
+            n_items=1682,
+        )
+        source = "synthetic (ml-100k-shaped)"
+    return ds, source
+
+
+def random_artifact(ds: PreparedDataset, directory: Path) -> Path:
+    import torch
+
+    from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
+    from recloop.encoders.base import EncoderConfig
+
+    torch.manual_seed(0)
+    spec = PolicySpec(
+        n_users=ds.n_users,
+        n_items=ds.n_items,
+        encoder=EncoderConfig(kind="mean", history=10, embedding_dim=32),
+        head=HeadConfig(kind="linear"),
+    )
+    return save_artifact(
+        directory,
+        algo="random",
+        config={},
+        policy=PolicyNet(spec),
+        popularity=np.zeros(ds.n_items + 1, np.float32),
+        user_ids=ds.user_ids,
+        item_ids=ds.item_ids,
+    )
+
+
+def server_cpu_s() -> float:
+    """CPU seconds so far of the PostgreSQL and Redis server processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        if comm.startswith(("postgres", "redis-server")):
+            fields = text[text.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+class Watch(threading.Thread):
+    """Polls the group's backlog: the first logged row, and when every entry is acked.
+
+    Server CPU is sampled at both moments, while the workers' database connections (whose
+    backend processes take their CPU time with them when they exit) are still open.
+    """
+
+    def __init__(self, s: StreamSettings) -> None:
+        super().__init__(daemon=True)
+        self.s = s
+        self.first: float | None = None
+        self.done: float | None = None
+        self.cpu_first = self.cpu_done = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        r = redis.Redis.from_url(self.s.bus_url)
+        engine = sa.create_engine(self.s.database_url)
+        table = f"{self.s.table_prefix}behavior_log"
+        while not self.stop.is_set():
+            try:
+                if self.first is None:
+                    with engine.connect() as conn:
+                        q = sa.text(f"SELECT EXISTS (SELECT 1 FROM {table})")
+                        if conn.execute(q).scalar_one():
+                            self.first, self.cpu_first = time.perf_counter(), server_cpu_s()
+                groups = {g["name"].decode(): g for g in r.xinfo_groups(self.s.stream)}
+                g = groups.get(self.s.group)
+                backlog = None if g is None else int(g["pending"]) + int(g.get("lag") or 0)
+            except Exception:
+                backlog = None
+            if self.first is not None and backlog == 0:
+                self.done, self.cpu_done = time.perf_counter(), server_cpu_s()
+                return
+            time.sleep(0.05)
+        engine.dispose()
+
+
+def run_case(
+    events: pl.DataFrame, *, workers: int, batch_size: int, artifact: Path | None
+) -> dict[str, float]:
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    s = StreamSettings(
+        bus_url=REDIS_URL,
+        store_url=REDIS_URL,
+        store_prefix=f"{tag}:",
+        database_url=DATABASE_URL,
+        table_prefix=f"{tag}_",
+        stream=f"{tag}:events",
+        group=f"{tag}-group",
+        workers=workers,
+        batch_size=batch_size,
+        block_ms=200,
+        exit_when_idle_s=1.0,
+        artifact=artifact,
+    )
+
+    async def publish() -> float:
+        bus = RedisStreamBus(REDIS_URL, stream=s.stream)
+        try:
+            return (await replay(events, bus, batch_size=2000, show_progress=False)).events_per_s
+        finally:
+            await bus.close()
+
+    publish_rate = asyncio.run(publish())
+    BehaviorLog(s.database_url, prefix=s.table_prefix).create_schema()
+    watch = Watch(s)
+    watch.start()
+    t0 = time.perf_counter()
+    stats = run_stream(s)
+    watch.stop.set()
+    watch.join()
+    worker_cpu = stats.busy_cpu_s  # summed over workers, start-up (imports) excluded
+    log = BehaviorLog(s.database_url, prefix=s.table_prefix)
+    logged = log.count()
+    log.drop_schema()
+    log.dispose()
+    r = redis.Redis.from_url(REDIS_URL)
+    r.delete(s.stream, s.dead_letters)
+    keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    if logged != events.height or watch.first is None or watch.done is None:
+        raise SystemExit(f"run incomplete: {logged} of {events.height} events logged")
+    seconds = watch.done - watch.first
+    server_cpu = watch.cpu_done - watch.cpu_first
+    return {
+        "events_per_s": events.height / seconds,
+        "worker_cpu_us": 1e6 * worker_cpu / events.height,
+        "server_cpu_us": 1e6 * server_cpu / events.height,
+        "seconds": seconds,
+        "startup_s": watch.first - t0,
+        "publish_per_s": publish_rate,
+        "recommendations": stats.recommendations,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=2000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--skip-recommendations", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("RECLOOP_NO_PROGRESS", "1")
+    ds, source = dataset(args.events)
+    events = replay_events(ds, limit=args.events)
+    print(f"machine: {machine()}")
+    print(f"data: {source}, {events.height} events, {ds.n_users} users, {ds.n_items} items")
+    print(f"bus {REDIS_URL}, log {DATABASE_URL.split('@')[-1]}, batch {args.batch_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        art = None if args.skip_recommendations else random_artifact(ds, Path(tmp) / "art")
+        cases = [("log+popular+recent", None), ("+recommendations", art)]
+        results = {}
+        for name, artifact in cases:
+            if name == "+recommendations" and artifact is None:
+                continue
+            for w in args.workers:
+                res = run_case(events, workers=w, batch_size=args.batch_size, artifact=artifact)
+                results[(name, w)] = res
+                cpu = res["worker_cpu_us"] + res["server_cpu_us"]
+                print(
+                    f"{name:20s} workers={w}: {res['events_per_s']:9,.0f} events/s "
+                    f"({res['seconds']:.2f} s; start-up {res['startup_s']:.1f} s; "
+                    f"lists {res['recommendations']:,}); CPU per event: worker "
+                    f"{res['worker_cpu_us']:.0f} us + postgres/redis {res['server_cpu_us']:.0f} us"
+                    f" -> {2e6 / cpu:,.0f} events/s if 2 idle cores did only this"
+                )
+        for name, _ in cases:
+            if (name, 1) in results and (name, 2) in results:
+                ratio = results[(name, 2)]["events_per_s"] / results[(name, 1)]["events_per_s"]
+                print(f"{name:20s} 2 workers / 1 worker: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

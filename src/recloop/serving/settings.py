@@ -1,0 +1,74 @@
+"""Service settings: environment variables ``RECLOOP_*`` (or keyword arguments in tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``create_app`` needs; field ``x`` reads ``RECLOOP_X`` from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECLOOP_", extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
+
+    artifact: Path
+    """Artifact (or run) directory to serve."""
+    store_url: str | None = None
+    """Online store URL (redis://, sqlite:///, memory://); overrides ``redis_url``."""
+    redis_url: str | None = None
+    """Redis URL shared with ``recloop stream``; used as the store when ``store_url`` is unset.
+    Neither set: an in-process memory store."""
+    store_prefix: str = "recloop:"
+    """Key prefix of the online store in Redis (must match the stream processor's)."""
+    store_timeout_s: float = Field(0.25, gt=0)
+    """Connect and command timeout of the online store, in seconds."""
+    store_retry_s: float = Field(1.0, ge=0)
+    """After a store failure, answer without the store for this long before trying again."""
+    api_key: SecretStr | None = None
+    """When set, every route but /healthz and /readyz needs header ``X-API-Key`` equal to it."""
+    default_n: int = Field(10, ge=1)
+    """Items returned when a request does not say ``n``."""
+    max_n: int = Field(100, ge=1)
+    """Largest ``n`` a request may ask for (larger is a 422)."""
+    max_batch: int = Field(256, ge=1)
+    """Most users in one /v1/recommend/batch request."""
+    max_recent_items: int = Field(1000, ge=1)
+    """Longest ``recent_items`` list a request may send."""
+    history_source: Literal["store", "request"] = "store"
+    """Where a user's recent items come from when the request has none: the online store, or
+    nowhere (``request``: only what the client sends; the store is then never read)."""
+    consumed_len: int = Field(100, ge=0)
+    """Most recent items read from the store per user, for the history and for exclusion."""
+    popular_cache_s: float = Field(1.0, ge=0)
+    """Cache the store's popular list in the process for this long (it changes every slide)."""
+    microbatch: bool = True
+    """Score concurrent /v1/recommend requests of one worker in one inference call."""
+    microbatch_max: int = Field(64, ge=1)
+    """Most requests one micro-batch scores together."""
+    torch_threads: int = Field(1, ge=1)
+    """Intra-op threads per worker process (1: workers, not threads, use the cores)."""
+    otel: bool = False
+    """Keep FastAPI's native OpenTelemetry instrumentation on (off: it costs more per request
+    than scoring; ``/metrics`` is the service's own Prometheus endpoint)."""
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """Log level of the ``recloop`` loggers and uvicorn (``recloop serve`` sets them up)."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if self.default_n > self.max_n:
+            raise ValueError(f"default_n ({self.default_n}) must be <= max_n ({self.max_n})")
+        return self
+
+    @property
+    def resolved_store_url(self) -> str | None:
+        return self.store_url or self.redis_url

@@ -1,0 +1,457 @@
+"""Online stores: each user's recent items, real-time popular items, latest recommendations.
+
+One :class:`OnlineStore` protocol, three implementations that pass the same contract tests:
+
+- :class:`RedisStore` (``redis://…``): capped lists per user, one round trip per batch;
+- :class:`MemoryStore` (``memory://`` or no URL): dicts in one process, for tests and demos;
+- :class:`SqliteStore` (``sqlite:///path``): one embedded file shared by several processes on
+  one laptop (WAL mode), so ``recloop stream`` and ``recloop serve`` can run without Redis.
+
+Everything is keyed by raw ids (strings); recent lists run oldest → newest.  Failures to reach
+the backend raise :class:`StoreError`, whatever the backend library raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import orjson
+
+from recloop.errors import ConfigError, RecloopError
+
+T = TypeVar("T")
+
+Scored = tuple[str, float]
+"""A raw id with a score (popular items, recommendations) or a reward (recent items)."""
+
+
+class StoreError(RecloopError):
+    """The online store cannot be reached or answered with an error."""
+
+
+@runtime_checkable
+class OnlineStore(Protocol):
+    """Per-user recent items, popular items and latest recommendations, all by raw id."""
+
+    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+        """Append each user's (item, reward) pairs, oldest first; keep the last ``max_len``."""
+        ...
+
+    async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
+        """Each user's last ``n`` (item, reward) pairs, oldest first; [] for unknown users."""
+        ...
+
+    async def set_popular(self, items: Sequence[Scored]) -> None:
+        """Replace the popular list (item, score), best first."""
+        ...
+
+    async def get_popular(self, n: int) -> list[Scored]:
+        """The first ``n`` popular items, best first ([] when none were set)."""
+        ...
+
+    async def set_recommendations(
+        self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
+    ) -> None:
+        """Store each user's latest ranked list and the model version that made it."""
+        ...
+
+    async def get_recommendations(self, user: str) -> tuple[list[Scored], str] | None:
+        """The user's latest list and its model version, or None."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the backend answers; never raises."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(
+    url: str | None, *, prefix: str = "recloop:", timeout_s: float = 1.0, retries: int = 0
+) -> OnlineStore:
+    """The store a URL names: ``redis://``/``rediss://``/``unix://`` → Redis, ``memory://``
+    or None → in-process, ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` → SQLite.
+
+    ``prefix`` namespaces Redis keys; ``timeout_s`` bounds connects and commands (and SQLite's
+    wait for a lock); ``retries`` is how often a failed Redis command is retried at once.
+    Nothing is contacted here: the first call connects.
+    """
+    if url is None or url in ("", "memory://", "memory:"):
+        return MemoryStore()
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, prefix=prefix, timeout_s=timeout_s, retries=retries)
+    if scheme == "sqlite":
+        return SqliteStore(sqlite_path(url), timeout_s=timeout_s)
+    raise ConfigError(
+        f"store url {url!r}: unsupported scheme {scheme!r} "
+        "(expected redis://, rediss://, unix://, sqlite:/// or memory://)"
+    )
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///a.db`` → ``a.db``, ``sqlite:////tmp/a.db`` → ``/tmp/a.db`` (as SQLAlchemy)."""
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"store url {url!r}: expected sqlite:///relative or sqlite:////absolute")
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path:
+        raise ConfigError(f"store url {url!r}: no database file")
+    return path
+
+
+def _check_max_len(max_len: int) -> None:
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class MemoryStore:
+    """Plain dicts in this process; the reference behaviour for the other stores."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, list[Scored]] = {}
+        self._popular: list[Scored] = []
+        self._recs: dict[str, tuple[list[Scored], str]] = {}
+
+    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+        _check_max_len(max_len)
+        for user, pairs in events.items():
+            old = self._recent.get(user, [])
+            new = [(str(i), float(r)) for i, r in pairs]
+            self._recent[user] = (old + new)[-max_len:]
+
+    async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
+        if n <= 0:
+            return {u: [] for u in users}
+        return {u: list(self._recent.get(u, ())[-n:]) for u in users}
+
+    async def set_popular(self, items: Sequence[Scored]) -> None:
+        self._popular = [(str(i), float(s)) for i, s in items]
+
+    async def get_popular(self, n: int) -> list[Scored]:
+        return list(self._popular[: max(n, 0)])
+
+    async def set_recommendations(
+        self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
+    ) -> None:
+        for user, items in recs.items():
+            self._recs[user] = ([(str(i), float(s)) for i, s in items], model_version)
+
+    async def get_recommendations(self, user: str) -> tuple[list[Scored], str] | None:
+        got = self._recs.get(user)
+        return None if got is None else (list(got[0]), got[1])
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------------- redis
+
+
+def _encode_recent(item: str, reward: float) -> bytes:
+    # "reward item": a float's repr has no space, so the first space splits it off, and the
+    # item id may hold anything (spaces included) without JSON's cost per entry.
+    return f"{float(reward)!r} {item}".encode()
+
+
+def _decode_recent(raw: bytes) -> Scored:
+    reward, item = raw.decode().split(" ", 1)
+    return item, float(reward)
+
+
+def _dump_scored(items: Sequence[Scored]) -> bytes:
+    return orjson.dumps([[str(i), float(s)] for i, s in items])
+
+
+def _load_scored(raw: bytes | str) -> list[Scored]:
+    return [(str(i), float(s)) for i, s in orjson.loads(raw)]
+
+
+class RedisStore:
+    """Redis keys under ``prefix``: ``recent:<user>`` (list), ``popular`` (JSON string),
+    ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
+
+    Batched writes and reads go through one non-transactional pipeline (one round trip);
+    lists are capped with RPUSH + LTRIM.  Commands fail fast (``retries`` = 0 by default) so
+    that a service can fall back instead of waiting on a dead server.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "recloop:",
+        timeout_s: float = 1.0,
+        retries: int = 0,
+        recs_ttl_s: int | None = None,
+    ) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        self.url = url
+        self.prefix = prefix
+        self.recs_ttl_s = recs_ttl_s
+        try:
+            self._client: Any = aioredis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(ExponentialBackoff(cap=timeout_s, base=0.01), retries),
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"store url {url!r}: {exc}") from None
+
+    def _key(self, kind: str, user: str | None = None) -> str:
+        return f"{self.prefix}{kind}" if user is None else f"{self.prefix}{kind}:{user}"
+
+    async def _run(self, what: str, fn: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await fn()
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreError(f"redis store {self.url}: {what} failed ({exc})") from exc
+
+    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+        _check_max_len(max_len)
+        pipe = self._client.pipeline(transaction=False)
+        count = 0
+        for user, pairs in events.items():
+            if not pairs:
+                continue
+            key = self._key("recent", user)
+            pipe.rpush(key, *[_encode_recent(i, r) for i, r in pairs[-max_len:]])
+            pipe.ltrim(key, -max_len, -1)
+            count += 1
+        if count:
+            await self._run("push_recent", pipe.execute)
+
+    async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
+        if n <= 0 or not users:
+            return {u: [] for u in users}
+        if len(users) == 1:
+            key = self._key("recent", users[0])
+            raw = await self._run("get_recent", lambda: self._client.lrange(key, -n, -1))
+            return {users[0]: [_decode_recent(x) for x in raw]}
+        pipe = self._client.pipeline(transaction=False)
+        for u in users:
+            pipe.lrange(self._key("recent", u), -n, -1)
+        lists = await self._run("get_recent", pipe.execute)
+        return {u: [_decode_recent(x) for x in raw] for u, raw in zip(users, lists, strict=True)}
+
+    async def set_popular(self, items: Sequence[Scored]) -> None:
+        blob = _dump_scored(items)
+        await self._run("set_popular", lambda: self._client.set(self._key("popular"), blob))
+
+    async def get_popular(self, n: int) -> list[Scored]:
+        raw = await self._run("get_popular", lambda: self._client.get(self._key("popular")))
+        return [] if raw is None or n <= 0 else _load_scored(raw)[:n]
+
+    async def set_recommendations(
+        self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
+    ) -> None:
+        if not recs:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for user, items in recs.items():
+            blob = orjson.dumps(
+                {"model_version": model_version, "items": [[str(i), float(s)] for i, s in items]}
+            )
+            pipe.set(self._key("recs", user), blob, ex=self.recs_ttl_s)
+        await self._run("set_recommendations", pipe.execute)
+
+    async def get_recommendations(self, user: str) -> tuple[list[Scored], str] | None:
+        key = self._key("recs", user)
+        raw = await self._run("get_recommendations", lambda: self._client.get(key))
+        if raw is None:
+            return None
+        doc = orjson.loads(raw)
+        return [(str(i), float(s)) for i, s in doc["items"]], str(doc["model_version"])
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._run("ping", self._client.ping))
+        except StoreError:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def delete_all(self) -> int:
+        """Delete every key under this store's prefix (tests, resets); returns how many."""
+        keys = [k async for k in self._client.scan_iter(match=f"{self.prefix}*", count=1000)]
+        return int(await self._client.delete(*keys)) if keys else 0
+
+
+# ----------------------------------------------------------------------------- sqlite
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS recloop_recent (user TEXT PRIMARY KEY, items TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recloop_popular (
+    id INTEGER PRIMARY KEY CHECK (id = 0), items TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recloop_recommendations (
+    user TEXT PRIMARY KEY, items TEXT NOT NULL, model_version TEXT NOT NULL
+);
+"""
+_SQLITE_CHUNK = 500  # stays far below SQLite's limit on bound parameters
+
+
+class SqliteStore:
+    """One SQLite file (WAL mode) shared by the processes of one machine.
+
+    Each user's recent list is one JSON row, read-merged-written inside ``BEGIN IMMEDIATE``
+    so concurrent writers from other processes serialise instead of losing items.  Calls run
+    the blocking sqlite3 module in a worker thread, one connection guarded by a lock.
+    """
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 5.0) -> None:
+        self.path = str(path)
+        self.timeout_s = timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SQLITE_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return fn(self._connect())
+
+        try:
+            return await asyncio.to_thread(locked)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"sqlite store {self.path}: {what} failed ({exc})") from exc
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], None]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _select_lists(conn: sqlite3.Connection, users: Sequence[str]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for i in range(0, len(users), _SQLITE_CHUNK):
+            chunk = list(users[i : i + _SQLITE_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT user, items FROM recloop_recent WHERE user IN ({marks})", chunk
+            )
+            out.update((u, orjson.loads(items)) for u, items in rows)
+        return out
+
+    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+        _check_max_len(max_len)
+        events = {u: p for u, p in events.items() if p}
+        if not events:
+            return
+
+        def txn(conn: sqlite3.Connection) -> None:
+            old = self._select_lists(conn, list(events))
+            rows = []
+            for user, pairs in events.items():
+                merged = old.get(user, []) + [[str(i), float(r)] for i, r in pairs]
+                rows.append((user, orjson.dumps(merged[-max_len:]).decode()))
+            conn.executemany(
+                "INSERT INTO recloop_recent (user, items) VALUES (?, ?) "
+                "ON CONFLICT(user) DO UPDATE SET items = excluded.items",
+                rows,
+            )
+
+        await self._call("push_recent", lambda conn: self._write(conn, txn))
+
+    async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
+        if n <= 0 or not users:
+            return {u: [] for u in users}
+        found = await self._call("get_recent", lambda conn: self._select_lists(conn, users))
+        return {u: [(str(i), float(r)) for i, r in found.get(u, [])[-n:]] for u in users}
+
+    async def set_popular(self, items: Sequence[Scored]) -> None:
+        blob = _dump_scored(items).decode()
+
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO recloop_popular (id, items) VALUES (0, ?) "
+                "ON CONFLICT(id) DO UPDATE SET items = excluded.items",
+                (blob,),
+            )
+
+        await self._call("set_popular", lambda conn: self._write(conn, txn))
+
+    async def get_popular(self, n: int) -> list[Scored]:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute("SELECT items FROM recloop_popular WHERE id = 0").fetchone()
+
+        row = await self._call("get_popular", read)
+        return [] if row is None or n <= 0 else _load_scored(row[0])[:n]
+
+    async def set_recommendations(
+        self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
+    ) -> None:
+        rows = [(u, _dump_scored(items).decode(), model_version) for u, items in recs.items()]
+        if not rows:
+            return
+
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO recloop_recommendations (user, items, model_version) "
+                "VALUES (?, ?, ?) ON CONFLICT(user) DO UPDATE SET "
+                "items = excluded.items, model_version = excluded.model_version",
+                rows,
+            )
+
+        await self._call("set_recommendations", lambda conn: self._write(conn, txn))
+
+    async def get_recommendations(self, user: str) -> tuple[list[Scored], str] | None:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT items, model_version FROM recloop_recommendations WHERE user = ?", (user,)
+            ).fetchone()
+
+        row = await self._call("get_recommendations", read)
+        return None if row is None else (_load_scored(row[0]), str(row[1]))
+
+    async def ping(self) -> bool:
+        try:
+            await self._call("ping", lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        def shut() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await asyncio.to_thread(shut)

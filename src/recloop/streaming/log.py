@@ -1,0 +1,442 @@
+"""The SQL behaviour log: events, recommendation history and popular-item window counts.
+
+SQLAlchemy 2 Core on PostgreSQL, MySQL/MariaDB or SQLite, three tables (names take a
+configurable prefix):
+
+``behavior_log``
+    one row per event, primary key ``event_id``; what ``recloop prepare --from-db`` reads.
+``recommendation_log``
+    each refreshed list (``items``/``scores`` as JSON arrays) with the model version and the
+    realised reward of the user's previous list.
+``popular_buckets``
+    event counts per (slide bucket, item): the state of the sliding-window popular items.
+
+Idempotence: a batch is inserted with one bulk statement that skips existing event ids
+(``ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite, ``INSERT IGNORE`` on MySQL) and returns
+the ids it did insert.  Only those new events are added to the window counts, in the same
+transaction, so a redelivered event is neither logged nor counted twice -- the window counts
+are exact under at-least-once delivery, and shared by every worker.  On PostgreSQL a batch
+travels as one JSON document that the server unpacks, inserts and counts in one statement
+(several times faster than a multi-row VALUES list, whose parameters psycopg adapts one by
+one); MySQL and SQLite get SQLAlchemy's batched VALUES and a second upsert statement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, sqlite
+
+from recloop.errors import ConfigError
+from recloop.streaming.events import MAX_ID_LEN
+from recloop.streaming.operators import bucket_counts
+
+logger = logging.getLogger(__name__)
+
+_ID = sa.String(MAX_ID_LEN)
+_BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER
+
+
+@dataclass(frozen=True)
+class LogTables:
+    """The three tables of one log, in their own ``MetaData``."""
+
+    metadata: sa.MetaData
+    behavior: sa.Table
+    recommendations: sa.Table
+    popular: sa.Table
+
+
+def log_tables(prefix: str = "") -> LogTables:
+    """Table definitions with names ``{prefix}behavior_log`` etc."""
+    md = sa.MetaData()
+    behavior = sa.Table(
+        f"{prefix}behavior_log",
+        md,
+        sa.Column("event_id", _ID, primary_key=True),
+        sa.Column("user_id", _ID, nullable=False),
+        sa.Column("item_id", _ID, nullable=False),
+        sa.Column("ts", sa.BigInteger, nullable=False),
+        sa.Column("behavior", sa.String(8)),
+        sa.Column("rating", sa.Float),
+        sa.Column("reward", sa.Float),
+        sa.Column(
+            "ingested_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.current_timestamp(),
+        ),
+    )
+    recommendations = sa.Table(
+        f"{prefix}recommendation_log",
+        md,
+        sa.Column("id", _BIGINT_PK, primary_key=True, autoincrement=True),
+        sa.Column("user_id", _ID, nullable=False),
+        sa.Column("ts", sa.BigInteger, nullable=False),
+        sa.Column("model_version", sa.String(128), nullable=False),
+        sa.Column("items", sa.Text, nullable=False),
+        sa.Column("scores", sa.Text, nullable=False),
+        sa.Column("realised_reward", sa.Float),
+        sa.Column("hits", sa.Integer),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.current_timestamp(),
+        ),
+        sa.Index(f"{prefix}ix_recommendation_log_user", "user_id", "id"),
+    )
+    popular = sa.Table(
+        f"{prefix}popular_buckets",
+        md,
+        sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("item_id", _ID, primary_key=True),
+        sa.Column("events", sa.BigInteger, nullable=False),
+    )
+    return LogTables(md, behavior, recommendations, popular)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AppendResult:
+    """What one :meth:`BehaviorLog.append` did."""
+
+    new: pl.DataFrame
+    """The events that were not in the log before (input order)."""
+    duplicates: int
+    """Events skipped because their id was already logged."""
+    counted: int
+    """New events added to the window counts."""
+    late: int
+    """New events not counted because they were late."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PopularWindow:
+    """The current popular items and where the window ends."""
+
+    end_bucket: int | None
+    """Newest bucket with counts (None when there are none)."""
+    items: list[tuple[str, float]]
+    """(item, events in the window), most first; ties by item id."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: connection loss, timeouts, lock waits, deadlocks."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+def create_log_engine(url: str) -> sa.Engine:
+    """An engine with the connect timeouts and pragmas the log needs."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    if backend in ("postgresql", "mysql", "mariadb"):
+        connect_args["connect_timeout"] = 5
+    elif backend == "sqlite":
+        connect_args["timeout"] = 30
+    try:
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    except (ImportError, sa.exc.ArgumentError) as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    if backend == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL lets several worker processes (and readers) share the file.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    return engine
+
+
+def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    return frame.to_dicts()
+
+
+class BehaviorLog:
+    """The log in one database; blocking calls (run them in a thread from async code)."""
+
+    def __init__(self, url: str, *, prefix: str = "", engine: sa.Engine | None = None) -> None:
+        self.url = url
+        self.tables = log_tables(prefix)
+        self.engine = engine if engine is not None else create_log_engine(url)
+        self._ready = False
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def create_schema(self) -> None:
+        """Create missing tables; safe to call from several processes at once."""
+        if self._ready:
+            return
+        try:
+            self.tables.metadata.create_all(self.engine, checkfirst=True)
+        except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
+            # Another worker created a table between our check and our CREATE.
+            self.tables.metadata.create_all(self.engine, checkfirst=True)
+        self._ready = True
+
+    def drop_schema(self) -> None:
+        self.tables.metadata.drop_all(self.engine, checkfirst=True)
+        self._ready = False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- behaviour log ---------------------------------------------------------------
+
+    def append(
+        self, events: pl.DataFrame, *, slide_s: int, countable: np.ndarray | None = None
+    ) -> AppendResult:
+        """Insert the events not logged yet and add them to the window counts, atomically.
+
+        ``events`` has the :data:`recloop.streaming.events.EVENT_SCHEMA` columns;
+        ``countable`` (E,) bool marks events that are not late (None: all).
+        """
+        self.create_schema()
+        if countable is None:
+            countable = np.ones(events.height, bool)
+        frame = events.with_columns(pl.Series("_countable", countable, dtype=pl.Boolean))
+        # A producer may send an id twice in one batch; the first one wins, as in the table.
+        frame = frame.unique(subset="event_id", keep="first", maintain_order=True)
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                inserted = self._append_postgres(conn, frame, slide_s=slide_s)
+                new = frame.filter(pl.col("event_id").is_in(inserted))
+            else:
+                inserted = self._insert_new(conn, frame.drop("_countable"))
+                new = frame.filter(pl.col("event_id").is_in(inserted))
+                counts = bucket_counts(new.filter(pl.col("_countable")), slide_s=slide_s)
+                if counts.height:
+                    self._add_counts(conn, counts)
+        counted = int(new["_countable"].sum()) if new.height else 0
+        return AppendResult(
+            new=new.drop("_countable"),
+            duplicates=events.height - new.height,
+            counted=counted,
+            late=new.height - counted,
+        )
+
+    def _append_postgres(
+        self, conn: sa.Connection, frame: pl.DataFrame, *, slide_s: int
+    ) -> list[str]:
+        """Insert and count in one statement: the batch travels as one JSON document, the
+        server inserts the new rows, adds them to the buckets and returns their ids as one
+        JSON array (no Python work per row or value on either side of the wire)."""
+        q = self.engine.dialect.identifier_preparer
+        log, buckets = q.format_table(self.tables.behavior), q.format_table(self.tables.popular)
+        sql = sa.text(
+            f"""
+            WITH src AS (
+                SELECT * FROM json_to_recordset(CAST(:rows AS json)) AS x(
+                    event_id text, user_id text, item_id text, ts bigint, behavior text,
+                    rating float8, reward float8, _countable boolean)
+            ), ins AS (
+                INSERT INTO {log} (event_id, user_id, item_id, ts, behavior, rating, reward)
+                SELECT event_id, user_id, item_id, ts, behavior, rating, reward FROM src
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id, item_id, ts
+            ), counted AS (
+                INSERT INTO {buckets} (bucket, item_id, events)
+                SELECT ins.ts / :slide, ins.item_id, count(*)
+                FROM ins JOIN src USING (event_id)
+                WHERE src._countable
+                GROUP BY 1, 2
+                ORDER BY 1, 2
+                ON CONFLICT (bucket, item_id)
+                DO UPDATE SET events = {buckets}.events + EXCLUDED.events
+            )
+            SELECT coalesce(json_agg(event_id), '[]') FROM ins
+            """
+        )
+        out = conn.execute(sql, {"rows": frame.write_json(), "slide": slide_s}).scalar_one()
+        return list(orjson.loads(out) if isinstance(out, str | bytes) else out)
+
+    def _insert_new(self, conn: sa.Connection, frame: pl.DataFrame) -> list[str]:
+        if frame.height == 0:
+            return []
+        t = self.tables.behavior
+        cols = ["event_id", "user_id", "item_id", "ts", "behavior", "rating", "reward"]
+        d = conn.dialect
+        rows = _records(frame.select(cols))
+        if d.name == "sqlite":
+            lite = sqlite.insert(t).on_conflict_do_nothing(index_elements=["event_id"])
+            return list(conn.execute(lite.returning(t.c.event_id), rows).scalars())
+        if d.name in ("mysql", "mariadb"):
+            ins = mysql.insert(t).prefix_with("IGNORE")
+            if d.insert_executemany_returning:  # MariaDB >= 10.5
+                return list(conn.execute(ins.returning(t.c.event_id), rows).scalars())
+            # MySQL has no RETURNING: ids present before the insert are the duplicates.
+            # Exact unless two workers log the same event at the same moment.
+            ids = frame["event_id"].to_list()
+            seen = set(conn.execute(sa.select(t.c.event_id).where(t.c.event_id.in_(ids))).scalars())
+            conn.execute(ins, rows)
+            return [i for i in ids if i not in seen]
+        raise ConfigError(f"database {self.url!r}: unsupported backend {d.name!r}")
+
+    def _add_counts(self, conn: sa.Connection, counts: pl.DataFrame) -> None:
+        t = self.tables.popular
+        d = conn.dialect
+        # Rows sorted by key so concurrent workers lock them in one order (no deadlocks).
+        counts = counts.sort("bucket", "item_id")
+        rows = _records(counts)
+        if d.name == "sqlite":
+            lite = sqlite.insert(t)
+            conn.execute(
+                lite.on_conflict_do_update(
+                    index_elements=["bucket", "item_id"],
+                    set_={"events": t.c.events + lite.excluded.events},
+                ),
+                rows,
+            )
+            return
+        my = mysql.insert(t)
+        conn.execute(my.on_duplicate_key_update(events=t.c.events + my.inserted.events), rows)
+
+    def count(self) -> int:
+        """Rows in the behaviour log."""
+        self.create_schema()
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(self.tables.behavior)
+                ).scalar_one()
+            )
+
+    def read_events(self) -> pl.DataFrame:
+        """The whole behaviour log, ordered by (ts, event_id)."""
+        t = self.tables.behavior
+        q = sa.select(
+            *[
+                t.c[c]
+                for c in ("event_id", "user_id", "item_id", "ts", "behavior", "rating", "reward")
+            ]
+        ).order_by(t.c.ts, t.c.event_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        from recloop.streaming.events import EVENT_SCHEMA
+
+        return pl.DataFrame([tuple(r) for r in rows], schema=EVENT_SCHEMA, orient="row")
+
+    # -- popular items ---------------------------------------------------------------
+
+    def popular(self, *, n_buckets: int, top: int) -> PopularWindow:
+        """Top items of the window of ``n_buckets`` buckets ending at the newest bucket."""
+        self.create_schema()
+        t = self.tables.popular
+        with self.engine.connect() as conn:
+            end = conn.execute(sa.select(sa.func.max(t.c.bucket))).scalar()
+            if end is None:
+                return PopularWindow(end_bucket=None, items=[])
+            total = sa.func.sum(t.c.events).label("n")
+            q = (
+                sa.select(t.c.item_id, total)
+                .where(t.c.bucket > end - n_buckets, t.c.bucket <= end)
+                .group_by(t.c.item_id)
+                .order_by(total.desc(), t.c.item_id)
+                .limit(top)
+            )
+            items = [(str(i), float(n)) for i, n in conn.execute(q)]
+        return PopularWindow(end_bucket=int(end), items=items)
+
+    def drop_buckets_before(self, bucket: int) -> int:
+        """Delete counts of buckets older than ``bucket`` (no window can reach them)."""
+        t = self.tables.popular
+        with self.engine.begin() as conn:
+            return int(conn.execute(sa.delete(t).where(t.c.bucket < bucket)).rowcount or 0)
+
+    def bucket_table(self) -> pl.DataFrame:
+        """All window counts (bucket, item_id, events); for tests and inspection."""
+        t = self.tables.popular
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.bucket, t.c.item_id, t.c.events)).all()
+        return pl.DataFrame(
+            [tuple(r) for r in rows],
+            schema={"bucket": pl.Int64, "item_id": pl.String, "events": pl.Int64},
+            orient="row",
+        )
+
+    # -- recommendation history ------------------------------------------------------
+
+    def previous_lists(self, users: Sequence[str]) -> pl.DataFrame:
+        """Each user's latest logged list as (user_id, item_id) rows (users without one are
+        absent)."""
+        self.create_schema()
+        r = self.tables.recommendations
+        if not users:
+            return pl.DataFrame(schema={"user_id": pl.String, "item_id": pl.String})
+        latest = (
+            sa.select(r.c.user_id, sa.func.max(r.c.id).label("id"))
+            .where(r.c.user_id.in_(list(users)))
+            .group_by(r.c.user_id)
+            .subquery()
+        )
+        q = sa.select(r.c.user_id, r.c["items"]).join(latest, r.c.id == latest.c.id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        frame = pl.DataFrame(
+            [tuple(x) for x in rows],
+            schema={"user_id": pl.String, "items": pl.String},
+            orient="row",
+        )
+        return (
+            frame.select(
+                "user_id", pl.col("items").str.json_decode(pl.List(pl.String)).alias("item_id")
+            )
+            .explode("item_id")
+            .drop_nulls("item_id")
+        )
+
+    def append_recommendations(self, rows: pl.DataFrame) -> None:
+        """Insert list rows: user_id, ts, model_version, items, scores (JSON), realised_reward,
+        hits."""
+        self.create_schema()
+        if rows.height == 0:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(self.tables.recommendations), _records(rows))
+
+    def read_recommendations(self) -> pl.DataFrame:
+        """The recommendation history in insertion order (tests, analysis)."""
+        r = self.tables.recommendations
+        cols = (
+            "id",
+            "user_id",
+            "ts",
+            "model_version",
+            "items",
+            "scores",
+            "realised_reward",
+            "hits",
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(*[r.c[c] for c in cols]).order_by(r.c.id)).all()
+        return pl.DataFrame(
+            [tuple(x) for x in rows],
+            schema={
+                "id": pl.Int64,
+                "user_id": pl.String,
+                "ts": pl.Int64,
+                "model_version": pl.String,
+                "items": pl.String,
+                "scores": pl.String,
+                "realised_reward": pl.Float64,
+                "hits": pl.Int64,
+            },
+            orient="row",
+        )

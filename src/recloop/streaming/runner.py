@@ -1,0 +1,698 @@
+"""The stream worker: read a batch, write it to every sink, acknowledge; and its processes.
+
+For each batch (:meth:`StreamProcessor.process`):
+
+1. validate; malformed events go to the dead-letter stream with their reason;
+2. behaviour log: insert the events not logged yet and add them to the popular-items window
+   counts, in one SQL transaction (exactly once under redelivery, see :mod:`.log`);
+3. push the new events onto their users' recent-item lists in the online store;
+4. with an artifact: refresh the recommendations of the batch's users with one batched
+   inference call, log the lists with the realised reward of each user's previous list, and
+   store them;
+5. at most every ``popular_refresh_s`` (and when idle), publish the window's top items;
+6. acknowledge the whole batch.
+
+A sink that cannot be reached (database down, Redis restarting) is retried with exponential
+backoff; the batch stays pending (its idle time reset, so no other worker takes it over)
+and is acknowledged only once every step succeeded.  Steps already done are not repeated.
+A batch that a sink rejects for good (not a connection problem) is dead-lettered with the
+reason if the log rejected it, or logged as an error if a later cache step did, so that one
+poison batch never stops the worker.
+
+:func:`run_stream` starts ``workers`` processes in one consumer group; SIGTERM or SIGINT
+makes each finish its batch and exit.
+
+Why the window counts live in SQL and not in per-worker memory or Redis: each worker sees
+only its share of the stream, so counts must be shared; keeping them in the log's database,
+updated in the transaction that inserts the events and only for the rows that transaction
+really inserted, makes them exact under redelivery, reclaim and worker crashes, and lets
+them survive a Redis restart.  The price is one upsert row per (bucket, item) per batch.
+
+Ordering: a worker keeps event-time order within its batches, but with several workers a
+user's events in two concurrently processed batches reach the recent-items list in the
+order the batches finish.  The popular counts do not depend on order; lateness is judged
+per worker (as Flink judges it per partition), so a batch reclaimed long after it was read
+may count as late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import orjson
+import polars as pl
+
+from recloop.errors import ConfigError
+from recloop.streaming.bus import EventBus, is_in_process, open_bus
+from recloop.streaming.events import (
+    BusMessage,
+    DeadLetter,
+    ParsedBatch,
+    encode_events,
+    parse_batch,
+)
+from recloop.streaming.log import BehaviorLog, is_transient
+from recloop.streaming.operators import (
+    IdIndex,
+    Watermark,
+    history_batch,
+    realised_rewards,
+    recent_by_user,
+)
+from recloop.streaming.settings import StreamSettings
+
+if TYPE_CHECKING:
+    from recloop.artifacts import Artifact
+    from recloop.serving.stores import OnlineStore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Exponential backoff: initial_s, initial_s * factor, ... capped at max_s."""
+
+    initial_s: float = 0.1
+    """First wait."""
+    max_s: float = 10.0
+    """Longest wait."""
+    factor: float = 2.0
+    """Growth per attempt."""
+
+    def delays(self) -> Iterator[float]:
+        d = self.initial_s
+        while True:
+            yield min(d, self.max_s)
+            d *= self.factor
+
+
+class Stopped(Exception):  # noqa: N818  (not an error: a shutdown)
+    """Shutdown was requested while a step was waiting to retry."""
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Connection-type failures of any sink: worth waiting for, never a reason to drop data."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from recloop.serving.stores import StoreError
+
+    return is_transient(exc) or isinstance(
+        exc, RedisConnectionError | RedisTimeoutError | StoreError | OSError
+    )
+
+
+async def retry(
+    what: str,
+    fn: Callable[[], Awaitable[T]],
+    *,
+    backoff: Backoff,
+    stop: asyncio.Event,
+    on_wait: Callable[[], Awaitable[None]] | None = None,
+    attempts: list[float] | None = None,
+) -> T:
+    """Await ``fn()`` until it succeeds, waiting ``backoff`` between transient failures.
+
+    Non-transient errors propagate.  ``on_wait`` runs before each wait (e.g. to keep pending
+    entries claimed); ``attempts`` (if given) collects the waits, for tests and stats.
+    Raises :class:`Stopped` when ``stop`` is set while waiting.
+    """
+    delays = backoff.delays()
+    n = 0
+    while True:
+        try:
+            return await fn()
+        except Exception as exc:
+            if not is_transient_error(exc):
+                raise
+            n += 1
+            delay = next(delays)
+            if attempts is not None:
+                attempts.append(delay)
+            log = logger.warning if n == 1 or n % 10 == 0 else logger.debug
+            log("%s failed (attempt %d): %s; retrying in %.2fs", what, n, _short(exc), delay)
+        if on_wait is not None:
+            with contextlib.suppress(Exception):
+                await on_wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            raise Stopped(what)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker (or, summed, of all)."""
+
+    batches: int = 0
+    messages: int = 0
+    logged: int = 0
+    """Events newly written to the behaviour log."""
+    duplicates: int = 0
+    """Redelivered events already in the log."""
+    dead_letters: int = 0
+    late_events: int = 0
+    """New events beyond the allowed lateness: logged, not counted in popular items."""
+    claimed: int = 0
+    """Entries taken over from other consumers."""
+    recommendations: int = 0
+    """Recommendation lists refreshed."""
+    popular_refreshes: int = 0
+    retries: int = 0
+    failed_steps: int = 0
+    """Cache steps skipped after a permanent error (logged as errors)."""
+    busy_cpu_s: float = 0.0
+    """CPU seconds of the worker process from its first batch on (start-up excluded)."""
+
+    def add(self, other: WorkerStats) -> WorkerStats:
+        return WorkerStats(
+            **{
+                f.name: getattr(self, f.name) + getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+@dataclass(frozen=True, eq=False)
+class RecommendationRefresh:
+    """Lists refreshed for one batch's users."""
+
+    users: list[str]
+    items: list[list[str]]
+    scores: list[list[float]]
+    model_version: str
+
+
+class Recommender:
+    """Batched refresh: users' recent items → one ``artifact.recommend`` call → raw ids."""
+
+    def __init__(self, artifact: Artifact, *, n: int) -> None:
+        self.artifact = artifact
+        self.n = n
+        self.user_index = IdIndex(artifact.user_ids)
+        self.item_index = IdIndex(artifact.item_ids)
+
+    def recommend(self, recent: dict[str, list[tuple[str, float]]]) -> RecommendationRefresh:
+        batch = history_batch(
+            recent,
+            user_index=self.user_index,
+            item_index=self.item_index,
+            history_len=self.artifact.history_len,
+            n_items=self.artifact.n_items,
+        )
+        idx, scores = self.artifact.recommend(
+            batch.user, batch.history, batch.history_reward, n=self.n, exclude=batch.consumed
+        )
+        raw = self.item_index.raw(idx.numpy())
+        sc = scores.numpy().astype(np.float64)
+        ok = np.isfinite(sc)  # -inf: fewer unconsumed items than n
+        items = [r[m].tolist() for r, m in zip(raw, ok, strict=True)]
+        values = [s[m].tolist() for s, m in zip(sc, ok, strict=True)]
+        return RecommendationRefresh(batch.users, items, values, self.artifact.model_version)
+
+
+class StreamProcessor:
+    """Runs the steps of the module docstring for one batch at a time."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        *,
+        bus: EventBus,
+        store: OnlineStore,
+        log: BehaviorLog,
+        consumer: str,
+        stop: asyncio.Event,
+        recommender: Recommender | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.store = store
+        self.log = log
+        self.consumer = consumer
+        self.stop = stop
+        self.recommender = recommender
+        self.backoff = Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s)
+        self.watermark = Watermark(settings.allowed_lateness_s)
+        self.stats = WorkerStats()
+        self.retry_waits: list[float] = []
+        self._popular_dirty = False
+        self._popular_at = -math.inf
+        self._gc_at = -math.inf
+        self._cpu_start: float | None = None
+
+    def finish(self) -> WorkerStats:
+        """The counters, with the CPU time since the first batch."""
+        if self._cpu_start is not None:
+            self.stats.busy_cpu_s = round(time.process_time() - self._cpu_start, 3)
+        return self.stats
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]], ids: Sequence[str] = ()) -> T:
+        async def keep_claimed() -> None:
+            await self.bus.touch(self.settings.group, self.consumer, ids)
+
+        before = len(self.retry_waits)
+        try:
+            return await retry(
+                what,
+                fn,
+                backoff=self.backoff,
+                stop=self.stop,
+                on_wait=keep_claimed if ids else None,
+                attempts=self.retry_waits,
+            )
+        finally:
+            self.stats.retries += len(self.retry_waits) - before
+
+    async def process(
+        self, messages: Sequence[BusMessage], parsed: ParsedBatch | None = None
+    ) -> None:
+        """Run one batch through every sink and acknowledge it (see the module docstring).
+
+        ``parsed`` is ``parse_batch(messages)`` when the caller validated them already.
+        """
+        ids = [m.id for m in messages]
+        if parsed is None:
+            parsed = parse_batch(messages)
+        if self.stats.batches == 0:
+            self._cpu_start = time.process_time()
+        self.stats.batches += 1
+        self.stats.messages += len(messages)
+        if parsed.dead:
+            await self._retry(
+                "dead-letter",
+                lambda: self.bus.dead_letter(parsed.dead, consumer=self.consumer),
+                ids,
+            )
+            self.stats.dead_letters += len(parsed.dead)
+            for d in parsed.dead[:3]:
+                logger.warning("dead letter %s: %s", d.entry_id, d.reason)
+        events = parsed.events
+        if events.height:
+            # Observed once per batch, before any retry, so a retry cannot move the watermark.
+            late = self.watermark.observe(events["ts"].to_numpy())
+            await self._sinks(events, late, ids)
+        await self._retry("ack", lambda: self.bus.ack(self.settings.group, ids), ids)
+        await self.refresh_popular()
+
+    async def _sinks(self, events: pl.DataFrame, late: np.ndarray, ids: list[str]) -> None:
+        s = self.settings
+        try:
+            result = await self._retry(
+                "behaviour log",
+                lambda: asyncio.to_thread(
+                    self.log.append, events, slide_s=s.slide_s, countable=~late
+                ),
+                ids,
+            )
+        except Stopped:
+            raise
+        except Exception as exc:
+            logger.exception("behaviour log rejected a batch of %d events", events.height)
+            reason = f"behaviour log rejected the batch: {_short(exc)}"
+            letters = [
+                DeadLetter(i, p, reason)
+                for i, p in zip(events["event_id"].to_list(), encode_events(events), strict=True)
+            ]
+            await self._retry(
+                "dead-letter",
+                lambda: self.bus.dead_letter(letters, consumer=self.consumer),
+                ids,
+            )
+            self.stats.dead_letters += len(letters)
+            return
+        self.stats.logged += result.new.height
+        self.stats.duplicates += result.duplicates
+        if result.late:
+            self.stats.late_events += result.late
+            logger.warning(
+                "%d late events (older than %s minus %ss): logged, not counted in popular items",
+                result.late,
+                self.watermark.max_ts,
+                s.allowed_lateness_s,
+            )
+        if result.counted:
+            self._popular_dirty = True
+        new = result.new
+        if new.height == 0:
+            return
+        recent = recent_by_user(new, max_len=s.recent_len)
+        await self._cache_step(
+            "recent items", lambda: self.store.push_recent(recent, max_len=s.recent_len), ids
+        )
+        if self.recommender is not None:
+            await self._cache_step("recommendations", lambda: self._refresh(new, ids), ids)
+
+    async def _cache_step(
+        self, what: str, fn: Callable[[], Awaitable[Any]], ids: Sequence[str]
+    ) -> None:
+        try:
+            await self._retry(what, fn, ids)
+        except Stopped:
+            raise
+        except Exception:
+            self.stats.failed_steps += 1
+            logger.exception("%s: step failed for good; skipped for this batch", what)
+
+    async def _refresh(self, new: pl.DataFrame, ids: Sequence[str]) -> None:
+        assert self.recommender is not None
+        s = self.settings
+        users = new["user_id"].unique(maintain_order=True).to_list()
+        # Reading is retried as a unit; writing the log and the store are separate steps so
+        # that a retry after a store failure does not log the lists twice.
+        recent = await self.store.get_recent(users, n=s.recent_len)
+        recs = self.recommender.recommend(recent)
+        previous = await asyncio.to_thread(self.log.previous_lists, users)
+        realised = realised_rewards(previous, new)
+        rows = (
+            pl.DataFrame(
+                {
+                    "user_id": recs.users,
+                    "items": [orjson.dumps(x).decode() for x in recs.items],
+                    "scores": [orjson.dumps(x).decode() for x in recs.scores],
+                }
+            )
+            .join(
+                new.group_by("user_id").agg(pl.col("ts").max()),
+                on="user_id",
+                how="left",
+                maintain_order="left",
+            )
+            .join(realised, on="user_id", how="left", maintain_order="left")
+            .with_columns(pl.lit(recs.model_version).alias("model_version"))
+            .select("user_id", "ts", "model_version", "items", "scores", "realised_reward", "hits")
+        )
+        await self._retry(
+            "recommendation log",
+            lambda: asyncio.to_thread(self.log.append_recommendations, rows),
+            ids,
+        )
+        lists = {
+            u: list(zip(i, sc, strict=True))
+            for u, i, sc in zip(recs.users, recs.items, recs.scores, strict=True)
+        }
+        await self._retry(
+            "store recommendations",
+            lambda: self.store.set_recommendations(lists, model_version=recs.model_version),
+            ids,
+        )
+        self.stats.recommendations += len(users)
+
+    async def refresh_popular(self, *, force: bool = False) -> None:
+        """Publish the current window's top items if counts changed (or ``force``)."""
+        s = self.settings
+        now = time.monotonic()
+        if not force and (not self._popular_dirty or now - self._popular_at < s.popular_refresh_s):
+            return
+        self._popular_dirty = False
+        self._popular_at = now
+        window = await self._retry(
+            "popular items",
+            lambda: asyncio.to_thread(self.log.popular, n_buckets=s.n_buckets, top=s.top),
+        )
+        await self._cache_step(
+            "store popular items", lambda: self.store.set_popular(window.items), ()
+        )
+        self.stats.popular_refreshes += 1
+        if window.end_bucket is not None and now - self._gc_at > 60:
+            self._gc_at = now
+            lateness = s.allowed_lateness_s if s.allowed_lateness_s is not None else None
+            if lateness is not None:
+                keep_from = window.end_bucket - s.n_buckets - math.ceil(lateness / s.slide_s) - 1
+                await self._cache_step(
+                    "drop old window buckets",
+                    lambda: asyncio.to_thread(self.log.drop_buckets_before, keep_from),
+                    (),
+                )
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def consumer_name(index: int = 0) -> str:
+    """Unique per process: host, pid and worker index."""
+    return f"{socket.gethostname()}-{os.getpid()}-{index}"
+
+
+class Worker:
+    """Reads batches for one consumer of the group until stopped (or idle, if asked)."""
+
+    def __init__(self, processor: StreamProcessor) -> None:
+        self.p = processor
+        self.s = processor.settings
+
+    async def run(self) -> WorkerStats:
+        p, s = self.p, self.s
+        bus, stop = p.bus, p.stop
+        group, me = s.group, p.consumer
+        await p._retry("create consumer group", lambda: bus.ensure_group(group))
+        # Entries this consumer name read before a restart come first.
+        own = await p._retry(
+            "read own pending", lambda: bus.read_own_pending(group, me, count=s.batch_size)
+        )
+        if own:
+            await p.process(own)
+        next_claim = time.monotonic()
+        last_event = time.monotonic()
+        last_stats = time.monotonic()
+        idle_refreshed = True
+
+        async def fetch() -> tuple[list[BusMessage], ParsedBatch | None]:
+            nonlocal next_claim
+            msgs: list[BusMessage] = []
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + s.claim_interval_s
+                msgs = await p._retry(
+                    "claim stale entries",
+                    lambda: bus.claim_stale(
+                        group, me, min_idle_ms=s.claim_min_idle_ms, count=s.batch_size
+                    ),
+                )
+                if msgs:
+                    p.stats.claimed += len(msgs)
+                    logger.info("%s took over %d stale entries", me, len(msgs))
+            if not msgs:
+                msgs = await p._retry(
+                    "read", lambda: bus.read(group, me, count=s.batch_size, block_ms=s.block_ms)
+                )
+            return msgs, (parse_batch(msgs) if msgs else None)
+
+        # The next batch is read and validated while the current one is in the sinks (whose
+        # database calls run in a thread), so the bus round trip and the JSON work overlap
+        # with the database's.
+        ahead: asyncio.Task[tuple[list[BusMessage], ParsedBatch | None]] | None = None
+        try:
+            while not stop.is_set():
+                msgs, parsed = await (ahead if ahead is not None else fetch())
+                ahead = None
+                now = time.monotonic()
+                if now - last_stats >= s.stats_interval_s:
+                    last_stats = now
+                    logger.info("%s: %s", me, p.stats.as_dict())
+                if msgs:
+                    last_event = now
+                    idle_refreshed = False
+                    ahead = asyncio.create_task(fetch())
+                    await p.process(msgs, parsed)
+                    continue
+                # Idle: publish the final window once (other workers' batches included).
+                if not idle_refreshed:
+                    idle_refreshed = True
+                    await p.refresh_popular(force=True)
+                if (
+                    s.exit_when_idle_s is not None
+                    and now - last_event >= s.exit_when_idle_s
+                    and await p._retry("pending count", lambda: bus.pending_count(group)) == 0
+                ):
+                    break
+                if s.block_ms == 0:
+                    await asyncio.sleep(0.05)
+            if ahead is not None:
+                # Stopping: a batch already read is finished rather than left to time out.
+                msgs, parsed = await ahead
+                ahead = None
+                if msgs:
+                    await p.process(msgs, parsed)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
+        return p.stats
+
+
+async def run_worker_async(
+    settings: StreamSettings,
+    *,
+    consumer: str | None = None,
+    stop: asyncio.Event | None = None,
+    bus: EventBus | None = None,
+    store: OnlineStore | None = None,
+    log: BehaviorLog | None = None,
+    artifact: Artifact | None = None,
+) -> WorkerStats:
+    """Open the bus, store, log (and artifact) the settings name and run one worker.
+
+    Objects passed in are used instead (and not closed).  Without ``stop`` the worker
+    installs SIGTERM/SIGINT handlers that stop it after the current batch.
+    """
+    from recloop.serving.stores import open_store
+
+    own_stop = stop is None
+    stop = stop or asyncio.Event()
+    if own_stop:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+    opened: list[Any] = []
+    if bus is None:
+        bus = open_bus(
+            settings.bus_url, stream=settings.stream, dead_letter_stream=settings.dead_letters
+        )
+        opened.append(bus)
+    if store is None:
+        store = open_store(settings.resolved_store_url, prefix=settings.store_prefix, timeout_s=5.0)
+        opened.append(store)
+    own_log = log is None
+    if log is None:
+        log = BehaviorLog(settings.database_url, prefix=settings.table_prefix)
+    if artifact is None and settings.artifact is not None:
+        from recloop.artifacts import load_artifact
+
+        artifact = load_artifact(settings.artifact)
+    recommender = Recommender(artifact, n=settings.rec_n) if artifact is not None else None
+    processor = StreamProcessor(
+        settings,
+        bus=bus,
+        store=store,
+        log=log,
+        consumer=consumer or consumer_name(),
+        stop=stop,
+        recommender=recommender,
+    )
+    try:
+        await Worker(processor).run()
+    except Stopped:
+        logger.info(
+            "%s stopped while retrying; its pending entries stay for others", processor.consumer
+        )
+    finally:
+        for obj in opened:
+            with contextlib.suppress(Exception):
+                await obj.close()
+        if own_log:
+            log.dispose()
+    stats = processor.finish()
+    logger.info("%s finished: %s", processor.consumer, stats.as_dict())
+    return stats
+
+
+def _worker_process(settings: dict[str, Any], index: int, level: int, results: Any) -> None:
+    """Entry point of a spawned worker process."""
+    from recloop.progress import setup_logging
+
+    setup_logging(level)
+    s = StreamSettings(**settings)
+    if s.artifact is not None:
+        import torch
+
+        torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
+    stats = asyncio.run(run_worker_async(s, consumer=consumer_name(index)))
+    results.put(stats.as_dict())
+
+
+def run_stream(settings: StreamSettings) -> WorkerStats:
+    """Run ``settings.workers`` workers (in this process when there is one) until stopped."""
+    if settings.workers > 1 and is_in_process(settings.bus_url):
+        raise ConfigError(
+            f"--workers {settings.workers} needs a shared bus; memory:// lives in one process "
+            "(use redis://... or --workers 1)"
+        )
+    store_url = settings.resolved_store_url
+    if settings.workers > 1 and (store_url.startswith("memory") or store_url == ""):
+        raise ConfigError(
+            f"--workers {settings.workers} needs a shared store; memory:// lives in one "
+            "process (use redis://... or sqlite:///path)"
+        )
+    if settings.artifact is not None:
+        import torch
+
+        # Inference batches are small; a thread pool per worker only fights the other
+        # workers (and the databases) for the cores.
+        torch.set_num_threads(1)
+    if settings.workers == 1:
+        return asyncio.run(run_worker_async(settings))
+    try:
+        BehaviorLog(settings.database_url, prefix=settings.table_prefix).create_schema()
+    except Exception as exc:
+        # The workers retry with backoff; creating the tables up front only avoids a race.
+        logger.warning("could not create the log tables yet: %s", _short(exc))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    level = logging.getLogger("recloop").getEffectiveLevel()
+    procs = [
+        ctx.Process(
+            target=_worker_process,
+            args=(settings.model_dump(), i, level, results),
+            name=f"recloop-stream-{i}",
+        )
+        for i in range(settings.workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    total = WorkerStats()
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for proc in procs:
+        if proc.exitcode == 0:
+            with contextlib.suppress(queue.Empty):
+                total = total.add(WorkerStats(**results.get(timeout=5)))
+    failed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if failed:
+        logger.error("worker processes %s exited with an error", ", ".join(failed))
+    return total

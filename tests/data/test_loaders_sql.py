@@ -1,0 +1,118 @@
+"""Reading the SQL behaviour log back as training data (``recloop prepare --from-db``)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from recloop.data.loaders.sql import load_from_db
+from recloop.errors import DataError
+from recloop.streaming.events import EVENT_SCHEMA
+from recloop.streaming.log import BehaviorLog
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def logged(
+    rows: list[tuple[str, str, str, int, str | None, float | None, float | None]],
+) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=EVENT_SCHEMA, orient="row")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'log.db'}" if request.param == "sqlite" else POSTGRES_URL
+
+
+def test_log_reads_back_as_raw_events(url: str) -> None:
+    prefix = f"ld{uuid.uuid4().hex[:8]}_"
+    log = BehaviorLog(url, prefix=prefix)
+    try:
+        log.append(
+            logged(
+                [
+                    ("e2", "196", "242", 20, None, 3.0, 1.0),
+                    ("e1", "186", "302", 10, None, 4.0, 2.0),
+                    ("e3", "196", "51", 30, None, None, 0.5),
+                ]
+            ),
+            slide_s=80,
+        )
+        raw = load_from_db(url, table=f"{prefix}behavior_log")
+    finally:
+        log.drop_schema()
+        log.dispose()
+    ev = raw.events
+    assert ev.columns == ["user", "item", "timestamp", "rating", "reward", "event_id"]
+    assert ev["user"].dtype == pl.Int64 and ev["item"].dtype == pl.Int64
+    assert ev.rows() == [
+        (186, 302, 10, 4.0, 2.0, "e1"),
+        (196, 242, 20, 3.0, 1.0, "e2"),
+        (196, 51, 30, None, 0.5, "e3"),
+    ]
+    assert f"table {prefix}behavior_log" in raw.source
+
+
+def test_string_ids_and_behaviors_are_kept(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = BehaviorLog(url)
+    log.append(
+        logged(
+            [
+                ("a", "u1", "007", 1, "pv", None, None),
+                ("b", "u2", "7", 2, "buy", None, None),
+            ]
+        ),
+        slide_s=80,
+    )
+    ev = load_from_db(url).events
+    assert ev.columns == ["user", "item", "timestamp", "behavior", "reward", "event_id"]
+    # "007" and "7" are different items: ids stay strings unless they read back the same.
+    assert ev["item"].to_list() == ["007", "7"] and ev["item"].dtype == pl.String
+    assert ev["behavior"].to_list() == ["pv", "buy"]
+
+
+def test_missing_table_and_wrong_table(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with pytest.raises(DataError, match="no such table"):
+        load_from_db(url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE other (event_id TEXT, user_id TEXT)"))
+    engine.dispose()
+    with pytest.raises(DataError, match="missing columns item_id, ts"):
+        load_from_db(url, table="other")
+
+
+def test_logged_events_prepare_into_the_next_training_set(tmp_path: Path) -> None:
+    """Closing the loop: the stream's log → load_from_db → prepare → a PreparedDataset."""
+    import numpy as np
+
+    from recloop.data.prepare import PrepareConfig, prepare
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    events = pl.DataFrame(
+        {
+            "event_id": [f"e{i}" for i in range(n)],
+            "user_id": [f"u{k}" for k in rng.integers(1, 40, n)],
+            "item_id": [f"i{k}" for k in rng.integers(1, 60, n)],
+            "ts": np.sort(rng.integers(0, 10**6, n)),
+            "behavior": [None] * n,
+            "rating": rng.integers(1, 6, n).astype(float),
+            "reward": [None] * n,
+        },
+        schema=EVENT_SCHEMA,
+    )
+    log = BehaviorLog(url)
+    log.append(events, slide_s=80)
+    log.append(events[:500], slide_s=80)  # a redelivery changes nothing
+    ds = prepare(load_from_db(url), PrepareConfig())
+    assert ds.n_events == n
+    assert sorted(ds.user_ids) == sorted(events["user_id"].unique().to_list())
+    assert sorted(ds.item_ids) == sorted(events["item_id"].unique().to_list())

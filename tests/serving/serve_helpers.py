@@ -1,0 +1,78 @@
+"""Helpers for the serving tests: small real artifacts, settings, an app with its lifespan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from fastapi import FastAPI
+
+from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
+from recloop.encoders.base import EncoderConfig
+from recloop.serving.service import RecommenderService
+from recloop.serving.settings import ServeSettings
+
+REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+N_USERS = 5
+N_ITEMS = 12
+H = 3
+USER_IDS = [f"u{i}" for i in range(1, N_USERS + 1)]
+ITEM_IDS = [f"i{i}" for i in range(1, N_ITEMS + 1)]
+# Train counts fall with the index, so the train-popular order is i1, i2, ..., i12.
+POPULARITY = np.array([0.0, *range(N_ITEMS, 0, -1)], dtype=np.float32)
+
+
+def build_artifact(
+    directory: Path,
+    *,
+    seed: int = 0,
+    kind: str = "concat",
+    use_rewards: bool = True,
+    history: int = H,
+    dim: int = 8,
+) -> Path:
+    """A random-weight policy over USER_IDS × ITEM_IDS saved as a real artifact."""
+    torch.manual_seed(seed)
+    spec = PolicySpec(
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        encoder=EncoderConfig(
+            kind=kind, history=history, embedding_dim=dim, use_rewards=use_rewards
+        ),
+        head=HeadConfig(kind="linear"),
+    )
+    return save_artifact(
+        directory,
+        algo="test",
+        config={"seed": seed},
+        policy=PolicyNet(spec),
+        popularity=POPULARITY,
+        user_ids=USER_IDS,
+        item_ids=ITEM_IDS,
+    )
+
+
+def settings_for(artifact: Path, **kw: Any) -> ServeSettings:
+    """Settings for tests: memory store unless told otherwise, whatever RECLOOP_* says."""
+    kw.setdefault("store_url", "memory://")
+    return ServeSettings(artifact=artifact, **kw)
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan entered, behind an in-process httpx client."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+Served = tuple[httpx.AsyncClient, RecommenderService]
+ServeFactory = Callable[..., AbstractAsyncContextManager[Served]]

@@ -1,0 +1,421 @@
+"""The HTTP service: every route, every error path, API key, reload, store fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from serve_helpers import ITEM_IDS, N_ITEMS, ServeFactory, build_artifact, running, settings_for
+
+from recloop.artifacts import load_artifact
+from recloop.serving.app import create_app
+from recloop.serving.stores import RedisStore, open_store
+
+
+async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, str]) -> None:
+    url, prefix = store_url
+    async with serve(store_url=url, store_prefix=prefix) as (client, svc):
+        await svc.store.push_recent({"u1": [("i2", 1.0), ("i5", 0.5)]}, max_len=3)
+        r = await client.post("/v1/recommend", json={"user_id": "u1", "n": 4})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert set(body) == {"items", "model_version", "source", "warnings"}
+        assert body["source"] == "policy" and body["warnings"] == []
+        assert body["model_version"] == svc.model.model_version
+        ids = [x["item_id"] for x in body["items"]]
+        scores = [x["score"] for x in body["items"]]
+        assert len(ids) == 4 and not {"i2", "i5"} & set(ids) and set(ids) <= set(ITEM_IDS)
+        assert scores == sorted(scores, reverse=True)
+        direct = await svc.recommend_many([_req("u1", n=4)])
+        assert ids == direct[0].item_ids
+        if isinstance(svc.store, RedisStore):
+            await svc.store.delete_all()
+
+
+def _req(user: str, **kw: Any) -> Any:
+    from recloop.serving.schemas import RecommendRequest
+
+    return RecommendRequest(user_id=user, **kw)
+
+
+async def test_batch_route_equals_single_routes(
+    serve: ServeFactory, store_url: tuple[str, str]
+) -> None:
+    url, prefix = store_url
+    async with serve(store_url=url, store_prefix=prefix) as (client, svc):
+        await svc.store.push_recent({"u3": [("i1", 1.0)]}, max_len=3)
+        await svc.store.set_popular([("i7", 3.0), ("i8", 2.0)])
+        reqs: list[dict[str, Any]] = [
+            {"user_id": "u3", "n": 3},
+            {"user_id": "u4", "recent_items": ["i2", "what"], "n": 2},
+            {"user_id": "nobody", "n": 5},
+            {"user_id": 2, "n": 3, "exclude_consumed": False},
+        ]
+        r = await client.post("/v1/recommend/batch", json={"requests": reqs})
+        assert r.status_code == 200
+        results = r.json()["results"]
+        singles = [(await client.post("/v1/recommend", json=q)).json() for q in reqs]
+        for b, s in zip(results, singles, strict=True):
+            assert [x["item_id"] for x in b["items"]] == [x["item_id"] for x in s["items"]]
+            assert [x["score"] for x in b["items"]] == pytest.approx(
+                [x["score"] for x in s["items"]], rel=1e-5, abs=1e-6
+            )  # batched matmuls may differ in the last bits
+            assert {k: v for k, v in b.items() if k != "items"} == {
+                k: v for k, v in s.items() if k != "items"
+            }
+        assert [x["source"] for x in results] == ["policy", "policy", "popular", "popular"]
+        assert [x["item_id"] for x in results[2]["items"]] == ["i7", "i8"]
+        if isinstance(svc.store, RedisStore):
+            await svc.store.delete_all()
+
+
+async def test_popular_route(serve: ServeFactory) -> None:
+    async with serve(default_n=3, max_n=20) as (client, svc):
+        r = await client.get("/v1/popular")
+        assert r.status_code == 200
+        assert r.json()["source"] == "train"
+        assert [x["item_id"] for x in r.json()["items"]] == ["i1", "i2", "i3"]
+        await svc.store.set_popular([("a", 3.0), ("b", 2.0), ("c", 1.0)])
+        svc._popular_cache = None  # the cache would otherwise hold the empty list for 1 s
+        r = await client.get("/v1/popular", params={"n": 2})
+        assert r.json() == {
+            "items": [{"item_id": "a", "score": 3.0}, {"item_id": "b", "score": 2.0}],
+            "source": "realtime",
+            "model_version": svc.model.model_version,
+        }
+        for bad, field in [("0", "n"), ("-3", "n"), ("abc", "n"), ("21", "n"), ("1e9", "n")]:
+            r = await client.get("/v1/popular", params={"n": bad})
+            assert r.status_code == 422, bad
+            assert r.json()["detail"][0]["loc"] == ["query", field]
+
+
+async def test_health_ready_and_metrics(serve: ServeFactory) -> None:
+    async with serve() as (client, svc):
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        r = await client.get("/readyz")
+        assert r.status_code == 200
+        assert r.json() == {
+            "status": "ready",
+            "model_version": svc.model.model_version,
+            "reasons": [],
+        }
+        await client.post("/v1/recommend", json={"user_id": "u1"})
+        await client.post("/v1/recommend", json={"user_id": "stranger"})
+        await client.post("/v1/recommend", json={"user_id": ""})
+        await client.get("/no/such/route")
+        text = (await client.get("/metrics")).text
+        v = svc.model.model_version
+        assert 'recloop_http_requests_total{route="/v1/recommend",status="200"} 2.0' in text
+        assert 'recloop_http_requests_total{route="/v1/recommend",status="422"} 1.0' in text
+        assert 'recloop_http_requests_total{route="other",status="404"} 1.0' in text
+        assert 'recloop_http_request_duration_seconds_count{route="/v1/recommend"} 3.0' in text
+        assert 'recloop_fallbacks_total{reason="unknown_user"} 1.0' in text
+        assert 'recloop_fallbacks_total{reason="train_popular"} 1.0' in text
+        assert 'recloop_recommendations_total{source="policy"} 1.0' in text
+        assert f'recloop_model_info{{model_version="{v}"}} 1.0' in text
+
+
+# Every one of these must be answered with a 4xx, never a 500.
+ODD_BODIES: list[tuple[str, Any, int, list[Any] | None]] = [
+    ("empty object", {}, 422, ["body", "user_id"]),
+    ("huge n", {"user_id": "u1", "n": 10**30}, 422, ["body", "n"]),
+    ("n above max_n", {"user_id": "u1", "n": 101}, 422, ["body", "n"]),
+    ("zero n", {"user_id": "u1", "n": 0}, 422, ["body", "n"]),
+    ("negative n", {"user_id": "u1", "n": -5}, 422, ["body", "n"]),
+    ("fractional n", {"user_id": "u1", "n": 2.5}, 422, ["body", "n"]),
+    ("string n", {"user_id": "u1", "n": "ten"}, 422, ["body", "n"]),
+    ("list user", {"user_id": ["u1"]}, 422, ["body", "user_id"]),
+    ("dict user", {"user_id": {"a": 1}}, 422, ["body", "user_id"]),
+    ("bool user", {"user_id": True}, 422, ["body", "user_id"]),
+    ("null user", {"user_id": None}, 422, ["body", "user_id"]),
+    ("empty user", {"user_id": ""}, 422, ["body", "user_id"]),
+    ("very long user", {"user_id": "x" * 10_000}, 422, ["body", "user_id"]),
+    ("items not a list", {"user_id": "u1", "recent_items": "i1"}, 422, ["body", "recent_items"]),
+    (
+        "null item",
+        {"user_id": "u1", "recent_items": ["i1", None]},
+        422,
+        ["body", "recent_items", 1],
+    ),
+    ("nested item", {"user_id": "u1", "recent_items": [["i1"]]}, 422, ["body", "recent_items", 0]),
+    (
+        "very long list",
+        {"user_id": "u1", "recent_items": [f"i{i}" for i in range(5000)]},
+        422,
+        ["body", "recent_items"],
+    ),
+    (
+        "bad exclude flag",
+        {"user_id": "u1", "exclude_consumed": "maybe"},
+        422,
+        ["body", "exclude_consumed"],
+    ),
+    ("unknown field", {"user_id": "u1", "limit": 3}, 422, ["body", "limit"]),
+    ("array body", [1, 2], 422, ["body"]),
+    ("string body", "u1", 422, ["body"]),
+    ("null body", None, 422, ["body"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "loc"), ODD_BODIES, ids=[b[0] for b in ODD_BODIES]
+)
+async def test_odd_json_bodies_are_422_naming_the_field(
+    serve: ServeFactory, name: str, body: Any, status: int, loc: list[Any] | None
+) -> None:
+    async with serve() as (client, _):
+        r = await client.post("/v1/recommend", json=body)
+        assert r.status_code == status, r.text
+        detail = r.json()["detail"]
+        assert detail[0]["loc"] == loc
+        assert detail[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        (b"", {"content-type": "application/json"}, 422),
+        (b"{not json", {"content-type": "application/json"}, 422),
+        (b"\xff\xfe\x00garbage", {"content-type": "application/json"}, 422),
+        (b'{"user_id": "u1"}', {"content-type": "text/plain"}, 415),
+        (b"user_id=u1", {"content-type": "application/x-www-form-urlencoded"}, 415),
+        (b'{"user_id": "u1"}', {"content-type": "application/json; charset=utf-8"}, 200),
+        (b'{"user_id": "u1"}', {"content-type": "application/vnd.api+json"}, 200),
+        (b'{"user_id": "u1"}', {}, 200),
+        (b" " * (5 * 1024 * 1024), {"content-type": "application/json"}, 413),
+    ],
+)
+async def test_raw_bodies(
+    serve: ServeFactory, content: bytes, headers: dict[str, str], status: int
+) -> None:
+    async with serve() as (client, _):
+        for path in ("/v1/recommend", "/v1/recommend/batch"):
+            r = await client.post(path, content=content, headers=headers)
+            expected = 422 if (status == 200 and path.endswith("batch")) else status
+            assert r.status_code == expected, (path, r.text[:200])
+            assert "detail" in r.json() or expected == 200
+
+
+async def test_wrong_methods_and_paths(serve: ServeFactory) -> None:
+    async with serve() as (client, _):
+        assert (await client.get("/v1/recommend")).status_code == 405
+        assert (await client.put("/v1/recommend/batch", json={})).status_code == 405
+        assert (await client.post("/healthz")).status_code == 405
+        r = await client.get("/nowhere")
+        assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
+async def test_unicode_and_numeric_ids(serve: ServeFactory) -> None:
+    async with serve() as (client, _):
+        r = await client.post(
+            "/v1/recommend", json={"user_id": "ユーザー🎬", "recent_items": ["ü", "i3", "\u0000"]}
+        )
+        assert r.status_code == 200
+        body = r.json()
+        assert body["source"] == "policy"  # i3 is known: the unknown user is scored from it
+        assert body["warnings"][0] == "unknown item ids ignored: 'ü', '\\x00'"
+        r = await client.post("/v1/recommend", json={"user_id": 3, "recent_items": [1, 2]})
+        assert r.status_code == 200
+        assert r.json()["warnings"] == [
+            "unknown item ids ignored: '1', '2'",
+            "unknown user '3' without known recent items: popular items",
+        ]
+
+
+async def test_batch_validation(serve: ServeFactory) -> None:
+    async with serve(max_batch=3) as (client, _):
+        r = await client.post("/v1/recommend/batch", json={"requests": []})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "requests"]
+        many = [{"user_id": "u1"}] * 4
+        r = await client.post("/v1/recommend/batch", json={"requests": many})
+        assert r.status_code == 422 and "at most 3" in r.json()["detail"][0]["msg"]
+        r = await client.post(
+            "/v1/recommend/batch",
+            json={"requests": [{"user_id": "u1"}, {"user_id": "u1", "n": -1}]},
+        )
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "requests", 1, "n"]
+        r = await client.post("/v1/recommend/batch", json={"user_id": "u1"})
+        assert r.status_code == 422
+
+
+async def test_api_key(serve: ServeFactory) -> None:
+    async with serve(api_key="s3cret") as (client, _):
+        body = {"user_id": "u1"}
+        for method, path, kw in [
+            ("POST", "/v1/recommend", {"json": body}),
+            ("POST", "/v1/recommend/batch", {"json": {"requests": [body]}}),
+            ("GET", "/v1/popular", {}),
+            ("GET", "/metrics", {}),
+            ("POST", "/admin/reload", {}),
+            ("GET", "/openapi.json", {}),
+            ("GET", "/nowhere", {}),
+        ]:
+            r = await client.request(method, path, **kw)
+            assert r.status_code == 401, path
+            assert r.json() == {"detail": "missing or wrong X-API-Key header"}
+            r = await client.request(method, path, headers={"X-API-Key": "wrong"}, **kw)
+            assert r.status_code == 401, path
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        ok = {"X-API-Key": "s3cret"}
+        assert (await client.post("/v1/recommend", json=body, headers=ok)).status_code == 200
+        assert (await client.get("/v1/popular", headers=ok)).status_code == 200
+        assert (await client.get("/metrics", headers=ok)).status_code == 200
+
+
+async def test_reload_route(serve: ServeFactory, artifact_dir_b: Path, tmp_path: Path) -> None:
+    async with serve() as (client, svc):
+        v0 = svc.model.model_version
+        r = await client.post("/admin/reload", json={"artifact": str(artifact_dir_b)})
+        assert r.status_code == 200, r.text
+        v1 = load_artifact(artifact_dir_b).model_version
+        assert r.json() == {
+            "model_version": v1,
+            "previous_model_version": v0,
+            "artifact": str(artifact_dir_b),
+        }
+        rec = (await client.post("/v1/recommend", json={"user_id": "u1"})).json()
+        assert rec["model_version"] == v1
+        # no body: the current artifact path, read again
+        r = await client.post("/admin/reload")
+        assert r.status_code == 200 and r.json()["model_version"] == v1
+        # broken artifacts are refused, the served one stays
+        broken = build_artifact(tmp_path / "broken", seed=5)
+        (broken / "manifest.json").write_text("{not json")
+        r = await client.post("/admin/reload", json={"artifact": str(broken)})
+        assert r.status_code == 400
+        assert "invalid JSON" in r.json()["detail"] and str(broken) in r.json()["detail"]
+        r = await client.post("/admin/reload", json={"artifact": str(tmp_path / "missing")})
+        assert r.status_code == 400 and "no such artifact" in r.json()["detail"]
+        r = await client.post("/admin/reload", json={"artifact": 5, "extra": 1})
+        assert r.status_code == 422
+        assert svc.model.model_version == v1
+        rec = (await client.post("/v1/recommend", json={"user_id": "u1"})).json()
+        assert rec["model_version"] == v1
+        text = (await client.get("/metrics")).text
+        assert 'recloop_model_reloads_total{outcome="ok"} 2.0' in text
+        assert 'recloop_model_reloads_total{outcome="refused"} 2.0' in text
+        assert f'recloop_model_info{{model_version="{v0}"}} 0.0' in text
+        assert f'recloop_model_info{{model_version="{v1}"}} 1.0' in text
+
+
+async def test_reload_under_load_answers_every_request(
+    serve: ServeFactory, artifact_dir_b: Path
+) -> None:
+    async with serve() as (client, svc):
+        v0 = svc.model.model_version
+        body = {"user_id": "u2", "recent_items": ["i1"]}
+        tasks = [asyncio.ensure_future(client.post("/v1/recommend", json=body)) for _ in range(30)]
+        r = await client.post("/admin/reload", json={"artifact": str(artifact_dir_b)})
+        tasks += [asyncio.ensure_future(client.post("/v1/recommend", json=body)) for _ in range(30)]
+        responses = await asyncio.gather(*tasks)
+        assert r.status_code == 200
+        v1 = r.json()["model_version"]
+        assert all(x.status_code == 200 for x in responses)
+        assert {x.json()["model_version"] for x in responses} <= {v0, v1}
+        assert responses[-1].json()["model_version"] == v1
+
+
+async def test_sighup_reloads_the_artifact_path(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(build_artifact(tmp_path / "a", seed=0), served)
+    app = create_app(settings_for(served))
+    async with running(app) as client:
+        svc = app.state.service
+        v0 = svc.model.model_version
+        shutil.rmtree(served)
+        shutil.copytree(build_artifact(tmp_path / "b", seed=7), served)
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):
+            if svc.model.model_version != v0:
+                break
+            await asyncio.sleep(0.02)
+        assert svc.model.model_version == load_artifact(served).model_version != v0
+        rec = (await client.post("/v1/recommend", json={"user_id": "u1"})).json()
+        assert rec["model_version"] == svc.model.model_version
+        # a broken artifact at the path: SIGHUP logs and keeps the model
+        (served / "weights.safetensors").write_bytes(b"x")
+        v1 = svc.model.model_version
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        assert svc.model.model_version == v1
+
+
+async def test_store_down(artifact_dir: Path) -> None:
+    app = create_app(
+        settings_for(artifact_dir, store_url="redis://127.0.0.1:1/0", store_timeout_s=0.2)
+    )
+    async with running(app) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["status"] == "unready"
+        assert r.json()["reasons"] == ["online store unreachable"]
+        r = await client.post("/v1/recommend", json={"user_id": "stranger", "n": 3})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["source"] == "popular"
+        assert [x["item_id"] for x in body["items"]] == ["i1", "i2", "i3"]
+        assert any("online store unavailable" in w for w in body["warnings"])
+        r = await client.post("/v1/recommend", json={"user_id": "u1", "n": N_ITEMS})
+        assert r.status_code == 200 and r.json()["source"] == "policy"
+        assert len(r.json()["items"]) == N_ITEMS
+        r = await client.get("/v1/popular", params={"n": 2})
+        assert r.status_code == 200 and r.json()["source"] == "train"
+        text = (await client.get("/metrics")).text
+        assert 'recloop_fallbacks_total{reason="store_unavailable"}' in text
+
+
+@pytest.mark.integration
+async def test_store_comes_back(artifact_dir: Path) -> None:
+    """Readiness turns green again and the store is used once Redis answers."""
+    from serve_helpers import REDIS_URL
+
+    probe = open_store(REDIS_URL)
+    if not await probe.ping():
+        await probe.close()
+        pytest.skip("no Redis")
+    await probe.close()
+    app = create_app(
+        settings_for(
+            artifact_dir, store_url=REDIS_URL, store_prefix="recloop-test-back:", store_retry_s=0.0
+        )
+    )
+    async with running(app) as client:
+        svc = app.state.service
+        svc._store_down_until = 1e18  # as after a failure
+        r = await client.post("/v1/recommend", json={"user_id": "u1"})
+        assert any("unavailable" in w for w in r.json()["warnings"])
+        assert (await client.get("/readyz")).status_code == 200  # a good ping un-benches
+        r = await client.post("/v1/recommend", json={"user_id": "u1"})
+        assert r.json()["warnings"] == []
+        assert isinstance(svc.store, RedisStore)
+        await svc.store.delete_all()
+
+
+async def test_openapi_documents_the_bodies(serve: ServeFactory) -> None:
+    async with serve() as (client, _):
+        spec = (await client.get("/openapi.json")).json()
+        post = spec["paths"]["/v1/recommend"]["post"]
+        schema = post["requestBody"]["content"]["application/json"]["schema"]
+        assert "user_id" in schema["properties"]
+        assert "/v1/recommend/batch" in spec["paths"] and "/admin/reload" in spec["paths"]
+
+
+async def test_lifespan_closes_the_store(artifact_dir: Path) -> None:
+    app = create_app(settings_for(artifact_dir))
+    async with running(app):
+        assert app.state.service is not None
+    assert not hasattr(app.state, "service")
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and r.json()["reasons"] == ["model not loaded"]

@@ -1,0 +1,155 @@
+"""One contract suite for every online store: memory, SQLite and (integration) Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from recloop.errors import ConfigError
+from recloop.serving.stores import (
+    MemoryStore,
+    OnlineStore,
+    RedisStore,
+    SqliteStore,
+    StoreError,
+    open_store,
+    sqlite_path,
+)
+
+REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OnlineStore]:
+    kind = request.param
+    if kind == "memory":
+        s: OnlineStore = open_store("memory://")
+    elif kind == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path}/store.db")
+    else:
+        s = open_store(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+        if not await s.ping():
+            await s.close()
+            pytest.skip(f"no Redis at {REDIS_URL}")
+    yield s
+    if isinstance(s, RedisStore):
+        await s.delete_all()
+    await s.close()
+
+
+async def test_recent_appends_caps_and_orders_oldest_first(store: OnlineStore) -> None:
+    await store.push_recent({"u1": [("a", 1.0), ("b", 0.5)], "u2": [("x", 2.0)]}, max_len=3)
+    await store.push_recent({"u1": [("c", 0.0), ("d", -1.5)]}, max_len=3)
+    got = await store.get_recent(["u1", "u2", "nobody"], n=10)
+    assert got == {"u1": [("b", 0.5), ("c", 0.0), ("d", -1.5)], "u2": [("x", 2.0)], "nobody": []}
+    assert await store.get_recent(["u1"], n=2) == {"u1": [("c", 0.0), ("d", -1.5)]}
+    assert await store.get_recent(["u1"], n=0) == {"u1": []}
+    assert await store.get_recent([], n=5) == {}
+
+
+async def test_recent_one_push_longer_than_cap_keeps_its_tail(store: OnlineStore) -> None:
+    await store.push_recent({"u": [(str(i), float(i)) for i in range(10)]}, max_len=4)
+    assert await store.get_recent(["u"], n=100) == {
+        "u": [("6", 6.0), ("7", 7.0), ("8", 8.0), ("9", 9.0)]
+    }
+
+
+async def test_odd_ids_round_trip(store: OnlineStore) -> None:
+    odd = ["with space", "ünïcødé 🎬", "colon:in:id", "", " lead", "1.5 2"]
+    await store.push_recent({"user with space ü": [(i, 1.0) for i in odd]}, max_len=10)
+    got = await store.get_recent(["user with space ü"], n=10)
+    assert got["user with space ü"] == [(i, 1.0) for i in odd]
+
+
+async def test_empty_push_is_a_no_op(store: OnlineStore) -> None:
+    await store.push_recent({}, max_len=3)
+    await store.push_recent({"u": []}, max_len=3)
+    assert await store.get_recent(["u"], n=3) == {"u": []}
+
+
+async def test_bad_max_len_raises(store: OnlineStore) -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        await store.push_recent({"u": [("a", 1.0)]}, max_len=0)
+
+
+async def test_popular_replaces_and_slices(store: OnlineStore) -> None:
+    assert await store.get_popular(5) == []
+    await store.set_popular([("a", 9.0), ("b", 7.0), ("c", 3.0)])
+    assert await store.get_popular(2) == [("a", 9.0), ("b", 7.0)]
+    await store.set_popular([("z", 1.0)])
+    assert await store.get_popular(10) == [("z", 1.0)]
+    assert await store.get_popular(0) == []
+    await store.set_popular([])
+    assert await store.get_popular(3) == []
+
+
+async def test_recommendations_latest_wins(store: OnlineStore) -> None:
+    assert await store.get_recommendations("u") is None
+    await store.set_recommendations({"u": [("a", 0.9), ("b", 0.1)], "v": []}, model_version="m1")
+    assert await store.get_recommendations("u") == ([("a", 0.9), ("b", 0.1)], "m1")
+    assert await store.get_recommendations("v") == ([], "m1")
+    await store.set_recommendations({"u": [("c", 0.5)]}, model_version="m2")
+    assert await store.get_recommendations("u") == ([("c", 0.5)], "m2")
+    await store.set_recommendations({}, model_version="m3")
+
+
+async def test_ping(store: OnlineStore) -> None:
+    assert await store.ping() is True
+
+
+async def test_sqlite_shared_by_two_connections(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a, b = open_store(url), open_store(url)
+    await asyncio.gather(
+        *[a.push_recent({"u": [(f"a{i}", 1.0)]}, max_len=50) for i in range(10)],
+        *[b.push_recent({"u": [(f"b{i}", 1.0)]}, max_len=50) for i in range(10)],
+    )
+    got = (await b.get_recent(["u"], n=50))["u"]
+    assert sorted(i for i, _ in got) == sorted(
+        [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+    )
+    await a.set_popular([("p", 1.0)])
+    assert await b.get_popular(1) == [("p", 1.0)]
+    await a.close()
+    await b.close()
+
+
+def test_open_store_picks_the_backend(tmp_path: Path) -> None:
+    assert isinstance(open_store(None), MemoryStore)
+    assert isinstance(open_store("memory://"), MemoryStore)
+    assert isinstance(open_store("redis://127.0.0.1:6379/0"), RedisStore)
+    s = open_store(f"sqlite:///{tmp_path}/x.db")
+    assert isinstance(s, SqliteStore) and s.path == f"{tmp_path}/x.db"
+    assert sqlite_path("sqlite:///rel/a.db") == "rel/a.db"
+    assert sqlite_path("sqlite:////abs/a.db") == "/abs/a.db"
+    with pytest.raises(ConfigError, match="unsupported scheme 'mongodb'"):
+        open_store("mongodb://x")
+    with pytest.raises(ConfigError, match="no database file"):
+        open_store("sqlite:///")
+
+
+async def test_redis_down_raises_store_error_fast() -> None:
+    s = open_store("redis://127.0.0.1:1/0", timeout_s=0.2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await s.ping() is False
+    with pytest.raises(StoreError, match="get_recent failed"):
+        await s.get_recent(["u"], n=3)
+    with pytest.raises(StoreError, match="set_popular failed"):
+        await s.set_popular([("a", 1.0)])
+    assert loop.time() - t0 < 2.0
+    await s.close()
+
+
+async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    s = open_store(f"sqlite:///{tmp_path}/file/sub/db.sqlite")
+    assert await s.ping() is False
+    with pytest.raises(StoreError, match="sqlite store"):
+        await s.get_popular(3)
+    await s.close()

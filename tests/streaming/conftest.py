@@ -1,0 +1,141 @@
+"""Fixtures of the streaming tests: unique stream and table names on the real services, tiny
+prepared datasets and random-weight artifacts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
+from recloop.data.dataset import PreparedDataset
+from recloop.encoders.base import EncoderConfig
+from recloop.streaming.log import BehaviorLog
+
+REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "RECLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MARIADB_URL = os.environ.get("RECLOOP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Stream, group and key names no other test (or helper) uses."""
+    tag = unique("rlt")
+    return {
+        "stream": f"{tag}:events",
+        "group": f"{tag}-group",
+        "store_prefix": f"{tag}:store:",
+        "table_prefix": f"{tag}_",
+    }
+
+
+def db_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'log.db'}"
+    return POSTGRES_URL if kind == "postgres" else MARIADB_URL
+
+
+DB_PARAMS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.integration),
+    pytest.param("mariadb", marks=pytest.mark.integration),
+]
+
+
+@pytest.fixture(params=DB_PARAMS)
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BehaviorLog]:
+    """A behaviour log on each database, with its own table prefix, dropped afterwards."""
+    url = db_url(request.param, tmp_path)
+    blog = BehaviorLog(url, prefix=unique("rlt") + "_")
+    try:
+        yield blog
+    finally:
+        blog.drop_schema()
+        blog.dispose()
+
+
+def tiny_dataset(
+    n_events: int = 300,
+    *,
+    n_users: int = 12,
+    n_items: int = 30,
+    span_s: int = 20_000,
+    seed: int = 0,
+) -> PreparedDataset:
+    """Random events with string ids u1.., i1.. and rewards in {0, 1, 2}."""
+    rng = np.random.default_rng(seed)
+    return PreparedDataset.from_arrays(
+        user=rng.integers(1, n_users + 1, n_events),
+        item=rng.integers(1, n_items + 1, n_events),
+        timestamp=np.sort(rng.integers(1_000_000, 1_000_000 + span_s, n_events)),
+        reward=rng.integers(0, 3, n_events).astype(np.float32),
+        n_users=n_users,
+        n_items=n_items,
+        user_ids=[f"u{i}" for i in range(1, n_users + 1)],
+        item_ids=[f"i{i}" for i in range(1, n_items + 1)],
+    )
+
+
+def build_artifact(
+    directory: Path,
+    *,
+    user_ids: list[str],
+    item_ids: list[str],
+    history: int = 4,
+    seed: int = 0,
+) -> Path:
+    """A random-weight mean-encoder policy saved as a real artifact."""
+    torch.manual_seed(seed)
+    spec = PolicySpec(
+        n_users=len(user_ids),
+        n_items=len(item_ids),
+        encoder=EncoderConfig(kind="mean", history=history, embedding_dim=8),
+        head=HeadConfig(kind="linear"),
+    )
+    return save_artifact(
+        directory,
+        algo="test",
+        config={"seed": seed},
+        policy=PolicyNet(spec),
+        popularity=np.zeros(len(item_ids) + 1, np.float32),
+        user_ids=user_ids,
+        item_ids=item_ids,
+    )
+
+
+@pytest.fixture
+def make_dataset() -> object:
+    """Factory: :func:`tiny_dataset`."""
+    return tiny_dataset
+
+
+@pytest.fixture
+def make_artifact() -> object:
+    """Factory: :func:`build_artifact`."""
+    return build_artifact
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def mariadb_url() -> str:
+    return MARIADB_URL
