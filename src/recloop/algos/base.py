@@ -10,7 +10,7 @@ and returns typed stats; the fit loop in :mod:`recloop.training` does everything
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -100,11 +100,19 @@ class DatasetSpec:
         )
 
 
+Scalar = float | Tensor
+"""A stat of one update: a float, or a detached 0-d tensor so that a GPU step need not sync."""
+
+
 @dataclass(frozen=True)
 class UpdateStats:
-    """Scalars of one update; subclasses add fields (all floats)."""
+    """Scalars of one update; subclasses add fields (floats or detached 0-d tensors).
 
-    loss: float
+    The fit loop averages every field over an epoch; returning tensors instead of calling
+    ``.item()`` keeps a CUDA step free of host syncs.
+    """
+
+    loss: Scalar
     """The main objective minimised by this step."""
 
     def to_dict(self) -> dict[str, float]:
@@ -197,24 +205,56 @@ ALGOS: Registry[type[Algo[Any]]] = Registry("algorithm")
 
 
 def optimizer_step(
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
     loss: Tensor,
     *,
     params: Iterable[Tensor] | None = None,
     grad_clip: float | None = None,
 ) -> None:
-    """zero_grad → backward → clip the global gradient norm to ``grad_clip`` → step.
+    """zero_grad → backward → clip gradient norms to ``grad_clip`` → step.
 
-    Clipping uses ``clip_grad_norm_(params, max_norm)``; RecNN's ``clip_grad_norm_(p, -1, 1)``
-    passes max_norm=-1, which multiplies gradients by a negative factor and flips their sign.
+    ``opt`` may be several optimisers stepped on one loss (e.g. Adam for dense weights and
+    RowAdam for embedding tables with sparse gradients).  With ``params`` the global norm
+    of those parameters is clipped; without, each param group of each optimiser is clipped
+    on its own, so networks trained in one step on a summed loss (a policy and its
+    behaviour head) do not scale each other's gradients.  Clipping scales by
+    ``min(1, max_norm / norm)`` and so never flips a sign: RecNN's
+    ``clip_grad_norm_(p, -1, 1)`` passes max_norm=-1, which multiplies gradients by a
+    negative factor.  Sparse gradients are supported.
     """
-    opt.zero_grad(set_to_none=True)
+    opts = [opt] if isinstance(opt, torch.optim.Optimizer) else list(opt)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
-        if params is None:
-            params = [p for g in opt.param_groups for p in g["params"]]
-        nn.utils.clip_grad_norm_(list(params), max_norm=grad_clip)
-    opt.step()
+        if params is not None:
+            clip_grad_norm(list(params), max_norm=grad_clip)
+        else:
+            for o in opts:
+                for group in o.param_groups:
+                    clip_grad_norm(group["params"], max_norm=grad_clip)
+    for o in opts:
+        o.step()
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Sequence[Tensor], *, max_norm: float) -> Tensor:
+    """Scale the gradients of ``params`` so that their joint L2 norm is at most ``max_norm``.
+
+    Like ``torch.nn.utils.clip_grad_norm_`` but accepts sparse gradients (their norm is the
+    norm of the coalesced values).  Returns the norm before clipping (0-d tensor).
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [(g.coalesce().values() if g.is_sparse else g).detach().pow(2).sum() for g in grads]
+    total = torch.stack([n.to(norms[0].device) for n in norms]).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.device))
+    return total
 
 
 @torch.no_grad()
@@ -222,3 +262,107 @@ def soft_update(target: nn.Module, source: nn.Module, *, tau: float) -> None:
     """Polyak averaging θ' ← τθ + (1 − τ)θ' (Lillicrap et al. 2016)."""
     for t, s in zip(target.parameters(), source.parameters(), strict=True):
         t.lerp_(s, tau)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamGroup:
+    """Parameters sharing a learning rate and weight decay."""
+
+    params: list[nn.Parameter]
+    """The parameters (those with ``requires_grad`` off are dropped)."""
+    lr: float
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """L2 penalty; not applied to parameters with sparse gradients (RowAdam has none)."""
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Lazy Adam for tables with sparse (row) gradients: only the rows in a gradient move.
+
+    The same update as ``torch.optim.SparseAdam`` (moments and parameters of untouched rows
+    stay as they are; bias correction counts every step of the table), written as a handful
+    of row gathers and scatters on the coalesced gradient instead of SparseAdam's sparse
+    tensor arithmetic, which costs tens of milliseconds a step on a 100k-row table.  A dense
+    gradient gets the plain Adam update.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr = group["lr"]
+            b1, b2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                bc1 = 1.0 - b1**step
+                bc2 = 1.0 - b2**step
+                g = p.grad
+                if not g.is_sparse:
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    p.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
+                    continue
+                g = g.coalesce()
+                rows = g.indices()[0]
+                values = g.values()
+                m_rows = m.index_select(0, rows).mul_(b1).add_(values, alpha=1 - b1)
+                v_rows = v.index_select(0, rows).mul_(b2).addcmul_(values, values, value=1 - b2)
+                m.index_copy_(0, rows, m_rows)
+                v.index_copy_(0, rows, v_rows)
+                # Rows are unique after coalescing, so gather-update-scatter is exact, and
+                # much cheaper than index_add_ on the CPU.
+                p_rows = p.index_select(0, rows)
+                p_rows.addcdiv_(m_rows, v_rows.div_(bc2).sqrt_().add_(eps), value=-lr / bc1)
+                p.index_copy_(0, rows, p_rows)
+
+
+def build_adam(
+    groups: Sequence[ParamGroup], *, sparse: Iterable[Tensor] = ()
+) -> dict[str, torch.optim.Optimizer]:
+    """Adam over the dense parameters, :class:`RowAdam` (lazy Adam) over those in ``sparse``.
+
+    Embedding tables looked up with ``sparse=True`` get sparse gradients; a lazy Adam then
+    touches only the rows a batch used, which is what makes a 100k-item catalogue cheap per
+    step (dense Adam would read and write every row).  Dense Adam uses the fused kernel (one
+    pass over each tensor; on the CPU about twice as fast as ``foreach`` at these sizes).
+    Returns ``{"adam": ..., "row_adam": ...}`` without the entries that would be empty,
+    ready for :meth:`Algo.optimizers`.  Weight decay does not apply to the sparse tables.
+    """
+    sparse_ids = {id(p) for p in sparse}
+    dense_groups: list[dict[str, Any]] = []
+    sparse_groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for g in groups:
+        params = [p for p in g.params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        dense = [p for p in params if id(p) not in sparse_ids]
+        sp = [p for p in params if id(p) in sparse_ids]
+        if dense:
+            dense_groups.append({"params": dense, "lr": g.lr, "weight_decay": g.weight_decay})
+        if sp:
+            sparse_groups.append({"params": sp, "lr": g.lr})
+    out: dict[str, torch.optim.Optimizer] = {}
+    if dense_groups:
+        out["adam"] = torch.optim.Adam(dense_groups, fused=True)
+    if sparse_groups:
+        out["row_adam"] = RowAdam(sparse_groups)
+    return out

@@ -83,6 +83,23 @@ class LinearHead(ScoreHead):
         super().__init__()
         self.net = mlp(state_dim, cfg.hidden_dims, n_items + 1, cfg.activation)
 
+    def features(self, state: Tensor) -> Tensor:  # (B, S) -> (B, F), the output layer's input
+        """The hidden layers' output: what the output layer turns into logits."""
+        # A loop rather than ``self.net[:-1]``, which builds a new Sequential on every call.
+        last = len(self.net) - 1
+        for i, layer in enumerate(self.net):
+            if i == last:
+                break
+            state = layer(state)
+        return state
+
+    @property
+    def output(self) -> nn.Linear:
+        """The last layer, (N + 1) × F: row i is item i's output vector (sampled softmax)."""
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        return last
+
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return self.net(state)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import recloop.artifacts.heads_bcq  # registers the bcq and bcq_discrete heads
 import recloop.encoders  # noqa: F401  (fills the encoder registry)
 from recloop.artifacts.heads import HEADS, HeadConfig, ScoreHead
 from recloop.data.batch import PAD_ID

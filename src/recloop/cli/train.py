@@ -1,3 +1,290 @@
-"""recloop CLI: train commands."""
+"""``recloop train | evaluate | recommend | export | algos``: offline training and its outputs."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from recloop.cli.app import app, echo, echo_json, warn
+from recloop.config import config_to_dict, describe
+from recloop.errors import ConfigError, DataError
+
+_TRAIN_HELP = (
+    "Train an algorithm on a prepared dataset into RUN_DIR (--out).\n\n"
+    "Writes RUN_DIR/run.json (the full config), metrics.jsonl (one line per epoch: train "
+    "means, validation metrics, transitions/s), checkpoint/ (last.pt each epoch, best.pt), "
+    "artifact/ (the serving bundle) and results.json (final valid and test metrics, full "
+    "ranking). Early stopping watches validation NDCG@10 (fit.metric) and the best epoch's "
+    "weights are kept.\n\n"
+    "The config file (--config) and --set share one layout: the algorithm's fields at the top "
+    "level, the fit loop's under `fit:`, and `algo:` naming the algorithm (or holding its "
+    "fields as a mapping). Example file:\n\n"
+    "    algo: reinforce\n"
+    "    lr: 0.001\n"
+    "    encoder: {kind: gru, history: 20}\n"
+    "    fit: {epochs: 10, patience: 3}\n\n"
+    "and the same with overrides: --set lr=0.001 --set encoder.kind=gru --set fit.epochs=10. "
+    "Flags (--epochs, --device, --pretrained) beat the file and --set beats both. "
+    "`recloop algos NAME` lists every field with its default and meaning; every field is "
+    "checked before the data is read."
+)
+
+
+@app.command("train", help=_TRAIN_HELP)
+def train(
+    algo: str = typer.Option(None, "--algo", "-a", help="Algorithm (recloop algos lists them)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Prepared dataset directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    epochs: int = typer.Option(None, "--epochs", "-e", help="Epochs (fit.epochs)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file."),
+    sets: list[str] = typer.Option([], "--set", "-s", help="Override KEY=VALUE (repeatable)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (fit.device)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    pretrained: str = typer.Option(
+        None, "--pretrained", help="DSSM embeddings directory (recloop pretrain)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print final metrics as JSON."),
+) -> None:
+    from recloop.training.compare import format_table
+    from recloop.training.recommender import train_run
+
+    result = train_run(
+        algo,
+        data,
+        out,
+        config_path=config,
+        overrides=sets,
+        epochs=epochs,
+        device=device,
+        pretrained=pretrained,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    if as_json:
+        echo_json({"valid": result.valid, "test": result.test})
+        return
+    echo(
+        f"{result.algo}: {result.epochs} epochs, {result.steps} steps, "
+        f"{result.transitions_per_s:,.0f} transitions/s"
+        + (f", best epoch {result.best_epoch}" if result.best_epoch is not None else "")
+    )
+    rows = [(split, metrics) for split, metrics in (("valid", result.valid), ("test", result.test))]
+    rows = [(s, m) for s, m in rows if m]
+    if rows:
+        keys = ["hr@10", "ndcg@10", "mrr@10"]
+        table = [[s, *(_fmt(m.get(k)) for k in keys)] for s, m in rows]
+        echo(format_table(["split", *keys], table))
+        echo(f"(full ranking, consumed items {'masked' if result.mask_consumed else 'kept'})")
+    echo(f"artifact: {result.artifact}")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run or artifact directories."),
+    data: Path = typer.Option(
+        None, "--data", "-d", help="Prepared dataset (default: the one each run recorded)."
+    ),
+    split: str = typer.Option("test", "--split", help="valid or test."),
+    no_mask: bool = typer.Option(
+        False, "--no-mask", help="Keep items the user already consumed in the ranking."
+    ),
+    ks: str = typer.Option("5,10,20", "--ks", help="Cut-offs K, comma separated."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Full-ranking metrics of one or several runs on a split, as a comparison table."""
+    from recloop.training.compare import comparison_table, evaluate_runs
+
+    try:
+        cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        raise ConfigError(f"--ks must be comma-separated integers, got {ks!r}") from None
+    if not cutoffs:
+        raise ConfigError("--ks must name at least one cut-off")
+    results = evaluate_runs(runs, data=data, split=split, mask_consumed=not no_mask, ks=cutoffs)
+    if as_json:
+        echo_json(
+            {
+                "split": split,
+                "mask_consumed": not no_mask,
+                "runs": [r.to_dict() for r in results],
+            }
+        )
+        return
+    k = 10 if 10 in cutoffs else cutoffs[0]
+    echo(comparison_table(results, split=split, mask_consumed=not no_mask, k=k))
+
+
+@app.command("recommend")
+def recommend_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact or run directory."),
+    user: str = typer.Option(..., "--user", "-u", help="Raw user id."),
+    history: str = typer.Option(
+        None, "--history", help="Recent raw item ids, oldest first, comma separated."
+    ),
+    n: int = typer.Option(10, "-n", help="How many items."),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Prepared dataset to read the user's history from when --history is not given "
+        "(default: the artifact's, if still there).",
+    ),
+    keep_consumed: bool = typer.Option(
+        False, "--keep-consumed", help="Do not drop items already in the history."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Ranked raw item ids for one user."""
+    import numpy as np
+    import torch
+
+    from recloop.artifacts import load_artifact
+    from recloop.data.dataset import PreparedDataset
+    from recloop.training.compare import check_same_ids
+    from recloop.training.recommender import consumed_mask, pad_histories, user_histories
+
+    if n < 1:
+        raise ConfigError(f"-n must be >= 1, got {n}")
+    art = load_artifact(artifact)
+    u = art.user_index.get(user, 0)
+    if u == 0:
+        warn(f"user {user!r} is not in the artifact's id map: scoring as an unknown user")
+    h = art.history_len
+    exclude = torch.zeros((1, art.n_items + 1), dtype=torch.bool)
+    source = "none"
+    if history is not None:
+        raw = [x.strip() for x in history.split(",") if x.strip()]
+        unknown = [x for x in raw if x not in art.item_index]
+        if unknown:
+            raise DataError(f"--history: item {unknown[0]!r} is not in the artifact's id map")
+        hist = pad_histories([[art.item_index[x] for x in raw]], history=h)
+        rew = (hist != 0).to(torch.float32)
+        exclude.scatter_(1, hist, True)
+        source = "--history"
+    else:
+        path = data
+        if path is None:
+            recorded = art.manifest.get("dataset", {}).get("path")
+            path = Path(recorded) if recorded and Path(recorded).is_dir() else None
+        if path is not None and u > 0:
+            ds = PreparedDataset.load(path)
+            check_same_ids(art.manifest, ds, artifact)
+            users = np.array([u], np.int64)
+            hist, rew = user_histories(ds, users, history=h)
+            exclude = consumed_mask(ds, users)
+            source = str(path)
+        else:
+            hist = torch.zeros((1, h), dtype=torch.int64)
+            rew = torch.zeros((1, h), dtype=torch.float32)
+    exclude[:, 0] = True
+    idx, scores = art.recommend(
+        torch.tensor([u]), hist, rew, n=n, exclude=None if keep_consumed else exclude
+    )
+    items = [art.item_ids[i - 1] for i in idx[0].tolist() if i > 0]
+    vals = scores[0].tolist()[: len(items)]
+    if as_json:
+        echo_json(
+            {
+                "user": user,
+                "known_user": u > 0,
+                "history_from": source,
+                "model_version": art.model_version,
+                "items": items,
+                "scores": vals,
+            }
+        )
+        return
+    for rank, (item, score) in enumerate(zip(items, vals, strict=True), start=1):
+        echo(f"{rank:>3}  {item}  {score:.4f}")
+
+
+@app.command("export")
+def export_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact or run directory."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Compare onnxruntime's scores with PyTorch's."
+    ),
+) -> None:
+    """Export an artifact's scorer: inputs user (B,), history (B,H), history_reward (B,H)."""
+    from recloop.artifacts import load_artifact
+    from recloop.artifacts.export import FORMATS, check_onnx, export_onnx, export_torchscript
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    art = load_artifact(artifact)
+    if fmt == "onnx":
+        path = export_onnx(art, out, opset=opset)
+        msg = f"wrote {path} (ONNX opset {opset}, batch dimension dynamic)"
+        if check:
+            diff = check_onnx(path, art)
+            msg += f"; onnxruntime matches PyTorch (max abs diff {diff:.2e})"
+    else:
+        path = export_torchscript(art, out)
+        msg = f"wrote {path} (TorchScript)"
+    echo(msg)
+
+
+@app.command("algos")
+def algos_cmd(
+    name: str = typer.Argument(None, help="One algorithm (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the algorithms and every config field with its default and meaning."""
+    import recloop.algos  # noqa: F401  (fills the registry)
+    from recloop.algos.base import ALGOS
+    from recloop.training.fit import FitConfig
+
+    names = [name] if name else ALGOS.names()
+    out: dict[str, Any] = {}
+    for n in names:
+        cls = ALGOS.get(n)
+        ccls = cls.config_class
+        # The defaults of an instance: a nested config's default_factory may differ from
+        # the nested class's own defaults (e.g. REINFORCE's GRU encoder).
+        actual = _flat(config_to_dict(ccls()))
+        out[n] = {
+            "doc": (ccls.__doc__ or "").strip(),
+            "fields": [
+                {"name": f, "type": t, "default": repr(actual[f]) if f in actual else d, "doc": doc}
+                for f, t, d, doc in describe(ccls)
+            ],
+        }
+    fit_rows = [
+        {"name": f"fit.{f}", "type": t, "default": d, "doc": doc}
+        for f, t, d, doc in describe(FitConfig)
+    ]
+    if as_json:
+        echo_json({"algos": out, "fit": fit_rows})
+        return
+    for n, info in out.items():
+        echo(f"{n}: {info['doc']}")
+        for row in info["fields"]:
+            echo(f"  {row['name']} ({row['type']}, default {row['default']})")
+            if row["doc"]:
+                echo(f"      {' '.join(row['doc'].split())}")
+        echo()
+    echo("fit loop (section `fit:`, shared by every algorithm):")
+    for row in fit_rows:
+        echo(f"  {row['name']} ({row['type']}, default {row['default']})")
+        if row["doc"]:
+            echo(f"      {' '.join(row['doc'].split())}")

@@ -1,0 +1,124 @@
+"""Discrete conservative Q-learning (Kumar, Zhou, Tucker & Levine, NeurIPS 2020).
+
+CQL(H) on top of (double) DQN over the catalogue: the TD loss plus
+α · mean(logsumexp_a Q(s, a) − Q(s, a_data)), which pushes down the Q-values of items the
+log does not support and up those it does — the conservative offline baseline.  The
+Q-network is the serving policy (encoder + ``linear`` head), with a Polyak-averaged target
+copy, as in :mod:`recloop.algos.dqn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from recloop.algos.base import (
+    ALGOS,
+    Algo,
+    AlgoConfig,
+    DatasetSpec,
+    Scalar,
+    UpdateStats,
+    optimizer_step,
+    soft_update,
+)
+from recloop.algos.critics import adam, target_copy
+from recloop.algos.dqn import check_q_learning, q_learning_target, q_values
+from recloop.algos.targets import cql_penalty
+from recloop.artifacts.heads import HeadConfig
+from recloop.config import check
+from recloop.data.batch import TransitionBatch
+
+
+def _q_head() -> HeadConfig:
+    return HeadConfig(kind="linear", hidden_dims=(64,))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CQLConfig(AlgoConfig):
+    """CQL(H) for discrete actions over items (Kumar et al. 2020)."""
+
+    algo: ClassVar[str] = "cql"
+    head: HeadConfig = field(default_factory=_q_head)
+    """The Q-head: must be ``linear`` (one output per item)."""
+    alpha: float = 1.0
+    """α, the weight of the conservative penalty logsumexp Q − Q(s, a_data)."""
+    double: bool = True
+    """Double-DQN target (van Hasselt et al. 2016) instead of the max over the target network."""
+    gamma: float = 0.99
+    """Discount γ of the TD target."""
+    tau: float = 0.005
+    """Polyak rate of the target network at each target update; 1 = hard copy."""
+    target_update_interval: int = 1
+    """Updates between target-network updates."""
+    huber_delta: float = 1.0
+    """δ of the Huber loss on the TD error."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(
+            self.head.kind == "linear",
+            f"head.kind must be 'linear' for cql, got {self.head.kind!r}",
+        )
+        check(self.alpha >= 0.0, f"alpha must be >= 0, got {self.alpha}")
+        check_q_learning(self)
+
+
+@dataclass(frozen=True)
+class CQLStats(UpdateStats):
+    """``loss`` is the full objective, TD + α · penalty."""
+
+    td_loss: Scalar
+    """Huber TD loss."""
+    cql_penalty: Scalar
+    """mean(logsumexp_a Q(s, a) − Q(s, a_data)), before the α weight."""
+    q: Scalar
+    """Mean Q(s, a_data)."""
+    target: Scalar
+    """Mean TD target."""
+
+
+@ALGOS.register("cql")
+class CQL(Algo[CQLConfig]):
+    """Online Q-network (= the serving policy) with the CQL penalty, and its target copy."""
+
+    config_class = CQLConfig
+
+    def __init__(self, cfg: CQLConfig, spec: DatasetSpec, *, device: torch.device) -> None:
+        super().__init__(cfg, spec, device=device)
+        self.target_policy = target_copy(self.policy)
+        self.opt = adam(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = 0
+
+    def update(self, batch: TransitionBatch) -> CQLStats:
+        cfg = self.cfg
+        self.steps += 1
+        state = self.policy.state(batch.user, batch.history, batch.history_reward)  # (B, S)
+        q_all = q_values(self.policy, state)  # (B, N)
+        a = batch.action - 1
+        q = q_all.gather(1, a.unsqueeze(1)).squeeze(1)
+        y = q_learning_target(
+            self.policy, self.target_policy, batch, gamma=cfg.gamma, double=cfg.double
+        )
+        td = F.huber_loss(q, y, delta=cfg.huber_delta)
+        penalty = cql_penalty(q_all, a)
+        loss = td + cfg.alpha * penalty
+        optimizer_step(self.opt, loss, grad_clip=cfg.grad_clip)
+        if self.steps % cfg.target_update_interval == 0:
+            soft_update(self.target_policy, self.policy, tau=cfg.tau)
+        return CQLStats(
+            loss=loss.detach(),
+            td_loss=td.detach(),
+            cql_penalty=penalty.detach(),
+            q=q.detach().mean(),
+            target=y.mean(),
+        )
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy, "target_policy": self.target_policy}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"q": self.opt}

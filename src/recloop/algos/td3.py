@@ -1,0 +1,205 @@
+"""TD3 in item-embedding space (Fujimoto, van Hoof & Meger, ICML 2018).
+
+"Addressing Function Approximation Error in Actor-Critic Methods", Algorithm 1: DDPG's actor
+(the serving policy's ``dot`` head) with
+
+- twin critics and the clipped double-Q target y = r + γ (1 − d) min_i Q_i'(s', ã),
+- target policy smoothing ã = clip(μ'(s') + clip(ε, −c, c)), ε ~ N(0, σ²),
+- delayed updates: the actor and all target networks move every ``policy_delay`` critic
+  updates (the target networks really are updated, by Polyak averaging).
+
+As in :mod:`recloop.algos.ddpg` the encoder belongs to the actor; critics read the detached
+state.  ``bc_weight`` > 0 turns it into TD3+BC (Fujimoto & Gu 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recloop.algos.base import (
+    ALGOS,
+    Algo,
+    AlgoConfig,
+    DatasetSpec,
+    Scalar,
+    UpdateStats,
+    optimizer_step,
+    soft_update,
+)
+from recloop.algos.critics import TwinCritic, adam, frozen, target_copy
+from recloop.algos.ddpg import behaviour_cloning
+from recloop.algos.targets import clipped_double_q_target, smooth_target_action, td3_bc_actor_loss
+from recloop.artifacts.heads import DotHead, HeadConfig
+from recloop.config import check
+from recloop.data.batch import TransitionBatch
+
+
+def _actor_head() -> HeadConfig:
+    return HeadConfig(kind="dot", hidden_dims=(64, 64), bound_action=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TD3Config(AlgoConfig):
+    """Twin delayed DDPG over item embeddings (Fujimoto et al. 2018)."""
+
+    algo: ClassVar[str] = "td3"
+    head: HeadConfig = field(default_factory=_actor_head)
+    """The actor: must be a ``dot`` head; ``bound_action`` makes the action range [−1, 1]."""
+    batch_size: int = 2048
+    """Transitions per update."""
+    critic_hidden: tuple[int, ...] = (64, 64)
+    """Hidden widths of each critic MLP on [state, action]."""
+    critic_lr: float | None = None
+    """Adam learning rate of the critics; None = ``lr``."""
+    gamma: float = 0.99
+    """Discount γ of the TD target."""
+    tau: float = 0.005
+    """Polyak rate of the target networks at each delayed update (the paper's 0.005)."""
+    policy_noise: float = 0.2
+    """σ of the target policy smoothing noise ε (in action units)."""
+    noise_clip: float = 0.5
+    """c, the clip of the smoothing noise."""
+    policy_delay: int = 2
+    """d: the actor and the targets are updated every d-th critic update."""
+    bc_weight: float = 0.0
+    """Behaviour-cloning weight 1/α of TD3+BC (Fujimoto & Gu 2021; α = 2.5 → 0.4); 0 = TD3."""
+    bc_loss: Literal["ce", "mse"] = "ce"
+    """``ce``: cross-entropy of the logged item under the actor's scores; ``mse``: ‖μ(s) − e_a‖²."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.head.kind == "dot", f"head.kind must be 'dot' for td3, got {self.head.kind!r}")
+        check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
+        check(0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}")
+        check(self.policy_noise >= 0.0, f"policy_noise must be >= 0, got {self.policy_noise}")
+        check(self.noise_clip >= 0.0, f"noise_clip must be >= 0, got {self.noise_clip}")
+        check(self.policy_delay >= 1, f"policy_delay must be >= 1, got {self.policy_delay}")
+        check(self.bc_weight >= 0.0, f"bc_weight must be >= 0, got {self.bc_weight}")
+        check(
+            self.critic_lr is None or self.critic_lr > 0,
+            f"critic_lr must be > 0 or null, got {self.critic_lr}",
+        )
+        check(all(h > 0 for h in self.critic_hidden), "critic_hidden must be positive")
+
+
+@dataclass(frozen=True)
+class TD3Stats(UpdateStats):
+    """``loss`` is the critics' TD loss; actor figures are from the latest delayed update."""
+
+    critic_loss: Scalar
+    """MSE of Q1 and Q2 on the logged action against the clipped double-Q target (summed)."""
+    actor_loss: Scalar
+    """−Q1(s, μ(s)) (normalised with behaviour cloning), latest actor update."""
+    bc_loss: Scalar
+    """Behaviour-cloning term, latest actor update (0 when ``bc_weight`` is 0)."""
+    q: Scalar
+    """Mean Q1(s, a_logged)."""
+    target: Scalar
+    """Mean TD target."""
+
+
+@ALGOS.register("td3")
+class TD3(Algo[TD3Config]):
+    """Actor μ (dot head), twin critics, target copies; delayed actor and target updates."""
+
+    config_class = TD3Config
+
+    def __init__(self, cfg: TD3Config, spec: DatasetSpec, *, device: torch.device) -> None:
+        super().__init__(cfg, spec, device=device)
+        head = self.policy.head
+        assert isinstance(head, DotHead)
+        self.actor: DotHead = head
+        self.critic = TwinCritic(
+            self.policy.encoder.state_dim, cfg.encoder.embedding_dim, cfg.critic_hidden
+        ).to(device)
+        self.target_policy = target_copy(self.policy)
+        self.target_critic = target_copy(self.critic)
+        target_head = self.target_policy.head
+        assert isinstance(target_head, DotHead)
+        self.target_actor: DotHead = target_head
+        self.actor_opt = adam(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.critic_opt = adam(
+            self.critic.parameters(), lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.steps = 0
+        self._actor_stats: tuple[Tensor, Tensor] = (torch.zeros(()), torch.zeros(()))
+
+    def update(self, batch: TransitionBatch) -> TD3Stats:
+        cfg = self.cfg
+        self.steps += 1
+        actor_step = self.steps % cfg.policy_delay == 0
+        with torch.set_grad_enabled(actor_step):
+            state = self.policy.state(batch.user, batch.history, batch.history_reward)  # (B, S)
+        s = state.detach()
+        item_weight = self.policy.item_embedding.weight
+
+        # Critics: clipped double-Q target with target policy smoothing (eq. 10, 14).
+        with torch.no_grad():
+            next_state = self.target_policy.state(
+                batch.user, batch.next_history, batch.next_history_reward
+            )
+            mu = self.target_actor.action(next_state)
+            next_action = smooth_target_action(
+                mu,
+                torch.randn_like(mu) * cfg.policy_noise,
+                noise_clip=cfg.noise_clip,
+                bound=1.0 if self.actor.bound_action else None,
+            )
+            q1_next, q2_next = self.target_critic(next_state, next_action)
+            y = clipped_double_q_target(
+                reward=batch.reward,
+                done=batch.done,
+                q1_next=q1_next,
+                q2_next=q2_next,
+                gamma=cfg.gamma,
+            )
+        q1, q2 = self.critic(s, item_weight[batch.action].detach())
+        critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        optimizer_step(self.critic_opt, critic_loss, grad_clip=cfg.grad_clip)
+
+        # Delayed actor update on Q1, then the targets (Algorithm 1, "if t mod d").
+        if actor_step:
+            action = self.actor.action(state)
+            with frozen(self.critic):
+                q_pi = self.critic.q1(s, action)
+            bc = (
+                behaviour_cloning(
+                    action,
+                    batch.action,
+                    item_weight=item_weight,
+                    kind=cfg.bc_loss,
+                    cosine=self.actor.cosine,
+                )
+                if cfg.bc_weight > 0
+                else q_pi.new_zeros(())
+            )
+            actor_loss = td3_bc_actor_loss(q_pi=q_pi, bc=bc, bc_weight=cfg.bc_weight)
+            optimizer_step(self.actor_opt, actor_loss, grad_clip=cfg.grad_clip)
+            soft_update(self.target_policy, self.policy, tau=cfg.tau)
+            soft_update(self.target_critic, self.critic, tau=cfg.tau)
+            self._actor_stats = (actor_loss.detach(), bc.detach())
+
+        return TD3Stats(
+            loss=critic_loss.detach(),
+            critic_loss=critic_loss.detach(),
+            actor_loss=self._actor_stats[0],
+            bc_loss=self._actor_stats[1],
+            q=q1.detach().mean(),
+            target=y.mean(),
+        )
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {
+            "policy": self.policy,
+            "critic": self.critic,
+            "target_policy": self.target_policy,
+            "target_critic": self.target_critic,
+        }
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor_opt, "critic": self.critic_opt}
