@@ -1,0 +1,176 @@
+"""The user simulator: exit rule, AUC, rollouts (determinism, no repeats, oracle > random)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.evaluation.simulator import (
+    SimulatorConfig,
+    UserSimulator,
+    auc,
+    fit_simulator,
+    intra_list_diversity,
+    rollout,
+    session_lengths,
+    simulate,
+)
+
+N_ITEMS = 20
+GOOD = 4
+"""Items 1..GOOD are consumed often and rewarded 1; the others rarely, with reward 0.1."""
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> PreparedDataset:
+    """Users pick good items 70% of the time; the last event is test, the one before valid."""
+    rng = np.random.default_rng(0)
+    n_users, length = 40, 25
+    good = rng.integers(1, GOOD + 1, (n_users, length))
+    bad = rng.integers(GOOD + 1, N_ITEMS + 1, (n_users, length))
+    item = np.where(rng.uniform(size=(n_users, length)) < 0.7, good, bad).ravel()
+    t = np.arange(length)
+    split = np.where(t == length - 1, TEST, np.where(t == length - 2, VALID, TRAIN))
+    return PreparedDataset.from_arrays(
+        user=np.repeat(np.arange(1, n_users + 1), length),
+        item=item,
+        timestamp=np.tile(t, n_users),
+        reward=np.where(item <= GOOD, 1.0, 0.1),
+        split=np.tile(split, n_users),
+        n_users=n_users,
+        n_items=N_ITEMS,
+        user_ids=[f"u{i}" for i in range(1, n_users + 1)],
+        item_ids=[f"i{i}" for i in range(1, N_ITEMS + 1)],
+    )
+
+
+@pytest.fixture(scope="module")
+def sim(synthetic: PreparedDataset) -> UserSimulator:
+    return fit_simulator(synthetic, SimulatorConfig(history=3, embedding_dim=8, epochs=15, lr=0.05))
+
+
+def _random_policy(seed: int) -> object:
+    gen = torch.Generator().manual_seed(seed)
+
+    def scores(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return torch.rand((user.shape[0], N_ITEMS + 1), generator=gen)
+
+    return scores
+
+
+def _fixed_policy(order: list[int]) -> object:
+    """Ranks items by ``order`` (best first), the same for everyone."""
+    table = torch.zeros(N_ITEMS + 1)
+    table[torch.tensor(order)] = torch.arange(len(order), 0, -1).float()
+
+    def scores(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return table.expand(user.shape[0], -1).clone()
+
+    return scores
+
+
+def test_session_lengths_hand_made() -> None:
+    rewards = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0],
+         [0.0, 1.0, 0.0, 1.0, 0.0]]
+    )  # fmt: skip
+    # Leaves on the step that completes 2 low rewards in a row: steps 3 and 2; never: 5.
+    assert session_lengths(rewards, threshold=0.5, patience=2).tolist() == [3, 2, 5, 5]
+    assert session_lengths(rewards, threshold=0.5, patience=1).tolist() == [2, 1, 5, 1]
+
+
+def test_auc_hand_computed() -> None:
+    # Pairs (3,1) (3,2) (2,1) win, (2,2) ties: 3.5 / 4.
+    assert auc(np.array([3.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+    assert auc(np.array([1.0]), np.array([2.0])) == 0.0
+
+
+def test_simulator_accuracy(synthetic: PreparedDataset, sim: UserSimulator) -> None:
+    acc = sim.accuracy(synthetic)
+    assert acc.n_events == 40
+    assert acc.auc > 0.7  # good items are consumed far more often than uniform samples
+    assert acc.rmse < 0.4  # rewards are 1 or 0.1; predicting the mean would give ~0.41
+
+
+def test_intra_list_diversity_against_pairwise_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn((4, 5, 3), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
+    got = intra_list_diversity(emb, mask)
+    for m in range(4):
+        idx = mask[m].nonzero()[:, 0].tolist()
+        cos = [
+            float(torch.nn.functional.cosine_similarity(emb[m, i], emb[m, j], dim=0))
+            for i in idx
+            for j in idx
+            if i != j
+        ]
+        want = 1 - float(np.mean(cos)) if cos else 1.0
+        assert float(got[m]) == pytest.approx(want, abs=1e-6)
+
+
+def _users(ds: PreparedDataset, h: int = 3) -> dict[str, Tensor]:
+    from recloop.evaluation.protocol import build_eval_users
+
+    u = build_eval_users(ds, split="test", history=h)
+    return {
+        "user": torch.from_numpy(u.user),
+        "history": torch.from_numpy(u.history),
+        "history_reward": torch.from_numpy(u.history_reward),
+    }
+
+
+def test_rollouts_deterministic_by_seed(synthetic: PreparedDataset) -> None:
+    cfg = SimulatorConfig(history=3, embedding_dim=8, epochs=2, reward_mode="sample")
+    sim = fit_simulator(synthetic, cfg)
+    kw = {"policy_history": 3, "horizon": 8, "repeats": True, "quit": True}
+    runs = [
+        rollout(_random_policy(1), sim, **_users(synthetic), **kw, seed=s).to_dict()  # type: ignore[arg-type]
+        for s in (5, 5, 6)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    again = fit_simulator(synthetic, cfg)
+    assert torch.equal(again.model.out.weight, sim.model.out.weight)
+
+
+def test_no_repeat_mode_never_repeats(synthetic: PreparedDataset, sim: UserSimulator) -> None:
+    fixed = _fixed_policy([1, 2, 3])
+    kw = {"policy_history": 3, "horizon": 10, "quit": False}
+    no_rep = rollout(fixed, sim, **_users(synthetic), repeats=False, **kw)  # type: ignore[arg-type]
+    rep = rollout(fixed, sim, **_users(synthetic), repeats=True, **kw)  # type: ignore[arg-type]
+    assert no_rep.distinct_ratio == 1.0  # 10 distinct items in 10 steps, for every user
+    assert no_rep.coverage == pytest.approx(10 / N_ITEMS)
+    assert rep.distinct_ratio == pytest.approx(0.1)  # item 1, ten times
+    assert rep.diversity == pytest.approx(0.0, abs=1e-6)  # cosine of an item with itself is 1
+    assert rep.coverage == pytest.approx(1 / N_ITEMS)
+    assert no_rep.session_length == rep.session_length == 10
+
+
+def test_quit_rule_in_rollout(synthetic: PreparedDataset, sim: UserSimulator) -> None:
+    always_low = UserSimulator(sim.model, sim.cfg, threshold=1e9)  # every step disappoints
+    rep = rollout(
+        _fixed_policy([1]), always_low, **_users(synthetic),  # type: ignore[arg-type]
+        policy_history=3, horizon=10, repeats=True, quit=True,
+    )  # fmt: skip
+    assert rep.session_length == sim.cfg.patience
+
+
+def test_best_item_policy_beats_random(synthetic: PreparedDataset, sim: UserSimulator) -> None:
+    # A horizon under N, so that the no-repeat modes cannot both exhaust the catalogue.
+    sim = UserSimulator(sim.model, dataclasses.replace(sim.cfg, horizon=8), threshold=sim.threshold)
+    result = simulate(_random_policy(0), sim, synthetic, policy_history=3)  # type: ignore[arg-type]
+    best = simulate(_fixed_policy([1, 2, 3, 4]), sim, synthetic, policy_history=3)  # type: ignore[arg-type]
+    assert [(m.repeats, m.quit) for m in best.modes] == [
+        (True, False), (True, True), (False, False), (False, True)
+    ]  # fmt: skip
+    for good, rand in zip(best.modes, result.modes, strict=True):
+        assert good.cumulative_reward > 1.5 * rand.cumulative_reward
+        assert good.session_length >= rand.session_length
+    assert best.modes[0].session_length == 8
+    assert best.accuracy.auc > 0.7
