@@ -288,19 +288,40 @@ def test_synth_then_prepare_tianchi(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert set(ds.extra["behavior"].tolist()) == {1, 2, 3, 4}
 
 
-def test_demo_prepares_movielens_with_leave_one_out(
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop(
     ml100k_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("RECLOOP_ML100K", str(ml100k_dir))
-    doc = _run_json(capsys, ["demo", "--workdir", str(tmp_path / "demo"), "--json"])
+    doc = _run_json(
+        capsys, ["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "1", "--json"]
+    )
     prepared = doc["prepare"]
     assert isinstance(prepared, dict)
     assert (prepared["n_users"], prepared["n_items"], prepared["n_events"]) == (943, 1682, 100_000)
     assert prepared["splits"]["test"] == 943
     assert (tmp_path / "demo" / "data" / "manifest.json").is_file()
+    pretrain = doc["pretrain"]
+    assert isinstance(pretrain, dict)
+    assert pretrain["valid_auc"] > 0.7
+    ev = doc["evaluate"]
+    assert isinstance(ev, dict)
+    assert ev["popularity"]["hr@10"] == pytest.approx(0.0838, abs=1e-4)
+    assert ev["supervised"]["hr@10"] > ev["popularity"]["hr@10"]
+    assert ev["reinforce"]["hr@10"] > ev["popularity"]["hr@10"]
+    assert (tmp_path / "demo" / "runs" / "reinforce" / "artifact" / "manifest.json").is_file()
+    online = doc["online"]
+    assert isinstance(online, dict)
+    assert online["events_sent"] == 100_000
+    assert online["stream"]["logged"] == 100_000
+    assert online["stream"]["dead_letters"] == 0
+    reply = online["request"]["response"]
+    assert reply["source"] == "policy"
+    assert len(reply["items"]) == 5
+    assert online["next_dataset"]["n_events"] == 100_000
 
 
 def test_prepare_from_db_reads_the_behaviour_log(

@@ -151,10 +151,8 @@ def stream(
     Every setting also reads from RECLOOP_<NAME> (e.g. RECLOOP_BATCH_SIZE).  SIGTERM or
     Ctrl-C lets each worker finish its batch and stop.
     """
-    import asyncio
-
     from recloop.cli.app import echo, echo_json
-    from recloop.streaming.runner import WorkerStats, run_stream, run_worker_async
+    from recloop.streaming.runner import run_stream, run_with_replay
     from recloop.streaming.settings import load_stream_settings
 
     values = {
@@ -180,30 +178,9 @@ def stream(
     if replay_dir is None:
         stats = run_stream(settings)
     else:
-        from recloop.errors import ConfigError
-        from recloop.streaming.bus import open_bus
-        from recloop.streaming.replay import load_replay_events, replay
+        from recloop.streaming.replay import load_replay_events
 
-        if settings.workers != 1:
-            raise ConfigError(
-                "--replay runs the producer and one worker in this process; "
-                "use `recloop replay` beside `recloop stream --workers N`"
-            )
-        events = load_replay_events(replay_dir)
-
-        async def both() -> WorkerStats:
-            bus = open_bus(
-                settings.bus_url, stream=settings.stream, dead_letter_stream=settings.dead_letters
-            )
-            try:
-                producer = asyncio.create_task(replay(events, bus))
-                stats = await run_worker_async(settings, bus=bus)
-                await producer
-                return stats
-            finally:
-                await bus.close()
-
-        stats = asyncio.run(both())
+        stats = run_with_replay(settings, load_replay_events(replay_dir))
     if as_json:
         echo_json(stats.as_dict())
     else:

@@ -696,3 +696,35 @@ def run_stream(settings: StreamSettings) -> WorkerStats:
     if failed:
         logger.error("worker processes %s exited with an error", ", ".join(failed))
     return total
+
+
+def run_with_replay(settings: StreamSettings, events: pl.DataFrame) -> WorkerStats:
+    """Replay ``events`` onto the bus and process them with one worker, in this process.
+
+    The laptop mode of ``recloop stream --replay`` (works with ``memory://``): the producer
+    and the worker share one event loop; the worker stops once the bus has been idle for
+    ``settings.exit_when_idle_s``.
+    """
+    from recloop.streaming.replay import replay
+
+    if settings.workers != 1:
+        raise ConfigError(
+            "--replay runs the producer and one worker in this process; "
+            "use `recloop replay` beside `recloop stream --workers N`"
+        )
+    if settings.exit_when_idle_s is None:
+        raise ConfigError("an in-process replay needs exit_when_idle_s to know when to stop")
+
+    async def both() -> WorkerStats:
+        bus = open_bus(
+            settings.bus_url, stream=settings.stream, dead_letter_stream=settings.dead_letters
+        )
+        try:
+            producer = asyncio.create_task(replay(events, bus))
+            stats = await run_worker_async(settings, bus=bus)
+            await producer
+            return stats
+        finally:
+            await bus.close()
+
+    return asyncio.run(both())
