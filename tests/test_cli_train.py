@@ -79,7 +79,9 @@ def test_train_bad_config_names_the_field(
     )  # fmt: skip
     assert code == 2
     assert "weight_cap must be > 0" in err
-    code, _, err = run(capsys, "train", "--algo", "nosuchalgo", "--data", data_dir, "--out", tmp_path)
+    code, _, err = run(
+        capsys, "train", "--algo", "nosuchalgo", "--data", data_dir, "--out", tmp_path
+    )
     assert code == 2 and "unknown algorithm 'nosuchalgo'" in err
 
 
@@ -152,3 +154,22 @@ def test_evaluate_refuses_other_data(
     ).save(tmp_path / "other")
     code, _, err = run(capsys, "evaluate", runs["supervised"], "--data", other)
     assert code == 2 and "trained on other data" in err
+
+
+def test_evaluate_with_ope(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "evaluate", runs["popularity"], runs["supervised"], "--ope", "--json",
+        "--ope-set", "n_boot=50", "--ope-set", "behaviour_epochs=1",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    for r in doc["runs"]:
+        ope = r["ope"]
+        assert set(ope["estimates"]) >= {"ips", "snips", "dr"}
+        assert ope["n_events"] == 10  # one test event per user
+        for est in ope["estimates"].values():
+            assert est["low"] <= est["value"] <= est["high"]
+        assert ope["behaviour"] == "fitted"  # neither run has a REINFORCE beta head
+    code, out, err = run(capsys, "evaluate", runs["supervised"], "--ope", "--ope-set", "nope=1")
+    assert code == 2
+    assert "unknown field 'nope'" in err

@@ -106,10 +106,23 @@ def evaluate_cmd(
         False, "--no-mask", help="Keep items the user already consumed in the ranking."
     ),
     ks: str = typer.Option("5,10,20", "--ks", help="Cut-offs K, comma separated."),
+    ope: bool = typer.Option(
+        False,
+        "--ope",
+        help="Add off-policy estimates (IPS, SNIPS, doubly robust, bootstrap intervals) of "
+        "each policy's value on the split's logged events.",
+    ),
+    ope_overrides: list[str] = typer.Option(
+        [], "--ope-set", help="Override an OPE config field, e.g. --ope-set weight_cap=20."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Full-ranking metrics of one or several runs on a split, as a comparison table."""
+    from recloop.config import load_config
+    from recloop.evaluation.ope import OPEConfig
     from recloop.training.compare import comparison_table, evaluate_runs
+
+    ope_cfg = load_config(OPEConfig, overrides=ope_overrides) if ope else None
 
     try:
         cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())
@@ -118,17 +131,60 @@ def evaluate_cmd(
     if not cutoffs:
         raise ConfigError("--ks must name at least one cut-off")
     results = evaluate_runs(runs, data=data, split=split, mask_consumed=not no_mask, ks=cutoffs)
+    ope_reports: list[dict[str, Any]] = []
+    if ope_cfg is not None:
+        from recloop.data.dataset import PreparedDataset
+        from recloop.evaluation.ope import ope_for_run
+
+        datasets: dict[str, PreparedDataset] = {}
+        for run, res in zip(runs, results, strict=True):
+            if res.data not in datasets:
+                datasets[res.data] = PreparedDataset.load(Path(res.data))
+            report = ope_for_run(run, datasets[res.data], split=split, cfg=ope_cfg)
+            ope_reports.append(report.to_dict())
     if as_json:
-        echo_json(
-            {
-                "split": split,
-                "mask_consumed": not no_mask,
-                "runs": [r.to_dict() for r in results],
-            }
-        )
+        doc: dict[str, Any] = {
+            "split": split,
+            "mask_consumed": not no_mask,
+            "runs": [r.to_dict() for r in results],
+        }
+        if ope_cfg is not None:
+            for run_doc, rep in zip(doc["runs"], ope_reports, strict=True):
+                run_doc["ope"] = rep
+        echo_json(doc)
         return
     k = 10 if 10 in cutoffs else cutoffs[0]
     echo(comparison_table(results, split=split, mask_consumed=not no_mask, k=k))
+    if ope_reports and ope_cfg is not None:
+        from recloop.training.compare import format_table
+
+        rows = []
+        for res, rep in zip(results, ope_reports, strict=True):
+            est = rep["estimates"]
+            rows.append(
+                [
+                    res.run,
+                    res.algo,
+                    *(
+                        f"{est[m]['value']:.3f} [{est[m]['low']:.3f}, {est[m]['high']:.3f}]"
+                        for m in ("ips", "snips", "dr")
+                    ),
+                    f"{rep['logged_value']:.3f}",
+                    f"{rep['clipped_share']:.1%}",
+                    f"{rep['ess']:.0f}/{rep['n_events']}",
+                    rep["behaviour"],
+                ]
+            )
+        echo("")
+        echo(
+            format_table(
+                ["run", "algo", "IPS", "SNIPS", "DR", "logged", "clipped", "ESS", "beta"], rows
+            )
+        )
+        echo(
+            f"off-policy value of each policy on the {split} split's logged events "
+            f"({int(100 * ope_cfg.confidence)}% bootstrap intervals)"
+        )
 
 
 @app.command("recommend")
