@@ -112,3 +112,17 @@ def test_registry() -> None:
         reg.get("b")
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("a")(A)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WithOwnDefault:
+    """A nested section whose default differs from the nested class's defaults."""
+
+    inner: Inner = field(default_factory=lambda: Inner(width=64))
+    """Nested block with its own default."""
+
+
+def test_partial_section_lands_on_the_fields_own_default() -> None:
+    assert config_from_dict(WithOwnDefault, {"inner": {}}).inner.width == 64
+    rows = {r[0]: r for r in describe(WithOwnDefault)}
+    assert rows["inner.width"][2] == "64"

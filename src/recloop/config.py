@@ -80,6 +80,11 @@ def _build(cls: type, data: Mapping[str, Any], *, source: str, prefix: str) -> A
         sub = _dataclass_in(tp)
         path = f"{prefix}{name}"
         if sub is not None and isinstance(value, Mapping):
+            # A partial section lands on the field's own default (an algorithm's default
+            # encoder, say), not on the nested class's defaults.
+            base = _field_default(fields[name])
+            if dataclasses.is_dataclass(base) and not isinstance(base, type):
+                value = merge(config_to_dict(base), value)
             kwargs[name] = _build(sub, value, source=source, prefix=f"{path}.")
             continue
         try:
@@ -102,6 +107,14 @@ def _build(cls: type, data: Mapping[str, Any], *, source: str, prefix: str) -> A
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -230,22 +243,29 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, *, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows ``(name, type, default, doc)`` for every field, nested configs flattened."""
+def describe(
+    cls: type, *, prefix: str = "", instance: Any = None
+) -> list[tuple[str, str, str, str]]:
+    """Rows ``(name, type, default, doc)`` for every field, nested configs flattened.
+
+    Defaults are read from ``instance`` when given (a nested section's own default).
+    """
     rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         sub = _dataclass_in(tp)
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+        if instance is not None:
+            value = getattr(instance, f.name)
+            default = repr(value)
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            value = _field_default(f)
+            default = repr(value)
         else:
-            default = "required"
+            value, default = None, "required"
         if sub is not None and f.default is dataclasses.MISSING:
-            rows.extend(describe(sub, prefix=f"{prefix}{f.name}."))
+            rows.extend(describe(sub, prefix=f"{prefix}{f.name}.", instance=value))
             continue
         rows.append((f"{prefix}{f.name}", _type_name(tp), default, docs.get(f.name, "")))
     return rows

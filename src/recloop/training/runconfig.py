@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from recloop.algos.base import ALGOS, AlgoConfig
-from recloop.config import config_from_dict, config_to_dict, merge, parse_overrides, read_yaml
+from recloop.config import config_from_dict, merge, parse_overrides, read_yaml
 from recloop.errors import ConfigError
 from recloop.training.fit import FitConfig
 
@@ -107,25 +107,9 @@ def load_run_config(
             f"(known: {', '.join(ALGOS.names())})"
         )
     cls = ALGOS.get(name).config_class
-    # Overrides land on the config's own defaults: ``encoder.kind=mean`` must keep the
-    # algorithm's default encoder sizes, not fall back to EncoderConfig's class defaults.
-    config = config_from_dict(cls, _onto_defaults(cls, algo_data), source=source)
+    config = config_from_dict(cls, algo_data, source=source)
     fit = config_from_dict(FitConfig, fit_data, source=f"{source} (fit section)")
     return RunConfig(algo=name, config=config, fit=fit)
-
-
-def _onto_defaults(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` merged onto the defaults of ``cls`` for nested sections that ``data`` sets.
-
-    Only sections the user touches are filled in, so that unknown-field errors still name
-    the user's own keys; top-level scalars need no help.
-    """
-    defaults = config_to_dict(cls())
-    out = dict(data)
-    for key, value in data.items():
-        if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):
-            out[key] = merge(defaults[key], value)
-    return out
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
