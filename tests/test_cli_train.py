@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from recloop.cli import main
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
@@ -173,3 +174,33 @@ def test_evaluate_with_ope(runs: dict[str, Path], capsys: pytest.CaptureFixture[
     code, out, err = run(capsys, "evaluate", runs["supervised"], "--ope", "--ope-set", "nope=1")
     assert code == 2
     assert "unknown field 'nope'" in err
+
+
+def test_train_from_pretrained_embeddings(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emb = tmp_path / "dssm"
+    code, _, err = run(
+        capsys, "pretrain", "--data", data_dir, "--out", emb, "--epochs", "1",
+        "--set", "embedding_dim=8", "--set", "hidden=[16]",
+    )  # fmt: skip
+    assert code == 0, err
+    frozen = [*FAST, "--set", "encoder.freeze_item_embeddings=true"]
+    code, _, err = run(
+        capsys, "train", "--algo", "supervised", "--data", data_dir, "--out", tmp_path / "r",
+        "--epochs", "1", "--pretrained", emb, *frozen,
+    )  # fmt: skip
+    assert code == 0, err
+    from recloop.artifacts import load_artifact
+    from recloop.embeddings import load_embeddings
+
+    pre = load_embeddings(emb)
+    art = load_artifact(tmp_path / "r")
+    # The tables start from the pretrained ones: frozen item embeddings stay exactly there.
+    assert torch.equal(art.policy.item_embedding.weight.detach(), pre.item_embeddings.float())
+    code, _, err = run(
+        capsys, "train", "--algo", "supervised", "--data", data_dir, "--out", tmp_path / "r2",
+        "--epochs", "1", "--pretrained", emb, *FAST, "--set", "encoder.embedding_dim=4",
+    )  # fmt: skip
+    assert code == 2
+    assert "embedding_dim" in err
