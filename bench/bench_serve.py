@@ -1,7 +1,7 @@
 """Throughput and latency of ``recloop serve`` under wrk, on this machine.
 
 Builds random-weight artifacts of MovieLens-100K size (943 users, 1,682 items, concat encoder
-H=10, D=32, linear head: the REINFORCE policy's shape) and of a synthetic 100k-item
+H=10, D=32, hidden 64, linear head: DBRL's REINFORCE policy) and of a synthetic 100k-item
 catalogue, fills the online store with every user's last H items, starts the server with
 2 workers on 127.0.0.1 and POSTs /v1/recommend for random known users with wrk at each
 concurrency.  Every request does the full work: raw-id mapping, a store read, masking of the
@@ -111,7 +111,9 @@ def build_artifact(directory: Path, *, n_users: int, n_items: int, seed: int = 0
         n_users=n_users,
         n_items=n_items,
         encoder=EncoderConfig(kind="concat", history=10, embedding_dim=32),
-        head=HeadConfig(kind="linear"),
+        # DBRL's REINFORCE policy: the 352-d state through one hidden layer of 64, then
+        # logits over items (recloop's default GRU policy also feeds 64-d into that layer).
+        head=HeadConfig(kind="linear", hidden_dims=(64,)),
     )
     rng = np.random.default_rng(seed)
     pop = np.concatenate([[0.0], rng.integers(1, 500, n_items)]).astype(np.float32)
@@ -472,6 +474,10 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    catalogues = args.catalogues.split(",")
+    unknown = set(catalogues) - set(CATALOGUES)
+    if unknown:
+        ap.error(f"unknown catalogues {sorted(unknown)}; known: {', '.join(CATALOGUES)}")
 
     print(f"machine: {machine()}")
     if shutil.which("wrk") is None:
@@ -485,7 +491,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="recloop-bench-") as d:
         tmp = Path(d)
-        for name in args.catalogues.split(","):
+        for name in catalogues:
             for v in variants:
                 rows += bench_catalogue(name, args=args, tmp=tmp, store_url=store_url, variant=v)
 

@@ -62,6 +62,8 @@ def build_artifact(
 def settings_for(artifact: Path, **kw: Any) -> ServeSettings:
     """Settings for tests: memory store unless told otherwise, whatever RECLOOP_* says."""
     kw.setdefault("store_url", "memory://")
+    # freezing would keep every earlier test's garbage for the rest of the session
+    kw.setdefault("gc_freeze", False)
     return ServeSettings(artifact=artifact, **kw)
 
 

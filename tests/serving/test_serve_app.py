@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -37,6 +38,19 @@ async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, s
         assert ids == direct[0].item_ids
         if isinstance(svc.store, RedisStore):
             await svc.store.delete_all()
+
+
+async def test_gc_freeze_setting(tmp_path: Path) -> None:
+    artifact = build_artifact(tmp_path / "a")
+    gc.unfreeze()
+    async with running(create_app(settings_for(artifact, gc_freeze=False))):
+        assert gc.get_freeze_count() == 0
+    try:
+        async with running(create_app(settings_for(artifact, gc_freeze=True))) as client:
+            assert gc.get_freeze_count() > 0
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        gc.unfreeze()
 
 
 def _req(user: str, **kw: Any) -> Any:

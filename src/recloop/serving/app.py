@@ -8,6 +8,7 @@ unlike ``BaseHTTPMiddleware``) checks the API key and records metrics.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import inspect
 import logging
@@ -145,6 +146,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         service = RecommenderService(settings=settings, store=store, model=model, metrics=metrics)
         app.state.service = service
         hup = _install_sighup(service)
+        if settings.gc_freeze:
+            # What is loaded now lives as long as the process; full collections that walk
+            # it were the service's worst latencies (see ServeSettings.gc_freeze).
+            gc.collect()
+            gc.freeze()
         logger.info(
             "serving %s (%d items, H=%d) from %s, store %s",
             model.model_version,

@@ -50,6 +50,11 @@ class ServeSettings(BaseSettings):
     """Score concurrent /v1/recommend requests of one worker in one inference call."""
     microbatch_max: int = Field(64, ge=1)
     """Most requests one micro-batch scores together."""
+    gc_freeze: bool = True
+    """After start-up, move everything loaded (torch, the app, the model) out of the cyclic
+    garbage collector's reach (``gc.freeze``): full collections stop walking it, which took
+    the service's p99 latency under load from about 100 ms to about 20 ms.  Turn off when the
+    app is embedded in a process that keeps loading and dropping large object graphs."""
     torch_threads: int = Field(1, ge=1)
     """Intra-op threads per worker process (1: workers, not threads, use the cores)."""
     otel: bool = False
