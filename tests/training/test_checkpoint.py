@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from recloop.algos.base import AlgoConfig
+from recloop.algos.dqn import DQNConfig
 from recloop.algos.reinforce import ReinforceConfig
+from recloop.algos.td3 import TD3Config
 from recloop.data.dataset import PreparedDataset
 from recloop.encoders.base import EncoderConfig
 from recloop.errors import ArtifactError, ConfigError
@@ -60,14 +63,28 @@ def test_unreadable_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_dataset: PreparedDataset, tmp_path: Path) -> None:
-    straight = CFG.create()
+SMALL = EncoderConfig(kind="mean", history=3, embedding_dim=8)
+# Schedules of 5 updates against 6 updates an epoch: a step counter that restarted at the
+# resume would move the delayed actor / target updates to other steps.
+SCHEDULED: dict[str, AlgoConfig] = {
+    "reinforce": CFG,
+    "td3": TD3Config(encoder=SMALL, batch_size=16, policy_delay=5),
+    "dqn": DQNConfig(encoder=SMALL, batch_size=16, target_update_interval=5, tau=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULED))
+def test_resume_matches_an_uninterrupted_run(
+    name: str, tiny_dataset: PreparedDataset, tmp_path: Path
+) -> None:
+    cfg = SCHEDULED[name]
+    straight = cfg.create()
     straight.fit(tiny_dataset, fit=FitConfig(epochs=4, **QUIET), run_dir=tmp_path / "a")
 
-    first = CFG.create()
+    first = cfg.create()
     first.fit(tiny_dataset, fit=FitConfig(epochs=2, **QUIET), run_dir=tmp_path / "b")
     torch.manual_seed(123)  # resuming must restore the RNG, whatever happened since
-    resumed = CFG.create()
+    resumed = cfg.create()
     result = resumed.fit(
         tiny_dataset, fit=FitConfig(epochs=4, **QUIET), run_dir=tmp_path / "b", resume=True
     )

@@ -147,6 +147,9 @@ class Algo(Generic[C]):
         )
         self._load_pretrained()
         self.policy.to(device)
+        self.steps = 0
+        """Updates done so far; subclasses count them in ``update`` when a schedule (delayed
+        actor, target-network interval) depends on it, and checkpoints carry it."""
 
     def head_config(self) -> HeadConfig:
         """The serving head; algorithms whose actor must be a given head override this."""
@@ -191,6 +194,7 @@ class Algo(Generic[C]):
         return {
             "networks": {k: v.state_dict() for k, v in self.networks().items()},
             "optimizers": {k: v.state_dict() for k, v in self.optimizers().items()},
+            "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,6 +202,7 @@ class Algo(Generic[C]):
             net.load_state_dict(state["networks"][k])
         for k, opt in self.optimizers().items():
             opt.load_state_dict(state["optimizers"][k])
+        self.steps = int(state.get("steps", 0))
 
 
 ALGOS: Registry[type[Algo[Any]]] = Registry("algorithm")

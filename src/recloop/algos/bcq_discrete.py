@@ -105,7 +105,6 @@ class BCQDiscrete(Algo[BCQDiscreteConfig]):
         assert isinstance(target_head, BCQDiscreteHead)
         self.target_head: BCQDiscreteHead = target_head
         self.opt = adam(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps = 0
 
     def update(self, batch: TransitionBatch) -> BCQDiscreteStats:
         cfg = self.cfg

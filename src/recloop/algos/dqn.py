@@ -138,7 +138,6 @@ class DQN(Algo[DQNConfig]):
         super().__init__(cfg, spec, device=device)
         self.target_policy = target_copy(self.policy)
         self.opt = adam(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.steps = 0
 
     def update(self, batch: TransitionBatch) -> DQNStats:
         cfg = self.cfg

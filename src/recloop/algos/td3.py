@@ -126,7 +126,6 @@ class TD3(Algo[TD3Config]):
         self.critic_opt = adam(
             self.critic.parameters(), lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.steps = 0
         self._actor_stats: tuple[Tensor, Tensor] = (torch.zeros(()), torch.zeros(()))
 
     def update(self, batch: TransitionBatch) -> TD3Stats:
