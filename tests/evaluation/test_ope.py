@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,6 +180,30 @@ def test_off_policy_evaluate_weights() -> None:
     assert rep.estimates["snips"].value == pytest.approx(r.mean(), rel=1e-6)
     assert rep.behaviour_nll == pytest.approx(math.log(n), rel=1e-6)
     assert rep.to_dict()["ess_ratio"] == pytest.approx(1.0)
+
+
+def test_off_policy_evaluate_masks_consumed_items() -> None:
+    """A policy that prefers the item just consumed is evaluated as served: that item is
+    masked, its second choice (the next walk item) is what pi shows."""
+    ds = _walk()
+    n = ds.n_items
+
+    def repeater(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        last = torch.nn.functional.one_hot(history[:, -1], n + 1).float() * 100
+        nxt = torch.nn.functional.one_hot(history[:, -1] % n + 1, n + 1).float() * 50
+        return last + nxt
+
+    def uniform(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return torch.zeros(user.shape[0], n + 1)
+
+    q = fit_baseline_rewards(ds, shrinkage=0.0)
+    kw: dict[str, Any] = {"history": 2, "behaviour": uniform, "behaviour_name": "u", "rewards": q}
+    masked = off_policy_evaluate(repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0), **kw)
+    raw = off_policy_evaluate(
+        repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0, mask_consumed=False), **kw
+    )
+    assert masked.support == 1.0 and raw.support == 0.0
+    assert raw.estimates["ips"].value == 0.0
 
 
 def _save_policy(

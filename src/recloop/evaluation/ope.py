@@ -5,7 +5,9 @@ last H items before the event (whatever their split), the logged action is the e
 and the reward its logged reward.  The target policy pi is the policy's **top-K softmax**:
 ``softmax(scores / temperature)`` over its K best-scored items, 0 elsewhere (``top_k=None``:
 over the whole catalogue).  That is the stochastic version of the slate it would serve;
-items outside its top K get no weight, so pi's support is what it can actually show.
+items outside its top K get no weight, so pi's support is what it can actually show.  With
+``mask_consumed`` (default) it is the policy as served: the items the user consumed before
+the event are removed from its scores first.
 
 Estimators (Dudik, Langford & Li, ICML 2011; Swaminathan & Joachims, NeurIPS 2015), with
 importance weights ``w = min(pi(a|s) / beta(a|s), cap)``:
@@ -40,7 +42,7 @@ from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
 from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.errors import DataError
-from recloop.evaluation.protocol import Scorer, split_code
+from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class OPEConfig:
     """Softmax temperature of the target policy over its scores."""
     top_k: int | None = 10
     """The target policy samples from its K best items; None = the whole catalogue."""
+    mask_consumed: bool = True
+    """Evaluate the policy as served: items the user consumed before the event are removed
+    from its scores (the service excludes them), so a repeat of one gets pi = 0."""
     weight_cap: float | None = 100.0
     """Importance weights are clipped at this value; None = no clipping."""
     behaviour: str = "auto"
@@ -351,9 +356,12 @@ def off_policy_evaluate(
     if e == 0:
         raise DataError(f"no event in the {SPLIT_NAMES[code]} split; nothing to evaluate")
     user = dataset.user[rows].astype(np.int64)
-    win = gather_windows(
-        dataset.item, dataset.reward, end=rows, start=dataset.user_offsets[user], length=history
-    )
+    start = dataset.user_offsets[user]
+    win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
+    consumed_offsets, consumed_rows = csr_ranges(start, rows)  # each event's earlier items
+    consumed = dataset.item[consumed_rows].astype(np.int64)
+    width = dataset.n_items + 1
+    pad = torch.zeros(1, dtype=torch.long)
     action = dataset.item[rows].astype(np.int64)
     r = dataset.reward[rows].astype(np.float64)
     p_pi = np.empty(e)
@@ -366,7 +374,13 @@ def off_policy_evaluate(
             torch.from_numpy(win.item[sl].astype(np.int64)),
             torch.from_numpy(win.reward[sl]),
         )
-        items, probs = target_probs(policy(*args), temperature=cfg.temperature, top_k=cfg.top_k)
+        # index_fill out of place: the scorer's own tensors stay as they are
+        scores = policy(*args).index_fill(1, pad, float("-inf"))
+        if cfg.mask_consumed:
+            c_row, c_sl = batch_rows(consumed_offsets, sl.start, sl.stop)
+            key = torch.from_numpy(c_row * width + consumed[c_sl])
+            scores.view(-1).index_fill_(0, key, float("-inf"))
+        items, probs = target_probs(scores, temperature=cfg.temperature, top_k=cfg.top_k)
         a = torch.from_numpy(action[sl])[:, None]
         p_pi[sl] = (probs * (items == a)).sum(1).double().numpy()
         log_beta[sl] = torch.log_softmax(behaviour(*args).double(), 1).gather(1, a)[:, 0].numpy()

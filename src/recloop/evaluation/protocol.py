@@ -106,7 +106,7 @@ def split_code(split: str | int) -> int:
     raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(codes)}")
 
 
-def _csr_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def csr_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (M + 1,) and the concatenated rows of the ranges ``starts[i]:ends[i]``."""
     lengths = ends - starts
     offsets = np.zeros(lengths.shape[0] + 1, np.int64)
@@ -134,7 +134,7 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
     pos = np.repeat(np.arange(group.shape[0], dtype=np.int64), np.diff(target_offsets))
     pairs = np.unique(pos * (dataset.n_items + 1) + target_items)
     n_targets = np.bincount(pairs // (dataset.n_items + 1), minlength=group.shape[0])
-    consumed_offsets, consumed_rows = _csr_ranges(start, first)
+    consumed_offsets, consumed_rows = csr_ranges(start, first)
     return EvalUsers(
         split=code,
         n_items=dataset.n_items,
@@ -175,7 +175,7 @@ class RankingReport:
         }
 
 
-def _batch_rows(offsets: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, slice]:
+def batch_rows(offsets: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, slice]:
     """Row-in-batch index (one per CSR entry of users lo..hi-1) and the entries' slice."""
     counts = np.diff(offsets[lo : hi + 1])
     return np.repeat(np.arange(hi - lo, dtype=np.int64), counts), slice(
@@ -230,11 +230,11 @@ def evaluate_users(
         # Entries are addressed as flat keys row * (N + 1) + item of this batch's score table;
         # 1-D index ops on them are far cheaper than 2-D advanced indexing.
         width = n + 1
-        t_row_np, t_sl = _batch_rows(users.target_offsets, lo, hi)
+        t_row_np, t_sl = batch_rows(users.target_offsets, lo, hi)
         t_key = torch.from_numpy(t_row_np * width + users.target_items[t_sl]).to(dev)
         flat = scores.view(-1)
         if cfg.mask_consumed:
-            c_row_np, c_sl = _batch_rows(users.consumed_offsets, lo, hi)
+            c_row_np, c_sl = batch_rows(users.consumed_offsets, lo, hi)
             c_key = torch.from_numpy(c_row_np * width + users.consumed_items[c_sl]).to(dev)
             keep = flat.index_select(0, t_key)
             flat.index_fill_(0, c_key, float("-inf"))
