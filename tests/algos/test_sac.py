@@ -31,10 +31,18 @@ def test_critic_loss_falls_on_a_fixed_batch(name: str) -> None:
     assert last < 0.3 * first
 
 
+@pytest.mark.parametrize("bc_weight", [0.0, 10.0])
 @pytest.mark.parametrize("name", ["sac", "sac_continuous"])
-def test_policy_loss_falls_against_a_fixed_critic(name: str) -> None:
+def test_policy_loss_falls_against_a_fixed_critic(name: str, bc_weight: float) -> None:
     # a small fixed α: the policy loss is then mostly −Q of a (barely moving) critic
-    algo = make(name, lr=1e-2, critic_lr=1e-9, autotune_alpha=False, init_alpha=1e-3)
+    algo = make(
+        name,
+        lr=1e-2,
+        critic_lr=1e-9,
+        autotune_alpha=False,
+        init_alpha=1e-3,
+        bc_weight=bc_weight,
+    )
     stats = run(algo, tiny_batch(), 20)
     first, last = first_last(stats, "policy_loss")
     assert last < first

@@ -9,6 +9,7 @@ import torch
 
 from recloop.algos.targets import (
     alpha_loss,
+    bc_regularised,
     bcq_discrete_target,
     bcq_eligible,
     bcq_soft_clipped_target,
@@ -97,6 +98,13 @@ def test_td3_bc_actor_loss_normalises_q_only_with_bc() -> None:
     q = torch.tensor([2.0, -4.0])
     close(td3_bc_actor_loss(q_pi=q, bc=torch.tensor(3.0), bc_weight=0.0), 1.0)
     close(td3_bc_actor_loss(q_pi=q, bc=torch.tensor(3.0), bc_weight=0.4), 1.0 / 3.0 + 1.2)
+
+
+def test_bc_regularised_scales_by_q_and_adds_bc() -> None:
+    q = torch.tensor([1.0, -3.0])  # mean|q| = 2
+    objective, bc = torch.tensor(5.0), torch.tensor(0.5)
+    close(bc_regularised(objective, q=q, bc=bc, bc_weight=0.0), 5.0)
+    close(bc_regularised(objective, q=q, bc=bc, bc_weight=4.0), 5.0 / 2.0 + 2.0)
 
 
 def test_dqn_and_double_dqn_targets() -> None:

@@ -13,6 +13,10 @@
 The encoder belongs to the policy and is trained by the policy loss; critics read the
 detached state, and the next state comes from the current encoder (SAC keeps no target
 policy).
+
+Offline, both drift to actions the critics overrate; ``bc_weight`` (default 10) adds the
+behaviour-cloning term of TD3+BC (Fujimoto & Gu 2021) to the policy loss, and
+``bc_weight=0`` gives the papers' algorithms.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from recloop.algos.base import (
     soft_update,
 )
 from recloop.algos.critics import TwinCritic, TwinQHead, adam, frozen, target_copy
+from recloop.algos.ddpg import behaviour_cloning
 from recloop.algos.targets import (
     alpha_loss,
+    bc_regularised,
     discrete_target_entropy,
     sac_discrete_policy_loss,
     sac_discrete_target,
@@ -60,6 +66,7 @@ def _gaussian_head() -> HeadConfig:
 
 
 def _check_common(cfg: SACConfig | SACContinuousConfig) -> None:
+    check(cfg.bc_weight >= 0.0, f"bc_weight must be >= 0, got {cfg.bc_weight}")
     check(0.0 <= cfg.gamma <= 1.0, f"gamma must be in [0, 1], got {cfg.gamma}")
     check(0.0 < cfg.tau <= 1.0, f"tau must be in (0, 1], got {cfg.tau}")
     check(cfg.init_alpha > 0.0, f"init_alpha must be > 0, got {cfg.init_alpha}")
@@ -94,6 +101,11 @@ class SACConfig(AlgoConfig):
     """Target entropy H̄ = −scale · log(1 / |A|) (the paper's 0.98)."""
     autotune_alpha: bool = True
     """Tune α to the target entropy; False keeps α = ``init_alpha``."""
+    bc_weight: float = 10.0
+    """Behaviour-cloning weight: the policy loss, divided by mean|Q| as in TD3+BC (Fujimoto &
+    Gu 2021), plus bc_weight × the cross-entropy of the logged item under the policy's item
+    scores; 0 = the paper's SAC, which offline ranks below popularity on ml-100k (HR@10
+    0.035 discrete, 0.007 continuous; 0.13 and 0.14 with the default)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +127,8 @@ class SACContinuousConfig(AlgoConfig):
     algo: ClassVar[str] = "sac_continuous"
     head: HeadConfig = field(default_factory=_gaussian_head)
     """The actor's mean μ(s): a ``dot`` head with ``bound_action`` (it serves tanh(μ(s)))."""
+    batch_size: int = 256
+    """Transitions per update (Haarnoja et al.'s 256)."""
     critic_hidden: tuple[int, ...] = (64, 64)
     """Hidden widths of each critic MLP on [state, action]."""
     critic_lr: float | None = None
@@ -129,6 +143,11 @@ class SACContinuousConfig(AlgoConfig):
     """Initial entropy temperature α."""
     autotune_alpha: bool = True
     """Tune α to the target entropy −D; False keeps α = ``init_alpha``."""
+    bc_weight: float = 10.0
+    """Behaviour-cloning weight: the policy loss, divided by mean|Q| as in TD3+BC (Fujimoto &
+    Gu 2021), plus bc_weight × the cross-entropy of the logged item under the policy's item
+    scores; 0 = the paper's SAC, which offline ranks below popularity on ml-100k (HR@10
+    0.035 discrete, 0.007 continuous; 0.13 and 0.14 with the default)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -232,7 +251,12 @@ class SACDiscrete(Algo[SACConfig]):
         # those computed before this step's critic update.
         log_pi = self._log_policy(state)
         q_min = torch.minimum(q1, q2).detach()
-        policy_loss = sac_discrete_policy_loss(log_prob=log_pi, q=q_min, alpha=alpha)
+        policy_loss = bc_regularised(
+            sac_discrete_policy_loss(log_prob=log_pi, q=q_min, alpha=alpha),
+            q=q1_a,
+            bc=F.nll_loss(log_pi, a.squeeze(1)) if cfg.bc_weight > 0 else q_min.new_zeros(()),
+            bc_weight=cfg.bc_weight,
+        )
         optimizer_step(self.policy_opt, policy_loss, grad_clip=cfg.grad_clip)
 
         # Temperature (eq. 11) and targets.
@@ -327,7 +351,21 @@ class SACContinuous(Algo[SACContinuousConfig]):
         action, logp = self._sample(state)
         with frozen(self.critic):
             q1_pi, q2_pi = self.critic(s, action)
-        policy_loss = (alpha * logp - torch.minimum(q1_pi, q2_pi)).mean()
+        q_pi = torch.minimum(q1_pi, q2_pi)
+        bc = (
+            behaviour_cloning(
+                self.actor.action(state),  # the action it serves: tanh(μ(s))
+                batch.action,
+                item_weight=self.policy.item_embedding.weight,
+                kind="ce",
+                cosine=self.actor.cosine,
+            )
+            if cfg.bc_weight > 0
+            else q_pi.new_zeros(())
+        )
+        policy_loss = bc_regularised(
+            (alpha * logp - q_pi).mean(), q=q_pi, bc=bc, bc_weight=cfg.bc_weight
+        )
         optimizer_step(self.policy_opt, policy_loss, grad_clip=cfg.grad_clip)
 
         # Temperature (eq. 18) and targets.

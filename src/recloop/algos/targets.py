@@ -71,9 +71,19 @@ def td3_bc_actor_loss(*, q_pi: Tensor, bc: Tensor, bc_weight: float) -> Tensor:
     dividing by λ·mean|Q| = α gives this form with bc_weight = 1/α (α = 2.5 → 0.4).  ``q_pi``
     (B,), ``bc`` a scalar behaviour-cloning loss.
     """
+    return bc_regularised(-q_pi.mean(), q=q_pi, bc=bc, bc_weight=bc_weight)
+
+
+def bc_regularised(objective: Tensor, *, q: Tensor, bc: Tensor, bc_weight: float) -> Tensor:
+    """``objective / mean|q| + bc_weight · bc``, or ``objective`` when ``bc_weight`` is 0.
+
+    TD3+BC's normalisation (Fujimoto & Gu 2021, eq. 4) applied to any actor objective whose
+    scale is that of the Q-values ``q``: the behaviour-cloning weight then means the same
+    whatever the reward scale.  ``bc`` is a scalar behaviour-cloning loss.
+    """
     if bc_weight == 0.0:
-        return -q_pi.mean()
-    return -q_pi.mean() / q_pi.abs().mean().detach().clamp(min=1e-6) + bc_weight * bc
+        return objective
+    return objective / q.abs().mean().detach().clamp(min=1e-6) + bc_weight * bc
 
 
 def dqn_target(*, reward: Tensor, done: Tensor, q_next_target: Tensor, gamma: float) -> Tensor:

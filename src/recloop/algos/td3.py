@@ -9,7 +9,8 @@
   updates (the target networks really are updated, by Polyak averaging).
 
 As in :mod:`recloop.algos.ddpg` the encoder belongs to the actor; critics read the detached
-state.  ``bc_weight`` > 0 turns it into TD3+BC (Fujimoto & Gu 2021).
+state.  ``bc_weight`` > 0 (the default) turns it into TD3+BC (Fujimoto & Gu 2021), the
+standard offline form; ``bc_weight=0`` is the paper's algorithm.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class TD3Config(AlgoConfig):
     algo: ClassVar[str] = "td3"
     head: HeadConfig = field(default_factory=_actor_head)
     """The actor: must be a ``dot`` head; ``bound_action`` makes the action range [−1, 1]."""
-    batch_size: int = 2048
-    """Transitions per update."""
+    batch_size: int = 256
+    """Transitions per update (the paper's 256; DBRL's 2048 gives 8× fewer updates an epoch and
+    ranks at 0.018 HR@10 after 6 epochs on ml-100k)."""
     critic_hidden: tuple[int, ...] = (64, 64)
     """Hidden widths of each critic MLP on [state, action]."""
     critic_lr: float | None = None
@@ -66,8 +68,11 @@ class TD3Config(AlgoConfig):
     """c, the clip of the smoothing noise."""
     policy_delay: int = 2
     """d: the actor and the targets are updated every d-th critic update."""
-    bc_weight: float = 0.0
-    """Behaviour-cloning weight 1/α of TD3+BC (Fujimoto & Gu 2021; α = 2.5 → 0.4); 0 = TD3."""
+    bc_weight: float = 10.0
+    """Behaviour-cloning weight of TD3+BC (Fujimoto & Gu 2021: the Q term divided by mean|Q|,
+    bc_weight = 1/α, their α = 2.5 → 0.4 with the ``mse`` term); 0 = TD3 as published, which
+    offline drifts to actions the critic overrates (HR@10 0.012 on ml-100k, below
+    popularity).  10 with the ``ce`` term, as DDPG's default."""
     bc_loss: Literal["ce", "mse"] = "ce"
     """``ce``: cross-entropy of the logged item under the actor's scores; ``mse``: ‖μ(s) − e_a‖²."""
 
