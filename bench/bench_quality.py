@@ -8,6 +8,7 @@ simulator fitted once and shared), and the training time.
 
     .venv/bin/python bench/bench_quality.py                       # every algorithm
     .venv/bin/python bench/bench_quality.py --algos popularity reinforce --epochs 2
+    .venv/bin/python bench/bench_quality.py --algos td3 td3:bc_weight=0   # with overrides
 
 Prints a Markdown table and the machine; ``--json FILE`` also writes the rows.
 """
@@ -58,7 +59,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/datasets/ml-100k")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/recloop-quality"))
-    p.add_argument("--algos", nargs="*", default=None, help="default: every registered one")
+    p.add_argument(
+        "--algos",
+        nargs="*",
+        default=None,
+        help="default: every registered one; NAME:KEY=VALUE,... trains with --set overrides",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: each config's own")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
@@ -76,10 +82,20 @@ def main() -> None:
     print(f"simulator fitted in {time.perf_counter() - t0:.1f} s")
 
     rows: list[dict[str, Any]] = []
-    for algo in args.algos or ALGOS.names():
-        run = args.workdir / "runs" / algo
+    for label in args.algos or ALGOS.names():
+        algo, _, sets = label.partition(":")
+        overrides = [x for x in sets.split(",") if x]
+        run = args.workdir / "runs" / label.replace(":", "_").replace(",", "_")
         t0 = time.perf_counter()
-        fit = train_run(algo, data_dir, run, epochs=args.epochs, overwrite=True, progress=False)
+        fit = train_run(
+            algo,
+            data_dir,
+            run,
+            overrides=overrides,
+            epochs=args.epochs,
+            overwrite=True,
+            progress=False,
+        )
         train_s = time.perf_counter() - t0
         (ev,) = evaluate_runs([run], data=data_dir, split="test")
         ope = ope_for_run(run, ds, split="test", cfg=OPEConfig(n_boot=200))
@@ -88,7 +104,7 @@ def main() -> None:
         quit_mode = next(m for m in result.modes if m.quit and not m.repeats)
         dr = ope.estimates["dr"]
         row = {
-            "algo": algo,
+            "algo": label,
             "hr@10": ev.metrics["hr@10"],
             "ndcg@10": ev.metrics["ndcg@10"],
             "mrr@10": ev.metrics["mrr@10"],

@@ -44,8 +44,10 @@ class CQLConfig(AlgoConfig):
     algo: ClassVar[str] = "cql"
     head: HeadConfig = field(default_factory=_q_head)
     """The Q-head: must be ``linear`` (one output per item)."""
-    alpha: float = 1.0
-    """α, the weight of the conservative penalty logsumexp Q − Q(s, a_data)."""
+    alpha: float = 4.0
+    """α, the weight of the conservative penalty logsumexp Q − Q(s, a_data) (the paper's
+    Atari runs use 1 and 4; on ml-100k α = 1 gives HR@10 0.092 / NDCG@10 0.043, below
+    popularity's NDCG, α = 4 gives 0.116 / 0.060)."""
     double: bool = True
     """Double-DQN target (van Hasselt et al. 2016) instead of the max over the target network."""
     gamma: float = 0.99
