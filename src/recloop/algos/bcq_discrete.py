@@ -48,8 +48,10 @@ class BCQDiscreteConfig(AlgoConfig):
     algo: ClassVar[str] = "bcq_discrete"
     head: HeadConfig = field(default_factory=_head)
     """Serving head: must be ``bcq_discrete`` (Q-head and behaviour head over items)."""
-    threshold: float = 0.3
-    """τ: actions with G(a|s) / max_a G(a|s) below it are excluded (the paper's 0.3)."""
+    threshold: float = 0.6
+    """τ: actions with G(a|s) / max_a G(a|s) below it are excluded.  The paper's 0.3 (Atari,
+    18 actions) admits too many of 1,682 items on ml-100k (HR@10 0.089 / NDCG@10 0.041,
+    below popularity's NDCG); 0.6 gives 0.107 / 0.056."""
     logit_penalty: float = 0.01
     """Weight of the mean squared behaviour logits in the loss (the reference code's 1e-2)."""
     gamma: float = 0.99
