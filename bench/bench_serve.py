@@ -46,7 +46,7 @@ import torch
 
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
-from recloop.serving.stores import RedisStore, open_store
+from recloop.serving.stores import RecentItem, RedisStore, open_store
 
 SEED_REFERENCE = {16: (3800, 10.0), 64: (3300, 34.0)}
 """The seeds' FastAPI service on these cores: c → (requests/s, p99 ms)."""
@@ -145,7 +145,12 @@ async def fill_store(url: str, prefix: str, *, n_users: int, n_items: int, h: in
     store = open_store(url, prefix=prefix, timeout_s=5.0)
     rng = np.random.default_rng(2)
     items = rng.integers(1, n_items + 1, (n_users, h))
-    events = {str(u + 1): [(str(i), 1.0) for i in items[u].tolist()] for u in range(n_users)}
+    events = {
+        str(u + 1): [
+            RecentItem(str(i), 1.0, k, f"{u}-{k}") for k, i in enumerate(items[u].tolist())
+        ]
+        for u in range(n_users)
+    }
     await store.push_recent(events, max_len=h)
     await store.set_popular([(str(i), float(100 - k)) for k, i in enumerate(range(1, 21))])
     await store.close()
@@ -212,8 +217,9 @@ async def ready() -> dict:
 async def recommend(req: Req) -> dict:
     hist = []
     if r is not None:
-        raw = await r.lrange(f"{prefix}recent:{req.user_id}", -H, -1)
-        hist = [int(x.split(b" ", 1)[1]) for x in raw]  # bench ids are their own indices
+        raw = await r.zrange(f"{prefix}recent_ts:{req.user_id}", -H, -1)
+        # member "len(event_id) event_id reward item"; bench ids are their own indices
+        hist = [int(x.rsplit(b" ", 1)[1]) for x in raw]
     h = torch.tensor([[0] * (H - len(hist)) + hist])
     with torch.inference_mode():
         s = policy(torch.tensor([req.user_id]), h, (h != 0).float())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.service import RecommenderService
 from recloop.serving.settings import ServeSettings
+from recloop.serving.stores import RecentItem
 
 REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -25,6 +27,20 @@ N_ITEMS = 12
 H = 3
 USER_IDS = [f"u{i}" for i in range(1, N_USERS + 1)]
 ITEM_IDS = [f"i{i}" for i in range(1, N_ITEMS + 1)]
+_CLOCK = itertools.count(1_000_000)
+
+
+def as_recent(events: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, list[RecentItem]]:
+    """(item, reward) pairs as events that happen now, in the order given, each its own id."""
+    out: dict[str, list[RecentItem]] = {}
+    for user, pairs in events.items():
+        out[user] = []
+        for item, reward in pairs:
+            t = next(_CLOCK)
+            out[user].append(RecentItem(item, reward, t, f"e{t}"))
+    return out
+
+
 # Train counts fall with the index, so the train-popular order is i1, i2, ..., i12.
 POPULARITY = np.array([0.0, *range(N_ITEMS, 0, -1)], dtype=np.float32)
 

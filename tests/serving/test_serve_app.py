@@ -12,7 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_helpers import ITEM_IDS, N_ITEMS, ServeFactory, build_artifact, running, settings_for
+from serve_helpers import (
+    ITEM_IDS,
+    N_ITEMS,
+    ServeFactory,
+    as_recent,
+    build_artifact,
+    running,
+    settings_for,
+)
 
 from recloop.artifacts import load_artifact
 from recloop.serving.app import create_app
@@ -22,7 +30,7 @@ from recloop.serving.stores import RedisStore, open_store
 async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, str]) -> None:
     url, prefix = store_url
     async with serve(store_url=url, store_prefix=prefix) as (client, svc):
-        await svc.store.push_recent({"u1": [("i2", 1.0), ("i5", 0.5)]}, max_len=3)
+        await svc.store.push_recent(as_recent({"u1": [("i2", 1.0), ("i5", 0.5)]}), max_len=3)
         r = await client.post("/v1/recommend", json={"user_id": "u1", "n": 4})
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/json"
@@ -64,7 +72,7 @@ async def test_batch_route_equals_single_routes(
 ) -> None:
     url, prefix = store_url
     async with serve(store_url=url, store_prefix=prefix) as (client, svc):
-        await svc.store.push_recent({"u3": [("i1", 1.0)]}, max_len=3)
+        await svc.store.push_recent(as_recent({"u3": [("i1", 1.0)]}), max_len=3)
         await svc.store.set_popular([("i7", 3.0), ("i8", 2.0)])
         reqs: list[dict[str, Any]] = [
             {"user_id": "u3", "n": 3},

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from serve_helpers import ITEM_IDS, N_ITEMS, build_artifact, settings_for
+from serve_helpers import ITEM_IDS, N_ITEMS, as_recent, build_artifact, settings_for
 
 from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError
@@ -80,7 +80,7 @@ async def test_store_history_with_rewards_and_exclusion(artifact_dir: Path) -> N
         ("i4", 1.0),
         ("i9", 3.0),
     ]  # H = 3: i1 drops out of the state
-    await store.push_recent({"u1": stored}, max_len=10)
+    await store.push_recent(as_recent({"u1": stored}), max_len=10)
     svc = make_service(artifact_dir, store)
     rec = await svc.recommend(RecommendRequest(user_id="u1", n=N_ITEMS))
     ids, scores = reference(
@@ -95,8 +95,8 @@ async def test_store_history_with_rewards_and_exclusion(artifact_dir: Path) -> N
 async def test_rewards_reach_the_state(artifact_dir: Path) -> None:
     """With use_rewards the stored rewards change the scores (they are not replaced by 1)."""
     a, b = MemoryStore(), MemoryStore()
-    await a.push_recent({"u1": [("i1", 1.0), ("i2", 1.0)]}, max_len=5)
-    await b.push_recent({"u1": [("i1", 5.0), ("i2", -3.0)]}, max_len=5)
+    await a.push_recent(as_recent({"u1": [("i1", 1.0), ("i2", 1.0)]}), max_len=5)
+    await b.push_recent(as_recent({"u1": [("i1", 5.0), ("i2", -3.0)]}), max_len=5)
     ra = await make_service(artifact_dir, a).recommend(RecommendRequest(user_id="u1", n=3))
     rb = await make_service(artifact_dir, b).recommend(RecommendRequest(user_id="u1", n=3))
     assert not np.allclose(ra.scores, rb.scores)
@@ -104,7 +104,7 @@ async def test_rewards_reach_the_state(artifact_dir: Path) -> None:
 
 async def test_given_items_and_store_history_are_both_excluded(artifact_dir: Path) -> None:
     store = MemoryStore()
-    await store.push_recent({"u3": [("i5", 1.0), ("i6", 1.0)]}, max_len=10)
+    await store.push_recent(as_recent({"u3": [("i5", 1.0), ("i6", 1.0)]}), max_len=10)
     svc = make_service(artifact_dir, store)
     rec = await svc.recommend(RecommendRequest(user_id="u3", recent_items=["i1"], n=N_ITEMS))
     # the state is the given history only; the mask is given ∪ stored
@@ -118,7 +118,7 @@ async def test_given_items_and_store_history_are_both_excluded(artifact_dir: Pat
 
 async def test_exclude_consumed_false_keeps_everything(artifact_dir: Path) -> None:
     store = MemoryStore()
-    await store.push_recent({"u3": [("i5", 1.0)]}, max_len=10)
+    await store.push_recent(as_recent({"u3": [("i5", 1.0)]}), max_len=10)
     svc = make_service(artifact_dir, store)
     rec = await svc.recommend(
         RecommendRequest(user_id="u3", recent_items=["i1"], n=N_ITEMS, exclude_consumed=False)
@@ -162,7 +162,7 @@ async def test_unknown_user_with_history_uses_the_policy_with_user_zero(artifact
 
 async def test_unknown_user_with_store_history_uses_the_policy(artifact_dir: Path) -> None:
     store = MemoryStore()
-    await store.push_recent({"fresh": [("i8", 1.0)]}, max_len=5)
+    await store.push_recent(as_recent({"fresh": [("i8", 1.0)]}), max_len=5)
     svc = make_service(artifact_dir, store)
     rec = await svc.recommend(RecommendRequest(user_id="fresh", n=3))
     ids, _ = reference(svc.model.artifact, user="fresh", history=[("i8", 1.0)], exclude={"i8"}, n=3)
@@ -242,7 +242,9 @@ async def test_n_larger_than_catalogue_and_all_excluded(artifact_dir: Path) -> N
 
 async def test_batch_equals_one_by_one(artifact_dir: Path) -> None:
     store = MemoryStore()
-    await store.push_recent({"u1": [("i2", 1.0), ("i3", 0.5)], "u4": [("i7", 2.0)]}, max_len=5)
+    await store.push_recent(
+        as_recent({"u1": [("i2", 1.0), ("i3", 0.5)], "u4": [("i7", 2.0)]}), max_len=5
+    )
     await store.set_popular([("i12", 9.0), ("i11", 8.0)])
     svc = make_service(artifact_dir, store, microbatch=False)
     reqs = [

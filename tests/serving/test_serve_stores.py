@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from serve_helpers import as_recent
 
 from recloop.errors import ConfigError
 from recloop.serving.stores import (
     MemoryStore,
     OnlineStore,
+    RecentItem,
     RedisStore,
     SqliteStore,
     StoreError,
@@ -43,8 +45,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def test_recent_appends_caps_and_orders_oldest_first(store: OnlineStore) -> None:
-    await store.push_recent({"u1": [("a", 1.0), ("b", 0.5)], "u2": [("x", 2.0)]}, max_len=3)
-    await store.push_recent({"u1": [("c", 0.0), ("d", -1.5)]}, max_len=3)
+    await store.push_recent(
+        as_recent({"u1": [("a", 1.0), ("b", 0.5)], "u2": [("x", 2.0)]}), max_len=3
+    )
+    await store.push_recent(as_recent({"u1": [("c", 0.0), ("d", -1.5)]}), max_len=3)
     got = await store.get_recent(["u1", "u2", "nobody"], n=10)
     assert got == {"u1": [("b", 0.5), ("c", 0.0), ("d", -1.5)], "u2": [("x", 2.0)], "nobody": []}
     assert await store.get_recent(["u1"], n=2) == {"u1": [("c", 0.0), ("d", -1.5)]}
@@ -53,7 +57,7 @@ async def test_recent_appends_caps_and_orders_oldest_first(store: OnlineStore) -
 
 
 async def test_recent_one_push_longer_than_cap_keeps_its_tail(store: OnlineStore) -> None:
-    await store.push_recent({"u": [(str(i), float(i)) for i in range(10)]}, max_len=4)
+    await store.push_recent(as_recent({"u": [(str(i), float(i)) for i in range(10)]}), max_len=4)
     assert await store.get_recent(["u"], n=100) == {
         "u": [("6", 6.0), ("7", 7.0), ("8", 8.0), ("9", 9.0)]
     }
@@ -61,20 +65,51 @@ async def test_recent_one_push_longer_than_cap_keeps_its_tail(store: OnlineStore
 
 async def test_odd_ids_round_trip(store: OnlineStore) -> None:
     odd = ["with space", "ünïcødé 🎬", "colon:in:id", "", " lead", "1.5 2"]
-    await store.push_recent({"user with space ü": [(i, 1.0) for i in odd]}, max_len=10)
+    await store.push_recent(as_recent({"user with space ü": [(i, 1.0) for i in odd]}), max_len=10)
     got = await store.get_recent(["user with space ü"], n=10)
     assert got["user with space ü"] == [(i, 1.0) for i in odd]
 
 
+async def test_recent_is_in_event_time_order_whatever_the_push_order(
+    store: OnlineStore,
+) -> None:
+    """Two workers finishing their batches out of order leave the event-time order."""
+    late_batch = {"u": [RecentItem("c", 3.0, 30, "e3"), RecentItem("d", 4.0, 40, "e4")]}
+    early_batch = {"u": [RecentItem("a", 1.0, 10, "e1"), RecentItem("b", 2.0, 20, "e2")]}
+    await store.push_recent(late_batch, max_len=3)
+    await store.push_recent(early_batch, max_len=3)
+    assert await store.get_recent(["u"], n=10) == {"u": [("b", 2.0), ("c", 3.0), ("d", 4.0)]}
+    # an event older than everything kept falls off at once
+    await store.push_recent({"u": [RecentItem("z", 9.0, 5, "e0")]}, max_len=3)
+    assert await store.get_recent(["u"], n=10) == {"u": [("b", 2.0), ("c", 3.0), ("d", 4.0)]}
+
+
+async def test_recent_is_idempotent_by_event_id(store: OnlineStore) -> None:
+    """A batch delivered twice (a worker died before its ack) is kept once; equal event
+    times order by event id; the same item in two events is two entries."""
+    batch = {
+        "u": [
+            RecentItem("x", 1.0, 7, "ev-2"),
+            RecentItem("x", 1.0, 7, "ev-1"),
+            RecentItem("id with space", 0.5, 8, "odd id ü 1"),
+        ]
+    }
+    await store.push_recent(batch, max_len=10)
+    await store.push_recent(batch, max_len=10)
+    assert await store.get_recent(["u"], n=10) == {
+        "u": [("x", 1.0), ("x", 1.0), ("id with space", 0.5)]
+    }
+
+
 async def test_empty_push_is_a_no_op(store: OnlineStore) -> None:
-    await store.push_recent({}, max_len=3)
-    await store.push_recent({"u": []}, max_len=3)
+    await store.push_recent(as_recent({}), max_len=3)
+    await store.push_recent(as_recent({"u": []}), max_len=3)
     assert await store.get_recent(["u"], n=3) == {"u": []}
 
 
 async def test_bad_max_len_raises(store: OnlineStore) -> None:
     with pytest.raises(ValueError, match="max_len"):
-        await store.push_recent({"u": [("a", 1.0)]}, max_len=0)
+        await store.push_recent(as_recent({"u": [("a", 1.0)]}), max_len=0)
 
 
 async def test_popular_replaces_and_slices(store: OnlineStore) -> None:
@@ -106,8 +141,8 @@ async def test_sqlite_shared_by_two_connections(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
     a, b = open_store(url), open_store(url)
     await asyncio.gather(
-        *[a.push_recent({"u": [(f"a{i}", 1.0)]}, max_len=50) for i in range(10)],
-        *[b.push_recent({"u": [(f"b{i}", 1.0)]}, max_len=50) for i in range(10)],
+        *[a.push_recent(as_recent({"u": [(f"a{i}", 1.0)]}), max_len=50) for i in range(10)],
+        *[b.push_recent(as_recent({"u": [(f"b{i}", 1.0)]}), max_len=50) for i in range(10)],
     )
     got = (await b.get_recent(["u"], n=50))["u"]
     assert sorted(i for i, _ in got) == sorted(

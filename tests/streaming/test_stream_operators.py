@@ -99,10 +99,13 @@ def test_watermark_without_limit_never_marks_late() -> None:
 
 def test_recent_by_user_orders_by_time_keeps_last_and_defaults_reward() -> None:
     ev = events([("u", "a", 5, 2.0), ("v", "x", 1, None), ("u", "b", 3, 1.0), ("u", "c", 9, 0.5)])
-    assert recent_by_user(ev, max_len=2) == {
+    got = recent_by_user(ev, max_len=2)
+    assert {u: [(r.item, r.reward) for r in x] for u, x in got.items()} == {
         "u": [("a", 2.0), ("c", 0.5)],
         "v": [("x", 1.0)],
     }
+    # each entry carries its event time and id, which the stores order and dedupe by
+    assert [(r.ts, r.event_id) for r in got["u"]] == [(5, "e0"), (9, "e3")]
 
 
 def test_realised_reward_sums_rewards_of_consumed_list_items() -> None:

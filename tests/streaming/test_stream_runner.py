@@ -165,14 +165,20 @@ async def test_reclaimed_redelivery_is_logged_and_counted_once(
     doomed = await bus.read(names["group"], "doomed", count=40, block_ms=0)
     log.append(ev[:25], slide_s=80)
     await asyncio.sleep(0.15)
-    s = settings(names, claim_min_idle_ms=100, allowed_lateness_s=None)
-    stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log)
+    s = settings(names, claim_min_idle_ms=100, allowed_lateness_s=None, recent_len=20)
+    store = MemoryStore()
+    stats = await run_worker_async(s, bus=bus, store=store, log=log)
     assert stats.claimed == len(doomed) == 40
     assert stats.duplicates == 25 and stats.logged == 35
     assert log.count() == 60
     assert log.read_events()["event_id"].n_unique() == 60
     assert log.bucket_table().sort("bucket", "item_id").equals(bucket_counts(ev, slide_s=80))
     assert await bus.pending_count(names["group"]) == 0
+    # The 25 events the dead worker logged but never stored still reach the recent lists,
+    # once each (15 events per user, all kept).
+    for user, items in ev.group_by("user_id", maintain_order=True).agg("item_id").iter_rows():
+        got = (await store.get_recent([user], n=50))[user]
+        assert [i for i, _ in got] == items
 
 
 async def test_late_events_are_logged_counted_and_left_out_of_popular(

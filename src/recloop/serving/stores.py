@@ -2,13 +2,16 @@
 
 One :class:`OnlineStore` protocol, three implementations that pass the same contract tests:
 
-- :class:`RedisStore` (``redis://…``): capped lists per user, one round trip per batch;
+- :class:`RedisStore` (``redis://…``): capped sorted sets per user, one round trip per batch;
 - :class:`MemoryStore` (``memory://`` or no URL): dicts in one process, for tests and demos;
 - :class:`SqliteStore` (``sqlite:///path``): one embedded file shared by several processes on
   one laptop (WAL mode), so ``recloop stream`` and ``recloop serve`` can run without Redis.
 
-Everything is keyed by raw ids (strings); recent lists run oldest → newest.  Failures to reach
-the backend raise :class:`StoreError`, whatever the backend library raised.
+Everything is keyed by raw ids (strings).  A user's recent items are kept in **event-time**
+order (ties by event id) and are **idempotent by event id**: stream workers that finish
+their batches out of order, or a batch delivered twice after a crash, leave the same list —
+the last ``max_len`` events by event time.  Failures to reach the backend raise
+:class:`StoreError`, whatever the backend library raised.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import orjson
 
@@ -30,6 +33,29 @@ Scored = tuple[str, float]
 """A raw id with a score (popular items, recommendations) or a reward (recent items)."""
 
 
+class RecentItem(NamedTuple):
+    """One consumed item of a user's recent list, as the stream processor pushes it."""
+
+    item: str
+    """Raw item id."""
+    reward: float
+    """The event's reward."""
+    ts: int
+    """Event time in seconds: the list's order."""
+    event_id: str
+    """The event's id: pushing it again changes nothing; breaks ties of ``ts``."""
+
+
+def merge_recent(
+    old: Sequence[RecentItem], new: Sequence[RecentItem], *, max_len: int
+) -> list[RecentItem]:
+    """``old`` and ``new`` as one list ordered by (ts, event_id), one entry per event id (the
+    newer push wins), the last ``max_len`` — the reference behaviour of every store."""
+    by_id = {r.event_id: r for r in old}
+    by_id.update((r.event_id, r) for r in new)
+    return sorted(by_id.values(), key=lambda r: (r.ts, r.event_id))[-max_len:]
+
+
 class StoreError(RecloopError):
     """The online store cannot be reached or answered with an error."""
 
@@ -38,8 +64,10 @@ class StoreError(RecloopError):
 class OnlineStore(Protocol):
     """Per-user recent items, popular items and latest recommendations, all by raw id."""
 
-    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
-        """Append each user's (item, reward) pairs, oldest first; keep the last ``max_len``."""
+    async def push_recent(
+        self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
+    ) -> None:
+        """Add each user's events; keep the last ``max_len`` by event time (see module doc)."""
         ...
 
     async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
@@ -116,21 +144,22 @@ class MemoryStore:
     """Plain dicts in this process; the reference behaviour for the other stores."""
 
     def __init__(self) -> None:
-        self._recent: dict[str, list[Scored]] = {}
+        self._recent: dict[str, list[RecentItem]] = {}
         self._popular: list[Scored] = []
         self._recs: dict[str, tuple[list[Scored], str]] = {}
 
-    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+    async def push_recent(
+        self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
+    ) -> None:
         _check_max_len(max_len)
-        for user, pairs in events.items():
-            old = self._recent.get(user, [])
-            new = [(str(i), float(r)) for i, r in pairs]
-            self._recent[user] = (old + new)[-max_len:]
+        for user, items in events.items():
+            new = [RecentItem(str(i), float(r), int(t), str(e)) for i, r, t, e in items]
+            self._recent[user] = merge_recent(self._recent.get(user, []), new, max_len=max_len)
 
     async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
         if n <= 0:
             return {u: [] for u in users}
-        return {u: list(self._recent.get(u, ())[-n:]) for u in users}
+        return {u: [(r.item, r.reward) for r in self._recent.get(u, ())[-n:]] for u in users}
 
     async def set_popular(self, items: Sequence[Scored]) -> None:
         self._popular = [(str(i), float(s)) for i, s in items]
@@ -158,14 +187,17 @@ class MemoryStore:
 # ----------------------------------------------------------------------------- redis
 
 
-def _encode_recent(item: str, reward: float) -> bytes:
-    # "reward item": a float's repr has no space, so the first space splits it off, and the
+def _encode_recent(r: RecentItem) -> bytes:
+    # "len(event_id) event_id reward item": the event id leads, so equal event times order by
+    # it and a redelivered event is the same member; a float's repr has no space, and the
     # item id may hold anything (spaces included) without JSON's cost per entry.
-    return f"{float(reward)!r} {item}".encode()
+    return f"{len(r.event_id)} {r.event_id} {float(r.reward)!r} {r.item}".encode()
 
 
 def _decode_recent(raw: bytes) -> Scored:
-    reward, item = raw.decode().split(" ", 1)
+    text = raw.decode()
+    size, rest = text.split(" ", 1)
+    reward, item = rest[int(size) + 1 :].split(" ", 1)
     return item, float(reward)
 
 
@@ -177,13 +209,17 @@ def _load_scored(raw: bytes | str) -> list[Scored]:
     return [(str(i), float(s)) for i, s in orjson.loads(raw)]
 
 
+RECENT_KEY = "recent_ts"
+"""Redis key kind of the recent sets (``<prefix>recent_ts:<user>``)."""
+
+
 class RedisStore:
-    """Redis keys under ``prefix``: ``recent:<user>`` (list), ``popular`` (JSON string),
-    ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
+    """Redis keys under ``prefix``: ``recent_ts:<user>`` (sorted set, scored by event time),
+    ``popular`` (JSON string), ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
 
     Batched writes and reads go through one non-transactional pipeline (one round trip);
-    lists are capped with RPUSH + LTRIM.  Commands fail fast (``retries`` = 0 by default) so
-    that a service can fall back instead of waiting on a dead server.
+    recent sets are capped with ZADD + ZREMRANGEBYRANK.  Commands fail fast (``retries`` = 0
+    by default) so that a service can fall back instead of waiting on a dead server.
     """
 
     def __init__(
@@ -224,16 +260,18 @@ class RedisStore:
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreError(f"redis store {self.url}: {what} failed ({exc})") from exc
 
-    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+    async def push_recent(
+        self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
+    ) -> None:
         _check_max_len(max_len)
         pipe = self._client.pipeline(transaction=False)
         count = 0
         for user, pairs in events.items():
             if not pairs:
                 continue
-            key = self._key("recent", user)
-            pipe.rpush(key, *[_encode_recent(i, r) for i, r in pairs[-max_len:]])
-            pipe.ltrim(key, -max_len, -1)
+            key = self._key(RECENT_KEY, user)
+            pipe.zadd(key, {_encode_recent(RecentItem(*r)): int(r[2]) for r in pairs})
+            pipe.zremrangebyrank(key, 0, -max_len - 1)
             count += 1
         if count:
             await self._run("push_recent", pipe.execute)
@@ -242,12 +280,12 @@ class RedisStore:
         if n <= 0 or not users:
             return {u: [] for u in users}
         if len(users) == 1:
-            key = self._key("recent", users[0])
-            raw = await self._run("get_recent", lambda: self._client.lrange(key, -n, -1))
+            key = self._key(RECENT_KEY, users[0])
+            raw = await self._run("get_recent", lambda: self._client.zrange(key, -n, -1))
             return {users[0]: [_decode_recent(x) for x in raw]}
         pipe = self._client.pipeline(transaction=False)
         for u in users:
-            pipe.lrange(self._key("recent", u), -n, -1)
+            pipe.zrange(self._key(RECENT_KEY, u), -n, -1)
         lists = await self._run("get_recent", pipe.execute)
         return {u: [_decode_recent(x) for x in raw] for u, raw in zip(users, lists, strict=True)}
 
@@ -299,7 +337,7 @@ class RedisStore:
 
 
 _SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS recloop_recent (user TEXT PRIMARY KEY, items TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recloop_recent_ts (user TEXT PRIMARY KEY, items TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS recloop_popular (
     id INTEGER PRIMARY KEY CHECK (id = 0), items TEXT NOT NULL
 );
@@ -313,7 +351,8 @@ _SQLITE_CHUNK = 500  # stays far below SQLite's limit on bound parameters
 class SqliteStore:
     """One SQLite file (WAL mode) shared by the processes of one machine.
 
-    Each user's recent list is one JSON row, read-merged-written inside ``BEGIN IMMEDIATE``
+    Each user's recent list is one JSON row of ``[item, reward, ts, event_id]`` entries,
+    merged by :func:`merge_recent` inside ``BEGIN IMMEDIATE``
     so concurrent writers from other processes serialise instead of losing items.  Calls run
     the blocking sqlite3 module in a worker thread, one connection guarded by a lock.
     """
@@ -364,12 +403,14 @@ class SqliteStore:
             chunk = list(users[i : i + _SQLITE_CHUNK])
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
-                f"SELECT user, items FROM recloop_recent WHERE user IN ({marks})", chunk
+                f"SELECT user, items FROM recloop_recent_ts WHERE user IN ({marks})", chunk
             )
             out.update((u, orjson.loads(items)) for u, items in rows)
         return out
 
-    async def push_recent(self, events: Mapping[str, Sequence[Scored]], *, max_len: int) -> None:
+    async def push_recent(
+        self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
+    ) -> None:
         _check_max_len(max_len)
         events = {u: p for u, p in events.items() if p}
         if not events:
@@ -378,11 +419,15 @@ class SqliteStore:
         def txn(conn: sqlite3.Connection) -> None:
             old = self._select_lists(conn, list(events))
             rows = []
-            for user, pairs in events.items():
-                merged = old.get(user, []) + [[str(i), float(r)] for i, r in pairs]
-                rows.append((user, orjson.dumps(merged[-max_len:]).decode()))
+            for user, items in events.items():
+                merged = merge_recent(
+                    [RecentItem(*x) for x in old.get(user, [])],
+                    [RecentItem(str(i), float(r), int(t), str(e)) for i, r, t, e in items],
+                    max_len=max_len,
+                )
+                rows.append((user, orjson.dumps([list(r) for r in merged]).decode()))
             conn.executemany(
-                "INSERT INTO recloop_recent (user, items) VALUES (?, ?) "
+                "INSERT INTO recloop_recent_ts (user, items) VALUES (?, ?) "
                 "ON CONFLICT(user) DO UPDATE SET items = excluded.items",
                 rows,
             )
@@ -393,7 +438,7 @@ class SqliteStore:
         if n <= 0 or not users:
             return {u: [] for u in users}
         found = await self._call("get_recent", lambda conn: self._select_lists(conn, users))
-        return {u: [(str(i), float(r)) for i, r in found.get(u, [])[-n:]] for u in users}
+        return {u: [(str(x[0]), float(x[1])) for x in found.get(u, [])[-n:]] for u in users}
 
     async def set_popular(self, items: Sequence[Scored]) -> None:
         blob = _dump_scored(items).decode()

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from recloop.serving.stores import RecentItem
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -130,22 +132,34 @@ class Watermark:
 # ----------------------------------------------------------------------------- recent items
 
 
-def recent_by_user(events: pl.DataFrame, *, max_len: int) -> dict[str, list[tuple[str, float]]]:
-    """Each user's (item, reward) pairs of this batch, oldest first (by event time, then bus
-    order), the last ``max_len`` only — the argument of ``OnlineStore.push_recent``."""
+def recent_by_user(events: pl.DataFrame, *, max_len: int) -> dict[str, list[RecentItem]]:
+    """Each user's events of this batch as :class:`RecentItem` (item, reward, ts, event id),
+    oldest first by event time, the last ``max_len`` only — the argument of
+    ``OnlineStore.push_recent``, which orders and dedupes them against what it holds."""
     if events.height == 0:
         return {}
     grouped = (
         events.with_columns(event_rewards(events).alias("_reward"))
-        .with_row_index("_row")
-        .sort("ts", "_row")
+        .sort("ts", "event_id")
         .group_by("user_id", maintain_order=True)
-        .agg(pl.col("item_id").tail(max_len), pl.col("_reward").tail(max_len))
+        .agg(
+            pl.col("item_id").tail(max_len),
+            pl.col("_reward").tail(max_len),
+            pl.col("ts").tail(max_len),
+            pl.col("event_id").tail(max_len),
+        )
     )
-    users = grouped["user_id"].to_list()
-    items = grouped["item_id"].to_list()
-    rewards = grouped["_reward"].to_list()
-    return {u: list(zip(i, r, strict=True)) for u, i, r in zip(users, items, rewards, strict=True)}
+    return {
+        u: [RecentItem(*x) for x in zip(i, r, t, e, strict=True)]
+        for u, i, r, t, e in zip(
+            grouped["user_id"].to_list(),
+            grouped["item_id"].to_list(),
+            grouped["_reward"].to_list(),
+            grouped["ts"].to_list(),
+            grouped["event_id"].to_list(),
+            strict=True,
+        )
+    }
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -5,7 +5,9 @@ For each batch (:meth:`StreamProcessor.process`):
 1. validate; malformed events go to the dead-letter stream with their reason;
 2. behaviour log: insert the events not logged yet and add them to the popular-items window
    counts, in one SQL transaction (exactly once under redelivery, see :mod:`.log`);
-3. push the new events onto their users' recent-item lists in the online store;
+3. add the batch's events to their users' recent-item lists in the online store (ordered by
+   event time and deduplicated by event id there, so a redelivered batch is harmless and a
+   crash between steps 2 and 3 loses nothing);
 4. with an artifact: refresh the recommendations of the batch's users with one batched
    inference call, log the lists with the realised reward of each user's previous list, and
    store them;
@@ -28,9 +30,9 @@ updated in the transaction that inserts the events and only for the rows that tr
 really inserted, makes them exact under redelivery, reclaim and worker crashes, and lets
 them survive a Redis restart.  The price is one upsert row per (bucket, item) per batch.
 
-Ordering: a worker keeps event-time order within its batches, but with several workers a
-user's events in two concurrently processed batches reach the recent-items list in the
-order the batches finish.  The popular counts do not depend on order; lateness is judged
+Ordering: the recent-item lists are in event-time order whatever order the workers finish
+their batches in (the store sorts by event time).  The popular counts do not depend on
+order; lateness is judged
 per worker (as Flink judges it per partition), so a batch reclaimed long after it was read
 may count as late.
 """
@@ -366,13 +368,16 @@ class StreamProcessor:
             )
         if result.counted:
             self._popular_dirty = True
-        new = result.new
-        if new.height == 0:
-            return
-        recent = recent_by_user(new, max_len=s.recent_len)
+        # Every event of the batch, not only the newly logged ones: the store dedupes by
+        # event id, so a batch redelivered after a crash between the log and the store
+        # still reaches the recent lists.
+        recent = recent_by_user(events, max_len=s.recent_len)
         await self._cache_step(
             "recent items", lambda: self.store.push_recent(recent, max_len=s.recent_len), ids
         )
+        new = result.new
+        if new.height == 0:
+            return
         if self.recommender is not None:
             await self._cache_step("recommendations", lambda: self._refresh(new, ids), ids)
 
