@@ -14,6 +14,7 @@ from recloop.evaluation.simulator import (
     SimulatorConfig,
     UserSimulator,
     auc,
+    boredom_factor,
     fit_simulator,
     intra_list_diversity,
     rollout,
@@ -162,8 +163,10 @@ def test_quit_rule_in_rollout(synthetic: PreparedDataset, sim: UserSimulator) ->
 
 
 def test_best_item_policy_beats_random(synthetic: PreparedDataset, sim: UserSimulator) -> None:
-    # A horizon under N, so that the no-repeat modes cannot both exhaust the catalogue.
-    sim = UserSimulator(sim.model, dataclasses.replace(sim.cfg, horizon=8), threshold=sim.threshold)
+    # A horizon under N, so that the no-repeat modes cannot both exhaust the catalogue; no
+    # boredom, which would rightly punish the fixed policy's repeats.
+    cfg = dataclasses.replace(sim.cfg, horizon=8, boredom=0.0)
+    sim = UserSimulator(sim.model, cfg, threshold=sim.threshold)
     result = simulate(_random_policy(0), sim, synthetic, policy_history=3)  # type: ignore[arg-type]
     best = simulate(_fixed_policy([1, 2, 3, 4]), sim, synthetic, policy_history=3)  # type: ignore[arg-type]
     assert [(m.repeats, m.quit) for m in best.modes] == [
@@ -174,3 +177,31 @@ def test_best_item_policy_beats_random(synthetic: PreparedDataset, sim: UserSimu
         assert good.session_length >= rand.session_length
     assert best.modes[0].session_length == 8
     assert best.accuracy.auc > 0.7
+
+
+def test_boredom_factor_hand_computed() -> None:
+    unit = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    item = torch.tensor([1, 1, 3, 1])
+    recent = torch.tensor([[0, 0], [2, 1], [1, 2], [4, 0]])
+    # nothing before; a repeat (cos 1); cos 0.6 and 0.8 → 0.8; opposite item (cos −1 → 0)
+    got = boredom_factor(unit, item, recent, boredom=0.5)
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.5, 0.6, 1.0]))
+
+
+def test_boredom_makes_repeating_one_item_pay_less(
+    synthetic: PreparedDataset, sim: UserSimulator
+) -> None:
+    kw = {"policy_history": 3, "horizon": 10, "repeats": True, "quit": False}
+    returns = {}
+    for b in (0.0, 0.5, 1.0):
+        bored = UserSimulator(
+            sim.model, dataclasses.replace(sim.cfg, boredom=b), threshold=sim.threshold
+        )
+        rep = rollout(_fixed_policy([1]), bored, **_users(synthetic), **kw)  # type: ignore[arg-type]
+        returns[b] = rep.cumulative_reward
+    one = rollout(_fixed_policy([1]), sim, **_users(synthetic), **{**kw, "horizon": 1})  # type: ignore[arg-type]
+    # b = 1: every repeat earns 0, only the first step counts; b = 0.5 halves steps 2..10
+    # (neither the fixed policy nor the response model reads the history's rewards)
+    assert returns[1.0] == pytest.approx(one.cumulative_reward, rel=1e-5)
+    assert returns[0.5] == pytest.approx((returns[0.0] + returns[1.0]) / 2, rel=1e-5)
+    assert returns[0.0] > 3 * returns[1.0]

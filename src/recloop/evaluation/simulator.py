@@ -18,6 +18,13 @@ the catalogue, its top item is recommended (with ``repeats=False`` items already
 in the rollout are masked), the simulator answers, and item and reward enter the history.
 With ``quit=True`` a user leaves after ``patience`` consecutive steps with reward below
 ``quit_threshold``; the rest of their horizon counts nothing.
+
+**Boredom.**  The response model alone rewards showing a user the same confident item again
+and again.  Users tire of that (the "boredom" of Ie et al.'s RecSim interest-evolution
+model, and of KuaiSim): the reward of a step is scaled by ``1 − boredom · max(0, cos)``,
+``cos`` taken between the item and the most similar item recommended in the last
+``boredom_window`` steps (the response model's item vectors; a repeat has cos 1).
+``boredom=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ class SimulatorConfig:
     """A step with reward below this disappoints; None = half the mean logged TRAIN reward."""
     patience: int = 3
     """Consecutive disappointing steps after which the user leaves (quit modes)."""
+    boredom: float = 0.5
+    """b in [0, 1]: a step's reward is scaled by 1 − b · max(0, cos) with the most similar item
+    recommended in the last ``boredom_window`` steps (a repeat: 1 − b); 0 = no boredom."""
+    boredom_window: int = 5
+    """Recommendations a user remembers when getting bored."""
     seed: int = 0
     """Seed of the model's initialisation, negative sampling and sampled rewards."""
 
@@ -85,6 +97,10 @@ class SimulatorConfig:
             f"simulator.reward_mode must be expected or sample, got {self.reward_mode!r}",
         )
         check(self.patience >= 1, f"simulator.patience must be >= 1, got {self.patience}")
+        check(
+            0.0 <= self.boredom <= 1.0, f"simulator.boredom must be in [0, 1], got {self.boredom}"
+        )
+        check(self.boredom_window >= 1, "simulator.boredom_window must be >= 1")
 
 
 class ResponseModel(nn.Module):
@@ -297,6 +313,17 @@ class SimulationResult:
         }
 
 
+def boredom_factor(unit: Tensor, item: Tensor, recent: Tensor, *, boredom: float) -> Tensor:
+    """(M,) multipliers ``1 − boredom · max(0, max_j cos(item, recent_j))`` of a step's reward.
+
+    ``unit`` (N + 1, D) unit item vectors, ``item`` (M,) the items recommended now, ``recent``
+    (M, W) the items recommended in the last W steps, 0 where none (then the factor is 1).
+    """
+    cos = torch.einsum("md,mwd->mw", unit[item], unit[recent])  # (M, W)
+    cos = cos.masked_fill(recent == 0, 0.0).clamp(min=0.0)
+    return 1.0 - boredom * cos.amax(1)
+
+
 def intra_list_diversity(emb: Tensor, mask: Tensor) -> Tensor:
     """1 - mean cosine similarity over pairs i != j of each row's masked vectors.
 
@@ -341,6 +368,8 @@ def rollout(
     rewards = torch.zeros((m, horizon))
     alive = torch.zeros((m, horizon), dtype=torch.bool)
     rows = torch.arange(m)
+    unit = nn.functional.normalize(sim.model.out.weight.detach(), dim=-1)  # (N + 1, D)
+    recent = torch.zeros((m, sim.cfg.boredom_window), dtype=torch.long)  # (M, W), 0 = none
     for t in range(horizon):
         scores = policy(user, hist[:, -policy_history:], hist_r[:, -policy_history:]).clone()
         scores[:, 0] = float("-inf")
@@ -348,6 +377,9 @@ def rollout(
             scores.masked_fill_(shown, float("-inf"))
         a = scores.argmax(1)  # (M,)
         r = sim.respond(user, hist[:, -h_sim:], a, generator=gen)
+        if sim.cfg.boredom > 0:
+            r = r * boredom_factor(unit, a, recent, boredom=sim.cfg.boredom)
+        recent = torch.cat([recent[:, 1:], a[:, None]], 1)
         items[:, t], rewards[:, t], alive[:, t] = a, r, active
         shown[rows, a] = True
         hist = torch.cat([hist[:, 1:], a[:, None]], 1)
