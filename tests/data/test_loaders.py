@@ -12,6 +12,7 @@ from polars.testing import assert_frame_equal
 
 from recloop.cli import main
 from recloop.data.loaders import FORMATS, LOADERS, LoadOptions, load_raw
+from recloop.data.loaders._validate import infer_int
 from recloop.errors import ConfigError, DataError
 
 
@@ -347,3 +348,23 @@ def test_inspect_cli_json_and_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     args = ["data", "inspect", "-f", "tianchi", "-i", str(tmp_path), "--skip-bad-rows", "--json"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        (["7", "8", None], pl.Int64),
+        (["-3", "0"], pl.Int64),
+        (["007", "7"], pl.String),  # two ids, not one
+        (["+7", "8"], pl.String),
+        (["00", "1"], pl.String),
+        ([" 7", "8"], pl.String),
+        (["a", "1"], pl.String),
+    ],
+)
+def test_ids_become_integers_only_when_they_read_back_the_same(
+    values: list[str | None], dtype: pl.DataType
+) -> None:
+    out = infer_int(pl.Series("id", values))
+    assert out.dtype == dtype
+    assert out.cast(pl.String).to_list() == values

@@ -78,11 +78,15 @@ def _finite(s: pl.Series) -> pl.Series:
 
 
 def infer_int(s: pl.Series) -> pl.Series:
-    """Int64 when every non-null string is an integer, else the strings unchanged."""
+    """Int64 when every non-null string is an integer written the canonical way (it reads
+    back the same), else the strings unchanged: "007" and "7" (or "+7", "-0") stay two
+    different ids instead of merging into 7."""
     if s.dtype != pl.String:
         return s
     as_int = s.cast(pl.Int64, strict=False)
-    return as_int if as_int.null_count() == s.null_count() else s
+    if as_int.null_count() == s.null_count() and (as_int.cast(pl.String) == s).all():
+        return as_int
+    return s
 
 
 def _time(s: pl.Series, fmt: str | None) -> pl.Series:

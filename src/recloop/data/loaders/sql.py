@@ -10,19 +10,12 @@ from __future__ import annotations
 import polars as pl
 import sqlalchemy as sa
 
+from recloop.data.loaders._validate import infer_int
 from recloop.data.schema import BEHAVIOR, EVENT_ID, ITEM, RATING, TIMESTAMP, USER, RawData
 from recloop.errors import ConfigError, DataError, Location
 
 LOG_COLUMNS = ("event_id", "user_id", "item_id", "ts", "behavior", "rating", "reward")
 """Columns of the behaviour log table (see ``recloop.streaming.log``)."""
-
-
-def _ids(s: pl.Series) -> pl.Series:
-    """Int64 when every id is a plain integer that reads back the same, else the strings."""
-    as_int = s.cast(pl.Int64, strict=False)
-    if as_int.null_count() == s.null_count() and (as_int.cast(pl.String) == s).all():
-        return as_int
-    return s
 
 
 def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
@@ -75,8 +68,8 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
     finally:
         engine.dispose()
     cols = [
-        _ids(frame["user_id"]).alias(USER),
-        _ids(frame["item_id"]).alias(ITEM),
+        infer_int(frame["user_id"]).alias(USER),
+        infer_int(frame["item_id"]).alias(ITEM),
         frame["ts"].cast(pl.Int64).alias(TIMESTAMP),
     ]
     if frame["behavior"].null_count() < frame.height:
