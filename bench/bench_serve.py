@@ -16,6 +16,7 @@ absolute figures a lot, the ratio much less.
     .venv/bin/python bench/bench_serve.py            # both catalogues, c = 1, 16, 64
     .venv/bin/python bench/bench_serve.py --catalogues ml100k \\
         --variants recloop,recloop-nobatch,baseline
+    .venv/bin/python bench/bench_serve.py --artifact runs/reinforce   # a trained artifact
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -44,8 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
+from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, load_artifact, save_artifact
 from recloop.encoders.base import EncoderConfig
+from recloop.errors import RecloopError
 from recloop.serving.stores import RecentItem, RedisStore, open_store
 
 SEED_REFERENCE = {16: (3800, 10.0), 64: (3300, 34.0)}
@@ -54,6 +56,8 @@ TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
 """Issue 5's target: c → (requests/s at least, p99 ms at most)."""
 
 CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
+TRAINED = "trained"
+"""Catalogue name of the artifact given with ``--artifact``."""
 
 WRK_LUA = r"""
 local bodies = {}
@@ -134,25 +138,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_bodies(path: Path, *, n_users: int, count: int = 2000, seed: int = 1) -> None:
+def write_bodies(path: Path, *, user_ids: list[str], count: int = 2000, seed: int = 1) -> None:
     rng = np.random.default_rng(seed)
-    users = rng.integers(1, n_users + 1, count)
-    path.write_text("".join(json.dumps({"user_id": str(u), "n": 10}) + "\n" for u in users))
+    users = rng.integers(0, len(user_ids), count)
+    path.write_text("".join(json.dumps({"user_id": user_ids[u], "n": 10}) + "\n" for u in users))
 
 
-async def fill_store(url: str, prefix: str, *, n_users: int, n_items: int, h: int) -> None:
+async def fill_store(
+    url: str, prefix: str, *, user_ids: list[str], item_ids: list[str], h: int
+) -> None:
     """Every user's last H items (random) and a popular list, as the stream would write."""
     store = open_store(url, prefix=prefix, timeout_s=5.0)
     rng = np.random.default_rng(2)
-    items = rng.integers(1, n_items + 1, (n_users, h))
+    items = rng.integers(0, len(item_ids), (len(user_ids), h))
     events = {
-        str(u + 1): [
-            RecentItem(str(i), 1.0, k, f"{u}-{k}") for k, i in enumerate(items[u].tolist())
-        ]
-        for u in range(n_users)
+        user: [RecentItem(item_ids[i], 1.0, k, f"{u}-{k}") for k, i in enumerate(items[u].tolist())]
+        for u, user in enumerate(user_ids)
     }
     await store.push_recent(events, max_len=h)
-    await store.set_popular([(str(i), float(100 - k)) for k, i in enumerate(range(1, 21))])
+    await store.set_popular([(item_ids[i], float(100 - i)) for i in range(20)])
     await store.close()
 
 
@@ -366,15 +370,23 @@ def bench_catalogue(
     store_url: str,
     variant: str,
 ) -> list[dict[str, Any]]:
-    n_users, n_items = CATALOGUES[name]
-    art = tmp / f"artifact-{name}"
-    if not art.exists():
-        build_artifact(art, n_users=n_users, n_items=n_items)
+    if name == TRAINED:
+        art = args.artifact
+        loaded = load_artifact(art)
+        user_ids, item_ids, h = loaded.user_ids, loaded.item_ids, loaded.history_len
+    else:
+        n_users, n_items = CATALOGUES[name]
+        art = tmp / f"artifact-{name}"
+        if not art.exists():
+            build_artifact(art, n_users=n_users, n_items=n_items)
+        user_ids = [str(u) for u in range(1, n_users + 1)]
+        item_ids = [str(i) for i in range(1, n_items + 1)]
+        h = 10
     prefix = f"recloop-bench:{uuid.uuid4().hex}:"
     if store_url.startswith("redis"):
-        asyncio.run(fill_store(store_url, prefix, n_users=n_users, n_items=n_items, h=10))
+        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=h))
     bodies = tmp / "bodies.jsonl"
-    write_bodies(bodies, n_users=n_users)
+    write_bodies(bodies, user_ids=user_ids)
     lua = tmp / "recommend.lua"
     lua.write_text(WRK_LUA)
     port = free_port()
@@ -459,7 +471,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--catalogues", default="ml100k,100k", help="ml100k and/or 100k")
+    ap.add_argument(
+        "--catalogues",
+        default=None,
+        help="ml100k and/or 100k (default: both, or none with --artifact)",
+    )
+    ap.add_argument(
+        "--artifact",
+        type=Path,
+        help="also bench this trained artifact (a run directory or its artifact/), "
+        f"reported as catalogue {TRAINED!r}; the baseline then reads raw ids as indices",
+    )
     ap.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
     ap.add_argument("--workers", type=int, default=2)
@@ -480,10 +502,20 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    catalogues = args.catalogues.split(",")
+    if args.catalogues is None:
+        args.catalogues = "" if args.artifact else "ml100k,100k"
+    catalogues = [c for c in args.catalogues.split(",") if c]
     unknown = set(catalogues) - set(CATALOGUES)
     if unknown:
         ap.error(f"unknown catalogues {sorted(unknown)}; known: {', '.join(CATALOGUES)}")
+    if args.artifact is not None:
+        try:
+            load_artifact(args.artifact)
+        except RecloopError as exc:
+            ap.error(f"--artifact: {exc}")
+        catalogues.append(TRAINED)
+    if not catalogues:
+        ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
     if shutil.which("wrk") is None:
