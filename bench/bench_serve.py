@@ -234,6 +234,7 @@ async def recommend(req: Req) -> dict:
 VARIANTS = {
     "recloop": "recloop serve, micro-batching on (the default)",
     "recloop-nobatch": "recloop serve, micro-batching off",
+    "recloop-onnx": "recloop serve, micro-batching on, forward pass on onnxruntime",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
 
@@ -400,6 +401,7 @@ def bench_catalogue(
             "RECLOOP_STORE_URL": store_url,
             "RECLOOP_STORE_PREFIX": prefix,
             "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
+            "RECLOOP_INFERENCE": "onnxruntime" if variant == "recloop-onnx" else "torch",
         }
         server = Server.recloop(art, port=port, workers=args.workers, env=env)
     rows = []

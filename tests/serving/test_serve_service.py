@@ -357,3 +357,31 @@ async def test_history_source_request_never_reads_recent_items(artifact_dir: Pat
     rec = await svc.recommend(RecommendRequest(user_id="u1", n=3))
     ids, _ = reference(svc.model.artifact, user="u1", history=[], exclude=set(), n=3)
     assert rec.source == "policy" and rec.item_ids == ids and rec.warnings == []
+
+
+@pytest.mark.parametrize("kind", ["concat", "gru"])
+async def test_onnxruntime_inference_answers_as_torch(tmp_path: Path, kind: str) -> None:
+    art = build_artifact(tmp_path / kind, kind=kind)
+    store = MemoryStore()
+    await store.push_recent(as_recent({"u1": [("i2", 1.0), ("i5", 0.5)]}), max_len=5)
+    reqs = [
+        RecommendRequest(user_id="u1", n=5),
+        RecommendRequest(user_id="u2", recent_items=["i3", "i4", "i9"], n=N_ITEMS),
+        RecommendRequest(user_id="stranger", recent_items=["i1"], n=4),
+    ]
+    answers = {}
+    for inference in ("torch", "onnxruntime"):
+        model = LoadedModel.load(art, inference=inference)
+        assert model.inference == inference
+        svc = RecommenderService(
+            settings=settings_for(art, inference=inference), store=store, model=model
+        )
+        answers[inference] = await svc.recommend_many(reqs)
+    for t, o in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert o.item_ids == t.item_ids and o.source == t.source
+        np.testing.assert_allclose(o.scores, t.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_inference_engine_is_a_settings_error(artifact_dir: Path) -> None:
+    with pytest.raises(ValueError, match="inference"):
+        settings_for(artifact_dir, inference="tensorrt")

@@ -27,6 +27,11 @@ def serve(
         None, help="Require this X-API-Key on every route but /healthz and /readyz."
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    inference: str | None = typer.Option(
+        None,
+        help="Forward-pass engine: torch or onnxruntime (default: RECLOOP_INFERENCE, else "
+        "torch; onnxruntime needs recloop[export]).",
+    ),
 ) -> None:
     """Run the recommendation service (FastAPI on uvicorn) for an artifact.
 
@@ -54,6 +59,8 @@ def serve(
         env["RECLOOP_STORE_URL"] = store_url
     if api_key is not None:
         env["RECLOOP_API_KEY"] = api_key
+    if inference is not None:
+        env["RECLOOP_INFERENCE"] = inference
     metrics_dir = None
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         metrics_dir = tempfile.mkdtemp(prefix="recloop-metrics-")

@@ -137,7 +137,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
-        model = await asyncio.to_thread(LoadedModel.load, settings.artifact)
+        model = await asyncio.to_thread(
+            LoadedModel.load,
+            settings.artifact,
+            inference=settings.inference,
+            threads=settings.torch_threads,
+        )
         store = open_store(
             settings.resolved_store_url,
             prefix=settings.store_prefix,
