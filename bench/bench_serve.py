@@ -185,6 +185,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from recloop.artifacts import load_artifact
+from recloop.serving.stores import RECENT_EVENTS_KEY, RECENT_KEY, RECENT_READ_SCRIPT
 
 torch.set_num_threads(1)
 art = load_artifact(os.environ["BASELINE_ARTIFACT"])
@@ -221,9 +222,11 @@ async def ready() -> dict:
 async def recommend(req: Req) -> dict:
     hist = []
     if r is not None:
-        raw = await r.zrange(f"{prefix}recent_ts:{req.user_id}", -H, -1)
-        # member "len(event_id) event_id reward item"; bench ids are their own indices
-        hist = [int(x.rsplit(b" ", 1)[1]) for x in raw]
+        # the store's layout, read in one round trip as recloop does; "reward item" payloads,
+        # bench ids are their own indices
+        keys = [f"{prefix}{RECENT_KEY}:{req.user_id}", f"{prefix}{RECENT_EVENTS_KEY}:{req.user_id}"]
+        raw = await r.eval(RECENT_READ_SCRIPT, 2, *keys, H)
+        hist = [int(x.split(b" ", 1)[1]) for x in raw]
     h = torch.tensor([[0] * (H - len(hist)) + hist])
     with torch.inference_mode():
         s = policy(torch.tensor([req.user_id]), h, (h != 0).float())

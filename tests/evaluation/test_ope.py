@@ -268,3 +268,19 @@ def test_ope_for_run_uses_reinforce_beta_head(tmp_path: Path) -> None:
     other = {k: v + 1 for k, v in policy.state_dict().items()}
     save_best(tmp_path, {"policy": other, "beta": beta.state_dict()})
     assert ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0)).behaviour == "fitted"
+
+
+def test_every_item_masked_gives_no_weight_not_nan() -> None:
+    """A user who consumed the whole catalogue: pi shows nothing, the estimates stay finite."""
+    ds = _walk(n_users=3, n_items=4, length=6)  # every user has seen all 4 items before the test
+
+    def flat(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return torch.zeros(user.shape[0], ds.n_items + 1)
+
+    q = fit_baseline_rewards(ds, shrinkage=0.0)
+    rep = off_policy_evaluate(
+        flat, ds, history=2, behaviour=flat, behaviour_name="u", rewards=q,
+        cfg=OPEConfig(top_k=2, n_boot=10),
+    )  # fmt: skip
+    assert rep.support == 0.0
+    assert all(math.isfinite(iv.value) for iv in rep.estimates.values())

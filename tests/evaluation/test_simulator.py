@@ -205,3 +205,14 @@ def test_boredom_makes_repeating_one_item_pay_less(
     assert returns[1.0] == pytest.approx(one.cumulative_reward, rel=1e-5)
     assert returns[0.5] == pytest.approx((returns[0.0] + returns[1.0]) / 2, rel=1e-5)
     assert returns[0.0] > 3 * returns[1.0]
+
+
+def test_boredom_leaves_negative_rewards_alone(synthetic: PreparedDataset) -> None:
+    model = fit_simulator(synthetic, SimulatorConfig(history=3, embedding_dim=8, epochs=2)).model
+    model.mu = -5.0  # every predicted reward negative
+    kw = {"policy_history": 3, "horizon": 6, "repeats": True, "quit": False}
+    returns = []
+    for b in (0.0, 1.0):
+        s = UserSimulator(model, SimulatorConfig(history=3, boredom=b), threshold=0.0)
+        returns.append(rollout(_fixed_policy([1]), s, **_users(synthetic), **kw).cumulative_reward)  # type: ignore[arg-type]
+    assert returns[0] < 0 and returns[1] == pytest.approx(returns[0])

@@ -101,6 +101,33 @@ async def test_recent_is_idempotent_by_event_id(store: OnlineStore) -> None:
     }
 
 
+async def test_equal_event_times_order_by_event_id_in_every_store(store: OnlineStore) -> None:
+    """Ties break by event id in code-point order ("ml-10" < "ml-9"), the same in every
+    store, so every store keeps the same events when it caps the list."""
+    same = [RecentItem("b", 1.0, 5, "ml-9"), RecentItem("a", 1.0, 5, "ml-10")]
+    await store.push_recent({"u": same, "v": same}, max_len=2)
+    assert (await store.get_recent(["u"], n=5))["u"] == [("a", 1.0), ("b", 1.0)]
+    await store.push_recent({"w": same}, max_len=1)
+    assert (await store.get_recent(["w"], n=5))["w"] == [("b", 1.0)]
+    long_ids = [RecentItem("x", 1.0, 5, "1234567890"), RecentItem("y", 1.0, 5, "123456789")]
+    await store.push_recent({"z": long_ids}, max_len=5)
+    assert (await store.get_recent(["z"], n=5))["z"] == [("y", 1.0), ("x", 1.0)]
+
+
+async def test_first_version_of_an_event_wins(store: OnlineStore) -> None:
+    """An event id seen again with another item or reward keeps its first version (as the
+    behaviour log does); it never becomes two entries."""
+    await store.push_recent({"u": [RecentItem("a", 1.0, 7, "e1")]}, max_len=5)
+    await store.push_recent(
+        {"u": [RecentItem("a", 2.0, 7, "e1"), RecentItem("b", 1.0, 7, "e1")]}, max_len=5
+    )
+    assert (await store.get_recent(["u"], n=5))["u"] == [("a", 1.0)]
+    await store.push_recent(
+        {"v": [RecentItem("c", 3.0, 9, "e2"), RecentItem("d", 4.0, 9, "e2")]}, max_len=5
+    )
+    assert (await store.get_recent(["v"], n=5))["v"] == [("c", 3.0)]
+
+
 async def test_empty_push_is_a_no_op(store: OnlineStore) -> None:
     await store.push_recent(as_recent({}), max_len=3)
     await store.push_recent(as_recent({"u": []}), max_len=3)
@@ -188,3 +215,21 @@ async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None
     with pytest.raises(StoreError, match="sqlite store"):
         await s.get_popular(3)
     await s.close()
+
+
+@pytest.mark.integration
+async def test_redis_recent_payloads_are_trimmed_with_the_list() -> None:
+    store = RedisStore(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+    if not await store.ping():
+        await store.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    events = [RecentItem(f"i{k}", 1.0, k, f"e{k:02d}") for k in range(10)]
+    await store.push_recent({"u": events[:6]}, max_len=4)
+    await store.push_recent({"u": events[6:]}, max_len=4)
+    ids, payloads = store._recent_keys("u")
+    assert await store._client.zcard(ids) == 4
+    try:
+        assert sorted(await store._client.hkeys(payloads)) == [b"e06", b"e07", b"e08", b"e09"]
+    finally:
+        await store.delete_all()
+        await store.close()

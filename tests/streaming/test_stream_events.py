@@ -52,7 +52,8 @@ def with_(**kw: object) -> dict[str, object]:
         (with_(ts="100"), "ts: expected integer seconds, got str '100'"),
         (with_(ts=1.5), "ts: expected integer seconds, got float 1.5"),
         (with_(ts=True), "ts: expected integer seconds, got bool True"),
-        (with_(ts=-1), "ts: out of range (0 .. 2**62), got -1"),
+        (with_(ts=-1), "ts: out of range (0 .. 2**53), got -1"),
+        (with_(ts=2**53), f"ts: out of range (0 .. 2**53), got {2**53}"),
         (
             with_(behavior="clik"),
             "behavior: unknown value 'clik' (expected one of pv, cart, fav, buy)",

@@ -91,6 +91,14 @@ def test_watermark_marks_events_older_than_running_max_minus_lateness() -> None:
     assert wm.observe(np.array([111, 105])).tolist() == [False, True]
 
 
+def test_recent_by_user_dedupes_events_and_breaks_ties_by_event_id() -> None:
+    ev = events([("u", "a", 5, 1.0), ("u", "b", 5, 1.0), ("u", "c", 5, 1.0), ("u", "d", 5, 1.0)])
+    ev = ev.with_columns(pl.Series("event_id", ["x-9", "x-10", "x-11", "x-11"]))
+    got = recent_by_user(ev, max_len=2)["u"]
+    # x-11 twice is one event (its first version, c); ties sort "x-10" < "x-11" < "x-9"
+    assert [(r.event_id, r.item) for r in got] == [("x-11", "c"), ("x-9", "a")]
+
+
 def test_watermark_without_limit_never_marks_late() -> None:
     wm = Watermark(allowed_lateness_s=None)
     assert not wm.observe(np.array([100, 0, 5])).any()

@@ -358,8 +358,6 @@ def off_policy_evaluate(
     user = dataset.user[rows].astype(np.int64)
     start = dataset.user_offsets[user]
     win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
-    consumed_offsets, consumed_rows = csr_ranges(start, rows)  # each event's earlier items
-    consumed = dataset.item[consumed_rows].astype(np.int64)
     width = dataset.n_items + 1
     pad = torch.zeros(1, dtype=torch.long)
     action = dataset.item[rows].astype(np.int64)
@@ -377,10 +375,14 @@ def off_policy_evaluate(
         # index_fill out of place: the scorer's own tensors stay as they are
         scores = policy(*args).index_fill(1, pad, float("-inf"))
         if cfg.mask_consumed:
-            c_row, c_sl = batch_rows(consumed_offsets, sl.start, sl.stop)
-            key = torch.from_numpy(c_row * width + consumed[c_sl])
+            # each event's earlier items, built per batch: all events' prefixes at once
+            # would grow with the square of the users' history lengths
+            offsets, c_rows = csr_ranges(start[sl], rows[sl])
+            c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
+            key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
             scores.view(-1).index_fill_(0, key, float("-inf"))
         items, probs = target_probs(scores, temperature=cfg.temperature, top_k=cfg.top_k)
+        probs = probs.nan_to_num(nan=0.0)  # a row with every item masked shows nothing
         a = torch.from_numpy(action[sl])[:, None]
         p_pi[sl] = (probs * (items == a)).sum(1).double().numpy()
         log_beta[sl] = torch.log_softmax(behaviour(*args).double(), 1).gather(1, a)[:, 0].numpy()

@@ -23,7 +23,8 @@ With ``quit=True`` a user leaves after ``patience`` consecutive steps with rewar
 and again.  Users tire of that (the "boredom" of Ie et al.'s RecSim interest-evolution
 model, and of KuaiSim): the reward of a step is scaled by ``1 − boredom · max(0, cos)``,
 ``cos`` taken between the item and the most similar item recommended in the last
-``boredom_window`` steps (the response model's item vectors; a repeat has cos 1).
+``boredom_window`` steps (the response model's item vectors; a repeat has cos 1); negative
+rewards are left as they are.
 ``boredom=0`` turns it off.
 """
 
@@ -378,7 +379,9 @@ def rollout(
         a = scores.argmax(1)  # (M,)
         r = sim.respond(user, hist[:, -h_sim:], a, generator=gen)
         if sim.cfg.boredom > 0:
-            r = r * boredom_factor(unit, a, recent, boredom=sim.cfg.boredom)
+            # boredom shrinks what a step is worth; it never softens a negative reward
+            bored = r * boredom_factor(unit, a, recent, boredom=sim.cfg.boredom)
+            r = torch.where(r > 0, bored, r)
         recent = torch.cat([recent[:, 1:], a[:, None]], 1)
         items[:, t], rewards[:, t], alive[:, t] = a, r, active
         shown[rows, a] = True

@@ -50,9 +50,10 @@ def merge_recent(
     old: Sequence[RecentItem], new: Sequence[RecentItem], *, max_len: int
 ) -> list[RecentItem]:
     """``old`` and ``new`` as one list ordered by (ts, event_id), one entry per event id (the
-    newer push wins), the last ``max_len`` — the reference behaviour of every store."""
-    by_id = {r.event_id: r for r in old}
-    by_id.update((r.event_id, r) for r in new)
+    first version wins, as in the behaviour log), the last ``max_len`` — the reference
+    behaviour of every store."""
+    by_id = {r.event_id: r for r in reversed(new)}
+    by_id.update((r.event_id, r) for r in old)
     return sorted(by_id.values(), key=lambda r: (r.ts, r.event_id))[-max_len:]
 
 
@@ -187,18 +188,42 @@ class MemoryStore:
 # ----------------------------------------------------------------------------- redis
 
 
-def _encode_recent(r: RecentItem) -> bytes:
-    # "len(event_id) event_id reward item": the event id leads, so equal event times order by
-    # it and a redelivered event is the same member; a float's repr has no space, and the
+def _encode_recent(item: str, reward: float) -> bytes:
+    # "reward item": a float's repr has no space, so the first space splits it off, and the
     # item id may hold anything (spaces included) without JSON's cost per entry.
-    return f"{len(r.event_id)} {r.event_id} {float(r.reward)!r} {r.item}".encode()
+    return f"{float(reward)!r} {item}".encode()
 
 
 def _decode_recent(raw: bytes) -> Scored:
-    text = raw.decode()
-    size, rest = text.split(" ", 1)
-    reward, item = rest[int(size) + 1 :].split(" ", 1)
+    reward, item = raw.decode().split(" ", 1)
     return item, float(reward)
+
+
+# Per user, a sorted set of event ids scored by event time and a hash event id → "reward
+# item".  Equal scores order by member bytes, i.e. by event id in code-point order, as
+# merge_recent sorts; the first version of an event id wins (HSETNX), as in the log.
+RECENT_PUSH_SCRIPT = """
+local n = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local extra = redis.call('ZCARD', KEYS[1]) - n
+if extra > 0 then
+  local gone = redis.call('ZRANGE', KEYS[1], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1)
+  for j = 1, #gone, 1000 do
+    redis.call('HDEL', KEYS[2], unpack(gone, j, math.min(j + 999, #gone)))
+  end
+end
+return 0
+"""
+RECENT_READ_SCRIPT = """
+local ids = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(ids))
+"""
 
 
 def _dump_scored(items: Sequence[Scored]) -> bytes:
@@ -211,14 +236,18 @@ def _load_scored(raw: bytes | str) -> list[Scored]:
 
 RECENT_KEY = "recent_ts"
 """Redis key kind of the recent sets (``<prefix>recent_ts:<user>``)."""
+RECENT_EVENTS_KEY = "recent_ev"
+"""Redis key kind of the recent events' payloads (``<prefix>recent_ev:<user>``)."""
 
 
 class RedisStore:
-    """Redis keys under ``prefix``: ``recent_ts:<user>`` (sorted set, scored by event time),
-    ``popular`` (JSON string), ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
+    """Redis keys under ``prefix``: ``recent_ts:<user>`` (sorted set of event ids scored by
+    event time) with ``recent_ev:<user>`` (hash event id → reward and item), ``popular``
+    (JSON string), ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
 
-    Batched writes and reads go through one non-transactional pipeline (one round trip);
-    recent sets are capped with ZADD + ZREMRANGEBYRANK.  Commands fail fast (``retries`` = 0
+    Batched writes and reads go through one non-transactional pipeline (one round trip); a
+    user's recent list is added to, capped and read by two small Lua scripts, so each is
+    atomic.  Commands fail fast (``retries`` = 0
     by default) so that a service can fall back instead of waiting on a dead server.
     """
 
@@ -248,6 +277,11 @@ class RedisStore:
             )
         except ValueError as exc:
             raise ConfigError(f"store url {url!r}: {exc}") from None
+        self._push_recent = self._client.register_script(RECENT_PUSH_SCRIPT)
+        self._get_recent = self._client.register_script(RECENT_READ_SCRIPT)
+
+    def _recent_keys(self, user: str) -> list[str]:
+        return [self._key(RECENT_KEY, user), self._key(RECENT_EVENTS_KEY, user)]
 
     def _key(self, kind: str, user: str | None = None) -> str:
         return f"{self.prefix}{kind}" if user is None else f"{self.prefix}{kind}:{user}"
@@ -266,12 +300,13 @@ class RedisStore:
         _check_max_len(max_len)
         pipe = self._client.pipeline(transaction=False)
         count = 0
-        for user, pairs in events.items():
-            if not pairs:
+        for user, items in events.items():
+            if not items:
                 continue
-            key = self._key(RECENT_KEY, user)
-            pipe.zadd(key, {_encode_recent(RecentItem(*r)): int(r[2]) for r in pairs})
-            pipe.zremrangebyrank(key, 0, -max_len - 1)
+            args: list[Any] = [max_len]
+            for r in items:
+                args += [int(r.ts), str(r.event_id), _encode_recent(r.item, r.reward)]
+            await self._push_recent(keys=self._recent_keys(user), args=args, client=pipe)
             count += 1
         if count:
             await self._run("push_recent", pipe.execute)
@@ -280,12 +315,12 @@ class RedisStore:
         if n <= 0 or not users:
             return {u: [] for u in users}
         if len(users) == 1:
-            key = self._key(RECENT_KEY, users[0])
-            raw = await self._run("get_recent", lambda: self._client.zrange(key, -n, -1))
+            keys = self._recent_keys(users[0])
+            raw = await self._run("get_recent", lambda: self._get_recent(keys=keys, args=[n]))
             return {users[0]: [_decode_recent(x) for x in raw]}
         pipe = self._client.pipeline(transaction=False)
         for u in users:
-            pipe.zrange(self._key(RECENT_KEY, u), -n, -1)
+            await self._get_recent(keys=self._recent_keys(u), args=[n], client=pipe)
         lists = await self._run("get_recent", pipe.execute)
         return {u: [_decode_recent(x) for x in raw] for u, raw in zip(users, lists, strict=True)}
 

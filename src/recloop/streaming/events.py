@@ -6,7 +6,8 @@ One event is one JSON object::
      "behavior": "pv", "rating": 3.0, "reward": 1.0}
 
 ``event_id``, ``user_id`` and ``item_id`` are non-empty strings of at most
-:data:`MAX_ID_LEN` characters, ``ts`` is the event time in whole seconds (an integer >= 0);
+:data:`MAX_ID_LEN` characters, ``ts`` is the event time in whole seconds (an integer in
+[0, 2**53): the online stores order by it as a double);
 ``behavior`` (one of pv, cart, fav, buy), ``rating`` and ``reward`` (finite numbers) are
 optional, and ``null`` means absent.  Unknown fields are ignored, so producers may add some.
 
@@ -161,11 +162,11 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
             )
         if k == "ts":
             ints = [x for x in v if type(x) is int]
-            if ints and (min(ints) < 0 or max(ints) >= 2**62):
+            if ints and (min(ints) < 0 or max(ints) >= 2**53):
                 flag(
-                    (i, f"ts: out of range (0 .. 2**62), got {x!r}")
+                    (i, f"ts: out of range (0 .. 2**53), got {x!r}")
                     for i, x in enumerate(v)
-                    if type(x) is int and not 0 <= x < 2**62
+                    if type(x) is int and not 0 <= x < 2**53
                 )
             continue
         lengths = np.fromiter((len(x) if type(x) is str else 1 for x in v), np.int64, n)

@@ -134,12 +134,13 @@ class Watermark:
 
 def recent_by_user(events: pl.DataFrame, *, max_len: int) -> dict[str, list[RecentItem]]:
     """Each user's events of this batch as :class:`RecentItem` (item, reward, ts, event id),
-    oldest first by event time, the last ``max_len`` only — the argument of
-    ``OnlineStore.push_recent``, which orders and dedupes them against what it holds."""
+    one per event id (its first occurrence), ordered by (ts, event id) as the stores order
+    them, the last ``max_len`` only — the argument of ``OnlineStore.push_recent``."""
     if events.height == 0:
         return {}
     grouped = (
         events.with_columns(event_rewards(events).alias("_reward"))
+        .unique("event_id", keep="first", maintain_order=True)
         .sort("ts", "event_id")
         .group_by("user_id", maintain_order=True)
         .agg(

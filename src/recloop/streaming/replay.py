@@ -67,8 +67,9 @@ def replay_events(ds: PreparedDataset, *, limit: int | None = None) -> pl.DataFr
     """The dataset's events as bus events (:data:`EVENT_SCHEMA`), oldest first.
 
     Ties in time keep the dataset's row order; ``event_id`` is ``<tag>-<row>`` with the row in
-    events.parquet.  ``behavior`` and ``rating`` come from the dataset's extra columns when
-    it has them.
+    events.parquet, zero-padded so that the ids of events at the same time sort in row order
+    (the online stores break event-time ties by event id).  ``behavior`` and ``rating`` come
+    from the dataset's extra columns when it has them.
     """
     order = np.argsort(ds.timestamp, kind="stable")
     if limit is not None:
@@ -90,8 +91,9 @@ def replay_events(ds: PreparedDataset, *, limit: int | None = None) -> pl.DataFr
     if "rating" in ds.extra:
         cols["rating"] = pl.Series("rating", ds.extra["rating"][order]).cast(pl.Float64)
     tag = dataset_tag(ds)
+    width = len(str(max(ds.n_events - 1, 0)))
     frame = pl.DataFrame(cols).with_columns(
-        pl.concat_str(pl.lit(f"{tag}-"), pl.col("event_id")).alias("event_id")
+        pl.concat_str(pl.lit(f"{tag}-"), pl.col("event_id").str.zfill(width)).alias("event_id")
     )
     return frame.select(list(EVENT_SCHEMA))
 
