@@ -60,7 +60,9 @@ class OPEConfig:
     """The target policy samples from its K best items; None = the whole catalogue."""
     mask_consumed: bool = True
     """Evaluate the policy as served: items the user consumed before the event are removed
-    from its scores (the service excludes them), so a repeat of one gets pi = 0."""
+    from its scores (the service excludes them), so a repeat of one gets pi = 0.  All of the
+    user's earlier items are masked; the service masks the ones its store holds (the last
+    ``consumed_len``, 100 by default), which differs only for users with longer histories."""
     weight_cap: float | None = 100.0
     """Importance weights are clipped at this value; None = no clipping."""
     behaviour: str = "auto"
