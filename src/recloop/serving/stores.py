@@ -199,6 +199,11 @@ def _decode_recent(raw: bytes) -> Scored:
     return item, float(reward)
 
 
+def _decode_all(raw: Sequence[bytes | None]) -> list[Scored]:
+    # None: a payload deleted by hand behind the sorted set's back; the event is skipped
+    return [_decode_recent(x) for x in raw if x is not None]
+
+
 # Per user, a sorted set of event ids scored by event time and a hash event id → "reward
 # item".  Equal scores order by member bytes, i.e. by event id in code-point order, as
 # merge_recent sorts; the first version of an event id wins (HSETNX), as in the log.
@@ -317,12 +322,12 @@ class RedisStore:
         if len(users) == 1:
             keys = self._recent_keys(users[0])
             raw = await self._run("get_recent", lambda: self._get_recent(keys=keys, args=[n]))
-            return {users[0]: [_decode_recent(x) for x in raw]}
+            return {users[0]: _decode_all(raw)}
         pipe = self._client.pipeline(transaction=False)
         for u in users:
             await self._get_recent(keys=self._recent_keys(u), args=[n], client=pipe)
         lists = await self._run("get_recent", pipe.execute)
-        return {u: [_decode_recent(x) for x in raw] for u, raw in zip(users, lists, strict=True)}
+        return {u: _decode_all(raw) for u, raw in zip(users, lists, strict=True)}
 
     async def set_popular(self, items: Sequence[Scored]) -> None:
         blob = _dump_scored(items)
