@@ -192,6 +192,7 @@ art = load_artifact(os.environ["BASELINE_ARTIFACT"])
 policy, H = art.policy, art.history_len
 url, prefix = os.environ.get("BASELINE_REDIS"), os.environ.get("BASELINE_PREFIX", "")
 r = aioredis.from_url(url) if url else None
+read_recent = r.register_script(RECENT_READ_SCRIPT) if r is not None else None  # EVALSHA
 
 
 class Req(BaseModel):
@@ -224,9 +225,10 @@ async def recommend(req: Req) -> dict:
     if r is not None:
         # the store's layout, read in one round trip as recloop does; "reward item" payloads,
         # bench ids are their own indices
-        keys = [f"{prefix}{RECENT_KEY}:{req.user_id}", f"{prefix}{RECENT_EVENTS_KEY}:{req.user_id}"]
-        raw = await r.eval(RECENT_READ_SCRIPT, 2, *keys, H)
-        hist = [int(x.split(b" ", 1)[1]) for x in raw]
+        u = "{" + str(req.user_id) + "}"
+        keys = [f"{prefix}{RECENT_KEY}:{u}", f"{prefix}{RECENT_EVENTS_KEY}:{u}"]
+        raw = await read_recent(keys=keys, args=[H])
+        hist = [int(x.split(b" ", 1)[1]) for x in raw if x is not None]
     h = torch.tensor([[0] * (H - len(hist)) + hist])
     with torch.inference_mode():
         s = policy(torch.tensor([req.user_id]), h, (h != 0).float())

@@ -233,3 +233,26 @@ async def test_redis_recent_payloads_are_trimmed_with_the_list() -> None:
     finally:
         await store.delete_all()
         await store.close()
+
+
+@pytest.mark.integration
+async def test_redis_recent_survives_a_script_flush_and_long_lists() -> None:
+    """Scripts lost by the server are loaded again; a list longer than Lua's unpack limit
+    (about 8,000 values) is read in chunks."""
+    store = RedisStore(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+    if not await store.ping():
+        await store.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    try:
+        many = [RecentItem(f"i{k}", 1.0, k, f"e{k:05d}") for k in range(9000)]
+        await store._client.script_flush()
+        await store.push_recent({"u": many, "v": many[:2]}, max_len=9000)
+        await store._client.script_flush()
+        got = await store.get_recent(["u", "v"], n=9000)
+        assert [i for i, _ in got["u"]] == [f"i{k}" for k in range(9000)]
+        assert got["v"] == [("i0", 1.0), ("i1", 1.0)]
+        await store._client.script_flush()
+        assert (await store.get_recent(["v"], n=1)) == {"v": [("i1", 1.0)]}
+    finally:
+        await store.delete_all()
+        await store.close()

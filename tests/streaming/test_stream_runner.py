@@ -181,6 +181,27 @@ async def test_reclaimed_redelivery_is_logged_and_counted_once(
         assert [i for i, _ in got] == items
 
 
+async def test_recent_lists_only_get_events_as_the_log_holds_them(
+    names: dict[str, str], tmp_path: Path
+) -> None:
+    """A logged id reused by another event (other user, item or time) stays out of the
+    recent lists, as it stays out of the log; an exact redelivery goes in (once)."""
+    bus = MemoryBus(stream=names["stream"])
+    log = BehaviorLog(f"sqlite:///{tmp_path / 'log.db'}")
+    store = MemoryStore()
+    s = settings(names, allowed_lateness_s=None, recent_len=5)
+    await bus.publish(encode_events(rows([("e1", "u1", "a", 10, 1.0)])))
+    await run_worker_async(s, bus=bus, store=store, log=log)
+    second = rows(
+        [("e1", "u2", "b", 20, 1.0), ("e1", "u1", "a", 10, 1.0), ("e2", "u2", "c", 30, 1.0)]
+    )
+    await bus.publish(encode_events(second))
+    stats = await run_worker_async(s, bus=bus, store=store, log=log)
+    assert stats.duplicates == 2 and log.count() == 2
+    got = await store.get_recent(["u1", "u2"], n=5)
+    assert got == {"u1": [("a", 1.0)], "u2": [("c", 1.0)]}
+
+
 async def test_late_events_are_logged_counted_and_left_out_of_popular(
     names: dict[str, str], tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ the last ``max_len`` events by event time.  Failures to reach the backend raise
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -226,9 +227,17 @@ return 0
 """
 RECENT_READ_SCRIPT = """
 local ids = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-if #ids == 0 then return {} end
-return redis.call('HMGET', KEYS[2], unpack(ids))
+local out = {}
+for j = 1, #ids, 1000 do
+  local part = redis.call('HMGET', KEYS[2], unpack(ids, j, math.min(j + 999, #ids)))
+  for k = 1, #part do out[#out + 1] = part[k] end
+end
+return out
 """
+_SHA = {
+    script: hashlib.sha1(script.encode()).hexdigest()
+    for script in (RECENT_PUSH_SCRIPT, RECENT_READ_SCRIPT)
+}
 
 
 def _dump_scored(items: Sequence[Scored]) -> bytes:
@@ -240,19 +249,19 @@ def _load_scored(raw: bytes | str) -> list[Scored]:
 
 
 RECENT_KEY = "recent_ts"
-"""Redis key kind of the recent sets (``<prefix>recent_ts:<user>``)."""
+"""Redis key kind of the recent sets (``<prefix>recent_ts:{<user>}``)."""
 RECENT_EVENTS_KEY = "recent_ev"
-"""Redis key kind of the recent events' payloads (``<prefix>recent_ev:<user>``)."""
+"""Redis key kind of the recent events' payloads (``<prefix>recent_ev:{<user>}``)."""
 
 
 class RedisStore:
-    """Redis keys under ``prefix``: ``recent_ts:<user>`` (sorted set of event ids scored by
-    event time) with ``recent_ev:<user>`` (hash event id → reward and item), ``popular``
+    """Redis keys under ``prefix``: ``recent_ts:{<user>}`` (sorted set of event ids scored by
+    event time) with ``recent_ev:{<user>}`` (hash event id → reward and item), ``popular``
     (JSON string), ``recs:<user>`` (JSON string ``{"model_version", "items"}``).
 
     Batched writes and reads go through one non-transactional pipeline (one round trip); a
-    user's recent list is added to, capped and read by two small Lua scripts, so each is
-    atomic.  Commands fail fast (``retries`` = 0
+    user's recent list is added to, capped and read by two small Lua scripts (``EVALSHA``,
+    loaded on demand), so each is atomic.  Commands fail fast (``retries`` = 0
     by default) so that a service can fall back instead of waiting on a dead server.
     """
 
@@ -282,11 +291,31 @@ class RedisStore:
             )
         except ValueError as exc:
             raise ConfigError(f"store url {url!r}: {exc}") from None
-        self._push_recent = self._client.register_script(RECENT_PUSH_SCRIPT)
-        self._get_recent = self._client.register_script(RECENT_READ_SCRIPT)
 
     def _recent_keys(self, user: str) -> list[str]:
-        return [self._key(RECENT_KEY, user), self._key(RECENT_EVENTS_KEY, user)]
+        # {user} is a Redis Cluster hash tag: a user's two keys share a slot, as the scripts
+        # that touch both require.
+        return [self._key(RECENT_KEY, f"{{{user}}}"), self._key(RECENT_EVENTS_KEY, f"{{{user}}}")]
+
+    async def _scripts(
+        self, what: str, script: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """``EVALSHA script`` once per (keys, args), pipelined in one round trip; when the
+        server has lost the script (restart, SCRIPT FLUSH) it is loaded and the pipeline run
+        again (both scripts are idempotent)."""
+        from redis.exceptions import NoScriptError
+
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(_SHA[script], len(keys), *keys, *args)
+            try:
+                return list(await self._run(what, pipe.execute))
+            except StoreError as exc:
+                if attempt or not isinstance(exc.__cause__, NoScriptError):
+                    raise
+            await self._run(what, lambda: self._client.script_load(script))
+        raise AssertionError("unreachable")
 
     def _key(self, kind: str, user: str | None = None) -> str:
         return f"{self.prefix}{kind}" if user is None else f"{self.prefix}{kind}:{user}"
@@ -303,30 +332,22 @@ class RedisStore:
         self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
     ) -> None:
         _check_max_len(max_len)
-        pipe = self._client.pipeline(transaction=False)
-        count = 0
+        calls: list[tuple[list[str], list[Any]]] = []
         for user, items in events.items():
             if not items:
                 continue
             args: list[Any] = [max_len]
             for r in items:
                 args += [int(r.ts), str(r.event_id), _encode_recent(r.item, r.reward)]
-            await self._push_recent(keys=self._recent_keys(user), args=args, client=pipe)
-            count += 1
-        if count:
-            await self._run("push_recent", pipe.execute)
+            calls.append((self._recent_keys(user), args))
+        if calls:
+            await self._scripts("push_recent", RECENT_PUSH_SCRIPT, calls)
 
     async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
         if n <= 0 or not users:
             return {u: [] for u in users}
-        if len(users) == 1:
-            keys = self._recent_keys(users[0])
-            raw = await self._run("get_recent", lambda: self._get_recent(keys=keys, args=[n]))
-            return {users[0]: _decode_all(raw)}
-        pipe = self._client.pipeline(transaction=False)
-        for u in users:
-            await self._get_recent(keys=self._recent_keys(u), args=[n], client=pipe)
-        lists = await self._run("get_recent", pipe.execute)
+        calls = [(self._recent_keys(u), [n]) for u in users]
+        lists = await self._scripts("get_recent", RECENT_READ_SCRIPT, calls)
         return {u: _decode_all(raw) for u, raw in zip(users, lists, strict=True)}
 
     async def set_popular(self, items: Sequence[Scored]) -> None:

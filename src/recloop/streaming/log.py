@@ -373,6 +373,23 @@ class BehaviorLog:
 
     # -- recommendation history ------------------------------------------------------
 
+    def as_logged(self, events: pl.DataFrame) -> pl.DataFrame:
+        """The rows of ``events`` the log holds exactly so (same id, user, item and time):
+        a redelivered event passes, another event reusing a logged id does not."""
+        self.create_schema()
+        key = ["event_id", "user_id", "item_id", "ts"]
+        if events.height == 0:
+            return events
+        t = self.tables.behavior
+        ids = events["event_id"].unique().to_list()
+        rows: list[tuple[Any, ...]] = []
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 1000):
+                q = sa.select(*[t.c[c] for c in key]).where(t.c.event_id.in_(ids[i : i + 1000]))
+                rows += [tuple(r) for r in conn.execute(q).all()]
+        logged = pl.DataFrame(rows, schema={k: events.schema[k] for k in key}, orient="row")
+        return events.join(logged, on=key, how="semi", maintain_order="left")
+
     def previous_lists(self, users: Sequence[str]) -> pl.DataFrame:
         """Each user's latest logged list as (user_id, item_id) rows (users without one are
         absent)."""

@@ -67,7 +67,7 @@ from recloop.streaming.events import (
     encode_events,
     parse_batch,
 )
-from recloop.streaming.log import BehaviorLog, is_transient
+from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
 from recloop.streaming.operators import (
     IdIndex,
     Watermark,
@@ -368,18 +368,25 @@ class StreamProcessor:
             )
         if result.counted:
             self._popular_dirty = True
-        # Every event of the batch, not only the newly logged ones: the store dedupes by
-        # event id, so a batch redelivered after a crash between the log and the store
-        # still reaches the recent lists.
-        recent = recent_by_user(events, max_len=s.recent_len)
-        await self._cache_step(
-            "recent items", lambda: self.store.push_recent(recent, max_len=s.recent_len), ids
-        )
+        await self._cache_step("recent items", lambda: self._push_recent(events, result), ids)
         new = result.new
         if new.height == 0:
             return
         if self.recommender is not None:
             await self._cache_step("recommendations", lambda: self._refresh(new, ids), ids)
+
+    async def _push_recent(self, events: pl.DataFrame, result: AppendResult) -> None:
+        """The batch's events as the log holds them onto the recent lists: the new ones, and
+        the duplicates the log holds exactly so (a batch redelivered after a crash between
+        the log and the store still reaches the lists; the store dedupes by event id),
+        never an event whose id the log gave to another one."""
+        logged = result.new
+        if result.duplicates:
+            seen = events.join(logged.select("event_id"), on="event_id", how="anti")
+            again = await asyncio.to_thread(self.log.as_logged, seen)
+            logged = pl.concat([logged, again])
+        n = self.settings.recent_len
+        await self.store.push_recent(recent_by_user(logged, max_len=n), max_len=n)
 
     async def _cache_step(
         self, what: str, fn: Callable[[], Awaitable[Any]], ids: Sequence[str]
