@@ -83,3 +83,17 @@ def test_torchscript_matches_pytorch(tmp_path: Path) -> None:
         loaded = torch.jit.load(str(path))
     user, history, reward = example_inputs(p, batch=6, seed=3)
     torch.testing.assert_close(loaded(user, history, reward), p(user, history, reward))
+
+
+def test_check_onnx_relative_scales_by_the_largest_score(tmp_path: Path) -> None:
+    p = policy()
+    with torch.no_grad():
+        for w in p.head.parameters():
+            w.mul_(1000.0)  # scores in the thousands, as Q-values can be
+    path = export_onnx(p, tmp_path / "p.onnx")
+    absolute, relative = check_onnx(path, p), check_onnx(path, p, relative=True)
+    assert relative <= absolute
+    assert relative < 1e-5
+    with torch.no_grad():
+        p.item_embedding.weight.add_(1.0)
+    assert check_onnx(path, p, relative=True) > 1e-3

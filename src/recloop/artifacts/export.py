@@ -147,8 +147,11 @@ def check_onnx(
     *,
     batch: int = 7,
     seed: int = 1,
+    relative: bool = False,
 ) -> float:
-    """Max absolute difference between onnxruntime and PyTorch scores on random inputs.
+    """Max absolute difference between onnxruntime and PyTorch scores on random inputs
+    (with ``relative``: divided by max(1, the largest finite |score|), so that policies with
+    large scores, e.g. Q-values, are judged by the same tolerance).
 
     Uses a batch size other than the traced one, so a graph that froze the batch fails.
     -inf entries (the padding column) must match exactly and count as 0.  Needs
@@ -175,4 +178,7 @@ def check_onnx(
     if not (np.array_equal(inf_e, inf_g) and np.array_equal(expected[inf_e], got[inf_g])):
         raise ArtifactError(f"{path}: ONNX scores differ from PyTorch in their -inf entries")
     finite = ~inf_e
-    return float(np.abs(got[finite] - expected[finite]).max()) if finite.any() else 0.0
+    if not finite.any():
+        return 0.0
+    diff = float(np.abs(got[finite] - expected[finite]).max())
+    return diff / max(1.0, float(np.abs(expected[finite]).max())) if relative else diff
