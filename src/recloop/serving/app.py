@@ -157,12 +157,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
             gc.collect()
             gc.freeze()
         logger.info(
-            "serving %s (%d items, H=%d) from %s, store %s",
+            "serving %s (%d items, H=%d) from %s, store %s, inference %s",
             model.model_version,
             model.n_items,
             model.history_len,
             settings.artifact,
             type(store).__name__,
+            model.inference,
         )
         try:
             yield
