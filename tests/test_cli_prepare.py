@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def test_prepare_movielens_100k_reports_the_reference_counts(
     assert doc["splits"] == {"train": 100_000 - 2 * 943, "valid": 943, "test": 943}
     ds = PreparedDataset.load(tmp_path / "ml")
     assert ds.n_events == 100_000 and ds.manifest["config"]["split"]["mode"] == "loo"
+    # The manifest names the exact raw files it came from.
+    inputs = ds.manifest["inputs"]
+    inter = ml100k_dir / "ml-100k.inter"
+    assert inputs["ml-100k.inter"] == {
+        "bytes": inter.stat().st_size,
+        "sha256": hashlib.sha256(inter.read_bytes()).hexdigest(),
+    }
+    assert {"ml-100k.user", "ml-100k.item"} <= set(inputs)
 
 
 def test_readable_summary(

@@ -49,8 +49,19 @@ def run_prepare(
             raise ConfigError(f"unknown --format {fmt!r} (known: {', '.join(FORMATS)})")
         raw = load_raw(fmt, input_path, job.load)
     dataset = prepare(raw, job)
+    if input_path is not None:
+        dataset.manifest["inputs"] = input_fingerprints(input_path)
     dataset.save(output)
     return dataset
+
+
+def input_fingerprints(path: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the input file, or of each file directly in the input directory,
+    so a prepared dataset says exactly which raw data it came from."""
+    from recloop.data.dataset import sha256_file
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 
 
 def summary_of(dataset: PreparedDataset, output: Path, seconds: float) -> dict[str, Any]:
