@@ -87,6 +87,28 @@ def test_encode_features_aligns_codes_and_buckets() -> None:
     assert all(enc.table[c].dtype == pl.Int32 for c in ("sex", "age", "score", "shop"))
 
 
+def test_encode_features_codes_list_columns_element_by_element() -> None:
+    values = pl.Series("item", [1, 2, 3, 4])
+    id_map = frequency_ranked(np.array([0, 1, 2, 3]), 4)  # index i = raw i (ties by code)
+    table = pl.DataFrame(
+        {
+            "item": [1, 2, 3],  # raw 4 has no row
+            "genres": [["Drama", "Comedy"], [], None],
+        },
+        schema={"item": pl.Int64, "genres": pl.List(pl.String)},
+    )
+    enc = encode_features(table, key="item", values=values, id_map=id_map, cfg=FeatureConfig())
+    assert enc.table is not None
+    assert enc.table["genres"].dtype == pl.List(pl.Int32)
+    # One vocabulary over the elements (Comedy 1, Drama 2); no row / empty / null → [].
+    assert enc.table["genres"].to_list() == [[2, 1], [], [], []]
+    assert enc.columns["genres"] == {
+        "kind": "codes_list",
+        "vocab": 3,
+        "values": ["Comedy", "Drama"],
+    }
+
+
 def test_encode_features_leaves_out_id_like_text_and_dropped_columns() -> None:
     n = 300
     values = pl.Series("item", np.arange(n))

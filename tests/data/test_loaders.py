@@ -180,7 +180,8 @@ def test_recbole_atomic_files(tmp_path: Path) -> None:
     assert raw.events.rows() == [("u1", 10, 4.0, 100, "s1"), ("u2", 11, 2.5, 200, "s2")]
     assert raw.users is not None and raw.items is not None
     assert raw.users.rows() == [("u1", "24", 0.5), ("u2", "53", None)]
-    assert raw.items.rows() == [(10, "Toy Story", "1 2"), (11, "Heat", "3 4")]
+    # token_seq fields are lists of tokens; float_seq stays text
+    assert raw.items.rows() == [(10, ["Toy", "Story"], "1 2"), (11, ["Heat"], "3 4")]
     # The .inter file itself works as the path, too.
     assert load_raw("recbole", tmp_path / "toy.inter").events.height == 2
 

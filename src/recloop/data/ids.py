@@ -138,11 +138,49 @@ class EncodedFeatures:
     """Columns left out, with the reason."""
 
 
-def _encode_column(s: pl.Series, cfg: FeatureConfig) -> tuple[np.ndarray, dict[str, Any]] | str:
-    """Int32 codes (n,) and a description, or the reason the column cannot be encoded."""
+def _encode_list_column(
+    s: pl.Series, cfg: FeatureConfig
+) -> tuple[pl.Series, dict[str, Any]] | str:
+    """A list column (e.g. a movie's genres) as lists of Int32 codes, one vocabulary over
+    all elements (missing rows: empty lists)."""
+    inner = s.dtype.inner if isinstance(s.dtype, pl.List) else None
+    if inner is None or inner.is_nested():
+        return f"nested type {s.dtype} is not encoded"
+    flat = (
+        pl.DataFrame({"v": s})
+        .with_row_index("row")
+        .explode("v")
+        .filter(pl.col("v").is_not_null())
+    )
+    encoded = _encode_column(flat["v"].rename(s.name), cfg)
+    if isinstance(encoded, str):
+        return encoded
+    codes, desc = encoded
+    assert isinstance(codes, np.ndarray)
+    lists = (
+        pl.DataFrame({"row": flat["row"], "code": codes})
+        .filter(pl.col("code") > 0)
+        .group_by("row", maintain_order=True)
+        .agg("code")
+    )
+    out = (
+        pl.DataFrame({"row": np.arange(s.len(), dtype=np.uint32)})
+        .join(lists, on="row", how="left", maintain_order="left")["code"]
+        .fill_null([])
+        .cast(pl.List(pl.Int32))
+        .rename(s.name)
+    )
+    return out, {**desc, "kind": f"{desc['kind']}_list"}
+
+
+def _encode_column(
+    s: pl.Series, cfg: FeatureConfig
+) -> tuple[np.ndarray | pl.Series, dict[str, Any]] | str:
+    """Int32 codes (n,) — lists of them for a list column — and a description, or the
+    reason the column cannot be encoded."""
     dtype = s.dtype
     if dtype.is_nested():
-        return f"nested type {dtype} is not encoded"
+        return _encode_list_column(s, cfg)
     if dtype == pl.String:
         # Loaders keep untyped columns as text: blank means missing, and numbers written as
         # text are numbers.

@@ -3,12 +3,15 @@
 Tab-separated, no quoting, one typed header line such as ``user_id:token	rating:float``
 (RecBole docs, "Atomic Files").  ``user_id``, ``item_id``, ``timestamp`` and ``rating``
 become the schema's columns; every other field keeps its name without the type: float
-fields as Float64, token, token_seq and float_seq fields as strings.
+fields as Float64, token_seq fields as lists of strings (split on spaces, e.g. the genres
+of a movie), token and float_seq fields as strings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import polars as pl
 
 from recloop.data.loaders._read import Table, read_text
 from recloop.data.loaders._validate import FieldSpec, Kind, Validated, assemble, validate
@@ -72,12 +75,24 @@ def _read(
     path: Path, options: LoadOptions, *, roles: tuple[str, ...], required: tuple[str, ...]
 ) -> Validated:
     table = read_text(path, delimiter="\t", has_header=True)
-    return validate(
+    out = validate(
         table,
         _fields(table, roles, required),
         skip_bad_rows=options.skip_bad_rows,
         max_examples=options.max_examples,
     )
+    seqs = [
+        c.partition(":")[0]
+        for c in table.frame.columns
+        if c.partition(":")[2] == "token_seq" and c.partition(":")[0] not in roles
+    ]
+    if not seqs:
+        return out
+    tokens = [
+        pl.col(n).str.split(" ").list.eval(pl.element().filter(pl.element() != "")).alias(n)
+        for n in seqs
+    ]
+    return Validated(frame=out.frame.with_columns(tokens), skipped=out.skipped)
 
 
 @LOADERS.register("recbole")
