@@ -138,19 +138,14 @@ class EncodedFeatures:
     """Columns left out, with the reason."""
 
 
-def _encode_list_column(
-    s: pl.Series, cfg: FeatureConfig
-) -> tuple[pl.Series, dict[str, Any]] | str:
+def _encode_list_column(s: pl.Series, cfg: FeatureConfig) -> tuple[pl.Series, dict[str, Any]] | str:
     """A list column (e.g. a movie's genres) as lists of Int32 codes, one vocabulary over
     all elements (missing rows: empty lists)."""
     inner = s.dtype.inner if isinstance(s.dtype, pl.List) else None
     if inner is None or inner.is_nested():
         return f"nested type {s.dtype} is not encoded"
     flat = (
-        pl.DataFrame({"v": s})
-        .with_row_index("row")
-        .explode("v")
-        .filter(pl.col("v").is_not_null())
+        pl.DataFrame({"v": s}).with_row_index("row").explode("v").filter(pl.col("v").is_not_null())
     )
     encoded = _encode_column(flat["v"].rename(s.name), cfg)
     if isinstance(encoded, str):
