@@ -18,6 +18,9 @@ class GRUEncoder(EmbeddingStateEncoder):
     rather than ``pack_padded_sequence``, which does not export to ONNX.
     """
 
+    rnn_class: type[nn.GRU] | type[nn.LSTM] = nn.GRU
+    """The fused recurrent layer (:class:`~recloop.encoders.lstm.LSTMEncoder` sets LSTM)."""
+
     def __init__(
         self,
         cfg: EncoderConfig,
@@ -27,7 +30,7 @@ class GRUEncoder(EmbeddingStateEncoder):
     ) -> None:
         super().__init__(cfg, item_embedding=item_embedding, user_embedding=user_embedding)
         require_layers(cfg)
-        self.rnn = nn.GRU(
+        self.rnn = self.rnn_class(
             self.input_dim,
             cfg.hidden_dim,
             num_layers=cfg.num_layers,
@@ -41,6 +44,8 @@ class GRUEncoder(EmbeddingStateEncoder):
         seq = compact_left(history, x)
         # an explicit zero initial state keeps the batch size dynamic in the ONNX graph
         h0 = x.new_zeros(self.cfg.num_layers, x.shape[0], self.cfg.hidden_dim)
-        out, _ = self.rnn(seq.x, h0)  # (B, H, hidden)
+        # an LSTM also starts from a zero cell state
+        state = (h0, h0) if isinstance(self.rnn, nn.LSTM) else h0
+        out, _ = self.rnn(seq.x, state)  # (B, H, hidden)
         last = gather_last(out, seq.length)
         return self.finish(last, user)

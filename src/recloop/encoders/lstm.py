@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from recloop.encoders.base import ENCODERS, EncoderConfig
-from recloop.encoders.common import EmbeddingStateEncoder, compact_left, gather_last, require_layers
+from recloop.encoders.base import ENCODERS
+from recloop.encoders.gru import GRUEncoder
 
 
 @ENCODERS.register("lstm")
-class LSTMEncoder(EmbeddingStateEncoder):
+class LSTMEncoder(GRUEncoder):
     """``[user, h_L]`` where h_L is the top LSTM layer after the last real item: S = D + hidden.
 
-    The real items are moved to the front of the sequence before the LSTM runs
-    (:func:`~recloop.encoders.common.compact_left`), so the state is the same however much
-    left padding there is; an empty history gives a zero vector.  Uses the fused ``nn.LSTM``
-    rather than ``pack_padded_sequence``, which does not export to ONNX.
+    :class:`~recloop.encoders.gru.GRUEncoder` with the fused ``nn.LSTM`` (zero initial hidden
+    and cell states); everything else, padding handling included, is the same.
     """
 
-    def __init__(
-        self,
-        cfg: EncoderConfig,
-        *,
-        item_embedding: nn.Embedding,
-        user_embedding: nn.Embedding | None,
-    ) -> None:
-        super().__init__(cfg, item_embedding=item_embedding, user_embedding=user_embedding)
-        require_layers(cfg)
-        self.rnn = nn.LSTM(
-            self.input_dim,
-            cfg.hidden_dim,
-            num_layers=cfg.num_layers,
-            batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-        )
-        self.state_dim = self.user_dim + cfg.hidden_dim
-
-    def forward(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
-        x = self.inputs(history, history_reward)
-        seq = compact_left(history, x)
-        # an explicit zero initial state keeps the batch size dynamic in the ONNX graph
-        h0 = x.new_zeros(self.cfg.num_layers, x.shape[0], self.cfg.hidden_dim)
-        out, _ = self.rnn(seq.x, (h0, h0))  # (B, H, hidden)
-        last = gather_last(out, seq.length)
-        return self.finish(last, user)
+    rnn_class = nn.LSTM
