@@ -52,8 +52,9 @@ def merge_recent(
 ) -> list[RecentItem]:
     """``old`` and ``new`` as one list ordered by (ts, event_id), one entry per event id (the
     first version wins, as in the behaviour log), the last ``max_len`` — the reference
-    behaviour of every store."""
-    by_id = {r.event_id: r for r in reversed(new)}
+    behaviour of every store.  ``new`` entries are coerced to their field types."""
+    typed = [RecentItem(str(i), float(r), int(t), str(e)) for i, r, t, e in new]
+    by_id = {r.event_id: r for r in reversed(typed)}
     by_id.update((r.event_id, r) for r in old)
     return sorted(by_id.values(), key=lambda r: (r.ts, r.event_id))[-max_len:]
 
@@ -155,8 +156,7 @@ class MemoryStore:
     ) -> None:
         _check_max_len(max_len)
         for user, items in events.items():
-            new = [RecentItem(str(i), float(r), int(t), str(e)) for i, r, t, e in items]
-            self._recent[user] = merge_recent(self._recent.get(user, []), new, max_len=max_len)
+            self._recent[user] = merge_recent(self._recent.get(user, []), items, max_len=max_len)
 
     async def get_recent(self, users: Sequence[str], *, n: int) -> dict[str, list[Scored]]:
         if n <= 0:
@@ -483,7 +483,7 @@ class SqliteStore:
             for user, items in events.items():
                 merged = merge_recent(
                     [RecentItem(*x) for x in old.get(user, [])],
-                    [RecentItem(str(i), float(r), int(t), str(e)) for i, r, t, e in items],
+                    items,
                     max_len=max_len,
                 )
                 rows.append((user, orjson.dumps([list(r) for r in merged]).decode()))
