@@ -213,16 +213,13 @@ class BCQ(Algo[BCQConfig]):
         action = self.head.perturb(s, sampled)
         with frozen(self.critic):
             q_pi = self.critic.q1(s, action)
-        bc = (
-            behaviour_cloning(
-                action,
-                batch.action,
-                item_weight=item_weight.detach(),
-                kind=cfg.bc_loss,
-                cosine=self.head.cosine,
-            )
-            if cfg.bc_weight > 0
-            else q_pi.new_zeros(())
+        bc = behaviour_cloning(
+            action,
+            batch.action,
+            item_weight=item_weight.detach(),
+            kind=cfg.bc_loss,
+            cosine=self.head.cosine,
+            enabled=cfg.bc_weight > 0,
         )
         actor_loss = td3_bc_actor_loss(q_pi=q_pi, bc=bc, bc_weight=cfg.bc_weight)
         optimizer_step(self.actor_opt, actor_loss, grad_clip=cfg.grad_clip)

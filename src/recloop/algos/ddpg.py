@@ -96,13 +96,22 @@ class DDPGStats(UpdateStats):
 
 
 def behaviour_cloning(
-    action: Tensor, logged: Tensor, *, item_weight: Tensor, kind: str, cosine: bool
+    action: Tensor,
+    logged: Tensor,
+    *,
+    item_weight: Tensor,
+    kind: str,
+    cosine: bool,
+    enabled: bool = True,
 ) -> Tensor:
     """BC loss of actor points ``action`` (B, D) against logged item indices ``logged`` (B,).
 
     ``ce``: cross-entropy over the real items (padding column dropped) of the item scores
     sim(action, e_i); ``mse``: squared distance to the logged item's (detached) embedding.
+    Not ``enabled`` (a zero ``bc_weight``): a zero, without scoring the catalogue.
     """
+    if not enabled:
+        return action.new_zeros(())
     if kind == "mse":
         return F.mse_loss(action, item_weight[logged].detach())
     scores = score_items(action, item_weight[1:], cosine=cosine)  # (B, N)
@@ -158,16 +167,13 @@ class DDPG(Algo[DDPGConfig]):
         action = self.actor.action(state)  # (B, D)
         with frozen(self.critic):
             q_pi = self.critic(state.detach(), action)
-        bc = (
-            behaviour_cloning(
-                action,
-                batch.action,
-                item_weight=item_weight,
-                kind=cfg.bc_loss,
-                cosine=self.actor.cosine,
-            )
-            if cfg.bc_weight > 0
-            else q_pi.new_zeros(())
+        bc = behaviour_cloning(
+            action,
+            batch.action,
+            item_weight=item_weight,
+            kind=cfg.bc_loss,
+            cosine=self.actor.cosine,
+            enabled=cfg.bc_weight > 0,
         )
         actor_loss = td3_bc_actor_loss(q_pi=q_pi, bc=bc, bc_weight=cfg.bc_weight)
         optimizer_step(self.actor_opt, actor_loss, grad_clip=cfg.grad_clip)

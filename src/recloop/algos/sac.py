@@ -352,16 +352,13 @@ class SACContinuous(Algo[SACContinuousConfig]):
         with frozen(self.critic):
             q1_pi, q2_pi = self.critic(s, action)
         q_pi = torch.minimum(q1_pi, q2_pi)
-        bc = (
-            behaviour_cloning(
-                self.actor.action(state),  # the action it serves: tanh(μ(s))
-                batch.action,
-                item_weight=self.policy.item_embedding.weight,
-                kind="ce",
-                cosine=self.actor.cosine,
-            )
-            if cfg.bc_weight > 0
-            else q_pi.new_zeros(())
+        bc = behaviour_cloning(
+            self.actor.action(state),  # the action it serves: tanh(μ(s))
+            batch.action,
+            item_weight=self.policy.item_embedding.weight,
+            kind="ce",
+            cosine=self.actor.cosine,
+            enabled=cfg.bc_weight > 0,
         )
         policy_loss = bc_regularised(
             (alpha * logp - q_pi).mean(), q=q_pi, bc=bc, bc_weight=cfg.bc_weight

@@ -171,16 +171,13 @@ class TD3(Algo[TD3Config]):
             action = self.actor.action(state)
             with frozen(self.critic):
                 q_pi = self.critic.q1(s, action)
-            bc = (
-                behaviour_cloning(
-                    action,
-                    batch.action,
-                    item_weight=item_weight,
-                    kind=cfg.bc_loss,
-                    cosine=self.actor.cosine,
-                )
-                if cfg.bc_weight > 0
-                else q_pi.new_zeros(())
+            bc = behaviour_cloning(
+                action,
+                batch.action,
+                item_weight=item_weight,
+                kind=cfg.bc_loss,
+                cosine=self.actor.cosine,
+                enabled=cfg.bc_weight > 0,
             )
             actor_loss = td3_bc_actor_loss(q_pi=q_pi, bc=bc, bc_weight=cfg.bc_weight)
             optimizer_step(self.actor_opt, actor_loss, grad_clip=cfg.grad_clip)
