@@ -110,7 +110,7 @@ def test_dr_exact_with_exact_reward_model() -> None:
 
 def test_target_probs_top_k_softmax() -> None:
     scores = torch.tensor([[float("-inf"), 1.0, 3.0, 2.0]])
-    items, probs = target_probs(scores, temperature=1.0, top_k=2)
+    items, probs = target_probs(scores, temperature=1.0, top_k=2, row_keys=torch.zeros(1))
     assert items.tolist() == [[2, 3]]
     e = math.exp(1.0)
     np.testing.assert_allclose(probs.numpy(), [[e / (e + 1), 1 / (e + 1)]], rtol=1e-6)

@@ -141,7 +141,7 @@ def test_rollouts_deterministic_by_seed(synthetic: PreparedDataset) -> None:
 
 
 def test_no_repeat_mode_never_repeats(synthetic: PreparedDataset, sim: UserSimulator) -> None:
-    fixed = _fixed_policy([1, 2, 3])
+    fixed = _fixed_policy(list(range(1, 11)))  # a strict order: no ties to break
     kw = {"policy_history": 3, "horizon": 10, "quit": False}
     no_rep = rollout(fixed, sim, **_users(synthetic), repeats=False, **kw)  # type: ignore[arg-type]
     rep = rollout(fixed, sim, **_users(synthetic), repeats=True, **kw)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from recloop.config import config_from_dict, config_to_dict
 from recloop.data.dataset import read_ids, sha256_file, write_ids
 from recloop.encoders.base import EncoderConfig
 from recloop.errors import ArtifactError, RecloopError
+from recloop.ranking import topk
 
 FORMAT_VERSION = 1
 ARTIFACT_DIR = "artifact"
@@ -119,8 +120,7 @@ class Artifact:
         scores = self.policy(user, history, history_reward)
         if exclude is not None:
             scores = scores.masked_fill(exclude, float("-inf"))
-        n = min(n, self.n_items)
-        top = torch.topk(scores, n, dim=1)
+        top = topk(scores, min(n, self.n_items), row_keys=user)
         return top.indices, top.values
 
 

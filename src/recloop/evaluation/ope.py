@@ -43,6 +43,7 @@ from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
 from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.errors import DataError
 from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
+from recloop.ranking import topk
 
 logger = logging.getLogger(__name__)
 
@@ -332,11 +333,16 @@ class OPEReport:
         }
 
 
-def target_probs(scores: Tensor, *, temperature: float, top_k: int | None) -> tuple[Tensor, Tensor]:
-    """pi as (items (B, K), probs (B, K)): softmax(scores / T) over the top K of each row."""
+def target_probs(
+    scores: Tensor, *, temperature: float, top_k: int | None, row_keys: Tensor
+) -> tuple[Tensor, Tensor]:
+    """pi as (items (B, K), probs (B, K)): softmax(scores / T) over the top K of each row.
+
+    ``row_keys`` (B,) (the user index) seeds the tie-break of :func:`recloop.ranking.topk`.
+    """
     k = scores.shape[1] if top_k is None else min(top_k, scores.shape[1])
-    values, items = torch.topk(scores, k, dim=1)
-    return items, torch.softmax(values / temperature, dim=1)
+    ranked = topk(scores, k, row_keys=row_keys)
+    return ranked.indices, torch.softmax(ranked.values / temperature, dim=1)
 
 
 @torch.no_grad()
@@ -383,7 +389,9 @@ def off_policy_evaluate(
             c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
             key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
             scores.view(-1).index_fill_(0, key, float("-inf"))
-        items, probs = target_probs(scores, temperature=cfg.temperature, top_k=cfg.top_k)
+        items, probs = target_probs(
+            scores, temperature=cfg.temperature, top_k=cfg.top_k, row_keys=args[0]
+        )
         probs = probs.nan_to_num(nan=0.0)  # a row with every item masked shows nothing
         a = torch.from_numpy(action[sl])[:, None]
         p_pi[sl] = (probs * (items == a)).sum(1).double().numpy()

@@ -10,12 +10,16 @@ event in S:
   time cut;
 - **consumed**: the items of all the user's events before their first event in S.
 
-With ``mask_consumed`` the consumed items are removed from the ranking, **except the user's
-targets**: this is RecBole's full-sort protocol, whose evaluation data loader masks
-``history_item = used_item - positive_item`` (so a re-consumed item stays rankable and
-findable).  The padding column 0 is never ranked.  Items are ranked by ``torch.topk`` on the
-masked scores; metrics are RecBole's (see :mod:`recloop.evaluation.metrics`), averaged over
-users, plus
+With ``mask_consumed`` (the *masked* protocol) the consumed items are removed from the
+ranking, **except the user's targets**: this is RecBole's full-sort protocol for *general*
+(non-sequential) models, whose evaluation data loader masks ``history_item = used_item -
+positive_item`` (so a re-consumed item stays rankable and findable).  RecBole scores its
+*sequential* models (GRU4Rec, SASRec, ...) **unmasked** — nothing is removed — so compare
+with those only through the unmasked numbers (``mask_consumed=False``).  The padding column
+0 is never ranked.  Items are ranked by :func:`recloop.ranking.topk` on the (masked)
+scores, ties broken by a per-user pseudo-random key, never by item index, so a constant
+scorer scores the random level.  Metrics are RecBole's (see
+:mod:`recloop.evaluation.metrics`), averaged over users, plus
 
 - ``coverage@k``: distinct items recommended in any user's top k, over the N real items;
 - ``hit_reward@k``: mean logged reward over all hits in the top k (pooled over users; the
@@ -40,6 +44,7 @@ from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
 from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.metrics import METRICS
+from recloop.ranking import topk
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ class EvalConfig:
     rankable, as in RecBole)."""
     batch_size: int = 1024
     """Users scored at once; memory is about batch_size x (N + 1) x 8 bytes."""
+    tie_seed: int = 0
+    """Seed of the pseudo-random tie-break between equal scores (:mod:`recloop.ranking`)."""
 
     def __post_init__(self) -> None:
         check(len(self.ks) > 0, "eval.ks must name at least one cut-off")
@@ -239,7 +246,10 @@ def evaluate_users(
             keep = flat.index_select(0, t_key)
             flat.index_fill_(0, c_key, float("-inf"))
             flat.index_copy_(0, t_key, keep)  # targets stay rankable (RecBole)
-        values, top = torch.topk(scores, k_top, dim=1)  # (b, K)
+        ranked = topk(
+            scores, k_top, row_keys=torch.from_numpy(users.user[lo:hi]), seed=cfg.tie_seed
+        )
+        values, top = ranked.values, ranked.indices  # (b, K)
         finite = torch.isfinite(values)  # fewer than K rankable items leaves -inf in the top
         # Hits by binary search of the top-K keys among the sorted distinct target keys.
         u_key, inverse = torch.unique(t_key, return_inverse=True)

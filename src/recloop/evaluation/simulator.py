@@ -43,6 +43,7 @@ from recloop.data.dataset import TRAIN, VALID, PreparedDataset
 from recloop.data.sampler import TransitionSampler
 from recloop.errors import DataError
 from recloop.evaluation.protocol import Scorer, build_eval_users
+from recloop.ranking import topk
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def rollout(
         scores[:, 0] = float("-inf")
         if not repeats:
             scores.masked_fill_(shown, float("-inf"))
-        a = scores.argmax(1)  # (M,)
+        a = topk(scores, 1, row_keys=user).indices[:, 0]  # (M,), ties by recloop.ranking
         r = sim.respond(user, hist[:, -h_sim:], a, generator=gen)
         if sim.cfg.boredom > 0:
             # boredom shrinks what a step is worth; it never softens a negative reward

@@ -26,6 +26,7 @@ import torch
 
 from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError, ConfigError, RecloopError
+from recloop.ranking import topk
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.schemas import Limits, RecommendRequest
 from recloop.serving.settings import ServeSettings
@@ -124,8 +125,9 @@ class LoadedModel:
         cls, artifact: Artifact, *, inference: str = "torch", threads: int = 1
     ) -> LoadedModel:
         counts = np.asarray(artifact.popularity, dtype=np.float32)
-        # Stable sort: ties keep index order, so the fallback list is deterministic.
-        order = np.argsort(-counts[1:], kind="stable").astype(np.int64) + 1
+        # Ties between equal counts follow recloop.ranking's hashed keys, not index order.
+        ranked = topk(torch.from_numpy(counts[None, 1:]), len(counts) - 1, row_keys=torch.zeros(1))
+        order = ranked.indices[0].numpy().astype(np.int64) + 1
         model = cls(
             artifact=artifact,
             model_version=artifact.model_version,
@@ -190,7 +192,7 @@ class LoadedModel:
         scores = self.scorer(user, history, history_reward)
         if len(exclude_rows):
             scores[torch.from_numpy(exclude_rows), torch.from_numpy(exclude_cols)] = float("-inf")
-        top = torch.topk(scores, min(k, self.n_items), dim=1)
+        top = topk(scores, min(k, self.n_items), row_keys=torch.from_numpy(user))
         return top.indices.numpy(), top.values.numpy()
 
 

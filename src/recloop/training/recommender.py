@@ -37,6 +37,7 @@ from recloop.config import config_to_dict, merge
 from recloop.data.dataset import PreparedDataset
 from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
+from recloop.ranking import topk
 from recloop.training.callbacks import Callback
 from recloop.training.device import resolve_device, seed_everything
 from recloop.training.fit import FitConfig, FitResult
@@ -258,7 +259,7 @@ class Recommender:
         scores = algo.policy(torch.from_numpy(u).to(dev), hist.to(dev), rew.to(dev)).cpu()
         if exclude is not None:
             scores = scores.masked_fill(exclude, float("-inf"))
-        top = torch.topk(scores, min(n, ds.n_items), dim=1)
+        top = topk(scores, min(n, ds.n_items), row_keys=torch.from_numpy(u))
         finite = torch.isfinite(top.values).tolist()
         items = [
             [ds.item_ids[i - 1] for i, ok in zip(row, oks, strict=True) if ok]
