@@ -51,10 +51,11 @@ def test_prepare_by_hand() -> None:
     np.testing.assert_array_equal(ds.item, [1, 2, 3, 1, 1, 2, 1])
     np.testing.assert_array_equal(ds.reward, [1, 1, 2, 2, 1, 3, 1])
     np.testing.assert_array_equal(ds.extra["behavior"], [1, 1, 2, 3, 1, 4, 1])
-    # Sessions (gap 3600): u2 {0, 100, 100} {7300}; u1 {50, 60} {4000}.
-    np.testing.assert_array_equal(ds.session, [0, 0, 0, 1, 2, 2, 3])
-    # Returns with gamma 0.5: 1 + .5 * (1 + .5 * 2) = 2; 1 + .5 * 2 = 2; 2; 2 | 1 + .5 * 3; 3; 1
-    np.testing.assert_allclose(ds.returns, [2.0, 2.0, 2.0, 2.0, 2.5, 3.0, 1.0])
+    # Sessions (gap 3600, and cut where the split changes): u2 {0, 100 train} {100 valid}
+    # {7300 test}; u1 {50 train} {60 valid} {4000 test}.
+    np.testing.assert_array_equal(ds.session, [0, 0, 1, 2, 3, 4, 5])
+    # Returns with gamma 0.5 never reach into the next split: 1 + .5 * 1; 1; 2; 2 | 1; 3; 1
+    np.testing.assert_allclose(ds.returns, [1.5, 1.0, 2.0, 2.0, 1.0, 3.0, 1.0])
     np.testing.assert_array_equal(ds.split, [TRAIN, TRAIN, VALID, TEST, TRAIN, VALID, TEST])
     assert ds.user_features is not None and ds.item_features is not None
     assert ds.user_features.to_dict(as_series=False) == {"user": [1, 2], "sex": [2, 1]}
@@ -121,13 +122,16 @@ def test_ratings_integer_ids_and_time_split() -> None:
         },
     )
     ds = prepare(RawData(events=events), cfg)
-    assert ds.user_ids == ["3", "7"]
-    np.testing.assert_array_equal(ds.timestamp, [3, 4, 5, 1, 2])
-    np.testing.assert_array_equal(ds.reward, [1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(ds.extra["rating"], [4, 1, 2, 5, 3])
     # Of 5 events in time order the last round(5 * .2) = 1 is test (t >= 5), the one before
-    # valid (t >= 4); the cut is global, so user "7" (t = 1, 2) is all train.
-    np.testing.assert_array_equal(ds.split, [TRAIN, VALID, TEST, TRAIN, TRAIN])
+    # valid (t >= 4); the cut is global, so user "7" (t = 1, 2) is all train.  Ids rank by
+    # TRAIN events: "7" has two, "3" one (its other two are held out), so "7" comes first.
+    assert ds.user_ids == ["7", "3"]
+    np.testing.assert_array_equal(ds.timestamp, [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(ds.reward, [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ds.extra["rating"], [5, 3, 4, 1, 2])
+    np.testing.assert_array_equal(ds.split, [TRAIN, TRAIN, TRAIN, VALID, TEST])
+    # Item 1 has two train events, 2 one, and 3 (test only) comes last.
+    np.testing.assert_array_equal(ds.item, [1, 2, 1, 2, 3])
     assert ds.manifest["split"] == {"mode": "time", "valid_start": 4, "test_start": 5}
 
 
@@ -167,25 +171,35 @@ def test_pipeline_matches_a_plain_python_reference() -> None:
             kept.append((r[0], r[2], i, r[1], r[3]))  # user, ts, source row, item, behavior
     kept.sort(key=lambda x: (x[0], x[1], x[2]))
     ucount = Counter(k[0] for k in kept)
-    icount = Counter(k[3] for k in kept)
-    by_freq = lambda c: sorted(c.items(), key=lambda x: (-x[1], x[0]))  # noqa: E731
-    uidx = {u: n + 1 for n, (u, _) in enumerate(by_freq(ucount))}
-    iidx = {i: n + 1 for n, (i, _) in enumerate(by_freq(icount))}
-    kept.sort(key=lambda x: (uidx[x[0]], x[1], x[2]))
-    reward_of = {"pv": 1.0, "cart": 2.0, "fav": 2.0, "buy": 3.0}
-    ref_returns = [0.0] * len(kept)
-    for n in range(len(kept) - 1, -1, -1):
-        nxt = kept[n + 1] if n + 1 < len(kept) else None
-        same = nxt is not None and nxt[0] == kept[n][0] and nxt[1] - kept[n][1] <= 3600
-        ref_returns[n] = reward_of[kept[n][4]] + (0.8 * ref_returns[n + 1] if same else 0.0)
-    ref_split = []
+    split_of = {}
     seen_of: Counter[object] = Counter()
     for k in kept:
         total, pos = ucount[k[0]], seen_of[k[0]]
         seen_of[k[0]] += 1
-        ref_split.append(
-            0 if total < 3 else 2 if pos == total - 1 else 1 if pos == total - 2 else 0
+        split_of[k[2]] = 0 if total < 3 else 2 if pos == total - 1 else 1 if pos == total - 2 else 0
+    # Ids rank by TRAIN counts; ids without a train event follow by raw id.
+    train_u = {k[0]: 0 for k in kept}
+    train_i = {k[3]: 0 for k in kept}
+    for k in kept:
+        if split_of[k[2]] == 0:
+            train_u[k[0]] += 1
+            train_i[k[3]] += 1
+    by_freq = lambda c: sorted(c.items(), key=lambda x: (-x[1], x[0]))  # noqa: E731
+    uidx = {u: n + 1 for n, (u, _) in enumerate(by_freq(train_u))}
+    iidx = {i: n + 1 for n, (i, _) in enumerate(by_freq(train_i))}
+    kept.sort(key=lambda x: (uidx[x[0]], x[1], x[2]))
+    ref_split = [split_of[k[2]] for k in kept]
+    reward_of = {"pv": 1.0, "cart": 2.0, "fav": 2.0, "buy": 3.0}
+    ref_returns = [0.0] * len(kept)
+    for n in range(len(kept) - 1, -1, -1):
+        nxt = kept[n + 1] if n + 1 < len(kept) else None
+        same = (
+            nxt is not None
+            and nxt[0] == kept[n][0]
+            and nxt[1] - kept[n][1] <= 3600
+            and ref_split[n + 1] == ref_split[n]
         )
+        ref_returns[n] = reward_of[kept[n][4]] + (0.8 * ref_returns[n + 1] if same else 0.0)
 
     np.testing.assert_array_equal(ds.user, [uidx[k[0]] for k in kept])
     np.testing.assert_array_equal(ds.item, [iidx[k[3]] for k in kept])

@@ -54,10 +54,10 @@ def reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -> dic
             pad = history - len(past)
             hist = [PAD_ID] * pad + [int(ds.item[q]) for q in past]
             hist_r = [0.0] * pad + [float(ds.reward[q]) for q in past]
+            # Terminal only inside one user's split; the end of the user's events or of
+            # the split is a truncation.
             done = (
-                p + 1 >= hi
-                or ds.session[p + 1] != ds.session[p]
-                or int(ds.split[p + 1]) not in splits
+                p + 1 < hi and ds.split[p + 1] == ds.split[p] and ds.session[p + 1] != ds.session[p]
             )
             out[p] = {
                 "user": u,

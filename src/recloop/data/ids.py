@@ -4,7 +4,9 @@ Raw ids first become *dense codes* ``0..V-1`` in ascending raw-id order (numeric
 integer ids, lexicographic for strings).  After filtering, :func:`frequency_ranked` turns the
 codes that are still present into 1-based indices by descending frequency — the most frequent
 id gets index 1 — with ties broken by ascending raw id, so the map depends only on the data,
-not on row order.  Index 0 stays reserved (padding item, unknown user).
+not on row order.  ``prepare`` counts only TRAINING events for the ranking (ids seen only in
+valid/test follow, by raw id), so the order of the indices carries no held-out information.
+Index 0 stays reserved (padding item, unknown user).
 """
 
 from __future__ import annotations
@@ -81,12 +83,19 @@ class IdMap:
         return values.gather(self.code_of_index[1:]).cast(pl.String).to_list()
 
 
-def frequency_ranked(codes: np.ndarray, n_codes: int) -> IdMap:
-    """Rank the codes present in ``codes`` (E,) by descending count, ties by ascending code."""
+def frequency_ranked(
+    codes: np.ndarray, n_codes: int, *, rank_by: np.ndarray | None = None
+) -> IdMap:
+    """Rank the codes present in ``codes`` (E,) by descending count, ties by ascending code.
+
+    With ``rank_by`` (E,) bool only the marked events are counted for the order (codes with
+    none of them follow, by ascending code); ``counts`` still counts every event.
+    """
     counts = np.bincount(codes, minlength=n_codes).astype(np.int64)
     present = np.flatnonzero(counts)
+    rank_counts = counts if rank_by is None else np.bincount(codes[rank_by], minlength=n_codes)
     # lexsort: last key is primary; codes are in raw-id order, so ties go to the smaller raw id.
-    ranked = present[np.lexsort((present, -counts[present]))]
+    ranked = present[np.lexsort((present, -rank_counts[present]))]
     index_of_code = np.zeros(n_codes, np.int32)
     index_of_code[ranked] = np.arange(1, ranked.shape[0] + 1, dtype=np.int32)
     return IdMap(

@@ -7,11 +7,16 @@ Steps, in order (each filter records what it removed in the manifest):
 2. ``filters.dedupe``: exact duplicate events;
 3. interaction-count filters and k-core (``filters``);
 4. DBRL sampling of short- and long-history users (``sample_users``, off by default);
-5. frequency-ranked id maps (index 1 = most frequent; 0 reserved for padding/unknown);
-6. rewards from behaviours or ratings (``reward``);
-7. sessions (``sessions``) and discounted returns per session (``gamma``);
-8. the split (``split``);
+5. the split (``split``), per user block in time order;
+6. id maps ranked by TRAINING frequency (index 1 = most frequent in train; ids seen only in
+   valid/test follow by raw id; 0 reserved for padding/unknown);
+7. rewards from behaviours or ratings (``reward``);
+8. sessions (``sessions``) and discounted returns per session (``gamma``); a session also
+   ends where the user's events change split, so no return adds a held-out reward;
 9. user and item feature tables as Int32 codes (``features``).
+
+Nothing about valid/test events reaches a training row: not the id order, not a session, not
+a return (``tests/test_leakage.py`` holds the pipeline to that).
 
 Everything is flat numpy arrays and a few polars calls; nothing loops over users or rows.
 """
@@ -27,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from recloop.config import check, config_to_dict
-from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
+from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
 from recloop.data.filters import (
     FilterConfig,
     UserSampleConfig,
@@ -260,15 +265,24 @@ class _Indexed:
     user: np.ndarray  # (E,) int32
     item: np.ndarray  # (E,) int32
     timestamp: np.ndarray  # (E,) int64
+    split: np.ndarray  # (E,) int8 TRAIN / VALID / TEST
+    split_info: dict[str, Any]
 
 
-def _reindex(cleaned: _Cleaned, src: _Source) -> _Indexed:
-    """Frequency-ranked id maps, and each user's block of rows moved to its new place."""
+def _reindex(cleaned: _Cleaned, src: _Source, split_cfg: SplitConfig) -> _Indexed:
+    """Split each user's block, rank ids by training frequency, move the blocks into place."""
     kept = None if cleaned.keep is None else np.flatnonzero(cleaned.keep)
     user = cleaned.user if kept is None else cleaned.user[kept]
     item = cleaned.item if kept is None else cleaned.item[kept]
-    user_map = frequency_ranked(user, src.users.n_codes)
-    item_map = frequency_ranked(item, src.items.n_codes)
+    # The split needs only each user's block in time order, which the code order has too;
+    # it comes first so that the id maps can count training events alone.
+    code_offsets = np.zeros(src.users.n_codes + 1, np.int64)
+    np.cumsum(np.bincount(user, minlength=src.users.n_codes), out=code_offsets[1:])
+    ts_kept = cleaned.timestamp if kept is None else cleaned.timestamp[kept]
+    splits = assign_splits(code_offsets, ts_kept, split_cfg)
+    train = splits.split == TRAIN
+    user_map = frequency_ranked(user, src.users.n_codes, rank_by=train)
+    item_map = frequency_ranked(item, src.items.n_codes, rank_by=train)
     n_users, e = user_map.size, int(user.shape[0])
     offsets = np.zeros(n_users + 2, np.int64)
     np.cumsum(user_map.counts[1:], out=offsets[2:])
@@ -287,6 +301,8 @@ def _reindex(cleaned: _Cleaned, src: _Source) -> _Indexed:
         user=np.repeat(np.arange(1, n_users + 1, dtype=np.int32), user_map.counts[1:]),
         item=item_map.index_of_code[item[perm]],
         timestamp=cleaned.timestamp[at],
+        split=splits.split[perm],
+        split_info=splits.info,
     )
 
 
@@ -300,8 +316,8 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         raise ConfigError(f'reward.source is "rating" but the events have no "{RATING}"')
     clock.lap("codes")
     ledger = _Ledger(src.users.n_codes, src.items.n_codes)
-    idx = _reindex(_clean(raw, src, cfg, ledger, clock), src)
-    clock.lap("id maps")
+    idx = _reindex(_clean(raw, src, cfg, ledger, clock), src, cfg.split)
+    clock.lap("split and id maps")
     # Per-event columns in final order: one gather each, then rewards from them.
     extra: dict[str, np.ndarray] = {}
     if src.behavior is not None:
@@ -318,12 +334,10 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
     reward = rewards.reward
 
     gap = cfg.sessions.gap_seconds if cfg.sessions.mode == "gap" else None
-    starts = session_starts(idx.user, idx.timestamp, gap_seconds=gap)
+    starts = session_starts(idx.user, idx.timestamp, gap_seconds=gap, split=idx.split)
     session = (np.cumsum(starts) - 1).astype(np.int32)
     returns = discounted_returns(reward, starts, cfg.gamma)
     clock.lap("sessions and returns")
-    splits = assign_splits(idx.offsets[1:], idx.timestamp, cfg.split)
-    clock.lap("split")
 
     user_feats = encode_features(
         raw.users, key=USER, values=src.users.values, id_map=idx.user_map, cfg=cfg.features
@@ -332,7 +346,7 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         raw.items, key=ITEM, values=src.items.values, id_map=idx.item_map, cfg=cfg.features
     )
     clock.lap("features")
-    split_counts = np.bincount(splits.split, minlength=3)
+    split_counts = np.bincount(idx.split, minlength=3)
     manifest: dict[str, Any] = {
         "source": raw.source,
         "config": config_to_dict(cfg),
@@ -344,9 +358,10 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
             "skipped_examples": list(raw.skipped.examples),
         },
         "reward_source": rewards.source,
-        "split": {"mode": cfg.split.mode, **splits.info},
+        "split": {"mode": cfg.split.mode, **idx.split_info},
         "id_maps": {
-            "order": "descending frequency, ties by ascending raw id",
+            "order": "descending count of TRAIN events, ties and held-out-only ids by "
+            "ascending raw id",
             "padding_index": 0,
             "user_id_dtype": str(src.users.values.dtype),
             "item_id_dtype": str(src.items.values.dtype),
@@ -373,7 +388,7 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         reward=reward,
         returns=returns,
         session=session,
-        split=splits.split,
+        split=idx.split,
         user_offsets=idx.offsets,
         user_ids=idx.user_map.raw_ids(src.users.values),
         item_ids=idx.item_map.raw_ids(src.items.values),

@@ -152,8 +152,15 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     - ``action``, ``reward``, ``returns`` are row ``p``'s item, reward and discounted return;
     - ``next_history`` / ``next_history_reward`` are the history shifted left by one with the
       action (its reward) appended;
-    - ``done`` is True when row ``p + 1`` belongs to another user or another session, or is not
-      in ``splits`` (the end of the usable sequence), or does not exist.
+    - ``done`` is True only where the user's session really ends: row ``p + 1`` belongs to the
+      same user and the same split but starts a new session (a pause longer than the session
+      gap).  The end of the data — the user's last event, or the last before the split
+      changes — is a time-limit *truncation*, not a terminal state: the user's sequence goes
+      on (in the held-out splits, or after the log was cut), so ``done`` is False there and
+      value-based methods bootstrap from ``next_history`` (Pardo et al., "Time Limits in
+      Reinforcement Learning", ICML 2018).  That also keeps ``done`` independent of every
+      event outside ``splits``: whether a held-out event comes soon or late changes no
+      training transition.
 
     Epoch ``e`` visits every transition exactly once in the order of a permutation drawn
     with seed ``seed + e`` (row order when ``shuffle`` is off).  Iterating starts the current
@@ -219,16 +226,20 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         return self._in_splits[split.view(np.uint8)]
 
     def done(self, rows: np.ndarray) -> np.ndarray:
-        """(B,) bool: is the transition at each event row the last of its usable sequence?"""
+        """(B,) bool: does the user's session end (terminally) after each event row?
+
+        Only a session boundary inside one user's events of one split is terminal; the end
+        of the user's events or of the split is a truncation (see the class docstring).
+        """
         p = np.asarray(rows, dtype=np.int64)
         nxt = p + 1
         last = nxt >= self._n_events
         nxt[last] = p[last]
         return (
-            last
-            | (self._user[nxt] != self._user[p])
-            | (self._session[nxt] != self._session[p])
-            | ~self._in(self._split[nxt])
+            ~last
+            & (self._user[nxt] == self._user[p])
+            & (self._split[nxt] == self._split[p])
+            & (self._session[nxt] != self._session[p])
         )
 
     def packed_rows(self) -> np.ndarray:

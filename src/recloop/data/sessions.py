@@ -101,20 +101,25 @@ def chronological_order(user: np.ndarray, timestamp: np.ndarray) -> Chronology:
 
 
 def session_starts(
-    user: np.ndarray, timestamp: np.ndarray, *, gap_seconds: int | None
+    user: np.ndarray,
+    timestamp: np.ndarray,
+    *,
+    gap_seconds: int | None,
+    split: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean (E,): row starts a session.  Rows sorted by (user, timestamp).
 
-    A session starts at each user's first event and, unless ``gap_seconds`` is None, after
-    every pause strictly longer than ``gap_seconds``.
+    A session starts at each user's first event, unless ``gap_seconds`` is None after every
+    pause strictly longer than ``gap_seconds``, and with ``split`` (E,) wherever the split
+    changes: a session never spans two splits, so returns never mix their rewards.
     """
     starts = np.ones(user.shape[0], bool)
     if user.shape[0] > 1:
-        new_user = user[1:] != user[:-1]
-        if gap_seconds is None:
-            starts[1:] = new_user
-        else:
-            starts[1:] = new_user | (np.diff(timestamp) > gap_seconds)
+        starts[1:] = user[1:] != user[:-1]
+        if gap_seconds is not None:
+            starts[1:] |= np.diff(timestamp) > gap_seconds
+        if split is not None:
+            starts[1:] |= split[1:] != split[:-1]
     return starts
 
 
