@@ -90,7 +90,7 @@ def test_evaluate_table_and_json(capsys: pytest.CaptureFixture[str], runs: dict[
     code, out, _ = run(capsys, "evaluate", runs["popularity"], runs["supervised"])
     assert code == 0
     assert "popularity" in out and "supervised" in out and "ndcg@10" in out
-    assert "consumed items masked" in out
+    assert "MASKED: consumed items masked" in out and "UNMASKED: nothing removed" in out
     code, out, _ = run(
         capsys, "evaluate", *runs.values(), "--json", "--no-mask", "--split", "valid"
     )
@@ -99,8 +99,14 @@ def test_evaluate_table_and_json(capsys: pytest.CaptureFixture[str], runs: dict[
     assert [r["algo"] for r in doc["runs"]] == ["popularity", "supervised"]
     results = json.loads((runs["supervised"] / "results.json").read_text())
     code, out, _ = run(capsys, "evaluate", runs["supervised"], "--json")
-    again = json.loads(out)["runs"][0]["metrics"]
+    both = json.loads(out)
+    assert both["protocol"] == "both" and both["mask_consumed"] is True
+    again = both["runs"][0]["metrics"]
     assert again["ndcg@10"] == pytest.approx(results["test"]["ndcg@10"], abs=1e-6)
+    code, out, _ = run(capsys, "evaluate", runs["supervised"], "--json", "--protocol", "unmasked")
+    unmasked = json.loads(out)["runs"][0]["metrics"]
+    assert unmasked == both["runs"][0]["metrics_unmasked"]
+    assert unmasked["hr@10"] != again["hr@10"]
 
 
 def test_recommend(capsys: pytest.CaptureFixture[str], runs: dict[str, Path]) -> None:

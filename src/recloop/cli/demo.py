@@ -124,13 +124,20 @@ def train_step(state: DemoState) -> None:
 
 
 def evaluate_step(state: DemoState) -> None:
-    """Full-ranking comparison on the test split (consumed items masked)."""
+    """Full-ranking comparison on the test split, masked and unmasked."""
     from recloop.training.compare import comparison_table, evaluate_runs
 
     runs = [state.runs[a] for a in DEMO_ALGOS]
     results = evaluate_runs(runs, data=state.data_dir, split="test")
+    unmasked = evaluate_runs(runs, data=state.data_dir, split="test", mask_consumed=False)
     state.results["evaluate"] = {r.algo: r.metrics for r in results}
-    state.say("[evaluate]\n" + comparison_table(results, split="test", mask_consumed=True))
+    state.results["evaluate_unmasked"] = {r.algo: r.metrics for r in unmasked}
+    state.say(
+        "[evaluate]\n"
+        + comparison_table(results, split="test", mask_consumed=True)
+        + "\n\n"
+        + comparison_table(unmasked, split="test", mask_consumed=False)
+    )
     state.say(f"[artifact] REINFORCE artifact: {state.runs['reinforce'] / 'artifact'}")
 
 

@@ -102,8 +102,14 @@ def evaluate_cmd(
         None, "--data", "-d", help="Prepared dataset (default: the one each run recorded)."
     ),
     split: str = typer.Option("test", "--split", help="valid or test."),
+    protocol: str = typer.Option(
+        "both",
+        "--protocol",
+        help="masked (consumed items removed, targets stay: RecBole's rule for general "
+        "models), unmasked (nothing removed: RecBole's rule for sequential models) or both.",
+    ),
     no_mask: bool = typer.Option(
-        False, "--no-mask", help="Keep items the user already consumed in the ranking."
+        False, "--no-mask", help="Same as --protocol unmasked (kept for old scripts)."
     ),
     ks: str = typer.Option("5,10,20", "--ks", help="Cut-offs K, comma separated."),
     ope: bool = typer.Option(
@@ -130,7 +136,15 @@ def evaluate_cmd(
         raise ConfigError(f"--ks must be comma-separated integers, got {ks!r}") from None
     if not cutoffs:
         raise ConfigError("--ks must name at least one cut-off")
-    results = evaluate_runs(runs, data=data, split=split, mask_consumed=not no_mask, ks=cutoffs)
+    if no_mask:
+        protocol = "unmasked"
+    if protocol not in ("both", "masked", "unmasked"):
+        raise ConfigError(f"--protocol must be masked, unmasked or both, got {protocol!r}")
+    masks = {"both": (True, False), "masked": (True,), "unmasked": (False,)}[protocol]
+    by_mask = {
+        m: evaluate_runs(runs, data=data, split=split, mask_consumed=m, ks=cutoffs) for m in masks
+    }
+    results = by_mask[masks[0]]
     ope_reports: list[dict[str, Any]] = []
     if ope_cfg is not None:
         from recloop.data.dataset import PreparedDataset
@@ -143,18 +157,26 @@ def evaluate_cmd(
             report = ope_for_run(run, datasets[res.data], split=split, cfg=ope_cfg)
             ope_reports.append(report.to_dict())
     if as_json:
+        # "metrics" holds the first protocol's numbers ("mask_consumed" says which); with
+        # both, each run also carries "metrics_unmasked".
         doc: dict[str, Any] = {
             "split": split,
-            "mask_consumed": not no_mask,
+            "protocol": protocol,
+            "mask_consumed": masks[0],
             "runs": [r.to_dict() for r in results],
         }
+        if len(masks) == 2:
+            for run_doc, res in zip(doc["runs"], by_mask[False], strict=True):
+                run_doc["metrics_unmasked"] = res.metrics
         if ope_cfg is not None:
             for run_doc, rep in zip(doc["runs"], ope_reports, strict=True):
                 run_doc["ope"] = rep
         echo_json(doc)
         return
     k = 10 if 10 in cutoffs else cutoffs[0]
-    echo(comparison_table(results, split=split, mask_consumed=not no_mask, k=k))
+    echo(
+        "\n\n".join(comparison_table(by_mask[m], split=split, mask_consumed=m, k=k) for m in masks)
+    )
     if ope_reports and ope_cfg is not None:
         from recloop.training.compare import format_table
 

@@ -139,9 +139,21 @@ def comparison_table(
         for r in results
     ]
     n_users = results[0].n_users if results else 0
-    masked = "masked" if mask_consumed else "kept (--no-mask)"
     return (
         format_table(["run", "algo", *keys], rows)
         + f"\nsplit {split}, {n_users} users, full ranking over the catalogue, "
-        + f"consumed items {masked}"
+        + protocol_line(mask_consumed)
+    )
+
+
+def protocol_line(mask_consumed: bool) -> str:
+    """What a masked or unmasked number is, and which RecBole numbers it compares with."""
+    if mask_consumed:
+        return (
+            "MASKED: consumed items masked (targets stay rankable) — RecBole's rule for "
+            "general models"
+        )
+    return (
+        "UNMASKED: nothing removed — RecBole's rule for sequential models (GRU4Rec, "
+        "SASRec): compare with those on these numbers"
     )
