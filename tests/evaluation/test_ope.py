@@ -15,6 +15,7 @@ from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.artifacts.heads import LinearHead
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.encoders.base import EncoderConfig
+from recloop.errors import ConfigError, DataError
 from recloop.evaluation.ope import (
     OPEConfig,
     bootstrap_intervals,
@@ -23,8 +24,10 @@ from recloop.evaluation.ope import (
     effective_sample_size,
     fit_baseline_rewards,
     ips,
+    logged_events,
     off_policy_evaluate,
     ope_for_run,
+    ope_for_runs,
     snips,
     target_probs,
 )
@@ -169,9 +172,10 @@ def test_off_policy_evaluate_weights() -> None:
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
     cfg = OPEConfig(top_k=1, weight_cap=5.0, n_boot=50)
-    rep = off_policy_evaluate(
-        oracle, ds, history=2, behaviour=uniform, behaviour_name="uniform", rewards=q, cfg=cfg
+    events = logged_events(
+        ds, cfg=cfg, behaviour=uniform, behaviour_name="uniform", history=2, rewards=q
     )
+    rep = off_policy_evaluate(oracle, ds, history=2, events=events, cfg=cfg)
     r = ds.reward[ds.split == TEST]
     assert rep.n_events == 10
     assert rep.support == 1.0 and rep.mean_weight == pytest.approx(n)
@@ -197,7 +201,8 @@ def test_off_policy_evaluate_masks_consumed_items() -> None:
         return torch.zeros(user.shape[0], n + 1)
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
-    kw: dict[str, Any] = {"history": 2, "behaviour": uniform, "behaviour_name": "u", "rewards": q}
+    events = logged_events(ds, behaviour=uniform, behaviour_name="u", history=2, rewards=q)
+    kw: dict[str, Any] = {"history": 2, "events": events}
     masked = off_policy_evaluate(repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0), **kw)
     raw = off_policy_evaluate(
         repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0, mask_consumed=False), **kw
@@ -250,7 +255,10 @@ def test_ope_for_run_uses_reinforce_beta_head(tmp_path: Path) -> None:
         config={},
     )  # fmt: skip
     save_best(tmp_path, {"policy": policy.state_dict(), "beta": beta.state_dict()})
-    rep = ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0))
+    # By default every run is scored against the same fitted beta, the head is not used.
+    assert ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0)).behaviour == "fitted"
+    head = OPEConfig(n_boot=0, behaviour="beta_head")
+    rep = ope_for_run(tmp_path, ds, cfg=head)
     assert rep.behaviour == "beta_head"
     rows = np.flatnonzero(ds.split == TEST)
     hist = torch.from_numpy(ds.item[rows[:, None] - np.arange(3, 0, -1)].astype(np.int64))
@@ -264,10 +272,14 @@ def test_ope_for_run_uses_reinforce_beta_head(tmp_path: Path) -> None:
             1, torch.from_numpy(ds.item[rows].astype(np.int64))[:, None]
         )
     assert rep.behaviour_nll == pytest.approx(float(nll.mean()), rel=1e-5)
+    # Two runs' heads are two betas: comparing runs with beta_head is refused.
+    with pytest.raises(ConfigError, match="not be comparable"):
+        ope_for_runs([tmp_path, tmp_path], [ds, ds], cfg=head)
     # A beta saved with other policy weights than the artifact's is not used.
     other = {k: v + 1 for k, v in policy.state_dict().items()}
     save_best(tmp_path, {"policy": other, "beta": beta.state_dict()})
-    assert ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0)).behaviour == "fitted"
+    with pytest.raises(DataError, match="no saved REINFORCE beta head"):
+        ope_for_run(tmp_path, ds, cfg=head)
 
 
 def test_every_item_masked_gives_no_weight_not_nan() -> None:
@@ -278,9 +290,7 @@ def test_every_item_masked_gives_no_weight_not_nan() -> None:
         return torch.zeros(user.shape[0], ds.n_items + 1)
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
-    rep = off_policy_evaluate(
-        flat, ds, history=2, behaviour=flat, behaviour_name="u", rewards=q,
-        cfg=OPEConfig(top_k=2, n_boot=10),
-    )  # fmt: skip
+    events = logged_events(ds, behaviour=flat, behaviour_name="u", history=2, rewards=q)
+    rep = off_policy_evaluate(flat, ds, history=2, events=events, cfg=OPEConfig(top_k=2, n_boot=10))
     assert rep.support == 0.0
     assert all(math.isfinite(iv.value) for iv in rep.estimates.values())
