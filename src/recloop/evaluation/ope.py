@@ -435,7 +435,7 @@ def fit_baseline_rewards(
 
 
 def _events_file(dataset: PreparedDataset) -> str:
-    return str(dataset.path / "events.parquet") if dataset.path else "the dataset's events"
+    return str(dataset.path / "events.parquet") if dataset.path else "events"
 
 
 def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarray | None:
@@ -456,8 +456,8 @@ def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarra
     if bad.shape[0]:
         row = int(rows[bad[0]])
         raise DataError(
-            f"{_events_file(dataset)} row {row}: field {PROPENSITY!r} must be a probability "
-            f"in (0, 1], got {col[row]!r} ({bad.shape[0]} such events in the split)"
+            f"{_events_file(dataset)}, row {row}: field {PROPENSITY!r} must be a probability "
+            f"in (0, 1], got {float(p[bad[0]])} ({bad.shape[0]} such events in the split)"
         )
     return p
 
