@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,32 @@ from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.artifacts.heads import LinearHead
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.encoders.base import EncoderConfig
+from recloop.errors import ConfigError, DataError
 from recloop.evaluation.ope import (
+    Interval,
     OPEConfig,
     bootstrap_intervals,
+    bootstrap_means,
     clip_weights,
     doubly_robust,
     effective_sample_size,
     fit_baseline_rewards,
+    fit_behaviour,
+    importance_weights,
     ips,
+    logged_events,
     off_policy_evaluate,
     ope_for_run,
+    ope_for_runs,
+    ope_report,
+    paired_bootstrap,
+    paired_report,
+    policy_terms,
+    range_flags,
     snips,
     target_probs,
 )
+from recloop.evaluation.protocol import Scorer
 
 N_CTX, N_ACT = 5, 10
 
@@ -169,9 +183,10 @@ def test_off_policy_evaluate_weights() -> None:
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
     cfg = OPEConfig(top_k=1, weight_cap=5.0, n_boot=50)
-    rep = off_policy_evaluate(
-        oracle, ds, history=2, behaviour=uniform, behaviour_name="uniform", rewards=q, cfg=cfg
+    events = logged_events(
+        ds, cfg=cfg, behaviour=uniform, behaviour_name="uniform", history=2, rewards=q
     )
+    rep = off_policy_evaluate(oracle, ds, history=2, events=events, cfg=cfg)
     r = ds.reward[ds.split == TEST]
     assert rep.n_events == 10
     assert rep.support == 1.0 and rep.mean_weight == pytest.approx(n)
@@ -197,7 +212,8 @@ def test_off_policy_evaluate_masks_consumed_items() -> None:
         return torch.zeros(user.shape[0], n + 1)
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
-    kw: dict[str, Any] = {"history": 2, "behaviour": uniform, "behaviour_name": "u", "rewards": q}
+    events = logged_events(ds, behaviour=uniform, behaviour_name="u", history=2, rewards=q)
+    kw: dict[str, Any] = {"history": 2, "events": events}
     masked = off_policy_evaluate(repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0), **kw)
     raw = off_policy_evaluate(
         repeater, ds, cfg=OPEConfig(top_k=1, n_boot=0, mask_consumed=False), **kw
@@ -207,9 +223,9 @@ def test_off_policy_evaluate_masks_consumed_items() -> None:
 
 
 def _save_policy(
-    run: Path, ds: PreparedDataset, *, algo: str, config: dict[str, object]
+    run: Path, ds: PreparedDataset, *, algo: str, config: dict[str, object], seed: int = 0
 ) -> PolicyNet:
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     spec = PolicySpec(
         n_users=ds.n_users,
         n_items=ds.n_items,
@@ -250,7 +266,10 @@ def test_ope_for_run_uses_reinforce_beta_head(tmp_path: Path) -> None:
         config={},
     )  # fmt: skip
     save_best(tmp_path, {"policy": policy.state_dict(), "beta": beta.state_dict()})
-    rep = ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0))
+    # By default every run is scored against the same fitted beta, the head is not used.
+    assert ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0)).behaviour == "fitted"
+    head = OPEConfig(n_boot=0, behaviour="beta_head")
+    rep = ope_for_run(tmp_path, ds, cfg=head)
     assert rep.behaviour == "beta_head"
     rows = np.flatnonzero(ds.split == TEST)
     hist = torch.from_numpy(ds.item[rows[:, None] - np.arange(3, 0, -1)].astype(np.int64))
@@ -264,10 +283,14 @@ def test_ope_for_run_uses_reinforce_beta_head(tmp_path: Path) -> None:
             1, torch.from_numpy(ds.item[rows].astype(np.int64))[:, None]
         )
     assert rep.behaviour_nll == pytest.approx(float(nll.mean()), rel=1e-5)
+    # Two runs' heads are two betas: comparing runs with beta_head is refused.
+    with pytest.raises(ConfigError, match="not be comparable"):
+        ope_for_runs([tmp_path, tmp_path], [ds, ds], cfg=head)
     # A beta saved with other policy weights than the artifact's is not used.
     other = {k: v + 1 for k, v in policy.state_dict().items()}
     save_best(tmp_path, {"policy": other, "beta": beta.state_dict()})
-    assert ope_for_run(tmp_path, ds, cfg=OPEConfig(n_boot=0)).behaviour == "fitted"
+    with pytest.raises(DataError, match="no saved REINFORCE beta head"):
+        ope_for_run(tmp_path, ds, cfg=head)
 
 
 def test_every_item_masked_gives_no_weight_not_nan() -> None:
@@ -278,9 +301,234 @@ def test_every_item_masked_gives_no_weight_not_nan() -> None:
         return torch.zeros(user.shape[0], ds.n_items + 1)
 
     q = fit_baseline_rewards(ds, shrinkage=0.0)
-    rep = off_policy_evaluate(
-        flat, ds, history=2, behaviour=flat, behaviour_name="u", rewards=q,
-        cfg=OPEConfig(top_k=2, n_boot=10),
-    )  # fmt: skip
+    events = logged_events(ds, behaviour=flat, behaviour_name="u", history=2, rewards=q)
+    rep = off_policy_evaluate(flat, ds, history=2, events=events, cfg=OPEConfig(top_k=2, n_boot=10))
     assert rep.support == 0.0
     assert all(math.isfinite(iv.value) for iv in rep.estimates.values())
+
+
+# --- one beta for every policy, paired differences, flags -------------------------------
+
+
+def test_range_flags_hand_computed() -> None:
+    assert range_flags("ips", Interval(0.5, 0.2, 0.9), 0.0, 1.0) == ()
+    assert range_flags("ips", Interval(0.9, 0.7, 1.1), 0.0, 1.0) == ("ips_out_of_range",)
+    assert range_flags("dr", Interval(1.5, 1.5, 1.5), 1.0, 5.0) == ()
+    assert range_flags("dr", Interval(1.2, 0.8, 1.5), 1.0, 5.0) == ("dr_out_of_range",)
+    assert range_flags("snips", Interval(1.0 + 1e-12, 0.5, 1.0), 0.0, 1.0) == ()  # round-off
+
+
+def test_paired_bootstrap_of_a_policy_with_itself_is_exactly_zero() -> None:
+    """Only the same resampled events for both columns make every replicate's difference 0."""
+    rng = np.random.default_rng(0)
+    w, v = rng.pareto(1.5, 300), rng.uniform(size=300)
+    r, q = rng.uniform(size=300), rng.uniform(size=300)
+    same = paired_bootstrap(r, q, w, v, w, v, n_boot=200, seed=3)
+    for iv in same.values():
+        assert iv.value == iv.low == iv.high == 0.0
+    unpaired = paired_bootstrap(r, q, w, v, w, v, n_boot=200, seed=3, paired=False)
+    assert unpaired["ips"].high - unpaired["ips"].low > 0.1
+
+
+def test_bootstrap_means_matches_a_loop_over_replicates() -> None:
+    cols = np.random.default_rng(1).normal(size=(7, 3))
+    fast = bootstrap_means(cols, n_boot=10, rng=np.random.default_rng(5), chunk_elems=20)
+    rng = np.random.default_rng(5)
+    slow = []
+    for chunk in (2, 2, 2, 2, 2):  # 20 // 7 = 2 replicates a chunk
+        idx = rng.integers(0, 7, size=(chunk, 7))
+        slow += [cols[row].mean(0) for row in idx]
+    np.testing.assert_allclose(fast, np.array(slow), rtol=1e-12)
+
+
+N_CB, A_CB = 6, 8
+"""Contexts (users) and actions (items) of the synthetic contextual bandit below."""
+
+
+def _cb_truth(seed: int = 0) -> dict[str, np.ndarray]:
+    """Reward means mu, logging policy beta, and two correlated target policies A and B."""
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(0, 1, (N_CB, A_CB))
+    beta = rng.dirichlet(np.ones(A_CB), N_CB) * 0.6 + 0.4 / A_CB  # full support
+    a = 3 * mu
+    b = a + rng.normal(0, 0.7, a.shape)  # B is A with some noise: the two are correlated
+    pi = {k: np.exp(x) / np.exp(x).sum(1, keepdims=True) for k, x in (("A", a), ("B", b))}
+    return {"mu": mu, "beta": beta, "A": pi["A"], "B": pi["B"]}
+
+
+def _cb_value(t: dict[str, np.ndarray], policy: str) -> float:
+    """True per-event value: contexts are uniform."""
+    return float((t[policy] * t["mu"]).sum(1).mean())
+
+
+def _cb_dataset(
+    t: dict[str, np.ndarray], n: int, rng: np.random.Generator, *, understate: float = 1.0
+) -> PreparedDataset:
+    """n logged rounds (user = context), half TRAIN and half TEST, with a ``propensity``
+    column (the true beta divided by ``understate``)."""
+    c = rng.integers(0, N_CB, n)
+    a = (rng.uniform(size=(n, 1)) > t["beta"][c].cumsum(1)).sum(1).clip(max=A_CB - 1)
+    r = (rng.uniform(size=n) < t["mu"][c, a]).astype(np.float32)
+    ds = PreparedDataset.from_arrays(
+        user=c + 1, item=a + 1, timestamp=np.arange(n), reward=r,
+        split=np.where(np.arange(n) % 2 == 0, TRAIN, TEST), n_users=N_CB, n_items=A_CB,
+    )  # fmt: skip
+    # from_arrays sorts the rows by (user, timestamp); find each row's round again
+    order = np.lexsort((np.arange(n), c))
+    return replace(ds, extra={"propensity": t["beta"][c, a][order] / understate})
+
+
+def _table_policy(pi: np.ndarray) -> Scorer:
+    """Scores log pi[user]: with T = 1, no top-K and no masking, the target policy is pi."""
+    logp = torch.from_numpy(np.log(np.concatenate([np.full((N_CB, 1), 1e-30), pi], 1)))
+    logp = torch.cat([torch.zeros(1, A_CB + 1, dtype=logp.dtype), logp]).float()
+
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return logp[user]
+
+    return score
+
+
+CB_CFG = OPEConfig(top_k=None, mask_consumed=False, weight_cap=None, n_boot=0)
+
+
+def _cb_run(
+    t: dict[str, np.ndarray], seed: int, cfg: OPEConfig = CB_CFG, n: int = 1200
+) -> tuple[Any, Any, Any]:
+    ds = _cb_dataset(t, n, np.random.default_rng(seed))
+    events = logged_events(ds, cfg=cfg)
+    assert events.behaviour == "logged"
+    a = policy_terms(_table_policy(t["A"]), ds, events, history=1, cfg=cfg)
+    b = policy_terms(_table_policy(t["B"]), ds, events, history=1, cfg=cfg)
+    return events, a, b
+
+
+def test_logged_propensities_make_every_estimator_unbiased() -> None:
+    t = _cb_truth()
+    est: dict[tuple[str, str], list[float]] = {}
+    for seed in range(150):
+        events, *terms = _cb_run(t, seed)
+        for name, tm in zip("AB", terms, strict=True):
+            rep = ope_report(events, tm, CB_CFG)
+            assert rep.behaviour == "logged"
+            for k in ("ips", "snips", "dr"):
+                est.setdefault((name, k), []).append(rep.estimates[k].value)
+            est.setdefault((name, "mean_weight"), []).append(rep.mean_weight)
+    for (name, k), values in est.items():
+        truth = 1.0 if k == "mean_weight" else _cb_value(t, name)
+        se = np.std(values) / math.sqrt(len(values))
+        # 3 standard errors, plus SNIPS's O(1/n) bias
+        assert abs(np.mean(values) - truth) < 3 * se + 2e-3, (name, k, np.mean(values), truth)
+
+
+def test_paired_interval_covers_the_true_difference_and_is_narrower() -> None:
+    t = _cb_truth()
+    truth = _cb_value(t, "B") - _cb_value(t, "A")
+    cfg = replace(CB_CFG, n_boot=300)
+    covered = {k: 0 for k in ("ips", "snips", "dr")}
+    ratios = []
+    reps = 50
+    for seed in range(reps):
+        events, a, b = _cb_run(t, 1000 + seed, cfg)
+        diff = paired_report(events, a, b, cfg=cfg, run="B", baseline_run="A")
+        for k in covered:
+            covered[k] += diff.differences[k].low <= truth <= diff.differences[k].high
+        _, w_a, _ = importance_weights(events, a, None)
+        _, w_b, _ = importance_weights(events, b, None)
+        unpaired = paired_bootstrap(
+            events.reward, events.q_logged, w_a, a.v_target, w_b, b.v_target,
+            n_boot=300, seed=0, paired=False,
+        )  # fmt: skip
+        ratios.append(
+            (diff.differences["dr"].high - diff.differences["dr"].low)
+            / (unpaired["dr"].high - unpaired["dr"].low)
+        )
+    # Nominal 95 %: over 50 repetitions a count of 42 or less has probability ~3e-3 per
+    # estimator, so the floor is 86 % each and 90 % over the three together.
+    assert min(covered.values()) >= 0.86 * reps, covered
+    assert sum(covered.values()) >= 0.9 * 3 * reps, covered
+    # The events' own noise cancels in the paired difference of two correlated policies.
+    assert np.mean(ratios) < 0.6 and max(ratios) < 1.0, ratios
+
+
+def test_flags_fire_for_understated_propensities_only() -> None:
+    t = _cb_truth()
+    rng_seed = 7
+    ds = _cb_dataset(t, 2000, np.random.default_rng(rng_seed), understate=5.0)
+    cfg = replace(CB_CFG, n_boot=100)
+    events = logged_events(ds, cfg=cfg)
+    bad = ope_report(
+        events, policy_terms(_table_policy(t["A"]), ds, events, history=1, cfg=cfg), cfg
+    )
+    assert bad.mean_weight == pytest.approx(5.0, rel=0.15)
+    assert "ips_out_of_range" in bad.estimates["ips"].flags
+    assert {"ips_out_of_range", "mean_weight_far_from_1"} <= set(bad.flags)
+    assert bad.estimates["snips"].flags == ()  # SNIPS cancels a constant factor in beta
+    assert bad.to_dict()["estimates"]["ips"]["flags"] == ["ips_out_of_range"]
+    ds = _cb_dataset(t, 2000, np.random.default_rng(rng_seed))
+    events = logged_events(ds, cfg=cfg)
+    good = ope_report(
+        events, policy_terms(_table_policy(t["A"]), ds, events, history=1, cfg=cfg), cfg
+    )
+    assert good.flags == () and good.reward_range == (0.0, 1.0)
+    assert all(iv.flags == () for iv in good.estimates.values())
+
+
+def test_logged_propensities_are_checked_and_preferred() -> None:
+    t = _cb_truth()
+    ds = _cb_dataset(t, 200, np.random.default_rng(0))
+    assert logged_events(ds, cfg=OPEConfig(behaviour="fitted")).behaviour == "fitted"
+    p = ds.extra["propensity"].copy()
+    row = int(np.flatnonzero(ds.split == TEST)[3])
+    p[row] = 1.5
+    with pytest.raises(DataError, match=rf"events, row {row}: field 'propensity' .* got 1\.5 "):
+        logged_events(replace(ds, extra={"propensity": p}))
+    with pytest.raises(DataError, match="no 'propensity' column"):
+        logged_events(replace(ds, extra={}), cfg=OPEConfig(behaviour="logged"))
+
+
+def test_behaviour_model_sees_train_events_only() -> None:
+    """Changing the valid/test events, even ones that precede training events, changes
+    nothing in the fitted behaviour model."""
+    ds = _walk()
+    split = ds.split.copy()
+    split[ds.user_offsets[1:-1]] = TEST  # each user's FIRST event is a test event
+    ds = replace(ds, split=split)
+    held_out = ds.split != TRAIN
+    item = ds.item.copy()
+    item[held_out] = item[held_out] % ds.n_items + 1
+    other = replace(ds, item=item, reward=np.where(held_out, 9.0, ds.reward).astype(np.float32))
+    cfg = OPEConfig(behaviour_history=3, behaviour_epochs=2)
+    a, b = fit_behaviour(ds, cfg=cfg), fit_behaviour(other, cfg=cfg)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_ope_for_runs_shares_one_beta_and_pairs_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recloop.evaluation.ope as ope_mod
+
+    ds = _walk()
+    _save_policy(tmp_path / "a", ds, algo="supervised", config={})
+    _save_policy(tmp_path / "b", ds, algo="supervised", config={}, seed=1)
+    fits = []
+    real_fit = ope_mod.fit_behaviour
+    monkeypatch.setattr(
+        ope_mod, "fit_behaviour", lambda *a, **k: fits.append(1) or real_fit(*a, **k)
+    )
+    cfg = OPEConfig(n_boot=50)
+    out = ope_for_runs([tmp_path / "a", tmp_path / "b"], [ds, ds], cfg=cfg)
+    assert len(fits) == 1  # one behaviour model for both runs
+    a, b = out.reports
+    assert a.behaviour == b.behaviour == "fitted"
+    assert a.behaviour_nll == b.behaviour_nll  # the same beta on the same events
+    (diff,) = out.paired
+    assert (diff.run, diff.baseline) == (str(tmp_path / "b"), str(tmp_path / "a"))
+    for k in ("ips", "snips", "dr"):
+        iv = diff.differences[k]
+        expected = b.estimates[k].value - a.estimates[k].value
+        assert iv.value == pytest.approx(expected, abs=1e-12)
+        assert iv.low <= iv.value <= iv.high
+        assert diff.excludes_zero(k) == (iv.low > 0 or iv.high < 0)
+    assert set(diff.to_dict()["differences"]["dr"]) >= {"value", "low", "high", "excludes_zero"}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from recloop.cli.app import app, echo, echo_json, warn
 from recloop.config import config_to_dict, describe
 from recloop.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from recloop.evaluation.ope import OPEComparison
+    from recloop.training.compare import RunEvaluation
 
 _TRAIN_HELP = (
     "Train an algorithm on a prepared dataset into RUN_DIR (--out).\n\n"
@@ -116,7 +121,9 @@ def evaluate_cmd(
         False,
         "--ope",
         help="Add off-policy estimates (IPS, SNIPS, doubly robust, bootstrap intervals) of "
-        "each policy's value on the split's logged events.",
+        "each policy's value on the split's logged events, all against one behaviour model "
+        "(the data's logged propensities, else one fitted on TRAIN) and one reward model per "
+        "dataset; with several runs, each one minus the first with paired intervals.",
     ),
     ope_overrides: list[str] = typer.Option(
         [], "--ope-set", help="Override an OPE config field, e.g. --ope-set weight_cap=20."
@@ -129,6 +136,12 @@ def evaluate_cmd(
     from recloop.training.compare import comparison_table, evaluate_runs
 
     ope_cfg = load_config(OPEConfig, overrides=ope_overrides) if ope else None
+    if ope_cfg is not None and ope_cfg.behaviour == "beta_head" and len(runs) > 1:
+        raise ConfigError(
+            "--ope-set behaviour=beta_head scores each run against its own behaviour head: "
+            "the estimates of several runs would not be comparable; drop it to use one "
+            "behaviour model for all runs, or evaluate one run"
+        )
 
     try:
         cutoffs = tuple(int(k) for k in ks.split(",") if k.strip())
@@ -146,16 +159,21 @@ def evaluate_cmd(
     }
     results = by_mask[masks[0]]
     ope_reports: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
     if ope_cfg is not None:
         from recloop.data.dataset import PreparedDataset
-        from recloop.evaluation.ope import ope_for_run
+        from recloop.evaluation.ope import ope_for_runs
 
         datasets: dict[str, PreparedDataset] = {}
-        for run, res in zip(runs, results, strict=True):
+        for res in results:
             if res.data not in datasets:
                 datasets[res.data] = PreparedDataset.load(Path(res.data))
-            report = ope_for_run(run, datasets[res.data], split=split, cfg=ope_cfg)
-            ope_reports.append(report.to_dict())
+        comparison = ope_for_runs(
+            runs, [datasets[res.data] for res in results], split=split, cfg=ope_cfg
+        )
+        ope_reports = [rep.to_dict() for rep in comparison.reports]
+        paired = [p.to_dict() for p in comparison.paired]
+        _warn_ope(comparison)
     if as_json:
         # "metrics" holds the first protocol's numbers ("mask_consumed" says which); with
         # both, each run also carries "metrics_unmasked".
@@ -171,6 +189,7 @@ def evaluate_cmd(
         if ope_cfg is not None:
             for run_doc, rep in zip(doc["runs"], ope_reports, strict=True):
                 run_doc["ope"] = rep
+            doc["paired"] = paired
         echo_json(doc)
         return
     k = 10 if 10 in cutoffs else cutoffs[0]
@@ -178,35 +197,88 @@ def evaluate_cmd(
         "\n\n".join(comparison_table(by_mask[m], split=split, mask_consumed=m, k=k) for m in masks)
     )
     if ope_reports and ope_cfg is not None:
-        from recloop.training.compare import format_table
-
-        rows = []
-        for res, rep in zip(results, ope_reports, strict=True):
-            est = rep["estimates"]
-            rows.append(
-                [
-                    res.run,
-                    res.algo,
-                    *(
-                        f"{est[m]['value']:.3f} [{est[m]['low']:.3f}, {est[m]['high']:.3f}]"
-                        for m in ("ips", "snips", "dr")
-                    ),
-                    f"{rep['logged_value']:.3f}",
-                    f"{rep['clipped_share']:.1%}",
-                    f"{rep['ess']:.0f}/{rep['n_events']}",
-                    rep["behaviour"],
-                ]
-            )
         echo("")
-        echo(
-            format_table(
-                ["run", "algo", "IPS", "SNIPS", "DR", "logged", "clipped", "ESS", "beta"], rows
+        echo(_ope_tables(results, ope_reports, paired, split=split))
+
+
+def _warn_ope(comparison: OPEComparison) -> None:
+    """One line on stderr per OPE flag and per run that could not be paired."""
+    for run, rep in zip(comparison.runs, comparison.reports, strict=True):
+        lo, hi = rep.reward_range
+        for name, iv in rep.estimates.items():
+            if f"{name}_out_of_range" in iv.flags:
+                warn(
+                    f"warning: {run}: {name.upper()} {iv.value:.3f} [{iv.low:.3f}, "
+                    f"{iv.high:.3f}] leaves the logged reward range [{lo:g}, {hi:g}]; the "
+                    "propensities are likely wrong or the weights too heavy (read SNIPS/DR)"
+                )
+        if "mean_weight_far_from_1" in rep.flags:
+            warn(
+                f"warning: {run}: mean importance weight {rep.mean_weight:.2f} is far from 1 "
+                f"(it is about 1 when beta is right and covers the policy; beta: "
+                f"{rep.behaviour})"
             )
+    for run, why in comparison.unpaired.items():
+        warn(f"warning: {run}: no paired difference with the first run ({why})")
+
+
+def _ope_tables(
+    results: Sequence[RunEvaluation],
+    reports: list[dict[str, Any]],
+    paired: list[dict[str, Any]],
+    *,
+    split: str,
+) -> str:
+    """The OPE table of every run and, with several runs, the paired differences."""
+    from recloop.training.compare import format_table
+
+    def cell(iv: dict[str, Any], mark: str = "") -> str:
+        flag = " !" if iv.get("flags") else ""
+        return f"{iv['value']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]{mark}{flag}"
+
+    rows = []
+    for res, rep in zip(results, reports, strict=True):
+        est = rep["estimates"]
+        weight_flag = " !" if "mean_weight_far_from_1" in rep["flags"] else ""
+        rows.append(
+            [
+                res.run,
+                res.algo,
+                *(cell(est[m]) for m in ("ips", "snips", "dr")),
+                f"{rep['logged_value']:.3f}",
+                f"{rep['mean_weight']:.2f}{weight_flag}",
+                f"{rep['clipped_share']:.1%}",
+                f"{rep['ess']:.0f}/{rep['n_events']}",
+                rep["behaviour"],
+            ]
         )
-        echo(
-            f"off-policy value of each policy on the {split} split's logged events "
-            f"({int(100 * ope_cfg.confidence)}% bootstrap intervals)"
-        )
+    header = ["run", "algo", "IPS", "SNIPS", "DR", "logged", "mean w", "clipped", "ESS", "beta"]
+    conf = round(100 * reports[0]["config"]["confidence"])
+    lines = [
+        format_table(header, rows),
+        f"off-policy value of each policy on the {split} split's logged events "
+        f"({conf}% bootstrap intervals; ! = flagged, see the warnings)",
+    ]
+    if paired:
+        algo = {res.run: res.algo for res in results}
+        diff_rows = [
+            [
+                p["run"],
+                algo.get(p["run"], ""),
+                *(
+                    cell(d, " *" if d["excludes_zero"] else "")
+                    for d in (p["differences"][m] for m in ("ips", "snips", "dr"))
+                ),
+            ]
+            for p in paired
+        ]
+        lines += [
+            "",
+            format_table(["run", "algo", "IPS - first", "SNIPS - first", "DR - first"], diff_rows),
+            f"each run minus {paired[0]['baseline']} on the same events, beta and q "
+            f"({conf}% paired bootstrap intervals; * = the interval excludes 0)",
+        ]
+    return "\n".join(lines)
 
 
 @app.command("recommend")

@@ -1,4 +1,4 @@
-"""Off-policy evaluation of a ranking policy on held-out logged events.
+"""Off-policy evaluation of ranking policies on held-out logged events.
 
 Each event of the evaluated split is one contextual-bandit round: the context is the user's
 last H items before the event (whatever their split), the logged action is the event's item
@@ -17,17 +17,34 @@ importance weights ``w = min(pi(a|s) / beta(a|s), cap)``:
 - DR    ``mean(V(s) + w (r - q(s, a)))`` with ``V(s) = sum_a pi(a|s) q(s, a)``
 - DM    ``mean(V(s))``, the reward model alone, for reference.
 
-Propensities ``beta(a|s)`` come from REINFORCE's behaviour head when the run saved one, else
-from a behaviour model fitted here on the TRAIN split: a softmax over items on the mean of the
-history's item embeddings, trained by cross-entropy.  The reward model ``q`` is the shrunk
-additive baseline ``mu + b_user + b_item`` (Koren 2010, section 2.1) fitted on TRAIN.
-Confidence intervals are percentile bootstraps over events.
+Two runs' estimates are comparable only when they are computed against the same beta and the
+same q on the same events, so everything that does not depend on the policy -- the events,
+the propensities ``beta(a|s)`` of the logged actions and the reward model -- is built once
+per dataset (:class:`LoggedEvents`) and shared by every policy compared on it:
+
+- propensities come from the dataset's logged ``propensity`` column (an extra event column,
+  the logging policy's probability of the logged item) when it has one, else from a
+  behaviour model fitted here on the TRAIN split only: a softmax over items on the mean of
+  the last ``behaviour_history`` items' embeddings, trained by cross-entropy.  A REINFORCE
+  run's own behaviour head is used only on request (``behaviour=beta_head``), one run at a
+  time: two runs' heads are two different betas;
+- the reward model ``q`` is the shrunk additive baseline ``mu + b_user + b_item`` (Koren
+  2010, section 2.1) fitted on TRAIN.
+
+Confidence intervals are percentile bootstraps over events.  With several policies, each
+one's difference to the first is bootstrapped **paired**: every replicate resamples the same
+events for both, so the shared noise of the events cancels (Efron & Tibshirani 1993, ch. 10).
+
+Honesty checks: an estimate (or its interval) that leaves the range of the rewards logged on
+the split is flagged ``<estimator>_out_of_range`` (IPS can; SNIPS, a weighted mean of
+rewards, cannot), and a mean unclipped weight outside ``mean_weight_bounds`` is flagged
+``mean_weight_far_from_1``: ``E_beta[pi / beta] = 1`` when beta is right and covers pi.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +58,7 @@ from recloop.artifacts.policy import PolicyNet
 from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
 from recloop.data.sampler import TransitionSampler, gather_windows
-from recloop.errors import DataError
+from recloop.errors import ConfigError, DataError
 from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
 from recloop.ranking import topk
 
@@ -49,6 +66,12 @@ logger = logging.getLogger(__name__)
 
 Behaviour = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(user (B,), history (B, H), history_reward (B, H)) -> logits (B, N + 1)`` of beta."""
+
+PROPENSITY = "propensity"
+"""Extra event column holding the logging policy's probability of the logged item."""
+
+BEHAVIOURS = ("auto", "logged", "fitted", "beta_head")
+"""Values of ``OPEConfig.behaviour``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +90,13 @@ class OPEConfig:
     weight_cap: float | None = 100.0
     """Importance weights are clipped at this value; None = no clipping."""
     behaviour: str = "auto"
-    """Propensity source: beta_head (REINFORCE's), fitted, or auto (beta_head if saved)."""
+    """Propensity source, one for every compared run: auto (the dataset's logged
+    ``propensity`` column when it has one, else fitted), logged (that column, required),
+    fitted (a behaviour model fitted on the TRAIN split, once per dataset) or beta_head (a
+    REINFORCE run's own behaviour head; one run at a time, refused when comparing runs)."""
+    behaviour_history: int = 10
+    """Items of history the fitted behaviour model sees; one value for every run, so that
+    every run is scored against the same beta."""
     behaviour_dim: int = 32
     """Embedding size of the fitted behaviour model."""
     behaviour_epochs: int = 3
@@ -78,6 +107,9 @@ class OPEConfig:
     """Events per step when fitting the behaviour model."""
     reward_shrinkage: float = 5.0
     """Pseudo-count lambda shrinking the user and item reward biases towards 0."""
+    mean_weight_bounds: tuple[float, float] = (0.5, 2.0)
+    """The mean unclipped weight is about 1 when beta is right; outside these bounds the
+    report is flagged ``mean_weight_far_from_1``."""
     n_boot: int = 500
     """Bootstrap resamples for the confidence intervals; 0 = no intervals."""
     confidence: float = 0.95
@@ -95,14 +127,20 @@ class OPEConfig:
             f"ope.weight_cap must be > 0, got {self.weight_cap}",
         )
         check(
-            self.behaviour in ("auto", "beta_head", "fitted"),
-            f"ope.behaviour must be auto, beta_head or fitted, got {self.behaviour!r}",
+            self.behaviour in BEHAVIOURS,
+            f"ope.behaviour must be one of {', '.join(BEHAVIOURS)}, got {self.behaviour!r}",
         )
+        check(self.behaviour_history >= 1, "ope.behaviour_history must be >= 1")
         check(self.behaviour_dim >= 1, "ope.behaviour_dim must be >= 1")
         check(self.behaviour_epochs >= 1, "ope.behaviour_epochs must be >= 1")
         check(self.behaviour_lr > 0, "ope.behaviour_lr must be > 0")
         check(self.behaviour_batch_size >= 1, "ope.behaviour_batch_size must be >= 1")
         check(self.reward_shrinkage >= 0, "ope.reward_shrinkage must be >= 0")
+        lo, hi = self.mean_weight_bounds
+        check(
+            0 <= lo <= 1 <= hi,
+            f"ope.mean_weight_bounds must satisfy 0 <= low <= 1 <= high, got {lo}, {hi}",
+        )
         check(self.n_boot >= 0, f"ope.n_boot must be >= 0, got {self.n_boot}")
         check(0 < self.confidence < 1, f"ope.confidence must be in (0, 1), got {self.confidence}")
         check(self.batch_size >= 1, "ope.batch_size must be >= 1")
@@ -149,9 +187,54 @@ class Interval:
     value: float
     low: float
     high: float
+    flags: tuple[str, ...] = ()
+    """Warnings about this estimate, e.g. ``ips_out_of_range``."""
 
-    def to_dict(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high}
+    def excludes(self, x: float) -> bool:
+        """Whether ``x`` lies outside [low, high]."""
+        return x < self.low or x > self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "low": self.low, "high": self.high, "flags": list(self.flags)}
+
+
+def bootstrap_means(
+    cols: np.ndarray, *, n_boot: int, rng: np.random.Generator, chunk_elems: int = 1 << 20
+) -> np.ndarray:
+    """(n_boot, k) column means of ``n_boot`` resamples with replacement of the rows of
+    ``cols`` (E, k) (Efron 1979).
+
+    Replicates come in chunks, each a (b, E) matrix of resampled row indices with
+    b * E <= ``chunk_elems``; every column is averaged over the same index row, so the
+    columns of one replicate are computed on the same resampled events.
+    """
+    e, k = cols.shape
+    out = np.empty((n_boot, k))
+    chunk = max(1, chunk_elems // max(e, 1))
+    cols_t = np.ascontiguousarray(cols.T)  # (k, E): one contiguous gather per column
+    for lo in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - lo)
+        idx = rng.integers(0, e, size=(b, e))  # (b, E)
+        for j in range(k):
+            out[lo : lo + b, j] = cols_t[j][idx].mean(axis=1)
+    return out
+
+
+def _percentiles(
+    point: dict[str, float], boots: dict[str, np.ndarray], confidence: float
+) -> dict[str, Interval]:
+    alpha = (1 - confidence) / 2
+    out = {}
+    for k, v in point.items():
+        lo, hi = np.quantile(boots[k], [alpha, 1 - alpha])
+        out[k] = Interval(v, float(lo), float(hi))
+    return out
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (a resample with no weight shows nothing)."""
+    safe = np.where(den > 0, den, 1.0)
+    return np.where(den > 0, num / safe, 0.0)
 
 
 def bootstrap_intervals(
@@ -164,42 +247,82 @@ def bootstrap_intervals(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Interval]:
-    """IPS, SNIPS, DR and DM with percentile bootstrap intervals over events (Efron 1979).
+    """IPS, SNIPS, DR and DM with percentile bootstrap intervals over events.
 
-    A resample is a row of multinomial counts c (E,), so each estimator is a ratio of dot
-    products ``c @ x``: resamples are processed as (chunk, E) count matrices, not loops.
+    Every estimator is a function of column means, so a replicate is one
+    :func:`bootstrap_means` row.  A given ``seed`` resamples the same events for every policy
+    evaluated on the same E events, which is what :func:`paired_bootstrap` relies on.
     """
     e = w.shape[0]
     point = {
         "ips": ips(w, r),
         "snips": snips(w, r),
         "dr": doubly_robust(w, r, q_logged, v_target),
-        "dm": float(np.mean(v_target)),
+        "dm": float(np.mean(v_target)) if e else 0.0,
     }
     if n_boot == 0 or e == 0:
         return {k: Interval(v, v, v) for k, v in point.items()}
-    rng = np.random.default_rng(seed)
     cols = np.stack([w * r, w, v_target + w * (r - q_logged), v_target], axis=1)  # (E, 4)
-    chunk = max(1, (1 << 22) // e)
-    sums = []
-    for lo in range(0, n_boot, chunk):
-        counts = rng.multinomial(e, np.full(e, 1.0 / e), size=min(chunk, n_boot - lo))
-        sums.append(counts.astype(np.float64) @ cols)  # (b, 4)
-    s = np.concatenate(sums)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = {
-            "ips": s[:, 0] / e,
-            "snips": np.where(s[:, 1] > 0, s[:, 0] / s[:, 1], 0.0),
-            "dr": s[:, 2] / e,
-            "dm": s[:, 3] / e,
-        }
-    alpha = (1 - confidence) / 2
-    return {
-        k: Interval(
-            point[k], float(np.quantile(boots[k], alpha)), float(np.quantile(boots[k], 1 - alpha))
-        )
-        for k in point
+    m = bootstrap_means(cols, n_boot=n_boot, rng=np.random.default_rng(seed))
+    boots = {"ips": m[:, 0], "snips": _ratio(m[:, 0], m[:, 1]), "dr": m[:, 2], "dm": m[:, 3]}
+    return _percentiles(point, boots, confidence)
+
+
+def paired_bootstrap(
+    r: np.ndarray,
+    q_logged: np.ndarray,
+    w_a: np.ndarray,
+    v_a: np.ndarray,
+    w_b: np.ndarray,
+    v_b: np.ndarray,
+    *,
+    n_boot: int,
+    confidence: float = 0.95,
+    seed: int = 0,
+    paired: bool = True,
+) -> dict[str, Interval]:
+    """IPS, SNIPS and DR of policy B minus policy A on the same E events, with intervals.
+
+    ``paired`` (the default, and the right one): each replicate resamples the same events
+    for both policies, so the difference's interval reflects only how the two policies
+    differ on the events, not which events happened to be logged.  ``paired=False`` resamples
+    them independently, as two separate reports would; it is there for comparison.
+    """
+    e = r.shape[0]
+    dr_a, dr_b = v_a + w_a * (r - q_logged), v_b + w_b * (r - q_logged)
+    point = {
+        "ips": ips(w_b, r) - ips(w_a, r),
+        "snips": snips(w_b, r) - snips(w_a, r),
+        "dr": float(np.mean(dr_b) - np.mean(dr_a)) if e else 0.0,
     }
+    if n_boot == 0 or e == 0:
+        return {k: Interval(v, v, v) for k, v in point.items()}
+    cols_a = np.stack([w_a * r, w_a, dr_a], axis=1)  # (E, 3)
+    cols_b = np.stack([w_b * r, w_b, dr_b], axis=1)
+    rng = np.random.default_rng(seed)
+    if paired:
+        m = bootstrap_means(np.concatenate([cols_a, cols_b], axis=1), n_boot=n_boot, rng=rng)
+        m_a, m_b = m[:, :3], m[:, 3:]
+    else:
+        m_a = bootstrap_means(cols_a, n_boot=n_boot, rng=rng)
+        m_b = bootstrap_means(cols_b, n_boot=n_boot, rng=np.random.default_rng([seed, 1]))
+    boots = {
+        "ips": m_b[:, 0] - m_a[:, 0],
+        "snips": _ratio(m_b[:, 0], m_b[:, 1]) - _ratio(m_a[:, 0], m_a[:, 1]),
+        "dr": m_b[:, 2] - m_a[:, 2],
+    }
+    return _percentiles(point, boots, confidence)
+
+
+def range_flags(name: str, iv: Interval, low: float, high: float) -> tuple[str, ...]:
+    """``(name_out_of_range,)`` when the estimate or its interval leaves [low, high].
+
+    A policy's value is a mean reward, so it lies in the range of the rewards; an estimate
+    outside it is wrong, whatever its interval says.  Round-off is not flagged.
+    """
+    tol = 1e-9 * max(1.0, abs(low), abs(high))
+    outside = min(iv.value, iv.low) < low - tol or max(iv.value, iv.high) > high + tol
+    return (f"{name}_out_of_range",) if outside else ()
 
 
 # --- models -----------------------------------------------------------------------------
@@ -220,13 +343,38 @@ class MeanHistoryBehaviour(nn.Module):
         return logits.index_fill(1, torch.zeros(1, dtype=torch.long), float("-inf"))
 
 
+def train_view(dataset: PreparedDataset) -> PreparedDataset:
+    """The TRAIN events alone, as a dataset with the same ids.
+
+    Models fitted on it cannot see a validation or test event, not even as another event's
+    history (splits are chronological per user today, but this does not rely on it).
+    """
+    rows = np.flatnonzero(dataset.split == TRAIN)
+    return PreparedDataset.from_arrays(
+        user=dataset.user[rows],
+        item=dataset.item[rows],
+        timestamp=dataset.timestamp[rows],
+        reward=dataset.reward[rows],
+        returns=dataset.returns[rows],
+        session=dataset.session[rows],
+        split=dataset.split[rows],
+        n_users=dataset.n_users,
+        n_items=dataset.n_items,
+        user_ids=dataset.user_ids,
+        item_ids=dataset.item_ids,
+    )
+
+
 def fit_behaviour(
-    dataset: PreparedDataset, *, history: int, cfg: OPEConfig
+    dataset: PreparedDataset, *, cfg: OPEConfig, history: int | None = None
 ) -> MeanHistoryBehaviour:
-    """Fit :class:`MeanHistoryBehaviour` by cross-entropy on the TRAIN events."""
+    """Fit :class:`MeanHistoryBehaviour` by cross-entropy on the TRAIN events only.
+
+    ``history`` defaults to ``cfg.behaviour_history``.
+    """
     sampler = TransitionSampler(
-        dataset,
-        history=history,
+        train_view(dataset),
+        history=cfg.behaviour_history if history is None else history,
         batch_size=cfg.behaviour_batch_size,
         splits=(TRAIN,),
         seed=cfg.seed,
@@ -283,54 +431,164 @@ def fit_baseline_rewards(
     )
 
 
-# --- the evaluation ---------------------------------------------------------------------
+# --- the policy-independent half: events, propensities, reward model ---------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class OPEReport:
-    """Off-policy estimates of one policy's per-event value on one split."""
+def _events_file(dataset: PreparedDataset) -> str:
+    return str(dataset.path / "events.parquet") if dataset.path else "events"
 
-    split: str
-    """The evaluated split."""
-    n_events: int
-    """Logged events (bandit rounds) evaluated."""
+
+def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarray | None:
+    """(E,) float64 logged ``propensity`` of the events at ``rows``; None without the column.
+
+    Each must be a probability in (0, 1]: the logging policy chose the logged item.
+    """
+    col = dataset.extra.get(PROPENSITY)
+    if col is None:
+        return None
+    try:
+        p = np.asarray(col[rows], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{_events_file(dataset)}: column {PROPENSITY!r} must be numeric, got dtype {col.dtype}"
+        ) from None
+    bad = np.flatnonzero(~((p > 0) & (p <= 1)))  # NaN fails both tests
+    if bad.shape[0]:
+        row = int(rows[bad[0]])
+        raise DataError(
+            f"{_events_file(dataset)}, row {row}: field {PROPENSITY!r} must be a probability "
+            f"in (0, 1], got {float(p[bad[0]])} ({bad.shape[0]} such events in the split)"
+        )
+    return p
+
+
+@torch.no_grad()
+def model_log_propensities(
+    behaviour: Behaviour,
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    *,
+    history: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """(E,) float64 log beta(a|s) of the logged items at ``rows`` under a behaviour model
+    that sees the last ``history`` items before each event."""
+    user = dataset.user[rows].astype(np.int64)
+    win = gather_windows(
+        dataset.item, dataset.reward, end=rows, start=dataset.user_offsets[user], length=history
+    )
+    action = torch.from_numpy(dataset.item[rows].astype(np.int64))[:, None]
+    out = np.empty(rows.shape[0])
+    for lo in range(0, rows.shape[0], batch_size):
+        sl = slice(lo, lo + batch_size)
+        logits = behaviour(
+            torch.from_numpy(user[sl]),
+            torch.from_numpy(win.item[sl].astype(np.int64)),
+            torch.from_numpy(win.reward[sl]),
+        )
+        out[sl] = torch.log_softmax(logits.double(), 1).gather(1, action[sl])[:, 0].numpy()
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LoggedEvents:
+    """The policy-independent half of OPE on one split: events, propensities, reward model.
+
+    Built once per dataset by :func:`logged_events` and shared by every policy compared on
+    it, so that their estimates differ by the policies and nothing else.
+    """
+
+    split: int
+    """Split code of the events."""
+    rows: np.ndarray  # (E,) int64 dataset rows, ascending
+    user: np.ndarray  # (E,) int64
+    action: np.ndarray  # (E,) int64 logged items
+    reward: np.ndarray  # (E,) float64 logged rewards
+    log_propensity: np.ndarray  # (E,) float64 log beta(a|s) of the logged items
     behaviour: str
-    """Where the propensities came from: beta_head or fitted."""
-    estimates: dict[str, Interval]
-    """ips, snips, dr, dm → value with its bootstrap interval."""
-    logged_value: float
-    """Mean logged reward: the behaviour policy's own value."""
-    behaviour_nll: float
-    """Mean -log beta(a|s) of the logged actions on this split."""
-    support: float
-    """Share of events whose logged item is in the target policy's top K (w > 0)."""
-    mean_weight: float
-    """Mean unclipped weight; near 1 when beta is right and pi's support is covered by beta."""
-    max_weight: float
-    """Largest unclipped weight."""
-    clipped_share: float
-    """Share of weights the cap changed."""
-    ess: float
-    """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """The OPE config used."""
+    """Where the propensities come from: logged, fitted or beta_head."""
+    rewards: BaselineRewards
+    """The reward model q (fitted on TRAIN)."""
+    q_logged: np.ndarray  # (E,) float64 q(s, a) of the logged items
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "split": self.split,
-            "n_events": self.n_events,
-            "behaviour": self.behaviour,
-            "estimates": {k: v.to_dict() for k, v in self.estimates.items()},
-            "logged_value": self.logged_value,
-            "behaviour_nll": self.behaviour_nll,
-            "support": self.support,
-            "mean_weight": self.mean_weight,
-            "max_weight": self.max_weight,
-            "clipped_share": self.clipped_share,
-            "ess": self.ess,
-            "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
-            "config": dict(self.config),
-        }
+    @property
+    def n_events(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        """[min r, max r] of the logged rewards: every policy's value lies inside."""
+        return float(self.reward.min()), float(self.reward.max())
+
+
+def logged_events(
+    dataset: PreparedDataset,
+    *,
+    split: str | int = "test",
+    cfg: OPEConfig = OPEConfig(),
+    behaviour: Behaviour | None = None,
+    behaviour_name: str = "model",
+    history: int | None = None,
+    rewards: BaselineRewards | None = None,
+) -> LoggedEvents:
+    """The events of ``split`` with their propensities and the reward model.
+
+    Propensities: from ``behaviour`` when one is given (it sees ``history`` items, default
+    ``cfg.behaviour_history``), else by ``cfg.behaviour``: the logged ``propensity`` column
+    (auto, logged) or a model fitted on TRAIN (auto without the column, fitted).  ``rewards``
+    defaults to the baseline fitted on TRAIN.
+    """
+    code = split_code(split)
+    rows = np.flatnonzero(dataset.split == code)
+    if rows.shape[0] == 0:
+        raise DataError(f"no event in the {SPLIT_NAMES[code]} split; nothing to evaluate")
+    if behaviour is not None:
+        h = cfg.behaviour_history if history is None else history
+        log_p = model_log_propensities(behaviour, dataset, rows, history=h)
+        name = behaviour_name
+    elif cfg.behaviour == "beta_head":
+        raise ConfigError("ope.behaviour=beta_head: the behaviour head is a run's; pass it")
+    else:
+        logged = logged_propensities(dataset, rows) if cfg.behaviour != "fitted" else None
+        if logged is None and cfg.behaviour == "logged":
+            raise DataError(
+                f"{_events_file(dataset)}: ope.behaviour=logged but the events have no "
+                f"{PROPENSITY!r} column"
+            )
+        if logged is not None:
+            log_p, name = np.log(logged), "logged"
+        else:
+            model = fit_behaviour(dataset, cfg=cfg)
+            log_p = model_log_propensities(
+                model, dataset, rows, history=cfg.behaviour_history, batch_size=cfg.batch_size
+            )
+            name = "fitted"
+    if rewards is None:
+        rewards = fit_baseline_rewards(dataset, shrinkage=cfg.reward_shrinkage)
+    user = dataset.user[rows].astype(np.int64)
+    action = dataset.item[rows].astype(np.int64)
+    return LoggedEvents(
+        split=code,
+        rows=rows,
+        user=user,
+        action=action,
+        reward=dataset.reward[rows].astype(np.float64),
+        log_propensity=log_p,
+        behaviour=name,
+        rewards=rewards,
+        q_logged=rewards(user, action).astype(np.float64),
+    )
+
+
+# --- the policy's half ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PolicyTerms:
+    """What one target policy contributes on the events of a :class:`LoggedEvents`."""
+
+    p_target: np.ndarray  # (E,) float64 pi(a|s) of the logged items
+    v_target: np.ndarray  # (E,) float64 V(s) = sum_a pi(a|s) q(s, a)
 
 
 def target_probs(
@@ -346,32 +604,22 @@ def target_probs(
 
 
 @torch.no_grad()
-def off_policy_evaluate(
+def policy_terms(
     policy: Scorer,
     dataset: PreparedDataset,
+    events: LoggedEvents,
     *,
     history: int,
-    behaviour: Behaviour,
-    behaviour_name: str,
-    rewards: BaselineRewards,
-    split: str | int = "test",
     cfg: OPEConfig = OPEConfig(),
-) -> OPEReport:
-    """IPS / SNIPS / DR / DM of ``policy`` on the events of ``split`` (module docstring)."""
-    code = split_code(split)
-    rows = np.flatnonzero(dataset.split == code)
+) -> PolicyTerms:
+    """pi(a|s) of the logged items and V(s) of ``policy`` on ``events`` (its history H)."""
+    rows, user, action = events.rows, events.user, events.action
     e = rows.shape[0]
-    if e == 0:
-        raise DataError(f"no event in the {SPLIT_NAMES[code]} split; nothing to evaluate")
-    user = dataset.user[rows].astype(np.int64)
     start = dataset.user_offsets[user]
     win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
     width = dataset.n_items + 1
     pad = torch.zeros(1, dtype=torch.long)
-    action = dataset.item[rows].astype(np.int64)
-    r = dataset.reward[rows].astype(np.float64)
     p_pi = np.empty(e)
-    log_beta = np.empty(e)
     v = np.empty(e)
     for lo in range(0, e, cfg.batch_size):
         sl = slice(lo, min(lo + cfg.batch_size, e))
@@ -395,29 +643,197 @@ def off_policy_evaluate(
         probs = probs.nan_to_num(nan=0.0)  # a row with every item masked shows nothing
         a = torch.from_numpy(action[sl])[:, None]
         p_pi[sl] = (probs * (items == a)).sum(1).double().numpy()
-        log_beta[sl] = torch.log_softmax(behaviour(*args).double(), 1).gather(1, a)[:, 0].numpy()
-        q_top = rewards(user[sl, None], items.numpy())  # (b, K)
+        q_top = events.rewards(user[sl, None], items.numpy())  # (b, K)
         v[sl] = (probs.double().numpy() * q_top).sum(1)
-    w_raw = p_pi * np.exp(-log_beta)
-    w, clipped = clip_weights(w_raw, cfg.weight_cap)
-    estimates = bootstrap_intervals(
-        w, r, rewards(user, action).astype(np.float64), v,
+    return PolicyTerms(p_target=p_pi, v_target=v)
+
+
+def importance_weights(
+    events: LoggedEvents, terms: PolicyTerms, cap: float | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Unclipped weights pi / beta, clipped ones, and the share the cap changed; all (E,).
+
+    An event pi does not show has weight 0 whatever beta says (even a beta of 0).
+    """
+    with np.errstate(over="ignore"):
+        inv_beta = np.exp(-events.log_propensity)
+    w_raw = np.where(terms.p_target > 0, terms.p_target * inv_beta, 0.0)
+    w, clipped = clip_weights(w_raw, cap)
+    return w_raw, w, clipped
+
+
+# --- reports ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPEReport:
+    """Off-policy estimates of one policy's per-event value on one split."""
+
+    split: str
+    """The evaluated split."""
+    n_events: int
+    """Logged events (bandit rounds) evaluated."""
+    behaviour: str
+    """Where the propensities came from: logged, fitted or beta_head."""
+    estimates: dict[str, Interval]
+    """ips, snips, dr, dm → value with its bootstrap interval and flags."""
+    logged_value: float
+    """Mean logged reward: the behaviour policy's own value."""
+    reward_range: tuple[float, float]
+    """[min r, max r] of the logged rewards on the split."""
+    behaviour_nll: float
+    """Mean -log beta(a|s) of the logged actions on this split."""
+    support: float
+    """Share of events whose logged item is in the target policy's top K (w > 0)."""
+    mean_weight: float
+    """Mean unclipped weight; near 1 when beta is right and pi's support is covered by beta."""
+    max_weight: float
+    """Largest unclipped weight."""
+    clipped_share: float
+    """Share of weights the cap changed."""
+    ess: float
+    """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
+    flags: tuple[str, ...] = ()
+    """Every warning: the estimates' flags and ``mean_weight_far_from_1``."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The OPE config used."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "n_events": self.n_events,
+            "behaviour": self.behaviour,
+            "estimates": {k: v.to_dict() for k, v in self.estimates.items()},
+            "logged_value": self.logged_value,
+            "reward_range": list(self.reward_range),
+            "behaviour_nll": self.behaviour_nll,
+            "support": self.support,
+            "mean_weight": self.mean_weight,
+            "max_weight": self.max_weight,
+            "clipped_share": self.clipped_share,
+            "ess": self.ess,
+            "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
+            "flags": list(self.flags),
+            "config": dict(self.config),
+        }
+
+
+def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPEReport:
+    """The estimates, intervals, diagnostics and flags of one policy on ``events``."""
+    w_raw, w, clipped = importance_weights(events, terms, cfg.weight_cap)
+    raw = bootstrap_intervals(
+        w, events.reward, events.q_logged, terms.v_target,
         n_boot=cfg.n_boot, confidence=cfg.confidence, seed=cfg.seed,
     )  # fmt: skip
+    lo, hi = events.reward_range
+    estimates = {
+        k: Interval(iv.value, iv.low, iv.high, range_flags(k, iv, lo, hi)) for k, iv in raw.items()
+    }
+    mean_weight = float(w_raw.mean())
+    flags = [f for iv in estimates.values() for f in iv.flags]
+    w_lo, w_hi = cfg.mean_weight_bounds
+    if not w_lo <= mean_weight <= w_hi:
+        flags.append("mean_weight_far_from_1")
     return OPEReport(
-        split=SPLIT_NAMES[code],
-        n_events=e,
-        behaviour=behaviour_name,
+        split=SPLIT_NAMES[events.split],
+        n_events=events.n_events,
+        behaviour=events.behaviour,
         estimates=estimates,
-        logged_value=float(r.mean()),
-        behaviour_nll=float(-log_beta.mean()),
-        support=float(np.mean(p_pi > 0)),
-        mean_weight=float(w_raw.mean()),
+        logged_value=float(events.reward.mean()),
+        reward_range=(lo, hi),
+        behaviour_nll=float(-events.log_propensity.mean()),
+        support=float(np.mean(terms.p_target > 0)),
+        mean_weight=mean_weight,
         max_weight=float(w_raw.max()),
         clipped_share=clipped,
         ess=effective_sample_size(w),
+        flags=tuple(flags),
         config=config_to_dict(cfg),
     )
+
+
+def off_policy_evaluate(
+    policy: Scorer,
+    dataset: PreparedDataset,
+    *,
+    history: int,
+    events: LoggedEvents,
+    cfg: OPEConfig = OPEConfig(),
+) -> OPEReport:
+    """IPS / SNIPS / DR / DM of ``policy`` on ``events`` (module docstring)."""
+    return ope_report(events, policy_terms(policy, dataset, events, history=history, cfg=cfg), cfg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairedReport:
+    """Estimated value of one run minus the baseline run's, on the same events."""
+
+    run: str
+    """The run compared."""
+    baseline: str
+    """The run it is compared with (the first one given)."""
+    split: str
+    """The evaluated split."""
+    n_events: int
+    """Logged events both were evaluated on."""
+    behaviour: str
+    """The propensity source both were evaluated with."""
+    differences: dict[str, Interval]
+    """ips, snips, dr → run − baseline with its paired bootstrap interval."""
+    n_boot: int
+    """Bootstrap replicates (0: no intervals)."""
+    confidence: float
+    """Coverage of the intervals."""
+
+    def excludes_zero(self, name: str) -> bool | None:
+        """Whether the interval of ``name`` excludes 0; None without a bootstrap."""
+        return self.differences[name].excludes(0.0) if self.n_boot else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "baseline": self.baseline,
+            "split": self.split,
+            "n_events": self.n_events,
+            "behaviour": self.behaviour,
+            "n_boot": self.n_boot,
+            "confidence": self.confidence,
+            "differences": {
+                k: {**iv.to_dict(), "excludes_zero": self.excludes_zero(k)}
+                for k, iv in self.differences.items()
+            },
+        }
+
+
+def paired_report(
+    events: LoggedEvents,
+    baseline: PolicyTerms,
+    other: PolicyTerms,
+    *,
+    cfg: OPEConfig,
+    run: str,
+    baseline_run: str,
+) -> PairedReport:
+    """``other`` − ``baseline`` on ``events`` with paired bootstrap intervals."""
+    _, w_a, _ = importance_weights(events, baseline, cfg.weight_cap)
+    _, w_b, _ = importance_weights(events, other, cfg.weight_cap)
+    diffs = paired_bootstrap(
+        events.reward, events.q_logged, w_a, baseline.v_target, w_b, other.v_target,
+        n_boot=cfg.n_boot, confidence=cfg.confidence, seed=cfg.seed,
+    )  # fmt: skip
+    return PairedReport(
+        run=run,
+        baseline=baseline_run,
+        split=SPLIT_NAMES[events.split],
+        n_events=events.n_events,
+        behaviour=events.behaviour,
+        differences=diffs,
+        n_boot=cfg.n_boot,
+        confidence=cfg.confidence,
+    )
+
+
+# --- saved runs -------------------------------------------------------------------------
 
 
 def _same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -464,6 +880,95 @@ def reinforce_beta(run_dir: Path, policy: PolicyNet, manifest: dict[str, Any]) -
     return logits
 
 
+@dataclass(frozen=True, kw_only=True)
+class OPEComparison:
+    """OPE of several runs against one beta and one q per dataset, with paired differences."""
+
+    runs: list[str]
+    """The runs as given; the first is the baseline of the paired differences."""
+    reports: list[OPEReport]
+    """One report per run, in order."""
+    paired: list[PairedReport]
+    """Each later run minus the first, for the runs evaluated on the first one's events."""
+    unpaired: dict[str, str] = field(default_factory=dict)
+    """Later runs that could not be paired with the first → why."""
+
+
+def _dataset_key(dataset: PreparedDataset) -> object:
+    """Datasets with the same events file hash hold the same events; else identity."""
+    digest = dataset.manifest.get("files", {}).get("events.parquet")
+    return ("events", digest) if digest else ("object", id(dataset))
+
+
+def ope_for_runs(
+    runs: Sequence[Path],
+    datasets: Sequence[PreparedDataset],
+    *,
+    split: str = "test",
+    cfg: OPEConfig = OPEConfig(),
+) -> OPEComparison:
+    """OPE of saved runs (or artifacts) on ``split``, ``datasets[i]`` being run i's dataset.
+
+    The events, propensities and reward model are built once per dataset and shared by all
+    of its runs (see the module docstring); ``behaviour=beta_head`` takes a REINFORCE run's
+    own head and is therefore refused for more than one run.
+    """
+    from recloop.artifacts import load_artifact
+
+    if len(runs) != len(datasets):
+        raise ConfigError(f"ope_for_runs: {len(runs)} runs but {len(datasets)} datasets")
+    if cfg.behaviour == "beta_head" and len(runs) > 1:
+        raise ConfigError(
+            "ope.behaviour=beta_head scores each run against its own behaviour head, so the "
+            f"estimates of {len(runs)} runs would not be comparable; compare them with "
+            "ope.behaviour=auto (logged propensities or one fitted model), or evaluate one run"
+        )
+    shared: dict[object, LoggedEvents] = {}
+    keys: list[object] = []
+    events_of: list[LoggedEvents] = []
+    terms: list[PolicyTerms] = []
+    reports: list[OPEReport] = []
+    for run, ds in zip(runs, datasets, strict=True):
+        art = load_artifact(run)
+        if art.n_items != ds.n_items or art.n_users != ds.n_users:
+            raise DataError(
+                f"{run}: the policy has {art.n_users} users and {art.n_items} items, "
+                f"the dataset {ds.path or ''} {ds.n_users} and {ds.n_items}"
+            )
+        key = _dataset_key(ds)
+        if cfg.behaviour == "beta_head":
+            run_dir = art.path.parent if art.path.name == "artifact" else art.path
+            beta = reinforce_beta(run_dir, art.policy, art.manifest)
+            if beta is None:
+                raise DataError(f"{run}: no saved REINFORCE beta head (checkpoint/)")
+            events = logged_events(
+                ds, split=split, cfg=cfg, behaviour=beta, behaviour_name="beta_head",
+                history=art.history_len,
+            )  # fmt: skip
+        else:
+            if key not in shared:
+                shared[key] = logged_events(ds, split=split, cfg=cfg)
+            events = shared[key]
+        t = policy_terms(art.policy, ds, events, history=art.history_len, cfg=cfg)
+        keys.append(key)
+        events_of.append(events)
+        terms.append(t)
+        reports.append(ope_report(events, t, cfg))
+    paired: list[PairedReport] = []
+    unpaired: dict[str, str] = {}
+    for i in range(1, len(runs)):
+        if keys[i] != keys[0]:
+            unpaired[str(runs[i])] = f"evaluated on other events than {runs[0]}"
+            continue
+        diff = paired_report(
+            events_of[0], terms[0], terms[i], cfg=cfg, run=str(runs[i]), baseline_run=str(runs[0])
+        )
+        paired.append(diff)
+    return OPEComparison(
+        runs=[str(r) for r in runs], reports=reports, paired=paired, unpaired=unpaired
+    )
+
+
 def ope_for_run(
     run_or_artifact: Path,
     dataset: PreparedDataset,
@@ -471,30 +976,5 @@ def ope_for_run(
     split: str = "test",
     cfg: OPEConfig = OPEConfig(),
 ) -> OPEReport:
-    """OPE of a saved run's (or artifact's) policy on ``split`` of ``dataset``.
-
-    Propensities: REINFORCE's beta head when ``cfg.behaviour`` allows it and the run saved
-    one, else a behaviour model fitted on the TRAIN split (see :func:`fit_behaviour`).
-    """
-    from recloop.artifacts import load_artifact
-
-    art = load_artifact(run_or_artifact)
-    if art.n_items != dataset.n_items or art.n_users != dataset.n_users:
-        raise DataError(
-            f"{run_or_artifact}: the policy has {art.n_users} users and {art.n_items} items, "
-            f"the dataset {dataset.path or ''} {dataset.n_users} and {dataset.n_items}"
-        )
-    beta: Behaviour | None = None
-    if cfg.behaviour in ("auto", "beta_head"):
-        run_dir = art.path.parent if art.path.name == "artifact" else art.path
-        beta = reinforce_beta(run_dir, art.policy, art.manifest)
-        if beta is None and cfg.behaviour == "beta_head":
-            raise DataError(f"{run_or_artifact}: no saved REINFORCE beta head (checkpoint/)")
-    name = "beta_head" if beta is not None else "fitted"
-    if beta is None:
-        beta = fit_behaviour(dataset, history=art.history_len, cfg=cfg)
-    rewards = fit_baseline_rewards(dataset, shrinkage=cfg.reward_shrinkage)
-    return off_policy_evaluate(
-        art.policy, dataset, history=art.history_len, behaviour=beta,
-        behaviour_name=name, rewards=rewards, split=split, cfg=cfg,
-    )  # fmt: skip
+    """OPE of one saved run's (or artifact's) policy on ``split`` (see :func:`ope_for_runs`)."""
+    return ope_for_runs([run_or_artifact], [dataset], split=split, cfg=cfg).reports[0]
