@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -94,6 +95,7 @@ def _build(cls: type, data: Mapping[str, Any], *, source: str, prefix: str) -> A
             raise ConfigError(
                 f"{source}: field '{path}' expects {_type_name(tp)}, got {value!r} ({msg})"
             ) from None
+        check_finite(kwargs[name], field=path, source=source)
     missing = [
         n
         for n, f in fields.items()
@@ -269,6 +271,41 @@ def describe(
             continue
         rows.append((f"{prefix}{f.name}", _type_name(tp), default, docs.get(f.name, "")))
     return rows
+
+
+def _first_non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Any = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, tuple | list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = _first_non_finite(item, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(value: Any, *, field: str = "", source: str | None = None) -> None:
+    """Raise :class:`ConfigError` if a float in ``value`` is NaN or infinite.
+
+    ``value`` is a number, a sequence, a mapping or a config, searched recursively; the
+    error names the dotted field (``field`` is the path of ``value`` itself).  Every
+    config built from a mapping passes through here, and the fit loop checks the configs
+    of the Python API: no hyper-parameter is meaningful as NaN or ±inf, and ``lr=inf``
+    would train to NaN weights.
+    """
+    found = _first_non_finite(value, field)
+    if found is not None:
+        path, x = found
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{path or 'value'} must be finite, got {x}")
 
 
 def check(condition: bool, message: str) -> None:

@@ -54,3 +54,7 @@ class PrepareError(DataError):
 
 class ArtifactError(RecloopError):
     """An artifact is missing, corrupt, or does not match what loads it."""
+
+
+class TrainingError(RecloopError):
+    """Training cannot go on: the loss or the weights became NaN or infinite."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from recloop.algos.supervised import SupervisedConfig
 from recloop.data.dataset import PreparedDataset
 from recloop.encoders.base import EncoderConfig
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, TrainingError
 from recloop.training.callbacks import Callback, EarlyStopping, FitState
 from recloop.training.checkpoint import FitProgress
 from recloop.training.fit import FitConfig, fit
@@ -118,3 +119,55 @@ def test_callbacks_see_every_epoch(tiny_dataset: PreparedDataset) -> None:
     algo = rec.build(tiny_dataset, device="cpu")
     fit(algo, tiny_dataset, cfg=FitConfig(epochs=2, **QUIET), callbacks=[Spy()])
     assert seen == [1, 2]
+
+
+def _poisoned(algo: Any, *, at: int, loss: bool) -> None:
+    """Make update number ``at`` return a NaN loss, or leave NaN in a weight after it."""
+    update = algo.update
+    calls = [0]
+
+    def wrapped(batch: Any) -> Any:
+        calls[0] += 1
+        stats = update(batch)
+        if calls[0] == at:
+            if loss:
+                return dataclasses.replace(stats, loss=torch.tensor(float("nan")))
+            with torch.no_grad():
+                algo.policy.item_embedding.weight[1, 0] = float("inf")
+        return stats
+
+    algo.update = wrapped
+
+
+def test_fit_stops_at_the_first_non_finite_loss(
+    tiny_dataset: PreparedDataset, tmp_path: Path
+) -> None:
+    algo = supervised().create().build(tiny_dataset, device="cpu")
+    _poisoned(algo, at=8, loss=True)  # 6 updates per epoch: the second update of epoch 2
+    with pytest.raises(TrainingError, match=r"^loss became non-finite at epoch 2 step 8 \("):
+        fit(algo, tiny_dataset, cfg=FitConfig(epochs=3, **QUIET), run_dir=tmp_path)
+    # Epoch 1 was recorded; the broken epoch 2 was not.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+def test_fit_stops_when_the_weights_become_non_finite(tiny_dataset: PreparedDataset) -> None:
+    algo = supervised().create().build(tiny_dataset, device="cpu")
+    _poisoned(algo, at=6, loss=False)  # after the last update of epoch 1: its loss was finite
+    with pytest.raises(
+        TrainingError,
+        match=r"^weights became non-finite at epoch 1 step 6 \(first: policy\.item_embedding",
+    ):
+        fit(algo, tiny_dataset, cfg=FitConfig(epochs=3, **QUIET))
+
+
+def test_exploding_learning_rate_stops_training(tiny_dataset: PreparedDataset) -> None:
+    with pytest.raises(TrainingError, match=r"loss became non-finite at epoch 1 step \d+"):
+        supervised(lr=1e30).create().fit(tiny_dataset, fit=FitConfig(epochs=2, **QUIET))
+
+
+def test_fit_refuses_non_finite_configs_from_python(tiny_dataset: PreparedDataset) -> None:
+    with pytest.raises(ConfigError, match=r"^lr must be finite, got inf$"):
+        supervised(lr=float("inf")).create().fit(tiny_dataset, fit=FitConfig(**QUIET))
+    with pytest.raises(ConfigError, match=r"^fit\.min_delta must be finite, got nan$"):
+        supervised().create().fit(tiny_dataset, fit=FitConfig(min_delta=float("nan"), **QUIET))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from recloop.algos.supervised import SupervisedConfig
 from recloop.artifacts import load_artifact
 from recloop.data.dataset import PreparedDataset
 from recloop.encoders.base import EncoderConfig
-from recloop.errors import ConfigError, DataError
+from recloop.errors import ConfigError, DataError, TrainingError
 from recloop.training.fit import FitConfig
 from recloop.training.recommender import (
     Recommender,
@@ -96,3 +97,39 @@ def test_train_run_validates_before_reading_data(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     with pytest.raises(DataError, match="not a prepared dataset"):
         train_run("reinforce", tmp_path / "missing", tmp_path / "run")
+
+
+def test_train_run_that_diverges_writes_no_artifact(
+    tiny_dataset: PreparedDataset, tmp_path: Path
+) -> None:
+    data = tiny_dataset.save(tmp_path / "data")
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss became non-finite at epoch 1 step \d+"):
+        train_run("supervised", data, run, epochs=2, overrides=[*FAST, "lr=1e30"])
+    assert not (run / "artifact").exists() and not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("lr", "message"),
+    [
+        ("inf", r"error: --set: lr must be finite, got inf"),
+        ("1e30", r"error: loss became non-finite at epoch 1 step \d+ \(loss = nan\); .*"),
+    ],
+)
+def test_cli_train_refuses_non_finite_training(
+    tiny_dataset: PreparedDataset,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    lr: str,
+    message: str,
+) -> None:
+    from recloop.cli import main
+
+    data = tiny_dataset.save(tmp_path / "data")
+    args = ["train", "--algo", "supervised", "--data", data, "--out", tmp_path / "run"]
+    sets = [x for s in [*FAST, f"lr={lr}"] for x in ("--set", s)]
+    code = main(["--no-progress", "-q", *map(str, args), *sets])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.fullmatch(message, err.strip()), err
+    assert not (tmp_path / "run" / "artifact").exists()

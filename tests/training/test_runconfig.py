@@ -91,3 +91,23 @@ def test_nested_overrides_keep_the_algorithms_defaults() -> None:
     assert run.config.encoder.dropout == default.dropout
     with pytest.raises(ConfigError, match=r"unknown field 'encoder\.kindd'"):
         load_run_config("reinforce", overrides=["encoder.kindd=mean"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=inf", r"^--set: lr must be finite, got inf$"),
+        ("lr=nan", r"^--set: lr must be finite, got nan$"),
+        ("encoder.dropout=.nan", r"^--set: encoder\.dropout must be finite, got nan$"),
+        ("fit.min_delta=-.inf", r"^--set \(fit section\): min_delta must be finite, got -inf$"),
+    ],
+)
+def test_non_finite_hyper_parameters_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config("supervised", overrides=[override])
+
+
+def test_non_finite_value_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "algo: reinforce\nweight_cap: .inf\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: weight_cap must be finite, got inf"):
+        load_run_config(None, path=path)

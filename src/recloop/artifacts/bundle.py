@@ -4,13 +4,18 @@
 
     artifact/
       manifest.json        format version, recloop version, algorithm, full config, policy spec,
-                           tensor shapes, dataset summary, id-map sha256, weights sha256, metrics
+                           tensor shapes, dataset summary, id-map sha256, weights sha256,
+                           metrics, model version
       weights.safetensors  PolicyNet state dict ("policy.*") and train-set popularity
       user_ids.txt         raw user ids, line n = user index n
       item_ids.txt         raw item ids, line n = item index n
 
-Loading checks the format version, the file hashes and every tensor shape, and fails with a
-message that says what does not match.  A run directory is accepted wherever an artifact is:
+Loading trusts nothing it reads: the manifest is checked against a schema
+(:mod:`recloop.artifacts.manifest`), then the file hashes, the model version (derived from
+the weights, id maps, config and policy spec), the sizes of the id maps, repeated ids,
+every tensor's shape against the manifest and the policy, and that every tensor is finite.
+Any failure is one :class:`ArtifactError` line naming the file and the field.  Saving
+refuses what loading would refuse.  A run directory is accepted wherever an artifact is:
 its ``artifact/`` subdirectory is used.
 """
 
@@ -18,7 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,22 +34,34 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import Tensor
 
 from recloop import __version__
 from recloop.artifacts.heads import HeadConfig
+from recloop.artifacts.manifest import (
+    ITEM_IDS,
+    USER_IDS,
+    Manifest,
+    canonical_json,
+    model_version_of,
+    parse_manifest_text,
+    validate_manifest,
+)
 from recloop.artifacts.policy import PolicyNet, PolicySpec
 from recloop.config import config_from_dict, config_to_dict
-from recloop.data.dataset import read_ids, sha256_file, write_ids
+from recloop.data.dataset import sha256_file, write_ids
 from recloop.encoders.base import EncoderConfig
 from recloop.errors import ArtifactError, RecloopError
 from recloop.ranking import topk
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest records ``model_version`` and is validated against a schema."""
 ARTIFACT_DIR = "artifact"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+POPULARITY = "popularity"
 
 
 def resolve_artifact_dir(path: Path) -> Path:
@@ -84,8 +104,9 @@ class Artifact:
 
     @property
     def model_version(self) -> str:
-        """Algorithm name plus the first 12 hex digits of the weights' sha256."""
-        return f"{self.algo}-{self.manifest['weights_sha256'][:12]}"
+        """``{algo}-{12 hex}``, a hash of everything that changes behaviour; checked at load
+        (see :mod:`recloop.artifacts.manifest`)."""
+        return str(self.manifest["model_version"])
 
     @property
     def history_len(self) -> int:
@@ -124,6 +145,33 @@ class Artifact:
         return top.indices, top.values
 
 
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (informational sections only)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _non_finite(name: str, t: Tensor) -> str | None:
+    """A description of the NaN/inf entries of a floating tensor, None when all are finite."""
+    if not t.is_floating_point():
+        return None
+    # A finite sum proves every entry finite (NaN and inf propagate), without the boolean
+    # tensor isfinite allocates; only a non-finite sum (or an overflow) looks closer.
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    return f"tensor '{name}' holds {n_nan} NaN and {n_inf} inf of {t.numel()} values"
+
+
 def save_artifact(
     directory: Path,
     *,
@@ -136,22 +184,34 @@ def save_artifact(
     dataset_summary: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the bundle described in the module docstring; returns the directory."""
+    """Write the bundle described in the module docstring; returns the directory.
+
+    Refuses (:class:`ArtifactError`, nothing written) non-finite weights or popularity,
+    duplicate ids, and id maps or popularity whose sizes disagree with the policy.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     spec = policy.spec
     if len(user_ids) != spec.n_users or len(item_ids) != spec.n_items:
         raise ArtifactError(
             f"id maps hold {len(user_ids)} users and {len(item_ids)} items, "
             f"the policy expects {spec.n_users} and {spec.n_items}"
         )
+    for name, ids in ((USER_IDS, user_ids), (ITEM_IDS, item_ids)):
+        dup = _first_duplicate(ids)
+        if dup is not None:
+            raise ArtifactError(f"{name}: {dup}")
     pop = np.asarray(popularity, dtype=np.float32)
     if pop.shape != (spec.n_items + 1,):
         raise ArtifactError(f"popularity has shape {pop.shape}, expected ({spec.n_items + 1},)")
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    tensors["popularity"] = torch.from_numpy(pop.copy())
+    tensors[POPULARITY] = torch.from_numpy(pop.copy())
+    for name, t in tensors.items():
+        bad = _non_finite(name, t)
+        if bad is not None:
+            raise ArtifactError(f"{directory}: refusing to save non-finite weights: {bad}")
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS))
-    manifest = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "recloop_version": __version__,
         "torch_version": torch.__version__,
@@ -165,93 +225,188 @@ def save_artifact(
             "head": config_to_dict(spec.head),
         },
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
-        "dataset": dataset_summary or {},
-        "metrics": metrics or {},
+        "dataset": _finite_json(dataset_summary or {}),
+        "metrics": _finite_json(metrics or {}),
         "id_maps": {
-            "user_ids.txt": write_ids(directory / "user_ids.txt", user_ids),
-            "item_ids.txt": write_ids(directory / "item_ids.txt", item_ids),
+            USER_IDS: write_ids(directory / USER_IDS, user_ids),
+            ITEM_IDS: write_ids(directory / ITEM_IDS, item_ids),
         },
         "weights_sha256": sha256_file(directory / WEIGHTS),
     }
+    try:
+        # The round trip makes the version hash the very JSON that loading will read back.
+        manifest = json.loads(canonical_json(manifest))
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: the config is not plain finite JSON ({exc})") from None
+    manifest["model_version"] = model_version_of(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 
 
+def _first_duplicate(ids: list[str]) -> str | None:
+    """A message naming the first repeated id and its two lines, None when all are distinct."""
+    if len(set(ids)) == len(ids):
+        return None
+    seen: dict[str, int] = {}
+    for line, raw in enumerate(ids, start=1):  # error path only
+        if raw in seen:
+            return f"duplicate id {raw!r} on lines {seen[raw]} and {line}"
+        seen[raw] = line
+    return None  # pragma: no cover  (the set said there is one)
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of an artifact (or run) directory, checked for its format version."""
-    directory = resolve_artifact_dir(path)
+    """The manifest of an artifact (or run) directory, checked for its format version and
+    against the schema (:class:`~recloop.artifacts.manifest.Manifest`)."""
+    return _read_manifest(resolve_artifact_dir(path))[0]
+
+
+def _read_manifest(directory: Path) -> tuple[dict[str, Any], Manifest]:
     mpath = directory / MANIFEST
     try:
-        manifest: dict[str, Any] = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{mpath}: invalid JSON ({exc})") from None
+        text = mpath.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{mpath}: unreadable ({exc})") from None
+    manifest = parse_manifest_text(text, path=mpath)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        hint = " (re-save it with this recloop: retrain, or resume the run)" if version == 1 else ""
         raise ArtifactError(
-            f"{mpath}: artifact format_version {version!r}, this recloop reads {FORMAT_VERSION}"
+            f"{mpath}: artifact format_version {version!r}, this recloop reads "
+            f"{FORMAT_VERSION}{hint}"
         )
-    return manifest
+    return manifest, validate_manifest(manifest, path=mpath)
+
+
+def _read_verified(path: Path, digest: str, *, what: str) -> bytes:
+    """The bytes of ``path`` after checking them against the manifest's sha256."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} is missing")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc.strerror})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise ArtifactError(
+            f"{path}: sha256 {actual[:12]}… does not match the manifest's {digest[:12]}…"
+        )
+    return data
+
+
+def _read_id_map(path: Path, digest: str) -> list[str]:
+    data = _read_verified(path, digest, what="id map")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if text and not text.endswith("\n"):
+        raise ArtifactError(f"{path}: the last line has no line break (truncated file?)")
+    return text.split("\n")[:-1] if text else []
+
+
+def _index(ids: list[str], path: Path) -> dict[str, int]:
+    """Raw id → 1-based index; refuses repeated ids (two indices for one raw id)."""
+    index = {raw: i for i, raw in enumerate(ids, start=1)}
+    if len(index) != len(ids):
+        raise ArtifactError(f"{path}: {_first_duplicate(ids)}")
+    return index
 
 
 def load_artifact(path: Path) -> Artifact:
-    """Load and verify an artifact; raises :class:`ArtifactError` saying what does not match."""
+    """Load and verify an artifact; raises :class:`ArtifactError` saying what does not match.
+
+    Checked, in this order: the manifest's format version and schema; the sha256 of the id
+    maps and the weights; the model version against the one derived from them (see
+    :mod:`recloop.artifacts.manifest`); the id maps' sizes against the policy spec and their
+    ids for repeats; the tensors against the manifest's ``shapes`` and the rebuilt policy;
+    popularity's length; and that every tensor is finite.
+    """
     directory = resolve_artifact_dir(path)
-    manifest = read_manifest(directory)
-    for name, digest in manifest["id_maps"].items():
-        p = directory / name
-        if not p.is_file():
-            raise ArtifactError(f"{directory}: id map {name} is missing")
-        actual = sha256_file(p)
-        if actual != digest:
-            raise ArtifactError(
-                f"{p}: sha256 {actual[:12]}… does not match the manifest's {digest[:12]}…"
-            )
+    mpath = directory / MANIFEST
+    manifest, m = _read_manifest(directory)
+    user_path, item_path = directory / USER_IDS, directory / ITEM_IDS
+    user_ids = _read_id_map(user_path, m.id_maps.user_ids)
+    item_ids = _read_id_map(item_path, m.id_maps.item_ids)
     wpath = directory / WEIGHTS
-    actual = sha256_file(wpath)
-    if actual != manifest["weights_sha256"]:
+    raw = _read_verified(wpath, m.weights_sha256, what="weights file")
+    derived = model_version_of(manifest)
+    if m.model_version != derived:
         raise ArtifactError(
-            f"{wpath}: sha256 {actual[:12]}… does not match the manifest's "
-            f"{manifest['weights_sha256'][:12]}…"
+            f"{mpath}: field 'model_version' is {m.model_version!r} but the weights, id maps, "
+            f"config and policy spec give {derived!r}: the manifest was edited"
         )
+    p = m.policy
+    for ids, name, n, field in ((user_ids, USER_IDS, p.n_users, "n_users"),
+                                (item_ids, ITEM_IDS, p.n_items, "n_items")):  # fmt: skip
+        if len(ids) != n:
+            raise ArtifactError(
+                f"{directory / name}: holds {len(ids)} ids, the manifest's policy.{field} is {n}"
+            )
+    user_index = _index(user_ids, user_path)
+    item_index = _index(item_ids, item_path)
     try:
-        p = manifest["policy"]
-        spec = PolicySpec(
-            n_users=int(p["n_users"]),
-            n_items=int(p["n_items"]),
-            encoder=config_from_dict(EncoderConfig, p["encoder"], source=f"{directory}/{MANIFEST}"),
-            head=config_from_dict(HeadConfig, p["head"], source=f"{directory}/{MANIFEST}"),
-        )
-        policy = PolicyNet(spec)
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{directory}/{MANIFEST}: malformed policy section ({exc})") from None
-    except RecloopError as exc:
-        raise ArtifactError(f"{directory}: cannot rebuild the policy: {exc}") from None
-    try:
-        tensors = load_file(str(wpath))
+        tensors = safetensors_load(raw)
     except SafetensorError as exc:
-        raise ArtifactError(f"{wpath}: unreadable safetensors file ({exc})") from None
+        reason = " ".join(str(exc).split())  # one line, whatever the library says
+        raise ArtifactError(f"{wpath}: unreadable safetensors file ({reason})") from None
+    got_shapes = {k: list(v.shape) for k, v in tensors.items()}
+    if got_shapes != m.shapes:
+        names = sorted(set(got_shapes) | set(m.shapes))
+        key = next(x for x in names if got_shapes.get(x) != m.shapes.get(x))
+        raise ArtifactError(
+            f"{mpath}: field 'shapes.{key}' is {m.shapes.get(key, 'absent')}, the tensor in "
+            f"{WEIGHTS} has {got_shapes.get(key, 'none')}"
+        )
+    try:
+        spec = PolicySpec(
+            n_users=p.n_users,
+            n_items=p.n_items,
+            encoder=config_from_dict(EncoderConfig, p.encoder, source=f"{mpath} policy.encoder"),
+            head=config_from_dict(HeadConfig, p.head, source=f"{mpath} policy.head"),
+        )
+    except RecloopError as exc:  # names the file and the field already
+        raise ArtifactError(str(exc)) from None
+    try:
+        policy = PolicyNet(spec)
+    except RecloopError as exc:
+        raise ArtifactError(f"{mpath}: field 'policy': cannot rebuild the policy: {exc}") from None
+    if POPULARITY not in tensors:
+        raise ArtifactError(f"{wpath}: tensor '{POPULARITY}' is missing")
     state = {k.removeprefix("policy."): v for k, v in tensors.items() if k.startswith("policy.")}
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-        raise ArtifactError(f"{wpath}: tensors do not match the policy spec: {diff}")
+    for name in sorted(set(expected) | set(state)):
+        want, got = expected.get(name), tuple(state[name].shape) if name in state else None
+        if want != got:
+            raise ArtifactError(
+                f"{wpath}: tensors do not match the policy spec: 'policy.{name}' "
+                + (f"has shape {got}, expected {want}" if want is not None and got is not None
+                   else "is missing" if want is not None else "is unexpected")
+            )  # fmt: skip
+    extra = sorted(set(tensors) - {f"policy.{k}" for k in expected} - {POPULARITY})
+    if extra:
+        raise ArtifactError(f"{wpath}: tensors do not match the policy spec: unexpected {extra}")
+    pop = tensors[POPULARITY]
+    if tuple(pop.shape) != (spec.n_items + 1,) or pop.dtype != torch.float32:
+        raise ArtifactError(
+            f"{wpath}: tensor '{POPULARITY}' is {pop.dtype} of shape {tuple(pop.shape)}, "
+            f"expected float32 of shape ({spec.n_items + 1},)"
+        )
+    for name, t in tensors.items():
+        bad = _non_finite(name, t)
+        if bad is not None:
+            raise ArtifactError(f"{wpath}: {bad}")
+    if bool((pop < 0).any()):
+        raise ArtifactError(f"{wpath}: tensor '{POPULARITY}' holds negative counts")
     policy.load_state_dict(state)
     policy.eval()
-    user_ids = read_ids(directory / "user_ids.txt")
-    item_ids = read_ids(directory / "item_ids.txt")
-    if len(user_ids) != spec.n_users or len(item_ids) != spec.n_items:
-        raise ArtifactError(
-            f"{directory}: id maps hold {len(user_ids)} users / {len(item_ids)} items, "
-            f"manifest says {spec.n_users} / {spec.n_items}"
-        )
     return Artifact(
         path=directory,
         manifest=manifest,
         policy=policy,
-        popularity=tensors["popularity"].numpy(),
+        popularity=pop.numpy(),
         user_ids=user_ids,
         item_ids=item_ids,
-        user_index={u: i for i, u in enumerate(user_ids, start=1)},
-        item_index={x: i for i, x in enumerate(item_ids, start=1)},
+        user_index=user_index,
+        item_index=item_index,
     )

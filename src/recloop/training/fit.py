@@ -5,6 +5,11 @@ products and Python overhead per step shows up in the throughput: batches come s
 from :class:`~recloop.data.sampler.TransitionSampler` (one numpy gather each), they move
 to the device only when it is not the CPU, update statistics stay tensors until the end
 of the epoch (no host sync per step), and the progress bar refreshes a few times a second.
+
+Non-finite training is stopped, not saved: at the end of each epoch (where the per-step
+losses are read anyway, one sync) the loop finds the first step whose ``loss`` was NaN or
+infinite, then checks every network's weights, and raises :class:`TrainingError` naming the
+epoch and step, before any callback checkpoints the broken weights.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import torch
 from torch import Tensor
 
 from recloop.algos.base import Algo
-from recloop.config import check, config_to_dict
+from recloop.config import check, check_finite, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TEST, VALID, PreparedDataset
 from recloop.data.sampler import TransitionSampler
-from recloop.errors import ConfigError, DataError
+from recloop.errors import ConfigError, DataError, TrainingError
 from recloop.progress import progress
 from recloop.training.callbacks import (
     Callback,
@@ -223,6 +228,60 @@ def _epoch_means(acc: dict[str, list[Any]]) -> dict[str, float]:
     return out
 
 
+def _first_non_finite(values: list[Any]) -> int | None:
+    """Index of the first NaN/inf among per-step scalars (None when all are finite).
+
+    Tensors are stacked and tested on their device, so this costs one host sync.
+    """
+    if not values:
+        return None
+    if all(isinstance(v, Tensor) for v in values):
+        finite = torch.isfinite(torch.stack(values).float())
+    else:
+        finite = torch.from_numpy(np.isfinite(np.array([float(v) for v in values], np.float64)))
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0, 0])
+
+
+def _non_finite_weight(algo: Algo[Any]) -> str | None:
+    """``network.tensor`` of the first weight or buffer holding NaN/inf, None when all are
+    finite (one host sync for all of them)."""
+    named = [
+        (f"{net}.{name}", t)
+        for net, module in algo.networks().items()
+        for name, t in module.state_dict().items()
+        if t.is_floating_point()
+    ]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
+def _check_finite_training(
+    algo: Algo[Any], losses: list[Any], *, epoch: int, first_step: int
+) -> None:
+    """Raise :class:`TrainingError` when an epoch's loss or the weights went NaN/inf.
+
+    ``epoch`` is 1-based; ``first_step`` is the global number of the epoch's first update.
+    """
+    bad = _first_non_finite(losses)
+    if bad is not None:
+        raise TrainingError(
+            f"loss became non-finite at epoch {epoch} step {first_step + bad} "
+            f"(loss = {float(losses[bad])}); try a lower lr or grad_clip"
+        )
+    name = _non_finite_weight(algo)
+    if name is not None:
+        raise TrainingError(
+            f"weights became non-finite at epoch {epoch} step {first_step + len(losses) - 1} "
+            f"(first: {name}); try a lower lr or grad_clip"
+        )
+
+
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -264,6 +323,9 @@ def fit(
     in closed form instead.  The fit ends with a full-ranking evaluation on the valid and
     test splits (``cfg.final_eval``).
     """
+    # Configs built from YAML or --set are checked when built; these may come from Python.
+    check_finite(algo.cfg)
+    check_finite(cfg, field="fit")
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
     if cfg.num_threads is not None:
@@ -340,6 +402,7 @@ def _fit(
         )
     else:
         algo.fit_closed_form(dataset)
+        _check_finite_training(algo, [], epoch=0, first_step=0)
         record: dict[str, Any] = {"epoch": 0, "step": 0, "closed_form": True}
         state.history.append(record)
     for cb in callbacks:
@@ -404,6 +467,7 @@ def _train_epochs(
         algo.train(True)
         acc: dict[str, list[Any]] = {}
         n_epoch = 0
+        first_step = step + 1
         t0 = time.perf_counter()
         bar = progress(
             total=len(sampler),
@@ -429,6 +493,7 @@ def _train_epochs(
         if not on_cpu:
             torch.cuda.synchronize(algo.device)
         seconds = time.perf_counter() - t0
+        _check_finite_training(algo, acc.get("loss", []), epoch=epoch + 1, first_step=first_step)
         total_seconds += seconds
         transitions += n_epoch
         record: dict[str, Any] = {
