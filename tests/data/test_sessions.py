@@ -118,3 +118,18 @@ def test_chronological_order_keeps_source_order_on_ties() -> None:
     user = np.array([2, 1, 2, 1, 1])
     ts = np.array([5, 7, 5, 7, 3])
     np.testing.assert_array_equal(chronological_order(user, ts).order, [4, 1, 3, 0, 2])
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 1.0])
+def test_returns_sparse_path_many_short_sessions_beside_one_long(gamma: float) -> None:
+    """Thousands of one- and two-event sessions next to one of 300 events: after a few passes
+    only the long session's rows are still open, and the scan switches to updating just
+    those (the sparse path).  Its discount update must match the reference exactly."""
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(1, 3, 4000), [300], rng.integers(1, 3, 4000)])
+    starts = np.zeros(int(lengths.sum()), bool)
+    starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+    reward = rng.integers(1, 4, starts.shape[0]).astype(np.float64)
+    want = _returns_reference(reward, starts, gamma)
+    got = discounted_returns(reward, starts, gamma, dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-12)

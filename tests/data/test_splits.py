@@ -36,6 +36,16 @@ def test_ratio_split_dbrl_80_20() -> None:
 def test_ratio_split_keeps_one_training_event() -> None:
     got = ratio_split(np.array([0, 3]), SplitConfig(train=0.2, valid=0.4, test=0.4))
     assert got.split.tolist() == [T, V, X]
+    # 4 events at 0.1 / 0.45 / 0.45 round to 2 valid + 2 test, leaving no training event:
+    # validation gives one back.
+    got = ratio_split(np.array([0, 4]), SplitConfig(train=0.1, valid=0.45, test=0.45))
+    assert got.split.tolist() == [T, V, X, X]
+    # 4 events at 0.05 / 0.15 / 0.8: 1 valid + 3 test; validation gives its only event back.
+    got = ratio_split(np.array([0, 4]), SplitConfig(train=0.05, valid=0.15, test=0.8))
+    assert got.split.tolist() == [T, X, X, X]
+    # 4 events at 0.02 / 0.08 / 0.9: no validation and 4 test; then test gives way.
+    got = ratio_split(np.array([0, 4]), SplitConfig(train=0.02, valid=0.08, test=0.9))
+    assert got.split.tolist() == [T, X, X, X]
 
 
 def test_loo_split_by_hand() -> None:

@@ -48,6 +48,13 @@ def test_recall() -> None:
     close(recall(HITS, N_TARGETS, 3), [2 / 2, 0, 1 / 3, 0])
 
 
+def test_recall_with_more_targets_than_k() -> None:
+    """RecBole divides by every target, not by min(targets, k): 3 hits of 8 targets at k=3."""
+    hits = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    close(recall(hits, torch.tensor([8]), 3), [3 / 8])
+    close(recall(hits, torch.tensor([8]), 4), [3 / 8])
+
+
 def test_precision() -> None:
     close(precision(HITS, N_TARGETS, 5), [2 / 5, 0, 2 / 5, 1 / 5])
     close(precision(HITS, N_TARGETS, 3), [2 / 3, 0, 1 / 3, 0])
