@@ -17,7 +17,7 @@ from recloop.data.prepare import PrepareConfig, prepare
 from recloop.data.schema import RawData, SkipReport
 from recloop.data.sessions import SessionConfig
 from recloop.data.splits import SplitConfig
-from recloop.errors import ConfigError, PrepareError
+from recloop.errors import ConfigError, DataError, PrepareError
 
 
 def _raw() -> RawData:
@@ -222,3 +222,28 @@ def test_movielens_100k_default_config(ml100k_dir: Path) -> None:
     assert (ds.n_users, ds.n_items, ds.n_events) == (943, 1682, 100_000)
     counts = ds.split_counts()
     assert sum(counts.values()) == 100_000 and counts["test"] > 0 and counts["valid"] > 0
+
+
+def test_logged_propensities_are_kept_in_event_order() -> None:
+    events = pl.DataFrame(
+        {
+            "user": [2, 1, 1, 2],
+            "item": [5, 5, 6, 6],
+            "timestamp": [3, 2, 1, 4],
+            "propensity": ["0.25", "0.5", "1", "0.125"],  # CSV columns arrive as text
+        }
+    )
+    ds = prepare(RawData(events=events), PrepareConfig())
+    # rows sorted by (user index, time): user 1 (t 1, 2), then user 2 (t 3, 4)
+    np.testing.assert_array_equal(ds.extra["propensity"], [1.0, 0.5, 0.25, 0.125])
+    assert ds.extra["propensity"].dtype == np.float64
+    assert "propensity" not in ds.manifest["dropped_columns"]
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1", "nan", "x"])
+def test_bad_propensity_names_the_row(bad: str) -> None:
+    events = pl.DataFrame(
+        {"user": [1, 1], "item": [5, 6], "timestamp": [1, 2], "propensity": ["0.5", bad]}
+    )
+    with pytest.raises(DataError, match=r'column "propensity".*row 2'):
+        prepare(RawData(events=events), PrepareConfig())

@@ -49,7 +49,7 @@ from recloop.data.ids import (
     frequency_ranked,
 )
 from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
-from recloop.data.schema import BEHAVIOR, ITEM, RATING, TIMESTAMP, USER, RawData
+from recloop.data.schema import BEHAVIOR, ITEM, PROPENSITY, RATING, TIMESTAMP, USER, RawData
 from recloop.data.sessions import (
     SessionConfig,
     chronological_order,
@@ -158,6 +158,7 @@ class _Source:
     timestamp: np.ndarray  # (E,) int64
     behavior: np.ndarray | None  # (E,) int8 behaviour codes
     rating: np.ndarray | None  # (E,) float64
+    propensity: np.ndarray | None  # (E,) float64 in (0, 1], the logging policy's
 
     def dedupe_keys(self) -> dict[str, np.ndarray]:
         keys = {BEHAVIOR: self.behavior, RATING: self.rating}
@@ -175,6 +176,24 @@ def _timestamps(events: pl.DataFrame) -> np.ndarray:
     return s.cast(pl.Int64).to_numpy()
 
 
+def _propensities(events: pl.DataFrame) -> np.ndarray:
+    """The logged ``propensity`` column as float64, every value in (0, 1]."""
+    s = events[PROPENSITY]
+    try:
+        # text that is no number becomes null, and so NaN: reported below with its row
+        p = s.cast(pl.Float64, strict=False).to_numpy()
+    except pl.exceptions.PolarsError:
+        raise DataError(f'column "{PROPENSITY}" must hold numbers, got {s.dtype}') from None
+    bad = np.flatnonzero(~((p > 0) & (p <= 1)))  # NaN and null fail too
+    if bad.shape[0]:
+        row = int(bad[0])
+        raise DataError(
+            f'column "{PROPENSITY}", row {row + 1}: {s[row]!r} is not a probability in (0, 1] '
+            f"({bad.shape[0]} such rows)"
+        )
+    return p
+
+
 def _read_source(raw: RawData) -> _Source:
     ev = raw.events
     missing = [c for c in (USER, ITEM, TIMESTAMP) if c not in ev.columns]
@@ -185,6 +204,7 @@ def _read_source(raw: RawData) -> _Source:
     behavior = behavior_codes(ev[BEHAVIOR]) if BEHAVIOR in ev.columns else None
     rating = ev[RATING].cast(pl.Float64).to_numpy() if RATING in ev.columns else None
     return _Source(
+        propensity=_propensities(ev) if PROPENSITY in ev.columns else None,
         users=dense_codes(ev[USER], name=USER),
         items=dense_codes(ev[ITEM], name=ITEM),
         timestamp=_timestamps(ev),
@@ -324,6 +344,8 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         extra[BEHAVIOR] = src.behavior[idx.row]
     if src.rating is not None:
         extra[RATING] = src.rating[idx.row].astype(np.float32)
+    if src.propensity is not None:
+        extra[PROPENSITY] = src.propensity[idx.row]
     rewards = compute_rewards(
         behavior=extra.get(BEHAVIOR),
         rating=extra.get(RATING),
@@ -369,9 +391,12 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         "columns": {
             **({BEHAVIOR: {"codes": BEHAVIOR_CODES, "missing": 0}} if BEHAVIOR in extra else {}),
             **({RATING: {"dtype": "float32"}} if RATING in extra else {}),
+            **({PROPENSITY: {"dtype": "float64"}} if PROPENSITY in extra else {}),
         },
         "dropped_columns": [
-            c for c in raw.events.columns if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING)
+            c
+            for c in raw.events.columns
+            if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY)
         ],
         "features": {
             "user": user_feats.columns,
