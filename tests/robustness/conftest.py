@@ -58,5 +58,16 @@ def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BehaviorLog]
 
 
 @pytest.fixture
+def mariadb_log() -> Iterator[BehaviorLog]:
+    """A behaviour log on MariaDB only."""
+    blog = BehaviorLog(MARIADB_URL, prefix=unique("rlr") + "_")
+    try:
+        yield blog
+    finally:
+        blog.drop_schema()
+        blog.dispose()
+
+
+@pytest.fixture
 def redis_url() -> str:
     return REDIS_URL
