@@ -222,7 +222,9 @@ def stream(
         for e in failure.exits:
             if e.failed:
                 warn(f"error: {e.describe()}")
-        raise typer.Exit(1)
+        # SystemExit, not typer.Exit: in non-standalone mode click turns Exit into a return
+        # value that main() does not pass on.
+        raise SystemExit(1)
 
 
 @app.command("replay")
