@@ -17,9 +17,11 @@ For each batch (:meth:`StreamProcessor.process`):
 A sink that cannot be reached (database down, Redis restarting) is retried with exponential
 backoff; the batch stays pending (its idle time reset, so no other worker takes it over)
 and is acknowledged only once every step succeeded.  Steps already done are not repeated.
-A batch that a sink rejects for good (not a connection problem) is dead-lettered with the
-reason if the log rejected it, or logged as an error if a later cache step did, so that one
-poison batch never stops the worker.
+Events the log refuses for their data are isolated by the log (it bisects the batch) and
+dead-lettered alone, with the database's reason and their original bus entry; the rest of
+the batch goes on.  A batch the log rejects for good as a whole (not a connection problem)
+is dead-lettered with the reason, and a later cache step that fails for good is logged as an
+error, so that one poison batch never stops the worker.
 
 :func:`run_stream` starts ``workers`` processes in one consumer group; SIGTERM or SIGINT
 makes each finish its batch and exit.  A worker process that dies stops the others and
