@@ -194,12 +194,13 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
                 for i, x in enumerate(v)
                 if x is not None and type(x) is not want
             )
-    ints = [x for x in cols["ts"] if type(x) is int]
+    ts = cols["ts"]
+    ints = ts if set(map(type, ts)) == {int} else [x for x in ts if type(x) is int]
     if ints and (min(ints) < _INT64[0] or max(ints) >= _INT64[1]):
         # Beyond Int64, so beyond the validity range too; the column could not hold it.
         flag(
             (i, f"ts: {validity.ts_out_of_range(x)}")
-            for i, x in enumerate(cols["ts"])
+            for i, x in enumerate(ts)
             if type(x) is int and not _INT64[0] <= x < _INT64[1]
         )
     v = cols["behavior"]
