@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,53 +139,26 @@ async def test_replay_starts_over_when_the_bus_lost_entries(
     assert got == set(ev["event_id"].to_list())
 
 
-def _redis_up(port: int = 6379) -> bool:
-    out = subprocess.run(
-        ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=False
-    )
-    return out.stdout.strip() == "PONG"
-
-
-def _start_redis() -> None:
-    subprocess.run(
-        [
-            "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1",
-            "--port", "6379", "--save", "", "--appendonly", "no",
-            "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
-        ],
-        check=False,
-    )  # fmt: skip
-    for _ in range(100):
-        if _redis_up():
-            return
-        time.sleep(0.05)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 async def test_redis_restart_during_replay_loses_nothing(
-    names: dict[str, str], redis_url: str, make_dataset: Any
+    names: dict[str, str], own_redis: Any, make_dataset: Any
 ) -> None:
-    if "127.0.0.1:6379" not in redis_url:
-        pytest.skip("restarts only the local Redis on 127.0.0.1:6379")
+    """A Redis of the test's own is killed (without persistence) and started again in the
+    middle of a replay; the shared Redis is never touched."""
     ev = replay_events(make_dataset(3000))
-    bus = RedisStreamBus(redis_url, stream=names["stream"])
+    bus = RedisStreamBus(own_redis.url, stream=names["stream"])
     try:
         task = asyncio.create_task(
             replay(ev, bus, rate=4000.0, batch_size=100, backoff=Backoff(initial_s=0.05, max_s=0.3))
         )
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(
-            subprocess.run, ["redis-cli", "shutdown", "nosave"], capture_output=True, check=False
-        )
+        await asyncio.to_thread(own_redis.kill)
         await asyncio.sleep(0.2)
-        await asyncio.to_thread(_start_redis)
+        await asyncio.to_thread(own_redis.start)
         stats = await asyncio.wait_for(task, 60)
         got = {orjson.loads(m.payload)["event_id"] for m in await bus.read_all()}
         assert got == set(ev["event_id"].to_list())
         assert stats.restarts >= 1
     finally:
-        if not _redis_up():
-            _start_redis()
-        await bus.delete()
         await bus.close()

@@ -124,7 +124,12 @@ def stream(
     artifact: Path | None = typer.Option(
         None, help="Artifact: refresh each batch's users' recommendations with it."
     ),
-    workers: int | None = typer.Option(None, min=1, help="Worker processes (default 1)."),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Worker processes (default 1).  If one dies, the others stop after their batch "
+        "and the command exits 1 naming it (not restarted: leave that to the supervisor).",
+    ),
     group: str | None = typer.Option(None, help="Consumer group (default recloop-stream)."),
     stream_name: str | None = typer.Option(
         None, "--stream", help="Event stream name (default recloop:events)."
@@ -156,10 +161,15 @@ def stream(
     """Run stream workers: behaviour log, popular and recent items, recommendation refresh.
 
     Every setting also reads from RECLOOP_<NAME> (e.g. RECLOOP_BATCH_SIZE).  SIGTERM or
-    Ctrl-C lets each worker finish its batch and stop.
+    Ctrl-C lets each worker finish its batch and stop.  With --workers N, a worker process
+    that dies (killed, or failed) is not restarted: the others finish their batch and stop,
+    the counters are printed (the dead worker's up to its last report, at most a second
+    old), each dead worker is named on stderr with its exit status or signal, and the
+    command exits with status 1 -- a supervisor restarts the processor, and the new workers
+    take over the dead one's pending events.
     """
-    from recloop.cli.app import echo, echo_json
-    from recloop.streaming.runner import run_stream, run_with_replay
+    from recloop.cli.app import echo, echo_json, warn
+    from recloop.streaming.runner import WorkersFailed, run_stream, run_with_replay
     from recloop.streaming.settings import load_stream_settings
 
     values = {
@@ -182,16 +192,39 @@ def stream(
     if replay_dir is not None and exit_when_idle is None:
         values["exit_when_idle_s"] = 2.0
     settings = load_stream_settings(**values)
+    failure: WorkersFailed | None = None
     if replay_dir is None:
-        stats = run_stream(settings)
+        try:
+            stats = run_stream(settings)
+        except WorkersFailed as exc:
+            failure, stats = exc, exc.stats
     else:
         from recloop.streaming.replay import load_replay_events
 
         stats = run_with_replay(settings, load_replay_events(replay_dir))
     if as_json:
-        echo_json(stats.as_dict())
+        out: dict[str, object] = dict(stats.as_dict())
+        if failure is not None:
+            out["failed_workers"] = [
+                {
+                    "name": e.name,
+                    "pid": e.pid,
+                    "exitcode": e.exitcode,
+                    "counts_final": e.final_counts,
+                }
+                for e in failure.exits
+                if e.failed
+            ]
+        echo_json(out)
     else:
         echo(" ".join(f"{k}={v}" for k, v in stats.as_dict().items()))
+    if failure is not None:
+        for e in failure.exits:
+            if e.failed:
+                warn(f"error: {e.describe()}")
+        # SystemExit, not typer.Exit: in non-standalone mode click turns Exit into a return
+        # value that main() does not pass on.
+        raise SystemExit(1)
 
 
 @app.command("replay")

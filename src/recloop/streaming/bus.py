@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_FIELD = b"e"
 """Stream entry field holding the event JSON."""
+ORIGINAL_FIELD_PREFIX = b"field:"
+"""A dead letter keeps each other field of the original entry under this prefix."""
 
 DEFAULT_STREAM = "recloop:events"
 DEFAULT_DEAD_LETTER_STREAM = "recloop:events:dead"
@@ -48,6 +50,9 @@ class DeadLetterRecord:
     """Why it was rejected."""
     consumer: str
     """Consumer that rejected it."""
+    fields: dict[bytes, bytes] | None = None
+    """The original entry's other fields, byte for byte (None: the payload was its only
+    field)."""
 
 
 class EventBus(Protocol):
@@ -165,13 +170,17 @@ def _messages(entries: Any) -> list[BusMessage]:
         entry_id, fields = entry
         if fields is None:  # deleted (trimmed) while pending
             continue
-        if isinstance(fields, dict):
-            payload = fields.get(PAYLOAD_FIELD)
-        elif len(fields) >= 2 and fields[0] == PAYLOAD_FIELD:
-            payload = fields[1]
-        else:
-            payload = dict(zip(fields[::2], fields[1::2], strict=False)).get(PAYLOAD_FIELD)
-        out.append(BusMessage(_s(entry_id), payload if payload is not None else b""))
+        if not isinstance(fields, dict) and len(fields) == 2 and fields[0] == PAYLOAD_FIELD:
+            out.append(BusMessage(_s(entry_id), fields[1]))  # the usual entry
+            continue
+        # Other fields beside (or instead of) the payload: kept for a dead letter.
+        named = (
+            dict(fields)
+            if isinstance(fields, dict)
+            else dict(zip(fields[::2], fields[1::2], strict=False))
+        )
+        payload = named.pop(PAYLOAD_FIELD, None)
+        out.append(BusMessage(_s(entry_id), payload, named or None))
     return out
 
 
@@ -320,16 +329,16 @@ class RedisStreamBus:
             return
         pipe = self._client.pipeline(transaction=False)
         for d in letters:
-            pipe.xadd(
-                self.dead_letter_stream,
-                {
-                    b"payload": d.payload,
-                    b"reason": d.reason.encode(),
-                    b"source_id": d.entry_id.encode(),
-                    b"stream": self.stream.encode(),
-                    b"consumer": consumer.encode(),
-                },
-            )
+            entry = {
+                b"payload": d.payload,
+                b"reason": d.reason.encode(),
+                b"source_id": d.entry_id.encode(),
+                b"stream": self.stream.encode(),
+                b"consumer": consumer.encode(),
+            }
+            for k, v in (d.fields or {}).items():
+                entry[ORIGINAL_FIELD_PREFIX + k] = v
+            pipe.xadd(self.dead_letter_stream, entry)
         await pipe.execute()
 
     async def read_dead_letters(self, count: int = 1000) -> list[DeadLetterRecord]:
@@ -341,6 +350,12 @@ class RedisStreamBus:
                 payload=f[b"payload"],
                 reason=_s(f[b"reason"]),
                 consumer=_s(f[b"consumer"]),
+                fields={
+                    k[len(ORIGINAL_FIELD_PREFIX) :]: v
+                    for k, v in f.items()
+                    if k.startswith(ORIGINAL_FIELD_PREFIX)
+                }
+                or None,
             )
             for i, f in entries
         ]
@@ -510,6 +525,7 @@ class MemoryBus:
                     payload=d.payload,
                     reason=d.reason,
                     consumer=consumer,
+                    fields=d.fields,
                 )
             )
 

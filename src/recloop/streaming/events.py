@@ -5,32 +5,33 @@ One event is one JSON object::
     {"event_id": "a1b2c3d4-17", "user_id": "196", "item_id": "242", "ts": 881250949,
      "behavior": "pv", "rating": 3.0, "reward": 1.0}
 
-``event_id``, ``user_id`` and ``item_id`` are non-empty strings of at most
-:data:`MAX_ID_LEN` characters, ``ts`` is the event time in whole seconds (an integer in
-[0, 2**53): the online stores order by it as a double);
+``event_id``, ``user_id`` and ``item_id`` are strings and ``ts`` is the event time in
+whole seconds (an integer); what makes their values valid -- non-empty ids of at most
+:data:`MAX_ID_LEN` characters without NUL, times in [0, 2**53) -- is
+:mod:`recloop.data.validity`, the definition the data loaders and the replay share.
 ``behavior`` (one of pv, cart, fav, buy), ``rating`` and ``reward`` (finite numbers) are
 optional, and ``null`` means absent.  Unknown fields are ignored, so producers may add some.
 
 Validation works on a whole batch: the payloads are decoded with one ``orjson`` call when
-they all parse, and each field is checked as a column (type codes, lengths, ranges), so the
-Python work per event is a few C-level ``map`` calls.  A bad event becomes a
-:class:`DeadLetter` carrying the reason and its original bytes; it never fails the batch.
+they all parse, each field's types are checked as a column (sets of type codes), and the
+value rules run as polars expressions over the typed columns, so the Python work per event
+is a few C-level ``map`` calls.  A bad event becomes a :class:`DeadLetter` carrying the
+reason and its original bytes (and the bus entry's other fields); it never fails the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 import polars as pl
 
+from recloop.data import validity
 from recloop.data.schema import BEHAVIORS
-
-MAX_ID_LEN = 128
-"""Longest event, user or item id accepted; the SQL log's id columns hold this many."""
+from recloop.data.validity import MAX_ID_LEN as MAX_ID_LEN  # re-exported: the log's width
 
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.String(),
@@ -45,6 +46,14 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 
 REQUIRED = ("event_id", "user_id", "item_id", "ts")
 OPTIONAL = ("behavior", "rating", "reward")
+RULES: tuple[tuple[str, validity.Rule], ...] = (
+    ("event_id", "id"),
+    ("user_id", "id"),
+    ("item_id", "id"),
+    ("ts", "ts"),
+)
+"""The :mod:`recloop.data.validity` rule of each required field."""
+_INT64 = (-(2**63), 2**63)
 _BEHAVIOR_SET = frozenset(BEHAVIORS)
 _BEHAVIOR_OR_NONE = frozenset((*BEHAVIORS, None))
 _NUMBER_OR_NONE = frozenset((int, float, type(None)))
@@ -57,8 +66,11 @@ class BusMessage:
 
     id: str
     """Bus entry id (``<ms>-<seq>`` on Redis Streams)."""
-    payload: bytes
-    """The event as published (JSON bytes)."""
+    payload: bytes | None
+    """The event as published (JSON bytes); None when the entry has no payload field."""
+    fields: dict[bytes, bytes] | None = None
+    """The entry's other fields, byte for byte; None when the payload is its only field (the
+    usual case, so that reading costs no dict per entry)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,16 @@ class DeadLetter:
     entry_id: str
     """Bus id of the original entry."""
     payload: bytes
-    """The original payload, byte for byte."""
+    """The original payload, byte for byte (empty when the entry had none)."""
     reason: str
     """What is wrong, naming the field and the value."""
+    fields: dict[bytes, bytes] | None = None
+    """The original entry's other fields, byte for byte (None: it had none)."""
+
+    @classmethod
+    def of(cls, message: BusMessage, reason: str) -> DeadLetter:
+        """The dead letter of a bus message: its id, payload and fields as they were."""
+        return cls(message.id, message.payload or b"", reason, message.fields)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +102,13 @@ class ParsedBatch:
     """(E rows) :data:`EVENT_SCHEMA` columns, in bus order; E <= len(entry_ids)."""
     dead: list[DeadLetter]
     """Messages that failed validation."""
+    rows: np.ndarray | None = None
+    """(E,) int64: the message (index into ``entry_ids``) of each event row; None means
+    ``arange(E)`` (no message was dead-lettered)."""
+
+    def message_index(self) -> np.ndarray:
+        """(E,) int64 index of each event's message in the batch."""
+        return self.rows if self.rows is not None else np.arange(self.events.height)
 
 
 def empty_events() -> pl.DataFrame:
@@ -127,12 +153,20 @@ def _describe(value: Any) -> str:
 def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
     """Validate a batch of bus messages; see the module docstring for the rules."""
     ids = [m.id for m in messages]
-    docs = _decode_all([m.payload for m in messages])
-    n = len(docs)
+    payloads = [m.payload for m in messages]
+    n = len(payloads)
     reason: list[str | None] = [None] * n
+    raw = cast("list[bytes]", payloads)
+    if None in payloads:  # rare: the bus entry had other fields but no payload
+        for i, m in enumerate(messages):
+            if m.payload is None:
+                have = ", ".join(k.decode(errors="replace") for k in m.fields or {}) or "none"
+                reason[i] = f"bus entry without a payload field (its fields: {have})"
+        raw = [b"{}" if p is None else p for p in payloads]
+    docs = _decode_all(raw)
     if set(map(type, docs)) != {dict}:
         for i, d in enumerate(docs):
-            if type(d) is not dict:
+            if type(d) is not dict and reason[i] is None:
                 reason[i] = (
                     f"unparsable JSON ({d.error})"
                     if isinstance(d, _BadJson)
@@ -147,8 +181,8 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
             if reason[i] is None:
                 reason[i] = message
 
-    # The common clean column holds one type: each check is a set of types or values for
-    # the whole column, and only a column that fails it is walked row by row.
+    # Types first.  The common clean column holds one type: each check is a set of types or
+    # values for the whole column, and only a column that fails it is walked row by row.
     for k in REQUIRED:
         v = cols[k]
         want: type = int if k == "ts" else str
@@ -160,22 +194,15 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
                 for i, x in enumerate(v)
                 if x is not None and type(x) is not want
             )
-        if k == "ts":
-            ints = [x for x in v if type(x) is int]
-            if ints and (min(ints) < 0 or max(ints) >= 2**53):
-                flag(
-                    (i, f"ts: out of range (0 .. 2**53), got {x!r}")
-                    for i, x in enumerate(v)
-                    if type(x) is int and not 0 <= x < 2**53
-                )
-            continue
-        lengths = np.fromiter((len(x) if type(x) is str else 1 for x in v), np.int64, n)
-        if n and (lengths.min() == 0 or lengths.max() > MAX_ID_LEN):
-            flag((i, f"{k}: empty string") for i in np.flatnonzero(lengths == 0).tolist())
-            flag(
-                (i, f"{k}: longer than {MAX_ID_LEN} characters ({lengths[i]})")
-                for i in np.flatnonzero(lengths > MAX_ID_LEN).tolist()
-            )
+    ts = cols["ts"]
+    ints = ts if set(map(type, ts)) == {int} else [x for x in ts if type(x) is int]
+    if ints and (min(ints) < _INT64[0] or max(ints) >= _INT64[1]):
+        # Beyond Int64, so beyond the validity range too; the column could not hold it.
+        flag(
+            (i, f"ts: {validity.ts_out_of_range(x)}")
+            for i, x in enumerate(ts)
+            if type(x) is int and not _INT64[0] <= x < _INT64[1]
+        )
     v = cols["behavior"]
     if not (set(map(type, v)) <= _STR_OR_NONE and set(v) <= _BEHAVIOR_OR_NONE):
         flag(
@@ -196,17 +223,26 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
                 for i, x in enumerate(v)
                 if type(x) not in _NUMBER_OR_NONE
             )
-    bad_rows = [i for i, r in enumerate(reason) if r is not None]
-    dead = [DeadLetter(ids[i], messages[i].payload, reason[i] or "") for i in bad_rows]
-    if bad_rows:
-        bad = set(bad_rows)
-        keep = [i for i in range(n) if i not in bad]
+    keep = [i for i, r in enumerate(reason) if r is None]
+    if len(keep) < n:
         cols = {k: [v[i] for i in keep] for k, v in cols.items()}
     data = {
         k: pl.Series(k, v, dtype=dtype, strict=k not in ("rating", "reward"))
         for (k, v), dtype in zip(cols.items(), EVENT_SCHEMA.values(), strict=True)
     }
-    return ParsedBatch(entry_ids=ids, events=pl.DataFrame(data), dead=dead)
+    events = pl.DataFrame(data)
+    # Then the values, by the shared rules, as column expressions (one cheap Boolean pass;
+    # the reasons are worded only when some row broke a rule).
+    if not validity.all_ok(events, RULES):
+        ok = events.select(validity.rows_ok(RULES)).to_series()
+        bad = (~ok).arg_true()
+        why = events[bad].select(validity.first_problem(RULES)).to_series().to_list()
+        flag(zip([keep[j] for j in bad.to_list()], why, strict=True))
+        events = events.filter(ok)
+        keep = [i for i, r in enumerate(reason) if r is None]
+    dead = [DeadLetter.of(messages[i], r) for i, r in enumerate(reason) if r is not None]
+    rows = np.asarray(keep, dtype=np.int64) if dead else None
+    return ParsedBatch(entry_ids=ids, events=events, dead=dead, rows=rows)
 
 
 def encode_events(events: pl.DataFrame) -> list[bytes]:

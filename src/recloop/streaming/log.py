@@ -19,10 +19,23 @@ are exact under at-least-once delivery, and shared by every worker.  On PostgreS
 travels as one JSON document that the server unpacks, inserts and counts in one statement
 (several times faster than a multi-row VALUES list, whose parameters psycopg adapts one by
 one); MySQL and SQLite get SQLAlchemy's batched VALUES and a second upsert statement.
+
+A bad event never takes good ones with it: when the database refuses a batch for a reason
+other than a connection problem (a value it cannot store), the batch is split in halves,
+each inserted in its own transaction, recursively, until the rows it refuses are alone; they
+come back in :attr:`AppendResult.rejected` with the database's reason and everything else is
+logged.  A clean batch is still one statement; a batch with one bad row costs about
+``2 * log2(rows)`` more.  Connection errors are raised as before (the caller retries).
+
+Column types hold what the stream accepts, byte for byte: on MySQL/MariaDB the string
+columns are utf8mb4 with a binary no-pad collation (the default collation takes ``Order-1``,
+``order-1``, ``ordér-1`` and ``order-1 `` for one id and would drop three as duplicates), and
+ratings and rewards are DOUBLE everywhere (MySQL's FLOAT is single precision).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +53,35 @@ from recloop.streaming.operators import bucket_counts
 
 logger = logging.getLogger(__name__)
 
-_ID = sa.String(MAX_ID_LEN)
+
+def binary_collation(dialect: sa.Dialect) -> str:
+    """The utf8mb4 collation of MySQL/MariaDB that compares strings byte for byte, trailing
+    spaces included (``utf8mb4_bin`` is PAD SPACE: 'a' = 'a ')."""
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"
+    version = dialect.server_version_info or (8,)
+    # MySQL 5.7 has no no-pad utf8mb4 collation; its _bin still tells case and accents apart.
+    return "utf8mb4_0900_bin" if version >= (8,) else "utf8mb4_bin"
+
+
+class BinaryString(sa.types.TypeDecorator[str]):
+    """VARCHAR(n) whose equality is byte equality on every backend: utf8mb4 with
+    :func:`binary_collation` on MySQL/MariaDB; a plain VARCHAR elsewhere (PostgreSQL's and
+    SQLite's default comparisons are already exact)."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        length = getattr(self.impl, "length", None)
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(
+                mysql.VARCHAR(length, charset="utf8mb4", collation=binary_collation(dialect))
+            )
+        return dialect.type_descriptor(sa.String(length))
+
+
+_ID = BinaryString(MAX_ID_LEN)
 _BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER
 
 
@@ -64,15 +105,16 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("user_id", _ID, nullable=False),
         sa.Column("item_id", _ID, nullable=False),
         sa.Column("ts", sa.BigInteger, nullable=False),
-        sa.Column("behavior", sa.String(8)),
-        sa.Column("rating", sa.Float),
-        sa.Column("reward", sa.Float),
+        sa.Column("behavior", BinaryString(8)),
+        sa.Column("rating", sa.Double),
+        sa.Column("reward", sa.Double),
         sa.Column(
             "ingested_at",
             sa.DateTime(timezone=True),
             nullable=False,
             server_default=sa.func.current_timestamp(),
         ),
+        mysql_charset="utf8mb4",
     )
     recommendations = sa.Table(
         f"{prefix}recommendation_log",
@@ -80,10 +122,10 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("id", _BIGINT_PK, primary_key=True, autoincrement=True),
         sa.Column("user_id", _ID, nullable=False),
         sa.Column("ts", sa.BigInteger, nullable=False),
-        sa.Column("model_version", sa.String(128), nullable=False),
+        sa.Column("model_version", BinaryString(128), nullable=False),
         sa.Column("items", sa.Text, nullable=False),
         sa.Column("scores", sa.Text, nullable=False),
-        sa.Column("realised_reward", sa.Float),
+        sa.Column("realised_reward", sa.Double),
         sa.Column("hits", sa.Integer),
         sa.Column(
             "created_at",
@@ -92,6 +134,7 @@ def log_tables(prefix: str = "") -> LogTables:
             server_default=sa.func.current_timestamp(),
         ),
         sa.Index(f"{prefix}ix_recommendation_log_user", "user_id", "id"),
+        mysql_charset="utf8mb4",
     )
     popular = sa.Table(
         f"{prefix}popular_buckets",
@@ -99,6 +142,7 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("item_id", _ID, primary_key=True),
         sa.Column("events", sa.BigInteger, nullable=False),
+        mysql_charset="utf8mb4",
     )
     return LogTables(md, behavior, recommendations, popular)
 
@@ -115,6 +159,9 @@ class AppendResult:
     """New events added to the window counts."""
     late: int
     """New events not counted because they were late."""
+    rejected: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    """(row of the input frame, the database's reason) of each event the database refused
+    for its data; neither logged nor counted, every other event was."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +210,15 @@ def create_log_engine(url: str) -> sa.Engine:
     return engine
 
 
+def _reason(exc: BaseException) -> str:
+    """The database's words for a refused statement: the driver's message (and detail), not
+    the SQL and parameters SQLAlchemy appends."""
+    inner = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    lines = [x.strip() for x in str(inner).strip().splitlines() if x.strip()]
+    text = "; ".join(x for x in lines[:3] if not x.startswith(("CONTEXT:", "[SQL:")))
+    return f"{type(inner).__name__}: {text[:300]}"
+
+
 def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
     return frame.to_dicts()
 
@@ -189,7 +245,39 @@ class BehaviorLog:
         except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
             # Another worker created a table between our check and our CREATE.
             self.tables.metadata.create_all(self.engine, checkfirst=True)
+        if self.backend in ("mysql", "mariadb"):
+            self._check_mysql_columns()
         self._ready = True
+
+    def _check_mysql_columns(self) -> None:
+        """Warn when the log's tables predate binary ids and DOUBLE rewards (create_all
+        leaves existing tables as they are)."""
+        t = self.tables.behavior
+        with self.engine.connect() as conn:
+            want = binary_collation(conn.dialect)
+            rows = conn.execute(
+                sa.text(
+                    "SELECT column_name, collation_name, data_type FROM information_schema.columns"
+                    " WHERE table_schema = DATABASE() AND table_name = :t"
+                    " AND column_name IN ('event_id', 'reward')"
+                ),
+                {"t": t.name},
+            ).all()
+        found = {str(r[0]).lower(): (r[1], str(r[2]).lower()) for r in rows}
+        collation = found.get("event_id", (want, ""))[0]
+        reward_type = found.get("reward", (None, "double"))[1]
+        if collation != want or reward_type != "double":
+            logger.warning(
+                "table %s was created by an older recloop: its ids compare without case, "
+                "accents or trailing spaces (collation %s) or its rewards are single precision; "
+                "ids that differ only so are dropped as duplicates.  Fix it with: ALTER TABLE %s "
+                "CONVERT TO CHARACTER SET utf8mb4 COLLATE %s, MODIFY rating DOUBLE, "
+                "MODIFY reward DOUBLE",
+                t.name,
+                collation,
+                t.name,
+                want,
+            )
 
     def drop_schema(self) -> None:
         self.tables.metadata.drop_all(self.engine, checkfirst=True)
@@ -206,31 +294,78 @@ class BehaviorLog:
         """Insert the events not logged yet and add them to the window counts, atomically.
 
         ``events`` has the :data:`recloop.streaming.events.EVENT_SCHEMA` columns;
-        ``countable`` (E,) bool marks events that are not late (None: all).
+        ``countable`` (E,) bool marks events that are not late (None: all).  Events the
+        database refuses for their data are isolated and returned in ``rejected`` (see the
+        module docstring); connection errors propagate.
         """
         self.create_schema()
         if countable is None:
             countable = np.ones(events.height, bool)
-        frame = events.with_columns(pl.Series("_countable", countable, dtype=pl.Boolean))
+        frame = events.with_columns(
+            pl.Series("_countable", countable, dtype=pl.Boolean),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+        )
         # A producer may send an id twice in one batch; the first one wins, as in the table.
         frame = frame.unique(subset="event_id", keep="first", maintain_order=True)
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                inserted = self._append_postgres(conn, frame, slide_s=slide_s)
-                new = frame.filter(pl.col("event_id").is_in(inserted))
-            else:
-                inserted = self._insert_new(conn, frame.drop("_countable"))
-                new = frame.filter(pl.col("event_id").is_in(inserted))
-                counts = bucket_counts(new.filter(pl.col("_countable")), slide_s=slide_s)
-                if counts.height:
-                    self._add_counts(conn, counts)
+        rejected: list[tuple[int, str]] = []
+        try:
+            inserted = self._append_once(frame, slide_s=slide_s)
+        except Exception as exc:
+            if is_transient(exc) or frame.height == 0:
+                raise
+            inserted, rejected = self._isolate(frame, exc, slide_s=slide_s)
+        new = frame.filter(pl.col("event_id").is_in(inserted))
         counted = int(new["_countable"].sum()) if new.height else 0
         return AppendResult(
-            new=new.drop("_countable"),
-            duplicates=events.height - new.height,
+            new=new.drop("_countable", "_row"),
+            duplicates=events.height - new.height - len(rejected),
             counted=counted,
             late=new.height - counted,
+            rejected=sorted(rejected),
         )
+
+    def _append_once(self, frame: pl.DataFrame, *, slide_s: int) -> list[str]:
+        """Insert and count ``frame`` (deduplicated, with ``_countable`` and ``_row``) in one
+        transaction; the ids inserted."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                return self._append_postgres(conn, frame.drop("_row"), slide_s=slide_s)
+            inserted = self._insert_new(conn, frame.drop("_countable", "_row"))
+            new = frame.filter(pl.col("event_id").is_in(inserted))
+            counts = bucket_counts(new.filter(pl.col("_countable")), slide_s=slide_s)
+            if counts.height:
+                self._add_counts(conn, counts)
+            return inserted
+
+    def _isolate(
+        self, frame: pl.DataFrame, error: Exception, *, slide_s: int
+    ) -> tuple[list[str], list[tuple[int, str]]]:
+        """Log what the database accepts of a batch it refused: bisect, each part in its own
+        transaction, down to the single rows it refuses.  Returns (ids inserted, [(row,
+        reason)]); a connection error on the way propagates (a retry redoes the batch, and
+        the parts already logged count as duplicates then)."""
+        logger.warning(
+            "behaviour log refused a batch of %d events (%s); isolating the bad ones",
+            frame.height,
+            _reason(error),
+        )
+        inserted: list[str] = []
+        rejected: list[tuple[int, str]] = []
+        failing = [(frame, error)]  # parts known to fail
+        while failing:
+            part, exc = failing.pop()
+            if part.height == 1:
+                rejected.append((int(part["_row"][0]), _reason(exc)))
+                continue
+            half = part.height // 2
+            for sub in (part[:half], part[half:]):
+                try:
+                    inserted += self._append_once(sub, slide_s=slide_s)
+                except Exception as sub_exc:
+                    if is_transient(sub_exc):
+                        raise
+                    failing.append((sub, sub_exc))
+        return inserted, rejected
 
     def _append_postgres(
         self, conn: sa.Connection, frame: pl.DataFrame, *, slide_s: int

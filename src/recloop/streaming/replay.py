@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recloop.data import validity
 from recloop.data.dataset import PreparedDataset
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, DataError
 from recloop.progress import progress
 from recloop.streaming.bus import EventBus
-from recloop.streaming.events import EVENT_SCHEMA, encode_events
+from recloop.streaming.events import EVENT_SCHEMA, RULES, encode_events
 from recloop.streaming.runner import Backoff, retry
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,28 @@ def replay_events(ds: PreparedDataset, *, limit: int | None = None) -> pl.DataFr
     frame = pl.DataFrame(cols).with_columns(
         pl.concat_str(pl.lit(f"{tag}-"), pl.col("event_id").str.zfill(width)).alias("event_id")
     )
-    return frame.select(list(EVENT_SCHEMA))
+    frame = frame.select(list(EVENT_SCHEMA))
+    check_events(frame)
+    return frame
+
+
+def check_events(events: pl.DataFrame) -> None:
+    """Raise :class:`DataError` unless every event keeps the rules of
+    :mod:`recloop.data.validity` (which the stream processor applies): a dataset prepared
+    before those rules (or built by hand) could otherwise publish events that would only
+    become dead letters."""
+    if validity.all_ok(events, RULES):
+        return
+    ok = events.select(validity.rows_ok(RULES)).to_series()
+    bad = (~ok).arg_true()
+    if bad.len() == 0:
+        return
+    first = int(bad[0])
+    why = events[first].select(validity.first_problem(RULES)).item()
+    raise DataError(
+        f"{bad.len()} of {events.height} events break the event rules, first event "
+        f"{events['event_id'][first]!r}: {why} (prepare the dataset again to drop them)"
+    )
 
 
 def schedule(events: pl.DataFrame, *, rate: float | None, speed: float | None) -> np.ndarray:

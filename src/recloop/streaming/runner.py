@@ -17,12 +17,15 @@ For each batch (:meth:`StreamProcessor.process`):
 A sink that cannot be reached (database down, Redis restarting) is retried with exponential
 backoff; the batch stays pending (its idle time reset, so no other worker takes it over)
 and is acknowledged only once every step succeeded.  Steps already done are not repeated.
-A batch that a sink rejects for good (not a connection problem) is dead-lettered with the
-reason if the log rejected it, or logged as an error if a later cache step did, so that one
-poison batch never stops the worker.
+Events the log refuses for their data are isolated by the log (it bisects the batch) and
+dead-lettered alone, with the database's reason and their original bus entry; the rest of
+the batch goes on.  A batch the log rejects for good as a whole (not a connection problem)
+is dead-lettered with the reason, and a later cache step that fails for good is logged as an
+error, so that one poison batch never stops the worker.
 
 :func:`run_stream` starts ``workers`` processes in one consumer group; SIGTERM or SIGINT
-makes each finish its batch and exit.
+makes each finish its batch and exit.  A worker process that dies stops the others and
+fails the run (exit status 1), naming the worker and its exit status or signal.
 
 Why the window counts live in SQL and not in per-worker memory or Redis: each worker sees
 only its share of the stream, so counts must be shared; keeping them in the log's database,
@@ -45,14 +48,16 @@ import dataclasses
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -64,7 +69,6 @@ from recloop.streaming.events import (
     BusMessage,
     DeadLetter,
     ParsedBatch,
-    encode_events,
     parse_batch,
 )
 from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
@@ -314,23 +318,32 @@ class StreamProcessor:
         self.stats.batches += 1
         self.stats.messages += len(messages)
         if parsed.dead:
-            await self._retry(
-                "dead-letter",
-                lambda: self.bus.dead_letter(parsed.dead, consumer=self.consumer),
-                ids,
-            )
-            self.stats.dead_letters += len(parsed.dead)
-            for d in parsed.dead[:3]:
-                logger.warning("dead letter %s: %s", d.entry_id, d.reason)
+            await self._dead_letter(parsed.dead, ids)
         events = parsed.events
         if events.height:
             # Observed once per batch, before any retry, so a retry cannot move the watermark.
             late = self.watermark.observe(events["ts"].to_numpy())
-            await self._sinks(events, late, ids)
+            origin = [messages[i] for i in parsed.message_index().tolist()]
+            await self._sinks(events, late, ids, origin)
         await self._retry("ack", lambda: self.bus.ack(self.settings.group, ids), ids)
         await self.refresh_popular()
 
-    async def _sinks(self, events: pl.DataFrame, late: np.ndarray, ids: list[str]) -> None:
+    async def _dead_letter(self, letters: Sequence[DeadLetter], ids: Sequence[str]) -> None:
+        await self._retry(
+            "dead-letter", lambda: self.bus.dead_letter(letters, consumer=self.consumer), ids
+        )
+        self.stats.dead_letters += len(letters)
+        for d in letters[:3]:
+            logger.warning("dead letter %s: %s", d.entry_id, d.reason)
+
+    async def _sinks(
+        self,
+        events: pl.DataFrame,
+        late: np.ndarray,
+        ids: list[str],
+        origin: Sequence[BusMessage],
+    ) -> None:
+        """``origin[r]``: the bus message of event row r (dead letters keep its bytes)."""
         s = self.settings
         try:
             result = await self._retry(
@@ -343,19 +356,23 @@ class StreamProcessor:
         except Stopped:
             raise
         except Exception as exc:
+            # Not a data problem the log could isolate (it bisects those): nothing of the
+            # batch is logged, all of it is kept as dead letters.
             logger.exception("behaviour log rejected a batch of %d events", events.height)
             reason = f"behaviour log rejected the batch: {_short(exc)}"
-            letters = [
-                DeadLetter(i, p, reason)
-                for i, p in zip(events["event_id"].to_list(), encode_events(events), strict=True)
-            ]
-            await self._retry(
-                "dead-letter",
-                lambda: self.bus.dead_letter(letters, consumer=self.consumer),
+            await self._dead_letter([DeadLetter.of(m, reason) for m in origin], ids)
+            return
+        if result.rejected:
+            await self._dead_letter(
+                [
+                    DeadLetter.of(origin[row], f"behaviour log refused the event: {why}")
+                    for row, why in result.rejected
+                ],
                 ids,
             )
-            self.stats.dead_letters += len(letters)
-            return
+            keep = np.ones(events.height, bool)
+            keep[[row for row, _ in result.rejected]] = False
+            events = events.filter(pl.Series(keep))
         self.stats.logged += result.new.height
         self.stats.duplicates += result.duplicates
         if result.late:
@@ -479,12 +496,22 @@ def consumer_name(index: int = 0) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{index}"
 
 
-class Worker:
-    """Reads batches for one consumer of the group until stopped (or idle, if asked)."""
+REPORT_INTERVAL_S = 1.0
+"""How often a worker process hands its counters to the parent (see :func:`run_stream`)."""
 
-    def __init__(self, processor: StreamProcessor) -> None:
+
+class Worker:
+    """Reads batches for one consumer of the group until stopped (or idle, if asked).
+
+    ``report`` (if given) gets the counters at most every :data:`REPORT_INTERVAL_S`.
+    """
+
+    def __init__(
+        self, processor: StreamProcessor, *, report: Callable[[WorkerStats], None] | None = None
+    ) -> None:
         self.p = processor
         self.s = processor.settings
+        self.report = report
 
     async def run(self) -> WorkerStats:
         p, s = self.p, self.s
@@ -499,7 +526,7 @@ class Worker:
             await p.process(own)
         next_claim = time.monotonic()
         last_event = time.monotonic()
-        last_stats = time.monotonic()
+        last_stats = last_report = time.monotonic()
         idle_refreshed = True
 
         async def fetch() -> tuple[list[BusMessage], ParsedBatch | None]:
@@ -534,6 +561,9 @@ class Worker:
                 if now - last_stats >= s.stats_interval_s:
                     last_stats = now
                     logger.info("%s: %s", me, p.stats.as_dict())
+                if self.report is not None and now - last_report >= REPORT_INTERVAL_S:
+                    last_report = now
+                    self.report(p.stats)
                 if msgs:
                     last_event = now
                     idle_refreshed = False
@@ -575,11 +605,13 @@ async def run_worker_async(
     store: OnlineStore | None = None,
     log: BehaviorLog | None = None,
     artifact: Artifact | None = None,
+    report: Callable[[WorkerStats], None] | None = None,
 ) -> WorkerStats:
     """Open the bus, store, log (and artifact) the settings name and run one worker.
 
     Objects passed in are used instead (and not closed).  Without ``stop`` the worker
-    installs SIGTERM/SIGINT handlers that stop it after the current batch.
+    installs SIGTERM/SIGINT handlers that stop it after the current batch.  ``report``: see
+    :class:`Worker`.
     """
     from recloop.serving.stores import open_store
 
@@ -617,7 +649,7 @@ async def run_worker_async(
         recommender=recommender,
     )
     try:
-        await Worker(processor).run()
+        await Worker(processor, report=report).run()
     except Stopped:
         logger.info(
             "%s stopped while retrying; its pending entries stay for others", processor.consumer
@@ -633,7 +665,67 @@ async def run_worker_async(
     return stats
 
 
-def _worker_process(settings: dict[str, Any], index: int, level: int, results: Any) -> None:
+@dataclass(frozen=True, kw_only=True)
+class WorkerExit:
+    """How one worker process of :func:`run_stream` ended."""
+
+    name: str
+    """Process name, ``recloop-stream-<index>``."""
+    pid: int | None
+    """Its process id."""
+    exitcode: int | None
+    """0: stopped cleanly; > 0: failed with that status; < 0: killed by signal -exitcode."""
+    final_counts: bool
+    """Whether its counters are final (False: the last it reported before it died, at most
+    :data:`REPORT_INTERVAL_S` old, or none)."""
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode != 0
+
+    def describe(self) -> str:
+        code = self.exitcode
+        if code is None:
+            how = "did not exit"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        counts = "final counts" if self.final_counts else "counts up to its last report"
+        return f"worker {self.name} (pid {self.pid}) {how} ({counts} included)"
+
+
+class WorkersFailed(RuntimeError):  # noqa: N818  (reads as what happened)
+    """A worker process of :func:`run_stream` died; the others were stopped."""
+
+    def __init__(self, stats: WorkerStats, exits: list[WorkerExit]) -> None:
+        self.stats = stats
+        """Counters of every worker (a dead one's up to its last report)."""
+        self.exits = exits
+        """How each worker process ended."""
+        failed = [e for e in exits if e.failed]
+        super().__init__("; ".join(e.describe() for e in failed))
+
+
+def _write_report(path: Path, stats: WorkerStats, *, final: bool) -> None:
+    """Atomically replace a worker's report file (a kill mid-write leaves the last one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps({"final": final, "stats": stats.as_dict()}))
+    os.replace(tmp, path)
+
+
+def _read_report(path: Path) -> tuple[WorkerStats | None, bool]:
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None, False
+    return WorkerStats(**doc["stats"]), bool(doc["final"])
+
+
+def _worker_process(settings: dict[str, Any], index: int, level: int, report_file: str) -> None:
     """Entry point of a spawned worker process."""
     from recloop.progress import setup_logging
 
@@ -643,12 +735,27 @@ def _worker_process(settings: dict[str, Any], index: int, level: int, results: A
         import torch
 
         torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    stats = asyncio.run(run_worker_async(s, consumer=consumer_name(index)))
-    results.put(stats.as_dict())
+    path = Path(report_file)
+    stats = asyncio.run(
+        run_worker_async(
+            s,
+            consumer=consumer_name(index),
+            report=lambda st: _write_report(path, st, final=False),
+        )
+    )
+    _write_report(path, stats, final=True)
 
 
 def run_stream(settings: StreamSettings) -> WorkerStats:
-    """Run ``settings.workers`` workers (in this process when there is one) until stopped."""
+    """Run ``settings.workers`` workers (in this process when there is one) until stopped.
+
+    Several workers run as processes.  When one dies (killed, or exits with an error) the
+    others are stopped after their current batch and :class:`WorkersFailed` is raised,
+    naming the worker and its exit status or signal, with every worker's counters (the
+    dead one's up to its last report): the processor fails as a whole, for its supervisor
+    to restart, rather than run on with fewer workers unnoticed.  The dead worker's pending
+    entries are taken over by the next workers (``claim_min_idle_ms``).
+    """
     if settings.workers > 1 and is_in_process(settings.bus_url):
         raise ConfigError(
             f"--workers {settings.workers} needs a shared bus; memory:// lives in one process "
@@ -673,13 +780,18 @@ def run_stream(settings: StreamSettings) -> WorkerStats:
     except Exception as exc:
         # The workers retry with backoff; creating the tables up front only avoids a race.
         logger.warning("could not create the log tables yet: %s", _short(exc))
+    with tempfile.TemporaryDirectory(prefix="recloop-stream-") as tmp:
+        return _run_processes(settings, Path(tmp))
+
+
+def _run_processes(settings: StreamSettings, reports: Path) -> WorkerStats:
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     level = logging.getLogger("recloop").getEffectiveLevel()
+    files = [reports / f"worker-{i}.json" for i in range(settings.workers)]
     procs = [
         ctx.Process(
             target=_worker_process,
-            args=(settings.model_dump(), i, level, results),
+            args=(settings.model_dump(), i, level, str(files[i])),
             name=f"recloop-stream-{i}",
         )
         for i in range(settings.workers)
@@ -687,26 +799,47 @@ def run_stream(settings: StreamSettings) -> WorkerStats:
     for proc in procs:
         proc.start()
 
-    def forward(signum: int, _frame: Any) -> None:
+    def stop_all() -> None:
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    def forward(signum: int, _frame: Any) -> None:
+        stop_all()
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    total = WorkerStats()
     try:
-        for proc in procs:
-            proc.join()
+        running = {proc.sentinel: proc for proc in procs}
+        while running:
+            for sentinel in mp_connection.wait(list(running)):
+                proc = running.pop(cast(int, sentinel))
+                proc.join()
+                if proc.exitcode != 0 and running:
+                    logger.error(
+                        "worker %s (pid %s) died (exit code %s); stopping the others",
+                        proc.name,
+                        proc.pid,
+                        proc.exitcode,
+                    )
+                    stop_all()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    for proc in procs:
-        if proc.exitcode == 0:
-            with contextlib.suppress(queue.Empty):
-                total = total.add(WorkerStats(**results.get(timeout=5)))
-    failed = [p.name for p in procs if p.exitcode not in (0, None)]
-    if failed:
-        logger.error("worker processes %s exited with an error", ", ".join(failed))
+    total = WorkerStats()
+    exits = []
+    for proc, path in zip(procs, files, strict=True):
+        stats, final = _read_report(path)
+        if stats is not None:
+            total = total.add(stats)
+        exits.append(
+            WorkerExit(name=proc.name, pid=proc.pid, exitcode=proc.exitcode, final_counts=final)
+        )
+    if any(e.failed for e in exits):
+        for e in exits:
+            if e.failed:
+                logger.error("%s", e.describe())
+        raise WorkersFailed(total, exits)
     return total
 
 

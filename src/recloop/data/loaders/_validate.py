@@ -1,7 +1,9 @@
 """Parse and check raw columns, vectorised; word the first few bad rows for people.
 
 Each field is parsed as a whole column with ``strict=False`` casts; a row is bad where a
-required value is missing, a present value does not parse, or its line had too many fields.
+required value is missing, a present value does not parse, its line had too many fields, or
+a parsed id or time breaks the event rules of :mod:`recloop.data.validity` (the ones the
+stream processor applies: no empty, over-long or NUL-holding ids, times in [0, 2**53)).
 The cheap path comes first (one cast); slower fallbacks (stripping blanks, fractional
 seconds) run only when the cheap path left values unparsed.  Only the first few bad rows are
 ever looked at one by one, to write their messages.
@@ -17,6 +19,7 @@ from typing import Literal
 import polars as pl
 from polars._typing import PolarsDataType
 
+from recloop.data import validity
 from recloop.data.loaders._read import (
     EXTRA,
     Table,
@@ -30,6 +33,8 @@ from recloop.errors import DataError, Location
 logger = logging.getLogger(__name__)
 
 Kind = Literal["id", "str", "int", "float", "timestamp", "enum"]
+_RULES: dict[str, validity.Rule] = {"id": "id", "timestamp": "ts"}
+"""The :mod:`recloop.data.validity` rule each kind of parsed column keeps."""
 _KIND_WORDS = {"int": "an integer", "float": "a number", "timestamp": "a timestamp"}
 
 
@@ -130,6 +135,20 @@ def parse(s: pl.Series, spec: FieldSpec) -> pl.Series:
     return _time(s, spec.time_format)
 
 
+def _rule_of(spec: FieldSpec, column: pl.Series) -> validity.Rule | None:
+    """The validity rule of a parsed column (integer ids cannot break the id rule)."""
+    rule = _RULES.get(spec.kind)
+    if rule == "id" and column.dtype != pl.String:
+        return None
+    return rule
+
+
+def _rule_ok(rule: validity.Rule, column: pl.Series) -> pl.Series:
+    """Boolean per row: the parsed value keeps ``rule`` (null values pass)."""
+    expr = validity.id_ok if rule == "id" else validity.ts_ok
+    return pl.select(expr(pl.lit(column)).fill_null(True)).to_series()
+
+
 def check_columns(table: Table, fields: Sequence[FieldSpec]) -> None:
     for spec in fields:
         if spec.source in table.frame.columns:
@@ -184,6 +203,12 @@ def _row_problem(
             else:
                 msg = f'cannot parse "{_show(raw)}" as {_KIND_WORDS[spec.kind]}'
             return DataError(f"{msg}{suffix}", location=where)
+        rule = _rule_of(spec, column)
+        if rule is not None and value is not None:
+            problem = validity.id_problem if rule == "id" else validity.ts_problem
+            why = pl.select(problem(pl.lit(column[row : row + 1]))).item()
+            if why is not None:
+                return DataError(f"{why}{suffix}", location=where)
     return DataError(f"bad row{suffix}", location=Location(file=table.file, line=line))
 
 
@@ -212,6 +237,11 @@ def validate(
             flags.append(column.is_null())
         elif not spec.required and column.null_count() > raw.null_count():
             flags.append(column.is_null() & raw.is_not_null())
+        rule = _rule_of(spec, column)
+        if rule is not None:
+            ok = _rule_ok(rule, column)
+            if not ok.all():
+                flags.append(~ok)
     drop: pl.Series | None = None
     skipped = SkipReport()
     if flags:
