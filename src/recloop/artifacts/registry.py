@@ -1,0 +1,224 @@
+"""A registry of artifacts: versioned directories and an atomically switched ``current`` pointer.
+
+::
+
+    REGISTRY/
+      versions/<model_version>/   one verified artifact each (manifest.json, weights, id maps)
+                 registry.json    lineage: parent version, data window, gate metrics, when
+      current.json                {"version": ..., "promoted_at": ..., "reason": ...}
+      history.jsonl               every publish, promote and rollback, one JSON line each
+
+Every change is crash-safe on one filesystem.  A version is copied into a temporary directory
+first and renamed into ``versions/`` only when complete (``os.rename`` is atomic), so a
+version directory is always whole.  ``current.json`` is rewritten through a temporary file,
+``fsync`` and ``os.replace``: a reader sees the old pointer or the new one, never half of
+one.  ``current.json`` is the truth; ``history.jsonl`` is the audit trail (appended after
+the pointer moved, so a crash between the two loses at most one history line, never the
+pointer).  Services watch ``current.json`` (its version string) and hot-swap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recloop.artifacts.bundle import load_artifact, resolve_artifact_dir
+from recloop.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+VERSIONS = "versions"
+CURRENT = "current.json"
+HISTORY = "history.jsonl"
+LINEAGE = "registry.json"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One published version."""
+
+    version: str
+    """The artifact's model version (its directory name under ``versions/``)."""
+    path: Path
+    """Its directory."""
+    algo: str
+    """The algorithm that trained it."""
+    lineage: dict[str, Any]
+    """Parent version, data window, gate metrics and publish time (``registry.json``)."""
+    current: bool
+    """Whether ``current.json`` points at it."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+class ArtifactRegistry:
+    """Versioned artifacts under ``root`` with one current version (module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS
+
+    def _check_version(self, version: str) -> Path:
+        path = self.versions_dir / version
+        if "/" in version or version.startswith(".") or not (path / "manifest.json").is_file():
+            raise ArtifactError(f"{self.root}: no published version {version!r}")
+        return path
+
+    def publish(
+        self,
+        artifact: Path,
+        *,
+        parent: str | None = None,
+        lineage: dict[str, Any] | None = None,
+        promote: bool = False,
+        reason: str = "",
+    ) -> str:
+        """Copy a verified artifact into the registry; returns its version.
+
+        Publishing the same version again keeps the first copy.  ``lineage`` (data window,
+        gate metrics, ...) is stored beside it with ``parent``; ``promote`` makes it current.
+        """
+        src = resolve_artifact_dir(Path(artifact))
+        art = load_artifact(src)  # refuses anything damaged before it can be published
+        version = art.model_version
+        dest = self.versions_dir / version
+        if not (dest / "manifest.json").is_file():
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.versions_dir / f".tmp-{uuid.uuid4().hex}"
+            shutil.copytree(src, tmp)
+            doc = {"parent": parent, "published_at": _now(), "algo": art.algo, **(lineage or {})}
+            (tmp / LINEAGE).write_text(json.dumps(doc, indent=2, default=str))
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (dest / "manifest.json").is_file():
+                    raise
+            self._log("publish", version, parent=parent, reason=reason)
+            logger.info("published %s to %s", version, self.root)
+        if promote:
+            self.promote(version, reason=reason or "published")
+        return version
+
+    def current(self) -> str | None:
+        """The current version, or None before the first promotion."""
+        path = self.root / CURRENT
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            version = doc["version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path}: unreadable pointer ({exc})") from exc
+        if not isinstance(version, str):
+            raise ArtifactError(f"{path}: field 'version' must be a string")
+        return version
+
+    def current_path(self) -> Path:
+        """The current version's directory (raises when nothing is current)."""
+        version = self.current()
+        if version is None:
+            raise ArtifactError(f"{self.root}: no current version (publish and promote one)")
+        return self._check_version(version)
+
+    def promote(self, version: str, *, reason: str = "") -> None:
+        """Make ``version`` current (it must be published and load cleanly)."""
+        path = self._check_version(version)
+        load_artifact(path)
+        previous = self.current()
+        doc = {"version": version, "previous": previous, "promoted_at": _now(), "reason": reason}
+        _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
+        self._log("promote", version, previous=previous, reason=reason)
+        logger.info("current version of %s: %s (was %s; %s)", self.root, version, previous, reason)
+
+    def rollback(self, *, reason: str = "") -> str:
+        """Make the version that was current before the current one current again."""
+        now = self.current()
+        if now is None:
+            raise ArtifactError(f"{self.root}: nothing to roll back (no current version)")
+        # Replay the history as a stack: a promotion pushes, a rollback pops.
+        stack: list[str] = []
+        for h in self.history():
+            if h["action"] == "promote":
+                stack.append(h["version"])
+            elif h["action"] == "rollback" and stack:
+                stack.pop()
+        while stack and stack[-1] == now:
+            stack.pop()
+        if not stack:
+            raise ArtifactError(f"{self.root}: no earlier version to roll back to")
+        target = stack[-1]
+        path = self._check_version(target)
+        load_artifact(path)
+        doc = {"version": target, "previous": now, "promoted_at": _now(), "reason": reason}
+        _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
+        self._log("rollback", target, previous=now, reason=reason)
+        return target
+
+    def entries(self) -> list[RegistryEntry]:
+        """Published versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        current = self.current()
+        out = []
+        for path in self.versions_dir.iterdir():
+            if path.name.startswith(".") or not (path / "manifest.json").is_file():
+                continue
+            lineage = json.loads((path / LINEAGE).read_text()) if (path / LINEAGE).is_file() else {}
+            out.append(
+                RegistryEntry(
+                    version=path.name,
+                    path=path,
+                    algo=str(lineage.get("algo", "")),
+                    lineage=lineage,
+                    current=path.name == current,
+                )
+            )
+        return sorted(out, key=lambda e: (str(e.lineage.get("published_at", "")), e.version))
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every publish, promote and rollback, oldest first (a torn last line is skipped)."""
+        path = self.root / HISTORY
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                logger.warning("%s: skipping a torn history line", path)
+        return out
+
+    def _log(self, action: str, version: str, **fields: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"at": _now(), "action": action, "version": version, **fields})
+        with open(self.root / HISTORY, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,126 @@
+"""The artifact registry: publish, promote, rollback, and crashes that leave it consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from tests.conftest import walk_dataset
+
+from recloop.algos.popularity import PopularityConfig
+from recloop.artifacts.registry import ArtifactRegistry
+from recloop.cli import main
+from recloop.data.dataset import PreparedDataset
+from recloop.errors import ArtifactError
+
+
+def _artifact(tmp: Path, seed: int) -> Path:
+    ds: PreparedDataset = walk_dataset(seed=seed)
+    rec = PopularityConfig().create()
+    rec.fit(ds)
+    return rec.save(tmp / f"run{seed}")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("reg")
+    return [_artifact(tmp, s) for s in (0, 1, 2)]
+
+
+def test_publish_promote_rollback(tmp_path: Path, artifacts: list[Path]) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    assert reg.current() is None
+    a = reg.publish(artifacts[0], promote=True, lineage={"window": [0, 10]})
+    b = reg.publish(artifacts[1], parent=a)
+    assert a != b and reg.current() == a
+    assert reg.publish(artifacts[1]) == b  # publishing again keeps the first copy
+    reg.promote(b, reason="better")
+    assert reg.current() == b and reg.current_path() == tmp_path / "reg" / "versions" / b
+    c = reg.publish(artifacts[2], promote=True)
+    assert reg.rollback(reason="worse") == b
+    assert reg.rollback() == a
+    with pytest.raises(ArtifactError, match="no earlier version"):
+        reg.rollback()
+    entries = {e.version: e for e in reg.entries()}
+    assert set(entries) == {a, b, c} and entries[a].current
+    assert entries[a].lineage["window"] == [0, 10] and entries[b].lineage["parent"] == a
+    actions = [h["action"] for h in reg.history()]
+    assert actions == ["publish", "promote", "publish", "promote", "publish", "promote",
+                       "rollback", "rollback"]  # fmt: skip
+
+
+def test_refuses_unknown_versions_and_damaged_artifacts(
+    tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    with pytest.raises(ArtifactError, match="no published version"):
+        reg.promote("nope")
+    with pytest.raises(ArtifactError, match="no published version"):
+        reg.promote("../versions")
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts[0], bad)
+    (bad / "manifest.json").write_text("[]")
+    with pytest.raises(ArtifactError):
+        reg.publish(bad)
+    assert not (tmp_path / "reg" / "versions").exists() or not any(
+        p for p in (tmp_path / "reg" / "versions").iterdir() if not p.name.startswith(".")
+    )
+
+
+def test_crash_mid_publish_leaves_no_version(
+    tmp_path: Path, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+
+    def die(*args: object) -> None:
+        raise KeyboardInterrupt  # the process dies between the copy and the rename
+
+    monkeypatch.setattr(os, "rename", die)
+    with pytest.raises(KeyboardInterrupt):
+        reg.publish(artifacts[1], promote=True)
+    monkeypatch.undo()
+    assert reg.current() == a
+    assert [e.version for e in reg.entries()] == [a]  # the half copy is not a version
+    b = reg.publish(artifacts[1], promote=True)  # a restart publishes it again
+    assert reg.current() == b
+
+
+def test_crash_mid_promote_keeps_the_old_pointer(
+    tmp_path: Path, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    real_replace = os.replace
+
+    def die(src: object, dst: object) -> None:
+        raise KeyboardInterrupt  # the temporary pointer is written, the switch never happens
+
+    monkeypatch.setattr(os, "replace", die)
+    with pytest.raises(KeyboardInterrupt):
+        reg.promote(b)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert reg.current() == a
+    assert json.loads((tmp_path / "reg" / "current.json").read_text())["version"] == a
+
+
+def test_cli(tmp_path: Path, artifacts: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(tmp_path / "reg")
+
+    def run(*args: str) -> str:
+        code = main(["-q", "registry", *args])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    a = run("publish", root, str(artifacts[0]), "--promote").split()[0]
+    b = run("publish", root, str(artifacts[1])).strip()
+    assert f"* {a}" in run("list", root)
+    assert run("promote", root, b).strip() == b
+    doc = json.loads(run("list", root, "--json"))
+    assert [d["current"] for d in doc] == [False, True] and doc[1]["parent"] == a
+    assert run("rollback", root).strip() == a
