@@ -7,8 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-from tests.conftest import walk_dataset
 
 from recloop.algos.popularity import PopularityConfig
 from recloop.artifacts.registry import ArtifactRegistry
@@ -18,7 +18,16 @@ from recloop.errors import ArtifactError
 
 
 def _artifact(tmp: Path, seed: int) -> Path:
-    ds: PreparedDataset = walk_dataset(seed=seed)
+    """A popularity artifact; the seed changes the counts, and so the model version."""
+    rng = np.random.default_rng(seed)
+    ds = PreparedDataset.from_arrays(
+        user=np.repeat(np.arange(1, 7), 5),
+        item=rng.integers(1, 9, 30),
+        timestamp=np.tile(np.arange(5), 6),
+        n_items=8,
+        user_ids=[f"u{i}" for i in range(1, 7)],
+        item_ids=[f"i{i}" for i in range(1, 9)],
+    )
     rec = PopularityConfig().create()
     rec.fit(ds)
     return rec.save(tmp / f"run{seed}")
