@@ -57,7 +57,7 @@ class RegistryEntry:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
 def _write_atomic(path: Path, text: str) -> None:
