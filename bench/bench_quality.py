@@ -8,7 +8,7 @@ simulator fitted once and shared), and the training time.
 
     .venv/bin/python bench/bench_quality.py                       # every algorithm
     .venv/bin/python bench/bench_quality.py --algos popularity reinforce --epochs 2
-    .venv/bin/python bench/bench_quality.py --algos td3 td3:bc_weight=0   # with overrides
+    .venv/bin/python bench/bench_quality.py --algos td3 td3:bc=null   # with --set overrides
 
 Prints a Markdown table and the machine; ``--json FILE`` also writes the rows.
 """
@@ -104,7 +104,7 @@ def main() -> None:
         quit_mode = next(m for m in result.modes if m.quit and not m.repeats)
         dr = ope.estimates["dr"]
         row = {
-            "algo": label,
+            "algo": ev.algo if label == algo else f"{ev.algo} [{sets}]",
             "hr@10": ev.metrics["hr@10"],
             "ndcg@10": ev.metrics["ndcg@10"],
             "mrr@10": ev.metrics["mrr@10"],

@@ -27,7 +27,7 @@ def close(a: torch.Tensor, b: float) -> None:
 
 def test_mse_term_is_the_mean_squared_distance_to_the_logged_item() -> None:
     # row 0: (1 − 1)² + (0 − 0)² = 0; row 1: (0.5 + 1)² + (0.5 − 0.5)² = 2.25; mean over 4
-    bc = behaviour_cloning(BCConfig(), ACTION, LOGGED, item_weight=ITEMS, cosine=False)
+    bc = behaviour_cloning(BCConfig(loss="mse"), ACTION, LOGGED, item_weight=ITEMS, cosine=False)
     close(bc, 2.25 / 4)
 
 
@@ -48,17 +48,17 @@ def test_no_bc_is_a_zero_and_leaves_the_objective_alone() -> None:
 
 
 def test_labels_name_the_variant() -> None:
-    assert bc_label("td3", BCConfig()) == "td3 (+BC, α=2.5)"
+    assert bc_label("td3", BCConfig(loss="mse")) == "td3 (+BC-mse, α=2.5)"
     assert bc_label("ddpg", BCConfig(alpha=10.0, loss="ce")) == "ddpg (+BC-ce, α=10)"
     assert bc_label("td3", None) == "td3"
-    assert TD3Config().label() == "td3 (+BC, α=2.5)"
+    assert TD3Config().label() == "td3 (+BC-ce, α=2.5)"
 
 
 def test_bc_is_one_setting_away_on_the_command_line() -> None:
     off = load_config(TD3Config, overrides=["bc=null", "critic.tau=0.01"])
     assert off.bc is None and off.label() == "td3" and off.critic.tau == 0.01
     alpha = load_config(TD3Config, overrides=["bc.alpha=1"])
-    assert alpha.label() == "td3 (+BC, α=1)" and alpha.bc == BCConfig(alpha=1.0)
+    assert alpha.label() == "td3 (+BC-ce, α=1)" and alpha.bc == BCConfig(alpha=1.0)
     with pytest.raises(ConfigError, match=r"bc\.loss"):
         load_config(TD3Config, overrides=["bc.loss=l1"])
     with pytest.raises(ConfigError, match=r"bc\.alpha"):

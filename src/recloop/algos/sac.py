@@ -98,7 +98,7 @@ class SACConfig(AlgoConfig):
     """Target entropy H̄ = −scale · log(1 / |A|) (the paper's 0.98)."""
     autotune_alpha: bool = True
     """Tune α to the target entropy; False keeps α = ``init_alpha``."""
-    bc: BCConfig | None = field(default_factory=lambda: BCConfig(loss="ce"))
+    bc: BCConfig | None = field(default_factory=BCConfig)
     """Behaviour cloning in the policy loss, TD3+BC's form with λ = α / mean|E_π Q(s, ·)|;
     the term is the cross-entropy of the logged item under π (``ce``, the only form for a
     policy over items).  null = the paper's SAC, which offline ranks below popularity on
