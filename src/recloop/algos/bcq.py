@@ -88,8 +88,8 @@ class BCQConfig(AlgoConfig):
     bc: BCConfig | None = field(default_factory=BCConfig)
     """Behaviour cloning on the served action (TD3+BC's form): the perturbation's loss becomes
     −λQ + BC and the generator's gains the BC term of its z = 0 decoding.  null = the paper's
-    BCQ, whose MSE generator does not rank items (below popularity on ml-100k unless the
-    embeddings are pretrained)."""
+    BCQ, whose MSE generator does not rank items.  On ml-100k after 5 epochs (test HR@10,
+    popularity 0.084): 0.105 by default, 0.014 with ``bc.loss=mse``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -62,7 +62,8 @@ class DDPGConfig(AlgoConfig):
     """The critic and its TD target; the paper's τ = 0.001, after every update."""
     bc: BCConfig | None = field(default_factory=BCConfig)
     """Behaviour cloning in the actor loss, TD3+BC's form; null = the paper's DDPG, which
-    offline drifts to actions the critic overrates (below popularity on ml-100k)."""
+    offline drifts to actions the critic overrates.  On ml-100k after 5 epochs (test HR@10,
+    popularity 0.084): 0.042 by default, 0.017 with ``bc.loss=mse``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

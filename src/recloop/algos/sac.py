@@ -102,7 +102,7 @@ class SACConfig(AlgoConfig):
     """Behaviour cloning in the policy loss, TD3+BC's form with λ = α / mean|E_π Q(s, ·)|;
     the term is the cross-entropy of the logged item under π (``ce``, the only form for a
     policy over items).  null = the paper's SAC, which offline ranks below popularity on
-    ml-100k (HR@10 0.035)."""
+    ml-100k (HR@10 0.035); 0.129 by default after 5 epochs (popularity 0.084)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +143,9 @@ class SACContinuousConfig(AlgoConfig):
     """Tune α to the target entropy −D; False keeps α = ``init_alpha``."""
     bc: BCConfig | None = field(default_factory=BCConfig)
     """Behaviour cloning in the policy loss, TD3+BC's form, on the served action tanh(μ(s));
-    null = the paper's SAC, which offline ranks below popularity on ml-100k (HR@10 0.013)."""
+    null = the paper's SAC, which offline ranks below popularity on ml-100k (HR@10 0.013).
+    After 5 epochs (test HR@10, popularity 0.084): 0.092 by default, 0.010 with
+    ``bc.loss=mse``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -76,7 +76,8 @@ class TD3Config(AlgoConfig):
     bc: BCConfig | None = field(default_factory=BCConfig)
     """Behaviour cloning in the actor loss: TD3+BC (Fujimoto & Gu 2021); null = TD3 as
     published, which offline drifts to actions the critic overrates (HR@10 0.015 on ml-100k,
-    below popularity)."""
+    below popularity).  After 5 epochs (test HR@10, popularity 0.084): α = 1 / 2.5 / 10 give
+    0.086 / 0.083 / 0.075 with the ``ce`` term, 0.017 / 0.012 / 0.018 with ``mse``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
