@@ -5,8 +5,8 @@ concat encoder; 943 users, 1682 items, random batches), next to the GFLOP/s a pl
 ``torch.matmul`` of the main layer shapes reaches in the same run, and the matrix-product
 GFLOP of one update (FlopCounterMode), so each rate reads as a fraction of the machine.
 Targets (issue 4): DDPG >= 100k/s, BCQ >= 30k/s; DBRL's own code: DDPG ~57k/s, BCQ
-~14.5k/s.  ``ddpg``/``bcq`` are the papers' algorithms (as DBRL runs them); ``+bc`` adds
-recloop's default behaviour-cloning term (a cross-entropy over the 1682 items).
+~14.5k/s.  ``ddpg``/``bcq`` are the papers' algorithms (as DBRL runs them, ``bc=null``);
+``+bc`` adds recloop's default behaviour-cloning term (TD3+BC's form).
 
     .venv/bin/python bench/bench_actor_critic.py [--algos ddpg bcq td3 sac dqn] [--seconds 5]
 """
@@ -119,8 +119,8 @@ def main() -> None:
         "--algos",
         nargs="+",
         default=["ddpg", "bcq", "ddpg+bc", "bcq+bc"],
-        help="registered names; NAME runs the paper's algorithm (bc_weight 0 where the config "
-        "has one, as DBRL), NAME+bc the recloop default with its behaviour-cloning term",
+        help="registered names; NAME runs the paper's algorithm (bc=null where the config "
+        "has a bc field, as DBRL), NAME+bc the recloop default with its behaviour-cloning term",
     )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -143,7 +143,7 @@ def main() -> None:
     for label in args.algos:
         name, _, variant = label.partition("+")
         fields = {f.name for f in dataclasses.fields(ALGOS.get(name).config_class)}
-        over = {"bc_weight": 0.0} if "bc_weight" in fields and variant != "bc" else {}
+        over = {"bc": None} if "bc" in fields and variant != "bc" else {}
         r = bench_algo(name, batches, seconds=args.seconds, **over)
         achieved = r.gflop_per_update * r.rate / BATCH
         goal = f", target >= {targets[label] / 1000:.0f}k/s" if label in targets else ""

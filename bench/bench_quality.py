@@ -11,7 +11,7 @@ user simulator, each from the first seed's run.
 
     .venv/bin/python bench/bench_quality.py                          # every algorithm, 3 seeds
     .venv/bin/python bench/bench_quality.py --algos popularity gru4rec --seeds 0 1 2 3 4
-    .venv/bin/python bench/bench_quality.py --algos td3 td3:bc_alpha=1 --jobs 2
+    .venv/bin/python bench/bench_quality.py --algos td3 td3:bc.alpha=1 td3:bc=null --jobs 2
 
 ``NAME:KEY=VALUE,...`` trains with ``--set`` overrides.  ``--jobs 2`` trains two runs at a
 time (one torch thread each).  Prints a Markdown table and the machine; ``--json FILE``
@@ -29,7 +29,6 @@ import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +93,14 @@ def one_run(label: str, seed: int, data_dir: Path, workdir: Path, epochs: int | 
     train_s = time.perf_counter() - t0
     (masked,) = evaluate_runs([run], data=data_dir, split="test", mask_consumed=True)
     (unmasked,) = evaluate_runs([run], data=data_dir, split="test", mask_consumed=False)
-    row = {"algo": label, "seed": seed, "run": str(run), "epochs": fit.epochs, "train_s": train_s}
+    row = {
+        "algo": label,
+        "name": masked.algo,  # the variant's own label, e.g. "td3 (+BC-ce, α=2.5)"
+        "seed": seed,
+        "run": str(run),
+        "epochs": fit.epochs,
+        "train_s": train_s,
+    }
     for m in METRICS:
         row[f"masked {m}"] = masked.metrics[m]
         row[f"unmasked {m}"] = unmasked.metrics[m]
@@ -166,7 +172,11 @@ def main() -> None:
             cells.append(f"{mean:.4f} ± {half:.4f}" if len(mine) > 1 else f"{mean:.4f}")
         epochs = "/".join(str(r["epochs"]) for r in mine)
         train_s = np.mean([r["train_s"] for r in mine])
-        name = display_name(label)
+        name = (
+            mine[0]["name"]
+            if label == label.partition(":")[0]
+            else f"{mine[0]['name']} [{label.partition(':')[2]}]"
+        )
         extras = [extra[label].get(k, "-") for k in extra_cols]
         print(
             "| "
@@ -178,37 +188,6 @@ def main() -> None:
         args.json.write_text(
             json.dumps({"machine": machine(), "rows": rows, "summary": summary}, indent=2)
         )
-
-
-def display_name(label: str) -> str:
-    """The variant's own name when its config gives one (e.g. ``td3 (+BC, α=2.5)``)."""
-    algo, _, sets = label.partition(":")
-    try:
-        from recloop.config import config_from_dict
-
-        cls = ALGOS.get(algo).config_class
-        values: dict[str, Any] = {}
-        for item in (x for x in sets.split(",") if x):
-            key, raw = item.split("=", 1)
-            node = values
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = None if raw in ("null", "none", "None") else _number(raw)
-        cfg = config_from_dict(cls, values)
-        name = getattr(cfg, "variant_name", None)
-        return str(name() if callable(name) else name) if name else label
-    except Exception:  # the label is still a faithful name
-        return label
-
-
-def _number(raw: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def first_seed_extras(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,8 +56,16 @@ def tiny_batch(seed: int = 0) -> TransitionBatch:
 
 
 def make(name: str, *, seed: int = 0, **over: Any) -> Algo[Any]:
-    """A seeded algorithm on the tiny spec (concat encoder, H=4, D=8)."""
+    """A seeded algorithm on the tiny spec (concat encoder, H=4, D=8).
+
+    A dict value is a partial section over the algorithm's own default (``critic={"tau":
+    0.1}``), as ``--set critic.tau=0.1`` would be.
+    """
     cls = ALGOS.get(name)
+    defaults = cls.config_class()
+    for key, value in over.items():
+        if isinstance(value, dict):
+            over[key] = dataclasses.replace(getattr(defaults, key), **value)
     over.setdefault("encoder", EncoderConfig(kind="concat", history=H, embedding_dim=D))
     over.setdefault("batch_size", B)
     cfg = cls.config_class(**over)

@@ -40,13 +40,13 @@ def test_generator_and_critic_losses_fall_on_a_fixed_batch() -> None:
 
 
 def test_perturbation_ascends_a_fixed_critic() -> None:
-    stats = run(bcq(lr=1e-2, critic_lr=1e-9, phi=0.5), tiny_batch(), 20)
+    stats = run(bcq(lr=1e-2, critic={"lr": 1e-9}, phi=0.5), tiny_batch(), 20)
     first, last = first_last(stats, "actor_loss")
     assert last < first
 
 
 def test_targets_move_by_tau_after_one_update() -> None:
-    algo = bcq(tau=0.2)
+    algo = bcq(critic={"tau": 0.2})
     before_p, before_c = snapshot(algo.target_policy), snapshot(algo.target_critic)
     run(algo, tiny_batch(), 1)
     assert_polyak(before_p, algo.target_policy, algo.policy, 0.2)
@@ -105,7 +105,7 @@ def test_state_is_encoded_once_for_n_samples() -> None:
 
 
 def test_bc_regulariser_trains_the_decoder_towards_the_logged_items() -> None:
-    stats = run(bcq(lr=1e-2, bc_weight=1.0), tiny_batch(), 30)
+    stats = run(bcq(lr=1e-2, bc={"alpha": 1.0}), tiny_batch(), 30)
     first, last = first_last(stats, "generator_loss")
     assert last < first
 

@@ -18,6 +18,7 @@ from actor_critic_helpers import (
 )
 
 from recloop.algos.bcq_discrete import BCQDiscrete, BCQDiscreteConfig
+from recloop.algos.targets import bcq_eligible
 from recloop.artifacts.heads import HeadConfig
 from recloop.artifacts.heads_bcq import BCQDiscreteHead
 from recloop.errors import ConfigError
@@ -56,7 +57,7 @@ def test_serving_ranks_eligible_items_by_q_then_the_rest_by_behaviour() -> None:
     scores = head(state, torch.zeros(N_ITEMS + 1, 2))[:, 1:]
     q = head.q(state)[:, 1:]
     logp = head.behaviour_log_prob(state)[:, 1:]
-    eligible = logp - logp.max(1, keepdim=True).values >= torch.log(torch.tensor(0.5))
+    eligible = logp - logp.max(1, keepdim=True).values > torch.log(torch.tensor(0.5))
     for b in range(6):
         e, rest = eligible[b], ~eligible[b]
         assert e.any()
@@ -77,7 +78,7 @@ def test_padding_is_never_eligible_nor_ranked() -> None:
 
 
 def test_target_moves_by_tau() -> None:
-    algo = bcqd(tau=0.5)
+    algo = bcqd(critic={"tau": 0.5})
     before = snapshot(algo.target_policy)
     run(algo, tiny_batch(), 1)
     assert_polyak(before, algo.target_policy, algo.policy, 0.5)
@@ -97,6 +98,17 @@ def test_recommendations_and_reload() -> None:
 
 def test_config_checks() -> None:
     with pytest.raises(ConfigError, match="threshold"):
-        BCQDiscreteConfig(threshold=0.0)
+        BCQDiscreteConfig(threshold=1.0)  # nothing would be eligible (strict >)
+    with pytest.raises(ConfigError, match="threshold"):
+        BCQDiscreteConfig(threshold=-0.1)
     with pytest.raises(ConfigError, match=r"head\.kind"):
         BCQDiscreteConfig(head=HeadConfig(kind="linear"))
+
+
+def test_serving_eligibility_is_strict_at_the_threshold() -> None:
+    # the head's rule is the target's: G / max G > τ, so an item exactly at τ is out
+    head = BCQDiscreteHead(HeadConfig(kind="bcq_discrete"), state_dim=3, n_items=3, embedding_dim=2)
+    head.threshold.fill_(0.5)
+    logp = torch.log(torch.tensor([[0.0, 1.0, 0.5, 0.25]]))  # padding, then ratios 1, .5, .25
+    assert head.eligible(logp).tolist() == [[False, True, False, False]]
+    assert torch.equal(head.eligible(logp)[:, 1:], bcq_eligible(logp[:, 1:], 0.5))

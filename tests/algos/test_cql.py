@@ -56,7 +56,7 @@ def test_penalty_makes_the_logged_items_rank_higher_than_plain_dqn() -> None:
 
 
 def test_target_moves_by_tau() -> None:
-    algo = cql(tau=0.5)
+    algo = cql(critic={"tau": 0.5})
     before = snapshot(algo.target_policy)
     run(algo, tiny_batch(), 1)
     assert_polyak(before, algo.target_policy, algo.policy, 0.5)

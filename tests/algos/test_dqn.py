@@ -16,6 +16,7 @@ from actor_critic_helpers import (
     tiny_batch,
 )
 
+from recloop.algos.critics import QLearningConfig
 from recloop.algos.dqn import DQN, DQNConfig, q_learning_target, q_values
 from recloop.algos.targets import double_dqn_target, dqn_target
 from recloop.artifacts.heads import HeadConfig
@@ -62,14 +63,14 @@ def test_q_values_skip_the_padding_slot() -> None:
 
 
 def test_soft_target_update_by_tau() -> None:
-    algo = dqn(tau=0.25)
+    algo = dqn(critic={"tau": 0.25})
     before = snapshot(algo.target_policy)
     run(algo, tiny_batch(), 1)
     assert_polyak(before, algo.target_policy, algo.policy, 0.25)
 
 
 def test_hard_target_update_every_interval() -> None:
-    algo = dqn(tau=1.0, target_update_interval=3)
+    algo = dqn(critic={"tau": 1.0, "target_update_interval": 3})
     before = snapshot(algo.target_policy)
     run(algo, tiny_batch(), 2)
     for a, b in zip(before, snapshot(algo.target_policy), strict=True):
@@ -94,7 +95,9 @@ def test_recommendations_and_reload() -> None:
 def test_config_checks() -> None:
     with pytest.raises(ConfigError, match=r"head\.kind"):
         DQNConfig(head=HeadConfig(kind="dot"))
-    with pytest.raises(ConfigError, match="target_update_interval"):
-        DQNConfig(target_update_interval=0)
-    with pytest.raises(ConfigError, match="huber_delta"):
-        DQNConfig(huber_delta=0.0)
+    with pytest.raises(ConfigError, match=r"critic\.target_update_interval"):
+        QLearningConfig(target_update_interval=0)
+    with pytest.raises(ConfigError, match=r"critic\.huber_delta"):
+        QLearningConfig(huber_delta=0.0)
+    with pytest.raises(ConfigError, match=r"critic\.tau"):
+        QLearningConfig(tau=1.5)

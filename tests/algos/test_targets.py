@@ -23,6 +23,7 @@ from recloop.algos.targets import (
     smooth_target_action,
     tanh_gaussian_log_prob,
     td3_bc_actor_loss,
+    td3_bc_lambda,
     td_target,
     vae_loss,
 )
@@ -94,17 +95,29 @@ def test_vae_loss_is_mse_plus_weighted_kl() -> None:
     )
 
 
-def test_td3_bc_actor_loss_normalises_q_only_with_bc() -> None:
-    q = torch.tensor([2.0, -4.0])
-    close(td3_bc_actor_loss(q_pi=q, bc=torch.tensor(3.0), bc_weight=0.0), 1.0)
-    close(td3_bc_actor_loss(q_pi=q, bc=torch.tensor(3.0), bc_weight=0.4), 1.0 / 3.0 + 1.2)
+def test_td3_bc_lambda_is_alpha_over_the_mean_absolute_q_and_a_constant() -> None:
+    q = torch.tensor([2.0, -4.0], requires_grad=True)  # mean|q| = 3
+    lam = td3_bc_lambda(q, alpha=2.5)
+    close(lam, 2.5 / 3.0)
+    assert not lam.requires_grad
+    close(td3_bc_lambda(torch.zeros(3), alpha=2.5), 2.5e6)  # floored mean|Q|, no division by 0
+
+
+def test_td3_bc_actor_loss_is_minus_lambda_q_plus_bc_with_lambda_detached() -> None:
+    q = torch.tensor([2.0, -4.0], requires_grad=True)  # mean q = −1, λ = 2.5 / 3
+    loss = td3_bc_actor_loss(q_pi=q, bc=torch.tensor(0.5), alpha=2.5)
+    close(loss, 2.5 / 3.0 + 0.5)
+    loss.backward()
+    # λ is a constant of the gradient: d/dq_i (−λ mean q) = −λ / B for every i
+    assert q.grad is not None
+    close(q.grad, [-2.5 / 3.0 / 2.0, -2.5 / 3.0 / 2.0])
 
 
 def test_bc_regularised_scales_by_q_and_adds_bc() -> None:
     q = torch.tensor([1.0, -3.0])  # mean|q| = 2
     objective, bc = torch.tensor(5.0), torch.tensor(0.5)
-    close(bc_regularised(objective, q=q, bc=bc, bc_weight=0.0), 5.0)
-    close(bc_regularised(objective, q=q, bc=bc, bc_weight=4.0), 5.0 / 2.0 + 2.0)
+    close(bc_regularised(objective, q=q, bc=bc, alpha=4.0), 4.0 / 2.0 * 5.0 + 0.5)
+    close(bc_regularised(objective, q=q, bc=bc, alpha=0.0), 0.5)  # α = 0: pure cloning
 
 
 def test_dqn_and_double_dqn_targets() -> None:
@@ -187,3 +200,12 @@ def test_tanh_gaussian_log_prob_matches_the_change_of_variables() -> None:
     torch.testing.assert_close(
         tanh_gaussian_log_prob(u, mean, log_std), expected, rtol=1e-4, atol=1e-4
     )
+
+
+def test_bcq_eligibility_is_strict_at_the_threshold() -> None:
+    # ratios to the max exactly 1, 0.5 and 0.25 (powers of two: exact in float32 log space);
+    # the authors' discrete BCQ keeps imt / imt.max(1)[0] > τ, so a ratio of exactly τ is out
+    logp = torch.log(torch.tensor([[1.0, 0.5, 0.25]]))
+    assert bcq_eligible(logp, 0.5).tolist() == [[True, False, False]]
+    assert bcq_eligible(logp, 0.25).tolist() == [[True, True, False]]
+    assert bcq_eligible(logp, 0.0).tolist() == [[True, True, True]]  # τ = 0: every action

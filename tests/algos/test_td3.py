@@ -34,13 +34,13 @@ def test_critic_loss_falls_on_a_fixed_batch() -> None:
 
 
 def test_actor_ascends_a_fixed_critic() -> None:
-    stats = run(td3(lr=1e-2, critic_lr=1e-9, policy_delay=1), tiny_batch(), 20)
+    stats = run(td3(lr=1e-2, critic={"lr": 1e-9}, policy_delay=1), tiny_batch(), 20)
     first, last = first_last(stats, "actor_loss")
     assert last < first
 
 
 def test_delayed_actor_and_target_updates_by_tau() -> None:
-    algo = td3(tau=0.1, policy_delay=2)
+    algo = td3(critic={"tau": 0.1}, policy_delay=2)
     batch = tiny_batch()
     policy0, target_p0, target_c0 = (
         snapshot(algo.policy),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recloop.algos.base import AlgoConfig
+from recloop.algos.critics import QLearningConfig
 from recloop.algos.dqn import DQNConfig
 from recloop.algos.reinforce import ReinforceConfig
 from recloop.algos.td3 import TD3Config
@@ -69,7 +70,11 @@ SMALL = EncoderConfig(kind="mean", history=3, embedding_dim=8)
 SCHEDULED: dict[str, AlgoConfig] = {
     "reinforce": CFG,
     "td3": TD3Config(encoder=SMALL, batch_size=16, policy_delay=5),
-    "dqn": DQNConfig(encoder=SMALL, batch_size=16, target_update_interval=5, tau=1.0),
+    "dqn": DQNConfig(
+        encoder=SMALL,
+        batch_size=16,
+        critic=QLearningConfig(target_update_interval=5, tau=1.0),
+    ),
 }
 
 

@@ -10,7 +10,7 @@ and returns typed stats; the fit loop in :mod:`recloop.training` does everything
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from recloop.artifacts.heads import HeadConfig
 from recloop.artifacts.policy import PolicyNet, PolicySpec
-from recloop.config import check
+from recloop.config import check, config_from_dict
 from recloop.data.batch import TransitionBatch
 from recloop.data.dataset import TRAIN, PreparedDataset
 from recloop.encoders.base import EncoderConfig
@@ -61,6 +61,11 @@ class AlgoConfig:
             self.grad_clip is None or self.grad_clip > 0,
             f"grad_clip must be > 0 or null, got {self.grad_clip}",
         )
+
+    def label(self) -> str:
+        """What results tables call a run: the name, plus the variant where a field changes
+        what is trained (``td3 (+BC, α=2.5)``)."""
+        return self.algo
 
     def create(self) -> Recommender:
         """An untrained recommender for this config; call ``.fit(dataset)`` on it."""
@@ -207,6 +212,16 @@ class Algo(Generic[C]):
 
 ALGOS: Registry[type[Algo[Any]]] = Registry("algorithm")
 """Algorithm name → class; each class's ``config_class`` gives its config dataclass."""
+
+
+def run_label(algo: str, config: Mapping[str, Any] | None) -> str:
+    """The :meth:`AlgoConfig.label` of a saved run (an artifact manifest's ``algo`` and
+    ``config``); the bare name when that config no longer parses (an older recloop's fields)."""
+    try:
+        cls = ALGOS.get(algo).config_class
+        return config_from_dict(cls, config or {}, source=algo).label()
+    except ConfigError:
+        return algo
 
 
 def optimizer_step(

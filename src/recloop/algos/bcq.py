@@ -13,16 +13,20 @@ The VAE decoder and ξ live in the serving policy's ``bcq`` head
 (:mod:`recloop.artifacts.heads_bcq`); serving takes the decoder at z = 0 plus the
 perturbation and ranks items by similarity.  The state encoder is trained with the
 generator (DBRL: the VAE owns the state); critics and ξ read the detached state.
+
+By default the perturbation's loss is TD3+BC's −λQ + BC and the generator's z = 0 decoding
+(what serving starts from) gets the same BC term (Fujimoto & Gu 2021, :mod:`recloop.algos.bc`);
+``bc=null`` is the paper's BCQ.  With ``head.bound_action`` the item table is kept inside the
+actor's [−1, 1]^D, as in :mod:`recloop.algos.td3`.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from recloop.algos.base import (
@@ -31,13 +35,22 @@ from recloop.algos.base import (
     AlgoConfig,
     DatasetSpec,
     Scalar,
-    UpdateStats,
     optimizer_step,
-    soft_update,
 )
-from recloop.algos.critics import TwinCritic, adam, frozen, target_copy
-from recloop.algos.ddpg import behaviour_cloning
-from recloop.algos.targets import bcq_soft_clipped_target, td3_bc_actor_loss, vae_loss
+from recloop.algos.bc import BCConfig, bc_label, behaviour_cloning, with_bc
+from recloop.algos.critics import (
+    CriticConfig,
+    TDStats,
+    TwinCritic,
+    adam,
+    critic_adam,
+    frozen,
+    keep_items_in_action_range,
+    target_copy,
+    twin_td_loss,
+    update_targets,
+)
+from recloop.algos.targets import bcq_soft_clipped_target, vae_loss
 from recloop.artifacts.heads import HeadConfig
 from recloop.artifacts.heads_bcq import BCQHead, StateActionMLP
 from recloop.config import check
@@ -60,16 +73,10 @@ class BCQConfig(AlgoConfig):
     """Serving head: must be ``bcq`` (VAE decoder + perturbation; hidden_dims sizes both)."""
     batch_size: int = 256
     """Transitions per update (DBRL uses 2048; 256 gives more updates per epoch offline)."""
-    critic_hidden: tuple[int, ...] = (64, 64)
-    """Hidden widths of each critic MLP on [state, action]."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The twin critics and their TD target (the paper's τ = 0.005)."""
     vae_hidden: tuple[int, ...] = (64, 64)
     """Hidden widths of the VAE encoder on [state, action]."""
-    critic_lr: float | None = None
-    """Adam learning rate of the critics; None = ``lr``."""
-    gamma: float = 0.99
-    """Discount γ of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target networks (the paper's 0.005)."""
     lam: float = 0.75
     """λ of the soft clipped double-Q target λ min(Q1', Q2') + (1 − λ) max(Q1', Q2')."""
     phi: float = 0.05
@@ -78,35 +85,27 @@ class BCQConfig(AlgoConfig):
     """Actions sampled from the generator per next state in the target (the paper's 10)."""
     kl_weight: float = 0.5
     """Weight of the KL term in the VAE loss (the reference implementation's 0.5)."""
-    bc_weight: float = 10.0
-    """Behaviour cloning on the served action (TD3+BC form, Fujimoto & Gu 2021): the
-    perturbation's loss becomes −Q/mean|Q| + bc_weight·BC and the generator's gains
-    bc_weight·BC of its z = 0 decoding.  0 = the paper's BCQ, whose MSE generator does not
-    rank items (below popularity on ml-100k unless the embeddings are pretrained)."""
-    bc_loss: Literal["ce", "mse"] = "ce"
-    """Behaviour-cloning term: ``ce`` (cross-entropy over item scores) or ``mse``."""
+    bc: BCConfig | None = field(default_factory=BCConfig)
+    """Behaviour cloning on the served action (TD3+BC's form): the perturbation's loss becomes
+    −λQ + BC and the generator's gains the BC term of its z = 0 decoding.  null = the paper's
+    BCQ, whose MSE generator does not rank items.  On ml-100k after 5 epochs (test HR@10,
+    popularity 0.084): 0.105 by default, 0.014 with ``bc.loss=mse``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.head.kind == "bcq", f"head.kind must be 'bcq' for bcq, got {self.head.kind!r}")
-        check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
-        check(0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}")
         check(0.0 <= self.lam <= 1.0, f"lam must be in [0, 1], got {self.lam}")
         check(self.phi >= 0.0, f"phi must be >= 0, got {self.phi}")
         check(self.n_samples >= 1, f"n_samples must be >= 1, got {self.n_samples}")
         check(self.kl_weight >= 0.0, f"kl_weight must be >= 0, got {self.kl_weight}")
-        check(self.bc_weight >= 0.0, f"bc_weight must be >= 0, got {self.bc_weight}")
-        check(self.bc_loss in ("ce", "mse"), f"bc_loss must be ce or mse, got {self.bc_loss!r}")
-        check(
-            self.critic_lr is None or self.critic_lr > 0,
-            f"critic_lr must be > 0 or null, got {self.critic_lr}",
-        )
-        check(all(h > 0 for h in self.critic_hidden), "critic_hidden must be positive")
         check(all(h > 0 for h in self.vae_hidden), "vae_hidden must be positive")
+
+    def label(self) -> str:
+        return bc_label(self.algo, self.bc)
 
 
 @dataclass(frozen=True)
-class BCQStats(UpdateStats):
+class BCQStats(TDStats):
     """``loss`` is the critics' TD loss."""
 
     critic_loss: Scalar
@@ -114,11 +113,7 @@ class BCQStats(UpdateStats):
     generator_loss: Scalar
     """VAE reconstruction + weighted KL (+ behaviour cloning)."""
     actor_loss: Scalar
-    """The perturbation model's objective, −Q1(s, a + ξ) (normalised with behaviour cloning)."""
-    q: Scalar
-    """Mean Q1(s, a_logged)."""
-    target: Scalar
-    """Mean TD target."""
+    """The perturbation model's objective, −Q1(s, a + ξ) (−λQ1 + BC with behaviour cloning)."""
 
 
 @ALGOS.register("bcq")
@@ -133,10 +128,13 @@ class BCQ(Algo[BCQConfig]):
         assert isinstance(head, BCQHead)
         self.head: BCQHead = head
         head.phi.fill_(cfg.phi)
+        self.items = self.policy.item_embedding.weight  # (N + 1, D), the logged actions
+        if head.bound_action:
+            keep_items_in_action_range(self.items, rescale=True)
         s, d = self.policy.encoder.state_dim, cfg.encoder.embedding_dim
         # The VAE encoder q(z | s, a): mean and log σ of the 2·D latent, side by side.
         self.vae_encoder = StateActionMLP(s, d, cfg.vae_hidden, 2 * head.latent_dim).to(device)
-        self.critic = TwinCritic(s, d, cfg.critic_hidden).to(device)
+        self.critic = TwinCritic(s, d, cfg.critic.hidden).to(device)
         self.target_policy = target_copy(self.policy)
         self.target_critic = target_copy(self.critic)
         target_head = self.target_policy.head
@@ -151,8 +149,8 @@ class BCQ(Algo[BCQConfig]):
             weight_decay=cfg.weight_decay,
         )
         self.actor_opt = adam(perturbation, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.critic_opt = adam(
-            self.critic.parameters(), lr=cfg.critic_lr or cfg.lr, weight_decay=cfg.weight_decay
+        self.critic_opt = critic_adam(
+            self.critic, cfg.critic, lr=cfg.lr, weight_decay=cfg.weight_decay
         )
 
     def _latent(self, *shape: int, like: Tensor) -> Tensor:
@@ -163,8 +161,7 @@ class BCQ(Algo[BCQConfig]):
         cfg = self.cfg
         state = self.policy.state(batch.user, batch.history, batch.history_reward)  # (B, S)
         s = state.detach()
-        item_weight = self.policy.item_embedding.weight
-        logged = item_weight[batch.action].detach()  # (B, D)
+        logged = self.items[batch.action].detach()  # (B, D)
 
         # 1. Generator: a conditional VAE reconstructs the logged action (eq. 28).
         stats = self.vae_encoder(state, logged)
@@ -175,16 +172,14 @@ class BCQ(Algo[BCQConfig]):
         generator_loss = vae_loss(
             recon=recon, target=logged, mean=mean, log_std=log_std, kl_weight=cfg.kl_weight
         )
-        if cfg.bc_weight > 0:
+        if cfg.bc is not None:
             served = self.head.decode(state, torch.zeros_like(z))
-            generator_loss = generator_loss + cfg.bc_weight * behaviour_cloning(
-                served,
-                batch.action,
-                item_weight=item_weight,
-                kind=cfg.bc_loss,
-                cosine=self.head.cosine,
+            generator_loss = generator_loss + behaviour_cloning(
+                cfg.bc, served, batch.action, item_weight=self.items, cosine=self.head.cosine
             )
         optimizer_step(self.generator_opt, generator_loss, grad_clip=cfg.grad_clip)
+        if self.head.bound_action:
+            keep_items_in_action_range(self.items)
 
         # 2. Critics on the logged action; target over n sampled, perturbed next actions (eq. 13).
         with torch.no_grad():
@@ -201,32 +196,29 @@ class BCQ(Algo[BCQConfig]):
                 q1_next=q1_next,
                 q2_next=q2_next,
                 lam=cfg.lam,
-                gamma=cfg.gamma,
+                gamma=cfg.critic.gamma,
             )
         q1, q2 = self.critic(s, logged)
-        critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        critic_loss = twin_td_loss(q1, q2, y)
         optimizer_step(self.critic_opt, critic_loss, grad_clip=cfg.grad_clip)
 
-        # 3. Perturbation: maximise Q1(s, a + ξ_φ(s, a)) for a ~ G(s) (eq. 16).
+        # 3. Perturbation: maximise Q1(s, a + ξ_φ(s, a)) for a ~ G(s) (eq. 16); −λQ1 + BC with
+        # behaviour cloning (TD3+BC, eq. 3-4).
         with torch.no_grad():
             sampled = self.head.decode(s, self._latent(len(batch), like=s))
         action = self.head.perturb(s, sampled)
         with frozen(self.critic):
             q_pi = self.critic.q1(s, action)
         bc = behaviour_cloning(
-            action,
-            batch.action,
-            item_weight=item_weight.detach(),
-            kind=cfg.bc_loss,
-            cosine=self.head.cosine,
-            enabled=cfg.bc_weight > 0,
+            cfg.bc, action, batch.action, item_weight=self.items.detach(), cosine=self.head.cosine
         )
-        actor_loss = td3_bc_actor_loss(q_pi=q_pi, bc=bc, bc_weight=cfg.bc_weight)
+        actor_loss = with_bc(-q_pi.mean(), q=q_pi, bc=bc, cfg=cfg.bc)
         optimizer_step(self.actor_opt, actor_loss, grad_clip=cfg.grad_clip)
 
         # 4. Targets.
-        soft_update(self.target_policy, self.policy, tau=cfg.tau)
-        soft_update(self.target_critic, self.critic, tau=cfg.tau)
+        update_targets(
+            (self.target_policy, self.policy), (self.target_critic, self.critic), tau=cfg.critic.tau
+        )
 
         return BCQStats(
             loss=critic_loss.detach(),

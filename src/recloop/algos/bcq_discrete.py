@@ -3,8 +3,9 @@
 "Benchmarking Batch Deep Reinforcement Learning Algorithms", Algorithm 1, over the catalogue:
 a behaviour model G(a | s) trained by cross-entropy on the logged items, and a Q-network
 whose argmax — in the double-DQN target and in the policy — only considers actions with
-G(a | s) / max_a G(a | s) >= τ.  Both heads sit on one state encoder and are trained on one
-loss (Huber TD + cross-entropy + a small penalty on G's logits, as in the reference code).
+G(a | s) / max_a G(a | s) > τ (strict, as in the authors' code).  Both heads sit on one state
+encoder and are trained on one loss (Huber TD + cross-entropy + a small penalty on G's
+logits, as in the reference code).
 
 Serving uses the ``bcq_discrete`` head (:mod:`recloop.artifacts.heads_bcq`), which holds Q,
 G and τ and ranks the ineligible items after the eligible ones.
@@ -24,12 +25,10 @@ from recloop.algos.base import (
     AlgoConfig,
     DatasetSpec,
     Scalar,
-    UpdateStats,
     optimizer_step,
     soft_update,
 )
-from recloop.algos.critics import adam, target_copy
-from recloop.algos.dqn import check_q_learning
+from recloop.algos.critics import QLearningConfig, TDStats, adam, q_target_due, target_copy
 from recloop.algos.targets import bcq_discrete_target
 from recloop.artifacts.heads import HeadConfig
 from recloop.artifacts.heads_bcq import BCQDiscreteHead
@@ -49,19 +48,14 @@ class BCQDiscreteConfig(AlgoConfig):
     head: HeadConfig = field(default_factory=_head)
     """Serving head: must be ``bcq_discrete`` (Q-head and behaviour head over items)."""
     threshold: float = 0.6
-    """τ: actions with G(a|s) / max_a G(a|s) below it are excluded.  The paper's 0.3 (Atari,
-    18 actions) admits too many of 1,682 items on ml-100k (HR@10 0.089 / NDCG@10 0.041,
-    below popularity's NDCG); 0.6 gives 0.107 / 0.056."""
+    """τ in [0, 1): actions with G(a|s) / max_a G(a|s) > τ are eligible (strict, as the
+    authors' ``imt / imt.max(1)[0] > threshold``; 0 admits every item).  The paper's 0.3
+    (Atari, 18 actions) admits too many of 1,682 items on ml-100k (HR@10 0.089 / NDCG@10
+    0.041, below popularity's NDCG); 0.6 gives 0.107 / 0.056."""
     logit_penalty: float = 0.01
     """Weight of the mean squared behaviour logits in the loss (the reference code's 1e-2)."""
-    gamma: float = 0.99
-    """Discount γ of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target network at each target update; 1 = hard copy."""
-    target_update_interval: int = 1
-    """Updates between target-network updates."""
-    huber_delta: float = 1.0
-    """δ of the Huber loss on the TD error."""
+    critic: QLearningConfig = field(default_factory=QLearningConfig)
+    """TD learning of the Q-head: γ, target-network updates, Huber δ."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,13 +63,13 @@ class BCQDiscreteConfig(AlgoConfig):
             self.head.kind == "bcq_discrete",
             f"head.kind must be 'bcq_discrete' for bcq_discrete, got {self.head.kind!r}",
         )
-        check(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
+        # τ = 1 would leave no action eligible: the ratio of the most likely one is exactly 1.
+        check(0.0 <= self.threshold < 1.0, f"threshold must be in [0, 1), got {self.threshold}")
         check(self.logit_penalty >= 0.0, f"logit_penalty must be >= 0, got {self.logit_penalty}")
-        check_q_learning(self)
 
 
 @dataclass(frozen=True)
-class BCQDiscreteStats(UpdateStats):
+class BCQDiscreteStats(TDStats):
     """``loss`` is the full objective, TD + cross-entropy + logit penalty."""
 
     td_loss: Scalar
@@ -84,10 +78,6 @@ class BCQDiscreteStats(UpdateStats):
     """Cross-entropy of the logged items under G."""
     eligible: Scalar
     """Mean number of eligible actions per next state."""
-    q: Scalar
-    """Mean Q(s, a_logged)."""
-    target: Scalar
-    """Mean TD target."""
 
 
 @ALGOS.register("bcq_discrete")
@@ -127,15 +117,15 @@ class BCQDiscrete(Algo[BCQDiscreteConfig]):
                 q_next_online=self.head.q(next_state)[:, 1:],
                 q_next_target=self.target_head.q(self.target_policy.state(*nxt))[:, 1:],
                 eligible_next=eligible,
-                gamma=cfg.gamma,
+                gamma=cfg.critic.gamma,
             )
 
-        td = F.huber_loss(q, y, delta=cfg.huber_delta)
+        td = F.huber_loss(q, y, delta=cfg.critic.huber_delta)
         nll = F.cross_entropy(logits, a.squeeze(1))
         loss = td + nll + cfg.logit_penalty * logits.pow(2).mean()
         optimizer_step(self.opt, loss, grad_clip=cfg.grad_clip)
-        if self.steps % cfg.target_update_interval == 0:
-            soft_update(self.target_policy, self.policy, tau=cfg.tau)
+        if q_target_due(self.steps, cfg.critic):
+            soft_update(self.target_policy, self.policy, tau=cfg.critic.tau)
         return BCQDiscreteStats(
             loss=loss.detach(),
             td_loss=td.detach(),

@@ -21,12 +21,11 @@ from recloop.algos.base import (
     AlgoConfig,
     DatasetSpec,
     Scalar,
-    UpdateStats,
     optimizer_step,
     soft_update,
 )
-from recloop.algos.critics import adam, target_copy
-from recloop.algos.dqn import check_q_learning, q_learning_target, q_values
+from recloop.algos.critics import QLearningConfig, TDStats, adam, q_target_due, target_copy
+from recloop.algos.dqn import q_learning_target, q_values
 from recloop.algos.targets import cql_penalty
 from recloop.artifacts.heads import HeadConfig
 from recloop.config import check
@@ -50,14 +49,8 @@ class CQLConfig(AlgoConfig):
     popularity's NDCG, α = 4 gives 0.116 / 0.060)."""
     double: bool = True
     """Double-DQN target (van Hasselt et al. 2016) instead of the max over the target network."""
-    gamma: float = 0.99
-    """Discount γ of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target network at each target update; 1 = hard copy."""
-    target_update_interval: int = 1
-    """Updates between target-network updates."""
-    huber_delta: float = 1.0
-    """δ of the Huber loss on the TD error."""
+    critic: QLearningConfig = field(default_factory=QLearningConfig)
+    """TD learning of the Q-network: γ, target-network updates, Huber δ."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,21 +59,16 @@ class CQLConfig(AlgoConfig):
             f"head.kind must be 'linear' for cql, got {self.head.kind!r}",
         )
         check(self.alpha >= 0.0, f"alpha must be >= 0, got {self.alpha}")
-        check_q_learning(self)
 
 
 @dataclass(frozen=True)
-class CQLStats(UpdateStats):
+class CQLStats(TDStats):
     """``loss`` is the full objective, TD + α · penalty."""
 
     td_loss: Scalar
     """Huber TD loss."""
     cql_penalty: Scalar
     """mean(logsumexp_a Q(s, a) − Q(s, a_data)), before the α weight."""
-    q: Scalar
-    """Mean Q(s, a_data)."""
-    target: Scalar
-    """Mean TD target."""
 
 
 @ALGOS.register("cql")
@@ -102,14 +90,14 @@ class CQL(Algo[CQLConfig]):
         a = batch.action - 1
         q = q_all.gather(1, a.unsqueeze(1)).squeeze(1)
         y = q_learning_target(
-            self.policy, self.target_policy, batch, gamma=cfg.gamma, double=cfg.double
+            self.policy, self.target_policy, batch, gamma=cfg.critic.gamma, double=cfg.double
         )
-        td = F.huber_loss(q, y, delta=cfg.huber_delta)
+        td = F.huber_loss(q, y, delta=cfg.critic.huber_delta)
         penalty = cql_penalty(q_all, a)
         loss = td + cfg.alpha * penalty
         optimizer_step(self.opt, loss, grad_clip=cfg.grad_clip)
-        if self.steps % cfg.target_update_interval == 0:
-            soft_update(self.target_policy, self.policy, tau=cfg.tau)
+        if q_target_due(self.steps, cfg.critic):
+            soft_update(self.target_policy, self.policy, tau=cfg.critic.tau)
         return CQLStats(
             loss=loss.detach(),
             td_loss=td.detach(),

@@ -3,14 +3,14 @@
 The Q-network is the serving policy itself: the state encoder plus the ``linear`` head, whose
 N + 1 outputs are Q(s, ·) (the padding slot is never an action).  A target copy of the whole
 policy (encoder and embeddings included) gives the TD target and is moved towards the online
-network by Polyak averaging every ``target_update_interval`` updates (τ = 1 with an interval
-of C is the paper's periodic hard copy).  Huber loss on Q(s, a_logged).
+network by Polyak averaging every ``critic.target_update_interval`` updates (τ = 1 with an
+interval of C is the paper's periodic hard copy).  Huber loss on Q(s, a_logged).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,10 @@ from recloop.algos.base import (
     Algo,
     AlgoConfig,
     DatasetSpec,
-    Scalar,
-    UpdateStats,
     optimizer_step,
     soft_update,
 )
-from recloop.algos.critics import adam, target_copy
+from recloop.algos.critics import QLearningConfig, TDStats, adam, q_target_due, target_copy
 from recloop.algos.targets import double_dqn_target, dqn_target
 from recloop.artifacts.heads import HeadConfig
 from recloop.artifacts.policy import PolicyNet
@@ -76,14 +74,8 @@ class DQNConfig(AlgoConfig):
     """The Q-head: must be ``linear`` (one output per item)."""
     double: bool = True
     """Double DQN: choose the next action with the online network, value it with the target."""
-    gamma: float = 0.99
-    """Discount γ of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target network at each target update; 1 = hard copy."""
-    target_update_interval: int = 1
-    """Updates between target-network updates (the paper's C with tau = 1)."""
-    huber_delta: float = 1.0
-    """δ of the Huber loss on the TD error."""
+    critic: QLearningConfig = field(default_factory=QLearningConfig)
+    """TD learning of the Q-network: γ, target-network updates, Huber δ."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,41 +83,11 @@ class DQNConfig(AlgoConfig):
             self.head.kind == "linear",
             f"head.kind must be 'linear' for {self.algo}, got {self.head.kind!r}",
         )
-        check_q_learning(self)
-
-
-class QLearningConfig(Protocol):
-    """The fields DQN, CQL and discrete BCQ share."""
-
-    @property
-    def gamma(self) -> float: ...
-    @property
-    def tau(self) -> float: ...
-    @property
-    def target_update_interval(self) -> int: ...
-    @property
-    def huber_delta(self) -> float: ...
-
-
-def check_q_learning(cfg: QLearningConfig) -> None:
-    """Range checks of the fields DQN, CQL and discrete BCQ share."""
-    check(0.0 <= cfg.gamma <= 1.0, f"gamma must be in [0, 1], got {cfg.gamma}")
-    check(0.0 < cfg.tau <= 1.0, f"tau must be in (0, 1], got {cfg.tau}")
-    check(
-        cfg.target_update_interval >= 1,
-        f"target_update_interval must be >= 1, got {cfg.target_update_interval}",
-    )
-    check(cfg.huber_delta > 0.0, f"huber_delta must be > 0, got {cfg.huber_delta}")
 
 
 @dataclass(frozen=True)
-class DQNStats(UpdateStats):
+class DQNStats(TDStats):
     """``loss`` is the Huber TD loss."""
-
-    q: Scalar
-    """Mean Q(s, a_logged)."""
-    target: Scalar
-    """Mean TD target."""
 
 
 @ALGOS.register("dqn")
@@ -145,12 +107,12 @@ class DQN(Algo[DQNConfig]):
         state = self.policy.state(batch.user, batch.history, batch.history_reward)  # (B, S)
         q = q_values(self.policy, state).gather(1, (batch.action - 1).unsqueeze(1)).squeeze(1)
         y = q_learning_target(
-            self.policy, self.target_policy, batch, gamma=cfg.gamma, double=cfg.double
+            self.policy, self.target_policy, batch, gamma=cfg.critic.gamma, double=cfg.double
         )
-        loss = F.huber_loss(q, y, delta=cfg.huber_delta)
+        loss = F.huber_loss(q, y, delta=cfg.critic.huber_delta)
         optimizer_step(self.opt, loss, grad_clip=cfg.grad_clip)
-        if self.steps % cfg.target_update_interval == 0:
-            soft_update(self.target_policy, self.policy, tau=cfg.tau)
+        if q_target_due(self.steps, cfg.critic):
+            soft_update(self.target_policy, self.policy, tau=cfg.critic.tau)
         return DQNStats(loss=loss.detach(), q=q.detach().mean(), target=y.mean())
 
     def networks(self) -> dict[str, torch.nn.Module]:

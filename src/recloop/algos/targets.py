@@ -64,26 +64,28 @@ def vae_loss(
     return F.mse_loss(recon, target) + kl_weight * kl
 
 
-def td3_bc_actor_loss(*, q_pi: Tensor, bc: Tensor, bc_weight: float) -> Tensor:
-    """−Q(s, π(s)) / mean|Q| + bc_weight · BC, or plain −mean Q when ``bc_weight`` is 0.
+def td3_bc_lambda(q: Tensor, *, alpha: float) -> Tensor:
+    """λ = α / mean|Q| over the batch, a constant of the gradient; ``q`` (B,) → ().
 
-    TD3+BC (Fujimoto & Gu 2021, eq. 3-4) maximises λQ − (π(s) − a)² with λ = α / mean|Q|;
-    dividing by λ·mean|Q| = α gives this form with bc_weight = 1/α (α = 2.5 → 0.4).  ``q_pi``
-    (B,), ``bc`` a scalar behaviour-cloning loss.
+    TD3+BC (Fujimoto & Gu 2021, eq. 4) with Q = Q(s, π(s)), the critic at the actor's
+    actions, as in the authors' code.  Floored at 1e-6 so that an all-zero critic does not
+    divide by zero.
     """
-    return bc_regularised(-q_pi.mean(), q=q_pi, bc=bc, bc_weight=bc_weight)
+    return alpha / q.detach().abs().mean().clamp(min=1e-6)
 
 
-def bc_regularised(objective: Tensor, *, q: Tensor, bc: Tensor, bc_weight: float) -> Tensor:
-    """``objective / mean|q| + bc_weight · bc``, or ``objective`` when ``bc_weight`` is 0.
+def td3_bc_actor_loss(*, q_pi: Tensor, bc: Tensor, alpha: float) -> Tensor:
+    """−λ · mean Q(s, π(s)) + BC with λ = α / mean|Q(s, π(s))|; ``q_pi`` (B,), ``bc`` ().
 
-    TD3+BC's normalisation (Fujimoto & Gu 2021, eq. 4) applied to any actor objective whose
-    scale is that of the Q-values ``q``: the behaviour-cloning weight then means the same
-    whatever the reward scale.  ``bc`` is a scalar behaviour-cloning loss.
+    TD3+BC (Fujimoto & Gu 2021, eq. 3-4): π = argmax E[λ Q(s, π(s)) − (π(s) − a)²].
     """
-    if bc_weight == 0.0:
-        return objective
-    return objective / q.abs().mean().detach().clamp(min=1e-6) + bc_weight * bc
+    return bc_regularised(-q_pi.mean(), q=q_pi, bc=bc, alpha=alpha)
+
+
+def bc_regularised(objective: Tensor, *, q: Tensor, bc: Tensor, alpha: float) -> Tensor:
+    """λ · objective + bc, λ = α / mean|q| (detached): TD3+BC's weighting for any actor
+    objective whose scale is that of the Q-values ``q`` (B,) (SAC's E[α log π − Q])."""
+    return td3_bc_lambda(q, alpha=alpha) * objective + bc
 
 
 def dqn_target(*, reward: Tensor, done: Tensor, q_next_target: Tensor, gamma: float) -> Tensor:
@@ -113,9 +115,14 @@ def cql_penalty(q: Tensor, action: Tensor) -> Tensor:
 
 
 def bcq_eligible(log_prob: Tensor, threshold: float | Tensor) -> Tensor:
-    """G(a|s) / max_a G(a|s) >= τ, in log space; (B, N) log-probabilities → (B, N) bool."""
+    """G(a|s) / max_a G(a|s) > τ, in log space; (B, N) log-probabilities → (B, N) bool.
+
+    Strict, as in the authors' discrete BCQ (``imt / imt.max(1)[0] > threshold``): an action
+    exactly at the threshold is not eligible.  The serving head applies the same rule
+    (:meth:`recloop.artifacts.heads_bcq.BCQDiscreteHead.eligible`).
+    """
     thr = torch.as_tensor(threshold, dtype=log_prob.dtype, device=log_prob.device)
-    return log_prob - log_prob.amax(dim=1, keepdim=True) >= torch.log(thr)
+    return log_prob - log_prob.amax(dim=1, keepdim=True) > torch.log(thr)
 
 
 def bcq_discrete_target(

@@ -102,7 +102,7 @@ class BCQHead(ScoreHead):
 
 @HEADS.register("bcq_discrete")
 class BCQDiscreteHead(ScoreHead):
-    """Q-head and behaviour head over items; only actions with G(a|s)/max G >= τ are eligible.
+    """Q-head and behaviour head over items; only actions with G(a|s)/max G > τ are eligible.
 
     Fujimoto et al. 2019, "Benchmarking Batch Deep RL Algorithms", Algorithm 1: the policy is
     argmax of Q over the eligible actions.  For a full ranking the ineligible items follow
@@ -129,8 +129,8 @@ class BCQDiscreteHead(ScoreHead):
         return torch.log_softmax(self.behaviour(state) + self._pad_logit, dim=-1)
 
     def eligible(self, logp: Tensor) -> Tensor:  # (B, N + 1) log G -> (B, N + 1) bool
-        """G(a|s) / max_a G(a|s) >= τ, computed in log space."""
-        return logp - logp.max(dim=-1, keepdim=True).values >= torch.log(self.threshold)
+        """G(a|s) / max_a G(a|s) > τ (strict, as the authors' code), computed in log space."""
+        return logp - logp.max(dim=-1, keepdim=True).values > torch.log(self.threshold)
 
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         q = self.q(state)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recloop.algos.base import run_label
 from recloop.artifacts import load_artifact
 from recloop.data.dataset import PreparedDataset
 from recloop.errors import ArtifactError, ConfigError, DataError
@@ -26,7 +27,7 @@ class RunEvaluation:
     run: str
     """The run or artifact directory as given."""
     algo: str
-    """Algorithm name from the artifact."""
+    """Algorithm name and variant from the artifact's config (``td3 (+BC, α=2.5)``)."""
     model_version: str
     """Algorithm plus weights hash, as serving reports it."""
     data: str
@@ -108,7 +109,7 @@ def evaluate_runs(
         out.append(
             RunEvaluation(
                 run=str(run),
-                algo=art.algo,
+                algo=run_label(art.algo, art.manifest.get("config")),
                 model_version=art.model_version,
                 data=str(path),
                 n_users=report.n_users,
