@@ -292,7 +292,9 @@ def read_text(
     ``names`` gives the columns of a headerless file; without it they are ``column_1``, ...
     sized by the first line.  With ``has_header`` the header names the columns.
     ``fast_types`` is a guess (e.g. integer ids) tried first because typed parsing is about
-    twice as fast; if any value does not fit, the file is read again as strings.
+    twice as fast; if any value does not fit, the file is read again as strings.  Only if
+    that fails too, or a quoted value spans lines, is the file scanned for unreadable lines
+    (:func:`scan_lines`), which become :attr:`Table.problems`; a bad header is fatal.
     """
     file = str(path)
     try:
