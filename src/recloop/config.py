@@ -179,22 +179,46 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file and line."""
+    """Read a YAML mapping; every error is one line naming the file (and line, column)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path} line {line}: not a YAML config (invalid UTF-8 byte "
+            f"0x{raw[exc.start]:02X}; is it a binary file?)"
+        ) from None
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({exc})") from None
+        raise ConfigError(_yaml_message(path, exc, text)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_message(path: Path, exc: yaml.YAMLError, text: str) -> str:
+    """``FILE line N: invalid YAML at column C (problem)``: PyYAML's own message quotes the
+    file over several lines."""
+    where = column = ""
+    mark = getattr(exc, "problem_mark", None)
+    position = getattr(exc, "position", None)  # a ReaderError: a character YAML forbids
+    if mark is not None:
+        where, column = f" line {mark.line + 1}", f" at column {mark.column + 1}"
+    elif isinstance(position, int):
+        where = f" line {text.count(chr(10), 0, position) + 1}"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        problem = "; ".join(p for p in (exc.problem, exc.context) if p)
+    else:
+        lines = str(exc).strip().splitlines()
+        problem = lines[0] if lines else type(exc).__name__
+    return f"{path}{where}: invalid YAML{column} ({' '.join(problem.split())})"
 
 
 def load_config(

@@ -11,6 +11,7 @@ import logging
 import sys
 
 import typer
+from typer.exceptions import TyperException
 
 from recloop import __version__
 
@@ -74,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors surface here in non-standalone mode
+    except TyperException as exc:
+        # Usage errors (unknown option, bad value).  typer vendors click, so these are not
+        # click.ClickException; they still carry click's show() and exit_code.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # the standalone click's usage errors, should one reach here
         import click
 
         if isinstance(exc, click.ClickException):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
+
+from recloop.errors import ConfigError
 
 app = typer.Typer(
     name="recloop",
@@ -31,3 +35,18 @@ def echo(text: str = "") -> None:
 
 def warn(text: str) -> None:
     typer.echo(text, err=True)
+
+
+def output_dir(path: Path, option: str = "--output") -> Path:
+    """``path`` if a directory can be made there: fails, before any work is done, when it or
+    a folder above it is an existing file, or the nearest existing folder is not writable."""
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+            raise ConfigError(f"{option} {path} {what}; give a directory path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {path}: cannot write to {existing} (permission denied)")
+        break
+    return path

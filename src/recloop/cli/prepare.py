@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from recloop.cli.app import app, echo, echo_json
+from recloop.cli.app import app, echo, echo_json, output_dir
 from recloop.config import load_config
 from recloop.data.dataset import PreparedDataset
 from recloop.data.loaders import FORMATS, LoadOptions, load_raw
@@ -35,6 +35,7 @@ def run_prepare(
     table: str = "behavior_log",
 ) -> PreparedDataset:
     """Load (files, or the SQL behaviour log with ``from_db``), prepare and save."""
+    output_dir(output)
     if from_db is not None:
         if fmt is not None or input_path is not None:
             raise ConfigError("give either --from-db or --format/--input, not both")

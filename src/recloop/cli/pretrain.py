@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from recloop.cli.app import app, echo, echo_json
+from recloop.cli.app import app, echo, echo_json, output_dir
 from recloop.config import config_to_dict, load_config
 from recloop.data.dataset import PreparedDataset
 from recloop.embeddings import DSSMConfig, EpochStats, pretrain_dssm, save_embeddings
@@ -31,6 +31,7 @@ def pretrain(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Pretrain DSSM two-tower user and item embeddings; print valid loss and AUC per epoch."""
+    output_dir(out, "--out")
     cfg = load_config(
         DSSMConfig,
         path=config,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from recloop.cli.app import app, echo, echo_json, warn
+from recloop.cli.app import app, echo, echo_json, output_dir, warn
 from recloop.config import config_to_dict, describe
 from recloop.errors import ConfigError, DataError
 
@@ -56,6 +56,7 @@ def train(
     from recloop.training.compare import format_table
     from recloop.training.recommender import train_run
 
+    output_dir(out, "--out")
     result = train_run(
         algo,
         data,

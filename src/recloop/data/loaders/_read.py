@@ -4,32 +4,70 @@ Text files are read by polars with every column as a string plus one sentinel co
 catches surplus fields (:mod:`._validate` then parses and checks them).  Row ``r`` of a text
 table is physical line ``first_line + r``: polars keeps blank lines as all-null rows, and the
 formats read here never quote line breaks.
+
+Lines polars cannot read at all (invalid UTF-8, a quote that does not close on its line) are
+found by a slower scan that runs only when the fast read fails or a value holds a line break:
+each such line is blanked, marked in the sentinel column and described in
+:attr:`Table.problems`, so it is reported with its line and column, or skipped, like any other
+bad row.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import polars as pl
 from polars._typing import PolarsDataType
 
 from recloop.errors import DataError, Location
 
 EXTRA = "__extra_fields__"
-"""Sentinel column: non-null where a line has more fields than expected."""
+"""Sentinel column: non-null where a line has more fields than expected, or is one of
+:attr:`Table.problems`."""
 _SUBST = "\x1f"
 """Single-byte stand-in for the multi-character "::" delimiter of MovieLens-1M."""
 
 _DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "'|'", "::": "'::'"}
 
 
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+"""An undecodable byte, as ``bytes.decode("utf-8", "surrogateescape")`` represents it."""
+_KEEP_CHARS = 1000
+"""How much of an unreadable line is kept for its message."""
+
+
 def delimiter_name(delimiter: str) -> str:
     return _DELIMITER_NAMES.get(delimiter, repr(delimiter))
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message: polars' can run over many lines (or quote
+    the rest of the file)."""
+    lines = str(exc).strip().splitlines()
+    return shorten(lines[0] if lines else type(exc).__name__, limit)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadLine:
+    """A physical line that cannot be read at all, found by :func:`scan_lines`."""
+
+    reason: str
+    """What is wrong, e.g. "invalid UTF-8 byte 0xFF"."""
+    text: str
+    """The line (at most ``_KEEP_CHARS`` characters), undecodable bytes as surrogates."""
+    pos: int | None
+    """Character offset of the problem in ``text``; None: the quote left open."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +86,10 @@ class Table:
     """The field delimiter as the user knows it."""
     data: Path | bytes | None = None
     """Where to re-read a physical line from when wording a message."""
+    quote_char: str | None = None
+    """The quote character the file was read with."""
+    problems: Mapping[int, BadLine] = field(default_factory=dict)
+    """Rows whose line could not be read (their fields are null and ``EXTRA`` is set)."""
 
     @property
     def n_fields(self) -> int:
@@ -63,11 +105,123 @@ class Table:
             return None
         return raw.decode("utf-8", errors="replace").rstrip("\r\n").replace(_SUBST, "::")
 
+    def problem(self, row: int) -> DataError | None:
+        """The error for row ``row`` if its line could not be read at all, else None."""
+        bad = self.problems.get(row)
+        if bad is None or self.first_line is None:
+            return None
+        return bad_line_error(
+            bad,
+            file=self.file,
+            line=self.first_line + row,
+            columns=[c for c in self.frame.columns if c != EXTRA],
+            delimiter=self.delimiter,
+            quote=self.quote_char,
+        )
+
     def row_where(self, row: int) -> tuple[int | None, str]:
         """(physical line, "") for text files; (None, " in row N") for Parquet."""
         if self.first_line is None:
             return None, f" in row {row + 1}"
         return self.first_line + row, ""
+
+
+def bad_line_error(
+    bad: BadLine,
+    *,
+    file: str,
+    line: int,
+    columns: Sequence[str],
+    delimiter: str,
+    quote: str | None,
+) -> DataError:
+    """``FILE line N, column "X": reason; the line reads '...'``, the line cut to 80 chars."""
+    pos = bad.pos if bad.pos is not None else open_quote(bad.text, quote or '"')
+    index = field_index(bad.text[:pos], _source_delimiter(delimiter), quote)
+    text = bad.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    shown = shorten(text.rstrip("\r\n").replace(_SUBST, "::"))
+    where = Location(
+        file=file,
+        line=line,
+        column=columns[index] if index < len(columns) else None,
+        value=shown,
+    )
+    return DataError(f"{bad.reason}; the line reads {shown!r}", location=where)
+
+
+def _source_delimiter(delimiter: str) -> str:
+    return _SUBST if len(delimiter) > 1 else delimiter
+
+
+def field_index(prefix: str, delimiter: str, quote: str | None) -> int:
+    """0-based index of the field that the end of ``prefix`` (the start of a line) lies in."""
+    if quote is None:
+        return prefix.count(delimiter)
+    # A quote toggles quoting, as in RFC 4180 (a doubled quote toggles twice).
+    return sum(part.count(delimiter) for part in prefix.split(quote)[::2])
+
+
+def open_quote(line: str, quote: str) -> int:
+    """Offset of the quote that is still open at the end of ``line`` (it has an odd count)."""
+    return line.rfind(quote) if line.count(quote) % 2 else len(line)
+
+
+def scan_lines(data: bytes, *, quote: str | None) -> dict[int, BadLine]:
+    """0-based indexes of the lines polars cannot read: invalid UTF-8, or an odd number of
+    quote characters (a quote that does not close on its line; quoted line breaks are not
+    part of the formats read here).  Vectorised except for the bad lines themselves."""
+    bad: dict[int, BadLine] = {}
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "surrogateescape")
+        line = start = cursor = 0
+        for match in _BAD_BYTE.finditer(text):
+            at = match.start()
+            breaks = text.count("\n", cursor, at)
+            if breaks:
+                line += breaks
+                start = text.rfind("\n", cursor, at) + 1
+            cursor = at
+            if line not in bad:
+                end = text.find("\n", at)
+                end = len(text) if end < 0 else end
+                bad[line] = BadLine(
+                    reason=f"invalid UTF-8 byte 0x{ord(match.group()) - 0xDC00:02X} (the file "
+                    "must be UTF-8 text)",
+                    text=text[start : min(end, start + _KEEP_CHARS)],
+                    pos=at - start,
+                )
+    if quote is not None:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        ends = np.flatnonzero(buf == ord("\n"))
+        quotes_per_line = np.bincount(np.searchsorted(ends, np.flatnonzero(buf == ord(quote))))
+        for i in np.flatnonzero(quotes_per_line % 2).tolist():
+            if i in bad:
+                continue
+            start = int(ends[i - 1]) + 1 if i > 0 else 0
+            end = int(ends[i]) if i < len(ends) else len(data)
+            raw = data[start : min(end, start + 4 * _KEEP_CHARS)]
+            bad[i] = BadLine(
+                reason=f"unbalanced quote: a value opened with {quote!r} does not close on "
+                "this line (quoted values cannot span lines)",
+                text=raw.decode("utf-8", "surrogateescape")[:_KEEP_CHARS],
+                pos=None,
+            )
+    return bad
+
+
+def _blank_lines(data: bytes, lines: Sequence[int], filler: bytes) -> bytes:
+    """``data`` with each of ``lines`` (0-based, sorted) replaced by ``filler``."""
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    pieces: list[bytes] = []
+    done = 0
+    for i in lines:
+        start = int(ends[i - 1]) + 1 if i > 0 else 0
+        pieces += [data[done:start], filler]
+        done = int(ends[i]) if i < len(ends) else len(data)
+    pieces.append(data[done:])
+    return b"".join(pieces)
 
 
 def fields_in(line: str, delimiter: str) -> int:
@@ -138,16 +292,28 @@ def read_text(
     ``names`` gives the columns of a headerless file; without it they are ``column_1``, ...
     sized by the first line.  With ``has_header`` the header names the columns.
     ``fast_types`` is a guess (e.g. integer ids) tried first because typed parsing is about
-    twice as fast; if any value does not fit, the file is read again as strings.
+    twice as fast; if any value does not fit, the file is read again as strings.  Only if
+    that fails too, or a quoted value spans lines, is the file scanned for unreadable lines
+    (:func:`scan_lines`), which become :attr:`Table.problems`; a bad header is fatal.
     """
     file = str(path)
-    source, sep = _open_source(path, delimiter=delimiter, encoding=encoding)
-    first = _first_line(source)
+    try:
+        source, sep = _open_source(path, delimiter=delimiter, encoding=encoding)
+        first = _first_line(source)
+    except OSError as exc:
+        where = Location(file=file)
+        raise DataError(f"cannot read file ({exc.strerror})", location=where) from None
     if first is None:
         raise DataError("empty file", location=Location(file=file))
     header_text = None
     if has_header:
-        header_text = first.decode("utf-8", errors="replace").rstrip("\r\n").lstrip("\ufeff")
+        bad_header = scan_lines(first, quote=None).get(0)
+        if bad_header is not None:
+            # No rows can be named without a header: this line is not skippable.
+            raise bad_line_error(
+                bad_header, file=file, line=1, columns=(), delimiter=delimiter, quote=None
+            )
+        header_text = first.decode("utf-8").rstrip("\r\n").lstrip("\ufeff")
         header_text = header_text.replace(_SUBST, "::")
         cols = [c.strip() for c in header_text.split(delimiter)]
         if quote_char:
@@ -164,10 +330,10 @@ def read_text(
         text = first.decode("utf-8", errors="replace").rstrip("\r\n")
         cols = [f"column_{i}" for i in range(1, fields_in(text, sep) + 1)]
 
-    def read(types: Mapping[str, PolarsDataType]) -> pl.DataFrame:
+    def read(data: Path | bytes, types: Mapping[str, PolarsDataType]) -> pl.DataFrame:
         schema = {c: types.get(c, pl.String) for c in cols} | {EXTRA: pl.String}
         return pl.read_csv(
-            source,
+            data,
             has_header=False,
             separator=sep,
             quote_char=quote_char,
@@ -181,14 +347,40 @@ def read_text(
     frame = None
     if fast_types:
         try:
-            frame = read(fast_types)
+            frame = read(source, fast_types)
         except pl.exceptions.PolarsError:
             frame = None  # some value is not of the guessed type: validation will say which
     if frame is None:
         try:
-            frame = read({})
+            frame = read(source, {})
+        except (pl.exceptions.PolarsError, UnicodeDecodeError):
+            frame = None  # unreadable lines: the scan below finds them
+    problems: dict[int, BadLine] = {}
+    if frame is None or (
+        quote_char is not None and _has_line_break(frame, source, has_header=has_header)
+    ):
+        # The slow path: find the lines polars cannot read, blank them and read again.
+        data = source if isinstance(source, bytes) else path.read_bytes()
+        first_line = 2 if has_header else 1
+        bad = scan_lines(data, quote=quote_char)
+        if has_header and 0 in bad:
+            # No rows can be named without a header: this line is not skippable.
+            raise bad_line_error(
+                bad[0], file=file, line=1, columns=cols, delimiter=delimiter, quote=quote_char
+            )
+        lines = sorted(bad)
+        source = _blank_lines(data, lines, filler=sep.encode() * len(cols))
+        try:
+            frame = read(source, {})
         except (pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read file: {exc}", location=Location(file=file)) from None
+            raise DataError(
+                f"cannot read file: {one_line(exc)}", location=Location(file=file)
+            ) from None
+        problems = {i + 1 - first_line: bad[i] for i in lines}
+        if problems:
+            marked = pl.int_range(pl.len()).is_in(list(problems))
+            flag = pl.when(marked).then(pl.lit("unreadable line")).otherwise(pl.col(EXTRA))
+            frame = frame.with_columns(flag.alias(EXTRA))
     if frame.height == 0 or frame.null_count().row(0) == (frame.height,) * frame.width:
         raise DataError("empty file (no data rows)", location=Location(file=file))
     return Table(
@@ -198,7 +390,29 @@ def read_text(
         header_line=header_text,
         delimiter=delimiter,
         data=source,
+        quote_char=quote_char,
+        problems=problems,
     )
+
+
+def _has_line_break(frame: pl.DataFrame, source: Path | bytes, *, has_header: bool) -> bool:
+    """Whether a value holds a line break: a quote opened on one line and closed on a later
+    one (or never), which shifts every later row off its line number.  Only text columns can
+    hold one (a typed column would have failed to parse it)."""
+    if all(t != pl.String for c, t in frame.schema.items() if c != EXTRA):
+        return bool(frame[EXTRA].str.contains("\n", literal=True).any())
+    # Counting lines in the raw bytes is ~4x cheaper than searching every text value.
+    return frame.height != _count_lines(source) - int(has_header)
+
+
+def _count_lines(source: Path | bytes) -> int:
+    """Physical lines: polars keeps blank lines as rows, and a last line may lack its break."""
+    breaks, last = 0, b"\n"
+    with _open(source) as handle:
+        while chunk := handle.read(1 << 24):
+            breaks += chunk.count(b"\n")
+            last = chunk[-1:]
+    return breaks + (last != b"\n")
 
 
 def read_parquet(path: Path) -> Table:
@@ -208,7 +422,9 @@ def read_parquet(path: Path) -> Table:
     try:
         frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataError(f"cannot read Parquet file: {exc}", location=Location(file=file)) from None
+        raise DataError(
+            f"cannot read Parquet file: {one_line(exc)}", location=Location(file=file)
+        ) from None
     if frame.height == 0:
         raise DataError("empty file (no data rows)", location=Location(file=file))
     return Table(frame=frame, file=file)

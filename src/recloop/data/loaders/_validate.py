@@ -179,6 +179,9 @@ def _row_problem(
     table: Table, fields: Sequence[FieldSpec], row: int, parsed: Sequence[pl.Series]
 ) -> DataError:
     """The error for one bad row: the checks of :func:`validate`, in order, on that row."""
+    unreadable = table.problem(row)
+    if unreadable is not None:
+        return unreadable
     line, suffix = table.row_where(row)
     text = table.line_text(line) if line is not None else None
     expected = table.n_fields

@@ -45,13 +45,22 @@ class ColumnMapping:
     """Optional CSV/Parquet file of item features, keyed by the ``item`` column."""
 
     def __post_init__(self) -> None:
+        # The CSV reader takes one-byte separators and quotes (and "::" is replaced by one).
         check(
-            len(self.delimiter) == 1 or self.delimiter == "::",
-            f"columns.delimiter must be one character or '::', got {self.delimiter!r}",
+            _one_byte(self.delimiter) or self.delimiter == "::",
+            f"columns.delimiter must be one character or '::' (ASCII), got {self.delimiter!r}",
         )
         check(
-            self.quote_char is None or len(self.quote_char) == 1,
-            f"columns.quote_char must be one character or null, got {self.quote_char!r}",
+            self.quote_char is None or _one_byte(self.quote_char),
+            f"columns.quote_char must be one character (ASCII) or null, got {self.quote_char!r}",
+        )
+        check(
+            self.quote_char not in (self.delimiter, "\n", "\r"),
+            f"columns.quote_char {self.quote_char!r} cannot be the delimiter or a line break",
+        )
+        check(
+            self.delimiter not in ("\n", "\r"),
+            f"columns.delimiter cannot be a line break, got {self.delimiter!r}",
         )
         names = [self.user, self.item, self.timestamp, self.behavior, self.rating]
         given = [n for n in names if n is not None]
@@ -75,6 +84,10 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         check(self.max_examples >= 0, f"max_examples must be >= 0, got {self.max_examples}")
+
+
+def _one_byte(char: str) -> bool:
+    return len(char) == 1 and char.isascii()
 
 
 class Loader(Protocol):

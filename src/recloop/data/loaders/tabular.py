@@ -3,15 +3,21 @@
 Columns the mapping does not use pass through as extra event columns (strings for CSV, their
 own type for Parquet).  Optional user/item feature files are keyed by the mapped user/item
 column; their other columns are features.
+
+Parquet columns carry types, checked before any value is: ids are integers or strings,
+timestamps integer (or fractional) seconds, dates or datetimes (strings only with
+``columns.timestamp_format``), ratings numbers and behaviours strings or categoricals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
-from recloop.data.loaders._read import EXTRA, Table, read_parquet, read_text
+from recloop.data.loaders._read import EXTRA, Table, one_line, read_parquet, read_text
 from recloop.data.loaders._validate import (
     FieldSpec,
     Kind,
@@ -27,6 +33,56 @@ from recloop.errors import DataError, Location
 
 _SUFFIXES = {"csv": (".csv", ".tsv", ".txt", ".dat"), "parquet": (".parquet", ".pq")}
 _OUTPUTS = (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING)
+
+
+_EXPECTED = {
+    "id": "an integer or string column",
+    "timestamp": "integer seconds, a date or a datetime",
+    "float": "a numeric column",
+    "enum": "a string or categorical column",
+    "str": "a string or categorical column",
+}
+_INT64_MAX = 2**63 - 1
+
+
+def _type_fits(dtype: pl.DataType, spec: FieldSpec) -> bool:
+    if dtype == pl.Null:
+        return True  # every value missing: reported row by row
+    text = dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum)
+    if spec.kind == "id":
+        return dtype.is_integer() or text
+    if spec.kind == "timestamp":
+        when = dtype == pl.Date or isinstance(dtype, pl.Datetime)
+        # Strings hold times only in the format the mapping names.
+        written = dtype == pl.String and spec.time_format is not None
+        return dtype.is_integer() or dtype.is_float() or when or written
+    if spec.kind == "float":
+        return dtype.is_numeric()
+    return text
+
+
+def check_types(table: Table, fields: Sequence[FieldSpec]) -> Table:
+    """Fail on a Parquet column whose type cannot hold its field (a list of ids, a boolean
+    time), naming the column and the type found; UInt64 ids beyond Int64 become strings."""
+    if table.first_line is not None:
+        return table  # text: every column is a string, parsed value by value
+    frame = table.frame
+    for spec in fields:
+        dtype = frame.schema[spec.source]
+        if not _type_fits(dtype, spec):
+            hint = ""
+            if spec.kind == "timestamp" and dtype == pl.String:
+                hint = "; set columns.timestamp_format to parse text times"
+            raise DataError(
+                f"type {dtype} cannot hold {spec.name} values (expected "
+                f"{_EXPECTED[spec.kind]}){hint}",
+                location=Location(file=table.file, column=spec.source),
+            )
+        too_big = dtype == pl.UInt64 and bool((frame[spec.source] > _INT64_MAX).any())
+        if spec.kind == "id" and too_big:
+            # Hashed 64-bit ids do not fit Int64; as text they stay distinct.
+            frame = frame.with_columns(pl.col(spec.source).cast(pl.String))
+    return table if frame is table.frame else replace(table, frame=frame)
 
 
 def _files(path: Path, fmt: str) -> list[Path]:
@@ -52,7 +108,7 @@ def _read(paths: list[Path], mapping: ColumnMapping) -> Table:
             frame = pl.concat([t.frame for t in tables], how="diagonal_relaxed")
         except pl.exceptions.PolarsError as exc:
             raise DataError(
-                f"Parquet parts do not share a schema: {exc}",
+                f"Parquet parts do not share a schema: {one_line(exc)}",
                 location=Location(file=str(paths[0].parent)),
             ) from None
         return Table(frame=frame, file=str(paths[0].parent))
@@ -101,6 +157,8 @@ def _event_fields(table: Table, m: ColumnMapping) -> tuple[list[FieldSpec], list
 def _features(path: Path, key: str, out: str, m: ColumnMapping, options: LoadOptions) -> Validated:
     table = _read([path], m)
     fields = [FieldSpec(source=key, name=out, kind="id")]
+    check_columns(table, fields)
+    table = check_types(table, fields)
     keep = [c for c in table.frame.columns if c not in (key, EXTRA)]
     result = validate(
         table,
@@ -118,6 +176,7 @@ def _load(fmt: str, path: Path, options: LoadOptions) -> RawData:
     files = _files(path, fmt)
     table = _read(files, m)
     fields, keep = _event_fields(table, m)
+    table = check_types(table, fields)
     events = validate(
         table,
         fields,
