@@ -172,11 +172,13 @@ class BodyTooLargeError(Exception):
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` (413) without reading them whole.
 
-    A declared ``Content-Length`` over the limit is answered before the app runs.  Otherwise
-    the bytes of the ``http.request`` messages are counted as the app receives them, so a
-    chunked body (or one whose length was not declared) is refused as soon as it passes the
-    limit: ``receive`` raises :class:`BodyTooLargeError` inside the route, this middleware answers
-    413 and closes the connection, and the server never buffers the rest.
+    A declared ``Content-Length`` over the limit is answered before the app runs; one within
+    it is passed straight through (HTTP framing: the server delivers exactly that many bytes,
+    so the common case costs one header scan).  Otherwise — chunked, or no length declared —
+    the bytes of the ``http.request`` messages are counted as the app receives them, and the
+    body is refused as soon as it passes the limit: ``receive`` raises
+    :class:`BodyTooLargeError` inside the route, this middleware answers 413 and closes the
+    connection, and the server never buffers the rest.
     """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
@@ -189,8 +191,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, self._detail, ((b"connection", b"close"),))
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await _answer(send, 413, self._detail, ((b"connection", b"close"),))
+            else:
+                await self.app(scope, receive, send)
             return
         limit = self.max_bytes
         received = 0
