@@ -284,8 +284,17 @@ async def reload(request: Request) -> Response:
     except RecloopError as exc:
         return json_response({"detail": str(exc)}, 400)
     broadcast: ReloadBroadcast | None = getattr(request.app.state, "reload_broadcast", None)
-    if broadcast is not None:
-        broadcast.publish(svc.artifact_path, res.model_version)
+    if broadcast is None:
+        logger.warning("reload reached this process only: RECLOOP_RELOAD_STATE is not set")
+    else:
+        try:
+            broadcast.publish(svc.artifact_path, res.model_version)
+        except OSError as exc:  # this worker did switch: say so, and why the others did not
+            logger.error(
+                "reload reached this process only: cannot write %s (%s)",
+                broadcast.path,
+                log_safe(exc),
+            )
     return json_response(
         {
             "model_version": res.model_version,
