@@ -120,7 +120,10 @@ async def test_popular_route(serve: ServeFactory) -> None:
 
 async def test_health_ready_and_metrics(serve: ServeFactory) -> None:
     async with serve() as (client, svc):
-        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        v = svc.model.model_version
+        r = await client.get("/healthz")
+        assert r.json() == {"status": "ok", "model_version": v}
+        assert r.headers["x-model-version"] == v
         r = await client.get("/readyz")
         assert r.status_code == 200
         assert r.json() == {
@@ -180,6 +183,25 @@ ODD_BODIES: list[tuple[str, Any, int, list[Any] | None]] = [
         ["body", "exclude_consumed"],
     ),
     ("unknown field", {"user_id": "u1", "limit": 3}, 422, ["body", "limit"]),
+    # what the schema forbids is refused, not coerced
+    ("numeric string n", {"user_id": "u1", "n": "3"}, 422, ["body", "n"]),
+    ("bool n", {"user_id": "u1", "n": True}, 422, ["body", "n"]),
+    (
+        "int exclude flag",
+        {"user_id": "u1", "exclude_consumed": 0},
+        422,
+        ["body", "exclude_consumed"],
+    ),
+    (
+        "string exclude flag",
+        {"user_id": "u1", "exclude_consumed": "true"},
+        422,
+        ["body", "exclude_consumed"],
+    ),
+    ("fractional user", {"user_id": 196.5}, 422, ["body", "user_id"]),
+    ("huge integer user", {"user_id": 10**30}, 422, ["body", "user_id"]),
+    ("fractional item", {"user_id": "u1", "recent_items": [2.5]}, 422, ["body", "recent_items", 0]),
+    ("bool item", {"user_id": "u1", "recent_items": [True]}, 422, ["body", "recent_items", 0]),
     ("array body", [1, 2], 422, ["body"]),
     ("string body", "u1", 422, ["body"]),
     ("null body", None, 422, ["body"]),
@@ -294,7 +316,7 @@ async def test_api_key(serve: ServeFactory) -> None:
 
 
 async def test_reload_route(serve: ServeFactory, artifact_dir_b: Path, tmp_path: Path) -> None:
-    async with serve() as (client, svc):
+    async with serve(admin_localhost=True, artifact_root=tmp_path) as (client, svc):
         v0 = svc.model.model_version
         r = await client.post("/admin/reload", json={"artifact": str(artifact_dir_b)})
         assert r.status_code == 200, r.text
@@ -302,8 +324,9 @@ async def test_reload_route(serve: ServeFactory, artifact_dir_b: Path, tmp_path:
         assert r.json() == {
             "model_version": v1,
             "previous_model_version": v0,
-            "artifact": str(artifact_dir_b),
+            "artifact": str(artifact_dir_b.resolve()),
         }
+        assert r.headers["x-model-version"] == v1
         rec = (await client.post("/v1/recommend", json={"user_id": "u1"})).json()
         assert rec["model_version"] == v1
         # no body: the current artifact path, read again
@@ -330,9 +353,9 @@ async def test_reload_route(serve: ServeFactory, artifact_dir_b: Path, tmp_path:
 
 
 async def test_reload_under_load_answers_every_request(
-    serve: ServeFactory, artifact_dir_b: Path
+    serve: ServeFactory, artifact_dir_b: Path, tmp_path: Path
 ) -> None:
-    async with serve() as (client, svc):
+    async with serve(admin_localhost=True, artifact_root=tmp_path) as (client, svc):
         v0 = svc.model.model_version
         body = {"user_id": "u2", "recent_items": ["i1"]}
         tasks = [asyncio.ensure_future(client.post("/v1/recommend", json=body)) for _ in range(30)]
@@ -344,6 +367,8 @@ async def test_reload_under_load_answers_every_request(
         assert all(x.status_code == 200 for x in responses)
         assert {x.json()["model_version"] for x in responses} <= {v0, v1}
         assert responses[-1].json()["model_version"] == v1
+        # the header names the model that answered, as the body does
+        assert all(x.headers["x-model-version"] == x.json()["model_version"] for x in responses)
 
 
 async def test_sighup_reloads_the_artifact_path(tmp_path: Path) -> None:
@@ -423,13 +448,51 @@ async def test_store_comes_back(artifact_dir: Path) -> None:
         await svc.store.delete_all()
 
 
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
 async def test_openapi_documents_the_bodies(serve: ServeFactory) -> None:
     async with serve() as (client, _):
         spec = (await client.get("/openapi.json")).json()
         post = spec["paths"]["/v1/recommend"]["post"]
-        schema = post["requestBody"]["content"]["application/json"]["schema"]
-        assert "user_id" in schema["properties"]
-        assert "/v1/recommend/batch" in spec["paths"] and "/admin/reload" in spec["paths"]
+        ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/RecommendRequest"
+        assert "user_id" in spec["components"]["schemas"]["RecommendRequest"]["properties"]
+        assert "/v1/recommend/batch" in spec["paths"]
+        assert "/admin/reload" not in spec["paths"]  # off without an admin key
+
+
+async def test_openapi_references_resolve_and_declare_the_limits(serve: ServeFactory) -> None:
+    """A client generated from the schema finds every component and knows every limit."""
+    limits = {"max_n": 7, "default_n": 5, "max_batch": 3, "max_recent_items": 5}
+    async with serve(**limits, admin_key="a") as (client, _):
+        spec = (await client.get("/openapi.json")).json()
+    components = spec["components"]["schemas"]
+    refs = _refs(spec)
+    assert "#/components/schemas/RecommendBatchRequest" in refs
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/") and ref.split("/")[-1] in components, ref
+    one = components["RecommendRequest"]
+    assert one["additionalProperties"] is False
+    n = next(s for s in one["properties"]["n"]["anyOf"] if s.get("type") == "integer")
+    assert (n["minimum"], n["maximum"]) == (1, 7)
+    recent = next(s for s in one["properties"]["recent_items"]["anyOf"] if s["type"] == "array")
+    assert recent["maxItems"] == 5
+    user = one["properties"]["user_id"]["anyOf"]
+    assert {"type": "string", "minLength": 1, "maxLength": 512} in user
+    batch = components["RecommendBatchRequest"]["properties"]["requests"]
+    assert (batch["minItems"], batch["maxItems"]) == (1, 3)
+    assert batch["items"] == {"$ref": "#/components/schemas/RecommendRequest"}
+    (param,) = spec["paths"]["/v1/popular"]["get"]["parameters"]
+    popular_n = next(s for s in param["schema"]["anyOf"] if s.get("type") == "integer")
+    assert popular_n["maximum"] == 7
+    assert "/admin/reload" in spec["paths"]
 
 
 async def test_lifespan_closes_the_store(artifact_dir: Path) -> None:
@@ -441,3 +504,255 @@ async def test_lifespan_closes_the_store(artifact_dir: Path) -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         r = await client.get("/readyz")
         assert r.status_code == 503 and r.json()["reasons"] == ["model not loaded"]
+
+
+def test_whole_numbers_are_ids_and_counts_as_json_schema_reads_them() -> None:
+    from recloop.serving.schemas import Limits, request_models
+
+    model = request_models(Limits(max_n=10, max_batch=2, max_recent_items=4)).recommend
+    req = model.model_validate_json(b'{"user_id": 196.0, "recent_items": [7, 8.0, "x"], "n": 3.0}')
+    assert (req.user_id, req.recent_items, req.n) == ("196", ["7", "8", "x"], 3)
+    assert type(req.n) is int
+
+
+# ----------------------------------------------------------------------------- body limit
+
+JSON = "application/json"
+
+
+async def test_chunked_body_over_the_limit_is_refused_while_it_streams(
+    serve: ServeFactory,
+) -> None:
+    """A body without Content-Length is counted as it arrives: 413 after about 4 MiB were
+    read, not after the whole body sat in memory."""
+    from recloop.serving.routes import MAX_BODY_BYTES
+
+    piece = b" " * (1 << 20)
+    read = 0
+
+    async def body() -> Any:
+        nonlocal read
+        for _ in range(64):
+            read += len(piece)
+            yield piece
+
+    async with serve() as (client, _):
+        for path in ("/v1/recommend", "/v1/recommend/batch"):
+            read = 0
+            r = await client.post(
+                path, content=body(), headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 413, r.text
+            assert r.json() == {"detail": f"body exceeds {MAX_BODY_BYTES} bytes"}
+            assert r.headers["connection"] == "close"
+            assert read <= MAX_BODY_BYTES + len(piece)
+
+        # a chunked body under the limit is read as usual
+        async def small() -> Any:
+            yield b'{"user_id": '
+            yield b'"u1"}'
+
+        r = await client.post("/v1/recommend", content=small())
+        assert r.status_code == 200 and r.json()["source"] == "policy"
+        text = (await client.get("/metrics")).text
+        assert 'recloop_http_requests_total{route="/v1/recommend",status="413"} 1.0' in text
+
+
+async def test_declared_length_over_the_limit_is_refused_before_the_body(
+    artifact_dir: Path,
+) -> None:
+    """Content-Length over the limit: 413 without a single receive() (the app never runs)."""
+    from recloop.serving.routes import MAX_BODY_BYTES
+
+    app = create_app(settings_for(artifact_dir))
+    async with running(app):
+        received = 0
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            received += 1
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/recommend",
+            "raw_path": b"/v1/recommend",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-length", str(MAX_BODY_BYTES + 1).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            "app": app,
+        }
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 413 and received == 0
+
+
+# ----------------------------------------------------------------------------- admin routes
+
+
+async def test_admin_routes_are_off_without_an_admin_key(
+    serve: ServeFactory, artifact_dir_b: Path
+) -> None:
+    async with serve() as (client, svc):
+        v0 = svc.model.model_version
+        for body in ({"artifact": str(artifact_dir_b)}, None, {"artifact": "/etc"}):
+            r = await client.post("/admin/reload", json=body)
+            assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+        assert svc.model.model_version == v0
+
+
+async def test_admin_key(serve: ServeFactory, artifact_dir_b: Path, tmp_path: Path) -> None:
+    body = {"artifact": str(artifact_dir_b)}
+    async with serve(admin_key="adm", api_key="api", artifact_root=tmp_path) as (client, svc):
+        v0 = svc.model.model_version
+        for headers in ({}, {"X-Admin-Key": "wrong"}, {"X-API-Key": "api"}):
+            r = await client.post("/admin/reload", json=body, headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json() == {"detail": "missing or wrong X-Admin-Key header"}
+        assert svc.model.model_version == v0
+        r = await client.post("/admin/reload", json=body, headers={"X-Admin-Key": "adm"})
+        assert r.status_code == 200 and svc.model.model_version != v0
+        # the admin key opens the admin routes only
+        r = await client.get("/v1/popular", headers={"X-Admin-Key": "adm"})
+        assert r.status_code == 401
+
+
+async def test_admin_localhost_only(artifact_dir: Path, tmp_path: Path) -> None:
+    app = create_app(settings_for(artifact_dir, admin_localhost=True, artifact_root=tmp_path))
+    async with app.router.lifespan_context(app):
+        for host, status in [("127.0.0.1", 200), ("::1", 200), ("10.1.2.3", 404)]:
+            transport = httpx.ASGITransport(app=app, client=(host, 5000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                r = await client.post("/admin/reload")
+                assert r.status_code == status, host
+
+
+async def test_reload_paths_stay_under_the_artifact_root(
+    serve: ServeFactory, artifact_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    inside = build_artifact(root / "runs" / "b", seed=3)
+    outside = build_artifact(tmp_path / "outside", seed=4)
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    async with serve(admin_localhost=True, artifact_root=root) as (client, svc):
+        v0 = svc.model.model_version
+        refused = [
+            str(outside),  # exists, outside
+            str(tmp_path / "no-such-dir"),  # does not exist, outside
+            "/etc",
+            "../outside",
+            "escape",  # a symlink under the root to a directory outside it
+            str(root / "runs" / ".." / ".." / "outside"),
+            "x\x00y",
+        ]
+        details = []
+        for path in refused:
+            r = await client.post("/admin/reload", json={"artifact": path})
+            assert r.status_code == 403, (path, r.text)
+            details.append(r.json()["detail"].replace(repr(path), "PATH"))
+        # one message for all: nothing tells an existing path from a missing one
+        assert len(set(details)) == 1 and "artifact root" in details[0]
+        assert svc.model.model_version == v0
+        r = await client.post("/admin/reload", json={"artifact": "runs/b"})  # relative: root
+        assert r.status_code == 200, r.text
+        assert r.json()["artifact"] == str(inside.resolve())
+        assert svc.model.model_version == load_artifact(inside).model_version
+        # a path under the root that does not exist is an ordinary refusal
+        r = await client.post("/admin/reload", json={"artifact": "runs/none"})
+        assert r.status_code == 400 and "no such artifact" in r.json()["detail"]
+
+
+async def test_reload_default_root_is_the_served_artifact(
+    serve: ServeFactory, artifact_dir_b: Path
+) -> None:
+    async with serve(admin_localhost=True) as (client, svc):
+        r = await client.post("/admin/reload", json={"artifact": str(artifact_dir_b)})
+        assert r.status_code == 403
+        r = await client.post("/admin/reload", json={"artifact": str(svc.artifact_path)})
+        assert r.status_code == 200
+
+
+async def test_reload_logs_client_paths_on_one_line(
+    serve: ServeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "x\n2026-01-01 INFO recloop.serving.service: now serving FAKE\r\x1b[2J"
+    async with serve(admin_localhost=True, artifact_root=tmp_path) as (client, _):
+        with caplog.at_level("INFO", logger="recloop"):
+            r = await client.post("/admin/reload", json={"artifact": forged})
+            assert r.status_code == 400
+            r = await client.post("/admin/reload", json={"artifact": "/elsewhere\n" + forged})
+            assert r.status_code == 403
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 2
+    for line in lines:
+        assert not any(c in line for c in "\n\r\x1b"), line
+        assert "\\n2026-01-01" in line or "\\\\n2026-01-01" in line
+
+
+# ----------------------------------------------------------------------------- model version
+
+
+async def test_every_answer_names_its_model_version(serve: ServeFactory) -> None:
+    async with serve() as (client, svc):
+        v = svc.model.model_version
+        for r in [
+            await client.post("/v1/recommend", json={"user_id": "u1"}),
+            await client.post("/v1/recommend", json={"user_id": "stranger"}),
+            await client.post("/v1/recommend/batch", json={"requests": [{"user_id": "u1"}]}),
+            await client.get("/v1/popular"),
+            await client.get("/healthz"),
+            await client.get("/readyz"),
+        ]:
+            assert r.status_code == 200 and r.headers["x-model-version"] == v
+
+
+async def test_workers_share_reloads_through_the_reload_state(
+    artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path
+) -> None:
+    """Two apps (as two worker processes would) on one reload state file: a reload in one
+    reaches the other within the poll interval; a worker that starts later serves it too."""
+    state = tmp_path / "state" / "reload.json"
+    kw = {"admin_localhost": True, "artifact_root": tmp_path, "reload_state": state}
+    a = create_app(settings_for(artifact_dir, reload_poll_s=0.05, **kw))
+    b = create_app(settings_for(artifact_dir, reload_poll_s=0.05, **kw))
+    v1 = load_artifact(artifact_dir_b).model_version
+    async with running(a) as ca, running(b) as cb:
+        v0 = b.state.service.model.model_version
+        assert v0 != v1
+        r = await ca.post("/admin/reload", json={"artifact": str(artifact_dir_b)})
+        assert r.status_code == 200 and r.json()["model_version"] == v1
+        for _ in range(100):
+            if b.state.service.model.model_version == v1:
+                break
+            await asyncio.sleep(0.05)
+        r = await cb.post("/v1/recommend", json={"user_id": "u1"})
+        assert r.json()["model_version"] == v1 and r.headers["x-model-version"] == v1
+        assert (await cb.get("/healthz")).json()["model_version"] == v1
+        # a reload of the same path is news too: b reads the artifact again
+        loads = b.state.service.metrics.registry.get_sample_value
+        before = loads("recloop_model_reloads_total", {"outcome": "ok"})
+        assert (await ca.post("/admin/reload")).status_code == 200
+        for _ in range(100):
+            if loads("recloop_model_reloads_total", {"outcome": "ok"}) == before + 1:
+                break
+            await asyncio.sleep(0.05)
+        assert loads("recloop_model_reloads_total", {"outcome": "ok"}) == before + 1
+        assert (
+            a.state.service.metrics.registry.get_sample_value(
+                "recloop_model_reloads_total", {"outcome": "ok"}
+            )
+            == 2.0
+        )  # its own publications do not make it reload again
+    c = create_app(settings_for(artifact_dir, **kw))
+    async with running(c) as cc:
+        r = await cc.post("/v1/recommend", json={"user_id": "u1"})
+        assert r.json()["model_version"] == v1

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from serve_helpers import ITEM_IDS, N_ITEMS, as_recent, build_artifact, settings_for
+from serve_helpers import ITEM_IDS, N_ITEMS, REDIS_URL, as_recent, build_artifact, settings_for
 
 from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError
 from recloop.serving.schemas import RecommendRequest
 from recloop.serving.service import LoadedModel, MicroBatcher, RecommenderService
-from recloop.serving.stores import MemoryStore, OnlineStore, open_store
+from recloop.serving.stores import MemoryStore, OnlineStore, RedisStore, SqliteStore, open_store
 
 
 def reference(
@@ -385,3 +388,66 @@ async def test_onnxruntime_inference_answers_as_torch(tmp_path: Path, kind: str)
 def test_unknown_inference_engine_is_a_settings_error(artifact_dir: Path) -> None:
     with pytest.raises(ValueError, match="inference"):
         settings_for(artifact_dir, inference="tensorrt")
+
+
+async def _corrupt_popular_then_recommend(
+    store: OnlineStore, corrupt: Callable[[], Awaitable[None]], artifact_dir: Path,
+    caplog: pytest.LogCaptureFixture, key: str,
+) -> None:  # fmt: skip
+    """Garbage under the popular key: that read falls back to the train counts, with a
+    warning naming the key; the store stays in use for everything else."""
+    await store.push_recent(as_recent({"u1": [("i2", 1.0), ("i5", 1.0)]}), max_len=5)
+    await corrupt()
+    svc = make_service(artifact_dir, store, store_retry_s=60.0, popular_cache_s=0.0)
+    with caplog.at_level("WARNING", logger="recloop"):
+        rec = await svc.recommend(RecommendRequest(user_id="stranger", n=3))
+    assert rec.source == "popular" and rec.item_ids == ["i1", "i2", "i3"]
+    assert rec.warnings[0] == "online store's popular items unreadable: popular items from training"
+    assert any(key in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert svc.store_available()
+    # the store is still read: u1's stored items are its history and are excluded
+    rec = await svc.recommend(RecommendRequest(user_id="u1", n=N_ITEMS))
+    assert rec.source == "policy" and rec.warnings == []
+    assert not {"i2", "i5"} & set(rec.item_ids)
+    assert (await svc.popular(2)).source == "train"
+    get = svc.metrics.registry.get_sample_value
+    assert get("recloop_fallbacks_total", {"reason": "store_corrupt"}) == 2.0
+    assert get("recloop_fallbacks_total", {"reason": "store_unavailable"}) == 0.0
+
+
+async def test_corrupt_popular_in_sqlite_is_not_an_outage(
+    artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(path)
+
+    async def corrupt() -> None:
+        await store.set_popular([("i9", 1.0)])
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE recloop_popular SET items = 'garbage' WHERE id = 0")
+        conn.commit()
+        conn.close()
+
+    await _corrupt_popular_then_recommend(store, corrupt, artifact_dir, caplog, "recloop_popular")
+    await store.close()
+
+
+@pytest.mark.integration
+async def test_corrupt_popular_in_redis_is_not_an_outage(
+    artifact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisStore(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+    if not await store.ping():
+        await store.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+
+    async def corrupt() -> None:
+        await store._client.set(f"{store.prefix}popular", b"\x00not json")
+
+    try:
+        await _corrupt_popular_then_recommend(
+            store, corrupt, artifact_dir, caplog, f"{store.prefix}popular"
+        )
+    finally:
+        await store.delete_all()
+        await store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,10 @@ from recloop.serving.stores import (
     RecentItem,
     RedisStore,
     SqliteStore,
+    StoreDataError,
     StoreError,
+    check_store,
+    check_store_url,
     open_store,
     sqlite_path,
 )
@@ -253,6 +257,91 @@ async def test_redis_recent_survives_a_script_flush_and_long_lists() -> None:
         assert got["v"] == [("i0", 1.0), ("i1", 1.0)]
         await store._client.script_flush()
         assert (await store.get_recent(["v"], n=1)) == {"v": [("i1", 1.0)]}
+    finally:
+        await store.delete_all()
+        await store.close()
+
+
+def test_check_store_url_names_what_is_wrong() -> None:
+    assert check_store_url(None) == "memory"
+    assert check_store_url("redis://127.0.0.1:6379/0") == "redis"
+    assert check_store_url("sqlite:////tmp/a.db") == "sqlite"
+    for url, why in [
+        ("foo://bar", "unsupported scheme 'foo'"),
+        ("localhost:6379", "unsupported scheme 'localhost'"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("sqlite:///", "no database file"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            check_store_url(url)
+
+
+async def test_check_store_refuses_a_sqlite_directory_that_does_not_exist(tmp_path: Path) -> None:
+    s = open_store(f"sqlite:///{tmp_path}/missing/store.db")
+    with pytest.raises(StoreError, match="missing does not exist"):
+        await check_store(s)
+    assert not (tmp_path / "missing").exists()  # and does not create it
+    await s.close()
+    s = open_store(f"sqlite:///{tmp_path}/store.db")
+    await check_store(s)
+    await s.close()
+    await check_store(MemoryStore())
+
+
+async def test_check_store_reports_why_redis_cannot_be_used() -> None:
+    s = open_store("redis://127.0.0.1:1/0", timeout_s=0.2)
+    with pytest.raises(StoreError, match=r"redis store .*: connect failed"):
+        await check_store(s)
+    await s.close()
+
+
+@pytest.mark.integration
+async def test_check_store_refuses_a_redis_database_out_of_range() -> None:
+    probe = open_store(REDIS_URL)
+    if not await probe.ping():
+        await probe.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    await probe.close()
+    s = open_store(REDIS_URL.rsplit("/", 1)[0] + "/99")
+    with pytest.raises(StoreError, match="DB index is out of range"):
+        await check_store(s)
+    await s.close()
+
+
+async def test_sqlite_corrupt_popular_is_a_data_error_not_an_outage(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "s.db")
+    await s.set_popular([("a", 1.0)])
+    for garbage in ["{not json", '{"a": 1}', "[[1, 2, 3]]", '[["a", "x"]]', "5"]:
+        conn = sqlite3.connect(tmp_path / "s.db")
+        conn.execute("UPDATE recloop_popular SET items = ? WHERE id = 0", (garbage,))
+        conn.commit()
+        conn.close()
+        with pytest.raises(StoreDataError, match="key 'recloop_popular'"):
+            await s.get_popular(3)
+    assert await s.ping()
+    await s.close()
+
+
+@pytest.mark.integration
+async def test_redis_corrupt_values_are_data_errors_naming_the_key() -> None:
+    store = RedisStore(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+    if not await store.ping():
+        await store.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    try:
+        key = f"{store.prefix}popular"
+        for garbage in [b"\xff\xfe garbage", b'{"a": 1}', b"[[1]]"]:
+            await store._client.set(key, garbage)
+            with pytest.raises(StoreDataError, match=f"key '{key}'"):
+                await store.get_popular(3)
+        await store.push_recent({"u": [RecentItem("a", 1.0, 1, "e1")]}, max_len=3)
+        _, payloads = store._recent_keys("u")
+        await store._client.hset(payloads, "e1", b"no-space-here")
+        with pytest.raises(StoreDataError, match="recent_ev"):
+            await store.get_recent(["u"], n=3)
+        await store._client.set(f"{store.prefix}recs:u", b"[]")
+        with pytest.raises(StoreDataError, match="recs:u"):
+            await store.get_recommendations("u")
     finally:
         await store.delete_all()
         await store.close()

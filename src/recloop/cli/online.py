@@ -16,15 +16,31 @@ from recloop.cli.app import app
 def serve(
     artifact: Path = typer.Argument(..., help="Artifact or run directory to serve."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="TCP port."),
-    workers: int = typer.Option(1, min=1, help="Worker processes (each loads the model)."),
+    port: int = typer.Option(8000, help="TCP port, 1 to 65535."),
+    workers: int = typer.Option(1, help="Worker processes (each loads the model)."),
     store_url: str | None = typer.Option(
         None,
         help="Online store: redis://…, sqlite:///path or memory:// "
         "(default: RECLOOP_STORE_URL, else RECLOOP_REDIS_URL, else memory).",
     ),
     api_key: str | None = typer.Option(
-        None, help="Require this X-API-Key on every route but /healthz and /readyz."
+        None, help="Require this X-API-Key on every route but /healthz, /readyz and /admin/*."
+    ),
+    admin_key: str | None = typer.Option(
+        None,
+        help="Turn /admin/reload on, for requests with this X-Admin-Key "
+        "(default: RECLOOP_ADMIN_KEY; unset: the admin routes answer 404).",
+    ),
+    admin_localhost: bool = typer.Option(
+        False,
+        "--admin-localhost",
+        help="Without --admin-key, turn /admin/reload on for clients on 127.0.0.1/::1 only "
+        "(not behind a proxy on this host).",
+    ),
+    artifact_root: Path | None = typer.Option(
+        None,
+        help="Directory /admin/reload may load artifacts from (default: RECLOOP_ARTIFACT_ROOT, "
+        "else only the served artifact itself).",
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     inference: str | None = typer.Option(
@@ -35,9 +51,12 @@ def serve(
 ) -> None:
     """Run the recommendation service (FastAPI on uvicorn) for an artifact.
 
-    Other settings come from RECLOOP_* environment variables (see ServeSettings); SIGHUP to
-    a worker reloads the artifact in place, SIGHUP to the parent replaces the workers.
+    Other settings come from RECLOOP_* environment variables (see ServeSettings).  Settings
+    and the online store are checked before anything is served.  /admin/reload switches
+    every worker (they share a reload state file; each checks it once a second); SIGHUP to
+    a worker re-reads the artifact in that worker, SIGHUP to the parent replaces the workers.
     """
+    import asyncio
     import os
     import shutil
     import tempfile
@@ -49,31 +68,63 @@ def serve(
     from recloop.errors import ConfigError
     from recloop.serving.metrics import MULTIPROC_ENV
     from recloop.serving.settings import ServeSettings
+    from recloop.serving.stores import StoreError, check_store, open_store
 
-    # Fail here, with one clear line, rather than in every worker.
+    # Fail here, with one clear line, rather than in every worker.  (Checked here, not
+    # with typer's min/max: those raise typer's own click errors, which main() shows as a
+    # traceback; and port 0 would bind a random port while logging 0.)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     path = resolve_artifact_dir(artifact).resolve()
     load_artifact(path)
     # Workers are fresh processes that build the app from the environment.
     env = {"RECLOOP_ARTIFACT": str(path), "RECLOOP_LOG_LEVEL": log_level}
-    if store_url is not None:
-        env["RECLOOP_STORE_URL"] = store_url
-    if api_key is not None:
-        env["RECLOOP_API_KEY"] = api_key
-    if inference is not None:
-        env["RECLOOP_INFERENCE"] = inference
-    metrics_dir = None
+    given = {
+        "RECLOOP_STORE_URL": store_url,
+        "RECLOOP_API_KEY": api_key,
+        "RECLOOP_ADMIN_KEY": admin_key,
+        "RECLOOP_ADMIN_LOCALHOST": "true" if admin_localhost else None,
+        "RECLOOP_ARTIFACT_ROOT": str(artifact_root.resolve()) if artifact_root else None,
+        "RECLOOP_INFERENCE": inference,
+    }
+    env.update({k: v for k, v in given.items() if v is not None})
+    run_dir = tempfile.mkdtemp(prefix="recloop-serve-")  # private (0700) to this run
+    if not os.environ.get("RECLOOP_RELOAD_STATE"):
+        env["RECLOOP_RELOAD_STATE"] = os.path.join(run_dir, "reload.json")
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
-        metrics_dir = tempfile.mkdtemp(prefix="recloop-metrics-")
-        env[MULTIPROC_ENV] = metrics_dir
+        env[MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
+        os.mkdir(env[MULTIPROC_ENV])
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         try:
-            ServeSettings()  # type: ignore[call-arg]  # fields come from the environment
+            settings = ServeSettings()  # type: ignore[call-arg]  # fields come from the environment
         except pydantic.ValidationError as exc:
+            # one line naming the setting, as the option when it came from the command line
             first = exc.errors()[0]
-            field = ".".join(str(x) for x in first["loc"])
-            raise ConfigError(f"RECLOOP_{field.upper()}: {first['msg']}") from None
+            name = "RECLOOP_" + ".".join(str(x) for x in first["loc"]).upper()
+            if given.get(name) is not None:
+                name = f"--{name.removeprefix('RECLOOP_').lower().replace('_', '-')} ({name})"
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"{name}: {msg}") from None
+
+        async def probe() -> None:
+            store = open_store(
+                settings.resolved_store_url,
+                prefix=settings.store_prefix,
+                timeout_s=settings.store_timeout_s,
+            )
+            try:
+                await check_store(store)
+            finally:
+                await store.close()
+
+        try:
+            asyncio.run(probe())
+        except StoreError as exc:
+            raise ConfigError(f"online store: {exc}") from None
         uvicorn.run(
             "recloop.serving.app:app_from_env",
             factory=True,
@@ -93,8 +144,7 @@ def serve(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- end serve

@@ -302,12 +302,18 @@ def recommend_cmd(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Ranked raw item ids for one user."""
+    """Ranked raw item ids for one user, as `recloop serve` answers them.
+
+    A user not in the artifact's id map is scored from --history; without one, the answer
+    is the artifact's train-set popular items (source "popular", with a warning), as the
+    service does: a policy state with neither a user nor a history means nothing.
+    """
     import numpy as np
     import torch
 
     from recloop.artifacts import load_artifact
     from recloop.data.dataset import PreparedDataset
+    from recloop.ranking import topk
     from recloop.training.compare import check_same_ids
     from recloop.training.recommender import consumed_mask, pad_histories, user_histories
 
@@ -315,6 +321,23 @@ def recommend_cmd(
         raise ConfigError(f"-n must be >= 1, got {n}")
     art = load_artifact(artifact)
     u = art.user_index.get(user, 0)
+    if u == 0 and history is None:
+        warn(f"user {user!r} is not in the artifact's id map and has no --history: popular items")
+        # the service's order (recloop.serving.service.LoadedModel.train_popular)
+        counts = torch.as_tensor(np.asarray(art.popularity, np.float32)[None, 1:])
+        ranked = topk(counts, art.n_items, row_keys=torch.zeros(1))
+        top = (ranked.indices[0, :n] + 1).tolist()
+        _print_recommendation(
+            as_json,
+            user=user,
+            known=False,
+            source="popular",
+            history_from="none",
+            version=art.model_version,
+            items=[art.item_ids[i - 1] for i in top],
+            scores=ranked.values[0, :n].tolist(),
+        )
+        return
     if u == 0:
         warn(f"user {user!r} is not in the artifact's id map: scoring as an unknown user")
     h = art.history_len
@@ -350,19 +373,43 @@ def recommend_cmd(
     )
     items = [art.item_ids[i - 1] for i in idx[0].tolist() if i > 0]
     vals = scores[0].tolist()[: len(items)]
+    _print_recommendation(
+        as_json,
+        user=user,
+        known=u > 0,
+        source="policy",
+        history_from=source,
+        version=art.model_version,
+        items=items,
+        scores=vals,
+    )
+
+
+def _print_recommendation(
+    as_json: bool,
+    *,
+    user: str,
+    known: bool,
+    source: str,
+    history_from: str,
+    version: str,
+    items: list[str],
+    scores: list[float],
+) -> None:
     if as_json:
         echo_json(
             {
                 "user": user,
-                "known_user": u > 0,
-                "history_from": source,
-                "model_version": art.model_version,
+                "known_user": known,
+                "source": source,
+                "history_from": history_from,
+                "model_version": version,
                 "items": items,
-                "scores": vals,
+                "scores": scores,
             }
         )
         return
-    for rank, (item, score) in enumerate(zip(items, vals, strict=True), start=1):
+    for rank, (item, score) in enumerate(zip(items, scores, strict=True), start=1):
         echo(f"{rank:>3}  {item}  {score:.4f}")
 
 

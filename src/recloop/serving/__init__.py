@@ -20,6 +20,7 @@ _EXPORTS = {
     "OnlineStore": "recloop.serving.stores",
     "RedisStore": "recloop.serving.stores",
     "SqliteStore": "recloop.serving.stores",
+    "StoreDataError": "recloop.serving.stores",
     "StoreError": "recloop.serving.stores",
     "open_store": "recloop.serving.stores",
 }

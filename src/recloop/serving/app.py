@@ -1,8 +1,10 @@
 """The FastAPI application: ``create_app(settings)``, and ``app_from_env`` for uvicorn workers.
 
 Nothing is opened at import time: the artifact and the online store are loaded in the
-lifespan and closed on shutdown.  A pure ASGI middleware (no per-request task or body copy,
-unlike ``BaseHTTPMiddleware``) checks the API key and records metrics.
+lifespan and closed on shutdown.  Two pure ASGI middlewares (no per-request task or body
+copy, unlike ``BaseHTTPMiddleware``; about a microsecond each) check the API and admin keys
+and record metrics, and refuse bodies over the size limit while they stream in.  A
+background task per worker follows the shared reload state (``recloop.serving.admin``).
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop import __version__
+from recloop.errors import RecloopError
 from recloop.progress import setup_logging
+from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.metrics import ServiceMetrics
-from recloop.serving.routes import BodyError, fast_routes, json_response, router
+from recloop.serving.routes import MAX_BODY_BYTES, BodyError, install_routes, json_response
+from recloop.serving.schemas import request_models
 from recloop.serving.service import LoadedModel, RecommenderService
 from recloop.serving.settings import ServeSettings
 from recloop.serving.stores import open_store
@@ -52,16 +59,65 @@ ROUTES = frozenset(
 )
 """Metric route labels; any other path is counted as ``other`` (bounded label values)."""
 
+ADMIN_PREFIX = "/admin/"
+LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+"""Client addresses ``admin_localhost`` lets in."""
+
 _UNAUTHORIZED = b'{"detail":"missing or wrong X-API-Key header"}'
+_ADMIN_UNAUTHORIZED = b'{"detail":"missing or wrong X-Admin-Key header"}'
+_NOT_FOUND = b'{"detail":"Not Found"}'
+
+Denial = tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]
+"""(status, JSON body, extra headers) of a request a middleware answers itself."""
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A whole JSON response from a middleware."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
 class ServiceMiddleware:
-    """API-key check and request metrics around every HTTP request."""
+    """API-key and admin checks, and request metrics, around every HTTP request.
 
-    def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics, api_key: str | None) -> None:
+    Admin routes (``/admin/…``) exist only when the settings turn them on (else the router
+    answers 404); then they need ``X-Admin-Key`` when an admin key is set (the API key is
+    not asked for), else a loopback client (anyone else gets 404, as if they did not exist).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServiceMetrics,
+        api_key: str | None,
+        admin_key: str | None = None,
+        admin_localhost: bool = False,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
+        self.admin_key = admin_key.encode() if admin_key else None
+        self.admin = self.admin_key is not None or admin_localhost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,20 +127,14 @@ class ServiceMiddleware:
         path = scope["path"]
         route = path if path in ROUTES else "other"
         status = 500
-        if self.api_key is not None and path not in OPEN_PATHS and not self._authorised(scope):
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(_UNAUTHORIZED)).encode()),
-                        (b"www-authenticate", b"ApiKey"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _UNAUTHORIZED})
-            self.metrics.observe_request(route, 401, time.perf_counter() - t0)
+        denied: Denial | None = None
+        if self.admin and path.startswith(ADMIN_PREFIX):
+            denied = self._admin_denied(scope)
+        elif self.api_key is not None and path not in OPEN_PATHS and not self._authorised(scope):
+            denied = (401, _UNAUTHORIZED, ((b"www-authenticate", b"ApiKey"),))
+        if denied is not None:
+            await _answer(send, *denied)
+            self.metrics.observe_request(route, denied[0], time.perf_counter() - t0)
             return
 
         async def send_status(message: Message) -> None:
@@ -100,10 +150,77 @@ class ServiceMiddleware:
 
     def _authorised(self, scope: Scope) -> bool:
         assert self.api_key is not None
-        for name, value in scope["headers"]:
-            if name == b"x-api-key":
-                return hmac.compare_digest(value, self.api_key)
-        return False
+        value = _header(scope, b"x-api-key")
+        return value is not None and hmac.compare_digest(value, self.api_key)
+
+    def _admin_denied(self, scope: Scope) -> Denial | None:
+        if self.admin_key is not None:
+            value = _header(scope, b"x-admin-key")
+            if value is None or not hmac.compare_digest(value, self.admin_key):
+                return 401, _ADMIN_UNAUTHORIZED, ((b"www-authenticate", b"AdminKey"),)
+            return None
+        client = scope.get("client")
+        if client is None or client[0] not in LOOPBACK:
+            return 404, _NOT_FOUND, ()
+        return None
+
+
+class BodyTooLargeError(Exception):
+    """Raised from the receive channel of a request whose body passed the limit."""
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` (413) without reading them whole.
+
+    A declared ``Content-Length`` over the limit is answered before the app runs; one within
+    it is passed straight through (HTTP framing: the server delivers exactly that many bytes,
+    so the common case costs one header scan).  Otherwise — chunked, or no length declared —
+    the bytes of the ``http.request`` messages are counted as the app receives them, and the
+    body is refused as soon as it passes the limit: ``receive`` raises
+    :class:`BodyTooLargeError` inside the route, this middleware answers 413 and closes the
+    connection, and the server never buffers the rest.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self._detail = f'{{"detail":"body exceeds {max_bytes} bytes"}}'.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await _answer(send, 413, self._detail, ((b"connection", b"close"),))
+            else:
+                await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError
+            return message
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_started)
+        except BodyTooLargeError:
+            if started:  # the app answered before reading it all; nothing left to say
+                return
+            await _answer(send, 413, self._detail, ((b"connection", b"close"),))
 
 
 def _validation_error(request: Request, exc: Exception) -> Response:
@@ -137,20 +254,26 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
-        model = await asyncio.to_thread(
-            LoadedModel.load,
-            settings.artifact,
-            inference=settings.inference,
-            threads=settings.torch_threads,
-        )
+        broadcast = ReloadBroadcast(settings.reload_state) if settings.reload_state else None
+        path, model = await _load_first(settings, broadcast)
         store = open_store(
             settings.resolved_store_url,
             prefix=settings.store_prefix,
             timeout_s=settings.store_timeout_s,
         )
-        service = RecommenderService(settings=settings, store=store, model=model, metrics=metrics)
+        service = RecommenderService(
+            settings=settings, store=store, model=model, metrics=metrics, artifact_path=path
+        )
         app.state.service = service
+        app.state.reload_broadcast = broadcast
         hup = _install_sighup(service)
+        follower = (
+            asyncio.get_running_loop().create_task(
+                _follow_reloads(service, broadcast, settings.reload_poll_s)
+            )
+            if broadcast is not None
+            else None
+        )
         if settings.gc_freeze:
             # What is loaded now lives as long as the process; full collections that walk
             # it were the service's worst latencies (see ServeSettings.gc_freeze).
@@ -161,13 +284,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             model.model_version,
             model.n_items,
             model.history_len,
-            settings.artifact,
+            path,
             type(store).__name__,
             model.inference,
         )
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await service.close()
@@ -192,14 +318,71 @@ def create_app(settings: ServeSettings) -> FastAPI:
         **kwargs,
     )
     app.state.settings = settings
-    app.include_router(router)
-    app.router.routes[0:0] = fast_routes()  # first match wins: see recloop.serving.routes
+    install_routes(
+        app,
+        models=request_models(settings.limits),
+        max_n=settings.max_n,
+        admin=settings.admin_enabled,
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(BodyError, _body_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app.add_middleware(ServiceMiddleware, metrics=metrics, api_key=key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    # added last = outermost: keys are checked before any body byte is read
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=metrics,
+        api_key=_secret(settings.api_key),
+        admin_key=_secret(settings.admin_key),
+        admin_localhost=settings.admin_localhost,
+    )
     return app
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+async def _load_first(
+    settings: ServeSettings, broadcast: ReloadBroadcast | None
+) -> tuple[Path, LoadedModel]:
+    """The artifact a starting worker serves: the one its siblings were last switched to
+    (the shared reload state), else ``settings.artifact``."""
+
+    def load(path: Path) -> LoadedModel:
+        return LoadedModel.load(path, inference=settings.inference, threads=settings.torch_threads)
+
+    notice = broadcast.current() if broadcast is not None else None
+    if notice is not None:
+        try:
+            model = await asyncio.to_thread(load, notice.artifact)
+        except RecloopError as exc:
+            logger.error(
+                "reload state names %r, which does not load (%s); serving %r",
+                str(notice.artifact),
+                log_safe(exc),
+                str(settings.artifact),
+            )
+        else:
+            return notice.artifact, model
+    return Path(settings.artifact), await asyncio.to_thread(load, Path(settings.artifact))
+
+
+async def _follow_reloads(
+    service: RecommenderService, broadcast: ReloadBroadcast, every_s: float
+) -> None:
+    """Load what another worker's /admin/reload published; one ``stat`` per ``every_s``."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            notice = broadcast.poll()
+            if notice is not None:  # every publication, even of the same path: read it again
+                logger.info("another worker reloaded: loading %r", str(notice.artifact))
+                await service.reload(notice.artifact)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bad artifact or state file must not stop the follower
+            logger.error("following the reload state failed, still serving: %s", log_safe(exc))
 
 
 def _install_sighup(service: RecommenderService) -> bool:

@@ -6,40 +6,51 @@ The recommend routes read the body bytes and validate them with pydantic-core di
 forward pass at ml-100k size.  They are also served by plain Starlette routes placed in
 front of FastAPI's (:func:`fast_routes`): FastAPI's per-request dependency machinery cost
 about 100 µs a request on the 2-core benchmark machine, Starlette's routing about 25.  The
-FastAPI declarations below stay for the OpenAPI schema and run the same functions.
+FastAPI declarations stay for the OpenAPI schema and run the same functions.
+
+Routes are built per app (:func:`install_routes`): the request models carry the settings'
+limits (see :func:`recloop.serving.schemas.request_models`), and the admin routes exist only
+when the settings turn them on.  The 4 MiB body limit is enforced while the body streams in,
+by ``recloop.serving.app.BodyLimitMiddleware``, before any route reads it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
-from starlette.routing import BaseRoute, Route
+from pydantic.json_schema import models_json_schema
+from starlette.routing import Route
 
 from recloop.errors import RecloopError
+from recloop.serving.admin import ArtifactRootError, ReloadBroadcast, log_safe, reload_target
 from recloop.serving.schemas import (
     ErrorResponse,
+    HealthResponse,
     PopularResponse,
-    RecommendBatchRequest,
     RecommendBatchResponse,
-    RecommendRequest,
     RecommendResponse,
     ReloadRequest,
     ReloadResponse,
+    RequestModels,
 )
 from recloop.serving.service import RecommenderService
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
 JSON = "application/json"
 MAX_BODY_BYTES = 4 * 1024 * 1024
-"""Larger bodies are refused (413) before they are parsed."""
-
-router = APIRouter()
+"""Larger bodies are refused (413) as soon as the limit is passed (see module doc)."""
+VERSION_HEADER = "x-model-version"
+"""Response header naming the model version that answered."""
+_REF = "#/components/schemas/{model}"
 
 
 class BodyError(Exception):
@@ -51,8 +62,9 @@ class BodyError(Exception):
         self.detail = detail
 
 
-def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type=JSON)
+def json_response(payload: Any, status: int = 200, *, version: str | None = None) -> Response:
+    headers = {VERSION_HEADER: version} if version is not None else None
+    return Response(orjson.dumps(payload), status_code=status, media_type=JSON, headers=headers)
 
 
 def _service(request: Request) -> RecommenderService:
@@ -60,39 +72,19 @@ def _service(request: Request) -> RecommenderService:
     return svc
 
 
-def _body_schema(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": required,
-            "content": {
-                JSON: {
-                    "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")
-                }
-            },
-        }
-    }
-
-
-async def parse_body(
-    request: Request, model: type[M], *, context: Any = None, allow_empty: bool = False
-) -> M | None:
-    """The body validated as ``model``; 415/413 via :class:`BodyError`, 422 via
+async def parse_body(request: Request, model: type[M], *, allow_empty: bool = False) -> M | None:
+    """The body validated as ``model``; 415 via :class:`BodyError`, 422 via
     :class:`RequestValidationError` with locations starting at ``body``."""
     ctype = request.headers.get("content-type")
     if ctype is not None:
         media = ctype.split(";", 1)[0].strip().lower()
         if media != JSON and not media.endswith("+json"):
             raise BodyError(415, f"content-type must be {JSON}, got {media or 'nothing'!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BodyError(413, f"body of {declared} bytes exceeds {MAX_BODY_BYTES}")
     body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise BodyError(413, f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     if allow_empty and not body.strip():
         return None
     try:
-        return model.model_validate_json(body, context=context)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(
             [
@@ -108,115 +100,206 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "Body is not JSON"},
     422: {"model": ErrorResponse, "description": "Validation error naming the field"},
 }
+_VERSIONED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Successful Response",
+        "headers": {
+            "X-Model-Version": {
+                "description": "Version of the model that answered.",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        },
+    }
+}
 
 
-@router.post(
-    "/v1/recommend",
-    response_model=RecommendResponse,
-    responses=_ERRORS,
-    openapi_extra=_body_schema(RecommendRequest),
-    tags=["recommend"],
-)
-async def recommend(request: Request) -> Response:
-    """Ranked items for one user, best first."""
-    svc = _service(request)
-    req = await parse_body(request, RecommendRequest, context=svc.limits)
-    assert req is not None
-    rec = await svc.recommend(req)
-    return json_response(rec.to_json())
+def _body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` for a body read by :func:`parse_body`: a reference to the model's
+    schema, which :func:`install_routes` adds to the components."""
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {JSON: {"schema": {"$ref": _REF.format(model=model.__name__)}}},
+        }
+    }
 
 
-@router.post(
-    "/v1/recommend/batch",
-    response_model=RecommendBatchResponse,
-    responses=_ERRORS,
-    openapi_extra=_body_schema(RecommendBatchRequest),
-    tags=["recommend"],
-)
-async def recommend_batch(request: Request) -> Response:
-    """Ranked items for many users, scored as one batch."""
-    svc = _service(request)
-    req = await parse_body(request, RecommendBatchRequest, context=svc.limits)
-    assert req is not None
-    recs = await svc.recommend_many(req.requests)
-    return json_response({"results": [r.to_json() for r in recs]})
+def install_routes(app: FastAPI, *, models: RequestModels, max_n: int, admin: bool) -> None:
+    """Every route of the service on ``app``: the Starlette hot paths first (first match
+    wins), the FastAPI declarations behind them, and the request models in the schema's
+    components."""
 
+    async def recommend(request: Request) -> Response:
+        """Ranked items for one user, best first."""
+        svc = _service(request)
+        req = await parse_body(request, models.recommend)
+        assert req is not None
+        rec = await svc.recommend(req)
+        return json_response(rec.to_json(), version=rec.model_version)
 
-@router.get("/v1/popular", response_model=PopularResponse, responses=_ERRORS, tags=["recommend"])
-async def popular(
-    request: Request,
-    n: int | None = Query(None, ge=1, description="How many items (default: default_n)."),
-) -> Response:
-    """Real-time popular items (the stream's window), else the training set's."""
-    svc = _service(request)
-    if n is not None and n > svc.limits.max_n:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "less_than_equal",
-                    "loc": ("query", "n"),
-                    "msg": f"Input should be less than or equal to {svc.limits.max_n}",
-                }
-            ]
+    async def recommend_batch(request: Request) -> Response:
+        """Ranked items for many users, scored as one batch."""
+        svc = _service(request)
+        req = await parse_body(request, models.batch)
+        assert req is not None
+        recs = await svc.recommend_many(req.requests)
+        version = recs[0].model_version  # one batch, one model
+        return json_response({"results": [r.to_json() for r in recs]}, version=version)
+
+    async def popular(
+        request: Request,
+        n: int | None = Query(
+            None, ge=1, le=max_n, description="How many items (default: default_n)."
+        ),
+    ) -> Response:
+        """Real-time popular items (the stream's window), else the training set's."""
+        got = await _service(request).popular(n)
+        return json_response(got.to_json(), version=got.model_version)
+
+    router = APIRouter()
+    router.add_api_route(
+        "/v1/recommend",
+        recommend,
+        methods=["POST"],
+        response_model=RecommendResponse,
+        responses={**_ERRORS, **_VERSIONED},
+        openapi_extra=_body(models.recommend),
+        tags=["recommend"],
+    )
+    router.add_api_route(
+        "/v1/recommend/batch",
+        recommend_batch,
+        methods=["POST"],
+        response_model=RecommendBatchResponse,
+        responses={**_ERRORS, **_VERSIONED},
+        openapi_extra=_body(models.batch),
+        tags=["recommend"],
+    )
+    router.add_api_route(
+        "/v1/popular",
+        popular,
+        methods=["GET"],
+        response_model=PopularResponse,
+        responses={**_ERRORS, **_VERSIONED},
+        tags=["recommend"],
+    )
+    router.add_api_route(
+        "/healthz", healthz, methods=["GET"], response_model=HealthResponse, tags=["health"]
+    )
+    router.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        tags=["health"],
+        responses={503: {"description": "Not ready, with reasons"}},
+    )
+    router.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        response_class=Response,
+        tags=["health"],
+        responses={401: _ERRORS[401], 200: {"content": {"text/plain": {}}}},
+    )
+    bodies: list[type[BaseModel]] = [models.recommend, models.batch]
+    if admin:
+        router.add_api_route(
+            "/admin/reload",
+            reload,
+            methods=["POST"],
+            response_model=ReloadResponse,
+            responses={
+                **_ERRORS,
+                401: {"model": ErrorResponse, "description": "Missing or wrong X-Admin-Key"},
+                400: {"model": ErrorResponse, "description": "Artifact refused"},
+                403: {"model": ErrorResponse, "description": "Outside the artifact root"},
+            },
+            openapi_extra=_body(ReloadRequest, required=False),
+            tags=["admin"],
         )
-    return json_response((await svc.popular(n)).to_json())
+        bodies.append(ReloadRequest)
+    app.include_router(router)
+    app.router.routes[0:0] = [
+        Route("/v1/recommend", recommend, methods=["POST"], include_in_schema=False),
+        Route("/v1/recommend/batch", recommend_batch, methods=["POST"], include_in_schema=False),
+    ]
+    _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template=_REF)
+    components = defs.get("$defs", {})
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI lists the models it validates; these bodies are validated by parse_body,
+        # so their schemas are added here for the references in _body to resolve.
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension
 
 
-@router.get("/healthz", tags=["health"])
-async def healthz() -> Response:
-    """The process is alive."""
-    return json_response({"status": "ok"})
+async def healthz(request: Request) -> Response:
+    """The process is alive; which model it serves."""
+    svc: RecommenderService | None = getattr(request.app.state, "service", None)
+    version = svc.model.model_version if svc is not None else None
+    return json_response({"status": "ok", "model_version": version}, version=version)
 
 
-@router.get("/readyz", tags=["health"], responses={503: {"description": "Not ready, with reasons"}})
 async def readyz(request: Request) -> Response:
     """The model is loaded and the online store answers."""
     svc: RecommenderService | None = getattr(request.app.state, "service", None)
     if svc is None:
         return json_response({"status": "unready", "reasons": ["model not loaded"]}, 503)
     reasons = await svc.readiness()
+    version = svc.model.model_version
     body = {
         "status": "unready" if reasons else "ready",
-        "model_version": svc.model.model_version,
+        "model_version": version,
         "reasons": reasons,
     }
-    return json_response(body, 503 if reasons else 200)
+    return json_response(body, 503 if reasons else 200, version=version)
 
 
-@router.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     svc = _service(request)
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
 
-@router.post(
-    "/admin/reload",
-    response_model=ReloadResponse,
-    responses={**_ERRORS, 400: {"model": ErrorResponse, "description": "Artifact refused"}},
-    openapi_extra=_body_schema(ReloadRequest, required=False),
-    tags=["admin"],
-)
 async def reload(request: Request) -> Response:
-    """Load an artifact and switch to it atomically; a broken one is refused (400)."""
+    """Load an artifact under the artifact root and switch every worker to it; a broken
+    one is refused (400) and the served model stays."""
     svc = _service(request)
     req = await parse_body(request, ReloadRequest, allow_empty=True)
     try:
-        res = await svc.reload(req.artifact if req is not None else None)
+        target = None
+        if req is not None and req.artifact is not None:
+            target = reload_target(req.artifact, svc.settings.resolved_artifact_root)
+        res = await svc.reload(target)
+    except ArtifactRootError as exc:
+        logger.warning("reload refused: %s", log_safe(exc))
+        return json_response({"detail": str(exc)}, 403)
     except RecloopError as exc:
         return json_response({"detail": str(exc)}, 400)
+    broadcast: ReloadBroadcast | None = getattr(request.app.state, "reload_broadcast", None)
+    if broadcast is None:
+        logger.warning("reload reached this process only: RECLOOP_RELOAD_STATE is not set")
+    else:
+        try:
+            broadcast.publish(svc.artifact_path, res.model_version)
+        except OSError as exc:  # this worker did switch: say so, and why the others did not
+            logger.error(
+                "reload reached this process only: cannot write %s (%s)",
+                broadcast.path,
+                log_safe(exc),
+            )
     return json_response(
         {
             "model_version": res.model_version,
             "previous_model_version": res.previous_model_version,
             "artifact": res.artifact,
-        }
+        },
+        version=res.model_version,
     )
-
-
-def fast_routes() -> list[BaseRoute]:
-    """Starlette routes for the hot paths, to be placed before the FastAPI ones."""
-    return [
-        Route("/v1/recommend", recommend, methods=["POST"], include_in_schema=False),
-        Route("/v1/recommend/batch", recommend_batch, methods=["POST"], include_in_schema=False),
-    ]

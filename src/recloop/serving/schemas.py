@@ -1,27 +1,33 @@
 """Request and response bodies of the recommendation service.
 
 Requests are validated straight from the raw JSON bytes (pydantic-core parses and checks in
-one pass); limits that depend on the settings (largest ``n``, batch size, list length) come
-in through the validation context, so one model serves every configuration and its errors
-name the field.  Responses are documented with models here but written with orjson from
-plain dicts, so the hot path never validates its own output twice.
+one pass), in strict mode: what the OpenAPI schema forbids is refused (``"n": "3"``,
+``"exclude_consumed": 0``, ``"user_id": 196.5``), and what it allows is accepted — JSON
+Schema's integers include ``196.0``, which is read as the id ``"196"`` (not ``"196.0"``, an
+id nobody has) — so clients generated from the schema and the service agree.  The limits
+that depend on the settings (largest ``n``, batch size, list length) are declared on per-app
+subclasses built by :func:`request_models`, so they appear in the schema as
+``maximum``/``maxItems`` and their errors name the field.  Responses are documented with
+models here but written with orjson from plain dicts, so the hot path never validates its
+own output twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
 MAX_ID_LEN = 512
 """Longest raw id accepted, in characters."""
+INT_ID_MIN, INT_ID_MAX = -(2**63), 2**63 - 1
+"""Range of the JSON integers accepted as ids (int64, as ids in the wild)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
-    """Settings-dependent bounds passed to validation as its context."""
+    """Settings-dependent bounds of the request bodies."""
 
     max_n: int
     """Largest ``n``."""
@@ -31,72 +37,143 @@ class Limits:
     """Longest ``recent_items``."""
 
 
-def _limits(info: ValidationInfo) -> Limits | None:
-    ctx = info.context
-    return ctx if isinstance(ctx, Limits) else None
+def _whole(value: object) -> int | None:
+    """A JSON number without a fraction as an int (JSON and JSON Schema do not tell 196
+    from 196.0: both are the integer 196); None for anything else, booleans included."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
+def _number_id_to_str(value: object) -> object:
+    # Raw ids are strings, but MovieLens-style numeric ids are often sent as JSON integers:
+    # those are read as their decimal digits (196 and 196.0 both as "196").  Fractions,
+    # booleans and anything else are left to fail the strict str check.
+    whole = _whole(value)
+    if whole is None:
+        return value
+    if not INT_ID_MIN <= whole <= INT_ID_MAX:
+        raise ValueError(f"integer ids must lie in [{INT_ID_MIN}, {INT_ID_MAX}]")
+    return str(whole)
+
+
+def _whole_number(value: object) -> object:
+    # "n": 3.0 is the integer 3 to JSON Schema; "3" and true are not integers and stay as
+    # they are, for the strict int check to refuse
+    whole = _whole(value)
+    return value if whole is None else whole
+
+
+def _id_schema(min_length: int) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": min_length, "maxLength": MAX_ID_LEN},
+                {"type": "integer", "minimum": INT_ID_MIN, "maximum": INT_ID_MAX},
+            ]
+        }
+    )
+
+
+UserId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ID_LEN),
+    BeforeValidator(_number_id_to_str),
+    _id_schema(1),
+]
+"""A raw user id: a non-empty string, or a whole number read as its decimal digits."""
+ItemId = Annotated[
+    str, Field(max_length=MAX_ID_LEN), BeforeValidator(_number_id_to_str), _id_schema(0)
+]
+"""A raw item id: a string, or a whole number read as its decimal digits."""
+
+
+def _count(*, ge: int, le: int | None = None) -> Any:
+    """A JSON integer in [ge, le] (``3`` or ``3.0``; not ``"3"``, not ``true``).  The bounds
+    come before the validator: the other way round pydantic writes them into the JSON
+    schema as ``ge``/``le`` instead of ``minimum``/``maximum``."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole_number)]
+
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+_N_DOC = "How many items to return (default: the service's default_n)."
+_RECENT_DOC = (
+    "Raw ids of the user's latest items, oldest first; omitted: read from the online store."
+)
+_REQUESTS_DOC = "One entry per user, each like a /v1/recommend body."
 
 
 class RecommendRequest(BaseModel):
-    """Ranked items for one user; ids are raw (numbers are accepted and read as strings)."""
+    """Ranked items for one user; ids are raw (whole numbers are read as their digits)."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, coerce_numbers_to_str=True, use_attribute_docstrings=True
+    model_config = _STRICT
+
+    user_id: UserId = Field(
+        description="Raw user id, as in the training data; unknown users are answered too."
     )
-
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    """Raw user id, as in the training data; unknown users are answered too."""
-    recent_items: list[str] | None = None
-    """Raw ids of the user's latest items, oldest first; omitted: read from the online store."""
-    n: int | None = None
-    """How many items to return (default: the service's ``default_n``)."""
-    exclude_consumed: bool = True
-    """Leave out the given recent items and the user's known history."""
-
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is None:
-            return v
-        if v < 1:
-            raise ValueError("n must be >= 1")
-        lim = _limits(info)
-        if lim is not None and v > lim.max_n:
-            raise ValueError(f"n must be <= {lim.max_n}")
-        return v
-
-    @field_validator("recent_items")
-    @classmethod
-    def _check_recent(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        lim = _limits(info)
-        if v is not None and lim is not None and len(v) > lim.max_recent_items:
-            raise ValueError(f"at most {lim.max_recent_items} recent items, got {len(v)}")
-        return v
+    recent_items: list[ItemId] | None = Field(None, description=_RECENT_DOC)
+    n: _count(ge=1) | None = Field(None, description=_N_DOC)  # type: ignore[valid-type]
+    exclude_consumed: bool = Field(
+        True, description="Leave out the given recent items and the user's known history."
+    )
 
 
 class RecommendBatchRequest(BaseModel):
     """Many users at once, scored as one batch."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = _STRICT
 
-    requests: list[RecommendRequest] = Field(min_length=1)
-    """One entry per user, each like a /v1/recommend body."""
+    requests: list[RecommendRequest] = Field(min_length=1, description=_REQUESTS_DOC)
 
-    @field_validator("requests")
-    @classmethod
-    def _check_len(cls, v: list[RecommendRequest], info: ValidationInfo) -> list[RecommendRequest]:
-        lim = _limits(info)
-        if lim is not None and len(v) > lim.max_batch:
-            raise ValueError(f"at most {lim.max_batch} requests per batch, got {len(v)}")
-        return v
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RequestModels:
+    """The request bodies of one app, with its settings' limits declared on the fields."""
+
+    recommend: type[RecommendRequest]
+    """Body of /v1/recommend."""
+    batch: type[RecommendBatchRequest]
+    """Body of /v1/recommend/batch."""
+
+
+def request_models(limits: Limits) -> RequestModels:
+    """Subclasses of the request models whose fields carry ``limits`` (``le``,
+    ``max_length``): one declaration for the validation and the OpenAPI schema."""
+    one = create_model(
+        "RecommendRequest",
+        __base__=RecommendRequest,
+        __doc__=RecommendRequest.__doc__,
+        __module__=__name__,
+        recent_items=(
+            list[ItemId] | None,
+            Field(None, max_length=limits.max_recent_items, description=_RECENT_DOC),
+        ),
+        n=(_count(ge=1, le=limits.max_n) | None, Field(None, description=_N_DOC)),
+    )
+    many = create_model(
+        "RecommendBatchRequest",
+        __base__=RecommendBatchRequest,
+        __doc__=RecommendBatchRequest.__doc__,
+        __module__=__name__,
+        requests=(
+            list[one],  # type: ignore[valid-type]  # a class built at run time
+            Field(min_length=1, max_length=limits.max_batch, description=_REQUESTS_DOC),
+        ),
+    )
+    return RequestModels(recommend=one, batch=many)
 
 
 class ReloadRequest(BaseModel):
     """Which artifact /admin/reload loads; omitted: the one served now, read again."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = _STRICT
 
-    artifact: Path | None = None
-    """Artifact or run directory on the server's file system."""
+    artifact: str | None = Field(None, min_length=1, max_length=4096)
+    """Artifact or run directory under the service's artifact root (relative paths are
+    read from the root)."""
 
 
 class ScoredItem(BaseModel):
@@ -135,6 +212,15 @@ class PopularResponse(BaseModel):
     """``realtime`` (the stream's sliding window, from the store) or ``train`` (the artifact's
     train-set counts, when the store has none or is down)."""
     model_version: str
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    status: Literal["ok"]
+    """Always ``ok``: the process answers."""
+    model_version: str | None
+    """Version of the model this process serves (null before the model is loaded)."""
 
 
 class ReloadResponse(BaseModel):

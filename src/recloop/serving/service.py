@@ -27,10 +27,11 @@ import torch
 from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError, ConfigError, RecloopError
 from recloop.ranking import topk
+from recloop.serving.admin import log_safe
 from recloop.serving.metrics import ServiceMetrics
-from recloop.serving.schemas import Limits, RecommendRequest
+from recloop.serving.schemas import RecommendRequest
 from recloop.serving.settings import ServeSettings
-from recloop.serving.stores import OnlineStore, Scored
+from recloop.serving.stores import OnlineStore, Scored, StoreDataError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ MAX_LISTED_IDS = 10
 
 SOURCE_POLICY = "policy"
 SOURCE_POPULAR = "popular"
+
+CORRUPT: Any = object()
+"""What :meth:`RecommenderService._from_store` returns for a value the store cannot decode."""
 
 
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], torch.Tensor]
@@ -317,17 +321,15 @@ class RecommenderService:
         store: OnlineStore,
         model: LoadedModel,
         metrics: ServiceMetrics | None = None,
+        artifact_path: Path | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics or ServiceMetrics()
-        self.limits = Limits(
-            max_n=settings.max_n,
-            max_batch=settings.max_batch,
-            max_recent_items=settings.max_recent_items,
-        )
+        self.limits = settings.limits
         self._model = model
-        self._artifact_path = Path(settings.artifact)
+        self._artifact_path = Path(artifact_path or settings.artifact)
+        """Where ``model`` was loaded from (what a reload without a path reads again)."""
         self._reload_lock = asyncio.Lock()
         self._store_down_until = -1.0
         self._store_failing = False
@@ -339,7 +341,7 @@ class RecommenderService:
         )
         self._fallback = {
             r: self.metrics.fallbacks.labels(reason=r)
-            for r in ("unknown_user", "store_unavailable", "train_popular")
+            for r in ("unknown_user", "store_unavailable", "store_corrupt", "train_popular")
         }
         self._served = {
             s: self.metrics.recommendations.labels(source=s)
@@ -362,12 +364,20 @@ class RecommenderService:
         return asyncio.get_running_loop().time() >= self._store_down_until
 
     async def _from_store(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``await call()``, or None when the store is benched or fails (then bench it)."""
+        """``await call()``, or None when the store is benched or fails (then bench it), or
+        :data:`CORRUPT` when it answered with data it cannot decode (a bad value under one
+        key is not an outage: this read falls back, the store stays in use)."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._store_down_until:
             return None
         try:
             got = await call()
+        except StoreDataError as exc:
+            logger.warning(
+                "online store: %s read corrupt data, falling back: %s", what, log_safe(exc)
+            )
+            self._fallback["store_corrupt"].inc()
+            return CORRUPT
         except Exception as exc:  # any store failure must degrade, not fail the request
             if not self._store_failing:
                 logger.warning("online store unavailable (%s: %s); serving fallbacks", what, exc)
@@ -379,18 +389,20 @@ class RecommenderService:
             self._store_failing = False
         return got
 
-    async def _popular(self) -> list[Scored] | None:
-        """The store's popular list (cached briefly); None when the store is unavailable."""
+    async def _popular(self) -> tuple[list[Scored] | None, str]:
+        """The store's popular list (cached briefly), else None and why not."""
         loop = asyncio.get_running_loop()
         cached = self._popular_cache
         if cached is not None and loop.time() < cached[0]:
-            return cached[1]
+            return cached[1], ""
         fetch = self.settings.max_n + self.settings.consumed_len
         got = await self._from_store("get_popular", lambda: self.store.get_popular(fetch))
+        if got is CORRUPT:
+            return None, "online store's popular items unreadable: popular items from training"
         if got is None:
-            return None
+            return None, "online store unavailable: popular items from training"
         self._popular_cache = (loop.time() + self.settings.popular_cache_s, got)
-        return list(got)
+        return list(got), ""
 
     # ------------------------------------------------------------------ recommend
 
@@ -421,7 +433,9 @@ class RecommenderService:
             got = await self._from_store(
                 "get_recent", lambda: self.store.get_recent(unique, n=fetch)
             )
-            if got is None:
+            if got is CORRUPT:
+                store_warning = "online store's recent items unreadable: ignored"
+            elif got is None:
                 store_warning = "online store unavailable: the user's recent items are unknown"
                 self._fallback["store_unavailable"].inc()
             else:
@@ -495,11 +509,11 @@ class RecommenderService:
         where: list[int],
         out: list[Recommendation | None],
     ) -> None:
-        live = await self._popular()
+        live, why = await self._popular()
         if live is None:
             for i in where:
                 if not any(w.startswith("online store unavailable") for w in rows[i].warnings):
-                    rows[i].warnings.append("online store unavailable: popular items from training")
+                    rows[i].warnings.append(why)
         for i in where:
             row = rows[i]
             self._fallback["unknown_user"].inc()
@@ -536,7 +550,7 @@ class RecommenderService:
         """Real-time popular items from the store, else the artifact's train-set counts."""
         model = self._model
         n = self.settings.default_n if n is None else n
-        live = await self._popular()
+        live, _ = await self._popular()
         if live:
             return PopularList(items=live[:n], source="realtime", model_version=model.model_version)
         self._fallback["train_popular"].inc()
@@ -581,7 +595,8 @@ class RecommenderService:
                 )
             except ArtifactError as exc:
                 self.metrics.reloads.labels(outcome="refused").inc()
-                logger.error("reload of %s refused: %s", target, exc)
+                # repr and escapes: the path and the message may come from a client
+                logger.error("reload of %r refused: %s", str(target), log_safe(exc))
                 raise
             self._model = model  # the swap: one reference assignment
             self._artifact_path = target
@@ -589,10 +604,10 @@ class RecommenderService:
             self.metrics.set_model(model.model_version)
             self.metrics.reloads.labels(outcome="ok").inc()
             logger.info(
-                "now serving %s from %s (was %s)",
-                model.model_version,
-                target,
-                previous.model_version,
+                "now serving %s from %r (was %s)",
+                log_safe(model.model_version),
+                str(target),
+                log_safe(previous.model_version),
             )
             return ReloadResult(
                 model_version=model.model_version,

@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recloop.errors import ConfigError
+from recloop.serving.schemas import Limits
+from recloop.serving.stores import check_store_url
+
 
 class ServeSettings(BaseSettings):
     """Everything ``create_app`` needs; field ``x`` reads ``RECLOOP_X`` from the environment."""
@@ -30,7 +34,28 @@ class ServeSettings(BaseSettings):
     store_retry_s: float = Field(1.0, ge=0)
     """After a store failure, answer without the store for this long before trying again."""
     api_key: SecretStr | None = None
-    """When set, every route but /healthz and /readyz needs header ``X-API-Key`` equal to it."""
+    """When set, every route but /healthz, /readyz and the admin routes needs header
+    ``X-API-Key`` equal to it."""
+    admin_key: SecretStr | None = None
+    """When set, the admin routes (/admin/reload) are on and need header ``X-Admin-Key`` equal
+    to it (the API key is neither needed nor enough).  Unset: they answer 404, unless
+    ``admin_localhost``."""
+    admin_localhost: bool = False
+    """Without ``admin_key``, turn the admin routes on for clients on 127.0.0.1/::1 only (no
+    key; anyone else gets 404).  Not behind a proxy on the same host: every request would
+    come from 127.0.0.1."""
+    artifact_root: Path | None = None
+    """Directory /admin/reload may load artifacts from (symlinks resolved, relative paths
+    read from it); default: the served artifact's directory only (re-reading it)."""
+    reload_state: Path | None = None
+    """File through which the worker processes of one service share /admin/reload: the
+    worker that reloads writes the new artifact path and version there, every worker checks
+    it about every ``reload_poll_s`` seconds and loads that artifact, and a worker that
+    starts (or restarts) serves the artifact it names.  ``recloop serve`` sets a fresh one
+    per run; set it yourself (one file per service) when running ``app_from_env`` under
+    uvicorn or gunicorn with several workers.  Unset: a reload reaches its own process only."""
+    reload_poll_s: float = Field(1.0, gt=0)
+    """How often each worker checks ``reload_state`` (one ``stat``, off the request path)."""
     default_n: int = Field(10, ge=1)
     """Items returned when a request does not say ``n``."""
     max_n: int = Field(100, ge=1)
@@ -67,6 +92,16 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the ``recloop`` loggers and uvicorn (``recloop serve`` sets them up)."""
 
+    @field_validator("store_url", "redis_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_store_url(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
@@ -77,6 +112,22 @@ class ServeSettings(BaseSettings):
         if self.default_n > self.max_n:
             raise ValueError(f"default_n ({self.default_n}) must be <= max_n ({self.max_n})")
         return self
+
+    @property
+    def limits(self) -> Limits:
+        """The request limits these settings allow."""
+        return Limits(
+            max_n=self.max_n, max_batch=self.max_batch, max_recent_items=self.max_recent_items
+        )
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_key is not None or self.admin_localhost
+
+    @property
+    def resolved_artifact_root(self) -> Path:
+        """Where reloads may read artifacts from, symlinks resolved."""
+        return Path(self.artifact_root or self.artifact).resolve()
 
     @property
     def resolved_store_url(self) -> str | None:

@@ -11,7 +11,9 @@ Everything is keyed by raw ids (strings).  A user's recent items are kept in **e
 order (ties by event id) and are **idempotent by event id**: stream workers that finish
 their batches out of order, or a batch delivered twice after a crash, leave the same list —
 the last ``max_len`` events by event time.  Failures to reach the backend raise
-:class:`StoreError`, whatever the backend library raised.
+:class:`StoreError`, whatever the backend library raised; a backend that answers with data
+it cannot decode raises :class:`StoreDataError` naming the key, so that callers can tell a
+corrupt value (fall back for that read) from an outage (stop asking for a while).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class StoreError(RecloopError):
     """The online store cannot be reached or answered with an error."""
 
 
+class StoreDataError(RecloopError):
+    """The online store answered, but a value under one key is not what recloop writes there."""
+
+
 @runtime_checkable
 class OnlineStore(Protocol):
     """Per-user recent items, popular items and latest recommendations, all by raw id."""
@@ -110,19 +116,48 @@ def open_store(
 
     ``prefix`` namespaces Redis keys; ``timeout_s`` bounds connects and commands (and SQLite's
     wait for a lock); ``retries`` is how often a failed Redis command is retried at once.
-    Nothing is contacted here: the first call connects.
+    Nothing is contacted here: the first call connects (:func:`check_store` tries it).
     """
-    if url is None or url in ("", "memory://", "memory:"):
+    kind = check_store_url(url)
+    if kind == "memory":
         return MemoryStore()
-    scheme = url.split(":", 1)[0].lower()
-    if scheme in ("redis", "rediss", "unix"):
+    assert url is not None
+    if kind == "redis":
         return RedisStore(url, prefix=prefix, timeout_s=timeout_s, retries=retries)
+    return SqliteStore(sqlite_path(url), timeout_s=timeout_s)
+
+
+def check_store_url(url: str | None) -> str:
+    """The kind of store ``url`` names (``memory``, ``redis`` or ``sqlite``); raises
+    :class:`ConfigError` saying what is wrong with it.  Contacts nothing."""
+    if url is None or url in ("", "memory://", "memory:"):
+        return "memory"
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"store url {url!r}: {exc}") from None
+        return "redis"
     if scheme == "sqlite":
-        return SqliteStore(sqlite_path(url), timeout_s=timeout_s)
+        sqlite_path(url)
+        return "sqlite"
     raise ConfigError(
         f"store url {url!r}: unsupported scheme {scheme!r} "
         "(expected redis://, rediss://, unix://, sqlite:/// or memory://)"
     )
+
+
+async def check_store(store: OnlineStore) -> None:
+    """Connect once and raise :class:`StoreError` saying why the store cannot be used (a
+    server that refuses the database number, a SQLite directory that does not exist)."""
+    check = getattr(store, "check", None)
+    if check is not None:
+        await check()
+    elif not await store.ping():
+        raise StoreError(f"{type(store).__name__}: does not answer")
 
 
 def sqlite_path(url: str) -> str:
@@ -200,9 +235,12 @@ def _decode_recent(raw: bytes) -> Scored:
     return item, float(reward)
 
 
-def _decode_all(raw: Sequence[bytes | None]) -> list[Scored]:
+def _decode_all(raw: Sequence[bytes | None], key: str) -> list[Scored]:
     # None: a payload deleted by hand behind the sorted set's back; the event is skipped
-    return [_decode_recent(x) for x in raw if x is not None]
+    try:
+        return [_decode_recent(x) for x in raw if x is not None]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreDataError(f"key {key!r}: unreadable recent item ({exc})") from None
 
 
 # Per user, a sorted set of event ids scored by event time and a hash event id → "reward
@@ -244,8 +282,16 @@ def _dump_scored(items: Sequence[Scored]) -> bytes:
     return orjson.dumps([[str(i), float(s)] for i, s in items])
 
 
-def _load_scored(raw: bytes | str) -> list[Scored]:
-    return [(str(i), float(s)) for i, s in orjson.loads(raw)]
+def _load_scored(raw: bytes | str, key: str) -> list[Scored]:
+    """A JSON list of ``[id, score]`` pairs; anything else raises :class:`StoreDataError`."""
+    try:
+        return [(str(i), float(s)) for i, s in orjson.loads(raw)]
+    except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        shown = raw[:60] if isinstance(raw, str) else raw[:60].decode(errors="replace")
+        raise StoreDataError(
+            f"key {key!r}: expected a JSON list of [id, score] pairs, got {shown!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 RECENT_KEY = "recent_ts"
@@ -348,15 +394,19 @@ class RedisStore:
             return {u: [] for u in users}
         calls = [(self._recent_keys(u), [n]) for u in users]
         lists = await self._scripts("get_recent", RECENT_READ_SCRIPT, calls)
-        return {u: _decode_all(raw) for u, raw in zip(users, lists, strict=True)}
+        return {
+            u: _decode_all(raw, self._key(RECENT_EVENTS_KEY, f"{{{u}}}"))
+            for u, raw in zip(users, lists, strict=True)
+        }
 
     async def set_popular(self, items: Sequence[Scored]) -> None:
         blob = _dump_scored(items)
         await self._run("set_popular", lambda: self._client.set(self._key("popular"), blob))
 
     async def get_popular(self, n: int) -> list[Scored]:
-        raw = await self._run("get_popular", lambda: self._client.get(self._key("popular")))
-        return [] if raw is None or n <= 0 else _load_scored(raw)[:n]
+        key = self._key("popular")
+        raw = await self._run("get_popular", lambda: self._client.get(key))
+        return [] if raw is None or n <= 0 else _load_scored(raw, key)[:n]
 
     async def set_recommendations(
         self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
@@ -376,14 +426,22 @@ class RedisStore:
         raw = await self._run("get_recommendations", lambda: self._client.get(key))
         if raw is None:
             return None
-        doc = orjson.loads(raw)
-        return [(str(i), float(s)) for i, s in doc["items"]], str(doc["model_version"])
+        try:
+            doc = orjson.loads(raw)
+            return [(str(i), float(s)) for i, s in doc["items"]], str(doc["model_version"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreDataError(f"key {key!r}: unreadable recommendations ({exc!r})") from None
 
     async def ping(self) -> bool:
         try:
             return bool(await self._run("ping", self._client.ping))
         except StoreError:
             return False
+
+    async def check(self) -> None:
+        """Connect (authenticating and selecting the database) and ping; raises
+        :class:`StoreError` with the server's reason."""
+        await self._run("connect", self._client.ping)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -518,7 +576,7 @@ class SqliteStore:
             return conn.execute("SELECT items FROM recloop_popular WHERE id = 0").fetchone()
 
         row = await self._call("get_popular", read)
-        return [] if row is None or n <= 0 else _load_scored(row[0])[:n]
+        return [] if row is None or n <= 0 else _load_scored(row[0], "recloop_popular")[:n]
 
     async def set_recommendations(
         self, recs: Mapping[str, Sequence[Scored]], *, model_version: str
@@ -544,7 +602,9 @@ class SqliteStore:
             ).fetchone()
 
         row = await self._call("get_recommendations", read)
-        return None if row is None else (_load_scored(row[0]), str(row[1]))
+        if row is None:
+            return None
+        return _load_scored(row[0], f"recloop_recommendations[{user!r}]"), str(row[1])
 
     async def ping(self) -> bool:
         try:
@@ -552,6 +612,16 @@ class SqliteStore:
         except StoreError:
             return False
         return True
+
+    async def check(self) -> None:
+        """Open the database; raises :class:`StoreError` when its directory does not exist
+        (a service reading a store nobody writes is a typo, not a new store) or it cannot
+        be opened."""
+        if self.path != ":memory:":
+            parent = Path(self.path).parent
+            if not parent.is_dir():
+                raise StoreError(f"sqlite store {self.path}: directory {parent} does not exist")
+        await self._call("connect", lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
         def shut() -> None:
