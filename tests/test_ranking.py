@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,23 @@ def test_k_larger_than_catalogue_and_empty() -> None:
     assert sorted(got.indices[0, :2].tolist()) == [0, 1]
     assert got.indices[0, 2].item() == 2
     assert topk(torch.zeros(0, 3), 2, row_keys=torch.zeros(0)).indices.shape == (0, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_item_is_tied_to_its_row(seed: int) -> None:
+    """The first tied item of row u is not item u (nor any fixed offset of it), and the rank
+    of a fixed item among ties is uniform over rows: a constant scorer's top-1 must be item
+    u for about 1/N of the users, not for all of them."""
+    n, m = 50, 4000
+    rows = torch.arange(m)
+    first = topk(torch.zeros(m, n), 1, row_keys=rows, seed=seed).indices[:, 0]
+    for offset in (0, 1, -1):
+        own = float((first == (rows + offset) % n).double().mean())
+        assert own < 3 / n, (offset, own)
+    # where does item 0 land among 50 tied items? uniform ranks: mean (n - 1) / 2
+    order = topk(torch.zeros(m, n), n, row_keys=rows, seed=seed).indices
+    rank0 = (order == 0).nonzero()[:, 1].double()
+    assert abs(float(rank0.mean()) - (n - 1) / 2) < 4 * (n / math.sqrt(12 * m))
+    # and the mean item index in a top 10 shows no pull towards low (popular) indices
+    top10 = order[:, :10].double()
+    assert abs(float(top10.mean()) - (n - 1) / 2) < 4 * (n / math.sqrt(12 * m * 10))

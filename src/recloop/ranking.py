@@ -28,6 +28,8 @@ _MIX = 0x45D9F3B
 """Multiplier of a well-mixing 32-bit integer hash; below 2**27, so products fit in int64."""
 _SEED_MIX = 0x7FEB352D
 """Odd multiplier below 2**31 that spreads the seed over the row keys."""
+_ITEM_MIX = 0x27D4EB2F
+"""Odd multiplier below 2**30 that spreads the item index before it meets the row's hash."""
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -46,7 +48,9 @@ def tie_keys(row_keys: Tensor, items: Tensor, *, seed: int = 0) -> Tensor:
     if row_keys.dim() == 1 and items.dim() == 2:
         row_keys = row_keys[:, None]
     row = _mix32((row_keys.to(torch.int64) + (seed & _MASK) * _SEED_MIX) & _MASK)
-    return _mix32(row ^ _mix32(items.to(torch.int64) & _MASK))
+    # Add, then mix: mixing the row and the item alike and XOR-ing them would cancel for
+    # item == row (key 0, the first place) whenever the seed is 0.
+    return _mix32((row + (items.to(torch.int64) & _MASK) * _ITEM_MIX) & _MASK)
 
 
 @dataclass(frozen=True)
