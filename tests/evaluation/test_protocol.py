@@ -256,3 +256,25 @@ def test_errors() -> None:
         evaluate(fixed_scorer, no_valid, split="valid", history=2)
     with pytest.raises(ValueError, match=r"scorer returned shape \(3, 3\), expected \(3, 7\)"):
         evaluate(lambda u, h, r: torch.zeros(u.shape[0], 3), tiny(), history=2)
+
+
+def test_infinite_target_scores_are_hits_and_nan_is_refused() -> None:
+    """+inf is a real (best) score — only -inf means masked — and NaN cannot be ranked."""
+    ds = random_log(3)
+    users = build_eval_users(ds, split="test", history=2)
+    targets = torch.from_numpy(users.target_items[users.target_offsets[:-1]].astype(np.int64))
+
+    def oracle(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        scores = torch.zeros(user.shape[0], ds.n_items + 1)
+        rows = torch.searchsorted(torch.from_numpy(users.user), user)
+        scores[torch.arange(user.shape[0]), targets[rows]] = float("inf")
+        return scores
+
+    report = evaluate_users(oracle, users, cfg=EvalConfig(ks=(1,), mask_consumed=False))
+    assert report.metrics["hr@1"] == 1.0
+
+    def nan(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return torch.full((user.shape[0], ds.n_items + 1), float("nan"))
+
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_users(nan, users, cfg=EvalConfig(ks=(1,)))

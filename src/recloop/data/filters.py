@@ -21,7 +21,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class FilterConfig:
-    """Which events and which users/items survive cleaning."""
+    """Which events and which users/items survive cleaning.
+
+    The filters run before the split, on every event — as RecBole's do — because the split
+    is defined on the events that survive.  So with ``min_*_events > 1`` or ``k_core > 0``,
+    held-out events help decide which users and items (and so which training events) are
+    kept: a held-out-blind pipeline keeps the defaults (1, 1, 0), which drop nothing.
+    ``dedupe`` only drops exact copies, keeping the first in source order, so a held-out
+    event can never remove a training one.
+    """
 
     dedupe: bool = True
     """Drop exact duplicate events (every column equal), keeping the first in source order."""

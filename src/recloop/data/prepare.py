@@ -16,7 +16,11 @@ Steps, in order (each filter records what it removed in the manifest):
 9. user and item feature tables as Int32 codes (``features``).
 
 Nothing about valid/test events reaches a training row: not the id order, not a session, not
-a return (``tests/test_leakage.py`` holds the pipeline to that).
+a return (``tests/test_leakage.py`` holds the pipeline to that).  Two things are decided on
+all events, by design, and documented where they are configured: the catalogue (an item seen
+only in valid/test still gets an index — the last ones, so N counts it, as a shop's catalogue
+lists new items before anyone buys them) and the count filters (``filters``: off by
+default).
 
 Everything is flat numpy arrays and a few polars calls; nothing loops over users or rows.
 """

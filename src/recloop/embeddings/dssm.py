@@ -525,7 +525,10 @@ def pretrain_dssm(
     seen_valid = ConsumedItems.from_pairs(
         dataset.user[train | valid], dataset.item[train | valid], n_users=nu, n_items=ni
     )
-    rng = np.random.default_rng(cfg.seed)
+    # Two streams: drawing the validation negatives must not move the training draws, or
+    # the number of validation events would change the trained embeddings.
+    rng = np.random.default_rng([cfg.seed, 0])
+    valid_rng = np.random.default_rng([cfg.seed, 1])
     k = cfg.neg_ratio
     tr_user = dataset.user[train].astype(np.int64)
     tr_item = dataset.item[train].astype(np.int64)
@@ -534,7 +537,7 @@ def pretrain_dssm(
     va_pairs = _pairs(
         va_user,
         va_item,
-        seen_valid.sample(np.repeat(va_user, k), rng).reshape(-1, k),
+        seen_valid.sample(np.repeat(va_user, k), valid_rng).reshape(-1, k),
         device=device,
     )
 

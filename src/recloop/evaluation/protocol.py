@@ -232,6 +232,8 @@ def evaluate_users(
         _sync(dev)
         t1 = time.perf_counter()
         scores = scores.detach().to(dev)
+        if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+            raise ValueError("scorer returned NaN scores; nothing can be ranked on them")
         # index_fill is out of place: the copy protects the scorer's own tensors from masking.
         scores = scores.index_fill(1, pad, float("-inf"))
         # Entries are addressed as flat keys row * (N + 1) + item of this batch's score table;
@@ -250,7 +252,8 @@ def evaluate_users(
             scores, k_top, row_keys=torch.from_numpy(users.user[lo:hi]), seed=cfg.tie_seed
         )
         values, top = ranked.values, ranked.indices  # (b, K)
-        finite = torch.isfinite(values)  # fewer than K rankable items leaves -inf in the top
+        # fewer than K rankable items leaves -inf (masked) in the top; +inf is a real score
+        finite = values > float("-inf")
         # Hits by binary search of the top-K keys among the sorted distinct target keys.
         u_key, inverse = torch.unique(t_key, return_inverse=True)
         u_reward = torch.full(u_key.shape, float("-inf"), device=dev).scatter_reduce_(
