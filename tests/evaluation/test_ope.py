@@ -389,7 +389,16 @@ def _table_policy(pi: np.ndarray) -> Scorer:
     return score
 
 
-CB_CFG = OPEConfig(top_k=None, mask_consumed=False, weight_cap=None, n_boot=0)
+# The bandit's "users" are its 6 contexts, drawn afresh each round: rounds, not users, are
+# the independent units here, so the bootstrap resamples events.
+CB_CFG = OPEConfig(
+    target="softmax",
+    top_k=None,
+    mask_consumed=False,
+    weight_cap=None,
+    n_boot=0,
+    cluster_by_user=False,
+)
 
 
 def _cb_run(
@@ -532,3 +541,40 @@ def test_ope_for_runs_shares_one_beta_and_pairs_the_runs(
         assert iv.low <= iv.value <= iv.high
         assert diff.excludes_zero(k) == (iv.low > 0 or iv.high < 0)
     assert set(diff.to_dict()["differences"]["dr"]) >= {"value", "low", "high", "excludes_zero"}
+
+
+def test_cluster_bootstrap_resamples_whole_users() -> None:
+    """Users with many perfectly correlated events: resampling events pretends they are
+    independent and gives a far narrower interval than resampling users."""
+    rng = np.random.default_rng(0)
+    n_users, per_user = 40, 25
+    user = np.repeat(np.arange(n_users), per_user)
+    value = np.repeat(rng.normal(size=n_users), per_user)  # all of a user's events agree
+    cols = value[:, None]
+    by_event = bootstrap_means(cols, n_boot=400, rng=np.random.default_rng(1))
+    by_user = bootstrap_means(cols, n_boot=400, rng=np.random.default_rng(1), clusters=user)
+    assert np.std(by_user) > 3 * np.std(by_event)
+    # its spread is that of a mean of 40 independent users
+    assert np.std(by_user) == pytest.approx(np.std(value[::per_user]) / math.sqrt(n_users), rel=0.2)
+    # one event per user: the same as the plain bootstrap
+    one = bootstrap_means(cols[::per_user], n_boot=50, rng=np.random.default_rng(2))
+    same = bootstrap_means(
+        cols[::per_user], n_boot=50, rng=np.random.default_rng(2), clusters=np.arange(n_users)
+    )
+    np.testing.assert_array_equal(one, same)
+
+
+def test_uniform_topk_target_ignores_the_score_scale() -> None:
+    scores = torch.tensor([[float("-inf"), 1.0, 3.0, 2.0, 0.5]])
+    for scale in (1.0, 0.01, 100.0):
+        items, probs = target_probs(
+            scores * scale, temperature=1.0, top_k=2, row_keys=torch.zeros(1), target="uniform_topk"
+        )
+        assert items.tolist() == [[2, 3]]
+        assert probs.tolist() == [[0.5, 0.5]]
+    # fewer unmasked items than K: uniform over those left, masked ones get 0
+    masked = torch.tensor([[float("-inf"), float("-inf"), 3.0, float("-inf"), float("-inf")]])
+    items, probs = target_probs(
+        masked, temperature=1.0, top_k=3, row_keys=torch.zeros(1), target="uniform_topk"
+    )
+    assert probs[0, 0].item() == 1.0 and probs[0, 1:].sum().item() == 0.0

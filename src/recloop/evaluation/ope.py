@@ -78,10 +78,19 @@ BEHAVIOURS = ("auto", "logged", "fitted", "beta_head")
 class OPEConfig:
     """How the target policy, the behaviour and reward models and the intervals are built."""
 
+    target: str = "uniform_topk"
+    """The stochastic policy evaluated for each run: uniform_topk (one of its top K items,
+    each with probability 1/K: depends only on the ranking, so runs whose scores live on
+    different scales — logits, Q-values, cosines — are compared on the same footing) or
+    softmax (softmax(scores / temperature) over the top K: depends on the score scale)."""
     temperature: float = 1.0
-    """Softmax temperature of the target policy over its scores."""
+    """Softmax temperature of the ``softmax`` target policy over its scores."""
     top_k: int | None = 10
-    """The target policy samples from its K best items; None = the whole catalogue."""
+    """The target policy picks from its K best items; None = the whole catalogue."""
+    cluster_by_user: bool = True
+    """Bootstrap resamples users (all of a user's events together), not events: a user's
+    events are not independent, and resampling them one by one makes intervals too narrow
+    when users have several events (ratio and time splits; leave-one-out has one each)."""
     mask_consumed: bool = True
     """Evaluate the policy as served: items the user consumed before the event are removed
     from its scores (the service excludes them), so a repeat of one gets pi = 0.  All of the
@@ -121,6 +130,10 @@ class OPEConfig:
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"ope.temperature must be > 0, got {self.temperature}")
+        check(
+            self.target in ("uniform_topk", "softmax"),
+            f"ope.target must be uniform_topk or softmax, got {self.target!r}",
+        )
         check(self.top_k is None or self.top_k >= 1, f"ope.top_k must be >= 1, got {self.top_k}")
         check(
             self.weight_cap is None or self.weight_cap > 0,
@@ -199,7 +212,12 @@ class Interval:
 
 
 def bootstrap_means(
-    cols: np.ndarray, *, n_boot: int, rng: np.random.Generator, chunk_elems: int = 1 << 20
+    cols: np.ndarray,
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
+    chunk_elems: int = 1 << 20,
+    clusters: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_boot, k) column means of ``n_boot`` resamples with replacement of the rows of
     ``cols`` (E, k) (Efron 1979).
@@ -207,7 +225,22 @@ def bootstrap_means(
     Replicates come in chunks, each a (b, E) matrix of resampled row indices with
     b * E <= ``chunk_elems``; every column is averaged over the same index row, so the
     columns of one replicate are computed on the same resampled events.
+
+    With ``clusters`` (E,) (e.g. the user of each event) whole clusters are resampled — the
+    cluster bootstrap (Davison & Hinkley 1997, section 3.8): a replicate's mean is the sum
+    over the drawn clusters' row sums divided by their row count.
     """
+    if clusters is not None:
+        _, inverse = np.unique(clusters, return_inverse=True)
+        n_c = int(inverse.max()) + 1 if inverse.shape[0] else 0
+        if n_c < cols.shape[0]:  # with one row per cluster it is the plain bootstrap
+            sums = np.zeros((n_c, cols.shape[1]))
+            np.add.at(sums, inverse, cols)
+            size = np.bincount(inverse, minlength=n_c).astype(np.float64)
+            # the sums and the sizes resampled as one table: columns k..k+1 are the sizes
+            table = np.concatenate([sums, size[:, None]], axis=1)
+            m = bootstrap_means(table, n_boot=n_boot, rng=rng, chunk_elems=chunk_elems)
+            return m[:, :-1] / m[:, -1:]
     e, k = cols.shape
     out = np.empty((n_boot, k))
     chunk = max(1, chunk_elems // max(e, 1))
@@ -246,8 +279,10 @@ def bootstrap_intervals(
     n_boot: int,
     confidence: float = 0.95,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, Interval]:
-    """IPS, SNIPS, DR and DM with percentile bootstrap intervals over events.
+    """IPS, SNIPS, DR and DM with percentile bootstrap intervals over events (or over
+    ``clusters`` (E,), e.g. users: see :func:`bootstrap_means`).
 
     Every estimator is a function of column means, so a replicate is one
     :func:`bootstrap_means` row.  A given ``seed`` resamples the same events for every policy
@@ -263,7 +298,7 @@ def bootstrap_intervals(
     if n_boot == 0 or e == 0:
         return {k: Interval(v, v, v) for k, v in point.items()}
     cols = np.stack([w * r, w, v_target + w * (r - q_logged), v_target], axis=1)  # (E, 4)
-    m = bootstrap_means(cols, n_boot=n_boot, rng=np.random.default_rng(seed))
+    m = bootstrap_means(cols, n_boot=n_boot, rng=np.random.default_rng(seed), clusters=clusters)
     boots = {"ips": m[:, 0], "snips": _ratio(m[:, 0], m[:, 1]), "dr": m[:, 2], "dm": m[:, 3]}
     return _percentiles(point, boots, confidence)
 
@@ -280,6 +315,7 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
     paired: bool = True,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, Interval]:
     """IPS, SNIPS and DR of policy B minus policy A on the same E events, with intervals.
 
@@ -301,11 +337,13 @@ def paired_bootstrap(
     cols_b = np.stack([w_b * r, w_b, dr_b], axis=1)
     rng = np.random.default_rng(seed)
     if paired:
-        m = bootstrap_means(np.concatenate([cols_a, cols_b], axis=1), n_boot=n_boot, rng=rng)
+        both = np.concatenate([cols_a, cols_b], axis=1)
+        m = bootstrap_means(both, n_boot=n_boot, rng=rng, clusters=clusters)
         m_a, m_b = m[:, :3], m[:, 3:]
     else:
-        m_a = bootstrap_means(cols_a, n_boot=n_boot, rng=rng)
-        m_b = bootstrap_means(cols_b, n_boot=n_boot, rng=np.random.default_rng([seed, 1]))
+        m_a = bootstrap_means(cols_a, n_boot=n_boot, rng=rng, clusters=clusters)
+        rng_b = np.random.default_rng([seed, 1])
+        m_b = bootstrap_means(cols_b, n_boot=n_boot, rng=rng_b, clusters=clusters)
     boots = {
         "ips": m_b[:, 0] - m_a[:, 0],
         "snips": _ratio(m_b[:, 0], m_b[:, 1]) - _ratio(m_a[:, 0], m_a[:, 1]),
@@ -592,14 +630,24 @@ class PolicyTerms:
 
 
 def target_probs(
-    scores: Tensor, *, temperature: float, top_k: int | None, row_keys: Tensor
+    scores: Tensor,
+    *,
+    temperature: float,
+    top_k: int | None,
+    row_keys: Tensor,
+    target: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
-    """pi as (items (B, K), probs (B, K)): softmax(scores / T) over the top K of each row.
+    """pi as (items (B, K), probs (B, K)) over the top K of each row: softmax(scores / T)
+    (``target="softmax"``) or 1 / K each (``"uniform_topk"``; 1 / the number of unmasked
+    items when fewer than K are left).  Masked items (-inf) get 0.
 
     ``row_keys`` (B,) (the user index) seeds the tie-break of :func:`recloop.ranking.topk`.
     """
     k = scores.shape[1] if top_k is None else min(top_k, scores.shape[1])
     ranked = topk(scores, k, row_keys=row_keys)
+    if target == "uniform_topk":
+        shown = (ranked.values > float("-inf")).to(torch.float32)
+        return ranked.indices, shown / shown.sum(1, keepdim=True)
     return ranked.indices, torch.softmax(ranked.values / temperature, dim=1)
 
 
@@ -638,7 +686,11 @@ def policy_terms(
             key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
             scores.view(-1).index_fill_(0, key, float("-inf"))
         items, probs = target_probs(
-            scores, temperature=cfg.temperature, top_k=cfg.top_k, row_keys=args[0]
+            scores,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            row_keys=args[0],
+            target=cfg.target,
         )
         probs = probs.nan_to_num(nan=0.0)  # a row with every item masked shows nothing
         a = torch.from_numpy(action[sl])[:, None]
@@ -724,6 +776,7 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
     raw = bootstrap_intervals(
         w, events.reward, events.q_logged, terms.v_target,
         n_boot=cfg.n_boot, confidence=cfg.confidence, seed=cfg.seed,
+        clusters=events.user if cfg.cluster_by_user else None,
     )  # fmt: skip
     lo, hi = events.reward_range
     estimates = {
@@ -820,6 +873,7 @@ def paired_report(
     diffs = paired_bootstrap(
         events.reward, events.q_logged, w_a, baseline.v_target, w_b, other.v_target,
         n_boot=cfg.n_boot, confidence=cfg.confidence, seed=cfg.seed,
+        clusters=events.user if cfg.cluster_by_user else None,
     )  # fmt: skip
     return PairedReport(
         run=run,
