@@ -238,3 +238,22 @@ def test_ope_is_unbiased_on_a_bandit_like_world(tmp_path: Path) -> None:
         est = report.estimates[name][0]
         assert est["low"] <= truth <= est["high"], (name, est, truth)
     assert report.errors["ips"]["covered"] == 1.0
+
+
+def test_ml100k_world_is_calibrated_and_cached(
+    ml100k_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECLOOP_CACHE", str(tmp_path))
+    sets = [f"data_dir={ml100k_dir}", "epochs=2"]
+    world = build_world("ml100k", sets)
+    rate = world.fit_report["consumption_rate"]  # type: ignore[attr-defined]
+    # the Platt-scaled model implies the real per-step consumption rate of the later half
+    assert abs(rate["implied"] - rate["data"]) < 0.2 * rate["data"]
+    assert len(list((tmp_path / "worlds").glob("ml100k-*.npz"))) == 1
+    again = build_world("ml100k", sets)  # from the cache: the same world
+    np.testing.assert_array_equal(again.params.item_emb, world.params.item_emb)
+    roll = simulate(
+        world, Policy(name="p", scorer=PopularityScorer(world), selection=Selection(epsilon=0.3)),
+        np.arange(100), seed=0,
+    )  # fmt: skip
+    assert set(np.unique(roll.response)) <= {0, 1}  # no funnel in MovieLens: pv or nothing
