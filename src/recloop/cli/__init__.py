@@ -25,6 +25,7 @@ from recloop.cli import registry as _registry  # noqa: F401
 from recloop.cli import simulate as _simulate  # noqa: F401
 from recloop.cli import synth as _synth  # noqa: F401
 from recloop.cli import train as _train  # noqa: F401
+from recloop.cli import world as _world  # noqa: F401
 from recloop.cli.app import app
 from recloop.errors import RecloopError
 from recloop.progress import disable_progress, setup_logging
