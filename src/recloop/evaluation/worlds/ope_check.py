@@ -234,7 +234,9 @@ def ope_against_truth(
 
     if not runs:
         raise ConfigError("no run to evaluate")
-    base = replace(cfg, behaviour="logged")
+    # the truth below is computed for the softmax-over-top-K policy, so OPE must score that
+    # same policy (its default target is uniform over the top K)
+    base = replace(cfg, behaviour="logged", target="softmax")
     raw = ope_for_runs(
         list(runs), [dataset] * len(runs), split=split, cfg=replace(base, weight_cap=None)
     )
