@@ -171,6 +171,9 @@ class RankingReport:
     """Whether items consumed before the split point were removed from the ranking."""
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
     """Wall time per stage (build, score, rank, metrics); not part of :meth:`to_dict`."""
+    per_user: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    """``name@k`` → (M,) float64 value of each evaluated user (users in ``EvalUsers`` order),
+    for paired comparisons across users; not part of :meth:`to_dict`."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary: split, n_users, mask_consumed and the metrics."""
@@ -275,16 +278,24 @@ def evaluate_users(
     t3 = time.perf_counter()
     n_targets = torch.from_numpy(users.n_targets)
     metrics: dict[str, float] = {}
+    per_user: dict[str, np.ndarray] = {}
     for k in sorted(cfg.ks):
         for metric, fn in METRICS.items():
-            metrics[f"{metric}@{k}"] = float(fn(hits_all, n_targets, k).mean())
+            values = fn(hits_all, n_targets, k)
+            per_user[f"{metric}@{k}"] = values.numpy()
+            metrics[f"{metric}@{k}"] = float(values.mean())
         metrics[f"coverage@{k}"] = float(recommended[k][1:].sum()) / max(n, 1)
         n_hits = int(hits_all[:, :k].sum())
         metrics[f"hit_reward@{k}"] = hit_reward_sum[k] / n_hits if n_hits else 0.0
     seconds["metrics"] = time.perf_counter() - t3
     logger.debug("evaluated %d %s users in %s", m, name, seconds)
     return RankingReport(
-        metrics=metrics, n_users=m, split=name, mask_consumed=cfg.mask_consumed, seconds=seconds
+        metrics=metrics,
+        n_users=m,
+        split=name,
+        mask_consumed=cfg.mask_consumed,
+        seconds=seconds,
+        per_user=per_user,
     )
 
 
