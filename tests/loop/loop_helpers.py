@@ -1,4 +1,4 @@
-"""A SQLite behaviour log written with ``recloop.streaming.log`` and a tiny loop config."""
+"""A SQLite behaviour log written with ``recloop.streaming.log``, and a tiny loop config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pytest
 
 from recloop.loop.config import LoopConfig
 from recloop.streaming.events import EVENT_SCHEMA
@@ -80,10 +79,3 @@ def tiny_config(tmp_path: Path, **over: Any) -> LoopConfig:
     from recloop.config import config_from_dict, merge
 
     return config_from_dict(LoopConfig, merge(values, over), source="test")
-
-
-@pytest.fixture
-def log_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    append_events(url, walk_events(steps=range(0, 10)))
-    return url
