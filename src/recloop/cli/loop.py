@@ -90,10 +90,10 @@ def loop_command(
     trains a candidate warm-started from the registry's current artifact, compares the two
     on the holdout (ranking metric and OPE) and publishes the candidate with its lineage,
     promoting it only when it is not worse by more than --margin.  A failed round leaves the
-    current model in place: with --once it exits 1 with one line, otherwise it is logged and
+    current model in place: with --once it exits 2 with one line, otherwise it is logged and
     retried at the next check.
     """
-    from recloop.loop.controller import LoopController, LoopError
+    from recloop.loop.controller import LoopController
 
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -113,11 +113,8 @@ def loop_command(
     if not once:
         controller.run_forever()
         return
-    try:
-        result = controller.run_once()
-    except LoopError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    # A LoopError is a RecloopError: `recloop` prints it as one line and exits 2.
+    result = controller.run_once()
     if as_json:
         echo_json(result.to_dict())
     else:
