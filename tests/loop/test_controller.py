@@ -124,3 +124,24 @@ def test_sliding_window_trains_on_the_last_days_only(tmp_path: Path) -> None:
     assert r.window["kind"] == "sliding"
     assert r.window["first_event_ts"] > 1_000_000
     assert r.window["events"] < 160
+
+
+def test_the_long_running_loop_logs_a_failure_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    append_events(f"sqlite:///{tmp_path / 'log.db'}", walk_events(steps=range(0, 10)))
+    c = LoopController(tiny_config(tmp_path, poll_seconds=0.01))
+    real_gate = controller_mod.gate
+    calls: list[int] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("registry disk unavailable")
+        return real_gate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(controller_mod, "gate", flaky)
+    c.run_forever(max_rounds=3)
+    assert len(calls) == 2  # failed, retried and promoted, then nothing new to do
+    assert "round failed at gate: OSError: registry disk unavailable" in caplog.text
+    assert ArtifactRegistry(tmp_path / "registry").current() is not None
