@@ -1,0 +1,128 @@
+"""The configuration of ``recloop loop``: one frozen dataclass, YAML via ``--config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from recloop.config import check
+from recloop.data.prepare import PrepareConfig
+from recloop.evaluation.ope import OPEConfig
+from recloop.training.fit import METRIC_NAMES
+
+
+def _gate_ope() -> OPEConfig:
+    # 200 paired replicates: enough for a 95% interval's ends on the small holdouts of a
+    # round, and a fraction of the round's training time.
+    return OPEConfig(n_boot=200)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """What ``recloop loop`` reads, trains, compares and publishes, and when."""
+
+    database_url: str = ""
+    """SQLAlchemy URL of the behaviour log written by ``recloop stream``."""
+    table: str = "behavior_log"
+    """The behaviour-log table."""
+    registry: str = ""
+    """Artifact registry directory (``recloop registry``): candidates are published there and
+    the current version moves when the gate passes."""
+    workdir: str = ""
+    """Controller's own directory: ``state.json`` (the watermark) and one folder per round
+    (prepared data and training run)."""
+    algo: str = ""
+    """Algorithm trained each round (a name from ``recloop train --help``)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """The run config of each round, laid out as ``recloop train --config`` files are
+    (algorithm fields at the top, ``fit:`` for the fit loop)."""
+    every_events: int | None = None
+    """Start a round once this many events newer than the watermark are logged; None = only
+    on the clock."""
+    every_minutes: float | None = None
+    """Start a round once this many minutes have passed since the last one (and at least one
+    new event is logged); None = only on the event count."""
+    poll_seconds: float = 30.0
+    """How often the long-running controller checks its triggers."""
+    window: Literal["growing", "sliding"] = "growing"
+    """growing: every logged event so far; sliding: the last ``window_days`` days (event
+    time, counted back from the newest event)."""
+    window_days: float | None = None
+    """Length of the sliding window in days (required with ``window: sliding``)."""
+    holdout: float = 0.1
+    """Share of the window's events (newest first, by event time) held out for the gate; the
+    cut never lies before the current model's own holdout cut, so no holdout event has
+    reached either model's training (see :mod:`recloop.loop.window`)."""
+    valid: float = 0.1
+    """Share of the window's events, just before the holdout, for early stopping; 0 = none."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """How the window's events are prepared (filters, reward, sessions, gamma); its split is
+    set by the loop (a global time cut at ``holdout`` / ``valid``)."""
+    warm_start: bool = True
+    """Start the candidate from the current artifact's weights where ids and shapes allow."""
+    metric: str = "ndcg@10"
+    """Ranking metric of the gate (NAME@K), full ranking on the holdout."""
+    margin: float = 0.0
+    """The candidate is promoted unless its metric is below the current model's by more than
+    this (absolute), and (with OPE) the lower end of the paired OPE difference is below
+    ``-margin``."""
+    use_ope: bool = True
+    """Also gate on off-policy evaluation of the two models on the holdout."""
+    ope_estimator: Literal["dr", "snips", "ips"] = "dr"
+    """The OPE estimate whose paired difference gates."""
+    ope: OPEConfig = field(default_factory=_gate_ope)
+    """Target policy, behaviour and reward models, and bootstrap of the OPE gate."""
+    keep_rounds: int = 3
+    """Round folders kept in ``workdir/rounds`` (the newest finished ones)."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.window in ("growing", "sliding"),
+            f"window must be growing or sliding, got {self.window!r}",
+        )
+        if self.window == "sliding":
+            check(
+                self.window_days is not None and self.window_days > 0,
+                f"window: sliding needs window_days > 0, got {self.window_days}",
+            )
+        check(
+            self.every_events is None or self.every_events >= 1,
+            f"every_events must be >= 1 or null, got {self.every_events}",
+        )
+        check(
+            self.every_minutes is None or self.every_minutes > 0,
+            f"every_minutes must be > 0 or null, got {self.every_minutes}",
+        )
+        check(
+            self.every_events is not None or self.every_minutes is not None,
+            "give a trigger: every_events or every_minutes (or both)",
+        )
+        check(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
+        check(0 < self.holdout < 1, f"holdout must lie in (0, 1), got {self.holdout}")
+        check(0 <= self.valid < 1, f"valid must lie in [0, 1), got {self.valid}")
+        check(
+            self.holdout + self.valid < 1,
+            f"holdout + valid must be < 1 (training needs events), got "
+            f"{self.holdout} + {self.valid}",
+        )
+        name, _, k = self.metric.partition("@")
+        check(
+            name in METRIC_NAMES and k.isdigit() and int(k) >= 1,
+            f"metric must be NAME@K with NAME in {list(METRIC_NAMES)}, got {self.metric!r}",
+        )
+        check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        check(
+            self.ope_estimator in ("dr", "snips", "ips"),
+            f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",
+        )
+        check(self.keep_rounds >= 1, f"keep_rounds must be >= 1, got {self.keep_rounds}")
+
+    @property
+    def metric_k(self) -> int:
+        """K of :attr:`metric`."""
+        return int(self.metric.partition("@")[2])
+
+    def require_paths(self) -> None:
+        """The fields without a usable default, checked before a round starts."""
+        for name in ("database_url", "registry", "workdir", "algo"):
+            check(bool(getattr(self, name)), f"{name} is required (a flag or the config file)")

@@ -1,0 +1,184 @@
+"""The gate: is the candidate at least as good as the current model on the newest holdout?
+
+Fairness.  Both models are scored on the **same prepared holdout** (the candidate's
+dataset, TEST split): the same users, the same states (each user's last H events before
+the holdout, as raw events), the same targets and the same masked items.  The current model
+was trained with other id maps, so it is evaluated through a translation of the candidate
+dataset's indices into its own (:func:`mapped_scorer`): users and history items are looked
+up by raw id (unknown ones become its unknown-user row / padding), and its scores are
+gathered back into the new item order.  Items it has never seen get -inf: it could not
+serve them, and that is exactly what a retrained model may gain over it.
+
+OPE uses the pieces :func:`recloop.evaluation.ope.ope_for_runs` is built from, on the same
+holdout: one :class:`LoggedEvents` (events, propensities -- the logged ``propensity``
+column when the data has one, else one behaviour model fitted on TRAIN -- and one reward
+model) shared by both policies, and the paired bootstrap of candidate minus current.
+``ope_for_runs`` itself takes artifact paths whose id maps must equal the dataset's, which
+the current model's do not; the scorer translation above is what makes the pairing possible.
+
+Decision (``margin`` m >= 0): with a current model, promote when
+``metric(candidate) >= metric(current) - m`` and, with OPE, the lower end of the paired
+interval of ``estimator(candidate) - estimator(current)`` is ``>= -m``.  The first model is
+promoted when its metric is above the popularity ranking's (train counts) on the holdout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recloop.artifacts.bundle import Artifact
+from recloop.data.dataset import TRAIN, PreparedDataset
+from recloop.evaluation.ope import (
+    OPEConfig,
+    logged_events,
+    ope_report,
+    paired_report,
+    policy_terms,
+)
+from recloop.evaluation.protocol import EvalConfig, Scorer, evaluate
+from recloop.loop.warmstart import row_map
+
+logger = logging.getLogger(__name__)
+
+
+def index_translation(old_ids: list[str], new_ids: list[str]) -> np.ndarray:
+    """(len(new_ids) + 1,) int64: the old index of each new index's raw id, 0 when the old
+    map lacks it (and for index 0)."""
+    m = row_map(old_ids, new_ids)
+    out = np.zeros(len(new_ids) + 1, np.int64)
+    out[m.new] = m.old
+    return out
+
+
+def mapped_scorer(artifact: Artifact, dataset: PreparedDataset) -> Scorer:
+    """``artifact``'s policy as a scorer over ``dataset``'s user and item indices."""
+    users = torch.from_numpy(index_translation(artifact.user_ids, dataset.user_ids))
+    items = torch.from_numpy(index_translation(artifact.item_ids, dataset.item_ids))
+    unknown = items == 0  # (N_new + 1,), padding included: never ranked
+    policy = artifact.policy
+
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        old = policy(users[user], items[history], history_reward)  # (B, N_old + 1)
+        return old[:, items].masked_fill(unknown, float("-inf"))  # (B, N_new + 1)
+
+    return score
+
+
+def popularity_scorer(dataset: PreparedDataset) -> Scorer:
+    """Every user gets the items ranked by their TRAIN counts."""
+    counts = np.bincount(dataset.item[dataset.split == TRAIN], minlength=dataset.n_items + 1)
+    row = torch.from_numpy(counts.astype(np.float32))
+    row[0] = float("-inf")
+
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return row.expand(user.shape[0], -1)
+
+    return score
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateResult:
+    """The gate's numbers and decision."""
+
+    promote: bool
+    """Whether the candidate becomes current."""
+    reason: str
+    """One line: the numbers that decided."""
+    metric: str
+    """The gating ranking metric (NAME@K)."""
+    candidate: dict[str, float]
+    """Candidate's ranking metrics on the holdout."""
+    baseline: dict[str, float]
+    """The current model's (or, for the first model, popularity's) metrics."""
+    baseline_name: str
+    """``current`` or ``popularity``."""
+    holdout_users: int
+    """Users evaluated."""
+    ope: dict[str, Any] = field(default_factory=dict)
+    """Per-model OPE reports and the paired difference (empty when OPE is off)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reason": self.reason,
+            "metric": self.metric,
+            "candidate": self.candidate,
+            "baseline": self.baseline,
+            "baseline_name": self.baseline_name,
+            "holdout_users": self.holdout_users,
+            "ope": self.ope,
+        }
+
+
+def gate(
+    candidate: Artifact,
+    current: Artifact | None,
+    dataset: PreparedDataset,
+    *,
+    metric: str,
+    margin: float,
+    use_ope: bool,
+    estimator: str,
+    ope_cfg: OPEConfig,
+) -> GateResult:
+    """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split."""
+    k = int(metric.partition("@")[2])
+    eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
+    cand_scorer: Scorer = candidate.policy
+    cand = evaluate(cand_scorer, dataset, split="test", history=candidate.history_len, cfg=eval_cfg)
+    if current is None:
+        base_scorer, base_name, base_h = popularity_scorer(dataset), "popularity", 1
+    else:
+        base_scorer, base_name = mapped_scorer(current, dataset), "current"
+        base_h = current.history_len
+    base = evaluate(base_scorer, dataset, split="test", history=base_h, cfg=eval_cfg)
+    c, b = cand.metrics[metric], base.metrics[metric]
+    ok_metric = c > b if current is None else c >= b - margin
+    rel = ">" if c > b else "<=" if current is None else (">=" if c >= b - margin else "<")
+    words = [f"{metric} {c:.4f} vs {base_name} {b:.4f}"]
+    if current is not None:
+        words[0] += f" (margin {margin:g})"
+    words[0] = f"{words[0]}: {rel}"
+    ope_doc: dict[str, Any] = {}
+    ok_ope = True
+    if use_ope and current is not None:
+        events = logged_events(dataset, split="test", cfg=ope_cfg)
+        t_cur = policy_terms(base_scorer, dataset, events, history=base_h, cfg=ope_cfg)
+        t_cand = policy_terms(
+            cand_scorer, dataset, events, history=candidate.history_len, cfg=ope_cfg
+        )
+        diff = paired_report(
+            events, t_cur, t_cand, cfg=ope_cfg, run="candidate", baseline_run="current"
+        )
+        iv = diff.differences[estimator]
+        ok_ope = iv.low >= -margin - 1e-9  # equal policies give a difference of 0 up to rounding
+        ope_doc = {
+            "behaviour": events.behaviour,
+            "n_events": events.n_events,
+            "estimator": estimator,
+            "candidate": ope_report(events, t_cand, ope_cfg).to_dict(),
+            "current": ope_report(events, t_cur, ope_cfg).to_dict(),
+            "paired": diff.to_dict(),
+        }
+        words.append(
+            f"OPE {estimator} difference {iv.value:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] "
+            f"({events.behaviour} propensities): low {'>=' if ok_ope else '<'} {-margin:g}"
+        )
+    promote = ok_metric and ok_ope
+    verdict = "promote" if promote else "keep current" if current is not None else "not promoted"
+    return GateResult(
+        promote=promote,
+        reason=f"{verdict}: " + "; ".join(words),
+        metric=metric,
+        candidate={k: float(v) for k, v in cand.metrics.items()},
+        baseline={k: float(v) for k, v in base.metrics.items()},
+        baseline_name=base_name,
+        holdout_users=cand.n_users,
+        ope=ope_doc,
+    )

@@ -1,0 +1,147 @@
+"""Rounds of the controller on a SQLite behaviour log, in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from loop_helpers import append_events, tiny_config, walk_events
+
+from recloop.artifacts.bundle import load_artifact
+from recloop.artifacts.registry import ArtifactRegistry
+from recloop.loop import controller as controller_mod
+from recloop.loop.controller import LoopController, LoopError
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> LoopController:
+    append_events(f"sqlite:///{tmp_path / 'log.db'}", walk_events(steps=range(0, 10)))
+    return LoopController(tiny_config(tmp_path))
+
+
+def _rounds(c: LoopController) -> list[str]:
+    return sorted(p.name for p in (c.workdir / "rounds").iterdir())
+
+
+def test_rounds_promote_warm_start_and_never_retrain_a_window(
+    loop: LoopController, tmp_path: Path
+) -> None:
+    first = loop.run_once()
+    assert first.status == "promoted", first.reason
+    assert "vs popularity" in first.reason
+    reg = ArtifactRegistry(tmp_path / "registry")
+    assert reg.current() == first.version
+    lineage = reg.entries()[0].lineage
+    assert lineage["parent"] is None and lineage["decision"] == "promote"
+    w = lineage["window"]
+    assert (w["first_event_ts"], w["last_event_ts"], w["events"]) == (1_000_000, 1_000_555, 160)
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["watermark"] == {"ts": 1_000_555, "events": 160} and state["pending"] is None
+
+    again = loop.run_once()
+    assert again.status == "skipped" and again.reason == "no new events since the last window"
+
+    append_events(loop.cfg.database_url, walk_events(steps=range(10, 13)))
+    second = loop.run_once()
+    assert second.status in ("promoted", "published")
+    assert second.parent == first.version
+    assert second.warm_start["shared_items"] > 0 and second.warm_start["rows"]
+    w2 = second.window
+    assert w2["events"] == 208 and w2["holdout_floor"] == w["holdout_start"]
+    # no event of the new holdout reached the current model's training
+    assert w2["holdout_start"] >= w["holdout_start"]
+    assert "vs current" in second.reason and "OPE dr difference" in second.reason
+    assert second.gate["ope"]["behaviour"] == "fitted"
+    entry = {e.version: e for e in reg.entries()}[second.version]
+    assert entry.lineage["parent"] == first.version
+    assert entry.lineage["gate"]["baseline_name"] == "current"
+
+
+def test_a_failed_round_leaves_current_and_state_alone(
+    loop: LoopController, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = loop.run_once()
+    state_before = (loop.workdir / "state.json").read_text()
+    append_events(loop.cfg.database_url, walk_events(steps=range(10, 12)))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(controller_mod, "gate", broken)
+    with pytest.raises(LoopError, match="round failed at gate: RuntimeError: disk on fire"):
+        loop.run_once()
+    reg = ArtifactRegistry(tmp_path / "registry")
+    assert reg.current() == first.version
+    load_artifact(reg.current_path())
+    assert (loop.workdir / "state.json").read_text() == state_before
+    monkeypatch.undo()
+    assert loop.run_once().status in ("promoted", "published")  # retried next round
+
+
+def test_a_crash_mid_publish_is_finished_without_training_again(
+    loop: LoopController, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = loop.run_once()
+    append_events(loop.cfg.database_url, walk_events(steps=range(10, 13)))
+    reg = ArtifactRegistry(tmp_path / "registry")
+
+    class Crash(BaseException):
+        """Stands for kill -9: nothing after it runs, no handler catches it."""
+
+    def crash(step: str, workdir: Path) -> None:
+        if step == "promote":
+            raise Crash
+
+    monkeypatch.setattr(controller_mod, "hook", crash)
+    with pytest.raises(Crash):
+        loop.run_once()
+    monkeypatch.undo()
+    pending = json.loads((loop.workdir / "state.json").read_text())["pending"]
+    assert pending is not None and pending["parent"] == first.version
+    assert reg.current() == first.version  # published, not yet promoted
+    n_rounds = len(_rounds(loop))
+
+    restarted = LoopController(loop.cfg)
+    done = restarted.run_once()
+    assert done.status.startswith("resumed-")
+    assert done.version == pending["version"]
+    assert len(_rounds(restarted)) == n_rounds  # nothing was trained
+    if pending["promote"]:
+        assert reg.current() == pending["version"]
+    state = json.loads((loop.workdir / "state.json").read_text())
+    assert state["pending"] is None and state["watermark"]["events"] == 208
+    assert restarted.run_once().status == "skipped"
+    assert [h["action"] for h in reg.history()].count("publish") == 2
+
+
+def test_sliding_window_trains_on_the_last_days_only(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    # 10 minutes = 0.00694 days: steps 0..9 are one minute apart, keep about the last 10 min
+    c = LoopController(tiny_config(tmp_path, window="sliding", window_days=8 / 1440))
+    r = c.run_once()
+    assert r.window["kind"] == "sliding"
+    assert r.window["first_event_ts"] > 1_000_000
+    assert r.window["events"] < 160
+
+
+def test_the_long_running_loop_logs_a_failure_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    append_events(f"sqlite:///{tmp_path / 'log.db'}", walk_events(steps=range(0, 10)))
+    c = LoopController(tiny_config(tmp_path, poll_seconds=0.01))
+    real_gate = controller_mod.gate
+    calls: list[int] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("registry disk unavailable")
+        return real_gate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(controller_mod, "gate", flaky)
+    c.run_forever(max_rounds=3)
+    assert len(calls) == 2  # failed, retried and promoted, then nothing new to do
+    assert "round failed at gate: OSError: registry disk unavailable" in caplog.text
+    assert ArtifactRegistry(tmp_path / "registry").current() is not None
