@@ -324,7 +324,9 @@ def test_demo_runs_the_whole_loop(
     assert pretrain["valid_auc"] > 0.7
     ev = doc["evaluate"]
     assert isinstance(ev, dict)
-    assert ev["popularity"]["hr@10"] == pytest.approx(0.0838, abs=1e-4)
+    # train-count popularity; which of the items tied at the 10th count is shown follows the
+    # hashed tie-break (0.0838 with a lowest-index tie-break)
+    assert ev["popularity"]["hr@10"] == pytest.approx(0.0859, abs=1e-4)
     assert ev["supervised"]["hr@10"] > ev["popularity"]["hr@10"]
     # One epoch of REINFORCE is not enough to pass popularity since returns stopped at the
     # split; it must still be far above the random level (10 / 1682 = 0.006).
