@@ -103,13 +103,25 @@ def paired_user_bootstrap(
     return float(diff.mean()), float(low), float(high)
 
 
-def one_run(label: str, seed: int, data_dir: Path, workdir: Path, epochs: int | None) -> dict:
-    """Train one (algorithm, seed) and evaluate it masked and unmasked; runs in a worker."""
+def one_run(
+    label: str, seed: int, data_dir: Path, workdir: Path, epochs: int | None, reuse: bool = False
+) -> dict:
+    """Train one (algorithm, seed) and evaluate it masked and unmasked; runs in a worker.
+
+    The row and the per-user values are saved in the run directory; with ``reuse`` a run
+    that has them is not trained again (add algorithms to a table without retraining)."""
     torch.set_num_threads(1)
     algo, _, sets = label.partition(":")
     overrides = [x for x in sets.split(",") if x]
     trainable = ALGOS.get(algo).trainable
     run = workdir / "runs" / f"{label.replace(':', '_').replace(',', '_')}_s{seed}"
+    saved_row, saved_users = run / "bench_row.json", run / "bench_per_user.npz"
+    if reuse and saved_row.is_file() and saved_users.is_file():
+        row = json.loads(saved_row.read_text())
+        with np.load(saved_users) as z:
+            row["per_user"] = {k: z[k] for k in z.files}
+        print(f"reused {run}", flush=True)
+        return row
     t0 = time.perf_counter()
     fit = train_run(
         algo,
@@ -145,7 +157,10 @@ def one_run(label: str, seed: int, data_dir: Path, workdir: Path, epochs: int | 
         for m in METRICS:
             row[f"{name} {m}"] = report.metrics[m]
     print(json.dumps(row), flush=True)
-    row["per_user"] = {name: r.per_user["ndcg@10"] for name, r in reports.items()}
+    saved_row.write_text(json.dumps(row))
+    per_user = {name: r.per_user["ndcg@10"] for name, r in reports.items()}
+    np.savez(saved_users, **per_user)
+    row["per_user"] = per_user
     return row
 
 
@@ -165,6 +180,9 @@ def main() -> None:
     p.add_argument("--ope", action="store_true", help="add the DR value (first seed)")
     p.add_argument("--simulate", action="store_true", help="add the simulated return (first seed)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--reuse", action="store_true", help="keep runs of the workdir that have their results"
+    )
     args = p.parse_args()
     print(f"machine: {machine()}; {args.jobs} job(s), 1 torch thread each")
 
@@ -182,12 +200,15 @@ def main() -> None:
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = [
-                pool.submit(one_run, label, seed, data_dir, args.workdir, args.epochs)
+                pool.submit(one_run, label, seed, data_dir, args.workdir, args.epochs, args.reuse)
                 for label, seed in jobs
             ]
             rows = [f.result() for f in futures]
     else:
-        rows = [one_run(label, seed, data_dir, args.workdir, args.epochs) for label, seed in jobs]
+        rows = [
+            one_run(label, seed, data_dir, args.workdir, args.epochs, args.reuse)
+            for label, seed in jobs
+        ]
     print(f"\n{len(rows)} runs in {time.perf_counter() - t_all:.0f} s; machine: {machine()}")
 
     extra: dict[str, dict[str, str]] = {label: {} for label in labels}
