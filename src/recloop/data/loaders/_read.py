@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -211,6 +211,43 @@ def scan_lines(data: bytes, *, quote: str | None) -> dict[int, BadLine]:
     return bad
 
 
+def _unparsable_lines(
+    data: bytes, *, skip: int, parse: Callable[[bytes], object]
+) -> dict[int, BadLine]:
+    """0-based lines past the first ``skip`` (the header) on which ``parse`` fails, found by
+    bisection: O(bad lines * log lines) parses of ever smaller pieces, each with the header.
+    """
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    starts = np.concatenate([[0], ends + 1]).astype(np.int64)  # line i starts at starts[i]
+    n = int(starts.shape[0]) - (1 if int(starts[-1]) >= len(data) else 0)
+    head = data[: int(starts[skip])] if skip else b""
+
+    def piece(lo: int, hi: int) -> bytes:
+        return head + data[int(starts[lo]) : int(starts[hi]) if hi < starts.shape[0] else len(data)]
+
+    out: dict[int, BadLine] = {}
+    todo = [(skip, n)]
+    while todo:
+        lo, hi = todo.pop()
+        if lo >= hi:
+            continue
+        try:
+            parse(piece(lo, hi))
+            continue
+        except (pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
+            if hi - lo == 1:
+                text = piece(lo, hi)[len(head) :].decode("utf-8", "surrogateescape")
+                out[lo] = BadLine(
+                    reason=f"not readable as CSV ({one_line(exc)})",
+                    text=text.rstrip("\r\n")[:_KEEP_CHARS],
+                    pos=0,  # which field is broken is polars' to say, in the reason
+                )
+                continue
+        mid = (lo + hi) // 2
+        todo += [(mid, hi), (lo, mid)]
+    return out
+
+
 def _blank_lines(data: bytes, lines: Sequence[int], filler: bytes) -> bytes:
     """``data`` with each of ``lines`` (0-based, sorted) replaced by ``filler``."""
     ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
@@ -368,14 +405,22 @@ def read_text(
             raise bad_line_error(
                 bad[0], file=file, line=1, columns=cols, delimiter=delimiter, quote=quote_char
             )
-        lines = sorted(bad)
-        source = _blank_lines(data, lines, filler=sep.encode() * len(cols))
+        filler = sep.encode() * len(cols)
+        source = _blank_lines(data, sorted(bad), filler=filler)
         try:
             frame = read(source, {})
-        except (pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
-            raise DataError(
-                f"cannot read file: {one_line(exc)}", location=Location(file=file)
-            ) from None
+        except (pl.exceptions.PolarsError, UnicodeDecodeError):
+            # Lines the byte scan passes but polars cannot parse (e.g. `""1`, text after a
+            # closed quote): find them by bisection, so they are named and skippable too.
+            bad |= _unparsable_lines(source, skip=first_line - 1, parse=lambda b: read(b, {}))
+            source = _blank_lines(data, sorted(bad), filler=filler)
+            try:
+                frame = read(source, {})
+            except (pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
+                raise DataError(
+                    f"cannot read file: {one_line(exc)}", location=Location(file=file)
+                ) from None
+        lines = sorted(bad)
         problems = {i + 1 - first_line: bad[i] for i in lines}
         if problems:
             marked = pl.int_range(pl.len()).is_in(list(problems))
