@@ -82,12 +82,13 @@ def exact_epsilon_marginals(greedy: list[int], valid: list[int], eps: float) -> 
     out: dict[tuple[int, int], float] = {}
     for explore in itertools.product([False, True], repeat=k):
         p_mask = math.prod(eps if e else 1 - eps for e in explore)
-        pool = [x for x in valid if x not in [g for g, e in zip(greedy, explore) if not e]]
+        kept = [g for g, e in zip(greedy, explore, strict=True) if not e]
+        pool = [x for x in valid if x not in kept]
         slots = [j for j in range(k) if explore[j]]
         fills = list(itertools.permutations(pool, len(slots)))
         for fill in fills:
             items = list(greedy)
-            for j, x in zip(slots, fill):
+            for j, x in zip(slots, fill, strict=True):
                 items[j] = x
             for j, x in enumerate(items):
                 out[(j, x)] = out.get((j, x), 0.0) + p_mask / len(fills)
@@ -116,7 +117,7 @@ def test_epsilon_greedy_frequencies_match_reported_propensities() -> None:
     for _ in range(draws):
         s = sample_epsilon_greedy(SCORES, greedy, epsilon=eps, rng=rng)
         assert len(set(s.items.tolist())) == 3 and set(s.items.tolist()) <= set(VALID)
-        for j, (x, p) in enumerate(zip(s.items.tolist(), s.propensity.tolist())):
+        for j, (x, p) in enumerate(zip(s.items.tolist(), s.propensity.tolist(), strict=True)):
             counts[(j, x)] += 1
             reported[(j, x)] = p
     for key, c in counts.items():

@@ -76,10 +76,16 @@ def impressions() -> pl.DataFrame:
 def event_frame(events: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(
         [
-            (e["event_id"], e["user_id"], e["item_id"], e["ts"], e.get("reward"),
-             e.get("recommendation_id"))
+            (
+                e["event_id"],
+                e["user_id"],
+                e["item_id"],
+                e["ts"],
+                e.get("reward"),
+                e.get("recommendation_id"),
+            )
             for e in events
-        ],  # fmt: skip
+        ],
         schema={
             "event_id": pl.String,
             "user_id": pl.String,
@@ -160,7 +166,9 @@ async def test_processor_attributes_out_of_order_and_duplicated_deliveries(
     served_now = log.read_served()
     assert served_now.height == 6 and not served_now["settled"].any()  # not settled yet
     # a late event of another user pushes the watermark: 20000 - 1800 - 5000 > 1500
-    await bus.publish([orjson.dumps({"event_id": "z", "user_id": "u9", "item_id": "a", "ts": 20000})])
+    await bus.publish(
+        [orjson.dumps({"event_id": "z", "user_id": "u9", "item_id": "a", "ts": 20000})]
+    )
     stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w")
     assert stats.settled == 6
     final = log.read_served()

@@ -646,12 +646,12 @@ class BehaviorLog:
             ).all()
         from recloop.streaming.served import SERVED_SCHEMA
 
-        schema = {
+        schema: dict[str, pl.DataType] = {
             **SERVED_SCHEMA,
-            "event_id": pl.String,
-            "reward": pl.Float64,
-            "attributed_by": pl.String,
-            "settled": pl.Boolean,
+            "event_id": pl.String(),
+            "reward": pl.Float64(),
+            "attributed_by": pl.String(),
+            "settled": pl.Boolean(),
         }
         frame = pl.DataFrame(
             [tuple(r) for r in rows], schema=[c.name for c in sv.columns], orient="row"
