@@ -17,6 +17,8 @@ absolute figures a lot, the ratio much less.
     .venv/bin/python bench/bench_serve.py --catalogues ml100k \\
         --variants recloop,recloop-nobatch,baseline
     .venv/bin/python bench/bench_serve.py --artifact runs/reinforce   # a trained artifact
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 \
+        --variants recloop,recloop-softmax,recloop-logged     # exploring / logging overhead
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -240,8 +242,18 @@ VARIANTS = {
     "recloop": "recloop serve, micro-batching on (the default)",
     "recloop-nobatch": "recloop serve, micro-batching off",
     "recloop-onnx": "recloop serve, micro-batching on, forward pass on onnxruntime",
+    "recloop-softmax": "recloop serve, softmax (Plackett-Luce) sampling, T = 1",
+    "recloop-epsilon": "recloop serve, epsilon-greedy, epsilon = 0.1",
+    "recloop-logged": "recloop serve, softmax sampling, every served list logged (Redis "
+    "stream, else SQLite)",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
+POLICY_OF = {
+    "recloop-softmax": "softmax",
+    "recloop-epsilon": "epsilon",
+    "recloop-logged": "softmax",
+}
+"""Serving policy of the exploring variants (``recloop`` itself runs ``--policy``)."""
 
 
 class Server:
@@ -407,7 +419,14 @@ def bench_catalogue(
             "RECLOOP_STORE_PREFIX": prefix,
             "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
             "RECLOOP_INFERENCE": "onnxruntime" if variant == "recloop-onnx" else "torch",
+            "RECLOOP_POLICY": POLICY_OF.get(variant, args.policy),
         }
+        if variant == "recloop-logged":
+            if store_url.startswith("redis"):
+                env["RECLOOP_BUS_URL"] = store_url
+                env["RECLOOP_STREAM"] = served_stream = f"{prefix}served"
+            else:
+                env["RECLOOP_DATABASE_URL"] = f"sqlite:///{tmp / f'served-{uuid.uuid4().hex}.db'}"
         server = Server.recloop(art, port=port, workers=args.workers, env=env)
     rows = []
     try:
@@ -426,7 +445,12 @@ def bench_catalogue(
                 r = asyncio.run(
                     _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
                 )
-            r.update(catalogue=name, concurrency=c, variant=variant)
+            r.update(
+                catalogue=name,
+                concurrency=c,
+                variant=variant,
+                policy=env.get("RECLOOP_POLICY", "baseline"),
+            )
             rows.append(r)
             print(
                 f"{name:>7} {variant:<15} c={c:<3} "
@@ -436,9 +460,31 @@ def bench_catalogue(
             )
     finally:
         server.stop()
+        if variant == "recloop-logged" and store_url.startswith("redis"):
+            logged = asyncio.run(_stream_length_and_drop(store_url, served_stream))
+            total = sum(round(r["rps"] * args.duration) for r in rows)
+            print(
+                f"{name:>7} {variant:<15} lists logged on the stream: {logged} "
+                f"(about {total} measured requests plus the warm-up)",
+                flush=True,
+            )
+            for r in rows:
+                r["lists_logged"] = logged
         if store_url.startswith("redis"):
             asyncio.run(drop_store(store_url, prefix))
     return rows
+
+
+async def _stream_length_and_drop(url: str, stream: str) -> int:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+    try:
+        n = int(await client.xlen(stream))
+        await client.delete(stream)
+        return n
+    finally:
+        await client.aclose()
 
 
 def report(rows: list[dict[str, Any]]) -> None:
@@ -453,6 +499,13 @@ def report(rows: list[dict[str, Any]]) -> None:
             print(
                 f"  {cat:>7} c={c:<3} {v} / baseline: {r['rps'] / base['rps']:.2f}x req/s, "
                 f"p99 {r['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms"
+            )
+        top = by.get((cat, "recloop", c))
+        if v in POLICY_OF and top is not None:
+            print(
+                f"  {cat:>7} c={c:<3} {v} / recloop ({top.get('policy', 'topk')}): "
+                f"{r['rps'] / top['rps']:.2f}x req/s, p99 {r['p99_ms']:.1f} vs "
+                f"{top['p99_ms']:.1f} ms (target: >= 0.80x)"
             )
         nob = by.get((cat, "recloop-nobatch", c))
         if v == "recloop" and nob is not None:
@@ -500,6 +553,13 @@ def main() -> None:
         "--variants",
         default="recloop,baseline",
         help=f"comma-separated, run in this order: {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--policy",
+        choices=["topk", "softmax", "epsilon"],
+        default="topk",
+        help="serving policy of the plain recloop variants (the exploring variants "
+        "recloop-softmax, recloop-epsilon and recloop-logged set their own)",
     )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")

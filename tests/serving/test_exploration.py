@@ -123,3 +123,27 @@ def test_epsilon_greedy_frequencies_match_reported_propensities() -> None:
     for key, c in counts.items():
         p = reported[key]
         assert abs(c / draws - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-4, key
+
+
+def test_epsilon_greedy_on_a_large_catalogue_matches_its_propensities() -> None:
+    """N = 200 unmasked items (the rejection path of the pool draw)."""
+    scores = np.concatenate([[NEG], np.linspace(1.0, 0.0, 200)])
+    greedy = np.arange(1, 4)
+    rng = np.random.default_rng(5)
+    eps, draws = 0.5, 20_000
+    counts: Counter[tuple[int, int]] = Counter()
+    reported: dict[tuple[int, int], float] = {}
+    for _ in range(draws):
+        s = sample_epsilon_greedy(scores, greedy, epsilon=eps, rng=rng)
+        assert len(set(s.items.tolist())) == 3 and 0 not in s.items
+        for j, (x, p) in enumerate(zip(s.items.tolist(), s.propensity.tolist(), strict=True)):
+            counts[(j, x)] += 1
+            reported[(j, x)] = p
+    for key, c in counts.items():
+        p = reported[key]
+        assert abs(c / draws - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-4, key
+    # items outside the greedy list, pooled: frequency of any of them at slot 0
+    outside = sum(c for (j, x), c in counts.items() if j == 0 and x > 3) / draws
+    assert outside == pytest.approx(
+        197 * reported[(0, next(x for j, x in counts if j == 0 and x > 3))], abs=0.02
+    )
