@@ -224,6 +224,12 @@ def stream(
     claim_min_idle_ms: int | None = typer.Option(
         None, min=0, help="Take over entries pending this long at a dead consumer (30000)."
     ),
+    attribution_window: int | None = typer.Option(
+        None,
+        min=0,
+        help="Feedback without a recommendation_id goes to the latest list that showed the "
+        "user the item at most this many seconds before (1800; RECLOOP_ATTRIBUTION_WINDOW_S).",
+    ),
     exit_when_idle: float | None = typer.Option(
         None, help="Stop after this many seconds without events (default: run until stopped)."
     ),
@@ -265,6 +271,7 @@ def stream(
         "claim_min_idle_ms": claim_min_idle_ms,
         "exit_when_idle_s": exit_when_idle,
         "allowed_lateness_s": allowed_lateness,
+        "attribution_window_s": attribution_window,
     }
     if replay_dir is not None and exit_when_idle is None:
         values["exit_when_idle_s"] = 2.0
