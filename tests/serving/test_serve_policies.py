@@ -209,3 +209,40 @@ def test_settings_validate_policy_defaults(tmp_path: Path) -> None:
         ServeSettings(artifact=tmp_path, epsilon=-0.1)
     assert ServeSettings(artifact=tmp_path, policy="plackett_luce").policy == "softmax"
     assert math.isclose(ServeSettings(artifact=tmp_path).epsilon, 0.1)
+
+
+class Flaky:
+    """A sink that fails its first two writes (a bus restarting), then keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.failures = 2
+        self.written: list[dict[str, Any]] = []
+
+    async def write(self, docs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("bus down")
+        self.written += list(docs)
+
+    async def close(self) -> None:
+        pass
+
+
+class Numbered:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def log_doc(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+
+async def test_a_failing_sink_is_retried_and_loses_nothing() -> None:
+    metrics = ServiceMetrics()
+    sink = Flaky()
+    log = ServedLog(sink, metrics=metrics, batch=3, retry_s=0.01)
+    log.start()
+    for k in range(7):
+        log.submit(Numbered(k))
+    await log.close(timeout_s=2.0)
+    assert [d["k"] for d in sink.written] == list(range(7))
+    assert 'recloop_served_lists_total{outcome="logged"} 7.0' in metrics.render().decode()
