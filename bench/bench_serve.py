@@ -17,6 +17,8 @@ absolute figures a lot, the ratio much less.
     .venv/bin/python bench/bench_serve.py --catalogues ml100k \\
         --variants recloop,recloop-nobatch,baseline
     .venv/bin/python bench/bench_serve.py --artifact runs/reinforce   # a trained artifact
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 \
+        --variants recloop,recloop-softmax,recloop-logged     # exploring / logging overhead
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -240,8 +242,18 @@ VARIANTS = {
     "recloop": "recloop serve, micro-batching on (the default)",
     "recloop-nobatch": "recloop serve, micro-batching off",
     "recloop-onnx": "recloop serve, micro-batching on, forward pass on onnxruntime",
+    "recloop-softmax": "recloop serve, softmax (Plackett-Luce) sampling, T = 1",
+    "recloop-epsilon": "recloop serve, epsilon-greedy, epsilon = 0.1",
+    "recloop-logged": "recloop serve, softmax sampling, every served list logged (Redis "
+    "stream, else SQLite)",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
+POLICY_OF = {
+    "recloop-softmax": "softmax",
+    "recloop-epsilon": "epsilon",
+    "recloop-logged": "softmax",
+}
+"""Serving policy of the exploring variants (``recloop`` itself runs ``--policy``)."""
 
 
 class Server:
@@ -407,7 +419,14 @@ def bench_catalogue(
             "RECLOOP_STORE_PREFIX": prefix,
             "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
             "RECLOOP_INFERENCE": "onnxruntime" if variant == "recloop-onnx" else "torch",
+            "RECLOOP_POLICY": POLICY_OF.get(variant, args.policy),
         }
+        if variant == "recloop-logged":
+            if store_url.startswith("redis"):
+                env["RECLOOP_BUS_URL"] = store_url
+                env["RECLOOP_STREAM"] = served_stream = f"{prefix}served"
+            else:
+                env["RECLOOP_DATABASE_URL"] = f"sqlite:///{tmp / f'served-{uuid.uuid4().hex}.db'}"
         server = Server.recloop(art, port=port, workers=args.workers, env=env)
     rows = []
     try:
@@ -426,7 +445,12 @@ def bench_catalogue(
                 r = asyncio.run(
                     _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
                 )
-            r.update(catalogue=name, concurrency=c, variant=variant)
+            r.update(
+                catalogue=name,
+                concurrency=c,
+                variant=variant,
+                policy=env.get("RECLOOP_POLICY", "baseline"),
+            )
             rows.append(r)
             print(
                 f"{name:>7} {variant:<15} c={c:<3} "
@@ -436,9 +460,122 @@ def bench_catalogue(
             )
     finally:
         server.stop()
+        if variant == "recloop-logged" and store_url.startswith("redis"):
+            logged = asyncio.run(_stream_length_and_drop(store_url, served_stream))
+            total = sum(round(r["rps"] * args.duration) for r in rows)
+            print(
+                f"{name:>7} {variant:<15} lists logged on the stream: {logged} "
+                f"(about {total} measured requests plus the warm-up)",
+                flush=True,
+            )
+            for r in rows:
+                r["lists_logged"] = logged
         if store_url.startswith("redis"):
             asyncio.run(drop_store(store_url, prefix))
     return rows
+
+
+async def _stream_length_and_drop(url: str, stream: str) -> int:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+    try:
+        n = int(await client.xlen(stream))
+        await client.delete(stream)
+        return n
+    finally:
+        await client.aclose()
+
+
+def in_process_cost(args: argparse.Namespace, tmp: Path, store_url: str) -> None:
+    """CPU cost per request of each serving policy, without HTTP or a load generator.
+
+    The service itself (one process, the ml100k artifact, the store as for the HTTP runs)
+    answers micro-batches of 16 requests with ``recommend_many``; rounds interleave
+    topk, softmax, epsilon and softmax with served-list logging (Redis stream, else
+    SQLite), and each one's median round is reported, with its ratio to topk.  On a loaded
+    machine these ratios are far steadier than the HTTP ones.
+    """
+    from recloop.serving.metrics import ServiceMetrics
+    from recloop.serving.schemas import RecommendRequest
+    from recloop.serving.served_log import BusSink, ServedLog, SqlSink
+    from recloop.serving.service import LoadedModel, RecommenderService
+    from recloop.serving.settings import ServeSettings
+
+    n_users, n_items = CATALOGUES["ml100k"]
+    art = tmp / "artifact-ml100k"
+    if not art.exists():
+        build_artifact(art, n_users=n_users, n_items=n_items)
+    user_ids = [str(u) for u in range(1, n_users + 1)]
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    redis = store_url.startswith("redis")
+    cases = {"topk": "topk", "softmax": "softmax", "epsilon": "epsilon", "softmax+log": "softmax"}
+
+    async def run() -> dict[str, list[float]]:
+        if redis:
+            await fill_store(
+                store_url,
+                prefix,
+                user_ids=user_ids,
+                item_ids=[str(i) for i in range(1, n_items + 1)],
+                h=10,
+            )
+        model = LoadedModel.load(art)
+        store = open_store(store_url, prefix=prefix, timeout_s=1.0)
+        rng = np.random.default_rng(0)
+        batches = [
+            [RecommendRequest(user_id=str(u)) for u in rng.integers(1, n_users + 1, 16)]
+            for _ in range(50)
+        ]
+        times: dict[str, list[float]] = {c: [] for c in cases}
+        try:
+            for _ in range(args.rounds * 3):
+                for case, policy in cases.items():
+                    settings = ServeSettings(artifact=art, policy=policy, microbatch=False)
+                    metrics = ServiceMetrics()
+                    log = None
+                    if case.endswith("+log"):
+                        sink = (
+                            BusSink(store_url, stream=f"{prefix}served")
+                            if redis
+                            else SqlSink(f"sqlite:///{tmp / 'served-inproc.db'}")
+                        )
+                        log = ServedLog(sink, metrics=metrics)
+                        log.start()
+                    svc = RecommenderService(
+                        settings=settings, store=store, model=model, metrics=metrics,
+                        served_log=log,
+                    )  # fmt: skip
+                    t0 = time.process_time()
+                    for b in batches:
+                        await svc.recommend_many(b)
+                    if log is not None:
+                        await log.close()  # the drain's work is part of the cost
+                    times[case].append((time.process_time() - t0) / (16 * len(batches)) * 1e6)
+        finally:
+            await store.close()
+            if redis:
+                await drop_store(store_url, prefix)
+        return times
+
+    times = asyncio.run(run())
+    print("\nin-process CPU cost per request (micro-batches of 16, median of the rounds):")
+    base = float(np.median(times["topk"]))
+    for case, ts in times.items():
+        med = float(np.median(ts))
+        print(f"  {case:<12} {med:7.1f} us/request  topk / this: {base / med:.2f}x")
+
+
+def median_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (catalogue, variant, concurrency): the round with the median req/s."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["catalogue"], r["variant"], r["concurrency"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["rps"])
+        out.append({**ranked[(len(ranked) - 1) // 2], "rounds": len(ranked)})
+    return out
 
 
 def report(rows: list[dict[str, Any]]) -> None:
@@ -453,6 +590,13 @@ def report(rows: list[dict[str, Any]]) -> None:
             print(
                 f"  {cat:>7} c={c:<3} {v} / baseline: {r['rps'] / base['rps']:.2f}x req/s, "
                 f"p99 {r['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms"
+            )
+        top = by.get((cat, "recloop", c))
+        if v in POLICY_OF and top is not None:
+            print(
+                f"  {cat:>7} c={c:<3} {v} / recloop ({top.get('policy', 'topk')}): "
+                f"{r['rps'] / top['rps']:.2f}x req/s, p99 {r['p99_ms']:.1f} vs "
+                f"{top['p99_ms']:.1f} ms (target: >= 0.80x)"
             )
         nob = by.get((cat, "recloop-nobatch", c))
         if v == "recloop" and nob is not None:
@@ -501,6 +645,24 @@ def main() -> None:
         default="recloop,baseline",
         help=f"comma-separated, run in this order: {', '.join(VARIANTS)}",
     )
+    ap.add_argument(
+        "--policy",
+        choices=["topk", "softmax", "epsilon"],
+        default="topk",
+        help="serving policy of the plain recloop variants (the exploring variants "
+        "recloop-softmax, recloop-epsilon and recloop-logged set their own)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variants this many times, interleaved; report each one's median",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also measure each policy's CPU cost per request in-process (no HTTP)",
+    )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -521,7 +683,7 @@ def main() -> None:
         except RecloopError as exc:
             ap.error(f"--artifact: {exc}")
         catalogues.append(TRAINED)
-    if not catalogues:
+    if not catalogues and not args.in_process:
         ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
@@ -537,8 +699,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="recloop-bench-") as d:
         tmp = Path(d)
         for name in catalogues:
-            for v in variants:
-                rows += bench_catalogue(name, args=args, tmp=tmp, store_url=store_url, variant=v)
+            # Rounds interleave the variants, so that a change of load on the machine during
+            # the run hits every variant alike; the report takes each one's median round.
+            for _ in range(args.rounds):
+                for v in variants:
+                    rows += bench_catalogue(
+                        name, args=args, tmp=tmp, store_url=store_url, variant=v
+                    )
+        if args.in_process:
+            in_process_cost(args, tmp, store_url)
+    rows = median_rounds(rows)
 
     report(rows)
     if args.json:

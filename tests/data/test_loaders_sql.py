@@ -116,3 +116,96 @@ def test_logged_events_prepare_into_the_next_training_set(tmp_path: Path) -> Non
     assert ds.n_events == n
     assert sorted(ds.user_ids) == sorted(events["user_id"].unique().to_list())
     assert sorted(ds.item_ids) == sorted(events["item_id"].unique().to_list())
+
+
+def served_lists(n_lists: int, seed: int = 0) -> pl.DataFrame:
+    """Served-items rows of random lists of 3 (SERVED_SCHEMA), propensities in (0, 1]."""
+    import numpy as np
+
+    from recloop.streaming.served import served_rows
+
+    rng = np.random.default_rng(seed)
+    docs = []
+    for k in range(n_lists):
+        items = [f"i{x}" for x in rng.choice(30, 3, replace=False)]
+        docs.append(
+            {
+                "recommendation_id": f"r{k}",
+                "user_id": f"u{rng.integers(20)}",
+                "ts": 1000 + 10 * k,
+                "model_version": "m1" if k % 2 else "m2",
+                "policy": "softmax",
+                "temperature": 1.0,
+                "epsilon": None,
+                "seed": k,
+                "source": "policy",
+                "slate_propensity": None,
+                "items": items,
+                "scores": [0.0] * 3,
+                "propensities": rng.uniform(0.05, 1.0, 3).round(3).tolist(),
+            }
+        )
+    return served_rows(docs)
+
+
+def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
+    from recloop.data.loaders.sql import load_impressions_from_db
+
+    prefix = f"ld{uuid.uuid4().hex[:8]}_"
+    log = BehaviorLog(url, prefix=prefix)
+    rows = served_lists(4)
+    try:
+        log.append_served(rows)
+        log.append(
+            logged([("e1", rows["user_id"][1], rows["item_id"][1], 1001, None, None, 2.5)]),
+            slide_s=80,
+        )
+        log.attribute_users(rows["user_id"].to_list(), window_s=600)
+        log.settle(1020)  # the first two lists (ts 1000, 1010) are settled, not the others
+        table = f"{prefix}served_items"
+        raw = load_impressions_from_db(url, table=table)
+        everything = load_impressions_from_db(url, table=table, settled_only=False)
+    finally:
+        log.drop_schema()
+        log.dispose()
+    ev = raw.events
+    assert ev.columns == [
+        "user", "item", "timestamp", "rating", "propensity", "policy_version", "policy",
+        "position", "event_id",
+    ]  # fmt: skip
+    assert ev.height == 6 and everything.events.height == 12
+    assert ev["rating"].to_list() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]  # reward of r0's item 1
+    assert ev["propensity"].to_list() == rows["propensity"][:6].to_list()
+    assert ev["policy_version"].to_list() == ["m2"] * 3 + ["m1"] * 3
+    assert ev["event_id"][:2].to_list() == ["r0:0", "r0:1"]
+
+
+def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:
+    """The off-policy loop: served lists → attributed impressions → a prepared dataset whose
+    ``propensity`` column OPE and REINFORCE read."""
+    import numpy as np
+
+    from recloop.data.loaders.sql import load_impressions_from_db
+    from recloop.data.prepare import PrepareConfig, prepare
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = BehaviorLog(url)
+    rows = served_lists(400, seed=1)
+    log.append_served(rows)
+    log.settle(10**9)
+    ds = prepare(load_impressions_from_db(url), PrepareConfig())
+    assert "propensity" in ds.extra
+    got = np.sort(ds.extra["propensity"])
+    assert ds.n_events == rows.height
+    np.testing.assert_allclose(got, np.sort(rows["propensity"].to_numpy()))
+    assert set(np.unique(ds.reward).tolist()) == {0.0}
+
+
+def test_impressions_need_from_db(tmp_path: Path) -> None:
+    from recloop.cli.prepare import PrepareJob, run_prepare
+    from recloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--impressions"):
+        run_prepare(
+            fmt=None, input_path=None, output=tmp_path / "o", job=PrepareJob(), impressions=True
+        )

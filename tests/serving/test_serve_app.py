@@ -35,8 +35,25 @@ async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, s
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/json"
         body = r.json()
-        assert set(body) == {"items", "model_version", "source", "warnings"}
+        assert set(body) == {
+            "recommendation_id",
+            "items",
+            "slate_propensity",
+            "policy",
+            "model_version",
+            "source",
+            "warnings",
+        }
         assert body["source"] == "policy" and body["warnings"] == []
+        # today's behaviour is the default: deterministic, every propensity 1
+        assert body["policy"] == {
+            "name": "topk",
+            "temperature": None,
+            "epsilon": None,
+            "seed": None,
+        }
+        assert body["slate_propensity"] == 1.0
+        assert [x["propensity"] for x in body["items"]] == [1.0] * 4
         assert body["model_version"] == svc.model.model_version
         ids = [x["item_id"] for x in body["items"]]
         scores = [x["score"] for x in body["items"]]
@@ -89,8 +106,10 @@ async def test_batch_route_equals_single_routes(
             assert [x["score"] for x in b["items"]] == pytest.approx(
                 [x["score"] for x in s["items"]], rel=1e-5, abs=1e-6
             )  # batched matmuls may differ in the last bits
-            assert {k: v for k, v in b.items() if k != "items"} == {
-                k: v for k, v in s.items() if k != "items"
+            # each served list has its own id
+            assert b["recommendation_id"] != s["recommendation_id"]
+            assert {k: v for k, v in b.items() if k not in ("items", "recommendation_id")} == {
+                k: v for k, v in s.items() if k not in ("items", "recommendation_id")
             }
         assert [x["source"] for x in results] == ["policy", "policy", "popular", "popular"]
         assert [x["item_id"] for x in results[2]["items"]] == ["i7", "i8"]

@@ -293,3 +293,27 @@ async def test_recommend_cli_and_service_agree_on_unknown_users(
     assert served["source"] == cli["source"] == "popular"
     assert [x["item_id"] for x in served["items"]] == cli["items"]
     assert [x["score"] for x in served["items"]] == cli["scores"]
+
+
+def test_serve_passes_the_serving_policy_and_the_served_list_log(
+    artifact_dir: Path, tmp_path: Path, uvicorn_calls: list[dict[str, Any]]
+) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    args = ["serve", str(artifact_dir), "--policy", "softmax", "--temperature", "0.5"]
+    args += ["--epsilon", "0.2", "--database-url", url]
+    assert main(args) == 0
+    (call,) = uvicorn_calls
+    env = call["env"]
+    assert env["RECLOOP_POLICY"] == "softmax" and env["RECLOOP_TEMPERATURE"] == "0.5"
+    assert env["RECLOOP_EPSILON"] == "0.2" and env["RECLOOP_DATABASE_URL"] == url
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--policy", "greedy", "--policy"), ("--temperature", "0", "--temperature")],
+)
+def test_serve_refuses_a_bad_policy_naming_the_option(
+    artifact_dir: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, named: str
+) -> None:
+    assert main(["serve", str(artifact_dir), flag, value]) == 2
+    assert named in capsys.readouterr().err

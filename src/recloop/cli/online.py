@@ -48,6 +48,28 @@ def serve(
         help="Forward-pass engine: torch or onnxruntime (default: RECLOOP_INFERENCE, else "
         "torch; onnxruntime needs recloop[export]).",
     ),
+    policy: str | None = typer.Option(
+        None,
+        help="Serving policy: topk (deterministic), softmax (= plackett_luce: sampled from "
+        "softmax(scores / T)) or epsilon (epsilon-greedy over the top-n); a request may ask "
+        "for another (default: RECLOOP_POLICY, else topk).",
+    ),
+    temperature: float | None = typer.Option(
+        None, help="T of the softmax policy (default: RECLOOP_TEMPERATURE, else 1)."
+    ),
+    epsilon: float | None = typer.Option(
+        None, help="Exploration probability of the epsilon policy (default: 0.1)."
+    ),
+    bus_url: str | None = typer.Option(
+        None,
+        help="Log every served list onto this event bus (redis://…) for `recloop stream` "
+        "(default: RECLOOP_BUS_URL).",
+    ),
+    database_url: str | None = typer.Option(
+        None,
+        help="Without --bus-url: log every served list straight into this SQL log "
+        "(default: RECLOOP_DATABASE_URL; neither: not logged).",
+    ),
 ) -> None:
     """Run the recommendation service (FastAPI on uvicorn) for an artifact.
 
@@ -88,6 +110,11 @@ def serve(
         "RECLOOP_ADMIN_LOCALHOST": "true" if admin_localhost else None,
         "RECLOOP_ARTIFACT_ROOT": str(artifact_root.resolve()) if artifact_root else None,
         "RECLOOP_INFERENCE": inference,
+        "RECLOOP_POLICY": policy,
+        "RECLOOP_TEMPERATURE": None if temperature is None else repr(temperature),
+        "RECLOOP_EPSILON": None if epsilon is None else repr(epsilon),
+        "RECLOOP_BUS_URL": bus_url,
+        "RECLOOP_DATABASE_URL": database_url,
     }
     env.update({k: v for k, v in given.items() if v is not None})
     run_dir = tempfile.mkdtemp(prefix="recloop-serve-")  # private (0700) to this run
@@ -197,6 +224,12 @@ def stream(
     claim_min_idle_ms: int | None = typer.Option(
         None, min=0, help="Take over entries pending this long at a dead consumer (30000)."
     ),
+    attribution_window: int | None = typer.Option(
+        None,
+        min=0,
+        help="Feedback without a recommendation_id goes to the latest list that showed the "
+        "user the item at most this many seconds before (1800; RECLOOP_ATTRIBUTION_WINDOW_S).",
+    ),
     exit_when_idle: float | None = typer.Option(
         None, help="Stop after this many seconds without events (default: run until stopped)."
     ),
@@ -238,6 +271,7 @@ def stream(
         "claim_min_idle_ms": claim_min_idle_ms,
         "exit_when_idle_s": exit_when_idle,
         "allowed_lateness_s": allowed_lateness,
+        "attribution_window_s": attribution_window,
     }
     if replay_dir is not None and exit_when_idle is None:
         values["exit_when_idle_s"] = 2.0

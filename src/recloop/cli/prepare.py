@@ -33,16 +33,24 @@ def run_prepare(
     job: PrepareJob,
     from_db: str | None = None,
     table: str = "behavior_log",
+    impressions: bool = False,
 ) -> PreparedDataset:
     """Load (files, or the SQL behaviour log with ``from_db``), prepare and save."""
     output_dir(output)
+    if impressions and from_db is None:
+        raise ConfigError("--impressions reads the served-items table: give --from-db too")
     if from_db is not None:
         if fmt is not None or input_path is not None:
             raise ConfigError("give either --from-db or --format/--input, not both")
         # The online behaviour log becomes the next training set: the loop closes here.
-        from recloop.data.loaders.sql import load_from_db
+        from recloop.data.loaders.sql import load_from_db, load_impressions_from_db
 
-        raw = load_from_db(from_db, table=table)
+        if impressions:
+            # One event per shown item, with its logged propensity: the off-policy view.
+            served_table = "served_items" if table == "behavior_log" else table
+            raw = load_impressions_from_db(from_db, table=served_table)
+        else:
+            raw = load_from_db(from_db, table=table)
     else:
         if fmt is None or input_path is None:
             raise ConfigError("give --format and --input (or --from-db DATABASE_URL)")
@@ -116,7 +124,18 @@ def prepare_command(
         help="Read the SQL behaviour log written by `recloop stream` (a SQLAlchemy URL) "
         "instead of files.",
     ),
-    table: str = typer.Option("behavior_log", "--table", help="Log table for --from-db."),
+    table: str = typer.Option(
+        "behavior_log",
+        "--table",
+        help="Log table for --from-db (with --impressions: served_items by default).",
+    ),
+    impressions: bool = typer.Option(
+        False,
+        "--impressions",
+        help="With --from-db: one event per item the service showed (reward 0 when ignored, "
+        "else the attributed event's), with its logged propensity, for off-policy training "
+        "and OPE.",
+    ),
     split: str | None = typer.Option(
         None, "--split", help="Split protocol: ratio, loo or time (overrides the config)."
     ),
@@ -142,7 +161,13 @@ def prepare_command(
     job = load_config(PrepareJob, path=config, values=values, overrides=overrides)
     start = time.perf_counter()
     dataset = run_prepare(
-        fmt=fmt, input_path=input_path, output=output, job=job, from_db=from_db, table=table
+        fmt=fmt,
+        input_path=input_path,
+        output=output,
+        job=job,
+        from_db=from_db,
+        table=table,
+        impressions=impressions,
     )
     summary = summary_of(dataset, output, time.perf_counter() - start)
     if as_json:

@@ -36,6 +36,7 @@ from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.routes import MAX_BODY_BYTES, BodyError, install_routes, json_response
 from recloop.serving.schemas import request_models
+from recloop.serving.served_log import BusSink, ServedLog, ServedSink, SqlSink
 from recloop.serving.service import LoadedModel, RecommenderService
 from recloop.serving.settings import ServeSettings
 from recloop.serving.stores import open_store
@@ -261,9 +262,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
             prefix=settings.store_prefix,
             timeout_s=settings.store_timeout_s,
         )
+        served_log = open_served_log(settings, metrics)
         service = RecommenderService(
-            settings=settings, store=store, model=model, metrics=metrics, artifact_path=path
+            settings=settings,
+            store=store,
+            model=model,
+            metrics=metrics,
+            artifact_path=path,
+            served_log=served_log,
         )
+        if served_log is not None:
+            served_log.start()
         app.state.service = service
         app.state.reload_broadcast = broadcast
         hup = _install_sighup(service)
@@ -337,6 +346,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
         admin_localhost=settings.admin_localhost,
     )
     return app
+
+
+def open_served_log(settings: ServeSettings, metrics: ServiceMetrics) -> ServedLog | None:
+    """The served-list log the settings name: the bus, else the SQL log, else none."""
+    sink: ServedSink
+    if settings.bus_url:
+        sink = BusSink(settings.bus_url, stream=settings.stream)
+    elif settings.database_url:
+        sink = SqlSink(settings.database_url, prefix=settings.table_prefix)
+    else:
+        logger.info("served lists are not logged (no bus_url or database_url)")
+        return None
+    return ServedLog(sink, metrics=metrics, max_queue=settings.served_queue)
 
 
 def _secret(value: SecretStr | None) -> str | None:

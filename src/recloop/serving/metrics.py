@@ -77,6 +77,18 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="liveall",
         )
+        self.served_lists = Counter(
+            "recloop_served_lists",
+            "Served lists by logging outcome: logged, or dropped (the queue was full).",
+            ["outcome"],
+            registry=reg,
+        )
+        self.served_queue = Gauge(
+            "recloop_served_queue",
+            "Served lists waiting to be logged.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self._served: str | None = None
         # Children are cached per label value: .labels() costs a lock and a dict lookup.
         self._req_children: dict[tuple[str, int], Counter] = {}

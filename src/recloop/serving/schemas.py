@@ -105,6 +105,13 @@ _RECENT_DOC = (
 )
 _REQUESTS_DOC = "One entry per user, each like a /v1/recommend body."
 
+PolicyName = Literal["topk", "softmax", "plackett_luce", "epsilon"]
+"""Serving policies (``plackett_luce`` is another name of ``softmax``), see
+:mod:`recloop.serving.exploration`."""
+SEED_MAX = 2**63 - 1
+Temperature = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+Epsilon = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
 
 class RecommendRequest(BaseModel):
     """Ranked items for one user; ids are raw (whole numbers are read as their digits)."""
@@ -118,6 +125,23 @@ class RecommendRequest(BaseModel):
     n: _count(ge=1) | None = Field(None, description=_N_DOC)  # type: ignore[valid-type]
     exclude_consumed: bool = Field(
         True, description="Leave out the given recent items and the user's known history."
+    )
+    policy: PolicyName | None = Field(
+        None,
+        description="How the list is drawn from the scores (default: the service's policy): "
+        "topk (deterministic), softmax = plackett_luce (sampled from softmax(scores / T) "
+        "without replacement) or epsilon (epsilon-greedy over the top-n).",
+    )
+    temperature: Temperature | None = Field(
+        None, description="T of the softmax policy (default: the service's temperature)."
+    )
+    epsilon: Epsilon | None = Field(
+        None, description="Exploration probability per slot of the epsilon policy."
+    )
+    seed: _count(ge=0, le=SEED_MAX) | None = Field(  # type: ignore[valid-type]
+        None,
+        description="Seed of the random draws; omitted: one is drawn and returned, so any "
+        "answer can be reproduced.",
     )
 
 
@@ -183,13 +207,40 @@ class ScoredItem(BaseModel):
     """Policy score (or popularity count for ``source = popular``); higher ranks first."""
 
 
+class ServedItem(ScoredItem):
+    propensity: float
+    """Probability that this item was shown at this position: for topk 1, for softmax its
+    Plackett-Luce choice probability given the items above it, for epsilon its marginal
+    probability at this position."""
+
+
+class ServingPolicy(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    name: Literal["topk", "softmax", "epsilon"]
+    """The policy that drew the list (popular fallbacks: topk)."""
+    temperature: float | None
+    """T (softmax only)."""
+    epsilon: float | None
+    """Exploration probability (epsilon only)."""
+    seed: int | None
+    """Seed of the draws (null for topk without a given seed): pass it back to reproduce."""
+
+
 class RecommendResponse(BaseModel):
     """Ranked items, best first."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    items: list[ScoredItem]
-    """At most ``n`` items, best first; fewer when exclusions leave fewer."""
+    recommendation_id: str
+    """Id of this served list: send it back with feedback events to attribute them."""
+    items: list[ServedItem]
+    """At most ``n`` items in display order; fewer when exclusions leave fewer."""
+    slate_propensity: float | None
+    """Probability of the whole ordered list (topk: 1, softmax: the product of the
+    propensities, epsilon: null)."""
+    policy: ServingPolicy
+    """How the list was drawn."""
     model_version: str
     """Version of the artifact that answered."""
     source: Literal["policy", "popular"]

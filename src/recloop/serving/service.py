@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,11 @@ import torch
 from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError, ConfigError, RecloopError
 from recloop.ranking import topk
+from recloop.serving import exploration
 from recloop.serving.admin import log_safe
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.schemas import RecommendRequest
+from recloop.serving.served_log import ServedLog
 from recloop.serving.settings import ServeSettings
 from recloop.serving.stores import OnlineStore, Scored, StoreDataError
 
@@ -176,7 +181,6 @@ class LoadedModel:
             k=1,
         )
 
-    @torch.inference_mode()
     def score(
         self,
         *,
@@ -193,11 +197,34 @@ class LoadedModel:
         float32; ``exclude_rows``/``exclude_cols`` (E,) int64 pairs (row, item index) to mask.
         The mask is written into the score tensor in place: no (B, N + 1) boolean mask.
         """
+        idx, val, _ = self.score_full(
+            user=user,
+            history=history,
+            history_reward=history_reward,
+            exclude_rows=exclude_rows,
+            exclude_cols=exclude_cols,
+            k=k,
+        )
+        return idx, val
+
+    @torch.inference_mode()
+    def score_full(
+        self,
+        *,
+        user: np.ndarray,
+        history: np.ndarray,
+        history_reward: np.ndarray,
+        exclude_rows: np.ndarray,
+        exclude_cols: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """:meth:`score`, plus every masked score (B, N + 1) (the padding column too, which
+        the exploring policies never show)."""
         scores = self.scorer(user, history, history_reward)
         if len(exclude_rows):
             scores[torch.from_numpy(exclude_rows), torch.from_numpy(exclude_cols)] = float("-inf")
         top = topk(scores, min(k, self.n_items), row_keys=torch.from_numpy(user))
-        return top.indices.numpy(), top.values.numpy()
+        return top.indices.numpy(), top.values.numpy(), scores
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,15 +241,61 @@ class Recommendation:
     """``policy`` or ``popular``."""
     warnings: list[str]
     """What was ignored or unavailable."""
+    recommendation_id: str = ""
+    """Id of this served list (logged with it)."""
+    user_id: str = ""
+    """The raw user id asked for."""
+    propensities: list[float] | None = None
+    """Probability of each item at its position (see :mod:`.exploration`); None: all 1."""
+    slate_propensity: float | None = 1.0
+    """Probability of the whole list (None for epsilon-greedy)."""
+    policy: str = "topk"
+    """Serving policy that drew it: topk, softmax or epsilon."""
+    temperature: float | None = None
+    epsilon: float | None = None
+    seed: int | None = None
+    """Seed of the draws, to reproduce the list."""
+    ts: int = 0
+    """Unix time it was served, in whole seconds."""
+
+    def _propensities(self) -> list[float]:
+        return self.propensities if self.propensities is not None else [1.0] * len(self.item_ids)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "recommendation_id": self.recommendation_id,
             "items": [
-                {"item_id": i, "score": s} for i, s in zip(self.item_ids, self.scores, strict=True)
+                {"item_id": i, "score": s, "propensity": p}
+                for i, s, p in zip(self.item_ids, self.scores, self._propensities(), strict=True)
             ],
+            "slate_propensity": self.slate_propensity,
+            "policy": {
+                "name": self.policy,
+                "temperature": self.temperature,
+                "epsilon": self.epsilon,
+                "seed": self.seed,
+            },
             "model_version": self.model_version,
             "source": self.source,
             "warnings": self.warnings,
+        }
+
+    def log_doc(self) -> dict[str, Any]:
+        """The served-list document of :mod:`recloop.streaming.served`."""
+        return {
+            "recommendation_id": self.recommendation_id,
+            "user_id": self.user_id,
+            "ts": self.ts,
+            "model_version": self.model_version,
+            "policy": self.policy,
+            "temperature": self.temperature,
+            "epsilon": self.epsilon,
+            "seed": self.seed,
+            "source": self.source,
+            "slate_propensity": self.slate_propensity,
+            "items": self.item_ids,
+            "scores": self.scores,
+            "propensities": self._propensities(),
         }
 
 
@@ -258,10 +331,28 @@ def _name_ids(ids: list[str]) -> str:
 class _Row:
     """Per-request working state of one batch (internal)."""
 
-    __slots__ = ("consumed_raw", "exclude", "hist", "hist_reward", "n", "user", "warnings")
+    __slots__ = (
+        "consumed_raw",
+        "epsilon",
+        "exclude",
+        "hist",
+        "hist_reward",
+        "n",
+        "policy",
+        "seed",
+        "temperature",
+        "user",
+        "user_id",
+        "warnings",
+    )
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self.user_id = ""
+        self.policy = "topk"
+        self.temperature: float | None = None
+        self.epsilon: float | None = None
+        self.seed: int | None = None
         self.user = 0
         self.hist: list[int] = []
         self.hist_reward: list[float] = []
@@ -279,6 +370,7 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
     """
     item_index = model.item_index
     h = model.history_len
+    row.user_id = req.user_id
     row.user = model.user_index.get(req.user_id, 0)
     if req.recent_items is not None:
         known = []
@@ -311,6 +403,30 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
         row.warnings.append(f"unknown user {req.user_id!r}: scored from its recent items")
 
 
+def _choose_policy(row: _Row, req: RecommendRequest, s: ServeSettings) -> None:
+    """The request's serving policy and its settings, the service's where it says none."""
+    name = req.policy or s.policy
+    row.policy = "softmax" if name == "plackett_luce" else name
+    if row.policy == "softmax":
+        row.temperature = req.temperature if req.temperature is not None else s.temperature
+    elif row.policy == "epsilon":
+        row.epsilon = req.epsilon if req.epsilon is not None else s.epsilon
+    if req.seed is not None:
+        row.seed = req.seed
+    elif row.policy != "topk":
+        row.seed = secrets.randbits(63)  # returned with the list: the answer can be redrawn
+
+
+def _explore(row: _Row, scores: np.ndarray, greedy: np.ndarray) -> exploration.Slate:
+    """One row's exploring list; ``scores`` (N + 1,) float64 masked, ``greedy`` its top-n."""
+    rng = np.random.default_rng(row.seed)
+    if row.policy == "softmax":
+        assert row.temperature is not None
+        return exploration.sample_plackett_luce(scores, row.n, temperature=row.temperature, rng=rng)
+    assert row.epsilon is not None
+    return exploration.sample_epsilon_greedy(scores, greedy, epsilon=row.epsilon, rng=rng)
+
+
 class RecommenderService:
     """Answers recommendation requests for the model it holds; swap models with :meth:`reload`."""
 
@@ -322,8 +438,11 @@ class RecommenderService:
         model: LoadedModel,
         metrics: ServiceMetrics | None = None,
         artifact_path: Path | None = None,
+        served_log: ServedLog | None = None,
     ) -> None:
         self.settings = settings
+        self.served_log = served_log
+        """Where every served list is queued for logging (None: not logged)."""
         self.store = store
         self.metrics = metrics or ServiceMetrics()
         self.limits = settings.limits
@@ -445,6 +564,7 @@ class RecommenderService:
             if store_warning is not None and (req.recent_items is None or req.exclude_consumed):
                 row.warnings.append(store_warning)
             _fill_row(row, req, model, recent.get(req.user_id, []))
+            _choose_policy(row, req, s)
 
         policy_rows = [i for i, row in enumerate(rows) if row.user or row.hist]
         out: list[Recommendation | None] = [None] * len(rows)
@@ -453,7 +573,11 @@ class RecommenderService:
         popular_rows = [i for i, row in enumerate(rows) if out[i] is None]
         if popular_rows:
             await self._answer_popular(model, reqs, rows, popular_rows, out)
-        return [o for o in out if o is not None]
+        recs = [o for o in out if o is not None]
+        if self.served_log is not None:
+            for rec in recs:
+                self.served_log.submit(rec)
+        return recs
 
     def _score_policy(
         self,
@@ -476,7 +600,7 @@ class RecommenderService:
                 ex_rows.extend([j] * len(r.exclude))
                 ex_cols.extend(r.exclude)
         k = max(r.n for r in rows)
-        idx, val = model.score(
+        idx, val, full = model.score_full(
             user=user,
             history=history,
             history_reward=history_reward,
@@ -487,17 +611,35 @@ class RecommenderService:
         self.metrics.batch_size.observe(b)
         finite = np.isfinite(val)
         ids = model.item_ids
+        now = int(time.time())
         for j, r in enumerate(rows):
             keep = finite[j, : r.n]
             ri, rv = idx[j, : r.n], val[j, : r.n]
             if not keep.all():
                 ri, rv = ri[keep], rv[keep]
+            prop: list[float] | None = None
+            slate_p: float | None = 1.0
+            if r.policy != "topk":
+                row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
+                row_scores[0] = -np.inf  # padding is never shown
+                slate = _explore(r, row_scores, ri)
+                ri, rv = slate.items, row_scores[slate.items]
+                prop, slate_p = slate.propensity.tolist(), slate.slate_propensity
             out[where[j]] = Recommendation(
                 item_ids=ids[ri].tolist(),
                 scores=rv.tolist(),
                 model_version=model.model_version,
                 source=SOURCE_POLICY,
                 warnings=r.warnings,
+                recommendation_id=uuid.uuid4().hex,
+                user_id=r.user_id,
+                propensities=prop,
+                slate_propensity=slate_p,
+                policy=r.policy,
+                temperature=r.temperature,
+                epsilon=r.epsilon,
+                seed=r.seed,
+                ts=now,
             )
         self._served[SOURCE_POLICY].inc(b)
 
@@ -521,12 +663,17 @@ class RecommenderService:
                 f"unknown user {reqs[i].user_id!r} without known recent items: popular items"
             )
             items = self._pick_popular(model, live, row.consumed_raw, row.n)
+            # Popular fallbacks are deterministic whatever the policy asked: propensity 1.
             out[i] = Recommendation(
                 item_ids=[x for x, _ in items],
                 scores=[sc for _, sc in items],
                 model_version=model.model_version,
                 source=SOURCE_POPULAR,
                 warnings=row.warnings,
+                recommendation_id=uuid.uuid4().hex,
+                user_id=row.user_id,
+                seed=row.seed,
+                ts=int(time.time()),
             )
         self._served[SOURCE_POPULAR].inc(len(where))
 
@@ -618,6 +765,8 @@ class RecommenderService:
     async def close(self) -> None:
         if self._batcher is not None:
             await self._batcher.drain()
+        if self.served_log is not None:
+            await self.served_log.close()
 
 
 Req = TypeVar("Req")

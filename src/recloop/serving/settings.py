@@ -89,6 +89,27 @@ class ServeSettings(BaseSettings):
     otel: bool = False
     """Keep FastAPI's native OpenTelemetry instrumentation on (off: it costs more per request
     than scoring; ``/metrics`` is the service's own Prometheus endpoint)."""
+    policy: Literal["topk", "softmax", "plackett_luce", "epsilon"] = "topk"
+    """Default serving policy (a request may choose another): ``topk`` (deterministic),
+    ``softmax`` (= ``plackett_luce``: a Plackett-Luce sample from softmax(scores / T)) or
+    ``epsilon`` (epsilon-greedy over the top-n); see :mod:`recloop.serving.exploration`."""
+    temperature: float = Field(1.0, gt=0, le=1e6)
+    """Default T of the softmax policy."""
+    epsilon: float = Field(0.1, ge=0, le=1)
+    """Default exploration probability per slot of the epsilon policy."""
+    bus_url: str | None = None
+    """Log every served list to this event bus (redis://; read by ``recloop stream``, which
+    writes it to the SQL log).  Takes precedence over ``database_url``."""
+    database_url: str | None = None
+    """Without ``bus_url``: log every served list straight into this SQL database (the
+    stream processor's log tables).  Neither set: served lists are not logged."""
+    stream: str = "recloop:events"
+    """Event stream the served lists are published to (the stream processor's)."""
+    table_prefix: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
+    """Prefix of the SQL log tables (as the stream processor's ``table_prefix``)."""
+    served_queue: int = Field(10_000, ge=1)
+    """Served lists waiting to be logged at most; beyond it they are dropped and counted in
+    ``recloop_served_lists{outcome="dropped"}`` (the request is never held up)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the ``recloop`` loggers and uvicorn (``recloop serve`` sets them up)."""
 
@@ -101,6 +122,11 @@ class ServeSettings(BaseSettings):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("policy", mode="after")
+    @classmethod
+    def _one_name(cls, v: str) -> str:
+        return "softmax" if v == "plackett_luce" else v  # one policy, two names
 
     @field_validator("log_level", mode="before")
     @classmethod

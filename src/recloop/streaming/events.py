@@ -10,7 +10,10 @@ whole seconds (an integer); what makes their values valid -- non-empty ids of at
 :data:`MAX_ID_LEN` characters without NUL, times in [0, 2**53) -- is
 :mod:`recloop.data.validity`, the definition the data loaders and the replay share.
 ``behavior`` (one of pv, cart, fav, buy), ``rating`` and ``reward`` (finite numbers) are
-optional, and ``null`` means absent.  Unknown fields are ignored, so producers may add some.
+optional, and ``null`` means absent.  So is ``recommendation_id`` (a string id, as the
+service returned it): the served list the event answers, kept apart from the event columns
+in :attr:`ParsedBatch.links` (see :mod:`recloop.streaming.served`).  Unknown fields are
+ignored, so producers may add some.
 
 Validation works on a whole batch: the payloads are decoded with one ``orjson`` call when
 they all parse, each field's types are checked as a column (sets of type codes), and the
@@ -105,6 +108,9 @@ class ParsedBatch:
     rows: np.ndarray | None = None
     """(E,) int64: the message (index into ``entry_ids``) of each event row; None means
     ``arange(E)`` (no message was dead-lettered)."""
+    links: pl.DataFrame | None = None
+    """(event_id, recommendation_id) of the good events that name the served list they
+    answer (optional field ``recommendation_id``); None when no event does."""
 
     def message_index(self) -> np.ndarray:
         """(E,) int64 index of each event's message in the batch."""
@@ -223,6 +229,19 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
                 for i, x in enumerate(v)
                 if type(x) not in _NUMBER_OR_NONE
             )
+    rid = [d.get("recommendation_id") for d in docs]
+    has_rid = set(map(type, rid)) != {type(None)}
+    if has_rid:
+        flag(
+            (i, f"recommendation_id: expected a string, got {_type_name(x)} {_describe(x)}")
+            for i, x in enumerate(rid)
+            if x is not None and type(x) is not str
+        )
+        flag(
+            (i, f"recommendation_id: must have 1 to {MAX_ID_LEN} characters, got {len(x)}")
+            for i, x in enumerate(rid)
+            if type(x) is str and not 0 < len(x) <= MAX_ID_LEN
+        )
     keep = [i for i, r in enumerate(reason) if r is None]
     if len(keep) < n:
         cols = {k: [v[i] for i in keep] for k, v in cols.items()}
@@ -242,7 +261,15 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
         keep = [i for i, r in enumerate(reason) if r is None]
     dead = [DeadLetter.of(messages[i], r) for i, r in enumerate(reason) if r is not None]
     rows = np.asarray(keep, dtype=np.int64) if dead else None
-    return ParsedBatch(entry_ids=ids, events=events, dead=dead, rows=rows)
+    links = None
+    if has_rid:
+        links = pl.DataFrame(
+            {
+                "event_id": events["event_id"],
+                "recommendation_id": pl.Series([rid[i] for i in keep], dtype=pl.String),
+            }
+        ).drop_nulls("recommendation_id")
+    return ParsedBatch(entry_ids=ids, events=events, dead=dead, rows=rows, links=links)
 
 
 def encode_events(events: pl.DataFrame) -> list[bytes]:

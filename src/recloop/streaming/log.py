@@ -93,6 +93,11 @@ class LogTables:
     behavior: sa.Table
     recommendations: sa.Table
     popular: sa.Table
+    served: sa.Table
+    """One row per item of every list the service served, with its propensity and the
+    feedback attributed to it (see :mod:`recloop.streaming.served`)."""
+    links: sa.Table
+    """event_id -> recommendation_id of the events that named the list they answer."""
 
 
 def log_tables(prefix: str = "") -> LogTables:
@@ -144,7 +149,39 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("events", sa.BigInteger, nullable=False),
         mysql_charset="utf8mb4",
     )
-    return LogTables(md, behavior, recommendations, popular)
+    served = sa.Table(
+        f"{prefix}served_items",
+        md,
+        sa.Column("recommendation_id", BinaryString(64), primary_key=True),
+        sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("user_id", _ID, nullable=False),
+        sa.Column("item_id", _ID, nullable=False),
+        sa.Column("ts", sa.BigInteger, nullable=False),
+        sa.Column("model_version", BinaryString(128), nullable=False),
+        sa.Column("policy", BinaryString(16), nullable=False),
+        sa.Column("temperature", sa.Double),
+        sa.Column("epsilon", sa.Double),
+        sa.Column("seed", sa.BigInteger),
+        sa.Column("source", BinaryString(16), nullable=False),
+        sa.Column("score", sa.Double),
+        sa.Column("propensity", sa.Double, nullable=False),
+        sa.Column("slate_propensity", sa.Double),
+        sa.Column("event_id", _ID),
+        sa.Column("reward", sa.Double),
+        sa.Column("attributed_by", BinaryString(8)),
+        sa.Column("settled", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Index(f"{prefix}ix_served_items_user", "user_id", "ts"),
+        sa.Index(f"{prefix}ix_served_items_open", "settled", "ts"),
+        mysql_charset="utf8mb4",
+    )
+    links = sa.Table(
+        f"{prefix}feedback_links",
+        md,
+        sa.Column("event_id", _ID, primary_key=True),
+        sa.Column("recommendation_id", _ID, nullable=False),
+        mysql_charset="utf8mb4",
+    )
+    return LogTables(md, behavior, recommendations, popular, served, links)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -467,6 +504,159 @@ class BehaviorLog:
         from recloop.streaming.events import EVENT_SCHEMA
 
         return pl.DataFrame([tuple(r) for r in rows], schema=EVENT_SCHEMA, orient="row")
+
+    # -- served lists and attribution -------------------------------------------------
+
+    def _insert_ignore(
+        self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
+    ) -> None:
+        """Insert rows whose key is new; existing keys are left as they are (idempotent)."""
+        if not rows:
+            return
+        d = conn.dialect
+        if d.name == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            conn.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
+        elif d.name == "sqlite":
+            conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
+        else:
+            conn.execute(mysql.insert(table).prefix_with("IGNORE"), rows)
+
+    def append_served(self, rows: pl.DataFrame) -> None:
+        """Insert served-item rows (:data:`recloop.streaming.served.SERVED_SCHEMA`); a list
+        logged before (same recommendation_id and position) is left as it is."""
+        self.create_schema()
+        if rows.height == 0:
+            return
+        with self.engine.begin() as conn:
+            self._insert_ignore(conn, self.tables.served, _records(rows))
+
+    def append_links(self, links: pl.DataFrame) -> None:
+        """Insert (event_id, recommendation_id) rows of events that named their list."""
+        self.create_schema()
+        if links.height == 0:
+            return
+        with self.engine.begin() as conn:
+            self._insert_ignore(conn, self.tables.links, _records(links))
+
+    def attribute_users(self, users: Sequence[str], *, window_s: int) -> int:
+        """Recompute the attribution of the unsettled impressions of ``users`` from the
+        events logged so far (:func:`recloop.streaming.served.attribute`); returns how many
+        impressions have an event now."""
+        from recloop.streaming.served import attribute
+
+        self.create_schema()
+        sv, b, ln = self.tables.served, self.tables.behavior, self.tables.links
+        users = list(dict.fromkeys(users))
+        attributed = 0
+        for i in range(0, len(users), 500):
+            part = users[i : i + 500]
+            with self.engine.begin() as conn:
+                q = sa.select(
+                    sv.c.recommendation_id, sv.c.position, sv.c.user_id, sv.c.item_id, sv.c.ts
+                ).where(sv.c.user_id.in_(part), sv.c.settled == sa.false())
+                imps = pl.DataFrame(
+                    [tuple(r) for r in conn.execute(q).all()],
+                    schema={
+                        "recommendation_id": pl.String,
+                        "position": pl.Int32,
+                        "user_id": pl.String,
+                        "item_id": pl.String,
+                        "ts": pl.Int64,
+                    },
+                    orient="row",
+                )
+                if imps.height == 0:
+                    continue
+                lo, hi = int(imps["ts"].min()), int(imps["ts"].max()) + window_s  # type: ignore[arg-type]
+                q = (
+                    sa.select(
+                        b.c.event_id,
+                        b.c.user_id,
+                        b.c.item_id,
+                        b.c.ts,
+                        b.c.reward,
+                        ln.c.recommendation_id,
+                    )
+                    .select_from(b.outerjoin(ln, ln.c.event_id == b.c.event_id))
+                    .where(b.c.user_id.in_(part))
+                    # an event naming its list counts whenever it happened; others in the window
+                    .where(sa.or_(ln.c.recommendation_id.is_not(None), b.c.ts.between(lo, hi)))
+                )
+                events = pl.DataFrame(
+                    [tuple(r) for r in conn.execute(q).all()],
+                    schema={
+                        "event_id": pl.String,
+                        "user_id": pl.String,
+                        "item_id": pl.String,
+                        "ts": pl.Int64,
+                        "reward": pl.Float64,
+                        "recommendation_id": pl.String,
+                    },
+                    orient="row",
+                )
+                got = attribute(imps, events, window_s=window_s)
+                attributed += got.height - got["event_id"].null_count()
+                upd = (
+                    sa.update(sv)
+                    .where(
+                        sv.c.recommendation_id == sa.bindparam("rid"),
+                        sv.c.position == sa.bindparam("pos"),
+                        sv.c.settled == sa.false(),
+                    )
+                    .values(
+                        event_id=sa.bindparam("eid"),
+                        reward=sa.bindparam("rw"),
+                        attributed_by=sa.bindparam("how"),
+                    )
+                )
+                conn.execute(
+                    upd,
+                    got.select(
+                        pl.col("recommendation_id").alias("rid"),
+                        pl.col("position").alias("pos"),
+                        pl.col("event_id").alias("eid"),
+                        pl.col("reward").alias("rw"),
+                        pl.col("attributed_by").alias("how"),
+                    ).to_dicts(),
+                )
+        return attributed
+
+    def settle(self, before_ts: int) -> int:
+        """Close the impressions served before ``before_ts``: their attribution is final and
+        the ones nobody answered get reward 0.  Returns how many were settled."""
+        self.create_schema()
+        sv = self.tables.served
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                sa.update(sv)
+                .where(sv.c.settled == sa.false(), sv.c.ts < before_ts)
+                .values(settled=True, reward=sa.func.coalesce(sv.c.reward, 0.0))
+            )
+            return int(res.rowcount or 0)
+
+    def read_served(self) -> pl.DataFrame:
+        """Every served item with its attribution, by (ts, recommendation_id, position)."""
+        self.create_schema()
+        sv = self.tables.served
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(sv).order_by(sv.c.ts, sv.c.recommendation_id, sv.c.position)
+            ).all()
+        from recloop.streaming.served import SERVED_SCHEMA
+
+        schema: dict[str, pl.DataType] = {
+            **SERVED_SCHEMA,
+            "event_id": pl.String(),
+            "reward": pl.Float64(),
+            "attributed_by": pl.String(),
+            "settled": pl.Boolean(),
+        }
+        frame = pl.DataFrame(
+            [tuple(r) for r in rows], schema=[c.name for c in sv.columns], orient="row"
+        )
+        return frame.select([pl.col(c).cast(t) for c, t in schema.items()])
 
     # -- popular items ---------------------------------------------------------------
 

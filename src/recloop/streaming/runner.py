@@ -14,6 +14,14 @@ For each batch (:meth:`StreamProcessor.process`):
 5. at most every ``popular_refresh_s`` (and when idle), publish the window's top items;
 6. acknowledge the whole batch.
 
+Served lists (published by the service onto the same stream, see
+:mod:`recloop.streaming.served`) are split off before validation and written to the
+``served_items`` table first; events naming their list are recorded in ``feedback_links``;
+then the unsettled impressions of the batch's users are attributed again from the log (a
+pure function of what is logged, so arrival order and redeliveries do not matter), and the
+impressions older than the event-time watermark minus the attribution window and the allowed
+lateness are settled (unanswered ones get reward 0).
+
 A sink that cannot be reached (database down, Redis restarting) is retried with exponential
 backoff; the batch stays pending (its idle time reset, so no other worker takes it over)
 and is acknowledged only once every step succeeded.  Steps already done are not repeated.
@@ -79,6 +87,7 @@ from recloop.streaming.operators import (
     realised_rewards,
     recent_by_user,
 )
+from recloop.streaming.served import is_served, served_rows
 from recloop.streaming.settings import StreamSettings
 
 if TYPE_CHECKING:
@@ -190,6 +199,10 @@ class WorkerStats:
     """Entries taken over from other consumers."""
     recommendations: int = 0
     """Recommendation lists refreshed."""
+    served_lists: int = 0
+    """Served lists (from the service) written to the served-items table."""
+    settled: int = 0
+    """Impressions whose reward was settled."""
     popular_refreshes: int = 0
     retries: int = 0
     failed_steps: int = 0
@@ -250,6 +263,14 @@ class Recommender:
         return RecommendationRefresh(batch.users, items, values, self.artifact.model_version)
 
 
+def split_served(messages: Sequence[BusMessage]) -> tuple[list[BusMessage], list[BusMessage]]:
+    """(behaviour events, served lists) of a batch, in bus order; a prefix test per message."""
+    served = [m for m in messages if is_served(m.payload)]
+    if not served:
+        return list(messages), []
+    return [m for m in messages if not is_served(m.payload)], served
+
+
 class StreamProcessor:
     """Runs the steps of the module docstring for one batch at a time."""
 
@@ -279,6 +300,7 @@ class StreamProcessor:
         self._popular_at = -math.inf
         self._gc_at = -math.inf
         self._cpu_start: float | None = None
+        self._settled_before: int | None = None
 
     def finish(self) -> WorkerStats:
         """The counters, with the CPU time since the first batch."""
@@ -311,22 +333,72 @@ class StreamProcessor:
         ``parsed`` is ``parse_batch(messages)`` when the caller validated them already.
         """
         ids = [m.id for m in messages]
+        event_msgs, served_msgs = split_served(messages)
         if parsed is None:
-            parsed = parse_batch(messages)
+            parsed = parse_batch(event_msgs)
         if self.stats.batches == 0:
             self._cpu_start = time.process_time()
         self.stats.batches += 1
         self.stats.messages += len(messages)
+        users: list[str] = []
+        if served_msgs:
+            users += await self._served(served_msgs, ids)
         if parsed.dead:
             await self._dead_letter(parsed.dead, ids)
         events = parsed.events
         if events.height:
             # Observed once per batch, before any retry, so a retry cannot move the watermark.
             late = self.watermark.observe(events["ts"].to_numpy())
-            origin = [messages[i] for i in parsed.message_index().tolist()]
+            origin = [event_msgs[i] for i in parsed.message_index().tolist()]
             await self._sinks(events, late, ids, origin)
+            if parsed.links is not None and parsed.links.height:
+                links = parsed.links
+                await self._cache_step(
+                    "feedback links", lambda: asyncio.to_thread(self.log.append_links, links), ids
+                )
+            users += events["user_id"].unique().to_list()
+        if self.settings.attribution and (users or self.watermark.max_ts is not None):
+            await self._cache_step("attribution", lambda: self._attribute(users), ids)
         await self._retry("ack", lambda: self.bus.ack(self.settings.group, ids), ids)
         await self.refresh_popular()
+
+    async def _served(self, messages: Sequence[BusMessage], ids: Sequence[str]) -> list[str]:
+        """Write served lists to the served-items table; a malformed one is dead-lettered.
+        Returns their users."""
+        docs: list[Any] = []
+        bad: list[DeadLetter] = []
+        for m in messages:
+            try:
+                doc = orjson.loads(m.payload or b"")
+                served_rows([doc])  # the per-list check; the batch is converted once below
+                docs.append(doc)
+            except Exception as exc:  # any malformed list is kept with its reason
+                bad.append(DeadLetter.of(m, f"served list: {_short(exc)}"))
+        if bad:
+            await self._dead_letter(bad, ids)
+        if not docs:
+            return []
+        rows = served_rows(docs)
+        await self._retry(
+            "served lists", lambda: asyncio.to_thread(self.log.append_served, rows), ids
+        )
+        self.stats.served_lists += len(docs)
+        return rows["user_id"].unique().to_list()
+
+    async def _attribute(self, users: list[str]) -> None:
+        """Attribute the users' feedback to their impressions, then settle the impressions
+        the event-time watermark has left behind (see the module docstring)."""
+        s = self.settings
+        if users:
+            await asyncio.to_thread(
+                self.log.attribute_users, users, window_s=s.attribution_window_s
+            )
+        if self.watermark.max_ts is None:
+            return
+        horizon = self.watermark.max_ts - s.attribution_window_s - (s.allowed_lateness_s or 0)
+        if self._settled_before is None or horizon > self._settled_before:
+            self.stats.settled += await asyncio.to_thread(self.log.settle, horizon)
+            self._settled_before = horizon
 
     async def _dead_letter(self, letters: Sequence[DeadLetter], ids: Sequence[str]) -> None:
         await self._retry(
@@ -547,7 +619,7 @@ class Worker:
                 msgs = await p._retry(
                     "read", lambda: bus.read(group, me, count=s.batch_size, block_ms=s.block_ms)
                 )
-            return msgs, (parse_batch(msgs) if msgs else None)
+            return msgs, (parse_batch(split_served(msgs)[0]) if msgs else None)
 
         # The next batch is read and validated while the current one is in the sinks (whose
         # database calls run in a thread), so the bus round trip and the JSON work overlap

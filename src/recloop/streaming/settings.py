@@ -80,6 +80,14 @@ class StreamSettings(BaseSettings):
     """Policy artifact: refresh the recommendations of each batch's users with it."""
     rec_n: int = Field(10, ge=1)
     """Items per refreshed recommendation list."""
+    attribution: bool = True
+    """Attribute feedback events to the served lists they answer (see
+    :mod:`recloop.streaming.served`); one query per batch for the batch's users."""
+    attribution_window_s: int = Field(1800, ge=0)
+    """An event without a recommendation_id goes to the latest list that showed its user the
+    item at most this many seconds before it; impressions are settled (reward 0 when
+    unanswered) once the event-time watermark is this much plus the allowed lateness past
+    them."""
     backoff_initial_s: float = Field(0.1, gt=0)
     """First wait after a failed sink write; it doubles up to backoff_max_s."""
     backoff_max_s: float = Field(10.0, gt=0)

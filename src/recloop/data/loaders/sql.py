@@ -78,3 +78,98 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
         cols.append(frame["rating"].alias(RATING))
     cols += [frame["reward"].alias("reward"), frame["event_id"].alias(EVENT_ID)]
     return RawData(events=pl.DataFrame(cols), source=f"sql {where}")
+
+
+IMPRESSION_COLUMNS = (
+    "recommendation_id",
+    "position",
+    "user_id",
+    "item_id",
+    "ts",
+    "model_version",
+    "policy",
+    "propensity",
+    "reward",
+    "settled",
+)
+"""Columns of the served-items table read by :func:`load_impressions_from_db`."""
+
+
+def load_impressions_from_db(
+    url: str, *, table: str = "served_items", settled_only: bool = True
+) -> RawData:
+    """Impression-level events: one row per item the service showed, from the served-items
+    table that ``recloop stream`` fills and attributes (see ``recloop.streaming.served``).
+
+    Columns: ``user``, ``item``, ``timestamp`` (when it was served), ``rating`` = the
+    impression's reward (the attributed event's reward, 0 for a shown-but-ignored item), so
+    that the default reward source reads it as the reward, and the extras ``propensity``
+    (the logging policy's probability of showing it there), ``policy_version`` (the
+    model version that served it), ``policy`` (topk, softmax, epsilon), ``position`` and
+    ``event_id`` (``<recommendation_id>:<position>``).  ``settled_only``: leave out the
+    impressions whose attribution window is still open (their reward is not known yet).
+    """
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
+    try:
+        try:
+            t = sa.Table(table, sa.MetaData(), autoload_with=engine)
+        except sa.exc.NoSuchTableError:
+            raise DataError(
+                "no such table (serve with --bus-url or --database-url and run `recloop "
+                "stream` first, or pass the table name)",
+                location=Location(file=where),
+            ) from None
+        missing = [c for c in IMPRESSION_COLUMNS if c not in t.c]
+        if missing:
+            raise DataError(
+                f"not a served-items table: missing columns {', '.join(missing)}",
+                location=Location(file=where),
+            )
+        query = sa.select(*[t.c[c] for c in IMPRESSION_COLUMNS]).order_by(
+            t.c.ts, t.c.recommendation_id, t.c.position
+        )
+        if settled_only:
+            query = query.where(t.c.settled == sa.true())
+        with engine.connect() as conn:
+            frame = pl.read_database(
+                query,
+                connection=conn,
+                schema_overrides={
+                    "recommendation_id": pl.String,
+                    "position": pl.Int32,
+                    "user_id": pl.String,
+                    "item_id": pl.String,
+                    "ts": pl.Int64,
+                    "model_version": pl.String,
+                    "policy": pl.String,
+                    "propensity": pl.Float64,
+                    "reward": pl.Float64,
+                    "settled": pl.Boolean,
+                },
+            )
+    except sa.exc.OperationalError as exc:
+        raise DataError(
+            f"cannot read the database ({str(exc.orig).strip().splitlines()[0]})",
+            location=Location(file=where),
+        ) from None
+    finally:
+        engine.dispose()
+    events = pl.DataFrame(
+        [
+            infer_int(frame["user_id"]).alias(USER),
+            infer_int(frame["item_id"]).alias(ITEM),
+            frame["ts"].alias(TIMESTAMP),
+            # unsettled rows (settled_only=False) have no reward yet: 0, as if ignored
+            frame["reward"].fill_null(0.0).alias(RATING),
+            frame["propensity"].alias("propensity"),
+            frame["model_version"].alias("policy_version"),
+            frame["policy"].alias("policy"),
+            frame["position"].alias("position"),
+            (frame["recommendation_id"] + ":" + frame["position"].cast(pl.String)).alias(EVENT_ID),
+        ]
+    )
+    return RawData(events=events, source=f"sql impressions {where}")

@@ -1,0 +1,202 @@
+"""Served lists on the bus, as log rows, and the attribution of feedback to them.
+
+The service publishes every list it serves onto the event stream as one JSON object that
+starts with ``{"type":"served"`` (orjson writes the keys in insertion order, no spaces), so
+the stream processor tells them from behaviour events by a prefix test, without parsing::
+
+    {"type": "served", "recommendation_id": "3f2a…", "user_id": "196", "ts": 1733350000,
+     "model_version": "…", "policy": "softmax", "temperature": 1.0, "epsilon": null,
+     "seed": 123, "source": "policy", "slate_propensity": 0.0123,
+     "items": ["242", "302"], "scores": [3.1, 2.7], "propensities": [0.21, 0.06]}
+
+In the SQL log a list is one row per shown item (``served_items``, key (recommendation_id,
+position)); see :mod:`recloop.streaming.log`.
+
+Attribution (:func:`attribute`) is a pure function of the impressions and the events, so
+the order in which they arrive (and redeliveries) cannot change its answer:
+
+1. an event carrying ``recommendation_id`` goes to that list's impression of the same user
+   and item, whenever it happened;
+2. failing that, to the latest impression of the same user and item served at most
+   ``window_s`` seconds before the event (``imp.ts <= event.ts <= imp.ts + window_s``);
+3. an impression that several events claim takes the explicit one first, then the
+   earliest (event time, then event id).
+
+The impression's reward is the event's ``reward`` (1 when the event has none); an
+impression nobody claimed gets 0 once settled, i.e. when the event-time watermark has
+passed its ``ts + window_s + allowed lateness`` (the processor settles them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import polars as pl
+
+SERVED_PREFIX = b'{"type":"served"'
+"""How a served-list payload starts (see the module docstring)."""
+
+SERVED_SCHEMA: dict[str, pl.DataType] = {
+    "recommendation_id": pl.String(),
+    "position": pl.Int32(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "ts": pl.Int64(),
+    "model_version": pl.String(),
+    "policy": pl.String(),
+    "temperature": pl.Float64(),
+    "epsilon": pl.Float64(),
+    "seed": pl.Int64(),
+    "source": pl.String(),
+    "score": pl.Float64(),
+    "propensity": pl.Float64(),
+    "slate_propensity": pl.Float64(),
+}
+"""Columns of a served-items frame: one row per shown item."""
+
+_LIST_FIELDS = (
+    "recommendation_id",
+    "user_id",
+    "ts",
+    "model_version",
+    "policy",
+    "temperature",
+    "epsilon",
+    "seed",
+    "source",
+    "slate_propensity",
+)
+
+
+def is_served(payload: bytes | None) -> bool:
+    return payload is not None and payload.startswith(SERVED_PREFIX)
+
+
+def encode_served(doc: dict[str, Any]) -> bytes:
+    """The bus payload of one served list (``doc`` without ``type``)."""
+    return orjson.dumps({"type": "served", **doc})
+
+
+def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """One :data:`SERVED_SCHEMA` row per shown item of the served-list documents.
+
+    Raises ``ValueError``/``TypeError``/polars errors on a malformed document (the caller
+    isolates it)."""
+    if not docs:
+        return pl.DataFrame(schema=SERVED_SCHEMA)
+    for d in docs:
+        n = len(d["items"])
+        if len(d["scores"]) != n or len(d["propensities"]) != n:
+            raise ValueError(
+                f"served list {d.get('recommendation_id')!r}: items, scores and propensities "
+                f"differ in length ({n}, {len(d['scores'])}, {len(d['propensities'])})"
+            )
+    lists = pl.DataFrame(
+        {
+            **{k: [d.get(k) for d in docs] for k in _LIST_FIELDS},
+            "item_id": [d["items"] for d in docs],
+            "score": [d["scores"] for d in docs],
+            "propensity": [d["propensities"] for d in docs],
+        },
+        schema_overrides={
+            "item_id": pl.List(pl.String),
+            "score": pl.List(pl.Float64),
+            "propensity": pl.List(pl.Float64),
+            **{k: SERVED_SCHEMA[k] for k in _LIST_FIELDS},
+        },
+        strict=False,
+    )
+    rows = lists.with_columns(
+        pl.int_ranges(0, pl.col("item_id").list.len(), dtype=pl.Int32).alias("position")
+    ).explode("item_id", "score", "propensity", "position")
+    rows = rows.drop_nulls("position")  # an empty list shows nothing
+    if rows["recommendation_id"].null_count() or rows["user_id"].null_count():
+        raise ValueError("served list without recommendation_id or user_id")
+    return rows.select([pl.col(c).cast(t) for c, t in SERVED_SCHEMA.items()])
+
+
+ATTRIBUTION_SCHEMA: dict[str, pl.DataType] = {
+    "recommendation_id": pl.String(),
+    "position": pl.Int32(),
+    "event_id": pl.String(),
+    "reward": pl.Float64(),
+    "attributed_by": pl.String(),
+}
+
+
+def attribute(impressions: pl.DataFrame, events: pl.DataFrame, *, window_s: int) -> pl.DataFrame:
+    """Which event (if any) each impression gets, by the rules of the module docstring.
+
+    ``impressions``: recommendation_id, position, user_id, item_id, ts; ``events``:
+    event_id, user_id, item_id, ts, reward, recommendation_id (null: none).  Returns one
+    :data:`ATTRIBUTION_SCHEMA` row per impression (event_id, reward, attributed_by null when
+    no event is attributed); attributed_by is ``id`` or ``window``.
+    """
+    imp = impressions.select(
+        "recommendation_id",
+        pl.col("position").cast(pl.Int32),
+        "user_id",
+        "item_id",
+        pl.col("ts").alias("imp_ts"),
+    )
+    ev = events.unique("event_id", keep="first").select(
+        "event_id",
+        "user_id",
+        "item_id",
+        pl.col("ts").alias("ev_ts"),
+        pl.col("reward").cast(pl.Float64).fill_null(1.0),
+        pl.col("recommendation_id").alias("link"),
+    )
+    explicit = (
+        ev.filter(pl.col("link").is_not_null())
+        .join(
+            imp,
+            left_on=["link", "user_id", "item_id"],
+            right_on=["recommendation_id", "user_id", "item_id"],
+        )
+        .select(
+            pl.col("link").alias("recommendation_id"),
+            "position",
+            "event_id",
+            "ev_ts",
+            "reward",
+            pl.lit(0).alias("prio"),
+        )
+    )
+    rest = ev.join(explicit.select("event_id"), on="event_id", how="anti")
+    window = (
+        rest.join(imp, on=["user_id", "item_id"])
+        .filter(
+            (pl.col("imp_ts") <= pl.col("ev_ts")) & (pl.col("ev_ts") <= pl.col("imp_ts") + window_s)
+        )
+        # the latest impression before the event claims it
+        .sort(
+            ["event_id", "imp_ts", "recommendation_id", "position"],
+            descending=[False, True, True, False],
+        )
+        .unique("event_id", keep="first")
+        .select(
+            "recommendation_id", "position", "event_id", "ev_ts", "reward", pl.lit(1).alias("prio")
+        )
+    )
+    best = (
+        pl.concat([explicit, window])
+        .sort(["recommendation_id", "position", "prio", "ev_ts", "event_id"])
+        .unique(["recommendation_id", "position"], keep="first")
+        .select(
+            "recommendation_id",
+            "position",
+            "event_id",
+            "reward",
+            pl.when(pl.col("prio") == 0)
+            .then(pl.lit("id"))
+            .otherwise(pl.lit("window"))
+            .alias("attributed_by"),
+        )
+    )
+    out = imp.select("recommendation_id", "position").join(
+        best, on=["recommendation_id", "position"], how="left", maintain_order="left"
+    )
+    return out.select([pl.col(c).cast(t) for c, t in ATTRIBUTION_SCHEMA.items()])

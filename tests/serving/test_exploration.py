@@ -1,0 +1,149 @@
+"""Exploring policies: sampled lists against their analytic probabilities."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from recloop.serving.exploration import (
+    epsilon_marginals,
+    plackett_luce_propensities,
+    sample_epsilon_greedy,
+    sample_plackett_luce,
+)
+
+NEG = -np.inf
+# column 0 is padding, column 3 masked: 4 unmasked items {1, 2, 4, 5}
+SCORES = np.array([NEG, 1.0, 0.2, NEG, -0.5, 0.7])
+VALID = [1, 2, 4, 5]
+
+
+def pl_slate_probability(scores: np.ndarray, slate: tuple[int, ...], t: float) -> float:
+    """Hand formula: prod_j exp(s_j/T) / sum over unmasked items not shown above j."""
+    left = list(VALID)
+    p = 1.0
+    for i in slate:
+        p *= math.exp(scores[i] / t) / sum(math.exp(scores[x] / t) for x in left)
+        left.remove(i)
+    return p
+
+
+def test_plackett_luce_propensities_match_the_hand_formula_and_sum_to_one() -> None:
+    t = 0.5
+    total = 0.0
+    for slate in itertools.permutations(VALID, 2):
+        prop, slate_p = plackett_luce_propensities(SCORES, np.array(slate), temperature=t)
+        assert slate_p == pytest.approx(pl_slate_probability(SCORES, slate, t), rel=1e-12)
+        assert prop[0] == pytest.approx(
+            math.exp(SCORES[slate[0]] / t) / sum(math.exp(SCORES[x] / t) for x in VALID)
+        )
+        total += slate_p
+    assert total == pytest.approx(1.0, abs=1e-12)
+
+
+def test_plackett_luce_sample_frequencies_match_reported_slate_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    t, draws = 0.7, 40_000
+    seen: Counter[tuple[int, ...]] = Counter()
+    reported: dict[tuple[int, ...], float] = {}
+    for _ in range(draws):
+        s = sample_plackett_luce(SCORES, 2, temperature=t, rng=rng)
+        key = tuple(s.items.tolist())
+        seen[key] += 1
+        reported[key] = float(s.slate_propensity or 0.0)
+        assert np.prod(s.propensity) == pytest.approx(s.slate_propensity)
+    assert set(seen) <= set(itertools.permutations(VALID, 2))  # never masked / padding
+    for slate, count in seen.items():
+        p = pl_slate_probability(SCORES, slate, t)
+        assert reported[slate] == pytest.approx(p, rel=1e-9)
+        sd = math.sqrt(p * (1 - p) / draws)
+        assert abs(count / draws - p) < 5 * sd + 1e-4, slate
+
+
+def test_plackett_luce_never_shows_masked_items_and_stops_at_the_unmasked_count() -> None:
+    s = sample_plackett_luce(SCORES, 10, temperature=1.0, rng=np.random.default_rng(1))
+    assert sorted(s.items.tolist()) == VALID
+    assert s.propensity[-1] == pytest.approx(1.0)  # the last item left is certain
+
+
+def test_plackett_luce_is_reproducible_from_its_seed() -> None:
+    a = sample_plackett_luce(SCORES, 3, temperature=1.0, rng=np.random.default_rng(42))
+    b = sample_plackett_luce(SCORES, 3, temperature=1.0, rng=np.random.default_rng(42))
+    assert a.items.tolist() == b.items.tolist()
+
+
+def exact_epsilon_marginals(greedy: list[int], valid: list[int], eps: float) -> np.ndarray:
+    """Enumerate every set of exploring slots and every ordered fill from the pool."""
+    k = len(greedy)
+    out: dict[tuple[int, int], float] = {}
+    for explore in itertools.product([False, True], repeat=k):
+        p_mask = math.prod(eps if e else 1 - eps for e in explore)
+        kept = [g for g, e in zip(greedy, explore, strict=True) if not e]
+        pool = [x for x in valid if x not in kept]
+        slots = [j for j in range(k) if explore[j]]
+        fills = list(itertools.permutations(pool, len(slots)))
+        for fill in fills:
+            items = list(greedy)
+            for j, x in zip(slots, fill, strict=True):
+                items[j] = x
+            for j, x in enumerate(items):
+                out[(j, x)] = out.get((j, x), 0.0) + p_mask / len(fills)
+    return np.array([[out.get((j, x), 0.0) for x in valid] for j in range(k)])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2, 0.5, 1.0])
+def test_epsilon_marginals_match_exact_enumeration(eps: float) -> None:
+    greedy = [1, 5, 2]  # the top-3 of SCORES
+    exact = exact_epsilon_marginals(greedy, VALID, eps)
+    np.testing.assert_allclose(exact.sum(1), 1.0)
+    for j in range(3):
+        for col, x in enumerate(VALID):
+            rank = np.full(3, -1)
+            rank[j] = greedy.index(x) if x in greedy else -1
+            got = epsilon_marginals(rank, k=3, m=4, epsilon=eps)[j]
+            assert got == pytest.approx(exact[j, col], abs=1e-12), (j, x)
+
+
+def test_epsilon_greedy_frequencies_match_reported_propensities() -> None:
+    rng = np.random.default_rng(3)
+    greedy = np.array([1, 5, 2])
+    eps, draws = 0.3, 30_000
+    counts: Counter[tuple[int, int]] = Counter()
+    reported: dict[tuple[int, int], float] = {}
+    for _ in range(draws):
+        s = sample_epsilon_greedy(SCORES, greedy, epsilon=eps, rng=rng)
+        assert len(set(s.items.tolist())) == 3 and set(s.items.tolist()) <= set(VALID)
+        for j, (x, p) in enumerate(zip(s.items.tolist(), s.propensity.tolist(), strict=True)):
+            counts[(j, x)] += 1
+            reported[(j, x)] = p
+    for key, c in counts.items():
+        p = reported[key]
+        assert abs(c / draws - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-4, key
+
+
+def test_epsilon_greedy_on_a_large_catalogue_matches_its_propensities() -> None:
+    """N = 200 unmasked items (the rejection path of the pool draw)."""
+    scores = np.concatenate([[NEG], np.linspace(1.0, 0.0, 200)])
+    greedy = np.arange(1, 4)
+    rng = np.random.default_rng(5)
+    eps, draws = 0.5, 20_000
+    counts: Counter[tuple[int, int]] = Counter()
+    reported: dict[tuple[int, int], float] = {}
+    for _ in range(draws):
+        s = sample_epsilon_greedy(scores, greedy, epsilon=eps, rng=rng)
+        assert len(set(s.items.tolist())) == 3 and 0 not in s.items
+        for j, (x, p) in enumerate(zip(s.items.tolist(), s.propensity.tolist(), strict=True)):
+            counts[(j, x)] += 1
+            reported[(j, x)] = p
+    for key, c in counts.items():
+        p = reported[key]
+        assert abs(c / draws - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-4, key
+    # items outside the greedy list, pooled: frequency of any of them at slot 0
+    outside = sum(c for (j, x), c in counts.items() if j == 0 and x > 3) / draws
+    assert outside == pytest.approx(
+        197 * reported[(0, next(x for j, x in counts if j == 0 and x > 3))], abs=0.02
+    )

@@ -1,0 +1,248 @@
+"""Serving policies through the service and the app: per-request choice, strict validation,
+seeds that reproduce answers, propensities, and every served list logged off the request."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from serve_helpers import ITEM_IDS, REDIS_URL, ServeFactory, as_recent
+
+from recloop.serving.exploration import plackett_luce_propensities
+from recloop.serving.metrics import ServiceMetrics
+from recloop.serving.served_log import ServedLog
+from recloop.serving.settings import ServeSettings
+from recloop.streaming.bus import RedisStreamBus
+from recloop.streaming.log import BehaviorLog
+
+
+async def post(client: Any, body: dict[str, Any]) -> dict[str, Any]:
+    r = await client.post("/v1/recommend", json=body)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def ids(body: dict[str, Any]) -> list[str]:
+    return [x["item_id"] for x in body["items"]]
+
+
+async def test_softmax_is_seeded_reproducible_and_reports_plackett_luce_propensities(
+    serve: ServeFactory,
+) -> None:
+    async with serve() as (client, svc):
+        await svc.store.push_recent(as_recent({"u1": [("i2", 1.0), ("i5", 0.5)]}), max_len=3)
+        q = {"user_id": "u1", "n": 4, "policy": "softmax", "temperature": 0.5}
+        first = await post(client, q)
+        seed = first["policy"]["seed"]
+        assert isinstance(seed, int) and first["policy"]["name"] == "softmax"
+        again = await post(client, {**q, "seed": seed})
+        assert ids(again) == ids(first)
+        assert again["recommendation_id"] != first["recommendation_id"]
+        # the propensities are PL's over the unmasked items: recompute from the full scores
+        model = svc.model
+        user = np.array([model.user_index["u1"]])
+        hist = np.zeros((1, model.history_len), np.int64)
+        hist[0, -2:] = [model.item_index["i2"], model.item_index["i5"]]
+        rew = np.zeros((1, model.history_len), np.float32)
+        rew[0, -2:] = [1.0, 0.5]
+        excl = np.array([model.item_index["i2"], model.item_index["i5"]])
+        _, _, full = model.score_full(
+            user=user,
+            history=hist,
+            history_reward=rew,
+            exclude_rows=np.zeros(2, np.int64),
+            exclude_cols=excl,
+            k=4,
+        )
+        scores = full[0].numpy().astype(np.float64)
+        scores[0] = -np.inf
+        shown = np.array([model.item_index[i] for i in ids(first)])
+        prop, slate = plackett_luce_propensities(scores, shown, temperature=0.5)
+        got = [x["propensity"] for x in first["items"]]
+        assert got == pytest.approx(prop.tolist(), rel=1e-6)
+        assert first["slate_propensity"] == pytest.approx(slate, rel=1e-6)
+        # many draws: consumed items and padding never shown, the list always full
+        for s in range(30):
+            b = await post(client, {**q, "seed": s})
+            assert len(ids(b)) == 4 and not {"i2", "i5"} & set(ids(b))
+            assert set(ids(b)) <= set(ITEM_IDS)
+
+
+async def test_epsilon_zero_is_topk_and_plackett_luce_is_softmax(serve: ServeFactory) -> None:
+    async with serve(policy="plackett_luce", temperature=2.0) as (client, svc):
+        assert svc.settings.policy == "softmax"
+        body = await post(client, {"user_id": "u2", "n": 3, "seed": 5})
+        assert body["policy"] == {"name": "softmax", "temperature": 2.0, "epsilon": None, "seed": 5}
+        top = await post(client, {"user_id": "u2", "n": 3, "policy": "topk"})
+        greedy = await post(client, {"user_id": "u2", "n": 3, "policy": "epsilon", "epsilon": 0})
+        assert ids(greedy) == ids(top)
+        assert [x["propensity"] for x in greedy["items"]] == [1.0, 1.0, 1.0]
+        assert greedy["slate_propensity"] is None
+        explore = await post(client, {"user_id": "u2", "n": 3, "policy": "epsilon", "epsilon": 1})
+        # all slots explore: every item has 1 / 12 at every position
+        assert [x["propensity"] for x in explore["items"]] == pytest.approx([1 / 12] * 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("policy", "greedy"),
+        ("temperature", 0),
+        ("temperature", "1"),
+        ("epsilon", 1.5),
+        ("epsilon", True),
+        ("seed", -1),
+        ("seed", "3"),
+        ("seed", 2**63),
+    ],
+)
+async def test_policy_fields_are_strict_and_name_the_field(
+    serve: ServeFactory, field: str, value: Any
+) -> None:
+    async with serve() as (client, _):
+        r = await client.post("/v1/recommend", json={"user_id": "u1", field: value})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
+async def test_policy_fields_are_declared_in_the_openapi_schema(serve: ServeFactory) -> None:
+    async with serve() as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+        props = schema["components"]["schemas"]["RecommendRequest"]["properties"]
+        assert set(props["policy"]["anyOf"][0]["enum"]) == {
+            "topk",
+            "softmax",
+            "plackett_luce",
+            "epsilon",
+        }
+        assert props["temperature"]["anyOf"][0]["exclusiveMinimum"] == 0
+        assert props["epsilon"]["anyOf"][0]["maximum"] == 1
+        assert props["seed"]["anyOf"][0]["minimum"] == 0
+        out = schema["components"]["schemas"]["RecommendResponse"]["properties"]
+        assert {"recommendation_id", "slate_propensity", "policy"} <= set(out)
+
+
+async def test_served_lists_are_logged_to_sql_with_their_propensities(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    async with serve(database_url=url) as (client, svc):
+        a = await post(client, {"user_id": "u1", "n": 3, "policy": "softmax", "seed": 1})
+        b = await post(client, {"user_id": "nobody", "n": 2})  # popular fallback, logged too
+        assert svc.served_log is not None
+    log = BehaviorLog(url)
+    rows = log.read_served()
+    log.dispose()
+    assert rows.height == 5
+    mine = rows.filter(rows["recommendation_id"] == a["recommendation_id"]).sort("position")
+    assert mine["item_id"].to_list() == ids(a)
+    assert mine["propensity"].to_list() == pytest.approx([x["propensity"] for x in a["items"]])
+    assert mine["slate_propensity"][0] == pytest.approx(a["slate_propensity"])
+    assert set(mine["policy"]) == {"softmax"} and set(mine["seed"]) == {1}
+    assert set(mine["model_version"]) == {a["model_version"]}
+    pop = rows.filter(rows["recommendation_id"] == b["recommendation_id"])
+    assert set(pop["source"]) == {"popular"} and set(pop["propensity"]) == {1.0}
+
+
+@pytest.mark.integration
+async def test_served_lists_go_onto_the_bus_for_the_stream_processor(
+    serve: ServeFactory,
+) -> None:
+    stream = f"rlt{uuid.uuid4().hex[:10]}:events"
+    async with serve(bus_url=REDIS_URL, stream=stream) as (client, _):
+        a = await post(client, {"user_id": "u3", "n": 2, "policy": "epsilon", "epsilon": 0.5})
+    bus = RedisStreamBus(REDIS_URL, stream=stream, dead_letter_stream=f"{stream}:dead")
+    try:
+        (msg,) = await bus.read_all()
+        assert msg.payload is not None and msg.payload.startswith(b'{"type":"served"')
+        doc = orjson.loads(msg.payload)
+        assert doc["recommendation_id"] == a["recommendation_id"]
+        assert doc["items"] == ids(a) and doc["epsilon"] == 0.5
+    finally:
+        await bus.delete()
+        await bus.close()
+
+
+class Stuck:
+    """A sink that never finishes a write (a database that hangs)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def write(self, docs: Any) -> None:
+        self.calls += 1
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+
+class Doc:
+    def log_doc(self) -> dict[str, Any]:
+        return {}
+
+
+async def test_a_full_queue_drops_and_counts_without_waiting() -> None:
+    metrics = ServiceMetrics()
+    log = ServedLog(Stuck(), metrics=metrics, max_queue=3, batch=2)
+    log.start()
+    for _ in range(7):
+        log.submit(Doc())  # never awaits: the request path cannot be held up
+    await asyncio.sleep(0.05)
+    text = metrics.render().decode()
+    assert 'recloop_served_lists_total{outcome="dropped"} 4.0' in text
+    assert log.dropped == 4
+    await log.close(timeout_s=0.05)
+
+
+def test_settings_validate_policy_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        ServeSettings(artifact=tmp_path, temperature=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        ServeSettings(artifact=tmp_path, epsilon=-0.1)
+    assert ServeSettings(artifact=tmp_path, policy="plackett_luce").policy == "softmax"
+    assert math.isclose(ServeSettings(artifact=tmp_path).epsilon, 0.1)
+
+
+class Flaky:
+    """A sink that fails its first two writes (a bus restarting), then keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.failures = 2
+        self.written: list[dict[str, Any]] = []
+
+    async def write(self, docs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("bus down")
+        self.written += list(docs)
+
+    async def close(self) -> None:
+        pass
+
+
+class Numbered:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def log_doc(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+
+async def test_a_failing_sink_is_retried_and_loses_nothing() -> None:
+    metrics = ServiceMetrics()
+    sink = Flaky()
+    log = ServedLog(sink, metrics=metrics, batch=3, retry_s=0.01)
+    log.start()
+    for k in range(7):
+        log.submit(Numbered(k))
+    await log.close(timeout_s=2.0)
+    assert [d["k"] for d in sink.written] == list(range(7))
+    assert 'recloop_served_lists_total{outcome="logged"} 7.0' in metrics.render().decode()

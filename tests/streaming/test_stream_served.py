@@ -1,0 +1,179 @@
+"""Served lists through the stream processor, and the attribution of feedback to them:
+explicit recommendation ids, the time window, out-of-order and duplicated deliveries."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import polars as pl
+import pytest
+
+from recloop.serving.stores import MemoryStore
+from recloop.streaming.bus import MemoryBus
+from recloop.streaming.events import BusMessage, parse_batch
+from recloop.streaming.log import BehaviorLog
+from recloop.streaming.runner import run_worker_async
+from recloop.streaming.served import attribute, encode_served, served_rows
+from recloop.streaming.settings import StreamSettings
+
+WINDOW = 1800
+
+
+def served(rid: str, user: str, ts: int, items: list[str]) -> dict[str, Any]:
+    return {
+        "recommendation_id": rid,
+        "user_id": user,
+        "ts": ts,
+        "model_version": "m1",
+        "policy": "softmax",
+        "temperature": 0.5,
+        "epsilon": None,
+        "seed": 7,
+        "source": "policy",
+        "slate_propensity": 0.5 ** len(items),
+        "items": items,
+        "scores": [1.0] * len(items),
+        "propensities": [0.5] * len(items),
+    }
+
+
+LISTS = [
+    served("r1", "u1", 1000, ["a", "b", "c"]),
+    served("r2", "u1", 1500, ["b", "d"]),
+    served("r3", "u2", 1000, ["a"]),
+]
+EVENTS: list[dict[str, Any]] = [
+    # no id: the latest list that showed u1 item b before it (r2, not r1)
+    {"event_id": "e1", "user_id": "u1", "item_id": "b", "ts": 1600, "reward": 1.0},
+    # names its list: r1's a, although e6 came earlier in the window too
+    {"event_id": "e2", "user_id": "u1", "item_id": "a", "ts": 1100, "reward": 2.0,
+     "recommendation_id": "r1"},
+    # c was shown at 1000: 1000 + 1800 < 2900, outside the window
+    {"event_id": "e3", "user_id": "u1", "item_id": "c", "ts": 2900, "reward": 5.0},
+    # names a list that is not u2's: falls back to the window (r3)
+    {"event_id": "e4", "user_id": "u2", "item_id": "a", "ts": 1200, "reward": 3.0,
+     "recommendation_id": "r1"},
+    # no reward: counts as 1
+    {"event_id": "e5", "user_id": "u1", "item_id": "d", "ts": 1700},
+    {"event_id": "e6", "user_id": "u1", "item_id": "a", "ts": 1050, "reward": 4.0},
+]  # fmt: skip
+EXPECTED = {  # (recommendation_id, position) -> (event_id, reward, attributed_by)
+    ("r1", 0): ("e2", 2.0, "id"),
+    ("r1", 1): (None, 0.0, None),
+    ("r1", 2): (None, 0.0, None),
+    ("r2", 0): ("e1", 1.0, "window"),
+    ("r2", 1): ("e5", 1.0, "window"),
+    ("r3", 0): ("e4", 3.0, "window"),
+}
+
+
+def impressions() -> pl.DataFrame:
+    return served_rows(LISTS).select("recommendation_id", "position", "user_id", "item_id", "ts")
+
+
+def event_frame(events: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            (
+                e["event_id"],
+                e["user_id"],
+                e["item_id"],
+                e["ts"],
+                e.get("reward"),
+                e.get("recommendation_id"),
+            )
+            for e in events
+        ],
+        schema={
+            "event_id": pl.String,
+            "user_id": pl.String,
+            "item_id": pl.String,
+            "ts": pl.Int64,
+            "reward": pl.Float64,
+            "recommendation_id": pl.String,
+        },
+        orient="row",
+    )
+
+
+def as_dict(frame: pl.DataFrame) -> dict[tuple[str, int], tuple[Any, ...]]:
+    return {
+        (r["recommendation_id"], r["position"]): (r["event_id"], r["reward"], r["attributed_by"])
+        for r in frame.iter_rows(named=True)
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attribute_is_a_function_of_the_events_not_their_order_or_copies(seed: int) -> None:
+    rng = random.Random(seed)
+    events = EVENTS + rng.sample(EVENTS, 3)  # redeliveries
+    rng.shuffle(events)
+    got = as_dict(attribute(impressions(), event_frame(events), window_s=WINDOW))
+    # unsettled: unanswered impressions have no reward yet (null), not 0
+    want = {k: (e, None if e is None else r, how) for k, (e, r, how) in EXPECTED.items()}
+    assert got == want
+
+
+def test_served_rows_one_row_per_item_with_positions() -> None:
+    rows = served_rows(LISTS)
+    assert rows.height == 6
+    assert rows.filter(pl.col("recommendation_id") == "r1")["position"].to_list() == [0, 1, 2]
+    with pytest.raises(ValueError, match="differ in length"):
+        served_rows([{**LISTS[0], "propensities": [0.5]}])
+
+
+def test_events_carry_recommendation_ids_apart_and_bad_ones_are_dead_letters() -> None:
+    msgs = [BusMessage(str(i), orjson.dumps(e)) for i, e in enumerate(EVENTS)]
+    msgs.append(BusMessage("9", b'{"event_id":"x","user_id":"u","item_id":"i","ts":1,'
+                                b'"recommendation_id":7}'))  # fmt: skip
+    parsed = parse_batch(msgs)
+    assert parsed.links is not None
+    assert parsed.links.rows() == [("e2", "r1"), ("e4", "r1")]
+    assert [d.reason for d in parsed.dead] == ["recommendation_id: expected a string, got int 7"]
+
+
+def settings(names: dict[str, str], **kw: Any) -> StreamSettings:
+    return StreamSettings(
+        stream=names["stream"],
+        group=names["group"],
+        batch_size=3,
+        block_ms=20,
+        exit_when_idle_s=0.2,
+        popular_refresh_s=0.0,
+        allowed_lateness_s=5000,
+        attribution_window_s=WINDOW,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_processor_attributes_out_of_order_and_duplicated_deliveries(
+    names: dict[str, str], log: BehaviorLog, seed: int
+) -> None:
+    """Lists and events in a shuffled order with copies, in batches of 3; then one event far
+    later moves the watermark past every list, which settles them."""
+    rng = random.Random(seed)
+    payloads = [encode_served(d) for d in LISTS] + [orjson.dumps(e) for e in EVENTS]
+    payloads += rng.sample(payloads, 4)
+    rng.shuffle(payloads)
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish(payloads)
+    s = settings(names)
+    stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w")
+    assert stats.dead_letters == 0
+    served_now = log.read_served()
+    assert served_now.height == 6 and not served_now["settled"].any()  # not settled yet
+    # a late event of another user pushes the watermark: 20000 - 1800 - 5000 > 1500
+    await bus.publish(
+        [orjson.dumps({"event_id": "z", "user_id": "u9", "item_id": "a", "ts": 20000})]
+    )
+    stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w")
+    assert stats.settled == 6
+    final = log.read_served()
+    assert final["settled"].all()
+    assert as_dict(final) == EXPECTED
+    # the logged propensities and settings travel with the rows
+    assert final["propensity"].to_list() == [0.5] * 6
+    assert set(final["policy"]) == {"softmax"} and set(final["seed"]) == {7}
