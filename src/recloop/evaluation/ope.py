@@ -44,7 +44,7 @@ rewards, cannot), and a mean unclipped weight outside ``mean_weight_bounds`` is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -651,6 +651,40 @@ def target_probs(
     return ranked.indices, torch.softmax(ranked.values / temperature, dim=1)
 
 
+def served_scores(
+    policy: Scorer,
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    *,
+    history: int,
+    cfg: OPEConfig,
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Per batch of the event ``rows`` (E,): (its slice, users (b,), scores (b, N + 1)) of
+    ``policy`` in the state before each event, as served — padding and, with
+    ``cfg.mask_consumed``, the user's earlier items at -inf."""
+    user = dataset.user[rows].astype(np.int64)
+    start = dataset.user_offsets[user]
+    win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
+    width = dataset.n_items + 1
+    pad = torch.zeros(1, dtype=torch.long)
+    for lo in range(0, rows.shape[0], cfg.batch_size):
+        sl = slice(lo, min(lo + cfg.batch_size, rows.shape[0]))
+        users = torch.from_numpy(user[sl])
+        items = torch.from_numpy(win.item[sl].astype(np.int64))
+        # index_fill out of place: the scorer's own tensors stay as they are
+        scores = policy(users, items, torch.from_numpy(win.reward[sl])).index_fill(
+            1, pad, float("-inf")
+        )
+        if cfg.mask_consumed:
+            # each event's earlier items, built per batch: all events' prefixes at once
+            # would grow with the square of the users' history lengths
+            offsets, c_rows = csr_ranges(start[sl], rows[sl])
+            c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
+            key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
+            scores.view(-1).index_fill_(0, key, float("-inf"))
+        yield sl, users, scores
+
+
 @torch.no_grad()
 def policy_terms(
     policy: Scorer,
@@ -663,33 +697,14 @@ def policy_terms(
     """pi(a|s) of the logged items and V(s) of ``policy`` on ``events`` (its history H)."""
     rows, user, action = events.rows, events.user, events.action
     e = rows.shape[0]
-    start = dataset.user_offsets[user]
-    win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
-    width = dataset.n_items + 1
-    pad = torch.zeros(1, dtype=torch.long)
     p_pi = np.empty(e)
     v = np.empty(e)
-    for lo in range(0, e, cfg.batch_size):
-        sl = slice(lo, min(lo + cfg.batch_size, e))
-        args = (
-            torch.from_numpy(user[sl]),
-            torch.from_numpy(win.item[sl].astype(np.int64)),
-            torch.from_numpy(win.reward[sl]),
-        )
-        # index_fill out of place: the scorer's own tensors stay as they are
-        scores = policy(*args).index_fill(1, pad, float("-inf"))
-        if cfg.mask_consumed:
-            # each event's earlier items, built per batch: all events' prefixes at once
-            # would grow with the square of the users' history lengths
-            offsets, c_rows = csr_ranges(start[sl], rows[sl])
-            c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
-            key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
-            scores.view(-1).index_fill_(0, key, float("-inf"))
+    for sl, users, scores in served_scores(policy, dataset, rows, history=history, cfg=cfg):
         items, probs = target_probs(
             scores,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
-            row_keys=args[0],
+            row_keys=users,
             target=cfg.target,
         )
         probs = probs.nan_to_num(nan=0.0)  # a row with every item masked shows nothing

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from recloop.data.dataset import PreparedDataset
-from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
-from recloop.evaluation.ope import OPEConfig, ope_for_runs, target_probs
-from recloop.evaluation.protocol import batch_rows, csr_ranges, split_code
+from recloop.evaluation.ope import OPEConfig, ope_for_runs, served_scores, target_probs
+from recloop.evaluation.protocol import split_code
 from recloop.evaluation.worlds.base import (
     ITEM_PREFIX,
     USER_PREFIX,
@@ -119,27 +118,10 @@ def one_step_truth(
 ) -> np.ndarray:
     """(E,) exact ``sum_a pi(a | s) R(s, a)`` at the dataset ``rows``: pi built exactly as
     :func:`recloop.evaluation.ope.policy_terms` builds it (same windows, masks, top-K)."""
-    user = dataset.user[rows].astype(np.int64)
-    start = dataset.user_offsets[user]
-    win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
-    width = dataset.n_items + 1
-    pad = torch.zeros(1, dtype=torch.long)
     out = np.empty(rows.shape[0])
-    for lo in range(0, rows.shape[0], cfg.batch_size):
-        sl = slice(lo, min(lo + cfg.batch_size, rows.shape[0]))
-        u = torch.from_numpy(user[sl])
-        scores = policy(
-            u,
-            torch.from_numpy(win.item[sl].astype(np.int64)),
-            torch.from_numpy(win.reward[sl]),
-        ).index_fill(1, pad, float("-inf"))
-        if cfg.mask_consumed:
-            offsets, c_rows = csr_ranges(start[sl], rows[sl])
-            c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
-            key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
-            scores.view(-1).index_fill_(0, key, float("-inf"))
+    for sl, u, scores in served_scores(policy, dataset, rows, history=history, cfg=cfg):
         items, probs = target_probs(
-            scores, temperature=cfg.temperature, top_k=cfg.top_k, row_keys=u
+            scores, temperature=cfg.temperature, top_k=cfg.top_k, row_keys=u, target=cfg.target
         )
         p = probs.double().nan_to_num(nan=0.0).numpy()
         at = rows[sl]
