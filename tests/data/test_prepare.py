@@ -247,3 +247,11 @@ def test_bad_propensity_names_the_row(bad: str) -> None:
     )
     with pytest.raises(DataError, match=r'column "propensity".*row 2'):
         prepare(RawData(events=events), PrepareConfig())
+
+
+def test_ratings_too_large_for_a_float32_reward_are_refused() -> None:
+    events = pl.DataFrame(
+        {"user": [1, 1, 2], "item": [5, 6, 5], "timestamp": [1, 2, 3], "rating": [4.0, 1e308, 3.0]}
+    )
+    with pytest.raises(DataError, match=r'column "rating", row 2: 1e\+308 does not fit'):
+        prepare(RawData(events=events), PrepareConfig())

@@ -198,6 +198,21 @@ def _propensities(events: pl.DataFrame) -> np.ndarray:
     return p
 
 
+def _ratings(events: pl.DataFrame) -> np.ndarray:
+    """The ``rating`` column as float64; each value must stay finite as a float32 reward
+    (1e308 would become inf, and every return after it NaN)."""
+    r = events[RATING].cast(pl.Float64).to_numpy()
+    limit = float(np.finfo(np.float32).max)
+    bad = np.flatnonzero(~(np.abs(r) <= limit) & ~np.isnan(r))
+    if bad.shape[0]:
+        row = int(bad[0])
+        raise DataError(
+            f'column "{RATING}", row {row + 1}: {r[row]!r} does not fit a float32 reward '
+            f"(|rating| <= {limit:.3g}; {bad.shape[0]} such rows)"
+        )
+    return r
+
+
 def _read_source(raw: RawData) -> _Source:
     ev = raw.events
     missing = [c for c in (USER, ITEM, TIMESTAMP) if c not in ev.columns]
@@ -206,7 +221,7 @@ def _read_source(raw: RawData) -> _Source:
     if ev.height == 0:
         raise PrepareError(f"{raw.source or 'input'}: no events to prepare")
     behavior = behavior_codes(ev[BEHAVIOR]) if BEHAVIOR in ev.columns else None
-    rating = ev[RATING].cast(pl.Float64).to_numpy() if RATING in ev.columns else None
+    rating = _ratings(ev) if RATING in ev.columns else None
     return _Source(
         propensity=_propensities(ev) if PROPENSITY in ev.columns else None,
         users=dense_codes(ev[USER], name=USER),
