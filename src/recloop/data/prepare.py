@@ -207,7 +207,7 @@ def _ratings(events: pl.DataFrame) -> np.ndarray:
     if bad.shape[0]:
         row = int(bad[0])
         raise DataError(
-            f'column "{RATING}", row {row + 1}: {r[row]!r} does not fit a float32 reward '
+            f'column "{RATING}", row {row + 1}: {float(r[row])!r} does not fit a float32 reward '
             f"(|rating| <= {limit:.3g}; {bad.shape[0]} such rows)"
         )
     return r
