@@ -55,10 +55,10 @@ class SA2CConfig(SQNConfig):
     """M: negative actions sampled uniformly per transition (the paper's 10)."""
     negative_reward: float = 0.0
     """Reward r⁻ of a sampled negative action (the paper's 0)."""
-    warmup_steps: int = 800
+    warmup_steps: int = 400
     """Updates with the plain cross-entropy (SNQN) before the advantage weighting starts
-    (the paper's 15000 on RC15 and RetailRocket; 800 is about 2 epochs of ml-100k at batch
-    256)."""
+    (the paper's 15000 on RC15 and RetailRocket, about 2 epochs there; 400 is about one
+    epoch of ml-100k at batch 256)."""
     actor_lr: float | None = 1e-3
     """Learning rate of the fresh Adam used after the warm-up (the paper's ``lr_2`` =
     0.001); None = ``lr``."""
