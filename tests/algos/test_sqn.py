@@ -188,6 +188,7 @@ def test_paper_defaults() -> None:
     cfg = SA2CConfig()
     assert (cfg.gamma, cfg.num_negatives, cfg.negative_reward) == (0.5, 10, 0.0)
     assert (cfg.advantage_min, cfg.advantage_max) == (0.0, 10.0)
+    assert (cfg.lr, cfg.td_weight, cfg.actor_lr) == (1e-2, 1.0, 1e-3)
     assert SQNConfig().gamma == 0.5
 
 

@@ -51,6 +51,12 @@ class SA2CConfig(SQNConfig):
     """SQN with sampled negatives and an advantage-weighted actor (Xin et al., WSDM 2022)."""
 
     algo: ClassVar[str] = "sa2c"
+    lr: float = 1e-2
+    """Adam learning rate of each network during the warm-up (the paper's 0.01; also the
+    best of 1e-3 / 3e-3 / 1e-2 on ml-100k, docs/tuning_sqn.md)."""
+    td_weight: float = 1.0
+    """Weight w of the TD losses (positive and negatives) beside the cross-entropy (the
+    paper's 1; SA2C was tuned with it)."""
     num_negatives: int = 10
     """M: negative actions sampled uniformly per transition (the paper's 10)."""
     negative_reward: float = 0.0
