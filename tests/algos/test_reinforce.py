@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
 from recloop.algos.base import DatasetSpec, clip_grad_norm, optimizer_step
-from recloop.algos.losses import log_prob_of
+from recloop.algos.losses import OffPolicyTerms, log_prob_of, topk_off_policy_loss
 from recloop.algos.reinforce import Reinforce, ReinforceConfig
 from recloop.data.batch import TransitionBatch
 from recloop.data.dataset import PreparedDataset
 from recloop.data.sampler import TransitionSampler
 from recloop.encoders.base import EncoderConfig
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, DataError
+from recloop.training.fit import FitConfig
 
 ENC = EncoderConfig(kind="mean", history=4, embedding_dim=8, hidden_dim=8)
 
@@ -122,3 +127,59 @@ def test_grad_clip_scales_without_flipping_signs() -> None:
     optimizer_step(opt, (q * 10.0).sum(), grad_clip=0.5)
     # gradient +10 clipped to +0.5: the step goes down, not up
     assert q.item() == pytest.approx(0.5, abs=1e-5)
+
+
+def test_logged_behaviour_weights_by_pi_over_the_logged_propensity(
+    tiny_dataset: PreparedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recloop.algos.reinforce as reinforce_module
+
+    algo = make(tiny_dataset, behaviour="logged", weight_cap=1e9, top_k=1)
+    algo.train(False)
+    batch = dataclasses.replace(
+        first_batch(tiny_dataset, size=4), propensity=torch.tensor([0.5, 0.25, 1.0, 0.02])
+    )
+    seen: list[OffPolicyTerms] = []
+
+    def spy(**kw: Any) -> OffPolicyTerms:
+        seen.append(topk_off_policy_loss(**kw))
+        return seen[-1]
+
+    monkeypatch.setattr(reinforce_module, "topk_off_policy_loss", spy)
+    with torch.no_grad():
+        state = algo.policy.state(batch.user, batch.history, batch.history_reward)
+        pi = torch.softmax(algo.pi.net(state), dim=1)[torch.arange(4), batch.action]
+    algo.update(batch)
+    torch.testing.assert_close(seen[0].weight, pi / batch.propensity, rtol=1e-5, atol=0)
+
+
+def test_estimated_behaviour_ignores_the_logged_propensity(tiny_dataset: PreparedDataset) -> None:
+    batch = first_batch(tiny_dataset, size=4)
+    logged = dataclasses.replace(batch, propensity=torch.full((4,), 1e-3))
+    a, b = make(tiny_dataset), make(tiny_dataset)
+    a.train(False)
+    b.train(False)
+    assert float(a.update(batch).weight) == pytest.approx(float(b.update(logged).weight))
+
+
+def test_logged_behaviour_refuses_data_without_the_column(tiny_dataset: PreparedDataset) -> None:
+    cfg = ReinforceConfig(encoder=ENC, batch_size=16, behaviour="logged")
+    rec = cfg.create()
+    with pytest.raises(DataError, match='"propensity" event column'):
+        rec.fit(tiny_dataset, fit=FitConfig(epochs=1, progress=False, tensorboard=False))
+    assert rec.algo is not None and rec.algo.steps == 0
+
+
+def test_logged_behaviour_trains_on_data_with_the_column(tiny_dataset: PreparedDataset) -> None:
+    prop = np.random.default_rng(0).uniform(0.05, 1.0, tiny_dataset.n_events)
+    ds = dataclasses.replace(tiny_dataset, extra={"propensity": prop})
+    cfg = ReinforceConfig(encoder=ENC, batch_size=16, behaviour="logged")
+    result = cfg.create().fit(
+        ds, fit=FitConfig(epochs=1, max_steps=2, progress=False, tensorboard=False)
+    )
+    assert result.steps == 2
+
+
+def test_behaviour_must_be_estimated_or_logged() -> None:
+    with pytest.raises(ConfigError, match="behaviour"):
+        ReinforceConfig(behaviour="fitted")  # type: ignore[arg-type]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -275,3 +277,39 @@ def test_empty_selection_yields_nothing() -> None:
     s = TransitionSampler(ds, history=2, batch_size=4, splits=(TEST,))
     assert s.n_transitions == 0 and len(s) == 0
     assert list(s) == []
+
+
+def with_propensity(ds: PreparedDataset, seed: int) -> tuple[PreparedDataset, np.ndarray]:
+    """``ds`` with a logged ``propensity`` column (float64 in (0, 1], as prepare keeps it)."""
+    prop = np.random.default_rng(seed).uniform(0.01, 1.0, ds.n_events)
+    return dataclasses.replace(ds, extra={**ds.extra, "propensity": prop}), prop
+
+
+@pytest.mark.parametrize("splits", [(TRAIN,), (VALID, TEST)])
+def test_propensity_is_the_logged_value_of_each_transitions_row(splits: tuple[int, ...]) -> None:
+    ds, prop = with_propensity(random_dataset(5), seed=1)
+    sampler = TransitionSampler(ds, history=3, batch_size=8, splits=splits, seed=2)
+    seen = 0
+    for batch in sampler:
+        assert batch.propensity is not None
+        assert batch.propensity.dtype == torch.float32 and batch.propensity.shape == (len(batch),)
+        rows = np.array(rows_of(batch))  # ``returns`` holds the row number
+        np.testing.assert_array_equal(batch.propensity.numpy(), prop[rows].astype(np.float32))
+        seen += len(batch)
+    assert seen == sampler.n_transitions
+    explicit = sampler.batch(np.array([7, 2, 7]))
+    assert explicit.propensity is not None
+    np.testing.assert_array_equal(explicit.propensity.numpy(), prop[[7, 2, 7]].astype(np.float32))
+
+
+def test_no_propensity_column_gives_none_and_to_keeps_it() -> None:
+    batch = next(iter(TransitionSampler(random_dataset(5), history=3, batch_size=8)))
+    assert batch.propensity is None
+    moved = batch.to("cpu")
+    assert moved.propensity is None
+    torch.testing.assert_close(moved.action, batch.action)
+    ds, _ = with_propensity(random_dataset(5), seed=1)
+    batch = next(iter(TransitionSampler(ds, history=3, batch_size=8)))
+    moved = batch.to("cpu")
+    assert moved.propensity is not None and batch.propensity is not None
+    torch.testing.assert_close(moved.propensity, batch.propensity)

@@ -11,7 +11,9 @@ from recloop.algos import (
     dqn,
     popularity,
     reinforce,
+    sa2c,
     sac,
+    sqn,
     supervised,
     td3,
 )
@@ -30,7 +32,9 @@ __all__ = [
     "dqn",
     "popularity",
     "reinforce",
+    "sa2c",
     "sac",
+    "sqn",
     "supervised",
     "td3",
 ]

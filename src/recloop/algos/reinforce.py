@@ -7,7 +7,9 @@ gradient
     E_β[ min(π/β, c) · λ_K(s, a) · G · ∇ log π(a|s) ],   λ_K = K (1 − π(a|s))^(K − 1),
 
 where β is the logging (behaviour) policy, estimated by a second softmax head trained by
-cross-entropy on the same state with its gradient blocked (section 4.3 of the paper), G is
+cross-entropy on the same state with its gradient blocked (section 4.3 of the paper), or,
+with ``behaviour="logged"``, read from the dataset's logged ``propensity`` column (the
+probability with which the logging system showed the item), G is
 the discounted return of the logged session from this step on, c caps the importance
 weight and K is the slate size the top-K correction accounts for.
 """
@@ -15,7 +17,7 @@ weight and K is the slate size the top-K correction accounts for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -36,9 +38,12 @@ from recloop.algos.softmax import PROPOSALS, ItemSoftmax, use_sparse_tables
 from recloop.artifacts.heads import HeadConfig, LinearHead
 from recloop.config import check
 from recloop.data.batch import TransitionBatch
+from recloop.data.schema import PROPENSITY
 from recloop.encoders.base import EncoderConfig
+from recloop.errors import DataError
 
 RETURN_SCALES = ("none", "mean", "std")
+BEHAVIOURS = ("estimated", "logged")
 
 
 def _default_encoder() -> EncoderConfig:
@@ -71,10 +76,19 @@ class ReinforceConfig(AlgoConfig):
     pi and beta alike; None = full softmax."""
     proposal: str = "popularity"
     """Distribution of sampled negatives: ``uniform`` or ``popularity`` (train count + 1)."""
+    behaviour: Literal["estimated", "logged"] = "estimated"
+    """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
+    (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
+    logging system's own probability of the item (training refuses to start without it).
+    The behaviour head is trained either way (OPE reads it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.head.kind == "linear", f"head.kind must be linear, got {self.head.kind!r}")
+        check(
+            self.behaviour in BEHAVIOURS,
+            f"behaviour must be one of {list(BEHAVIOURS)}, got {self.behaviour!r}",
+        )
         check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         check(
             self.weight_cap is None or self.weight_cap > 0,
@@ -156,6 +170,20 @@ class Reinforce(Algo[ReinforceConfig]):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self.opt
 
+    def behaviour_logp(self, batch: TransitionBatch, estimated: torch.Tensor) -> torch.Tensor:
+        """(B,) log β(a|s) for the importance weight: the behaviour head's (detached) or the
+        logged propensities'."""
+        if self.cfg.behaviour == "estimated":
+            return estimated.detach()
+        if batch.propensity is None:
+            # Raised by the first update, before any weight has moved.
+            raise DataError(
+                f'reinforce behaviour="logged" needs the logged "{PROPENSITY}" event column, '
+                f"and this dataset has none: prepare data whose events carry a "
+                f'"{PROPENSITY}" column, or set behaviour=estimated'
+            )
+        return batch.propensity.log()
+
     def update(self, batch: TransitionBatch) -> ReinforceStats:
         state = self.policy.state(batch.user, batch.history, batch.history_reward)  # (B, S)
         cand = self.softmax.draw(batch.action)  # None with the full softmax
@@ -168,7 +196,7 @@ class Reinforce(Algo[ReinforceConfig]):
         returns = scale_returns(batch.returns, mode=self.cfg.returns_scale)  # G, (B,)
         terms = topk_off_policy_loss(
             logp=logp,
-            beta_logp=beta_logp.detach(),
+            beta_logp=self.behaviour_logp(batch, beta_logp),
             returns=returns,
             top_k=self.cfg.top_k,
             weight_cap=self.cfg.weight_cap,

@@ -25,14 +25,15 @@ class TransitionBatch:
     next_history: Tensor  # (B, H) int64, history after the action
     next_history_reward: Tensor  # (B, H) float32
     done: Tensor  # (B,) bool, True at the last transition of a session
+    propensity: Tensor | None = None
+    """(B,) float32 logged β(a|s) of the action, in (0, 1]; None when the data logs none."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TransitionBatch:
-        return TransitionBatch(
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                for f in dataclasses.fields(self)
-            }
-        )
+        fields: dict[str, Tensor | None] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = None if value is None else value.to(device, non_blocking=non_blocking)
+        return TransitionBatch(**fields)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return int(self.action.shape[0])

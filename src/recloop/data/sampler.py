@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recloop.config import check
 from recloop.data.batch import TransitionBatch
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
+from recloop.data.schema import PROPENSITY
 
 _CHUNK = 1 << 20
 """Rows scanned at a time when listing the transition rows, to keep the scratch small."""
@@ -152,6 +153,8 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     - ``action``, ``reward``, ``returns`` are row ``p``'s item, reward and discounted return;
     - ``next_history`` / ``next_history_reward`` are the history shifted left by one with the
       action (its reward) appended;
+    - ``propensity`` is row ``p``'s logged β(a|s) when the dataset has a ``propensity`` event
+      column (``dataset.extra``), else None;
     - ``done`` is True only where the user's session really ends: row ``p + 1`` belongs to the
       same user and the same split but starts a new session (a pause longer than the session
       gap).  The end of the data — the user's last event, or the last before the split
@@ -204,6 +207,9 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         self._item = dataset.item
         self._reward = dataset.reward
         self._returns = dataset.returns
+        prop = dataset.extra.get(PROPENSITY)
+        # float32 like every other batch field; prepare checked each value lies in (0, 1].
+        self._propensity = None if prop is None else np.asarray(prop, dtype=np.float32)
         self._session = dataset.session
         self._split = np.asarray(dataset.split, dtype=np.int8)
         self._user = dataset.user
@@ -323,4 +329,5 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
             next_history=torch.from_numpy(win.item[:, 1:].astype(np.int64)),
             next_history_reward=torch.from_numpy(win.reward[:, 1:].copy()),
             done=torch.from_numpy(done),
+            propensity=None if self._propensity is None else torch.from_numpy(self._propensity[p]),
         )
