@@ -9,9 +9,11 @@ from recloop.algos import (
     cql,
     ddpg,
     dqn,
+    gru4rec,
     popularity,
     reinforce,
     sac,
+    sasrec,
     supervised,
     td3,
 )
@@ -28,9 +30,11 @@ __all__ = [
     "cql",
     "ddpg",
     "dqn",
+    "gru4rec",
     "popularity",
     "reinforce",
     "sac",
+    "sasrec",
     "supervised",
     "td3",
 ]
