@@ -161,7 +161,7 @@ def _batch(history: torch.Tensor, action: torch.Tensor, done: torch.Tensor) -> T
 def test_update_loss_is_the_cross_entropy_of_every_position_of_the_kept_windows() -> None:
     """Window [0, 3, 4, 5] → 6 is trained as 3 → 4, (3, 4) → 5, (3, 4, 5) → 6."""
     enc = EncoderConfig(kind="gru", history=4, embedding_dim=6, hidden_dim=8, use_user=False)
-    cfg = GRU4RecConfig(encoder=enc, embedding_dropout=0.0, window_stride=10**9)
+    cfg = GRU4RecConfig(encoder=enc, embedding_dropout=0.0, window_stride=10**9, keep_done=True)
     spec = DatasetSpec(n_users=3, n_items=9, popularity=np.ones(10, np.float32))
     torch.manual_seed(0)
     algo = GRU4Rec(cfg, spec, device=CPU)

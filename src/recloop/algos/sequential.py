@@ -10,9 +10,10 @@ es.  A transition at event row p already carries the window this needs: ``histor
 rows p - H .. p - 1 (the inputs) and ``next_history`` rows p - H + 1 .. p (the targets, one
 step ahead), left-padded at the user's start.  Training every transition's window would see
 each event H times an epoch, so :func:`select_windows` keeps a window with probability
-1 / ``window_stride`` (about one pass over the events per epoch), plus every window that
-ends a session or the user's train events (``done``), so each epoch trains on every user's
-most recent items, as SASRec's one-window-per-user epochs do.
+1 / ``window_stride``: about one pass over the events per epoch, each epoch on different
+windows.  ``keep_done`` also keeps every window that ends a session or the user's train
+events (SASRec's one window per user and epoch); on MovieLens-100K that doubled the cost of
+an epoch and overfitted sooner (docs/tuning_seqrec.md), so it is off by default.
 
 Only train events enter training: the sampler draws transitions from the train split, and
 every split protocol (ratio, loo, time) gives each user a chronological train prefix, so
@@ -69,19 +70,19 @@ class SequenceConfig(AlgoConfig):
     head: HeadConfig = field(default_factory=_tied_head)
     """Score head; by default a linear map to D scored by dot product with the item table
     (tied input and output embeddings, as RecBole's GRU4Rec and SASRec)."""
-    batch_size: int = 4096
-    """Transitions the sampler draws per update; their kept windows (about batch_size /
-    window_stride, plus the done ones) are trained, so about batch_size positions."""
+    batch_size: int = 2048
+    """Transitions the sampler draws per update; the windows ending at about batch_size /
+    window_stride of them are trained, so up to batch_size positions (RecBole: 2048)."""
     window_stride: int | None = None
-    """A window is trained with probability 1 / window_stride unless it ends a session or
-    the train events (always trained); None = encoder.history, about one pass per epoch."""
+    """A window is trained with probability 1 / window_stride; None = encoder.history,
+    about one pass over the events per epoch."""
     embedding_dropout: float = 0.0
     """Dropout on the item vectors the encoder reads, in training (GRU4Rec's dropout_prob)."""
     init_std: float | None = 0.02
     """Std of the normal initialisation of the item table (RecBole's initializer_range);
     None keeps torch's N(0, 1).  A pretrained table is kept as it is."""
-    keep_done: bool = True
-    """Always train the windows that end a session or the user's train events."""
+    keep_done: bool = False
+    """Also train every window that ends a session or the user's train events."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,7 +120,7 @@ class SequenceStats(UpdateStats):
 
 
 def select_windows(done: Tensor, nonempty: Tensor, *, rate: float, uniform: Tensor) -> Tensor:
-    """(B,) bool: the windows to train, ``done`` ones always, others where ``uniform < rate``.
+    """(B,) bool: the windows to train: ``done`` ones, and the others where ``uniform < rate``.
 
     Only ``nonempty`` windows (at least one real input item) qualify; ``uniform`` (B,) holds
     U(0, 1) draws.  When none is selected the first non-empty window is (batches are
