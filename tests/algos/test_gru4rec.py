@@ -31,7 +31,7 @@ def test_registered_with_a_gru_policy(tiny_dataset: PreparedDataset) -> None:
 def test_learns_the_walk(tiny_dataset: PreparedDataset) -> None:
     """Next item = last item + 1: a fitted GRU4Rec ranks it first for every user."""
     enc = EncoderConfig(kind="gru", history=4, embedding_dim=16, hidden_dim=16, use_user=False)
-    cfg = GRU4RecConfig(encoder=enc, lr=0.02, batch_size=16, embedding_dropout=0.0)
+    cfg = GRU4RecConfig(encoder=enc, lr=0.02, batch_size=16, embedding_dropout=0.0, window_stride=1)
     rec = cfg.create()
     result = rec.fit(
         tiny_dataset, fit=FitConfig(epochs=40, patience=None, progress=False, tensorboard=False)

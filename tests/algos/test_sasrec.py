@@ -16,6 +16,7 @@ def test_registered_with_an_attention_policy(tiny_dataset: PreparedDataset) -> N
     enc = algo.policy.encoder
     assert isinstance(enc, AttentionEncoder)
     assert len(enc.blocks) == 2 and enc.position.num_embeddings == 50
+    assert enc.blocks[0].attn.n_heads == 1
     assert algo.policy.user_embedding is None
 
 
@@ -24,7 +25,7 @@ def test_learns_the_walk(tiny_dataset: PreparedDataset) -> None:
     enc = EncoderConfig(
         kind="attention", history=4, embedding_dim=16, hidden_dim=16, num_layers=1, use_user=False
     )
-    cfg = SASRecConfig(encoder=enc, lr=0.02, batch_size=16)
+    cfg = SASRecConfig(encoder=enc, lr=0.02, batch_size=16, window_stride=1)
     rec = cfg.create()
     result = rec.fit(
         tiny_dataset, fit=FitConfig(epochs=40, patience=None, progress=False, tensorboard=False)
