@@ -12,8 +12,8 @@ step ahead), left-padded at the user's start.  Training every transition's windo
 each event H times an epoch, so :func:`select_windows` keeps a window with probability
 1 / ``window_stride``: about one pass over the events per epoch, each epoch on different
 windows.  ``keep_done`` also keeps every window that ends a session or the user's train
-events (SASRec's one window per user and epoch); on MovieLens-100K that doubled the cost of
-an epoch and overfitted sooner (docs/tuning_seqrec.md), so it is off by default.
+events (SASRec's one window per user and epoch); on MovieLens-100K that trained 2.4x the
+positions per epoch and overfitted sooner (docs/tuning_seqrec.md), so it is off by default.
 
 Only train events enter training: the sampler draws transitions from the train split, and
 every split protocol (ratio, loo, time) gives each user a chronological train prefix, so
