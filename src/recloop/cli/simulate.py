@@ -62,13 +62,20 @@ def simulate_cmd(
         f"({acc.n_events} events); quit after {cfg.patience} steps with reward < "
         f"{result.threshold:.3g}"
     )
-    header = ["repeats", "quit", "return", "length", "coverage", "diversity", "distinct"]
+    echo(
+        f"fitted on {result.fit['train_events']} TRAIN events with {cfg.negatives} uniform "
+        f"negatives each: {result.fit['scale']}"
+    )
+    header = ["repeats", "quit", "return [95% CI]", "length [95% CI]", "coverage", "diversity"]
+    header.append("distinct")
     rows = [
         [
             "yes" if m.repeats else "no",
             "yes" if m.quit else "no",
-            f"{m.cumulative_reward:.3f}",
-            f"{m.session_length:.2f}",
+            f"{m.cumulative_reward:.3f} [{m.cumulative_reward_interval[0]:.3f}, "
+            f"{m.cumulative_reward_interval[1]:.3f}]",
+            f"{m.session_length:.2f} [{m.session_length_interval[0]:.2f}, "
+            f"{m.session_length_interval[1]:.2f}]",
             f"{m.coverage:.3f}",
             f"{m.diversity:.3f}",
             f"{m.distinct_ratio:.3f}",

@@ -12,10 +12,20 @@ so the reward of a step is ``p m`` (``reward_mode="expected"``) or ``m`` with pr
 and 0 otherwise (``"sample"``).  Its accuracy is reported on the VALID split: the AUC of p on
 logged items against sampled ones, and the RMSE of m on the logged rewards.
 
+How it is fitted fixes its scale, and every report says so (``SimulationResult.fit``): p
+is the probability that the item is the logged one rather than one of ``negatives`` uniform
+draws — not a real consumption rate — so returns (and the quit rule, which compares
+rewards with a threshold) change with ``negatives`` and compare only between policies
+under one fitted simulator.  It is also fitted on the very log the policies learn from.
+For returns on a known scale, against a truth no model can fake, use ``recloop world``.
+
 **Rollouts.**  Users start from their real last H items before their first event of the start
 split (the evaluation protocol's state).  Each step, for all users at once, the policy scores
-the catalogue, its top item is recommended (with ``repeats=False`` items already recommended
-in the rollout are masked), the simulator answers, and item and reward enter the history.
+the catalogue, the items the user consumed before the start are masked as the service masks
+them (``mask_consumed``), its top item is recommended (with ``repeats=False`` items already
+recommended in the rollout are masked too), the simulator answers, and item and reward
+enter the history.  Return and session length come with 95 % bootstrap intervals over
+users.
 With ``quit=True`` a user leaves after ``patience`` consecutive steps with reward below
 ``quit_threshold``; the rest of their horizon counts nothing.
 
@@ -81,11 +91,16 @@ class SimulatorConfig:
     recommended in the last ``boredom_window`` steps (a repeat: 1 − b); 0 = no boredom."""
     boredom_window: int = 5
     """Recommendations a user remembers when getting bored."""
+    mask_consumed: bool = True
+    """Mask the items each user consumed before the start, as the service does."""
+    n_boot: int = 1000
+    """Bootstrap resamples of the users for the intervals of return and length."""
     seed: int = 0
     """Seed of the model's initialisation, negative sampling and sampled rewards."""
 
     def __post_init__(self) -> None:
         check(self.history >= 1, f"simulator.history must be >= 1, got {self.history}")
+        check(self.n_boot >= 0, f"simulator.n_boot must be >= 0, got {self.n_boot}")
         check(self.embedding_dim >= 1, "simulator.embedding_dim must be >= 1")
         check(self.negatives >= 1, f"simulator.negatives must be >= 1, got {self.negatives}")
         check(self.epochs >= 1, f"simulator.epochs must be >= 1, got {self.epochs}")
@@ -282,8 +297,12 @@ class SimulationReport:
     """T, the most steps a session can last."""
     cumulative_reward: float
     """Mean over users of the summed simulated reward of their session."""
+    cumulative_reward_interval: tuple[float, float]
+    """Its 95 % percentile bootstrap interval over users."""
     session_length: float
     """Mean steps a user stayed."""
+    session_length_interval: tuple[float, float]
+    """Its 95 % percentile bootstrap interval over users."""
     coverage: float
     """Distinct items recommended to anyone, over N."""
     diversity: float
@@ -305,9 +324,12 @@ class SimulationResult:
     threshold: float
     """The quit threshold used."""
     config: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    """How the response model was fitted (module docstring): data, negatives, scale."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "fit": dict(self.fit),
             "accuracy": self.accuracy.to_dict(),
             "threshold": self.threshold,
             "modes": [m.to_dict() for m in self.modes],
@@ -352,11 +374,13 @@ def rollout(
     repeats: bool,
     quit: bool,
     seed: int = 0,
+    consumed: Tensor | None = None,
 ) -> SimulationReport:
     """Roll ``policy`` out for ``horizon`` steps for users (M,) from histories (M, H).
 
     H must be at least the policy's ``policy_history`` and the simulator's; each reads its
-    own last columns.
+    own last columns.  ``consumed`` (M, N + 1) bool: items masked at every step (what each
+    user consumed before the start).
     """
     m = user.shape[0]
     h_sim = sim.cfg.history
@@ -375,6 +399,8 @@ def rollout(
     for t in range(horizon):
         scores = policy(user, hist[:, -policy_history:], hist_r[:, -policy_history:]).clone()
         scores[:, 0] = float("-inf")
+        if consumed is not None:
+            scores.masked_fill_(consumed, float("-inf"))
         if not repeats:
             scores.masked_fill_(shown, float("-inf"))
         a = topk(scores, 1, row_keys=user).indices[:, 0]  # (M,), ties by recloop.ranking
@@ -403,17 +429,31 @@ def rollout(
     div = intra_list_diversity(sim.model.out.weight[items], alive)
     many = length >= 2
     lf = length.double()
+    n_boot = sim.cfg.n_boot
     return SimulationReport(
         repeats=repeats,
         quit=quit,
         n_users=m,
         horizon=horizon,
         cumulative_reward=float(cum.mean()),
+        cumulative_reward_interval=user_interval(cum.double().numpy(), n_boot=n_boot, seed=seed),
         session_length=float(lf.mean()),
+        session_length_interval=user_interval(lf.numpy(), n_boot=n_boot, seed=seed),
         coverage=float(seen_any[1:].sum()) / n,
         diversity=float(div[many].mean()) if bool(many.any()) else 0.0,
         distinct_ratio=float((distinct.double() / lf.clamp(min=1)).mean()),
     )
+
+
+def user_interval(values: np.ndarray, *, n_boot: int, seed: int) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of per-user ``values`` (M,)."""
+    if n_boot == 0 or values.shape[0] == 0:
+        mean = float(values.mean()) if values.shape[0] else 0.0
+        return mean, mean
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.shape[0], size=(n_boot, values.shape[0]))
+    low, high = np.quantile(values[idx].mean(axis=1), [0.025, 0.975])
+    return float(low), float(high)
 
 
 def simulate(
@@ -432,6 +472,12 @@ def simulate(
     m = len(users) if cfg.n_users is None else min(cfg.n_users, len(users))
     if m == 0:
         raise DataError(f"no user has an event in the {cfg.start_split} split to start from")
+    consumed = None
+    if cfg.mask_consumed:
+        consumed = torch.zeros((m, dataset.n_items + 1), dtype=torch.bool)
+        rows = np.repeat(np.arange(m), np.diff(users.consumed_offsets[: m + 1]))
+        items = users.consumed_items[: int(users.consumed_offsets[m])]
+        consumed[torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))] = True
     args = {
         "user": torch.from_numpy(users.user[:m]),
         "history": torch.from_numpy(users.history[:m]),
@@ -442,6 +488,7 @@ def simulate(
             policy,
             sim,
             **args,
+            consumed=consumed,
             policy_history=policy_history,
             horizon=cfg.horizon,
             repeats=repeats,
@@ -451,9 +498,19 @@ def simulate(
         for repeats in (True, False)
         for quit in (False, True)
     ]
+    fit = {
+        "data": "TRAIN split of the dataset the policies learn from",
+        "train_events": int((dataset.split == TRAIN).sum()),
+        "negatives": cfg.negatives,
+        "epochs": cfg.epochs,
+        "scale": f"p = P(logged item beats {cfg.negatives} uniform negatives): returns and the "
+        "quit rule change with the number of negatives; compare policies under one simulator",
+        "mask_consumed": cfg.mask_consumed,
+    }
     return SimulationResult(
         accuracy=accuracy if accuracy is not None else sim.accuracy(dataset),
         modes=modes,
         threshold=sim.threshold,
         config=config_to_dict(cfg),
+        fit=fit,
     )
