@@ -111,3 +111,13 @@ def test_non_finite_value_in_a_file_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "algo: reinforce\nweight_cap: .inf\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: weight_cap must be finite, got inf"):
         load_run_config(None, path=path)
+
+
+def test_algorithm_fit_defaults_apply_under_the_users_settings() -> None:
+    """gru4rec was tuned with up to 40 epochs and patience 5: those are its defaults, and a
+    run's own fit settings still win."""
+    run = load_run_config("gru4rec")
+    assert (run.fit.epochs, run.fit.patience) == (40, 5)
+    run = load_run_config("gru4rec", overrides=["fit.epochs=3"])
+    assert (run.fit.epochs, run.fit.patience) == (3, 5)
+    assert load_run_config("supervised").fit.epochs == 8

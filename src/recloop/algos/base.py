@@ -36,6 +36,9 @@ class AlgoConfig:
     """Hyper-parameters every algorithm has; subclasses add their own."""
 
     algo: ClassVar[str] = ""
+    fit_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The fit loop's settings this algorithm was tuned with (e.g. more epochs for the
+    sequence models); a run's ``fit:`` section and ``--set fit.*`` still override them."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """State encoder (kind, H, D, sizes)."""
     head: HeadConfig = field(default_factory=HeadConfig)

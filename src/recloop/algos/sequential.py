@@ -28,10 +28,10 @@ each prefix of the window, which is exact but H times the work.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,10 @@ def _tied_head() -> HeadConfig:
 @dataclass(frozen=True, kw_only=True)
 class SequenceConfig(AlgoConfig):
     """Cross-entropy of the next item at every position of sampled windows of H items."""
+
+    # The validation search (docs/tuning_seqrec.md) ran up to 40 epochs with patience 5;
+    # the best epochs were 10-23, past the fit loop's default of 8.
+    fit_defaults: ClassVar[Mapping[str, Any]] = {"epochs": 40, "patience": 5}
 
     head: HeadConfig = field(default_factory=_tied_head)
     """Score head; by default a linear map to D scored by dot product with the item table

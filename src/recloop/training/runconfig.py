@@ -108,6 +108,7 @@ def load_run_config(
         )
     cls = ALGOS.get(name).config_class
     config = config_from_dict(cls, algo_data, source=source)
+    fit_data = merge(dict(cls.fit_defaults), fit_data)  # the algorithm's tuned fit settings
     fit = config_from_dict(FitConfig, fit_data, source=f"{source} (fit section)")
     return RunConfig(algo=name, config=config, fit=fit)
 
