@@ -164,8 +164,10 @@ async def test_reclaimed_redelivery_is_logged_and_counted_once(
     # A worker read 40 events, committed the first 25 to the log, and died before its ack.
     doomed = await bus.read(names["group"], "doomed", count=40, block_ms=0)
     log.append(ev[:25], slide_s=80)
-    await asyncio.sleep(0.15)
-    s = settings(names, claim_min_idle_ms=100, allowed_lateness_s=None, recent_len=20)
+    # Idle long enough to be claimed; the live worker's own reads (acked within a batch)
+    # must not be: a second is far more than a batch takes, even on a loaded machine.
+    await asyncio.sleep(1.05)
+    s = settings(names, claim_min_idle_ms=1000, allowed_lateness_s=None, recent_len=20)
     store = MemoryStore()
     stats = await run_worker_async(s, bus=bus, store=store, log=log)
     assert stats.claimed == len(doomed) == 40
