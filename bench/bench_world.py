@@ -90,9 +90,10 @@ def main() -> None:
         simulate,
     )
 
+    # NAME or NAME:KEY=VALUE;KEY=VALUE (--set overrides), e.g. reinforce:behaviour=logged
     algos = [a for a in args.algos.split(",") if a]
-    missing = [a for a in algos if a not in ALGOS]
-    algos = [a for a in algos if a in ALGOS]
+    missing = [a for a in algos if a.partition(":")[0] not in ALGOS]
+    algos = [a for a in algos if a.partition(":")[0] in ALGOS]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_world_"))
     behaviours = [("popularity ε=0.3", ["--policy", "popularity", "--epsilon", "0.3"]),
                   ("random", ["--policy", "random"])]  # fmt: skip
@@ -115,11 +116,13 @@ def main() -> None:
             dataset = PreparedDataset.load(data)
             runs: dict[str, list[Path]] = {}
             for algo in algos:
-                for seed in range(args.seeds if algo != "popularity" else 1):
-                    run = work / tag / f"{algo}-{seed}"
-                    _main(["-q", "train", "--algo", algo, "--data", str(data), "--out",
+                name, _, sets = algo.partition(":")
+                extra = [x for kv in sets.split(";") if kv for x in ("--set", kv)]
+                for seed in range(args.seeds if name != "popularity" else 1):
+                    run = work / tag / f"{algo.replace(':', '_').replace(';', '_')}-{seed}"
+                    _main(["-q", "train", "--algo", name, "--data", str(data), "--out",
                            str(run), "--epochs", str(args.epochs),
-                           "--set", f"seed={seed}"])  # fmt: skip
+                           "--set", f"seed={seed}", *extra])  # fmt: skip
                     runs.setdefault(algo, []).append(run)
             every = [r for rs in runs.values() for r in rs]
             report = ope_against_truth(
