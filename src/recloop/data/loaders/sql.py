@@ -14,8 +14,64 @@ from recloop.data.loaders._validate import infer_int
 from recloop.data.schema import BEHAVIOR, EVENT_ID, ITEM, RATING, TIMESTAMP, USER, RawData
 from recloop.errors import ConfigError, DataError, Location
 
-LOG_COLUMNS = ("event_id", "user_id", "item_id", "ts", "behavior", "rating", "reward")
-"""Columns of the behaviour log table (see ``recloop.streaming.log``)."""
+LOG_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "ts": pl.Int64(),
+    "behavior": pl.String(),
+    "rating": pl.Float64(),
+    "reward": pl.Float64(),
+}
+"""Columns of the behaviour log table (see ``recloop.streaming.log``) and their types."""
+
+
+def _read_table(
+    url: str,
+    table: str,
+    *,
+    schema: dict[str, pl.DataType],
+    order_by: tuple[str, ...],
+    kind: str,
+    missing_hint: str,
+    where_true: str | None = None,
+) -> tuple[pl.DataFrame, str]:
+    """The ``schema`` columns of ``table`` in one query, ordered, as (frame, where-string).
+
+    A bad URL is a ConfigError; a missing table or column and an unreachable database are
+    one-line DataErrors naming the database and table.
+    """
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
+    try:
+        try:
+            t = sa.Table(table, sa.MetaData(), autoload_with=engine)
+        except sa.exc.NoSuchTableError:
+            raise DataError(
+                f"no such table ({missing_hint})", location=Location(file=where)
+            ) from None
+        missing = [c for c in schema if c not in t.c]
+        if missing:
+            raise DataError(
+                f"not a {kind}: missing columns {', '.join(missing)}",
+                location=Location(file=where),
+            )
+        query = sa.select(*[t.c[c] for c in schema]).order_by(*[t.c[c] for c in order_by])
+        if where_true is not None:
+            query = query.where(t.c[where_true] == sa.true())
+        with engine.connect() as conn:
+            frame = pl.read_database(query, connection=conn, schema_overrides=schema)
+    except sa.exc.OperationalError as exc:
+        raise DataError(
+            f"cannot read the database ({str(exc.orig).strip().splitlines()[0]})",
+            location=Location(file=where),
+        ) from None
+    finally:
+        engine.dispose()
+    return frame, where
 
 
 def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
@@ -25,48 +81,14 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
     ``timestamp``, ``behavior`` / ``rating`` when any row has one, and the extras
     ``reward`` and ``event_id``; rows ordered by (timestamp, event_id).
     """
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        raise ConfigError(f"database url {url!r}: {exc}") from None
-    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
-    try:
-        meta = sa.MetaData()
-        try:
-            t = sa.Table(table, meta, autoload_with=engine)
-        except sa.exc.NoSuchTableError:
-            raise DataError(
-                "no such table (run `recloop stream` first, or pass the table name)",
-                location=Location(file=where),
-            ) from None
-        missing = [c for c in LOG_COLUMNS if c not in t.c]
-        if missing:
-            raise DataError(
-                f"not a behaviour log: missing columns {', '.join(missing)}",
-                location=Location(file=where),
-            )
-        query = sa.select(*[t.c[c] for c in LOG_COLUMNS]).order_by(t.c.ts, t.c.event_id)
-        with engine.connect() as conn:
-            frame = pl.read_database(
-                query,
-                connection=conn,
-                schema_overrides={
-                    "event_id": pl.String,
-                    "user_id": pl.String,
-                    "item_id": pl.String,
-                    "ts": pl.Int64,
-                    "behavior": pl.String,
-                    "rating": pl.Float64,
-                    "reward": pl.Float64,
-                },
-            )
-    except sa.exc.OperationalError as exc:
-        raise DataError(
-            f"cannot read the database ({str(exc.orig).strip().splitlines()[0]})",
-            location=Location(file=where),
-        ) from None
-    finally:
-        engine.dispose()
+    frame, where = _read_table(
+        url,
+        table,
+        schema=LOG_SCHEMA,
+        order_by=("ts", "event_id"),
+        kind="behaviour log",
+        missing_hint="run `recloop stream` first, or pass the table name",
+    )
     cols = [
         infer_int(frame["user_id"]).alias(USER),
         infer_int(frame["item_id"]).alias(ITEM),
@@ -80,18 +102,18 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
     return RawData(events=pl.DataFrame(cols), source=f"sql {where}")
 
 
-IMPRESSION_COLUMNS = (
-    "recommendation_id",
-    "position",
-    "user_id",
-    "item_id",
-    "ts",
-    "model_version",
-    "policy",
-    "propensity",
-    "reward",
-    "settled",
-)
+IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
+    "recommendation_id": pl.String(),
+    "position": pl.Int32(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "ts": pl.Int64(),
+    "model_version": pl.String(),
+    "policy": pl.String(),
+    "propensity": pl.Float64(),
+    "reward": pl.Float64(),
+    "settled": pl.Boolean(),
+}
 """Columns of the served-items table read by :func:`load_impressions_from_db`."""
 
 
@@ -109,55 +131,16 @@ def load_impressions_from_db(
     ``event_id`` (``<recommendation_id>:<position>``).  ``settled_only``: leave out the
     impressions whose attribution window is still open (their reward is not known yet).
     """
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        raise ConfigError(f"database url {url!r}: {exc}") from None
-    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
-    try:
-        try:
-            t = sa.Table(table, sa.MetaData(), autoload_with=engine)
-        except sa.exc.NoSuchTableError:
-            raise DataError(
-                "no such table (serve with --bus-url or --database-url and run `recloop "
-                "stream` first, or pass the table name)",
-                location=Location(file=where),
-            ) from None
-        missing = [c for c in IMPRESSION_COLUMNS if c not in t.c]
-        if missing:
-            raise DataError(
-                f"not a served-items table: missing columns {', '.join(missing)}",
-                location=Location(file=where),
-            )
-        query = sa.select(*[t.c[c] for c in IMPRESSION_COLUMNS]).order_by(
-            t.c.ts, t.c.recommendation_id, t.c.position
-        )
-        if settled_only:
-            query = query.where(t.c.settled == sa.true())
-        with engine.connect() as conn:
-            frame = pl.read_database(
-                query,
-                connection=conn,
-                schema_overrides={
-                    "recommendation_id": pl.String,
-                    "position": pl.Int32,
-                    "user_id": pl.String,
-                    "item_id": pl.String,
-                    "ts": pl.Int64,
-                    "model_version": pl.String,
-                    "policy": pl.String,
-                    "propensity": pl.Float64,
-                    "reward": pl.Float64,
-                    "settled": pl.Boolean,
-                },
-            )
-    except sa.exc.OperationalError as exc:
-        raise DataError(
-            f"cannot read the database ({str(exc.orig).strip().splitlines()[0]})",
-            location=Location(file=where),
-        ) from None
-    finally:
-        engine.dispose()
+    frame, where = _read_table(
+        url,
+        table,
+        schema=IMPRESSION_SCHEMA,
+        order_by=("ts", "recommendation_id", "position"),
+        kind="served-items table",
+        missing_hint="serve with --bus-url or --database-url and run `recloop stream` first, "
+        "or pass the table name",
+        where_true="settled" if settled_only else None,
+    )
     events = pl.DataFrame(
         [
             infer_int(frame["user_id"]).alias(USER),
