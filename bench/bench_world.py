@@ -53,6 +53,10 @@ def _main(args: list[str]) -> None:
         raise SystemExit(f"recloop {' '.join(args)} failed with {code}")
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _ci(values: list[float]) -> str:
     a = np.asarray(values, float)
     if a.shape[0] < 2:
@@ -102,6 +106,11 @@ def main() -> None:
         "| DR | clipped DR (10) | SNIPS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    ope_lines = [
+        "| world | log | estimator | bias | RMSE | Spearman ρ vs 1-step truth "
+        "| Spearman ρ vs true return | runs in the interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     start = time.perf_counter()
     for wname in args.worlds.split(","):
         world = build_world(wname)
@@ -129,6 +138,12 @@ def main() -> None:
                 every, dataset, world, cfg=OPEConfig(n_boot=0), rollout_users=200
             )
             at = {str(r): i for i, r in enumerate(report.runs)}
+            for name, err in report.errors.items():
+                ope_lines.append(
+                    f"| {wname} | {label} | {name} | {_num(err.get('bias'))} "
+                    f"| {_num(err.get('rmse'))} | {_num(err.get('spearman'))} "
+                    f"| {_num(err.get('spearman_rollout'))} | {_num(err.get('covered'))} |"
+                )
             clip_name = next(n for n in report.estimates if n.startswith("dr_clip"))
             for algo, rs in runs.items():
                 returns, ndcg = [], []
@@ -156,6 +171,12 @@ def main() -> None:
                     "| | | | | |"
                 )
     print("\n".join(lines))
+    print()
+    print(
+        f"OPE against the truth over the {len(algos)} algorithms' runs of each log (every seed "
+        "a run; Spearman over runs; n_boot=0, so no run has an interval to cover the truth):"
+    )
+    print("\n".join(ope_lines))
     print()
     print(
         f"{args.users} users per log, {args.eval_users} fresh users per roll-out, seeds "

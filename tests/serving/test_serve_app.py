@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import shutil
 import signal
@@ -775,3 +776,49 @@ async def test_workers_share_reloads_through_the_reload_state(
     async with running(c) as cc:
         r = await cc.post("/v1/recommend", json={"user_id": "u1"})
         assert r.json()["model_version"] == v1
+
+
+async def test_service_follows_the_registry(
+    artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path
+) -> None:
+    """Served from a registry, every app follows promotions and rollbacks by itself; a
+    broken current version is refused and the old model keeps answering."""
+    from recloop.artifacts.registry import ArtifactRegistry
+
+    reg = ArtifactRegistry(tmp_path / "registry")
+    v0 = reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    settings = settings_for(reg.current_path(), registry=reg.root, reload_poll_s=0.05)
+    apps = [create_app(settings), create_app(settings)]  # as two worker processes
+
+    async def versions() -> list[str]:
+        return [a.state.service.model.model_version for a in apps]
+
+    async def wait_for(version: str) -> None:
+        for _ in range(100):
+            if await versions() == [version, version]:
+                return
+            await asyncio.sleep(0.05)
+        reloads = [
+            a.state.service.metrics.registry.get_sample_value(
+                "recloop_model_reloads_total", {"outcome": o}
+            )
+            for a in apps
+            for o in ("ok", "refused", "failed")
+        ]
+        raise AssertionError(f"still serving {await versions()}, not {version}; {reloads}")
+
+    async with running(apps[0]) as c0, running(apps[1]):
+        assert await versions() == [v0, v0]
+        reg.promote(v1, reason="better")
+        await wait_for(v1)
+        r = await c0.post("/v1/recommend", json={"user_id": "u1"})
+        assert r.headers["x-model-version"] == v1
+        reg.rollback(reason="worse online")
+        await wait_for(v0)
+        # a damaged current version: refused, the old model goes on
+        (reg.versions_dir / v1 / "weights.safetensors").write_bytes(b"garbage")
+        (reg.root / "current.json").write_text(json.dumps({"version": v1}))
+        await asyncio.sleep(0.3)
+        assert await versions() == [v0, v0]
+        assert (await c0.post("/v1/recommend", json={"user_id": "u1"})).status_code == 200

@@ -14,7 +14,11 @@ from recloop.cli.app import app
 
 @app.command("serve")
 def serve(
-    artifact: Path = typer.Argument(..., help="Artifact or run directory to serve."),
+    artifact: Path = typer.Argument(
+        ...,
+        help="Artifact or run directory to serve, or a registry (recloop registry): then its "
+        "current version is served and every promotion or rollback is followed.",
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="TCP port, 1 to 65535."),
     workers: int = typer.Option(1, help="Worker processes (each loads the model)."),
@@ -99,10 +103,22 @@ def serve(
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    path = resolve_artifact_dir(artifact).resolve()
+    registry = None
+    if (artifact / "current.json").is_file():
+        # a registry (recloop registry): serve its current version and follow promotions
+        from recloop.artifacts.registry import ArtifactRegistry
+
+        registry = artifact.resolve()
+        path = ArtifactRegistry(registry).current_path().resolve()
+        if artifact_root is None:
+            artifact_root = registry / "versions"
+    else:
+        path = resolve_artifact_dir(artifact).resolve()
     load_artifact(path)
     # Workers are fresh processes that build the app from the environment.
     env = {"RECLOOP_ARTIFACT": str(path), "RECLOOP_LOG_LEVEL": log_level}
+    if registry is not None:
+        env["RECLOOP_REGISTRY"] = str(registry)
     given = {
         "RECLOOP_STORE_URL": store_url,
         "RECLOOP_API_KEY": api_key,

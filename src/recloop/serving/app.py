@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop import __version__
+from recloop.artifacts.registry import ArtifactRegistry
 from recloop.errors import RecloopError
 from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
@@ -283,6 +284,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
             if broadcast is not None
             else None
         )
+        registry_follower = None
+        if settings.registry is not None:
+            registry = ArtifactRegistry(Path(settings.registry))
+            # the version at start-up, read now: the task may first run after a promotion
+            registry_follower = asyncio.get_running_loop().create_task(
+                _follow_registry(
+                    service, registry, registry.current(), every_s=settings.reload_poll_s
+                )
+            )
         if settings.gc_freeze:
             # What is loaded now lives as long as the process; full collections that walk
             # it were the service's worst latencies (see ServeSettings.gc_freeze).
@@ -300,9 +310,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             yield
         finally:
-            if follower is not None:
-                follower.cancel()
-                await asyncio.gather(follower, return_exceptions=True)
+            tasks = [t for t in (follower, registry_follower) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await service.close()
@@ -388,6 +399,32 @@ async def _load_first(
         else:
             return notice.artifact, model
     return Path(settings.artifact), await asyncio.to_thread(load, Path(settings.artifact))
+
+
+async def _follow_registry(
+    service: RecommenderService,
+    registry: ArtifactRegistry,
+    following: str | None,
+    *,
+    every_s: float,
+) -> None:
+    """Serve the registry's current version: when ``current.json`` names another version
+    than ``following`` (a promotion or a rollback), load it; a bad version is logged once
+    and the old model keeps serving until the pointer moves again."""
+    root = registry.root
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            version = registry.current()
+            if version is None or version == following:
+                continue
+            following = version  # tried once: a broken version is not reloaded every second
+            logger.info("registry %s: current is now %s, loading it", root, version)
+            await service.reload(registry.current_path())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bad version or pointer must not stop the follower
+            logger.error("following registry %s failed, still serving: %s", root, log_safe(exc))
 
 
 async def _follow_reloads(

@@ -55,7 +55,12 @@ class ServeSettings(BaseSettings):
     per run; set it yourself (one file per service) when running ``app_from_env`` under
     uvicorn or gunicorn with several workers.  Unset: a reload reaches its own process only."""
     reload_poll_s: float = Field(1.0, gt=0)
-    """How often each worker checks ``reload_state`` (one ``stat``, off the request path)."""
+    """How often each worker checks ``reload_state`` and ``registry`` (off the request path)."""
+    registry: Path | None = None
+    """An artifact registry (``recloop registry``) to follow: every worker checks its
+    ``current.json`` about every ``reload_poll_s`` seconds and loads the current version
+    when it changes (a promotion or rollback by ``recloop loop`` or by hand), so the service
+    swaps by itself.  ``recloop serve REGISTRY_DIR`` sets it."""
     default_n: int = Field(10, ge=1)
     """Items returned when a request does not say ``n``."""
     max_n: int = Field(100, ge=1)
