@@ -332,6 +332,11 @@ def test_demo_runs_the_whole_loop(
     # split; it must still be far above the random level (10 / 1682 = 0.006).
     assert ev["reinforce"]["hr@10"] > 5 * 10 / 1682
     assert (tmp_path / "demo" / "runs" / "reinforce" / "artifact" / "manifest.json").is_file()
+    loop = doc["loop"]
+    assert isinstance(loop, dict)
+    # one round: the first model is promoted if it beats popularity, else published only
+    assert loop["status"] in ("promoted", "published") and loop["version"]
+    assert (tmp_path / "demo" / "registry" / "versions" / loop["version"]).is_dir()
     online = doc["online"]
     assert isinstance(online, dict)
     assert online["events_sent"] == 100_000

@@ -211,6 +211,40 @@ def online_step(state: DemoState) -> None:
     }
 
 
+def loop_step(state: DemoState) -> None:
+    """One round of ``recloop loop`` on the behaviour log the online step filled: window,
+    time holdout, training, the gate against popularity (no current model yet), publish."""
+    import shutil
+
+    from recloop.loop.config import LoopConfig
+    from recloop.loop.controller import LoopController
+
+    for name in ("registry", "loop"):
+        shutil.rmtree(state.workdir / name, ignore_errors=True)
+    cfg = LoopConfig(
+        database_url=f"sqlite:///{state.workdir / 'online' / 'log.db'}",
+        registry=str(state.workdir / "registry"),
+        workdir=str(state.workdir / "loop"),
+        algo="reinforce",
+        train={"fit": {"epochs": 1}},
+        every_events=1,  # the log is new: one round now
+        use_ope=False,
+    )
+    result = LoopController(cfg).run_once()
+    state.say(
+        f"[loop] one round of `recloop loop`: {result.status} {result.version} "
+        f"({result.reason}) → {state.workdir / 'registry'}; "
+        f"`recloop serve {state.workdir / 'registry'}` serves and follows it"
+    )
+    state.results["loop"] = {
+        "status": result.status,
+        "reason": result.reason,
+        "version": result.version,
+        "current": result.current,
+        "seconds": round(result.seconds, 2),
+    }
+
+
 DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("locate", locate_step),
     ("prepare", prepare_step),
@@ -218,6 +252,7 @@ DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("train", train_step),
     ("evaluate", evaluate_step),
     ("online", online_step),
+    ("loop", loop_step),
 ]
 """The demo's steps in order; later features append theirs."""
 
