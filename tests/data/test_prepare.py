@@ -255,3 +255,21 @@ def test_ratings_too_large_for_a_float32_reward_are_refused() -> None:
     )
     with pytest.raises(DataError, match=r'column "rating", row 2: 1e\+308 does not fit'):
         prepare(RawData(events=events), PrepareConfig())
+
+
+def test_policy_versions_travel_with_their_propensities(tmp_path: Path) -> None:
+    events = pl.DataFrame(
+        {
+            "user": [2, 1, 1, 2],
+            "item": [5, 5, 6, 6],
+            "timestamp": [3, 2, 1, 4],
+            "propensity": [0.25, 0.5, 1.0, 0.125],
+            "policy_version": ["v2", "v1", "v1", "v2"],
+        }
+    )
+    ds = prepare(RawData(events=events), PrepareConfig())
+    assert ds.extra["policy_version"].tolist() == ["v1", "v1", "v2", "v2"]
+    ds.save(tmp_path / "out")
+    back = PreparedDataset.load(tmp_path / "out")
+    assert back.extra["policy_version"].tolist() == ["v1", "v1", "v2", "v2"]
+    np.testing.assert_array_equal(back.extra["propensity"], [1.0, 0.5, 0.25, 0.125])

@@ -53,7 +53,16 @@ from recloop.data.ids import (
     frequency_ranked,
 )
 from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
-from recloop.data.schema import BEHAVIOR, ITEM, PROPENSITY, RATING, TIMESTAMP, USER, RawData
+from recloop.data.schema import (
+    BEHAVIOR,
+    ITEM,
+    POLICY_VERSION,
+    PROPENSITY,
+    RATING,
+    TIMESTAMP,
+    USER,
+    RawData,
+)
 from recloop.data.sessions import (
     SessionConfig,
     chronological_order,
@@ -163,6 +172,7 @@ class _Source:
     behavior: np.ndarray | None  # (E,) int8 behaviour codes
     rating: np.ndarray | None  # (E,) float64
     propensity: np.ndarray | None  # (E,) float64 in (0, 1], the logging policy's
+    policy_version: np.ndarray | None  # (E,) str, the model version that served the item
 
     def dedupe_keys(self) -> dict[str, np.ndarray]:
         keys = {BEHAVIOR: self.behavior, RATING: self.rating}
@@ -224,6 +234,11 @@ def _read_source(raw: RawData) -> _Source:
     rating = _ratings(ev) if RATING in ev.columns else None
     return _Source(
         propensity=_propensities(ev) if PROPENSITY in ev.columns else None,
+        policy_version=(
+            ev[POLICY_VERSION].cast(pl.String).fill_null("").to_numpy().astype(str)
+            if POLICY_VERSION in ev.columns
+            else None
+        ),
         users=dense_codes(ev[USER], name=USER),
         items=dense_codes(ev[ITEM], name=ITEM),
         timestamp=_timestamps(ev),
@@ -365,6 +380,8 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         extra[RATING] = src.rating[idx.row].astype(np.float32)
     if src.propensity is not None:
         extra[PROPENSITY] = src.propensity[idx.row]
+    if src.policy_version is not None:
+        extra[POLICY_VERSION] = src.policy_version[idx.row]
     rewards = compute_rewards(
         behavior=extra.get(BEHAVIOR),
         rating=extra.get(RATING),
@@ -411,11 +428,12 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
             **({BEHAVIOR: {"codes": BEHAVIOR_CODES, "missing": 0}} if BEHAVIOR in extra else {}),
             **({RATING: {"dtype": "float32"}} if RATING in extra else {}),
             **({PROPENSITY: {"dtype": "float64"}} if PROPENSITY in extra else {}),
+            **({POLICY_VERSION: {"dtype": "string"}} if POLICY_VERSION in extra else {}),
         },
         "dropped_columns": [
             c
             for c in raw.events.columns
-            if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY)
+            if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY, POLICY_VERSION)
         ],
         "features": {
             "user": user_feats.columns,

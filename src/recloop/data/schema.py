@@ -21,6 +21,10 @@ TIMESTAMP = "timestamp"
 BEHAVIOR = "behavior"
 """Kind of interaction (String), e.g. pv, cart, fav, buy; absent for rating data."""
 RATING = "rating"
+POLICY_VERSION = "policy_version"
+"""Optional: the model version that served the item (impressions read back with
+``prepare --from-db --impressions``); kept by ``prepare`` beside ``propensity``, so a log
+served by a mixture of versions says which version each propensity belongs to."""
 PROPENSITY = "propensity"
 """Optional: the probability with which the logging policy showed the item (0, 1]; kept by
 ``prepare`` for off-policy corrections and estimators."""
