@@ -133,3 +133,26 @@ def test_cli(tmp_path: Path, artifacts: list[Path], capsys: pytest.CaptureFixtur
     doc = json.loads(run("list", root, "--json"))
     assert [d["current"] for d in doc] == [False, True] and doc[1]["parent"] == a
     assert run("rollback", root).strip() == a
+
+
+def test_rollback_after_a_repeated_promotion_never_goes_forward(
+    tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    x = reg.publish(artifacts[0], promote=True)
+    a = reg.publish(artifacts[1], promote=True)
+    reg.promote(a, reason="again")
+    assert reg.rollback() == x
+    with pytest.raises(ArtifactError, match="no earlier version"):
+        reg.rollback()
+
+
+def test_rollback_needs_only_the_pointer(tmp_path: Path, artifacts: list[Path]) -> None:
+    """The history is an audit trail: losing it (or a line of it) changes no rollback."""
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1], promote=True)
+    reg.publish(artifacts[2], promote=True)
+    assert reg.rollback() == b
+    (tmp_path / "reg" / "history.jsonl").unlink()
+    assert reg.rollback() == a

@@ -5,16 +5,17 @@
     REGISTRY/
       versions/<model_version>/   one verified artifact each (manifest.json, weights, id maps)
                  registry.json    lineage: parent version, data window, gate metrics, when
-      current.json                {"version": ..., "promoted_at": ..., "reason": ...}
+      current.json                {"version", "previous", "promoted_at", "reason", "stack"}
       history.jsonl               every publish, promote and rollback, one JSON line each
 
 Every change is crash-safe on one filesystem.  A version is copied into a temporary directory
 first and renamed into ``versions/`` only when complete (``os.rename`` is atomic), so a
 version directory is always whole.  ``current.json`` is rewritten through a temporary file,
 ``fsync`` and ``os.replace``: a reader sees the old pointer or the new one, never half of
-one.  ``current.json`` is the truth; ``history.jsonl`` is the audit trail (appended after
-the pointer moved, so a crash between the two loses at most one history line, never the
-pointer).  Services watch ``current.json`` (its version string) and hot-swap.
+one.  ``current.json`` is the truth, and it carries the rollback stack (the versions that
+were current, oldest first), so a rollback depends on nothing else; ``history.jsonl`` is the
+audit trail (appended after the pointer moved, so a crash between the two loses at most one
+history line, never the pointer).  Services watch ``current.json`` and hot-swap.
 """
 
 from __future__ import annotations
@@ -126,8 +127,7 @@ class ArtifactRegistry:
             self.promote(version, reason=reason or "published")
         return version
 
-    def current(self) -> str | None:
-        """The current version, or None before the first promotion."""
+    def _pointer(self) -> dict[str, Any] | None:
         path = self.root / CURRENT
         if not path.is_file():
             return None
@@ -138,7 +138,15 @@ class ArtifactRegistry:
             raise ArtifactError(f"{path}: unreadable pointer ({exc})") from exc
         if not isinstance(version, str):
             raise ArtifactError(f"{path}: field 'version' must be a string")
-        return version
+        stack = doc.get("stack", [version])
+        if not isinstance(stack, list) or not all(isinstance(v, str) for v in stack):
+            raise ArtifactError(f"{path}: field 'stack' must be a list of versions")
+        return {**doc, "stack": stack}
+
+    def current(self) -> str | None:
+        """The current version, or None before the first promotion."""
+        doc = self._pointer()
+        return None if doc is None else str(doc["version"])
 
     def current_path(self) -> Path:
         """The current version's directory (raises when nothing is current)."""
@@ -151,32 +159,41 @@ class ArtifactRegistry:
         """Make ``version`` current (it must be published and load cleanly)."""
         path = self._check_version(version)
         load_artifact(path)
-        previous = self.current()
-        doc = {"version": version, "previous": previous, "promoted_at": _now(), "reason": reason}
+        pointer = self._pointer()
+        previous = None if pointer is None else pointer["version"]
+        stack = [] if pointer is None else list(pointer["stack"])
+        doc = {
+            "version": version,
+            "previous": previous,
+            "promoted_at": _now(),
+            "reason": reason,
+            "stack": [*stack, version],
+        }
         _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
         self._log("promote", version, previous=previous, reason=reason)
         logger.info("current version of %s: %s (was %s; %s)", self.root, version, previous, reason)
 
     def rollback(self, *, reason: str = "") -> str:
         """Make the version that was current before the current one current again."""
-        now = self.current()
-        if now is None:
+        pointer = self._pointer()
+        if pointer is None:
             raise ArtifactError(f"{self.root}: nothing to roll back (no current version)")
-        # Replay the history as a stack: a promotion pushes, a rollback pops.
-        stack: list[str] = []
-        for h in self.history():
-            if h["action"] == "promote":
-                stack.append(h["version"])
-            elif h["action"] == "rollback" and stack:
-                stack.pop()
-        while stack and stack[-1] == now:
+        now = pointer["version"]
+        stack = list(pointer["stack"])
+        while stack and stack[-1] == now:  # a version promoted twice is left once
             stack.pop()
         if not stack:
             raise ArtifactError(f"{self.root}: no earlier version to roll back to")
         target = stack[-1]
         path = self._check_version(target)
         load_artifact(path)
-        doc = {"version": target, "previous": now, "promoted_at": _now(), "reason": reason}
+        doc = {
+            "version": target,
+            "previous": now,
+            "promoted_at": _now(),
+            "reason": reason,
+            "stack": stack,
+        }
         _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
         self._log("rollback", target, previous=now, reason=reason)
         return target

@@ -231,10 +231,14 @@ def loop_step(state: DemoState) -> None:
         use_ope=False,
     )
     result = LoopController(cfg).run_once()
+    serve = (
+        f"; `recloop serve {state.workdir / 'registry'}` serves and follows it"
+        if result.current is not None
+        else " (not promoted, so nothing is current yet)"
+    )
     state.say(
         f"[loop] one round of `recloop loop`: {result.status} {result.version} "
-        f"({result.reason}) → {state.workdir / 'registry'}; "
-        f"`recloop serve {state.workdir / 'registry'}` serves and follows it"
+        f"({result.reason}) → {state.workdir / 'registry'}{serve}"
     )
     state.results["loop"] = {
         "status": result.status,

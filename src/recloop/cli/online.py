@@ -104,7 +104,7 @@ def serve(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     registry = None
-    if (artifact / "current.json").is_file():
+    if (artifact / "current.json").is_file() or (artifact / "versions").is_dir():
         # a registry (recloop registry): serve its current version and follow promotions
         from recloop.artifacts.registry import ArtifactRegistry
 

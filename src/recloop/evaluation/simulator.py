@@ -67,7 +67,8 @@ class SimulatorConfig:
     embedding_dim: int = 32
     """D of the response model's user and item embeddings."""
     negatives: int = 4
-    """Uniformly sampled unconsumed items per logged event."""
+    """Items drawn uniformly from the whole catalogue per logged event (a draw may hit an
+    item the user consumed: a little label noise, as in plain negative sampling)."""
     epochs: int = 5
     """Passes over the TRAIN events."""
     lr: float = 0.01

@@ -287,10 +287,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         registry_follower = None
         if settings.registry is not None:
             registry = ArtifactRegistry(Path(settings.registry))
-            # the version at start-up, read now: the task may first run after a promotion
+            # what this worker loaded (a registry names versions by model version): a
+            # promotion since the launch, or a worker restarted later, is caught up at once
             registry_follower = asyncio.get_running_loop().create_task(
                 _follow_registry(
-                    service, registry, registry.current(), every_s=settings.reload_poll_s
+                    service, registry, model.model_version, every_s=settings.reload_poll_s
                 )
             )
         if settings.gc_freeze:

@@ -60,7 +60,8 @@ class ServeSettings(BaseSettings):
     """An artifact registry (``recloop registry``) to follow: every worker checks its
     ``current.json`` about every ``reload_poll_s`` seconds and loads the current version
     when it changes (a promotion or rollback by ``recloop loop`` or by hand), so the service
-    swaps by itself.  ``recloop serve REGISTRY_DIR`` sets it."""
+    swaps by itself.  ``recloop serve REGISTRY_DIR`` sets it; the registry needs a current
+    (promoted) version to start from."""
     default_n: int = Field(10, ge=1)
     """Items returned when a request does not say ``n``."""
     max_n: int = Field(100, ge=1)

@@ -33,7 +33,7 @@ from recloop import __version__
 from recloop.algos.base import ALGOS, Algo, AlgoConfig, DatasetSpec
 from recloop.artifacts.bundle import ARTIFACT_DIR, save_artifact
 from recloop.artifacts.policy import PolicyNet
-from recloop.config import config_to_dict, merge
+from recloop.config import config_from_dict, config_to_dict, merge
 from recloop.data.dataset import PreparedDataset
 from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
@@ -173,7 +173,8 @@ class Recommender:
         The networks are built on the first call (or for a new dataset); a second call on
         the same dataset continues training from the current weights.
         """
-        cfg = fit if fit is not None else FitConfig()
+        # the algorithm's tuned fit settings (fit_defaults) when no fit config is given
+        cfg = fit if fit is not None else config_from_dict(FitConfig, dict(self.cfg.fit_defaults))
         if self.algo is None or self.dataset is not dataset:
             self.build(dataset, device=cfg.device)
         assert self.algo is not None
