@@ -1,8 +1,11 @@
-"""Shared fixtures: the MovieLens-100K atomic files beside the project, small random data."""
+"""Shared fixtures: the MovieLens-100K atomic files beside the project, small random data, and
+the real services (Redis, PostgreSQL, MariaDB) with names no other test uses."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.streaming.log import BehaviorLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +70,77 @@ def walk_dataset(
 @pytest.fixture
 def tiny_dataset() -> PreparedDataset:
     return walk_dataset()
+
+
+# --- the real services ------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "RECLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MARIADB_URL = os.environ.get("RECLOOP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Stream, group and key names no other test (or helper) uses."""
+    tag = unique("rlt")
+    return {
+        "stream": f"{tag}:events",
+        "group": f"{tag}-group",
+        "store_prefix": f"{tag}:store:",
+        "table_prefix": f"{tag}_",
+    }
+
+
+def db_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'log.db'}"
+    return POSTGRES_URL if kind == "postgres" else MARIADB_URL
+
+
+DB_PARAMS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.integration),
+    pytest.param("mariadb", marks=pytest.mark.integration),
+]
+
+
+def _own_log(url: str) -> Iterator[BehaviorLog]:
+    blog = BehaviorLog(url, prefix=unique("rlt") + "_")
+    try:
+        yield blog
+    finally:
+        blog.drop_schema()
+        blog.dispose()
+
+
+@pytest.fixture(params=DB_PARAMS)
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BehaviorLog]:
+    """A behaviour log on each database, with its own table prefix, dropped afterwards."""
+    yield from _own_log(db_url(request.param, tmp_path))
+
+
+@pytest.fixture
+def mariadb_log() -> Iterator[BehaviorLog]:
+    """A behaviour log on MariaDB only."""
+    yield from _own_log(MARIADB_URL)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def mariadb_url() -> str:
+    return MARIADB_URL

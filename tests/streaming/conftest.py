@@ -1,13 +1,11 @@
-"""Fixtures of the streaming tests: unique stream and table names on the real services, tiny
-prepared datasets and random-weight artifacts."""
+"""Fixtures of the streaming tests: tiny prepared datasets, random-weight artifacts and a
+private redis-server (the real services' URLs and unique names are in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,54 +16,6 @@ import torch
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.data.dataset import PreparedDataset
 from recloop.encoders.base import EncoderConfig
-from recloop.streaming.log import BehaviorLog
-
-REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get(
-    "RECLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-MARIADB_URL = os.environ.get("RECLOOP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
-
-
-def unique(prefix: str = "t") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def names() -> dict[str, str]:
-    """Stream, group and key names no other test (or helper) uses."""
-    tag = unique("rlt")
-    return {
-        "stream": f"{tag}:events",
-        "group": f"{tag}-group",
-        "store_prefix": f"{tag}:store:",
-        "table_prefix": f"{tag}_",
-    }
-
-
-def db_url(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'log.db'}"
-    return POSTGRES_URL if kind == "postgres" else MARIADB_URL
-
-
-DB_PARAMS = [
-    "sqlite",
-    pytest.param("postgres", marks=pytest.mark.integration),
-    pytest.param("mariadb", marks=pytest.mark.integration),
-]
-
-
-@pytest.fixture(params=DB_PARAMS)
-def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BehaviorLog]:
-    """A behaviour log on each database, with its own table prefix, dropped afterwards."""
-    url = db_url(request.param, tmp_path)
-    blog = BehaviorLog(url, prefix=unique("rlt") + "_")
-    try:
-        yield blog
-    finally:
-        blog.drop_schema()
-        blog.dispose()
 
 
 def tiny_dataset(
@@ -127,21 +77,6 @@ def make_dataset() -> object:
 def make_artifact() -> object:
     """Factory: :func:`build_artifact`."""
     return build_artifact
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return REDIS_URL
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    return POSTGRES_URL
-
-
-@pytest.fixture
-def mariadb_url() -> str:
-    return MARIADB_URL
 
 
 def free_port() -> int:
