@@ -50,7 +50,7 @@ import torch
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, load_artifact, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.errors import RecloopError
-from recloop.serving.stores import RecentItem, RedisStore, open_store
+from recloop.stores import RecentItem, RedisStore, open_store
 
 SEED_REFERENCE = {16: (3800, 10.0), 64: (3300, 34.0)}
 """The seeds' FastAPI service on these cores: c → (requests/s, p99 ms)."""
@@ -187,7 +187,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from recloop.artifacts import load_artifact
-from recloop.serving.stores import RECENT_EVENTS_KEY, RECENT_KEY, RECENT_READ_SCRIPT
+from recloop.stores import RECENT_EVENTS_KEY, RECENT_KEY, RECENT_READ_SCRIPT
 
 torch.set_num_threads(1)
 art = load_artifact(os.environ["BASELINE_ARTIFACT"])

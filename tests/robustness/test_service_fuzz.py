@@ -30,7 +30,7 @@ from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.app import create_app
 from recloop.serving.settings import ServeSettings
-from recloop.serving.stores import RecentItem, open_store
+from recloop.stores import RecentItem, open_store
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from recloop.serving.stores import MemoryStore
+from recloop.stores import MemoryStore
 from recloop.streaming.bus import MemoryBus
 from recloop.streaming.events import EVENT_SCHEMA, BusMessage
 from recloop.streaming.log import BehaviorLog

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from recloop.serving.stores import MemoryStore
+from recloop.stores import MemoryStore
 from recloop.streaming.bus import RedisStreamBus, _messages
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.runner import WorkerExit, run_worker_async

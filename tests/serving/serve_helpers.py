@@ -18,7 +18,7 @@ from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.service import RecommenderService
 from recloop.serving.settings import ServeSettings
-from recloop.serving.stores import RecentItem
+from recloop.stores import RecentItem
 
 REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -25,7 +25,7 @@ from serve_helpers import (
 
 from recloop.artifacts import load_artifact
 from recloop.serving.app import create_app
-from recloop.serving.stores import RedisStore, open_store
+from recloop.stores import RedisStore, open_store
 
 
 async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, str]) -> None:

@@ -18,7 +18,7 @@ from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError
 from recloop.serving.schemas import RecommendRequest
 from recloop.serving.service import LoadedModel, MicroBatcher, RecommenderService
-from recloop.serving.stores import MemoryStore, OnlineStore, RedisStore, SqliteStore, open_store
+from recloop.stores import MemoryStore, OnlineStore, RedisStore, SqliteStore, open_store
 
 
 def reference(

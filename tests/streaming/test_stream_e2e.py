@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from recloop.data.dataset import PreparedDataset
-from recloop.serving.stores import RedisStore
+from recloop.stores import RedisStore
 from recloop.streaming.bus import RedisStreamBus
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.operators import popular_reference

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from recloop.artifacts import load_artifact
-from recloop.serving.stores import MemoryStore
+from recloop.stores import MemoryStore
 from recloop.streaming.bus import MemoryBus
 from recloop.streaming.events import EVENT_SCHEMA, encode_events
 from recloop.streaming.log import BehaviorLog

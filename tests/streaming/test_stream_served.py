@@ -10,7 +10,7 @@ import orjson
 import polars as pl
 import pytest
 
-from recloop.serving.stores import MemoryStore
+from recloop.stores import MemoryStore
 from recloop.streaming.bus import MemoryBus
 from recloop.streaming.events import BusMessage, parse_batch
 from recloop.streaming.log import BehaviorLog

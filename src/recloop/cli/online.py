@@ -94,7 +94,7 @@ def serve(
     from recloop.errors import ConfigError
     from recloop.serving.metrics import MULTIPROC_ENV
     from recloop.serving.settings import ServeSettings
-    from recloop.serving.stores import StoreError, check_store, open_store
+    from recloop.stores import StoreError, check_store, open_store
 
     # Fail here, with one clear line, rather than in every worker.  (Checked here, not
     # with typer's min/max: those raise typer's own click errors, which main() shows as a

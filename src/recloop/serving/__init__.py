@@ -1,7 +1,7 @@
-"""The real-time recommendation service (``recloop serve``) and the online stores.
+"""The real-time recommendation service (``recloop serve``); its stores are :mod:`recloop.stores`.
 
-Names are resolved lazily: stream workers import ``recloop.serving.stores`` and must not pay
-for torch and FastAPI, which ``app`` and ``service`` pull in.
+Names are resolved lazily: importing the package must not pay for torch and FastAPI, which
+``app`` and ``service`` pull in.
 """
 
 from __future__ import annotations
@@ -16,13 +16,6 @@ _EXPORTS = {
     "Recommendation": "recloop.serving.service",
     "RecommenderService": "recloop.serving.service",
     "ServeSettings": "recloop.serving.settings",
-    "MemoryStore": "recloop.serving.stores",
-    "OnlineStore": "recloop.serving.stores",
-    "RedisStore": "recloop.serving.stores",
-    "SqliteStore": "recloop.serving.stores",
-    "StoreDataError": "recloop.serving.stores",
-    "StoreError": "recloop.serving.stores",
-    "open_store": "recloop.serving.stores",
 }
 
 __all__ = sorted(_EXPORTS)

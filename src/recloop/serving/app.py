@@ -40,7 +40,7 @@ from recloop.serving.schemas import request_models
 from recloop.serving.served_log import BusSink, ServedLog, ServedSink, SqlSink
 from recloop.serving.service import LoadedModel, RecommenderService
 from recloop.serving.settings import ServeSettings
-from recloop.serving.stores import open_store
+from recloop.stores import open_store
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.schemas import RecommendRequest
 from recloop.serving.served_log import ServedLog
 from recloop.serving.settings import ServeSettings
-from recloop.serving.stores import OnlineStore, Scored, StoreDataError
+from recloop.stores import OnlineStore, Scored, StoreDataError
 
 logger = logging.getLogger(__name__)
 

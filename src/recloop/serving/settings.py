@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.errors import ConfigError
 from recloop.serving.schemas import Limits
-from recloop.serving.stores import check_store_url
+from recloop.stores import check_store_url
 
 
 class ServeSettings(BaseSettings):

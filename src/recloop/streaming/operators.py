@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from recloop.serving.stores import RecentItem
+from recloop.stores import RecentItem
 
 if TYPE_CHECKING:
     from torch import Tensor

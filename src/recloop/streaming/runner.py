@@ -92,7 +92,7 @@ from recloop.streaming.settings import StreamSettings
 
 if TYPE_CHECKING:
     from recloop.artifacts import Artifact
-    from recloop.serving.stores import OnlineStore
+    from recloop.stores import OnlineStore
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def is_transient_error(exc: BaseException) -> bool:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from recloop.serving.stores import StoreError
+    from recloop.stores import StoreError
 
     return is_transient(exc) or isinstance(
         exc, RedisConnectionError | RedisTimeoutError | StoreError | OSError
@@ -685,7 +685,7 @@ async def run_worker_async(
     installs SIGTERM/SIGINT handlers that stop it after the current batch.  ``report``: see
     :class:`Worker`.
     """
-    from recloop.serving.stores import open_store
+    from recloop.stores import open_store
 
     own_stop = stop is None
     stop = stop or asyncio.Event()

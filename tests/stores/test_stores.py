@@ -13,7 +13,7 @@ import pytest
 from serve_helpers import as_recent
 
 from recloop.errors import ConfigError
-from recloop.serving.stores import (
+from recloop.stores import (
     MemoryStore,
     OnlineStore,
     RecentItem,
