@@ -66,8 +66,8 @@ def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
 
     ``row_keys`` (B,) int64 seeds each row's tie-break (users: the user index).  The columns
     chosen are exactly those of a sort by (score descending, key ascending); the cost is one
-    ``torch.topk``, one comparison pass over the scores and a sort of k entries per row,
-    plus a second ``topk`` over the rows whose k-th score ties with a column left out.
+    ``torch.topk`` of k + 1 columns and a sort of k entries per row, plus a second ``topk``
+    over the rows whose k-th score ties with a column left out.
     """
     b, n = scores.shape
     k = min(k, n)
@@ -77,9 +77,16 @@ def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
         scores = scores.masked_fill(torch.isnan(scores), float("-inf"))
     row_keys = row_keys.to(device=scores.device, dtype=torch.int64)
-    values, indices = torch.topk(scores, k, dim=1)
+    # One column more than asked: a tie at the boundary that leaves a column out shows as a
+    # (k+1)-th score equal to the k-th (no full comparison pass over the scores needed).
+    values, indices = torch.topk(scores, min(k + 1, n), dim=1)
+    tied_out = (
+        values[:, k] == values[:, k - 1]
+        if k < n
+        else torch.zeros(b, dtype=torch.bool, device=scores.device)
+    )  # (B,) boundary ties
+    values, indices = values[:, :k], indices[:, :k]
     kth = values[:, -1:]  # (B, 1)
-    tied_out = (scores == kth).sum(1) > (values == kth).sum(1)  # (B,) boundary ties
     if bool(tied_out.any()):
         rows = tied_out.nonzero().squeeze(1)
         sub, sub_kth = scores[rows], kth[rows]

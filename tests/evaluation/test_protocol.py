@@ -230,6 +230,13 @@ def test_batch_size_does_not_change_the_result() -> None:
     a = evaluate_users(scorer, users, cfg=EvalConfig(batch_size=1))
     b = evaluate_users(scorer, users, cfg=EvalConfig(batch_size=1000))
     assert a.metrics == b.metrics
+    # A cell budget below two users' score tables scores one user at a time, same result.
+    small = EvalConfig(batch_size=1000, max_batch_cells=2 * (ds.n_items + 1) - 1)
+    assert small.users_per_batch(ds.n_items) == 1
+    assert evaluate_users(scorer, users, cfg=small).metrics == b.metrics
+    assert EvalConfig(max_batch_cells=10).users_per_batch(1_000_000) == 1
+    assert EvalConfig(max_batch_cells=32_000_000).users_per_batch(999_999) == 32
+    assert EvalConfig(batch_size=7).users_per_batch(10) == 7
     assert list(a.metrics)[:8] == [
         "hr@5",
         "recall@5",
@@ -249,6 +256,8 @@ def test_errors() -> None:
         EvalConfig(ks=(0, 5))
     with pytest.raises(ConfigError, match=r"eval\.batch_size"):
         EvalConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"eval\.max_batch_cells"):
+        EvalConfig(max_batch_cells=0)
     no_valid = PreparedDataset.from_arrays(
         user=np.array([1, 1]), item=np.array([1, 2]), timestamp=np.array([0, 1])
     )

@@ -67,7 +67,12 @@ class EvalConfig:
     """Remove items the user consumed before the split point from the ranking (targets stay
     rankable, as in RecBole)."""
     batch_size: int = 1024
-    """Users scored at once; memory is about batch_size x (N + 1) x 8 bytes."""
+    """Users scored at most at once (fewer when ``max_batch_cells`` says so)."""
+    max_batch_cells: int = 32_000_000
+    """Bound on users x (N + 1) scores per batch, so memory stays bounded however large the
+    catalogue: a batch holds a few float32 copies of its score table (about 4 x 4 bytes per
+    cell: scores, the masked copy, comparisons inside top-k), ~0.5 GB at the default.  With a
+    million items a batch is 31 users; with ml-100k's 1,682 the whole ``batch_size``."""
     tie_seed: int = 0
     """Seed of the pseudo-random tie-break between equal scores (:mod:`recloop.ranking`)."""
 
@@ -75,6 +80,15 @@ class EvalConfig:
         check(len(self.ks) > 0, "eval.ks must name at least one cut-off")
         check(all(k >= 1 for k in self.ks), f"eval.ks must all be >= 1, got {list(self.ks)}")
         check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        check(
+            self.max_batch_cells >= 1,
+            f"eval.max_batch_cells must be >= 1, got {self.max_batch_cells}",
+        )
+
+    def users_per_batch(self, n_items: int) -> int:
+        """Users scored at once for a catalogue of ``n_items`` (N) items: ``batch_size``,
+        lowered so that users x (N + 1) stays within ``max_batch_cells`` (at least 1)."""
+        return max(1, min(self.batch_size, self.max_batch_cells // (n_items + 1)))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -218,8 +232,9 @@ def evaluate_users(
     hit_reward_sum = dict.fromkeys(cfg.ks, 0.0)
     recommended = {k: torch.zeros(n + 1, dtype=torch.bool, device=dev) for k in cfg.ks}
     pad = torch.zeros(1, dtype=torch.long, device=dev)
-    for lo in range(0, m, cfg.batch_size):
-        hi = min(lo + cfg.batch_size, m)
+    per_batch = cfg.users_per_batch(n)
+    for lo in range(0, m, per_batch):
+        hi = min(lo + per_batch, m)
         b = hi - lo
         t0 = time.perf_counter()
         with torch.no_grad():
