@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from recloop.artifacts.heads import HeadConfig
@@ -249,6 +250,10 @@ def optimizer_step(
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
+    if dist.is_available() and dist.is_initialized():
+        # Data-parallel training (recloop.training.distributed): every rank steps on the
+        # gradient of the global batch, before clipping, as DistributedDataParallel does.
+        average_gradients(p for o in opts for group in o.param_groups for p in group["params"])
     if grad_clip is not None:
         if params is not None:
             clip_grad_norm(list(params), max_norm=grad_clip)
@@ -258,6 +263,52 @@ def optimizer_step(
                     clip_grad_norm(group["params"], max_norm=grad_clip)
     for o in opts:
         o.step()
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """Average the gradients of ``params`` over the ranks, in place (no-op in one process).
+
+    Dense gradients go in one flattened all-reduce per (device, dtype); sparse ones are
+    all-reduced as sparse tensors (gloo).  A parameter that has a gradient on some ranks and
+    none on others (a branch one shard took) gets zeros where it had none, so the ranks step
+    the same parameters; one with no gradient anywhere stays without one.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    unique = {id(p): p for p in params if p.requires_grad}
+    plist = list(unique.values())
+    if not plist:
+        return
+    has = torch.tensor([p.grad is not None for p in plist], dtype=torch.int32)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p, any_rank in zip(plist, has.tolist(), strict=True):
+        if not any_rank:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        if g.is_sparse:
+            if dist.get_backend() == "nccl":
+                raise ConfigError(
+                    "sparse embedding gradients cannot be all-reduced with NCCL; "
+                    "set the algorithm's sparse option off, or train on the CPU with gloo"
+                )
+            dist.all_reduce(g)
+            g.mul_(1.0 / world)
+        else:
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.mul_(1.0 / world)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
 
 
 @torch.no_grad()

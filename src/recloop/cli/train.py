@@ -10,7 +10,7 @@ import typer
 
 from recloop.cli.app import app, echo, echo_json, output_dir, warn
 from recloop.config import config_to_dict, describe
-from recloop.errors import ConfigError, DataError
+from recloop.errors import ConfigError, DataError, TrainingError
 
 if TYPE_CHECKING:
     from recloop.evaluation.ope import OPEComparison
@@ -52,11 +52,37 @@ def train(
         None, "--pretrained", help="DSSM embeddings directory (recloop pretrain)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print final metrics as JSON."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Train data-parallel on this many processes (PyTorch distributed: gloo on the "
+        "CPU, NCCL on CUDA; rank 0 evaluates and writes). Runs `torchrun --nproc-per-node N "
+        "-m recloop.train` with the other options.",
+    ),
 ) -> None:
+    from recloop.training import distributed
     from recloop.training.compare import format_table
     from recloop.training.recommender import train_run
 
     output_dir(out, "--out")
+    if nproc > 1 and not distributed.launched():
+        args = ["--data", str(data), "--out", str(out)]
+        for flag, value in (
+            ("--algo", algo),
+            ("--epochs", epochs),
+            ("--config", config),
+            ("--device", device),
+            ("--pretrained", pretrained),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        for s in sets:
+            args += ["--set", s]
+        args += [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+        args += ["--json"] if as_json else []
+        _run_ranks(nproc, args)
+        return
     result = train_run(
         algo,
         data,
@@ -69,6 +95,8 @@ def train(
         resume=resume,
         overwrite=overwrite,
     )
+    if not distributed.is_main():
+        return  # rank 0 reports
     if as_json:
         echo_json({"valid": result.valid, "test": result.test})
         return
@@ -85,6 +113,31 @@ def train(
         echo(format_table(["split", *keys], table))
         echo(f"(full ranking, consumed items {'masked' if result.mask_consumed else 'kept'})")
     echo(f"artifact: {result.artifact}")
+
+
+def _run_ranks(nproc: int, args: list[str]) -> None:
+    """``torchrun --standalone --nproc-per-node nproc -m recloop.train ARGS``; a rank that
+    fails (an error, a kill) fails the whole job, whose exit status is passed on."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "recloop.train",
+        *args,
+    ]
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise TrainingError(
+            f"distributed training failed: a rank of {nproc} exited with status {code} "
+            "(torchrun's summary above names the rank and its error); the run directory "
+            "keeps the last finished epoch's checkpoint for --resume"
+        )
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

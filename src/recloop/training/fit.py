@@ -33,6 +33,7 @@ from recloop.data.dataset import SPLIT_NAMES, TEST, VALID, PreparedDataset
 from recloop.data.sampler import TransitionSampler
 from recloop.errors import ConfigError, DataError, TrainingError
 from recloop.progress import progress
+from recloop.training import distributed
 from recloop.training.callbacks import (
     Callback,
     Checkpointer,
@@ -376,7 +377,8 @@ def _fit(
         )
 
     callbacks: list[Callback] = []
-    if algo.trainable and has_valid:
+    main = distributed.is_main()  # in a distributed run only rank 0 evaluates and writes
+    if algo.trainable and has_valid and main:
         callbacks.append(
             EarlyStopping(
                 metric=cfg.metric,
@@ -385,13 +387,14 @@ def _fit(
                 restore_best=cfg.restore_best,
             )
         )
-    if run_dir is not None:
+    if run_dir is not None and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if algo.trainable and cfg.checkpoint:
             callbacks.append(Checkpointer(run_dir))
         callbacks.append(SinkWriter(open_sinks(run_dir, tensorboard=cfg.tensorboard)))
-    callbacks.append(LogProgress(metric=cfg.metric))
-    callbacks.extend(extra_callbacks)
+    if main:
+        callbacks.append(LogProgress(metric=cfg.metric))
+        callbacks.extend(extra_callbacks)
 
     for cb in callbacks:
         cb.on_fit_start(state)
@@ -410,7 +413,7 @@ def _fit(
 
     valid: dict[str, float] = {}
     test: dict[str, float] = {}
-    if cfg.final_eval:
+    if cfg.final_eval and main:
         if has_valid:
             valid = evaluate_split(algo, dataset, split="valid", cfg=cfg, cache=eval_cache)
         if _has_split(dataset, TEST):
@@ -453,6 +456,21 @@ def _train_epochs(
     )
     if sampler.n_transitions == 0:
         raise DataError("the train split holds no events: nothing to train on")
+    batches: TransitionSampler | distributed.ShardedSampler = sampler
+    main = distributed.is_main()
+    if distributed.active():
+        batches = distributed.ShardedSampler(
+            sampler,
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+        )
+        if len(batches) == 0:
+            raise DataError(
+                f"{sampler.n_transitions} train transitions do not fill one global batch of "
+                f"{batches.global_batch} ({batches.world_size} ranks x batch_size "
+                f"{sampler.batch_size}); lower batch_size or the number of processes"
+            )
+        distributed.broadcast_networks(algo.networks().values())
     has_valid = _has_split(dataset, VALID)
     on_cpu = algo.device.type == "cpu"
     total_seconds = 0.0
@@ -463,21 +481,21 @@ def _train_epochs(
     for epoch in range(p.epoch, cfg.epochs):
         if state.stop or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
-        sampler.set_epoch(epoch)
+        batches.set_epoch(epoch)
         algo.train(True)
         acc: dict[str, list[Any]] = {}
         n_epoch = 0
         first_step = step + 1
         t0 = time.perf_counter()
         bar = progress(
-            total=len(sampler),
+            total=len(batches),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
-            enabled=cfg.progress,
+            enabled=cfg.progress if main else False,
             mininterval=0.5,
         )
         try:
-            for batch in sampler:
+            for batch in batches:
                 if not on_cpu:
                     batch = batch.to(algo.device, non_blocking=True)
                 stats = algo.update(batch)
@@ -495,6 +513,7 @@ def _train_epochs(
         seconds = time.perf_counter() - t0
         _check_finite_training(algo, acc.get("loss", []), epoch=epoch + 1, first_step=first_step)
         total_seconds += seconds
+        n_epoch = distributed.all_sum(n_epoch)  # every rank's share of the global batches
         transitions += n_epoch
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -505,7 +524,8 @@ def _train_epochs(
             "train": _epoch_means(acc),
         }
         last = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if has_valid and (last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)):
+        due = last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+        if has_valid and main and due:
             t_eval = time.perf_counter()
             record["valid"] = evaluate_split(
                 algo, dataset, split="valid", cfg=cfg, cache=eval_cache
@@ -516,5 +536,6 @@ def _train_epochs(
         )
         for cb in callbacks:
             cb.on_epoch_end(state, record)
+        state.stop = distributed.broadcast_flag(state.stop)  # rank 0's early stopping
         state.history.append(record)
     return total_seconds

@@ -38,6 +38,7 @@ from recloop.data.dataset import PreparedDataset
 from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
 from recloop.ranking import topk
+from recloop.training import distributed
 from recloop.training.callbacks import Callback
 from recloop.training.device import resolve_device, seed_everything
 from recloop.training.fit import FitConfig, FitResult
@@ -334,14 +335,17 @@ def train_run(
     Returns the :class:`FitResult` with ``artifact`` set.
     """
     run_dir = Path(run_dir)
+    ctx = distributed.context()  # set when torchrun started this process as one rank
+    main = ctx is None or ctx.is_main
     saved = read_run(run_dir)
+    distributed.barrier()  # every rank has read the directory before rank 0 changes it
     if saved and not resume:
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run ({RUN_FILE}); pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out"
             )
-        for name in _RUN_OUTPUTS:
+        for name in _RUN_OUTPUTS if main else ():
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -361,7 +365,13 @@ def train_run(
     run = load_run_config(
         algo, path=config_path, values=flag_values, overrides=overrides, base=base
     )
+    if ctx is not None:
+        run = dataclasses.replace(run, fit=dataclasses.replace(run.fit, device=ctx.device))
     dataset = PreparedDataset.load(Path(data))
+    if not main:
+        result = run.config.create().fit(dataset, fit=run.fit, run_dir=run_dir, resume=resume)
+        distributed.barrier()  # rank 0 saves the artifact
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(
         json.dumps(
@@ -371,6 +381,7 @@ def train_run(
                 "fit": config_to_dict(run.fit),
                 "data": str(Path(data).resolve()),
                 "recloop_version": __version__,
+                "distributed": distributed.describe(ctx),
                 "created_at": saved.get("created_at")
                 or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             },
@@ -384,4 +395,5 @@ def train_run(
     result = dataclasses.replace(result, artifact=artifact)
     rec.result = result
     (run_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    distributed.barrier()
     return result

@@ -1,0 +1,7 @@
+"""``python -m recloop.cli``: the ``recloop`` command."""
+
+import sys
+
+from recloop.cli import main
+
+sys.exit(main())
