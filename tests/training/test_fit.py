@@ -171,3 +171,23 @@ def test_fit_refuses_non_finite_configs_from_python(tiny_dataset: PreparedDatase
         supervised(lr=float("inf")).create().fit(tiny_dataset, fit=FitConfig(**QUIET))
     with pytest.raises(ConfigError, match=r"^fit\.min_delta must be finite, got nan$"):
         supervised().create().fit(tiny_dataset, fit=FitConfig(min_delta=float("nan"), **QUIET))
+
+
+def test_bf16_mixed_precision_trains_finite_on_cpu(tiny_dataset: PreparedDataset) -> None:
+    rec = supervised().create()
+    result = rec.fit(tiny_dataset, fit=FitConfig(epochs=2, precision="bf16", **QUIET))
+    assert result.steps > 0
+    assert all(torch.isfinite(p).all() for p in rec.algo.networks()["policy"].parameters())
+    with pytest.raises(ConfigError, match="fit.precision must be fp32 or bf16"):
+        FitConfig(precision="fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training(tiny_dataset: PreparedDataset) -> None:
+    rec = supervised().create()
+    result = rec.fit(
+        tiny_dataset, fit=FitConfig(epochs=2, device="cuda", precision="bf16", **QUIET)
+    )
+    assert result.steps > 0 and result.valid
+    assert next(rec.algo.networks()["policy"].parameters()).device.type == "cuda"

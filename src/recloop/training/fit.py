@@ -80,6 +80,10 @@ class FitConfig:
     """After training, evaluate on the valid and test splits (full ranking)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: updates run under ``torch.autocast`` with bfloat16 (mixed
+    precision; weights, optimiser state and evaluation stay float32).  Worth it on GPUs with
+    bf16 tensor cores; on the CPU it is supported but rarely faster at these sizes."""
     num_threads: int | None = None
     """torch intra-op threads while fitting; None = leave torch's setting."""
     progress: bool | None = None
@@ -117,6 +121,10 @@ class FitConfig:
         check(
             self.device.split(":")[0] in DEVICES,
             f"fit.device must be one of {list(DEVICES)} (or cuda:N), got {self.device!r}",
+        )
+        check(
+            self.precision in ("fp32", "bf16"),
+            f"fit.precision must be fp32 or bf16, got {self.precision!r}",
         )
         check(
             self.num_threads is None or self.num_threads >= 1,
@@ -498,7 +506,10 @@ def _train_epochs(
             for batch in batches:
                 if not on_cpu:
                     batch = batch.to(algo.device, non_blocking=True)
-                stats = algo.update(batch)
+                with torch.autocast(
+                    algo.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
+                ):
+                    stats = algo.update(batch)
                 for k, v in stats.__dict__.items():
                     acc.setdefault(k, []).append(v)
                 step += 1
