@@ -151,3 +151,50 @@ def test_a_killed_rank_fails_the_job_with_a_message(tmp_path: Path) -> None:
     assert "error: distributed training failed" in err
     assert "SIGKILL" in err or "Signal 9" in err or "exitcode" in err
     np.testing.assert_equal((tmp_path / "run" / "checkpoint" / "last.pt").exists(), True)
+
+
+def _average_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from recloop.algos.base import average_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dense = torch.nn.Parameter(torch.zeros(3))
+    dense.grad = torch.full((3,), float(rank + 1))  # 1 and 2 → 1.5
+    table = torch.nn.Parameter(torch.zeros(4, 2))
+    rows = torch.tensor([[rank, 3]])  # rank 0: rows 0, 3; rank 1: rows 1, 3
+    table.grad = torch.sparse_coo_tensor(rows, torch.ones(2, 2) * (rank + 1), (4, 2))
+    only_rank0 = torch.nn.Parameter(torch.zeros(2))
+    if rank == 0:
+        only_rank0.grad = torch.ones(2) * 4.0  # rank 1 has none → zeros there → mean 2
+    nowhere = torch.nn.Parameter(torch.zeros(2))
+    average_gradients([dense, table, only_rank0, nowhere])
+    torch.save(
+        {
+            "dense": dense.grad,
+            "table": table.grad.coalesce().to_dense(),
+            "only_rank0": only_rank0.grad,
+            "nowhere": nowhere.grad,
+        },
+        f"{out}.{rank}",
+    )
+    dist.destroy_process_group()
+
+
+def test_average_gradients_dense_sparse_and_missing(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "grads")
+    mp.start_processes(_average_worker, args=(port, out), nprocs=2, start_method="spawn")
+    table = torch.tensor([[0.5, 0.5], [1.0, 1.0], [0.0, 0.0], [1.5, 1.5]])
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(got["dense"], torch.full((3,), 1.5))
+        torch.testing.assert_close(got["table"], table)
+        torch.testing.assert_close(got["only_rank0"], torch.full((2,), 2.0))
+        assert got["nowhere"] is None
