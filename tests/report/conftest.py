@@ -50,6 +50,7 @@ class ReportFiles:
     runs: list[Path]
     evaluate_json: Path
     world_ope_json: Path
+    world_evaluate_json: Path
     experiment_csv: Path
 
 
@@ -110,6 +111,28 @@ def report_files(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
     }
     world_ope_json = root / "world_ope.json"
     world_ope_json.write_text(json.dumps(world))
+    world_evaluate_json = root / "world_evaluate.json"
+    world_evaluate_json.write_text(
+        json.dumps(
+            {
+                "name": "shop",
+                "users": 200,
+                "seed": 0,
+                "rows": [
+                    {
+                        "policy": policy,
+                        "selection": {"kind": "epsilon", "epsilon": 0.0},
+                        **{
+                            key: {"value": v, "low": v - 0.1, "high": v + 0.1}
+                            for key, v in (("return", r), ("length", 5.0), ("coverage", 0.4),
+                                           ("diversity", 0.7))
+                        },
+                    }
+                    for policy, r in ((str(runs[1]), 2.4), ("popularity", 1.9), ("random", 0.8))
+                ],
+            }
+        )
+    )  # fmt: skip
     experiment_csv = root / "experiment.csv"
     with experiment_csv.open("w", newline="") as f:
         w = csv.writer(f)
@@ -123,5 +146,6 @@ def report_files(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
         runs=runs,
         evaluate_json=evaluate_json,
         world_ope_json=world_ope_json,
+        world_evaluate_json=world_evaluate_json,
         experiment_csv=experiment_csv,
     )

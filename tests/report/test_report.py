@@ -116,7 +116,7 @@ class _Cells(HTMLParser):
 def page(report_files: ReportFiles) -> str:
     inputs = collect_inputs(
         [report_files.root / "runs", report_files.evaluate_json, report_files.world_ope_json,
-         report_files.experiment_csv]
+         report_files.world_evaluate_json, report_files.experiment_csv]
     )  # fmt: skip
     html, _ = render(inputs, ReportConfig())
     return html
@@ -150,6 +150,15 @@ def test_comparison_cells_equal_the_evaluate_json(page: str, report_files: Repor
                 assert float(text.split(" ± ")[0]) == pytest.approx(np.mean(values), abs=5e-5)
                 # two seeds of supervised → an interval; popularity is one run → none
                 assert (" ± " in text) == (len(runs) > 1)
+
+
+def test_world_returns_are_drawn_with_their_intervals(page: str, report_files: ReportFiles) -> None:
+    doc = json.loads(report_files.world_evaluate_json.read_text())
+    chart = re.search(r'<svg [^>]*id="world-0-return".*?</svg>', page, re.S)
+    assert chart is not None
+    values = [float(v) for v in re.findall(r'class="pt" data-value="([^"]+)"', chart.group(0))]
+    assert values == [row["return"]["value"] for row in doc["rows"]]
+    assert "recloop world evaluate" in page and "recloop world ope" in page
 
 
 def test_embedded_data_is_the_figures_numbers(page: str, report_files: ReportFiles) -> None:

@@ -20,7 +20,7 @@ def report_html(report_files: ReportFiles, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("report") / "report.html"
     write_report(
         [report_files.root / "runs", report_files.evaluate_json, report_files.world_ope_json,
-         report_files.experiment_csv],
+         report_files.world_evaluate_json, report_files.experiment_csv],
         out,
         ReportConfig(),
     )  # fmt: skip
@@ -76,7 +76,7 @@ def test_every_chart_has_rendered(opened: Any) -> None:
     assert all(c["points"] > 0 for c in charts), charts
     ids = {c["id"] for c in charts}
     for expected in ("ds0-time", "train-valid", "cmp-masked", "cmp-unmasked", "ope-world-0",
-                     "mix-deciles", "exp-0"):  # fmt: skip
+                     "world-0-return", "mix-deciles", "exp-0"):  # fmt: skip
         assert expected in ids
 
 

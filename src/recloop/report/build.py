@@ -290,6 +290,7 @@ def _training_section(page: _Page, inputs: ReportInputs) -> None:
                 series,
                 x_label="epoch",
                 y_label=metric,
+                integer_x=True,
             ),
             f"Validation {metric} after each epoch; the ringed point is the best epoch (the "
             "weights kept).",
@@ -648,6 +649,9 @@ def _provenance_section(page: _Page, inputs: ReportInputs) -> None:
             cmd += f" --epochs {epochs}"
         if r.seed is not None:
             cmd += f" --set seed={r.seed}"
+        pretrained = (r.run.get("config") or {}).get("pretrained")
+        if pretrained:
+            cmd += f" --pretrained {pretrained}"
         man = r.manifest or {}
         rows.append(("run", r.path, cmd, r.run.get("recloop_version"), man.get("torch_version"),
                      r.run.get("created_at"), man.get("model_version")))  # fmt: skip
