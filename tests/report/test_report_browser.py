@@ -12,7 +12,7 @@ from conftest import ReportFiles
 from recloop.data.dataset import PreparedDataset
 from recloop.report import ReportConfig, write_report
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,11 @@ def _dataset_section(page: _Page, inputs: ReportInputs) -> None:
         out.append(fig)
         src = [str(d.path)]
         s = fig["summary"]
-        parts.append(f"<h3>{escape(str(d.path))}</h3>")
+        source = d.manifest.get("source")
+        parts.append(
+            f"<h3>{escape(str(d.path))}</h3>"
+            + (f"<p>prepared from <code>{escape(str(source))}</code></p>" if source else "")
+        )
         parts.append(
             _table(
                 ["users", "items", "events", "sessions", "mean reward", "train", "valid", "test"],
