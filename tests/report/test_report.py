@@ -201,3 +201,34 @@ def test_result_counts_charts(report_files: ReportFiles, tmp_path: Path) -> None
     html = res.path.read_text()
     assert res.charts == len(re.findall(r'<svg [^>]*class="chart"', html)) and res.charts >= 10
     assert "Coverage and popularity bias" not in res.sections
+
+
+def test_an_unfinished_run_has_curves_but_no_comparison_row(
+    report_files: ReportFiles, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(report_files.runs[1], run)
+    (run / "results.json").unlink()  # training was stopped before the end
+    shutil.rmtree(run / "artifact")
+    inputs = collect_inputs([run])
+    assert [d.path for d in inputs.datasets] == [report_files.data]  # followed from run.json
+    html, page = render(inputs, ReportConfig())
+    assert 'id="train-valid"' in html
+    assert "comparison" not in page.data and "recommendation_mix" not in page.data
+    assert len(page.data["training"][0]["epochs"]) == 2
+
+
+def test_a_csv_without_the_experiment_columns_is_an_error_only_when_named(
+    report_files: ReportFiles, tmp_path: Path
+) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    other = folder / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    (folder / "exp.csv").write_bytes(report_files.experiment_csv.read_bytes())
+    found = collect_inputs([folder])  # met while searching: skipped
+    assert [e.path.name for e in found.experiments] == ["exp.csv"]
+    with pytest.raises(DataError, match=r"other\.csv: line 1: .*missing round, arm"):
+        collect_inputs([other])
