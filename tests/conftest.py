@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -144,3 +145,60 @@ def postgres_url() -> str:
 @pytest.fixture
 def mariadb_url() -> str:
     return MARIADB_URL
+
+
+# --- the browser ---------------------------------------------------------------------------
+
+CHROMIUM = Path(os.environ.get("RECLOOP_CHROMIUM", "/usr/bin/chromium"))
+"""Debian's chromium (scripts/install_browser.sh); Playwright's own browser downloads do not
+work here, so Playwright drives this one through executable_path."""
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = ROOT / "out" / "screenshots"
+"""Where browser tests save what the page looked like (gitignored; CI keeps it)."""
+
+
+def _no_browser(reason: str) -> NoReturn:
+    # In CI a missing browser is a broken set-up, not a reason to skip the browser tests.
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: run scripts/install_browser.sh in the set-up)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium driven by Playwright, with a fresh profile; tests mark themselves
+    ``@pytest.mark.browser`` and open pages with ``browser.new_page()``."""
+    if not CHROMIUM.is_file():
+        _no_browser(f"{CHROMIUM} not found: run scripts/install_browser.sh")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("playwright is not installed: pip install -e '.[browser]'")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="session")
+def screenshot_dir() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS

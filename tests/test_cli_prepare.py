@@ -346,6 +346,11 @@ def test_demo_runs_the_whole_loop(
     assert reply["source"] == "policy"
     assert len(reply["items"]) == 5
     assert online["next_dataset"]["n_events"] == 100_000
+    report = doc["report"]
+    assert isinstance(report, dict)
+    # everything above in one self-contained page: small, and every section drawn
+    assert Path(report["path"]).is_file() and report["bytes"] < 10_000_000
+    assert report["charts"] >= 20
 
 
 def test_prepare_from_db_reads_the_behaviour_log(

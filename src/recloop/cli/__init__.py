@@ -23,6 +23,7 @@ from recloop.cli import online as _online  # noqa: F401
 from recloop.cli import prepare as _prepare  # noqa: F401
 from recloop.cli import pretrain as _pretrain  # noqa: F401
 from recloop.cli import registry as _registry  # noqa: F401
+from recloop.cli import report as _report  # noqa: F401
 from recloop.cli import simulate as _simulate  # noqa: F401
 from recloop.cli import synth as _synth  # noqa: F401
 from recloop.cli import train as _train  # noqa: F401

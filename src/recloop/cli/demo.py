@@ -10,6 +10,7 @@ HTTP app, and read the log back as the next training set.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -132,6 +133,17 @@ def evaluate_step(state: DemoState) -> None:
     unmasked = evaluate_runs(runs, data=state.data_dir, split="test", mask_consumed=False)
     state.results["evaluate"] = {r.algo: r.metrics for r in results}
     state.results["evaluate_unmasked"] = {r.algo: r.metrics for r in unmasked}
+    # The same document as `recloop evaluate RUNS --json`, kept for `recloop report`.
+    doc = {
+        "split": "test",
+        "protocol": "both",
+        "mask_consumed": True,
+        "runs": [
+            {**r.to_dict(), "metrics_unmasked": u.metrics}
+            for r, u in zip(results, unmasked, strict=True)
+        ],
+    }
+    (state.workdir / "evaluate.json").write_text(json.dumps(doc, indent=2) + "\n")
     state.say(
         "[evaluate]\n"
         + comparison_table(results, split="test", mask_consumed=True)
@@ -249,6 +261,23 @@ def loop_step(state: DemoState) -> None:
     }
 
 
+def report_step(state: DemoState) -> None:
+    """``recloop report`` on everything the demo wrote: one HTML file, opens offline."""
+    from recloop.report import write_report
+
+    result = write_report([state.workdir], state.workdir / "report.html")
+    state.results["report"] = {
+        "path": str(result.path),
+        "charts": result.charts,
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 2),
+    }
+    state.say(
+        f"[report] {result.charts} charts, {result.bytes / 1e6:.2f} MB in {result.seconds:.1f} s"
+        f" → {result.path}"
+    )
+
+
 DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("locate", locate_step),
     ("prepare", prepare_step),
@@ -257,6 +286,7 @@ DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("evaluate", evaluate_step),
     ("online", online_step),
     ("loop", loop_step),
+    ("report", report_step),
 ]
 """The demo's steps in order; later features append theirs."""
 
