@@ -25,6 +25,15 @@ class LoopConfig:
     """SQLAlchemy URL of the behaviour log written by ``recloop stream``."""
     table: str = "behavior_log"
     """The behaviour-log table."""
+    source: Literal["events", "impressions"] = "events"
+    """What a round trains on: ``events`` (the behaviour log ``table``: what users did) or
+    ``impressions`` (the served-items table ``served_table``: every item the service showed,
+    with its attributed reward -- 0 when ignored -- and the serving policy's logged
+    propensity and model version, as ``recloop prepare --from-db --impressions`` reads it).
+    Off-policy corrections (REINFORCE ``behaviour: logged``, the OPE gate) need the
+    second."""
+    served_table: str = "served_items"
+    """The served-items table (``source: impressions``)."""
     registry: str = ""
     """Artifact registry directory (``recloop registry``): candidates are published there and
     the current version moves when the gate passes."""
@@ -97,6 +106,10 @@ class LoopConfig:
             self.every_events is not None or self.every_minutes is not None,
             "give a trigger: every_events or every_minutes (or both)",
         )
+        check(
+            self.source in ("events", "impressions"),
+            f"source must be events or impressions, got {self.source!r}",
+        )
         check(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
         check(0 < self.holdout < 1, f"holdout must lie in (0, 1), got {self.holdout}")
         check(0 <= self.valid < 1, f"valid must lie in [0, 1), got {self.valid}")
@@ -116,6 +129,11 @@ class LoopConfig:
             f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",
         )
         check(self.keep_rounds >= 1, f"keep_rounds must be >= 1, got {self.keep_rounds}")
+
+    @property
+    def source_table(self) -> str:
+        """The table a round reads (and whose new rows trigger it)."""
+        return self.served_table if self.source == "impressions" else self.table
 
     @property
     def metric_k(self) -> int:
