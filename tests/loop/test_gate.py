@@ -95,3 +95,18 @@ def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -
     loose = gate(worse, cur, ds, metric="ndcg@5", margin=1.0, use_ope=False, estimator="dr",
                  ope_cfg=ope)  # fmt: skip
     assert loose.promote  # any ndcg difference is within a margin of 1
+
+
+def test_rewarded_holdout_keeps_only_rewarded_targets() -> None:
+    from recloop.evaluation.protocol import build_eval_users
+    from recloop.loop.gate import rewarded_holdout
+
+    ds = _dataset([f"u{i}" for i in range(30)], [f"i{j}" for j in range(12)])
+    ranked = rewarded_holdout(ds)
+    test = ds.split == TEST
+    assert ((ranked.split == TEST) == (test & (ds.reward > 0))).all()
+    assert (ranked.split[~test] == ds.split[~test]).all()  # train rows untouched
+    users = build_eval_users(ranked, split="test", history=3)
+    assert (users.target_rewards > 0).all()
+    assert len(users) == int((test & (ds.reward > 0)).sum())  # one test row per user here
+    assert ds.split[test].tolist() == [TEST] * int(test.sum())  # the input is not modified

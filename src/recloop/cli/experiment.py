@@ -24,8 +24,20 @@ def experiment_command(
         "settings, or `random` (uniform serving, no loop).",
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Training epochs per round."),
+    policy: str = typer.Option(
+        "epsilon", "--policy", help="Serving policy of the learning arms: epsilon or softmax."
+    ),
     epsilon: float = typer.Option(
-        0.1, "--epsilon", min=0.0, max=1.0, help="Exploration of the learning arms' serving."
+        0.1, "--epsilon", min=0.0, max=1.0, help="ε of the epsilon serving policy."
+    ),
+    temperature: float = typer.Option(
+        1.0, "--temperature", min=1e-6, help="T of the softmax serving policy."
+    ),
+    bootstrap: str = typer.Option(
+        "random",
+        "--bootstrap",
+        help="World policy whose log trains the shared first model (popularity counts): "
+        "random (cold start) or popularity (strong start).",
     ),
     margin: float = typer.Option(0.0, "--margin", min=0.0, help="The loop gate's margin."),
     truth_users: int = typer.Option(
@@ -71,13 +83,16 @@ def experiment_command(
         bootstrap_users=bootstrap_users,
         truth_users=truth_users,
         epochs=epochs,
+        policy=policy,
         epsilon=epsilon,
+        temperature=temperature,
+        bootstrap=bootstrap,
         margin=margin,
         use_ope=not no_ope,
         seed=seed,
         session_pause_s=session_pause,
     )
-    specs = parse_arms(arms, epsilon=epsilon)
+    specs = parse_arms(arms, epsilon=epsilon, policy=policy, temperature=temperature)
     result = run_experiment(cfg, specs, workdir, say=(lambda _: None) if as_json else echo)
     doc = result.to_dict()
     doc["rl_vs_supervised"] = compare_last_round(result)

@@ -71,6 +71,10 @@ class LoopConfig:
     """Start the candidate from the current artifact's weights where ids and shapes allow."""
     metric: str = "ndcg@10"
     """Ranking metric of the gate (NAME@K), full ranking on the holdout."""
+    gate_targets: Literal["auto", "all", "rewarded"] = "auto"
+    """Targets of the gate's ranking metric: ``all`` holdout rows, or only the ``rewarded``
+    ones (reward > 0; see :mod:`recloop.loop.gate`); ``auto``: rewarded with ``source:
+    impressions`` (where most rows are ignored impressions), all otherwise."""
     margin: float = 0.0
     """The candidate is promoted unless its metric is below the current model's by more than
     this (absolute), and (with OPE) the lower end of the paired OPE difference is below
@@ -110,6 +114,10 @@ class LoopConfig:
             self.source in ("events", "impressions"),
             f"source must be events or impressions, got {self.source!r}",
         )
+        check(
+            self.gate_targets in ("auto", "all", "rewarded"),
+            f"gate_targets must be auto, all or rewarded, got {self.gate_targets!r}",
+        )
         check(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
         check(0 < self.holdout < 1, f"holdout must lie in (0, 1), got {self.holdout}")
         check(0 <= self.valid < 1, f"valid must lie in [0, 1), got {self.valid}")
@@ -134,6 +142,13 @@ class LoopConfig:
     def source_table(self) -> str:
         """The table a round reads (and whose new rows trigger it)."""
         return self.served_table if self.source == "impressions" else self.table
+
+    @property
+    def rewarded_targets(self) -> bool:
+        """Whether the gate ranks the rewarded holdout rows only (:attr:`gate_targets`)."""
+        if self.gate_targets == "auto":
+            return self.source == "impressions"
+        return self.gate_targets == "rewarded"
 
     @property
     def metric_k(self) -> int:

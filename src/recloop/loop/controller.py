@@ -233,6 +233,7 @@ class LoopController:
             use_ope=cfg.use_ope,
             estimator=cfg.ope_estimator,
             ope_cfg=cfg.ope,
+            rewarded_targets=cfg.rewarded_targets,
         )
         logger.info("gate: %s", result.reason)
 

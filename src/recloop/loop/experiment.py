@@ -91,8 +91,18 @@ class ArmSpec:
     """Algorithm the arm's loop trains each round; None: no loop (the random arm)."""
     train: dict[str, Any] = field(default_factory=dict)
     """Training config fields of the round (``behaviour: logged`` ...)."""
+    policy: str = "epsilon"
+    """Serving policy of the arm: ``epsilon`` (ε-greedy) or ``softmax`` (Plackett–Luce)."""
     epsilon: float = 0.1
-    """Exploration of the arm's serving policy (epsilon-greedy; 1 = uniform)."""
+    """ε of the epsilon policy (1 = uniform)."""
+    temperature: float = 1.0
+    """T of the softmax policy."""
+
+    def selection(self) -> Selection:
+        """The same policy in the world's roll-outs (n = 1: one item per step)."""
+        if self.policy == "softmax":
+            return Selection(kind="softmax", temperature=self.temperature, top_k=None)
+        return Selection(kind="epsilon", epsilon=self.epsilon)
 
 
 DEFAULT_ARMS = "reinforce:behaviour=logged,cql,sasrec,popularity,random"
@@ -121,7 +131,9 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def parse_arms(spec: str, *, epsilon: float) -> list[ArmSpec]:
+def parse_arms(
+    spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
+) -> list[ArmSpec]:
     """``algo[:field=value[:field=value]]`` separated by commas; ``random`` is the arm
     without a loop.  Names: ``rl-…``, ``supervised-…``, ``popularity``, ``random``."""
     arms: list[ArmSpec] = []
@@ -146,7 +158,16 @@ def parse_arms(spec: str, *, epsilon: float) -> list[ArmSpec]:
         name = algo if kind is None else f"{kind}-{algo}"
         if fields:
             name += "(" + ",".join(fields) + ")"
-        arms.append(ArmSpec(name=name, algo=algo, train=train, epsilon=epsilon))
+        arms.append(
+            ArmSpec(
+                name=name,
+                algo=algo,
+                train=train,
+                policy=policy,
+                epsilon=epsilon,
+                temperature=temperature,
+            )
+        )
     names = [a.name for a in arms]
     if len(set(names)) != len(names) or not arms:
         raise ConfigError(f"--arms: give distinct arms, got {names}")
@@ -171,8 +192,16 @@ class ExperimentConfig:
     """Users of each gate-truth roll-out (candidate and current, paired)."""
     epochs: int = 2
     """Training epochs of each round's candidate."""
+    policy: str = "epsilon"
+    """Serving policy of the learning arms: ``epsilon`` or ``softmax``."""
     epsilon: float = 0.1
-    """Exploration of the learning arms' serving policy (epsilon-greedy)."""
+    """ε of the epsilon serving policy."""
+    temperature: float = 1.0
+    """T of the softmax serving policy."""
+    bootstrap: str = "random"
+    """World policy whose log trains the shared first model (``popularity`` counts of that
+    log): ``random`` (uniform: a cold start that knows next to nothing) or ``popularity``
+    (the world's popularity, ε 0.3: a strong start, near the world's best simple policy)."""
     margin: float = 0.0
     """The loop's gate margin; the truth check flags a promotion whose true return is
     worse than the current model's by more than this (return per session)."""
@@ -196,6 +225,15 @@ class ExperimentConfig:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(0 <= self.epsilon <= 1, f"epsilon must lie in [0, 1], got {self.epsilon}")
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        check(
+            self.policy in ("epsilon", "softmax"),
+            f"policy: epsilon or softmax, got {self.policy!r}",
+        )
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(
+            self.bootstrap in ("random", "popularity"),
+            f"bootstrap: random or popularity, got {self.bootstrap!r}",
+        )
         check(
             self.session_pause_s >= 0, f"session_pause_s must be >= 0, got {self.session_pause_s}"
         )
@@ -354,12 +392,12 @@ def bootstrap_model(world: World, cfg: ExperimentConfig, workdir: Path) -> Path:
     from recloop.evaluation.worlds.rollout import write_events
     from recloop.training.recommender import train_run
 
-    root = workdir / "bootstrap"
+    root = workdir / f"bootstrap-{cfg.bootstrap}-{cfg.bootstrap_users}-{cfg.seed}"
     artifact = root / "run" / "artifact"
     if (artifact / "manifest.json").is_file():
         return artifact
     users = np.arange(cfg.bootstrap_users, dtype=np.int64)
-    policy = make_policy(world, "popularity", Selection(kind="epsilon", epsilon=0.3))
+    policy = make_policy(world, cfg.bootstrap, Selection(kind="epsilon", epsilon=0.3))
     roll = simulate(world, policy, users, seed=cfg.seed + 10_007)
     write_events(world, roll, root / "log" / "events.csv")
     raw = load_raw("csv", root / "log" / "events.csv", LoadOptions())
@@ -440,8 +478,9 @@ class ArmStack:
                 "bus_url": self.bus_url,
                 "store_url": "memory://",
                 "history_source": "request",
-                "policy": "epsilon",
+                "policy": self.spec.policy,
                 "epsilon": self.spec.epsilon,
+                "temperature": self.spec.temperature,
                 "max_batch": 100_000,
                 "microbatch": False,
                 "gc_freeze": False,
@@ -537,7 +576,7 @@ async def serve_round(
             # uniforms for every user (common random numbers), then the request seeds
             rng = np.random.default_rng([*seed, s, t])
             uni = rng.random((5, b))
-            req_seed = rng.integers(0, 2**62, b).tolist()
+            req_seed = np.asarray(rng.integers(0, 2**62, size=b), np.int64)
             rows = np.flatnonzero(alive & (np.array([len(x) for x in shown]) < world.n_items))
             if rows.shape[0] == 0:
                 break
@@ -548,7 +587,7 @@ async def serve_round(
                         "recent_items": shown[i],
                         "exclude_consumed": True,
                         "n": 1,
-                        "seed": req_seed[i],
+                        "seed": int(req_seed[i]),
                     }
                     for i in rows.tolist()
                 ]
@@ -606,11 +645,10 @@ async def serve_round(
 
 
 def true_values(
-    world: World, candidate: Path, current: Path, *, users: int, epsilon: float, seed: int
+    world: World, candidate: Path, current: Path, *, users: int, sel: Selection, seed: int
 ) -> tuple[Estimate, Estimate, Estimate]:
     """True return per session of two artifacts on the same fresh users and random numbers
-    (ε-greedy as the arm serves), and their paired difference."""
-    sel = Selection(kind="epsilon", epsilon=epsilon)
+    (with the arm's serving policy ``sel``), and their paired difference."""
     who = TRUTH_USER_BASE + np.arange(users, dtype=np.int64)
     out = []
     for path in (candidate, current):
@@ -663,7 +701,7 @@ def run_loop_round(
             stack.registry.versions_dir / result.version,
             current_path,
             users=cfg.truth_users,
-            epsilon=stack.spec.epsilon,
+            sel=stack.spec.selection(),
             seed=cfg.seed + 7919 * round_no,
         )
     decision = "promote" if promoted else "reject" if result.version else result.status
@@ -700,7 +738,10 @@ async def run_experiment_async(
         shutil.rmtree(arms_dir)
     boot = bootstrap_model(world, cfg, workdir)
     boot_version = load_artifact(boot).model_version
-    say(f"[bootstrap] popularity on a {cfg.bootstrap_users}-user world log: {boot_version}")
+    say(
+        f"[bootstrap] popularity counts of a {cfg.bootstrap_users}-user log of the world's "
+        f"{cfg.bootstrap} policy: {boot_version}"
+    )
     stacks = {
         a.name: ArmStack(a, root=arms_dir / _slug(a.name), cfg=cfg, bootstrap=boot) for a in arms
     }
