@@ -46,7 +46,12 @@ def experiment_command(
     bootstrap_users: int = typer.Option(
         300, "--bootstrap-users", min=2, help="Users of the world log the first model learns."
     ),
-    no_ope: bool = typer.Option(False, "--no-ope", help="Gate on the ranking metric only."),
+    gate: str = typer.Option(
+        "ope",
+        "--gate",
+        help="What the loops' gates decide on once a model is current: ope (paired DR on the "
+        "logged propensities), metric (ranking metric on rewarded holdout impressions) or both.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
     session_pause: float = typer.Option(
         1.0,
@@ -88,7 +93,7 @@ def experiment_command(
         temperature=temperature,
         bootstrap=bootstrap,
         margin=margin,
-        use_ope=not no_ope,
+        gate=gate,
         seed=seed,
         session_pause_s=session_pause,
     )

@@ -79,6 +79,12 @@ class LoopConfig:
     """The candidate is promoted unless its metric is below the current model's by more than
     this (absolute), and (with OPE) the lower end of the paired OPE difference is below
     ``-margin``."""
+    use_metric: bool = True
+    """Gate on the ranking metric.  In a closed loop every logged target (even a rewarded
+    one: users can click only what was shown) was chosen by the current model, so the
+    metric favours it; with logged propensities OPE alone is the unbiased comparison
+    (``use_metric: false``).  The first model is always gated on the metric (no OPE
+    without a current model)."""
     use_ope: bool = True
     """Also gate on off-policy evaluation of the two models on the holdout."""
     ope_estimator: Literal["dr", "snips", "ips"] = "dr"

@@ -234,6 +234,7 @@ class LoopController:
             estimator=cfg.ope_estimator,
             ope_cfg=cfg.ope,
             rewarded_targets=cfg.rewarded_targets,
+            use_metric=cfg.use_metric,
         )
         logger.info("gate: %s", result.reason)
 

@@ -205,8 +205,11 @@ class ExperimentConfig:
     margin: float = 0.0
     """The loop's gate margin; the truth check flags a promotion whose true return is
     worse than the current model's by more than this (return per session)."""
-    use_ope: bool = True
-    """Gate with OPE on the logged propensities too."""
+    gate: str = "ope"
+    """What the loops' gates decide on once a model is current: ``ope`` (the paired DR
+    difference on the logged propensities alone), ``metric`` (the ranking metric on the
+    holdout's rewarded impressions alone) or ``both``.  In a closed loop the ranking metric
+    favours the model that chose what was shown (docs/experiment.md), hence ``ope``."""
     seed: int = 0
     """Seed of the users' random numbers, request seeds and training."""
     session_pause_s: float = 1.0
@@ -225,6 +228,9 @@ class ExperimentConfig:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(0 <= self.epsilon <= 1, f"epsilon must lie in [0, 1], got {self.epsilon}")
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        check(
+            self.gate in ("ope", "metric", "both"), f"gate: ope, metric or both, got {self.gate!r}"
+        )
         check(
             self.policy in ("epsilon", "softmax"),
             f"policy: epsilon or softmax, got {self.policy!r}",
@@ -453,7 +459,8 @@ class ArmStack:
                     "holdout": 0.15,
                     "valid": 0.0,
                     "margin": cfg.margin,
-                    "use_ope": cfg.use_ope,
+                    "use_ope": cfg.gate in ("ope", "both"),
+                    "use_metric": cfg.gate in ("metric", "both"),
                     "ope": {"n_boot": 100},
                     "keep_rounds": 2,
                 },

@@ -149,9 +149,11 @@ def gate(
     estimator: str,
     ope_cfg: OPEConfig,
     rewarded_targets: bool = False,
+    use_metric: bool = True,
 ) -> GateResult:
     """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
-    (only its rewarded rows as ranking targets with ``rewarded_targets``)."""
+    (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
+    model, ``use_metric`` false and ``use_ope`` true, OPE alone decides)."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
@@ -164,13 +166,17 @@ def gate(
         base_h = current.history_len
     base = evaluate(base_scorer, ranked, split="test", history=base_h, cfg=eval_cfg)
     c, b = cand.metrics[metric], base.metrics[metric]
-    ok_metric = c > b if current is None else c >= b - margin
+    # the metric decides for the first model, and whenever OPE does not gate alone
+    metric_gates = current is None or use_metric or not use_ope
+    ok_metric = c > b if current is None else (c >= b - margin or not metric_gates)
     rel = ">" if c > b else "<=" if current is None else (">=" if c >= b - margin else "<")
     on = " (rewarded targets)" if rewarded_targets else ""
     words = [f"{metric}{on} {c:.4f} vs {base_name} {b:.4f}"]
     if current is not None:
         words[0] += f" (margin {margin:g})"
     words[0] = f"{words[0]}: {rel}"
+    if not metric_gates:
+        words[0] += " (not gating)"
     ope_doc: dict[str, Any] = {}
     ok_ope = True
     if use_ope and current is not None:
