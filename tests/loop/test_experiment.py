@@ -90,6 +90,13 @@ def test_last_round_comparison_and_csv(tmp_path: Path) -> None:
     assert cmp_["ratio"] == pytest.approx(1.3) and cmp_["disjoint"] and cmp_["target_met"]
     doc = result.to_dict()
     assert doc["gate_violations"] == 1
+    assert doc["gate_summary"] == {
+        "decisions": 1,
+        "promoted": 1,
+        "violations": 1,
+        "truly_better_rejected": 0,
+        "truly_worse_rejected": 0,
+    }
     assert doc["arms"][0]["reward_per_round"] == [1.0, 1.3]
     assert doc["arms"][0]["interval_per_round"][1] == pytest.approx([1.25, 1.35])
     write_csv(result, tmp_path / "e.csv")

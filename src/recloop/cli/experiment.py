@@ -47,10 +47,11 @@ def experiment_command(
         300, "--bootstrap-users", min=2, help="Users of the world log the first model learns."
     ),
     gate: str = typer.Option(
-        "ope",
+        "both",
         "--gate",
-        help="What the loops' gates decide on once a model is current: ope (paired DR on the "
-        "logged propensities), metric (ranking metric on rewarded holdout impressions) or both.",
+        help="What the loops' gates decide on once a model is current: both (ranking metric "
+        "on rewarded holdout impressions and paired DR on the logged propensities), ope or "
+        "metric (one of them alone).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
     session_pause: float = typer.Option(
@@ -114,7 +115,10 @@ def experiment_command(
             f"intervals {'disjoint' if cmp_['disjoint'] else 'overlap'}; target (>= 1.2, "
             f"disjoint) {'met' if cmp_['target_met'] else 'NOT met'}"
         )
+    g = doc["gate_summary"]
     echo(
-        f"gate checked against the truth: {doc['gate_violations']} violation(s) in "
-        f"{len(doc['gate_checks'])} decisions; {workdir / 'experiment.csv'}"
+        f"gate checked against the truth: {g['decisions']} decisions, {g['promoted']} promoted, "
+        f"{g['violations']} violation(s) (promoted, truly worse beyond the margin), "
+        f"{g['truly_better_rejected']} truly better rejected, {g['truly_worse_rejected']} "
+        f"truly worse rejected; {workdir / 'experiment.csv'}"
     )

@@ -205,11 +205,13 @@ class ExperimentConfig:
     margin: float = 0.0
     """The loop's gate margin; the truth check flags a promotion whose true return is
     worse than the current model's by more than this (return per session)."""
-    gate: str = "ope"
-    """What the loops' gates decide on once a model is current: ``ope`` (the paired DR
-    difference on the logged propensities alone), ``metric`` (the ranking metric on the
-    holdout's rewarded impressions alone) or ``both``.  In a closed loop the ranking metric
-    favours the model that chose what was shown (docs/experiment.md), hence ``ope``."""
+    gate: str = "both"
+    """What the loops' gates decide on once a model is current: ``both`` (the ranking
+    metric on the holdout's rewarded impressions and the paired DR difference on the logged
+    propensities, as ``recloop loop`` does by default), ``ope`` (DR alone) or ``metric``
+    (the metric alone).  In a closed loop the metric favours the model that chose what was
+    shown, and DR alone promoted candidates that were truly far worse
+    (docs/experiment.md)."""
     seed: int = 0
     """Seed of the users' random numbers, request seeds and training."""
     session_pause_s: float = 1.0
@@ -330,8 +332,27 @@ class ExperimentResult:
             "arms": arms,
             "gate_checks": checks,
             "gate_violations": sum(1 for c in checks if c["violation"]),
+            "gate_summary": gate_summary(self.rows),
             "seconds": round(self.seconds, 1),
         }
+
+
+def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
+    """Gate decisions against the truth: how many promoted, promoted although truly worse
+    (violations), rejected although truly better, rejected and truly worse (intervals of
+    the paired true difference wholly above 0 / below 0)."""
+    gates = [
+        r.gate for r in rows if r.gate is not None and r.gate.decision in ("promote", "reject")
+    ]
+    promoted = [g for g in gates if g.decision == "promote"]
+    rejected = [g for g in gates if g.decision == "reject" and g.true_diff is not None]
+    return {
+        "decisions": len(gates),
+        "promoted": len(promoted),
+        "violations": sum(g.violation for g in promoted),
+        "truly_better_rejected": sum(g.true_diff.low > 0 for g in rejected if g.true_diff),
+        "truly_worse_rejected": sum(g.true_diff.high < 0 for g in rejected if g.true_diff),
+    }
 
 
 def _est(e: Estimate | None) -> dict[str, float] | None:
