@@ -95,3 +95,45 @@ def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -
     loose = gate(worse, cur, ds, metric="ndcg@5", margin=1.0, use_ope=False, estimator="dr",
                  ope_cfg=ope)  # fmt: skip
     assert loose.promote  # any ndcg difference is within a margin of 1
+
+
+def test_rewarded_holdout_keeps_only_rewarded_targets() -> None:
+    from recloop.evaluation.protocol import build_eval_users
+    from recloop.loop.gate import rewarded_holdout
+
+    ds = _dataset([f"u{i}" for i in range(30)], [f"i{j}" for j in range(12)])
+    ranked = rewarded_holdout(ds)
+    test = ds.split == TEST
+    assert ((ranked.split == TEST) == (test & (ds.reward > 0))).all()
+    assert (ranked.split[~test] == ds.split[~test]).all()  # train rows untouched
+    users = build_eval_users(ranked, split="test", history=3)
+    assert (users.target_rewards > 0).all()
+    assert len(users) == int((test & (ds.reward > 0)).sum())  # one test row per user here
+    assert ds.split[test].tolist() == [TEST] * int(test.sum())  # the input is not modified
+
+
+def test_without_the_metric_ope_alone_decides(tmp_path: Path) -> None:
+    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
+    ds = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
+    rec = cfg.create()
+    rec.build(ds, device="cpu")
+    cur = load_artifact(rec.save(tmp_path / "cur"))
+    ope = OPEConfig(n_boot=50, behaviour_epochs=1)
+    same = gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
+                ope_cfg=ope, use_metric=False)  # fmt: skip
+    assert same.promote and "(not gating)" in same.reason
+    with torch.no_grad():
+        for p in rec.algo.policy.head.parameters():  # type: ignore[union-attr]
+            p.neg_()
+    worse = load_artifact(rec.save(tmp_path / "worse"))
+    both = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
+                ope_cfg=ope)  # fmt: skip
+    alone = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
+                 ope_cfg=ope, use_metric=False)  # fmt: skip
+    low = alone.ope["paired"]["differences"]["dr"]["low"]
+    assert alone.promote is (low >= 0)  # the metric no longer counts
+    assert both.promote is (alone.promote and both.candidate["ndcg@5"] >= both.baseline["ndcg@5"])
+    # without a current model the metric still decides (there is no OPE then)
+    first = gate(cur, None, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
+                 ope_cfg=ope, use_metric=False)  # fmt: skip
+    assert "vs popularity" in first.reason and "(not gating)" not in first.reason

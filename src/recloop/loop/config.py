@@ -25,6 +25,15 @@ class LoopConfig:
     """SQLAlchemy URL of the behaviour log written by ``recloop stream``."""
     table: str = "behavior_log"
     """The behaviour-log table."""
+    source: Literal["events", "impressions"] = "events"
+    """What a round trains on: ``events`` (the behaviour log ``table``: what users did) or
+    ``impressions`` (the served-items table ``served_table``: every item the service showed,
+    with its attributed reward -- 0 when ignored -- and the serving policy's logged
+    propensity and model version, as ``recloop prepare --from-db --impressions`` reads it).
+    Off-policy corrections (REINFORCE ``behaviour: logged``, the OPE gate) need the
+    second."""
+    served_table: str = "served_items"
+    """The served-items table (``source: impressions``)."""
     registry: str = ""
     """Artifact registry directory (``recloop registry``): candidates are published there and
     the current version moves when the gate passes."""
@@ -62,10 +71,20 @@ class LoopConfig:
     """Start the candidate from the current artifact's weights where ids and shapes allow."""
     metric: str = "ndcg@10"
     """Ranking metric of the gate (NAME@K), full ranking on the holdout."""
+    gate_targets: Literal["auto", "all", "rewarded"] = "auto"
+    """Targets of the gate's ranking metric: ``all`` holdout rows, or only the ``rewarded``
+    ones (reward > 0; see :mod:`recloop.loop.gate`); ``auto``: rewarded with ``source:
+    impressions`` (where most rows are ignored impressions), all otherwise."""
     margin: float = 0.0
     """The candidate is promoted unless its metric is below the current model's by more than
     this (absolute), and (with OPE) the lower end of the paired OPE difference is below
     ``-margin``."""
+    use_metric: bool = True
+    """Gate on the ranking metric.  In a closed loop every logged target (even a rewarded
+    one: users can click only what was shown) was chosen by the current model, so the
+    metric favours it; with logged propensities OPE alone is the unbiased comparison
+    (``use_metric: false``).  The first model is always gated on the metric (no OPE
+    without a current model)."""
     use_ope: bool = True
     """Also gate on off-policy evaluation of the two models on the holdout."""
     ope_estimator: Literal["dr", "snips", "ips"] = "dr"
@@ -97,6 +116,14 @@ class LoopConfig:
             self.every_events is not None or self.every_minutes is not None,
             "give a trigger: every_events or every_minutes (or both)",
         )
+        check(
+            self.source in ("events", "impressions"),
+            f"source must be events or impressions, got {self.source!r}",
+        )
+        check(
+            self.gate_targets in ("auto", "all", "rewarded"),
+            f"gate_targets must be auto, all or rewarded, got {self.gate_targets!r}",
+        )
         check(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
         check(0 < self.holdout < 1, f"holdout must lie in (0, 1), got {self.holdout}")
         check(0 <= self.valid < 1, f"valid must lie in [0, 1), got {self.valid}")
@@ -116,6 +143,18 @@ class LoopConfig:
             f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",
         )
         check(self.keep_rounds >= 1, f"keep_rounds must be >= 1, got {self.keep_rounds}")
+
+    @property
+    def source_table(self) -> str:
+        """The table a round reads (and whose new rows trigger it)."""
+        return self.served_table if self.source == "impressions" else self.table
+
+    @property
+    def rewarded_targets(self) -> bool:
+        """Whether the gate ranks the rewarded holdout rows only (:attr:`gate_targets`)."""
+        if self.gate_targets == "auto":
+            return self.source == "impressions"
+        return self.gate_targets == "rewarded"
 
     @property
     def metric_k(self) -> int:

@@ -193,7 +193,7 @@ class LoopController:
             return self._finish_pending(state, resumed=True)
         watermark = Watermark.from_dict(state.get("watermark"))
         since = None if watermark is None else watermark.ts
-        new = count_newer(cfg.database_url, table=cfg.table, ts=since)
+        new = count_newer(cfg.database_url, table=cfg.source_table, ts=since)
         last = state.get("last_round_unix")
         due, why = round_due(
             new_events=new,
@@ -233,6 +233,8 @@ class LoopController:
             use_ope=cfg.use_ope,
             estimator=cfg.ope_estimator,
             ope_cfg=cfg.ope,
+            rewarded_targets=cfg.rewarded_targets,
+            use_metric=cfg.use_metric,
         )
         logger.info("gate: %s", result.reason)
 
@@ -270,21 +272,27 @@ class LoopController:
             "loop": {
                 "algo": self.cfg.algo,
                 "workdir": str(self.workdir),
-                "database_table": self.cfg.table,
+                "database_table": self.cfg.source_table,
+                "source": self.cfg.source,
             },
         }
 
     def _prepare(
         self, round_dir: Path, *, floor: int | None
     ) -> tuple[PreparedDataset, Watermark, dict[str, Any]]:
-        from recloop.data.loaders.sql import load_from_db
+        from recloop.data.loaders.sql import load_from_db, load_impressions_from_db
         from recloop.data.prepare import prepare
 
         cfg = self.cfg
-        raw = load_from_db(cfg.database_url, table=cfg.table)
+        if cfg.source == "impressions":
+            # settled impressions only: an open one's reward is not known yet (it joins a
+            # later window; the watermark is the newest *settled* impression's time)
+            raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table)
+        else:
+            raw = load_from_db(cfg.database_url, table=cfg.table)
         events = raw.events
         if events.height == 0:
-            raise RecloopError(f"table {cfg.table} holds no events")
+            raise RecloopError(f"table {cfg.source_table} holds no events")
         mark = Watermark(ts=int(events[TIMESTAMP].max()), events=events.height)  # type: ignore[arg-type]
         events = window_events(events, window=cfg.window, days=cfg.window_days)
         ts = events[TIMESTAMP].to_numpy()

@@ -16,6 +16,15 @@ model) shared by both policies, and the paired bootstrap of candidate minus curr
 ``ope_for_runs`` itself takes artifact paths whose id maps must equal the dataset's, which
 the current model's do not; the scorer translation above is what makes the pairing possible.
 
+Rewarded targets.  On a log of impressions (``source: impressions``) most holdout rows are
+items the service showed and the user ignored (reward 0).  Ranking those as targets
+measures how well a model predicts *what the logging policy showed* -- which the current
+model, the logging policy itself, does best -- not what users want: in ``recloop
+experiment`` such a gate kept a cold-start model against candidates that were truly 50 %
+better.  With ``rewarded_targets`` the ranking metric's targets are the holdout rows with a
+positive reward only (the ignored impressions before a user's first rewarded one are part of
+the state and are masked like every consumed item); OPE still uses every impression.
+
 Decision (``margin`` m >= 0): with a current model, promote when
 ``metric(candidate) >= metric(current) - m`` and, with OPE, the lower end of the paired
 interval of ``estimator(candidate) - estimator(current)`` is ``>= -m``.  The first model is
@@ -24,6 +33,7 @@ promoted when its metric is above the popularity ranking's (train counts) on the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +43,7 @@ import torch
 from torch import Tensor
 
 from recloop.artifacts.bundle import Artifact
-from recloop.data.dataset import TRAIN, PreparedDataset
+from recloop.data.dataset import TEST, TRAIN, PreparedDataset
 from recloop.evaluation.ope import (
     OPEConfig,
     logged_events,
@@ -116,6 +126,18 @@ class GateResult:
         }
 
 
+NOT_A_TARGET = 3
+"""Split code given to the holdout rows that are not ranking targets (no split's code)."""
+
+
+def rewarded_holdout(dataset: PreparedDataset) -> PreparedDataset:
+    """``dataset`` whose TEST split keeps only the rows with a positive reward (the other
+    holdout rows get a code no split has: they stay in the users' sequences)."""
+    split = dataset.split.copy()
+    split[(split == TEST) & (dataset.reward <= 0)] = NOT_A_TARGET
+    return dataclasses.replace(dataset, split=split)
+
+
 def gate(
     candidate: Artifact,
     current: Artifact | None,
@@ -126,25 +148,35 @@ def gate(
     use_ope: bool,
     estimator: str,
     ope_cfg: OPEConfig,
+    rewarded_targets: bool = False,
+    use_metric: bool = True,
 ) -> GateResult:
-    """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split."""
+    """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
+    (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
+    model, ``use_metric`` false and ``use_ope`` true, OPE alone decides)."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
+    ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
     cand_scorer: Scorer = candidate.policy
-    cand = evaluate(cand_scorer, dataset, split="test", history=candidate.history_len, cfg=eval_cfg)
+    cand = evaluate(cand_scorer, ranked, split="test", history=candidate.history_len, cfg=eval_cfg)
     if current is None:
         base_scorer, base_name, base_h = popularity_scorer(dataset), "popularity", 1
     else:
         base_scorer, base_name = mapped_scorer(current, dataset), "current"
         base_h = current.history_len
-    base = evaluate(base_scorer, dataset, split="test", history=base_h, cfg=eval_cfg)
+    base = evaluate(base_scorer, ranked, split="test", history=base_h, cfg=eval_cfg)
     c, b = cand.metrics[metric], base.metrics[metric]
-    ok_metric = c > b if current is None else c >= b - margin
+    # the metric decides for the first model, and whenever OPE does not gate alone
+    metric_gates = current is None or use_metric or not use_ope
+    ok_metric = c > b if current is None else (c >= b - margin or not metric_gates)
     rel = ">" if c > b else "<=" if current is None else (">=" if c >= b - margin else "<")
-    words = [f"{metric} {c:.4f} vs {base_name} {b:.4f}"]
+    on = " (rewarded targets)" if rewarded_targets else ""
+    words = [f"{metric}{on} {c:.4f} vs {base_name} {b:.4f}"]
     if current is not None:
         words[0] += f" (margin {margin:g})"
     words[0] = f"{words[0]}: {rel}"
+    if not metric_gates:
+        words[0] += " (not gating)"
     ope_doc: dict[str, Any] = {}
     ok_ope = True
     if use_ope and current is not None:

@@ -1,0 +1,897 @@
+"""``recloop experiment``: closed loops side by side in a ground-truth world.
+
+Each *arm* is a complete deployment of its own: an artifact registry, a SQLite behaviour
+log, an in-process event bus (``memory://exp-<arm>``), the real FastAPI app (driven through
+an in-process ASGI client, its lifespan running: the served-list logger and the registry
+follower are live), the real stream processor and the real :class:`LoopController`.  One
+round, for every arm in turn::
+
+    users     U fresh simulated users of the world, each for the world's sessions: at
+              every step a batch of POST /v1/recommend/batch requests (n = 1, the user's
+              shown items as recent_items with exclude_consumed, a seed per request),
+              the world's exact response model answers (world.step), the clicks become
+              events (behaviour, reward, recommendation_id) published onto the arm's bus;
+              the service publishes every served list onto the same bus itself
+    stream    the stream processor drains the bus into the log (behaviour log, served
+              items, feedback links, attribution); when the round's users have all left
+              the experiment closes their impressions (BehaviorLog.settle), as the
+              processor does once the event-time watermark passes them
+    loop      LoopController.run_once() -- what ``recloop loop --once`` runs -- on the
+              arm's served-items table (source: impressions, logged propensities):
+              prepare, warm-started training, the gate, publish, promote
+    truth     the candidate and the model that was current are rolled out in the world
+              on the same fresh users with the same random numbers (``recloop world
+              evaluate``'s roll-out): the gate's decision is checked against the truth
+    swap      when promoted, the service's registry follower hot-swaps; the experiment
+              waits until an answer carries the new model version
+
+Reward per round is the **true** reward the round's users got from the world (the sum of
+their step rewards per session; 95 % normal interval over users).  Users and random
+numbers are common to the arms (users ``u{BASE + round * U + i}``, the world's uniforms
+and each request's seed derived from (seed, round, user, session, step)), so arms are
+compared on the same people with the same luck.
+
+Round 1 of every arm is served by the same bootstrap model: ``popularity`` trained on a
+log generated in the world by its popularity policy (epsilon 0.3, ``bootstrap_users``
+users).  The random arm serves that model with epsilon 1 (a uniform choice among the
+unshown items) and runs no loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from recloop.artifacts.bundle import load_artifact
+from recloop.artifacts.registry import ArtifactRegistry
+from recloop.config import check
+from recloop.errors import ConfigError
+from recloop.evaluation.worlds.base import ITEM_PREFIX, RESPONSES, USER_PREFIX, UserState, World
+from recloop.evaluation.worlds.rollout import (
+    Estimate,
+    Policy,
+    Selection,
+    make_policy,
+    simulate,
+    t_interval,
+)
+from recloop.loop.config import LoopConfig
+from recloop.loop.controller import LoopController, LoopError
+
+logger = logging.getLogger(__name__)
+
+USER_BASE = 500_000_000
+"""First user number of the experiment's users (a generated bootstrap log uses 0..U-1,
+``world evaluate`` 10^9 and up)."""
+TRUTH_USER_BASE = 1_500_000_000
+"""First user number of the gate-truth roll-outs (fresh, the same for every round)."""
+RANDOM = "random"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArmSpec:
+    """One closed loop: what it trains and how it serves."""
+
+    name: str
+    """Label in the reports (``rl-reinforce``, ``supervised-sasrec``, ...)."""
+    algo: str | None
+    """Algorithm the arm's loop trains each round; None: no loop (the random arm)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Training config fields of the round (``behaviour: logged`` ...)."""
+    policy: str = "epsilon"
+    """Serving policy of the arm: ``epsilon`` (ε-greedy) or ``softmax`` (Plackett–Luce)."""
+    epsilon: float = 0.1
+    """ε of the epsilon policy (1 = uniform)."""
+    temperature: float = 1.0
+    """T of the softmax policy."""
+
+    def selection(self) -> Selection:
+        """The same policy in the world's roll-outs (n = 1: one item per step)."""
+        if self.policy == "softmax":
+            return Selection(kind="softmax", temperature=self.temperature, top_k=None)
+        return Selection(kind="epsilon", epsilon=self.epsilon)
+
+
+DEFAULT_ARMS = "reinforce:behaviour=logged,cql,sasrec,popularity,random"
+"""REINFORCE with the logged propensities, the best other RL algorithm of docs/worlds.md's
+shop table (CQL), the best supervised sequence model there (SASRec), popularity, random."""
+
+_KIND = {
+    "reinforce": "rl",
+    "cql": "rl",
+    "sqn": "rl",
+    "sa2c": "rl",
+    "sac": "rl",
+    "bcq": "rl",
+    "ddpg": "rl",
+    "td3": "rl",
+    "supervised": "supervised",
+    "sasrec": "supervised",
+    "gru4rec": "supervised",
+}
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_arms(
+    spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
+) -> list[ArmSpec]:
+    """``algo[:field=value[:field=value]]`` separated by commas; ``random`` is the arm
+    without a loop.  Names: ``rl-…``, ``supervised-…``, ``popularity``, ``random``."""
+    arms: list[ArmSpec] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        algo, *fields = token.split(":")
+        if algo == RANDOM:
+            arms.append(ArmSpec(name=RANDOM, algo=None, epsilon=1.0))
+            continue
+        from recloop.algos import ALGOS
+
+        if algo not in ALGOS.names():
+            raise ConfigError(f"--arms: unknown algorithm {algo!r} in {token!r}")
+        train: dict[str, Any] = {}
+        for f in fields:
+            key, eq, value = f.partition("=")
+            if not eq:
+                raise ConfigError(f"--arms: {f!r} in {token!r} is not field=value")
+            train[key] = _scalar(value)
+        kind = _KIND.get(algo)
+        name = algo if kind is None else f"{kind}-{algo}"
+        if fields:
+            name += "(" + ",".join(fields) + ")"
+        arms.append(
+            ArmSpec(
+                name=name,
+                algo=algo,
+                train=train,
+                policy=policy,
+                epsilon=epsilon,
+                temperature=temperature,
+            )
+        )
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names) or not arms:
+        raise ConfigError(f"--arms: give distinct arms, got {names}")
+    return arms
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """Sizes and settings of ``recloop experiment``."""
+
+    world: str = "shop"
+    """Registered world (``recloop world``)."""
+    world_overrides: tuple[str, ...] = ()
+    """``--set`` overrides of the world's config."""
+    rounds: int = 5
+    """Rounds of serve → stream → loop."""
+    users: int = 150
+    """Fresh simulated users per round and arm (each for the world's sessions)."""
+    bootstrap_users: int = 300
+    """Users of the world-generated log the shared first model is trained on."""
+    truth_users: int = 400
+    """Users of each gate-truth roll-out (candidate and current, paired)."""
+    epochs: int = 2
+    """Training epochs of each round's candidate."""
+    policy: str = "epsilon"
+    """Serving policy of the learning arms: ``epsilon`` or ``softmax``."""
+    epsilon: float = 0.1
+    """ε of the epsilon serving policy."""
+    temperature: float = 1.0
+    """T of the softmax serving policy."""
+    bootstrap: str = "random"
+    """World policy whose log trains the shared first model (``popularity`` counts of that
+    log): ``random`` (uniform: a cold start that knows next to nothing) or ``popularity``
+    (the world's popularity, ε 0.3: a strong start, near the world's best simple policy)."""
+    margin: float = 0.0
+    """The loop's gate margin; the truth check flags a promotion whose true return is
+    worse than the current model's by more than this (return per session)."""
+    gate: str = "both"
+    """What the loops' gates decide on once a model is current: ``both`` (the ranking
+    metric on the holdout's rewarded impressions and the paired DR difference on the logged
+    propensities, as ``recloop loop`` does by default), ``ope`` (DR alone) or ``metric``
+    (the metric alone).  In a closed loop the metric favours the model that chose what was
+    shown, and DR alone promoted candidates that were truly far worse
+    (docs/experiment.md)."""
+    seed: int = 0
+    """Seed of the users' random numbers, request seeds and training."""
+    session_pause_s: float = 1.0
+    """Pause between a round's sessions.  The service stamps served lists with wall-clock
+    seconds and a round's steps take a second or two, so without it a round's impressions
+    share one or two timestamps and the loop's holdout time cut (ties go to the holdout)
+    leaves almost nothing to train on; with it each session has its own seconds."""
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        check(self.users >= 2, f"users must be >= 2, got {self.users}")
+        check(
+            self.bootstrap_users >= 2, f"bootstrap_users must be >= 2, got {self.bootstrap_users}"
+        )
+        check(self.truth_users >= 0, f"truth_users must be >= 0, got {self.truth_users}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(0 <= self.epsilon <= 1, f"epsilon must lie in [0, 1], got {self.epsilon}")
+        check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        check(
+            self.gate in ("ope", "metric", "both"), f"gate: ope, metric or both, got {self.gate!r}"
+        )
+        check(
+            self.policy in ("epsilon", "softmax"),
+            f"policy: epsilon or softmax, got {self.policy!r}",
+        )
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(
+            self.bootstrap in ("random", "popularity"),
+            f"bootstrap: random or popularity, got {self.bootstrap!r}",
+        )
+        check(
+            self.session_pause_s >= 0, f"session_pause_s must be >= 0, got {self.session_pause_s}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateCheck:
+    """The gate's decision of one round next to the truth."""
+
+    decision: str
+    """promote / reject (the gate's), or the loop's failure."""
+    reason: str
+    """The gate's one line."""
+    candidate: str | None
+    """Candidate model version."""
+    current: str | None
+    """Version that was current (what the candidate was gated against)."""
+    true_candidate: Estimate | None
+    """True return per session of the candidate (roll-outs, ε-greedy as served)."""
+    true_current: Estimate | None
+    """Same users and random numbers: the current model."""
+    true_diff: Estimate | None
+    """Paired candidate − current, per user."""
+    violation: bool
+    """Promoted although truly worse by more than the margin (the whole interval of the
+    paired difference below −margin)."""
+    worse_point: bool
+    """Promoted and the point estimate of the difference is below −margin (a weaker flag:
+    the interval may still cover −margin)."""
+
+
+@dataclass(kw_only=True)
+class ArmRound:
+    """One arm in one round."""
+
+    round: int
+    arm: str
+    algo: str
+    reward: Estimate
+    """True reward per session of the round's users (95 % interval over users)."""
+    sessions: int
+    steps: int
+    clicks: int
+    model_version: str
+    """The model that served the round."""
+    promoted: bool = False
+    """Whether the loop after this round promoted its candidate."""
+    gate: GateCheck | None = None
+    loop_seconds: float = 0.0
+    serve_seconds: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ExperimentResult:
+    config: ExperimentConfig
+    arms: list[ArmSpec]
+    rows: list[ArmRound]
+    world: dict[str, Any]
+    bootstrap_version: str
+    seconds: float = 0.0
+
+    def arm_rows(self, name: str) -> list[ArmRound]:
+        return sorted((r for r in self.rows if r.arm == name), key=lambda r: r.round)
+
+    def to_dict(self) -> dict[str, Any]:
+        arms = []
+        for a in self.arms:
+            rows = self.arm_rows(a.name)
+            arms.append(
+                {
+                    "name": a.name,
+                    "algo": a.algo or RANDOM,
+                    "reward_per_round": [r.reward.value for r in rows],
+                    "interval_per_round": [[r.reward.low, r.reward.high] for r in rows],
+                    "promoted_per_round": [r.promoted for r in rows],
+                    "model_version_per_round": [r.model_version for r in rows],
+                }
+            )
+        checks = [
+            {"round": r.round, "arm": r.arm, **_gate_doc(r.gate)}
+            for r in self.rows
+            if r.gate is not None
+        ]
+        return {
+            "world": self.world,
+            "config": dataclasses.asdict(self.config),
+            "bootstrap_version": self.bootstrap_version,
+            "arms": arms,
+            "gate_checks": checks,
+            "gate_violations": sum(1 for c in checks if c["violation"]),
+            "gate_summary": gate_summary(self.rows),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
+    """Gate decisions against the truth: how many promoted, promoted although truly worse
+    (violations), rejected although truly better, rejected and truly worse (intervals of
+    the paired true difference wholly above 0 / below 0)."""
+    gates = [
+        r.gate for r in rows if r.gate is not None and r.gate.decision in ("promote", "reject")
+    ]
+    promoted = [g for g in gates if g.decision == "promote"]
+    rejected = [g for g in gates if g.decision == "reject" and g.true_diff is not None]
+    return {
+        "decisions": len(gates),
+        "promoted": len(promoted),
+        "violations": sum(g.violation for g in promoted),
+        "truly_better_rejected": sum(g.true_diff.low > 0 for g in rejected if g.true_diff),
+        "truly_worse_rejected": sum(g.true_diff.high < 0 for g in rejected if g.true_diff),
+    }
+
+
+def _est(e: Estimate | None) -> dict[str, float] | None:
+    return None if e is None else e.to_dict()
+
+
+def _gate_doc(g: GateCheck | None) -> dict[str, Any]:
+    if g is None:
+        return {}
+    doc = dataclasses.asdict(g)
+    for k in ("true_candidate", "true_current", "true_diff"):
+        doc[k] = _est(getattr(g, k))
+    return doc
+
+
+CSV_FIELDS = (
+    "round", "arm", "algo", "reward", "lo", "hi", "promoted", "model_version",
+    "sessions", "steps", "clicks", "gate_decision", "candidate",
+    "true_candidate", "true_current", "true_diff", "true_diff_lo", "true_diff_hi",
+    "violation",
+)  # fmt: skip
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.6f}"
+
+
+def write_csv(result: ExperimentResult, path: Path) -> None:
+    """One row per (round, arm): the columns of :data:`CSV_FIELDS`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in sorted(result.rows, key=lambda r: (r.round, r.arm)):
+            g = r.gate
+            cand = None if g is None else g.true_candidate
+            cur = None if g is None else g.true_current
+            diff = None if g is None else g.true_diff
+            w.writerow(
+                [
+                    r.round, r.arm, r.algo,
+                    _num(r.reward.value), _num(r.reward.low), _num(r.reward.high),
+                    int(r.promoted), r.model_version, r.sessions, r.steps, r.clicks,
+                    "" if g is None else g.decision,
+                    "" if g is None else g.candidate or "",
+                    _num(None if cand is None else cand.value),
+                    _num(None if cur is None else cur.value),
+                    *(["", "", ""] if diff is None else map(_num, (diff.value, diff.low,
+                                                                   diff.high))),
+                    "" if g is None else int(g.violation),
+                ]
+            )  # fmt: skip
+
+
+# --- the bootstrap model -----------------------------------------------------------------
+
+
+def bootstrap_model(world: World, cfg: ExperimentConfig, workdir: Path) -> Path:
+    """``popularity`` trained on a log of the world's popularity policy (ε 0.3); returns the
+    artifact directory (reused when it exists: it depends on the config only)."""
+    from recloop.data.loaders import LoadOptions, load_raw
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.splits import SplitConfig
+    from recloop.evaluation.worlds.rollout import write_events
+    from recloop.training.recommender import train_run
+
+    root = workdir / f"bootstrap-{cfg.bootstrap}-{cfg.bootstrap_users}-{cfg.seed}"
+    artifact = root / "run" / "artifact"
+    if (artifact / "manifest.json").is_file():
+        return artifact
+    users = np.arange(cfg.bootstrap_users, dtype=np.int64)
+    policy = make_policy(world, cfg.bootstrap, Selection(kind="epsilon", epsilon=0.3))
+    roll = simulate(world, policy, users, seed=cfg.seed + 10_007)
+    write_events(world, roll, root / "log" / "events.csv")
+    raw = load_raw("csv", root / "log" / "events.csv", LoadOptions())
+    dataset = prepare(raw, PrepareConfig(split=SplitConfig(mode="loo")))
+    dataset.save(root / "data")
+    train_run("popularity", root / "data", root / "run", overwrite=True, progress=False)
+    return artifact
+
+
+# --- one arm's deployment ----------------------------------------------------------------
+
+
+class ArmStack:
+    """Registry, log, bus, service and loop of one arm (see the module docstring)."""
+
+    def __init__(
+        self, spec: ArmSpec, *, root: Path, cfg: ExperimentConfig, bootstrap: Path
+    ) -> None:
+        self.spec = spec
+        self.root = root
+        self.cfg = cfg
+        self.registry = ArtifactRegistry(root / "registry")
+        self.database_url = f"sqlite:///{root / 'log.db'}"
+        self.bus_url = f"memory://exp-{root.name}-{id(self)}"
+        self.registry.publish(bootstrap, promote=True, reason="experiment bootstrap")
+        self.loop: LoopController | None = None
+        self.expected = 0
+        """Entries the bus should hold: served lists and events so far."""
+        if spec.algo is not None:
+            train: dict[str, Any] = {
+                **spec.train,
+                "seed": cfg.seed,
+                "fit": {
+                    "epochs": cfg.epochs,
+                    "device": "cpu",
+                    "progress": False,
+                    "tensorboard": False,
+                    **dict(spec.train.get("fit") or {}),
+                },
+            }
+            from recloop.config import config_from_dict
+
+            loop_cfg = config_from_dict(
+                LoopConfig,
+                {
+                    "database_url": self.database_url,
+                    "registry": str(root / "registry"),
+                    "workdir": str(root / "loop"),
+                    "algo": spec.algo,
+                    "train": train,
+                    "source": "impressions",
+                    "every_events": 1,
+                    "holdout": 0.15,
+                    "valid": 0.0,
+                    "margin": cfg.margin,
+                    "use_ope": cfg.gate in ("ope", "both"),
+                    "use_metric": cfg.gate in ("metric", "both"),
+                    "ope": {"n_boot": 100},
+                    "keep_rounds": 2,
+                },
+                source="recloop experiment",
+            )
+            self.loop = LoopController(loop_cfg)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Any]:
+        """The real app with its lifespan, and an ASGI client to it."""
+        import httpx
+
+        from recloop.serving.app import create_app
+        from recloop.serving.settings import ServeSettings
+
+        settings = ServeSettings.model_validate(
+            {
+                "artifact": self.registry.current_path(),
+                "registry": self.root / "registry",
+                "artifact_root": self.root / "registry" / "versions",
+                "reload_poll_s": 0.1,
+                "bus_url": self.bus_url,
+                "store_url": "memory://",
+                "history_source": "request",
+                "policy": self.spec.policy,
+                "epsilon": self.spec.epsilon,
+                "temperature": self.spec.temperature,
+                "max_batch": 100_000,
+                "microbatch": False,
+                "gc_freeze": False,
+            }
+        )
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://arm") as client:
+                yield client
+
+    async def drain(self) -> dict[str, float]:
+        """Wait for the service's served-list logger to have published every list, run the
+        stream processor until the bus is idle, then close the round's impressions;
+        returns the worker's counters."""
+        from recloop.streaming.bus import open_bus
+        from recloop.streaming.log import BehaviorLog
+        from recloop.streaming.runner import run_worker_async
+        from recloop.streaming.settings import load_stream_settings
+
+        settings = load_stream_settings(
+            bus_url=self.bus_url,
+            database_url=self.database_url,
+            store_url="memory://",
+            batch_size=5000,
+            block_ms=50,
+            exit_when_idle_s=0.3,
+            attribution_window_s=0,
+            allowed_lateness_s=0,
+            popular_refresh_s=60.0,
+            stats_interval_s=600.0,
+        )
+        bus = open_bus(self.bus_url)
+        deadline = time.monotonic() + 30.0
+        while await bus.length() < self.expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.spec.name}: the bus holds {await bus.length()} entries, "
+                    f"expected {self.expected} (served lists not logged?)"
+                )
+            await asyncio.sleep(0.02)
+        stats = await run_worker_async(settings, stop=asyncio.Event())
+        log = BehaviorLog(self.database_url)
+        try:
+            await asyncio.to_thread(log.settle, int(time.time()) + 1)
+        finally:
+            log.dispose()
+        return stats.as_dict()
+
+
+async def _publish_events(bus_url: str, docs: list[dict[str, Any]]) -> None:
+    from recloop.streaming.bus import open_bus
+
+    if docs:
+        bus = open_bus(bus_url)
+        await bus.publish([orjson.dumps(d) for d in docs])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Served:
+    """What users got in one round (per user sums)."""
+
+    reward: np.ndarray  # (U,) float64 reward per session
+    steps: int
+    clicks: int
+    versions: list[str]
+
+
+async def serve_round(
+    stack: ArmStack,
+    client: Any,
+    world: World,
+    *,
+    users: np.ndarray,
+    seed: Sequence[int],
+    pause_s: float = 0.0,
+) -> Served:
+    """The round's users in the arm's service; the world answers (module docstring)."""
+    m = world.mech
+    b = users.shape[0]
+    state = world.initial_state(users)
+    shown: list[list[str]] = [[] for _ in range(b)]
+    total = np.zeros(b)
+    steps = clicks = 0
+    versions: dict[str, None] = {}
+    ids = [f"{USER_PREFIX}{u}" for u in users.tolist()]
+    for s in range(m.sessions):
+        if s and pause_s > 0:
+            await asyncio.sleep(pause_s)
+        world.start_session(state)
+        alive = np.ones(b, bool)
+        for t in range(m.horizon):
+            # uniforms for every user (common random numbers), then the request seeds
+            rng = np.random.default_rng([*seed, s, t])
+            uni = rng.random((5, b))
+            req_seed = np.asarray(rng.integers(0, 2**62, size=b), np.int64)
+            rows = np.flatnonzero(alive & (np.array([len(x) for x in shown]) < world.n_items))
+            if rows.shape[0] == 0:
+                break
+            body = {
+                "requests": [
+                    {
+                        "user_id": ids[i],
+                        "recent_items": shown[i],
+                        "exclude_consumed": True,
+                        "n": 1,
+                        "seed": int(req_seed[i]),
+                    }
+                    for i in rows.tolist()
+                ]
+            }
+            resp = await client.post("/v1/recommend/batch", json=body)
+            if resp.status_code != 200:
+                raise RuntimeError(f"service answered {resp.status_code}: {resp.text[:300]}")
+            results = resp.json()["results"]
+            stack.expected += sum(1 for r in results if not r["items"])  # logged all the same
+            ok = np.array([bool(r["items"]) for r in results])
+            rows, results = rows[ok], [r for r, k in zip(results, ok, strict=True) if k]
+            if rows.shape[0] == 0:
+                break
+            raw = [r["items"][0]["item_id"] for r in results]
+            item = np.array([int(x[len(ITEM_PREFIX) :]) for x in raw], np.int64)
+            sub = UserState(
+                user=users[rows],
+                taste=state.taste[rows],
+                satiety=state.satiety[rows],
+                misses=state.misses[rows],
+            )
+            out = world.step(sub, item, uni[:, rows])
+            state.taste[rows], state.satiety[rows], state.misses[rows] = (
+                sub.taste,
+                sub.satiety,
+                sub.misses,
+            )
+            now = int(time.time())
+            events: list[dict[str, Any]] = []
+            for j, i in enumerate(rows.tolist()):
+                shown[i].append(raw[j])
+                versions[results[j]["model_version"]] = None
+                code = int(out.response[j])
+                if code:
+                    rid = results[j]["recommendation_id"]
+                    events.append(
+                        {
+                            "event_id": f"{rid}:0",
+                            "user_id": ids[i],
+                            "item_id": raw[j],
+                            "ts": now,
+                            "behavior": RESPONSES[code],
+                            "reward": float(out.reward[j]),
+                            "recommendation_id": rid,
+                        }
+                    )
+            await _publish_events(stack.bus_url, events)
+            stack.expected += len(results) + len(events)
+            total[rows] += out.reward
+            steps += rows.shape[0]
+            clicks += len(events)
+            alive[:] = False
+            alive[rows] = ~out.quit
+    return Served(reward=total / m.sessions, steps=steps, clicks=clicks, versions=list(versions))
+
+
+def true_values(
+    world: World, candidate: Path, current: Path, *, users: int, sel: Selection, seed: int
+) -> tuple[Estimate, Estimate, Estimate]:
+    """True return per session of two artifacts on the same fresh users and random numbers
+    (with the arm's serving policy ``sel``), and their paired difference."""
+    who = TRUTH_USER_BASE + np.arange(users, dtype=np.int64)
+    out = []
+    for path in (candidate, current):
+        policy: Policy = make_policy(world, str(path), sel)
+        out.append(simulate(world, policy, who, seed=seed).per_user()["return"])
+    return t_interval(out[0]), t_interval(out[1]), t_interval(out[0] - out[1])
+
+
+async def _wait_for_version(client: Any, user: str, version: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = await client.post("/v1/recommend", json={"user_id": user, "n": 1})
+        if resp.status_code == 200 and resp.json().get("model_version") == version:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def run_loop_round(
+    stack: ArmStack, world: World, *, round_no: int
+) -> tuple[bool, GateCheck, float]:
+    """``recloop loop --once`` for the arm, then the gate's decision checked in the world."""
+    assert stack.loop is not None
+    cfg = stack.cfg
+    current = stack.registry.current()
+    current_path = stack.registry.current_path()
+    start = time.perf_counter()
+    try:
+        result = stack.loop.run_once()
+    except LoopError as exc:
+        logger.error("%s round %d: %s", stack.spec.name, round_no, exc)
+        g = GateCheck(
+            decision=f"failed at {exc.step}",
+            reason=str(exc),
+            candidate=None,
+            current=current,
+            true_candidate=None,
+            true_current=None,
+            true_diff=None,
+            violation=False,
+            worse_point=False,
+        )
+        return False, g, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    promoted = result.status.endswith("promoted")
+    cand = cur = diff = None
+    if result.version is not None and cfg.truth_users > 0:
+        cand, cur, diff = true_values(
+            world,
+            stack.registry.versions_dir / result.version,
+            current_path,
+            users=cfg.truth_users,
+            sel=stack.spec.selection(),
+            seed=cfg.seed + 7919 * round_no,
+        )
+    decision = "promote" if promoted else "reject" if result.version else result.status
+    g = GateCheck(
+        decision=decision,
+        reason=result.reason,
+        candidate=result.version,
+        current=current,
+        true_candidate=cand,
+        true_current=cur,
+        true_diff=diff,
+        violation=bool(promoted and diff is not None and diff.high < -cfg.margin),
+        worse_point=bool(promoted and diff is not None and diff.value < -cfg.margin),
+    )
+    return promoted, g, seconds
+
+
+async def run_experiment_async(
+    cfg: ExperimentConfig,
+    arms: list[ArmSpec],
+    workdir: Path,
+    *,
+    say: Callable[[str], None] = lambda _: None,
+) -> ExperimentResult:
+    from recloop.evaluation.worlds.base import build_world
+
+    start = time.perf_counter()
+    world = build_world(cfg.world, list(cfg.world_overrides))
+    workdir.mkdir(parents=True, exist_ok=True)
+    arms_dir = workdir / "arms"
+    if arms_dir.exists():
+        import shutil
+
+        shutil.rmtree(arms_dir)
+    boot = bootstrap_model(world, cfg, workdir)
+    boot_version = load_artifact(boot).model_version
+    say(
+        f"[bootstrap] popularity counts of a {cfg.bootstrap_users}-user log of the world's "
+        f"{cfg.bootstrap} policy: {boot_version}"
+    )
+    stacks = {
+        a.name: ArmStack(a, root=arms_dir / _slug(a.name), cfg=cfg, bootstrap=boot) for a in arms
+    }
+    rows: list[ArmRound] = []
+    async with contextlib.AsyncExitStack() as es:
+        clients = {n: await es.enter_async_context(s.serving()) for n, s in stacks.items()}
+        for r in range(1, cfg.rounds + 1):
+            users = USER_BASE + (r - 1) * cfg.users + np.arange(cfg.users, dtype=np.int64)
+            for a in arms:
+                stack, client = stacks[a.name], clients[a.name]
+                t0 = time.perf_counter()
+                served = await serve_round(
+                    stack,
+                    client,
+                    world,
+                    users=users,
+                    seed=(cfg.seed, r),
+                    pause_s=cfg.session_pause_s,
+                )
+                await stack.drain()
+                serve_s = time.perf_counter() - t0
+                row = ArmRound(
+                    round=r,
+                    arm=a.name,
+                    algo=a.algo or RANDOM,
+                    reward=t_interval(served.reward),
+                    sessions=cfg.users * world.mech.sessions,
+                    steps=served.steps,
+                    clicks=served.clicks,
+                    model_version="+".join(served.versions),
+                    serve_seconds=round(serve_s, 2),
+                )
+                if stack.loop is not None:
+                    promoted, gate, loop_s = await asyncio.to_thread(
+                        run_loop_round, stack, world, round_no=r
+                    )
+                    row.promoted, row.gate, row.loop_seconds = promoted, gate, round(loop_s, 2)
+                    now = stack.registry.current()
+                    if promoted and now is not None:
+                        swapped = await _wait_for_version(client, "u0", now, 30.0)
+                        if not swapped:
+                            raise RuntimeError(f"{a.name}: the service never swapped to {now}")
+                rows.append(row)
+                say(_round_line(row))
+    return ExperimentResult(
+        config=cfg,
+        arms=arms,
+        rows=rows,
+        world=world.describe(),
+        bootstrap_version=boot_version,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _round_line(r: ArmRound) -> str:
+    line = (
+        f"[round {r.round}] {r.arm:<28} reward/session {r.reward}  "
+        f"({r.steps} steps, {r.clicks} clicks, served by {r.model_version}; "
+        f"{r.serve_seconds:.1f} s"
+    )
+    g = r.gate
+    if g is not None:
+        line += f", loop {r.loop_seconds:.1f} s) gate: {g.decision}"
+        if g.true_diff is not None:
+            line += f"; true candidate − current {g.true_diff}"
+        if g.violation:
+            line += "  VIOLATION"
+    else:
+        line += ")"
+    return line
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    arms: list[ArmSpec],
+    workdir: Path,
+    *,
+    say: Callable[[str], None] = lambda _: None,
+) -> ExperimentResult:
+    """Run every round of every arm, write ``workdir/experiment.csv`` and
+    ``workdir/experiment.json``, and return the result."""
+    result = asyncio.run(run_experiment_async(cfg, arms, workdir, say=say))
+    write_csv(result, workdir / "experiment.csv")
+    (workdir / "experiment.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def summary_table(result: ExperimentResult) -> str:
+    """Markdown: reward per session per round and arm (95 % interval)."""
+    rounds = result.config.rounds
+    head = "| arm | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |"
+    lines = [head, "|---" * (rounds + 1) + "|"]
+    for a in result.arms:
+        cells = []
+        for r in result.arm_rows(a.name):
+            mark = " ↑" if r.promoted else ""
+            cells.append(f"{r.reward.value:.3f} [{r.reward.low:.3f}, {r.reward.high:.3f}]{mark}")
+        lines.append(f"| {a.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_last_round(result: ExperimentResult) -> dict[str, Any] | None:
+    """Best RL arm vs best supervised arm in the last round: ratio and whether the 95 %
+    intervals are disjoint (the issue's target: ratio >= 1.2 with disjoint intervals)."""
+    last = [r for r in result.rows if r.round == result.config.rounds]
+    rl = [r for r in last if r.arm.startswith("rl-")]
+    sup = [r for r in last if r.arm.startswith("supervised-")]
+    if not rl or not sup:
+        return None
+    best_rl = max(rl, key=lambda r: r.reward.value)
+    best_sup = max(sup, key=lambda r: r.reward.value)
+    ratio = best_rl.reward.value / best_sup.reward.value if best_sup.reward.value else math.inf
+    return {
+        "rl_arm": best_rl.arm,
+        "rl": best_rl.reward.to_dict(),
+        "supervised_arm": best_sup.arm,
+        "supervised": best_sup.reward.to_dict(),
+        "ratio": ratio,
+        "disjoint": best_rl.reward.low > best_sup.reward.high,
+        "target_met": ratio >= 1.2 and best_rl.reward.low > best_sup.reward.high,
+    }
