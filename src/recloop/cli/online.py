@@ -352,7 +352,7 @@ def replay_command(
 
     from recloop.cli.app import echo, echo_json
     from recloop.errors import ConfigError
-    from recloop.streaming.bus import is_in_process, open_bus
+    from recloop.streaming.buses import is_in_process, open_bus
     from recloop.streaming.replay import ReplayStats, load_replay_events, replay
     from recloop.streaming.settings import load_stream_settings
 

@@ -72,7 +72,7 @@ import orjson
 import polars as pl
 
 from recloop.errors import ConfigError
-from recloop.streaming.bus import EventBus, is_in_process, open_bus
+from recloop.streaming.buses import EventBus, is_in_process, open_bus
 from recloop.streaming.events import (
     BusMessage,
     DeadLetter,
@@ -209,6 +209,10 @@ class WorkerStats:
     """Cache steps skipped after a permanent error (logged as errors)."""
     busy_cpu_s: float = 0.0
     """CPU seconds of the worker process from its first batch on (start-up excluded)."""
+    lag: int = 0
+    """Consumer lag at the last report: records of the worker's partitions not read yet
+    (Kafka: high watermark minus position; summed over workers, the group's); 0 on buses
+    without per-consumer backlog (Redis Streams, memory)."""
 
     def add(self, other: WorkerStats) -> WorkerStats:
         return WorkerStats(
@@ -630,10 +634,14 @@ class Worker:
                 msgs, parsed = await (ahead if ahead is not None else fetch())
                 ahead = None
                 now = time.monotonic()
-                if now - last_stats >= s.stats_interval_s:
+                due_stats = now - last_stats >= s.stats_interval_s
+                due_report = self.report is not None and now - last_report >= REPORT_INTERVAL_S
+                if due_stats or due_report:
+                    p.stats.lag = await self._lag()
+                if due_stats:
                     last_stats = now
                     logger.info("%s: %s", me, p.stats.as_dict())
-                if self.report is not None and now - last_report >= REPORT_INTERVAL_S:
+                if self.report is not None and due_report:
                     last_report = now
                     self.report(p.stats)
                 if msgs:
@@ -660,12 +668,21 @@ class Worker:
                 ahead = None
                 if msgs:
                     await p.process(msgs, parsed)
+            p.stats.lag = await self._lag()
         finally:
             if ahead is not None:
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
                     await ahead
         return p.stats
+
+    async def _lag(self) -> int:
+        """The bus's consumer lag for this worker (0 when it keeps none or cannot tell)."""
+        try:
+            return (await self.p.bus.lag(self.s.group)) or 0
+        except Exception as exc:  # a metric: never a reason to stop
+            logger.debug("lag: %s", _short(exc))
+            return 0
 
 
 async def run_worker_async(

@@ -33,7 +33,8 @@ class StreamSettings(BaseSettings):
         "memory://",
         validation_alias=AliasChoices("bus_url", "RECLOOP_BUS_URL", "RECLOOP_REDIS_URL"),
     )
-    """Event bus: redis://host:port/db (Redis Streams) or memory:// (one process only)."""
+    """Event bus: redis://host:port/db (Redis Streams), kafka://host:port/topic (Kafka; see
+    recloop.streaming.buses.kafka for its options) or memory:// (one process only)."""
     store_url: str | None = Field(
         None,
         validation_alias=AliasChoices("store_url", "RECLOOP_STORE_URL", "RECLOOP_REDIS_URL"),
@@ -47,7 +48,8 @@ class StreamSettings(BaseSettings):
     store_prefix: str = "recloop:"
     """Namespace of the online store's Redis keys."""
     stream: str = "recloop:events"
-    """Name of the event stream."""
+    """Name of the event stream (Kafka: the topic when the bus URL names none, with ':'
+    written '.')."""
     dead_letter_stream: str | None = None
     """Name of the dead-letter stream; None appends ":dead" to the event stream's name."""
     group: str = "recloop-stream"
