@@ -82,7 +82,7 @@ from recloop.streaming.events import (
 from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
 from recloop.streaming.operators import (
     IdIndex,
-    Watermark,
+    PartitionedWatermarks,
     history_batch,
     realised_rewards,
     recent_by_user,
@@ -297,7 +297,7 @@ class StreamProcessor:
         self.stop = stop
         self.recommender = recommender
         self.backoff = Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s)
-        self.watermark = Watermark(settings.allowed_lateness_s)
+        self.watermark = PartitionedWatermarks(settings.allowed_lateness_s)
         self.stats = WorkerStats()
         self.retry_waits: list[float] = []
         self._popular_dirty = False
@@ -352,8 +352,14 @@ class StreamProcessor:
         events = parsed.events
         if events.height:
             # Observed once per batch, before any retry, so a retry cannot move the watermark.
-            late = self.watermark.observe(events["ts"].to_numpy())
-            origin = [event_msgs[i] for i in parsed.message_index().tolist()]
+            index = parsed.message_index()
+            parts = None
+            if event_msgs[0].partition is not None:
+                parts = np.fromiter((m.partition for m in event_msgs), np.int64, len(event_msgs))[
+                    index
+                ]
+            late = self.watermark.observe(events["ts"].to_numpy(), parts)
+            origin = [event_msgs[i] for i in index.tolist()]
             await self._sinks(events, late, ids, origin)
             if parsed.links is not None and parsed.links.height:
                 links = parsed.links

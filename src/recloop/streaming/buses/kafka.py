@@ -320,7 +320,7 @@ class _Consumer:
             p, o = r.partition(), r.offset()
             headers = r.headers()
             fields = {k.encode(): v or b"" for k, v in headers} if headers else None
-            out.append(BusMessage(f"{p}-{o}", r.value(), fields))
+            out.append(BusMessage(f"{p}-{o}", r.value(), fields, p))
             delivered.setdefault(p, []).append(o)
         with self.lock:
             for p, offsets in delivered.items():
