@@ -119,10 +119,13 @@ async def test_rebalance_while_processing_logs_every_event_once(
 
         async def state() -> str:
             cons = list(buses[0]._consumers.values())  # type: ignore[attr-defined]
-            return (
-                f"(logged {log.count()}, pending {await buses[0].pending_count(s.group)}, "
-                f"partitions {[(p, len(st.outstanding), st.next_offset, st.committed) for c in cons for p, st in c.partitions.items()]})"
-            )
+            parts = [
+                (p, len(st.outstanding), st.next_offset, st.committed)
+                for c in cons
+                for p, st in c.partitions.items()
+            ]
+            pending = await buses[0].pending_count(s.group)
+            return f"(logged {log.count()}, pending {pending}, partitions {parts})"
 
         await wait_for("every event logged and committed", all_done, state=state)
         stops[0].set()
