@@ -117,6 +117,11 @@ class EventBus(Protocol):
         """Entries in the stream."""
         ...
 
+    async def read_all(self, count: int | None = None) -> list[BusMessage]:
+        """Every entry of the stream (inspection, tests), oldest first (Kafka: partition by
+        partition)."""
+        ...
+
     async def lag(self, group: str) -> int | None:
         """Entries this process's consumers of ``group`` have not read yet, as far as the
         bus tells a consumer (Kafka: high watermark minus position over its partitions);
