@@ -120,6 +120,25 @@ async def test_commit_stops_at_the_first_unacknowledged_offset(
         await first.close()
 
 
+async def test_lag_is_what_the_consumer_has_not_read(
+    kafka_broker,
+    kafka_topic: str,  # type: ignore[no-untyped-def]
+) -> None:
+    bus = open_bus(kafka_broker.url(kafka_topic).replace("partitions=4", "partitions=1"))
+    try:
+        await bus.publish(events(40))
+        await bus.publish(events(10, 40))  # a second batch: the broker's "latest" may be 41
+        got = await read_until(bus, "g", "c", 15)
+        assert len(got) == 15
+        assert await bus.lag("g") == 35
+        assert await bus.pending_count("g") == 50  # nothing acknowledged
+        rest = await read_until(bus, "g", "c", 35)
+        await bus.ack("g", [m.id for m in got + rest])
+        assert await bus.lag("g") == 0
+    finally:
+        await bus.delete()
+
+
 async def test_groups_are_independent_and_start_at_the_beginning(kbus: KafkaBus) -> None:
     await kbus.publish(events(6))
     for g in ("a", "b"):

@@ -849,7 +849,8 @@ def run_stream(settings: StreamSettings) -> WorkerStats:
     naming the worker and its exit status or signal, with every worker's counters (the
     dead one's up to its last report): the processor fails as a whole, for its supervisor
     to restart, rather than run on with fewer workers unnoticed.  The dead worker's pending
-    entries are taken over by the next workers (``claim_min_idle_ms``).
+    entries are taken over by the next workers (Redis Streams: ``claim_min_idle_ms``; Kafka:
+    its partitions' next owners read on from the last committed offset).
     """
     if settings.workers > 1 and is_in_process(settings.bus_url):
         raise ConfigError(

@@ -61,7 +61,9 @@ class StreamSettings(BaseSettings):
     block_ms: int = Field(1000, ge=0)
     """How long one read waits for new events."""
     claim_min_idle_ms: int = Field(30_000, ge=0)
-    """Entries pending this long at another consumer are taken over (XAUTOCLAIM)."""
+    """Entries pending this long at another consumer are taken over (XAUTOCLAIM).  Redis
+    Streams only: on Kafka the group coordinator hands a dead worker's partitions to the
+    others after the bus URL's session.timeout.ms (default 10 s)."""
     claim_interval_s: float = Field(5.0, gt=0)
     """How often a worker looks for stale pending entries."""
     window_s: int = Field(3600, ge=1)

@@ -439,7 +439,7 @@ class KafkaBus:
         from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        admin = AdminClient(self._client_conf())
+        admin = AdminClient({**self._client_conf(), "logger": logger})
         wanted = [
             NewTopic(self.stream, self.url.partitions, self.url.replication_factor),
             NewTopic(self.dead_letter_stream, 1, self.url.replication_factor),
@@ -731,7 +731,7 @@ class KafkaBus:
         from confluent_kafka.admin import AdminClient
 
         def run() -> None:
-            admin = AdminClient(self._client_conf())
+            admin = AdminClient({**self._client_conf(), "logger": logger})
             futures = admin.delete_topics(
                 [self.stream, self.dead_letter_stream], request_timeout=self._timeout_s
             )
