@@ -434,12 +434,18 @@ class KafkaBus:
 
     # -- topics --
 
+    def _admin(self) -> Any:
+        from confluent_kafka.admin import AdminClient
+
+        conf: dict[str, Any] = {**self._client_conf(), "logger": logger}
+        return AdminClient(conf)
+
     def _create_topics(self) -> None:
         """Create the topic and the dead-letter topic unless they exist (blocking)."""
         from confluent_kafka import KafkaError, KafkaException
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import NewTopic
 
-        admin = AdminClient({**self._client_conf(), "logger": logger})
+        admin = self._admin()
         wanted = [
             NewTopic(self.stream, self.url.partitions, self.url.replication_factor),
             NewTopic(self.dead_letter_stream, 1, self.url.replication_factor),
@@ -728,10 +734,8 @@ class KafkaBus:
 
     async def delete(self) -> None:
         """Delete the topic and the dead-letter topic (tests, resets)."""
-        from confluent_kafka.admin import AdminClient
-
         def run() -> None:
-            admin = AdminClient({**self._client_conf(), "logger": logger})
+            admin = self._admin()
             futures = admin.delete_topics(
                 [self.stream, self.dead_letter_stream], request_timeout=self._timeout_s
             )
