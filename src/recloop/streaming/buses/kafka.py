@@ -734,6 +734,7 @@ class KafkaBus:
 
     async def delete(self) -> None:
         """Delete the topic and the dead-letter topic (tests, resets)."""
+
         def run() -> None:
             admin = self._admin()
             futures = admin.delete_topics(
