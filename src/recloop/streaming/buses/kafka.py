@@ -485,6 +485,8 @@ class KafkaBus:
         (partition, offset) of each, in order.  Raises ``ConnectionError`` when the broker
         cannot be reached in time (the caller backs off) and :class:`KafkaBusError` when it
         refuses a record."""
+        from confluent_kafka import KafkaError
+
         if not records:
             return []
         await self._ensure_topics()
@@ -519,6 +521,8 @@ class KafkaBus:
         failed = [x for x in out if not isinstance(x, tuple)]
         if failed:
             err = failed[0]
+            if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self._topics_ready = False  # the broker lost it: create it again next time
             if err is not None and err.retriable():
                 raise ConnectionError(f"kafka {self.url.bootstrap}: {err.str()}")
             raise KafkaBusError(f"producing to {topic!r}: {err.str() if err else 'no report'}")
