@@ -63,6 +63,20 @@ def test_url_parsing_and_topic_names() -> None:
     assert bus.dead_letter_stream == "mine"
 
 
+async def test_an_unreachable_broker_is_a_connection_error_to_back_off_from() -> None:
+    """The worker retries ConnectionError (an OSError) with backoff; it must not crash."""
+    pytest.importorskip("confluent_kafka")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bus = open_bus(f"kafka://127.0.0.1:{port}/t", timeout_s=1.0)
+    with pytest.raises(ConnectionError, match="list topics"):
+        await bus.ensure_group("g")
+    await bus.close()
+
+
 def test_records_are_keyed_by_user() -> None:
     assert user_key(b'{"event_id":"e","user_id":"196"}') == b"196"
     assert user_key(b'{"type":"served","user_id":7}') == b"7"

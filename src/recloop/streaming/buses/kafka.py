@@ -40,7 +40,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -179,6 +179,43 @@ def user_key(payload: bytes | None) -> bytes | None:
 
 class KafkaBusError(RuntimeError):
     """The broker refused a request (not a connection problem)."""
+
+
+_TRANSIENT_CODES = (
+    "_TRANSPORT",
+    "_TIMED_OUT",
+    "_ALL_BROKERS_DOWN",
+    "_MSG_TIMED_OUT",
+    "_WAIT_COORD",
+    "REQUEST_TIMED_OUT",
+    "NOT_COORDINATOR",
+    "COORDINATOR_NOT_AVAILABLE",
+    "COORDINATOR_LOAD_IN_PROGRESS",
+    "UNKNOWN_TOPIC_OR_PART",
+    "LEADER_NOT_AVAILABLE",
+    "NOT_LEADER_FOR_PARTITION",
+)
+
+
+@contextlib.contextmanager
+def _broker_call(what: str, bootstrap: str) -> Iterator[None]:
+    """Turn the client's errors into ``ConnectionError`` (the caller backs off and retries)
+    when the broker is unreachable or busy, else into :class:`KafkaBusError`."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    try:
+        yield
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        text = err.str() if err is not None else str(exc)
+        transient = (
+            err is None
+            or err.retriable()
+            or any(err.code() == getattr(KafkaError, name, None) for name in _TRANSIENT_CODES)
+        )
+        if transient:
+            raise ConnectionError(f"kafka {bootstrap}: {what}: {text}") from None
+        raise KafkaBusError(f"kafka {bootstrap}: {what}: {text}") from None
 
 
 @dataclass
@@ -450,7 +487,8 @@ class KafkaBus:
             NewTopic(self.stream, self.url.partitions, self.url.replication_factor),
             NewTopic(self.dead_letter_stream, 1, self.url.replication_factor),
         ]
-        existing = admin.list_topics(timeout=self._timeout_s).topics
+        with _broker_call("list topics", self.url.bootstrap):
+            existing = admin.list_topics(timeout=self._timeout_s).topics
         missing = [t for t in wanted if t.topic not in existing]
         if not missing:
             return
@@ -458,9 +496,10 @@ class KafkaBus:
             try:
                 fut.result(timeout=self._timeout_s)
             except KafkaException as exc:
-                err = exc.args[0]
-                if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise KafkaBusError(f"creating topic {topic!r}: {err.str()}") from None
+                if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                with _broker_call(f"creating topic {topic!r}", self.url.bootstrap):
+                    raise
             else:
                 logger.info("created topic %s", topic)
 
@@ -655,7 +694,12 @@ class KafkaBus:
     async def pending_count(self, group: str) -> int:
         """The group's committed lag (records not acknowledged by any consumer of the group,
         read or not); the consumers' commits are asynchronous, so it may lag a batch behind."""
-        return await asyncio.to_thread(self._committed_lag, group)
+
+        def run() -> int:
+            with _broker_call("committed offsets", self.url.bootstrap):
+                return self._committed_lag(group)
+
+        return await asyncio.to_thread(run)
 
     async def lag(self, group: str) -> int | None:
         mine = [c for (g, _), c in self._consumers.items() if g == group and not c.closed]
