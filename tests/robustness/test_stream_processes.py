@@ -18,6 +18,7 @@ import pytest
 
 from recloop.stores import MemoryStore
 from recloop.streaming.bus import RedisStreamBus, _messages
+from recloop.streaming.buses import open_bus
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.runner import WorkerExit, run_worker_async
 from recloop.streaming.settings import StreamSettings
@@ -90,18 +91,57 @@ async def _consumers(redis_url: str, names: dict[str, str]) -> list[str]:
         await bus.close()
 
 
-@pytest.mark.integration
+def _worker_children(pid: int) -> list[int]:
+    """PIDs of the spawned worker processes of ``recloop stream`` (pid), oldest first (not
+    the multiprocessing resource tracker)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(x) for x in task.read_text().split()]
+    workers = []
+    for child in sorted(out):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+    return workers
+
+
+def _has_kafka_client(pid: int) -> bool:
+    for comm in Path(f"/proc/{pid}/task").glob("*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().startswith("rdk:"):
+                return True
+    return False
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("redis", marks=pytest.mark.integration),
+        pytest.param("kafka", marks=pytest.mark.kafka),
+    ],
+)
 def test_killed_worker_fails_the_run_and_is_named(
-    names: dict[str, str], redis_url: str, tmp_path: Path
+    names: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """`recloop stream --workers 2` used to run on (and exit 0 when stopped, its counts
     leaving the dead worker out) after a worker was killed."""
+    kafka = kind == "kafka"
+    bus_url = redis_url
+    store = ["--store-url", redis_url]
+    if kafka:
+        bus_url = request.getfixturevalue("kafka_broker").url(names["stream"].replace(":", "."))
+        store = ["--store-url", f"sqlite:///{tmp_path / 'store.db'}"]
     env = dict(os.environ, RECLOOP_NO_PROGRESS="1")
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "recloop"), "stream", "--workers", "2",
-            "--bus-url", redis_url, "--store-url", redis_url,
+            "--bus-url", bus_url, *store,
             "--stream", names["stream"], "--group", names["group"],
             "--database-url", f"sqlite:///{tmp_path / 'log.db'}", "--json",
         ],
@@ -113,6 +153,13 @@ def test_killed_worker_fails_the_run_and_is_named(
         while len(worker_pids) < 2:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+            if kafka:  # the group's members are not listed by every broker: ask /proc
+                # A worker is up once librdkafka's threads run in it (its signal handlers
+                # are installed before it opens the bus).
+                children = _worker_children(proc.pid)
+                if len(children) == 2 and all(map(_has_kafka_client, children)):
+                    worker_pids = dict(enumerate(children))
+                continue
             for name in asyncio.run(_consumers(redis_url, names)):
                 _, pid, index = name.rsplit("-", 2)
                 worker_pids[int(index)] = int(pid)
@@ -127,14 +174,16 @@ def test_killed_worker_fails_the_run_and_is_named(
                 os.kill(pid, signal.SIGKILL)
 
         async def cleanup() -> None:
-            bus = RedisStreamBus(redis_url, stream=names["stream"])
+            bus = open_bus(bus_url, stream=names["stream"])
             await bus.delete()
             await bus.close()
 
         asyncio.run(cleanup())
     assert proc.returncode == 1, err
     failed = json.loads(out)["failed_workers"]
-    assert failed == [
-        {"name": "recloop-stream-1", "pid": worker_pids[1], "exitcode": -9, "counts_final": False}
-    ]
-    assert f"error: worker recloop-stream-1 (pid {worker_pids[1]}) was killed by SIGKILL" in err
+    assert len(failed) == 1 and failed[0]["pid"] == worker_pids[1]
+    assert failed[0]["exitcode"] == -9 and failed[0]["counts_final"] is False
+    name = failed[0]["name"]
+    if not kafka:
+        assert name == "recloop-stream-1"
+    assert f"error: worker {name} (pid {worker_pids[1]}) was killed by SIGKILL" in err

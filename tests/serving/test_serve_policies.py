@@ -18,7 +18,7 @@ from recloop.serving.exploration import plackett_luce_propensities
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.served_log import ServedLog
 from recloop.serving.settings import ServeSettings
-from recloop.streaming.bus import RedisStreamBus
+from recloop.streaming.buses import open_bus
 from recloop.streaming.log import BehaviorLog
 
 
@@ -151,14 +151,23 @@ async def test_served_lists_are_logged_to_sql_with_their_propensities(
     assert set(pop["source"]) == {"popular"} and set(pop["propensity"]) == {1.0}
 
 
-@pytest.mark.integration
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("redis", marks=pytest.mark.integration),
+        pytest.param("kafka", marks=pytest.mark.kafka),
+    ],
+)
 async def test_served_lists_go_onto_the_bus_for_the_stream_processor(
-    serve: ServeFactory,
+    serve: ServeFactory, kind: str, request: pytest.FixtureRequest
 ) -> None:
     stream = f"rlt{uuid.uuid4().hex[:10]}:events"
-    async with serve(bus_url=REDIS_URL, stream=stream) as (client, _):
+    bus_url = REDIS_URL
+    if kind == "kafka":
+        bus_url = request.getfixturevalue("kafka_broker").url(stream.replace(":", "."))
+    async with serve(bus_url=bus_url, stream=stream) as (client, _):
         a = await post(client, {"user_id": "u3", "n": 2, "policy": "epsilon", "epsilon": 0.5})
-    bus = RedisStreamBus(REDIS_URL, stream=stream, dead_letter_stream=f"{stream}:dead")
+    bus = open_bus(bus_url, stream=stream, dead_letter_stream=f"{stream}:dead")
     try:
         (msg,) = await bus.read_all()
         assert msg.payload is not None and msg.payload.startswith(b'{"type":"served"')

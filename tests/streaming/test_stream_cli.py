@@ -11,6 +11,7 @@ import pytest
 
 from recloop.cli import main
 from recloop.streaming.bus import RedisStreamBus
+from recloop.streaming.buses import open_bus
 from recloop.streaming.log import BehaviorLog
 
 
@@ -39,7 +40,8 @@ def test_stream_with_in_process_replay_logs_everything(
         (["replay", "DS", "--bus-url", "memory://"], "memory:// lives in one process"),
         (["stream", "--workers", "2", "--bus-url", "memory://"], "needs a shared bus"),
         (["stream", "--window", "100", "--slide", "80"], "window_s (100) must be a multiple"),
-        (["stream", "--bus-url", "kafka://x", "--exit-when-idle", "0.1"], "unsupported scheme"),
+        (["stream", "--bus-url", "amqp://x", "--exit-when-idle", "0.1"], "unsupported scheme"),
+        (["stream", "--bus-url", "kafka://h:1/a:b", "--exit-when-idle", "0.1"], "topic 'a:b'"),
         (
             [
                 "replay",
@@ -99,3 +101,43 @@ def test_replay_command_publishes_to_redis(
             await bus.close()
 
     assert asyncio.run(length()) == 120
+
+
+@pytest.mark.kafka
+def test_replay_then_stream_on_kafka(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_dataset: Any,
+    names: dict[str, str],
+    kafka_broker: Any,
+    kafka_topic: str,
+) -> None:
+    """`recloop replay` and `recloop stream --workers 2` with --bus-url kafka://."""
+    make_dataset(400).save(tmp_path / "ds")
+    url = kafka_broker.url(kafka_topic)
+    code = main(
+        [
+            "--no-progress", "replay", str(tmp_path / "ds"), "--bus-url", url,
+            "--batch-size", "100", "--json",
+        ]
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["events"] == 400 and out["stream"] == "recloop:events"
+    db = f"sqlite:///{tmp_path / 'log.db'}"
+    code = main(
+        [
+            "--no-progress", "stream", "--bus-url", url, "--workers", "2",
+            "--store-url", f"sqlite:///{tmp_path / 'store.db'}", "--database-url", db,
+            "--group", names["group"], "--batch-size", "64", "--exit-when-idle", "3", "--json",
+        ]
+    )  # fmt: skip
+    stats = json.loads(capsys.readouterr().out)
+    assert code == 0, stats
+    assert stats["logged"] == 400 and stats["duplicates"] == 0 and stats["lag"] == 0
+    assert BehaviorLog(db).count() == 400
+
+    async def cleanup() -> None:
+        bus = open_bus(url)
+        await bus.delete()
+
+    asyncio.run(cleanup())

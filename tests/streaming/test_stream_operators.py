@@ -10,6 +10,7 @@ import torch
 from recloop.streaming.events import EVENT_SCHEMA
 from recloop.streaming.operators import (
     IdIndex,
+    PartitionedWatermarks,
     Watermark,
     bucket_counts,
     history_batch,
@@ -89,6 +90,19 @@ def test_watermark_marks_events_older_than_running_max_minus_lateness() -> None:
     assert wm.max_ts == 120 and wm.watermark == 110
     # State carries to the next batch.
     assert wm.observe(np.array([111, 105])).tolist() == [False, True]
+
+
+def test_partitioned_watermarks_judge_each_partition_alone() -> None:
+    """A Kafka consumer may get partition 0's whole backlog before partition 1's: partition
+    1's older events are late only against partition 1."""
+    wm = PartitionedWatermarks(10)
+    late = wm.observe(np.array([990, 1000, 100, 105, 94, 1001]), np.array([0, 0, 1, 1, 1, 0]))
+    assert late.tolist() == [False, False, False, False, True, False]
+    assert wm.max_ts == 105  # reached by every partition seen
+    assert wm.observe(np.array([90, 96]), np.array([1, 1])).tolist() == [True, False]
+    one = PartitionedWatermarks(10)  # no partitions: one stream, one watermark
+    assert one.observe(np.array([1000, 100])).tolist() == [False, True]
+    assert one.max_ts == 1000
 
 
 def test_recent_by_user_dedupes_events_and_breaks_ties_by_event_id() -> None:

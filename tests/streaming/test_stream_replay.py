@@ -17,6 +17,7 @@ import pytest
 from recloop.data.dataset import PreparedDataset
 from recloop.errors import ConfigError
 from recloop.streaming.bus import MemoryBus, RedisStreamBus
+from recloop.streaming.buses import open_bus
 from recloop.streaming.replay import (
     dataset_tag,
     load_replay_events,
@@ -157,6 +158,32 @@ async def test_redis_restart_during_replay_loses_nothing(
         await asyncio.sleep(0.2)
         await asyncio.to_thread(own_redis.start)
         stats = await asyncio.wait_for(task, 60)
+        got = {orjson.loads(m.payload)["event_id"] for m in await bus.read_all()}
+        assert got == set(ev["event_id"].to_list())
+        assert stats.restarts >= 1
+    finally:
+        await bus.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_kafka_broker_restart_during_replay_loses_nothing(
+    names: dict[str, str], own_kafka: Any, kafka_topic: str, make_dataset: Any
+) -> None:
+    """A memory broker of the test's own is killed and started again in the middle of a
+    replay: the offsets starting over tell the replay that the topic lost its records."""
+    ev = replay_events(make_dataset(3000))
+    url = f"kafka://{own_kafka.bootstrap}/{kafka_topic}?partitions=2&message.timeout.ms=3000"
+    bus = open_bus(url, timeout_s=1.0)
+    try:
+        task = asyncio.create_task(
+            replay(ev, bus, rate=4000.0, batch_size=100, backoff=Backoff(initial_s=0.05, max_s=0.3))
+        )
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(own_kafka.kill)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(own_kafka.start)
+        stats = await asyncio.wait_for(task, 90)
         got = {orjson.loads(m.payload)["event_id"] for m in await bus.read_all()}
         assert got == set(ev["event_id"].to_list())
         assert stats.restarts >= 1

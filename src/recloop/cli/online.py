@@ -66,8 +66,8 @@ def serve(
     ),
     bus_url: str | None = typer.Option(
         None,
-        help="Log every served list onto this event bus (redis://…) for `recloop stream` "
-        "(default: RECLOOP_BUS_URL).",
+        help="Log every served list onto this event bus (redis://… or kafka://host:port/topic) "
+        "for `recloop stream` (default: RECLOOP_BUS_URL).",
     ),
     database_url: str | None = typer.Option(
         None,
@@ -201,8 +201,8 @@ def serve(
 def stream(
     bus_url: str | None = typer.Option(
         None,
-        help="Event bus: redis://host:port/db or memory:// (default RECLOOP_BUS_URL, "
-        "else RECLOOP_REDIS_URL, else memory://).",
+        help="Event bus: redis://host:port/db, kafka://host:port/topic or memory:// (default "
+        "RECLOOP_BUS_URL, else RECLOOP_REDIS_URL, else memory://).",
     ),
     database_url: str | None = typer.Option(
         None,
@@ -332,7 +332,8 @@ def replay_command(
     prepared_dir: Path = typer.Argument(..., help="Prepared dataset directory."),
     bus_url: str | None = typer.Option(
         None,
-        help="Event bus: redis://host:port/db (default RECLOOP_BUS_URL, else RECLOOP_REDIS_URL).",
+        help="Event bus: redis://host:port/db or kafka://host:port/topic (default "
+        "RECLOOP_BUS_URL, else RECLOOP_REDIS_URL).",
     ),
     stream_name: str | None = typer.Option(
         None, "--stream", help="Event stream name (default recloop:events)."
@@ -352,7 +353,7 @@ def replay_command(
 
     from recloop.cli.app import echo, echo_json
     from recloop.errors import ConfigError
-    from recloop.streaming.bus import is_in_process, open_bus
+    from recloop.streaming.buses import is_in_process, open_bus
     from recloop.streaming.replay import ReplayStats, load_replay_events, replay
     from recloop.streaming.settings import load_stream_settings
 
@@ -360,7 +361,8 @@ def replay_command(
     if is_in_process(settings.bus_url):
         raise ConfigError(
             "replay: memory:// lives in one process, nothing else could read it; use "
-            "--bus-url redis://..., or `recloop stream --replay DIR` for an in-process run"
+            "--bus-url redis://... or kafka://..., or `recloop stream --replay DIR` for an "
+            "in-process run"
         )
     events = load_replay_events(prepared_dir, limit=limit)
 

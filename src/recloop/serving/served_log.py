@@ -39,7 +39,7 @@ class BusSink:
     """Publishes served lists onto the event stream (one entry per list)."""
 
     def __init__(self, url: str, *, stream: str) -> None:
-        from recloop.streaming.bus import open_bus
+        from recloop.streaming.buses import open_bus
 
         self.bus = open_bus(url, stream=stream, dead_letter_stream=f"{stream}:dead")
 

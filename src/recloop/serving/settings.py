@@ -104,8 +104,9 @@ class ServeSettings(BaseSettings):
     epsilon: float = Field(0.1, ge=0, le=1)
     """Default exploration probability per slot of the epsilon policy."""
     bus_url: str | None = None
-    """Log every served list to this event bus (redis://; read by ``recloop stream``, which
-    writes it to the SQL log).  Takes precedence over ``database_url``."""
+    """Log every served list to this event bus (redis://host:port/db or
+    kafka://host:port/topic; read by ``recloop stream``, which writes it to the SQL log).
+    Takes precedence over ``database_url``."""
     database_url: str | None = None
     """Without ``bus_url``: log every served list straight into this SQL database (the
     stream processor's log tables).  Neither set: served lists are not logged."""

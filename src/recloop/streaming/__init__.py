@@ -4,7 +4,7 @@ and refreshed recommendations; and the replay producer that feeds it a prepared 
 Loads artifacts only; never imports training code.
 """
 
-from recloop.streaming.bus import EventBus, MemoryBus, RedisStreamBus, open_bus
+from recloop.streaming.buses import EventBus, MemoryBus, RedisStreamBus, open_bus
 from recloop.streaming.events import BusMessage, DeadLetter, ParsedBatch, encode_events, parse_batch
 from recloop.streaming.log import BehaviorLog, log_tables
 from recloop.streaming.settings import StreamSettings, load_stream_settings

@@ -74,6 +74,8 @@ class BusMessage:
     fields: dict[bytes, bytes] | None = None
     """The entry's other fields, byte for byte; None when the payload is its only field (the
     usual case, so that reading costs no dict per entry)."""
+    partition: int | None = None
+    """Partition of the entry (Kafka); None on a bus that is one ordered stream."""
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,42 @@ class Watermark:
         return self.max_ts - self.allowed_lateness_s
 
 
+class PartitionedWatermarks:
+    """A :class:`Watermark` per bus partition (Kafka), or one for a bus without partitions.
+
+    A consumer of several Kafka partitions gets each partition in order but the partitions
+    interleaved in any way (a whole fetched run of one, then of another), so lateness is
+    judged per partition, as Flink's Kafka source judges it; Redis Streams is one ordered
+    stream and keeps one watermark per consumer, as before.
+    """
+
+    def __init__(self, allowed_lateness_s: int | None) -> None:
+        self.allowed_lateness_s = allowed_lateness_s
+        self.parts: dict[int, Watermark] = {}
+
+    def _part(self, p: int) -> Watermark:
+        if p not in self.parts:
+            self.parts[p] = Watermark(self.allowed_lateness_s)
+        return self.parts[p]
+
+    def observe(self, ts: np.ndarray, partitions: np.ndarray | None = None) -> np.ndarray:
+        """(E,) event times in bus order and (E,) partitions (None: one) → (E,) bool late."""
+        ts = np.asarray(ts, np.int64)
+        if partitions is None:
+            return self._part(-1).observe(ts)
+        late = np.zeros(ts.size, bool)
+        for p in np.unique(partitions).tolist():
+            sel = partitions == p
+            late[sel] = self._part(int(p)).observe(ts[sel])
+        return late
+
+    @property
+    def max_ts(self) -> int | None:
+        """The event time every partition seen has reached (the smallest of their newest)."""
+        seen = [w.max_ts for w in self.parts.values() if w.max_ts is not None]
+        return min(seen) if seen else None
+
+
 # ----------------------------------------------------------------------------- recent items
 
 

@@ -28,7 +28,7 @@ from recloop.data import validity
 from recloop.data.dataset import PreparedDataset
 from recloop.errors import ConfigError, DataError
 from recloop.progress import progress
-from recloop.streaming.bus import EventBus
+from recloop.streaming.buses import EventBus
 from recloop.streaming.events import EVENT_SCHEMA, RULES, encode_events
 from recloop.streaming.runner import Backoff, retry
 

@@ -72,7 +72,7 @@ import orjson
 import polars as pl
 
 from recloop.errors import ConfigError
-from recloop.streaming.bus import EventBus, is_in_process, open_bus
+from recloop.streaming.buses import EventBus, is_in_process, open_bus
 from recloop.streaming.events import (
     BusMessage,
     DeadLetter,
@@ -82,7 +82,7 @@ from recloop.streaming.events import (
 from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
 from recloop.streaming.operators import (
     IdIndex,
-    Watermark,
+    PartitionedWatermarks,
     history_batch,
     realised_rewards,
     recent_by_user,
@@ -209,6 +209,10 @@ class WorkerStats:
     """Cache steps skipped after a permanent error (logged as errors)."""
     busy_cpu_s: float = 0.0
     """CPU seconds of the worker process from its first batch on (start-up excluded)."""
+    lag: int = 0
+    """Consumer lag at the last report: records of the worker's partitions not read yet
+    (Kafka: high watermark minus position; summed over workers, the group's); 0 on buses
+    without per-consumer backlog (Redis Streams, memory)."""
 
     def add(self, other: WorkerStats) -> WorkerStats:
         return WorkerStats(
@@ -293,7 +297,7 @@ class StreamProcessor:
         self.stop = stop
         self.recommender = recommender
         self.backoff = Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s)
-        self.watermark = Watermark(settings.allowed_lateness_s)
+        self.watermark = PartitionedWatermarks(settings.allowed_lateness_s)
         self.stats = WorkerStats()
         self.retry_waits: list[float] = []
         self._popular_dirty = False
@@ -348,8 +352,14 @@ class StreamProcessor:
         events = parsed.events
         if events.height:
             # Observed once per batch, before any retry, so a retry cannot move the watermark.
-            late = self.watermark.observe(events["ts"].to_numpy())
-            origin = [event_msgs[i] for i in parsed.message_index().tolist()]
+            index = parsed.message_index()
+            parts = None
+            if event_msgs[0].partition is not None:
+                parts = np.fromiter((m.partition for m in event_msgs), np.int64, len(event_msgs))[
+                    index
+                ]
+            late = self.watermark.observe(events["ts"].to_numpy(), parts)
+            origin = [event_msgs[i] for i in index.tolist()]
             await self._sinks(events, late, ids, origin)
             if parsed.links is not None and parsed.links.height:
                 links = parsed.links
@@ -630,10 +640,14 @@ class Worker:
                 msgs, parsed = await (ahead if ahead is not None else fetch())
                 ahead = None
                 now = time.monotonic()
-                if now - last_stats >= s.stats_interval_s:
+                due_stats = now - last_stats >= s.stats_interval_s
+                due_report = self.report is not None and now - last_report >= REPORT_INTERVAL_S
+                if due_stats or due_report:
+                    p.stats.lag = await self._lag()
+                if due_stats:
                     last_stats = now
                     logger.info("%s: %s", me, p.stats.as_dict())
-                if self.report is not None and now - last_report >= REPORT_INTERVAL_S:
+                if self.report is not None and due_report:
                     last_report = now
                     self.report(p.stats)
                 if msgs:
@@ -660,12 +674,21 @@ class Worker:
                 ahead = None
                 if msgs:
                     await p.process(msgs, parsed)
+            p.stats.lag = await self._lag()
         finally:
             if ahead is not None:
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
                     await ahead
         return p.stats
+
+    async def _lag(self) -> int:
+        """The bus's consumer lag for this worker (0 when it keeps none or cannot tell)."""
+        try:
+            return (await self.p.bus.lag(self.s.group)) or 0
+        except Exception as exc:  # a metric: never a reason to stop
+            logger.debug("lag: %s", _short(exc))
+            return 0
 
 
 async def run_worker_async(
@@ -826,7 +849,8 @@ def run_stream(settings: StreamSettings) -> WorkerStats:
     naming the worker and its exit status or signal, with every worker's counters (the
     dead one's up to its last report): the processor fails as a whole, for its supervisor
     to restart, rather than run on with fewer workers unnoticed.  The dead worker's pending
-    entries are taken over by the next workers (``claim_min_idle_ms``).
+    entries are taken over by the next workers (Redis Streams: ``claim_min_idle_ms``; Kafka:
+    its partitions' next owners read on from the last committed offset).
     """
     if settings.workers > 1 and is_in_process(settings.bus_url):
         raise ConfigError(

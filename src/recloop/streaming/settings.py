@@ -33,7 +33,8 @@ class StreamSettings(BaseSettings):
         "memory://",
         validation_alias=AliasChoices("bus_url", "RECLOOP_BUS_URL", "RECLOOP_REDIS_URL"),
     )
-    """Event bus: redis://host:port/db (Redis Streams) or memory:// (one process only)."""
+    """Event bus: redis://host:port/db (Redis Streams), kafka://host:port/topic (Kafka; see
+    recloop.streaming.buses.kafka for its options) or memory:// (one process only)."""
     store_url: str | None = Field(
         None,
         validation_alias=AliasChoices("store_url", "RECLOOP_STORE_URL", "RECLOOP_REDIS_URL"),
@@ -47,7 +48,8 @@ class StreamSettings(BaseSettings):
     store_prefix: str = "recloop:"
     """Namespace of the online store's Redis keys."""
     stream: str = "recloop:events"
-    """Name of the event stream."""
+    """Name of the event stream (Kafka: the topic when the bus URL names none, with ':'
+    written '.')."""
     dead_letter_stream: str | None = None
     """Name of the dead-letter stream; None appends ":dead" to the event stream's name."""
     group: str = "recloop-stream"
@@ -59,7 +61,9 @@ class StreamSettings(BaseSettings):
     block_ms: int = Field(1000, ge=0)
     """How long one read waits for new events."""
     claim_min_idle_ms: int = Field(30_000, ge=0)
-    """Entries pending this long at another consumer are taken over (XAUTOCLAIM)."""
+    """Entries pending this long at another consumer are taken over (XAUTOCLAIM).  Redis
+    Streams only: on Kafka the group coordinator hands a dead worker's partitions to the
+    others after the bus URL's session.timeout.ms (default 10 s)."""
     claim_interval_s: float = Field(5.0, gt=0)
     """How often a worker looks for stale pending entries."""
     window_s: int = Field(3600, ge=1)
