@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,19 @@ def run_prepare(
 
 
 def input_fingerprints(path: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of the input file, or of each file directly in the input directory,
-    so a prepared dataset says exactly which raw data it came from."""
+    """Size and sha256 of the input file, of each file directly in the input directory, or
+    of each file a glob pattern matches, so a prepared dataset says exactly which raw data it
+    came from."""
     from recloop.data.dataset import sha256_file
+    from recloop.data.loaders._read import glob_files, is_glob
 
+    if is_glob(path):
+        files = glob_files(path)
+        root = Path(os.path.commonpath([f.parent for f in files])) if files else path.parent
+        return {
+            str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in files
+        }
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 

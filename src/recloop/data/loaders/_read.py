@@ -14,6 +14,7 @@ bad row.
 
 from __future__ import annotations
 
+import glob as globlib
 import io
 import itertools
 import re
@@ -284,6 +285,16 @@ def field_count_message(line: str, delimiter: str, expected: int) -> str:
         f"expected {expected} fields separated by {delimiter_name(delimiter)}, found {found}"
         f"{delimiter_hint(line, delimiter, expected)}; the line reads {shown!r}"
     )
+
+
+def is_glob(path: Path) -> bool:
+    """Whether ``path`` is a glob pattern (``*``, ``?`` or ``[``) rather than a file name."""
+    return any(ch in str(path) for ch in "*?[") and not path.exists()
+
+
+def glob_files(path: Path) -> list[Path]:
+    """The regular files a glob pattern matches (``**`` spans directories), sorted."""
+    return sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
 
 
 def _open_source(path: Path, *, delimiter: str, encoding: str) -> tuple[Path | bytes, str]:
