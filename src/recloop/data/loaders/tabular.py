@@ -11,7 +11,7 @@ timestamps integer (or fractional) seconds, dates or datetimes (strings only wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +22,9 @@ from recloop.data.loaders._read import (
     Table,
     glob_files,
     is_glob,
-    one_line,
     read_parquet,
     read_text,
+    read_text_blocks,
 )
 from recloop.data.loaders._validate import (
     FieldSpec,
@@ -32,6 +32,7 @@ from recloop.data.loaders._validate import (
     Validated,
     assemble,
     check_columns,
+    concat_validated,
     infer_int,
     validate,
 )
@@ -108,34 +109,11 @@ def _files(path: Path, fmt: str, *, exclude: Sequence[Path | None] = ()) -> list
         raise DataError("no such file or directory", location=Location(file=str(path)))
     skip = {p.resolve() for p in exclude if p is not None}
     found = sorted(
-        p
-        for p in path.iterdir()
-        if p.suffix.lower() in _SUFFIXES[fmt] and p.is_file() and p.resolve() not in skip
+        p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES[fmt] and p.resolve() not in skip
     )
     if not found:
         raise DataError(f"0 {fmt} files in this directory", location=Location(file=str(path)))
     return found
-
-
-def _concat(parts: list[Validated], files: list[Path]) -> Validated:
-    """One events table from parts validated one by one (so each message names its part's
-    file and line).  An id column that is an integer in one part and text in another becomes
-    text everywhere; columns only some parts have are null in the others."""
-    frames = [v.frame for v in parts]
-    for col in (USER, ITEM):
-        if len({f.schema[col] for f in frames}) > 1:
-            frames = [f.with_columns(pl.col(col).cast(pl.String)) for f in frames]
-    try:
-        frame = pl.concat(frames, how="diagonal_relaxed")
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(
-            f"the parts do not share a schema: {one_line(exc)}",
-            location=Location(file=f"{files[0]} ... {files[-1].name}"),
-        ) from None
-    skipped = parts[0].skipped
-    for v in parts[1:]:
-        skipped = skipped.merge(v.skipped)
-    return Validated(frame=frame, skipped=skipped)
 
 
 def _read(path: Path, mapping: ColumnMapping) -> Table:
@@ -201,23 +179,34 @@ def _features(path: Path, key: str, out: str, m: ColumnMapping, options: LoadOpt
 
 
 def _events(path: Path, m: ColumnMapping, options: LoadOptions) -> Validated:
-    table = _read(path, m)
-    fields, keep = _event_fields(table, m)
-    table = check_types(table, fields)
-    return validate(
-        table,
-        fields,
-        keep=keep,
-        skip_bad_rows=options.skip_bad_rows,
-        max_examples=options.max_examples,
-    )
+    """One events file, validated block by block when it is large (see read_text_blocks)."""
+    if path.suffix.lower() in _SUFFIXES["parquet"]:
+        tables: Iterable[Table] = [read_parquet(path)]
+    else:
+        tables = read_text_blocks(
+            path, delimiter=m.delimiter, has_header=m.has_header, quote_char=m.quote_char
+        )
+    parts = []
+    for table in tables:
+        fields, keep = _event_fields(table, m)
+        checked = check_types(table, fields)
+        parts.append(
+            validate(
+                checked,
+                fields,
+                keep=keep,
+                skip_bad_rows=options.skip_bad_rows,
+                max_examples=options.max_examples,
+            )
+        )
+    return concat_validated(parts, file=str(path))
 
 
 def _load(fmt: str, path: Path, options: LoadOptions) -> RawData:
     m = options.columns or ColumnMapping()
     files = _files(path, fmt, exclude=(m.user_features, m.item_features))
     parts = [_events(f, m, options) for f in files]
-    events = parts[0] if len(parts) == 1 else _concat(parts, files)
+    events = concat_validated(parts, file=f"{files[0]} ... {files[-1].name}")
     users = items = None
     if m.user_features is not None:
         users = _features(m.user_features, m.user, USER, m, options)
