@@ -3,9 +3,14 @@
     .venv/bin/python bench/bench_prepare.py                 # 10M events (the target run)
     .venv/bin/python bench/bench_prepare.py --events 1000000  # quick check
 
+    .venv/bin/python bench/bench_prepare.py --events 100000000  # the out-of-core run
+
 Generates the logs once with ``recloop data synth`` (reused on later runs), then runs load +
 prepare + save in a fresh child process, so the peak RSS (``getrusage`` max RSS) covers only
-the prepare job.  Targets (issue 3): >= 1M events/s end to end, peak RSS <= 3 GB.
+the prepare job.  The child hands the loaded table straight to ``prepare`` (as the CLI does),
+so it is freed once it is codes.  Targets (issue 15): >= 2M events/s end to end at 10M
+events; peak RSS <= 3 GB at 10M (issue 3) and <= 8 GB at 100M.  Wall rates need a quiet
+machine: the CPU seconds (all threads) and the load average before and after are printed too.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-TARGET_EVENTS_PER_S = 1_000_000
+TARGET_EVENTS_PER_S = 2_000_000
 TARGET_RSS_GB = 3.0
+TARGET_RSS_GB_LARGE = 8.0
+"""At 50M events and more (the 100M run)."""
 
 
 def _cpu_model() -> str:
@@ -61,9 +68,17 @@ def child(input_dir: Path, output: Path) -> None:
     from recloop.data.prepare import PrepareConfig, prepare
 
     marks = [(time.perf_counter(), time.process_time())]
-    raw = load_raw("tianchi", input_dir, LoadOptions())
-    marks.append((time.perf_counter(), time.process_time()))
-    dataset = prepare(raw, PrepareConfig())
+    skipped = 0
+
+    def loaded() -> Any:
+        nonlocal skipped
+        raw = load_raw("tianchi", input_dir, LoadOptions())
+        skipped = raw.skipped.count
+        marks.append((time.perf_counter(), time.process_time()))
+        return raw
+
+    # No reference kept here: prepare frees the raw table once it is codes.
+    dataset = prepare(loaded(), PrepareConfig())
     marks.append((time.perf_counter(), time.process_time()))
     dataset.save(output)
     marks.append((time.perf_counter(), time.process_time()))
@@ -76,7 +91,7 @@ def child(input_dir: Path, output: Path) -> None:
     print(
         json.dumps(
             {
-                "input_events": raw.events.height,
+                "input_events": dataset.manifest["counts"]["steps"][0]["events"] + skipped,
                 "kept_events": dataset.n_events,
                 "users": dataset.n_users,
                 "items": dataset.n_items,
@@ -119,6 +134,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/recloop-bench"))
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the prepared output (e.g. for bench_sampler)"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,6 +149,7 @@ def main() -> None:
     output = args.workdir / f"prepared-{args.events}"
     shutil.rmtree(output, ignore_errors=True)
     info = machine()
+    load_before = os.getloadavg()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(data), "--output", str(output)],
         check=True,
@@ -138,9 +157,13 @@ def main() -> None:
         text=True,
     )
     r = json.loads(proc.stdout.strip().splitlines()[-1])
+    load_after = os.getloadavg()
     rate = r["input_events"] / r["total_s"]
+    cpu_rate = r["input_events"] / r["total_cpu_s"]
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, load avg {info['load_avg_1m']}; "
+        f"machine: {info['cpu']}, {info['cores']} cores, load avg (1/5/15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in load_before)} before, "
+        f"{'/'.join(f'{x:.1f}' for x in load_after)} after; "
         f"python {info['python']}, numpy {info['numpy']}, polars {info['polars']}, "
         f"pyarrow {info['pyarrow']}"
     )
@@ -155,16 +178,34 @@ def main() -> None:
         print(f"  {phase:<8} {s:8.2f}  {s / total:6.1%}  {r[f'{phase}_cpu_s']:6.2f}")
     print(f"  total    {total:8.2f}          {r['total_cpu_s']:6.2f}")
     ok_rate = rate >= TARGET_EVENTS_PER_S
-    ok_rss = r["peak_rss_gb"] <= TARGET_RSS_GB
+    target_rss = TARGET_RSS_GB_LARGE if r["input_events"] >= 50_000_000 else TARGET_RSS_GB
+    ok_rss = r["peak_rss_gb"] <= target_rss
     print(
-        f"throughput {rate / 1e6:.2f} M events/s (target >= {TARGET_EVENTS_PER_S / 1e6:.0f}): "
-        f"{'ok' if ok_rate else 'MISSED'}"
+        f"throughput {rate / 1e6:.2f} M events/s wall (target >= "
+        f"{TARGET_EVENTS_PER_S / 1e6:.0f}): {'ok' if ok_rate else 'MISSED'}; "
+        f"{cpu_rate / 1e6:.2f} M events per CPU second (all threads; a 2-core machine to "
+        "itself would give at most twice that in wall rate)"
     )
     print(
-        f"peak RSS   {r['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:.0f}): "
+        f"peak RSS   {r['peak_rss_gb']:.2f} GB (target <= {target_rss:.0f}): "
         f"{'ok' if ok_rss else 'MISSED'}"
     )
-    print(json.dumps({"machine": info, "result": r, "events_per_s": rate}))
+    print(
+        json.dumps(
+            {
+                "machine": info,
+                "load_avg_before": load_before,
+                "load_avg_after": load_after,
+                "result": r,
+                "events_per_s": rate,
+                "events_per_cpu_s": cpu_rate,
+            }
+        )
+    )
+    if args.keep:
+        print(f"prepared dataset kept in {output}")
+    else:
+        shutil.rmtree(output, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,54 @@ def test_inspect_reads_the_mapping_from_a_prepare_config(
     assert (out["events"], out["users"], out["items"]) == (2, 1, 2)
     assert main([*args, "--set", "columns.item=nope"]) == 2
     assert 'missing column "nope"' in capsys.readouterr().err
+
+
+def test_csv_parts_in_a_directory_or_a_glob_load_as_one_log(tmp_path: Path) -> None:
+    head = "user,item,timestamp\n"
+    write(tmp_path / "log" / "part-0.csv", head + "1,10,100\n2,20,200\n")
+    write(tmp_path / "log" / "part-1.csv", head + "u3,30,300\n")
+    write(tmp_path / "log" / "other.txt", head + "4,40,400\n")
+    whole = load_raw("csv", tmp_path / "log")
+    assert whole.events.rows() == [("4", 40, 400), ("1", 10, 100), ("2", 20, 200), ("u3", 30, 300)]
+    parts = load_raw("csv", tmp_path / "log" / "part-*.csv")
+    # Integer ids in one part and text in another: text everywhere.
+    assert parts.events.rows() == [("1", 10, 100), ("2", 20, 200), ("u3", 30, 300)]
+    with pytest.raises(DataError, match="no file matches this pattern"):
+        load_raw("csv", tmp_path / "log" / "nothing-*.csv")
+
+
+def test_a_bad_value_in_a_part_names_that_part_and_its_line(tmp_path: Path) -> None:
+    head = "user,item,timestamp\n"
+    write(tmp_path / "log" / "a.csv", head + "1,10,100\n")
+    write(tmp_path / "log" / "b.csv", head + "2,20,200\n3,30,soon\n")
+    with pytest.raises(DataError) as err:
+        load_raw("csv", tmp_path / "log")
+    message = str(err.value)
+    assert "b.csv" in message and "line 3" in message and '"timestamp"' in message
+    assert "soon" in message
+    raw = load_raw("csv", tmp_path / "log" / "*.csv", LoadOptions(skip_bad_rows=True))
+    assert raw.events.height == 2 and raw.skipped.count == 1
+
+
+def test_parquet_parts_are_validated_one_by_one(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    pl.DataFrame({"user": [1], "item": [1], "timestamp": [1]}).write_parquet(
+        tmp_path / "p" / "a.parquet"
+    )
+    pl.DataFrame({"user": [2, None], "item": [2, 2], "timestamp": [2, 3]}).write_parquet(
+        tmp_path / "p" / "b.parquet"
+    )
+    with pytest.raises(DataError) as err:
+        load_raw("parquet", tmp_path / "p" / "*.parquet")
+    assert str(err.value).endswith('b.parquet column "user": missing value in row 2')
+    raw = load_raw("parquet", tmp_path / "p", LoadOptions(skip_bad_rows=True))
+    assert raw.events.rows() == [(1, 1, 1), (2, 2, 2)]
+
+
+def test_feature_files_beside_the_parts_are_not_read_as_events(tmp_path: Path) -> None:
+    write(tmp_path / "log" / "events.csv", "user,item,timestamp\n1,10,100\n")
+    write(tmp_path / "log" / "users.csv", "user,age\n1,30\n")
+    mapping = ColumnMapping(user_features=tmp_path / "log" / "users.csv")
+    raw = load_raw("csv", tmp_path / "log", LoadOptions(columns=mapping))
+    assert raw.events.rows() == [(1, 10, 100)]
+    assert raw.users is not None and raw.users.height == 1

@@ -144,7 +144,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.extra["behavior"], ds.extra["behavior"])
     assert back.item_ids == ds.item_ids and back.user_ids == ds.user_ids
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert set(manifest["files"]) >= {"events.parquet", "item_ids.txt", "user_features.parquet"}
+    assert set(manifest["files"]) >= {"events.arrow", "item_ids.txt", "user_features.parquet"}
     assert manifest["config"]["filters"]["dedupe"] is True
 
 

@@ -74,7 +74,7 @@ def test_event_ids_are_stable_across_loads(tmp_path: Path, make_dataset: Any) ->
     assert a["event_id"].to_list() == b["event_id"].to_list()
     assert a["event_id"].n_unique() == 50
     manifest = orjson.loads((tmp_path / "ds" / "manifest.json").read_bytes())
-    assert a["event_id"][0].startswith(manifest["files"]["events.parquet"][:8] + "-")
+    assert a["event_id"][0].startswith(manifest["files"]["events.arrow"][:8] + "-")
 
 
 def test_schedule() -> None:

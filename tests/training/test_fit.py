@@ -178,7 +178,7 @@ def test_bf16_mixed_precision_trains_finite_on_cpu(tiny_dataset: PreparedDataset
     result = rec.fit(tiny_dataset, fit=FitConfig(epochs=2, precision="bf16", **QUIET))
     assert result.steps > 0
     assert all(torch.isfinite(p).all() for p in rec.algo.networks()["policy"].parameters())
-    with pytest.raises(ConfigError, match="fit.precision must be fp32 or bf16"):
+    with pytest.raises(ConfigError, match=r"fit\.precision must be fp32 or bf16"):
         FitConfig(precision="fp16")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from recloop.config import load_config
 from recloop.data.dataset import PreparedDataset
 from recloop.data.loaders import FORMATS, LoadOptions, load_raw
 from recloop.data.prepare import PrepareConfig, prepare
+from recloop.data.schema import RawData
 from recloop.errors import ConfigError
 
 
@@ -39,25 +41,27 @@ def run_prepare(
     output_dir(output)
     if impressions and from_db is None:
         raise ConfigError("--impressions reads the served-items table: give --from-db too")
-    if from_db is not None:
-        if fmt is not None or input_path is not None:
-            raise ConfigError("give either --from-db or --format/--input, not both")
-        # The online behaviour log becomes the next training set: the loop closes here.
-        from recloop.data.loaders.sql import load_from_db, load_impressions_from_db
 
-        if impressions:
-            # One event per shown item, with its logged propensity: the off-policy view.
-            served_table = "served_items" if table == "behavior_log" else table
-            raw = load_impressions_from_db(from_db, table=served_table)
-        else:
-            raw = load_from_db(from_db, table=table)
-    else:
+    def load() -> RawData:
+        if from_db is not None:
+            if fmt is not None or input_path is not None:
+                raise ConfigError("give either --from-db or --format/--input, not both")
+            # The online behaviour log becomes the next training set: the loop closes here.
+            from recloop.data.loaders.sql import load_from_db, load_impressions_from_db
+
+            if impressions:
+                # One event per shown item, with its logged propensity: the off-policy view.
+                served_table = "served_items" if table == "behavior_log" else table
+                return load_impressions_from_db(from_db, table=served_table)
+            return load_from_db(from_db, table=table)
         if fmt is None or input_path is None:
             raise ConfigError("give --format and --input (or --from-db DATABASE_URL)")
         if fmt not in FORMATS:
             raise ConfigError(f"unknown --format {fmt!r} (known: {', '.join(FORMATS)})")
-        raw = load_raw(fmt, input_path, job.load)
-    dataset = prepare(raw, job)
+        return load_raw(fmt, input_path, job.load)
+
+    # No reference kept here: prepare frees the raw table once it is codes (2.5 GB at 100M).
+    dataset = prepare(load(), job)
     if input_path is not None:
         dataset.manifest["inputs"] = input_fingerprints(input_path)
     dataset.save(output)
@@ -65,10 +69,19 @@ def run_prepare(
 
 
 def input_fingerprints(path: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of the input file, or of each file directly in the input directory,
-    so a prepared dataset says exactly which raw data it came from."""
+    """Size and sha256 of the input file, of each file directly in the input directory, or
+    of each file a glob pattern matches, so a prepared dataset says exactly which raw data it
+    came from."""
     from recloop.data.dataset import sha256_file
+    from recloop.data.loaders._read import glob_files, is_glob
 
+    if is_glob(path):
+        files = glob_files(path)
+        root = Path(os.path.commonpath([f.parent for f in files])) if files else path.parent
+        return {
+            str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in files
+        }
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 

@@ -3,7 +3,8 @@
 On disk a prepared dataset is a directory::
 
     manifest.json          format version, recloop version, prepare config, counts, file hashes
-    events.parquet         one row per kept event, sorted by (user, timestamp, original order)
+    events.arrow           one row per kept event, sorted by (user, timestamp, original order):
+                           an uncompressed Arrow IPC file holding one record batch
     user_ids.txt           raw user ids; line n (1-based) is user index n
     item_ids.txt           raw item ids; line n (1-based) is item index n
     user_features.parquet  optional: ``user`` index + encoded feature columns
@@ -12,28 +13,42 @@ On disk a prepared dataset is a directory::
 Index 0 is reserved in both id spaces: item 0 is padding (``PAD_ID``), user 0 the unknown
 user.  In memory the events are flat numpy arrays plus per-user offsets, so samplers and
 evaluators slice them without copying.
+
+:meth:`PreparedDataset.load` memory-maps ``events.arrow``: every numeric event column is a
+read-only numpy view of the file's pages, so opening 100M events costs no heap, the kernel
+pages in what a sampler touches, and two processes (trainers, DataLoader workers) that open
+the same dataset share one copy in the page cache.  One record batch keeps each column one
+contiguous buffer (several batches would need a concatenating copy).  Format 1 directories
+(``events.parquet``) still load, into the heap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from recloop import __version__
 from recloop.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Format 1 stored the events as ``events.parquet`` (read into the heap); 2 as ``events.arrow``."""
+EVENTS_FILE = "events.arrow"
+LEGACY_EVENTS_FILE = "events.parquet"
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
 
 EVENT_COLUMNS = ("user", "item", "timestamp", "reward", "return", "session", "split")
-"""Columns every ``events.parquet`` has; ``behavior`` and ``rating`` may follow."""
+"""Columns every events file has; ``behavior``, ``rating``, ... may follow."""
 
 
 def sha256_file(path: Path) -> str:
@@ -176,6 +191,21 @@ class PreparedDataset:
             manifest=manifest or {},
         )
 
+    @property
+    def events_sha256(self) -> str | None:
+        """sha256 of the events file this dataset was saved as or loaded from, if any."""
+        files = self.manifest.get("files", {})
+        digest = files.get(EVENTS_FILE) or files.get(LEGACY_EVENTS_FILE)
+        return str(digest) if digest else None
+
+    @property
+    def events_file(self) -> Path | None:
+        """The events file of the directory this dataset was loaded from, if any."""
+        if self.path is None:
+            return None
+        legacy = LEGACY_EVENTS_FILE in self.manifest.get("files", {})
+        return self.path / (LEGACY_EVENTS_FILE if legacy else EVENTS_FILE)
+
     def save(self, directory: Path) -> Path:
         """Write the directory layout described in the module docstring."""
         directory = Path(directory)
@@ -190,11 +220,9 @@ class PreparedDataset:
             "split": self.split,
         }
         cols.update(self.extra)
-        pl.DataFrame(cols).write_parquet(
-            directory / "events.parquet", statistics=False, compression_level=1
-        )
+        write_events(directory / EVENTS_FILE, cols)
         files = {
-            "events.parquet": sha256_file(directory / "events.parquet"),
+            EVENTS_FILE: sha256_file(directory / EVENTS_FILE),
             "user_ids.txt": write_ids(directory / "user_ids.txt", self.user_ids),
             "item_ids.txt": write_ids(directory / "item_ids.txt", self.item_ids),
         }
@@ -219,7 +247,12 @@ class PreparedDataset:
 
     @staticmethod
     def load(directory: Path, *, verify: bool = True) -> PreparedDataset:
-        """Read a prepared-dataset directory, checking its format version and file hashes."""
+        """Open a prepared-dataset directory, checking its format version and file hashes.
+
+        The event columns are read-only views of the memory-mapped ``events.arrow`` (see the
+        module docstring); ``verify`` reads every file once to check its sha256, through the
+        page cache, not the heap.
+        """
         directory = Path(directory)
         mpath = directory / "manifest.json"
         if not mpath.is_file():
@@ -230,10 +263,12 @@ class PreparedDataset:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{mpath}: invalid JSON ({exc})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise DataError(
-                f"{mpath}: format_version {manifest.get('format_version')!r}, "
-                f"this recloop reads {FORMAT_VERSION}; prepare the data again"
+                f"{mpath}: format_version {version!r}, "
+                f"this recloop reads {' and '.join(map(str, READABLE_VERSIONS))}; "
+                "prepare the data again"
             )
         files: dict[str, str] = manifest.get("files", {})
         for name, digest in files.items():
@@ -242,26 +277,32 @@ class PreparedDataset:
                 raise DataError(f"{directory}: {name} is listed in the manifest but missing")
             if verify and sha256_file(p) != digest:
                 raise DataError(f"{p}: sha256 does not match manifest.json (file changed?)")
-        ev = pl.read_parquet(directory / "events.parquet")
+        if LEGACY_EVENTS_FILE in files:
+            frame = pl.read_parquet(directory / LEGACY_EVENTS_FILE)
+            ev = {c: frame[c].to_numpy() for c in frame.columns}
+        else:
+            ev = read_events(directory / EVENTS_FILE)
+        missing = [c for c in EVENT_COLUMNS if c not in ev]
+        if missing:
+            raise DataError(f"{directory}: the events file lacks column(s) {', '.join(missing)}")
         user_ids = read_ids(directory / "user_ids.txt")
         item_ids = read_ids(directory / "item_ids.txt")
         n_users, n_items = len(user_ids), len(item_ids)
-        user = ev["user"].to_numpy().astype(np.int32, copy=False)
-        offsets = np.zeros(n_users + 2, np.int64)
-        np.cumsum(np.bincount(user, minlength=n_users + 1), out=offsets[1:])
-        extra = {c: ev[c].to_numpy() for c in ev.columns if c not in EVENT_COLUMNS}
+        user = ev["user"].astype(np.int32, copy=False)
+        offsets = user_offsets(user, n_users)
+        extra = {c: a for c, a in ev.items() if c not in EVENT_COLUMNS}
         uf = directory / "user_features.parquet"
         itf = directory / "item_features.parquet"
         return PreparedDataset(
             n_users=n_users,
             n_items=n_items,
             user=user,
-            item=ev["item"].to_numpy().astype(np.int32, copy=False),
-            timestamp=ev["timestamp"].to_numpy().astype(np.int64, copy=False),
-            reward=ev["reward"].to_numpy().astype(np.float32, copy=False),
-            returns=ev["return"].to_numpy().astype(np.float32, copy=False),
-            session=ev["session"].to_numpy().astype(np.int32, copy=False),
-            split=ev["split"].to_numpy().astype(np.int8, copy=False),
+            item=ev["item"].astype(np.int32, copy=False),
+            timestamp=ev["timestamp"].astype(np.int64, copy=False),
+            reward=ev["reward"].astype(np.float32, copy=False),
+            returns=ev["return"].astype(np.float32, copy=False),
+            session=ev["session"].astype(np.int32, copy=False),
+            split=ev["split"].astype(np.int8, copy=False),
             user_offsets=offsets,
             user_ids=user_ids,
             item_ids=item_ids,
@@ -271,3 +312,57 @@ class PreparedDataset:
             manifest=manifest,
             path=directory,
         )
+
+
+def user_offsets(user: np.ndarray, n_users: int) -> np.ndarray:
+    """(U + 2,) int64 row offsets of each user's block in ``user`` (E,), sorted by user.
+
+    Read from the sorted column by binary search, so a memory-mapped column is only touched
+    at O(U log E) places instead of being scanned (a bincount would page in all of it).
+    """
+    offsets = np.zeros(n_users + 2, np.int64)
+    if user.shape[0]:
+        offsets[1:] = np.searchsorted(user, np.arange(1, n_users + 2), side="left")
+    return offsets
+
+
+def write_events(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Write event columns (E,) as one uncompressed Arrow IPC record batch (see :func:`load`).
+
+    Numeric columns go to Arrow without a copy; string columns (``policy_version``) as Arrow
+    strings.
+    """
+    arrays = {
+        name: pa.array(a.tolist() if a.dtype.kind in "UO" else a) for name, a in columns.items()
+    }
+    batch = pa.record_batch(arrays)
+    # A new file renamed over the old one: a process that has the old one mapped keeps
+    # reading its pages (truncating a mapped file in place would crash it with SIGBUS).
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    os.replace(tmp, path)
+
+
+def read_events(path: Path) -> dict[str, np.ndarray]:
+    """The columns of an events file written by :func:`write_events`, memory-mapped.
+
+    Numeric columns are read-only numpy views of the mapped file (no copy, no heap); string
+    columns are decoded into numpy string arrays.
+    """
+    try:
+        table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Arrow IPC events file ({exc})") from None
+    out: dict[str, np.ndarray] = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            out[name] = np.asarray(column.to_pylist(), dtype=str)
+        elif column.num_chunks == 1 and column.null_count == 0:
+            out[name] = column.chunk(0).to_numpy(zero_copy_only=True)
+        else:
+            raise DataError(
+                f"{path}: column {name!r} is not one null-free record batch (written by an "
+                "older or foreign writer?); prepare the data again"
+            )
+    return out

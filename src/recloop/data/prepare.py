@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ from recloop.data.schema import (
     TIMESTAMP,
     USER,
     RawData,
+    SkipReport,
 )
 from recloop.data.sessions import (
     SessionConfig,
@@ -162,9 +163,13 @@ class _Clock:
         self.last, self.last_cpu = now, cpu
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Source:
-    """Per-event columns of the raw events, in source order."""
+    """Per-event columns of the raw events, in source order.
+
+    Mutable on purpose: the pipeline drops each array (``release``) as soon as it has been
+    used, since at 100M events every int64 column is 800 MB.
+    """
 
     users: DenseCodes
     items: DenseCodes
@@ -177,6 +182,15 @@ class _Source:
     def dedupe_keys(self) -> dict[str, np.ndarray]:
         keys = {BEHAVIOR: self.behavior, RATING: self.rating}
         return {k: v for k, v in keys.items() if v is not None}
+
+    def release_sort_keys(self) -> None:
+        """Drop the user codes and timestamps once the chronological order holds them."""
+        self.users = DenseCodes(_EMPTY_CODES, self.users.values)
+        self.timestamp = _EMPTY_CODES
+
+
+_EMPTY_CODES = np.zeros(0, np.int32)
+_EMPTY_ROWS = np.zeros(0, np.int64)
 
 
 def _timestamps(events: pl.DataFrame) -> np.ndarray:
@@ -247,28 +261,59 @@ def _read_source(raw: RawData) -> _Source:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Cleaned:
-    """Sorted rows and which of them survived the filters."""
+    """The rows that survived the filters, sorted by (user code, timestamp, source row).
 
-    row: np.ndarray  # (E0,) int64 source row, sorted by (user code, timestamp, source row)
-    user: np.ndarray  # (E0,) int32 user code
-    item: np.ndarray  # (E0,) int32 item code
-    timestamp: np.ndarray  # (E0,) int64
-    keep: np.ndarray | None  # (E0,) bool, None when every row stays
+    Mutable: :func:`_reindex` replaces each array by its reordered copy, one at a time, so
+    that no more than one extra column is alive at once.
+    """
+
+    row: np.ndarray  # (E,) int64 source row
+    user: np.ndarray  # (E,) int32 user code
+    item: np.ndarray  # (E,) int32 item code
+    timestamp: np.ndarray  # (E,) int64
+
+
+@dataclass(frozen=True)
+class _Rest:
+    """What the pipeline still needs of the raw data once the event columns are codes."""
+
+    dedupe_events: pl.DataFrame
+    """The raw events when duplicates must be compared on columns beyond the codes, else an
+    empty frame with their column names (so the raw table can be freed)."""
+    columns: list[str]
+    users: pl.DataFrame | None
+    items: pl.DataFrame | None
+    source: str
+    skipped: SkipReport
+
+    @staticmethod
+    def of(raw: RawData, src: _Source) -> _Rest:
+        ev = raw.events
+        exact = set(ev.columns) <= {USER, ITEM, TIMESTAMP, *src.dedupe_keys()}
+        return _Rest(
+            dedupe_events=ev.clear() if exact else ev,
+            columns=ev.columns,
+            users=raw.users,
+            items=raw.items,
+            source=raw.source,
+            skipped=raw.skipped,
+        )
 
 
 def _clean(
-    raw: RawData, src: _Source, cfg: PrepareConfig, ledger: _Ledger, clock: _Clock
+    src: _Source, rest: _Rest, cfg: PrepareConfig, ledger: _Ledger, clock: _Clock
 ) -> _Cleaned:
     """Sort once, then dedupe, count-filter and sample, narrowing one keep mask."""
     # Later steps only drop rows (or move whole user blocks), so this is the only sort.  Rows
     # are dropped once, at the end, and columns the filters do not need are gathered then.
     chrono = chronological_order(src.users.codes, src.timestamp)
+    src.release_sort_keys()
     row, ts = chrono.order, chrono.timestamp
     user = chrono.user.astype(np.int32)
-    item = src.items.codes[row]
     del chrono
+    item = src.items.codes[row]
     clock.lap("sort")
     ledger.record(
         "load",
@@ -276,12 +321,12 @@ def _clean(
         item,
         n_users=src.users.n_codes,
         n_items=src.items.n_codes,
-        skipped_bad_rows=raw.skipped.count,
+        skipped_bad_rows=rest.skipped.count,
     )
     keep: np.ndarray | None = None
     if cfg.filters.dedupe:
         dup = duplicate_rows(
-            raw.events,
+            rest.dedupe_events,
             order=row,
             user=user,
             timestamp=ts,
@@ -303,9 +348,15 @@ def _clean(
         keep = sampled.keep
         ledger.record("sample_users", user, item, keep, **sampled.details)
     clock.lap("filters")
-    if keep is not None and keep.all():
-        keep = None
-    return _Cleaned(row=row, user=user, item=item, timestamp=ts, keep=keep)
+    if keep is not None and not keep.all():
+        # Rows are dropped once, here, one column at a time (each old column freed at once).
+        kept = np.flatnonzero(keep)
+        del keep
+        row = row[kept]
+        user = user[kept]
+        item = item[kept]
+        ts = ts[kept]
+    return _Cleaned(row=row, user=user, item=item, timestamp=ts)
 
 
 @dataclass(frozen=True)
@@ -323,54 +374,97 @@ class _Indexed:
     split_info: dict[str, Any]
 
 
-def _reindex(cleaned: _Cleaned, src: _Source, split_cfg: SplitConfig) -> _Indexed:
-    """Split each user's block, rank ids by training frequency, move the blocks into place."""
-    kept = None if cleaned.keep is None else np.flatnonzero(cleaned.keep)
-    user = cleaned.user if kept is None else cleaned.user[kept]
-    item = cleaned.item if kept is None else cleaned.item[kept]
+def _reindex(
+    cleaned: _Cleaned, n_user_codes: int, n_item_codes: int, split_cfg: SplitConfig
+) -> _Indexed:
+    """Split each user's block, rank ids by training frequency, move the blocks into place.
+
+    Consumes ``cleaned``: its columns are replaced by their reordered copies one by one.
+    """
+    user, item = cleaned.user, cleaned.item
     # The split needs only each user's block in time order, which the code order has too;
     # it comes first so that the id maps can count training events alone.
-    code_offsets = np.zeros(src.users.n_codes + 1, np.int64)
-    np.cumsum(np.bincount(user, minlength=src.users.n_codes), out=code_offsets[1:])
-    ts_kept = cleaned.timestamp if kept is None else cleaned.timestamp[kept]
-    splits = assign_splits(code_offsets, ts_kept, split_cfg)
+    code_counts = np.bincount(user, minlength=n_user_codes).astype(np.int64)
+    code_offsets = np.zeros(n_user_codes + 1, np.int64)
+    np.cumsum(code_counts, out=code_offsets[1:])
+    splits = assign_splits(code_offsets, cleaned.timestamp, split_cfg)
     train = splits.split == TRAIN
-    user_map = frequency_ranked(user, src.users.n_codes, rank_by=train)
-    item_map = frequency_ranked(item, src.items.n_codes, rank_by=train)
+    user_map = frequency_ranked(user, n_user_codes, rank_by=train)
+    item_map = frequency_ranked(item, n_item_codes, rank_by=train)
+    del train
     n_users, e = user_map.size, int(user.shape[0])
     offsets = np.zeros(n_users + 2, np.int64)
     np.cumsum(user_map.counts[1:], out=offsets[2:])
     # Kept rows are grouped by user code in code order; a block move is index arithmetic.
-    code_counts = np.zeros(src.users.n_codes, np.int64)
-    code_counts[user_map.code_of_index[1:]] = user_map.counts[1:]
-    code_start = np.cumsum(code_counts) - code_counts
-    old_start = code_start[user_map.code_of_index[1:]]
-    perm = np.repeat(old_start - offsets[1:-1], user_map.counts[1:]) + np.arange(e)
-    at = perm if kept is None else kept[perm]
+    old_start = code_offsets[user_map.code_of_index[1:]]
+    perm = _block_permutation(old_start, offsets[1:-1], user_map.counts[1:], e)
+    del user
+    cleaned.user = _EMPTY_CODES
+    # One column at a time: gather, then let the old one go.
+    cleaned.row = cleaned.row[perm]
+    cleaned.timestamp = cleaned.timestamp[perm]
+    split = splits.split[perm]
+    moved = item[perm]
+    del item, perm
+    cleaned.item = _EMPTY_CODES
+    item_index = item_map.index_of_code[moved]
+    del moved
     return _Indexed(
         user_map=user_map,
         item_map=item_map,
         offsets=offsets,
-        row=cleaned.row[at],
+        row=cleaned.row,
         user=np.repeat(np.arange(1, n_users + 1, dtype=np.int32), user_map.counts[1:]),
-        item=item_map.index_of_code[item[perm]],
-        timestamp=cleaned.timestamp[at],
-        split=splits.split[perm],
+        item=item_index,
+        timestamp=cleaned.timestamp,
+        split=split,
         split_info=splits.info,
     )
 
 
+_PERM_CHUNK = 1 << 24
+"""Rows per step when adding the row numbers to a block permutation (bounds the scratch)."""
+
+
+def _block_permutation(
+    old_start: np.ndarray, new_start: np.ndarray, counts: np.ndarray, e: int
+) -> np.ndarray:
+    """(E,) gather index that moves block k (``counts[k]`` rows) from ``old_start[k]`` to
+    ``new_start[k]``: position p of the new order takes row ``p - new_start[k] + old_start[k]``.
+
+    int32 while the rows number under 2**31 (half the memory and bandwidth of int64); the
+    row numbers are added in chunks, never as one (E,) arange.
+    """
+    dtype = np.int32 if e < 2**31 else np.int64
+    perm = np.repeat((old_start - new_start).astype(dtype), counts)
+    for lo in range(0, e, _PERM_CHUNK):
+        hi = min(e, lo + _PERM_CHUNK)
+        perm[lo:hi] += np.arange(lo, hi, dtype=dtype)
+    return perm
+
+
 def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
-    """Run the whole pipeline on ``raw`` and return the dataset (not yet saved)."""
+    """Run the whole pipeline on ``raw`` and return the dataset (not yet saved).
+
+    Memory: the raw events table is read once, at the start, into compact codes; a caller
+    that hands over its only reference (``prepare(load_raw(...), cfg)``) lets it be freed
+    then, which at 100M events is some 2.5 GB of the peak.  Every later array is dropped as
+    soon as it has been used.
+    """
     clock = _Clock()
     src = _read_source(raw)
     if cfg.reward.source == "behavior" and src.behavior is None:
         raise ConfigError(f'reward.source is "behavior" but the events have no "{BEHAVIOR}"')
     if cfg.reward.source == "rating" and src.rating is None:
         raise ConfigError(f'reward.source is "rating" but the events have no "{RATING}"')
+    rest = _Rest.of(raw, src)
+    del raw
     clock.lap("codes")
     ledger = _Ledger(src.users.n_codes, src.items.n_codes)
-    idx = _reindex(_clean(raw, src, cfg, ledger, clock), src, cfg.split)
+    cleaned = _clean(src, rest, cfg, ledger, clock)
+    n_user_codes, n_item_codes = src.users.n_codes, src.items.n_codes
+    idx = _reindex(cleaned, n_user_codes, n_item_codes, cfg.split)
+    del cleaned
     clock.lap("split and id maps")
     # Per-event columns in final order: one gather each, then rewards from them.
     extra: dict[str, np.ndarray] = {}
@@ -382,6 +476,7 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         extra[PROPENSITY] = src.propensity[idx.row]
     if src.policy_version is not None:
         extra[POLICY_VERSION] = src.policy_version[idx.row]
+    src.behavior = src.rating = src.propensity = src.policy_version = None
     rewards = compute_rewards(
         behavior=extra.get(BEHAVIOR),
         rating=extra.get(RATING),
@@ -390,30 +485,33 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         source_row=idx.row,
     )
     reward = rewards.reward
+    idx = replace(idx, row=_EMPTY_ROWS)  # the source rows are not part of the dataset
 
     gap = cfg.sessions.gap_seconds if cfg.sessions.mode == "gap" else None
     starts = session_starts(idx.user, idx.timestamp, gap_seconds=gap, split=idx.split)
-    session = (np.cumsum(starts) - 1).astype(np.int32)
+    session = np.cumsum(starts, dtype=np.int32)
+    session -= 1
     returns = discounted_returns(reward, starts, cfg.gamma)
+    del starts
     clock.lap("sessions and returns")
 
     user_feats = encode_features(
-        raw.users, key=USER, values=src.users.values, id_map=idx.user_map, cfg=cfg.features
+        rest.users, key=USER, values=src.users.values, id_map=idx.user_map, cfg=cfg.features
     )
     item_feats = encode_features(
-        raw.items, key=ITEM, values=src.items.values, id_map=idx.item_map, cfg=cfg.features
+        rest.items, key=ITEM, values=src.items.values, id_map=idx.item_map, cfg=cfg.features
     )
     clock.lap("features")
     split_counts = np.bincount(idx.split, minlength=3)
     manifest: dict[str, Any] = {
-        "source": raw.source,
+        "source": rest.source,
         "config": config_to_dict(cfg),
         "counts": {
             "steps": ledger.steps,
             "sessions": int(session[-1]) + 1,
             "splits": {SPLIT_NAMES[k]: int(split_counts[k]) for k in SPLIT_NAMES},
-            "skipped_bad_rows": raw.skipped.count,
-            "skipped_examples": list(raw.skipped.examples),
+            "skipped_bad_rows": rest.skipped.count,
+            "skipped_examples": list(rest.skipped.examples),
         },
         "reward_source": rewards.source,
         "split": {"mode": cfg.split.mode, **idx.split_info},
@@ -432,7 +530,7 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         },
         "dropped_columns": [
             c
-            for c in raw.events.columns
+            for c in rest.columns
             if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY, POLICY_VERSION)
         ],
         "features": {

@@ -171,8 +171,11 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     :meth:`set_epoch` sets it explicitly (do that with DataLoader workers, which iterate
     copies of the sampler).
 
-    Memory: the dataset's arrays (not copied), one permutation of the transition rows per
-    epoch (4 bytes a transition while the events number under 2**31) and O(batch) scratch.
+    Memory: the dataset's arrays (not copied: a dataset opened with
+    :meth:`PreparedDataset.load` is memory-mapped, so its pages are shared page cache, not
+    heap, and DataLoader workers or a second trainer read the same pages), one permutation
+    of the transition rows per epoch (4 bytes a transition while the events number under
+    2**31) and O(batch) scratch.
     The ``done`` flag of each transition rides in the top bit of its permutation entry, so a
     batch needs no gather from the session and split arrays.
     """
@@ -207,9 +210,10 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         self._item = dataset.item
         self._reward = dataset.reward
         self._returns = dataset.returns
-        prop = dataset.extra.get(PROPENSITY)
-        # float32 like every other batch field; prepare checked each value lies in (0, 1].
-        self._propensity = None if prop is None else np.asarray(prop, dtype=np.float32)
+        # Cast to float32 (like every other batch field) per batch, not here: a copy of the
+        # column would put a memory-mapped dataset's propensities on the heap.  prepare
+        # checked each value lies in (0, 1].
+        self._propensity = dataset.extra.get(PROPENSITY)
         self._session = dataset.session
         self._split = np.asarray(dataset.split, dtype=np.int8)
         self._user = dataset.user
@@ -329,5 +333,9 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
             next_history=torch.from_numpy(win.item[:, 1:].astype(np.int64)),
             next_history_reward=torch.from_numpy(win.reward[:, 1:].copy()),
             done=torch.from_numpy(done),
-            propensity=None if self._propensity is None else torch.from_numpy(self._propensity[p]),
+            propensity=(
+                None
+                if self._propensity is None
+                else torch.from_numpy(self._propensity[p].astype(np.float32, copy=False))
+            ),
         )

@@ -49,8 +49,9 @@ def chronological_order(user: np.ndarray, timestamp: np.ndarray) -> Chronology:
     gathered:
 
     - everything fits in 63 bits: one sort of (user, time, row);
-    - else one sort of (user, row) — and if every user's events are then already in time
-      order, as in logs written in time order, that is the answer;
+    - else one stable argsort by user (rows of a user stay in source order) — and if every
+      user's events are then already in time order, as in logs written in time order, that
+      is the answer;
     - else a second pass: sort by (time, row), then stably by user;
     - keys too wide for any of that: a stable lexsort.
     """
@@ -63,37 +64,47 @@ def chronological_order(user: np.ndarray, timestamp: np.ndarray) -> Chronology:
     t0 = int(timestamp.min())
     span_bits = max(1, (int(timestamp.max()) - t0).bit_length())
     user_bits = max(1, int(user.max()).bit_length())
-    rows = np.arange(e, dtype=np.int64)
+    # Keys are built in place and each temporary dropped as soon as it is folded in: at 100M
+    # events every int64 array is 800 MB.
     if user_bits + span_bits + row_bits <= 63:
-        key = (user.astype(np.int64) << (span_bits + row_bits)) | (
-            (timestamp.astype(np.int64) - t0) << row_bits
-        )
-        key |= rows
+        key = user.astype(np.int64)
+        key <<= span_bits + row_bits
+        shifted = timestamp.astype(np.int64)
+        shifted -= t0
+        shifted <<= row_bits
+        key |= shifted
+        del shifted
+        key |= np.arange(e, dtype=np.int64)
         key.sort()
         order = key & mask
         key >>= row_bits
-        ts = (key & np.int64((1 << span_bits) - 1)) + t0
+        ts = key & np.int64((1 << span_bits) - 1)
+        ts += t0
         key >>= span_bits
         return Chronology(order, key, ts)
     if span_bits + row_bits > 63 or user_bits + row_bits > 63:
         order = np.lexsort((timestamp, user)).astype(np.int64)
         return Chronology(order, user[order].astype(np.int64), timestamp[order])
-    key = (user.astype(np.int64) << row_bits) | rows
-    key.sort()
-    by_user = key & mask
+    # A stable argsort of the user codes is the (user, row) order directly, and measured
+    # faster than sorting packed keys and unpacking them (0.41 s against 0.8 s at 10M
+    # events); the sorted users are then a repeat of the counts, read sequentially.
+    by_user = np.argsort(user, kind="stable").astype(np.int64, copy=False)
     ts = np.asarray(timestamp[by_user], np.int64)
-    key >>= row_bits  # the users, in sorted order
+    counts = np.bincount(user)
+    key = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)  # the sorted users
     backwards = ts[1:] < ts[:-1]
     backwards &= key[1:] == key[:-1]
     if not backwards.any():
         return Chronology(by_user, key, ts)
     del key, backwards, by_user, ts
+    rows = np.arange(e, dtype=np.int64)
     key = ((timestamp.astype(np.int64) - t0) << row_bits) | rows
     key.sort()
     by_time = key & mask
     key >>= row_bits
     key += t0  # timestamps in time order
     ukey = (user[by_time].astype(np.int64) << row_bits) | rows
+    del rows
     ukey.sort()
     pos = ukey & mask
     ukey >>= row_bits

@@ -473,7 +473,7 @@ def fit_baseline_rewards(
 
 
 def _events_file(dataset: PreparedDataset) -> str:
-    return str(dataset.path / "events.parquet") if dataset.path else "events"
+    return str(dataset.events_file) if dataset.events_file else "events"
 
 
 def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarray | None:
@@ -965,7 +965,7 @@ class OPEComparison:
 
 def _dataset_key(dataset: PreparedDataset) -> object:
     """Datasets with the same events file hash hold the same events; else identity."""
-    digest = dataset.manifest.get("files", {}).get("events.parquet")
+    digest = dataset.events_sha256
     return ("events", digest) if digest else ("object", id(dataset))
 
 

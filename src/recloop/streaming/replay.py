@@ -1,7 +1,7 @@
 """Replay a prepared dataset onto the bus in event-time order.
 
 Raw ids come from the dataset's id maps, and every event gets a deterministic id
-``<first 8 hex digits of events.parquet's sha256>-<row>``, so replaying twice (or republishing
+``<first 8 hex digits of the events file's sha256>-<row>``, so replaying twice (or republishing
 after a failure) never creates a second copy in the behaviour log.
 
 Throttling: as fast as possible, ``rate`` events per second, or ``speed`` times real time
@@ -54,8 +54,8 @@ class ReplayStats:
 
 
 def dataset_tag(ds: PreparedDataset) -> str:
-    """First 8 hex digits of the dataset's events.parquet sha256 (or of its arrays)."""
-    digest = ds.manifest.get("files", {}).get("events.parquet")
+    """First 8 hex digits of the dataset's events file sha256 (or of its arrays)."""
+    digest = ds.events_sha256
     if not digest:
         h = hashlib.sha256()
         for a in (ds.user, ds.item, ds.timestamp, ds.reward):
@@ -68,7 +68,7 @@ def replay_events(ds: PreparedDataset, *, limit: int | None = None) -> pl.DataFr
     """The dataset's events as bus events (:data:`EVENT_SCHEMA`), oldest first.
 
     Ties in time keep the dataset's row order; ``event_id`` is ``<tag>-<row>`` with the row in
-    events.parquet, zero-padded so that the ids of events at the same time sort in row order
+    the events file, zero-padded so that the ids of events at the same time sort in row order
     (the online stores break event-time ties by event id).  ``behavior`` and ``rating`` come
     from the dataset's extra columns when it has them.
     """

@@ -14,13 +14,14 @@ bad row.
 
 from __future__ import annotations
 
+import glob as globlib
 import io
 import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import polars as pl
@@ -90,6 +91,9 @@ class Table:
     """The quote character the file was read with."""
     problems: Mapping[int, BadLine] = field(default_factory=dict)
     """Rows whose line could not be read (their fields are null and ``EXTRA`` is set)."""
+    line_offset: int = 0
+    """Physical lines of the file before ``data`` (a block of a large file, see
+    :func:`read_text_blocks`), not counting a header that ``data`` repeats."""
 
     @property
     def n_fields(self) -> int:
@@ -100,7 +104,7 @@ class Table:
         if self.data is None:
             return None
         with _open(self.data) as handle:
-            raw = next(itertools.islice(handle, line - 1, None), None)
+            raw = next(itertools.islice(handle, line - 1 - self.line_offset, None), None)
         if raw is None:
             return None
         return raw.decode("utf-8", errors="replace").rstrip("\r\n").replace(_SUBST, "::")
@@ -286,6 +290,16 @@ def field_count_message(line: str, delimiter: str, expected: int) -> str:
     )
 
 
+def is_glob(path: Path) -> bool:
+    """Whether ``path`` is a glob pattern (``*``, ``?`` or ``[``) rather than a file name."""
+    return any(ch in str(path) for ch in "*?[") and not path.exists()
+
+
+def glob_files(path: Path) -> list[Path]:
+    """The regular files a glob pattern matches (``**`` spans directories), sorted."""
+    return sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+
+
 def _open_source(path: Path, *, delimiter: str, encoding: str) -> tuple[Path | bytes, str]:
     """The bytes polars should read (transcoded, "::" replaced) and its one-byte separator."""
     if not path.exists():
@@ -323,6 +337,8 @@ def read_text(
     quote_char: str | None = None,
     encoding: str = "utf-8",
     fast_types: Mapping[str, PolarsDataType] | None = None,
+    block: bytes | None = None,
+    lines_before: int = 0,
 ) -> Table:
     """Read a delimited file, every column as a string unless ``fast_types`` says otherwise.
 
@@ -332,10 +348,17 @@ def read_text(
     twice as fast; if any value does not fit, the file is read again as strings.  Only if
     that fails too, or a quoted value spans lines, is the file scanned for unreadable lines
     (:func:`scan_lines`), which become :attr:`Table.problems`; a bad header is fatal.
+
+    ``block`` reads these bytes (whole lines of ``path`` in UTF-8, after its header when it
+    has one, which ``block`` then repeats) instead of the file; ``lines_before`` physical
+    lines of the file precede them, so rows are still named by the file's line numbers.
     """
     file = str(path)
     try:
-        source, sep = _open_source(path, delimiter=delimiter, encoding=encoding)
+        if block is None:
+            source, sep = _open_source(path, delimiter=delimiter, encoding=encoding)
+        else:
+            source, sep = block, delimiter
         first = _first_line(source)
     except OSError as exc:
         where = Location(file=file)
@@ -426,18 +449,63 @@ def read_text(
             marked = pl.int_range(pl.len()).is_in(list(problems))
             flag = pl.when(marked).then(pl.lit("unreadable line")).otherwise(pl.col(EXTRA))
             frame = frame.with_columns(flag.alias(EXTRA))
-    if frame.height == 0 or frame.null_count().row(0) == (frame.height,) * frame.width:
+    empty = frame.height == 0 or frame.null_count().row(0) == (frame.height,) * frame.width
+    if empty and block is None:
         raise DataError("empty file (no data rows)", location=Location(file=file))
     return Table(
         frame=frame,
         file=file,
-        first_line=2 if has_header else 1,
+        first_line=(2 if has_header else 1) + lines_before,
         header_line=header_text,
         delimiter=delimiter,
         data=source,
         quote_char=quote_char,
         problems=problems,
+        line_offset=lines_before,
     )
+
+
+BLOCK_BYTES = 256 << 20
+"""Text files larger than this are read in blocks of about this size (whole lines)."""
+
+
+def read_text_blocks(
+    path: Path,
+    *,
+    delimiter: str,
+    has_header: bool = False,
+    encoding: str = "utf-8",
+    block_bytes: int | None = None,
+    **kwargs: Any,
+) -> Iterator[Table]:
+    """:func:`read_text` of ``path`` in blocks of about ``block_bytes`` (default
+    :data:`BLOCK_BYTES`) of whole lines, so that a loader can validate and compact each block
+    before reading the next (a 100M-line log never sits in memory as strings).  Rows keep the
+    file's line numbers.  Files that need transcoding or a multi-character delimiter
+    (MovieLens, small) are read whole, as are files up to ``block_bytes``.  Blocks split at
+    line breaks: the formats read here never quote line breaks (a quote left open is reported
+    per line, as in :func:`scan_lines`).  A count of "more bad rows" in a message counts the
+    block's.
+    """
+    kw = dict(kwargs, delimiter=delimiter, has_header=has_header, encoding=encoding)
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        size = 0
+    if size <= block_bytes or encoding != "utf-8" or len(delimiter) > 1:
+        yield read_text(path, **kw)
+        return
+    lines_before = 0
+    with path.open("rb") as handle:
+        header = handle.readline() if has_header else b""
+        if has_header:
+            read_text(path, **kw, block=header)  # a bad header fails before any block
+        while data := handle.read(block_bytes):
+            if not data.endswith(b"\n"):
+                data += handle.readline()
+            yield read_text(path, **kw, block=header + data, lines_before=lines_before)
+            lines_before += data.count(b"\n")
 
 
 def _has_line_break(frame: pl.DataFrame, source: Path | bytes, *, has_header: bool) -> bool:

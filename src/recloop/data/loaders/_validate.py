@@ -26,6 +26,7 @@ from recloop.data.loaders._read import (
     delimiter_hint,
     field_count_message,
     fields_in,
+    one_line,
 )
 from recloop.data.schema import ITEM, USER, RawData, SkipReport
 from recloop.errors import DataError, Location
@@ -298,6 +299,29 @@ def _dedupe_keys(table: pl.DataFrame, key: str, file: str) -> pl.DataFrame:
             key,
         )
     return unique
+
+
+def concat_validated(parts: Sequence[Validated], *, file: str) -> Validated:
+    """One table from parts validated one by one (blocks of a file, or files of a log), so
+    each message names its part's file and line.  An id column that is an integer in one part
+    and text in another becomes text everywhere; columns only some parts have are null in the
+    others.  The parts' chunks are kept (no copy into one buffer)."""
+    if len(parts) == 1:
+        return parts[0]
+    frames = [v.frame for v in parts]
+    for col in (USER, ITEM):
+        if len({f.schema[col] for f in frames if col in f.columns}) > 1:
+            frames = [f.with_columns(pl.col(col).cast(pl.String)) for f in frames]
+    try:
+        frame = pl.concat(frames, how="diagonal_relaxed", rechunk=False)
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(
+            f"the parts do not share a schema: {one_line(exc)}", location=Location(file=file)
+        ) from None
+    skipped = parts[0].skipped
+    for v in parts[1:]:
+        skipped = skipped.merge(v.skipped)
+    return Validated(frame=frame, skipped=skipped)
 
 
 def assemble(

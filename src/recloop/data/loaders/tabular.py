@@ -11,19 +11,28 @@ timestamps integer (or fractional) seconds, dates or datetimes (strings only wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
-from recloop.data.loaders._read import EXTRA, Table, one_line, read_parquet, read_text
+from recloop.data.loaders._read import (
+    EXTRA,
+    Table,
+    glob_files,
+    is_glob,
+    read_parquet,
+    read_text,
+    read_text_blocks,
+)
 from recloop.data.loaders._validate import (
     FieldSpec,
     Kind,
     Validated,
     assemble,
     check_columns,
+    concat_validated,
     infer_int,
     validate,
 )
@@ -85,35 +94,33 @@ def check_types(table: Table, fields: Sequence[FieldSpec]) -> Table:
     return table if frame is table.frame else replace(table, frame=frame)
 
 
-def _files(path: Path, fmt: str) -> list[Path]:
+def _files(path: Path, fmt: str, *, exclude: Sequence[Path | None] = ()) -> list[Path]:
+    """The event files: ``path`` itself, the files a glob pattern matches, or every file of
+    the format in a directory (real logs come in parts), sorted by name.  ``exclude`` are
+    feature files that may sit beside the parts."""
+    if is_glob(path):
+        found = glob_files(path)
+        if not found:
+            raise DataError("no file matches this pattern", location=Location(file=str(path)))
+        return found
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError("no such file or directory", location=Location(file=str(path)))
-    found = sorted(p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES[fmt])
-    if not found or (fmt == "csv" and len(found) > 1):
-        what = f"{len(found)} {fmt} files" + (
-            f" ({', '.join(p.name for p in found)}); pass the events file" if found else ""
-        )
-        raise DataError(f"{what} in this directory", location=Location(file=str(path)))
+    skip = {p.resolve() for p in exclude if p is not None}
+    found = sorted(
+        p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES[fmt] and p.resolve() not in skip
+    )
+    if not found:
+        raise DataError(f"0 {fmt} files in this directory", location=Location(file=str(path)))
     return found
 
 
-def _read(paths: list[Path], mapping: ColumnMapping) -> Table:
-    if paths[0].suffix.lower() in _SUFFIXES["parquet"]:
-        if len(paths) == 1:
-            return read_parquet(paths[0])
-        tables = [read_parquet(p) for p in paths]
-        try:
-            frame = pl.concat([t.frame for t in tables], how="diagonal_relaxed")
-        except pl.exceptions.PolarsError as exc:
-            raise DataError(
-                f"Parquet parts do not share a schema: {one_line(exc)}",
-                location=Location(file=str(paths[0].parent)),
-            ) from None
-        return Table(frame=frame, file=str(paths[0].parent))
+def _read(path: Path, mapping: ColumnMapping) -> Table:
+    if path.suffix.lower() in _SUFFIXES["parquet"]:
+        return read_parquet(path)
     return read_text(
-        paths[0],
+        path,
         delimiter=mapping.delimiter,
         has_header=mapping.has_header,
         quote_char=mapping.quote_char,
@@ -155,7 +162,7 @@ def _event_fields(table: Table, m: ColumnMapping) -> tuple[list[FieldSpec], list
 
 
 def _features(path: Path, key: str, out: str, m: ColumnMapping, options: LoadOptions) -> Validated:
-    table = _read([path], m)
+    table = _read(path, m)
     fields = [FieldSpec(source=key, name=out, kind="id")]
     check_columns(table, fields)
     table = check_types(table, fields)
@@ -171,19 +178,35 @@ def _features(path: Path, key: str, out: str, m: ColumnMapping, options: LoadOpt
     return Validated(frame=frame, skipped=result.skipped)
 
 
+def _events(path: Path, m: ColumnMapping, options: LoadOptions) -> Validated:
+    """One events file, validated block by block when it is large (see read_text_blocks)."""
+    if path.suffix.lower() in _SUFFIXES["parquet"]:
+        tables: Iterable[Table] = [read_parquet(path)]
+    else:
+        tables = read_text_blocks(
+            path, delimiter=m.delimiter, has_header=m.has_header, quote_char=m.quote_char
+        )
+    parts = []
+    for table in tables:
+        fields, keep = _event_fields(table, m)
+        checked = check_types(table, fields)
+        parts.append(
+            validate(
+                checked,
+                fields,
+                keep=keep,
+                skip_bad_rows=options.skip_bad_rows,
+                max_examples=options.max_examples,
+            )
+        )
+    return concat_validated(parts, file=str(path))
+
+
 def _load(fmt: str, path: Path, options: LoadOptions) -> RawData:
     m = options.columns or ColumnMapping()
-    files = _files(path, fmt)
-    table = _read(files, m)
-    fields, keep = _event_fields(table, m)
-    table = check_types(table, fields)
-    events = validate(
-        table,
-        fields,
-        keep=keep,
-        skip_bad_rows=options.skip_bad_rows,
-        max_examples=options.max_examples,
-    )
+    files = _files(path, fmt, exclude=(m.user_features, m.item_features))
+    parts = [_events(f, m, options) for f in files]
+    events = concat_validated(parts, file=f"{files[0]} ... {files[-1].name}")
     users = items = None
     if m.user_features is not None:
         users = _features(m.user_features, m.user, USER, m, options)
@@ -200,11 +223,11 @@ def _load(fmt: str, path: Path, options: LoadOptions) -> RawData:
 
 @LOADERS.register("csv")
 def load_csv(path: Path, options: LoadOptions) -> RawData:
-    """Load a delimited events file (or the one such file in a directory)."""
+    """Load a delimited events file, every such file in a directory, or a glob's matches."""
     return _load("csv", path, options)
 
 
 @LOADERS.register("parquet")
 def load_parquet(path: Path, options: LoadOptions) -> RawData:
-    """Load a Parquet events file, or every ``*.parquet`` part in a directory."""
+    """Load a Parquet events file, every ``*.parquet`` part in a directory, or a glob's."""
     return _load("parquet", path, options)

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import polars as pl
 
-from recloop.data.loaders._read import read_text
-from recloop.data.loaders._validate import FieldSpec, Validated, assemble, infer_int, validate
+from recloop.data.loaders._read import read_text, read_text_blocks
+from recloop.data.loaders._validate import (
+    FieldSpec,
+    Validated,
+    assemble,
+    concat_validated,
+    infer_int,
+    validate,
+)
 from recloop.data.loaders.base import LOADERS, LoadOptions
 from recloop.data.schema import BEHAVIOR, BEHAVIORS, ITEM, TIMESTAMP, USER, RawData
 from recloop.errors import DataError, Location
@@ -53,7 +60,7 @@ def load_tianchi(path: Path, options: LoadOptions) -> RawData:
             )
     else:
         raise DataError("no such file or directory", location=Location(file=str(path)))
-    table = read_text(
+    blocks = read_text_blocks(
         behavior_file,
         delimiter=",",
         names=(USER, ITEM, BEHAVIOR, "time"),
@@ -65,9 +72,16 @@ def load_tianchi(path: Path, options: LoadOptions) -> RawData:
         FieldSpec(source="time", name=TIMESTAMP, kind="timestamp"),
         FieldSpec(source=BEHAVIOR, name=BEHAVIOR, kind="enum", values=BEHAVIORS),
     ]
-    events = validate(
-        table, fields, skip_bad_rows=options.skip_bad_rows, max_examples=options.max_examples
-    )
+    parts = []
+    for table in blocks:
+        # Block by block, each validated and its behaviour names turned into one-byte Enum
+        # codes before the next is read: 100M events never sit in memory as text.
+        part = validate(
+            table, fields, skip_bad_rows=options.skip_bad_rows, max_examples=options.max_examples
+        )
+        frame = part.frame.with_columns(pl.col(BEHAVIOR).cast(pl.Enum(list(BEHAVIORS))))
+        parts.append(Validated(frame=frame, skipped=part.skipped))
+    events = concat_validated(parts, file=str(behavior_file))
     user_file, item_file = root / USER_FILE, root / ITEM_FILE
     users = _features(user_file, USER, USER_FEATURES, options) if user_file.is_file() else None
     items = _features(item_file, ITEM, ITEM_FEATURES, options) if item_file.is_file() else None
