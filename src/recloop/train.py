@@ -9,27 +9,24 @@ joins the process group torchrun describes (gloo on the CPU, NCCL on CUDA; see
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from recloop.cli import main as cli_main
 from recloop.training import distributed
 
-
-def _device(args: list[str]) -> str:
-    """The value of ``--device`` among ``args`` (``auto`` when absent)."""
-    for i, arg in enumerate(args):
-        if arg == "--device" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--device="):
-            return arg.split("=", 1)[1]
-    return "auto"
+ROOT_OPTIONS_ENV = "RECLOOP_ROOT_OPTIONS"
+"""JSON list of the ``recloop`` options given before ``train`` (``--threads 4 -v``), which
+``recloop train --nproc`` hands on to its ranks."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    distributed.setup(_device(args))
+    root = json.loads(os.environ.get(ROOT_OPTIONS_ENV, "[]"))
     try:
-        return cli_main(["train", *args])
+        # train_run joins the process group once the run's fit.device is known.
+        return cli_main([*root, "train", *args])
     finally:
         distributed.shutdown()
 

@@ -83,6 +83,14 @@ def test_two_ranks_equal_one_process_over_the_same_global_batches(
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_root_options_are_kept_for_the_ranks() -> None:
+    from recloop.cli import main
+    from recloop.cli.app import ROOT_OPTIONS
+
+    assert main(["--threads", "1", "--no-progress", "-q", "version"]) == 0
+    assert ROOT_OPTIONS == ["--quiet", "--no-progress", "--threads", "1"]
+
+
 def test_sharded_sampler_splits_each_global_batch() -> None:
     ds = walk_dataset(n_users=10, n_items=12, length=8)
     base = TransitionSampler(ds, history=3, batch_size=4, seed=3)
@@ -168,13 +176,17 @@ def _average_worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         only_rank0.grad = torch.ones(2) * 4.0  # rank 1 has none → zeros there → mean 2
     nowhere = torch.nn.Parameter(torch.zeros(2))
-    average_gradients([dense, table, only_rank0, nowhere])
+    sparse_rank1 = torch.nn.Parameter(torch.zeros(3, 2))
+    if rank == 1:  # a sparse gradient on one rank only: rank 0 joins with an empty one
+        sparse_rank1.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 2), (3, 2))
+    average_gradients([dense, table, only_rank0, nowhere, sparse_rank1])
     torch.save(
         {
             "dense": dense.grad,
             "table": table.grad.coalesce().to_dense(),
             "only_rank0": only_rank0.grad,
             "nowhere": nowhere.grad,
+            "sparse_rank1": sparse_rank1.grad.coalesce().to_dense(),
         },
         f"{out}.{rank}",
     )
@@ -198,3 +210,6 @@ def test_average_gradients_dense_sparse_and_missing(tmp_path: Path) -> None:
         torch.testing.assert_close(got["table"], table)
         torch.testing.assert_close(got["only_rank0"], torch.full((2,), 2.0))
         assert got["nowhere"] is None
+        torch.testing.assert_close(
+            got["sparse_rank1"], torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+        )

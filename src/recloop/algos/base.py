@@ -281,24 +281,42 @@ def average_gradients(params: Iterable[Tensor]) -> None:
     plist = list(unique.values())
     if not plist:
         return
-    has = torch.tensor([p.grad is not None for p in plist], dtype=torch.int32)
-    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    # Layout of each gradient on this rank: 0 none, 1 dense, 2 sparse; MAX over the ranks
+    # tells every rank which parameters to reduce and how (all ranks must issue the same
+    # collectives in the same order, or they pair up wrongly and hang).
+    layout = torch.tensor(
+        [0 if p.grad is None else 2 if p.grad.is_sparse else 1 for p in plist], dtype=torch.int32
+    )
+    dist.all_reduce(layout, op=dist.ReduceOp.MAX)
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p, any_rank in zip(plist, has.tolist(), strict=True):
-        if not any_rank:
+    for p, kind in zip(plist, layout.tolist(), strict=True):
+        if kind == 0:
             continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad
-        if g.is_sparse:
-            if dist.get_backend() == "nccl":
-                raise ConfigError(
-                    "sparse embedding gradients cannot be all-reduced with NCCL; "
-                    "set the algorithm's sparse option off, or train on the CPU with gloo"
+        if p.grad is None:  # another rank's shard reached this parameter, this one's did not
+            p.grad = (
+                torch.sparse_coo_tensor(
+                    torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                    torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+                    p.shape,
                 )
+                if kind == 2
+                else torch.zeros_like(p)
+            )
+        g = p.grad
+        if kind == 2:
+            if g.is_cuda:
+                raise ConfigError(
+                    "sparse embedding gradients cannot be all-reduced on CUDA (NCCL has no "
+                    "sparse all-reduce); set the algorithm's sparse option off, or train on "
+                    "the CPU with gloo"
+                )
+            if not g.is_sparse:
+                g = p.grad = g.to_sparse()
             dist.all_reduce(g)
             g.mul_(1.0 / world)
         else:
+            if g.is_sparse:
+                g = p.grad = g.to_dense()
             buckets.setdefault((g.device, g.dtype), []).append(g)
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -309,6 +327,16 @@ def average_gradients(params: Iterable[Tensor]) -> None:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+
+def any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank of a distributed run (``flag`` itself in one
+    process): lets every rank take the same branch before a collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from recloop.algos.base import (
     ParamGroup,
     Scalar,
     UpdateStats,
+    any_rank,
     build_adam,
     optimizer_step,
 )
@@ -261,9 +262,17 @@ class SequenceAlgo(Algo[Any]):
         nonempty = batch.history[:, -1] != PAD_ID  # left-padded: empty iff the last is pad
         done = batch.done if cfg.keep_done else torch.zeros_like(batch.done)
         keep = select_windows(done, nonempty, rate=1.0 / cfg.stride, uniform=uniform)
-        if not bool(keep.any()):
+        kept = bool(keep.any())
+        if not any_rank(kept):  # no window anywhere: no step (in one process as in several)
             zero = torch.zeros((), device=batch.done.device)
             return SequenceStats(loss=zero, windows=0.0, positions=0.0)
+        if not kept:
+            # Distributed only: other ranks step, so this one joins with a zero gradient to
+            # keep the collectives paired and the weights identical.
+            nothing = torch.stack([p.sum() for p in self.policy.parameters()]).sum() * 0.0
+            optimizer_step(self.opt.values(), nothing, grad_clip=cfg.grad_clip)
+            self.steps += 1
+            return SequenceStats(loss=nothing.detach(), windows=0.0, positions=0.0)
         history = batch.history[keep]  # (W, H)
         targets = batch.next_history[keep][history != PAD_ID]  # (M,)
         with embedding_dropout(self.policy.item_embedding, cfg.embedding_dropout):

@@ -29,7 +29,7 @@ from recloop.cli import simulate as _simulate  # noqa: F401
 from recloop.cli import synth as _synth  # noqa: F401
 from recloop.cli import train as _train  # noqa: F401
 from recloop.cli import world as _world  # noqa: F401
-from recloop.cli.app import app
+from recloop.cli.app import ROOT_OPTIONS, app
 from recloop.errors import RecloopError
 from recloop.progress import disable_progress, setup_logging
 
@@ -49,6 +49,13 @@ def _root(
     ),
 ) -> None:
     """Offline RL recommenders: from logged events to real-time serving and back."""
+    # Kept for commands that start more recloop processes (recloop train --nproc).
+    ROOT_OPTIONS[:] = [
+        *(["--verbose"] if verbose else []),
+        *(["--quiet"] if quiet else []),
+        *(["--no-progress"] if no_progress else []),
+        *(["--threads", str(threads)] if threads is not None else []),
+    ]
     setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if no_progress:
         disable_progress()

@@ -50,3 +50,8 @@ def output_dir(path: Path, option: str = "--output") -> Path:
             raise ConfigError(f"{option} {path}: cannot write to {existing} (permission denied)")
         break
     return path
+
+
+ROOT_OPTIONS: list[str] = []
+"""The global options (``--threads``, ``--no-progress``, ``-v``, ``-q``) this invocation was
+given, as arguments; set by the root callback."""

@@ -118,9 +118,15 @@ def train(
 def _run_ranks(nproc: int, args: list[str]) -> None:
     """``torchrun --standalone --nproc-per-node nproc -m recloop.train ARGS``; a rank that
     fails (an error, a kill) fails the whole job, whose exit status is passed on."""
+    import json
+    import os
     import subprocess
     import sys
 
+    from recloop.cli.app import ROOT_OPTIONS
+    from recloop.train import ROOT_OPTIONS_ENV
+
+    env = {**os.environ, ROOT_OPTIONS_ENV: json.dumps(ROOT_OPTIONS)}
     cmd = [
         sys.executable,
         "-m",
@@ -131,12 +137,12 @@ def _run_ranks(nproc: int, args: list[str]) -> None:
         "recloop.train",
         *args,
     ]
-    code = subprocess.run(cmd, check=False).returncode
+    code = subprocess.run(cmd, check=False, env=env).returncode
     if code != 0:
         raise TrainingError(
-            f"distributed training failed: a rank of {nproc} exited with status {code} "
-            "(torchrun's summary above names the rank and its error); the run directory "
-            "keeps the last finished epoch's checkpoint for --resume"
+            f"distributed training failed: torchrun exited with status {code} (its summary "
+            f"above names the failed rank of {nproc} and its error); a run that got past its "
+            "first epoch keeps that epoch's checkpoint for --resume"
         )
 
 

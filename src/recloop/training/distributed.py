@@ -17,11 +17,17 @@ runs in :func:`recloop.algos.base.optimizer_step`, the single place every algori
 through, whenever a process group of several ranks is active.
 
 Backends: gloo on the CPU (sparse gradients are all-reduced as sparse tensors), NCCL on CUDA
-(NCCL has no sparse all-reduce: sparse embedding gradients are refused there with a clear
-error — turn ``sparse`` off, or use gloo).  Rank 0 alone evaluates, writes metrics,
-checkpoints and the artifact; the early-stopping decision is broadcast to the other ranks.
-A rank that dies makes the others fail within ``RECLOOP_DIST_TIMEOUT`` seconds (default
-300) instead of hanging, and ``torchrun`` ends the job with the rank's exit status.
+for the gradients with gloo beside it for the loop's few CPU flags (NCCL has no sparse
+all-reduce: sparse embedding gradients are refused there with a clear error — turn
+``sparse`` off, or use the CPU).  Rank 0 alone evaluates, writes metrics, checkpoints and the
+artifact while the others wait; the early-stopping decision is broadcast to them.  A rank
+that dies is seen by ``torchrun``, which stops the others and ends the job; a collective
+left waiting gives up after ``RECLOOP_DIST_TIMEOUT`` seconds (default 1800, long enough for
+rank 0's evaluations on a large catalogue).
+
+For losses that are a mean over a per-rank count that varies (the sequence models average
+over the positions of the windows they keep), the update is the mean of the ranks' means,
+as with ``DistributedDataParallel``, not exactly the one-process mean.
 
 The last global batch of an epoch is dropped when it cannot be split evenly over the ranks
 (fewer than ``N x batch_size`` transitions, a different set each epoch after shuffling):
@@ -48,7 +54,7 @@ from recloop.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0
 
 _CONTEXT: DistContext | None = None
 
@@ -64,7 +70,7 @@ class DistContext:
     local_rank: int
     """Rank on this machine (the CUDA device index with NCCL)."""
     backend: str
-    """``gloo`` or ``nccl``."""
+    """``gloo``, or ``cpu:gloo,cuda:nccl`` on CUDA."""
     device: str
     """The device this rank trains on (``cpu`` or ``cuda:LOCAL_RANK``)."""
 
@@ -104,9 +110,15 @@ def setup(device: str) -> DistContext | None:
     use_cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(f"fit.device is {device!r} but CUDA is not available on rank {rank}")
-    backend = "nccl" if use_cuda else "gloo"
+    # With CUDA, gloo still carries the few CPU tensors (flags, counts) the loop exchanges.
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     dev = f"cuda:{local}" if use_cuda else "cpu"
     if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank {rank}: LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
+                "device(s) here; start at most one process per GPU"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         timeout = float(os.environ.get("RECLOOP_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))

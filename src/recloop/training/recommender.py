@@ -335,23 +335,12 @@ def train_run(
     Returns the :class:`FitResult` with ``artifact`` set.
     """
     run_dir = Path(run_dir)
-    ctx = distributed.context()  # set when torchrun started this process as one rank
-    main = ctx is None or ctx.is_main
     saved = read_run(run_dir)
-    distributed.barrier()  # every rank has read the directory before rank 0 changes it
-    if saved and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run ({RUN_FILE}); pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
-        for name in _RUN_OUTPUTS if main else ():
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-        saved = {}
+    if saved and not resume and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({RUN_FILE}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
     if resume and not saved:
         raise ConfigError(f"{run_dir}: nothing to resume (no {RUN_FILE})")
     base = None
@@ -365,6 +354,18 @@ def train_run(
     run = load_run_config(
         algo, path=config_path, values=flag_values, overrides=overrides, base=base
     )
+    # Started by torchrun as one of several ranks: join the group on the run's device.
+    ctx = distributed.setup(run.fit.device) if distributed.launched() else None
+    main = ctx is None or ctx.is_main
+    distributed.barrier()  # every rank has read the directory before rank 0 changes it
+    if saved and not resume:
+        for name in _RUN_OUTPUTS if main else ():
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        saved = {}
     if ctx is not None:
         run = dataclasses.replace(run, fit=dataclasses.replace(run.fit, device=ctx.device))
     dataset = PreparedDataset.load(Path(data))
