@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from recloop.cli.app import app, echo, echo_json, output_dir, warn
-from recloop.config import config_to_dict, describe
 from recloop.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -26,6 +25,7 @@ _TRAIN_HELP = (
     "The config file (--config) and --set share one layout: the algorithm's fields at the top "
     "level, the fit loop's under `fit:`, and `algo:` naming the algorithm (or holding its "
     "fields as a mapping). Example file:\n\n"
+    "\b\n"  # click: keep the example's lines as they are
     "    algo: reinforce\n"
     "    lr: 0.001\n"
     "    encoder: {kind: gru, history: 20}\n"
@@ -450,6 +450,7 @@ def algos_cmd(
     """List the algorithms and every config field with its default and meaning."""
     import recloop.algos  # noqa: F401  (fills the registry)
     from recloop.algos.base import ALGOS
+    from recloop.config import config_to_dict, describe
     from recloop.training.fit import FitConfig
 
     names = [name] if name else ALGOS.names()
