@@ -371,6 +371,17 @@ class RedisStreamBus:
             raise
         return int(info["pending"])
 
+    async def undelivered(self, group: str) -> int | None:
+        """Entries the group has not read yet (Redis 7's ``XINFO GROUPS`` lag; None when the
+        server cannot say).  Not in :class:`EventBus`: the dashboard's heartbeat asks for
+        it where a bus has it."""
+        for info in await self._client.xinfo_groups(self.stream):
+            name = info.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == group:
+                lag = info.get("lag")
+                return None if lag is None else int(lag)
+        return None
+
     async def length(self) -> int:
         return int(await self._client.xlen(self.stream))
 
@@ -534,6 +545,10 @@ class MemoryBus:
 
     async def pending_count(self, group: str) -> int:
         return len(self._group(group).pending)
+
+    async def undelivered(self, group: str) -> int | None:
+        """Entries the group has not read yet (as :meth:`RedisStreamBus.undelivered`)."""
+        return len(self._entries) - self._group(group).next_index
 
     async def length(self) -> int:
         return len(self._entries)
