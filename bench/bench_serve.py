@@ -19,6 +19,8 @@ absolute figures a lot, the ratio much less.
     .venv/bin/python bench/bench_serve.py --artifact runs/reinforce   # a trained artifact
     .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 \
         --variants recloop,recloop-softmax,recloop-logged     # exploring / logging overhead
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 --rounds 3 \
+        --variants recloop,recloop-dashboard                  # the dashboard's cost (< 2 %)
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -246,6 +249,8 @@ VARIANTS = {
     "recloop-epsilon": "recloop serve, epsilon-greedy, epsilon = 0.1",
     "recloop-logged": "recloop serve, softmax sampling, every served list logged (Redis "
     "stream, else SQLite)",
+    "recloop-dashboard": "recloop serve while one dashboard client polls GET /dashboard/data "
+    "every second (as the page does)",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
 POLICY_OF = {
@@ -254,6 +259,42 @@ POLICY_OF = {
     "recloop-logged": "softmax",
 }
 """Serving policy of the exploring variants (``recloop`` itself runs ``--policy``)."""
+
+
+class DashboardPoller:
+    """One dashboard client: GET /dashboard/data every ``every_s`` in a thread, as the page
+    does while it is open; counts its polls and their latency."""
+
+    def __init__(self, port: int, *, every_s: float = 1.0) -> None:
+        import threading
+
+        self.url = f"http://127.0.0.1:{port}/dashboard/data?window=60"
+        self.every_s = every_s
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=5.0) as client:
+            while not self._stop.wait(self.every_s):
+                t0 = time.perf_counter()
+                try:
+                    ok = client.get(self.url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.latencies.append(time.perf_counter() - t0)
+                self.failures += not ok
+
+    def __enter__(self) -> DashboardPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Server:
@@ -439,11 +480,19 @@ def bench_catalogue(
         else:
             asyncio.run(_python_load(port, concurrency=4, duration=2, bodies=body_list))
         for c in args.concurrency:
-            if use_wrk:
-                r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
-            else:
-                r = asyncio.run(
-                    _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
+            poller = DashboardPoller(port) if variant == "recloop-dashboard" else None
+            with poller or contextlib.nullcontext():
+                if use_wrk:
+                    r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
+                else:
+                    r = asyncio.run(
+                        _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
+                    )
+            if poller is not None:
+                r["dashboard_polls"] = len(poller.latencies)
+                r["dashboard_poll_failures"] = poller.failures
+                r["dashboard_poll_median_ms"] = (
+                    float(np.median(poller.latencies)) * 1e3 if poller.latencies else None
                 )
             r.update(
                 catalogue=name,
@@ -597,6 +646,13 @@ def report(rows: list[dict[str, Any]]) -> None:
                 f"  {cat:>7} c={c:<3} {v} / recloop ({top.get('policy', 'topk')}): "
                 f"{r['rps'] / top['rps']:.2f}x req/s, p99 {r['p99_ms']:.1f} vs "
                 f"{top['p99_ms']:.1f} ms (target: >= 0.80x)"
+            )
+        if v == "recloop-dashboard" and top is not None:
+            print(
+                f"  {cat:>7} c={c:<3} dashboard polled / not: {r['rps'] / top['rps']:.3f}x "
+                f"req/s ({r['dashboard_polls']} polls, {r['dashboard_poll_failures']} failed, "
+                f"median {r['dashboard_poll_median_ms'] or float('nan'):.1f} ms; target: the "
+                "dashboard costs < 2 %, >= 0.98x)"
             )
         nob = by.get((cat, "recloop-nobatch", c))
         if v == "recloop" and nob is not None:

@@ -51,12 +51,32 @@ def train(
     pretrained: str = typer.Option(
         None, "--pretrained", help="DSSM embeddings directory (recloop pretrain)."
     ),
+    track: list[str] = typer.Option(
+        [],
+        "--track",
+        help="Also log the run to tensorboard (RUN_DIR/tensorboard) or mlflow (one MLflow run: "
+        "params, metrics per epoch, the artifact and the evaluation table); repeatable. Needs "
+        "recloop[tensorboard] or recloop[mlflow].",
+    ),
+    mlflow_uri: str = typer.Option(
+        None,
+        "--mlflow-uri",
+        help="MLflow tracking URI or folder (default: $MLFLOW_TRACKING_URI, else ./mlruns).",
+    ),
+    mlflow_experiment: str = typer.Option(
+        None, "--mlflow-experiment", help="MLflow experiment name (default: recloop)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print final metrics as JSON."),
 ) -> None:
     from recloop.training.compare import format_table
     from recloop.training.recommender import train_run
+    from recloop.training.tracking import open_trackers
 
     output_dir(out, "--out")
+    # a missing library or an unknown name fails here, before the data is read
+    trackers = open_trackers(
+        track, run_dir=out, tracking_uri=mlflow_uri, experiment=mlflow_experiment
+    )
     result = train_run(
         algo,
         data,
@@ -68,9 +88,13 @@ def train(
         pretrained=pretrained,
         resume=resume,
         overwrite=overwrite,
+        trackers=trackers,
     )
     if as_json:
-        echo_json({"valid": result.valid, "test": result.test})
+        doc: dict[str, Any] = {"valid": result.valid, "test": result.test}
+        if trackers:
+            doc["tracked"] = [t.describe() for t in trackers]
+        echo_json(doc)
         return
     echo(
         f"{result.algo}: {result.epochs} epochs, {result.steps} steps, "
@@ -85,6 +109,8 @@ def train(
         echo(format_table(["split", *keys], table))
         echo(f"(full ranking, consumed items {'masked' if result.mask_consumed else 'kept'})")
     echo(f"artifact: {result.artifact}")
+    for tracker in trackers:
+        echo(f"tracked: {tracker.describe()}")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
