@@ -536,6 +536,73 @@ async def _stream_length_and_drop(url: str, stream: str) -> int:
         await client.aclose()
 
 
+def dashboard_cost(tmp: Path, store_url: str, *, requests: int = 3000, polls: int = 300) -> None:
+    """CPU cost of the dashboard next to the requests it watches, in one process.
+
+    The whole app (middleware, routes, the ml100k artifact, the store as for the HTTP runs)
+    behind an in-process ASGI client: CPU seconds (``process_time``) per ``POST
+    /v1/recommend``, per ``GET /dashboard/data`` and per sampler reading.  One open page
+    costs one poll and (per worker) one reading a second, so its share of a saturated
+    service is (poll + workers x reading) / (workers x 1 s); unlike the HTTP ratio, this
+    does not drown in the noise of a busy machine.
+    """
+    import httpx
+
+    from recloop.serving.app import create_app
+    from recloop.serving.settings import ServeSettings
+
+    n_users, n_items = CATALOGUES["ml100k"]
+    art = tmp / "artifact-ml100k"
+    if not art.exists():
+        build_artifact(art, n_users=n_users, n_items=n_items)
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    redis = store_url.startswith("redis")
+    app = create_app(
+        ServeSettings(artifact=art, store_url=store_url, store_prefix=prefix, gc_freeze=False)
+    )
+    rng = np.random.default_rng(0)
+    bodies = [{"user_id": str(u)} for u in rng.integers(1, n_users + 1, requests)]
+
+    async def run() -> dict[str, float]:
+        if redis:
+            ids = [str(i) for i in range(1, n_items + 1)]
+            user_ids = [str(u) for u in range(1, n_users + 1)]
+            await fill_store(store_url, prefix, user_ids=user_ids, item_ids=ids, h=10)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as c:
+                for body in bodies[:200]:  # warm-up
+                    await c.post("/v1/recommend", json=body)
+                t0 = time.process_time()
+                for body in bodies:
+                    await c.post("/v1/recommend", json=body)
+                per_request = (time.process_time() - t0) / len(bodies)
+                t0 = time.process_time()
+                for _ in range(polls):
+                    r = await c.get("/dashboard/data?window=60")
+                    assert r.status_code == 200
+                per_poll = (time.process_time() - t0) / polls
+                sampler = app.state.dashboard_sampler
+                t0 = time.process_time()
+                for _ in range(polls):
+                    sampler.sample()
+                per_sample = (time.process_time() - t0) / polls
+        if redis:
+            await drop_store(store_url, prefix)
+        return {"request": per_request, "poll": per_poll, "sample": per_sample}
+
+    got = asyncio.run(run())
+    print("\ndashboard cost in-process (CPU time, one process):")
+    for k in ("request", "poll", "sample"):
+        print(f"  {k:<8} {got[k] * 1e6:9.1f} us")
+    for workers in (1, 2):
+        share = (got["poll"] + workers * got["sample"]) / workers
+        print(
+            f"  one page polling each second, {workers} worker(s): {share:.3%} of the service's "
+            f"CPU (= {share / got['request']:.2f} requests' worth per worker-second; target < 2 %)"
+        )
+
+
 def in_process_cost(args: argparse.Namespace, tmp: Path, store_url: str) -> None:
     """CPU cost per request of each serving policy, without HTTP or a load generator.
 
@@ -719,6 +786,11 @@ def main() -> None:
         action="store_true",
         help="also measure each policy's CPU cost per request in-process (no HTTP)",
     )
+    ap.add_argument(
+        "--dashboard-cost",
+        action="store_true",
+        help="also measure the dashboard's CPU cost per poll in-process, beside a request's",
+    )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -739,7 +811,7 @@ def main() -> None:
         except RecloopError as exc:
             ap.error(f"--artifact: {exc}")
         catalogues.append(TRAINED)
-    if not catalogues and not args.in_process:
+    if not catalogues and not args.in_process and not args.dashboard_cost:
         ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
@@ -764,6 +836,8 @@ def main() -> None:
                     )
         if args.in_process:
             in_process_cost(args, tmp, store_url)
+        if args.dashboard_cost:
+            dashboard_cost(tmp, store_url)
     rows = median_rounds(rows)
 
     report(rows)
