@@ -3,11 +3,14 @@ the service, for its dashboard."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from recloop.stores import MemoryStore
-from recloop.streaming.bus import MemoryBus
+from recloop.streaming.bus import MemoryBus, open_bus
 from recloop.streaming.heartbeat import publish_lag_s
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.replay import replay, replay_events
@@ -47,3 +50,24 @@ async def test_a_worker_reports_its_counters_and_backlog(
     assert doc["pending"] == 0 and doc["undelivered"] == 0
     assert doc["lag_s"] is None  # the in-process bus's ids carry no time
     assert doc["group"] == s.group and doc["watermark_ts"] == int(ev["ts"].max())
+
+
+@pytest.mark.integration
+async def test_redis_bus_counts_what_the_group_has_not_read(
+    names: dict[str, str], redis_url: str
+) -> None:
+    bus = open_bus(redis_url, stream=names["stream"])
+    try:
+        await bus.publish([b"{}"] * 5)
+        await bus.ensure_group(names["group"])
+        assert await bus.undelivered(names["group"]) == 5  # type: ignore[attr-defined]
+        got = await bus.read(names["group"], "c", count=2, block_ms=10)
+        assert len(got) == 2
+        assert await bus.undelivered(names["group"]) == 3  # type: ignore[attr-defined]
+        assert await bus.undelivered("no-such-group") is None  # type: ignore[attr-defined]
+        # its entry ids carry the append time: the heartbeat's lag
+        lag = publish_lag_s(got[-1].id, time.time())
+        assert lag is not None and 0 <= lag < 60
+    finally:
+        await bus.delete()
+        await bus.close()
