@@ -51,7 +51,8 @@ async def test_data_counts_a_bounded_load(serve: ServeFactory, store_url: tuple[
     assert d["requests"]["by_route"]["/v1/recommend"]["count"] == 37
     assert d["requests"]["by_route"]["/v1/popular"]["count"] == 1
     assert d["requests"]["by_route"]["/healthz"]["count"] == 1
-    assert d["requests"]["per_s"] == pytest.approx(38 / d["covered_s"], rel=1e-3)
+    # both rounded to 3 decimals, over a window of a fraction of a second
+    assert d["requests"]["per_s"] == pytest.approx(38 / d["covered_s"], rel=1e-2)
     assert d["requests"]["errors"] == 0 and d["requests"]["total_since_start"] == 38
     assert d["fallbacks"] == {
         "count": 7,
