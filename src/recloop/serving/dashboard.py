@@ -414,7 +414,7 @@ async def dashboard_data(
     return {
         "ts": time.time(),
         "window_s": window_s,
-        "covered_s": round(covered, 3),
+        "covered_s": round(covered, 6),
         "uptime_s": round(now - sampler.started, 1),
         "requests": {
             "count": int(api),
