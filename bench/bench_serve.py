@@ -19,6 +19,8 @@ absolute figures a lot, the ratio much less.
     .venv/bin/python bench/bench_serve.py --artifact runs/reinforce   # a trained artifact
     .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 \
         --variants recloop,recloop-softmax,recloop-logged     # exploring / logging overhead
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16 --rounds 3 \
+        --variants recloop,recloop-dashboard                  # the dashboard's cost (< 2 %)
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -246,6 +249,8 @@ VARIANTS = {
     "recloop-epsilon": "recloop serve, epsilon-greedy, epsilon = 0.1",
     "recloop-logged": "recloop serve, softmax sampling, every served list logged (Redis "
     "stream, else SQLite)",
+    "recloop-dashboard": "recloop serve while one dashboard client polls GET /dashboard/data "
+    "every second (as the page does)",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
 POLICY_OF = {
@@ -254,6 +259,42 @@ POLICY_OF = {
     "recloop-logged": "softmax",
 }
 """Serving policy of the exploring variants (``recloop`` itself runs ``--policy``)."""
+
+
+class DashboardPoller:
+    """One dashboard client: GET /dashboard/data every ``every_s`` in a thread, as the page
+    does while it is open; counts its polls and their latency."""
+
+    def __init__(self, port: int, *, every_s: float = 1.0) -> None:
+        import threading
+
+        self.url = f"http://127.0.0.1:{port}/dashboard/data?window=60"
+        self.every_s = every_s
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=5.0) as client:
+            while not self._stop.wait(self.every_s):
+                t0 = time.perf_counter()
+                try:
+                    ok = client.get(self.url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.latencies.append(time.perf_counter() - t0)
+                self.failures += not ok
+
+    def __enter__(self) -> DashboardPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Server:
@@ -439,11 +480,19 @@ def bench_catalogue(
         else:
             asyncio.run(_python_load(port, concurrency=4, duration=2, bodies=body_list))
         for c in args.concurrency:
-            if use_wrk:
-                r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
-            else:
-                r = asyncio.run(
-                    _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
+            poller = DashboardPoller(port) if variant == "recloop-dashboard" else None
+            with poller or contextlib.nullcontext():
+                if use_wrk:
+                    r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
+                else:
+                    r = asyncio.run(
+                        _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
+                    )
+            if poller is not None:
+                r["dashboard_polls"] = len(poller.latencies)
+                r["dashboard_poll_failures"] = poller.failures
+                r["dashboard_poll_median_ms"] = (
+                    float(np.median(poller.latencies)) * 1e3 if poller.latencies else None
                 )
             r.update(
                 catalogue=name,
@@ -485,6 +534,73 @@ async def _stream_length_and_drop(url: str, stream: str) -> int:
         return n
     finally:
         await client.aclose()
+
+
+def dashboard_cost(tmp: Path, store_url: str, *, requests: int = 3000, polls: int = 300) -> None:
+    """CPU cost of the dashboard next to the requests it watches, in one process.
+
+    The whole app (middleware, routes, the ml100k artifact, the store as for the HTTP runs)
+    behind an in-process ASGI client: CPU seconds (``process_time``) per ``POST
+    /v1/recommend``, per ``GET /dashboard/data`` and per sampler reading.  One open page
+    costs one poll and (per worker) one reading a second, so its share of a saturated
+    service is (poll + workers x reading) / (workers x 1 s); unlike the HTTP ratio, this
+    does not drown in the noise of a busy machine.
+    """
+    import httpx
+
+    from recloop.serving.app import create_app
+    from recloop.serving.settings import ServeSettings
+
+    n_users, n_items = CATALOGUES["ml100k"]
+    art = tmp / "artifact-ml100k"
+    if not art.exists():
+        build_artifact(art, n_users=n_users, n_items=n_items)
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    redis = store_url.startswith("redis")
+    app = create_app(
+        ServeSettings(artifact=art, store_url=store_url, store_prefix=prefix, gc_freeze=False)
+    )
+    rng = np.random.default_rng(0)
+    bodies = [{"user_id": str(u)} for u in rng.integers(1, n_users + 1, requests)]
+
+    async def run() -> dict[str, float]:
+        if redis:
+            ids = [str(i) for i in range(1, n_items + 1)]
+            user_ids = [str(u) for u in range(1, n_users + 1)]
+            await fill_store(store_url, prefix, user_ids=user_ids, item_ids=ids, h=10)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as c:
+                for body in bodies[:200]:  # warm-up
+                    await c.post("/v1/recommend", json=body)
+                t0 = time.process_time()
+                for body in bodies:
+                    await c.post("/v1/recommend", json=body)
+                per_request = (time.process_time() - t0) / len(bodies)
+                t0 = time.process_time()
+                for _ in range(polls):
+                    r = await c.get("/dashboard/data?window=60")
+                    assert r.status_code == 200
+                per_poll = (time.process_time() - t0) / polls
+                sampler = app.state.dashboard_sampler
+                t0 = time.process_time()
+                for _ in range(polls):
+                    sampler.sample()
+                per_sample = (time.process_time() - t0) / polls
+        if redis:
+            await drop_store(store_url, prefix)
+        return {"request": per_request, "poll": per_poll, "sample": per_sample}
+
+    got = asyncio.run(run())
+    print("\ndashboard cost in-process (CPU time, one process):")
+    for k in ("request", "poll", "sample"):
+        print(f"  {k:<8} {got[k] * 1e6:9.1f} us")
+    for workers in (1, 2):
+        share = (got["poll"] + workers * got["sample"]) / workers
+        print(
+            f"  one page polling each second, {workers} worker(s): {share:.3%} of the service's "
+            f"CPU (= {share / got['request']:.2f} requests' worth per worker-second; target < 2 %)"
+        )
 
 
 def in_process_cost(args: argparse.Namespace, tmp: Path, store_url: str) -> None:
@@ -598,6 +714,13 @@ def report(rows: list[dict[str, Any]]) -> None:
                 f"{r['rps'] / top['rps']:.2f}x req/s, p99 {r['p99_ms']:.1f} vs "
                 f"{top['p99_ms']:.1f} ms (target: >= 0.80x)"
             )
+        if v == "recloop-dashboard" and top is not None:
+            print(
+                f"  {cat:>7} c={c:<3} dashboard polled / not: {r['rps'] / top['rps']:.3f}x "
+                f"req/s ({r['dashboard_polls']} polls, {r['dashboard_poll_failures']} failed, "
+                f"median {r['dashboard_poll_median_ms'] or float('nan'):.1f} ms; target: the "
+                "dashboard costs < 2 %, >= 0.98x)"
+            )
         nob = by.get((cat, "recloop-nobatch", c))
         if v == "recloop" and nob is not None:
             print(f"  {cat:>7} c={c:<3} micro-batching on / off: {r['rps'] / nob['rps']:.2f}x")
@@ -663,6 +786,11 @@ def main() -> None:
         action="store_true",
         help="also measure each policy's CPU cost per request in-process (no HTTP)",
     )
+    ap.add_argument(
+        "--dashboard-cost",
+        action="store_true",
+        help="also measure the dashboard's CPU cost per poll in-process, beside a request's",
+    )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
@@ -683,7 +811,7 @@ def main() -> None:
         except RecloopError as exc:
             ap.error(f"--artifact: {exc}")
         catalogues.append(TRAINED)
-    if not catalogues and not args.in_process:
+    if not catalogues and not args.in_process and not args.dashboard_cost:
         ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
@@ -708,6 +836,8 @@ def main() -> None:
                     )
         if args.in_process:
             in_process_cost(args, tmp, store_url)
+        if args.dashboard_cost:
+            dashboard_cost(tmp, store_url)
     rows = median_rounds(rows)
 
     report(rows)

@@ -8,8 +8,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
-
 T = TypeVar("T")
 
 _ENV = "RECLOOP_NO_PROGRESS"
@@ -34,6 +32,9 @@ def progress(
     **kwargs: Any,
 ) -> Any:
     """A tqdm bar on stderr, off when not a TTY or when asked."""
+    # imported here: tqdm.auto costs ~30 ms, which `recloop --help` need not pay
+    from tqdm.auto import tqdm
+
     show = progress_enabled() if enabled is None else enabled
     return tqdm(
         iterable, total=total, desc=desc, unit=unit, disable=not show, leave=False, **kwargs

@@ -202,7 +202,8 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
 
 
 def test_impressions_need_from_db(tmp_path: Path) -> None:
-    from recloop.cli.prepare import PrepareJob, run_prepare
+    from recloop.cli.prepare import run_prepare
+    from recloop.data.prepare import PrepareJob
     from recloop.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--impressions"):

@@ -44,3 +44,33 @@ def store_url(request: pytest.FixtureRequest) -> tuple[str, str]:
     if request.param == "memory":
         return "memory://", "recloop:"
     return REDIS_URL, f"recloop-test:{uuid.uuid4().hex}:"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser() -> Any:
+    """Headless Chromium (Debian's package) driven by Playwright; skipped without them.
+
+    Playwright's own browser downloads are never used: ``executable_path`` is the system's.
+    """
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

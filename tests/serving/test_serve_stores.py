@@ -345,3 +345,25 @@ async def test_redis_corrupt_values_are_data_errors_naming_the_key() -> None:
     finally:
         await store.delete_all()
         await store.close()
+
+
+# ----------------------------------------------------------------------------- heartbeats
+
+
+async def test_heartbeats_latest_per_name_and_stale_ones_dropped(store: OnlineStore) -> None:
+    import time
+
+    now = time.time()
+    assert await store.get_heartbeats(max_age_s=60) == {}
+    await store.put_heartbeat("w-1", {"ts": now - 5, "events_per_s": 10.0})
+    await store.put_heartbeat("w-1", {"ts": now, "events_per_s": 12.5, "lag_s": None})
+    await store.put_heartbeat("w-2", {"ts": now - 120, "events_per_s": 3.0})
+    got = await store.get_heartbeats(max_age_s=60)
+    assert got == {"w-1": {"ts": now, "events_per_s": 12.5, "lag_s": None}}
+    # the stale record is gone for good, not only hidden from this reader
+    assert await store.get_heartbeats(max_age_s=3600) == got
+
+
+async def test_heartbeat_needs_a_timestamp(store: OnlineStore) -> None:
+    with pytest.raises(ValueError, match="'ts'"):
+        await store.put_heartbeat("w", {"events_per_s": 1.0})

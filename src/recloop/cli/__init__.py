@@ -3,6 +3,12 @@
 The Typer app lives in :mod:`recloop.cli.app`; each module here adds its commands to it.
 It is a package rather than one ``cli.py`` so that each command group (data, prepare,
 training, online) stays a readable module of its own.
+
+A command module imports typer and light modules at its top and everything else inside
+its commands, so that `recloop --help` and the data commands start in a fraction of a
+second without torch (tests/test_cli_startup.py checks; bench/bench_cli.py times it).
+To add commands: a module that decorates them with ``@app.command`` (or a sub-app), and
+one import line below.
 """
 
 from __future__ import annotations

@@ -12,14 +12,23 @@ import typer
 
 from recloop.errors import ConfigError
 
+# Plain help text, not rich's panels: rendering help with rich imports ~250 ms of modules,
+# most of the budget of `recloop --help` (< 0.4 s).  Sub-apps pass the same value.
+PLAIN: None = None
+
 app = typer.Typer(
     name="recloop",
     help="Offline RL recommenders: from logged events to real-time serving and back.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=PLAIN,
 )
-data_app = typer.Typer(help="Download, synthesise and inspect raw datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Download, synthesise and inspect raw datasets.",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN,
+)
 app.add_typer(data_app, name="data")
 
 

@@ -8,10 +8,8 @@ from typing import Any
 import typer
 
 from recloop.cli.app import data_app, echo, echo_json
-from recloop.config import config_from_dict, merge, parse_overrides, read_yaml
-from recloop.data.download import DATASETS, download
-from recloop.data.loaders import FORMATS, LoadOptions, load_raw
-from recloop.data.loaders.summary import format_summary, summarize
+from recloop.data.download import DATASETS
+from recloop.data.formats import FORMATS
 
 
 @data_app.command("download")
@@ -23,6 +21,8 @@ def download_command(
     force: bool = typer.Option(False, "--force", help="Download again even if cached."),
 ) -> None:
     """Fetch a GroupLens MovieLens archive, verify its SHA-256, unpack it; print the folder."""
+    from recloop.data.download import download
+
     echo(str(download(name, cache_dir, force=force)))
 
 
@@ -45,6 +45,10 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Load raw data and print its counts, time range, columns and behaviours."""
+    from recloop.config import config_from_dict, merge, parse_overrides, read_yaml
+    from recloop.data.loaders import LoadOptions, load_raw
+    from recloop.data.loaders.summary import format_summary, summarize
+
     data: dict[str, Any] = {}
     if config is not None:
         data = read_yaml(config)

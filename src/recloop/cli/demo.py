@@ -13,20 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from recloop.cli.app import app, echo, echo_json
 from recloop.cli.prepare import format_prepare_summary, summary_of
-from recloop.data.dataset import PreparedDataset
-from recloop.data.download import locate_movielens_100k
-from recloop.data.loaders import LoadOptions, load_raw
-from recloop.data.prepare import PrepareConfig, prepare
-from recloop.data.splits import SplitConfig
+
+if TYPE_CHECKING:
+    from recloop.data.dataset import PreparedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +60,8 @@ DemoStep = Callable[[DemoState], None]
 
 def locate_step(state: DemoState) -> None:
     """Find MovieLens-100K locally, else download it from GroupLens."""
+    from recloop.data.download import locate_movielens_100k
+
     fmt, path = locate_movielens_100k()
     state.raw_format, state.raw_path = fmt, path
     state.results["locate"] = {"format": fmt, "path": str(path)}
@@ -69,6 +70,10 @@ def locate_step(state: DemoState) -> None:
 
 def prepare_step(state: DemoState) -> None:
     """Prepare it with temporal leave-one-out into ``<workdir>/data``."""
+    from recloop.data.loaders import LoadOptions, load_raw
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.splits import SplitConfig
+
     assert state.raw_format is not None and state.raw_path is not None
     cfg = PrepareConfig(split=SplitConfig(mode="loo"))
     start = time.perf_counter()
@@ -160,6 +165,8 @@ def online_step(state: DemoState) -> None:
     import httpx
 
     from recloop.data.loaders.sql import load_from_db
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.splits import SplitConfig
     from recloop.serving.app import create_app
     from recloop.serving.settings import ServeSettings
     from recloop.streaming.replay import load_replay_events
@@ -300,6 +307,21 @@ def run_demo(state: DemoState, steps: list[tuple[str, DemoStep]] | None = None) 
     return state
 
 
+@contextmanager
+def step_lines_only() -> Iterator[None]:
+    """Each step says what it did once, in its tagged line: the library's INFO lines (the
+    same counts, timestamped) are held back while the demo runs.  Warnings still show, and
+    ``recloop -v demo`` shows everything."""
+    root = logging.getLogger("recloop")
+    before = root.level
+    if before == logging.INFO:
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 @app.command("demo")
 def demo_command(
     workdir: Path = typer.Option(
@@ -309,6 +331,7 @@ def demo_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document at the end."),
 ) -> None:
     """Run the main job end to end on MovieLens-100K with embedded defaults."""
-    state = run_demo(DemoState(workdir=workdir, as_json=as_json, epochs=epochs))
+    with step_lines_only():
+        state = run_demo(DemoState(workdir=workdir, as_json=as_json, epochs=epochs))
     if as_json:
         echo_json({"workdir": str(workdir), **state.results})

@@ -9,7 +9,6 @@ from typing import Any
 import typer
 
 from recloop.cli.app import app, echo, echo_json
-from recloop.config import merge, parse_overrides
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -33,7 +32,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 def load_loop_config(*, config: Path | None, values: dict[str, Any], overrides: list[str]) -> Any:
     """The validated :class:`LoopConfig` from the YAML file, the flags and ``--set``."""
-    from recloop.config import load_config
+    from recloop.config import load_config, merge, parse_overrides
     from recloop.loop.config import LoopConfig
     from recloop.training.runconfig import load_run_config
 

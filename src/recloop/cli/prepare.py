@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from recloop.cli.app import app, echo, echo_json, output_dir
-from recloop.config import load_config
-from recloop.data.dataset import PreparedDataset
-from recloop.data.loaders import FORMATS, LoadOptions, load_raw
-from recloop.data.prepare import PrepareConfig, prepare
-from recloop.data.schema import RawData
+from recloop.data.formats import FORMATS
 from recloop.errors import ConfigError
 
-
-@dataclass(frozen=True, kw_only=True)
-class PrepareJob(PrepareConfig):
-    """A prepare config plus how to read the source: the YAML of ``recloop prepare --config``."""
-
-    load: LoadOptions = field(default_factory=LoadOptions)
-    """How to read the raw data: skip_bad_rows, and columns (the mapping for csv/parquet)."""
+if TYPE_CHECKING:
+    from recloop.data.dataset import PreparedDataset
+    from recloop.data.prepare import PrepareJob
+    from recloop.data.schema import RawData
 
 
 def run_prepare(
@@ -38,6 +30,9 @@ def run_prepare(
     impressions: bool = False,
 ) -> PreparedDataset:
     """Load (files, or the SQL behaviour log with ``from_db``), prepare and save."""
+    from recloop.data.loaders import load_raw
+    from recloop.data.prepare import prepare
+
     output_dir(output)
     if impressions and from_db is None:
         raise ConfigError("--impressions reads the served-items table: give --from-db too")
@@ -165,6 +160,9 @@ def prepare_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Dedupe, filter, map ids, compute rewards, sessions, returns and splits; save the result."""
+    from recloop.config import load_config
+    from recloop.data.prepare import PrepareJob
+
     values: dict[str, Any] = {}
     if split is not None:
         values["split"] = {"mode": split}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from recloop.cli.app import app, echo, echo_json, output_dir
-from recloop.config import config_to_dict, load_config
-from recloop.data.dataset import PreparedDataset
-from recloop.embeddings import DSSMConfig, EpochStats, pretrain_dssm, save_embeddings
+
+if TYPE_CHECKING:
+    from recloop.embeddings import EpochStats
 
 
 def _fmt(value: float | None) -> str:
@@ -31,6 +31,10 @@ def pretrain(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Pretrain DSSM two-tower user and item embeddings; print valid loss and AUC per epoch."""
+    from recloop.config import config_to_dict, load_config
+    from recloop.data.dataset import PreparedDataset
+    from recloop.embeddings import DSSMConfig, pretrain_dssm, save_embeddings
+
     output_dir(out, "--out")
     cfg = load_config(
         DSSMConfig,

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from recloop.cli.app import app, echo, echo_json
+from recloop.cli.app import PLAIN, app, echo, echo_json
 
 registry_app = typer.Typer(
     help="A directory of versioned artifacts with an atomically switched current version.",
     no_args_is_help=True,
+    rich_markup_mode=PLAIN,
 )
 app.add_typer(registry_app, name="registry")
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from recloop.cli.app import app, echo, echo_json
-from recloop.config import load_config
-from recloop.data.dataset import PreparedDataset
 from recloop.errors import DataError
-from recloop.evaluation.simulator import SimulatorConfig, fit_simulator, simulate
+
+if TYPE_CHECKING:
+    from recloop.data.dataset import PreparedDataset
 
 
 def _dataset_for(run: Path, data: Path | None, manifest: dict[str, object]) -> PreparedDataset:
+    from recloop.data.dataset import PreparedDataset
     from recloop.training.compare import check_same_ids, recorded_data_path
 
     path = data if data is not None else recorded_data_path(run, manifest)
@@ -38,6 +40,8 @@ def simulate_cmd(
     diversity, and the simulator's own accuracy on the valid split (AUC, RMSE).
     """
     from recloop.artifacts import load_artifact
+    from recloop.config import load_config
+    from recloop.evaluation.simulator import SimulatorConfig, fit_simulator, simulate
 
     cfg = load_config(
         SimulatorConfig, values={"horizon": horizon, "n_users": users}, overrides=sets

@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 
 from recloop.cli.app import data_app, echo, echo_json, output_dir
-from recloop.config import load_config
-from recloop.data.synth import SynthConfig, generate
 
 
 @data_app.command("synth")
@@ -25,6 +23,9 @@ def synth_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Write user.csv, item.csv and user_behavior.csv (Tianchi ECommAI round-2 layout)."""
+    from recloop.config import load_config
+    from recloop.data.synth import SynthConfig, generate
+
     output_dir(output)
     cfg = load_config(
         SynthConfig,

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from recloop.cli.app import app, echo, echo_json, output_dir, warn
-from recloop.config import config_to_dict, describe
 from recloop.errors import ConfigError, DataError, TrainingError
 
 if TYPE_CHECKING:
@@ -26,6 +25,7 @@ _TRAIN_HELP = (
     "The config file (--config) and --set share one layout: the algorithm's fields at the top "
     "level, the fit loop's under `fit:`, and `algo:` naming the algorithm (or holding its "
     "fields as a mapping). Example file:\n\n"
+    "\b\n"  # click: keep the example's lines as they are
     "    algo: reinforce\n"
     "    lr: 0.001\n"
     "    encoder: {kind: gru, history: 20}\n"
@@ -51,6 +51,21 @@ def train(
     pretrained: str = typer.Option(
         None, "--pretrained", help="DSSM embeddings directory (recloop pretrain)."
     ),
+    track: list[str] = typer.Option(
+        [],
+        "--track",
+        help="Also log the run to tensorboard (RUN_DIR/tensorboard) or mlflow (one MLflow run: "
+        "params, metrics per epoch, the artifact and the evaluation table); repeatable. Needs "
+        "recloop[tensorboard] or recloop[mlflow].",
+    ),
+    mlflow_uri: str = typer.Option(
+        None,
+        "--mlflow-uri",
+        help="MLflow tracking URI or folder (default: $MLFLOW_TRACKING_URI, else ./mlruns).",
+    ),
+    mlflow_experiment: str = typer.Option(
+        None, "--mlflow-experiment", help="MLflow experiment name (default: recloop)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print final metrics as JSON."),
     nproc: int = typer.Option(
         1,
@@ -64,6 +79,7 @@ def train(
     from recloop.training import distributed
     from recloop.training.compare import format_table
     from recloop.training.recommender import train_run
+    from recloop.training.tracking import open_trackers
 
     output_dir(out, "--out")
     if nproc > 1 and not distributed.launched():
@@ -81,8 +97,20 @@ def train(
             args += ["--set", s]
         args += [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
         args += ["--json"] if as_json else []
+        for name in track:
+            args += ["--track", name]
+        for flag, value in (
+            ("--mlflow-uri", mlflow_uri),
+            ("--mlflow-experiment", mlflow_experiment),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
         _run_ranks(nproc, args)
         return
+    # a missing library or an unknown name fails here, before the data is read
+    trackers = open_trackers(
+        track, run_dir=out, tracking_uri=mlflow_uri, experiment=mlflow_experiment
+    )
     result = train_run(
         algo,
         data,
@@ -94,11 +122,15 @@ def train(
         pretrained=pretrained,
         resume=resume,
         overwrite=overwrite,
+        trackers=trackers,
     )
     if not distributed.is_main():
         return  # rank 0 reports
     if as_json:
-        echo_json({"valid": result.valid, "test": result.test})
+        doc: dict[str, Any] = {"valid": result.valid, "test": result.test}
+        if trackers:
+            doc["tracked"] = [t.describe() for t in trackers]
+        echo_json(doc)
         return
     echo(
         f"{result.algo}: {result.epochs} epochs, {result.steps} steps, "
@@ -113,6 +145,8 @@ def train(
         echo(format_table(["split", *keys], table))
         echo(f"(full ranking, consumed items {'masked' if result.mask_consumed else 'kept'})")
     echo(f"artifact: {result.artifact}")
+    for tracker in trackers:
+        echo(f"tracked: {tracker.describe()}")
 
 
 def _run_ranks(nproc: int, args: list[str]) -> None:
@@ -509,6 +543,7 @@ def algos_cmd(
     """List the algorithms and every config field with its default and meaning."""
     import recloop.algos  # noqa: F401  (fills the registry)
     from recloop.algos.base import ALGOS
+    from recloop.config import config_to_dict, describe
     from recloop.training.fit import FitConfig
 
     names = [name] if name else ALGOS.names()

@@ -7,16 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
-from recloop.cli.app import app, echo, echo_json
+from recloop.cli.app import PLAIN, app, echo, echo_json
 from recloop.errors import ConfigError
 
 world_app = typer.Typer(
     help="Ground-truth worlds: generate logs with exact propensities, roll policies out, "
     "check OPE against the truth.",
     no_args_is_help=True,
+    rich_markup_mode=PLAIN,
 )
 app.add_typer(world_app, name="world")
 
@@ -57,6 +57,8 @@ def generate_cmd(
     sets: list[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
 ) -> None:
     """Simulate sessions and write DIR/events.csv (exact propensities) and DIR/world.json."""
+    import numpy as np
+
     from recloop.evaluation.worlds import build_world
     from recloop.evaluation.worlds.base import WORLD_JSON
     from recloop.evaluation.worlds.rollout import make_policy, simulate, write_events

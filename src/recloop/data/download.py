@@ -11,14 +11,11 @@ A dataset whose ``.complete`` marker exists is returned without touching the net
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
 import shutil
 import stat
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -179,6 +176,12 @@ def _unreachable(info: DatasetInfo, reason: object) -> RecloopError:
 
 def _stream(info: DatasetInfo, dest: Path, *, timeout: float) -> str:
     """Write the response body to ``dest``; return its SHA-256."""
+    # imported here: http.client and urllib.request cost ~50 ms, paid by every command
+    # that lists DATASETS in its help otherwise
+    import http.client
+    import urllib.error
+    import urllib.request
+
     sha = hashlib.sha256()
     request = urllib.request.Request(info.url, headers={"User-Agent": "recloop"})
     try:

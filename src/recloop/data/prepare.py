@@ -52,6 +52,7 @@ from recloop.data.ids import (
     encode_features,
     frequency_ranked,
 )
+from recloop.data.loaders.base import LoadOptions
 from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
 from recloop.data.schema import (
     BEHAVIOR,
@@ -97,6 +98,14 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         check(0.0 <= self.gamma <= 1.0, f"gamma must lie in [0, 1], got {self.gamma}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareJob(PrepareConfig):
+    """A prepare config plus how to read the source: the YAML of ``recloop prepare --config``."""
+
+    load: LoadOptions = field(default_factory=LoadOptions)
+    """How to read the raw data: skip_bad_rows, and columns (the mapping for csv/parquet)."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from recloop.artifacts.registry import ArtifactRegistry
 from recloop.errors import RecloopError
 from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
+from recloop.serving.dashboard import dashboard_router
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.routes import MAX_BODY_BYTES, BodyError, install_routes, json_response
 from recloop.serving.schemas import request_models
@@ -345,6 +346,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         max_n=settings.max_n,
         admin=settings.admin_enabled,
     )
+    app.include_router(dashboard_router())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(BodyError, _body_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import orjson
 
@@ -78,6 +78,17 @@ class OnlineStore(Protocol):
         """The user's latest list and its model version, or None."""
         ...
 
+    async def put_heartbeat(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Replace process ``name``'s status record: a JSON-able ``doc`` whose ``ts`` is the
+        wall-clock time it was taken (the stream workers' throughput and lag, which the
+        service's dashboard reads)."""
+        ...
+
+    async def get_heartbeats(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+        """Each process's latest status record taken in the last ``max_age_s`` seconds;
+        older ones are deleted (their processes are gone)."""
+        ...
+
     async def ping(self) -> bool:
         """True when the backend answers; never raises."""
         ...
@@ -98,6 +109,27 @@ def sqlite_path(url: str) -> str:
 def check_max_len(max_len: int) -> None:
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+
+
+def heartbeat_ts(name: str, doc: Mapping[str, Any]) -> float:
+    """The ``ts`` of a status record; raises ValueError naming the record without one."""
+    ts = doc.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise ValueError(f"heartbeat {name!r}: needs a numeric 'ts' (seconds), got {ts!r}")
+    return float(ts)
+
+
+def load_heartbeat(raw: bytes | str, key: str) -> dict[str, Any]:
+    """A status record as stored; anything but a JSON object with a ``ts`` raises
+    :class:`StoreDataError` naming the key."""
+    try:
+        doc = orjson.loads(raw)
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+        heartbeat_ts(key, doc)
+    except (ValueError, TypeError) as exc:
+        raise StoreDataError(f"key {key!r}: unreadable heartbeat ({exc})") from None
+    return doc
 
 
 def dump_scored(items: Sequence[Scored]) -> bytes:

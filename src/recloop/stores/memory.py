@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
 
 from recloop.stores.base import (
     RecentItem,
     Scored,
     check_max_len,
+    heartbeat_ts,
     merge_recent,
 )
 
@@ -19,6 +24,7 @@ class MemoryStore:
         self._recent: dict[str, list[RecentItem]] = {}
         self._popular: list[Scored] = []
         self._recs: dict[str, tuple[list[Scored], str]] = {}
+        self._heartbeats: dict[str, tuple[float, bytes]] = {}
 
     async def push_recent(
         self, events: Mapping[str, Sequence[RecentItem]], *, max_len: int
@@ -47,6 +53,17 @@ class MemoryStore:
     async def get_recommendations(self, user: str) -> tuple[list[Scored], str] | None:
         got = self._recs.get(user)
         return None if got is None else (list(got[0]), got[1])
+
+    async def put_heartbeat(self, name: str, doc: Mapping[str, Any]) -> None:
+        # stored as JSON, as the other stores do: the reader gets a copy, and a doc that
+        # cannot be stored fails here in every store alike
+        self._heartbeats[name] = (heartbeat_ts(name, doc), orjson.dumps(doc))
+
+    async def get_heartbeats(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+        oldest = time.time() - max_age_s
+        for name in [n for n, (ts, _) in self._heartbeats.items() if ts < oldest]:
+            del self._heartbeats[name]
+        return {n: orjson.loads(raw) for n, (_, raw) in self._heartbeats.items()}
 
     async def ping(self) -> bool:
         return True

@@ -16,6 +16,8 @@ from recloop.stores.base import (
     StoreError,
     check_max_len,
     dump_scored,
+    heartbeat_ts,
+    load_heartbeat,
     load_scored,
 )
 
@@ -211,6 +213,32 @@ class RedisStore:
             return [(str(i), float(s)) for i, s in doc["items"]], str(doc["model_version"])
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreDataError(f"key {key!r}: unreadable recommendations ({exc!r})") from None
+
+    async def put_heartbeat(self, name: str, doc: Mapping[str, Any]) -> None:
+        heartbeat_ts(name, doc)
+        blob = orjson.dumps(doc)
+        key = self._key("heartbeats")
+        await self._run("put_heartbeat", lambda: self._client.hset(key, name, blob))
+
+    async def get_heartbeats(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+        import time
+
+        key = self._key("heartbeats")
+        raw = await self._run("get_heartbeats", lambda: self._client.hgetall(key))
+        oldest = time.time() - max_age_s
+        out: dict[str, dict[str, Any]] = {}
+        stale: list[bytes] = []
+        for field, blob in raw.items():
+            name = field.decode(errors="replace")
+            doc = load_heartbeat(blob, f"{key}[{name!r}]")
+            if doc["ts"] < oldest:
+                stale.append(field)
+            else:
+                out[name] = doc
+        if stale:
+            # a gone process's record: one hash of a few fields, pruned by whoever reads it
+            await self._run("get_heartbeats", lambda: self._client.hdel(key, *stale))
+        return out
 
     async def ping(self) -> bool:
         try:

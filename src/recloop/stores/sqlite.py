@@ -17,6 +17,8 @@ from recloop.stores.base import (
     StoreError,
     check_max_len,
     dump_scored,
+    heartbeat_ts,
+    load_heartbeat,
     load_scored,
     merge_recent,
 )
@@ -30,6 +32,9 @@ CREATE TABLE IF NOT EXISTS recloop_popular (
 );
 CREATE TABLE IF NOT EXISTS recloop_recommendations (
     user TEXT PRIMARY KEY, items TEXT NOT NULL, model_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recloop_heartbeats (
+    name TEXT PRIMARY KEY, ts REAL NOT NULL, doc TEXT NOT NULL
 );
 """
 _SQLITE_CHUNK = 500  # stays far below SQLite's limit on bound parameters
@@ -173,6 +178,36 @@ class SqliteStore:
         if row is None:
             return None
         return load_scored(row[0], f"recloop_recommendations[{user!r}]"), str(row[1])
+
+    async def put_heartbeat(self, name: str, doc: Mapping[str, Any]) -> None:
+        row = (name, heartbeat_ts(name, doc), orjson.dumps(doc).decode())
+
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO recloop_heartbeats (name, ts, doc) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET ts = excluded.ts, doc = excluded.doc",
+                row,
+            )
+
+        await self._call("put_heartbeat", lambda conn: self._write(conn, txn))
+
+    async def get_heartbeats(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+        import time
+
+        oldest = time.time() - max_age_s
+
+        def prune(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM recloop_heartbeats WHERE ts < ?", (oldest,))
+
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            # a plain read in the common case: only a stale record takes the write lock
+            rows = conn.execute("SELECT name, ts, doc FROM recloop_heartbeats").fetchall()
+            if any(ts < oldest for _, ts, _ in rows):
+                self._write(conn, prune)
+            return [(n, d) for n, ts, d in rows if ts >= oldest]
+
+        rows = await self._call("get_heartbeats", read)
+        return {n: load_heartbeat(d, f"recloop_heartbeats[{n!r}]") for n, d in rows}
 
     async def ping(self) -> bool:
         try:

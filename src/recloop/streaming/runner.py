@@ -79,6 +79,7 @@ from recloop.streaming.events import (
     ParsedBatch,
     parse_batch,
 )
+from recloop.streaming.heartbeat import Heartbeat
 from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
 from recloop.streaming.operators import (
     IdIndex,
@@ -305,6 +306,8 @@ class StreamProcessor:
         self._gc_at = -math.inf
         self._cpu_start: float | None = None
         self._settled_before: int | None = None
+        self.last_entry_id: str | None = None
+        """The newest bus entry processed (its heartbeat's lag, see :mod:`.heartbeat`)."""
 
     def finish(self) -> WorkerStats:
         """The counters, with the CPU time since the first batch."""
@@ -370,6 +373,8 @@ class StreamProcessor:
         if self.settings.attribution and (users or self.watermark.max_ts is not None):
             await self._cache_step("attribution", lambda: self._attribute(users), ids)
         await self._retry("ack", lambda: self.bus.ack(self.settings.group, ids), ids)
+        if ids:
+            self.last_entry_id = ids[-1]
         await self.refresh_popular()
 
     async def _served(self, messages: Sequence[BusMessage], ids: Sequence[str]) -> list[str]:
@@ -610,6 +615,7 @@ class Worker:
         last_event = time.monotonic()
         last_stats = last_report = time.monotonic()
         idle_refreshed = True
+        heartbeat = Heartbeat(p)
 
         async def fetch() -> tuple[list[BusMessage], ParsedBatch | None]:
             nonlocal next_claim
@@ -650,6 +656,7 @@ class Worker:
                 if self.report is not None and due_report:
                     last_report = now
                     self.report(p.stats)
+                await heartbeat.maybe_beat()
                 if msgs:
                     last_event = now
                     idle_refreshed = False
@@ -680,6 +687,7 @@ class Worker:
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
                     await ahead
+        await heartbeat.beat(state="stopped")
         return p.stats
 
     async def _lag(self) -> int:

@@ -47,6 +47,7 @@ from recloop.training.runconfig import load_run_config
 
 if TYPE_CHECKING:
     from recloop.evaluation import RankingReport
+    from recloop.training.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     values: Mapping[str, Any] | None = None,
+    trackers: Sequence[Tracker] = (),
 ) -> FitResult:
     """Train one algorithm on a prepared dataset into ``run_dir``; what ``recloop train`` does.
 
@@ -332,7 +334,9 @@ def train_run(
     the run in ``run_dir`` from its last checkpoint with the config recorded in its
     ``run.json`` (fit settings such as ``epochs`` may be changed, the algorithm's may not).
     A directory that already holds a run is refused unless ``resume`` or ``overwrite``.
-    Returns the :class:`FitResult` with ``artifact`` set.
+    Returns the :class:`FitResult` with ``artifact`` set.  ``trackers`` (see
+    :mod:`recloop.training.tracking`) get the hyper-parameters, every epoch's metrics, then
+    the final metrics, the evaluation table and the artifact.
     """
     run_dir = Path(run_dir)
     saved = read_run(run_dir)
@@ -368,6 +372,9 @@ def train_run(
         saved = {}
     if ctx is not None:
         run = dataclasses.replace(run, fit=dataclasses.replace(run.fit, device=ctx.device))
+    if any(t.name == "tensorboard" for t in trackers) and not run.fit.tensorboard:
+        # the per-epoch scalars come from the fit loop's TensorBoard sink: asked for, it is on
+        run = dataclasses.replace(run, fit=dataclasses.replace(run.fit, tensorboard=True))
     dataset = PreparedDataset.load(Path(data))
     if not main:
         result = run.config.create().fit(dataset, fit=run.fit, run_dir=run_dir, resume=resume)
@@ -391,10 +398,33 @@ def train_run(
         + "\n"
     )
     rec = run.config.create()
-    result = rec.fit(dataset, fit=run.fit, run_dir=run_dir, resume=resume)
-    artifact = rec.save(run_dir)
-    result = dataclasses.replace(result, artifact=artifact)
-    rec.result = result
-    (run_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    distributed.barrier()
+    try:
+        for tracker in trackers:
+            tracker.start(
+                params={
+                    "algo": run.algo,
+                    **config_to_dict(run.config),
+                    "fit": config_to_dict(run.fit),
+                },
+                tags={
+                    "run_name": run_dir.name,
+                    "recloop.algo": run.algo,
+                    "recloop.run_dir": str(run_dir.resolve()),
+                    "recloop.data": str(Path(data).resolve()),
+                    "recloop.version": __version__,
+                    "recloop.resumed": str(resume).lower(),
+                },
+            )
+        result = rec.fit(dataset, fit=run.fit, run_dir=run_dir, resume=resume, callbacks=trackers)
+        artifact = rec.save(run_dir)
+        result = dataclasses.replace(result, artifact=artifact)
+        rec.result = result
+        (run_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        for tracker in trackers:
+            tracker.finish(result, run_dir=run_dir)
+    except BaseException as exc:
+        for tracker in trackers:
+            tracker.abort(exc)
+        raise
+    distributed.barrier()  # the other ranks wait for rank 0's artifact
     return result

@@ -16,6 +16,8 @@ import logging
 import time
 from pathlib import Path
 
+from recloop.data.formats import FORMATS
+
 # Each import registers its loader in LOADERS.
 from recloop.data.loaders import movielens as _movielens  # noqa: F401
 from recloop.data.loaders import recbole as _recbole  # noqa: F401
@@ -27,9 +29,6 @@ from recloop.data.schema import RawData
 __all__ = ["FORMATS", "LOADERS", "ColumnMapping", "LoadOptions", "Loader", "load_raw"]
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("movielens", "recbole", "tianchi", "csv", "parquet")
-"""Names accepted by :func:`load_raw` (and ``--format``)."""
 
 
 def load_raw(fmt: str, path: Path, options: LoadOptions = LoadOptions()) -> RawData:

@@ -161,6 +161,10 @@ class MemoryBus:
     async def pending_count(self, group: str) -> int:
         return len(self._group(group).pending)
 
+    async def undelivered(self, group: str) -> int | None:
+        """Entries the group has not read yet (as :meth:`RedisStreamBus.undelivered`)."""
+        return len(self._entries) - self._group(group).next_index
+
     async def length(self) -> int:
         return len(self._entries)
 

@@ -244,6 +244,17 @@ class RedisStreamBus:
     async def lag(self, group: str) -> int | None:
         return None  # one shared stream: no per-consumer backlog
 
+    async def undelivered(self, group: str) -> int | None:
+        """Entries the group has not read yet (Redis 7's ``XINFO GROUPS`` lag; None when the
+        server cannot say).  Not in :class:`EventBus`: the dashboard's heartbeat asks for
+        it where a bus has it."""
+        for info in await self._client.xinfo_groups(self.stream):
+            name = info.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == group:
+                lag = info.get("lag")
+                return None if lag is None else int(lag)
+        return None
+
     async def read_all(self, count: int | None = None) -> list[BusMessage]:
         """Every entry of the stream, oldest first (inspection, tests)."""
         return _messages(await self._client.xrange(self.stream, count=count))
