@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,6 +70,12 @@ def walk_dataset(
         user_ids=[f"u{i}" for i in range(1, n_users + 1)],
         item_ids=[f"i{i}" for i in range(1, n_items + 1)],
     )
+
+
+@pytest.fixture
+def walk() -> Callable[..., PreparedDataset]:
+    """:func:`walk_dataset` itself, for tests that need other sizes."""
+    return walk_dataset
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import walk_dataset
+from recloop.data.dataset import PreparedDataset
 from recloop.data.sampler import TransitionSampler
 from recloop.training.distributed import ShardedSampler
 
@@ -69,9 +70,9 @@ def _train(data: Path, out: Path, *, batch: int, nproc: int, algo: str, steps: i
 
 @pytest.mark.parametrize("algo", ["supervised", "dqn"])
 def test_two_ranks_equal_one_process_over_the_same_global_batches(
-    tmp_path: Path, algo: str
+    tmp_path: Path, algo: str, walk: Callable[..., PreparedDataset]
 ) -> None:
-    data = walk_dataset(n_users=40, n_items=30, length=12).save(tmp_path / "data")
+    data = walk(n_users=40, n_items=30, length=12).save(tmp_path / "data")
     # 40 users x 9 train transitions = 360 = 11 global batches of 32 (+ 8 left out).
     one = _train(data, tmp_path / "one", batch=32, nproc=1, algo=algo, steps=7)
     two = _train(data, tmp_path / "two", batch=16, nproc=2, algo=algo, steps=7)
@@ -91,8 +92,8 @@ def test_root_options_are_kept_for_the_ranks() -> None:
     assert ROOT_OPTIONS == ["--quiet", "--no-progress", "--threads", "1"]
 
 
-def test_sharded_sampler_splits_each_global_batch() -> None:
-    ds = walk_dataset(n_users=10, n_items=12, length=8)
+def test_sharded_sampler_splits_each_global_batch(walk: Callable[..., PreparedDataset]) -> None:
+    ds = walk(n_users=10, n_items=12, length=8)
     base = TransitionSampler(ds, history=3, batch_size=4, seed=3)
     whole = TransitionSampler(ds, history=3, batch_size=8, seed=3)
     shards = [ShardedSampler(base, rank=r, world_size=2) for r in range(2)]
@@ -115,8 +116,10 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_a_killed_rank_fails_the_job_with_a_message(tmp_path: Path) -> None:
-    data = walk_dataset(n_users=200, n_items=40, length=30).save(tmp_path / "data")
+def test_a_killed_rank_fails_the_job_with_a_message(
+    tmp_path: Path, walk: Callable[..., PreparedDataset]
+) -> None:
+    data = walk(n_users=200, n_items=40, length=30).save(tmp_path / "data")
     cmd = [
         sys.executable,
         "-m",
