@@ -64,6 +64,28 @@ def test_plackett_luce_sample_frequencies_match_reported_slate_probabilities() -
         assert abs(count / draws - p) < 5 * sd + 1e-4, slate
 
 
+def test_plackett_luce_position_propensities_are_the_conditional_choice_frequencies() -> None:
+    """The logged propensity at position j is P(item at j | the items above it): check the
+    frequency of each second item among draws that start with the same first item."""
+    rng = np.random.default_rng(7)
+    t, draws = 1.3, 40_000
+    firsts: Counter[int] = Counter()
+    pairs: Counter[tuple[int, int]] = Counter()
+    reported: dict[tuple[int, int], float] = {}
+    for _ in range(draws):
+        s = sample_plackett_luce(SCORES, 3, temperature=t, rng=rng)
+        a, b = s.items[:2].tolist()
+        firsts[a] += 1
+        pairs[(a, b)] += 1
+        reported[(a, b)] = float(s.propensity[1])
+    for (a, b), c in pairs.items():
+        rest = [x for x in VALID if x != a]
+        exact = math.exp(SCORES[b] / t) / sum(math.exp(SCORES[x] / t) for x in rest)
+        assert reported[(a, b)] == pytest.approx(exact, rel=1e-12)
+        n = firsts[a]
+        assert abs(c / n - exact) < 5 * math.sqrt(exact * (1 - exact) / n) + 1e-3, (a, b)
+
+
 def test_plackett_luce_never_shows_masked_items_and_stops_at_the_unmasked_count() -> None:
     s = sample_plackett_luce(SCORES, 10, temperature=1.0, rng=np.random.default_rng(1))
     assert sorted(s.items.tolist()) == VALID

@@ -12,7 +12,10 @@ padding column at ``-inf``; M = the number of finite scores; the list has
     is exactly a Plackett–Luce sample).  The propensity of the item at position j is its
     sequential choice probability ``w_j / (w_j + ... + w_k + rest)`` (``w = exp(s / T)``,
     ``rest`` the weight of every unmasked item not shown), and the slate's probability is
-    their product.
+    their product.  So the logged per-item number is the *conditional* probability of the
+    item at j given the items above it (at position 0 it is also the marginal); the marginal
+    P(item at position j) would need a sum over every ordered prefix and is not logged —
+    an estimator that needs it can take the slate probability, which is exact.
 ``epsilon``
     ε-greedy over the greedy list g_1..g_k (the top-k).  Each slot j independently explores
     with probability ε; a slot that does not explore shows g_j.  The exploring slots, in
