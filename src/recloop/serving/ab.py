@@ -7,12 +7,14 @@ of users, and a new ``salt`` (one per experiment) reshuffles users independently
 last experiment.  Changing the weights moves only the users whose ``u`` falls between the
 old and the new boundaries.
 
-Arms come from ``recloop serve --ab NAME=PATH:WEIGHT ...`` (or ``RECLOOP_AB``, a JSON list of
-:class:`ArmConfig`); the first arm is the *control*: /admin/reload
-switches it, the other arms keep the artifact they were started with (a registry is not
-followed in A/B serving).  Every served list
-records its arm (response field ``arm``, served-log column ``arm``); ``recloop evaluate --ab``
-reads the log and compares the arms.
+Arms come from ``recloop serve --ab NAME=PATH:WEIGHT ...`` (or ``RECLOOP_AB``, a JSON list
+of :class:`ArmConfig`, which may also give an arm its own serving policy); the first arm is
+the *control*: /admin/reload switches it, the other arms keep the artifact they were started
+with (a registry is not followed in A/B serving).  Every served list records its arm
+(response field ``arm``, served-log column ``arm``) and ``/metrics`` counts lists per arm
+(``recloop_ab_lists``).  Clicks and rewards per arm come from the served log once
+``recloop stream`` has attributed feedback to it: ``recloop evaluate --ab`` reads it and
+compares the arms with intervals (:mod:`recloop.evaluation.ab`).
 """
 
 from __future__ import annotations

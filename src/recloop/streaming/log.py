@@ -669,14 +669,16 @@ class BehaviorLog:
             )
             return int(res.rowcount or 0)
 
-    def read_served(self) -> pl.DataFrame:
-        """Every served item with its attribution, by (ts, recommendation_id, position)."""
+    def read_served(self, *, since: int | None = None) -> pl.DataFrame:
+        """Every served item with its attribution, by (ts, recommendation_id, position);
+        ``since``: only lists served at that unix time or later."""
         self.create_schema()
         sv = self.tables.served
+        q = sa.select(sv).order_by(sv.c.ts, sv.c.recommendation_id, sv.c.position)
+        if since is not None:
+            q = q.where(sv.c.ts >= since)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(sv).order_by(sv.c.ts, sv.c.recommendation_id, sv.c.position)
-            ).all()
+            rows = conn.execute(q).all()
         from recloop.streaming.served import SERVED_SCHEMA
 
         schema: dict[str, pl.DataType] = {
