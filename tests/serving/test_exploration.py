@@ -14,6 +14,7 @@ from recloop.serving.exploration import (
     plackett_luce_propensities,
     sample_epsilon_greedy,
     sample_plackett_luce,
+    sample_plackett_luce_many,
 )
 
 NEG = -np.inf
@@ -169,3 +170,36 @@ def test_epsilon_greedy_on_a_large_catalogue_matches_its_propensities() -> None:
     assert outside == pytest.approx(
         197 * reported[(0, next(x for j, x in counts if j == 0 and x > 3))], abs=0.02
     )
+
+
+def test_plackett_luce_many_draws_each_row_as_its_own_seed_alone_would() -> None:
+    """The batched sampler (the service's) gives every row the list and propensities its
+    seed gives it alone, whatever else is in the batch; rows differ in n, T and mask."""
+    rng = np.random.default_rng(11)
+    scores = rng.normal(size=(5, 40))
+    scores[:, 0] = NEG
+    scores[1, 5:30] = NEG  # 14 unmasked: n = 20 stops at 14
+    scores[3, 1:] = NEG  # nothing to show
+    n = np.array([3, 20, 1, 4, 40])
+    temps = np.array([1.0, 0.3, 2.0, 1.0, 5.0])
+    seeds = [7, 8, 9, 10, 11]
+    batch = sample_plackett_luce_many(
+        scores, n, temperature=temps, rngs=[np.random.default_rng(s) for s in seeds]
+    )
+    for i in range(5):
+        alone = sample_plackett_luce(
+            scores[i], int(n[i]), temperature=float(temps[i]), rng=np.random.default_rng(seeds[i])
+        )
+        assert batch[i].items.tolist() == alone.items.tolist()
+        np.testing.assert_allclose(batch[i].propensity, alone.propensity, rtol=1e-12)
+        m = int(np.isfinite(scores[i]).sum())
+        assert batch[i].items.size == min(int(n[i]), m)
+        if batch[i].items.size:
+            prop, slate = plackett_luce_propensities(
+                scores[i], batch[i].items, temperature=float(temps[i])
+            )
+            np.testing.assert_allclose(batch[i].propensity, prop, rtol=1e-10)
+            assert batch[i].slate_propensity == pytest.approx(slate, rel=1e-10)
+            assert np.isfinite(scores[i, batch[i].items]).all()
+    assert batch[3].items.size == 0 and batch[3].slate_propensity == 1.0
+    assert batch[4].propensity[-1] == pytest.approx(1.0)  # the whole catalogue: last is certain

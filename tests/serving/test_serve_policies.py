@@ -306,3 +306,35 @@ def test_a_bad_serving_section_is_refused_at_load_naming_the_field(
     with_serving(artifact_dir, section)
     with pytest.raises(ArtifactError, match=field.replace(".", r"\.")):
         load_artifact(artifact_dir)
+
+
+class Recording:
+    """A sink that keeps each write's size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def write(self, docs: Any) -> None:
+        self.sizes.append(len(docs))
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_log_lingers_to_write_lists_that_arrive_together_at_once() -> None:
+    sink = Recording()
+    log = ServedLog(sink, metrics=ServiceMetrics(), linger_s=0.2)
+    log.start()
+    for k in range(3):
+        log.submit(Numbered(k))
+        await asyncio.sleep(0.01)  # separate event-loop turns, within the linger
+    await log.close(timeout_s=2.0)
+    assert sink.sizes == [3]
+    eager = Recording()
+    log = ServedLog(eager, metrics=ServiceMetrics(), linger_s=0.0)
+    log.start()
+    for k in range(3):
+        log.submit(Numbered(k))
+        await asyncio.sleep(0.01)
+    await log.close(timeout_s=2.0)
+    assert eager.sizes == [1, 1, 1]

@@ -390,7 +390,12 @@ def open_served_log(settings: ServeSettings, metrics: ServiceMetrics) -> ServedL
     else:
         logger.info("served lists are not logged (no bus_url or database_url)")
         return None
-    return ServedLog(sink, metrics=metrics, max_queue=settings.served_queue)
+    return ServedLog(
+        sink,
+        metrics=metrics,
+        max_queue=settings.served_queue,
+        linger_s=settings.served_linger_s,
+    )
 
 
 def _secret(value: SecretStr | None) -> str | None:

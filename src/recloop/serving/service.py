@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,13 +224,24 @@ class LoadedModel:
         exclude_rows: np.ndarray,
         exclude_cols: np.ndarray,
         k: int,
+        top_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """:meth:`score`, plus every masked score (B, N + 1) (the padding column too, which
-        the exploring policies never show)."""
+        the exploring policies never show).  ``top_rows`` (R,) int64: compute the top-k of
+        these rows only (the indices and values are then (R, k); rows whose policy samples
+        from all the scores need no top-k)."""
         scores = self.scorer(user, history, history_reward)
         if len(exclude_rows):
             scores[torch.from_numpy(exclude_rows), torch.from_numpy(exclude_cols)] = float("-inf")
-        top = topk(scores, min(k, self.n_items), row_keys=torch.from_numpy(user))
+        k = min(k, self.n_items)
+        if top_rows is None:
+            top = topk(scores, k, row_keys=torch.from_numpy(user))
+        elif len(top_rows) == 0:
+            empty = np.zeros((0, k), np.int64)
+            return empty, empty.astype(np.float32), scores
+        else:
+            rows = torch.from_numpy(top_rows)
+            top = topk(scores[rows], k, row_keys=torch.from_numpy(user[top_rows]))
         return top.indices.numpy(), top.values.numpy(), scores
 
 
@@ -469,12 +480,16 @@ def _choose_policy(row: _Row, req: RecommendRequest, d: PolicyDefaults) -> None:
         row.seed = secrets.randbits(63)  # returned with the list: the answer can be redrawn
 
 
+def _recommendation_ids(n: int) -> list[str]:
+    """``n`` random 128-bit ids as 32 hex digits (uuid4's size), from one system call."""
+    blob = os.urandom(16 * n).hex()
+    return [blob[32 * i : 32 * (i + 1)] for i in range(n)]
+
+
 def _explore(row: _Row, scores: np.ndarray, greedy: np.ndarray) -> exploration.Slate:
-    """One row's exploring list; ``scores`` (N + 1,) float64 masked, ``greedy`` its top-n."""
+    """One row's epsilon-greedy list; ``scores`` (N + 1,) float64 masked, ``greedy`` its
+    top-n (softmax rows are drawn for the whole batch in :meth:`_score_policy`)."""
     rng = np.random.default_rng(row.seed)
-    if row.policy == "softmax":
-        assert row.temperature is not None
-        return exploration.sample_plackett_luce(scores, row.n, temperature=row.temperature, rng=rng)
     assert row.epsilon is not None
     return exploration.sample_epsilon_greedy(scores, greedy, epsilon=row.epsilon, rng=rng)
 
@@ -740,6 +755,8 @@ class RecommenderService:
                 ex_rows.extend([j] * len(r.exclude))
                 ex_cols.extend(r.exclude)
         k = max(r.n for r in rows)
+        sampled = [j for j, r in enumerate(rows) if r.policy == "softmax"]
+        greedy = [j for j, r in enumerate(rows) if r.policy != "softmax"]
         idx, val, full = model.score_full(
             user=user,
             history=history,
@@ -747,31 +764,54 @@ class RecommenderService:
             exclude_rows=np.asarray(ex_rows, np.int64),
             exclude_cols=np.asarray(ex_cols, np.int64),
             k=k,
+            top_rows=np.asarray(greedy, np.int64) if sampled else None,
         )
         self.metrics.batch_size.observe(b)
+        slates: dict[int, exploration.Slate] = {}
+        if sampled:
+            # every softmax row of the batch in one vectorised draw (each with its own seed)
+            sub = full[torch.from_numpy(np.asarray(sampled, np.int64))].numpy()
+            scores64 = sub.astype(np.float64)  # (S, N + 1)
+            scores64[:, 0] = -np.inf  # padding is never shown
+            drawn = exploration.sample_plackett_luce_many(
+                scores64,
+                np.array([rows[j].n for j in sampled], np.int64),
+                temperature=np.array([rows[j].temperature for j in sampled], np.float64),
+                rngs=[np.random.default_rng(rows[j].seed) for j in sampled],
+            )
+            slates = dict(zip(sampled, drawn, strict=True))
+            sampled_scores = dict(zip(sampled, scores64, strict=True))
+        top_of = {j: t for t, j in enumerate(greedy)} if sampled else None
         finite = np.isfinite(val)
         ids = model.item_ids
         now = int(time.time())
+        rec_ids = _recommendation_ids(b)
         for j, r in enumerate(rows):
-            keep = finite[j, : r.n]
-            ri, rv = idx[j, : r.n], val[j, : r.n]
-            if not keep.all():
-                ri, rv = ri[keep], rv[keep]
             prop: list[float] | None = None
             slate_p: float | None = 1.0
-            if r.policy != "topk":
-                row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
-                row_scores[0] = -np.inf  # padding is never shown
-                slate = _explore(r, row_scores, ri)
-                ri, rv = slate.items, row_scores[slate.items]
+            if r.policy == "softmax":
+                slate = slates[j]
+                ri, rv = slate.items, sampled_scores[j][slate.items]
                 prop, slate_p = slate.propensity.tolist(), slate.slate_propensity
+            else:
+                t = j if top_of is None else top_of[j]
+                keep = finite[t, : r.n]
+                ri, rv = idx[t, : r.n], val[t, : r.n]
+                if not keep.all():
+                    ri, rv = ri[keep], rv[keep]
+                if r.policy == "epsilon":
+                    row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
+                    row_scores[0] = -np.inf  # padding is never shown
+                    slate = _explore(r, row_scores, ri)
+                    ri, rv = slate.items, row_scores[slate.items]
+                    prop, slate_p = slate.propensity.tolist(), slate.slate_propensity
             out[where[j]] = Recommendation(
                 item_ids=ids[ri].tolist(),
                 scores=rv.tolist(),
                 model_version=model.model_version,
                 source=SOURCE_POLICY,
                 warnings=r.warnings,
-                recommendation_id=uuid.uuid4().hex,
+                recommendation_id=rec_ids[j],
                 user_id=r.user_id,
                 propensities=prop,
                 slate_propensity=slate_p,
@@ -811,7 +851,7 @@ class RecommenderService:
                 model_version=model.model_version,
                 source=SOURCE_POPULAR,
                 warnings=row.warnings,
-                recommendation_id=uuid.uuid4().hex,
+                recommendation_id=_recommendation_ids(1)[0],
                 user_id=row.user_id,
                 seed=row.seed,
                 ts=int(time.time()),

@@ -129,6 +129,9 @@ class ServeSettings(BaseSettings):
     served_queue: int = Field(10_000, ge=1)
     """Served lists waiting to be logged at most; beyond it they are dropped and counted in
     ``recloop_served_lists{outcome="dropped"}`` (the request is never held up)."""
+    served_linger_s: float = Field(0.02, ge=0, le=5)
+    """The served-list log waits this long after a list arrives for more to write with it
+    (one bus or SQL round trip per batch instead of per micro-batch; off the request path)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the ``recloop`` loggers and uvicorn (``recloop serve`` sets them up)."""
 
