@@ -14,6 +14,7 @@ from recloop.serving.exploration import (
     plackett_luce_propensities,
     sample_epsilon_greedy,
     sample_plackett_luce,
+    sample_plackett_luce_many,
 )
 
 NEG = -np.inf
@@ -62,6 +63,28 @@ def test_plackett_luce_sample_frequencies_match_reported_slate_probabilities() -
         assert reported[slate] == pytest.approx(p, rel=1e-9)
         sd = math.sqrt(p * (1 - p) / draws)
         assert abs(count / draws - p) < 5 * sd + 1e-4, slate
+
+
+def test_plackett_luce_position_propensities_are_the_conditional_choice_frequencies() -> None:
+    """The logged propensity at position j is P(item at j | the items above it): check the
+    frequency of each second item among draws that start with the same first item."""
+    rng = np.random.default_rng(7)
+    t, draws = 1.3, 40_000
+    firsts: Counter[int] = Counter()
+    pairs: Counter[tuple[int, int]] = Counter()
+    reported: dict[tuple[int, int], float] = {}
+    for _ in range(draws):
+        s = sample_plackett_luce(SCORES, 3, temperature=t, rng=rng)
+        a, b = s.items[:2].tolist()
+        firsts[a] += 1
+        pairs[(a, b)] += 1
+        reported[(a, b)] = float(s.propensity[1])
+    for (a, b), c in pairs.items():
+        rest = [x for x in VALID if x != a]
+        exact = math.exp(SCORES[b] / t) / sum(math.exp(SCORES[x] / t) for x in rest)
+        assert reported[(a, b)] == pytest.approx(exact, rel=1e-12)
+        n = firsts[a]
+        assert abs(c / n - exact) < 5 * math.sqrt(exact * (1 - exact) / n) + 1e-3, (a, b)
 
 
 def test_plackett_luce_never_shows_masked_items_and_stops_at_the_unmasked_count() -> None:
@@ -147,3 +170,36 @@ def test_epsilon_greedy_on_a_large_catalogue_matches_its_propensities() -> None:
     assert outside == pytest.approx(
         197 * reported[(0, next(x for j, x in counts if j == 0 and x > 3))], abs=0.02
     )
+
+
+def test_plackett_luce_many_draws_each_row_as_its_own_seed_alone_would() -> None:
+    """The batched sampler (the service's) gives every row the list and propensities its
+    seed gives it alone, whatever else is in the batch; rows differ in n, T and mask."""
+    rng = np.random.default_rng(11)
+    scores = rng.normal(size=(5, 40))
+    scores[:, 0] = NEG
+    scores[1, 5:30] = NEG  # 14 unmasked: n = 20 stops at 14
+    scores[3, 1:] = NEG  # nothing to show
+    n = np.array([3, 20, 1, 4, 40])
+    temps = np.array([1.0, 0.3, 2.0, 1.0, 5.0])
+    seeds = [7, 8, 9, 10, 11]
+    batch = sample_plackett_luce_many(
+        scores, n, temperature=temps, rngs=[np.random.default_rng(s) for s in seeds]
+    )
+    for i in range(5):
+        alone = sample_plackett_luce(
+            scores[i], int(n[i]), temperature=float(temps[i]), rng=np.random.default_rng(seeds[i])
+        )
+        assert batch[i].items.tolist() == alone.items.tolist()
+        np.testing.assert_allclose(batch[i].propensity, alone.propensity, rtol=1e-12)
+        m = int(np.isfinite(scores[i]).sum())
+        assert batch[i].items.size == min(int(n[i]), m)
+        if batch[i].items.size:
+            prop, slate = plackett_luce_propensities(
+                scores[i], batch[i].items, temperature=float(temps[i])
+            )
+            np.testing.assert_allclose(batch[i].propensity, prop, rtol=1e-10)
+            assert batch[i].slate_propensity == pytest.approx(slate, rel=1e-10)
+            assert np.isfinite(scores[i, batch[i].items]).all()
+    assert batch[3].items.size == 0 and batch[3].slate_propensity == 1.0
+    assert batch[4].propensity[-1] == pytest.approx(1.0)  # the whole catalogue: last is certain

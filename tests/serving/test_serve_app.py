@@ -42,6 +42,7 @@ async def test_recommend_round_trip(serve: ServeFactory, store_url: tuple[str, s
             "slate_propensity",
             "policy",
             "model_version",
+            "arm",
             "source",
             "warnings",
         }

@@ -14,6 +14,8 @@ import orjson
 import pytest
 from serve_helpers import ITEM_IDS, REDIS_URL, ServeFactory, as_recent
 
+from recloop.artifacts import load_artifact
+from recloop.errors import ArtifactError
 from recloop.serving.exploration import plackett_luce_propensities
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.served_log import ServedLog
@@ -255,3 +257,93 @@ async def test_a_failing_sink_is_retried_and_loses_nothing() -> None:
     await log.close(timeout_s=2.0)
     assert [d["k"] for d in sink.written] == list(range(7))
     assert 'recloop_served_lists_total{outcome="logged"} 7.0' in metrics.render().decode()
+
+
+def with_serving(artifact: Path, section: dict[str, Any]) -> Path:
+    """The artifact with a ``serving`` section in its manifest (outside the model version,
+    so the edited artifact still loads)."""
+    path = artifact / "manifest.json"
+    doc = orjson.loads(path.read_bytes())
+    doc["serving"] = section
+    path.write_bytes(orjson.dumps(doc))
+    return artifact
+
+
+async def test_the_artifacts_serving_section_sets_its_policy_and_requests_override_it(
+    serve: ServeFactory, artifact_dir: Path
+) -> None:
+    version = load_artifact(artifact_dir).model_version
+    with_serving(artifact_dir, {"policy": "epsilon", "epsilon": 1.0})
+    assert load_artifact(artifact_dir).model_version == version  # same model, same version
+    # the service's own default (softmax, T = 3) loses to the artifact's section
+    async with serve(policy="softmax", temperature=3.0) as (client, svc):
+        assert svc.arms[0].defaults.policy == "epsilon"
+        body = await post(client, {"user_id": "u2", "n": 3, "seed": 1})
+        assert body["policy"] == {"name": "epsilon", "temperature": None, "epsilon": 1.0, "seed": 1}
+        assert [x["propensity"] for x in body["items"]] == pytest.approx([1 / 12] * 3)
+        # a request's own choice wins; what it leaves unset comes from the service
+        own = await post(client, {"user_id": "u2", "n": 3, "policy": "softmax", "seed": 1})
+        assert own["policy"]["name"] == "softmax" and own["policy"]["temperature"] == 3.0
+        top = await post(client, {"user_id": "u2", "n": 3, "policy": "topk"})
+        assert [x["propensity"] for x in top["items"]] == [1.0, 1.0, 1.0]
+
+
+async def test_a_reload_reads_the_new_artifacts_serving_section(
+    serve: ServeFactory, artifact_dir: Path, artifact_dir_b: Path
+) -> None:
+    with_serving(artifact_dir_b, {"policy": "softmax", "temperature": 0.25})
+    async with serve(artifact_root=artifact_dir.parent) as (client, svc):
+        first = await post(client, {"user_id": "u2", "n": 3})
+        assert first["policy"]["name"] == "topk"
+        await svc.reload(artifact_dir_b)
+        after = await post(client, {"user_id": "u2", "n": 3})
+        assert after["policy"]["name"] == "softmax" and after["policy"]["temperature"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"policy": "greedy"}, "serving.policy"),
+        ({"temperature": 0}, "serving.temperature"),
+        ({"epsilon": 2}, "serving.epsilon"),
+        ({"policy": "topk", "extra": 1}, "serving.extra"),
+    ],
+)
+def test_a_bad_serving_section_is_refused_at_load_naming_the_field(
+    artifact_dir: Path, section: dict[str, Any], field: str
+) -> None:
+    with_serving(artifact_dir, section)
+    with pytest.raises(ArtifactError, match=field.replace(".", r"\.")):
+        load_artifact(artifact_dir)
+
+
+class Recording:
+    """A sink that keeps each write's size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def write(self, docs: Any) -> None:
+        self.sizes.append(len(docs))
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_log_lingers_to_write_lists_that_arrive_together_at_once() -> None:
+    sink = Recording()
+    log = ServedLog(sink, metrics=ServiceMetrics(), linger_s=0.2)
+    log.start()
+    for k in range(3):
+        log.submit(Numbered(k))
+        await asyncio.sleep(0.01)  # separate event-loop turns, within the linger
+    await log.close(timeout_s=2.0)
+    assert sink.sizes == [3]
+    eager = Recording()
+    log = ServedLog(eager, metrics=ServiceMetrics(), linger_s=0.0)
+    log.start()
+    for k in range(3):
+        log.submit(Numbered(k))
+        await asyncio.sleep(0.01)
+    await log.close(timeout_s=2.0)
+    assert eager.sizes == [1, 1, 1]

@@ -177,3 +177,34 @@ async def test_processor_attributes_out_of_order_and_duplicated_deliveries(
     # the logged propensities and settings travel with the rows
     assert final["propensity"].to_list() == [0.5] * 6
     assert set(final["policy"]) == {"softmax"} and set(final["seed"]) == {7}
+
+
+def test_a_served_table_from_before_ab_serving_gets_its_arm_column(log: BehaviorLog) -> None:
+    """create_all leaves an existing table alone: the arm column is added by ALTER TABLE."""
+    import sqlalchemy as sa
+
+    old = sa.MetaData()
+    sv = log.tables.served
+    sa.Table(sv.name, old, *[c._copy() for c in sv.columns if c.name != "arm"])
+    old.create_all(log.engine)
+    assert "arm" not in {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
+    log.create_schema()
+    assert "arm" in {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
+    doc = {
+        "recommendation_id": "r1",
+        "user_id": "u1",
+        "ts": 5,
+        "model_version": "m",
+        "arm": "explore",
+        "policy": "topk",
+        "source": "policy",
+        "slate_propensity": 1.0,
+        "items": ["i1"],
+        "scores": [0.5],
+        "propensities": [1.0],
+    }
+    log.append_served(served_rows([doc]))
+    assert log.read_served()["arm"].to_list() == ["explore"]
+    fresh = BehaviorLog(log.url, prefix=sv.name.removesuffix("served_items"))
+    fresh.create_schema()  # a second process: nothing left to add
+    fresh.dispose()

@@ -14,12 +14,14 @@ Model version
 
 i.e. everything that changes what the artifact recommends: the weights (through their
 sha256), the id maps (through theirs), the algorithm's config and the policy spec (sizes,
-encoder and head configs).  The dataset summary, metrics, timestamps and versions of the
-tools are left out: editing them changes no recommendation.  The version is written into
-the manifest at save time and derived again at load time; a manifest whose recorded
-version differs from the derived one (say, an edited encoder config that kept the old
-version) is refused.  Editing any of those inputs therefore either changes the version or
-fails the load.
+encoder and head configs).  The dataset summary, metrics, timestamps, versions of the
+tools and the ``serving`` section are left out: editing them changes no score.  (The
+serving section picks how a list is drawn from the scores; every served list logs its
+policy and propensities beside the model version, so a version still names one model.)
+The version is written into the manifest at save time and derived again at load time;
+a manifest whose recorded version differs from the derived one (say, an edited encoder
+config that kept the old version) is refused.  Editing any of those inputs therefore
+either changes the version or fails the load.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +72,20 @@ class DatasetSection(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
+class ServingSection(_Strict):
+    """``manifest["serving"]`` (optional): how ``recloop serve`` draws this artifact's lists
+    unless a request says otherwise (see :mod:`recloop.serving.exploration`).  Not part of
+    the model version: it can be edited in place (say, in a registry's version directory)
+    without retraining; the service reads it when it loads the artifact."""
+
+    policy: Literal["topk", "softmax", "plackett_luce", "epsilon"] | None = None
+    """Default serving policy of this artifact (None: the service's)."""
+    temperature: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
+    """Default T of the softmax policy (None: the service's)."""
+    epsilon: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    """Default exploration probability of the epsilon policy (None: the service's)."""
+
+
 class Manifest(_Strict):
     """The whole ``manifest.json`` (see :mod:`recloop.artifacts.bundle`)."""
 
@@ -86,6 +102,7 @@ class Manifest(_Strict):
     id_maps: IdMaps
     weights_sha256: Sha256
     model_version: str
+    serving: ServingSection | None = None
 
 
 def _reject_constant(name: str) -> Any:

@@ -14,10 +14,11 @@ from recloop.cli.app import app
 
 @app.command("serve")
 def serve(
-    artifact: Path = typer.Argument(
-        ...,
+    artifact: Path | None = typer.Argument(
+        None,
         help="Artifact or run directory to serve, or a registry (recloop registry): then its "
-        "current version is served and every promotion or rollback is followed.",
+        "current version is served and every promotion or rollback is followed.  Omit it "
+        "with --ab.",
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="TCP port, 1 to 65535."),
@@ -74,6 +75,17 @@ def serve(
         help="Without --bus-url: log every served list straight into this SQL log "
         "(default: RECLOOP_DATABASE_URL; neither: not logged).",
     ),
+    ab: list[str] = typer.Option(
+        [],
+        "--ab",
+        help="A/B serving, instead of ARTIFACT: an arm NAME=PATH:WEIGHT, given two or more "
+        "times (users are split by a stable hash of their id, each list records its arm; "
+        "the first arm is the one /admin/reload switches).  An arm's policy is its "
+        "artifact's serving section, else --policy.",
+    ),
+    ab_salt: str | None = typer.Option(
+        None, help="Salt of the A/B user hash: a new one per experiment reshuffles users."
+    ),
 ) -> None:
     """Run the recommendation service (FastAPI on uvicorn) for an artifact.
 
@@ -83,6 +95,7 @@ def serve(
     a worker re-reads the artifact in that worker, SIGHUP to the parent replaces the workers.
     """
     import asyncio
+    import json
     import os
     import shutil
     import tempfile
@@ -103,8 +116,25 @@ def serve(
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    from recloop.serving.ab import ArmConfig, check_arms, parse_arm
+
     registry = None
-    if (artifact / "current.json").is_file() or (artifact / "versions").is_dir():
+    arms: list[ArmConfig] = []
+    if ab:
+        if artifact is not None:
+            raise ConfigError("give ARTIFACT or --ab arms, not both (the first arm is control)")
+        arms = [parse_arm(a) for a in ab]
+        check_arms(arms)
+        arms = [
+            a.model_copy(update={"artifact": resolve_artifact_dir(a.artifact).resolve()})
+            for a in arms
+        ]
+        for a in arms:
+            load_artifact(a.artifact)
+        path = arms[0].artifact
+    elif artifact is None:
+        raise ConfigError("name an ARTIFACT (or a registry) to serve, or two or more --ab arms")
+    elif (artifact / "current.json").is_file() or (artifact / "versions").is_dir():
         # a registry (recloop registry): serve its current version and follow promotions
         from recloop.artifacts.registry import ArtifactRegistry
 
@@ -131,6 +161,12 @@ def serve(
         "RECLOOP_EPSILON": None if epsilon is None else repr(epsilon),
         "RECLOOP_BUS_URL": bus_url,
         "RECLOOP_DATABASE_URL": database_url,
+        "RECLOOP_AB": (
+            json.dumps([a.model_dump(mode="json", exclude_none=True) for a in arms])
+            if arms
+            else None
+        ),
+        "RECLOOP_AB_SALT": ab_salt,
     }
     env.update({k: v for k, v in given.items() if v is not None})
     run_dir = tempfile.mkdtemp(prefix="recloop-serve-")  # private (0700) to this run

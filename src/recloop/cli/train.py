@@ -12,6 +12,7 @@ from recloop.cli.app import app, echo, echo_json, output_dir, warn
 from recloop.errors import ConfigError, DataError, TrainingError
 
 if TYPE_CHECKING:
+    from recloop.evaluation.ab import AbReport, Interval
     from recloop.evaluation.ope import OPEComparison
     from recloop.training.compare import RunEvaluation
 
@@ -196,7 +197,7 @@ def _fmt(v: Any) -> str:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    runs: list[Path] = typer.Argument(..., help="Run or artifact directories."),
+    runs: list[Path] = typer.Argument(None, help="Run or artifact directories (none with --ab)."),
     data: Path = typer.Option(
         None, "--data", "-d", help="Prepared dataset (default: the one each run recorded)."
     ),
@@ -223,8 +224,51 @@ def evaluate_cmd(
         [], "--ope-set", help="Override an OPE config field, e.g. --ope-set weight_cap=20."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ab: bool = typer.Option(
+        False,
+        "--ab",
+        help="Instead of runs: compare the A/B arms of `recloop serve --ab` from the served "
+        "log and its attributed feedback (--database-url): reward per served list and click "
+        "rate per arm with 95% bootstrap intervals over users, and each arm minus the "
+        "baseline (independent bootstrap).",
+    ),
+    database_url: str | None = typer.Option(
+        None, help="With --ab: the SQL log `recloop stream` writes (default: RECLOOP_DATABASE_URL)."
+    ),
+    table_prefix: str = typer.Option("", help="With --ab: prefix of the log's tables."),
+    since: str | None = typer.Option(
+        None, help="With --ab: lists served since unix seconds, an ISO time or e.g. 24h, 7d."
+    ),
+    baseline: str | None = typer.Option(
+        None, help="With --ab: the arm the others are compared with (default: first by name)."
+    ),
+    include_open: bool = typer.Option(
+        False,
+        "--include-open",
+        help="With --ab: count lists whose attribution window is still open (their late "
+        "feedback counts as none).",
+    ),
+    n_boot: int = typer.Option(2000, help="With --ab: bootstrap resamples."),
+    seed: int = typer.Option(0, help="With --ab: seed of the bootstrap."),
 ) -> None:
-    """Full-ranking metrics of one or several runs on a split, as a comparison table."""
+    """Full-ranking metrics of one or several runs on a split, as a comparison table; or,
+    with --ab, the A/B arms of the service from its served log."""
+    if ab:
+        if runs:
+            raise ConfigError("--ab reads the served log: give no run directories with it")
+        _evaluate_ab(
+            database_url=database_url,
+            table_prefix=table_prefix,
+            since=since,
+            baseline=baseline,
+            settled_only=not include_open,
+            n_boot=n_boot,
+            seed=seed,
+            as_json=as_json,
+        )
+        return
+    if not runs:
+        raise ConfigError("name at least one run or artifact directory (or use --ab)")
     from recloop.config import load_config
     from recloop.evaluation.ope import OPEConfig
     from recloop.training.compare import comparison_table, evaluate_runs
@@ -293,6 +337,91 @@ def evaluate_cmd(
     if ope_reports and ope_cfg is not None:
         echo("")
         echo(_ope_tables(results, ope_reports, paired, split=split))
+
+
+def _evaluate_ab(
+    *,
+    database_url: str | None,
+    table_prefix: str,
+    since: str | None,
+    baseline: str | None,
+    settled_only: bool,
+    n_boot: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    import os
+
+    from recloop.evaluation.ab import ab_report, parse_since
+    from recloop.streaming.log import BehaviorLog
+
+    url = database_url or os.environ.get("RECLOOP_DATABASE_URL")
+    if not url:
+        raise ConfigError("--ab needs --database-url (or RECLOOP_DATABASE_URL): the served log")
+    start = None if since is None else parse_since(since)
+    log = BehaviorLog(url, prefix=table_prefix)
+    try:
+        served = log.read_served(since=start)
+    finally:
+        log.dispose()
+    report = ab_report(
+        served,
+        baseline=baseline,
+        since=start,
+        settled_only=settled_only,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        echo(format_ab(report))
+
+
+def format_ab(report: AbReport) -> str:
+    """The report as two plain tables."""
+    from recloop.training.compare import format_table
+
+    def cell(iv: Interval, *, diff: bool = False) -> str:
+        mark = " *" if diff and (iv.low > 0 or iv.high < 0) else ""
+        return f"{iv.value:.4f} [{iv.low:.4f}, {iv.high:.4f}]{mark}"
+
+    conf = f"{report.confidence:.0%}"
+    rows = [
+        [
+            a.arm,
+            str(a.users),
+            str(a.lists),
+            cell(a.reward_per_list),
+            cell(a.click_rate),
+            ",".join(a.policies),
+            ",".join(a.model_versions),
+        ]
+        for a in report.arms
+    ]
+    lines = [
+        format_table(
+            ["arm", "users", "lists", "reward/list", "click rate", "policy", "model"], rows
+        ),
+        f"per served list ({'settled lists' if report.settled_only else 'all lists'}"
+        f"{'' if report.since is None else f' since {report.since}'}); {conf} bootstrap "
+        f"intervals over users ({report.n_boot} resamples, seed {report.seed})",
+        "",
+        format_table(
+            ["arm", f"reward/list - {report.baseline}", f"click rate - {report.baseline}"],
+            [
+                [d.arm, cell(d.reward_per_list, diff=True), cell(d.click_rate, diff=True)]
+                for d in report.differences
+            ],
+        ),
+        f"independent bootstrap of each arm and the baseline ({conf}; * = excludes 0)",
+    ]
+    if report.open_lists:
+        lines.append(f"{report.open_lists} lists still open (attribution not settled) left out")
+    if report.lists_without_arm:
+        lines.append(f"{report.lists_without_arm} lists served without an A/B arm left out")
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
 
 
 def _warn_ope(comparison: OPEComparison) -> None:

@@ -259,6 +259,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
         broadcast = ReloadBroadcast(settings.reload_state) if settings.reload_state else None
         path, model = await _load_first(settings, broadcast)
+        arm_models = [
+            await asyncio.to_thread(
+                LoadedModel.load,
+                arm.artifact,
+                inference=settings.inference,
+                threads=settings.torch_threads,
+            )
+            for arm in settings.ab[1:]
+        ]
         store = open_store(
             settings.resolved_store_url,
             prefix=settings.store_prefix,
@@ -272,6 +281,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             metrics=metrics,
             artifact_path=path,
             served_log=served_log,
+            arm_models=arm_models,
         )
         if served_log is not None:
             served_log.start()
@@ -309,6 +319,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             type(store).__name__,
             model.inference,
         )
+        for arm in service.arms:
+            if arm.name is not None:
+                logger.info(
+                    "A/B arm %s (weight %g): %s from %s, policy %s",
+                    arm.name,
+                    next(a.weight for a in settings.ab if a.name == arm.name),
+                    arm.model.model_version,
+                    arm.path,
+                    arm.defaults.policy,
+                )
         try:
             yield
         finally:
@@ -372,7 +392,12 @@ def open_served_log(settings: ServeSettings, metrics: ServiceMetrics) -> ServedL
     else:
         logger.info("served lists are not logged (no bus_url or database_url)")
         return None
-    return ServedLog(sink, metrics=metrics, max_queue=settings.served_queue)
+    return ServedLog(
+        sink,
+        metrics=metrics,
+        max_queue=settings.served_queue,
+        linger_s=settings.served_linger_s,
+    )
 
 
 def _secret(value: SecretStr | None) -> str | None:

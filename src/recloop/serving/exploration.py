@@ -12,7 +12,10 @@ padding column at ``-inf``; M = the number of finite scores; the list has
     is exactly a Plackett–Luce sample).  The propensity of the item at position j is its
     sequential choice probability ``w_j / (w_j + ... + w_k + rest)`` (``w = exp(s / T)``,
     ``rest`` the weight of every unmasked item not shown), and the slate's probability is
-    their product.
+    their product.  So the logged per-item number is the *conditional* probability of the
+    item at j given the items above it (at position 0 it is also the marginal); the marginal
+    P(item at position j) would need a sum over every ordered prefix and is not logged —
+    an estimator that needs it can take the slate probability, which is exact.
 ``epsilon``
     ε-greedy over the greedy list g_1..g_k (the top-k).  Each slot j independently explores
     with probability ε; a slot that does not explore shows g_j.  The exploring slots, in
@@ -29,6 +32,7 @@ reproduces its list exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -78,20 +82,75 @@ def plackett_luce_propensities(
 def sample_plackett_luce(
     scores: np.ndarray, n: int, *, temperature: float, rng: np.random.Generator
 ) -> Slate:
-    """A Plackett–Luce slate of ``min(n, M)`` unmasked items (Gumbel-top-k)."""
-    ok = np.flatnonzero(unmasked(scores))
-    k = min(n, ok.size)
-    if k == 0:
-        return Slate(items=np.zeros(0, np.int64), propensity=np.zeros(0), slate_propensity=1.0)
-    logits = scores[ok] / temperature  # (M,)
-    logits -= logits.max()
-    # -log(Exp(1)) is Gumbel(0, 1), and the exponential sampler is about 3x faster
-    keys = logits - np.log(rng.standard_exponential(size=ok.size))
-    part = np.argpartition(-keys, k - 1)[:k] if k < ok.size else np.arange(ok.size)
-    chosen = part[np.argsort(-keys[part], kind="stable")]  # (k,) positions in ok
-    w = np.exp(logits)
-    prop, slate = _sequential(w[chosen], float(w.sum()))
-    return Slate(items=ok[chosen].astype(np.int64), propensity=prop, slate_propensity=slate)
+    """A Plackett–Luce slate of ``min(n, M)`` unmasked items (Gumbel-top-k); the one-row
+    case of :func:`sample_plackett_luce_many`, which draws the same list from the same
+    ``rng`` state."""
+    (slate,) = sample_plackett_luce_many(
+        scores[None, :],
+        np.array([n]),
+        temperature=np.array([temperature], np.float64),
+        rngs=[rng],
+    )
+    return slate
+
+
+def sample_plackett_luce_many(
+    scores: np.ndarray,
+    n: np.ndarray,
+    *,
+    temperature: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+) -> list[Slate]:
+    """One Plackett–Luce slate per row of ``scores`` (B, N) float64, masked at ``-inf``:
+    ``min(n[b], M_b)`` items drawn from softmax(scores[b] / temperature[b]) with ``rngs[b]``.
+
+    Only the random draws are per row (each row's own generator, so a row's list depends
+    on its seed alone, not on the batch it was scored in); keys, the top-k and the
+    propensities are computed for the whole batch at once.  Each row draws N exponentials
+    (one per column, masked ones too, so the draw count does not depend on the mask);
+    ``-log(Exp(1))`` is Gumbel(0, 1) and the exponential sampler is about 3x faster.
+    """
+    b, width = scores.shape
+    ok = np.isfinite(scores)  # (B, N)
+    m = ok.sum(1)  # (B,)
+    k = np.minimum(np.asarray(n, np.int64), m)  # (B,)
+    kmax = int(k.max()) if b else 0
+    if kmax == 0:
+        return [
+            Slate(items=np.zeros(0, np.int64), propensity=np.zeros(0), slate_propensity=1.0)
+            for _ in range(b)
+        ]
+    logits = np.where(ok, scores, -np.inf) / temperature[:, None]  # (B, N)
+    top = logits.max(1)
+    logits -= np.where(m > 0, top, 0.0)[:, None]
+    noise = np.stack([rng.standard_exponential(size=width) for rng in rngs])  # (B, N)
+    keys = logits - np.log(noise)  # masked stay -inf
+    if kmax < width:
+        part = np.argpartition(-keys, kmax - 1, axis=1)[:, :kmax]  # (B, kmax)
+    else:
+        part = np.broadcast_to(np.arange(width), (b, width))
+    order = np.argsort(-np.take_along_axis(keys, part, 1), axis=1, kind="stable")
+    chosen = np.take_along_axis(part, order, 1)  # (B, kmax) best key first
+    w = np.exp(logits)  # (B, N), masked 0
+    shown = np.arange(kmax)[None, :] < k[:, None]  # (B, kmax)
+    w_shown = np.where(shown, np.take_along_axis(w, chosen, 1), 0.0)
+    # the weight left before position j, summed from positive terms only (rest + w_j + ...
+    # + w_k; rest = the unshown items' weight, not total minus shown), so neither a long
+    # tail nor a fully shown catalogue costs precision
+    rows = np.broadcast_to(np.arange(b)[:, None], chosen.shape)
+    w_rest = w.copy()
+    w_rest[rows[shown], chosen[shown]] = 0.0
+    rest = w_rest.sum(1)  # (B,)
+    remaining = rest[:, None] + np.cumsum(w_shown[:, ::-1], axis=1)[:, ::-1]
+    prop = w_shown / np.where(shown, remaining, 1.0)  # (B, kmax)
+    return [
+        Slate(
+            items=chosen[i, : k[i]].astype(np.int64),
+            propensity=prop[i, : k[i]],
+            slate_propensity=float(np.prod(prop[i, : k[i]])),
+        )
+        for i in range(b)
+    ]
 
 
 @lru_cache(maxsize=4096)

@@ -83,6 +83,13 @@ class ServiceMetrics:
             ["outcome"],
             registry=reg,
         )
+        self.arm_lists = Counter(
+            "recloop_ab_lists",
+            "Lists served per A/B arm and source (policy or popular); A/B serving only.  Per-arm "
+            "clicks and rewards are attributed in the SQL log: recloop evaluate --ab.",
+            ["arm", "source"],
+            registry=reg,
+        )
         self.served_queue = Gauge(
             "recloop_served_queue",
             "Served lists waiting to be logged.",

@@ -144,7 +144,8 @@ def install_routes(app: FastAPI, *, models: RequestModels, max_n: int, admin: bo
         req = await parse_body(request, models.batch)
         assert req is not None
         recs = await svc.recommend_many(req.requests)
-        version = recs[0].model_version  # one batch, one model
+        # the first result's model (each result names its own: A/B arms may differ)
+        version = recs[0].model_version
         return json_response({"results": [r.to_json() for r in recs]}, version=version)
 
     async def popular(

@@ -243,6 +243,9 @@ class RecommendResponse(BaseModel):
     """How the list was drawn."""
     model_version: str
     """Version of the artifact that answered."""
+    arm: str | None
+    """A/B arm that answered (the service splits users by a hash of their id); null without
+    A/B serving."""
     source: Literal["policy", "popular"]
     """``policy`` (scored by the model) or ``popular`` (fallback)."""
     warnings: list[str]

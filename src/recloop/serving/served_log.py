@@ -83,12 +83,16 @@ class ServedLog:
         batch: int = 500,
         retry_s: float = 0.2,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.0,
     ) -> None:
         self.sink = sink
         self.max_queue = max_queue
         self.batch = batch
         self.retry_s = retry_s
         self.retry_max_s = retry_max_s
+        self.linger_s = linger_s
+        """After the first list arrives, wait this long for more before writing: under load
+        one write (one bus round trip) carries many lists instead of a micro-batch's few."""
         self._queue: collections.deque[Served] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -122,6 +126,8 @@ class ServedLog:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            if self.linger_s > 0 and len(self._queue) < self.batch:
+                await asyncio.sleep(self.linger_s)
             n = min(self.batch, len(self._queue))
             docs = [self._queue[i].log_doc() for i in range(n)]
             try:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -31,6 +31,7 @@ from recloop.artifacts import Artifact, load_artifact
 from recloop.errors import ArtifactError, ConfigError, RecloopError
 from recloop.ranking import topk
 from recloop.serving import exploration
+from recloop.serving.ab import AbSplit
 from recloop.serving.admin import log_safe
 from recloop.serving.metrics import ServiceMetrics
 from recloop.serving.schemas import RecommendRequest
@@ -128,6 +129,9 @@ class LoadedModel:
     """The policy's forward pass (PyTorch or onnxruntime)."""
     inference: str = "torch"
     """Which engine ``scorer`` runs on: torch or onnxruntime."""
+    serving: Mapping[str, Any] = field(default_factory=dict)
+    """The artifact's ``serving`` section (default policy, temperature, epsilon; unset keys
+    absent), see :class:`recloop.artifacts.manifest.ServingSection`."""
 
     @classmethod
     def from_artifact(
@@ -153,6 +157,9 @@ class LoadedModel:
                 else torch_scorer(artifact)
             ),
             inference=inference,
+            serving={
+                k: v for k, v in (artifact.manifest.get("serving") or {}).items() if v is not None
+            },
         )
         model.warm_up()
         return model
@@ -217,13 +224,24 @@ class LoadedModel:
         exclude_rows: np.ndarray,
         exclude_cols: np.ndarray,
         k: int,
+        top_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """:meth:`score`, plus every masked score (B, N + 1) (the padding column too, which
-        the exploring policies never show)."""
+        the exploring policies never show).  ``top_rows`` (R,) int64: compute the top-k of
+        these rows only (the indices and values are then (R, k); rows whose policy samples
+        from all the scores need no top-k)."""
         scores = self.scorer(user, history, history_reward)
         if len(exclude_rows):
             scores[torch.from_numpy(exclude_rows), torch.from_numpy(exclude_cols)] = float("-inf")
-        top = topk(scores, min(k, self.n_items), row_keys=torch.from_numpy(user))
+        k = min(k, self.n_items)
+        if top_rows is None:
+            top = topk(scores, k, row_keys=torch.from_numpy(user))
+        elif len(top_rows) == 0:
+            empty = np.zeros((0, k), np.int64)
+            return empty, empty.astype(np.float32), scores
+        else:
+            rows = torch.from_numpy(top_rows)
+            top = topk(scores[rows], k, row_keys=torch.from_numpy(user[top_rows]))
         return top.indices.numpy(), top.values.numpy(), scores
 
 
@@ -257,6 +275,8 @@ class Recommendation:
     """Seed of the draws, to reproduce the list."""
     ts: int = 0
     """Unix time it was served, in whole seconds."""
+    arm: str | None = None
+    """A/B arm that served it (None: no A/B split)."""
 
     def _propensities(self) -> list[float]:
         return self.propensities if self.propensities is not None else [1.0] * len(self.item_ids)
@@ -276,6 +296,7 @@ class Recommendation:
                 "seed": self.seed,
             },
             "model_version": self.model_version,
+            "arm": self.arm,
             "source": self.source,
             "warnings": self.warnings,
         }
@@ -287,6 +308,7 @@ class Recommendation:
             "user_id": self.user_id,
             "ts": self.ts,
             "model_version": self.model_version,
+            "arm": self.arm,
             "policy": self.policy,
             "temperature": self.temperature,
             "epsilon": self.epsilon,
@@ -332,6 +354,7 @@ class _Row:
     """Per-request working state of one batch (internal)."""
 
     __slots__ = (
+        "arm",
         "consumed_raw",
         "epsilon",
         "exclude",
@@ -348,6 +371,7 @@ class _Row:
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self.arm: str | None = None
         self.user_id = ""
         self.policy = "topk"
         self.temperature: float | None = None
@@ -403,26 +427,69 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
         row.warnings.append(f"unknown user {req.user_id!r}: scored from its recent items")
 
 
-def _choose_policy(row: _Row, req: RecommendRequest, s: ServeSettings) -> None:
-    """The request's serving policy and its settings, the service's where it says none."""
-    name = req.policy or s.policy
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PolicyDefaults:
+    """What a request that names no policy (or no temperature, epsilon) gets."""
+
+    policy: str
+    temperature: float
+    epsilon: float
+
+    @classmethod
+    def resolve(cls, s: ServeSettings, *layers: Mapping[str, Any]) -> PolicyDefaults:
+        """The service's settings, overridden by each layer in turn (the artifact's
+        ``serving`` section, then the A/B arm's), keys absent where unset."""
+        out = {"policy": s.policy, "temperature": s.temperature, "epsilon": s.epsilon}
+        for layer in layers:
+            out.update({k: layer[k] for k in out if layer.get(k) is not None})
+        name = str(out["policy"])
+        return cls(
+            policy="softmax" if name == "plackett_luce" else name,
+            temperature=float(out["temperature"]),
+            epsilon=float(out["epsilon"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, slots=True)
+class Arm:
+    """A model the service answers with, and its A/B name and serving defaults."""
+
+    name: str | None
+    """A/B arm name (None: no split)."""
+    model: LoadedModel
+    path: Path
+    """Where ``model`` was loaded from."""
+    overrides: Mapping[str, Any]
+    """The arm's own policy, temperature, epsilon (unset keys absent)."""
+    defaults: PolicyDefaults
+    """Settings, then the artifact's serving section, then ``overrides``."""
+
+
+def _choose_policy(row: _Row, req: RecommendRequest, d: PolicyDefaults) -> None:
+    """The request's serving policy and its settings; where it says none, the arm's
+    defaults (service settings < artifact's serving section < A/B arm)."""
+    name = req.policy or d.policy
     row.policy = "softmax" if name == "plackett_luce" else name
     if row.policy == "softmax":
-        row.temperature = req.temperature if req.temperature is not None else s.temperature
+        row.temperature = req.temperature if req.temperature is not None else d.temperature
     elif row.policy == "epsilon":
-        row.epsilon = req.epsilon if req.epsilon is not None else s.epsilon
+        row.epsilon = req.epsilon if req.epsilon is not None else d.epsilon
     if req.seed is not None:
         row.seed = req.seed
     elif row.policy != "topk":
         row.seed = secrets.randbits(63)  # returned with the list: the answer can be redrawn
 
 
+def _recommendation_ids(n: int) -> list[str]:
+    """``n`` random 128-bit ids as 32 hex digits (uuid4's size), from one system call."""
+    blob = os.urandom(16 * n).hex()
+    return [blob[32 * i : 32 * (i + 1)] for i in range(n)]
+
+
 def _explore(row: _Row, scores: np.ndarray, greedy: np.ndarray) -> exploration.Slate:
-    """One row's exploring list; ``scores`` (N + 1,) float64 masked, ``greedy`` its top-n."""
+    """One row's epsilon-greedy list; ``scores`` (N + 1,) float64 masked, ``greedy`` its
+    top-n (softmax rows are drawn for the whole batch in :meth:`_score_policy`)."""
     rng = np.random.default_rng(row.seed)
-    if row.policy == "softmax":
-        assert row.temperature is not None
-        return exploration.sample_plackett_luce(scores, row.n, temperature=row.temperature, rng=rng)
     assert row.epsilon is not None
     return exploration.sample_epsilon_greedy(scores, greedy, epsilon=row.epsilon, rng=rng)
 
@@ -439,16 +506,31 @@ class RecommenderService:
         metrics: ServiceMetrics | None = None,
         artifact_path: Path | None = None,
         served_log: ServedLog | None = None,
+        arm_models: Sequence[LoadedModel] = (),
     ) -> None:
+        """``model`` is the one served (with A/B serving, the first arm's); ``arm_models``
+        the other arms' of ``settings.ab``, in order."""
         self.settings = settings
         self.served_log = served_log
         """Where every served list is queued for logging (None: not logged)."""
         self.store = store
         self.metrics = metrics or ServiceMetrics()
         self.limits = settings.limits
-        self._model = model
-        self._artifact_path = Path(artifact_path or settings.artifact)
-        """Where ``model`` was loaded from (what a reload without a path reads again)."""
+        if len(arm_models) != max(len(settings.ab) - 1, 0):
+            raise ConfigError(
+                f"{len(settings.ab)} A/B arms need {len(settings.ab) - 1} more models, "
+                f"got {len(arm_models)}"
+            )
+        self._split = (
+            AbSplit([a.weight for a in settings.ab], salt=settings.ab_salt) if settings.ab else None
+        )
+        control = self._arm(0, model, Path(artifact_path or settings.artifact))
+        self._arms = (
+            control,
+            *(self._arm(i, m, settings.ab[i].artifact) for i, m in enumerate(arm_models, 1)),
+        )
+        """Every arm (one without A/B serving); the first is the control, swapped by
+        :meth:`reload`.  Replaced as a whole, read once per batch."""
         self._reload_lock = asyncio.Lock()
         self._store_down_until = -1.0
         self._store_failing = False
@@ -466,15 +548,58 @@ class RecommenderService:
             s: self.metrics.recommendations.labels(source=s)
             for s in (SOURCE_POLICY, SOURCE_POPULAR)
         }
+        self._arm_served = {
+            (a.name, s): self.metrics.arm_lists.labels(arm=a.name, source=s)
+            for a in self._arms
+            if a.name is not None
+            for s in (SOURCE_POLICY, SOURCE_POPULAR)
+        }
         self.metrics.set_model(model.model_version)
+
+    def _arm(self, i: int, model: LoadedModel, path: Path) -> Arm:
+        """Arm ``i`` of the settings' split (or the only one) serving ``model``."""
+        cfg = self.settings.ab[i] if self.settings.ab else None
+        overrides = (
+            {}
+            if cfg is None
+            else {
+                k: v
+                for k, v in (
+                    ("policy", cfg.policy),
+                    ("temperature", cfg.temperature),
+                    ("epsilon", cfg.epsilon),
+                )
+                if v is not None
+            }
+        )
+        return Arm(
+            name=None if cfg is None else cfg.name,
+            model=model,
+            path=path,
+            overrides=overrides,
+            defaults=PolicyDefaults.resolve(self.settings, model.serving, overrides),
+        )
+
+    @property
+    def _model(self) -> LoadedModel:
+        return self._arms[0].model
 
     @property
     def model(self) -> LoadedModel:
-        return self._model
+        """The served model (with A/B serving, the control arm's)."""
+        return self._arms[0].model
+
+    @property
+    def arms(self) -> tuple[Arm, ...]:
+        return self._arms
 
     @property
     def artifact_path(self) -> Path:
-        return self._artifact_path
+        return self._arms[0].path
+
+    @property
+    def _artifact_path(self) -> Path:
+        return self._arms[0].path
 
     # ------------------------------------------------------------------ store access
 
@@ -532,11 +657,10 @@ class RecommenderService:
         return (await self.recommend_many([req]))[0]
 
     async def recommend_many(self, reqs: Sequence[RecommendRequest]) -> list[Recommendation]:
-        """Lists for many users: one store round trip and one forward pass for all of them."""
-        model = self._model  # read once: a reload during this batch does not touch it
+        """Lists for many users: one store round trip for all of them, and one forward pass
+        per A/B arm (one in all without a split)."""
+        arms = self._arms  # read once: a reload during this batch does not touch it
         s = self.settings
-        h = model.history_len
-        rows = [_Row(min(r.n or s.default_n, model.n_items)) for r in reqs]
 
         # Users whose history or consumed items the store holds.
         need = [
@@ -547,7 +671,7 @@ class RecommenderService:
         recent: dict[str, list[Scored]] = {}
         store_warning: str | None = None
         if need:
-            fetch = max(h, s.consumed_len)
+            fetch = max(max(a.model.history_len for a in arms), s.consumed_len)
             unique = list(dict.fromkeys(need))
             got = await self._from_store(
                 "get_recent", lambda: self.store.get_recent(unique, n=fetch)
@@ -560,11 +684,43 @@ class RecommenderService:
             else:
                 recent = got
 
+        if self._split is None or len(arms) == 1:
+            recs = await self._answer_arm(arms[0], reqs, recent, store_warning)
+        else:
+            assign = self._split.assign
+            groups: dict[int, list[int]] = {}
+            for i, r in enumerate(reqs):
+                groups.setdefault(assign(r.user_id), []).append(i)
+            answers: list[Recommendation | None] = [None] * len(reqs)
+            for a, where in groups.items():
+                got_arm = await self._answer_arm(
+                    arms[a], [reqs[i] for i in where], recent, store_warning
+                )
+                for i, rec in zip(where, got_arm, strict=True):
+                    answers[i] = rec
+            recs = [r for r in answers if r is not None]
+        if self.served_log is not None:
+            for rec in recs:
+                self.served_log.submit(rec)
+        return recs
+
+    async def _answer_arm(
+        self,
+        arm: Arm,
+        reqs: Sequence[RecommendRequest],
+        recent: dict[str, list[Scored]],
+        store_warning: str | None,
+    ) -> list[Recommendation]:
+        """The lists of ``reqs``, all answered by ``arm``."""
+        model = arm.model
+        s = self.settings
+        rows = [_Row(min(r.n or s.default_n, model.n_items)) for r in reqs]
         for req, row in zip(reqs, rows, strict=True):
             if store_warning is not None and (req.recent_items is None or req.exclude_consumed):
                 row.warnings.append(store_warning)
             _fill_row(row, req, model, recent.get(req.user_id, []))
-            _choose_policy(row, req, s)
+            _choose_policy(row, req, arm.defaults)
+            row.arm = arm.name
 
         policy_rows = [i for i, row in enumerate(rows) if row.user or row.hist]
         out: list[Recommendation | None] = [None] * len(rows)
@@ -573,11 +729,10 @@ class RecommenderService:
         popular_rows = [i for i, row in enumerate(rows) if out[i] is None]
         if popular_rows:
             await self._answer_popular(model, reqs, rows, popular_rows, out)
-        recs = [o for o in out if o is not None]
-        if self.served_log is not None:
-            for rec in recs:
-                self.served_log.submit(rec)
-        return recs
+        if arm.name is not None:
+            self._arm_served[(arm.name, SOURCE_POLICY)].inc(len(policy_rows))
+            self._arm_served[(arm.name, SOURCE_POPULAR)].inc(len(popular_rows))
+        return [o for o in out if o is not None]
 
     def _score_policy(
         self,
@@ -600,6 +755,8 @@ class RecommenderService:
                 ex_rows.extend([j] * len(r.exclude))
                 ex_cols.extend(r.exclude)
         k = max(r.n for r in rows)
+        sampled = [j for j, r in enumerate(rows) if r.policy == "softmax"]
+        greedy = [j for j, r in enumerate(rows) if r.policy != "softmax"]
         idx, val, full = model.score_full(
             user=user,
             history=history,
@@ -607,31 +764,54 @@ class RecommenderService:
             exclude_rows=np.asarray(ex_rows, np.int64),
             exclude_cols=np.asarray(ex_cols, np.int64),
             k=k,
+            top_rows=np.asarray(greedy, np.int64) if sampled else None,
         )
         self.metrics.batch_size.observe(b)
+        slates: dict[int, exploration.Slate] = {}
+        if sampled:
+            # every softmax row of the batch in one vectorised draw (each with its own seed)
+            sub = full[torch.from_numpy(np.asarray(sampled, np.int64))].numpy()
+            scores64 = sub.astype(np.float64)  # (S, N + 1)
+            scores64[:, 0] = -np.inf  # padding is never shown
+            drawn = exploration.sample_plackett_luce_many(
+                scores64,
+                np.array([rows[j].n for j in sampled], np.int64),
+                temperature=np.array([rows[j].temperature for j in sampled], np.float64),
+                rngs=[np.random.default_rng(rows[j].seed) for j in sampled],
+            )
+            slates = dict(zip(sampled, drawn, strict=True))
+            sampled_scores = dict(zip(sampled, scores64, strict=True))
+        top_of = {j: t for t, j in enumerate(greedy)} if sampled else None
         finite = np.isfinite(val)
         ids = model.item_ids
         now = int(time.time())
+        rec_ids = _recommendation_ids(b)
         for j, r in enumerate(rows):
-            keep = finite[j, : r.n]
-            ri, rv = idx[j, : r.n], val[j, : r.n]
-            if not keep.all():
-                ri, rv = ri[keep], rv[keep]
             prop: list[float] | None = None
             slate_p: float | None = 1.0
-            if r.policy != "topk":
-                row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
-                row_scores[0] = -np.inf  # padding is never shown
-                slate = _explore(r, row_scores, ri)
-                ri, rv = slate.items, row_scores[slate.items]
+            if r.policy == "softmax":
+                slate = slates[j]
+                ri, rv = slate.items, sampled_scores[j][slate.items]
                 prop, slate_p = slate.propensity.tolist(), slate.slate_propensity
+            else:
+                t = j if top_of is None else top_of[j]
+                keep = finite[t, : r.n]
+                ri, rv = idx[t, : r.n], val[t, : r.n]
+                if not keep.all():
+                    ri, rv = ri[keep], rv[keep]
+                if r.policy == "epsilon":
+                    row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
+                    row_scores[0] = -np.inf  # padding is never shown
+                    slate = _explore(r, row_scores, ri)
+                    ri, rv = slate.items, row_scores[slate.items]
+                    prop, slate_p = slate.propensity.tolist(), slate.slate_propensity
             out[where[j]] = Recommendation(
                 item_ids=ids[ri].tolist(),
                 scores=rv.tolist(),
                 model_version=model.model_version,
                 source=SOURCE_POLICY,
                 warnings=r.warnings,
-                recommendation_id=uuid.uuid4().hex,
+                recommendation_id=rec_ids[j],
                 user_id=r.user_id,
                 propensities=prop,
                 slate_propensity=slate_p,
@@ -640,6 +820,7 @@ class RecommenderService:
                 epsilon=r.epsilon,
                 seed=r.seed,
                 ts=now,
+                arm=r.arm,
             )
         self._served[SOURCE_POLICY].inc(b)
 
@@ -670,10 +851,11 @@ class RecommenderService:
                 model_version=model.model_version,
                 source=SOURCE_POPULAR,
                 warnings=row.warnings,
-                recommendation_id=uuid.uuid4().hex,
+                recommendation_id=_recommendation_ids(1)[0],
                 user_id=row.user_id,
                 seed=row.seed,
                 ts=int(time.time()),
+                arm=row.arm,
             )
         self._served[SOURCE_POPULAR].inc(len(where))
 
@@ -745,8 +927,8 @@ class RecommenderService:
                 # repr and escapes: the path and the message may come from a client
                 logger.error("reload of %r refused: %s", str(target), log_safe(exc))
                 raise
-            self._model = model  # the swap: one reference assignment
-            self._artifact_path = target
+            # the swap: one reference assignment (the control arm, with A/B serving)
+            self._arms = (self._arm(0, model, target), *self._arms[1:])
             self._popular_cache = None
             self.metrics.set_model(model.model_version)
             self.metrics.reloads.labels(outcome="ok").inc()

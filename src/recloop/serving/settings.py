@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recloop.errors import ConfigError
+from recloop.serving.ab import ArmConfig, check_arms
 from recloop.serving.schemas import Limits
 from recloop.stores import check_store_url
 
@@ -21,7 +22,16 @@ class ServeSettings(BaseSettings):
     )
 
     artifact: Path
-    """Artifact (or run) directory to serve."""
+    """Artifact (or run) directory to serve; with ``ab``, the first arm's (filled in from it)."""
+    ab: tuple[ArmConfig, ...] = ()
+    """A/B serving (:mod:`recloop.serving.ab`): two or more arms, each an artifact with a
+    weight (and optionally its own serving policy); users are split by a stable hash of
+    their id.  The first arm is the control, the one /admin/reload switches (not with
+    ``registry``).
+    From the environment: ``RECLOOP_AB`` as a JSON list of ``{"name", "artifact", "weight"}``
+    objects.  Empty: one artifact, no arms (lists record arm null)."""
+    ab_salt: str = Field("recloop-ab", min_length=1, max_length=200)
+    """Salt of the user hash: a new salt per experiment reshuffles who sees which arm."""
     store_url: str | None = None
     """Online store URL (redis://, sqlite:///, memory://); overrides ``redis_url``."""
     redis_url: str | None = None
@@ -98,7 +108,10 @@ class ServeSettings(BaseSettings):
     policy: Literal["topk", "softmax", "plackett_luce", "epsilon"] = "topk"
     """Default serving policy (a request may choose another): ``topk`` (deterministic),
     ``softmax`` (= ``plackett_luce``: a Plackett-Luce sample from softmax(scores / T)) or
-    ``epsilon`` (epsilon-greedy over the top-n); see :mod:`recloop.serving.exploration`."""
+    ``epsilon`` (epsilon-greedy over the top-n); see :mod:`recloop.serving.exploration`.
+    An artifact's ``serving`` section in its manifest (and an A/B arm's own policy) takes
+    precedence over this, and a request's ``policy`` over both; the same goes for
+    ``temperature`` and ``epsilon``."""
     temperature: float = Field(1.0, gt=0, le=1e6)
     """Default T of the softmax policy."""
     epsilon: float = Field(0.1, ge=0, le=1)
@@ -117,6 +130,9 @@ class ServeSettings(BaseSettings):
     served_queue: int = Field(10_000, ge=1)
     """Served lists waiting to be logged at most; beyond it they are dropped and counted in
     ``recloop_served_lists{outcome="dropped"}`` (the request is never held up)."""
+    served_linger_s: float = Field(0.02, ge=0, le=5)
+    """The served-list log waits this long after a list arrives for more to write with it
+    (one bus or SQL round trip per batch instead of per micro-batch; off the request path)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the ``recloop`` loggers and uvicorn (``recloop serve`` sets them up)."""
 
@@ -140,8 +156,29 @@ class ServeSettings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _artifact_from_arms(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("ab"):
+            first = data["ab"][0]
+            path = first.artifact if isinstance(first, ArmConfig) else first.get("artifact")
+            given = data.get("artifact")
+            if given is not None and path is not None and Path(given) != Path(path):
+                raise ValueError(
+                    f"with ab, artifact is the first arm's ({path}), got another ({given})"
+                )
+            data = {**data, "artifact": path}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
+        if self.ab:
+            try:
+                check_arms(self.ab)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.registry is not None and self.ab:
+            raise ValueError("ab and registry do not go together: serve fixed arms, or follow")
         if self.default_n > self.max_n:
             raise ValueError(f"default_n ({self.default_n}) must be <= max_n ({self.max_n})")
         return self

@@ -158,6 +158,8 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("item_id", _ID, nullable=False),
         sa.Column("ts", sa.BigInteger, nullable=False),
         sa.Column("model_version", BinaryString(128), nullable=False),
+        # added after the first release: _add_missing_columns adds it to older tables
+        sa.Column("arm", BinaryString(64)),
         sa.Column("policy", BinaryString(16), nullable=False),
         sa.Column("temperature", sa.Double),
         sa.Column("epsilon", sa.Double),
@@ -282,9 +284,40 @@ class BehaviorLog:
         except (sa.exc.ProgrammingError, sa.exc.IntegrityError):
             # Another worker created a table between our check and our CREATE.
             self.tables.metadata.create_all(self.engine, checkfirst=True)
+        self._add_missing_columns()
         if self.backend in ("mysql", "mariadb"):
             self._check_mysql_columns()
         self._ready = True
+
+    ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("served", "arm"),)
+    """(table attribute, column) added to the schema after tables were first created in the
+    wild; ``create_all`` leaves an existing table as it is, so these are added by ALTER."""
+
+    def _add_missing_columns(self) -> None:
+        """``ALTER TABLE ... ADD COLUMN`` for each of :attr:`ADDED_COLUMNS` an existing table
+        lacks (nullable, so old rows read as null).  Safe when several processes race: a
+        column another process added first is taken as done."""
+        inspector = sa.inspect(self.engine)
+        for attr, name in self.ADDED_COLUMNS:
+            table: sa.Table = getattr(self.tables, attr)
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            if name in have:
+                continue
+            column = table.c[name]
+            prep = self.engine.dialect.identifier_preparer
+            ddl = (
+                f"ALTER TABLE {prep.format_table(table)} ADD COLUMN "
+                f"{prep.format_column(column)} "
+                f"{column.type.compile(dialect=self.engine.dialect)}"
+            )
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(ddl))
+            except sa.exc.DBAPIError:
+                fresh = sa.inspect(self.engine).get_columns(table.name)
+                if name not in {c["name"] for c in fresh}:
+                    raise
+            logger.info("added column %s to table %s (schema migration)", name, table.name)
 
     def _check_mysql_columns(self) -> None:
         """Warn when the log's tables predate binary ids and DOUBLE rewards (create_all
@@ -636,14 +669,16 @@ class BehaviorLog:
             )
             return int(res.rowcount or 0)
 
-    def read_served(self) -> pl.DataFrame:
-        """Every served item with its attribution, by (ts, recommendation_id, position)."""
+    def read_served(self, *, since: int | None = None) -> pl.DataFrame:
+        """Every served item with its attribution, by (ts, recommendation_id, position);
+        ``since``: only lists served at that unix time or later."""
         self.create_schema()
         sv = self.tables.served
+        q = sa.select(sv).order_by(sv.c.ts, sv.c.recommendation_id, sv.c.position)
+        if since is not None:
+            q = q.where(sv.c.ts >= since)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(sv).order_by(sv.c.ts, sv.c.recommendation_id, sv.c.position)
-            ).all()
+            rows = conn.execute(q).all()
         from recloop.streaming.served import SERVED_SCHEMA
 
         schema: dict[str, pl.DataType] = {

@@ -5,7 +5,7 @@ starts with ``{"type":"served"`` (orjson writes the keys in insertion order, no 
 the stream processor tells them from behaviour events by a prefix test, without parsing::
 
     {"type": "served", "recommendation_id": "3f2a…", "user_id": "196", "ts": 1733350000,
-     "model_version": "…", "policy": "softmax", "temperature": 1.0, "epsilon": null,
+     "model_version": "…", "arm": null, "policy": "softmax", "temperature": 1.0, "epsilon": null,
      "seed": 123, "source": "policy", "slate_propensity": 0.0123,
      "items": ["242", "302"], "scores": [3.1, 2.7], "propensities": [0.21, 0.06]}
 
@@ -45,6 +45,7 @@ SERVED_SCHEMA: dict[str, pl.DataType] = {
     "item_id": pl.String(),
     "ts": pl.Int64(),
     "model_version": pl.String(),
+    "arm": pl.String(),
     "policy": pl.String(),
     "temperature": pl.Float64(),
     "epsilon": pl.Float64(),
@@ -61,6 +62,7 @@ _LIST_FIELDS = (
     "user_id",
     "ts",
     "model_version",
+    "arm",
     "policy",
     "temperature",
     "epsilon",
