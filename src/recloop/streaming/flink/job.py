@@ -26,8 +26,9 @@ popular items
     item id asc, ``rn <= top``), plus one row per window with its newest event time and its
     number of distinct items.  The Python publisher keeps each window's rows in keyed state
     and, once they are all there, writes the list to ``<prefix>popular`` (the Redis store's
-    format) — only for windows whose last slide holds an event, so that after a drain (or a quiet spell) the published list is the
-    window ending with the newest event's slide, as the Redis runner publishes it.
+    format) — only for windows whose last slide holds an event, so that after a drain (or a
+    quiet spell) the published list is the window ending with the newest event's slide, as
+    the Redis runner publishes it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def interval(seconds: int) -> str:
     if not 0 <= seconds < 100 * 86400:
         raise ValueError(f"interval of {seconds} s: expected 0 <= seconds < 100 days")
     days, rest = divmod(seconds, 86400)
-    return f"INTERVAL '{days} {rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}' DAY TO SECOND"
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"INTERVAL '{days} {clock}' DAY TO SECOND"
 
 
 def _with(options: dict[str, Any]) -> str:
@@ -156,7 +158,8 @@ SELECT event_id, user_id, item_id, ts, behavior, rating, reward FROM valid_event
 
 def popular_query(cfg: dict[str, Any]) -> str:
     """Top-N rows of every sliding window, and one summary row per window (item_id NULL) with
-    its number of distinct items and its newest event time, all stamped with the window's ``window_time`` (end - 1 ms)."""
+    its number of distinct items and its newest event time, all stamped with the window's
+    ``window_time`` (end - 1 ms)."""
     hop = (
         f"TABLE(HOP(TABLE valid_events, DESCRIPTOR(ts_ltz), "
         f"{interval(cfg['slide_s'])}, {interval(cfg['window_s'])}))"
@@ -187,7 +190,7 @@ def _publisher_class() -> Any:
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
     from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
-    class PopularPublisher(KeyedProcessFunction):  # type: ignore[misc]
+    class PopularPublisher(KeyedProcessFunction):
         """Collects each window's Top-N rows in keyed state and writes the list to the
         online store once the window is complete: its summary row (newest event time and
         number of distinct items) and min(top, distinct items) item rows have arrived.
@@ -255,25 +258,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _uri(path: str) -> str:
+    """A local path as a file:// URI; URIs (s3://, hdfs://, file://) as they are."""
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
 def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
     """Flink options of the job: checkpointing, parallelism, jars, Python and restore."""
     conf = {
         "parallelism.default": str(cfg.get("parallelism", 1)),
-        "python.executable": cfg.get("python_executable") or sys.executable,
-        "python.client.executable": cfg.get("python_executable") or sys.executable,
-        "table.exec.source.idle-timeout": f"{cfg.get('source_idle_timeout_ms', 5000)} ms",
         "pipeline.name": cfg.get("job_name", "recloop-online"),
     }
+    if cfg.get("python_executable"):
+        # Local runs: the workers use the job's own interpreter.  On a cluster leave it out
+        # and pass -pyexec to `flink run`.
+        conf["python.executable"] = cfg["python_executable"]
+        conf["python.client.executable"] = cfg["python_executable"]
+    if cfg.get("source_idle_timeout_ms"):
+        # Off by default: Flink 2.0 drops the end-of-time watermark of a drain once the
+        # source has gone idle, so a drained stop would fire no window.
+        conf["table.exec.source.idle-timeout"] = f"{cfg['source_idle_timeout_ms']} ms"
+    if cfg.get("exit_when_idle_s"):
+        # The idle check reads record counts from the REST API: refresh them often.
+        conf["metrics.fetcher.update-interval"] = "500 ms"
     if cfg.get("jars"):
-        conf["pipeline.jars"] = ";".join(Path(j).resolve().as_uri() for j in cfg["jars"])
+        conf["pipeline.jars"] = ";".join(_uri(j) for j in cfg["jars"])
     if cfg.get("checkpoint_dir"):
-        ck = Path(cfg["checkpoint_dir"]).resolve()
+        ck = _uri(cfg["checkpoint_dir"]).rstrip("/")
         conf.update(
             {
                 "execution.checkpointing.interval": f"{cfg.get('checkpoint_interval_ms', 5000)} ms",
                 "execution.checkpointing.mode": "EXACTLY_ONCE",
-                "execution.checkpointing.dir": ck.as_uri(),
-                "execution.checkpointing.savepoint-dir": (ck / "savepoints").as_uri(),
+                "execution.checkpointing.dir": ck,
+                "execution.checkpointing.savepoint-dir": f"{ck}/savepoints",
                 "execution.checkpointing.externalized-checkpoint-retention": (
                     "RETAIN_ON_CANCELLATION"
                 ),
@@ -281,7 +298,7 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
             }
         )
     if cfg.get("restore_from"):
-        conf["execution.state-recovery.path"] = Path(cfg["restore_from"]).resolve().as_uri()
+        conf["execution.state-recovery.path"] = _uri(cfg["restore_from"])
     if cfg.get("rest_port"):
         conf["rest.port"] = str(cfg["rest_port"])
         conf["rest.address"] = "127.0.0.1"
@@ -424,10 +441,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         time.sleep(poll)
         now = progress.records()
         if now and now != last:
-            if last and now.get("total", 0) > last.get("total", 0):
-                first_move = first_move or time.monotonic()
-                last_move = time.monotonic()
-            elif not last and now.get("total", 0) > 0:
+            if now.get("total", 0) > last.get("total", 0):
                 first_move = first_move or time.monotonic()
                 last_move = time.monotonic()
             last = now
