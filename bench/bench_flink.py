@@ -29,7 +29,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -43,6 +45,17 @@ from recloop.streaming.flink.runner import FlinkJobConfig, FlinkRunReport, run_f
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.operators import popular_reference
 from recloop.streaming.replay import replay_events
+
+T = TypeVar("T")
+
+
+async def in_store(tag: str, fn: Callable[[RedisStore], Awaitable[T]]) -> T:
+    """``fn`` on the bench's Redis store, opened and closed in the running loop."""
+    store = RedisStore(REDIS_URL, prefix=f"{tag}:")
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
 
 
 def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
@@ -89,7 +102,6 @@ def main() -> None:
     tag = f"rlb{uuid.uuid4().hex[:8]}"
     broker, bootstrap = start_tansu()
     log = BehaviorLog(DATABASE_URL, prefix=f"{tag}_")
-    store = RedisStore(REDIS_URL, prefix=f"{tag}:")
     try:
         topic = f"{tag}-events"
         admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -139,7 +151,7 @@ def main() -> None:
             hi - lo, 1e-9
         )
         logged = log.read_events()
-        popular = asyncio.run(store.get_popular(20))
+        popular = asyncio.run(in_store(tag, lambda store: store.get_popular(20)))
         reference = popular_reference(
             events["item_id"], events["ts"].to_numpy(), window_s=3600, slide_s=80, top=20
         )
@@ -154,8 +166,7 @@ def main() -> None:
         )
         print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:
-        asyncio.run(store.delete_all())
-        asyncio.run(store.close())
+        asyncio.run(in_store(tag, lambda store: store.delete_all()))
         log.drop_schema()
         log.dispose()
         broker.terminate()
