@@ -20,4 +20,4 @@ for jar in flink-connector-kafka kafka-clients flink-connector-jdbc-core \
   test -f "$dir/connectors/pyflink/lib/$jar.jar" || { echo "missing $jar.jar" >&2; exit 1; }
 done
 "$dir/bin/python" -c 'import pyflink, redis; print("flink env ready:", pyflink.__file__)'
-echo "export RECLOOP_FLINK_PYTHON=$PWD/$dir/bin/python"
+echo "export RECLOOP_FLINK_PYTHON=$(cd "$dir" && pwd)/bin/python"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_restore_point_is_the_newest_complete_checkpoint_or_savepoint(tmp_path: 
     settings = job_settings(config, python="py", jars=[])
     assert settings["restore_from"] == str(tmp_path / "savepoints" / "savepoint-1")
     assert settings["log_table"] == "behavior_log" and settings["topic"] == "t"
-    fresh = FlinkJobConfig(**{**config.__dict__, "resume": False})
+    fresh = dataclasses.replace(config, resume=False)
     assert job_settings(fresh, python="py", jars=[])["restore_from"] is None
     with pytest.raises(ConfigError, match="Redis"):
         job_settings(

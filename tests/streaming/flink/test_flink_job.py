@@ -10,6 +10,7 @@ Streams runner's code (in-process, memory bus), whose popular list the job must 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def scenario(
         publish(flink_kafka_broker, topic, [*keyed(events[:half]), *((b"x", b) for b in BAD)])
         first = run_flink(config)
         publish(flink_kafka_broker, topic, keyed(events[half:]))
-        second = run_flink(FlinkJobConfig(**{**config.__dict__, "stop_mode": "drain"}))
+        second = run_flink(dataclasses.replace(config, stop_mode="drain"))
         logged = log.read_events()
         popular = asyncio.run(in_store(tag, lambda store: store.get_popular(TOP)))
         yield Scenario(events=events, runs=[first, second], logged=logged, popular=popular)
