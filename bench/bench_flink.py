@@ -93,12 +93,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument(
+        "--recent-len", type=int, default=None, help="also keep recent items (Python per event)"
+    )
     args = parser.parse_args()
     ds, source = dataset(args.events)
     events = replay_events(ds).head(args.events)
     n = events.height
     print(f"machine: {machine()}")
-    print(f"data: {source}, {n} events")
+    print(f"data: {source}, {n} events; recent items: {args.recent_len or 'off'}")
     tag = f"rlb{uuid.uuid4().hex[:8]}"
     broker, bootstrap = start_tansu()
     log = BehaviorLog(DATABASE_URL, prefix=f"{tag}_")
@@ -127,6 +130,7 @@ def main() -> None:
                 store_prefix=f"{tag}:",
                 group=f"{tag}-group",
                 top=20,
+                recent_len=args.recent_len,
                 checkpoint_dir=Path(ck),
                 exit_when_idle_s=5.0,
             )

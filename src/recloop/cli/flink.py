@@ -27,6 +27,10 @@ def flink(
     slide_s: int = typer.Option(80, help="Slide of the window; must divide --window-s."),
     top: int = typer.Option(20, help="Items in the popular list."),
     allowed_lateness_s: int = typer.Option(300, help="Watermark's bounded out-of-orderness."),
+    recent_len: int | None = typer.Option(
+        None, help="Keep each user's last N events (keyed state) in the store's recent lists."
+    ),
+    recent_ttl_s: int = typer.Option(30 * 86400, help="State TTL of a user's recent events."),
     parallelism: int = typer.Option(1, help="Parallelism of every operator."),
     checkpoint_dir: Path | None = typer.Option(
         None, help="Checkpoints and savepoints (enables checkpointing and resuming)."
@@ -72,6 +76,8 @@ def flink(
             slide_s=slide_s,
             top=top,
             allowed_lateness_s=allowed_lateness_s,
+            recent_len=recent_len,
+            recent_ttl_s=recent_ttl_s,
             parallelism=parallelism,
             checkpoint_dir=checkpoint_dir,
             checkpoint_interval_s=checkpoint_interval_s,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from recloop.errors import ConfigError
-from recloop.streaming.flink.job import interval, popular_query, source_ddl
+from recloop.stores.redis import RECENT_PUSH_SCRIPT
+from recloop.streaming.flink import job
 from recloop.streaming.flink.runner import (
     CONNECTOR_JARS,
     FlinkJobConfig,
@@ -98,13 +99,19 @@ def test_restore_point_is_the_newest_complete_checkpoint_or_savepoint(tmp_path: 
 
 
 def test_sql_intervals_and_windows() -> None:
-    assert interval(300) == "INTERVAL '0 00:05:00' DAY TO SECOND"
-    assert interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
+    assert job.interval(300) == "INTERVAL '0 00:05:00' DAY TO SECOND"
+    assert job.interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
     with pytest.raises(ValueError, match="interval"):
-        interval(-1)
-    sql = popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
+        job.interval(-1)
+    sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
     assert "INTERVAL '0 00:01:20' DAY TO SECOND, INTERVAL '0 01:00:00' DAY TO SECOND" in sql
     assert "rn <= 7" in sql and "ORDER BY cnt DESC, item_id ASC" in sql
-    ddl = source_ddl({"topic": "t'x", "bootstrap_servers": "h:1", "group": "g", "lateness_s": 300})
+    ddl = job.source_ddl(
+        {"topic": "t'x", "bootstrap_servers": "h:1", "group": "g", "lateness_s": 300}
+    )
     assert "'topic' = 't''x'" in ddl  # quoted, not injected
     assert "WATERMARK FOR ts_ltz AS ts_ltz - INTERVAL '0 00:05:00' DAY TO SECOND" in ddl
+
+
+def test_the_job_pushes_recent_items_with_the_stores_own_script() -> None:
+    assert job.RECENT_PUSH_SCRIPT == RECENT_PUSH_SCRIPT

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.integration]
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-WINDOW_S, SLIDE_S, TOP, LATENESS_S = 3600, 80, 10, 300
+WINDOW_S, SLIDE_S, TOP, LATENESS_S, RECENT = 3600, 80, 10, 300, 5
 BAD = [
     b"garbage",
     b'{"event_id": "x1", "item_id": "i1", "ts": 1000100}',
@@ -92,6 +92,7 @@ class Scenario:
     runs: list[FlinkRunReport]
     logged: pl.DataFrame
     popular: list[tuple[str, float]]
+    recent: dict[str, list[tuple[str, float]]]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,7 @@ def scenario(
         slide_s=SLIDE_S,
         top=TOP,
         allowed_lateness_s=LATENESS_S,
+        recent_len=RECENT,
         checkpoint_dir=ck,
         checkpoint_interval_s=2.0,
         exit_when_idle_s=4.0,
@@ -132,17 +134,28 @@ def scenario(
         second = run_flink(dataclasses.replace(config, stop_mode="drain"))
         logged = log.read_events()
         popular = asyncio.run(in_store(tag, lambda store: store.get_popular(TOP)))
-        yield Scenario(events=events, runs=[first, second], logged=logged, popular=popular)
+        users = sorted(set(events["user_id"].to_list()))
+        recent = asyncio.run(in_store(tag, lambda store: store.get_recent(users, n=RECENT + 3)))
+        yield Scenario(
+            events=events, runs=[first, second], logged=logged, popular=popular, recent=recent
+        )
     finally:
         asyncio.run(in_store(tag, lambda store: store.delete_all()))
         log.drop_schema()
         log.dispose()
 
 
-def redis_runner_popular(events: pl.DataFrame, tmp_path: Path) -> list[tuple[str, float]]:
-    """The Redis Streams runner's popular list for the same events (memory bus and store)."""
+@dataclass
+class RunnerResult:
+    popular: list[tuple[str, float]]
+    recent: dict[str, list[tuple[str, float]]]
 
-    async def go() -> list[tuple[str, float]]:
+
+def redis_runner(events: pl.DataFrame, tmp_path: Path) -> RunnerResult:
+    """The Redis Streams runner's popular and recent lists for the same events (its worker
+    code on a memory bus and store)."""
+
+    async def go() -> RunnerResult:
         bus = MemoryBus(stream="flink-equivalence")
         await bus.publish([*encode_events(events), *BAD])
         store = MemoryStore()
@@ -157,10 +170,15 @@ def redis_runner_popular(events: pl.DataFrame, tmp_path: Path) -> list[tuple[str
             slide_s=SLIDE_S,
             top=TOP,
             allowed_lateness_s=LATENESS_S,
+            recent_len=RECENT,
         )
         stats = await run_worker_async(settings, bus=bus, store=store, log=log)
         assert stats.late_events == 0
-        return await store.get_popular(TOP)
+        users = sorted(set(events["user_id"].to_list()))
+        return RunnerResult(
+            popular=await store.get_popular(TOP),
+            recent=await store.get_recent(users, n=RECENT + 3),
+        )
 
     return asyncio.run(go())
 
@@ -191,4 +209,10 @@ def test_popular_items_equal_the_redis_runners(scenario: Scenario, tmp_path: Pat
     )
     assert len(reference) == TOP
     assert scenario.popular == reference
-    assert redis_runner_popular(events, tmp_path) == reference
+    assert redis_runner(events, tmp_path).popular == reference
+
+
+def test_recent_items_equal_the_redis_runners(scenario: Scenario, tmp_path: Path) -> None:
+    want = redis_runner(scenario.events, tmp_path).recent
+    assert all(len(v) == RECENT for v in want.values())  # every user has more events
+    assert scenario.recent == want

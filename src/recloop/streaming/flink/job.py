@@ -249,6 +249,120 @@ def _publisher_class() -> Any:
     return PopularPublisher
 
 
+# ----------------------------------------------------------------------------- recent items
+
+RECENT_PUSH_SCRIPT = """
+local n = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local extra = redis.call('ZCARD', KEYS[1]) - n
+if extra > 0 then
+  local gone = redis.call('ZRANGE', KEYS[1], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1)
+  for j = 1, #gone, 1000 do
+    redis.call('HDEL', KEYS[2], unpack(gone, j, math.min(j + 999, #gone)))
+  end
+end
+return 0
+"""
+"""``recloop.stores.redis.RECENT_PUSH_SCRIPT``, verbatim (a test keeps them equal): the
+Redis store's idempotent, capped push of a user's recent events."""
+
+RECENT_QUERY = """
+SELECT user_id, item_id, COALESCE(reward, 1.0) AS reward, ts, event_id FROM valid_events"""
+"""Every valid event, with the default reward of one interaction (as the Redis runner)."""
+
+
+def _recent_class() -> Any:
+    from pyflink.common import Time, Types
+    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+    from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+
+    class RecentItems(KeyedProcessFunction):
+        """Each user's last ``max_len`` events in keyed state (with a TTL), one entry per
+        event id, ordered by (ts, event id) as the stores order them; changed users' lists
+        are pushed to the Redis store in pipelined batches (the store's own idempotent
+        script, so a list pushed twice changes nothing).
+
+        A user's whole kept list is pushed each time, so a push lost in a crash (batches
+        live in memory until flushed) is repaired by that user's next event."""
+
+        def __init__(
+            self, *, redis_url: str, prefix: str, max_len: int, ttl_s: int, flush_ms: int
+        ) -> None:
+            self.redis_url = redis_url
+            self.prefix = prefix
+            self.max_len = max_len
+            self.ttl_s = ttl_s
+            self.flush_ms = flush_ms
+
+        def open(self, runtime_context: RuntimeContext) -> None:
+            import redis
+
+            self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            self.sha = self.client.script_load(RECENT_PUSH_SCRIPT)
+            descriptor = ValueStateDescriptor("recent", Types.STRING())
+            descriptor.enable_time_to_live(
+                StateTtlConfig.new_builder(Time.seconds(self.ttl_s))
+                .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+                .build()
+            )
+            self.recent = runtime_context.get_state(descriptor)
+            self.pending: dict[str, list[list[Any]]] = {}
+            self.flushed_at = time.monotonic()
+
+        def process_element(self, value: Any, ctx: Any) -> Any:
+            user, item, reward, ts, event_id = value
+            raw = self.recent.value()
+            kept = json.loads(raw) if raw else []
+            if any(e[1] == event_id for e in kept):
+                return iter(())  # each event once: a replayed record changes nothing
+            kept.append([int(ts), event_id, item, float(reward)])
+            kept.sort(key=lambda e: (e[0], e[1]))
+            kept = kept[-self.max_len :]
+            self.recent.update(json.dumps(kept))
+            self.pending[user] = kept
+            now = time.monotonic()
+            if len(self.pending) >= 500 or (now - self.flushed_at) * 1000 >= self.flush_ms:
+                self.flush()
+            else:
+                # The tail of a burst: flushed by this timer if no later event does it.
+                service = ctx.timer_service()
+                service.register_processing_time_timer(
+                    service.current_processing_time() + self.flush_ms
+                )
+            return iter(())
+
+        def on_timer(self, timestamp: int, ctx: Any) -> Any:
+            self.flush()
+            return iter(())
+
+        def flush(self) -> None:
+            self.flushed_at = time.monotonic()
+            if not self.pending:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for user, kept in self.pending.items():
+                args: list[Any] = [self.max_len]
+                for ts, event_id, item, reward in kept:
+                    args += [ts, event_id, f"{float(reward)!r} {item}"]
+                keys = [f"{self.prefix}recent_ts:{{{user}}}", f"{self.prefix}recent_ev:{{{user}}}"]
+                pipe.evalsha(self.sha, 2, *keys, *args)
+            pipe.execute()
+            self.pending = {}
+
+        def close(self) -> None:
+            client = getattr(self, "client", None)
+            if client is not None:
+                self.flush()
+                client.close()
+
+    return RecentItems
+
+
 # ----------------------------------------------------------------------------- job
 
 
@@ -338,6 +452,18 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
         rows.key_by(lambda _row: 0, key_type=Types.INT()).process(
             publisher, output_type=Types.STRING()
         ).name("publish popular items").print()
+    if cfg.get("redis_url") and cfg.get("recent_len"):
+        events = t_env.to_data_stream(t_env.sql_query(RECENT_QUERY))
+        recent = _recent_class()(
+            redis_url=cfg["redis_url"],
+            prefix=cfg.get("store_prefix", "recloop:"),
+            max_len=int(cfg["recent_len"]),
+            ttl_s=int(cfg.get("recent_ttl_s", 30 * 86400)),
+            flush_ms=int(cfg.get("recent_flush_ms", 200)),
+        )
+        events.key_by(lambda row: row[0], key_type=Types.STRING()).process(
+            recent, output_type=Types.STRING()
+        ).name("recent items").print()
     return env, t_env
 
 

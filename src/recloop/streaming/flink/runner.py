@@ -75,6 +75,12 @@ class FlinkJobConfig:
     allowed_lateness_s: int = 300
     """Bounded out-of-orderness of the watermark: a window fires once the newest event time
     is this far past its end; events for windows that already fired are not counted there."""
+    recent_len: int | None = None
+    """Keep each user's last N events in keyed state and push them to the store's recent
+    lists (as ``recloop stream --recent-len``); None leaves recent items out (they cost a
+    Python step per event)."""
+    recent_ttl_s: int = 30 * 86400
+    """A user's kept events expire from the job's state this long after the last change."""
     parallelism: int = 1
     """Parallelism of every operator."""
     checkpoint_dir: Path | None = None
@@ -108,6 +114,8 @@ class FlinkJobConfig:
                 f"window_s ({self.window_s}) must be a positive multiple of slide_s "
                 f"({self.slide_s})"
             )
+        if self.recent_len is not None and self.recent_len < 1:
+            raise ConfigError(f"recent_len must be >= 1, got {self.recent_len}")
         if self.top < 1 or self.parallelism < 1:
             raise ConfigError(f"top ({self.top}) and parallelism ({self.parallelism}) must be >= 1")
         if self.allowed_lateness_s < 0:
@@ -236,6 +244,8 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
         "window_s": config.window_s,
         "slide_s": config.slide_s,
         "top": config.top,
+        "recent_len": config.recent_len,
+        "recent_ttl_s": config.recent_ttl_s,
         "parallelism": config.parallelism,
         "checkpoint_dir": None if config.checkpoint_dir is None else str(config.checkpoint_dir),
         "checkpoint_interval_ms": int(config.checkpoint_interval_s * 1000),
