@@ -164,6 +164,10 @@ def main() -> None:
             f"start-up: all tasks running {report.startup_s:.1f} s, first logged row {first:.1f} s"
         )
         print(f"steady state (10-90 % of the log): {rate:,.0f} events/s at parallelism 1")
+        if report.last_progress_s is not None:
+            # Every branch (log, popular, recent) done: the job's record counts stopped moving.
+            whole = n / max(report.last_progress_s - first, 1e-9)
+            print(f"all branches: first logged row → last record moved: {whole:,.0f} events/s")
         print(
             f"log: {logged.height} rows, {logged['event_id'].n_unique()} distinct "
             f"(expected {n}); popular items equal the reference: {popular == reference}"
