@@ -324,12 +324,14 @@ def _recent_class() -> Any:
             kept.sort(key=lambda e: (e[0], e[1]))
             kept = kept[-self.max_len :]
             self.recent.update(json.dumps(kept))
+            first = not self.pending
             self.pending[user] = kept
             now = time.monotonic()
             if len(self.pending) >= 500 or (now - self.flushed_at) * 1000 >= self.flush_ms:
                 self.flush()
-            else:
-                # The tail of a burst: flushed by this timer if no later event does it.
+            elif first:
+                # The tail of a burst: flushed by this timer if no later event does it.  One
+                # timer per batch, not per event (each timer is a round trip to the JVM).
                 service = ctx.timer_service()
                 service.register_processing_time_timer(
                     service.current_processing_time() + self.flush_ms
