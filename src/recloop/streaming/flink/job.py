@@ -1,0 +1,614 @@
+"""recloop's online half as one Apache Flink job (PyFlink): Kafka events → behaviour log and
+real-time popular items.
+
+This file is self-contained on purpose: it imports only the standard library, PyFlink and
+``redis`` (which PyFlink's own dependencies bring), never ``recloop``.  So it runs in an
+interpreter that has ``apache-flink`` but not recloop's pinned stack (numpy, pyarrow and
+pandas versions differ), and the same file is submitted unchanged to a real cluster with
+``flink run -py job.py --config job.json``.  :mod:`recloop.streaming.flink.runner` writes the
+config and launches it on a local mini-cluster.
+
+The pipeline (Table API / SQL wherever the work is relational, so it runs in Flink's JVM
+operators; Python only in the small operator that writes the online store):
+
+``events``
+    Kafka source, JSON format (recloop's event schema, :mod:`recloop.streaming.events`), an
+    event-time attribute ``ts_ltz`` from ``ts`` (seconds) and a bounded-out-of-orderness
+    watermark of ``lateness_s``.  Records that do not parse, or lack an id/time, or break the
+    id/time rules, are dropped (counted by Flink's ``numRecordsIn`` minus what passes).
+``behavior_log``
+    JDBC upsert (primary key ``event_id``) into the table ``recloop prepare --from-db`` reads;
+    a record replayed after a restart writes the same row again, so the log holds every event
+    exactly once.
+popular items
+    ``HOP`` windows (slide ``slide_s``, size ``window_s``, aligned to the epoch exactly as the
+    Redis runner's buckets) → per-item counts → window Top-N (``ROW_NUMBER`` by count desc,
+    item id asc, ``rn <= top``), plus one row per window with its newest event time and its
+    number of distinct items.  The Python publisher keeps each window's rows in keyed state
+    and, once they are all there, writes the list to ``<prefix>popular`` (the Redis store's
+    format) — only for windows whose last slide holds an event, so that after a drain (or a
+    quiet spell) the published list is the window ending with the newest event's slide, as
+    the Redis runner publishes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("recloop.flink.job")
+
+MAX_ID_LEN = 128
+"""As ``recloop.data.validity.MAX_ID_LEN`` (not imported: this file runs without recloop)."""
+MAX_TS = 2**53
+"""Event times are in [0, 2**53), as ``recloop.data.validity``."""
+
+
+# ----------------------------------------------------------------------------- SQL
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def interval(seconds: int) -> str:
+    """A DAY TO SECOND literal (a plain ``INTERVAL 'n' SECOND`` takes two digits only)."""
+    seconds = int(seconds)
+    if not 0 <= seconds < 100 * 86400:
+        raise ValueError(f"interval of {seconds} s: expected 0 <= seconds < 100 days")
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"INTERVAL '{days} {clock}' DAY TO SECOND"
+
+
+def _with(options: dict[str, Any]) -> str:
+    return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
+
+
+def source_ddl(cfg: dict[str, Any]) -> str:
+    """The Kafka source table with its event-time attribute and watermark."""
+    options = {
+        "connector": "kafka",
+        "topic": cfg["topic"],
+        "properties.bootstrap.servers": cfg["bootstrap_servers"],
+        "properties.group.id": cfg["group"],
+        "scan.startup.mode": cfg.get("startup_mode", "earliest-offset"),
+        "format": "json",
+        # A record that is not JSON (or has a field of the wrong type) is skipped, never
+        # fails the job; the valid-event filter below drops the rest of the bad ones.
+        "json.ignore-parse-errors": "true",
+        "json.fail-on-missing-field": "false",
+    }
+    if cfg.get("partition_discovery_ms") is not None:
+        options["scan.topic-partition-discovery.interval"] = f"{cfg['partition_discovery_ms']} ms"
+    for key, value in (cfg.get("kafka_properties") or {}).items():
+        options[f"properties.{key}"] = value
+    return f"""
+CREATE TEMPORARY TABLE events (
+  event_id STRING,
+  user_id STRING,
+  item_id STRING,
+  ts BIGINT,
+  behavior STRING,
+  rating DOUBLE,
+  reward DOUBLE,
+  ts_ltz AS TO_TIMESTAMP_LTZ(ts, 0),
+  WATERMARK FOR ts_ltz AS ts_ltz - {interval(cfg["lateness_s"])}
+) WITH (
+  {_with(options)}
+)"""
+
+
+VALID_VIEW = f"""
+CREATE TEMPORARY VIEW valid_events AS
+SELECT * FROM events
+WHERE event_id IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL AND ts IS NOT NULL
+  AND CHAR_LENGTH(event_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND CHAR_LENGTH(user_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND CHAR_LENGTH(item_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND ts >= 0 AND ts < {MAX_TS}
+  AND (behavior IS NULL OR behavior IN ('pv', 'cart', 'fav', 'buy'))"""
+
+
+def log_sink_ddl(cfg: dict[str, Any]) -> str:
+    """The behaviour log as a JDBC upsert sink (primary key event_id)."""
+    options = {
+        "connector": "jdbc",
+        "url": cfg["jdbc_url"],
+        "table-name": cfg["log_table"],
+        "sink.buffer-flush.max-rows": str(cfg.get("jdbc_batch_rows", 5000)),
+        "sink.buffer-flush.interval": f"{cfg.get('jdbc_flush_ms', 1000)} ms",
+        "sink.max-retries": "5",
+    }
+    # The connector wants a user and a password together or neither; a user without a
+    # password (trust or peer authentication) travels in the URL instead.
+    if cfg.get("jdbc_user") and cfg.get("jdbc_password"):
+        options["username"] = cfg["jdbc_user"]
+        options["password"] = cfg["jdbc_password"]
+    elif cfg.get("jdbc_user"):
+        sep = "&" if "?" in options["url"] else "?"
+        options["url"] += f"{sep}user={cfg['jdbc_user']}"
+    return f"""
+CREATE TEMPORARY TABLE behavior_log (
+  event_id STRING,
+  user_id STRING,
+  item_id STRING,
+  ts BIGINT,
+  behavior STRING,
+  rating DOUBLE,
+  reward DOUBLE,
+  PRIMARY KEY (event_id) NOT ENFORCED
+) WITH (
+  {_with(options)}
+)"""
+
+
+LOG_INSERT = """
+INSERT INTO behavior_log
+SELECT event_id, user_id, item_id, ts, behavior, rating, reward FROM valid_events"""
+
+
+def popular_query(cfg: dict[str, Any]) -> str:
+    """Top-N rows of every sliding window, and one summary row per window (item_id NULL) with
+    its number of distinct items and its newest event time, all stamped with the window's
+    ``window_time`` (end - 1 ms)."""
+    hop = (
+        f"TABLE(HOP(TABLE valid_events, DESCRIPTOR(ts_ltz), "
+        f"{interval(cfg['slide_s'])}, {interval(cfg['window_s'])}))"
+    )
+    return f"""
+SELECT window_time, item_id, cnt, CAST(NULL AS BIGINT) AS last_ts FROM (
+  SELECT window_start, window_end, window_time, item_id, cnt,
+    ROW_NUMBER() OVER (
+      PARTITION BY window_start, window_end ORDER BY cnt DESC, item_id ASC) AS rn
+  FROM (
+    SELECT window_start, window_end, window_time, item_id, COUNT(*) AS cnt
+    FROM {hop}
+    GROUP BY window_start, window_end, window_time, item_id
+  )
+) WHERE rn <= {int(cfg["top"])}
+UNION ALL
+SELECT window_time, CAST(NULL AS STRING) AS item_id, COUNT(DISTINCT item_id) AS cnt,
+  MAX(ts) AS last_ts
+FROM {hop}
+GROUP BY window_start, window_end, window_time"""
+
+
+# ----------------------------------------------------------------------------- publisher
+
+
+def _publisher_class() -> Any:
+    from pyflink.common import Types
+    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+    from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+
+    class PopularPublisher(KeyedProcessFunction):
+        """Collects each window's Top-N rows in keyed state and writes the list to the
+        online store once the window is complete: its summary row (newest event time and
+        number of distinct items) and min(top, distinct items) item rows have arrived.
+
+        Completeness is counted rather than timed because PyFlink 2.0 does not advance the
+        watermark of a Python operator fed from a Table (event-time timers never fire)."""
+
+        def __init__(self, *, redis_url: str, key: str, slide_s: int, top: int) -> None:
+            self.redis_url = redis_url
+            self.key = key
+            self.slide_ms = slide_s * 1000
+            self.top = top
+
+        def open(self, runtime_context: RuntimeContext) -> None:
+            import redis
+
+            self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            self.windows = runtime_context.get_map_state(
+                MapStateDescriptor("windows", Types.LONG(), Types.STRING())
+            )
+            self.published = runtime_context.get_state(
+                ValueStateDescriptor("published_end", Types.LONG())
+            )
+
+        def process_element(self, value: Any, ctx: Any) -> Any:
+            stamp = ctx.timestamp()  # window_time: the window's end - 1 ms
+            raw = self.windows.get(stamp)
+            entry = json.loads(raw) if raw else {"items": [], "last_ts": None, "distinct": None}
+            if value[1] is None:
+                entry["last_ts"], entry["distinct"] = int(value[3]), int(value[2])
+            else:
+                entry["items"].append([value[1], int(value[2])])
+            if entry["distinct"] is None or len(entry["items"]) < min(self.top, entry["distinct"]):
+                self.windows.put(stamp, json.dumps(entry))
+                return iter(())
+            self.windows.remove(stamp)
+            window_end_ms = stamp + 1
+            published = self.published.value()
+            # Only a window whose last slide holds an event is published (the trailing
+            # windows a drain fires after the newest event would shrink the list), and never
+            # one older than the list already published.
+            if entry["last_ts"] * 1000 >= window_end_ms - self.slide_ms and (
+                published is None or window_end_ms > published
+            ):
+                items = sorted(entry["items"], key=lambda x: (-x[1], x[0]))[: self.top]
+                blob = json.dumps([[i, float(n)] for i, n in items], separators=(",", ":"))
+                self.client.set(self.key, blob)
+                self.published.update(window_end_ms)
+            return iter(())
+
+        def close(self) -> None:
+            client = getattr(self, "client", None)
+            if client is not None:
+                client.close()
+
+    return PopularPublisher
+
+
+# ----------------------------------------------------------------------------- recent items
+
+RECENT_PUSH_SCRIPT = """
+local n = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+local extra = redis.call('ZCARD', KEYS[1]) - n
+if extra > 0 then
+  local gone = redis.call('ZRANGE', KEYS[1], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1)
+  for j = 1, #gone, 1000 do
+    redis.call('HDEL', KEYS[2], unpack(gone, j, math.min(j + 999, #gone)))
+  end
+end
+return 0
+"""
+"""``recloop.stores.redis.RECENT_PUSH_SCRIPT``, verbatim (a test keeps them equal): the
+Redis store's idempotent, capped push of a user's recent events."""
+
+RECENT_QUERY = """
+SELECT user_id, item_id, COALESCE(reward, 1.0) AS reward, ts, event_id FROM valid_events"""
+"""Every valid event, with the default reward of one interaction (as the Redis runner)."""
+
+
+def _recent_class() -> Any:
+    from pyflink.common import Time, Types
+    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+    from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+
+    class RecentItems(KeyedProcessFunction):
+        """Each user's last ``max_len`` events in keyed state (with a TTL), one entry per
+        event id, ordered by (ts, event id) as the stores order them; changed users' lists
+        are pushed to the Redis store in pipelined batches (the store's own idempotent
+        script, so a list pushed twice changes nothing).
+
+        A user's whole kept list is pushed each time, so a push lost in a crash (batches
+        live in memory until flushed) is repaired by that user's next event."""
+
+        def __init__(
+            self, *, redis_url: str, prefix: str, max_len: int, ttl_s: int, flush_ms: int
+        ) -> None:
+            self.redis_url = redis_url
+            self.prefix = prefix
+            self.max_len = max_len
+            self.ttl_s = ttl_s
+            self.flush_ms = flush_ms
+
+        def open(self, runtime_context: RuntimeContext) -> None:
+            import redis
+
+            self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            self.sha = self.client.script_load(RECENT_PUSH_SCRIPT)
+            descriptor = ValueStateDescriptor("recent", Types.STRING())
+            descriptor.enable_time_to_live(
+                StateTtlConfig.new_builder(Time.seconds(self.ttl_s))
+                .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+                .build()
+            )
+            self.recent = runtime_context.get_state(descriptor)
+            self.pending: dict[str, list[list[Any]]] = {}
+            self.flushed_at = time.monotonic()
+
+        def process_element(self, value: Any, ctx: Any) -> Any:
+            user, item, reward, ts, event_id = value
+            raw = self.recent.value()
+            kept = json.loads(raw) if raw else []
+            if any(e[1] == event_id for e in kept):
+                return iter(())  # each event once: a replayed record changes nothing
+            kept.append([int(ts), event_id, item, float(reward)])
+            kept.sort(key=lambda e: (e[0], e[1]))
+            kept = kept[-self.max_len :]
+            self.recent.update(json.dumps(kept))
+            first = not self.pending
+            self.pending[user] = kept
+            now = time.monotonic()
+            if len(self.pending) >= 500 or (now - self.flushed_at) * 1000 >= self.flush_ms:
+                self.flush()
+            elif first:
+                # The tail of a burst: flushed by this timer if no later event does it.  One
+                # timer per batch, not per event (each timer is a round trip to the JVM).
+                service = ctx.timer_service()
+                service.register_processing_time_timer(
+                    service.current_processing_time() + self.flush_ms
+                )
+            return iter(())
+
+        def on_timer(self, timestamp: int, ctx: Any) -> Any:
+            self.flush()
+            return iter(())
+
+        def flush(self) -> None:
+            self.flushed_at = time.monotonic()
+            if not self.pending:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for user, kept in self.pending.items():
+                args: list[Any] = [self.max_len]
+                for ts, event_id, item, reward in kept:
+                    args += [ts, event_id, f"{float(reward)!r} {item}"]
+                keys = [f"{self.prefix}recent_ts:{{{user}}}", f"{self.prefix}recent_ev:{{{user}}}"]
+                pipe.evalsha(self.sha, 2, *keys, *args)
+            pipe.execute()
+            self.pending = {}
+
+        def close(self) -> None:
+            client = getattr(self, "client", None)
+            if client is not None:
+                self.flush()
+                client.close()
+
+    return RecentItems
+
+
+# ----------------------------------------------------------------------------- job
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _uri(path: str) -> str:
+    """A local path as a file:// URI; URIs (s3://, hdfs://, file://) as they are."""
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
+def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
+    """Flink options of the job: checkpointing, parallelism, jars, Python and restore."""
+    conf = {
+        "parallelism.default": str(cfg.get("parallelism", 1)),
+        "pipeline.name": cfg.get("job_name", "recloop-online"),
+    }
+    if cfg.get("python_executable"):
+        # Local runs: the workers use the job's own interpreter.  On a cluster leave it out
+        # and pass -pyexec to `flink run`.
+        conf["python.executable"] = cfg["python_executable"]
+        conf["python.client.executable"] = cfg["python_executable"]
+    if cfg.get("source_idle_timeout_ms"):
+        # Off by default: Flink 2.0 drops the end-of-time watermark of a drain once the
+        # source has gone idle, so a drained stop would fire no window.
+        conf["table.exec.source.idle-timeout"] = f"{cfg['source_idle_timeout_ms']} ms"
+    if cfg.get("exit_when_idle_s"):
+        # The idle check reads record counts from the REST API: refresh them often.
+        conf["metrics.fetcher.update-interval"] = "500 ms"
+    if cfg.get("jars"):
+        conf["pipeline.jars"] = ";".join(_uri(j) for j in cfg["jars"])
+    if cfg.get("checkpoint_dir"):
+        ck = _uri(cfg["checkpoint_dir"]).rstrip("/")
+        conf.update(
+            {
+                "execution.checkpointing.interval": f"{cfg.get('checkpoint_interval_ms', 5000)} ms",
+                "execution.checkpointing.mode": "EXACTLY_ONCE",
+                "execution.checkpointing.dir": ck,
+                "execution.checkpointing.savepoint-dir": f"{ck}/savepoints",
+                "execution.checkpointing.externalized-checkpoint-retention": (
+                    "RETAIN_ON_CANCELLATION"
+                ),
+                "execution.checkpointing.num-retained": "2",
+            }
+        )
+    if cfg.get("restore_from"):
+        conf["execution.state-recovery.path"] = _uri(cfg["restore_from"])
+    if cfg.get("rest_port"):
+        conf["rest.port"] = str(cfg["rest_port"])
+        conf["rest.address"] = "127.0.0.1"
+        conf["rest.bind-address"] = "127.0.0.1"
+    conf.update({str(k): str(v) for k, v in (cfg.get("flink_conf") or {}).items()})
+    return conf
+
+
+def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """The execution environment with both pipelines attached (not yet executed)."""
+    from pyflink.common import Configuration, Types
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    conf = Configuration()
+    for key, value in flink_configuration(cfg).items():
+        conf.set_string(key, value)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(source_ddl(cfg))
+    t_env.execute_sql(VALID_VIEW)
+    statements = t_env.create_statement_set()
+    if cfg.get("jdbc_url"):
+        t_env.execute_sql(log_sink_ddl(cfg))
+        statements.add_insert_sql(LOG_INSERT)
+        statements.attach_as_datastream()
+    if cfg.get("redis_url"):
+        rows = t_env.to_data_stream(t_env.sql_query(popular_query(cfg)))
+        publisher = _publisher_class()(
+            redis_url=cfg["redis_url"],
+            key=f"{cfg.get('store_prefix', 'recloop:')}popular",
+            slide_s=int(cfg["slide_s"]),
+            top=int(cfg["top"]),
+        )
+        # One key: the published list is global, and each window's rows must meet in one
+        # task.  The publisher emits nothing; the print sink only makes the branch a job.
+        rows.key_by(lambda _row: 0, key_type=Types.INT()).process(
+            publisher, output_type=Types.STRING()
+        ).name("publish popular items").print()
+    if cfg.get("redis_url") and cfg.get("recent_len"):
+        events = t_env.to_data_stream(t_env.sql_query(RECENT_QUERY))
+        recent = _recent_class()(
+            redis_url=cfg["redis_url"],
+            prefix=cfg.get("store_prefix", "recloop:"),
+            max_len=int(cfg["recent_len"]),
+            ttl_s=int(cfg.get("recent_ttl_s", 30 * 86400)),
+            flush_ms=int(cfg.get("recent_flush_ms", 200)),
+        )
+        events.key_by(lambda row: row[0], key_type=Types.STRING()).process(
+            recent, output_type=Types.STRING()
+        ).name("recent items").print()
+    return env, t_env
+
+
+class Progress:
+    """Records read and written by the job's operators, from the mini-cluster's REST API."""
+
+    def __init__(self, port: int, job_id: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.job_id = job_id
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.base + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    def records(self) -> dict[str, int]:
+        """Sum of every vertex's read and written records, and the source's output."""
+        try:
+            doc = self._get(f"/jobs/{self.job_id}")
+        except OSError:
+            return {}
+        total, source = 0, 0
+        for v in doc.get("vertices", []):
+            m = v.get("metrics", {})
+            total += int(m.get("read-records", 0)) + int(m.get("write-records", 0))
+            if "Source" in v.get("name", ""):
+                source += int(m.get("write-records", 0))
+        return {"total": total, "source_out": source}
+
+    def vertices(self) -> list[dict[str, Any]]:
+        """Each vertex's name, status and record counts (for the report)."""
+        try:
+            doc = self._get(f"/jobs/{self.job_id}")
+        except OSError:
+            return []
+        return [
+            {
+                "name": v.get("name", ""),
+                "status": v.get("status"),
+                "read": int(v.get("metrics", {}).get("read-records", 0)),
+                "written": int(v.get("metrics", {}).get("write-records", 0)),
+            }
+            for v in doc.get("vertices", [])
+        ]
+
+    def running(self) -> bool:
+        """True once every task of the job runs (Python workers take seconds to start)."""
+        try:
+            doc = self._get(f"/jobs/{self.job_id}")
+        except OSError:
+            return False
+        vertices = doc.get("vertices", [])
+        return bool(vertices) and all(v.get("status") == "RUNNING" for v in vertices)
+
+    def completed_checkpoints(self) -> int:
+        try:
+            doc = self._get(f"/jobs/{self.job_id}/checkpoints")
+        except OSError:
+            return 0
+        return int(doc.get("counts", {}).get("completed", 0))
+
+
+def stop_with_savepoint(client: Any, *, drain: bool) -> str:
+    """Stop the job with a savepoint in the configured directory; ``drain`` first advances
+    event time to the end (every window fires).  Calls Java directly: PyFlink 2.0's wrapper
+    still passes the pre-2.0 argument list."""
+    from pyflink.java_gateway import get_gateway
+
+    fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
+    return str(client._j_job_client.stopWithSavepoint(drain, None, fmt).get())
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the job; with ``exit_when_idle_s`` stop it once no record moved for that long,
+    as ``stop_mode`` says: ``drain`` (fire every window, take a savepoint), ``savepoint``
+    (keep open windows in the savepoint) or ``cancel`` (after one more checkpoint, like a
+    crash: the retained checkpoint is what a restart resumes from).  Returns a report."""
+    idle_s = cfg.get("exit_when_idle_s")
+    if idle_s and not cfg.get("rest_port"):
+        cfg = {**cfg, "rest_port": _free_port()}
+    t0 = time.monotonic()
+    env, _ = build(cfg)
+    client = env.execute_async(cfg.get("job_name", "recloop-online"))
+    job_id = str(client.get_job_id())
+    report: dict[str, Any] = {"job_id": job_id, "submit_s": time.monotonic() - t0}
+    logger.info("job %s submitted after %.1f s", job_id, report["submit_s"])
+    if not idle_s:
+        client.get_job_execution_result().result()
+        return report
+    progress = Progress(int(cfg["rest_port"]), job_id)
+    poll = float(cfg.get("poll_s", 0.5))
+    # Idle time counts from when every task runs: the sources may read everything while the
+    # Python operator is still starting, and a savepoint needs every task running.
+    while not progress.running():
+        time.sleep(poll)
+    report["running_s"] = time.monotonic() - t0
+    logger.info("all tasks running after %.1f s", report["running_s"])
+    last: dict[str, int] = {}
+    moved_at = time.monotonic()
+    first_move = last_move = None
+    while time.monotonic() - moved_at < idle_s:
+        time.sleep(poll)
+        now = progress.records()
+        if now and now != last:
+            if now.get("total", 0) > last.get("total", 0):
+                first_move = first_move or time.monotonic()
+                last_move = time.monotonic()
+            last = now
+            moved_at = time.monotonic()
+    report["records"] = last
+    report["vertices"] = progress.vertices()
+    report["first_progress_s"] = None if first_move is None else first_move - t0
+    report["last_progress_s"] = None if last_move is None else last_move - t0
+    mode = cfg.get("stop_mode", "drain")
+    if mode == "cancel":
+        done = progress.completed_checkpoints()
+        deadline = time.monotonic() + 60
+        while progress.completed_checkpoints() <= done and time.monotonic() < deadline:
+            time.sleep(poll)
+        report["checkpoints"] = progress.completed_checkpoints()
+        client.cancel().result()
+    else:
+        report["savepoint"] = stop_with_savepoint(client, drain=mode == "drain")
+    report["stopped_s"] = time.monotonic() - t0
+    report["vertices_at_stop"] = progress.vertices()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--config", required=True, help="JSON file of the job's settings")
+    parser.add_argument("--report", help="write the run's report (JSON) here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("RECLOOP_FLINK_LOG", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = json.loads(Path(args.config).read_text())
+    report = run(cfg)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    logger.info("report: %s", json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Flink runner's settings, without a JVM: URLs, jars, restore points and the SQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from recloop.errors import ConfigError
+from recloop.stores.redis import RECENT_PUSH_SCRIPT
+from recloop.streaming.flink import job
+from recloop.streaming.flink.runner import (
+    CONNECTOR_JARS,
+    FlinkJobConfig,
+    connector_jars,
+    jdbc_target,
+    job_settings,
+    kafka_topic,
+    latest_restore_point,
+)
+
+PG = "postgresql+psycopg://alice:s3cret@db.example:6543/shop"
+
+
+def test_kafka_url_gives_bootstrap_servers_and_topic() -> None:
+    assert kafka_topic("kafka://k1:9092,k2:9093/events") == ("k1:9092,k2:9093", "events")
+    for bad in ("redis://h:6379/0", "kafka://h:9092", "kafka:///events", "kafka://h:1/a/b"):
+        with pytest.raises(ConfigError, match="bus url"):
+            kafka_topic(bad)
+
+
+def test_postgres_url_becomes_jdbc_and_others_are_refused() -> None:
+    assert jdbc_target(PG) == ("jdbc:postgresql://db.example:6543/shop", "alice", "s3cret")
+    assert jdbc_target("postgresql://h/db")[0] == "jdbc:postgresql://h:5432/db"
+    with pytest.raises(ConfigError, match="PostgreSQL"):
+        jdbc_target("mysql+pymysql://root@h/db")
+
+
+def test_window_and_stop_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="multiple of slide_s"):
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, window_s=100, slide_s=30)
+    with pytest.raises(ConfigError, match="stop_mode"):
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="kill")
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="cancel")
+    with pytest.raises(ConfigError, match="idle"):
+        FlinkJobConfig(
+            bus_url="kafka://h:1/t",
+            database_url=PG,
+            exit_when_idle_s=5,
+            source_idle_timeout_s=2,
+        )
+
+
+def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECLOOP_FLINK_JARS", raising=False)
+    python = tmp_path / "env" / "bin" / "python"
+    with pytest.raises(ConfigError, match=r"flink-connector-kafka\.jar"):
+        connector_jars((), str(python))
+    lib = tmp_path / "env" / "connectors" / "pyflink" / "lib"
+    lib.mkdir(parents=True)
+    for name in CONNECTOR_JARS:
+        (lib / name).write_bytes(b"")
+    assert [j.name for j in connector_jars((), str(python))] == list(CONNECTOR_JARS)
+    monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
+    assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar"]
+
+
+def test_restore_point_is_the_newest_complete_checkpoint_or_savepoint(tmp_path: Path) -> None:
+    assert latest_restore_point(tmp_path / "none") is None
+    (tmp_path / "job1" / "chk-3").mkdir(parents=True)
+    (tmp_path / "job1" / "chk-3" / "_metadata").write_bytes(b"x")
+    (tmp_path / "job1" / "chk-4").mkdir()  # in progress: no _metadata
+    assert latest_restore_point(tmp_path) == tmp_path / "job1" / "chk-3"
+    time.sleep(0.01)
+    (tmp_path / "savepoints" / "savepoint-1").mkdir(parents=True)
+    (tmp_path / "savepoints" / "savepoint-1" / "_metadata").write_bytes(b"x")
+    assert latest_restore_point(tmp_path) == tmp_path / "savepoints" / "savepoint-1"
+    config = FlinkJobConfig(
+        bus_url="kafka://h:1/t",
+        database_url=PG,
+        store_url="redis://h:6379/2",
+        checkpoint_dir=tmp_path,
+    )
+    settings = job_settings(config, python="py", jars=[])
+    assert settings["restore_from"] == str(tmp_path / "savepoints" / "savepoint-1")
+    assert settings["log_table"] == "behavior_log" and settings["topic"] == "t"
+    fresh = dataclasses.replace(config, resume=False)
+    assert job_settings(fresh, python="py", jars=[])["restore_from"] is None
+    with pytest.raises(ConfigError, match="Redis"):
+        job_settings(
+            FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, store_url="sqlite:///x.db"),
+            python="py",
+            jars=[],
+        )
+
+
+def test_sql_intervals_and_windows() -> None:
+    assert job.interval(300) == "INTERVAL '0 00:05:00' DAY TO SECOND"
+    assert job.interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
+    with pytest.raises(ValueError, match="interval"):
+        job.interval(-1)
+    sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
+    assert "INTERVAL '0 00:01:20' DAY TO SECOND, INTERVAL '0 01:00:00' DAY TO SECOND" in sql
+    assert "rn <= 7" in sql and "ORDER BY cnt DESC, item_id ASC" in sql
+    ddl = job.source_ddl(
+        {"topic": "t'x", "bootstrap_servers": "h:1", "group": "g", "lateness_s": 300}
+    )
+    assert "'topic' = 't''x'" in ddl  # quoted, not injected
+    assert "WATERMARK FOR ts_ltz AS ts_ltz - INTERVAL '0 00:05:00' DAY TO SECOND" in ddl
+
+
+def test_the_job_pushes_recent_items_with_the_stores_own_script() -> None:
+    assert job.RECENT_PUSH_SCRIPT == RECENT_PUSH_SCRIPT
