@@ -33,6 +33,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _machine() -> str:
     model = platform.processor() or "unknown CPU"
@@ -72,6 +74,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="Epochs of runs trained here.")
     ap.add_argument("--fresh-users", type=int, default=5000, help="Users per fresh OPE log.")
     ap.add_argument("--in-log", action="store_true", help="Also the LOO test split (old way).")
+    ap.add_argument(
+        "--references",
+        action="store_true",
+        help="Also rank the world's popularity, random and oracle policies (labelled apart).",
+    )
+    ap.add_argument("--no-train", action="store_true", help="Use only the runs already there.")
     ap.add_argument("--workdir", type=Path, required=True)
     args = ap.parse_args()
 
@@ -81,7 +89,14 @@ def main() -> None:
     from recloop.data.dataset import PreparedDataset
     from recloop.evaluation.ope import OPEConfig
     from recloop.evaluation.worlds import build_world
-    from recloop.evaluation.worlds.ope_check import ESTIMATORS, ope_against_truth, ope_fresh
+    from recloop.evaluation.worlds.ope_check import (
+        ESTIMATORS,
+        REFERENCE_TARGETS,
+        group_means,
+        ope_against_truth,
+        ope_fresh,
+        spearman,
+    )
     from recloop.evaluation.worlds.rollout import Selection, make_policy
 
     start = time.perf_counter()
@@ -111,8 +126,8 @@ def main() -> None:
             for seed in range(args.seeds if name != "popularity" else 1):
                 run = tag / f"{algo.replace(':', '_').replace(';', '_')}-{seed}"
                 if not (run / "artifact" / "manifest.json").is_file():
-                    if run.exists():
-                        notes.append(f"{run}: incomplete, skipped")
+                    if run.exists() or args.no_train:
+                        notes.append(f"{run}: missing or incomplete, skipped")
                         continue
                     _main(["-q", "train", "--algo", name, "--data", str(data), "--out",
                            str(run), "--epochs", str(args.epochs), "--set", f"seed={seed}",
@@ -121,28 +136,45 @@ def main() -> None:
                 groups.append(algo)
         n_algos = len(set(groups))
         notes.append(f"{wname}: {len(runs)} runs of {n_algos} algorithms")
+        n_trained = len(runs)
+        targets: list[Path | str] = list(runs)
+        if args.references:
+            targets += list(REFERENCE_TARGETS)
+            groups += [f"world {t}" for t in REFERENCE_TARGETS]
         if args.in_log:
             dataset = PreparedDataset.load(data)
             rep = ope_against_truth(runs, dataset, world, cfg=OPEConfig(n_boot=0), rollout_users=0)
-            from recloop.evaluation.worlds.ope_check import group_means, spearman
-
-            _, t_g = group_means(rep.one_step_truth, groups)
+            _, t_g = group_means(rep.one_step_truth, groups[:n_trained])
             for est_name, err in rep.errors.items():
                 vals = [r["value"] for r in rep.estimates[est_name]]
-                _, e_g = group_means(vals, groups)
+                _, e_g = group_means(vals, groups[:n_trained])
                 lines.append(
                     f"| {wname} | training log's LOO test (popularity ε=0.3) "
                     f"| {args.users} / {rep.n_events} | {est_name} | {_num(err['bias'])} "
                     f"| {_num(err['rmse'])} | - | {_num(err['spearman'])} "
-                    f"| {_num(spearman(e_g, t_g))} |"
+                    f"| {_num(spearman(e_g, t_g))} | - |"
                 )
         for label, spec, sel in behaviours:
             t0 = time.perf_counter()
             fr = ope_fresh(
-                runs, world, make_policy(world, spec, sel), users=args.fresh_users, groups=groups
-            )
+                targets, world, make_policy(world, spec, sel), users=args.fresh_users,
+                groups=groups,
+            )  # fmt: skip
+            truth = np.asarray(fr.truth)
+            _, t_g = group_means(fr.truth[:n_trained], groups[:n_trained])
             for est_name in ESTIMATORS:
-                err = fr.errors[est_name]
+                est = np.array([r["value"] for r in fr.estimates[est_name]])
+                _, e_g = group_means(list(est[:n_trained]), groups[:n_trained])
+                err = {
+                    "bias": float(np.mean(est[:n_trained] - truth[:n_trained])),
+                    "rmse": float(np.sqrt(np.mean((est[:n_trained] - truth[:n_trained]) ** 2))),
+                    "mean_se": float(
+                        np.mean([r["se"] for r in fr.estimates[est_name][:n_trained]])
+                    ),
+                    "spearman": spearman(est[:n_trained], truth[:n_trained]),
+                    "spearman_groups": spearman(e_g, t_g),
+                    "with_refs": spearman(est, truth) if args.references else None,
+                }
                 name = "dr_clip10" if est_name == "dr_clip" else est_name
                 if est_name == "dr_slope":
                     caps = sorted({r["cap"] for r in fr.estimates[est_name]})
@@ -150,12 +182,13 @@ def main() -> None:
                 lines.append(
                     f"| {wname} | fresh {label} | {fr.n_users} / {fr.n_events} | {name} "
                     f"| {_num(err['bias'])} | {_num(err['rmse'])} | {_num(err['mean_se'])} "
-                    f"| {_num(err['spearman'])} | {_num(err['spearman_groups'])} |"
+                    f"| {_num(err['spearman'])} | {_num(err['spearman_groups'])} "
+                    f"| {_num(err['with_refs'])} |"
                 )
-            sp = fr.truth_spread
+            sd_runs = float(truth[:n_trained].std(ddof=1)) if n_trained > 1 else 0.0
             notes.append(
-                f"{wname} / {label}: truths {min(fr.truth):.3f}..{max(fr.truth):.3f}, sd over "
-                f"runs {sp['runs_sd']:.4f}, over algorithms {sp['groups_sd']:.4f}; logged reward "
+                f"{wname} / {label}: trained runs' truths {truth[:n_trained].min():.3f}.."
+                f"{truth[:n_trained].max():.3f} (sd {sd_runs:.4f}); logged reward "
                 f"{fr.logged_value['reward']:.4f} vs exact {fr.logged_value['expected']:.4f}; "
                 f"{time.perf_counter() - t0:.0f} s"
             )

@@ -582,8 +582,28 @@ def group_means(values: Sequence[float], groups: Sequence[str]) -> tuple[list[st
     return names, np.array([v[g == n].mean() for n in names])
 
 
+REFERENCE_TARGETS = ("popularity", "random", "oracle", "oracle-engage")
+"""Target policies that need no run: the world's popularity, uniform scores (ties broken
+per user), the exact myopic E[reward] and the same plus the chance of satisfying."""
+
+
+def reference_scorer(world: World, spec: str) -> Any | None:
+    """The scorer of a :data:`REFERENCE_TARGETS` name; None for anything else (a run)."""
+    from recloop.evaluation.worlds.rollout import ConstantScorer, OracleScorer, PopularityScorer
+
+    if spec == "popularity":
+        return PopularityScorer(world)
+    if spec == "random":
+        return ConstantScorer(world)
+    if spec == "oracle":
+        return OracleScorer(world)
+    if spec == "oracle-engage":
+        return OracleScorer(world, engage=1.0)
+    return None
+
+
 def ope_fresh(
-    runs: Sequence[Path],
+    runs: Sequence[Path | str],
     world: World,
     behaviour: Any,
     *,
@@ -595,8 +615,9 @@ def ope_fresh(
     shrinkage: float = 5.0,
     seed: int = 0,
 ) -> FreshReport:
-    """Every estimator of each run on a fresh ``users``-user log of ``behaviour``, beside
-    the exact one-step truth on the same states; errors per run and per group."""
+    """Every estimator of each run (or :data:`REFERENCE_TARGETS` name) on a fresh
+    ``users``-user log of ``behaviour``, beside the exact one-step truth on the same states;
+    errors per run and per group."""
     from recloop.artifacts import load_artifact
     from recloop.evaluation.worlds.rollout import ArtifactScorer
 
@@ -610,7 +631,7 @@ def ope_fresh(
     truth: list[float] = []
     estimates: dict[str, list[dict[str, float]]] = {k: [] for k in ESTIMATORS}
     for run in runs:
-        scorer = ArtifactScorer(load_artifact(run), world)
+        scorer = reference_scorer(world, str(run)) or ArtifactScorer(load_artifact(run), world)
         t = fresh_terms(scorer, world, log, rewards, temperature=temperature, top_k=top_k)
         truth.append(float(t.truth.mean()))
         w = t.p_target / log.propensity
