@@ -3,10 +3,15 @@ the estimators cover the exact one-step value."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from recloop.evaluation.worlds import build_world
 from recloop.evaluation.worlds.ope_check import (
+    ESTIMATORS,
     cross_fitted_rewards,
     estimator_table,
     fresh_log,
@@ -69,3 +74,27 @@ def test_group_means_keep_first_seen_order() -> None:
     names, means = group_means([1.0, 2.0, 4.0, 3.0], ["b", "a", "b", "a"])
     assert names == ["b", "a"]
     np.testing.assert_allclose(means, [2.5, 2.5])
+
+
+@pytest.mark.slow
+def test_world_ope_fresh_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recloop.cli import main
+
+    sets = [arg for v in SMALL for arg in ("--set", v)]
+    log, data, run = tmp_path / "log", tmp_path / "data", tmp_path / "pop"
+    assert main(["-q", "world", "generate", "--policy", "random", "--users", "300",
+                 "--output", str(log), *sets]) == 0  # fmt: skip
+    assert main(["-q", "prepare", "--format", "csv", "--input", str(log / "events.csv"),
+                 "--split", "loo", "--output", str(data)]) == 0  # fmt: skip
+    assert main(["-q", "train", "--algo", "popularity", "--data", str(data), "--out",
+                 str(run), "--epochs", "1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["world", "ope", str(run), "--fresh-users", "1000", "--top-k", "5",
+                 "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_users"] == 1000 and out["behaviour"].startswith("random")
+    assert set(out["estimates"]) == set(ESTIMATORS)
+    truth = out["truth"][0]
+    for name in ("ips", "snips", "dr", "sndr"):
+        est = out["estimates"][name][0]
+        assert abs(est["value"] - truth) < 4 * est["se"], (name, est, truth)

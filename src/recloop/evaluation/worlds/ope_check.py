@@ -276,10 +276,10 @@ def ope_against_truth(
     clusters = events.user if cfg.cluster_by_user else None
     for name in ("sndr", "dr_slope"):
         estimates[name] = []
-    for t in terms:
-        w = np.where(t.p_target > 0, t.p_target * np.exp(-events.log_propensity), 0.0)
+    for pt in terms:
+        w = np.where(pt.p_target > 0, pt.p_target * np.exp(-events.log_propensity), 0.0)
         table = estimator_table(
-            w, events.reward, events.q_logged, t.v_target, clip=clip, clusters=clusters
+            w, events.reward, events.q_logged, pt.v_target, clip=clip, clusters=clusters
         )
         for name in ("sndr", "dr_slope"):
             row = table[name]
@@ -574,7 +574,9 @@ class FreshReport:
         }
 
 
-def group_means(values: Sequence[float], groups: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def group_means(
+    values: Sequence[float] | np.ndarray, groups: Sequence[str]
+) -> tuple[list[str], np.ndarray]:
     """The distinct groups in first-seen order and the mean of ``values`` over each."""
     names = list(dict.fromkeys(groups))
     v = np.asarray(values, float)
@@ -631,7 +633,9 @@ def ope_fresh(
     truth: list[float] = []
     estimates: dict[str, list[dict[str, float]]] = {k: [] for k in ESTIMATORS}
     for run in runs:
-        scorer = reference_scorer(world, str(run)) or ArtifactScorer(load_artifact(run), world)
+        scorer = reference_scorer(world, str(run)) or ArtifactScorer(
+            load_artifact(Path(run)), world
+        )
         t = fresh_terms(scorer, world, log, rewards, temperature=temperature, top_k=top_k)
         truth.append(float(t.truth.mean()))
         w = t.p_target / log.propensity
