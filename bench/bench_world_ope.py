@@ -106,8 +106,11 @@ def main() -> None:
         ("random", "random", Selection(epsilon=1.0)),
         ("popularity softmax T=1", "popularity", Selection(kind="softmax", temperature=1.0)),
     ]
-    head = "| world | log | users / events | estimator | bias | RMSE | mean SE | ρ runs | ρ algos |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| world | log | users / events | estimator | bias | RMSE | mean SE | ρ runs "
+        "| ρ algos | ρ with references |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     for wname in args.worlds.split(","):
         world = build_world(wname)
