@@ -375,11 +375,12 @@ def fresh_log(world: World, behaviour: Any, users: int, *, seed: int = 0) -> Fre
         expected=roll.expected.astype(np.float64),
         start=start,
         states=states,
-        behaviour=json_name(behaviour),
+        behaviour=policy_label(behaviour),
     )
 
 
-def json_name(policy: Any) -> str:
+def policy_label(policy: Any) -> str:
+    """``name key=value ...`` of a rollout policy and its selection rule."""
     sel = policy.selection.describe()
     return f"{policy.name} " + " ".join(f"{k}={v}" for k, v in sel.items() if k != "kind")
 
@@ -392,7 +393,10 @@ class ItemRewards:
     item_bias: np.ndarray  # (N + 1,) float64
 
     @classmethod
-    def fit(cls, item: np.ndarray, reward: np.ndarray, n_items: int, shrinkage: float) -> Any:
+    def fit(
+        cls, item: np.ndarray, reward: np.ndarray, n_items: int, shrinkage: float
+    ) -> ItemRewards:
+        """Shrunk item biases ``sum(r - mu) / (count + shrinkage)`` of ``item`` (E,)."""
         mu = float(reward.mean()) if reward.shape[0] else 0.0
         n = np.bincount(item, minlength=n_items + 1)
         b = np.bincount(item, reward - mu, minlength=n_items + 1) / (n + shrinkage + 1e-12)
