@@ -102,7 +102,7 @@ def synthetic(users: int, items: int, per_user: int) -> tuple[PreparedDataset, s
     head = min(n, items)
     item[rng.permutation(n)[:head]] = np.arange(1, head + 1)
     ts = np.tile(np.arange(per_user), users)
-    return leave_one_out(user, item, ts), f"synthetic {users} x {items}, {n} events"
+    return leave_one_out(user, item, ts, n_items=items), f"synthetic {users} x {items}, {n} events"
 
 
 def peak_rss_gb() -> float:

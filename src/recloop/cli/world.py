@@ -167,10 +167,18 @@ def ope_cmd(
     users: int = typer.Option(1000, "--users", "-n", min=1, help="Roll-out users per run."),
     seed: int = typer.Option(0, "--seed", help="Seed of the roll-outs and the bootstrap."),
     n_boot: int = typer.Option(500, "--n-boot", help="Bootstrap replicates."),
+    fresh_users: int = typer.Option(
+        0,
+        "--fresh-users",
+        min=0,
+        help="Instead of the log's test split, a fresh log of N users no run saw, from the "
+        "log's own behaviour policy (many events, none selected on its outcome).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """OPE estimates (IPS, SNIPS, DR, DM, clipped DR) of each run beside the TRUE one-step
-    value on the logged states and the true roll-out return; bias, RMSE, Spearman."""
+    """OPE estimates (IPS, SNIPS, DR, DM, clipped DR, self-normalised DR, SLOPE-clipped DR)
+    of each run beside the TRUE one-step value on the logged states and the true roll-out
+    return; bias, RMSE, Spearman."""
     from recloop.artifacts import load_artifact
     from recloop.data.dataset import PreparedDataset
     from recloop.evaluation.ope import OPEConfig
@@ -186,6 +194,9 @@ def ope_cmd(
     if log_dir is None:
         raise ConfigError(f"{path}: cannot find the generated log's world.json; pass --log")
     world = load_world_for(world_name, log_dir)
+    if fresh_users > 0:
+        _fresh_ope(runs, world, log_dir, fresh_users, temperature, top_k, clip, seed, as_json)
+        return
     cfg = OPEConfig(temperature=temperature, top_k=top_k, n_boot=n_boot, seed=seed)
     report = ope_against_truth(
         runs, dataset, world, cfg=cfg, clip=clip, rollout_users=users, seed=seed
@@ -223,4 +234,60 @@ def ope_cmd(
     echo(
         f"({report.n_events} logged test events; logged policy's true value "
         f"{report.logged_truth:.4f}; {world.name} {world.version})"
+    )
+
+
+def _fresh_ope(
+    runs: list[Path],
+    world: Any,
+    log_dir: Path,
+    users: int,
+    temperature: float,
+    top_k: int,
+    clip: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """``world ope --fresh-users``: every estimator on a fresh log of the log's behaviour."""
+    from recloop.evaluation.worlds.base import read_world_json
+    from recloop.evaluation.worlds.ope_check import ESTIMATORS, ope_fresh
+    from recloop.evaluation.worlds.rollout import Selection, make_policy
+    from recloop.training.compare import format_table
+
+    pol = read_world_json(log_dir).get("policy", {})
+    kind = pol.get("kind", "epsilon")
+    if kind == "softmax":
+        sel = Selection(kind="softmax", temperature=pol.get("temperature", 1.0),
+                        top_k=pol.get("top_k"))  # fmt: skip
+    else:
+        sel = Selection(epsilon=pol.get("epsilon", 0.0))
+    behaviour = make_policy(world, str(pol.get("name", "popularity")), sel)
+    report = ope_fresh(
+        runs, world, behaviour, users=users, temperature=temperature, top_k=top_k, clip=clip,
+        seed=seed,
+    )  # fmt: skip
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    header = ["run", "truth (1-step)", *ESTIMATORS]
+    table = [
+        [run, f"{report.truth[i]:.4f}"]
+        + [
+            f"{report.estimates[n][i]['value']:.4f} ± {report.estimates[n][i]['se']:.4f}"
+            for n in ESTIMATORS
+        ]
+        for i, run in enumerate(report.runs)
+    ]
+    echo(format_table(header, table))
+    echo()
+    keys = ("bias", "rmse", "mean_se", "spearman")
+    err_rows = [
+        [n] + ["n/a" if report.errors[n][k] is None else f"{report.errors[n][k]:.4f}"
+               for k in keys]
+        for n in ESTIMATORS
+    ]  # fmt: skip
+    echo(format_table(["estimator", *keys], err_rows))
+    echo(
+        f"({report.n_users} fresh users, {report.n_events} events of {report.behaviour}; "
+        f"± = standard error by user; {world.name} {world.version})"
     )

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,14 @@ import torch
 
 from recloop.data.dataset import PreparedDataset
 from recloop.errors import ConfigError, DataError
-from recloop.evaluation.ope import OPEConfig, ope_for_runs, served_scores, target_probs
+from recloop.evaluation.ope import (
+    OPEConfig,
+    logged_events,
+    ope_report,
+    policy_terms,
+    served_scores,
+    target_probs,
+)
 from recloop.evaluation.protocol import split_code
 from recloop.evaluation.worlds.base import (
     ITEM_PREFIX,
@@ -200,8 +208,9 @@ def ope_against_truth(
     seed: int = 0,
     split: str = "test",
 ) -> TruthReport:
-    """IPS, SNIPS, DR, DM (unclipped) and clipped DR (weights capped at ``clip``) of each
-    run on ``split`` next to the one-step and roll-out truths (module docstring)."""
+    """IPS, SNIPS, DR, DM (unclipped), clipped DR (weights capped at ``clip``), the
+    self-normalised DR and SLOPE's clipped DR of each run on ``split`` next to the one-step
+    and roll-out truths (module docstring); ``rollout_users=0`` skips the roll-outs."""
     from dataclasses import replace
 
     from recloop.artifacts import load_artifact
@@ -219,12 +228,20 @@ def ope_against_truth(
     # the truth below is computed for the softmax-over-top-K policy, so OPE must score that
     # same policy (its default target is uniform over the top K)
     base = replace(cfg, behaviour="logged", target="softmax")
-    raw = ope_for_runs(
-        list(runs), [dataset] * len(runs), split=split, cfg=replace(base, weight_cap=None)
-    )
-    capped = ope_for_runs(
-        list(runs), [dataset] * len(runs), split=split, cfg=replace(base, weight_cap=clip)
-    )
+    raw_cfg, cap_cfg = replace(base, weight_cap=None), replace(base, weight_cap=clip)
+    events = logged_events(dataset, split=split, cfg=raw_cfg)
+    terms = []
+    for run in runs:
+        art = load_artifact(run)
+        if art.n_items != dataset.n_items or art.n_users != dataset.n_users:
+            raise DataError(
+                f"{run}: the policy has {art.n_users} users and {art.n_items} items, "
+                f"the dataset {dataset.path or ''} {dataset.n_users} and {dataset.n_items}"
+            )
+        terms.append(policy_terms(art.policy, dataset, events, history=art.history_len,
+                                  cfg=raw_cfg))  # fmt: skip
+    raw = [ope_report(events, t, raw_cfg) for t in terms]
+    capped = [ope_report(events, t, cap_cfg) for t in terms]
     index = WorldIndex.of(dataset, world)
     states = dataset_states(dataset, world, index)
     rows = np.flatnonzero(dataset.split == split_code(split))
@@ -243,13 +260,33 @@ def ope_against_truth(
             art.policy, dataset, world, states, index, rows, history=art.history_len, cfg=base
         )
         truth.append(float(v.mean()))
-        pol = make_policy(world, str(run), selection)
-        metrics = rollout_metrics(world, simulate(world, pol, ids, seed=seed), n_boot=0)
-        rollout.append(metrics["return"].to_dict())
+        if rollout_users > 0:
+            pol = make_policy(world, str(run), selection)
+            metrics = rollout_metrics(world, simulate(world, pol, ids, seed=seed), n_boot=0)
+            rollout.append(metrics["return"].to_dict())
+        else:
+            rollout.append({"value": float("nan"), "low": float("nan"), "high": float("nan")})
     estimates: dict[str, list[dict[str, Any]]] = {}
     for name in ("ips", "snips", "dr", "dm"):
-        estimates[name] = [r.estimates[name].to_dict() for r in raw.reports]
-    estimates[f"dr_clip{clip:g}"] = [r.estimates["dr"].to_dict() for r in capped.reports]
+        estimates[name] = [r.estimates[name].to_dict() for r in raw]
+    estimates[f"dr_clip{clip:g}"] = [r.estimates["dr"].to_dict() for r in capped]
+    # the self-normalised DR and SLOPE's clipped DR, with normal intervals from their
+    # (user-clustered) standard errors
+    z = NormalDist().inv_cdf((1 + cfg.confidence) / 2)
+    clusters = events.user if cfg.cluster_by_user else None
+    for name in ("sndr", "dr_slope"):
+        estimates[name] = []
+    for pt in terms:
+        w = np.where(pt.p_target > 0, pt.p_target * np.exp(-events.log_propensity), 0.0)
+        table = estimator_table(
+            w, events.reward, events.q_logged, pt.v_target, clip=clip, clusters=clusters
+        )
+        for name in ("sndr", "dr_slope"):
+            row = table[name]
+            half = z * row["se"] if cfg.n_boot else 0.0
+            extra = {"cap": row["cap"]} if "cap" in row else {}
+            estimates[name].append({"value": row["value"], "low": row["value"] - half,
+                                    "high": row["value"] + half, "flags": [], **extra})  # fmt: skip
     t = np.asarray(truth)
     roll_values = [r["value"] for r in rollout]
     errors: dict[str, dict[str, float | None]] = {}
@@ -260,7 +297,7 @@ def ope_against_truth(
             "bias": float(np.mean(est - t)),
             "rmse": float(np.sqrt(np.mean((est - t) ** 2))),
             "spearman": spearman(est, t),
-            "spearman_rollout": spearman(est, roll_values),
+            "spearman_rollout": spearman(est, roll_values) if rollout_users > 0 else None,
             "covered": float(covered),
         }
     return TruthReport(
@@ -274,3 +311,376 @@ def ope_against_truth(
         n_events=int(rows.shape[0]),
         config={"ope": config_to_dict(base), "clip": clip, "rollout_users": rollout_users},
     )
+
+
+# --- OPE on a fresh log: many events, no run trained on them ------------------------------
+
+
+FRESH_USER_BASE = 2_000_000_000
+"""First user number of fresh OPE logs: never in a generated training log (users from 0)
+nor among the roll-out users (from :data:`rollout.EVAL_USER_BASE`, 10^9)."""
+
+ESTIMATORS = ("ips", "snips", "dr", "sndr", "dm", "dr_clip", "dr_slope")
+"""The estimators :func:`estimator_table` reports, in order."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class FreshLog:
+    """A behaviour policy's log on fresh users, with the exact state before every event.
+
+    Events are grouped by user in time order.  No run was trained on these users, so a
+    run's user embedding plays no part (they are index 0, unknown, as in the roll-outs),
+    and nothing selects the events on their outcome (the leave-one-out test event is the
+    one after which the user left).
+    """
+
+    user: np.ndarray  # (E,) int64 world user numbers
+    item: np.ndarray  # (E,) int64 world items
+    reward: np.ndarray  # (E,) float64
+    propensity: np.ndarray  # (E,) float64 exact behaviour probability of the logged item
+    expected: np.ndarray  # (E,) float64 exact E[reward] of the logged item in its state
+    start: np.ndarray  # (E,) int64 row of the user's first event
+    states: ReplayedStates
+    behaviour: str
+    """The behaviour policy, as ``world generate`` describes it."""
+
+    @property
+    def n_events(self) -> int:
+        return int(self.user.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(np.unique(self.user).shape[0])
+
+
+def fresh_log(world: World, behaviour: Any, users: int, *, seed: int = 0) -> FreshLog:
+    """Simulate ``behaviour`` (a rollout :class:`Policy`) for ``users`` fresh users."""
+    from recloop.evaluation.worlds.rollout import simulate
+
+    ids = FRESH_USER_BASE + np.arange(users, dtype=np.int64)
+    roll = simulate(world, behaviour, ids, seed=seed)
+    e = roll.user.shape[0]
+    first = np.r_[True, roll.user[1:] != roll.user[:-1]] if e else np.zeros(0, bool)
+    new_session = first | np.r_[True, roll.session[1:] != roll.session[:-1]][:e]
+    starts = np.flatnonzero(first)
+    start = np.repeat(starts, np.diff(np.r_[starts, e]))
+    states = replay_states(
+        world, user=roll.user, item=roll.item, clicked=roll.reward > 0, new_session=new_session
+    )
+    return FreshLog(
+        user=roll.user,
+        item=roll.item,
+        reward=roll.reward.astype(np.float64),
+        propensity=roll.propensity.astype(np.float64),
+        expected=roll.expected.astype(np.float64),
+        start=start,
+        states=states,
+        behaviour=policy_label(behaviour),
+    )
+
+
+def policy_label(policy: Any) -> str:
+    """``name key=value ...`` of a rollout policy and its selection rule."""
+    sel = policy.selection.describe()
+    return f"{policy.name} " + " ".join(f"{k}={v}" for k, v in sel.items() if k != "kind")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ItemRewards:
+    """q(a) = mu + b_item[a] (world items), the item half of the shrunk baseline."""
+
+    mu: float
+    item_bias: np.ndarray  # (N + 1,) float64
+
+    @classmethod
+    def fit(
+        cls, item: np.ndarray, reward: np.ndarray, n_items: int, shrinkage: float
+    ) -> ItemRewards:
+        """Shrunk item biases ``sum(r - mu) / (count + shrinkage)`` of ``item`` (E,)."""
+        mu = float(reward.mean()) if reward.shape[0] else 0.0
+        n = np.bincount(item, minlength=n_items + 1)
+        b = np.bincount(item, reward - mu, minlength=n_items + 1) / (n + shrinkage + 1e-12)
+        return cls(mu=mu, item_bias=b)
+
+    def __call__(self, item: np.ndarray) -> np.ndarray:
+        return self.mu + self.item_bias[item]
+
+
+def cross_fitted_rewards(log: FreshLog, n_items: int, shrinkage: float) -> list[ItemRewards]:
+    """Two reward models, each fitted on the other half of the users (cross-fitting,
+    Chernozhukov et al. 2018): an event's q never saw that event; model k serves the users
+    with ``user % 2 == k``."""
+    fold = log.user % 2
+    return [
+        ItemRewards.fit(log.item[fold != k], log.reward[fold != k], n_items, shrinkage)
+        for k in (0, 1)
+    ]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class FreshTerms:
+    """One run's per-event terms on a :class:`FreshLog`, all (E,)."""
+
+    p_target: np.ndarray
+    """pi(a | s) of the logged item."""
+    v_model: np.ndarray
+    """sum_a pi(a | s) q(a): the reward model's value of the target."""
+    q_logged: np.ndarray
+    """q of the logged item."""
+    truth: np.ndarray
+    """Exact sum_a pi(a | s) R(s, a)."""
+
+
+@torch.no_grad()
+def fresh_terms(
+    scorer: Any,
+    world: World,
+    log: FreshLog,
+    rewards: list[ItemRewards],
+    *,
+    temperature: float,
+    top_k: int | None,
+    batch_size: int = 2048,
+) -> FreshTerms:
+    """pi of ``scorer`` (a rollout scorer, e.g. :class:`rollout.ArtifactScorer`) at every
+    logged state, served as the roll-outs serve it: the last ``scorer.history`` shown items
+    and their rewards as history (across sessions), every item shown to the user before
+    masked, and ``softmax(scores / temperature)`` over the top K (OPE's target policy)."""
+    from recloop.data.sampler import gather_windows
+    from recloop.evaluation.worlds.rollout import _masked
+
+    e = log.n_events
+    rows = np.arange(e)
+    h = max(1, int(scorer.history))
+    win = gather_windows(log.item, log.reward.astype(np.float32), end=rows, start=log.start,
+                         length=h)  # fmt: skip
+    fold = log.user % 2
+    q_logged = np.where(fold == 0, rewards[0](log.item), rewards[1](log.item))
+    out = FreshTerms(
+        p_target=np.empty(e), v_model=np.empty(e), q_logged=q_logged, truth=np.empty(e)
+    )
+    n = world.n_items
+    for lo in range(0, e, batch_size):
+        sl = slice(lo, min(lo + batch_size, e))
+        b = sl.stop - sl.start
+        state = UserState(
+            user=log.user[sl],
+            taste=log.states.taste[sl],
+            satiety=log.states.satiety[sl],
+            misses=np.zeros(b, np.int64),
+        )
+        scores = scorer(log.user[sl], win.item[sl], win.reward[sl], state)
+        # every item shown before the event: rows start .. e - 1 of the same user
+        n_prev = rows[sl] - log.start[sl]
+        r_of = np.repeat(np.arange(b), n_prev)
+        shown_rows = np.repeat(log.start[sl], n_prev) + (
+            np.arange(int(n_prev.sum())) - np.repeat(np.cumsum(n_prev) - n_prev, n_prev)
+        )
+        mask = np.zeros((b, n + 1), bool)
+        mask[:, 0] = True
+        mask[r_of, log.item[shown_rows]] = True
+        items, probs = target_probs(
+            _masked(scores, mask),
+            temperature=temperature,
+            top_k=top_k,
+            row_keys=torch.from_numpy(log.user[sl]),
+        )
+        p = probs.double().nan_to_num(nan=0.0).numpy()
+        it = items.numpy()
+        out.p_target[sl] = (p * (it == log.item[sl, None])).sum(1)
+        q_top = np.where(fold[sl, None] == 0, rewards[0](it), rewards[1](it))
+        out.v_model[sl] = (p * q_top).sum(1)
+        out.truth[sl] = (p * world.expected_reward(state, it)).sum(1)
+    return out
+
+
+def estimator_table(
+    w: np.ndarray,
+    r: np.ndarray,
+    q_logged: np.ndarray,
+    v_model: np.ndarray,
+    *,
+    clip: float,
+    clusters: np.ndarray | None,
+) -> dict[str, dict[str, float]]:
+    """Every estimator of :data:`ESTIMATORS` with its standard error (user-clustered when
+    ``clusters`` is given; SNIPS and SNDR by the delta method) from unclipped weights ``w``.
+    ``dr_slope`` also reports the cap SLOPE chose."""
+    from recloop.evaluation.ope import (
+        doubly_robust,
+        ips,
+        mean_se,
+        self_normalised_dr,
+        slope_clipped_dr,
+        snips,
+    )
+
+    out: dict[str, dict[str, float]] = {}
+    wbar = float(w.mean()) if w.shape[0] else 0.0
+    sn = snips(w, r)
+    sndr = self_normalised_dr(w, r, q_logged, v_model)
+    corr = sndr - float(v_model.mean())
+    safe = wbar if wbar > 0 else 1.0
+    wc = np.minimum(w, clip)
+    slope = slope_clipped_dr(w, r, q_logged, v_model, clusters=clusters)
+    parts = {
+        "ips": (ips(w, r), w * r),
+        "snips": (sn, w * (r - sn) / safe),
+        "dr": (doubly_robust(w, r, q_logged, v_model), v_model + w * (r - q_logged)),
+        "sndr": (sndr, v_model + w * (r - q_logged - corr) / safe),
+        "dm": (float(v_model.mean()), v_model),
+        "dr_clip": (doubly_robust(wc, r, q_logged, v_model), v_model + wc * (r - q_logged)),
+    }
+    for name, (value, infl) in parts.items():
+        out[name] = {"value": float(value), "se": mean_se(infl, clusters)}
+    out["dr_slope"] = {"value": slope.value, "se": slope.se, "cap": slope.cap}
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class FreshReport:
+    """OPE of several runs on one fresh log, beside the exact one-step truth."""
+
+    world: dict[str, Any]
+    behaviour: str
+    n_users: int
+    n_events: int
+    runs: list[str]
+    groups: list[str]
+    """The group (algorithm) of each run; per-group figures average its runs."""
+    truth: list[float]
+    """Exact mean one-step value of each run's target policy on the logged states."""
+    estimates: dict[str, list[dict[str, float]]]
+    """Estimator → per run {value, se[, cap]}."""
+    errors: dict[str, dict[str, float | None]]
+    """Estimator → bias, rmse, mean_se, spearman (runs), spearman_groups (group means)."""
+    truth_spread: dict[str, float]
+    """sd of the truths over the runs and over the group means: what the estimators'
+    standard errors must be small against."""
+    logged_value: dict[str, float]
+    """Mean logged reward and the exact mean E[reward] of the logged actions."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "behaviour": self.behaviour,
+            "n_users": self.n_users,
+            "n_events": self.n_events,
+            "runs": self.runs,
+            "groups": self.groups,
+            "truth": self.truth,
+            "estimates": self.estimates,
+            "errors": self.errors,
+            "truth_spread": self.truth_spread,
+            "logged_value": self.logged_value,
+            "config": self.config,
+        }
+
+
+def group_means(
+    values: Sequence[float] | np.ndarray, groups: Sequence[str]
+) -> tuple[list[str], np.ndarray]:
+    """The distinct groups in first-seen order and the mean of ``values`` over each."""
+    names = list(dict.fromkeys(groups))
+    v = np.asarray(values, float)
+    g = np.asarray(groups)
+    return names, np.array([v[g == n].mean() for n in names])
+
+
+REFERENCE_TARGETS = ("popularity", "random", "oracle", "oracle-engage")
+"""Target policies that need no run: the world's popularity, uniform scores (ties broken
+per user), the exact myopic E[reward] and the same plus the chance of satisfying."""
+
+
+def reference_scorer(world: World, spec: str) -> Any | None:
+    """The scorer of a :data:`REFERENCE_TARGETS` name; None for anything else (a run)."""
+    from recloop.evaluation.worlds.rollout import ConstantScorer, OracleScorer, PopularityScorer
+
+    if spec == "popularity":
+        return PopularityScorer(world)
+    if spec == "random":
+        return ConstantScorer(world)
+    if spec == "oracle":
+        return OracleScorer(world)
+    if spec == "oracle-engage":
+        return OracleScorer(world, engage=1.0)
+    return None
+
+
+def ope_fresh(
+    runs: Sequence[Path | str],
+    world: World,
+    behaviour: Any,
+    *,
+    users: int,
+    groups: Sequence[str] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 10,
+    clip: float = 10.0,
+    shrinkage: float = 5.0,
+    seed: int = 0,
+) -> FreshReport:
+    """Every estimator of each run (or :data:`REFERENCE_TARGETS` name) on a fresh
+    ``users``-user log of ``behaviour``, beside the exact one-step truth on the same states;
+    errors per run and per group."""
+    from recloop.artifacts import load_artifact
+    from recloop.evaluation.worlds.rollout import ArtifactScorer
+
+    if not runs:
+        raise ConfigError("no run to evaluate")
+    groups = list(groups) if groups is not None else [str(r) for r in runs]
+    if len(groups) != len(runs):
+        raise ConfigError(f"{len(groups)} groups for {len(runs)} runs")
+    log = fresh_log(world, behaviour, users, seed=seed)
+    rewards = cross_fitted_rewards(log, world.n_items, shrinkage)
+    truth: list[float] = []
+    estimates: dict[str, list[dict[str, float]]] = {k: [] for k in ESTIMATORS}
+    for run in runs:
+        scorer = reference_scorer(world, str(run)) or ArtifactScorer(
+            load_artifact(Path(run)), world
+        )
+        t = fresh_terms(scorer, world, log, rewards, temperature=temperature, top_k=top_k)
+        truth.append(float(t.truth.mean()))
+        w = t.p_target / log.propensity
+        table = estimator_table(w, log.reward, t.q_logged, t.v_model, clip=clip, clusters=log.user)
+        for k in ESTIMATORS:
+            estimates[k].append(table[k])
+    tv = np.asarray(truth)
+    names, t_groups = group_means(truth, groups)
+    errors: dict[str, dict[str, float | None]] = {}
+    for k, rows in estimates.items():
+        est = np.array([r["value"] for r in rows])
+        _, e_groups = group_means(est, groups)
+        errors[k] = {
+            "bias": float(np.mean(est - tv)),
+            "rmse": float(np.sqrt(np.mean((est - tv) ** 2))),
+            "mean_se": float(np.mean([r["se"] for r in rows])),
+            "spearman": spearman(est, tv),
+            "spearman_groups": spearman(e_groups, t_groups),
+        }
+    return FreshReport(
+        world=world.describe(),
+        behaviour=log.behaviour,
+        n_users=log.n_users,
+        n_events=log.n_events,
+        runs=[str(r) for r in runs],
+        groups=groups,
+        truth=truth,
+        estimates=estimates,
+        errors=errors,
+        truth_spread={
+            "runs_sd": float(tv.std(ddof=1)) if tv.shape[0] > 1 else 0.0,
+            "groups_sd": float(t_groups.std(ddof=1)) if t_groups.shape[0] > 1 else 0.0,
+            "n_groups": float(len(names)),
+        },
+        logged_value={
+            "reward": float(log.reward.mean()),
+            "expected": float(log.expected.mean()),
+        },
+        config={
+            "users": users, "temperature": temperature, "top_k": top_k, "clip": clip,
+            "reward_model": "item baseline, cross-fitted over 2 user folds",
+            "shrinkage": shrinkage, "seed": seed,
+        },
+    )  # fmt: skip
