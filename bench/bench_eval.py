@@ -55,11 +55,20 @@ def machine() -> str:
     )
 
 
-def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> PreparedDataset:
-    """Dense ids by first appearance, rows sorted by (user, time), last two events held out."""
+def leave_one_out(
+    user: np.ndarray, item: np.ndarray, ts: np.ndarray, *, n_items: int | None = None
+) -> PreparedDataset:
+    """Dense ids by first appearance, rows sorted by (user, time), last two events held out.
+
+    With ``n_items``, item ids are already 1..n_items and the catalogue keeps every one of
+    them, logged or not (a large catalogue with a short log)."""
     _, u = np.unique(user, return_inverse=True)
-    _, i = np.unique(item, return_inverse=True)
-    u, i = u + 1, i + 1
+    u = u + 1
+    if n_items is None:
+        _, i = np.unique(item, return_inverse=True)
+        i = i + 1
+    else:
+        i = item
     order = np.lexsort((np.arange(u.shape[0]), ts, u))
     u, i, ts = u[order], i[order], ts[order]
     from_end = np.zeros(u.shape[0], np.int64)
@@ -69,7 +78,11 @@ def leave_one_out(user: np.ndarray, item: np.ndarray, ts: np.ndarray) -> Prepare
     counts = np.diff(np.r_[-1, ends])
     from_end = np.repeat(ends, counts) - np.arange(u.shape[0])
     split = np.where(from_end == 0, TEST, np.where(from_end == 1, VALID, TRAIN))
-    return PreparedDataset.from_arrays(user=u, item=i, timestamp=ts, split=split)
+    if n_items is None:
+        return PreparedDataset.from_arrays(user=u, item=i, timestamp=ts, split=split)
+    return PreparedDataset.from_arrays(
+        user=u, item=i, timestamp=ts, split=split, n_users=int(u.max()), n_items=n_items
+    )
 
 
 def load_data(ml100k: Path) -> tuple[PreparedDataset, str]:
