@@ -194,19 +194,25 @@ def main() -> None:
     )
     for name in ("build", "score", "rank", "metrics"):
         print(f"  {name:7s}median {stages[name] * 1e3:7.1f} ms")
-    # At a million items one matmul of the scoring shapes takes seconds: repeat it less.
-    gf = matmul_gflops(best.n_users, args.dim, ds.n_items + 1, repeat=2 if large else 50)
+    rss = peak_rss_gb()  # before the reference matmul below, which allocates its own output
+    # The reference matmul has the shape of one scoring batch (all users when they fit).
+    rows = min(best.n_users, cfg.users_per_batch(ds.n_items))
+    gf = matmul_gflops(rows, args.dim, ds.n_items + 1, repeat=5 if large else 50)
     score_gf = 2 * best.n_users * args.dim * (ds.n_items + 1) / stages["score"] / 1e9
     print(
-        f"  plain torch.matmul ({best.n_users}x{args.dim}) @ ({args.dim}x{ds.n_items + 1}): "
+        f"  plain torch.matmul ({rows}x{args.dim}) @ ({args.dim}x{ds.n_items + 1}): "
         f"{gf:.1f} GFLOP/s; the scoring stage runs at {score_gf:.1f} GFLOP/s ({score_gf / gf:.0%})"
     )
     m = best.metrics
     print(f"  (random scorer: hr@10 {m['hr@10']:.4f}, ndcg@10 {m['ndcg@10']:.4f})")
-    rss = peak_rss_gb()
     print(f"  peak RSS {rss:.2f} GB (after building the data and scorer: {rss_before:.2f} GB)")
     target, rss_target = (300.0, 4.0) if large else (1.0, float("inf"))
-    ok = statistics.median(total) < target and rss < rss_target
+    seconds = statistics.median(total)
+    if large and best.n_users < 100_000:
+        # The target is for 100k users; time grows linearly with users (memory does not).
+        seconds *= 100_000 / best.n_users
+        print(f"  time scaled linearly to 100,000 users: {seconds:.0f} s")
+    ok = seconds < target and rss < rss_target
     limits = f"< {target:.0f} s" + (f" and < {rss_target:.0f} GB" if large else "")
     print(f"target {limits}: {'met' if ok else 'NOT met'}")
 
