@@ -27,34 +27,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), model
-        )
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return f"{model}, {os.cpu_count()} CPUs, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-
-
-def _main(args: list[str]) -> None:
-    from recloop.cli import main
-
-    code = main(args)
-    if code != 0:
-        raise SystemExit(f"recloop {' '.join(args)} failed with {code}")
+from bench_world import _machine, _main  # same machine line and CLI runner
 
 
 def _num(x: float | None) -> str:
