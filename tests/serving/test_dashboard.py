@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from serve_helpers import ServeFactory, as_recent, running, settings_for
@@ -133,19 +134,24 @@ async def test_stream_panel_sums_live_workers(serve: ServeFactory) -> None:
     assert st["lag_s"] == 0.7 and st["messages"] == 400
 
 
-async def test_arms_are_read_defensively(serve: ServeFactory) -> None:
+async def test_arms_are_read_defensively(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with serve() as (client, svc):
-        svc.arms = [  # type: ignore[attr-defined]
+        shown: Any = [
             {"name": "control", "model_version": "m-a", "share": 0.5, "nested": {"x": 1}},
             SimpleNamespace(
                 name="treatment", weight=0.5, model=SimpleNamespace(model_version="m-b")
             ),
+            SimpleNamespace(name=None),  # the service's one arm when there is no split
         ]
+        # ``arms`` is a read-only property of the service: replace it on its class.
+        monkeypatch.setattr(type(svc), "arms", property(lambda self: shown))
         arms = (await client.get("/dashboard/data")).json()["arms"]
         assert arms == [
             {"name": "control", "model_version": "m-a", "share": 0.5},
             {"name": "treatment", "weight": 0.5, "model_version": "m-b"},
         ]
-        svc.arms = 42  # type: ignore[attr-defined]  # a shape nobody expected
+        shown = 42  # a shape nobody expected
         r = await client.get("/dashboard/data")
         assert r.status_code == 200 and "error" in r.json()["arms"][0]

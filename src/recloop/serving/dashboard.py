@@ -297,6 +297,9 @@ def describe_arms(service: RecommenderService, window: Reading) -> list[dict[str
     arms: Any = getattr(service, "arms", None)
     if callable(arms):
         arms = arms()
+    if isinstance(arms, list | tuple):
+        # The service answers through arms even without a split: one arm named None.
+        arms = [a for a in arms if getattr(a, "name", "") is not None]
     counted: dict[str, float] = {}
     for (name, labels), v in window.items():
         arm = _label(labels, "arm")
