@@ -183,10 +183,13 @@ def _no_browser(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Headless Chromium driven by Playwright, with a fresh profile; tests mark themselves
-    ``@pytest.mark.browser`` and open pages with ``browser.new_page()``."""
+    ``@pytest.mark.browser`` and open pages with ``browser.new_page()``.
+
+    Module-scoped on purpose: Playwright's sync API keeps an asyncio loop running in this
+    thread while it is open, and every later test that calls ``asyncio.run`` would fail."""
     if not CHROMIUM.is_file():
         _no_browser(f"{CHROMIUM} not found: run scripts/install_browser.sh")
     try:

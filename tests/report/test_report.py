@@ -7,17 +7,20 @@ import math
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-from conftest import ReportFiles
 from recloop.cli import main
 from recloop.errors import ConfigError, DataError
 from recloop.report import ReportConfig, collect_inputs, render, write_report
 from recloop.report.figures import popularity_deciles, seed_interval
 from recloop.report.inputs import json_kind, read_experiment_csv
 from recloop.report.svg import Interval, Series, interval_chart, line_chart
+
+if TYPE_CHECKING:  # the fixture's type; tests/*/conftest.py are several modules named conftest
+    from conftest import ReportFiles
 
 
 def test_seed_interval_is_the_student_t_interval() -> None:

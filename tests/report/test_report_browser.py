@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from conftest import ReportFiles
 from recloop.data.dataset import PreparedDataset
 from recloop.report import ReportConfig, write_report
+
+if TYPE_CHECKING:  # the fixture's type; tests/*/conftest.py are several modules named conftest
+    from conftest import ReportFiles
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,9 +66,17 @@ def browser() -> Any:
 
     Playwright's own browser downloads are never used: ``executable_path`` is the system's.
     """
-    sync_api = pytest.importorskip("playwright.sync_api")
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if in_ci:
+            pytest.fail("playwright is not installed (CI=true: the test extra installs it)")
+        pytest.skip("playwright is not installed: pip install -e '.[browser]'")
     if not CHROMIUM.is_file():
-        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
+        if in_ci:
+            pytest.fail(f"no {CHROMIUM} (CI=true: run scripts/install_browser.sh in the set-up)")
+        pytest.skip(f"no {CHROMIUM} (scripts/install_browser.sh)")
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

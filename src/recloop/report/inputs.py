@@ -2,7 +2,8 @@
 
 Each path given to ``recloop report`` is one of
 
-- a prepared dataset (``manifest.json`` + ``events.parquet``, from ``recloop prepare``);
+- a prepared dataset (``manifest.json`` + ``events.arrow``, or ``events.parquet`` for the
+  first format, from ``recloop prepare``);
 - a training run (``run.json``, ``metrics.jsonl``, ``results.json``, ``artifact/``);
 - a JSON document printed by ``recloop evaluate --json``, ``recloop world evaluate --json``
   or ``recloop world ope --json`` (recognised by its keys, whatever the file is called);
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recloop.data.dataset import EVENTS_FILE, LEGACY_EVENTS_FILE
 from recloop.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -223,7 +225,9 @@ def read_run(path: Path) -> RunInput:
 
 
 def _is_dataset(path: Path) -> bool:
-    return (path / "manifest.json").is_file() and (path / "events.parquet").is_file()
+    return (path / "manifest.json").is_file() and (
+        (path / EVENTS_FILE).is_file() or (path / LEGACY_EVENTS_FILE).is_file()
+    )
 
 
 class _Collector:
