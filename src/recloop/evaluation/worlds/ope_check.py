@@ -364,8 +364,9 @@ def fresh_log(world: World, behaviour: Any, users: int, *, seed: int = 0) -> Fre
     new_session = first | np.r_[True, roll.session[1:] != roll.session[:-1]][:e]
     starts = np.flatnonzero(first)
     start = np.repeat(starts, np.diff(np.r_[starts, e]))
+    # Clicked is the response, not the reward: a click can earn 0 (mechanics.reward_pv = 0).
     states = replay_states(
-        world, user=roll.user, item=roll.item, clicked=roll.reward > 0, new_session=new_session
+        world, user=roll.user, item=roll.item, clicked=roll.response > 0, new_session=new_session
     )
     return FreshLog(
         user=roll.user,
