@@ -98,3 +98,17 @@ def test_world_ope_fresh_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     for name in ("ips", "snips", "dr", "sndr"):
         est = out["estimates"][name][0]
         assert abs(est["value"] - truth) < 4 * est["se"], (name, est, truth)
+
+
+def test_spearman_by_hand_with_ties() -> None:
+    from recloop.evaluation.worlds.ope_check import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks with ties averaged: x → 0, 1.5, 1.5, 3; y → 0, 1, 2, 3; Pearson of those.
+    rx, ry = np.array([0, 1.5, 1.5, 3]), np.array([0, 1, 2, 3.0])
+    want = float(np.corrcoef(rx, ry)[0, 1])
+    assert spearman([5, 7, 7, 9], [1, 2, 3, 4]) == pytest.approx(want)
+    assert want == pytest.approx(0.9486833, abs=1e-6)
+    assert spearman([1, 2], [1, 2]) is None  # fewer than 3 points
+    assert spearman([1, 1, 1], [1, 2, 3]) is None  # a constant side
