@@ -112,3 +112,29 @@ def test_spearman_by_hand_with_ties() -> None:
     assert want == pytest.approx(0.9486833, abs=1e-6)
     assert spearman([1, 2], [1, 2]) is None  # fewer than 3 points
     assert spearman([1, 1, 1], [1, 2, 3]) is None  # a constant side
+
+
+def test_cross_fitted_reward_models_never_see_their_own_users() -> None:
+    from types import SimpleNamespace
+
+    from recloop.evaluation.worlds.ope_check import ItemRewards, cross_fitted_rewards
+
+    rng = np.random.default_rng(0)
+    user = rng.integers(0, 40, 600)
+    item = rng.integers(1, 11, 600)
+    reward = rng.random(600)
+    models = cross_fitted_rewards(
+        SimpleNamespace(user=user, item=item, reward=reward), n_items=10, shrinkage=2.0
+    )
+    for k in (0, 1):
+        other = user % 2 != k
+        want = ItemRewards.fit(item[other], reward[other], 10, 2.0)
+        np.testing.assert_allclose(models[k](np.arange(11)), want(np.arange(11)))
+    # Changing the rewards of fold-0 users moves model 1 only: model 0 serves them unseen.
+    moved = np.where(user % 2 == 0, 1.0 - reward, reward)
+    again = cross_fitted_rewards(
+        SimpleNamespace(user=user, item=item, reward=moved), n_items=10, shrinkage=2.0
+    )
+    items = np.arange(11)
+    np.testing.assert_allclose(again[0](items), models[0](items))
+    assert not np.allclose(again[1](items), models[1](items))
