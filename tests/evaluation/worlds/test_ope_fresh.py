@@ -138,3 +138,49 @@ def test_cross_fitted_reward_models_never_see_their_own_users() -> None:
     items = np.arange(11)
     np.testing.assert_allclose(again[0](items), models[0](items))
     assert not np.allclose(again[1](items), models[1](items))
+
+
+class _HistoryScorer:
+    """Scores that depend on the history's items, rewards and positions (H = 3)."""
+
+    history = 3
+    static = False
+
+    def __init__(self, n_items: int) -> None:
+        import torch
+
+        gen = np.random.default_rng(5)
+        self.table = torch.from_numpy(gen.normal(size=(n_items + 1, n_items + 1))).float()
+        self.pos = torch.tensor([1.0, 2.0, 3.0])
+
+    def __call__(self, user: object, hist_item: np.ndarray, hist_reward: np.ndarray, state: object):
+        import torch
+
+        items = torch.from_numpy(hist_item.astype(np.int64))
+        rewards = torch.from_numpy(hist_reward.astype(np.float32))
+        weight = (rewards + 0.5)[..., None] * self.pos[None, :, None]
+        return (self.table[items] * weight).sum(1)
+
+
+@pytest.mark.parametrize("reward_pv", ["1.0", "0"])
+def test_a_history_dependent_behaviour_as_target_has_weight_one(reward_pv: str) -> None:
+    """The replayed histories carry the simulation's items and rewards, also when a click
+    earns nothing (mechanics.reward_pv = 0: clicks come from the response, not the reward)."""
+    world = build_world("shop", [*SMALL, f"mechanics.reward_pv={reward_pv}"])
+    scorer = _HistoryScorer(world.n_items)
+    sel = Selection(kind="softmax", temperature=0.7, top_k=5)
+    log = fresh_log(world, Policy(name="hist", scorer=scorer, selection=sel), 300, seed=1)
+    t = fresh_terms(
+        scorer, world, log, cross_fitted_rewards(log, world.n_items, 5.0), temperature=0.7, top_k=5
+    )
+    np.testing.assert_allclose(t.p_target, log.propensity, rtol=1e-5)
+    # the replayed states give the simulation's exact expected reward of every logged item
+    from recloop.evaluation.worlds.base import UserState
+
+    state = UserState(
+        user=log.user,
+        taste=log.states.taste,
+        satiety=log.states.satiety,
+        misses=np.zeros(log.n_events, np.int64),
+    )
+    np.testing.assert_allclose(world.expected_reward(state, log.item), log.expected, atol=1e-9)
