@@ -184,9 +184,10 @@ def _no_browser(reason: str) -> NoReturn:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Headless Chromium driven by Playwright, with a fresh profile; tests mark themselves
-    ``@pytest.mark.browser`` and open pages with ``browser.new_page()``.
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven by Playwright; tests mark themselves ``@pytest.mark.browser``
+    and open pages with ``browser.new_page()`` (each in a fresh context: no shared profile)
+    or contexts with ``browser.new_context(...)``.
 
     Module-scoped on purpose: Playwright's sync API keeps an asyncio loop running in this
     thread while it is open, and every later test that calls ``asyncio.run`` would fail."""
@@ -196,19 +197,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _no_browser("playwright is not installed: pip install -e '.[browser]'")
-    profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 1280, "height": 900},
+        chromium = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
         )
         try:
-            yield context
+            yield chromium
         finally:
-            context.close()
+            chromium.close()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def report_html(report_files: ReportFiles, tmp_path_factory: pytest.TempPathFact
 def opened(browser: Any, report_html: Path, screenshot_dir: Path) -> Any:
     """The page, loaded with every non-file request refused and recorded; console messages
     and page errors collected; a full-page screenshot saved."""
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
     messages: list[tuple[str, str]] = []
     remote: list[str] = []
     page.on("console", lambda m: messages.append((m.type, m.text)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,41 +44,3 @@ def store_url(request: pytest.FixtureRequest) -> tuple[str, str]:
     if request.param == "memory":
         return "memory://", "recloop:"
     return REDIS_URL, f"recloop-test:{uuid.uuid4().hex}:"
-
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture
-def browser() -> Any:
-    """Headless Chromium (Debian's package) driven by Playwright; skipped without them.
-
-    Playwright's own browser downloads are never used: ``executable_path`` is the system's.
-    """
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    try:
-        from playwright import sync_api
-    except ImportError:
-        if in_ci:
-            pytest.fail("playwright is not installed (CI=true: the test extra installs it)")
-        pytest.skip("playwright is not installed: pip install -e '.[browser]'")
-    if not CHROMIUM.is_file():
-        if in_ci:
-            pytest.fail(f"no {CHROMIUM} (CI=true: run scripts/install_browser.sh in the set-up)")
-        pytest.skip(f"no {CHROMIUM} (scripts/install_browser.sh)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
