@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recloop.ranking import tie_keys, topk
+from recloop.ranking import InnerProduct, tie_keys, topk, topk_inner_product
 
 
 def _reference(scores: torch.Tensor, k: int, row_keys: torch.Tensor, seed: int) -> list[list[int]]:
@@ -93,3 +93,45 @@ def test_no_item_is_tied_to_its_row(seed: int) -> None:
     # and the mean item index in a top 10 shows no pull towards low (popular) indices
     top10 = order[:, :10].double()
     assert abs(float(top10.mean()) - (n - 1) / 2) < 4 * (n / math.sqrt(12 * m * 10))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_inner_product_equals_topk_on_the_full_table(seed: int) -> None:
+    """Item chunks, skipped chunks and group pruning give exactly topk's ranking (integer
+    scores: heavy ties, exact arithmetic), with exclusions, a NaN, fewer rankable than k."""
+    g = torch.Generator().manual_seed(seed)
+    b, n, f = 9, 157, 3
+    queries = torch.randint(-2, 3, (b, f), generator=g).float()
+    items = torch.randint(-3, 4, (n, f), generator=g).float()
+    bias = torch.randint(-1, 2, (n,), generator=g).float() if seed % 2 else None
+    items[5, 0] = float("nan") if seed % 3 == 0 else items[5, 0]
+    scores = InnerProduct(queries=queries, items=items, bias=bias)
+    exclude = torch.unique(torch.randint(0, b * n, (300,), generator=g))
+    exclude = torch.cat([exclude, torch.arange(n) + 2 * n])  # row 2: nothing rankable
+    rows = torch.arange(b) * 13 + 1
+    full = scores.scores().clone()
+    full.view(-1)[exclude] = float("-inf")
+    for k in (1, 4, 10):
+        want = topk(full, k, row_keys=rows, seed=seed)
+        for chunk, group in ((16, 2), (40, 3), (64, 1), (1000, 64)):
+            got = topk_inner_product(
+                scores, k, row_keys=rows, seed=seed, exclude=exclude, chunk=chunk, group=group
+            )
+            assert torch.equal(got.indices, want.indices), (k, chunk, group)
+            assert torch.equal(got.values, want.values), (k, chunk, group)
+    if seed % 3 == 0:
+        with pytest.raises(ValueError, match="bad scores"):
+            topk_inner_product(scores, 3, row_keys=rows, chunk=16, group=2, nan_error="bad scores")
+
+
+def test_chunked_inner_product_with_distinct_scores() -> None:
+    """Float scores: the chunks' matmuls may round differently from one big one (an ulp), so
+    the ranking is compared where no two scores are that close."""
+    g = torch.Generator().manual_seed(3)
+    scores = InnerProduct(
+        queries=torch.randn(64, 8, generator=g), items=torch.randn(5000, 8, generator=g)
+    )
+    want = topk(scores.scores(), 20, row_keys=torch.arange(64))
+    got = topk_inner_product(scores, 20, row_keys=torch.arange(64), chunk=512, group=16)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.allclose(got.values, want.values, atol=1e-5)

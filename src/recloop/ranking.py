@@ -107,3 +107,137 @@ def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
     indices, values = indices.gather(1, order), values.gather(1, order)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
     return TopK(values=values.gather(1, order), indices=indices.gather(1, order))
+
+
+@dataclass(frozen=True)
+class InnerProduct:
+    """Scores that factor as ``queries @ items.T + bias``: (B, F) x (N + 1, F) → (B, N + 1).
+
+    Linear and dot heads score this way; knowing it lets a caller score the catalogue in
+    item chunks that stay in cache instead of materialising the (B, N + 1) table
+    (:func:`topk_inner_product`).
+    """
+
+    queries: Tensor  # (B, F)
+    items: Tensor  # (N + 1, F)
+    bias: Tensor | None = None  # (N + 1,) added to every row, or None
+
+    def scores(self, lo: int = 0, hi: int | None = None, *, out: Tensor | None = None) -> Tensor:
+        """Scores of items ``lo:hi`` for every query, (B, hi - lo), into ``out`` if given."""
+        hi = self.items.shape[0] if hi is None else hi
+        block = self.items[lo:hi].T
+        if self.bias is None:
+            return torch.matmul(self.queries, block, out=out)
+        # addmm, as nn.Linear computes it, so chunked scores equal the head's own bit for bit.
+        return torch.addmm(self.bias[lo:hi], self.queries, block, out=out)
+
+
+def topk_inner_product(
+    scores: InnerProduct,
+    k: int,
+    *,
+    row_keys: Tensor,
+    seed: int = 0,
+    exclude: Tensor | None = None,
+    chunk: int = 4_096,
+    group: int = 64,
+    nan_error: str | None = None,
+) -> TopK:
+    """:func:`topk` of ``scores.scores()`` with ``exclude``d entries at ``-inf``, never
+    holding more than (B, ``chunk``) scores.
+
+    ``exclude`` (E,) int64 flat keys ``row * (N + 1) + item`` of entries ranked last (masked
+    items; the padding column is the caller's to list).  The result equals :func:`topk` on the
+    full masked table.  Each item chunk is scored into one reused buffer; a row whose best
+    score in the chunk reaches its (k + 1)-th best so far merges the chunk's k + 1 best into
+    its own, other rows skip the chunk; within a chunk only the k + 1 groups of ``group``
+    consecutive items with the best maxima are searched.  So each row ends with exactly the
+    k + 1 best values of its table, and the boundary-tie test of :func:`topk` is exact on them.
+    Rows with a boundary tie or a NaN among them are ranked again from their full score rows
+    by :func:`topk` itself (a constant scorer takes that path for every row, at the cost of
+    the unchunked ranking).  With ``nan_error``
+    a NaN score raises ``ValueError(nan_error)`` instead of ranking last.
+    """
+    b, width = scores.queries.shape[0], scores.items.shape[0]
+    k = min(k, width)
+    if k == 0 or b == 0 or width <= max(chunk, k):
+        full = scores.scores()
+        if nan_error is not None and bool(torch.isnan(full).any()):
+            raise ValueError(nan_error)
+        if exclude is not None and exclude.numel():
+            full.view(-1).index_fill_(0, exclude, float("-inf"))
+        return topk(full, k, row_keys=row_keys, seed=seed)
+    dev = scores.queries.device
+    chunk = max(chunk, k + 1)
+    kk = k + 1
+    if exclude is not None and exclude.numel():
+        ex_row, ex_col = exclude // width, exclude % width
+        order = torch.argsort(ex_col)
+        ex_row, ex_col = ex_row[order], ex_col[order]
+    else:
+        ex_row = ex_col = torch.zeros(0, dtype=torch.int64, device=dev)
+    buf = torch.empty(b * chunk, dtype=scores.queries.dtype, device=dev)
+    # The k + 1 best (value, item) seen so far per row; their last value is the bar a chunk's
+    # best score must reach to change them, so most rows skip most chunks' top-k.
+    values = torch.full((b, kk), float("-inf"), dtype=buf.dtype, device=dev)
+    indices = torch.zeros((b, kk), dtype=torch.int64, device=dev)
+    for lo in range(0, width, chunk):
+        hi = min(lo + chunk, width)
+        w = hi - lo
+        block = scores.scores(lo, hi, out=buf[: b * w].view(b, w))
+        a, z = (int(x) for x in torch.searchsorted(ex_col, torch.tensor([lo, hi], device=dev)))
+        if z > a:
+            block.view(-1).index_fill_(0, ex_row[a:z] * w + (ex_col[a:z] - lo), float("-inf"))
+        n_groups = w // group if w % group == 0 else 0
+        if n_groups > kk:
+            groups = block.view(b, n_groups, group).amax(2)  # (B, G) best score per group
+            best = groups.amax(1)
+        else:
+            best = block.amax(1)
+        # NaN propagates through amax; such rows are kept (NaN >= x is False) so that the
+        # NaN reaches the candidates and is seen there.
+        rows = ((best >= values[:, -1]) | torch.isnan(best)).nonzero().squeeze(1)
+        if rows.shape[0] == 0:
+            continue
+        if n_groups > kk:
+            # The k + 1 best values lie in the k + 1 groups with the best maxima (a group left
+            # out has k + 1 groups above it, each holding a larger or equal value), so the
+            # top-k runs over k + 1 groups instead of the whole chunk.
+            gid = torch.topk(groups[rows], kk, dim=1).indices  # (R, k + 1)
+            picked = block.view(b, n_groups, group)[rows[:, None], gid]  # (R, k + 1, group)
+            v, i = torch.topk(picked.view(-1, kk * group), kk, dim=1)
+            i = gid.gather(1, i // group) * group + i % group
+        else:
+            v, i = torch.topk(block[rows], min(kk, w), dim=1)
+        merged_v = torch.cat((values[rows], v), 1)
+        merged_i = torch.cat((indices[rows], i + lo), 1)
+        v, at = torch.topk(merged_v, kk, dim=1)
+        values[rows] = v
+        indices[rows] = merged_i.gather(1, at)
+    nan = torch.isnan(values).any(1)  # (B,)
+    if nan_error is not None and bool(nan.any()):
+        raise ValueError(nan_error)
+    redo = (values[:, k] == values[:, k - 1]) | nan  # (B,)
+    values, indices = values[:, :k], indices[:, :k]
+    # Within the k: by key, then stably by descending score (as topk does).
+    keys = row_keys.to(device=dev, dtype=torch.int64)
+    order = torch.argsort(tie_keys(keys, indices, seed=seed), dim=1)
+    indices, values = indices.gather(1, order), values.gather(1, order)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        per = max(1, (b * chunk) // width)  # full rows redone at once, within the buffer's size
+        for s in range(0, rows.shape[0], per):
+            sub = rows[s : s + per]
+            part = InnerProduct(
+                queries=scores.queries[sub], items=scores.items, bias=scores.bias
+            ).scores()
+            in_rows = torch.isin(ex_row, sub)
+            if bool(in_rows.any()):
+                local = torch.searchsorted(sub, ex_row[in_rows])  # sub is ascending
+                part.view(-1).index_fill_(0, local * width + ex_col[in_rows], float("-inf"))
+            top = topk(part, k, row_keys=keys[sub], seed=seed)
+            values = values.index_copy(0, sub, top.values)
+            indices = indices.index_copy(0, sub, top.indices)
+    return TopK(values=values, indices=indices)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from recloop.config import check
+from recloop.ranking import InnerProduct
 from recloop.registry import Registry
 
 
@@ -63,6 +64,11 @@ class ScoreHead(nn.Module):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:  # (B, S), (N+1, D) -> (B, N+1)
         raise NotImplementedError
 
+    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct | None:
+        """The same scores as ``forward``, factored as queries @ items.T + bias, or None when
+        the head does not score that way."""
+        return None
+
 
 class HeadBuilder(Protocol):
     def __call__(
@@ -103,6 +109,10 @@ class LinearHead(ScoreHead):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return self.net(state)
 
+    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
+        out = self.output
+        return InnerProduct(queries=self.features(state), items=out.weight, bias=out.bias)
+
 
 @HEADS.register("dot")
 class DotHead(ScoreHead):
@@ -123,6 +133,9 @@ class DotHead(ScoreHead):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return score_items(self.action(state), item_weight, cosine=self.cosine)
 
+    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
+        return item_inner_product(self.action(state), item_weight, cosine=self.cosine)
+
 
 @HEADS.register("popularity")
 class PopularityHead(ScoreHead):
@@ -140,7 +153,14 @@ class PopularityHead(ScoreHead):
 
 def score_items(action: Tensor, item_weight: Tensor, *, cosine: bool = False) -> Tensor:
     """Similarity of action points (B, D) with every item embedding (N + 1, D) → (B, N + 1)."""
+    return item_inner_product(action, item_weight, cosine=cosine).scores()
+
+
+def item_inner_product(
+    action: Tensor, item_weight: Tensor, *, cosine: bool = False
+) -> InnerProduct:
+    """:func:`score_items` as an :class:`InnerProduct` (cosine: both sides normalised)."""
     if cosine:
         action = nn.functional.normalize(action, dim=-1)
         item_weight = nn.functional.normalize(item_weight, dim=-1)
-    return action @ item_weight.T
+    return InnerProduct(queries=action, items=item_weight)

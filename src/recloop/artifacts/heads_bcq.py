@@ -17,8 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from recloop.artifacts.heads import _ACTIVATIONS, HEADS, HeadConfig, ScoreHead, mlp, score_items
+from recloop.artifacts.heads import (
+    _ACTIVATIONS,
+    HEADS,
+    HeadConfig,
+    ScoreHead,
+    item_inner_product,
+    mlp,
+    score_items,
+)
 from recloop.data.batch import PAD_ID
+from recloop.ranking import InnerProduct
 
 
 class StateActionMLP(nn.Module):
@@ -98,6 +107,9 @@ class BCQHead(ScoreHead):
 
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return score_items(self.action(state), item_weight, cosine=self.cosine)
+
+    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
+        return item_inner_product(self.action(state), item_weight, cosine=self.cosine)
 
 
 @HEADS.register("bcq_discrete")

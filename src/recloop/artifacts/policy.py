@@ -17,6 +17,7 @@ import recloop.encoders  # noqa: F401  (fills the encoder registry)
 from recloop.artifacts.heads import HEADS, HeadConfig, ScoreHead
 from recloop.data.batch import PAD_ID
 from recloop.encoders.base import ENCODERS, EncoderConfig, StateEncoder
+from recloop.ranking import InnerProduct
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,3 +63,12 @@ class PolicyNet(nn.Module):
 
     def forward(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
         return self.scores_from_state(self.state(user, history, history_reward))
+
+    def inner_product(
+        self, user: Tensor, history: Tensor, history_reward: Tensor
+    ) -> InnerProduct | None:
+        """The scores of :meth:`forward` as queries @ items.T + bias, or None when the head
+        does not factor so; the padding column is NOT set to -inf here (the caller masks it).
+        """
+        state = self.state(user, history, history_reward)
+        return self.head.inner_product(state, self.item_embedding.weight)

@@ -44,7 +44,7 @@ from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
 from recloop.data.sampler import gather_windows
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.metrics import METRICS
-from recloop.ranking import topk
+from recloop.ranking import InnerProduct, topk, topk_inner_product
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,30 @@ Scorer = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 Column 0 is the padding item and is never ranked; higher scores rank first.  The scorer is
 called under ``torch.no_grad()`` (put modules in eval mode first); its output is copied
-before masking, so it may return a view of its own buffers.
+before masking, so it may return a view of its own buffers.  A scorer may also have a method
+``inner_product(user, history, history_reward) -> InnerProduct | None`` giving the same
+scores factored (:class:`recloop.ranking.InnerProduct`); large catalogues are then ranked in
+item chunks (``EvalConfig.item_chunk``).
 """
+
+
+_NAN_SCORES = "scorer returned NaN scores; nothing can be ranked on them"
+
+
+def _inner_product_of(
+    scorer: Scorer, users: EvalUsers, cfg: EvalConfig, dev: torch.device
+) -> Callable[[Tensor, Tensor, Tensor], InnerProduct | None] | None:
+    """The scorer's ``inner_product`` when the catalogue is chunked and it factors, else None."""
+    method = getattr(scorer, "inner_product", None)
+    if not callable(method) or users.n_items + 1 <= cfg.item_chunk or len(users) == 0:
+        return None
+    with torch.no_grad():
+        probe = method(
+            torch.from_numpy(users.user[:1]).to(dev),
+            torch.from_numpy(users.history[:1]).to(dev),
+            torch.from_numpy(users.history_reward[:1]).to(dev),
+        )
+    return method if isinstance(probe, InnerProduct) else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +97,12 @@ class EvalConfig:
     million items a batch is 31 users; with ml-100k's 1,682 the whole ``batch_size``."""
     tie_seed: int = 0
     """Seed of the pseudo-random tie-break between equal scores (:mod:`recloop.ranking`)."""
+    item_chunk: int = 4_096
+    """Catalogues larger than this are ranked in item chunks of this size when the scorer
+    factors as an inner product (``scorer.inner_product``, linear and dot heads): each chunk's
+    scores are computed into one buffer of users x ``item_chunk`` cells that stays in cache,
+    keep their k + 1 best, and the full (users, N + 1) table never exists (the same ranking,
+    see :func:`recloop.ranking.topk_inner_product`)."""
 
     def __post_init__(self) -> None:
         check(len(self.ks) > 0, "eval.ks must name at least one cut-off")
@@ -84,11 +112,16 @@ class EvalConfig:
             self.max_batch_cells >= 1,
             f"eval.max_batch_cells must be >= 1, got {self.max_batch_cells}",
         )
+        check(self.item_chunk >= 1, f"eval.item_chunk must be >= 1, got {self.item_chunk}")
 
     def users_per_batch(self, n_items: int) -> int:
         """Users scored at once for a catalogue of ``n_items`` (N) items: ``batch_size``,
         lowered so that users x (N + 1) stays within ``max_batch_cells`` (at least 1)."""
         return max(1, min(self.batch_size, self.max_batch_cells // (n_items + 1)))
+
+    def users_per_chunked_batch(self) -> int:
+        """Users ranked at once in item chunks: ``batch_size`` within ``max_batch_cells``."""
+        return max(1, min(self.batch_size, self.max_batch_cells // self.item_chunk))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -232,43 +265,73 @@ def evaluate_users(
     hit_reward_sum = dict.fromkeys(cfg.ks, 0.0)
     recommended = {k: torch.zeros(n + 1, dtype=torch.bool, device=dev) for k in cfg.ks}
     pad = torch.zeros(1, dtype=torch.long, device=dev)
-    per_batch = cfg.users_per_batch(n)
+    factored = _inner_product_of(scorer, users, cfg, dev)
+    per_batch = cfg.users_per_chunked_batch() if factored else cfg.users_per_batch(n)
     for lo in range(0, m, per_batch):
         hi = min(lo + per_batch, m)
         b = hi - lo
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            scores = scorer(
-                torch.from_numpy(users.user[lo:hi]).to(dev),
-                torch.from_numpy(users.history[lo:hi]).to(dev),
-                torch.from_numpy(users.history_reward[lo:hi]).to(dev),
-            )
-        if scores.shape != (b, n + 1):
-            raise ValueError(
-                f"scorer returned shape {tuple(scores.shape)}, expected ({b}, {n + 1})"
-            )
-        _sync(dev)
-        t1 = time.perf_counter()
-        scores = scores.detach().to(dev)
-        if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-            raise ValueError("scorer returned NaN scores; nothing can be ranked on them")
-        # index_fill is out of place: the copy protects the scorer's own tensors from masking.
-        scores = scores.index_fill(1, pad, float("-inf"))
+        width = n + 1
         # Entries are addressed as flat keys row * (N + 1) + item of this batch's score table;
         # 1-D index ops on them are far cheaper than 2-D advanced indexing.
-        width = n + 1
         t_row_np, t_sl = batch_rows(users.target_offsets, lo, hi)
         t_key = torch.from_numpy(t_row_np * width + users.target_items[t_sl]).to(dev)
-        flat = scores.view(-1)
-        if cfg.mask_consumed:
-            c_row_np, c_sl = batch_rows(users.consumed_offsets, lo, hi)
-            c_key = torch.from_numpy(c_row_np * width + users.consumed_items[c_sl]).to(dev)
-            keep = flat.index_select(0, t_key)
-            flat.index_fill_(0, c_key, float("-inf"))
-            flat.index_copy_(0, t_key, keep)  # targets stay rankable (RecBole)
-        ranked = topk(
-            scores, k_top, row_keys=torch.from_numpy(users.user[lo:hi]), seed=cfg.tie_seed
-        )
+        row_keys = torch.from_numpy(users.user[lo:hi])
+        t0 = time.perf_counter()
+        if factored is not None:
+            with torch.no_grad():
+                inner = factored(
+                    torch.from_numpy(users.user[lo:hi]).to(dev),
+                    torch.from_numpy(users.history[lo:hi]).to(dev),
+                    torch.from_numpy(users.history_reward[lo:hi]).to(dev),
+                )
+            if not isinstance(inner, InnerProduct):
+                raise ValueError("scorer.inner_product returned None after returning scores")
+            # The padding column, and consumed items that are not targets (targets stay
+            # rankable, as in RecBole), rank last.
+            excluded = [np.arange(b, dtype=np.int64) * width]
+            if cfg.mask_consumed:
+                c_row_np, c_sl = batch_rows(users.consumed_offsets, lo, hi)
+                c_key_np = c_row_np * width + users.consumed_items[c_sl]
+                excluded.append(c_key_np[~np.isin(c_key_np, t_key.cpu().numpy())])
+            with torch.no_grad():
+                ranked = topk_inner_product(
+                    inner,
+                    k_top,
+                    row_keys=row_keys,
+                    seed=cfg.tie_seed,
+                    exclude=torch.from_numpy(np.concatenate(excluded)).to(dev),
+                    chunk=cfg.item_chunk,
+                    nan_error=_NAN_SCORES,
+                )
+            _sync(dev)
+            t1 = time.perf_counter()
+        else:
+            with torch.no_grad():
+                scores = scorer(
+                    torch.from_numpy(users.user[lo:hi]).to(dev),
+                    torch.from_numpy(users.history[lo:hi]).to(dev),
+                    torch.from_numpy(users.history_reward[lo:hi]).to(dev),
+                )
+            if scores.shape != (b, n + 1):
+                raise ValueError(
+                    f"scorer returned shape {tuple(scores.shape)}, expected ({b}, {n + 1})"
+                )
+            _sync(dev)
+            t1 = time.perf_counter()
+            scores = scores.detach().to(dev)
+            if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+                raise ValueError(_NAN_SCORES)
+            # index_fill is out of place: the copy protects the scorer's own tensors from
+            # masking.
+            scores = scores.index_fill(1, pad, float("-inf"))
+            flat = scores.view(-1)
+            if cfg.mask_consumed:
+                c_row_np, c_sl = batch_rows(users.consumed_offsets, lo, hi)
+                c_key = torch.from_numpy(c_row_np * width + users.consumed_items[c_sl]).to(dev)
+                keep = flat.index_select(0, t_key)
+                flat.index_fill_(0, c_key, float("-inf"))
+                flat.index_copy_(0, t_key, keep)  # targets stay rankable (RecBole)
+            ranked = topk(scores, k_top, row_keys=row_keys, seed=cfg.tie_seed)
         values, top = ranked.values, ranked.indices  # (b, K)
         # fewer than K rankable items leaves -inf (masked) in the top; +inf is a real score
         finite = values > float("-inf")
