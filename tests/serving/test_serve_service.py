@@ -499,3 +499,24 @@ async def test_cold_start_policy_explores_from_the_first_request(artifact_dir: P
         RecommendRequest(user_id="nobody", n=1, policy="epsilon", epsilon=1.0, seed=1)
     )
     assert rec.source == "popular" and rec.item_ids == ["i1"]
+
+
+async def test_metrics_show_the_stream_workers_per_arm_feedback(artifact_dir: Path) -> None:
+    import time
+
+    from serve_helpers import running
+
+    from recloop.serving.app import create_app
+
+    app = create_app(settings_for(artifact_dir))
+    async with running(app) as client:
+        plain = (await client.get("/metrics")).text
+        assert "recloop_ab_attributed_clicks" not in plain  # no worker reported arms
+        store = app.state.service.store
+        arms = {"ctl": {"impressions": 10, "clicks": 3, "reward": 4.5}}
+        await store.put_heartbeat("w1", {"ts": time.time(), "arms": arms})
+        text = (await client.get("/metrics")).text
+    assert 'recloop_ab_settled_impressions_total{arm="ctl",worker="w1"} 10.0' in text
+    assert 'recloop_ab_attributed_clicks_total{arm="ctl",worker="w1"} 3.0' in text
+    assert 'recloop_ab_attributed_reward_total{arm="ctl",worker="w1"} 4.5' in text
+    assert "recloop_http_requests_total" in text  # the service's own metrics stay
