@@ -8,31 +8,39 @@ round, for every arm in turn::
 
     users     U fresh simulated users of the world, each for the world's sessions: at
               every step a batch of POST /v1/recommend/batch requests (n = 1, the user's
-              shown items as recent_items with exclude_consumed, a seed per request),
-              the world's exact response model answers (world.step), the clicks become
-              events (behaviour, reward, recommendation_id) published onto the arm's bus;
-              the service publishes every served list onto the same bus itself
+              shown items as recent_items with the rewards they earned as recent_rewards,
+              exclude_consumed, a seed per request), the world's exact response model
+              answers (world.step), the clicks become events (behaviour, reward,
+              recommendation_id) published onto the arm's bus; the service publishes every
+              served list onto the same bus itself.  Event time is simulated
+              (:class:`SimClock`: a step is the world's step_seconds, sessions are its
+              session gap apart), so each session's order and boundaries survive prepare.
+              A user with no history is answered by the arm's policy from the model's
+              empty state (the service's ``cold_start: policy``), not a fixed popular list
     stream    the stream processor drains the bus into the log (behaviour log, served
               items, feedback links, attribution); when the round's users have all left
               the experiment closes their impressions (BehaviorLog.settle), as the
               processor does once the event-time watermark passes them
     loop      LoopController.run_once() -- what ``recloop loop --once`` runs -- on the
               arm's served-items table (source: impressions, logged propensities):
-              prepare, warm-started training, the gate, publish, promote
+              prepare, warm-started training (RL arms on every impression, popularity and
+              supervised arms on the rewarded ones: ``train_targets``), the gate, publish,
+              promote
     truth     the candidate and the model that was current are rolled out in the world
               on the same fresh users with the same random numbers (``recloop world
               evaluate``'s roll-out): the gate's decision is checked against the truth
     swap      when promoted, the service's registry follower hot-swaps; the experiment
-              waits until an answer carries the new model version
+              waits until the service names the new model version
 
 Reward per round is the **true** reward the round's users got from the world (the sum of
 their step rewards per session; 95 % normal interval over users).  Users and random
 numbers are common to the arms (users ``u{BASE + round * U + i}``, the world's uniforms
 and each request's seed derived from (seed, round, user, session, step)), so arms are
-compared on the same people with the same luck.
+compared on the same people with the same luck, user by user against a baseline arm
+(:func:`paired`).
 
-Round 1 of every arm is served by the same bootstrap model: ``popularity`` trained on a
-log generated in the world by its popularity policy (epsilon 0.3, ``bootstrap_users``
+Round 1 of every arm is served by the same bootstrap model: ``popularity`` counts of the
+clicks of a log generated in the world by its ``bootstrap`` policy (``bootstrap_users``
 users).  The random arm serves that model with epsilon 1 (a uniform choice among the
 unshown items) and runs no loop.
 """
