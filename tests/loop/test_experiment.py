@@ -6,19 +6,29 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
+from recloop.artifacts.bundle import load_artifact
 from recloop.cli import main
 from recloop.errors import ConfigError
 from recloop.evaluation.worlds.rollout import Estimate
 from recloop.loop.experiment import (
     CSV_FIELDS,
     ArmRound,
+    ArmSpec,
+    ArmStack,
     ExperimentConfig,
     ExperimentResult,
     GateCheck,
+    Served,
+    SimClock,
+    bootstrap_model,
     compare_last_round,
+    paired,
     parse_arms,
+    serve_round,
     write_csv,
 )
 
@@ -36,6 +46,8 @@ def test_arms_are_parsed_with_their_training_fields() -> None:
     ]
     assert arms[0].train == {"behaviour": "logged", "top_k": 5} and arms[0].epsilon == 0.2
     assert arms[-1].algo is None and arms[-1].epsilon == 1.0  # uniform, no loop
+    # RL arms learn from every impression (logged propensities), the others from clicks
+    assert [a.train_targets for a in arms[:4]] == ["all", "all", "rewarded", "rewarded"]
     with pytest.raises(ConfigError, match="unknown algorithm 'nope'"):
         parse_arms("nope", epsilon=0.1)
     with pytest.raises(ConfigError, match="distinct"):
@@ -117,7 +129,7 @@ def test_a_tiny_experiment_runs_end_to_end(
             "-q", "experiment", "--world", "shop", "--rounds", "2", "--users", "12",
             "--arms", "reinforce:behaviour=logged,popularity,random", "--epochs", "1",
             "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work),
-            "--session-pause", "1", "--json",
+            "--json",
         ]
     )  # fmt: skip
     assert code in (0, None)
@@ -154,3 +166,151 @@ def test_a_tiny_experiment_runs_end_to_end(
     with open(work / "experiment.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and tuple(rows[0]) == CSV_FIELDS
+
+
+def test_paired_difference_and_ratio_by_hand() -> None:
+    arm = np.array([1.0, 2.0, 3.0, 4.0])
+    base = np.array([1.0, 1.0, 2.0, 2.0])
+    p = paired(arm, base, baseline="b", n_boot=4000, seed=0)
+    d = arm - base  # 0, 1, 1, 2: mean 1, sd sqrt(2/3)
+    assert p.diff.value == pytest.approx(1.0)
+    half = 1.959964 * np.sqrt(2 / 3) / 2
+    assert (p.diff.low, p.diff.high) == pytest.approx((1 - half, 1 + half))
+    assert p.ratio == pytest.approx(10 / 6)
+    assert p.ratio_low < p.ratio < p.ratio_high
+    assert p.ratio_low >= 1.0  # every resample has arm >= base user by user
+    assert d.mean() == pytest.approx(p.diff.value)
+    with pytest.raises(ValueError, match="differ in users"):
+        paired(arm, base[:3], baseline="b")
+
+
+def test_arms_are_compared_user_by_user_with_the_baseline(tmp_path: Path) -> None:
+    cfg = ExperimentConfig(rounds=1, users=4)
+    rows = [
+        _row(1, "rl-reinforce", 2.5, 0.5),
+        _row(1, "supervised-sasrec", 1.5, 0.5),
+        _row(1, "random", 1.0, 0.5),
+    ]
+    rows[0].per_user = np.array([2.0, 3.0, 2.0, 3.0])
+    rows[1].per_user = np.array([1.0, 2.0, 1.0, 2.0])
+    rows[2].per_user = np.array([1.0, 1.0, 1.0, 1.0])
+    arms = [
+        ArmSpec(name="rl-reinforce", algo="reinforce"),
+        ArmSpec(name="supervised-sasrec", algo="sasrec"),
+        ArmSpec(name="random", algo=None),
+    ]
+    result = ExperimentResult(config=cfg, arms=arms, rows=rows, world={}, bootstrap_version="v0")
+    assert result.baseline() == "supervised-sasrec"
+    doc = result.to_dict()
+    rl = doc["arms"][0]["paired_vs_baseline_per_round"][0]
+    # per user the RL arm earns exactly 1 more: a zero-width interval, unpaired ones overlap
+    assert rl["diff"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    assert rl["ratio"] == pytest.approx(2.5 / 1.5)
+    assert doc["arms"][1]["paired_vs_baseline_per_round"] == [None]  # the baseline itself
+    cmp_ = compare_last_round(result)
+    assert cmp_ is not None and cmp_["paired"]["diff"]["low"] == 1.0
+    write_csv(result, tmp_path / "e.csv")
+    with open(tmp_path / "e.csv", encoding="utf-8") as f:
+        read = {r["arm"]: r for r in csv.DictReader(f)}
+    assert read["rl-reinforce"]["baseline"] == "supervised-sasrec"
+    assert read["rl-reinforce"]["diff_lo"] == "1.000000"
+    assert read["random"]["diff_vs_baseline"] == "-0.500000"
+    bad = ExperimentResult(
+        config=ExperimentConfig(rounds=1, users=4, baseline="nope"),
+        arms=arms,
+        rows=rows,
+        world={},
+        bootstrap_version="v0",
+    )
+    with pytest.raises(ConfigError, match="baseline 'nope'"):
+        bad.baseline()
+
+
+def test_the_bootstrap_counts_clicks_not_impressions(tmp_path: Path) -> None:
+    from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+    from recloop.evaluation.worlds.base import build_world
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(bootstrap_users=40, users=4)
+    art = bootstrap_model(world, cfg, tmp_path)
+    root = art.parent.parent
+    events = pl.read_csv(root / "log" / "events.csv")
+    ds = PreparedDataset.load(root / "data")
+    assert ds.n_events == events.height  # every impression is in the data (the catalogue)
+    fit = (ds.split == TRAIN) | (ds.split == VALID)
+    assert fit.any() and (ds.reward[fit] > 0).all()  # but only clicks are counted
+    held_out = ds.split == TEST
+    assert fit.sum() == (ds.reward[~held_out] > 0).sum()  # every click outside the holdout
+
+
+async def _one_round(tmp_path: Path, spec: ArmSpec, users: int = 10) -> tuple[Served, ArmStack]:
+    from recloop.evaluation.worlds.base import build_world
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(bootstrap_users=60, users=users, truth_users=0)
+    boot = bootstrap_model(world, cfg, tmp_path)
+    stack = ArmStack(spec, root=tmp_path / "arm", cfg=cfg, bootstrap=boot, clock=SimClock(world))
+    who = 500_000_000 + np.arange(users, dtype=np.int64)
+    async with stack.serving() as client:
+        served = await serve_round(stack, client, world, users=who, seed=(0, 1), round_no=1)
+    await stack.drain()
+    return served, stack
+
+
+@pytest.mark.slow
+async def test_a_round_keeps_order_sessions_and_rewards_through_prepare(tmp_path: Path) -> None:
+    # what the loop trains on (prepare --from-db --impressions with the loop's default
+    # sessions) is each user's sessions in the order they happened, one prepared session per
+    # world session, with the rewards the requests sent as history
+    from recloop.data.dataset import TRAIN
+    from recloop.data.loaders.sql import load_impressions_from_db
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.schema import RawData
+    from recloop.data.splits import SplitConfig
+
+    spec = ArmSpec(name="popularity", algo="popularity", epsilon=0.5, train_targets="rewarded")
+    served, stack = await _one_round(tmp_path, spec)
+    raw = load_impressions_from_db(stack.database_url, table="served_items")
+    assert raw.events.height == served.steps
+    ds = prepare(
+        RawData(events=raw.events, source=raw.source), PrepareConfig(split=SplitConfig(mode="loo"))
+    )
+    checked = many = 0
+    for u in range(1, ds.n_users + 1):
+        i = int(ds.user_ids[u - 1][1:]) - 500_000_000
+        lo, hi = int(ds.user_offsets[u]), int(ds.user_offsets[u + 1])
+        items = [ds.item_ids[j - 1] for j in ds.item[lo:hi].tolist()]
+        assert items == served.shown[i]  # the order of the session survives
+        assert ds.reward[lo:hi].tolist() == pytest.approx(served.earned[i])
+        assert (np.diff(ds.timestamp[lo:hi]) > 0).all()  # strictly increasing event time
+        # world sessions stay apart, and only they start one (in the train rows: prepare
+        # also starts a session where the split changes, loo's last rows)
+        train = ds.split[lo:hi] == TRAIN
+        k = int(train.sum())
+        assert train[:k].all()
+        sessions = np.unique(ds.session[lo:hi][:k]).shape[0]
+        assert sessions == len(set(served.session_of[i][:k]))
+        many += len(set(served.session_of[i][:k])) > 1
+        checked += 1
+    assert checked >= 5 and many >= 3
+
+
+@pytest.mark.slow
+async def test_the_random_arm_is_uniform_from_a_users_first_step(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    _, stack = await _one_round(tmp_path, ArmSpec(name="random", algo=None, epsilon=1.0))
+    n_items = len(load_artifact(stack.registry.current_path()).item_ids)
+    eng = sa.create_engine(stack.database_url)
+    with eng.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT user_id, ts, source, propensity FROM served_items ORDER BY user_id, ts")
+        ).all()
+    eng.dispose()
+    first = {}
+    for user, _ts, source, prop in rows:
+        first.setdefault(user, (source, prop))
+        assert source == "policy"  # never the deterministic popular fallback
+    assert len(first) == 10
+    for _source, prop in first.values():
+        assert prop == pytest.approx(1 / n_items)  # uniform over the catalogue at step 1

@@ -137,3 +137,24 @@ def test_without_the_metric_ope_alone_decides(tmp_path: Path) -> None:
     first = gate(cur, None, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
                  ope_cfg=ope, use_metric=False)  # fmt: skip
     assert "vs popularity" in first.reason and "(not gating)" not in first.reason
+
+
+def test_rewarded_training_counts_only_rewarded_rows_as_targets(tmp_path: Path) -> None:
+    from recloop.algos.base import DatasetSpec
+    from recloop.data.sampler import TransitionSampler
+    from recloop.loop.gate import rewarded_training
+
+    ds = _dataset([f"u{i}" for i in range(30)], [f"i{j}" for j in range(12)])
+    trained = rewarded_training(ds)
+    train = ds.split == TRAIN
+    assert ((trained.split == TRAIN) == (train & (ds.reward > 0))).all()
+    assert (trained.split[~train] == ds.split[~train]).all()  # the holdout is untouched
+    assert trained.n_events == ds.n_events  # ignored rows stay in the sequences
+    assert ds.split[train].tolist() == [TRAIN] * int(train.sum())  # input not modified
+    # popularity counts clicks, not impressions
+    spec = DatasetSpec.from_dataset(trained)
+    clicks = np.bincount(ds.item[train & (ds.reward > 0)], minlength=ds.n_items + 1)
+    np.testing.assert_array_equal(spec.popularity, clicks.astype(np.float32) * (np.arange(13) > 0))
+    # a trainer's sampler sees only the rewarded rows as transitions
+    sampler = TransitionSampler(trained, history=3, batch_size=8)
+    assert sampler.n_transitions == int((train & (ds.reward > 0)).sum())

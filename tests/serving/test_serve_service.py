@@ -451,3 +451,72 @@ async def test_corrupt_popular_in_redis_is_not_an_outage(
     finally:
         await store.delete_all()
         await store.close()
+
+
+async def test_recent_rewards_reach_the_state(artifact_dir: Path) -> None:
+    # the artifact's encoder reads rewards: a history of ignored items (reward 0) is another
+    # state than the same items clicked, and the answer is the reference's for those rewards
+    svc = make_service(artifact_dir)
+    hist = [("i2", 0.0), ("i5", 3.0)]
+    rec = await svc.recommend(
+        RecommendRequest(user_id="u1", recent_items=["i2", "i5"], recent_rewards=[0.0, 3.0], n=4)
+    )
+    ids, scores = reference(svc.model.artifact, user="u1", history=hist, exclude={"i2", "i5"}, n=4)
+    assert rec.item_ids == ids
+    np.testing.assert_allclose(rec.scores, scores, rtol=1e-6)
+    ones, _ = reference(
+        svc.model.artifact, user="u1", history=[("i2", 1.0), ("i5", 1.0)], exclude=set(), n=11
+    )
+    default = await svc.recommend(
+        RecommendRequest(user_id="u1", recent_items=["i2", "i5"], exclude_consumed=False, n=11)
+    )
+    assert default.item_ids == ones  # omitted: every recent item has reward 1, as before
+
+
+def test_recent_rewards_must_match_recent_items() -> None:
+    with pytest.raises(ValueError, match="recent_rewards needs recent_items of the same length"):
+        RecommendRequest(user_id="u1", recent_items=["i2"], recent_rewards=[0.0, 1.0])
+    with pytest.raises(ValueError, match="recent_rewards needs recent_items"):
+        RecommendRequest(user_id="u1", recent_rewards=[0.0])
+
+
+async def test_cold_start_policy_explores_from_the_first_request(artifact_dir: Path) -> None:
+    # a user nobody knows, without history: with cold_start "policy" the list is drawn by the
+    # request's policy from the empty state -- epsilon 1 is uniform over the catalogue, with
+    # that propensity -- instead of the deterministic popular fallback (propensity 1)
+    svc = make_service(artifact_dir, cold_start="policy")
+    seen = set()
+    for seed in range(60):
+        rec = await svc.recommend(
+            RecommendRequest(user_id="nobody", n=1, policy="epsilon", epsilon=1.0, seed=seed)
+        )
+        assert rec.source == "policy"
+        assert rec.propensities == [pytest.approx(1 / N_ITEMS)]
+        seen.add(rec.item_ids[0])
+    assert len(seen) > N_ITEMS // 2  # not one fixed item
+    popular = make_service(artifact_dir)  # the default keeps the popular fallback
+    rec = await popular.recommend(
+        RecommendRequest(user_id="nobody", n=1, policy="epsilon", epsilon=1.0, seed=1)
+    )
+    assert rec.source == "popular" and rec.item_ids == ["i1"]
+
+
+async def test_metrics_show_the_stream_workers_per_arm_feedback(artifact_dir: Path) -> None:
+    import time
+
+    from serve_helpers import running
+
+    from recloop.serving.app import create_app
+
+    app = create_app(settings_for(artifact_dir))
+    async with running(app) as client:
+        plain = (await client.get("/metrics")).text
+        assert "recloop_ab_attributed_clicks" not in plain  # no worker reported arms
+        store = app.state.service.store
+        arms = {"ctl": {"impressions": 10, "clicks": 3, "reward": 4.5}}
+        await store.put_heartbeat("w1", {"ts": time.time(), "arms": arms})
+        text = (await client.get("/metrics")).text
+    assert 'recloop_ab_settled_impressions_total{arm="ctl",worker="w1"} 10.0' in text
+    assert 'recloop_ab_attributed_clicks_total{arm="ctl",worker="w1"} 3.0' in text
+    assert 'recloop_ab_attributed_reward_total{arm="ctl",worker="w1"} 4.5' in text
+    assert "recloop_http_requests_total" in text  # the service's own metrics stay

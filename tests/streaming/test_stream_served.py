@@ -208,3 +208,32 @@ def test_a_served_table_from_before_ab_serving_gets_its_arm_column(log: Behavior
     fresh = BehaviorLog(log.url, prefix=sv.name.removesuffix("served_items"))
     fresh.create_schema()  # a second process: nothing left to add
     fresh.dispose()
+
+
+async def test_settled_clicks_and_rewards_are_counted_per_arm_once(
+    names: dict[str, str], log: BehaviorLog
+) -> None:
+    """The worker counts each impression once, when it settles it (its attribution is final
+    then), under the arm its list recorded; the heartbeat carries the totals, and the
+    service's /metrics text shows them per arm and worker."""
+    from recloop.serving.metrics import arm_feedback
+
+    lists = [{**d, "arm": arm} for d, arm in zip(LISTS, ["a", "b", "a"], strict=True)]
+    late = {"event_id": "z", "user_id": "u9", "item_id": "a", "ts": 20000}
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish([encode_served(d) for d in lists] + [orjson.dumps(e) for e in EVENTS])
+    await bus.publish([orjson.dumps(late)])
+    store = MemoryStore()
+    stats = await run_worker_async(settings(names), bus=bus, store=store, log=log, consumer="w")
+    assert stats.settled == 6
+    beats = await store.get_heartbeats(max_age_s=60)
+    # EXPECTED: a = r1 (3 shown, e2 reward 2) + r3 (1 shown, e4 reward 3); b = r2 (e1, e5)
+    assert beats["w"]["arms"] == {
+        "a": {"impressions": 4, "clicks": 2, "reward": 5.0},
+        "b": {"impressions": 2, "clicks": 2, "reward": 2.0},
+    }
+    assert log.settle_by_arm(10**9) == {}  # settled rows are never counted again
+    text = arm_feedback(beats).decode()
+    assert 'recloop_ab_attributed_clicks_total{arm="a",worker="w"} 2.0' in text
+    assert 'recloop_ab_attributed_reward_total{arm="b",worker="w"} 2.0' in text
+    assert 'recloop_ab_settled_impressions_total{arm="a",worker="w"} 4.0' in text

@@ -54,12 +54,11 @@ def experiment_command(
         "metric (one of them alone).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
-    session_pause: float = typer.Option(
-        1.0,
-        "--session-pause",
-        min=0.0,
-        help="Seconds between a round's sessions (the log's timestamps are wall-clock "
-        "seconds; the loop's holdout is a time cut).",
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="Arm the others are compared with user by user (paired differences and ratios "
+        "in the JSON and CSV); default: the first supervised arm, else random.",
     ),
     world_set: list[str] = typer.Option(
         [], "--world-set", help="Override a world config field (repeatable)."
@@ -96,7 +95,7 @@ def experiment_command(
         margin=margin,
         gate=gate,
         seed=seed,
-        session_pause_s=session_pause,
+        baseline=baseline,
     )
     specs = parse_arms(arms, epsilon=epsilon, policy=policy, temperature=temperature)
     result = run_experiment(cfg, specs, workdir, say=(lambda _: None) if as_json else echo)
@@ -115,6 +114,14 @@ def experiment_command(
             f"intervals {'disjoint' if cmp_['disjoint'] else 'overlap'}; target (>= 1.2, "
             f"disjoint) {'met' if cmp_['target_met'] else 'NOT met'}"
         )
+        if "paired" in cmp_:
+            p = cmp_["paired"]
+            d, (lo, hi) = p["diff"], p["ratio_interval"]
+            echo(
+                f"paired over the same users: {cmp_['rl_arm']} − {cmp_['supervised_arm']} = "
+                f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] per session; ratio "
+                f"{p['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
+            )
     g = doc["gate_summary"]
     echo(
         f"gate checked against the truth: {g['decisions']} decisions, {g['promoted']} promoted, "

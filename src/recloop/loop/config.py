@@ -34,6 +34,13 @@ class LoopConfig:
     second."""
     served_table: str = "served_items"
     """The served-items table (``source: impressions``)."""
+    train_targets: Literal["all", "rewarded"] = "all"
+    """Rows a candidate learns to predict: ``all`` of the window's training rows, or only
+    the ``rewarded`` ones (reward > 0; the others stay in the users' sequences as history).
+    With ``source: impressions`` a model that fits every shown item -- popularity counts,
+    a supervised next-item model -- learns what the serving policy chose, not what users
+    wanted; ``rewarded`` makes it learn from the clicks.  The gate still sees every
+    holdout row (its OPE needs the ignored impressions too)."""
     registry: str = ""
     """Artifact registry directory (``recloop registry``): candidates are published there and
     the current version moves when the gate passes."""
@@ -119,6 +126,10 @@ class LoopConfig:
         check(
             self.source in ("events", "impressions"),
             f"source must be events or impressions, got {self.source!r}",
+        )
+        check(
+            self.train_targets in ("all", "rewarded"),
+            f"train_targets must be all or rewarded, got {self.train_targets!r}",
         )
         check(
             self.gate_targets in ("auto", "all", "rewarded"),

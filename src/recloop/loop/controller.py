@@ -47,7 +47,7 @@ from recloop.data.schema import TIMESTAMP, RawData
 from recloop.data.splits import SplitConfig
 from recloop.errors import ArtifactError, RecloopError
 from recloop.loop.config import LoopConfig
-from recloop.loop.gate import GateResult, gate
+from recloop.loop.gate import GateResult, gate, rewarded_training
 from recloop.loop.window import (
     Cuts,
     Watermark,
@@ -337,6 +337,8 @@ class LoopController:
         from recloop.training.runconfig import load_run_config
 
         cfg = self.cfg
+        if cfg.train_targets == "rewarded":
+            dataset = rewarded_training(dataset)
         run = load_run_config(cfg.algo, values=cfg.train)
         rec = run.config.create()
         algo = rec.build(dataset, device=run.fit.device)

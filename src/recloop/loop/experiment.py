@@ -8,31 +8,39 @@ round, for every arm in turn::
 
     users     U fresh simulated users of the world, each for the world's sessions: at
               every step a batch of POST /v1/recommend/batch requests (n = 1, the user's
-              shown items as recent_items with exclude_consumed, a seed per request),
-              the world's exact response model answers (world.step), the clicks become
-              events (behaviour, reward, recommendation_id) published onto the arm's bus;
-              the service publishes every served list onto the same bus itself
+              shown items as recent_items with the rewards they earned as recent_rewards,
+              exclude_consumed, a seed per request), the world's exact response model
+              answers (world.step), the clicks become events (behaviour, reward,
+              recommendation_id) published onto the arm's bus; the service publishes every
+              served list onto the same bus itself.  Event time is simulated
+              (:class:`SimClock`: a step is the world's step_seconds, sessions are its
+              session gap apart), so each session's order and boundaries survive prepare.
+              A user with no history is answered by the arm's policy from the model's
+              empty state (the service's ``cold_start: policy``), not a fixed popular list
     stream    the stream processor drains the bus into the log (behaviour log, served
               items, feedback links, attribution); when the round's users have all left
               the experiment closes their impressions (BehaviorLog.settle), as the
               processor does once the event-time watermark passes them
     loop      LoopController.run_once() -- what ``recloop loop --once`` runs -- on the
               arm's served-items table (source: impressions, logged propensities):
-              prepare, warm-started training, the gate, publish, promote
+              prepare, warm-started training (RL arms on every impression, popularity and
+              supervised arms on the rewarded ones: ``train_targets``), the gate, publish,
+              promote
     truth     the candidate and the model that was current are rolled out in the world
               on the same fresh users with the same random numbers (``recloop world
               evaluate``'s roll-out): the gate's decision is checked against the truth
     swap      when promoted, the service's registry follower hot-swaps; the experiment
-              waits until an answer carries the new model version
+              waits until the service names the new model version
 
 Reward per round is the **true** reward the round's users got from the world (the sum of
 their step rewards per session; 95 % normal interval over users).  Users and random
 numbers are common to the arms (users ``u{BASE + round * U + i}``, the world's uniforms
 and each request's seed derived from (seed, round, user, session, step)), so arms are
-compared on the same people with the same luck.
+compared on the same people with the same luck, user by user against a baseline arm
+(:func:`paired`).
 
-Round 1 of every arm is served by the same bootstrap model: ``popularity`` trained on a
-log generated in the world by its popularity policy (epsilon 0.3, ``bootstrap_users``
+Round 1 of every arm is served by the same bootstrap model: ``popularity`` counts of the
+clicks of a log generated in the world by its ``bootstrap`` policy (``bootstrap_users``
 users).  The random arm serves that model with epsilon 1 (a uniform choice among the
 unshown items) and runs no loop.
 """
@@ -79,6 +87,40 @@ USER_BASE = 500_000_000
 TRUTH_USER_BASE = 1_500_000_000
 """First user number of the gate-truth roll-outs (fresh, the same for every round)."""
 RANDOM = "random"
+START_TS = 1_700_000_000
+"""Event time (unix seconds) of the experiment's first step on its simulated clock."""
+
+
+class SimClock:
+    """The experiment's event time, shared by an arm's service (it stamps the served lists)
+    and its users (they stamp their clicks).
+
+    Step t of session s of round r happens at ``START_TS + ((r - 1) * S + s) * gap + t *
+    step`` with the world's ``step_seconds`` and ``session_gap_seconds`` (what ``recloop
+    world generate`` writes): every user's events are strictly increasing in time, step by
+    step, so a session's order survives ``prepare --from-db`` (one impression per user and
+    second), and the world's sessions are further apart than prepare's session gap, so each
+    stays a session of its own.  A round's users share the clock: they act in parallel."""
+
+    def __init__(self, world: World, start: int = START_TS) -> None:
+        m = world.mech
+        self.start = start
+        self.sessions = m.sessions
+        self.step_s = m.step_seconds
+        self.gap_s = m.session_gap_seconds
+        self.now = start
+
+    def __call__(self) -> float:
+        return float(self.now)
+
+    def at(self, round_no: int, session: int, step: int) -> int:
+        """Event time of (round, session, step); also moves the clock there."""
+        self.now = (
+            self.start
+            + ((round_no - 1) * self.sessions + session) * self.gap_s
+            + step * self.step_s
+        )
+        return self.now
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +139,11 @@ class ArmSpec:
     """ε of the epsilon policy (1 = uniform)."""
     temperature: float = 1.0
     """T of the softmax policy."""
+    train_targets: str = "all"
+    """The loop's ``train_targets``: ``all`` impressions (RL arms: every shown item with its
+    reward, 0 when ignored, and its logged propensity) or ``rewarded`` ones only
+    (popularity and supervised arms: trained on every impression they would count or
+    imitate what the serving model chose, ignored items included)."""
 
     def selection(self) -> Selection:
         """The same policy in the world's roll-outs (n = 1: one item per step)."""
@@ -166,6 +213,7 @@ def parse_arms(
                 policy=policy,
                 epsilon=epsilon,
                 temperature=temperature,
+                train_targets="all" if kind == "rl" else "rewarded",
             )
         )
     names = [a.name for a in arms]
@@ -214,11 +262,9 @@ class ExperimentConfig:
     (docs/experiment.md)."""
     seed: int = 0
     """Seed of the users' random numbers, request seeds and training."""
-    session_pause_s: float = 1.0
-    """Pause between a round's sessions.  The service stamps served lists with wall-clock
-    seconds and a round's steps take a second or two, so without it a round's impressions
-    share one or two timestamps and the loop's holdout time cut (ties go to the holdout)
-    leaves almost nothing to train on; with it each session has its own seconds."""
+    baseline: str | None = None
+    """Arm every other arm is compared with, per user (paired differences and ratios in the
+    JSON and CSV); None: the first supervised arm, else ``random``, else the first arm."""
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
@@ -241,9 +287,6 @@ class ExperimentConfig:
         check(
             self.bootstrap in ("random", "popularity"),
             f"bootstrap: random or popularity, got {self.bootstrap!r}",
-        )
-        check(
-            self.session_pause_s >= 0, f"session_pause_s must be >= 0, got {self.session_pause_s}"
         )
 
 
@@ -292,6 +335,54 @@ class ArmRound:
     gate: GateCheck | None = None
     loop_seconds: float = 0.0
     serve_seconds: float = 0.0
+    per_user: np.ndarray | None = None
+    """(U,) true reward per session of each of the round's users, in the round's user order
+    (the same users in every arm): what the paired comparisons use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Paired:
+    """One arm against the baseline arm in one round, user by user."""
+
+    baseline: str
+    diff: Estimate
+    """Mean over users of (arm − baseline) reward per session, 95 % interval."""
+    ratio: float
+    """Mean reward of the arm / mean reward of the baseline."""
+    ratio_low: float
+    ratio_high: float
+    """95 % percentile bootstrap interval of the ratio, users resampled in pairs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline,
+            "diff": self.diff.to_dict(),
+            "ratio": self.ratio,
+            "ratio_interval": [self.ratio_low, self.ratio_high],
+        }
+
+
+def paired(
+    arm: np.ndarray, base: np.ndarray, *, baseline: str, n_boot: int = 2000, seed: int = 0
+) -> Paired:
+    """Per-user paired difference and ratio of means of ``arm`` over ``base`` (both (U,),
+    the same users in the same order)."""
+    if arm.shape != base.shape:
+        raise ValueError(f"paired arms differ in users: {arm.shape} vs {base.shape}")
+    n = arm.shape[0]
+    ratio = float(arm.mean() / base.mean()) if base.mean() > 0 else math.inf
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    num, den = arm[idx].mean(1), base[idx].mean(1)
+    boot = np.divide(num, den, out=np.full(n_boot, np.inf), where=den > 0)
+    lo, hi = np.quantile(boot, [0.025, 0.975]) if n > 1 else (ratio, ratio)
+    return Paired(
+        baseline=baseline,
+        diff=t_interval(arm - base),
+        ratio=ratio,
+        ratio_low=float(lo),
+        ratio_high=float(hi),
+    )
 
 
 @dataclass(kw_only=True)
@@ -306,18 +397,46 @@ class ExperimentResult:
     def arm_rows(self, name: str) -> list[ArmRound]:
         return sorted((r for r in self.rows if r.arm == name), key=lambda r: r.round)
 
+    def baseline(self) -> str:
+        """The arm the others are compared with (:attr:`ExperimentConfig.baseline`)."""
+        names = [a.name for a in self.arms]
+        if self.config.baseline is not None:
+            if self.config.baseline not in names:
+                raise ConfigError(f"baseline {self.config.baseline!r} is not an arm of {names}")
+            return self.config.baseline
+        sup = [n for n in names if n.startswith("supervised-")]
+        return sup[0] if sup else RANDOM if RANDOM in names else names[0]
+
+    def paired(self) -> dict[tuple[int, str], Paired]:
+        """(round, arm) → the arm against the baseline arm on the round's users."""
+        base = self.baseline()
+        of = {(r.round, r.arm): r for r in self.rows}
+        out: dict[tuple[int, str], Paired] = {}
+        for (rnd, arm), row in of.items():
+            b = of.get((rnd, base))
+            if arm == base or b is None or row.per_user is None or b.per_user is None:
+                continue
+            out[(rnd, arm)] = paired(row.per_user, b.per_user, baseline=base, seed=rnd)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         arms = []
+        pairs = self.paired()
         for a in self.arms:
             rows = self.arm_rows(a.name)
+            vs = [pairs.get((r.round, a.name)) for r in rows]
             arms.append(
                 {
                     "name": a.name,
                     "algo": a.algo or RANDOM,
+                    "train_targets": a.train_targets if a.algo else None,
                     "reward_per_round": [r.reward.value for r in rows],
                     "interval_per_round": [[r.reward.low, r.reward.high] for r in rows],
                     "promoted_per_round": [r.promoted for r in rows],
                     "model_version_per_round": [r.model_version for r in rows],
+                    "paired_vs_baseline_per_round": [
+                        None if p is None else p.to_dict() for p in vs
+                    ],
                 }
             )
         checks = [
@@ -329,6 +448,7 @@ class ExperimentResult:
             "world": self.world,
             "config": dataclasses.asdict(self.config),
             "bootstrap_version": self.bootstrap_version,
+            "baseline": self.baseline(),
             "arms": arms,
             "gate_checks": checks,
             "gate_violations": sum(1 for c in checks if c["violation"]),
@@ -372,7 +492,8 @@ CSV_FIELDS = (
     "round", "arm", "algo", "reward", "lo", "hi", "promoted", "model_version",
     "sessions", "steps", "clicks", "gate_decision", "candidate",
     "true_candidate", "true_current", "true_diff", "true_diff_lo", "true_diff_hi",
-    "violation",
+    "violation", "baseline", "diff_vs_baseline", "diff_lo", "diff_hi",
+    "ratio_vs_baseline", "ratio_lo", "ratio_hi",
 )  # fmt: skip
 
 
@@ -386,7 +507,16 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
+        pairs = result.paired()
+        base = result.baseline()
         for r in sorted(result.rows, key=lambda r: (r.round, r.arm)):
+            p = pairs.get((r.round, r.arm))
+            vs = (
+                ["", "", "", "", "", ""]
+                if p is None
+                else [_num(x) for x in (p.diff.value, p.diff.low, p.diff.high, p.ratio,
+                                        p.ratio_low, p.ratio_high)]
+            )  # fmt: skip
             g = r.gate
             cand = None if g is None else g.true_candidate
             cur = None if g is None else g.true_current
@@ -403,6 +533,7 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
                     *(["", "", ""] if diff is None else map(_num, (diff.value, diff.low,
                                                                    diff.high))),
                     "" if g is None else int(g.violation),
+                    base, *vs,
                 ]
             )  # fmt: skip
 
@@ -411,15 +542,17 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
 
 
 def bootstrap_model(world: World, cfg: ExperimentConfig, workdir: Path) -> Path:
-    """``popularity`` trained on a log of the world's popularity policy (ε 0.3); returns the
-    artifact directory (reused when it exists: it depends on the config only)."""
+    """``popularity`` counts of the rewarded events of a log of the world's ``bootstrap``
+    policy (ε 0.3); returns the artifact directory (reused when it exists: it depends on
+    the config only)."""
     from recloop.data.loaders import LoadOptions, load_raw
     from recloop.data.prepare import PrepareConfig, prepare
     from recloop.data.splits import SplitConfig
     from recloop.evaluation.worlds.rollout import write_events
+    from recloop.loop.gate import rewarded_training
     from recloop.training.recommender import train_run
 
-    root = workdir / f"bootstrap-{cfg.bootstrap}-{cfg.bootstrap_users}-{cfg.seed}"
+    root = workdir / f"bootstrap-clicks-{cfg.bootstrap}-{cfg.bootstrap_users}-{cfg.seed}"
     artifact = root / "run" / "artifact"
     if (artifact / "manifest.json").is_file():
         return artifact
@@ -429,7 +562,10 @@ def bootstrap_model(world: World, cfg: ExperimentConfig, workdir: Path) -> Path:
     write_events(world, roll, root / "log" / "events.csv")
     raw = load_raw("csv", root / "log" / "events.csv", LoadOptions())
     dataset = prepare(raw, PrepareConfig(split=SplitConfig(mode="loo")))
-    dataset.save(root / "data")
+    # popularity counts the clicks only: counted over every impression it would count what
+    # the logging policy showed (uniform: an arbitrary order), not what users wanted; the
+    # ignored impressions stay in the data, so every shown item is in the catalogue
+    rewarded_training(dataset).save(root / "data")
     train_run("popularity", root / "data", root / "run", overwrite=True, progress=False)
     return artifact
 
@@ -441,7 +577,13 @@ class ArmStack:
     """Registry, log, bus, service and loop of one arm (see the module docstring)."""
 
     def __init__(
-        self, spec: ArmSpec, *, root: Path, cfg: ExperimentConfig, bootstrap: Path
+        self,
+        spec: ArmSpec,
+        *,
+        root: Path,
+        cfg: ExperimentConfig,
+        bootstrap: Path,
+        clock: SimClock,
     ) -> None:
         self.spec = spec
         self.root = root
@@ -450,6 +592,7 @@ class ArmStack:
         self.database_url = f"sqlite:///{root / 'log.db'}"
         self.bus_url = f"memory://exp-{root.name}-{id(self)}"
         self.registry.publish(bootstrap, promote=True, reason="experiment bootstrap")
+        self.clock = clock
         self.loop: LoopController | None = None
         self.expected = 0
         """Entries the bus should hold: served lists and events so far."""
@@ -476,6 +619,7 @@ class ArmStack:
                     "algo": spec.algo,
                     "train": train,
                     "source": "impressions",
+                    "train_targets": spec.train_targets,
                     "every_events": 1,
                     "holdout": 0.15,
                     "valid": 0.0,
@@ -506,6 +650,9 @@ class ArmStack:
                 "bus_url": self.bus_url,
                 "store_url": "memory://",
                 "history_source": "request",
+                # a fresh user's first list is drawn by the arm's policy from the model's
+                # empty state (random: uniform), as the world's roll-outs draw it
+                "cold_start": "policy",
                 "policy": self.spec.policy,
                 "epsilon": self.spec.epsilon,
                 "temperature": self.spec.temperature,
@@ -514,7 +661,7 @@ class ArmStack:
                 "gc_freeze": False,
             }
         )
-        app = create_app(settings)
+        app = create_app(settings, clock=self.clock)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://arm") as client:
@@ -553,7 +700,7 @@ class ArmStack:
         stats = await run_worker_async(settings, stop=asyncio.Event())
         log = BehaviorLog(self.database_url)
         try:
-            await asyncio.to_thread(log.settle, int(time.time()) + 1)
+            await asyncio.to_thread(log.settle, self.clock.now + 1)
         finally:
             log.dispose()
         return stats.as_dict()
@@ -575,6 +722,12 @@ class Served:
     steps: int
     clicks: int
     versions: list[str]
+    shown: list[list[str]]
+    """Per user, the items shown, in order."""
+    earned: list[list[float]]
+    """Per user, the reward of each shown item (0: ignored)."""
+    session_of: list[list[int]]
+    """Per user, the world session of each shown item."""
 
 
 async def serve_round(
@@ -584,23 +737,27 @@ async def serve_round(
     *,
     users: np.ndarray,
     seed: Sequence[int],
-    pause_s: float = 0.0,
+    round_no: int = 1,
 ) -> Served:
-    """The round's users in the arm's service; the world answers (module docstring)."""
+    """The round's users in the arm's service; the world answers (module docstring).  Each
+    request sends the user's shown items with the rewards they earned (0: ignored), as the
+    log records them and the world's roll-outs feed them; events carry the simulated clock's
+    time (:class:`SimClock`)."""
     m = world.mech
     b = users.shape[0]
     state = world.initial_state(users)
     shown: list[list[str]] = [[] for _ in range(b)]
+    earned: list[list[float]] = [[] for _ in range(b)]
+    session_of: list[list[int]] = [[] for _ in range(b)]
     total = np.zeros(b)
     steps = clicks = 0
     versions: dict[str, None] = {}
     ids = [f"{USER_PREFIX}{u}" for u in users.tolist()]
     for s in range(m.sessions):
-        if s and pause_s > 0:
-            await asyncio.sleep(pause_s)
         world.start_session(state)
         alive = np.ones(b, bool)
         for t in range(m.horizon):
+            now = stack.clock.at(round_no, s, t)
             # uniforms for every user (common random numbers), then the request seeds
             rng = np.random.default_rng([*seed, s, t])
             uni = rng.random((5, b))
@@ -613,6 +770,7 @@ async def serve_round(
                     {
                         "user_id": ids[i],
                         "recent_items": shown[i],
+                        "recent_rewards": earned[i],
                         "exclude_consumed": True,
                         "n": 1,
                         "seed": int(req_seed[i]),
@@ -643,10 +801,11 @@ async def serve_round(
                 sub.satiety,
                 sub.misses,
             )
-            now = int(time.time())
             events: list[dict[str, Any]] = []
             for j, i in enumerate(rows.tolist()):
                 shown[i].append(raw[j])
+                earned[i].append(float(out.reward[j]))
+                session_of[i].append(s)
                 versions[results[j]["model_version"]] = None
                 code = int(out.response[j])
                 if code:
@@ -669,7 +828,15 @@ async def serve_round(
             clicks += len(events)
             alive[:] = False
             alive[rows] = ~out.quit
-    return Served(reward=total / m.sessions, steps=steps, clicks=clicks, versions=list(versions))
+    return Served(
+        reward=total / m.sessions,
+        steps=steps,
+        clicks=clicks,
+        versions=list(versions),
+        shown=shown,
+        earned=earned,
+        session_of=session_of,
+    )
 
 
 def true_values(
@@ -685,10 +852,11 @@ def true_values(
     return t_interval(out[0]), t_interval(out[1]), t_interval(out[0] - out[1])
 
 
-async def _wait_for_version(client: Any, user: str, version: str, timeout_s: float) -> bool:
+async def _wait_for_version(client: Any, version: str, timeout_s: float) -> bool:
+    # GET /v1/popular names the model too and serves no list: nothing reaches the log
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        resp = await client.post("/v1/recommend", json={"user_id": user, "n": 1})
+        resp = await client.get("/v1/popular", params={"n": 1})
         if resp.status_code == 200 and resp.json().get("model_version") == version:
             return True
         await asyncio.sleep(0.1)
@@ -771,7 +939,10 @@ async def run_experiment_async(
         f"{cfg.bootstrap} policy: {boot_version}"
     )
     stacks = {
-        a.name: ArmStack(a, root=arms_dir / _slug(a.name), cfg=cfg, bootstrap=boot) for a in arms
+        a.name: ArmStack(
+            a, root=arms_dir / _slug(a.name), cfg=cfg, bootstrap=boot, clock=SimClock(world)
+        )
+        for a in arms
     }
     rows: list[ArmRound] = []
     async with contextlib.AsyncExitStack() as es:
@@ -787,7 +958,7 @@ async def run_experiment_async(
                     world,
                     users=users,
                     seed=(cfg.seed, r),
-                    pause_s=cfg.session_pause_s,
+                    round_no=r,
                 )
                 await stack.drain()
                 serve_s = time.perf_counter() - t0
@@ -801,6 +972,7 @@ async def run_experiment_async(
                     clicks=served.clicks,
                     model_version="+".join(served.versions),
                     serve_seconds=round(serve_s, 2),
+                    per_user=served.reward,
                 )
                 if stack.loop is not None:
                     promoted, gate, loop_s = await asyncio.to_thread(
@@ -809,7 +981,7 @@ async def run_experiment_async(
                     row.promoted, row.gate, row.loop_seconds = promoted, gate, round(loop_s, 2)
                     now = stack.registry.current()
                     if promoted and now is not None:
-                        swapped = await _wait_for_version(client, "u0", now, 30.0)
+                        swapped = await _wait_for_version(client, now, 30.0)
                         if not swapped:
                             raise RuntimeError(f"{a.name}: the service never swapped to {now}")
                 rows.append(row)
@@ -886,7 +1058,7 @@ def compare_last_round(result: ExperimentResult) -> dict[str, Any] | None:
     best_rl = max(rl, key=lambda r: r.reward.value)
     best_sup = max(sup, key=lambda r: r.reward.value)
     ratio = best_rl.reward.value / best_sup.reward.value if best_sup.reward.value else math.inf
-    return {
+    doc: dict[str, Any] = {
         "rl_arm": best_rl.arm,
         "rl": best_rl.reward.to_dict(),
         "supervised_arm": best_sup.arm,
@@ -895,3 +1067,8 @@ def compare_last_round(result: ExperimentResult) -> dict[str, Any] | None:
         "disjoint": best_rl.reward.low > best_sup.reward.high,
         "target_met": ratio >= 1.2 and best_rl.reward.low > best_sup.reward.high,
     }
+    if best_rl.per_user is not None and best_sup.per_user is not None:
+        # the same users with the same luck: the per-user difference is the sharper test
+        p = paired(best_rl.per_user, best_sup.per_user, baseline=best_sup.arm)
+        doc["paired"] = p.to_dict()
+    return doc

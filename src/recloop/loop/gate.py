@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from recloop.artifacts.bundle import Artifact
-from recloop.data.dataset import TEST, TRAIN, PreparedDataset
+from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.evaluation.ope import (
     OPEConfig,
     logged_events,
@@ -135,6 +135,15 @@ def rewarded_holdout(dataset: PreparedDataset) -> PreparedDataset:
     holdout rows get a code no split has: they stay in the users' sequences)."""
     split = dataset.split.copy()
     split[(split == TEST) & (dataset.reward <= 0)] = NOT_A_TARGET
+    return dataclasses.replace(dataset, split=split)
+
+
+def rewarded_training(dataset: PreparedDataset) -> PreparedDataset:
+    """``dataset`` whose TRAIN and VALID splits keep only the rows with a positive reward as
+    targets (the others get a code no split has: they stay in the users' sequences as
+    history, with their reward 0) -- what ``train_targets: rewarded`` trains on."""
+    split = dataset.split.copy()
+    split[((split == TRAIN) | (split == VALID)) & (dataset.reward <= 0)] = NOT_A_TARGET
     return dataclasses.replace(dataset, split=split)
 
 

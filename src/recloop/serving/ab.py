@@ -13,8 +13,11 @@ the *control*: /admin/reload switches it, the other arms keep the artifact they 
 with (a registry is not followed in A/B serving).  Every served list records its arm
 (response field ``arm``, served-log column ``arm``) and ``/metrics`` counts lists per arm
 (``recloop_ab_lists``).  Clicks and rewards per arm come from the served log once
-``recloop stream`` has attributed feedback to it: ``recloop evaluate --ab`` reads it and
-compares the arms with intervals (:mod:`recloop.evaluation.ab`).
+``recloop stream`` has attributed feedback to it: each stream worker counts the impressions
+it settles per arm (``recloop_ab_settled_impressions``, ``recloop_ab_attributed_clicks``,
+``recloop_ab_attributed_reward`` on this service's ``/metrics``, from the workers'
+heartbeats in the shared store), and ``recloop evaluate --ab`` reads the log and compares
+the arms with intervals (:mod:`recloop.evaluation.ab`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -250,8 +250,9 @@ def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
-    """The service app; the artifact and store are opened when the app starts."""
+def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.time) -> FastAPI:
+    """The service app; the artifact and store are opened when the app starts.  ``clock``
+    stamps the served lists (a simulation, ``recloop experiment``, passes its event time)."""
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -282,6 +283,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             artifact_path=path,
             served_log=served_log,
             arm_models=arm_models,
+            clock=clock,
         )
         if served_log is not None:
             served_log.start()

@@ -9,6 +9,8 @@ by whichever worker gets the scrape — adds up all of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -85,8 +87,8 @@ class ServiceMetrics:
         )
         self.arm_lists = Counter(
             "recloop_ab_lists",
-            "Lists served per A/B arm and source (policy or popular); A/B serving only.  Per-arm "
-            "clicks and rewards are attributed in the SQL log: recloop evaluate --ab.",
+            "Lists served per A/B arm and source (policy or popular); A/B serving only.  Their "
+            "clicks and rewards: recloop_ab_settled_* (from the stream workers).",
             ["arm", "source"],
             registry=reg,
         )
@@ -127,3 +129,44 @@ class ServiceMetrics:
             multiprocess.MultiProcessCollector(reg)
             return generate_latest(reg)
         return generate_latest(self.registry)
+
+
+ARM_FEEDBACK = (
+    ("impressions", "recloop_ab_settled_impressions", "Impressions settled per A/B arm"),
+    ("clicks", "recloop_ab_attributed_clicks", "Settled impressions an event was attributed to"),
+    ("reward", "recloop_ab_attributed_reward", "Sum of the attributed rewards"),
+)
+
+
+def arm_feedback(heartbeats: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Per-arm feedback counters of the stream workers, as Prometheus text.
+
+    Each worker counts the impressions it settles (:meth:`BehaviorLog.settle_by_arm`: their
+    attribution is final then, and each is settled by exactly one worker) with the
+    arm their served list recorded, and its heartbeat carries the totals since it started;
+    one series per (arm, worker), so a restarted worker is a counter reset, which
+    ``rate()`` and ``increase()`` handle.  Workers whose heartbeat aged out are gone from
+    the exposition."""
+    from prometheus_client.core import CounterMetricFamily
+    from prometheus_client.registry import Collector
+
+    fams = {
+        key: CounterMetricFamily(
+            name,
+            f"{doc} by the stream workers (their heartbeats), per worker since it started.",
+            labels=["arm", "worker"],
+        )
+        for key, name, doc in ARM_FEEDBACK
+    }
+    for worker, beat in sorted(heartbeats.items()):
+        for arm, counts in sorted((beat.get("arms") or {}).items()):
+            for key, fam in fams.items():
+                fam.add_metric([str(arm), worker], float(counts.get(key, 0.0)))
+
+    class _Families(Collector):
+        def collect(self) -> Any:
+            return iter(fams.values())
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families())
+    return generate_latest(reg)

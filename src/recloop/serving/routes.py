@@ -16,6 +16,7 @@ by ``recloop.serving.app.BodyLimitMiddleware``, before any route reads it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from starlette.routing import Route
 
 from recloop.errors import RecloopError
 from recloop.serving.admin import ArtifactRootError, ReloadBroadcast, log_safe, reload_target
+from recloop.serving.metrics import arm_feedback
 from recloop.serving.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -266,7 +268,23 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     svc = _service(request)
-    return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
+    body = svc.metrics.render()
+    # per-arm clicks and rewards are counted where they are attributed, by the stream
+    # workers; their heartbeats in the shared store carry them here
+    get = getattr(svc.store, "get_heartbeats", None)
+    if get is not None:
+        from recloop.streaming.heartbeat import HEARTBEAT_MAX_AGE_S
+
+        try:
+            beats = await asyncio.wait_for(
+                get(max_age_s=HEARTBEAT_MAX_AGE_S), timeout=svc.settings.store_timeout_s * 4
+            )
+        except Exception as exc:  # the service's own metrics come first
+            logger.debug("/metrics: stream workers' heartbeats unreadable: %s", exc)
+        else:
+            if any(b.get("arms") for b in beats.values()):
+                body += arm_feedback(beats)
+    return Response(body, media_type=svc.metrics.content_type)
 
 
 async def reload(request: Request) -> Response:

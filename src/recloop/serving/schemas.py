@@ -17,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
 MAX_ID_LEN = 512
 """Longest raw id accepted, in characters."""
@@ -103,6 +111,10 @@ _N_DOC = "How many items to return (default: the service's default_n)."
 _RECENT_DOC = (
     "Raw ids of the user's latest items, oldest first; omitted: read from the online store."
 )
+_REWARDS_DOC = (
+    "Reward of each of recent_items (same length and order), as the log records them (0 for "
+    "an item shown and ignored); omitted: 1 for every recent item."
+)
 _REQUESTS_DOC = "One entry per user, each like a /v1/recommend body."
 
 PolicyName = Literal["topk", "softmax", "plackett_luce", "epsilon"]
@@ -110,6 +122,7 @@ PolicyName = Literal["topk", "softmax", "plackett_luce", "epsilon"]
 :mod:`recloop.serving.exploration`."""
 SEED_MAX = 2**63 - 1
 Temperature = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+RewardValue = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
 Epsilon = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
@@ -122,6 +135,7 @@ class RecommendRequest(BaseModel):
         description="Raw user id, as in the training data; unknown users are answered too."
     )
     recent_items: list[ItemId] | None = Field(None, description=_RECENT_DOC)
+    recent_rewards: list[RewardValue] | None = Field(None, description=_REWARDS_DOC)
     n: _count(ge=1) | None = Field(None, description=_N_DOC)  # type: ignore[valid-type]
     exclude_consumed: bool = Field(
         True, description="Leave out the given recent items and the user's known history."
@@ -143,6 +157,14 @@ class RecommendRequest(BaseModel):
         description="Seed of the random draws; omitted: one is drawn and returned, so any "
         "answer can be reproduced.",
     )
+
+    @model_validator(mode="after")
+    def _rewards_match_items(self) -> RecommendRequest:
+        if self.recent_rewards is not None and (
+            self.recent_items is None or len(self.recent_rewards) != len(self.recent_items)
+        ):
+            raise ValueError("recent_rewards needs recent_items of the same length")
+        return self
 
 
 class RecommendBatchRequest(BaseModel):

@@ -388,9 +388,10 @@ class _Row:
 def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list[Scored]) -> None:
     """Map one request's raw ids: user index, the state's history, items to exclude.
 
-    The state reads the given ``recent_items`` when the request has them (rewards 1), else
-    the stored list (with its logged rewards); both are excluded when asked.  Ids the model
-    does not know are dropped — named in a warning when the client sent them.
+    The state reads the given ``recent_items`` when the request has them (with their
+    ``recent_rewards``, else rewards 1), else the stored list (with its logged rewards); both
+    are excluded when asked.  Ids the model does not know are dropped — named in a warning
+    when the client sent them.
     """
     item_index = model.item_index
     h = model.history_len
@@ -398,17 +399,20 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
     row.user = model.user_index.get(req.user_id, 0)
     if req.recent_items is not None:
         known = []
+        known_reward = []
         unknown = []
-        for raw in req.recent_items:
+        rewards = req.recent_rewards
+        for j, raw in enumerate(req.recent_items):
             idx = item_index.get(raw)
             if idx is None:
                 unknown.append(raw)
             else:
                 known.append(idx)
+                known_reward.append(1.0 if rewards is None else float(rewards[j]))
         if unknown:
             row.warnings.append(f"unknown item ids ignored: {_name_ids(unknown)}")
         row.hist = known[-h:]
-        row.hist_reward = [1.0] * len(row.hist)
+        row.hist_reward = known_reward[-h:]
         if req.exclude_consumed:
             row.exclude.update(known)
             row.consumed_raw.update(req.recent_items)
@@ -507,10 +511,13 @@ class RecommenderService:
         artifact_path: Path | None = None,
         served_log: ServedLog | None = None,
         arm_models: Sequence[LoadedModel] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``model`` is the one served (with A/B serving, the first arm's); ``arm_models``
-        the other arms' of ``settings.ab``, in order."""
+        the other arms' of ``settings.ab``, in order; ``clock`` stamps the served lists
+        (unix seconds; a simulation passes its own event time)."""
         self.settings = settings
+        self.clock = clock
         self.served_log = served_log
         """Where every served list is queued for logging (None: not logged)."""
         self.store = store
@@ -722,7 +729,8 @@ class RecommenderService:
             _choose_policy(row, req, arm.defaults)
             row.arm = arm.name
 
-        policy_rows = [i for i, row in enumerate(rows) if row.user or row.hist]
+        cold_policy = s.cold_start == "policy"
+        policy_rows = [i for i, row in enumerate(rows) if row.user or row.hist or cold_policy]
         out: list[Recommendation | None] = [None] * len(rows)
         if policy_rows:
             self._score_policy(model, [rows[i] for i in policy_rows], policy_rows, out)
@@ -784,7 +792,7 @@ class RecommenderService:
         top_of = {j: t for t, j in enumerate(greedy)} if sampled else None
         finite = np.isfinite(val)
         ids = model.item_ids
-        now = int(time.time())
+        now = int(self.clock())
         rec_ids = _recommendation_ids(b)
         for j, r in enumerate(rows):
             prop: list[float] | None = None
@@ -854,7 +862,7 @@ class RecommenderService:
                 recommendation_id=_recommendation_ids(1)[0],
                 user_id=row.user_id,
                 seed=row.seed,
-                ts=int(time.time()),
+                ts=int(self.clock()),
                 arm=row.arm,
             )
         self._served[SOURCE_POPULAR].inc(len(where))

@@ -83,6 +83,12 @@ class ServeSettings(BaseSettings):
     history_source: Literal["store", "request"] = "store"
     """Where a user's recent items come from when the request has none: the online store, or
     nowhere (``request``: only what the client sends; the store is then never read)."""
+    cold_start: Literal["popular", "policy"] = "popular"
+    """What a user the model does not know and who has no recent items gets: the popular
+    items (deterministic whatever the policy, propensity 1), or ``policy``: the model's
+    scores of the empty state (unknown user, all-padding history) drawn by the request's
+    serving policy, with its propensities -- so an exploring policy explores from a user's
+    first request on (ε = 1 is uniform), as a world roll-out does."""
     consumed_len: int = Field(100, ge=0)
     """Most recent items read from the store per user, for the history and for exclusion."""
     popular_cache_s: float = Field(1.0, ge=0)

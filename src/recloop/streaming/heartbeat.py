@@ -96,4 +96,9 @@ class Heartbeat:
             "undelivered": await undelivered(s.group) if undelivered is not None else None,
             "lag_s": publish_lag_s(p.last_entry_id, now),
             "watermark_ts": p.watermark.max_ts,
+            # settled impressions per A/B arm since the worker started (final attributions)
+            "arms": {
+                arm: {"impressions": t.impressions, "clicks": t.clicks, "reward": t.reward}
+                for arm, t in p.arm_totals.items()
+            },
         }

@@ -213,6 +213,17 @@ class PopularWindow:
     """(item, events in the window), most first; ties by item id."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ArmTally:
+    """Settled impressions of one A/B arm: their final attribution."""
+
+    impressions: int = 0
+    clicks: int = 0
+    """Impressions an event was attributed to."""
+    reward: float = 0.0
+    """Sum of their rewards (0 for the ignored ones)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: connection loss, timeouts, lock waits, deadlocks."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
@@ -659,15 +670,37 @@ class BehaviorLog:
     def settle(self, before_ts: int) -> int:
         """Close the impressions served before ``before_ts``: their attribution is final and
         the ones nobody answered get reward 0.  Returns how many were settled."""
+        return sum(t.impressions for t in self.settle_by_arm(before_ts).values())
+
+    def settle_by_arm(self, before_ts: int) -> dict[str | None, ArmTally]:
+        """:meth:`settle`, returning what it settled per A/B arm (None: lists served without
+        a split): impressions, clicks (an event was attributed) and their summed reward.
+
+        Only the rows this call settled are counted, so concurrent workers and repeated
+        calls never count an impression twice: ``UPDATE … RETURNING`` where the database
+        has it (PostgreSQL, SQLite, MariaDB 10.5+ has it only for DELETE), else the rows are
+        locked (``SELECT … FOR UPDATE``) and updated in the same transaction."""
         self.create_schema()
         sv = self.tables.served
+        where = (sv.c.settled == sa.false(), sv.c.ts < before_ts)
+        final = sa.func.coalesce(sv.c.reward, 0.0)
+        upd = sa.update(sv).where(*where).values(settled=True, reward=final)
         with self.engine.begin() as conn:
-            res = conn.execute(
-                sa.update(sv)
-                .where(sv.c.settled == sa.false(), sv.c.ts < before_ts)
-                .values(settled=True, reward=sa.func.coalesce(sv.c.reward, 0.0))
+            if self.engine.dialect.update_returning:
+                rows = conn.execute(upd.returning(sv.c.arm, sv.c.event_id, sv.c.reward)).all()
+            else:
+                q = sa.select(sv.c.arm, sv.c.event_id, final).where(*where).with_for_update()
+                rows = conn.execute(q).all()
+                conn.execute(upd)
+        out: dict[str | None, ArmTally] = {}
+        for arm, event_id, reward in rows:
+            t = out.get(arm) or ArmTally()
+            out[arm] = ArmTally(
+                impressions=t.impressions + 1,
+                clicks=t.clicks + (event_id is not None),
+                reward=t.reward + float(reward or 0.0),
             )
-            return int(res.rowcount or 0)
+        return out
 
     def read_served(self, *, since: int | None = None) -> pl.DataFrame:
         """Every served item with its attribution, by (ts, recommendation_id, position);

@@ -80,7 +80,7 @@ from recloop.streaming.events import (
     parse_batch,
 )
 from recloop.streaming.heartbeat import Heartbeat
-from recloop.streaming.log import AppendResult, BehaviorLog, is_transient
+from recloop.streaming.log import AppendResult, ArmTally, BehaviorLog, is_transient
 from recloop.streaming.operators import (
     IdIndex,
     PartitionedWatermarks,
@@ -306,6 +306,10 @@ class StreamProcessor:
         self._gc_at = -math.inf
         self._cpu_start: float | None = None
         self._settled_before: int | None = None
+        self.arm_totals: dict[str, ArmTally] = {}
+        """Impressions this worker settled per A/B arm, with their attributed clicks and
+        rewards (final: counted once, when settled); its heartbeat carries them to the
+        service's /metrics."""
         self.last_entry_id: str | None = None
         """The newest bus entry processed (its heartbeat's lag, see :mod:`.heartbeat`)."""
 
@@ -412,7 +416,16 @@ class StreamProcessor:
             return
         horizon = self.watermark.max_ts - s.attribution_window_s - (s.allowed_lateness_s or 0)
         if self._settled_before is None or horizon > self._settled_before:
-            self.stats.settled += await asyncio.to_thread(self.log.settle, horizon)
+            tally = await asyncio.to_thread(self.log.settle_by_arm, horizon)
+            for arm, t in tally.items():
+                self.stats.settled += t.impressions
+                if arm is not None:
+                    old = self.arm_totals.get(arm) or ArmTally()
+                    self.arm_totals[arm] = ArmTally(
+                        impressions=old.impressions + t.impressions,
+                        clicks=old.clicks + t.clicks,
+                        reward=old.reward + t.reward,
+                    )
             self._settled_before = horizon
 
     async def _dead_letter(self, letters: Sequence[DeadLetter], ids: Sequence[str]) -> None:
