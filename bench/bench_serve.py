@@ -299,6 +299,27 @@ class DashboardPoller:
         self._thread.join()
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group
+    ``pgid``: a server's supervisor and its uvicorn workers.  Sampled around a burst, the
+    difference divided by the requests served is the service's CPU cost per request, which
+    other work on a shared machine hardly moves (unlike requests/s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # the command name (field 2) may hold spaces: split after its closing parenthesis
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # fields[0] is field 3 (state); pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 class Server:
     """A service in a subprocess (its own session, so stop() reaches every worker)."""
 
@@ -320,6 +341,10 @@ class Server:
         cmd += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
         cmd += ["--no-access-log", "--timeout-worker-healthcheck", "120"]
         return cls(cmd, port=port, env=env)
+
+    def cpu_s(self) -> float:
+        """CPU seconds its processes have used so far (see :func:`group_cpu_s`)."""
+        return group_cpu_s(self.proc.pid)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         import httpx
@@ -369,6 +394,7 @@ def run_wrk(
     r = json.loads(line.removeprefix("RESULT "))
     # wrk counts non-2xx responses in summary.errors.status as well
     return {
+        "requests": r["requests"],
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1e3,
         "p95_ms": r["p95_us"] / 1e3,
@@ -415,6 +441,7 @@ async def _python_load(
     elapsed = time.perf_counter() - t0
     q = np.percentile(np.asarray(lat), [50, 95, 99]) * 1e3 if lat else [float("nan")] * 3
     return {
+        "requests": len(lat),
         "rps": len(lat) / elapsed,
         "p50_ms": float(q[0]),
         "p95_ms": float(q[1]),
@@ -484,12 +511,14 @@ def bench_catalogue(
         for c in args.concurrency:
             poller = DashboardPoller(port) if variant == "recloop-dashboard" else None
             with poller or contextlib.nullcontext():
+                cpu0 = server.cpu_s()
                 if use_wrk:
                     r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
                 else:
                     r = asyncio.run(
                         _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
                     )
+                r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
             if poller is not None:
                 r["dashboard_polls"] = len(poller.latencies)
                 r["dashboard_poll_failures"] = poller.failures
@@ -507,7 +536,8 @@ def bench_catalogue(
             print(
                 f"{name:>7} {variant:<15} c={c:<3} "
                 f"{r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p95 {r['p95_ms']:6.2f} ms  "
-                f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  load {r['load_1m']:.1f}",
+                f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  "
+                f"cpu {r['cpu_us']:6.1f} us/req  load {r['load_1m']:.1f}",
                 flush=True,
             )
     finally:
@@ -586,6 +616,7 @@ def bench_interleaved(
         for c in args.concurrency:
             for k in range(args.rounds):
                 for v in order.permutation(variants).tolist():
+                    cpu0 = servers[v].cpu_s()
                     r = run_wrk(
                         servers[v].port,
                         concurrency=c,
@@ -593,6 +624,7 @@ def bench_interleaved(
                         bodies=bodies,
                         lua=lua,
                     )
+                    r["cpu_us"] = (servers[v].cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
                     r.update(
                         catalogue=name,
                         concurrency=c,
@@ -605,7 +637,7 @@ def bench_interleaved(
                     print(
                         f"{name:>7} {v:<15} c={c:<3} round {k:<2} {r['rps']:8.0f} req/s  "
                         f"p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  "
-                        f"load {r['load_1m']:.1f}",
+                        f"cpu {r['cpu_us']:6.1f} us/req  load {r['load_1m']:.1f}",
                         flush=True,
                     )
     finally:
@@ -634,13 +666,20 @@ def report_interleaved(rows: list[dict[str, Any]]) -> None:
             got = [by[(v, c, k)] for k in rounds if (v, c, k) in by]
             rps = float(np.median([g["rps"] for g in got]))
             p99 = float(np.median([g["p99_ms"] for g in got]))
-            line = f"  c={c:<3} {v:<16} {rps:7.0f} req/s  p99 {p99:7.1f} ms"
+            cpu = float(np.median([g["cpu_us"] for g in got]))
+            line = f"  c={c:<3} {v:<16} {rps:7.0f} req/s  p99 {p99:7.1f} ms  cpu {cpu:6.1f} us/req"
             for ref in ("baseline", "recloop"):
                 if ref == v or not all((ref, c, k) in by for k in rounds):
                     continue
                 ratios = [by[(v, c, k)]["rps"] / by[(ref, c, k)]["rps"] for k in rounds]
                 lo, hi = min(ratios), max(ratios)
-                line += f"  / {ref}: {np.median(ratios):.2f}x (range {lo:.2f}-{hi:.2f})"
+                cpu_ratio = np.median(
+                    [by[(v, c, k)]["cpu_us"] / by[(ref, c, k)]["cpu_us"] for k in rounds]
+                )
+                line += (
+                    f"  / {ref}: {np.median(ratios):.2f}x (range {lo:.2f}-{hi:.2f}), "
+                    f"cpu {cpu_ratio:.2f}x"
+                )
             print(line)
 
 
