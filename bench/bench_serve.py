@@ -63,6 +63,8 @@ TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
 """Issue 5's target: c → (requests/s at least, p99 ms at most)."""
 
 CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
+COMPARED = "@compared"
+"""Suffix of the variants run from ``--compare-src``."""
 TRAINED = "trained"
 """Catalogue name of the artifact given with ``--artifact``."""
 
@@ -582,9 +584,13 @@ def bench_interleaved(
     servers: dict[str, Server] = {}
     streams: list[str] = []
     rows: list[dict[str, Any]] = []
+    if args.compare_src is not None:
+        # each recloop variant once more, from the other source tree, in the same rounds
+        variants = variants + [f"{v}{COMPARED}" for v in variants if v != "baseline"]
     try:
-        for v in variants:
+        for name in variants:
             port = free_port()
+            v = name.removesuffix(COMPARED)
             if v == "baseline":
                 env = {"BASELINE_ARTIFACT": str(art), "BASELINE_PREFIX": prefix}
                 if redis:
@@ -601,13 +607,18 @@ def bench_interleaved(
             if v == "recloop-logged":
                 if redis:
                     env["RECLOOP_BUS_URL"] = store_url
-                    env["RECLOOP_STREAM"] = f"{prefix}served"
+                    env["RECLOOP_STREAM"] = f"{prefix}served{'-compared' if v != name else ''}"
                     streams.append(env["RECLOOP_STREAM"])
                 else:
                     env["RECLOOP_DATABASE_URL"] = (
                         f"sqlite:///{tmp / f'served-{uuid.uuid4().hex}.db'}"
                     )
-            servers[v] = Server.recloop(art, port=port, workers=args.workers, env=env)
+            if v != name:  # the compared source tree's recloop comes first on the path
+                src = str(args.compare_src.resolve())
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (src, os.environ.get("PYTHONPATH")) if p
+                )
+            servers[name] = Server.recloop(art, port=port, workers=args.workers, env=env)
         for server in servers.values():
             server.wait_ready()
         for server in servers.values():  # warm-up
@@ -630,7 +641,7 @@ def bench_interleaved(
                         concurrency=c,
                         variant=v,
                         round=k,
-                        policy=POLICY_OF.get(v, args.policy),
+                        policy=POLICY_OF.get(v.removesuffix(COMPARED), args.policy),
                         load_1m=os.getloadavg()[0],
                     )
                     rows.append(r)
@@ -667,8 +678,11 @@ def report_interleaved(rows: list[dict[str, Any]]) -> None:
             rps = float(np.median([g["rps"] for g in got]))
             p99 = float(np.median([g["p99_ms"] for g in got]))
             cpu = float(np.median([g["cpu_us"] for g in got]))
-            line = f"  c={c:<3} {v:<16} {rps:7.0f} req/s  p99 {p99:7.1f} ms  cpu {cpu:6.1f} us/req"
-            for ref in ("baseline", "recloop"):
+            line = f"  c={c:<3} {v:<25} {rps:7.0f} req/s  p99 {p99:7.1f} ms  cpu {cpu:6.1f} us/req"
+            # topk of the same source tree; and a variant's run from --compare-src
+            refs = ["baseline", "recloop" + (COMPARED if v.endswith(COMPARED) else "")]
+            refs += [] if v.endswith(COMPARED) else [v + COMPARED]
+            for ref in refs:
                 if ref == v or not all((ref, c, k) in by for k in rounds):
                     continue
                 ratios = [by[(v, c, k)]["rps"] / by[(ref, c, k)]["rps"] for k in rounds]
@@ -971,6 +985,13 @@ def main() -> None:
         help="start every variant's server at once and alternate short wrk bursts between "
         "them each round (steadier ratios on a busy machine; needs wrk)",
     )
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        help="with --interleave: also run every recloop variant from this source directory "
+        "(e.g. `git archive REV src | tar -x -C DIR`, then DIR/src), named VARIANT"
+        f"{COMPARED}, in the same rounds: a change's before and after on the same load",
+    )
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -1004,6 +1025,8 @@ def main() -> None:
     for v in variants:
         print(f"  {v}: {VARIANTS[v]}")
     rows: list[dict[str, Any]] = []
+    if args.compare_src is not None and not args.interleave:
+        ap.error("--compare-src needs --interleave")
     if args.interleave:
         if shutil.which("wrk") is None:
             ap.error("--interleave needs wrk (apt-get install -y wrk)")

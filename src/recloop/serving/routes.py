@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
@@ -121,16 +121,13 @@ def body_error_response(exc: BodyError) -> Response:
     return json_response({"detail": exc.detail}, exc.status)
 
 
-_INTERNAL_ERROR = PlainTextResponse("Internal Server Error", status_code=500)
-"""What Starlette's ``ServerErrorMiddleware`` answers to an unhandled exception."""
-
-
 def recommend_asgi(app: FastAPI, model: type[RecommendRequest]) -> ASGIApp:
     """``POST /v1/recommend`` as a bare ASGI app, for a body whose declared length is within
     the limit (the caller checks; anything else takes the full stack): the body validated
     as ``model``, the answer of ``app.state.service``, the same responses as the Starlette
-    route and the exception handlers behind it (415, 422; 500 for an unhandled exception,
-    which is raised again for the server to log, as ``ServerErrorMiddleware`` does)."""
+    route and the exception handlers behind it (415, 422).  An unhandled exception
+    propagates to Starlette's ``ServerErrorMiddleware``, outside the caller, as the
+    route's does (500)."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         chunks = []
@@ -141,25 +138,25 @@ def recommend_asgi(app: FastAPI, model: type[RecommendRequest]) -> ASGIApp:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        started = False
         try:
-            try:
-                check_content_type(_content_type(scope))
-                req = validate_body(chunks[0] if len(chunks) == 1 else b"".join(chunks), model)
-            except BodyError as exc:
-                response = body_error_response(exc)
-            except RequestValidationError as exc:
-                response = validation_error_response(exc)
-            else:
-                assert req is not None
-                rec = await _service_of(app).recommend(req)
-                response = json_response(rec.to_json(), version=rec.model_version)
-            started = True
-            await _send_response(send, response)
-        except Exception:
-            if not started:
-                await _send_response(send, _INTERNAL_ERROR)
-            raise
+            check_content_type(_content_type(scope))
+            req = validate_body(chunks[0] if len(chunks) == 1 else b"".join(chunks), model)
+        except BodyError as exc:
+            response = body_error_response(exc)
+        except RequestValidationError as exc:
+            response = validation_error_response(exc)
+        else:
+            assert req is not None
+            rec = await _service_of(app).recommend(req)
+            response = json_response(rec.to_json(), version=rec.model_version)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
 
     return asgi
 
@@ -175,17 +172,6 @@ def _content_type(scope: Scope) -> str | None:
         if key == b"content-type":
             return bytes(value).decode("latin-1")
     return None
-
-
-async def _send_response(send: Send, response: Response) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": response.raw_headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
