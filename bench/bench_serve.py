@@ -588,9 +588,9 @@ def bench_interleaved(
         # each recloop variant once more, from the other source tree, in the same rounds
         variants = variants + [f"{v}{COMPARED}" for v in variants if v != "baseline"]
     try:
-        for name in variants:
+        for label in variants:
             port = free_port()
-            v = name.removesuffix(COMPARED)
+            v = label.removesuffix(COMPARED)
             if v == "baseline":
                 env = {"BASELINE_ARTIFACT": str(art), "BASELINE_PREFIX": prefix}
                 if redis:
@@ -607,18 +607,18 @@ def bench_interleaved(
             if v == "recloop-logged":
                 if redis:
                     env["RECLOOP_BUS_URL"] = store_url
-                    env["RECLOOP_STREAM"] = f"{prefix}served{'-compared' if v != name else ''}"
+                    env["RECLOOP_STREAM"] = f"{prefix}served{'-compared' if v != label else ''}"
                     streams.append(env["RECLOOP_STREAM"])
                 else:
                     env["RECLOOP_DATABASE_URL"] = (
                         f"sqlite:///{tmp / f'served-{uuid.uuid4().hex}.db'}"
                     )
-            if v != name:  # the compared source tree's recloop comes first on the path
+            if v != label:  # the compared source tree's recloop comes first on the path
                 src = str(args.compare_src.resolve())
                 env["PYTHONPATH"] = os.pathsep.join(
                     p for p in (src, os.environ.get("PYTHONPATH")) if p
                 )
-            servers[name] = Server.recloop(art, port=port, workers=args.workers, env=env)
+            servers[label] = Server.recloop(art, port=port, workers=args.workers, env=env)
         for server in servers.values():
             server.wait_ready()
         for server in servers.values():  # warm-up
@@ -646,7 +646,7 @@ def bench_interleaved(
                     )
                     rows.append(r)
                     print(
-                        f"{name:>7} {v:<15} c={c:<3} round {k:<2} {r['rps']:8.0f} req/s  "
+                        f"{name:>7} {v:<24} c={c:<3} round {k:<2} {r['rps']:8.0f} req/s  "
                         f"p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  "
                         f"cpu {r['cpu_us']:6.1f} us/req  load {r['load_1m']:.1f}",
                         flush=True,
@@ -656,7 +656,8 @@ def bench_interleaved(
             server.stop()
         for stream in streams:
             logged = asyncio.run(_stream_length_and_drop(store_url, stream))
-            print(f"{name:>7} recloop-logged lists logged on the stream: {logged}", flush=True)
+            which = "recloop-logged" + (COMPARED if stream.endswith("-compared") else "")
+            print(f"{name:>7} {which} lists logged on the stream: {logged}", flush=True)
         if redis:
             asyncio.run(drop_store(store_url, prefix))
     return rows
@@ -928,6 +929,163 @@ def report(rows: list[dict[str, Any]]) -> None:
         )
 
 
+APP_COST_VARIANTS = ("baseline", "recloop", "recloop-softmax", "recloop-logged")
+"""Variants :func:`app_cost` measures (each in a fresh process)."""
+
+
+def app_cost_child(variant: str, *, store_url: str, requests: int, concurrency: int) -> None:
+    """One variant's app in this process, behind no server: ``concurrency`` tasks send
+    ``requests`` POST /v1/recommend through the ASGI app (so micro-batches form as under
+    a server), and the CPU seconds of the process per request are printed as a JSON line.
+    Everything the app does is counted; the HTTP parsing and socket writes of uvicorn are
+    not."""
+    import gc
+    import importlib.util
+
+    n_users, n_items = CATALOGUES["ml100k"]
+    tmp = Path(tempfile.mkdtemp(prefix="recloop-appcost-"))
+    art = build_artifact(tmp / "artifact", n_users=n_users, n_items=n_items)
+    user_ids = [str(u) for u in range(1, n_users + 1)]
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    redis = store_url.startswith("redis")
+    if redis:
+        item_ids = [str(i) for i in range(1, n_items + 1)]
+        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=10))
+    rng = np.random.default_rng(1)
+    bodies = [
+        json.dumps({"user_id": user_ids[u], "n": 10}).encode()
+        for u in rng.integers(0, n_users, 2000)
+    ]
+    if variant == "baseline":
+        os.environ.update(BASELINE_ARTIFACT=str(art), BASELINE_PREFIX=prefix)
+        if redis:
+            os.environ["BASELINE_REDIS"] = store_url
+        (tmp / "seed_style_app.py").write_text(BASELINE_APP)
+        spec = importlib.util.spec_from_file_location("seed_style_app", tmp / "seed_style_app.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        app = module.app
+    else:
+        from recloop.serving.app import create_app
+        from recloop.serving.settings import ServeSettings
+
+        extra: dict[str, Any] = {}
+        if variant == "recloop-logged":
+            if redis:
+                extra = {"bus_url": store_url, "stream": f"{prefix}served"}
+            else:
+                extra = {"database_url": f"sqlite:///{tmp / 'served.db'}"}
+        settings = ServeSettings(
+            artifact=art,
+            store_url=store_url,
+            store_prefix=prefix,
+            policy=POLICY_OF.get(variant, "topk"),
+            **extra,
+        )
+        app = create_app(settings)
+
+    async def one(body: bytes) -> int:
+        status = 0
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/recommend",
+            "raw_path": b"/v1/recommend", "query_string": b"", "root_path": "",
+            "headers": [
+                (b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {},
+        }  # fmt: skip
+        await app(scope, receive, send)
+        return status
+
+    async def load(n: int) -> None:
+        async def client(k: int) -> None:
+            for i in range(k, n, concurrency):
+                status = await one(bodies[i % len(bodies)])
+                if status != 200:
+                    raise RuntimeError(f"{variant}: status {status}")
+
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+
+    async def run() -> float:
+        async with app.router.lifespan_context(app):
+            await load(400)  # warm-up
+            gc.collect()
+            t0 = time.process_time()
+            await load(requests)
+            return (time.process_time() - t0) / requests
+
+    try:
+        per_request = asyncio.run(run())
+    finally:
+        if redis:
+            asyncio.run(drop_store(store_url, prefix))
+    print("APPCOST " + json.dumps({"variant": variant, "cpu_us": per_request * 1e6}), flush=True)
+
+
+def app_cost(args: argparse.Namespace, store_url: str) -> None:
+    """CPU per request of each variant's app in-process (:func:`app_cost_child`), each run
+    in a fresh process, rounds interleaved in a new random order; with ``--compare-src``
+    the recloop variants also run from that source tree.  Unlike the HTTP runs, a busy
+    machine hardly moves the minimum over rounds, which is reported beside the median."""
+    labels = [(v, None) for v in APP_COST_VARIANTS]
+    if args.compare_src is not None:
+        labels += [(v, args.compare_src.resolve()) for v in APP_COST_VARIANTS if v != "baseline"]
+    got: dict[str, list[float]] = {}
+    order = np.random.default_rng(0)
+    concurrency = args.concurrency[0]
+    for _ in range(args.rounds):
+        for i in order.permutation(len(labels)).tolist():
+            variant, src = labels[i]
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (str(src), env.get("PYTHONPATH")) if p
+                )
+            cmd = [sys.executable, __file__, "--app-cost-child", variant]
+            cmd += ["--redis-url", store_url, "--concurrency", str(concurrency)]
+            if store_url == "memory://":
+                cmd.append("--memory-store")
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("APPCOST ")), None)
+            if line is None:
+                raise RuntimeError(f"{variant}: {out.stderr.strip()[-2000:]}")
+            label = variant + (COMPARED if src is not None else "")
+            got.setdefault(label, []).append(json.loads(line.removeprefix("APPCOST "))["cpu_us"])
+            print(f"  {label:<25} {got[label][-1]:7.1f} us/request", flush=True)
+    print(
+        f"\nin-process app CPU per request ({concurrency} concurrent clients, the whole ASGI "
+        f"app, {args.rounds} rounds; min and median over rounds):"
+    )
+    base = float(np.min(got["baseline"]))
+    for label, ts in got.items():
+        lo, med = float(np.min(ts)), float(np.median(ts))
+        line = f"  {label:<25} min {lo:7.1f}  median {med:7.1f} us/request"
+        line += f"  / baseline {lo / base:.2f}x"
+        topk = got.get("recloop" + (COMPARED if label.endswith(COMPARED) else ""))
+        if topk is not None and not label.startswith("baseline"):
+            line += f"  / recloop {lo / float(np.min(topk)):.2f}x"
+        if label + COMPARED in got:
+            line += f"  / {label + COMPARED} {lo / float(np.min(got[label + COMPARED])):.2f}x"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -992,9 +1150,23 @@ def main() -> None:
         "(e.g. `git archive REV src | tar -x -C DIR`, then DIR/src), named VARIANT"
         f"{COMPARED}, in the same rounds: a change's before and after on the same load",
     )
+    ap.add_argument(
+        "--app-cost",
+        action="store_true",
+        help="measure each variant's app CPU per request in-process, in fresh processes "
+        "(baseline, recloop, recloop-softmax, recloop-logged; with --compare-src also "
+        "from that tree); the first --concurrency is the number of concurrent clients",
+    )
+    ap.add_argument("--app-cost-child", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.app_cost_child:  # one measurement of --app-cost, in its own process
+        store_url = "memory://" if args.memory_store else args.redis_url
+        app_cost_child(
+            args.app_cost_child, store_url=store_url, requests=3000, concurrency=args.concurrency[0]
+        )
+        return
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -1011,7 +1183,7 @@ def main() -> None:
         except RecloopError as exc:
             ap.error(f"--artifact: {exc}")
         catalogues.append(TRAINED)
-    if not catalogues and not args.in_process and not args.dashboard_cost:
+    if not catalogues and not args.in_process and not args.dashboard_cost and not args.app_cost:
         ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
@@ -1025,8 +1197,13 @@ def main() -> None:
     for v in variants:
         print(f"  {v}: {VARIANTS[v]}")
     rows: list[dict[str, Any]] = []
-    if args.compare_src is not None and not args.interleave:
-        ap.error("--compare-src needs --interleave")
+    if args.app_cost:
+        app_cost(args, store_url)
+        if not catalogues:
+            print(f"load average at end (1, 5, 15 min): {os.getloadavg()}")
+            return
+    if args.compare_src is not None and not (args.interleave or args.app_cost):
+        ap.error("--compare-src needs --interleave or --app-cost")
     if args.interleave:
         if shutil.which("wrk") is None:
             ap.error("--interleave needs wrk (apt-get install -y wrk)")
