@@ -1078,8 +1078,9 @@ def app_cost(args: argparse.Namespace, store_url: str) -> None:
         lo, med = float(np.min(ts)), float(np.median(ts))
         line = f"  {label:<25} min {lo:7.1f}  median {med:7.1f} us/request"
         line += f"  / baseline {lo / base:.2f}x"
-        topk = got.get("recloop" + (COMPARED if label.endswith(COMPARED) else ""))
-        if topk is not None and not label.startswith("baseline"):
+        top_label = "recloop" + (COMPARED if label.endswith(COMPARED) else "")
+        topk = got.get(top_label)
+        if topk is not None and label not in ("baseline", top_label):
             line += f"  / recloop {lo / float(np.min(topk)):.2f}x"
         if label + COMPARED in got:
             line += f"  / {label + COMPARED} {lo / float(np.min(got[label + COMPARED])):.2f}x"
