@@ -23,6 +23,20 @@ absolute figures a lot, the ratio much less.
         --variants recloop,recloop-dashboard                  # the dashboard's cost (< 2 %)
     .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
         --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 3   # issue 12
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
+        --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 5 --duration 4 \
+        --interleave                          # issue 12 on a quiet machine: req/s, p99, CPU
+    mkdir /tmp/before && git archive REV src | tar -x -C /tmp/before   # before and after:
+    .venv/bin/python bench/bench_serve.py --catalogues "" --app-cost --concurrency 16 \
+        --rounds 5 --compare-src /tmp/before/src      # in-process CPU per request
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
+        --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 3 --duration 3 \
+        --interleave --compare-src /tmp/before/src    # over HTTP, each variant twice
+
+Every HTTP run also prints the servers' CPU per request: user + system time of the server's
+processes (its uvicorn workers) around each wrk burst, divided by the requests served.  On a
+shared machine it moves far less than req/s; the in-process ``--app-cost`` figure (the whole
+ASGI app, no sockets, fresh processes, minimum over rounds) moves less still.
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
