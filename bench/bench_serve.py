@@ -23,6 +23,20 @@ absolute figures a lot, the ratio much less.
         --variants recloop,recloop-dashboard                  # the dashboard's cost (< 2 %)
     .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
         --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 3   # issue 12
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
+        --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 5 --duration 4 \
+        --interleave                          # issue 12 on a quiet machine: req/s, p99, CPU
+    mkdir /tmp/before && git archive REV src | tar -x -C /tmp/before   # before and after:
+    .venv/bin/python bench/bench_serve.py --catalogues "" --app-cost --concurrency 16 \
+        --rounds 5 --compare-src /tmp/before/src      # in-process CPU per request
+    .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
+        --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 3 --duration 3 \
+        --interleave --compare-src /tmp/before/src    # over HTTP, each variant twice
+
+Every HTTP run also prints the servers' CPU per request: user + system time of the server's
+processes (its uvicorn workers) around each wrk burst, divided by the requests served.  On a
+shared machine it moves far less than req/s; the in-process ``--app-cost`` figure (the whole
+ASGI app, no sockets, fresh processes, minimum over rounds) moves less still.
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -63,6 +77,8 @@ TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
 """Issue 5's target: c → (requests/s at least, p99 ms at most)."""
 
 CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
+COMPARED = "@compared"
+"""Suffix of the variants run from ``--compare-src``."""
 TRAINED = "trained"
 """Catalogue name of the artifact given with ``--artifact``."""
 
@@ -299,6 +315,27 @@ class DashboardPoller:
         self._thread.join()
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group
+    ``pgid``: a server's supervisor and its uvicorn workers.  Sampled around a burst, the
+    difference divided by the requests served is the service's CPU cost per request, which
+    other work on a shared machine hardly moves (unlike requests/s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # the command name (field 2) may hold spaces: split after its closing parenthesis
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # fields[0] is field 3 (state); pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 class Server:
     """A service in a subprocess (its own session, so stop() reaches every worker)."""
 
@@ -320,6 +357,10 @@ class Server:
         cmd += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
         cmd += ["--no-access-log", "--timeout-worker-healthcheck", "120"]
         return cls(cmd, port=port, env=env)
+
+    def cpu_s(self) -> float:
+        """CPU seconds its processes have used so far (see :func:`group_cpu_s`)."""
+        return group_cpu_s(self.proc.pid)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         import httpx
@@ -369,6 +410,7 @@ def run_wrk(
     r = json.loads(line.removeprefix("RESULT "))
     # wrk counts non-2xx responses in summary.errors.status as well
     return {
+        "requests": r["requests"],
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1e3,
         "p95_ms": r["p95_us"] / 1e3,
@@ -415,6 +457,7 @@ async def _python_load(
     elapsed = time.perf_counter() - t0
     q = np.percentile(np.asarray(lat), [50, 95, 99]) * 1e3 if lat else [float("nan")] * 3
     return {
+        "requests": len(lat),
         "rps": len(lat) / elapsed,
         "p50_ms": float(q[0]),
         "p95_ms": float(q[1]),
@@ -484,12 +527,14 @@ def bench_catalogue(
         for c in args.concurrency:
             poller = DashboardPoller(port) if variant == "recloop-dashboard" else None
             with poller or contextlib.nullcontext():
+                cpu0 = server.cpu_s()
                 if use_wrk:
                     r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
                 else:
                     r = asyncio.run(
                         _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
                     )
+                r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
             if poller is not None:
                 r["dashboard_polls"] = len(poller.latencies)
                 r["dashboard_poll_failures"] = poller.failures
@@ -507,7 +552,8 @@ def bench_catalogue(
             print(
                 f"{name:>7} {variant:<15} c={c:<3} "
                 f"{r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p95 {r['p95_ms']:6.2f} ms  "
-                f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  load {r['load_1m']:.1f}",
+                f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  "
+                f"cpu {r['cpu_us']:6.1f} us/req  load {r['load_1m']:.1f}",
                 flush=True,
             )
     finally:
@@ -552,9 +598,13 @@ def bench_interleaved(
     servers: dict[str, Server] = {}
     streams: list[str] = []
     rows: list[dict[str, Any]] = []
+    if args.compare_src is not None:
+        # each recloop variant once more, from the other source tree, in the same rounds
+        variants = variants + [f"{v}{COMPARED}" for v in variants if v != "baseline"]
     try:
-        for v in variants:
+        for label in variants:
             port = free_port()
+            v = label.removesuffix(COMPARED)
             if v == "baseline":
                 env = {"BASELINE_ARTIFACT": str(art), "BASELINE_PREFIX": prefix}
                 if redis:
@@ -571,13 +621,18 @@ def bench_interleaved(
             if v == "recloop-logged":
                 if redis:
                     env["RECLOOP_BUS_URL"] = store_url
-                    env["RECLOOP_STREAM"] = f"{prefix}served"
+                    env["RECLOOP_STREAM"] = f"{prefix}served{'-compared' if v != label else ''}"
                     streams.append(env["RECLOOP_STREAM"])
                 else:
                     env["RECLOOP_DATABASE_URL"] = (
                         f"sqlite:///{tmp / f'served-{uuid.uuid4().hex}.db'}"
                     )
-            servers[v] = Server.recloop(art, port=port, workers=args.workers, env=env)
+            if v != label:  # the compared source tree's recloop comes first on the path
+                src = str(args.compare_src.resolve())
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (src, os.environ.get("PYTHONPATH")) if p
+                )
+            servers[label] = Server.recloop(art, port=port, workers=args.workers, env=env)
         for server in servers.values():
             server.wait_ready()
         for server in servers.values():  # warm-up
@@ -586,6 +641,7 @@ def bench_interleaved(
         for c in args.concurrency:
             for k in range(args.rounds):
                 for v in order.permutation(variants).tolist():
+                    cpu0 = servers[v].cpu_s()
                     r = run_wrk(
                         servers[v].port,
                         concurrency=c,
@@ -593,19 +649,20 @@ def bench_interleaved(
                         bodies=bodies,
                         lua=lua,
                     )
+                    r["cpu_us"] = (servers[v].cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
                     r.update(
                         catalogue=name,
                         concurrency=c,
                         variant=v,
                         round=k,
-                        policy=POLICY_OF.get(v, args.policy),
+                        policy=POLICY_OF.get(v.removesuffix(COMPARED), args.policy),
                         load_1m=os.getloadavg()[0],
                     )
                     rows.append(r)
                     print(
-                        f"{name:>7} {v:<15} c={c:<3} round {k:<2} {r['rps']:8.0f} req/s  "
+                        f"{name:>7} {v:<24} c={c:<3} round {k:<2} {r['rps']:8.0f} req/s  "
                         f"p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  "
-                        f"load {r['load_1m']:.1f}",
+                        f"cpu {r['cpu_us']:6.1f} us/req  load {r['load_1m']:.1f}",
                         flush=True,
                     )
     finally:
@@ -613,7 +670,8 @@ def bench_interleaved(
             server.stop()
         for stream in streams:
             logged = asyncio.run(_stream_length_and_drop(store_url, stream))
-            print(f"{name:>7} recloop-logged lists logged on the stream: {logged}", flush=True)
+            which = "recloop-logged" + (COMPARED if stream.endswith("-compared") else "")
+            print(f"{name:>7} {which} lists logged on the stream: {logged}", flush=True)
         if redis:
             asyncio.run(drop_store(store_url, prefix))
     return rows
@@ -634,13 +692,23 @@ def report_interleaved(rows: list[dict[str, Any]]) -> None:
             got = [by[(v, c, k)] for k in rounds if (v, c, k) in by]
             rps = float(np.median([g["rps"] for g in got]))
             p99 = float(np.median([g["p99_ms"] for g in got]))
-            line = f"  c={c:<3} {v:<16} {rps:7.0f} req/s  p99 {p99:7.1f} ms"
-            for ref in ("baseline", "recloop"):
+            cpu = float(np.median([g["cpu_us"] for g in got]))
+            line = f"  c={c:<3} {v:<25} {rps:7.0f} req/s  p99 {p99:7.1f} ms  cpu {cpu:6.1f} us/req"
+            # topk of the same source tree; and a variant's run from --compare-src
+            refs = ["baseline", "recloop" + (COMPARED if v.endswith(COMPARED) else "")]
+            refs += [] if v.endswith(COMPARED) else [v + COMPARED]
+            for ref in refs:
                 if ref == v or not all((ref, c, k) in by for k in rounds):
                     continue
                 ratios = [by[(v, c, k)]["rps"] / by[(ref, c, k)]["rps"] for k in rounds]
                 lo, hi = min(ratios), max(ratios)
-                line += f"  / {ref}: {np.median(ratios):.2f}x (range {lo:.2f}-{hi:.2f})"
+                cpu_ratio = np.median(
+                    [by[(v, c, k)]["cpu_us"] / by[(ref, c, k)]["cpu_us"] for k in rounds]
+                )
+                line += (
+                    f"  / {ref}: {np.median(ratios):.2f}x (range {lo:.2f}-{hi:.2f}), "
+                    f"cpu {cpu_ratio:.2f}x"
+                )
             print(line)
 
 
@@ -875,6 +943,164 @@ def report(rows: list[dict[str, Any]]) -> None:
         )
 
 
+APP_COST_VARIANTS = ("baseline", "recloop", "recloop-softmax", "recloop-logged")
+"""Variants :func:`app_cost` measures (each in a fresh process)."""
+
+
+def app_cost_child(variant: str, *, store_url: str, requests: int, concurrency: int) -> None:
+    """One variant's app in this process, behind no server: ``concurrency`` tasks send
+    ``requests`` POST /v1/recommend through the ASGI app (so micro-batches form as under
+    a server), and the CPU seconds of the process per request are printed as a JSON line.
+    Everything the app does is counted; the HTTP parsing and socket writes of uvicorn are
+    not."""
+    import gc
+    import importlib.util
+
+    n_users, n_items = CATALOGUES["ml100k"]
+    tmp = Path(tempfile.mkdtemp(prefix="recloop-appcost-"))
+    art = build_artifact(tmp / "artifact", n_users=n_users, n_items=n_items)
+    user_ids = [str(u) for u in range(1, n_users + 1)]
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    redis = store_url.startswith("redis")
+    if redis:
+        item_ids = [str(i) for i in range(1, n_items + 1)]
+        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=10))
+    rng = np.random.default_rng(1)
+    bodies = [
+        json.dumps({"user_id": user_ids[u], "n": 10}).encode()
+        for u in rng.integers(0, n_users, 2000)
+    ]
+    if variant == "baseline":
+        os.environ.update(BASELINE_ARTIFACT=str(art), BASELINE_PREFIX=prefix)
+        if redis:
+            os.environ["BASELINE_REDIS"] = store_url
+        (tmp / "seed_style_app.py").write_text(BASELINE_APP)
+        spec = importlib.util.spec_from_file_location("seed_style_app", tmp / "seed_style_app.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        app = module.app
+    else:
+        from recloop.serving.app import create_app
+        from recloop.serving.settings import ServeSettings
+
+        extra: dict[str, Any] = {}
+        if variant == "recloop-logged":
+            if redis:
+                extra = {"bus_url": store_url, "stream": f"{prefix}served"}
+            else:
+                extra = {"database_url": f"sqlite:///{tmp / 'served.db'}"}
+        settings = ServeSettings(
+            artifact=art,
+            store_url=store_url,
+            store_prefix=prefix,
+            policy=POLICY_OF.get(variant, "topk"),
+            **extra,
+        )
+        app = create_app(settings)
+
+    async def one(body: bytes) -> int:
+        status = 0
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/recommend",
+            "raw_path": b"/v1/recommend", "query_string": b"", "root_path": "",
+            "headers": [
+                (b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {},
+        }  # fmt: skip
+        await app(scope, receive, send)
+        return status
+
+    async def load(n: int) -> None:
+        async def client(k: int) -> None:
+            for i in range(k, n, concurrency):
+                status = await one(bodies[i % len(bodies)])
+                if status != 200:
+                    raise RuntimeError(f"{variant}: status {status}")
+
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+
+    async def run() -> float:
+        async with app.router.lifespan_context(app):
+            await load(400)  # warm-up
+            gc.collect()
+            t0 = time.process_time()
+            await load(requests)
+            return (time.process_time() - t0) / requests
+
+    try:
+        per_request = asyncio.run(run())
+    finally:
+        if redis:
+            asyncio.run(drop_store(store_url, prefix))
+    print("APPCOST " + json.dumps({"variant": variant, "cpu_us": per_request * 1e6}), flush=True)
+
+
+def app_cost(args: argparse.Namespace, store_url: str) -> None:
+    """CPU per request of each variant's app in-process (:func:`app_cost_child`), each run
+    in a fresh process, rounds interleaved in a new random order; with ``--compare-src``
+    the recloop variants also run from that source tree.  Unlike the HTTP runs, a busy
+    machine hardly moves the minimum over rounds, which is reported beside the median."""
+    labels = [(v, None) for v in APP_COST_VARIANTS]
+    if args.compare_src is not None:
+        labels += [(v, args.compare_src.resolve()) for v in APP_COST_VARIANTS if v != "baseline"]
+    got: dict[str, list[float]] = {}
+    order = np.random.default_rng(0)
+    concurrency = args.concurrency[0]
+    for _ in range(args.rounds):
+        for i in order.permutation(len(labels)).tolist():
+            variant, src = labels[i]
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (str(src), env.get("PYTHONPATH")) if p
+                )
+            cmd = [sys.executable, __file__, "--app-cost-child", variant]
+            cmd += ["--redis-url", store_url, "--concurrency", str(concurrency)]
+            if store_url == "memory://":
+                cmd.append("--memory-store")
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("APPCOST ")), None)
+            if line is None:
+                raise RuntimeError(f"{variant}: {out.stderr.strip()[-2000:]}")
+            label = variant + (COMPARED if src is not None else "")
+            got.setdefault(label, []).append(json.loads(line.removeprefix("APPCOST "))["cpu_us"])
+            print(f"  {label:<25} {got[label][-1]:7.1f} us/request", flush=True)
+    print(
+        f"\nin-process app CPU per request ({concurrency} concurrent clients, the whole ASGI "
+        f"app, {args.rounds} rounds; min and median over rounds):"
+    )
+    base = float(np.min(got["baseline"]))
+    for label, ts in got.items():
+        lo, med = float(np.min(ts)), float(np.median(ts))
+        line = f"  {label:<25} min {lo:7.1f}  median {med:7.1f} us/request"
+        line += f"  / baseline {lo / base:.2f}x"
+        top_label = "recloop" + (COMPARED if label.endswith(COMPARED) else "")
+        topk = got.get(top_label)
+        if topk is not None and label not in ("baseline", top_label):
+            line += f"  / recloop {lo / float(np.min(topk)):.2f}x"
+        if label + COMPARED in got:
+            line += f"  / {label + COMPARED} {lo / float(np.min(got[label + COMPARED])):.2f}x"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -932,9 +1158,30 @@ def main() -> None:
         help="start every variant's server at once and alternate short wrk bursts between "
         "them each round (steadier ratios on a busy machine; needs wrk)",
     )
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        help="with --interleave: also run every recloop variant from this source directory "
+        "(e.g. `git archive REV src | tar -x -C DIR`, then DIR/src), named VARIANT"
+        f"{COMPARED}, in the same rounds: a change's before and after on the same load",
+    )
+    ap.add_argument(
+        "--app-cost",
+        action="store_true",
+        help="measure each variant's app CPU per request in-process, in fresh processes "
+        "(baseline, recloop, recloop-softmax, recloop-logged; with --compare-src also "
+        "from that tree); the first --concurrency is the number of concurrent clients",
+    )
+    ap.add_argument("--app-cost-child", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.app_cost_child:  # one measurement of --app-cost, in its own process
+        store_url = "memory://" if args.memory_store else args.redis_url
+        app_cost_child(
+            args.app_cost_child, store_url=store_url, requests=3000, concurrency=args.concurrency[0]
+        )
+        return
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -951,7 +1198,7 @@ def main() -> None:
         except RecloopError as exc:
             ap.error(f"--artifact: {exc}")
         catalogues.append(TRAINED)
-    if not catalogues and not args.in_process and not args.dashboard_cost:
+    if not catalogues and not args.in_process and not args.dashboard_cost and not args.app_cost:
         ap.error("nothing to bench: give --catalogues or --artifact")
 
     print(f"machine: {machine()}")
@@ -965,6 +1212,13 @@ def main() -> None:
     for v in variants:
         print(f"  {v}: {VARIANTS[v]}")
     rows: list[dict[str, Any]] = []
+    if args.app_cost:
+        app_cost(args, store_url)
+        if not catalogues:
+            print(f"load average at end (1, 5, 15 min): {os.getloadavg()}")
+            return
+    if args.compare_src is not None and not (args.interleave or args.app_cost):
+        ap.error("--compare-src needs --interleave or --app-cost")
     if args.interleave:
         if shutil.which("wrk") is None:
             ap.error("--interleave needs wrk (apt-get install -y wrk)")

@@ -825,3 +825,73 @@ async def test_service_follows_the_registry(
         await asyncio.sleep(0.3)
         assert await versions() == [v0, v0]
         assert (await c0.post("/v1/recommend", json={"user_id": "u1"})).status_code == 200
+
+
+async def _chunked(body: bytes) -> Any:
+    # no Content-Length: the request takes the full Starlette stack, not the fast path
+    yield body[:5]
+    yield body[5:]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b'{"user_id": "u1", "policy": "softmax", "seed": 7, "n": 4}', {}),
+        (b'{"user_id": "u2", "n": 3, "recent_items": ["i1", "nope"]}', {}),
+        (b'{"user_id": "somebody new"}', {}),
+        (b'{"user_id": "u1", "n": 0}', {"content-type": "application/json"}),
+        (b'{"user_id": "u1", "extra": 1}', {}),
+        (b"{not json", {}),
+        (b'{"user_id": "u1"}', {"content-type": "text/plain"}),
+    ],
+)
+async def test_recommend_fast_path_answers_as_the_full_stack(
+    serve: ServeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
+    """A declared Content-Length takes the bare ASGI path (routes.recommend_asgi), a
+    chunked body the Starlette route: same status, headers and body (but the list's id)."""
+    from recloop.serving import routes
+
+    stack_parses = 0
+    parse_body = routes.parse_body
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal stack_parses
+        stack_parses += 1
+        return await parse_body(*args, **kw)
+
+    monkeypatch.setattr(routes, "parse_body", counted)
+    async with serve() as (client, _):
+        fast = await client.post("/v1/recommend", content=body, headers=headers)
+        assert stack_parses == 0
+        full = await client.post("/v1/recommend", content=_chunked(body), headers=headers)
+        assert stack_parses == 1
+    assert fast.status_code == full.status_code
+    assert fast.headers.get("content-type") == full.headers.get("content-type")
+    assert fast.headers.get("x-model-version") == full.headers.get("x-model-version")
+    got, want = fast.json(), full.json()
+    if fast.status_code == 200:
+        assert got.pop("recommendation_id") != want.pop("recommendation_id")
+        assert fast.headers["content-length"] == full.headers["content-length"]
+    assert got == want
+
+
+async def test_recommend_fast_path_fails_as_the_full_stack(serve: ServeFactory) -> None:
+    """An unhandled exception in the service: 500 from Starlette's error middleware on
+    both paths, counted as 500 by the metrics."""
+    async with serve() as (client, service):
+
+        async def broken(req: Any) -> Any:
+            raise RuntimeError("boom")
+
+        service.recommend = broken  # type: ignore[method-assign]
+        body = b'{"user_id": "u1"}'
+        for content in (body, _chunked(body)):
+            r = await client.post("/v1/recommend", content=content)
+            assert r.status_code == 500
+            assert r.text == "Internal Server Error"
+        text = (await client.get("/metrics")).text
+        assert 'recloop_http_requests_total{route="/v1/recommend",status="500"} 2.0' in text

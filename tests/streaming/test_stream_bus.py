@@ -159,6 +159,30 @@ async def test_redis_group_is_recreated_when_redis_lost_it(
         await bus.close()
 
 
+@pytest.mark.integration
+async def test_redis_publish_loads_its_script_again_when_redis_lost_it(
+    names: dict[str, str], redis_url: str
+) -> None:
+    """publish is one script call: a server that no longer knows the script (restart,
+    SCRIPT FLUSH; here a sha it never saw) gets it loaded again, and the entries are the
+    same as XADD's, one field each, in order."""
+    import redis.asyncio as aioredis
+
+    bus = RedisStreamBus(redis_url, stream=names["stream"])
+    raw = aioredis.from_url(redis_url)
+    try:
+        bus._publish_script.sha = "0" * 40  # what the server has never seen
+        ids = await bus.publish(payloads(3))
+        ids += await bus.publish(payloads(1, 3))
+        entries = await raw.xrange(names["stream"])
+        assert [e[0].decode() for e in entries] == ids
+        assert [e[1] for e in entries] == [{b"e": p} for p in payloads(4)]
+    finally:
+        await raw.aclose()
+        await bus.delete()
+        await bus.close()
+
+
 def test_open_bus_by_url() -> None:
     assert isinstance(open_bus("memory://"), MemoryBus)
     assert open_bus("memory://x", stream="s1") is open_bus("memory://x", stream="s1")

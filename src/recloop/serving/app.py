@@ -16,7 +16,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,14 @@ from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.dashboard import dashboard_router
 from recloop.serving.metrics import ServiceMetrics
-from recloop.serving.routes import MAX_BODY_BYTES, BodyError, install_routes, json_response
+from recloop.serving.routes import (
+    MAX_BODY_BYTES,
+    BodyError,
+    body_error_response,
+    install_routes,
+    json_response,
+    validation_error_response,
+)
 from recloop.serving.schemas import request_models
 from recloop.serving.served_log import BusSink, ServedLog, ServedSink, SqlSink
 from recloop.serving.service import LoadedModel, RecommenderService
@@ -115,9 +122,15 @@ class ServiceMiddleware:
         api_key: str | None,
         admin_key: str | None = None,
         admin_localhost: bool = False,
+        fast_routes: Mapping[str, ASGIApp] | None = None,
+        max_body_bytes: int = 0,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.fast_routes = dict(fast_routes or {})
+        """POST paths answered by a bare ASGI app, past the stack (see recloop.serving.routes)."""
+        self.max_body_bytes = max_body_bytes
+        """Bodies declared longer (or not declared) take the stack, and its body limit."""
         self.api_key = api_key.encode() if api_key else None
         self.admin_key = admin_key.encode() if admin_key else None
         self.admin = self.admin_key is not None or admin_localhost
@@ -146,8 +159,14 @@ class ServiceMiddleware:
                 status = message["status"]
             await send(message)
 
+        target = self.app
+        fast = self.fast_routes.get(path)
+        if fast is not None and scope["method"] == "POST":
+            declared = _header(scope, b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) <= self.max_body_bytes:
+                target = fast
         try:
-            await self.app(scope, receive, send_status)
+            await target(scope, receive, send_status)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - t0)
 
@@ -228,16 +247,12 @@ class BodyLimitMiddleware:
 
 def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    detail = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
-    return json_response({"detail": detail}, 422)
+    return validation_error_response(exc)
 
 
 def _body_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BodyError)
-    return json_response({"detail": exc.detail}, exc.status)
+    return body_error_response(exc)
 
 
 def _http_error(request: Request, exc: Exception) -> Response:
@@ -362,7 +377,7 @@ def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.tim
         **kwargs,
     )
     app.state.settings = settings
-    install_routes(
+    fast_routes = install_routes(
         app,
         models=request_models(settings.limits),
         max_n=settings.max_n,
@@ -380,6 +395,8 @@ def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.tim
         api_key=_secret(settings.api_key),
         admin_key=_secret(settings.admin_key),
         admin_localhost=settings.admin_localhost,
+        fast_routes=fast_routes,
+        max_body_bytes=MAX_BODY_BYTES,
     )
     return app
 

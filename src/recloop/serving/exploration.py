@@ -112,7 +112,7 @@ def sample_plackett_luce_many(
     """
     b, width = scores.shape
     ok = np.isfinite(scores)  # (B, N)
-    m = ok.sum(1)  # (B,)
+    m = np.count_nonzero(ok, axis=1)  # (B,)
     k = np.minimum(np.asarray(n, np.int64), m)  # (B,)
     kmax = int(k.max()) if b else 0
     if kmax == 0:
@@ -120,36 +120,42 @@ def sample_plackett_luce_many(
             Slate(items=np.zeros(0, np.int64), propensity=np.zeros(0), slate_propensity=1.0)
             for _ in range(b)
         ]
-    logits = np.where(ok, scores, -np.inf) / temperature[:, None]  # (B, N)
+    # Each (B, N) pass below is done once, in place where the array is ours: at serving
+    # batch sizes these passes, not the arithmetic, are the sampler's cost.
+    logits = np.where(ok, scores, -np.inf)  # (B, N), a new array
+    if not np.all(temperature == 1.0):  # x / 1.0 is x: skipping it changes no bit
+        logits /= temperature[:, None]
     top = logits.max(1)
     logits -= np.where(m > 0, top, 0.0)[:, None]
-    noise = np.stack([rng.standard_exponential(size=width) for rng in rngs])  # (B, N)
-    keys = logits - np.log(noise)  # masked stay -inf
+    keys = np.empty((b, width))  # (B, N): each row's exponentials, then its negated keys
+    for row, rng in zip(keys, rngs, strict=True):
+        rng.standard_exponential(out=row)  # the same draws as size=width
+    np.log(keys, out=keys)
+    np.subtract(keys, logits, out=keys)  # -(logits - log(noise)): masked stay +inf
     if kmax < width:
-        part = np.argpartition(-keys, kmax - 1, axis=1)[:, :kmax]  # (B, kmax)
+        part = np.argpartition(keys, kmax - 1, axis=1)[:, :kmax]  # (B, kmax)
     else:
         part = np.broadcast_to(np.arange(width), (b, width))
-    order = np.argsort(-np.take_along_axis(keys, part, 1), axis=1, kind="stable")
+    order = np.argsort(np.take_along_axis(keys, part, 1), axis=1, kind="stable")
     chosen = np.take_along_axis(part, order, 1)  # (B, kmax) best key first
-    w = np.exp(logits)  # (B, N), masked 0
+    w = np.exp(logits, out=logits)  # (B, N), masked 0
     shown = np.arange(kmax)[None, :] < k[:, None]  # (B, kmax)
     w_shown = np.where(shown, np.take_along_axis(w, chosen, 1), 0.0)
     # the weight left before position j, summed from positive terms only (rest + w_j + ...
     # + w_k; rest = the unshown items' weight, not total minus shown), so neither a long
     # tail nor a fully shown catalogue costs precision
     rows = np.broadcast_to(np.arange(b)[:, None], chosen.shape)
-    w_rest = w.copy()
-    w_rest[rows[shown], chosen[shown]] = 0.0
-    rest = w_rest.sum(1)  # (B,)
+    w[rows[shown], chosen[shown]] = 0.0
+    rest = w.sum(1)  # (B,)
     remaining = rest[:, None] + np.cumsum(w_shown[:, ::-1], axis=1)[:, ::-1]
     prop = w_shown / np.where(shown, remaining, 1.0)  # (B, kmax)
     return [
         Slate(
-            items=chosen[i, : k[i]].astype(np.int64),
-            propensity=prop[i, : k[i]],
-            slate_propensity=float(np.prod(prop[i, : k[i]])),
+            items=chosen[i, :ki].astype(np.int64),
+            propensity=prop[i, :ki],
+            slate_propensity=float(np.prod(prop[i, :ki])),
         )
-        for i in range(b)
+        for i, ki in enumerate(k.tolist())
     ]
 
 

@@ -778,8 +778,12 @@ class RecommenderService:
         slates: dict[int, exploration.Slate] = {}
         if sampled:
             # every softmax row of the batch in one vectorised draw (each with its own seed)
-            sub = full[torch.from_numpy(np.asarray(sampled, np.int64))].numpy()
-            scores64 = sub.astype(np.float64)  # (S, N + 1)
+            sub = (
+                full.numpy()  # every row samples (a softmax service): no gather
+                if len(sampled) == b
+                else full[torch.from_numpy(np.asarray(sampled, np.int64))].numpy()
+            )
+            scores64 = sub.astype(np.float64)  # (S, N + 1), a copy
             scores64[:, 0] = -np.inf  # padding is never shown
             drawn = exploration.sample_plackett_luce_many(
                 scores64,
