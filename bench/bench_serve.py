@@ -1039,8 +1039,8 @@ def main() -> None:
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument(
         "--index-kind",
-        choices=["hnsw", "ivf"],
-        default="hnsw",
+        choices=["ivf", "hnsw"],
+        default="ivf",
         help="index the recloop-ann variant builds (recloop index build defaults otherwise)",
     )
     ap.add_argument(

@@ -20,12 +20,12 @@ app.add_typer(index_app, name="index")
 @index_app.command("build")
 def build_cmd(
     artifact: Path = typer.Argument(..., help="Artifact or run directory."),
-    kind: str = typer.Option("hnsw", help="hnsw (graph) or ivf (inverted lists)."),
+    kind: str = typer.Option("ivf", help="ivf (inverted lists) or hnsw (graph)."),
     m: int = typer.Option(32, "--m", help="hnsw: neighbours per item."),
     ef_construction: int = typer.Option(200, help="hnsw: candidate list while building."),
-    ef_search: int = typer.Option(128, help="hnsw: candidate list while searching."),
+    ef_search: int = typer.Option(256, help="hnsw: candidate list while searching."),
     nlist: int = typer.Option(0, help="ivf: inverted lists (0: 4 * sqrt(items))."),
-    nprobe: int = typer.Option(32, help="ivf: lists searched per query."),
+    nprobe: int = typer.Option(64, help="ivf: lists searched per query."),
     seed: int = typer.Option(0, help="ivf: k-means seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's index section."),
 ) -> None:
