@@ -18,7 +18,7 @@ from recloop.encoders.base import EncoderConfig
 from recloop.errors import ArtifactError
 from recloop.serving.service import LoadedModel
 
-pytest.importorskip("faiss")
+faiss = pytest.importorskip("faiss")
 
 N_USERS, N_ITEMS, H = 20, 300, 4
 
@@ -169,3 +169,15 @@ def test_cli_builds_an_index(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert out["kind"] == "ivf" and out["params"]["nlist"] == 4 and out["dim"] == 33  # 32 + bias
     assert load_index(load_artifact(art)) is not None
     assert main(["-q", "index", "build", str(art), "--kind", "lsh"]) == 2
+
+
+def test_tune_changes_the_search_effort_without_a_rebuild(tmp_path: Path) -> None:
+    art = make_artifact(tmp_path / "a", HEADS["dot"])
+    assert main(["-q", "index", "tune", str(art), "5"]) == 2  # no index yet
+    build_index(art, IndexConfig(kind="ivf", nlist=8, nprobe=2))
+    before = (art / INDEX_FILE).read_bytes()
+    assert main(["-q", "index", "tune", str(art), "6"]) == 0
+    assert (art / INDEX_FILE).read_bytes() == before
+    index = load_index(load_artifact(art))
+    assert index is not None and index.params["nprobe"] == 6
+    assert faiss.extract_index_ivf(index.index).nprobe == 6

@@ -46,7 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recloop.artifacts.bundle import MANIFEST, Artifact, load_artifact, resolve_artifact_dir
+from recloop.artifacts.bundle import (
+    MANIFEST,
+    Artifact,
+    load_artifact,
+    read_manifest,
+    resolve_artifact_dir,
+)
 from recloop.artifacts.heads import DotHead, LinearHead
 from recloop.artifacts.heads_bcq import BCQHead
 from recloop.artifacts.policy import PolicyNet
@@ -257,6 +263,26 @@ def build_index(path: Path, cfg: IndexConfig) -> BuiltIndex:
         out,
     )
     return BuiltIndex(path=out, section=section, build_s=build_s)
+
+
+def set_search_effort(path: Path, effort: int) -> dict[str, Any]:
+    """Set the recorded search-time parameter of the artifact's index — hnsw ``ef_search``
+    or ivf ``nprobe`` — without rebuilding it (the file is unchanged, its hash too); returns
+    the new ``index`` section.  Recall and CPU per request both grow with it."""
+    check(effort >= 1, "the search effort must be >= 1")
+    directory = resolve_artifact_dir(path)
+    mpath = directory / MANIFEST
+    manifest = read_manifest(directory)
+    section = manifest.get("index")
+    if section is None:
+        raise ArtifactError(f"{mpath}: no index (build one with: recloop index build)")
+    key = "ef_search" if section["kind"] == "hnsw" else "nprobe"
+    section = {**section, "params": {**section["params"], key: effort}}
+    manifest["index"] = section
+    tmp = mpath.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(mpath)
+    return section
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

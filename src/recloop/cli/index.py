@@ -57,3 +57,19 @@ def build_cmd(
         f"{built.path}: {built.section['kind']} index of {built.section['n_items']} items "
         f"(dim {built.section['dim']}; {params}) built in {built.build_s:.1f} s"
     )
+
+
+@index_app.command("tune")
+def tune_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact or run directory with an index."),
+    effort: int = typer.Argument(
+        ..., help="hnsw ef_search or ivf nprobe: more finds more of the exact top-k, slower."
+    ),
+) -> None:
+    """Change the index's search-time parameter in the manifest, without rebuilding it
+    (read when a service loads the artifact: reload or restart it)."""
+    from recloop.artifacts.ann import set_search_effort
+
+    section = set_search_effort(artifact, effort)
+    params = ", ".join(f"{k}={v}" for k, v in section["params"].items())
+    echo(f"{section['kind']} index: {params}")
