@@ -23,6 +23,8 @@ absolute figures a lot, the ratio much less.
         --variants recloop,recloop-dashboard                  # the dashboard's cost (< 2 %)
     .venv/bin/python bench/bench_serve.py --catalogues ml100k --concurrency 16,64 \
         --variants baseline,recloop,recloop-softmax,recloop-logged --rounds 3   # issue 12
+    .venv/bin/python bench/bench_serve.py --catalogues 1m --variants recloop-ann,recloop \
+        --concurrency 16 --keep /tmp/recloop-1m     # issue 15: 1M items, index vs exact
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
