@@ -37,6 +37,8 @@ Every HTTP run also prints the servers' CPU per request: user + system time of t
 processes (its uvicorn workers) around each wrk burst, divided by the requests served.  On a
 shared machine it moves far less than req/s; the in-process ``--app-cost`` figure (the whole
 ASGI app, no sockets, fresh processes, minimum over rounds) moves less still.
+    .venv/bin/python bench/bench_serve.py --catalogues 1m --variants recloop-ann,recloop \
+        --concurrency 16 --keep /tmp/recloop-1m     # issue 15: 1M items, index vs exact
 
 The store is Redis when one answers at --redis-url (a unique key prefix, deleted afterwards),
 else each worker's in-process memory store, empty (no history, nothing to mask: lighter
@@ -66,7 +68,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, load_artifact, save_artifact
+from recloop.artifacts import (
+    HeadConfig,
+    PolicyNet,
+    PolicySpec,
+    load_artifact,
+    read_manifest,
+    save_artifact,
+)
 from recloop.encoders.base import EncoderConfig
 from recloop.errors import RecloopError
 from recloop.stores import RecentItem, RedisStore, open_store
@@ -79,6 +88,12 @@ TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
 CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
 COMPARED = "@compared"
 """Suffix of the variants run from ``--compare-src``."""
+CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000), "1m": (943, 1_000_000)}
+CLUSTERED = {"1m"}
+"""Catalogues built as a dot-head policy over clustered item embeddings (see
+:func:`build_artifact`): the million-item case, served exact or from an approximate index."""
+TARGET_1M = (1000, 30.0)
+"""Issue 15's target at c=16, 2 workers, 1M items: (requests/s at least, p99 ms at most)."""
 TRAINED = "trained"
 """Catalogue name of the artifact given with ``--artifact``."""
 
@@ -132,7 +147,32 @@ def machine() -> str:
     )
 
 
-def build_artifact(directory: Path, *, n_users: int, n_items: int, seed: int = 0) -> Path:
+def clustered_items(
+    n_items: int, dim: int, *, clusters: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Item vectors (N, D) float32 with a realistic structure, and popularity counts (N,).
+
+    Items fall into ``clusters`` topics of Zipf-distributed sizes; a vector is its topic's
+    centre plus noise of 0.4 times the centre's scale, and its norm grows with the item's
+    popularity (log-normal counts), as trained item vectors' norms do: inner products then
+    favour popular items and the neighbours of an item are mostly its topic's, so both the
+    direction and the norm matter to a maximum-inner-product search."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, (clusters, dim)) / np.sqrt(dim)
+    sizes = 1.0 / np.arange(1, clusters + 1) ** 0.8
+    topic = rng.choice(clusters, n_items, p=sizes / sizes.sum())
+    vectors = centres[topic] + rng.normal(0.0, 0.4 / np.sqrt(dim), (n_items, dim))
+    counts = np.maximum(1.0, np.round(rng.lognormal(2.0, 1.5, n_items)))
+    scale = 0.5 + np.log1p(counts) / np.log1p(counts).max()
+    return (vectors * scale[:, None]).astype(np.float32), counts.astype(np.float32)
+
+
+def build_artifact(
+    directory: Path, *, n_users: int, n_items: int, seed: int = 0, clustered: bool = False
+) -> Path:
+    """A random-weight artifact; ``clustered``: a dot head (actor MLP to a point in the item
+    space, scores = inner products, so an approximate index applies) over
+    :func:`clustered_items`, else DBRL's REINFORCE policy (a linear head)."""
     torch.manual_seed(seed)
     spec = PolicySpec(
         n_users=n_users,
@@ -140,15 +180,25 @@ def build_artifact(directory: Path, *, n_users: int, n_items: int, seed: int = 0
         encoder=EncoderConfig(kind="concat", history=10, embedding_dim=32),
         # DBRL's REINFORCE policy: the 352-d state through one hidden layer of 64, then
         # logits over items (recloop's default GRU policy also feeds 64-d into that layer).
-        head=HeadConfig(kind="linear", hidden_dims=(64,)),
+        head=(
+            HeadConfig(kind="dot", hidden_dims=(64,), bound_action=False)
+            if clustered
+            else HeadConfig(kind="linear", hidden_dims=(64,))
+        ),
     )
     rng = np.random.default_rng(seed)
     pop = np.concatenate([[0.0], rng.integers(1, 500, n_items)]).astype(np.float32)
+    policy = PolicyNet(spec)
+    if clustered:
+        vectors, counts = clustered_items(n_items, 32, seed=seed)
+        with torch.no_grad():
+            policy.item_embedding.weight[1:] = torch.from_numpy(vectors)
+        pop = np.concatenate([[0.0], counts]).astype(np.float32)
     return save_artifact(
         directory,
         algo="reinforce",
         config={"bench": True},
-        policy=PolicyNet(spec),
+        policy=policy,
         popularity=pop,
         user_ids=[str(u) for u in range(1, n_users + 1)],
         item_ids=[str(i) for i in range(1, n_items + 1)],
@@ -269,6 +319,8 @@ VARIANTS = {
     "stream, else SQLite)",
     "recloop-dashboard": "recloop serve while one dashboard client polls GET /dashboard/data "
     "every second (as the page does)",
+    "recloop-ann": "recloop serve, top-k from the artifact's approximate index (built first "
+    "with --index-kind unless the artifact has one of that kind)",
     "baseline": "seeds-style FastAPI app (pydantic in/out, no id mapping, no masking)",
 }
 POLICY_OF = {
@@ -363,6 +415,7 @@ class Server:
         return group_cpu_s(self.proc.pid)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until /readyz answers 200 (a worker loading a million items takes a while)."""
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -466,6 +519,22 @@ async def _python_load(
     }
 
 
+def ensure_index(name: str, art: Path, *, kind: str) -> None:
+    """Build a ``kind`` index (recloop index build's defaults) unless ``art`` has one."""
+    if (read_manifest(art).get("index") or {}).get("kind") == kind:
+        return
+    from recloop.artifacts.ann import IndexConfig, build_index
+
+    cpu0 = time.process_time()
+    built = build_index(art, IndexConfig(kind=kind))
+    print(
+        f"{name:>7} {kind} index {built.section['params']} built in {built.build_s:.1f} s wall, "
+        f"{time.process_time() - cpu0:.1f} s CPU (all threads); "
+        f"{built.path.stat().st_size / 2**20:.0f} MiB",
+        flush=True,
+    )
+
+
 def bench_catalogue(
     name: str,
     *,
@@ -480,12 +549,16 @@ def bench_catalogue(
         user_ids, item_ids, h = loaded.user_ids, loaded.item_ids, loaded.history_len
     else:
         n_users, n_items = CATALOGUES[name]
-        art = tmp / f"artifact-{name}"
+        art = (args.keep or tmp) / f"artifact-{name}"
         if not art.exists():
-            build_artifact(art, n_users=n_users, n_items=n_items)
+            t0 = time.perf_counter()
+            build_artifact(art, n_users=n_users, n_items=n_items, clustered=name in CLUSTERED)
+            print(f"{name:>7} artifact built in {time.perf_counter() - t0:.1f} s", flush=True)
         user_ids = [str(u) for u in range(1, n_users + 1)]
         item_ids = [str(i) for i in range(1, n_items + 1)]
         h = 10
+    if variant == "recloop-ann":
+        ensure_index(name, art, kind=args.index_kind)
     prefix = f"recloop-bench:{uuid.uuid4().hex}:"
     if store_url.startswith("redis"):
         asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=h))
@@ -506,6 +579,8 @@ def bench_catalogue(
             "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
             "RECLOOP_INFERENCE": "onnxruntime" if variant == "recloop-onnx" else "torch",
             "RECLOOP_POLICY": POLICY_OF.get(variant, args.policy),
+            # the plain variants score every item even when the artifact has an index
+            "RECLOOP_SEARCH": "ann" if variant == "recloop-ann" else "exact",
         }
         if variant == "recloop-logged":
             if store_url.startswith("redis"):
@@ -516,7 +591,7 @@ def bench_catalogue(
         server = Server.recloop(art, port=port, workers=args.workers, env=env)
     rows = []
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=600.0 if name in CLUSTERED else 90.0)
         use_wrk = shutil.which("wrk") is not None and not args.python_load
         body_list = [b.encode() for b in bodies.read_text().splitlines()]
         # Warm-up: first requests pay for lazy imports and connection set-up.
@@ -582,9 +657,11 @@ def bench_interleaved(
     Returns one row per (variant, concurrency, round); :func:`report_interleaved` compares
     variants by the median over rounds of their per-round ratio."""
     n_users, n_items = CATALOGUES[name]
-    art = tmp / f"artifact-{name}"
+    art = (args.keep or tmp) / f"artifact-{name}"
     if not art.exists():
-        build_artifact(art, n_users=n_users, n_items=n_items)
+        build_artifact(art, n_users=n_users, n_items=n_items, clustered=name in CLUSTERED)
+    if "recloop-ann" in variants:
+        ensure_index(name, art, kind=args.index_kind)
     user_ids = [str(u) for u in range(1, n_users + 1)]
     prefix = f"recloop-bench:{uuid.uuid4().hex}:"
     redis = store_url.startswith("redis")
@@ -617,6 +694,7 @@ def bench_interleaved(
                 "RECLOOP_MICROBATCH": "false" if v == "recloop-nobatch" else "true",
                 "RECLOOP_INFERENCE": "onnxruntime" if v == "recloop-onnx" else "torch",
                 "RECLOOP_POLICY": POLICY_OF.get(v, args.policy),
+                "RECLOOP_SEARCH": "ann" if v == "recloop-ann" else "exact",
             }
             if v == "recloop-logged":
                 if redis:
@@ -634,7 +712,7 @@ def bench_interleaved(
                 )
             servers[label] = Server.recloop(art, port=port, workers=args.workers, env=env)
         for server in servers.values():
-            server.wait_ready()
+            server.wait_ready(timeout=600.0 if name in CLUSTERED else 90.0)
         for server in servers.values():  # warm-up
             run_wrk(server.port, concurrency=4, duration=2, bodies=bodies, lua=lua)
         order = np.random.default_rng(0)
@@ -926,6 +1004,19 @@ def report(rows: list[dict[str, Any]]) -> None:
                 f"{r['p99_ms']:.1f} ms{' (target <= 5 ms)' if c == 16 else ''}: "
                 f"{'met' if ratio >= 1.5 and p99_ok else 'NOT met'}"
             )
+    one_m = [(v, by.get(("1m", v, 16))) for v in ("recloop", "recloop-ann")]
+    if any(r is not None for _, r in one_m):
+        tgt_rps, tgt_p99 = TARGET_1M
+        print("\nissue 15 (1M items, c=16; the target assumes 2 workers on a quiet machine):")
+        for v, r in one_m:
+            if r is None:
+                continue
+            ok = r["rps"] >= tgt_rps and r["p99_ms"] <= tgt_p99
+            print(
+                f"  {v}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.1f} ms, server CPU "
+                f"{r['cpu_us'] / 1e3:.2f} ms/request; target >= "
+                f"{tgt_rps} req/s with p99 <= {tgt_p99:g} ms: {'met' if ok else 'NOT met'}"
+            )
     print(
         "\nissue 5 (ml-100k, recloop): the seeds reached 3,800 req/s (p99 10 ms) at c=16 and "
         "3,300 (p99 34 ms) at c=64 on these cores; the target ratio over the seeds is "
@@ -1108,7 +1199,7 @@ def main() -> None:
     ap.add_argument(
         "--catalogues",
         default=None,
-        help="ml100k and/or 100k (default: both, or none with --artifact)",
+        help="ml100k, 100k and/or 1m (default: ml100k,100k, or none with --artifact)",
     )
     ap.add_argument(
         "--artifact",
@@ -1153,6 +1244,12 @@ def main() -> None:
     )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument(
+        "--index-kind",
+        choices=["ivf", "hnsw"],
+        default="ivf",
+        help="index the recloop-ann variant builds (recloop index build defaults otherwise)",
+    )
+    ap.add_argument(
         "--interleave",
         action="store_true",
         help="start every variant's server at once and alternate short wrk bursts between "
@@ -1173,6 +1270,12 @@ def main() -> None:
         "from that tree); the first --concurrency is the number of concurrent clients",
     )
     ap.add_argument("--app-cost-child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        help="build the synthetic catalogues' artifacts (and indexes) in this directory and "
+        "reuse them in later runs (the 1M one takes minutes; bench_ann.py --keep shares it)",
+    )
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -135,3 +135,24 @@ def test_chunked_inner_product_with_distinct_scores() -> None:
     got = topk_inner_product(scores, 20, row_keys=torch.arange(64), chunk=512, group=16)
     assert torch.equal(got.indices, want.indices)
     assert torch.allclose(got.values, want.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_candidate_columns_rank_as_their_items_in_the_catalogue(k: int) -> None:
+    """A per-row candidate list (shuffled, holding the catalogue's top k and then some) with
+    ``items`` gives the catalogue's own top-k, ties included: the keys follow the items."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 3, (40, 30), generator=g).float()  # heavy ties
+    scores[5, 7] = float("nan")
+    rows = torch.arange(40) * 7 + 1
+    full = topk(scores, k, row_keys=rows)
+    # candidates: the top k + 6 of the catalogue's order, in a random order per row
+    order = torch.tensor(_reference(scores, k + 6, rows, 0))
+    perm = torch.argsort(torch.rand(order.shape, generator=g), dim=1)
+    cand = order.gather(1, perm)
+    got = topk(scores.gather(1, cand), k, row_keys=rows, items=cand)
+    assert torch.equal(cand.gather(1, got.indices), full.indices)
+    assert torch.equal(got.values, full.values)
+    # without the items, the keys of the candidate positions decide: other lists
+    plain = topk(scores.gather(1, cand), k, row_keys=rows)
+    assert not torch.equal(cand.gather(1, plain.indices), full.indices)

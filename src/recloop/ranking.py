@@ -61,25 +61,36 @@ class TopK:
     indices: Tensor  # (B, K) int64 columns
 
 
-def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
+def topk(
+    scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0, items: Tensor | None = None
+) -> TopK:
     """Top ``k`` columns of ``scores`` (B, N) per row, ties broken by :func:`tie_keys`.
 
     ``row_keys`` (B,) int64 seeds each row's tie-break (users: the user index).  The columns
     chosen are exactly those of a sort by (score descending, key ascending); the cost is one
     ``torch.topk`` of k + 1 columns and a sort of k entries per row, plus a second ``topk``
     over the rows whose k-th score ties with a column left out.
+
+    ``items`` (B, N) int64: the item index each column stands for, when the columns are a
+    per-row candidate list (approximate retrieval) rather than the catalogue itself; the
+    tie-break keys then come from the items, so a candidate ranks among its tied peers as
+    it would in the full catalogue.  Default: column c is item c.
     """
     b, n = scores.shape
     k = min(k, n)
     if k == 0 or b == 0:
         empty = torch.zeros((b, k), dtype=torch.int64, device=scores.device)
         return TopK(values=scores[:, :k], indices=empty)
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-        scores = scores.masked_fill(torch.isnan(scores), float("-inf"))
     row_keys = row_keys.to(device=scores.device, dtype=torch.int64)
     # One column more than asked: a tie at the boundary that leaves a column out shows as a
     # (k+1)-th score equal to the k-th (no full comparison pass over the scores needed).
     values, indices = torch.topk(scores, min(k + 1, n), dim=1)
+    # torch.topk ranks NaN above everything, so a row holds a NaN iff its first value is
+    # one: the common all-finite case costs no extra pass (and no (B, N) boolean) over the
+    # scores, which at a million items was a full copy per request.
+    if scores.is_floating_point() and bool(torch.isnan(values[:, 0]).any()):
+        scores = scores.masked_fill(torch.isnan(scores), float("-inf"))
+        values, indices = torch.topk(scores, min(k + 1, n), dim=1)
     tied_out = (
         values[:, k] == values[:, k - 1]
         if k < n
@@ -91,7 +102,8 @@ def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
         rows = tied_out.nonzero().squeeze(1)
         sub, sub_kth = scores[rows], kth[rows]
         cols = torch.arange(n, device=scores.device)
-        keys = tie_keys(row_keys[rows], cols[None, :], seed=seed).to(torch.float64)
+        col_items = cols[None, :] if items is None else items[rows]
+        keys = tie_keys(row_keys[rows], col_items, seed=seed).to(torch.float64)
         # Every column above the k-th score (priority 2) goes in; the tied ones fill the
         # remaining places in key order (priorities in (0.5, 1], distinct per key).
         priority = torch.where(
@@ -103,7 +115,8 @@ def topk(scores: Tensor, k: int, *, row_keys: Tensor, seed: int = 0) -> TopK:
         indices = indices.index_copy(0, rows, chosen)
         values = values.index_copy(0, rows, sub.gather(1, chosen))
     # Within the k: by key, then stably by descending score.
-    order = torch.argsort(tie_keys(row_keys, indices, seed=seed), dim=1)
+    chosen_items = indices if items is None else items.gather(1, indices)
+    order = torch.argsort(tie_keys(row_keys, chosen_items, seed=seed), dim=1)
     indices, values = indices.gather(1, order), values.gather(1, order)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
     return TopK(values=values.gather(1, order), indices=indices.gather(1, order))

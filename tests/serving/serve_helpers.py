@@ -53,8 +53,10 @@ def build_artifact(
     use_rewards: bool = True,
     history: int = H,
     dim: int = 8,
+    head: HeadConfig | None = None,
 ) -> Path:
-    """A random-weight policy over USER_IDS × ITEM_IDS saved as a real artifact."""
+    """A random-weight policy over USER_IDS × ITEM_IDS saved as a real artifact (a linear
+    head unless ``head`` says otherwise)."""
     torch.manual_seed(seed)
     spec = PolicySpec(
         n_users=N_USERS,
@@ -62,7 +64,7 @@ def build_artifact(
         encoder=EncoderConfig(
             kind=kind, history=history, embedding_dim=dim, use_rewards=use_rewards
         ),
-        head=HeadConfig(kind="linear"),
+        head=head or HeadConfig(kind="linear"),
     )
     return save_artifact(
         directory,

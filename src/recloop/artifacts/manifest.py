@@ -15,7 +15,8 @@ Model version
 i.e. everything that changes what the artifact recommends: the weights (through their
 sha256), the id maps (through theirs), the algorithm's config and the policy spec (sizes,
 encoder and head configs).  The dataset summary, metrics, timestamps, versions of the
-tools and the ``serving`` section are left out: editing them changes no score.  (The
+tools and the ``serving`` and ``index`` sections are left out: editing them changes no
+score (an approximate index changes which items are scored; it is checked on its own).  (The
 serving section picks how a list is drawn from the scores; every served list logs its
 policy and propensities beside the model version, so a version still names one model.)
 The version is written into the manifest at save time and derived again at load time;
@@ -86,6 +87,28 @@ class ServingSection(_Strict):
     """Default exploration probability of the epsilon policy (None: the service's)."""
 
 
+class IndexSection(_Strict):
+    """``manifest["index"]`` (optional): an approximate item index beside the weights, written
+    by ``recloop index build`` (see :mod:`recloop.artifacts.ann`).  Not part of the model
+    version (it changes which candidates are scored, never a score); loading checks the
+    file's sha256 and that ``weights_sha256`` is the artifact's own."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The index file, in the artifact directory."""
+    sha256: Sha256
+    kind: Literal["hnsw", "ivf"]
+    metric: Literal["inner_product"]
+    params: dict[str, int]
+    """Build and search parameters of the kind (m, ef_construction, ef_search; nlist,
+    nprobe, seed)."""
+    dim: int = Field(ge=1)
+    n_items: int = Field(ge=1)
+    weights_sha256: Sha256
+    """The artifact weights it was built from."""
+    faiss_version: str
+    built_at: str
+
+
 class Manifest(_Strict):
     """The whole ``manifest.json`` (see :mod:`recloop.artifacts.bundle`)."""
 
@@ -103,6 +126,7 @@ class Manifest(_Strict):
     weights_sha256: Sha256
     model_version: str
     serving: ServingSection | None = None
+    index: IndexSection | None = None
 
 
 def _reject_constant(name: str) -> Any:

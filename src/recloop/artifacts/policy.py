@@ -57,6 +57,12 @@ class PolicyNet(nn.Module):
     def scores_from_state(self, state: Tensor) -> Tensor:
         """(B, S) → (B, N + 1), padding column at -inf so it is never ranked."""
         scores = self.head(state, self.item_embedding.weight)
+        if torch.is_inference_mode_enabled() and scores._base is None:
+            # Serving: the head's own fresh tensor takes the -inf in place; the sum below
+            # would write a second (B, N + 1) tensor, a full copy per batch at 1M items.
+            # (A view, such as the popularity head's expanded row, is never written.)
+            scores[:, PAD_ID] = float("-inf")
+            return scores
         pad = torch.zeros_like(scores[:1])
         pad[:, PAD_ID] = float("-inf")
         return scores + pad

@@ -26,6 +26,7 @@ from recloop.cli import data as _data  # noqa: F401
 from recloop.cli import demo as _demo  # noqa: F401
 from recloop.cli import experiment as _experiment  # noqa: F401
 from recloop.cli import flink as _flink  # noqa: F401
+from recloop.cli import index as _index  # noqa: F401
 from recloop.cli import loop as _loop  # noqa: F401
 from recloop.cli import online as _online  # noqa: F401
 from recloop.cli import prepare as _prepare  # noqa: F401

@@ -53,6 +53,13 @@ def serve(
         help="Forward-pass engine: torch or onnxruntime (default: RECLOOP_INFERENCE, else "
         "torch; onnxruntime needs recloop[export]).",
     ),
+    ann: bool | None = typer.Option(
+        None,
+        "--ann/--exact",
+        help="Top-k from the artifact's approximate index (recloop index build; refuse to "
+        "start without one), or score every item (default: RECLOOP_SEARCH, else the index "
+        "when the artifact has one).",
+    ),
     policy: str | None = typer.Option(
         None,
         help="Serving policy: topk (deterministic), softmax (= plackett_luce: sampled from "
@@ -144,7 +151,7 @@ def serve(
             artifact_root = registry / "versions"
     else:
         path = resolve_artifact_dir(artifact).resolve()
-    load_artifact(path)
+    checked = load_artifact(path)
     # Workers are fresh processes that build the app from the environment.
     env = {"RECLOOP_ARTIFACT": str(path), "RECLOOP_LOG_LEVEL": log_level}
     if registry is not None:
@@ -156,6 +163,7 @@ def serve(
         "RECLOOP_ADMIN_LOCALHOST": "true" if admin_localhost else None,
         "RECLOOP_ARTIFACT_ROOT": str(artifact_root.resolve()) if artifact_root else None,
         "RECLOOP_INFERENCE": inference,
+        "RECLOOP_SEARCH": None if ann is None else ("ann" if ann else "exact"),
         "RECLOOP_POLICY": policy,
         "RECLOOP_TEMPERATURE": None if temperature is None else repr(temperature),
         "RECLOOP_EPSILON": None if epsilon is None else repr(epsilon),
@@ -188,6 +196,11 @@ def serve(
                 name = f"--{name.removeprefix('RECLOOP_').lower().replace('_', '-')} ({name})"
             msg = str(first["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"{name}: {msg}") from None
+        if settings.search == "ann":
+            # here, with one line, rather than in every worker: no index, or a broken one
+            from recloop.serving.service import load_ann
+
+            load_ann(checked, search="ann", threads=1)
 
         async def probe() -> None:
             store = open_store(

@@ -281,6 +281,8 @@ def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.tim
                 arm.artifact,
                 inference=settings.inference,
                 threads=settings.torch_threads,
+                search=settings.search,
+                ann_margin=settings.ann_margin,
             )
             for arm in settings.ab[1:]
         ]
@@ -328,13 +330,14 @@ def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.tim
             gc.collect()
             gc.freeze()
         logger.info(
-            "serving %s (%d items, H=%d) from %s, store %s, inference %s",
+            "serving %s (%d items, H=%d) from %s, store %s, inference %s, top-k %s",
             model.model_version,
             model.n_items,
             model.history_len,
             path,
             type(store).__name__,
             model.inference,
+            f"from its {model.ann.kind} index" if model.ann is not None else "exact",
         )
         for arm in service.arms:
             if arm.name is not None:
@@ -430,7 +433,13 @@ async def _load_first(
     (the shared reload state), else ``settings.artifact``."""
 
     def load(path: Path) -> LoadedModel:
-        return LoadedModel.load(path, inference=settings.inference, threads=settings.torch_threads)
+        return LoadedModel.load(
+            path,
+            inference=settings.inference,
+            threads=settings.torch_threads,
+            search=settings.search,
+            ann_margin=settings.ann_margin,
+        )
 
     notice = broadcast.current() if broadcast is not None else None
     if notice is not None:

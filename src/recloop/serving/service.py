@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from recloop.artifacts import Artifact, load_artifact
+from recloop.artifacts.ann import ItemIndex, load_index
 from recloop.errors import ArtifactError, ConfigError, RecloopError
 from recloop.ranking import topk
 from recloop.serving import exploration
@@ -132,15 +133,28 @@ class LoadedModel:
     serving: Mapping[str, Any] = field(default_factory=dict)
     """The artifact's ``serving`` section (default policy, temperature, epsilon; unset keys
     absent), see :class:`recloop.artifacts.manifest.ServingSection`."""
+    ann: ItemIndex | None = None
+    """The artifact's approximate item index when top-k lists are served from it."""
+    ann_margin: int = 16
+    """Candidates asked of the index beyond k plus the row's masked items."""
 
     @classmethod
     def from_artifact(
-        cls, artifact: Artifact, *, inference: str = "torch", threads: int = 1
+        cls,
+        artifact: Artifact,
+        *,
+        inference: str = "torch",
+        threads: int = 1,
+        search: str = "auto",
+        ann_margin: int = 16,
     ) -> LoadedModel:
+        """``search``: ``auto`` (the artifact's index when it has one), ``ann`` (its index, or
+        refuse to load) or ``exact`` (score every item)."""
         counts = np.asarray(artifact.popularity, dtype=np.float32)
         # Ties between equal counts follow recloop.ranking's hashed keys, not index order.
         ranked = topk(torch.from_numpy(counts[None, 1:]), len(counts) - 1, row_keys=torch.zeros(1))
         order = ranked.indices[0].numpy().astype(np.int64) + 1
+        ann = load_ann(artifact, search=search, threads=threads)
         model = cls(
             artifact=artifact,
             model_version=artifact.model_version,
@@ -160,15 +174,31 @@ class LoadedModel:
             serving={
                 k: v for k, v in (artifact.manifest.get("serving") or {}).items() if v is not None
             },
+            ann=ann,
+            ann_margin=ann_margin,
         )
         model.warm_up()
         return model
 
     @classmethod
-    def load(cls, path: Path, *, inference: str = "torch", threads: int = 1) -> LoadedModel:
+    def load(
+        cls,
+        path: Path,
+        *,
+        inference: str = "torch",
+        threads: int = 1,
+        search: str = "auto",
+        ann_margin: int = 16,
+    ) -> LoadedModel:
         """Load and verify an artifact (raises :class:`ArtifactError`)."""
         try:
-            return cls.from_artifact(load_artifact(path), inference=inference, threads=threads)
+            return cls.from_artifact(
+                load_artifact(path),
+                inference=inference,
+                threads=threads,
+                search=search,
+                ann_margin=ann_margin,
+            )
         except RecloopError:
             raise
         except Exception as exc:  # a corrupt file can fail deep inside torch or safetensors
@@ -187,6 +217,15 @@ class LoadedModel:
             exclude_cols=np.zeros(0, np.int64),
             k=1,
         )
+        if self.ann is not None:
+            self.score_ann(
+                user=np.zeros(2, np.int64),
+                history=np.zeros((2, h), np.int64),
+                history_reward=np.zeros((2, h), np.float32),
+                exclude_rows=np.zeros(0, np.int64),
+                exclude_cols=np.zeros(0, np.int64),
+                k=1,
+            )
 
     def score(
         self,
@@ -243,6 +282,76 @@ class LoadedModel:
             rows = torch.from_numpy(top_rows)
             top = topk(scores[rows], k, row_keys=torch.from_numpy(user[top_rows]))
         return top.indices.numpy(), top.values.numpy(), scores
+
+    @torch.inference_mode()
+    def score_ann(
+        self,
+        *,
+        user: np.ndarray,
+        history: np.ndarray,
+        history_reward: np.ndarray,
+        exclude_rows: np.ndarray,
+        exclude_cols: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score` over the candidates of the approximate index.
+
+        Per row the index is asked for k + (that batch's most masked items in one row) +
+        ``ann_margin`` candidates; they are rescored exactly, masked, and ranked by
+        :func:`recloop.ranking.topk` with the tie-break keys of their item indices, so a list
+        differs from :meth:`score`'s only by the items the index missed.  The state is
+        computed by PyTorch whatever ``inference`` says (onnxruntime exports the full scores).
+        """
+        assert self.ann is not None
+        policy = self.artifact.policy
+        b = len(user)
+        k = min(k, self.n_items)
+        user_t = torch.from_numpy(user)
+        state = policy.state(user_t, torch.from_numpy(history), torch.from_numpy(history_reward))
+        query = self.ann.form.query(state)  # (B, d)
+        most_masked = int(np.bincount(exclude_rows, minlength=b).max()) if len(exclude_rows) else 0
+        c = min(self.n_items, k + most_masked + self.ann_margin)
+        cand = self.ann.search(query, c)  # (B, C) item indices, 0 where none was found
+        scores = self.ann.form.rescore(query, cand)
+        masked = cand == 0
+        if len(exclude_rows):
+            # (row, item) pairs as one int64 key each: the candidates to mask in one isin
+            width = self.n_items + 1
+            cand_np = cand.numpy()
+            keys = np.arange(b, dtype=np.int64)[:, None] * width + cand_np
+            hit = np.isin(keys, exclude_rows * width + exclude_cols)
+            masked |= torch.from_numpy(hit)
+        scores.masked_fill_(masked, float("-inf"))
+        top = topk(scores, k, row_keys=user_t, items=cand)
+        return cand.gather(1, top.indices).numpy(), top.values.numpy()
+
+
+def load_ann(artifact: Artifact, *, search: str, threads: int) -> ItemIndex | None:
+    """The artifact's item index as ``search`` asks (see :meth:`LoadedModel.from_artifact`)."""
+    if search == "exact":
+        return None
+    if search == "ann" and artifact.manifest.get("index") is None:
+        raise ArtifactError(
+            f"{artifact.path}: search = ann but the artifact has no index "
+            "(build one with: recloop index build ARTIFACT)"
+        )
+    try:
+        ann = load_index(artifact)
+    except ConfigError:  # faiss is not installed
+        if search == "ann":
+            raise
+        logger.warning(
+            "%s has an approximate index but faiss is not installed (pip install "
+            "'recloop[ann]'): scoring every item",
+            artifact.path,
+        )
+        return None
+    if ann is not None:
+        import faiss  # load_index succeeded, so it is installed
+
+        # one thread per worker, as torch: the workers, not threads, use the cores
+        faiss.omp_set_num_threads(threads)
+    return ann
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -765,19 +874,32 @@ class RecommenderService:
         k = max(r.n for r in rows)
         sampled = [j for j, r in enumerate(rows) if r.policy == "softmax"]
         greedy = [j for j, r in enumerate(rows) if r.policy != "softmax"]
-        idx, val, full = model.score_full(
-            user=user,
-            history=history,
-            history_reward=history_reward,
-            exclude_rows=np.asarray(ex_rows, np.int64),
-            exclude_cols=np.asarray(ex_cols, np.int64),
-            k=k,
-            top_rows=np.asarray(greedy, np.int64) if sampled else None,
-        )
+        full: torch.Tensor | None = None
+        if model.ann is not None and all(r.policy == "topk" for r in rows):
+            # Exploring policies draw from every item's score: those batches score them all.
+            idx, val = model.score_ann(
+                user=user,
+                history=history,
+                history_reward=history_reward,
+                exclude_rows=np.asarray(ex_rows, np.int64),
+                exclude_cols=np.asarray(ex_cols, np.int64),
+                k=k,
+            )
+        else:
+            idx, val, full = model.score_full(
+                user=user,
+                history=history,
+                history_reward=history_reward,
+                exclude_rows=np.asarray(ex_rows, np.int64),
+                exclude_cols=np.asarray(ex_cols, np.int64),
+                k=k,
+                top_rows=np.asarray(greedy, np.int64) if sampled else None,
+            )
         self.metrics.batch_size.observe(b)
         slates: dict[int, exploration.Slate] = {}
         if sampled:
             # every softmax row of the batch in one vectorised draw (each with its own seed)
+            assert full is not None  # sampling rows take the exact path
             sub = (
                 full.numpy()  # every row samples (a softmax service): no gather
                 if len(sampled) == b
@@ -812,6 +934,7 @@ class RecommenderService:
                 if not keep.all():
                     ri, rv = ri[keep], rv[keep]
                 if r.policy == "epsilon":
+                    assert full is not None  # epsilon rows take the exact path
                     row_scores = full[j].numpy().astype(np.float64)  # (N + 1,) a copy
                     row_scores[0] = -np.inf  # padding is never shown
                     slate = _explore(r, row_scores, ri)
@@ -933,6 +1056,8 @@ class RecommenderService:
                     target,
                     inference=self.settings.inference,
                     threads=self.settings.torch_threads,
+                    search=self.settings.search,
+                    ann_margin=self.settings.ann_margin,
                 )
             except ArtifactError as exc:
                 self.metrics.reloads.labels(outcome="refused").inc()

@@ -106,6 +106,14 @@ class ServeSettings(BaseSettings):
     """Engine of the policy's forward pass: ``torch``, or ``onnxruntime`` (the policy is
     exported to ONNX at load and checked against PyTorch; needs ``recloop[export]``).  On
     these CPUs onnxruntime ran recloop's default GRU policy about 5x faster at batch 1."""
+    search: Literal["auto", "ann", "exact"] = "auto"
+    """How top-k lists find their items: ``auto`` uses the artifact's approximate index
+    when it has one (``recloop index build``; needs ``recloop[ann]``), ``ann`` requires one,
+    ``exact`` scores every item.  Exploring policies (softmax, epsilon) always score every
+    item."""
+    ann_margin: int = Field(16, ge=0)
+    """Candidates asked of the approximate index beyond k plus the items masked in the row;
+    they are rescored exactly, so the margin only buys recall."""
     torch_threads: int = Field(1, ge=1)
     """Intra-op threads per worker process (1: workers, not threads, use the cores)."""
     otel: bool = False
