@@ -1,4 +1,5 @@
-"""``recloop flink``: the behaviour log and popular items as one Apache Flink job."""
+"""``recloop flink``: the online half (log, popular and recent items, refresh) as one Apache
+Flink job."""
 
 from __future__ import annotations
 
@@ -52,18 +53,16 @@ def flink(
         [], help="Connector jar (repeat); default: RECLOOP_FLINK_JARS or the Flink env's."
     ),
     artifact: Path | None = typer.Option(
-        None, help="Not supported by the Flink job yet: use `recloop stream --artifact`."
+        None,
+        help="Refresh the recommendations of users with new events with this artifact "
+        "(needs --recent-len, --store-url and torch in the Flink environment).",
     ),
+    rec_n: int = typer.Option(10, help="Items in a refreshed list."),
 ) -> None:
-    """Run the behaviour log and popular items as one Flink job on a local mini-cluster."""
-    from recloop.errors import ConfigError
+    """Run the behaviour log, popular items, recent items and (with --artifact) the
+    recommendation refresh as one Flink job on a local mini-cluster."""
     from recloop.streaming.flink.runner import FlinkJobConfig, run_flink
 
-    if artifact is not None:
-        raise ConfigError(
-            "recloop flink does not refresh recommendations yet (recent items and the "
-            "artifact's scorer run in `recloop stream`); leave --artifact out"
-        )
     report = run_flink(
         FlinkJobConfig(
             bus_url=bus_url,
@@ -78,6 +77,8 @@ def flink(
             allowed_lateness_s=allowed_lateness_s,
             recent_len=recent_len,
             recent_ttl_s=recent_ttl_s,
+            artifact=artifact,
+            rec_n=rec_n,
             parallelism=parallelism,
             checkpoint_dir=checkpoint_dir,
             checkpoint_interval_s=checkpoint_interval_s,

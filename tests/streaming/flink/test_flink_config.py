@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,8 @@ def test_window_and_stop_settings_are_checked() -> None:
         FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="kill")
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="cancel")
+    with pytest.raises(ConfigError, match="needs a checkpoint_dir"):  # the savepoint's
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, exit_when_idle_s=5)
     with pytest.raises(ConfigError, match="idle"):
         FlinkJobConfig(
             bus_url="kafka://h:1/t",
@@ -115,3 +118,49 @@ def test_sql_intervals_and_windows() -> None:
 
 def test_the_job_pushes_recent_items_with_the_stores_own_script() -> None:
     assert job.RECENT_PUSH_SCRIPT == RECENT_PUSH_SCRIPT
+
+
+def test_refresh_and_dead_letter_settings(tmp_path: Path, make_artifact: Any) -> None:
+    with pytest.raises(ConfigError, match="recent_len and store_url"):
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, artifact=tmp_path)
+    art = make_artifact(tmp_path / "run" / "artifact", user_ids=["u1"], item_ids=["i1", "i2"])
+    config = FlinkJobConfig(
+        bus_url="kafka://h:1/events",
+        database_url=PG,
+        store_url="redis://h:6379/2",
+        store_prefix="p:",
+        table_prefix="x_",
+        recent_len=7,
+        artifact=tmp_path / "run",  # a run directory: its artifact/ is found
+        rec_n=4,
+    )
+    settings = job_settings(config, python="py", jars=[])
+    assert settings["refresh"] == {
+        "artifact": str(art.absolute()),
+        "database_url": PG,
+        "table_prefix": "x_",
+        "store_url": "redis://h:6379/2",
+        "store_prefix": "p:",
+        "recent_len": 7,
+        "rec_n": 4,
+        "python_files": None,
+    }
+    assert settings["dead_letter_topic"] == "events.dead"  # the Kafka bus's default
+    off = dataclasses.replace(config, dead_letters=False, artifact=None)
+    assert job_settings(off, python="py", jars=[])["dead_letter_topic"] is None
+    assert job_settings(off, python="py", jars=[])["refresh"] is None
+    # The recent lists' SQL state expires, and mini-batches collapse a user's changes.
+    conf = job.flink_configuration({**settings, "redis_url": "redis://h"})
+    assert conf["table.exec.state.ttl"] == f"{30 * 86400} s"
+    assert conf["table.exec.mini-batch.enabled"] == "true"
+
+
+def test_one_rule_set_decides_logged_and_dead_lettered() -> None:
+    # valid_events is exactly checked_events without a reason, and the dead letters exactly
+    # those with one: no record is both logged and dead-lettered, none is neither.
+    assert "FROM checked_events WHERE reason IS NULL" in job.VALID_VIEW
+    insert = job.dead_letter_insert({"topic": "t", "group": "g"})
+    assert "FROM checked_events WHERE reason IS NOT NULL" in insert
+    assert "'consumer', CAST('flink:g' AS BYTES)" in insert
+    ddl = job.dead_letter_ddl({"dead_letter_topic": "t.dead", "bootstrap_servers": "h:1"})
+    assert "'topic' = 't.dead'" in ddl and "headers MAP<STRING, BYTES> METADATA" in ddl

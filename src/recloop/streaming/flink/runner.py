@@ -63,6 +63,11 @@ class FlinkJobConfig:
     """Prefix of the log's table names, as ``recloop stream --table-prefix``."""
     store_prefix: str = "recloop:"
     """Namespace of the online store's Redis keys."""
+    dead_letters: bool = True
+    """Send records that are not valid events to the dead-letter topic (else drop them)."""
+    dead_letter_topic: str | None = None
+    """Kafka topic of the dead letters (None: ``<topic>.dead``, as the Kafka bus); created
+    with one partition when missing."""
     group: str = "recloop-flink"
     """Kafka consumer group of the job (offsets live in the checkpoints; Flink commits them to
     the group for monitoring only)."""
@@ -81,6 +86,13 @@ class FlinkJobConfig:
     Python step per event)."""
     recent_ttl_s: int = 30 * 86400
     """A user's kept events expire from the job's state this long after the last change."""
+    artifact: Path | None = None
+    """Refresh the recommendations of the users with new events with this artifact's scorer
+    (an artifact or run directory; needs recent_len and store_url, and torch in the Flink
+    environment), logging each list with the realised reward of the previous one — as
+    ``recloop stream --artifact``.  None: no refresh."""
+    rec_n: int = 10
+    """Items in a refreshed list."""
     parallelism: int = 1
     """Parallelism of every operator."""
     checkpoint_dir: Path | None = None
@@ -116,6 +128,13 @@ class FlinkJobConfig:
             )
         if self.recent_len is not None and self.recent_len < 1:
             raise ConfigError(f"recent_len must be >= 1, got {self.recent_len}")
+        if self.artifact is not None and (self.recent_len is None or self.store_url is None):
+            raise ConfigError(
+                "a refresh (artifact) scores each user's recent list: it needs recent_len "
+                "and store_url"
+            )
+        if self.rec_n < 1:
+            raise ConfigError(f"rec_n must be >= 1, got {self.rec_n}")
         if self.top < 1 or self.parallelism < 1:
             raise ConfigError(f"top ({self.top}) and parallelism ({self.parallelism}) must be >= 1")
         if self.allowed_lateness_s < 0:
@@ -130,6 +149,11 @@ class FlinkJobConfig:
             raise ConfigError(
                 "stop_mode 'drain' with a source idle timeout publishes no final window "
                 "(Flink drops the drain's watermark of an idle source): leave one of them out"
+            )
+        if self.exit_when_idle_s is not None and self.checkpoint_dir is None:
+            raise ConfigError(
+                f"stop_mode {self.stop_mode!r} after exit_when_idle_s needs a checkpoint_dir "
+                "(the savepoint or checkpoint goes there)"
             )
         if self.stop_mode == "cancel" and self.checkpoint_dir is None:
             raise ConfigError("stop_mode 'cancel' keeps nothing without a checkpoint_dir")
@@ -226,6 +250,20 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
     store_scheme = None if config.store_url is None else urlsplit(config.store_url).scheme
     if store_scheme not in (None, "redis", "rediss"):
         raise ConfigError(f"store url {config.store_url!r}: the Flink job writes Redis (redis://)")
+    refresh = None
+    if config.artifact is not None:
+        from recloop.artifacts import resolve_artifact_dir
+
+        refresh = {
+            "artifact": str(resolve_artifact_dir(config.artifact).absolute()),
+            "database_url": config.database_url,
+            "table_prefix": config.table_prefix,
+            "store_url": config.store_url,
+            "store_prefix": config.store_prefix,
+            "recent_len": config.recent_len,
+            "rec_n": config.rec_n,
+            "python_files": None,  # run_flink zips recloop's package for a local run
+        }
     restore = None
     if config.checkpoint_dir is not None and config.resume:
         point = latest_restore_point(config.checkpoint_dir)
@@ -234,6 +272,9 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
         "topic": topic,
         "bootstrap_servers": bootstrap,
         "group": config.group,
+        "dead_letter_topic": (
+            (config.dead_letter_topic or f"{topic}.dead") if config.dead_letters else None
+        ),
         "lateness_s": config.allowed_lateness_s,
         "jdbc_url": jdbc_url,
         "jdbc_user": user,
@@ -246,6 +287,7 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
         "top": config.top,
         "recent_len": config.recent_len,
         "recent_ttl_s": config.recent_ttl_s,
+        "refresh": refresh,
         "parallelism": config.parallelism,
         "checkpoint_dir": None if config.checkpoint_dir is None else str(config.checkpoint_dir),
         "checkpoint_interval_ms": int(config.checkpoint_interval_s * 1000),
@@ -263,6 +305,35 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
     }
 
 
+def recloop_zip(directory: Path) -> str:
+    """recloop's package as ``directory/recloop.zip`` (holding ``recloop/``), for the Flink
+    job's Python workers: shipped as ``python.files``, whatever way recloop is installed
+    here (a directory shipped as such would sit on the workers' path itself, not as a
+    package)."""
+    import shutil
+
+    import recloop
+
+    package = Path(recloop.__file__).parent
+    base = directory / "recloop"
+    return shutil.make_archive(
+        str(base), "zip", root_dir=package.parent, base_dir=package.name, logger=logger
+    )
+
+
+def create_topics(bus_url: str, dead_letter_topic: str) -> None:
+    """Create the topic and its dead-letter topic (one partition) unless they exist, as the
+    Kafka bus does; without confluent-kafka they must exist already."""
+    from recloop.streaming.buses.kafka import KafkaBus
+
+    try:
+        bus = KafkaBus(bus_url, dead_letter_stream=dead_letter_topic)
+    except ConfigError as exc:
+        logger.warning("not creating the Kafka topics (%s): they must exist", exc)
+        return
+    bus.create_topics()
+
+
 def run_flink(config: FlinkJobConfig) -> FlinkRunReport:
     """Create the log table, launch the job on a local mini-cluster and wait for it (with
     ``exit_when_idle_s`` it stops by itself; otherwise it runs until interrupted)."""
@@ -276,10 +347,14 @@ def run_flink(config: FlinkJobConfig) -> FlinkRunReport:
         log.create_schema()
     finally:
         log.dispose()
+    if settings["dead_letter_topic"]:
+        create_topics(config.bus_url, settings["dead_letter_topic"])
     if settings["restore_from"]:
         logger.info("resuming from %s", settings["restore_from"])
     with tempfile.TemporaryDirectory(prefix="recloop-flink-") as tmp:
         cfg_file, report_file = Path(tmp) / "job.json", Path(tmp) / "report.json"
+        if settings["refresh"] is not None:
+            settings["refresh"]["python_files"] = recloop_zip(Path(tmp))
         cfg_file.write_text(json.dumps(settings))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         cmd = [python, str(JOB_FILE), "--config", str(cfg_file), "--report", str(report_file)]
