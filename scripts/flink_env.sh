@@ -5,14 +5,25 @@
 # With --scorer, also what the job's recommendation refresh (`recloop flink --artifact`)
 # imports in its Python workers: torch (CPU) and recloop's runtime dependencies, resolved
 # together with apache-flink so that none of its pins moves.
-# Usage: scripts/flink_env.sh [--scorer] [DIR]   (default .venv-flink); then
+# With --mysql, also a MySQL/MariaDB log target: MariaDB Connector/J from Debian's
+# libmariadb-java (apt-get install when missing) and recloop's MySQL dialect for the JDBC
+# connector, compiled from java/flink-jdbc-mysql (needs javac), both in DIR/recloop-jars.
+# Usage: scripts/flink_env.sh [--scorer] [--mysql] [DIR]   (default .venv-flink); then
 #   export RECLOOP_FLINK_PYTHON=DIR/bin/python
 # Needs python3.11 and java 17 on PATH.  About 2.5 minutes and 1 GB from a local index
 # (--scorer: about 40 s and 1 GB more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scorer=0
-if [[ "${1:-}" == "--scorer" ]]; then scorer=1; shift; fi
+mysql=0
+while [[ "${1:-}" == --* ]]; do
+  case "$1" in
+    --scorer) scorer=1 ;;
+    --mysql) mysql=1 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 dir=${1:-.venv-flink}
 python=${RECLOOP_FLINK_BASE_PYTHON:-python3.11}
 if [[ ! -x "$dir/bin/python" ]]; then
@@ -30,8 +41,17 @@ if [[ $scorer == 1 ]]; then
   # a setuptools newer than apache-flink allows).
   "$dir/bin/pip" install -q 'apache-flink==2.0.*' 'torch>=2.2' 'safetensors>=0.4' \
     'polars>=1.0' 'pydantic>=2.5' 'pydantic-settings>=2.1' 'sqlalchemy>=2.0' 'pyyaml>=6' \
-    'tqdm>=4.66' 'orjson>=3.9' 'psycopg[binary]>=3.1'
+    'tqdm>=4.66' 'orjson>=3.9' 'psycopg[binary]>=3.1' 'pymysql>=1.1'
   "$dir/bin/pip" check
+fi
+if [[ $mysql == 1 ]]; then
+  driver=/usr/share/java/mariadb-java-client.jar
+  if [[ ! -f $driver ]]; then
+    apt-get install -y -qq libmariadb-java >/dev/null
+  fi
+  mkdir -p "$dir/recloop-jars"
+  cp "$driver" "$dir/recloop-jars/mariadb-java-client.jar"
+  java/flink-jdbc-mysql/build.sh "$dir" "$dir/recloop-jars/recloop-flink-jdbc-mysql.jar"
 fi
 "$dir/bin/python" -c 'import pyflink, redis; print("flink env ready:", pyflink.__file__)'
 echo "export RECLOOP_FLINK_PYTHON=$(cd "$dir" && pwd)/bin/python"

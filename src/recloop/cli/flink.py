@@ -24,6 +24,12 @@ def flink(
     table_prefix: str = typer.Option("", help="Prefix of the log's table names."),
     store_prefix: str = typer.Option("recloop:", help="Namespace of the store's Redis keys."),
     group: str = typer.Option("recloop-flink", help="Kafka consumer group of the job."),
+    dead_letters: bool = typer.Option(
+        True, help="Send records that are not valid events to the dead-letter topic."
+    ),
+    dead_letter_topic: str | None = typer.Option(
+        None, help="Dead-letter topic (default TOPIC.dead, as the Kafka bus)."
+    ),
     window_s: int = typer.Option(3600, help="Popular-items window, event-time seconds."),
     slide_s: int = typer.Option(80, help="Slide of the window; must divide --window-s."),
     top: int = typer.Option(20, help="Items in the popular list."),
@@ -71,6 +77,8 @@ def flink(
             table_prefix=table_prefix,
             store_prefix=store_prefix,
             group=group,
+            dead_letters=dead_letters,
+            dead_letter_topic=dead_letter_topic,
             window_s=window_s,
             slide_s=slide_s,
             top=top,

@@ -15,6 +15,7 @@ from recloop.stores.redis import RECENT_PUSH_SCRIPT
 from recloop.streaming.flink import job
 from recloop.streaming.flink.runner import (
     CONNECTOR_JARS,
+    MYSQL_JARS,
     FlinkJobConfig,
     connector_jars,
     jdbc_target,
@@ -36,8 +37,10 @@ def test_kafka_url_gives_bootstrap_servers_and_topic() -> None:
 def test_postgres_url_becomes_jdbc_and_others_are_refused() -> None:
     assert jdbc_target(PG) == ("jdbc:postgresql://db.example:6543/shop", "alice", "s3cret")
     assert jdbc_target("postgresql://h/db")[0] == "jdbc:postgresql://h:5432/db"
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        jdbc_target("mysql+pymysql://root@h/db")
+    assert jdbc_target("mysql+pymysql://root@h/db") == ("jdbc:mysql://h:3306/db", "root", None)
+    assert jdbc_target("mariadb+pymysql://u:p@h:3307/db")[0] == "jdbc:mysql://h:3307/db"
+    with pytest.raises(ConfigError, match="PostgreSQL or MySQL"):
+        jdbc_target("sqlite:///x.db")
 
 
 def test_window_and_stop_settings_are_checked() -> None:
@@ -68,6 +71,18 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for name in CONNECTOR_JARS:
         (lib / name).write_bytes(b"")
     assert [j.name for j in connector_jars((), str(python))] == list(CONNECTOR_JARS)
+    with pytest.raises(ConfigError, match=r"recloop-flink-jdbc-mysql\.jar.*--mysql"):
+        connector_jars((), str(python), mysql=True)
+    own = tmp_path / "env" / "recloop-jars"
+    own.mkdir()
+    for name in MYSQL_JARS:
+        (own / name).write_bytes(b"")
+    assert [j.name for j in connector_jars((), str(python), mysql=True)] == [
+        "flink-connector-kafka.jar",
+        "kafka-clients.jar",
+        "flink-connector-jdbc-core.jar",
+        *MYSQL_JARS,
+    ]
     monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
     assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar"]
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import polars as pl
@@ -110,6 +111,15 @@ class Scenario:
     recs: dict[str, tuple[list[tuple[str, float]], str] | None]
     rec_log: pl.DataFrame | None
     dead: list[DeadLetterRecord]
+
+
+def no_scorer() -> NoReturn:
+    """Skip (fail in CI, whose Flink environment has the scorer) a refresh test."""
+    reason = "the Flink environment has no scorer (scripts/flink_env.sh --scorer)"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+    raise AssertionError("unreachable")
 
 
 def can_score(flink_python: str) -> bool:
@@ -297,7 +307,7 @@ def test_refreshed_recommendations_equal_the_redis_runners(
     scenario: Scenario, tmp_path: Path
 ) -> None:
     if scenario.artifact is None:
-        pytest.skip("the Flink environment has no scorer (scripts/flink_env.sh --scorer)")
+        no_scorer()
     want = redis_runner(scenario.events, tmp_path, scenario.artifact).recs
     assert set(scenario.recs) == set(want)
     assert all(v is not None for v in want.values())  # every user was refreshed
@@ -316,7 +326,7 @@ def test_every_refresh_is_logged_with_the_previous_lists_realised_reward(
     scenario: Scenario,
 ) -> None:
     if scenario.rec_log is None:
-        pytest.skip("the Flink environment has no scorer (scripts/flink_env.sh --scorer)")
+        no_scorer()
     log = scenario.rec_log.sort("id")
     events = scenario.events
     assert set(log["user_id"].to_list()) == set(events["user_id"].to_list())
@@ -337,3 +347,57 @@ def test_every_refresh_is_logged_with_the_previous_lists_realised_reward(
     check = per_user.join(totals, on="user_id")
     assert (check["realised_reward"] <= check["reward"]).all()
     assert (check["hits"] <= check["n"]).all()
+
+
+# ----------------------------------------------------------------------------- MySQL
+
+MARIADB_URL = os.environ.get("RECLOOP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture(scope="module")
+def mariadb_logged(
+    flink_python: str, flink_kafka_broker: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    """(events, the log) of one run of the job on a small topic with a MariaDB log: recloop's
+    MySQL dialect and MariaDB Connector/J (``scripts/flink_env.sh --mysql``)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    jars = Path(flink_python).absolute().parent.parent / "recloop-jars"
+    if not (jars / "recloop-flink-jdbc-mysql.jar").is_file():
+        reason = f"no MySQL dialect in {jars} (scripts/flink_env.sh --mysql)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    tag = f"rlm{uuid.uuid4().hex[:8]}"
+    topic = f"{tag}-events"
+    admin = AdminClient({"bootstrap.servers": flink_kafka_broker})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result()
+    events = make_events(400, seed=1)
+    # A record sent twice: the upsert keeps one row.
+    publish(flink_kafka_broker, topic, [*keyed(events), *keyed(events[:5])])
+    log = BehaviorLog(MARIADB_URL, prefix=f"{tag}_")
+    try:
+        run_flink(
+            FlinkJobConfig(
+                bus_url=f"kafka://{flink_kafka_broker}/{topic}",
+                database_url=MARIADB_URL,
+                table_prefix=f"{tag}_",
+                group=f"{tag}-group",
+                dead_letters=False,
+                checkpoint_dir=tmp_path_factory.mktemp("flink-mysql"),
+                exit_when_idle_s=4.0,
+                python=flink_python,
+            )
+        )
+        yield events, log.read_events()
+    finally:
+        log.drop_schema()
+        log.dispose()
+
+
+def test_a_mariadb_log_holds_every_event_exactly_once(
+    mariadb_logged: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    events, logged = mariadb_logged
+    cols = list(EVENT_SCHEMA)
+    assert logged.select(cols).sort("event_id").equals(events.select(cols).sort("event_id"))

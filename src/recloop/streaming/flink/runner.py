@@ -41,6 +41,12 @@ CONNECTOR_JARS = (
 connectors, the Kafka client and the PostgreSQL driver.  Flink's core jars are never added
 twice."""
 
+MYSQL_JARS = ("recloop-flink-jdbc-mysql.jar", "mariadb-java-client.jar")
+"""With a MySQL/MariaDB log, in place of the PostgreSQL dialect and driver: recloop's own
+MySQL dialect for the JDBC connector (``java/flink-jdbc-mysql``, built by
+``scripts/flink_env.sh --mysql``) and MariaDB Connector/J (Debian's ``libmariadb-java``),
+both under ``<flink env>/recloop-jars``."""
+
 STOP_MODES = ("drain", "savepoint", "cancel")
 
 
@@ -55,8 +61,8 @@ class FlinkJobConfig:
     bus_url: str
     """Kafka topic: ``kafka://host:port[,host:port...]/topic``."""
     database_url: str
-    """Behaviour log (SQLAlchemy URL; ``postgresql+psycopg://`` — the JDBC driver shipped is
-    PostgreSQL's)."""
+    """Behaviour log (SQLAlchemy URL): ``postgresql+psycopg://`` or, with recloop's MySQL
+    dialect and MariaDB's driver in the Flink environment, ``mysql+pymysql://``."""
     store_url: str | None = None
     """Online store for popular items: ``redis://host:port/db``; None skips popular items."""
     table_prefix: str = ""
@@ -191,21 +197,25 @@ def kafka_topic(url: str) -> tuple[str, str]:
 
 
 def jdbc_target(url: str) -> tuple[str, str | None, str | None]:
-    """SQLAlchemy PostgreSQL URL → (JDBC URL, user, password)."""
+    """SQLAlchemy PostgreSQL or MySQL/MariaDB URL → (JDBC URL, user, password)."""
     import sqlalchemy as sa
 
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise ConfigError(f"database url {url!r}: {exc}") from None
-    if parsed.get_backend_name() != "postgresql":
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "mysql", "mariadb"):
         raise ConfigError(
-            f"database url {url!r}: the Flink job writes PostgreSQL through JDBC "
-            "(postgresql+psycopg://...); the shipped connector jars have no other driver"
+            f"database url {url!r}: the Flink job writes PostgreSQL or MySQL/MariaDB through "
+            "JDBC (postgresql+psycopg://... or mysql+pymysql://...)"
         )
     host = parsed.host or "localhost"
-    port = parsed.port or 5432
-    jdbc = f"jdbc:postgresql://{host}:{port}/{parsed.database or ''}"
+    if backend == "postgresql":
+        jdbc = f"jdbc:postgresql://{host}:{parsed.port or 5432}/{parsed.database or ''}"
+    else:
+        # jdbc:mysql: — MariaDB Connector/J 2.x takes it, and recloop's dialect accepts it.
+        jdbc = f"jdbc:mysql://{host}:{parsed.port or 3306}/{parsed.database or ''}"
     return jdbc, parsed.username, parsed.password
 
 
@@ -214,22 +224,30 @@ def flink_python(configured: str | None) -> str:
     return configured or os.environ.get("RECLOOP_FLINK_PYTHON") or sys.executable
 
 
-def connector_jars(configured: tuple[Path, ...], python: str) -> list[Path]:
+def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = False) -> list[Path]:
     """The connector jars: given, else ``RECLOOP_FLINK_JARS`` (``os.pathsep``-separated),
-    else :data:`CONNECTOR_JARS` under ``<env of python>/connectors/pyflink/lib``."""
+    else :data:`CONNECTOR_JARS` under ``<env of python>/connectors/pyflink/lib`` — with
+    ``mysql``, the PostgreSQL dialect and driver replaced by :data:`MYSQL_JARS` under
+    ``<env of python>/recloop-jars``."""
     if configured:
         jars = list(configured)
     elif os.environ.get("RECLOOP_FLINK_JARS"):
         jars = [Path(p) for p in os.environ["RECLOOP_FLINK_JARS"].split(os.pathsep) if p]
     else:
-        base = Path(python).absolute().parent.parent / "connectors" / "pyflink" / "lib"
+        env = Path(python).absolute().parent.parent
+        base = env / "connectors" / "pyflink" / "lib"
         jars = [base / name for name in CONNECTOR_JARS]
+        if mysql:
+            jars = [j for j in jars if "postgres" not in j.name]
+            jars += [env / "recloop-jars" / name for name in MYSQL_JARS]
     missing = [str(j) for j in jars if not j.is_file()]
     if missing:
         raise ConfigError(
             "Flink connector jars not found: "
             + ", ".join(missing)
-            + " (set RECLOOP_FLINK_JARS or --jar; see the README's Flink section)"
+            + " (set RECLOOP_FLINK_JARS or --jar; see docs/flink.md"
+            + (", scripts/flink_env.sh --mysql" if mysql else "")
+            + ")"
         )
     return jars
 
@@ -340,7 +358,8 @@ def run_flink(config: FlinkJobConfig) -> FlinkRunReport:
     from recloop.streaming.log import BehaviorLog
 
     python = flink_python(config.python)
-    jars = connector_jars(config.jars, python)
+    mysql = jdbc_target(config.database_url)[0].startswith("jdbc:mysql:")
+    jars = connector_jars(config.jars, python, mysql=mysql)
     settings = job_settings(config, python=python, jars=jars)
     log = BehaviorLog(config.database_url, prefix=config.table_prefix)
     try:
