@@ -354,12 +354,24 @@ def test_every_refresh_is_logged_with_the_previous_lists_realised_reward(
 MARIADB_URL = os.environ.get("RECLOOP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
+@dataclass
+class MariaDBRun:
+    events: pl.DataFrame
+    logged: pl.DataFrame
+    rec_log: pl.DataFrame | None
+    """The recommendation log (None: the Flink environment cannot score)."""
+
+
 @pytest.fixture(scope="module")
-def mariadb_logged(
-    flink_python: str, flink_kafka_broker: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
-    """(events, the log) of one run of the job on a small topic with a MariaDB log: recloop's
-    MySQL dialect and MariaDB Connector/J (``scripts/flink_env.sh --mysql``)."""
+def mariadb_run(
+    flink_python: str,
+    flink_kafka_broker: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_artifact: Any,
+) -> Iterator[MariaDBRun]:
+    """One run of the job on a small topic with a MariaDB log (recloop's MySQL dialect and
+    MariaDB Connector/J, ``scripts/flink_env.sh --mysql``), refreshing recommendations when
+    the environment can score (the refresh writes the log through SQLAlchemy/PyMySQL)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     jars = Path(flink_python).absolute().parent.parent / "recloop-jars"
@@ -375,29 +387,51 @@ def mariadb_logged(
     events = make_events(400, seed=1)
     # A record sent twice: the upsert keeps one row.
     publish(flink_kafka_broker, topic, [*keyed(events), *keyed(events[:5])])
+    artifact = None
+    if can_score(flink_python):
+        artifact = make_artifact(
+            tmp_path_factory.mktemp("flink-mysql-artifact"), user_ids=ART_USERS, item_ids=ART_ITEMS
+        )
     log = BehaviorLog(MARIADB_URL, prefix=f"{tag}_")
     try:
         run_flink(
             FlinkJobConfig(
                 bus_url=f"kafka://{flink_kafka_broker}/{topic}",
                 database_url=MARIADB_URL,
+                store_url=REDIS_URL if artifact is not None else None,
                 table_prefix=f"{tag}_",
+                store_prefix=f"{tag}:",
                 group=f"{tag}-group",
+                recent_len=RECENT if artifact is not None else None,
+                artifact=artifact,
+                rec_n=REC_N,
                 dead_letters=False,
                 checkpoint_dir=tmp_path_factory.mktemp("flink-mysql"),
                 exit_when_idle_s=4.0,
                 python=flink_python,
             )
         )
-        yield events, log.read_events()
+        yield MariaDBRun(
+            events=events,
+            logged=log.read_events(),
+            rec_log=log.read_recommendations() if artifact is not None else None,
+        )
     finally:
+        asyncio.run(in_store(tag, lambda store: store.delete_all()))
         log.drop_schema()
         log.dispose()
 
 
-def test_a_mariadb_log_holds_every_event_exactly_once(
-    mariadb_logged: tuple[pl.DataFrame, pl.DataFrame],
-) -> None:
-    events, logged = mariadb_logged
+def test_a_mariadb_log_holds_every_event_exactly_once(mariadb_run: MariaDBRun) -> None:
     cols = list(EVENT_SCHEMA)
-    assert logged.select(cols).sort("event_id").equals(events.select(cols).sort("event_id"))
+    got = mariadb_run.logged.select(cols).sort("event_id")
+    assert got.equals(mariadb_run.events.select(cols).sort("event_id"))
+
+
+def test_the_refresh_logs_lists_to_mariadb(mariadb_run: MariaDBRun) -> None:
+    if mariadb_run.rec_log is None:
+        no_scorer()
+    log = mariadb_run.rec_log
+    assert set(log["user_id"].to_list()) == set(mariadb_run.events["user_id"].to_list())
+    assert log.filter(pl.col("user_id").is_first_distinct())["realised_reward"].is_null().all()
+    assert all(len(json.loads(x)) == REC_N for x in log["items"].to_list())
