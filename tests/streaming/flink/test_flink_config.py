@@ -170,12 +170,18 @@ def test_refresh_and_dead_letter_settings(tmp_path: Path, make_artifact: Any) ->
     assert conf["table.exec.mini-batch.enabled"] == "true"
 
 
-def test_one_rule_set_decides_logged_and_dead_lettered() -> None:
-    # valid_events is exactly checked_events without a reason, and the dead letters exactly
-    # those with one: no record is both logged and dead-lettered, none is neither.
-    assert "FROM checked_events WHERE reason IS NULL" in job.VALID_VIEW
+def test_dead_letters_apply_the_valid_events_rules() -> None:
+    # The dead-letter branch checks what valid_events filters on (ids of 1..128
+    # characters, ts in [0, 2**53), the four behaviours), on its own parse of the bytes.
+    for rule in ("BETWEEN 1 AND 128", "'pv', 'cart', 'fav', 'buy'", str(2**53)):
+        assert rule in job.VALID_VIEW and rule in job.CHECKED_VIEW
+    for field in ("event_id", "user_id", "item_id"):
+        assert f"CHAR_LENGTH({field})" in job.VALID_VIEW
+        assert f"CHAR_LENGTH({field})" in job.CHECKED_VIEW
     insert = job.dead_letter_insert({"topic": "t", "group": "g"})
     assert "FROM checked_events WHERE reason IS NOT NULL" in insert
     assert "'consumer', CAST('flink:g' AS BYTES)" in insert
     ddl = job.dead_letter_ddl({"dead_letter_topic": "t.dead", "bootstrap_servers": "h:1"})
     assert "'topic' = 't.dead'" in ddl and "headers MAP<STRING, BYTES> METADATA" in ddl
+    raw = job.raw_source_ddl({"topic": "t", "bootstrap_servers": "h:1", "group": "g"})
+    assert "'format' = 'raw'" in raw and "METADATA FROM 'offset'" in raw

@@ -1,8 +1,10 @@
-"""recloop's online half as one Apache Flink job (PyFlink): Kafka events → behaviour log and
-real-time popular items.
+"""recloop's online half as one Apache Flink job (PyFlink): Kafka events → behaviour log,
+real-time popular items, recent items, the recommendation refresh and dead letters.
 
 This file is self-contained on purpose: it imports only the standard library, PyFlink and
-``redis`` (which PyFlink's own dependencies bring), never ``recloop``.  So it runs in an
+``redis`` (which PyFlink's own dependencies bring), never ``recloop`` — except the refresh
+step, which imports :mod:`recloop.streaming.flink.refresh` in the Python workers (shipped to
+them as ``python.files``) when the config has a ``refresh`` block.  So it runs in an
 interpreter that has ``apache-flink`` but not recloop's pinned stack (numpy, pyarrow and
 pandas versions differ), and the same file is submitted unchanged to a real cluster with
 ``flink run -py job.py --config job.json``.  :mod:`recloop.streaming.flink.runner` writes the
@@ -15,7 +17,11 @@ operators; Python only in the small operator that writes the online store):
     Kafka source, JSON format (recloop's event schema, :mod:`recloop.streaming.events`), an
     event-time attribute ``ts_ltz`` from ``ts`` (seconds) and a bounded-out-of-orderness
     watermark of ``lateness_s``.  Records that do not parse, or lack an id/time, or break the
-    id/time rules, are dropped (counted by Flink's ``numRecordsIn`` minus what passes).
+    id/time rules, are left out of every branch below.
+dead letters
+    The topic read a second time as bytes; the same rules on a ``JSON_VALUE`` parse give
+    each record its reason, and those with one go to the dead-letter topic in the Kafka
+    bus's convention (value the bytes, reason/source id/stream/consumer headers).
 ``behavior_log``
     JDBC upsert (primary key ``event_id``) into the table ``recloop prepare --from-db`` reads;
     a record replayed after a restart writes the same row again, so the log holds every event
@@ -29,6 +35,11 @@ popular items
     format) — only for windows whose last slide holds an event, so that after a drain (or a
     quiet spell) the published list is the window ending with the newest event's slide, as
     the Redis runner publishes it.
+recent items (and the refresh)
+    Each user's last ``recent_len`` events by a SQL Top-N and a per-user ``LISTAGG`` (JVM
+    state with a TTL; mini-batches emit one row per changed user per batch); the Python step
+    pushes the lists to the store in batches and, with ``refresh``, refreshes the
+    recommendations of the users whose lists gained events.
 """
 
 from __future__ import annotations
@@ -86,29 +97,77 @@ def _json_field(name: str, cast: str | None = None) -> str:
     return f"TRY_CAST({value} AS {cast})" if cast else value
 
 
-def source_ddl(cfg: dict[str, Any]) -> str:
-    """The Kafka source table: each record's bytes (``raw`` format) with its partition and
-    offset, the event's fields parsed from them (``JSON_VALUE``; a field that is missing or
-    of the wrong type is NULL), an event-time attribute ``ts_ltz`` from ``ts`` (seconds) and
-    a bounded-out-of-orderness watermark of ``lateness_s``.
-
-    The bytes stay beside the fields so that a record that breaks the rules goes to the
-    dead-letter topic as it was, and one definition of the fields decides both what is
-    logged and what is dead-lettered."""
+def _kafka_source_options(cfg: dict[str, Any], **fmt: str) -> dict[str, str]:
     options = {
         "connector": "kafka",
         "topic": cfg["topic"],
         "properties.bootstrap.servers": cfg["bootstrap_servers"],
         "properties.group.id": cfg["group"],
         "scan.startup.mode": cfg.get("startup_mode", "earliest-offset"),
-        "format": "raw",
+        **fmt,
     }
     if cfg.get("partition_discovery_ms") is not None:
         options["scan.topic-partition-discovery.interval"] = f"{cfg['partition_discovery_ms']} ms"
     for key, value in (cfg.get("kafka_properties") or {}).items():
         options[f"properties.{key}"] = value
+    return options
+
+
+def source_ddl(cfg: dict[str, Any]) -> str:
+    """The Kafka source table with its event-time attribute and watermark (``json`` format:
+    one parse per record)."""
+    options = _kafka_source_options(
+        cfg,
+        format="json",
+        # A record that is not JSON (or has a field of the wrong type) is skipped, never
+        # fails the job; the valid-event filter below drops the rest of the bad ones.
+        **{"json.ignore-parse-errors": "true", "json.fail-on-missing-field": "false"},
+    )
     return f"""
 CREATE TEMPORARY TABLE events (
+  event_id STRING,
+  user_id STRING,
+  item_id STRING,
+  ts BIGINT,
+  behavior STRING,
+  rating DOUBLE,
+  reward DOUBLE,
+  ts_ltz AS TO_TIMESTAMP_LTZ(ts, 0),
+  WATERMARK FOR ts_ltz AS ts_ltz - {interval(cfg["lateness_s"])}
+) WITH (
+  {_with(options)}
+)"""
+
+
+VALID_VIEW = f"""
+CREATE TEMPORARY VIEW valid_events AS
+SELECT * FROM events
+WHERE event_id IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL AND ts IS NOT NULL
+  AND CHAR_LENGTH(event_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND CHAR_LENGTH(user_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND CHAR_LENGTH(item_id) BETWEEN 1 AND {MAX_ID_LEN}
+  AND ts >= 0 AND ts < {MAX_TS}
+  AND (behavior IS NULL OR behavior IN ('pv', 'cart', 'fav', 'buy'))"""
+"""The events the log, popular items and recent items take."""
+
+
+def _json_field(name: str, cast: str | None = None) -> str:
+    value = f"JSON_VALUE(CAST(payload AS STRING), '$.{name}')"
+    # TRY_CAST, not RETURNING: Flink's JSON_VALUE returns no BIGINT.
+    return f"TRY_CAST({value} AS {cast})" if cast else value
+
+
+def raw_source_ddl(cfg: dict[str, Any]) -> str:
+    """The same topic read a second time as bytes (``raw`` format) with each record's
+    partition and offset, and the fields :data:`VALID_VIEW` checks parsed with
+    ``JSON_VALUE`` (NULL when missing or of the wrong type) — for the dead letters only,
+    which must carry the record as it was.  A second read rather than one raw source for
+    every branch: ``JSON_VALUE`` parses the record once per call, and the log, popular and
+    recent branches would each pay that several times per record (measured: a third of
+    the log's throughput)."""
+    options = _kafka_source_options(cfg, format="raw")
+    return f"""
+CREATE TEMPORARY TABLE raw_events (
   payload BYTES,
   kafka_partition INT METADATA FROM 'partition' VIRTUAL,
   kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
@@ -116,11 +175,7 @@ CREATE TEMPORARY TABLE events (
   user_id AS {_json_field("user_id")},
   item_id AS {_json_field("item_id")},
   ts AS {_json_field("ts", "BIGINT")},
-  behavior AS {_json_field("behavior")},
-  rating AS {_json_field("rating", "DOUBLE")},
-  reward AS {_json_field("reward", "DOUBLE")},
-  ts_ltz AS TO_TIMESTAMP_LTZ({_json_field("ts", "BIGINT")}, 0),
-  WATERMARK FOR ts_ltz AS ts_ltz - {interval(cfg["lateness_s"])}
+  behavior AS {_json_field("behavior")}
 ) WITH (
   {_with(options)}
 )"""
@@ -147,14 +202,9 @@ SELECT *, CASE
     THEN 'behavior: not one of pv, cart, fav, buy'
   ELSE CAST(NULL AS STRING)
 END AS reason
-FROM events"""
-"""Every record with why it is not a valid event (NULL: it is one): the rules of
-``recloop.streaming.events`` that the log's columns need."""
-
-VALID_VIEW = """
-CREATE TEMPORARY VIEW valid_events AS
-SELECT event_id, user_id, item_id, ts, behavior, rating, reward, ts_ltz
-FROM checked_events WHERE reason IS NULL"""
+FROM raw_events"""
+"""Every record with why it is not a valid event (NULL: it is one): :data:`VALID_VIEW`'s
+rules, on the ``JSON_VALUE`` parse of :func:`raw_source_ddl`."""
 
 
 def dead_letter_ddl(cfg: dict[str, Any]) -> str:
@@ -587,10 +637,11 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(source_ddl(cfg))
-    t_env.execute_sql(CHECKED_VIEW)
     t_env.execute_sql(VALID_VIEW)
     statements = t_env.create_statement_set()
     if cfg.get("dead_letter_topic"):
+        t_env.execute_sql(raw_source_ddl(cfg))
+        t_env.execute_sql(CHECKED_VIEW)
         t_env.execute_sql(dead_letter_ddl(cfg))
         statements.add_insert_sql(dead_letter_insert(cfg))
     if cfg.get("jdbc_url"):
