@@ -91,12 +91,6 @@ def _with(options: dict[str, Any]) -> str:
     return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
 
 
-def _json_field(name: str, cast: str | None = None) -> str:
-    value = f"JSON_VALUE(CAST(payload AS STRING), '$.{name}')"
-    # TRY_CAST, not RETURNING: Flink's JSON_VALUE returns no BIGINT.
-    return f"TRY_CAST({value} AS {cast})" if cast else value
-
-
 def _kafka_source_options(cfg: dict[str, Any], **fmt: str) -> dict[str, str]:
     options = {
         "connector": "kafka",
