@@ -732,6 +732,9 @@ class Progress:
                 "status": v.get("status"),
                 "read": int(v.get("metrics", {}).get("read-records", 0)),
                 "written": int(v.get("metrics", {}).get("write-records", 0)),
+                # ms the vertex's tasks were busy (not idle, not back-pressured): where the
+                # job's time goes.
+                "busy_ms": float(v.get("metrics", {}).get("accumulated-busy-time", 0.0)),
             }
             for v in doc.get("vertices", [])
         ]
