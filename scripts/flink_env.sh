@@ -47,6 +47,8 @@ fi
 if [[ $mysql == 1 ]]; then
   driver=/usr/share/java/mariadb-java-client.jar
   if [[ ! -f $driver ]]; then
+    # A fresh machine's package lists may be empty or stale: update them first.
+    apt-get update -qq >/dev/null
     apt-get install -y -qq libmariadb-java >/dev/null
   fi
   mkdir -p "$dir/recloop-jars"
