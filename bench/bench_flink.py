@@ -172,6 +172,12 @@ def main() -> None:
             f"log: {logged.height} rows, {logged['event_id'].n_unique()} distinct "
             f"(expected {n}); popular items equal the reference: {popular == reference}"
         )
+        for v in report.raw.get("vertices", []):
+            # Where the time went: records in/out and busy time of each vertex (chain).
+            print(
+                f"  vertex {v['name'][:70]:70s} in {v['read']:>9,} out {v['written']:>9,} "
+                f"busy {v.get('busy_ms', 0.0) / 1000:6.1f} s"
+            )
         print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:
         asyncio.run(in_store(tag, lambda store: store.delete_all()))

@@ -18,9 +18,20 @@ Kafka the run counts as done when the group's committed offsets add up to the ev
 published (the Tansu build reports a partition's "latest" offset too low, so its lag is
 not trusted).
 
+Runners (``--runner workers flink``): the ``recloop stream`` workers, and the ``recloop
+flink`` job (Kafka only: Flink has no Redis Streams source) with the same recent-list length
+and, in ``+recommendations``, the same artifact.  The Flink row's events/s runs from the
+first logged row to the last record count that moved (the job's REST metrics, sampled every
+0.5 s; the job then waits a few idle seconds and drains); its start-up (JVM, planning,
+Python workers: launch → every task running) is reported apart, and its CPU is the whole
+job's (JVM and Python workers, start-up included), from the children's rusage.  It needs the
+Flink environment (``RECLOOP_FLINK_PYTHON``; ``scripts/flink_env.sh --scorer`` for
+``+recommendations``).
+
 Run: ``.venv/bin/python bench/bench_stream.py [--events 100000] [--batch-size 2000]
-[--workers 1 2] [--bus redis kafka]``.  Needs Redis on 127.0.0.1:6379 and PostgreSQL on
-127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL).
+[--workers 1 2] [--bus redis kafka] [--runner workers flink]``.  Needs Redis on
+127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL /
+RECLOOP_BENCH_DATABASE_URL).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import argparse
 import asyncio
 import os
 import platform
+import resource
 import socket
 import subprocess
 import tempfile
@@ -326,6 +338,84 @@ def run_case(
     }
 
 
+def run_flink_case(
+    events: pl.DataFrame, *, artifact: Path | None, bus_url: str, recent_len: int
+) -> dict[str, float]:
+    """The same events through ``recloop flink`` (parallelism 1) on a fresh Kafka topic."""
+    from recloop.streaming.flink.runner import FlinkJobConfig, run_flink
+
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    url = kafka_topic_url(bus_url, f"{tag}.events")
+
+    async def publish() -> float:
+        bus = open_bus(url)
+        try:
+            return (await replay(events, bus, batch_size=2000, show_progress=False)).events_per_s
+        finally:
+            await bus.close()
+
+    publish_rate = asyncio.run(publish())
+    with tempfile.TemporaryDirectory() as ck:
+        config = FlinkJobConfig(
+            bus_url=url,
+            database_url=DATABASE_URL,
+            store_url=REDIS_URL,
+            table_prefix=f"{tag}_",
+            store_prefix=f"{tag}:",
+            group=f"{tag}-group",
+            recent_len=recent_len,
+            artifact=artifact,
+            checkpoint_dir=Path(ck),
+            exit_when_idle_s=3.0,
+        )
+        # Only its first logged row is used (a Redis stream that does not exist never ends it).
+        watch = Watch(
+            StreamSettings(
+                bus_url=REDIS_URL,
+                database_url=DATABASE_URL,
+                table_prefix=f"{tag}_",
+                stream=f"{tag}:unused",
+                group=f"{tag}-group",
+            ),
+            total=events.height,
+        )
+        BehaviorLog(DATABASE_URL, prefix=f"{tag}_").create_schema()
+        watch.start()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        report = run_flink(config)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        watch.stop.set()
+        watch.join()
+    log = BehaviorLog(DATABASE_URL, prefix=f"{tag}_")
+    logged = log.count()
+    lists = log.read_recommendations().height if artifact is not None else 0
+    log.drop_schema()
+    log.dispose()
+
+    async def drop_topic() -> None:
+        await open_bus(url).delete()
+
+    asyncio.run(drop_topic())
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=f"{tag}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    if logged != events.height or watch.first is None or report.last_progress_s is None:
+        raise SystemExit(f"flink run incomplete: {logged} of {events.height} events logged")
+    seconds = t0 + report.last_progress_s - watch.first
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return {
+        "events_per_s": events.height / seconds,
+        "seconds": seconds,
+        "startup_s": report.startup_s,
+        "first_row_s": watch.first - t0,
+        "job_cpu_s": cpu,
+        "publish_per_s": publish_rate,
+        "recommendations": lists,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=100_000)
@@ -333,6 +423,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-recommendations", action="store_true")
     ap.add_argument("--bus", nargs="+", choices=["redis", "kafka"], default=["redis", "kafka"])
+    ap.add_argument(
+        "--runner", nargs="+", choices=["workers", "flink"], default=["workers"],
+        help="flink: also the recloop flink job (Kafka only), beside the workers",
+    )  # fmt: skip
     args = ap.parse_args()
     os.environ.setdefault("RECLOOP_NO_PROGRESS", "1")
     ds, source = dataset(args.events)
@@ -358,6 +452,29 @@ def main() -> None:
                 if name == "+recommendations" and artifact is None:
                     continue
                 for bus, url in buses.items():
+                    if "flink" in args.runner:
+                        if bus != "kafka":
+                            print(f"{name:20s} {bus:5s} flink: n/a (Flink reads Kafka only)")
+                        else:
+                            fl = run_flink_case(
+                                events,
+                                artifact=artifact,
+                                bus_url=url,
+                                recent_len=StreamSettings().recent_len,  # the workers' own
+                            )
+                            results[(name, bus, "flink")] = fl
+                            print(
+                                f"{name:20s} {bus:5s} flink p=1 : {fl['events_per_s']:9,.0f} "
+                                f"events/s ({fl['seconds']:.2f} s; lists "
+                                f"{fl['recommendations']:,}); JVM start-up (launch -> every "
+                                f"task running) {fl['startup_s']:.1f} s, launch -> first "
+                                f"logged row {fl['first_row_s']:.1f} s; job CPU (JVM + Python, "
+                                f"start-up included) {fl['job_cpu_s']:.1f} s; "
+                                f"load {os.getloadavg()[0]:.1f}",
+                                flush=True,
+                            )
+                    if "workers" not in args.runner:
+                        continue
                     for w in args.workers:
                         res = run_case(
                             events,

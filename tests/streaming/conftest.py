@@ -73,9 +73,9 @@ def make_dataset() -> object:
     return tiny_dataset
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_artifact() -> object:
-    """Factory: :func:`build_artifact`."""
+    """Factory: :func:`build_artifact` (session-scoped: module-scoped scenarios use it)."""
     return build_artifact
 
 

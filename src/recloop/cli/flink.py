@@ -1,4 +1,5 @@
-"""``recloop flink``: the behaviour log and popular items as one Apache Flink job."""
+"""``recloop flink``: the online half (log, popular and recent items, refresh) as one Apache
+Flink job."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def flink(
     table_prefix: str = typer.Option("", help="Prefix of the log's table names."),
     store_prefix: str = typer.Option("recloop:", help="Namespace of the store's Redis keys."),
     group: str = typer.Option("recloop-flink", help="Kafka consumer group of the job."),
+    dead_letters: bool = typer.Option(
+        True, help="Send records that are not valid events to the dead-letter topic."
+    ),
+    dead_letter_topic: str | None = typer.Option(
+        None, help="Dead-letter topic (default TOPIC.dead, as the Kafka bus)."
+    ),
     window_s: int = typer.Option(3600, help="Popular-items window, event-time seconds."),
     slide_s: int = typer.Option(80, help="Slide of the window; must divide --window-s."),
     top: int = typer.Option(20, help="Items in the popular list."),
@@ -52,18 +59,16 @@ def flink(
         [], help="Connector jar (repeat); default: RECLOOP_FLINK_JARS or the Flink env's."
     ),
     artifact: Path | None = typer.Option(
-        None, help="Not supported by the Flink job yet: use `recloop stream --artifact`."
+        None,
+        help="Refresh the recommendations of users with new events with this artifact "
+        "(needs --recent-len, --store-url and torch in the Flink environment).",
     ),
+    rec_n: int = typer.Option(10, help="Items in a refreshed list."),
 ) -> None:
-    """Run the behaviour log and popular items as one Flink job on a local mini-cluster."""
-    from recloop.errors import ConfigError
+    """Run the behaviour log, popular items, recent items and (with --artifact) the
+    recommendation refresh as one Flink job on a local mini-cluster."""
     from recloop.streaming.flink.runner import FlinkJobConfig, run_flink
 
-    if artifact is not None:
-        raise ConfigError(
-            "recloop flink does not refresh recommendations yet (recent items and the "
-            "artifact's scorer run in `recloop stream`); leave --artifact out"
-        )
     report = run_flink(
         FlinkJobConfig(
             bus_url=bus_url,
@@ -72,12 +77,16 @@ def flink(
             table_prefix=table_prefix,
             store_prefix=store_prefix,
             group=group,
+            dead_letters=dead_letters,
+            dead_letter_topic=dead_letter_topic,
             window_s=window_s,
             slide_s=slide_s,
             top=top,
             allowed_lateness_s=allowed_lateness_s,
             recent_len=recent_len,
             recent_ttl_s=recent_ttl_s,
+            artifact=artifact,
+            rec_n=rec_n,
             parallelism=parallelism,
             checkpoint_dir=checkpoint_dir,
             checkpoint_interval_s=checkpoint_interval_s,

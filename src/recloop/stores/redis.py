@@ -43,12 +43,15 @@ def _decode_all(raw: Sequence[bytes | None], key: str) -> list[Scored]:
 
 # Per user, a sorted set of event ids scored by event time and a hash event id → "reward
 # item".  Equal scores order by member bytes, i.e. by event id in code-point order, as
-# merge_recent sorts; the first version of an event id wins (HSETNX), as in the log.
+# merge_recent sorts; the first version of an event id wins (HSETNX), as in the log.  The
+# push returns the ids it added (the Flink job refreshes recommendations only for those).
 RECENT_PUSH_SCRIPT = """
 local n = tonumber(ARGV[1])
+local added = {}
 for i = 2, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
     redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+    added[#added + 1] = ARGV[i + 1]
   end
 end
 local extra = redis.call('ZCARD', KEYS[1]) - n
@@ -59,7 +62,7 @@ if extra > 0 then
     redis.call('HDEL', KEYS[2], unpack(gone, j, math.min(j + 999, #gone)))
   end
 end
-return 0
+return added
 """
 RECENT_READ_SCRIPT = """
 local ids = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import orjson
 import polars as pl
 
 from recloop.stores import RecentItem
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from recloop.artifacts import Artifact
 
 PAD_ID = 0
 """Item index 0 is padding (as ``recloop.data.batch.PAD_ID``; not imported so that workers
@@ -306,4 +309,71 @@ def history_batch(
         history=torch.from_numpy(history.astype(np.int64)),
         history_reward=torch.from_numpy(history_reward.astype(np.float32)),
         consumed=consumed,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class RecommendationRefresh:
+    """Lists refreshed for one batch's users."""
+
+    users: list[str]
+    items: list[list[str]]
+    scores: list[list[float]]
+    model_version: str
+
+
+class Recommender:
+    """Batched refresh: users' recent items → one ``artifact.recommend`` call → raw ids.
+
+    Shared by the Redis Streams workers and the Flink job's refresh step, so both score the
+    same recent lists the same way."""
+
+    def __init__(self, artifact: Artifact, *, n: int) -> None:
+        self.artifact = artifact
+        self.n = n
+        self.user_index = IdIndex(artifact.user_ids)
+        self.item_index = IdIndex(artifact.item_ids)
+
+    def recommend(self, recent: Mapping[str, Sequence[tuple[str, float]]]) -> RecommendationRefresh:
+        batch = history_batch(
+            recent,
+            user_index=self.user_index,
+            item_index=self.item_index,
+            history_len=self.artifact.history_len,
+            n_items=self.artifact.n_items,
+        )
+        idx, scores = self.artifact.recommend(
+            batch.user, batch.history, batch.history_reward, n=self.n, exclude=batch.consumed
+        )
+        raw = self.item_index.raw(idx.numpy())
+        sc = scores.numpy().astype(np.float64)
+        ok = np.isfinite(sc)  # -inf: fewer unconsumed items than n
+        items = [r[m].tolist() for r, m in zip(raw, ok, strict=True)]
+        values = [s[m].tolist() for s, m in zip(sc, ok, strict=True)]
+        return RecommendationRefresh(batch.users, items, values, self.artifact.model_version)
+
+
+def recommendation_rows(
+    recs: RecommendationRefresh, new: pl.DataFrame, realised: pl.DataFrame
+) -> pl.DataFrame:
+    """The recommendation log's rows of a refresh: one per user of ``recs``, stamped with the
+    newest event time of the user's ``new`` events, with the realised reward (and hits) of
+    the user's previous list (:func:`realised_rewards`; null without a previous list)."""
+    return (
+        pl.DataFrame(
+            {
+                "user_id": pl.Series(recs.users, dtype=pl.String),
+                "items": [orjson.dumps(x).decode() for x in recs.items],
+                "scores": [orjson.dumps(x).decode() for x in recs.scores],
+            }
+        )
+        .join(
+            new.group_by("user_id").agg(pl.col("ts").max()),
+            on="user_id",
+            how="left",
+            maintain_order="left",
+        )
+        .join(realised, on="user_id", how="left", maintain_order="left")
+        .with_columns(pl.lit(recs.model_version).alias("model_version"))
+        .select("user_id", "ts", "model_version", "items", "scores", "realised_reward", "hits")
     )

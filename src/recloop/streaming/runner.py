@@ -82,11 +82,11 @@ from recloop.streaming.events import (
 from recloop.streaming.heartbeat import Heartbeat
 from recloop.streaming.log import AppendResult, ArmTally, BehaviorLog, is_transient
 from recloop.streaming.operators import (
-    IdIndex,
     PartitionedWatermarks,
-    history_batch,
+    Recommender,
     realised_rewards,
     recent_by_user,
+    recommendation_rows,
 )
 from recloop.streaming.served import is_served, served_rows
 from recloop.streaming.settings import StreamSettings
@@ -228,44 +228,6 @@ class WorkerStats:
 
 
 # ----------------------------------------------------------------------------- processor
-
-
-@dataclass(frozen=True, eq=False)
-class RecommendationRefresh:
-    """Lists refreshed for one batch's users."""
-
-    users: list[str]
-    items: list[list[str]]
-    scores: list[list[float]]
-    model_version: str
-
-
-class Recommender:
-    """Batched refresh: users' recent items → one ``artifact.recommend`` call → raw ids."""
-
-    def __init__(self, artifact: Artifact, *, n: int) -> None:
-        self.artifact = artifact
-        self.n = n
-        self.user_index = IdIndex(artifact.user_ids)
-        self.item_index = IdIndex(artifact.item_ids)
-
-    def recommend(self, recent: dict[str, list[tuple[str, float]]]) -> RecommendationRefresh:
-        batch = history_batch(
-            recent,
-            user_index=self.user_index,
-            item_index=self.item_index,
-            history_len=self.artifact.history_len,
-            n_items=self.artifact.n_items,
-        )
-        idx, scores = self.artifact.recommend(
-            batch.user, batch.history, batch.history_reward, n=self.n, exclude=batch.consumed
-        )
-        raw = self.item_index.raw(idx.numpy())
-        sc = scores.numpy().astype(np.float64)
-        ok = np.isfinite(sc)  # -inf: fewer unconsumed items than n
-        items = [r[m].tolist() for r, m in zip(raw, ok, strict=True)]
-        values = [s[m].tolist() for s, m in zip(sc, ok, strict=True)]
-        return RecommendationRefresh(batch.users, items, values, self.artifact.model_version)
 
 
 def split_served(messages: Sequence[BusMessage]) -> tuple[list[BusMessage], list[BusMessage]]:
@@ -526,24 +488,7 @@ class StreamProcessor:
         recs = self.recommender.recommend(recent)
         previous = await asyncio.to_thread(self.log.previous_lists, users)
         realised = realised_rewards(previous, new)
-        rows = (
-            pl.DataFrame(
-                {
-                    "user_id": recs.users,
-                    "items": [orjson.dumps(x).decode() for x in recs.items],
-                    "scores": [orjson.dumps(x).decode() for x in recs.scores],
-                }
-            )
-            .join(
-                new.group_by("user_id").agg(pl.col("ts").max()),
-                on="user_id",
-                how="left",
-                maintain_order="left",
-            )
-            .join(realised, on="user_id", how="left", maintain_order="left")
-            .with_columns(pl.lit(recs.model_version).alias("model_version"))
-            .select("user_id", "ts", "model_version", "items", "scores", "realised_reward", "hits")
-        )
+        rows = recommendation_rows(recs, new, realised)
         await self._retry(
             "recommendation log",
             lambda: asyncio.to_thread(self.log.append_recommendations, rows),

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from recloop.stores.redis import RECENT_PUSH_SCRIPT
 from recloop.streaming.flink import job
 from recloop.streaming.flink.runner import (
     CONNECTOR_JARS,
+    MYSQL_JARS,
     FlinkJobConfig,
     connector_jars,
     jdbc_target,
@@ -35,8 +37,10 @@ def test_kafka_url_gives_bootstrap_servers_and_topic() -> None:
 def test_postgres_url_becomes_jdbc_and_others_are_refused() -> None:
     assert jdbc_target(PG) == ("jdbc:postgresql://db.example:6543/shop", "alice", "s3cret")
     assert jdbc_target("postgresql://h/db")[0] == "jdbc:postgresql://h:5432/db"
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        jdbc_target("mysql+pymysql://root@h/db")
+    assert jdbc_target("mysql+pymysql://root@h/db") == ("jdbc:mysql://h:3306/db", "root", None)
+    assert jdbc_target("mariadb+pymysql://u:p@h:3307/db")[0] == "jdbc:mysql://h:3307/db"
+    with pytest.raises(ConfigError, match="PostgreSQL or MySQL"):
+        jdbc_target("sqlite:///x.db")
 
 
 def test_window_and_stop_settings_are_checked() -> None:
@@ -46,6 +50,8 @@ def test_window_and_stop_settings_are_checked() -> None:
         FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="kill")
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, stop_mode="cancel")
+    with pytest.raises(ConfigError, match="needs a checkpoint_dir"):  # the savepoint's
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, exit_when_idle_s=5)
     with pytest.raises(ConfigError, match="idle"):
         FlinkJobConfig(
             bus_url="kafka://h:1/t",
@@ -65,6 +71,18 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for name in CONNECTOR_JARS:
         (lib / name).write_bytes(b"")
     assert [j.name for j in connector_jars((), str(python))] == list(CONNECTOR_JARS)
+    with pytest.raises(ConfigError, match=r"recloop-flink-jdbc-mysql\.jar.*--mysql"):
+        connector_jars((), str(python), mysql=True)
+    own = tmp_path / "env" / "recloop-jars"
+    own.mkdir()
+    for name in MYSQL_JARS:
+        (own / name).write_bytes(b"")
+    assert [j.name for j in connector_jars((), str(python), mysql=True)] == [
+        "flink-connector-kafka.jar",
+        "kafka-clients.jar",
+        "flink-connector-jdbc-core.jar",
+        *MYSQL_JARS,
+    ]
     monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
     assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar"]
 
@@ -115,3 +133,55 @@ def test_sql_intervals_and_windows() -> None:
 
 def test_the_job_pushes_recent_items_with_the_stores_own_script() -> None:
     assert job.RECENT_PUSH_SCRIPT == RECENT_PUSH_SCRIPT
+
+
+def test_refresh_and_dead_letter_settings(tmp_path: Path, make_artifact: Any) -> None:
+    with pytest.raises(ConfigError, match="recent_len and store_url"):
+        FlinkJobConfig(bus_url="kafka://h:1/t", database_url=PG, artifact=tmp_path)
+    art = make_artifact(tmp_path / "run" / "artifact", user_ids=["u1"], item_ids=["i1", "i2"])
+    config = FlinkJobConfig(
+        bus_url="kafka://h:1/events",
+        database_url=PG,
+        store_url="redis://h:6379/2",
+        store_prefix="p:",
+        table_prefix="x_",
+        recent_len=7,
+        artifact=tmp_path / "run",  # a run directory: its artifact/ is found
+        rec_n=4,
+    )
+    settings = job_settings(config, python="py", jars=[])
+    assert settings["refresh"] == {
+        "artifact": str(art.absolute()),
+        "database_url": PG,
+        "table_prefix": "x_",
+        "store_url": "redis://h:6379/2",
+        "store_prefix": "p:",
+        "recent_len": 7,
+        "rec_n": 4,
+        "python_files": None,
+    }
+    assert settings["dead_letter_topic"] == "events.dead"  # the Kafka bus's default
+    off = dataclasses.replace(config, dead_letters=False, artifact=None)
+    assert job_settings(off, python="py", jars=[])["dead_letter_topic"] is None
+    assert job_settings(off, python="py", jars=[])["refresh"] is None
+    # The recent lists' SQL state expires, and mini-batches collapse a user's changes.
+    conf = job.flink_configuration({**settings, "redis_url": "redis://h"})
+    assert conf["table.exec.state.ttl"] == f"{30 * 86400} s"
+    assert conf["table.exec.mini-batch.enabled"] == "true"
+
+
+def test_dead_letters_apply_the_valid_events_rules() -> None:
+    # The dead-letter branch checks what valid_events filters on (ids of 1..128
+    # characters, ts in [0, 2**53), the four behaviours), on its own parse of the bytes.
+    for rule in ("BETWEEN 1 AND 128", "'pv', 'cart', 'fav', 'buy'", str(2**53)):
+        assert rule in job.VALID_VIEW and rule in job.CHECKED_VIEW
+    for field in ("event_id", "user_id", "item_id"):
+        assert f"CHAR_LENGTH({field})" in job.VALID_VIEW
+        assert f"CHAR_LENGTH({field})" in job.CHECKED_VIEW
+    insert = job.dead_letter_insert({"topic": "t", "group": "g"})
+    assert "FROM checked_events WHERE reason IS NOT NULL" in insert
+    assert "'consumer', CAST('flink:g' AS BYTES)" in insert
+    ddl = job.dead_letter_ddl({"dead_letter_topic": "t.dead", "bootstrap_servers": "h:1"})
+    assert "'topic' = 't.dead'" in ddl and "headers MAP<STRING, BYTES> METADATA" in ddl
+    raw = job.raw_source_ddl({"topic": "t", "bootstrap_servers": "h:1", "group": "g"})
+    assert "'format' = 'raw'" in raw and "METADATA FROM 'offset'" in raw

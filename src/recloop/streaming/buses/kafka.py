@@ -503,6 +503,11 @@ class KafkaBus:
             else:
                 logger.info("created topic %s", topic)
 
+    def create_topics(self) -> None:
+        """Create the topic and the dead-letter topic unless they exist (blocking; for
+        another writer of the same topics, such as the Flink job)."""
+        self._create_topics()
+
     async def _ensure_topics(self) -> None:
         if not self._topics_ready:
             await asyncio.to_thread(self._create_topics)

@@ -1,8 +1,10 @@
-"""recloop's online half as one Apache Flink job (PyFlink): Kafka events → behaviour log and
-real-time popular items.
+"""recloop's online half as one Apache Flink job (PyFlink): Kafka events → behaviour log,
+real-time popular items, recent items, the recommendation refresh and dead letters.
 
 This file is self-contained on purpose: it imports only the standard library, PyFlink and
-``redis`` (which PyFlink's own dependencies bring), never ``recloop``.  So it runs in an
+``redis`` (which PyFlink's own dependencies bring), never ``recloop`` — except the refresh
+step, which imports :mod:`recloop.streaming.flink.refresh` in the Python workers (shipped to
+them as ``python.files``) when the config has a ``refresh`` block.  So it runs in an
 interpreter that has ``apache-flink`` but not recloop's pinned stack (numpy, pyarrow and
 pandas versions differ), and the same file is submitted unchanged to a real cluster with
 ``flink run -py job.py --config job.json``.  :mod:`recloop.streaming.flink.runner` writes the
@@ -15,7 +17,11 @@ operators; Python only in the small operator that writes the online store):
     Kafka source, JSON format (recloop's event schema, :mod:`recloop.streaming.events`), an
     event-time attribute ``ts_ltz`` from ``ts`` (seconds) and a bounded-out-of-orderness
     watermark of ``lateness_s``.  Records that do not parse, or lack an id/time, or break the
-    id/time rules, are dropped (counted by Flink's ``numRecordsIn`` minus what passes).
+    id/time rules, are left out of every branch below.
+dead letters
+    The topic read a second time as bytes; the same rules on a ``JSON_VALUE`` parse give
+    each record its reason, and those with one go to the dead-letter topic in the Kafka
+    bus's convention (value the bytes, reason/source id/stream/consumer headers).
 ``behavior_log``
     JDBC upsert (primary key ``event_id``) into the table ``recloop prepare --from-db`` reads;
     a record replayed after a restart writes the same row again, so the log holds every event
@@ -29,6 +35,11 @@ popular items
     format) — only for windows whose last slide holds an event, so that after a drain (or a
     quiet spell) the published list is the window ending with the newest event's slide, as
     the Redis runner publishes it.
+recent items (and the refresh)
+    Each user's last ``recent_len`` events by a SQL Top-N and a per-user ``LISTAGG`` (JVM
+    state with a TTL; mini-batches emit one row per changed user per batch); the Python step
+    pushes the lists to the store in batches and, with ``refresh``, refreshes the
+    recommendations of the users whose lists gained events.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -50,6 +62,12 @@ MAX_ID_LEN = 128
 """As ``recloop.data.validity.MAX_ID_LEN`` (not imported: this file runs without recloop)."""
 MAX_TS = 2**53
 """Event times are in [0, 2**53), as ``recloop.data.validity``."""
+RECENT_STEP = "recent items"
+"""Name of the recent-items (and refresh) operator."""
+ROWS_DONE = "recloop_rows_done"
+"""Its counter of rows fully handled (pushed, refreshed): a bounded run stops only once
+this has caught up with the rows it read — the first refresh loads torch and the artifact
+in the Python worker, seconds in which no record count moves."""
 
 
 # ----------------------------------------------------------------------------- SQL
@@ -73,24 +91,32 @@ def _with(options: dict[str, Any]) -> str:
     return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
 
 
-def source_ddl(cfg: dict[str, Any]) -> str:
-    """The Kafka source table with its event-time attribute and watermark."""
+def _kafka_source_options(cfg: dict[str, Any], **fmt: str) -> dict[str, str]:
     options = {
         "connector": "kafka",
         "topic": cfg["topic"],
         "properties.bootstrap.servers": cfg["bootstrap_servers"],
         "properties.group.id": cfg["group"],
         "scan.startup.mode": cfg.get("startup_mode", "earliest-offset"),
-        "format": "json",
-        # A record that is not JSON (or has a field of the wrong type) is skipped, never
-        # fails the job; the valid-event filter below drops the rest of the bad ones.
-        "json.ignore-parse-errors": "true",
-        "json.fail-on-missing-field": "false",
+        **fmt,
     }
     if cfg.get("partition_discovery_ms") is not None:
         options["scan.topic-partition-discovery.interval"] = f"{cfg['partition_discovery_ms']} ms"
     for key, value in (cfg.get("kafka_properties") or {}).items():
         options[f"properties.{key}"] = value
+    return options
+
+
+def source_ddl(cfg: dict[str, Any]) -> str:
+    """The Kafka source table with its event-time attribute and watermark (``json`` format:
+    one parse per record)."""
+    options = _kafka_source_options(
+        cfg,
+        format="json",
+        # A record that is not JSON (or has a field of the wrong type) is skipped, never
+        # fails the job; the valid-event filter below drops the rest of the bad ones.
+        **{"json.ignore-parse-errors": "true", "json.fail-on-missing-field": "false"},
+    )
     return f"""
 CREATE TEMPORARY TABLE events (
   event_id STRING,
@@ -116,6 +142,103 @@ WHERE event_id IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL AND t
   AND CHAR_LENGTH(item_id) BETWEEN 1 AND {MAX_ID_LEN}
   AND ts >= 0 AND ts < {MAX_TS}
   AND (behavior IS NULL OR behavior IN ('pv', 'cart', 'fav', 'buy'))"""
+"""The events the log, popular items and recent items take."""
+
+
+def _json_field(name: str, cast: str | None = None) -> str:
+    value = f"JSON_VALUE(CAST(payload AS STRING), '$.{name}')"
+    # TRY_CAST, not RETURNING: Flink's JSON_VALUE returns no BIGINT.
+    return f"TRY_CAST({value} AS {cast})" if cast else value
+
+
+def raw_source_ddl(cfg: dict[str, Any]) -> str:
+    """The same topic read a second time as bytes (``raw`` format) with each record's
+    partition and offset, and the fields :data:`VALID_VIEW` checks parsed with
+    ``JSON_VALUE`` (NULL when missing or of the wrong type) — for the dead letters only,
+    which must carry the record as it was.  A second read rather than one raw source for
+    every branch: ``JSON_VALUE`` parses the record once per call, and the log, popular and
+    recent branches would each pay that several times per record (measured: the log
+    branch at 1.6k instead of 3.8k events/s, bench/bench_flink.py, 20k events)."""
+    options = _kafka_source_options(cfg, format="raw")
+    return f"""
+CREATE TEMPORARY TABLE raw_events (
+  payload BYTES,
+  kafka_partition INT METADATA FROM 'partition' VIRTUAL,
+  kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
+  event_id AS {_json_field("event_id")},
+  user_id AS {_json_field("user_id")},
+  item_id AS {_json_field("item_id")},
+  ts AS {_json_field("ts", "BIGINT")},
+  behavior AS {_json_field("behavior")}
+) WITH (
+  {_with(options)}
+)"""
+
+
+def _id_rule(name: str) -> str:
+    return (
+        f"WHEN {name} IS NULL OR CHAR_LENGTH({name}) NOT BETWEEN 1 AND {MAX_ID_LEN} "
+        f"THEN '{name}: missing, not a string or number, empty or over {MAX_ID_LEN} characters'"
+    )
+
+
+CHECKED_VIEW = f"""
+CREATE TEMPORARY VIEW checked_events AS
+SELECT *, CASE
+  WHEN payload IS NULL OR NOT (CAST(payload AS STRING) IS JSON OBJECT)
+    THEN 'not a JSON object'
+  {_id_rule("event_id")}
+  {_id_rule("user_id")}
+  {_id_rule("item_id")}
+  WHEN ts IS NULL THEN 'ts: missing or not an integer'
+  WHEN ts < 0 OR ts >= {MAX_TS} THEN 'ts: outside [0, 2**53)'
+  WHEN behavior IS NOT NULL AND behavior NOT IN ('pv', 'cart', 'fav', 'buy')
+    THEN 'behavior: not one of pv, cart, fav, buy'
+  ELSE CAST(NULL AS STRING)
+END AS reason
+FROM raw_events"""
+"""Every record with why it is not a valid event (NULL: it is one): :data:`VALID_VIEW`'s
+rules, on the ``JSON_VALUE`` parse of :func:`raw_source_ddl`."""
+
+
+def dead_letter_ddl(cfg: dict[str, Any]) -> str:
+    """The dead-letter topic as a Kafka sink, in the Kafka bus's convention: key the source
+    record's id (``partition-offset``), value its bytes, the reason, source id, topic and
+    consumer as headers.  At-least-once: a record read again after a restore from a
+    checkpoint may be dead-lettered twice."""
+    options = {
+        "connector": "kafka",
+        "topic": cfg["dead_letter_topic"],
+        "properties.bootstrap.servers": cfg["bootstrap_servers"],
+        "key.format": "raw",
+        "key.fields": "k",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+        "sink.delivery-guarantee": "at-least-once",
+    }
+    for key, value in (cfg.get("kafka_properties") or {}).items():
+        options[f"properties.{key}"] = value
+    return f"""
+CREATE TEMPORARY TABLE dead_letters (
+  k BYTES,
+  v BYTES,
+  headers MAP<STRING, BYTES> METADATA
+) WITH (
+  {_with(options)}
+)"""
+
+
+def dead_letter_insert(cfg: dict[str, Any]) -> str:
+    source_id = "CONCAT(CAST(kafka_partition AS STRING), '-', CAST(kafka_offset AS STRING))"
+    consumer = f"flink:{cfg['group']}"
+    return f"""
+INSERT INTO dead_letters
+SELECT CAST({source_id} AS BYTES), COALESCE(payload, X''), MAP[
+  'reason', CAST(reason AS BYTES),
+  'source_id', CAST({source_id} AS BYTES),
+  'stream', CAST({_quote(cfg["topic"])} AS BYTES),
+  'consumer', CAST({_quote(consumer)} AS BYTES)]
+FROM checked_events WHERE reason IS NOT NULL"""
 
 
 def log_sink_ddl(cfg: dict[str, Any]) -> str:
@@ -253,9 +376,11 @@ def _publisher_class() -> Any:
 
 RECENT_PUSH_SCRIPT = """
 local n = tonumber(ARGV[1])
+local added = {}
 for i = 2, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
     redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+    added[#added + 1] = ARGV[i + 1]
   end
 end
 local extra = redis.call('ZCARD', KEYS[1]) - n
@@ -266,72 +391,135 @@ if extra > 0 then
     redis.call('HDEL', KEYS[2], unpack(gone, j, math.min(j + 999, #gone)))
   end
 end
-return 0
+return added
 """
 """``recloop.stores.redis.RECENT_PUSH_SCRIPT``, verbatim (a test keeps them equal): the
 Redis store's idempotent, capped push of a user's recent events."""
 
-RECENT_QUERY = """
-SELECT user_id, item_id, COALESCE(reward, 1.0) AS reward, ts, event_id FROM valid_events"""
-"""Every valid event, with the default reward of one interaction (as the Redis runner)."""
+
+def recent_query(cfg: dict[str, Any]) -> str:
+    """Each user's last ``recent_len`` events (by ts, then event id, as the stores order
+    them) as one JSON array of ``[ts, event_id, item_id, reward]``, updated as they change.
+
+    The Top-N and the per-user aggregate keep their state in Flink's JVM operators (expiring
+    ``recent_ttl_s`` after a user's last change: ``table.exec.state.ttl``); with mini-batches
+    on, the aggregate emits one row per changed user per mini-batch, so the Python step sees
+    a user's list once per batch instead of once per event.  The default reward of an
+    interaction is one (as the Redis runner)."""
+    return f"""
+SELECT user_id,
+  CONCAT('[', LISTAGG(JSON_ARRAY(ts, event_id, item_id, reward), ','), ']') AS events
+FROM (
+  SELECT user_id, item_id, COALESCE(reward, 1.0) AS reward, ts, event_id,
+    ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY ts DESC, event_id DESC) AS rn
+  FROM valid_events
+) WHERE rn <= {int(cfg["recent_len"])}
+GROUP BY user_id"""
+
+
+def kept_events(blob: str, max_len: int) -> list[list[Any]]:
+    """A user's events from :func:`recent_query`'s JSON: one entry per event id (the first;
+    a record the producer sent twice may sit twice in the Top-N), ordered by (ts, event id),
+    the last ``max_len``."""
+    seen: set[str] = set()
+    kept = []
+    for ts, event_id, item, reward in json.loads(blob):
+        if event_id not in seen:
+            seen.add(event_id)
+            kept.append([int(ts), event_id, item, float(reward)])
+    kept.sort(key=lambda e: (e[0], e[1]))
+    return kept[-max_len:]
+
+
+def push_lists(
+    client: Any, sha: str, prefix: str, max_len: int, lists: dict[str, str]
+) -> list[tuple[str, str, float, int, str]]:
+    """Push users' lists (user → :func:`recent_query`'s JSON) to the store's recent lists in
+    one pipeline, with the store's idempotent script (loaded as ``sha``).  Returns the events
+    the pushes added, (user, item, reward, ts, event id): the new events of a refresh — an
+    event already pushed (a replay, an unchanged list) is not among them."""
+    pipe = client.pipeline(transaction=False)
+    kept_of: dict[str, list[list[Any]]] = {}
+    for user, blob in lists.items():
+        kept = kept_of[user] = kept_events(blob, max_len)
+        args: list[Any] = [max_len]
+        for ts, event_id, item, reward in kept:
+            args += [ts, event_id, f"{float(reward)!r} {item}"]
+        keys = [f"{prefix}recent_ts:{{{user}}}", f"{prefix}recent_ev:{{{user}}}"]
+        pipe.evalsha(sha, 2, *keys, *args)
+    new = []
+    for (user, kept), ids in zip(kept_of.items(), pipe.execute(), strict=True):
+        added = {i.decode() if isinstance(i, bytes) else i for i in ids}
+        new += [(user, e[2], e[3], e[0], e[1]) for e in kept if e[1] in added]
+    return new
 
 
 def _recent_class() -> Any:
-    from pyflink.common import Time, Types
+    from pyflink.common import RowKind
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
-    from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
     class RecentItems(KeyedProcessFunction):
-        """Each user's last ``max_len`` events in keyed state (with a TTL), one entry per
-        event id, ordered by (ts, event id) as the stores order them; changed users' lists
-        are pushed to the Redis store in pipelined batches (the store's own idempotent
-        script, so a list pushed twice changes nothing).
+        """Pushes the users' lists (from :func:`recent_query`) to the Redis store in
+        pipelined batches (``batch_users`` users, or ``flush_ms`` after the first of a
+        batch) with the store's own idempotent script; with ``refresh`` settings, then
+        refreshes the recommendations of the users whose push added events
+        (:mod:`recloop.streaming.flink.refresh`, one scorer call per batch).
 
         A user's whole kept list is pushed each time, so a push lost in a crash (batches
-        live in memory until flushed) is repaired by that user's next event."""
+        live in memory until flushed) is repaired by that user's next change."""
 
         def __init__(
-            self, *, redis_url: str, prefix: str, max_len: int, ttl_s: int, flush_ms: int
+            self,
+            *,
+            redis_url: str,
+            prefix: str,
+            max_len: int,
+            flush_ms: int,
+            batch_users: int,
+            refresh: dict[str, Any] | None,
         ) -> None:
             self.redis_url = redis_url
             self.prefix = prefix
             self.max_len = max_len
-            self.ttl_s = ttl_s
             self.flush_ms = flush_ms
+            self.batch_users = batch_users
+            self.refresh_settings = refresh
 
         def open(self, runtime_context: RuntimeContext) -> None:
             import redis
 
             self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
             self.sha = self.client.script_load(RECENT_PUSH_SCRIPT)
-            descriptor = ValueStateDescriptor("recent", Types.STRING())
-            descriptor.enable_time_to_live(
-                StateTtlConfig.new_builder(Time.seconds(self.ttl_s))
-                .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
-                .build()
-            )
-            self.recent = runtime_context.get_state(descriptor)
-            self.pending: dict[str, list[list[Any]]] = {}
+            self.pending: dict[str, str] = {}
+            self.rows_pending = 0
+            self.rows_done = runtime_context.get_metrics_group().counter(ROWS_DONE)
             self.flushed_at = time.monotonic()
+            self.refresher = None
+            if self.refresh_settings:
+                # Imported here: only a job that refreshes needs recloop (shipped to the
+                # workers as python.files) and torch in its environment.
+                from recloop.streaming.flink.refresh import FlinkRefresh
+
+                self.refresher = FlinkRefresh(**self.refresh_settings)
 
         def process_element(self, value: Any, ctx: Any) -> Any:
-            user, item, reward, ts, event_id = value
-            raw = self.recent.value()
-            kept = json.loads(raw) if raw else []
-            if any(e[1] == event_id for e in kept):
-                return iter(())  # each event once: a replayed record changes nothing
-            kept.append([int(ts), event_id, item, float(reward)])
-            kept.sort(key=lambda e: (e[0], e[1]))
-            kept = kept[-self.max_len :]
-            self.recent.update(json.dumps(kept))
+            self.rows_pending += 1
+            if value.get_row_kind() in (RowKind.UPDATE_BEFORE, RowKind.DELETE):
+                if not self.pending:  # nothing to flush: done with it now
+                    self.rows_done.inc(self.rows_pending)
+                    self.rows_pending = 0
+                return iter(())  # the list a newer row replaces
             first = not self.pending
-            self.pending[user] = kept
+            self.pending[value[0]] = value[1]
             now = time.monotonic()
-            if len(self.pending) >= 500 or (now - self.flushed_at) * 1000 >= self.flush_ms:
+            if (
+                len(self.pending) >= self.batch_users
+                or (now - self.flushed_at) * 1000 >= self.flush_ms
+            ):
                 self.flush()
             elif first:
-                # The tail of a burst: flushed by this timer if no later event does it.  One
-                # timer per batch, not per event (each timer is a round trip to the JVM).
+                # The tail of a burst: flushed by this timer if no later row does it.  One
+                # timer per batch, not per row (each timer is a round trip to the JVM).
                 service = ctx.timer_service()
                 service.register_processing_time_timer(
                     service.current_processing_time() + self.flush_ms
@@ -346,21 +534,21 @@ def _recent_class() -> Any:
             self.flushed_at = time.monotonic()
             if not self.pending:
                 return
-            pipe = self.client.pipeline(transaction=False)
-            for user, kept in self.pending.items():
-                args: list[Any] = [self.max_len]
-                for ts, event_id, item, reward in kept:
-                    args += [ts, event_id, f"{float(reward)!r} {item}"]
-                keys = [f"{self.prefix}recent_ts:{{{user}}}", f"{self.prefix}recent_ev:{{{user}}}"]
-                pipe.evalsha(self.sha, 2, *keys, *args)
-            pipe.execute()
+            new = push_lists(self.client, self.sha, self.prefix, self.max_len, self.pending)
             self.pending = {}
+            if self.refresher is not None:
+                self.refresher.refresh(new)
+            self.rows_done.inc(self.rows_pending)
+            self.rows_pending = 0
 
         def close(self) -> None:
             client = getattr(self, "client", None)
             if client is not None:
                 self.flush()
                 client.close()
+            refresher = getattr(self, "refresher", None)
+            if refresher is not None:
+                refresher.close()
 
     return RecentItems
 
@@ -397,6 +585,14 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
     if cfg.get("exit_when_idle_s"):
         # The idle check reads record counts from the REST API: refresh them often.
         conf["metrics.fetcher.update-interval"] = "500 ms"
+    if cfg.get("recent_len") and cfg.get("redis_url"):
+        # The recent lists' Top-N and aggregate are the job's only unbounded SQL state: it
+        # expires this long after a user's last change.  Mini-batches make the aggregate emit
+        # one list per changed user per batch (the windows and the log are not affected).
+        conf["table.exec.state.ttl"] = f"{int(cfg.get('recent_ttl_s', 30 * 86400))} s"
+        conf["table.exec.mini-batch.enabled"] = "true"
+        conf["table.exec.mini-batch.allow-latency"] = f"{int(cfg.get('recent_flush_ms', 200))} ms"
+        conf["table.exec.mini-batch.size"] = str(int(cfg.get("recent_batch_rows", 5000)))
     if cfg.get("jars"):
         conf["pipeline.jars"] = ";".join(_uri(j) for j in cfg["jars"])
     if cfg.get("checkpoint_dir"):
@@ -437,9 +633,15 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     t_env.execute_sql(source_ddl(cfg))
     t_env.execute_sql(VALID_VIEW)
     statements = t_env.create_statement_set()
+    if cfg.get("dead_letter_topic"):
+        t_env.execute_sql(raw_source_ddl(cfg))
+        t_env.execute_sql(CHECKED_VIEW)
+        t_env.execute_sql(dead_letter_ddl(cfg))
+        statements.add_insert_sql(dead_letter_insert(cfg))
     if cfg.get("jdbc_url"):
         t_env.execute_sql(log_sink_ddl(cfg))
         statements.add_insert_sql(LOG_INSERT)
+    if cfg.get("jdbc_url") or cfg.get("dead_letter_topic"):
         statements.attach_as_datastream()
     if cfg.get("redis_url"):
         rows = t_env.to_data_stream(t_env.sql_query(popular_query(cfg)))
@@ -455,17 +657,26 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
             publisher, output_type=Types.STRING()
         ).name("publish popular items").print()
     if cfg.get("redis_url") and cfg.get("recent_len"):
-        events = t_env.to_data_stream(t_env.sql_query(RECENT_QUERY))
+        lists = t_env.to_changelog_stream(t_env.sql_query(recent_query(cfg)))
+        refresh = cfg.get("refresh")
+        if refresh:
+            # The refresh step imports recloop: ship its package (a zip holding recloop/)
+            # to the Python workers, unless their environment has it (a cluster's venv).
+            if refresh.get("python_files"):
+                env.add_python_file(refresh["python_files"])
+            refresh = {k: v for k, v in refresh.items() if k != "python_files"}
         recent = _recent_class()(
             redis_url=cfg["redis_url"],
             prefix=cfg.get("store_prefix", "recloop:"),
             max_len=int(cfg["recent_len"]),
-            ttl_s=int(cfg.get("recent_ttl_s", 30 * 86400)),
             flush_ms=int(cfg.get("recent_flush_ms", 200)),
+            batch_users=int(cfg.get("recent_batch_users", 500)),
+            refresh=refresh,
         )
-        events.key_by(lambda row: row[0], key_type=Types.STRING()).process(
+        # Keyed by user: one user's lists reach one task in order.
+        lists.key_by(lambda row: row[0], key_type=Types.STRING()).process(
             recent, output_type=Types.STRING()
-        ).name("recent items").print()
+        ).name(f"{RECENT_STEP} and refresh" if refresh else RECENT_STEP).print()
     return env, t_env
 
 
@@ -481,18 +692,33 @@ class Progress:
             return json.loads(r.read())
 
     def records(self) -> dict[str, int]:
-        """Sum of every vertex's read and written records, and the source's output."""
+        """Sum of every vertex's read and written records, the source's output, and how
+        many rows the recent-items step has read but not finished (``behind``)."""
         try:
             doc = self._get(f"/jobs/{self.job_id}")
         except OSError:
             return {}
-        total, source = 0, 0
+        total, source, behind = 0, 0, 0
         for v in doc.get("vertices", []):
             m = v.get("metrics", {})
             total += int(m.get("read-records", 0)) + int(m.get("write-records", 0))
             if "Source" in v.get("name", ""):
                 source += int(m.get("write-records", 0))
-        return {"total": total, "source_out": source}
+            if RECENT_STEP in v.get("name", ""):
+                behind += int(m.get("read-records", 0)) - self._rows_done(v["id"])
+        return {"total": total, "source_out": source, "behind": behind}
+
+    def _rows_done(self, vertex: str) -> int:
+        """The vertex's :data:`ROWS_DONE` counter, summed over its subtasks."""
+        base = f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics"
+        try:
+            ids = [m["id"] for m in self._get(base) if m["id"].endswith(ROWS_DONE)]
+            if not ids:
+                return 0
+            got = self._get(f"{base}?get={urllib.parse.quote(ids[0])}&agg=sum")
+        except OSError:
+            return 0
+        return int(float(got[0].get("sum", 0))) if got else 0
 
     def vertices(self) -> list[dict[str, Any]]:
         """Each vertex's name, status and record counts (for the report)."""
@@ -506,6 +732,9 @@ class Progress:
                 "status": v.get("status"),
                 "read": int(v.get("metrics", {}).get("read-records", 0)),
                 "written": int(v.get("metrics", {}).get("write-records", 0)),
+                # ms the vertex's tasks were busy (not idle, not back-pressured): where the
+                # job's time goes.
+                "busy_ms": float(v.get("metrics", {}).get("accumulated-busy-time", 0.0)),
             }
             for v in doc.get("vertices", [])
         ]
@@ -525,6 +754,15 @@ class Progress:
         except OSError:
             return 0
         return int(doc.get("counts", {}).get("completed", 0))
+
+
+def ended(client: Any) -> None:
+    """Raise if the job ended by itself (a failed task ends a job without restarts, and the
+    local mini-cluster with it): with the job's own exception when it has one."""
+    result = client.get_job_execution_result()
+    if result.done():
+        result.result()  # raises the job's failure
+        raise RuntimeError("the Flink job finished before it was stopped")
 
 
 def stop_with_savepoint(client: Any, *, drain: bool) -> str:
@@ -559,13 +797,20 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # Idle time counts from when every task runs: the sources may read everything while the
     # Python operator is still starting, and a savepoint needs every task running.
     while not progress.running():
+        ended(client)
         time.sleep(poll)
     report["running_s"] = time.monotonic() - t0
     logger.info("all tasks running after %.1f s", report["running_s"])
     last: dict[str, int] = {}
     moved_at = time.monotonic()
     first_move = last_move = None
-    while time.monotonic() - moved_at < idle_s:
+    # Not idle while the recent-items step is behind, but never wait on it for longer than
+    # catch_up_s without any record moving (a counter that never reports would hang the run).
+    catch_up_s = float(cfg.get("catch_up_s", 300))
+    while time.monotonic() - moved_at < idle_s or (
+        last.get("behind", 0) > 0 and time.monotonic() - moved_at < catch_up_s
+    ):
+        ended(client)
         time.sleep(poll)
         now = progress.records()
         if now and now != last:
@@ -575,6 +820,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             last = now
             moved_at = time.monotonic()
     report["records"] = last
+    if last.get("behind", 0) > 0:
+        logger.warning("stopping with %d rows of the recent-items step unfinished", last["behind"])
     report["vertices"] = progress.vertices()
     report["first_progress_s"] = None if first_move is None else first_move - t0
     report["last_progress_s"] = None if last_move is None else last_move - t0

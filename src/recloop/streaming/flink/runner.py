@@ -41,6 +41,12 @@ CONNECTOR_JARS = (
 connectors, the Kafka client and the PostgreSQL driver.  Flink's core jars are never added
 twice."""
 
+MYSQL_JARS = ("recloop-flink-jdbc-mysql.jar", "mariadb-java-client.jar")
+"""With a MySQL/MariaDB log, in place of the PostgreSQL dialect and driver: recloop's own
+MySQL dialect for the JDBC connector (``java/flink-jdbc-mysql``, built by
+``scripts/flink_env.sh --mysql``) and MariaDB Connector/J (Debian's ``libmariadb-java``),
+both under ``<flink env>/recloop-jars``."""
+
 STOP_MODES = ("drain", "savepoint", "cancel")
 
 
@@ -55,14 +61,19 @@ class FlinkJobConfig:
     bus_url: str
     """Kafka topic: ``kafka://host:port[,host:port...]/topic``."""
     database_url: str
-    """Behaviour log (SQLAlchemy URL; ``postgresql+psycopg://`` — the JDBC driver shipped is
-    PostgreSQL's)."""
+    """Behaviour log (SQLAlchemy URL): ``postgresql+psycopg://`` or, with recloop's MySQL
+    dialect and MariaDB's driver in the Flink environment, ``mysql+pymysql://``."""
     store_url: str | None = None
     """Online store for popular items: ``redis://host:port/db``; None skips popular items."""
     table_prefix: str = ""
     """Prefix of the log's table names, as ``recloop stream --table-prefix``."""
     store_prefix: str = "recloop:"
     """Namespace of the online store's Redis keys."""
+    dead_letters: bool = True
+    """Send records that are not valid events to the dead-letter topic (else drop them)."""
+    dead_letter_topic: str | None = None
+    """Kafka topic of the dead letters (None: ``<topic>.dead``, as the Kafka bus); created
+    with one partition when missing."""
     group: str = "recloop-flink"
     """Kafka consumer group of the job (offsets live in the checkpoints; Flink commits them to
     the group for monitoring only)."""
@@ -81,6 +92,13 @@ class FlinkJobConfig:
     Python step per event)."""
     recent_ttl_s: int = 30 * 86400
     """A user's kept events expire from the job's state this long after the last change."""
+    artifact: Path | None = None
+    """Refresh the recommendations of the users with new events with this artifact's scorer
+    (an artifact or run directory; needs recent_len and store_url, and torch in the Flink
+    environment), logging each list with the realised reward of the previous one — as
+    ``recloop stream --artifact``.  None: no refresh."""
+    rec_n: int = 10
+    """Items in a refreshed list."""
     parallelism: int = 1
     """Parallelism of every operator."""
     checkpoint_dir: Path | None = None
@@ -116,6 +134,13 @@ class FlinkJobConfig:
             )
         if self.recent_len is not None and self.recent_len < 1:
             raise ConfigError(f"recent_len must be >= 1, got {self.recent_len}")
+        if self.artifact is not None and (self.recent_len is None or self.store_url is None):
+            raise ConfigError(
+                "a refresh (artifact) scores each user's recent list: it needs recent_len "
+                "and store_url"
+            )
+        if self.rec_n < 1:
+            raise ConfigError(f"rec_n must be >= 1, got {self.rec_n}")
         if self.top < 1 or self.parallelism < 1:
             raise ConfigError(f"top ({self.top}) and parallelism ({self.parallelism}) must be >= 1")
         if self.allowed_lateness_s < 0:
@@ -130,6 +155,11 @@ class FlinkJobConfig:
             raise ConfigError(
                 "stop_mode 'drain' with a source idle timeout publishes no final window "
                 "(Flink drops the drain's watermark of an idle source): leave one of them out"
+            )
+        if self.exit_when_idle_s is not None and self.checkpoint_dir is None:
+            raise ConfigError(
+                f"stop_mode {self.stop_mode!r} after exit_when_idle_s needs a checkpoint_dir "
+                "(the savepoint or checkpoint goes there)"
             )
         if self.stop_mode == "cancel" and self.checkpoint_dir is None:
             raise ConfigError("stop_mode 'cancel' keeps nothing without a checkpoint_dir")
@@ -167,21 +197,25 @@ def kafka_topic(url: str) -> tuple[str, str]:
 
 
 def jdbc_target(url: str) -> tuple[str, str | None, str | None]:
-    """SQLAlchemy PostgreSQL URL → (JDBC URL, user, password)."""
+    """SQLAlchemy PostgreSQL or MySQL/MariaDB URL → (JDBC URL, user, password)."""
     import sqlalchemy as sa
 
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise ConfigError(f"database url {url!r}: {exc}") from None
-    if parsed.get_backend_name() != "postgresql":
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "mysql", "mariadb"):
         raise ConfigError(
-            f"database url {url!r}: the Flink job writes PostgreSQL through JDBC "
-            "(postgresql+psycopg://...); the shipped connector jars have no other driver"
+            f"database url {url!r}: the Flink job writes PostgreSQL or MySQL/MariaDB through "
+            "JDBC (postgresql+psycopg://... or mysql+pymysql://...)"
         )
     host = parsed.host or "localhost"
-    port = parsed.port or 5432
-    jdbc = f"jdbc:postgresql://{host}:{port}/{parsed.database or ''}"
+    if backend == "postgresql":
+        jdbc = f"jdbc:postgresql://{host}:{parsed.port or 5432}/{parsed.database or ''}"
+    else:
+        # jdbc:mysql: — MariaDB Connector/J 2.x takes it, and recloop's dialect accepts it.
+        jdbc = f"jdbc:mysql://{host}:{parsed.port or 3306}/{parsed.database or ''}"
     return jdbc, parsed.username, parsed.password
 
 
@@ -190,22 +224,30 @@ def flink_python(configured: str | None) -> str:
     return configured or os.environ.get("RECLOOP_FLINK_PYTHON") or sys.executable
 
 
-def connector_jars(configured: tuple[Path, ...], python: str) -> list[Path]:
+def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = False) -> list[Path]:
     """The connector jars: given, else ``RECLOOP_FLINK_JARS`` (``os.pathsep``-separated),
-    else :data:`CONNECTOR_JARS` under ``<env of python>/connectors/pyflink/lib``."""
+    else :data:`CONNECTOR_JARS` under ``<env of python>/connectors/pyflink/lib`` — with
+    ``mysql``, the PostgreSQL dialect and driver replaced by :data:`MYSQL_JARS` under
+    ``<env of python>/recloop-jars``."""
     if configured:
         jars = list(configured)
     elif os.environ.get("RECLOOP_FLINK_JARS"):
         jars = [Path(p) for p in os.environ["RECLOOP_FLINK_JARS"].split(os.pathsep) if p]
     else:
-        base = Path(python).absolute().parent.parent / "connectors" / "pyflink" / "lib"
+        env = Path(python).absolute().parent.parent
+        base = env / "connectors" / "pyflink" / "lib"
         jars = [base / name for name in CONNECTOR_JARS]
+        if mysql:
+            jars = [j for j in jars if "postgres" not in j.name]
+            jars += [env / "recloop-jars" / name for name in MYSQL_JARS]
     missing = [str(j) for j in jars if not j.is_file()]
     if missing:
         raise ConfigError(
             "Flink connector jars not found: "
             + ", ".join(missing)
-            + " (set RECLOOP_FLINK_JARS or --jar; see the README's Flink section)"
+            + " (set RECLOOP_FLINK_JARS or --jar; see docs/flink.md"
+            + (", scripts/flink_env.sh --mysql" if mysql else "")
+            + ")"
         )
     return jars
 
@@ -226,6 +268,20 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
     store_scheme = None if config.store_url is None else urlsplit(config.store_url).scheme
     if store_scheme not in (None, "redis", "rediss"):
         raise ConfigError(f"store url {config.store_url!r}: the Flink job writes Redis (redis://)")
+    refresh = None
+    if config.artifact is not None:
+        from recloop.artifacts import resolve_artifact_dir
+
+        refresh = {
+            "artifact": str(resolve_artifact_dir(config.artifact).absolute()),
+            "database_url": config.database_url,
+            "table_prefix": config.table_prefix,
+            "store_url": config.store_url,
+            "store_prefix": config.store_prefix,
+            "recent_len": config.recent_len,
+            "rec_n": config.rec_n,
+            "python_files": None,  # run_flink zips recloop's package for a local run
+        }
     restore = None
     if config.checkpoint_dir is not None and config.resume:
         point = latest_restore_point(config.checkpoint_dir)
@@ -234,6 +290,9 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
         "topic": topic,
         "bootstrap_servers": bootstrap,
         "group": config.group,
+        "dead_letter_topic": (
+            (config.dead_letter_topic or f"{topic}.dead") if config.dead_letters else None
+        ),
         "lateness_s": config.allowed_lateness_s,
         "jdbc_url": jdbc_url,
         "jdbc_user": user,
@@ -246,6 +305,7 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
         "top": config.top,
         "recent_len": config.recent_len,
         "recent_ttl_s": config.recent_ttl_s,
+        "refresh": refresh,
         "parallelism": config.parallelism,
         "checkpoint_dir": None if config.checkpoint_dir is None else str(config.checkpoint_dir),
         "checkpoint_interval_ms": int(config.checkpoint_interval_s * 1000),
@@ -263,23 +323,57 @@ def job_settings(config: FlinkJobConfig, *, python: str, jars: list[Path]) -> di
     }
 
 
+def recloop_zip(directory: Path) -> str:
+    """recloop's package as ``directory/recloop.zip`` (holding ``recloop/``), for the Flink
+    job's Python workers: shipped as ``python.files``, whatever way recloop is installed
+    here (a directory shipped as such would sit on the workers' path itself, not as a
+    package)."""
+    import shutil
+
+    import recloop
+
+    package = Path(recloop.__file__).parent
+    base = directory / "recloop"
+    return shutil.make_archive(
+        str(base), "zip", root_dir=package.parent, base_dir=package.name, logger=logger
+    )
+
+
+def create_topics(bus_url: str, dead_letter_topic: str) -> None:
+    """Create the topic and its dead-letter topic (one partition) unless they exist, as the
+    Kafka bus does; without confluent-kafka they must exist already."""
+    from recloop.streaming.buses.kafka import KafkaBus
+
+    try:
+        bus = KafkaBus(bus_url, dead_letter_stream=dead_letter_topic)
+    except ConfigError as exc:
+        logger.warning("not creating the Kafka topics (%s): they must exist", exc)
+        return
+    bus.create_topics()
+
+
 def run_flink(config: FlinkJobConfig) -> FlinkRunReport:
     """Create the log table, launch the job on a local mini-cluster and wait for it (with
     ``exit_when_idle_s`` it stops by itself; otherwise it runs until interrupted)."""
     from recloop.streaming.log import BehaviorLog
 
     python = flink_python(config.python)
-    jars = connector_jars(config.jars, python)
+    mysql = jdbc_target(config.database_url)[0].startswith("jdbc:mysql:")
+    jars = connector_jars(config.jars, python, mysql=mysql)
     settings = job_settings(config, python=python, jars=jars)
     log = BehaviorLog(config.database_url, prefix=config.table_prefix)
     try:
         log.create_schema()
     finally:
         log.dispose()
+    if settings["dead_letter_topic"]:
+        create_topics(config.bus_url, settings["dead_letter_topic"])
     if settings["restore_from"]:
         logger.info("resuming from %s", settings["restore_from"])
     with tempfile.TemporaryDirectory(prefix="recloop-flink-") as tmp:
         cfg_file, report_file = Path(tmp) / "job.json", Path(tmp) / "report.json"
+        if settings["refresh"] is not None:
+            settings["refresh"]["python_files"] = recloop_zip(Path(tmp))
         cfg_file.write_text(json.dumps(settings))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         cmd = [python, str(JOB_FILE), "--config", str(cfg_file), "--report", str(report_file)]
