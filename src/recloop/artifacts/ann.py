@@ -53,8 +53,6 @@ from recloop.artifacts.bundle import (
     read_manifest,
     resolve_artifact_dir,
 )
-from recloop.artifacts.heads import DotHead, LinearHead
-from recloop.artifacts.heads_bcq import BCQHead
 from recloop.artifacts.policy import PolicyNet
 from recloop.config import check
 from recloop.errors import ArtifactError, ConfigError
@@ -163,26 +161,25 @@ class MipsForm:
 
 
 def mips_form(policy: PolicyNet) -> MipsForm:
-    """The inner-product form of ``policy``'s head; :class:`ArtifactError` when it has none."""
+    """The inner-product form of ``policy``'s head (its ``query`` and ``item_vectors``, the
+    ones evaluation's chunked ranking uses); :class:`ArtifactError` when it has none."""
     head = policy.head
-    kind = policy.spec.head.kind
-    weight = policy.item_embedding.weight
-    if isinstance(head, DotHead | BCQHead):
-        cosine = head.cosine
-        action = head.action
+    with torch.no_grad():
+        probe = head.query(torch.zeros(1, policy.encoder.state_dim))
+    if probe is None:
+        raise ArtifactError(
+            f"head {policy.spec.head.kind!r} is not an inner product between the state and an "
+            "item vector, so an approximate (MIPS) index cannot serve it; heads with an index: "
+            "dot, bcq, linear"
+        )
+    weight, bias = head.item_vectors(policy.item_embedding.weight)
 
-        def query(state: Tensor) -> Tensor:
-            a = action(state)
-            return nn.functional.normalize(a, dim=-1) if cosine else a
+    def query(state: Tensor) -> Tensor:
+        q = head.query(state)
+        assert q is not None  # the probe above found an inner-product head
+        return q
 
-        return MipsForm(weight=weight, bias=None, normalize=cosine, query=query)
-    if isinstance(head, LinearHead):
-        out = head.output
-        return MipsForm(weight=out.weight, bias=out.bias, normalize=False, query=head.features)
-    raise ArtifactError(
-        f"head {kind!r} is not an inner product between the state and an item vector, so an "
-        "approximate (MIPS) index cannot serve it; heads with an index: dot, bcq, linear"
-    )
+    return MipsForm(weight=weight, bias=bias, normalize=head.normalize_items, query=query)
 
 
 @dataclass(frozen=True, kw_only=True)

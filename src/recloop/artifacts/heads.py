@@ -64,10 +64,29 @@ class ScoreHead(nn.Module):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:  # (B, S), (N+1, D) -> (B, N+1)
         raise NotImplementedError
 
+    normalize_items: bool = False
+    """Inner-product heads: the item side is the item vectors normalised (cosine)."""
+
+    def query(self, state: Tensor) -> Tensor | None:  # (B, S) -> (B, F)
+        """The state side of an inner-product head (scores = query · item vector + bias), or
+        None when the head does not score that way."""
+        return None
+
+    def item_vectors(self, item_weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The item side, unnormalised: vectors (N + 1, F) and the bias (N + 1,) or None.
+        ``item_weight`` is the shared item table; views of parameters, no copies."""
+        return item_weight, None
+
     def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct | None:
         """The same scores as ``forward``, factored as queries @ items.T + bias, or None when
         the head does not score that way."""
-        return None
+        query = self.query(state)
+        if query is None:
+            return None
+        items, bias = self.item_vectors(item_weight)
+        if self.normalize_items:
+            items = nn.functional.normalize(items, dim=-1)
+        return InnerProduct(queries=query, items=items, bias=bias)
 
 
 class HeadBuilder(Protocol):
@@ -109,9 +128,12 @@ class LinearHead(ScoreHead):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return self.net(state)
 
-    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
-        out = self.output
-        return InnerProduct(queries=self.features(state), items=out.weight, bias=out.bias)
+    def query(self, state: Tensor) -> Tensor:
+        return self.features(state)
+
+    def item_vectors(self, item_weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.output  # [W_i, b_i]: the logits are features · W_i + b_i
+        return out.weight, out.bias
 
 
 @HEADS.register("dot")
@@ -125,6 +147,7 @@ class DotHead(ScoreHead):
         self.net = mlp(state_dim, cfg.hidden_dims, embedding_dim, cfg.activation)
         self.bound_action = cfg.bound_action
         self.cosine = cfg.similarity == "cosine"
+        self.normalize_items = self.cosine
 
     def action(self, state: Tensor) -> Tensor:  # (B, S) -> (B, D)
         a = self.net(state)
@@ -133,8 +156,9 @@ class DotHead(ScoreHead):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return score_items(self.action(state), item_weight, cosine=self.cosine)
 
-    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
-        return item_inner_product(self.action(state), item_weight, cosine=self.cosine)
+    def query(self, state: Tensor) -> Tensor:
+        a = self.action(state)
+        return nn.functional.normalize(a, dim=-1) if self.cosine else a
 
 
 @HEADS.register("popularity")
@@ -153,14 +177,7 @@ class PopularityHead(ScoreHead):
 
 def score_items(action: Tensor, item_weight: Tensor, *, cosine: bool = False) -> Tensor:
     """Similarity of action points (B, D) with every item embedding (N + 1, D) → (B, N + 1)."""
-    return item_inner_product(action, item_weight, cosine=cosine).scores()
-
-
-def item_inner_product(
-    action: Tensor, item_weight: Tensor, *, cosine: bool = False
-) -> InnerProduct:
-    """:func:`score_items` as an :class:`InnerProduct` (cosine: both sides normalised)."""
     if cosine:
         action = nn.functional.normalize(action, dim=-1)
         item_weight = nn.functional.normalize(item_weight, dim=-1)
-    return InnerProduct(queries=action, items=item_weight)
+    return action @ item_weight.T

@@ -22,12 +22,10 @@ from recloop.artifacts.heads import (
     HEADS,
     HeadConfig,
     ScoreHead,
-    item_inner_product,
     mlp,
     score_items,
 )
 from recloop.data.batch import PAD_ID
-from recloop.ranking import InnerProduct
 
 
 class StateActionMLP(nn.Module):
@@ -81,6 +79,7 @@ class BCQHead(ScoreHead):
         self.latent_dim = 2 * embedding_dim
         self.bound_action = cfg.bound_action
         self.cosine = cfg.similarity == "cosine"
+        self.normalize_items = self.cosine
         self.decoder = StateActionMLP(
             state_dim, self.latent_dim, hidden, embedding_dim, cfg.activation
         )
@@ -108,8 +107,9 @@ class BCQHead(ScoreHead):
     def forward(self, state: Tensor, item_weight: Tensor) -> Tensor:
         return score_items(self.action(state), item_weight, cosine=self.cosine)
 
-    def inner_product(self, state: Tensor, item_weight: Tensor) -> InnerProduct:
-        return item_inner_product(self.action(state), item_weight, cosine=self.cosine)
+    def query(self, state: Tensor) -> Tensor:
+        a = self.action(state)
+        return nn.functional.normalize(a, dim=-1) if self.cosine else a
 
 
 @HEADS.register("bcq_discrete")

@@ -27,10 +27,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from recloop.artifacts import Artifact, load_artifact
+from recloop.artifacts import Artifact, PolicyNet, load_artifact
 from recloop.artifacts.ann import ItemIndex, load_index
 from recloop.errors import ArtifactError, ConfigError, RecloopError
-from recloop.ranking import topk
+from recloop.ranking import topk, topk_inner_product
 from recloop.serving import exploration
 from recloop.serving.ab import AbSplit
 from recloop.serving.admin import log_safe
@@ -44,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 MAX_LISTED_IDS = 10
 """Unknown ids named in one warning; the rest are counted."""
+
+CHUNKED_ITEMS = 65_536
+"""Catalogues above this size are ranked in item chunks when the head allows it."""
+CHUNK_CELLS = 1 << 20
+"""Scores per chunk of a micro-batch (rows x items): about 4 MB, cache-sized."""
+MIN_CHUNK = 4096
+"""Fewest items per chunk (larger batches would otherwise take tiny chunks)."""
 
 SOURCE_POLICY = "policy"
 SOURCE_POPULAR = "popular"
@@ -137,6 +144,9 @@ class LoadedModel:
     """The artifact's approximate item index when top-k lists are served from it."""
     ann_margin: int = 16
     """Candidates asked of the index beyond k plus the row's masked items."""
+    chunked: bool = False
+    """Exact top-k lists are ranked in item chunks (:meth:`score_chunked`): a PyTorch policy
+    whose head is an inner product, over a catalogue of more than ``CHUNKED_ITEMS`` items."""
 
     @classmethod
     def from_artifact(
@@ -176,6 +186,11 @@ class LoadedModel:
             },
             ann=ann,
             ann_margin=ann_margin,
+            chunked=(
+                inference == "torch"
+                and artifact.n_items + 1 > CHUNKED_ITEMS
+                and factors(artifact.policy)
+            ),
         )
         model.warm_up()
         return model
@@ -217,6 +232,15 @@ class LoadedModel:
             exclude_cols=np.zeros(0, np.int64),
             k=1,
         )
+        if self.chunked:
+            self.score_chunked(
+                user=np.zeros(2, np.int64),
+                history=np.zeros((2, h), np.int64),
+                history_reward=np.zeros((2, h), np.float32),
+                exclude_rows=np.zeros(0, np.int64),
+                exclude_cols=np.zeros(0, np.int64),
+                k=1,
+            )
         if self.ann is not None:
             self.score_ann(
                 user=np.zeros(2, np.int64),
@@ -284,6 +308,40 @@ class LoadedModel:
         return top.indices.numpy(), top.values.numpy(), scores
 
     @torch.inference_mode()
+    def score_chunked(
+        self,
+        *,
+        user: np.ndarray,
+        history: np.ndarray,
+        history_reward: np.ndarray,
+        exclude_rows: np.ndarray,
+        exclude_cols: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score` without the (B, N + 1) table: the head's inner product ranked in item
+        chunks by :func:`recloop.ranking.topk_inner_product` (the same lists; a score may
+        differ from the whole table's in its last bit, as chunked matrix products round)."""
+        policy = self.artifact.policy
+        b = len(user)
+        inner = policy.inner_product(
+            torch.from_numpy(user), torch.from_numpy(history), torch.from_numpy(history_reward)
+        )
+        assert inner is not None  # chunked is set only for heads that factor
+        width = self.n_items + 1
+        # the padding column and the masked (row, item) pairs, as flat keys of the table
+        exclude = np.concatenate(
+            [np.arange(b, dtype=np.int64) * width, exclude_rows * width + exclude_cols]
+        )
+        top = topk_inner_product(
+            inner,
+            min(k, self.n_items),
+            row_keys=torch.from_numpy(user),
+            exclude=torch.from_numpy(exclude),
+            chunk=max(MIN_CHUNK, CHUNK_CELLS // max(b, 1)),
+        )
+        return top.indices.numpy(), top.values.numpy()
+
+    @torch.inference_mode()
     def score_ann(
         self,
         *,
@@ -324,6 +382,12 @@ class LoadedModel:
         scores.masked_fill_(masked, float("-inf"))
         top = topk(scores, k, row_keys=user_t, items=cand)
         return cand.gather(1, top.indices).numpy(), top.values.numpy()
+
+
+def factors(policy: PolicyNet) -> bool:
+    """Whether the policy's head scores as an inner product (``PolicyNet.inner_product``)."""
+    with torch.no_grad():
+        return policy.head.query(torch.zeros(1, policy.encoder.state_dim)) is not None
 
 
 def load_ann(artifact: Artifact, *, search: str, threads: int) -> ItemIndex | None:
@@ -878,6 +942,15 @@ class RecommenderService:
         if model.ann is not None and all(r.policy == "topk" for r in rows):
             # Exploring policies draw from every item's score: those batches score them all.
             idx, val = model.score_ann(
+                user=user,
+                history=history,
+                history_reward=history_reward,
+                exclude_rows=np.asarray(ex_rows, np.int64),
+                exclude_cols=np.asarray(ex_cols, np.int64),
+                k=k,
+            )
+        elif model.chunked and all(r.policy == "topk" for r in rows):
+            idx, val = model.score_chunked(
                 user=user,
                 history=history,
                 history_reward=history_reward,
