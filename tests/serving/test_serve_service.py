@@ -459,7 +459,13 @@ async def test_recent_rewards_reach_the_state(artifact_dir: Path) -> None:
     svc = make_service(artifact_dir)
     hist = [("i2", 0.0), ("i5", 3.0)]
     rec = await svc.recommend(
-        RecommendRequest(user_id="u1", recent_items=["i2", "i5"], recent_rewards=[0.0, 3.0], n=4)
+        RecommendRequest.model_validate(
+            {
+                "user_id": "u1",
+                "recent_items": [{"item": "i2", "reward": 0.0}, {"item": "i5", "reward": 3.0}],
+                "n": 4,
+            }
+        )
     )
     ids, scores = reference(svc.model.artifact, user="u1", history=hist, exclude={"i2", "i5"}, n=4)
     assert rec.item_ids == ids
@@ -470,14 +476,27 @@ async def test_recent_rewards_reach_the_state(artifact_dir: Path) -> None:
     default = await svc.recommend(
         RecommendRequest(user_id="u1", recent_items=["i2", "i5"], exclude_consumed=False, n=11)
     )
-    assert default.item_ids == ones  # omitted: every recent item has reward 1, as before
+    assert default.item_ids == ones  # bare ids: every recent item has reward 1, as before
+    mixed = await svc.recommend(
+        RecommendRequest.model_validate(
+            {"user_id": "u1", "recent_items": [{"item": "i2", "reward": 0.0}, "i5"], "n": 4}
+        )
+    )
+    ids, _ = reference(
+        svc.model.artifact, user="u1", history=[("i2", 0.0), ("i5", 1.0)], exclude={"i2", "i5"}, n=4
+    )
+    assert mixed.item_ids == ids
 
 
-def test_recent_rewards_must_match_recent_items() -> None:
-    with pytest.raises(ValueError, match="recent_rewards needs recent_items of the same length"):
-        RecommendRequest(user_id="u1", recent_items=["i2"], recent_rewards=[0.0, 1.0])
-    with pytest.raises(ValueError, match="recent_rewards needs recent_items"):
-        RecommendRequest(user_id="u1", recent_rewards=[0.0])
+def test_rewarded_recent_items_are_strict() -> None:
+    for bad in (
+        [{"item": "i2"}],  # no reward
+        [{"item": "i2", "reward": 1.0, "extra": 1}],
+        [{"item": "i2", "reward": float("nan")}],
+        [{"item": "i2", "reward": "1"}],
+    ):
+        with pytest.raises(ValueError):
+            RecommendRequest.model_validate({"user_id": "u1", "recent_items": bad})
 
 
 async def test_cold_start_policy_explores_from_the_first_request(artifact_dir: Path) -> None:

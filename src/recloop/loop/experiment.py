@@ -8,7 +8,7 @@ round, for every arm in turn::
 
     users     U fresh simulated users of the world, each for the world's sessions: at
               every step a batch of POST /v1/recommend/batch requests (n = 1, the user's
-              shown items as recent_items with the rewards they earned as recent_rewards,
+              shown items as recent_items with the rewards they earned ({item, reward}),
               exclude_consumed, a seed per request), the world's exact response model
               answers (world.step), the clicks become events (behaviour, reward,
               recommendation_id) published onto the arm's bus; the service publishes every
@@ -769,8 +769,10 @@ async def serve_round(
                 "requests": [
                     {
                         "user_id": ids[i],
-                        "recent_items": shown[i],
-                        "recent_rewards": earned[i],
+                        "recent_items": [
+                            {"item": it, "reward": r}
+                            for it, r in zip(shown[i], earned[i], strict=True)
+                        ],
                         "exclude_consumed": True,
                         "n": 1,
                         "seed": int(req_seed[i]),

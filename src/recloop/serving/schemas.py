@@ -21,10 +21,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     WithJsonSchema,
     create_model,
-    model_validator,
 )
 
 MAX_ID_LEN = 512
@@ -109,11 +110,9 @@ _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_doc
 
 _N_DOC = "How many items to return (default: the service's default_n)."
 _RECENT_DOC = (
-    "Raw ids of the user's latest items, oldest first; omitted: read from the online store."
-)
-_REWARDS_DOC = (
-    "Reward of each of recent_items (same length and order), as the log records them (0 for "
-    "an item shown and ignored); omitted: 1 for every recent item."
+    "The user's latest items, oldest first: raw ids (reward 1 each), or objects "
+    '{"item": id, "reward": r} with the reward the log records (0 for an item shown and '
+    "ignored); omitted: read from the online store."
 )
 _REQUESTS_DOC = "One entry per user, each like a /v1/recommend body."
 
@@ -126,6 +125,27 @@ RewardValue = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
 Epsilon = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
+class RewardedItem(BaseModel):
+    """A recent item with the reward it earned (the state's history reward)."""
+
+    model_config = _STRICT
+
+    item: ItemId = Field(description="Raw item id.")
+    reward: RewardValue = Field(description="Its reward, as the behaviour log records it.")
+
+
+def _recent_kind(value: Any) -> str:
+    return "rewarded" if isinstance(value, dict | RewardedItem) else "id"
+
+
+RecentEntry = Annotated[
+    Annotated[ItemId, Tag("id")] | Annotated[RewardedItem, Tag("rewarded")],
+    Discriminator(_recent_kind),
+]
+"""A recent item: its raw id (reward 1), or ``{"item", "reward"}``; an error names the form
+it was read as (``id`` or ``rewarded``) after its position."""
+
+
 class RecommendRequest(BaseModel):
     """Ranked items for one user; ids are raw (whole numbers are read as their digits)."""
 
@@ -134,8 +154,7 @@ class RecommendRequest(BaseModel):
     user_id: UserId = Field(
         description="Raw user id, as in the training data; unknown users are answered too."
     )
-    recent_items: list[ItemId] | None = Field(None, description=_RECENT_DOC)
-    recent_rewards: list[RewardValue] | None = Field(None, description=_REWARDS_DOC)
+    recent_items: list[RecentEntry] | None = Field(None, description=_RECENT_DOC)
     n: _count(ge=1) | None = Field(None, description=_N_DOC)  # type: ignore[valid-type]
     exclude_consumed: bool = Field(
         True, description="Leave out the given recent items and the user's known history."
@@ -157,14 +176,6 @@ class RecommendRequest(BaseModel):
         description="Seed of the random draws; omitted: one is drawn and returned, so any "
         "answer can be reproduced.",
     )
-
-    @model_validator(mode="after")
-    def _rewards_match_items(self) -> RecommendRequest:
-        if self.recent_rewards is not None and (
-            self.recent_items is None or len(self.recent_rewards) != len(self.recent_items)
-        ):
-            raise ValueError("recent_rewards needs recent_items of the same length")
-        return self
 
 
 class RecommendBatchRequest(BaseModel):
@@ -194,7 +205,7 @@ def request_models(limits: Limits) -> RequestModels:
         __doc__=RecommendRequest.__doc__,
         __module__=__name__,
         recent_items=(
-            list[ItemId] | None,
+            list[RecentEntry] | None,
             Field(None, max_length=limits.max_recent_items, description=_RECENT_DOC),
         ),
         n=(_count(ge=1, le=limits.max_n) | None, Field(None, description=_N_DOC)),

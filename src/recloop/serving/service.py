@@ -561,8 +561,9 @@ class _Row:
 def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list[Scored]) -> None:
     """Map one request's raw ids: user index, the state's history, items to exclude.
 
-    The state reads the given ``recent_items`` when the request has them (with their
-    ``recent_rewards``, else rewards 1), else the stored list (with its logged rewards); both
+    The state reads the given ``recent_items`` when the request has them (with the rewards
+    given as ``{"item", "reward"}`` entries, 1 for a bare id), else the stored list (with its
+    logged rewards); both
     are excluded when asked.  Ids the model does not know are dropped — named in a warning
     when the client sent them.
     """
@@ -574,21 +575,23 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
         known = []
         known_reward = []
         unknown = []
-        rewards = req.recent_rewards
-        for j, raw in enumerate(req.recent_items):
+        raws = []
+        for entry in req.recent_items:
+            raw, reward = (entry, 1.0) if isinstance(entry, str) else (entry.item, entry.reward)
+            raws.append(raw)
             idx = item_index.get(raw)
             if idx is None:
                 unknown.append(raw)
             else:
                 known.append(idx)
-                known_reward.append(1.0 if rewards is None else float(rewards[j]))
+                known_reward.append(float(reward))
         if unknown:
             row.warnings.append(f"unknown item ids ignored: {_name_ids(unknown)}")
         row.hist = known[-h:]
         row.hist_reward = known_reward[-h:]
         if req.exclude_consumed:
             row.exclude.update(known)
-            row.consumed_raw.update(req.recent_items)
+            row.consumed_raw.update(raws)
     else:
         pairs = [(item_index.get(i, 0), r) for i, r in stored]
         pairs = [p for p in pairs if p[0]][-h:]
