@@ -21,11 +21,14 @@ Runs live in ``WORKDIR/<world>-popularity/<algo>-<seed>`` (bench_world.py's layo
 missing ones are trained first on a ``--users``-user popularity ε = 0.3 log.
 
     PYTHONPATH=src python bench/bench_world_ope.py --workdir /tmp/bw --fresh-users 5000
+    PYTHONPATH=src python bench/bench_world_ope.py --workdir /tmp/bw --worlds ml100k \
+        --logs epsilon --fresh-users 2000,8000,32000 --no-train   # ρ and SE vs log size
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from pathlib import Path
@@ -39,6 +42,25 @@ def _num(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _p(p: float) -> str:
+    return "< 1e-5" if p == 0 else f"{p:.2g}"  # 0 of the 10⁵ Monte Carlo orders
+
+
+def chance_rho(n: int, threshold: float = 0.8) -> float:
+    """P(Spearman ρ ≥ threshold) between a random ranking of n policies and the truth (no
+    ties): exact over all n! orders for n ≤ 8, else Monte Carlo (10⁵ orders, fixed seed)."""
+    if n < 2:
+        return float("nan")
+    denom = n * (n * n - 1)
+    if n <= 8:
+        ranks = np.array(list(itertools.permutations(range(n))))
+    else:
+        rng = np.random.default_rng(0)
+        ranks = np.argsort(rng.random((100_000, n)), axis=1)
+    rho = 1 - 6 * ((ranks - np.arange(n)) ** 2).sum(1) / denom
+    return float(np.mean(rho >= threshold - 1e-12))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--worlds", default="shop,ml100k")
@@ -50,7 +72,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--users", type=int, default=1500, help="Users of the training log.")
     ap.add_argument("--epochs", type=int, default=1, help="Epochs of runs trained here.")
-    ap.add_argument("--fresh-users", type=int, default=5000, help="Users per fresh OPE log.")
+    ap.add_argument(
+        "--fresh-users",
+        default="5000",
+        help="Users per fresh OPE log; a comma list (2000,8000,32000) scores each size in turn "
+        "(a curve of ρ and SE against the log's size).",
+    )
+    ap.add_argument(
+        "--logs",
+        default="epsilon,random,softmax",
+        help="Behaviour logs: epsilon (popularity ε=0.3), random, softmax (popularity T=1).",
+    )
     ap.add_argument("--in-log", action="store_true", help="Also the LOO test split (old way).")
     ap.add_argument(
         "--references",
@@ -79,11 +111,15 @@ def main() -> None:
 
     start = time.perf_counter()
     algos = [a for a in args.algos.split(",") if a]
-    behaviours = [
-        ("popularity ε=0.3", "popularity", Selection(epsilon=0.3)),
-        ("random", "random", Selection(epsilon=1.0)),
-        ("popularity softmax T=1", "popularity", Selection(kind="softmax", temperature=1.0)),
-    ]
+    known = {
+        "epsilon": ("popularity ε=0.3", "popularity", Selection(epsilon=0.3)),
+        "random": ("random", "random", Selection(epsilon=1.0)),
+        "softmax": (
+            "popularity softmax T=1", "popularity", Selection(kind="softmax", temperature=1.0)
+        ),
+    }  # fmt: skip
+    behaviours = [known[k] for k in args.logs.split(",") if k]
+    sizes = [int(n) for n in args.fresh_users.split(",") if n]
     head = (
         "| world | log | users / events | estimator | bias | RMSE | mean SE | ρ runs "
         "| ρ algos | ρ with references |"
@@ -116,7 +152,11 @@ def main() -> None:
                 runs.append(run)
                 groups.append(algo)
         n_algos = len(set(groups))
-        notes.append(f"{wname}: {len(runs)} runs of {n_algos} algorithms")
+        notes.append(
+            f"{wname}: {len(runs)} runs of {n_algos} algorithms; P(ρ ≥ 0.8 by chance) "
+            f"{_p(chance_rho(len(runs)))} over the runs, {_p(chance_rho(n_algos))} over the "
+            "algorithms"
+        )
         n_trained = len(runs)
         targets: list[Path | str] = list(runs)
         if args.references:
@@ -135,11 +175,10 @@ def main() -> None:
                     f"| {_num(err['rmse'])} | - | {_num(err['spearman'])} "
                     f"| {_num(spearman(e_g, t_g))} | - |"
                 )
-        for label, spec, sel in behaviours:
+        for (label, spec, sel), n_fresh in ((b, n) for b in behaviours for n in sizes):
             t0 = time.perf_counter()
             fr = ope_fresh(
-                targets, world, make_policy(world, spec, sel), users=args.fresh_users,
-                groups=groups,
+                targets, world, make_policy(world, spec, sel), users=n_fresh, groups=groups,
             )  # fmt: skip
             truth = np.asarray(fr.truth)
             _, t_g = group_means(fr.truth[:n_trained], groups[:n_trained])
