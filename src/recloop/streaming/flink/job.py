@@ -29,12 +29,11 @@ dead letters
 popular items
     ``HOP`` windows (slide ``slide_s``, size ``window_s``, aligned to the epoch exactly as the
     Redis runner's buckets) → per-item counts → window Top-N (``ROW_NUMBER`` by count desc,
-    item id asc, ``rn <= top``), plus one row per window with its newest event time and its
-    number of distinct items.  The Python publisher keeps each window's rows in keyed state
-    and, once they are all there, writes the list to ``<prefix>popular`` (the Redis store's
-    format) — only for windows whose last slide holds an event, so that after a drain (or a
-    quiet spell) the published list is the window ending with the newest event's slide, as
-    the Redis runner publishes it.
+    item id asc, ``rn <= top``) → one row per window (``LISTAGG``), kept only if the window's
+    last slide holds an event, so that after a drain (or a quiet spell) the published list
+    is the window ending with the newest event's slide, as the Redis runner publishes it.
+    All of that runs in the JVM; the Python publisher gets one row per such window and
+    writes it to ``<prefix>popular`` (the Redis store's format) with one ``SET``.
 recent items (and the refresh)
     Each user's last ``recent_len`` events by a SQL Top-N and a per-user ``LISTAGG`` (JVM
     state with a TTL; mini-batches emit one row per changed user per batch); the Python step
@@ -280,15 +279,48 @@ SELECT event_id, user_id, item_id, ts, behavior, rating, reward FROM valid_event
 
 
 def popular_query(cfg: dict[str, Any]) -> str:
-    """Top-N rows of every sliding window, and one summary row per window (item_id NULL) with
-    its number of distinct items and its newest event time, all stamped with the window's
-    ``window_time`` (end - 1 ms)."""
+    """One row per sliding window whose last slide holds an event: its Top-N as a JSON array
+    of ``[item_id, count]`` (in no particular order) and its newest event time (seconds).
+
+    All in the JVM: window counts → window Top-N (``ROW_NUMBER`` by count desc, item id asc)
+    → the Top-N rows of each window gathered into one row by a ``TUMBLE`` of one slide on
+    ``window_time`` (a hopping window ``[end - size, end)`` is the only one whose
+    ``window_time`` falls in the tumble ``[end - slide, end)``) → joined with the events'
+    own slides (``TUMBLE`` of one slide, newest event time), which keeps only the windows
+    whose last slide holds an event — the ones the Redis runner publishes; the trailing
+    windows of a quiet spell or a drain, which hold fewer events, never reach Python.
+
+    The join is an interval join with zero bounds on the two sides' ``window_time`` (the
+    planner makes no window join of these two window aggregates): its state is freed as the
+    watermark passes, where a regular join would keep every window forever."""
+    slide = interval(cfg["slide_s"])
+    return f"""
+SELECT t.items, s.last_ts
+FROM (
+  SELECT window_start, window_end, window_time,
+    CONCAT('[', LISTAGG(JSON_ARRAY(item_id, cnt), ','), ']') AS items
+  FROM TABLE(TUMBLE(TABLE popular_top, DESCRIPTOR(hop_time), {slide}))
+  GROUP BY window_start, window_end, window_time
+) t
+JOIN (
+  SELECT window_start, window_end, window_time, MAX(ts) AS last_ts
+  FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {slide}))
+  GROUP BY window_start, window_end, window_time
+) s
+ON t.window_end = s.window_end
+  AND t.window_time BETWEEN s.window_time AND s.window_time"""
+
+
+def popular_top_view(cfg: dict[str, Any]) -> str:
+    """The view :func:`popular_query` reads (a windowing TVF takes a table, not a subquery):
+    the Top-N rows of every sliding window, stamped with its ``window_time`` (end - 1 ms)."""
     hop = (
         f"TABLE(HOP(TABLE valid_events, DESCRIPTOR(ts_ltz), "
         f"{interval(cfg['slide_s'])}, {interval(cfg['window_s'])}))"
     )
     return f"""
-SELECT window_time, item_id, cnt, CAST(NULL AS BIGINT) AS last_ts FROM (
+CREATE TEMPORARY VIEW popular_top AS
+SELECT window_time AS hop_time, item_id, cnt FROM (
   SELECT window_start, window_end, window_time, item_id, cnt,
     ROW_NUMBER() OVER (
       PARTITION BY window_start, window_end ORDER BY cnt DESC, item_id ASC) AS rn
@@ -297,71 +329,55 @@ SELECT window_time, item_id, cnt, CAST(NULL AS BIGINT) AS last_ts FROM (
     FROM {hop}
     GROUP BY window_start, window_end, window_time, item_id
   )
-) WHERE rn <= {int(cfg["top"])}
-UNION ALL
-SELECT window_time, CAST(NULL AS STRING) AS item_id, COUNT(DISTINCT item_id) AS cnt,
-  MAX(ts) AS last_ts
-FROM {hop}
-GROUP BY window_start, window_end, window_time"""
+) WHERE rn <= {int(cfg["top"])}"""
 
 
 # ----------------------------------------------------------------------------- publisher
 
 
+def popular_list(items: str, top: int) -> str:
+    """The store's popular list (JSON ``[[item, count], ...]``, count desc, item id asc) from
+    :func:`popular_query`'s ``items`` (LISTAGG keeps no order)."""
+    ranked = sorted(((str(i), int(n)) for i, n in json.loads(items)), key=lambda x: (-x[1], x[0]))
+    return json.dumps([[i, float(n)] for i, n in ranked[:top]], separators=(",", ":"))
+
+
+def window_end_ms(last_ts: int, slide_s: int) -> int:
+    """End (epoch ms) of the sliding window whose last slide holds an event at ``last_ts``
+    (seconds): windows are aligned to the epoch, as the Redis runner's buckets."""
+    return (int(last_ts) // slide_s + 1) * slide_s * 1000
+
+
 def _publisher_class() -> Any:
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
-    from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+    from pyflink.datastream.state import ValueStateDescriptor
 
     class PopularPublisher(KeyedProcessFunction):
-        """Collects each window's Top-N rows in keyed state and writes the list to the
-        online store once the window is complete: its summary row (newest event time and
-        number of distinct items) and min(top, distinct items) item rows have arrived.
-
-        Completeness is counted rather than timed because PyFlink 2.0 does not advance the
-        watermark of a Python operator fed from a Table (event-time timers never fire)."""
+        """Writes each window's list (:func:`popular_query`: one row per window, only the
+        windows whose last slide holds an event) to the online store, one ``SET`` per window,
+        never a window older than the one already published (kept in keyed state)."""
 
         def __init__(self, *, redis_url: str, key: str, slide_s: int, top: int) -> None:
             self.redis_url = redis_url
             self.key = key
-            self.slide_ms = slide_s * 1000
+            self.slide_s = slide_s
             self.top = top
 
         def open(self, runtime_context: RuntimeContext) -> None:
             import redis
 
             self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-            self.windows = runtime_context.get_map_state(
-                MapStateDescriptor("windows", Types.LONG(), Types.STRING())
-            )
             self.published = runtime_context.get_state(
                 ValueStateDescriptor("published_end", Types.LONG())
             )
 
         def process_element(self, value: Any, ctx: Any) -> Any:
-            stamp = ctx.timestamp()  # window_time: the window's end - 1 ms
-            raw = self.windows.get(stamp)
-            entry = json.loads(raw) if raw else {"items": [], "last_ts": None, "distinct": None}
-            if value[1] is None:
-                entry["last_ts"], entry["distinct"] = int(value[3]), int(value[2])
-            else:
-                entry["items"].append([value[1], int(value[2])])
-            if entry["distinct"] is None or len(entry["items"]) < min(self.top, entry["distinct"]):
-                self.windows.put(stamp, json.dumps(entry))
-                return iter(())
-            self.windows.remove(stamp)
-            window_end_ms = stamp + 1
+            end_ms = window_end_ms(value[1], self.slide_s)
             published = self.published.value()
-            # Only a window whose last slide holds an event is published (the trailing
-            # windows a drain fires after the newest event would shrink the list), and never
-            # one older than the list already published.
-            if entry["last_ts"] * 1000 >= window_end_ms - self.slide_ms and (
-                published is None or window_end_ms > published
-            ):
-                items = sorted(entry["items"], key=lambda x: (-x[1], x[0]))[: self.top]
-                blob = json.dumps([[i, float(n)] for i, n in items], separators=(",", ":"))
-                self.client.set(self.key, blob)
-                self.published.update(window_end_ms)
+            if published is None or end_ms > published:
+                self.client.set(self.key, popular_list(value[0], self.top))
+                self.published.update(end_ms)
             return iter(())
 
         def close(self) -> None:
@@ -644,6 +660,7 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     if cfg.get("jdbc_url") or cfg.get("dead_letter_topic"):
         statements.attach_as_datastream()
     if cfg.get("redis_url"):
+        t_env.execute_sql(popular_top_view(cfg))
         rows = t_env.to_data_stream(t_env.sql_query(popular_query(cfg)))
         publisher = _publisher_class()(
             redis_url=cfg["redis_url"],
