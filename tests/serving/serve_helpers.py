@@ -11,12 +11,14 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from fastapi import FastAPI
 
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
-from recloop.serving.service import RecommenderService
+from recloop.serving.schemas import RecommendRequest
+from recloop.serving.service import Recommendation, RecommenderService
 from recloop.serving.settings import ServeSettings
 from recloop.stores import RecentItem
 
@@ -96,3 +98,31 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 Served = tuple[httpx.AsyncClient, RecommenderService]
 ServeFactory = Callable[..., AbstractAsyncContextManager[Served]]
+
+
+CONSUMED = [("i2", 1.0), ("i5", 0.5), ("i9", 2.0), ("i11", 1.0)]
+"""u1's stored history in :func:`assert_same_lists`."""
+
+
+async def assert_same_lists(
+    candidate: RecommenderService, reference: RecommenderService
+) -> list[Recommendation]:
+    """Both services (sharing one store, in which u1 has consumed ``CONSUMED``) answer the same
+    lists for requests that mask stored and sent history, run out of items, skip masking and
+    fall back to popular items; returns the candidate's answers."""
+    await candidate.store.push_recent(as_recent({"u1": CONSUMED}), max_len=10)
+    reqs = [
+        RecommendRequest(user_id="u1", n=N_ITEMS),  # store history, all consumed masked
+        RecommendRequest(user_id="u2", recent_items=["i1", "i3"], n=5),
+        RecommendRequest(user_id="u3", recent_items=ITEM_IDS[:10], n=5),  # 2 left
+        RecommendRequest(user_id="u1", n=3, exclude_consumed=False),
+        RecommendRequest(user_id="stranger", n=4),  # popular fallback
+    ]
+    got = await candidate.recommend_many(reqs)
+    want = await reference.recommend_many(reqs)
+    for g, w in zip(got, want, strict=True):
+        assert g.item_ids == w.item_ids and g.source == w.source
+        assert g.scores == pytest.approx(w.scores, rel=1e-5, abs=1e-6)
+    assert len(got[0].item_ids) == N_ITEMS - len(CONSUMED)
+    assert not {i for i, _ in CONSUMED} & set(got[0].item_ids)
+    return got

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_helpers import ITEM_IDS, N_ITEMS, as_recent, build_artifact, settings_for
+from serve_helpers import ITEM_IDS, assert_same_lists, build_artifact, settings_for
 
 from recloop.artifacts import HeadConfig
 from recloop.artifacts.ann import IndexConfig, build_index
@@ -36,25 +36,9 @@ async def _services(art: Path, store: MemoryStore) -> tuple[RecommenderService, 
 
 
 async def test_ann_serving_masks_and_matches_exact(indexed: Path) -> None:
-    store = MemoryStore()
-    consumed = [("i2", 1.0), ("i5", 0.5), ("i9", 2.0), ("i11", 1.0)]
-    await store.push_recent(as_recent({"u1": consumed}), max_len=10)
-    ann, exact = await _services(indexed, store)
+    ann, exact = await _services(indexed, MemoryStore())
     assert ann.model.ann is not None and exact.model.ann is None
-    reqs = [
-        RecommendRequest(user_id="u1", n=N_ITEMS),  # store history, all consumed masked
-        RecommendRequest(user_id="u2", recent_items=["i1", "i3"], n=5),
-        RecommendRequest(user_id="u3", recent_items=ITEM_IDS[:10], n=5),  # 2 left
-        RecommendRequest(user_id="u1", n=3, exclude_consumed=False),
-        RecommendRequest(user_id="stranger", n=4),  # popular fallback
-    ]
-    got = await ann.recommend_many(reqs)
-    want = await exact.recommend_many(reqs)
-    for g, w in zip(got, want, strict=True):
-        assert g.item_ids == w.item_ids and g.source == w.source
-        assert g.scores == pytest.approx(w.scores, rel=1e-5, abs=1e-6)
-    assert len(got[0].item_ids) == N_ITEMS - 4
-    assert not {i for i, _ in consumed} & set(got[0].item_ids)
+    got = await assert_same_lists(ann, exact)
     assert sorted(got[2].item_ids) == sorted(ITEM_IDS[10:])
     assert got[4].source == "popular"
 

@@ -222,34 +222,22 @@ class LoadedModel:
             ) from exc
 
     def warm_up(self) -> None:
-        """One forward pass, so the first request does not pay for lazy initialisation."""
+        """One pass of every scoring path the model uses, so the first request does not pay
+        for lazy initialisation."""
         h = self.history_len
-        self.score(
-            user=np.zeros(2, np.int64),
-            history=np.zeros((2, h), np.int64),
-            history_reward=np.zeros((2, h), np.float32),
-            exclude_rows=np.zeros(0, np.int64),
-            exclude_cols=np.zeros(0, np.int64),
-            k=1,
-        )
+        batch: dict[str, Any] = {
+            "user": np.zeros(2, np.int64),
+            "history": np.zeros((2, h), np.int64),
+            "history_reward": np.zeros((2, h), np.float32),
+            "exclude_rows": np.zeros(0, np.int64),
+            "exclude_cols": np.zeros(0, np.int64),
+            "k": 1,
+        }
+        self.score(**batch)
         if self.chunked:
-            self.score_chunked(
-                user=np.zeros(2, np.int64),
-                history=np.zeros((2, h), np.int64),
-                history_reward=np.zeros((2, h), np.float32),
-                exclude_rows=np.zeros(0, np.int64),
-                exclude_cols=np.zeros(0, np.int64),
-                k=1,
-            )
+            self.score_chunked(**batch)
         if self.ann is not None:
-            self.score_ann(
-                user=np.zeros(2, np.int64),
-                history=np.zeros((2, h), np.int64),
-                history_reward=np.zeros((2, h), np.float32),
-                exclude_rows=np.zeros(0, np.int64),
-                exclude_cols=np.zeros(0, np.int64),
-                k=1,
-            )
+            self.score_ann(**batch)
 
     def score(
         self,
