@@ -85,13 +85,16 @@ def chronological_order(user: np.ndarray, timestamp: np.ndarray) -> Chronology:
     if span_bits + row_bits > 63 or user_bits + row_bits > 63:
         order = np.lexsort((timestamp, user)).astype(np.int64)
         return Chronology(order, user[order].astype(np.int64), timestamp[order])
-    # A stable argsort of the user codes is the (user, row) order directly, and measured
-    # faster than sorting packed keys and unpacking them (0.41 s against 0.8 s at 10M
-    # events); the sorted users are then a repeat of the counts, read sequentially.
-    by_user = np.argsort(user, kind="stable").astype(np.int64, copy=False)
+    # The (user, row) order: one sort of packed (user, row) keys.  With numpy >= 2's SIMD
+    # sorts this measured 0.21-0.39 s at 10M events against 0.54 s for a stable argsort of
+    # the user codes (numpy 2.4, AVX2); the sorted users come out of the keys themselves.
+    key = user.astype(np.int64)
+    key <<= row_bits
+    key |= np.arange(e, dtype=np.int64)
+    key.sort()
+    by_user = key & mask
+    key >>= row_bits  # the sorted users
     ts = np.asarray(timestamp[by_user], np.int64)
-    counts = np.bincount(user)
-    key = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)  # the sorted users
     backwards = ts[1:] < ts[:-1]
     backwards &= key[1:] == key[:-1]
     if not backwards.any():
