@@ -141,7 +141,8 @@ class InnerProduct:
         block = self.items[lo:hi].T
         if self.bias is None:
             return torch.matmul(self.queries, block, out=out)
-        # addmm, as nn.Linear computes it, so chunked scores equal the head's own bit for bit.
+        # addmm, as nn.Linear computes it (a chunk's product may still round differently from
+        # the whole table's in the last bit: BLAS blocks each shape its own way).
         return torch.addmm(self.bias[lo:hi], self.queries, block, out=out)
 
 

@@ -35,7 +35,7 @@ def test_inner_product_equals_forward(head: HeadConfig) -> None:
     with torch.no_grad():
         want = net(user, history, reward)
         inner = net.inner_product(user, history, reward)
-    assert inner is not None
+    assert inner is not None and net.factors()
     got = inner.scores()
     assert got.shape == want.shape == (3, 41)
     # The padding column is the caller's to mask (forward sets it to -inf).
@@ -52,6 +52,7 @@ def test_heads_that_do_not_factor_say_so() -> None:
             head=HeadConfig(kind=kind),
         )
         net = PolicyNet(spec)
+        assert not net.factors()
         assert (
             net.inner_product(torch.tensor([1]), torch.tensor([[1, 2]]), torch.ones(1, 2)) is None
         )

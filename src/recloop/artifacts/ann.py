@@ -164,9 +164,7 @@ def mips_form(policy: PolicyNet) -> MipsForm:
     """The inner-product form of ``policy``'s head (its ``query`` and ``item_vectors``, the
     ones evaluation's chunked ranking uses); :class:`ArtifactError` when it has none."""
     head = policy.head
-    with torch.no_grad():
-        probe = head.query(torch.zeros(1, policy.encoder.state_dim))
-    if probe is None:
+    if not policy.factors():
         raise ArtifactError(
             f"head {policy.spec.head.kind!r} is not an inner product between the state and an "
             "item vector, so an approximate (MIPS) index cannot serve it; heads with an index: "

@@ -70,6 +70,11 @@ class PolicyNet(nn.Module):
     def forward(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
         return self.scores_from_state(self.state(user, history, history_reward))
 
+    def factors(self) -> bool:
+        """Whether the head scores as an inner product (``inner_product`` is not None)."""
+        with torch.no_grad():
+            return self.head.query(torch.zeros(1, self.encoder.state_dim)) is not None
+
     def inner_product(
         self, user: Tensor, history: Tensor, history_reward: Tensor
     ) -> InnerProduct | None:

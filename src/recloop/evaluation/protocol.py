@@ -274,7 +274,8 @@ def evaluate_users(
         # Entries are addressed as flat keys row * (N + 1) + item of this batch's score table;
         # 1-D index ops on them are far cheaper than 2-D advanced indexing.
         t_row_np, t_sl = batch_rows(users.target_offsets, lo, hi)
-        t_key = torch.from_numpy(t_row_np * width + users.target_items[t_sl]).to(dev)
+        t_key_np = t_row_np * width + users.target_items[t_sl]
+        t_key = torch.from_numpy(t_key_np).to(dev)
         row_keys = torch.from_numpy(users.user[lo:hi])
         t0 = time.perf_counter()
         if factored is not None:
@@ -285,14 +286,16 @@ def evaluate_users(
                     torch.from_numpy(users.history_reward[lo:hi]).to(dev),
                 )
             if not isinstance(inner, InnerProduct):
-                raise ValueError("scorer.inner_product returned None after returning scores")
+                raise ValueError(
+                    "scorer.inner_product returned None for a batch after factoring the first user"
+                )
             # The padding column, and consumed items that are not targets (targets stay
             # rankable, as in RecBole), rank last.
             excluded = [np.arange(b, dtype=np.int64) * width]
             if cfg.mask_consumed:
                 c_row_np, c_sl = batch_rows(users.consumed_offsets, lo, hi)
                 c_key_np = c_row_np * width + users.consumed_items[c_sl]
-                excluded.append(c_key_np[~np.isin(c_key_np, t_key.cpu().numpy())])
+                excluded.append(c_key_np[~np.isin(c_key_np, t_key_np)])
             with torch.no_grad():
                 ranked = topk_inner_product(
                     inner,

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from recloop.artifacts import Artifact, PolicyNet, load_artifact
+from recloop.artifacts import Artifact, load_artifact
 from recloop.artifacts.ann import ItemIndex, load_index
 from recloop.errors import ArtifactError, ConfigError, RecloopError
 from recloop.ranking import topk, topk_inner_product
@@ -189,7 +189,7 @@ class LoadedModel:
             chunked=(
                 inference == "torch"
                 and artifact.n_items + 1 > CHUNKED_ITEMS
-                and factors(artifact.policy)
+                and artifact.policy.factors()
             ),
         )
         model.warm_up()
@@ -372,12 +372,6 @@ class LoadedModel:
         return cand.gather(1, top.indices).numpy(), top.values.numpy()
 
 
-def factors(policy: PolicyNet) -> bool:
-    """Whether the policy's head scores as an inner product (``PolicyNet.inner_product``)."""
-    with torch.no_grad():
-        return policy.head.query(torch.zeros(1, policy.encoder.state_dim)) is not None
-
-
 def load_ann(artifact: Artifact, *, search: str, threads: int) -> ItemIndex | None:
     """The artifact's item index as ``search`` asks (see :meth:`LoadedModel.from_artifact`)."""
     if search == "exact":
@@ -551,9 +545,8 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
 
     The state reads the given ``recent_items`` when the request has them (with the rewards
     given as ``{"item", "reward"}`` entries, 1 for a bare id), else the stored list (with its
-    logged rewards); both
-    are excluded when asked.  Ids the model does not know are dropped — named in a warning
-    when the client sent them.
+    logged rewards); both are excluded when asked.  Ids the model does not know are dropped —
+    named in a warning when the client sent them.
     """
     item_index = model.item_index
     h = model.history_len
