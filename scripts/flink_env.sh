@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the Flink environment `recloop flink` and the `flink` tests run the job in:
 # apache-flink (it pins numpy/pandas/pyarrow versions recloop's own venv does not share) and
-# the five connector jars, kept out of pyflink/lib so that no Flink core jar is duplicated.
+# the five connector jars, kept out of pyflink/lib so that no Flink core jar is duplicated,
+# and recloop's own Flink functions (java/flink-udf, compiled with javac) in DIR/recloop-jars.
 # With --scorer, also what the job's recommendation refresh (`recloop flink --artifact`)
 # imports in its Python workers: torch (CPU) and recloop's runtime dependencies, resolved
 # together with apache-flink so that none of its pins moves.
@@ -10,7 +11,7 @@
 # connector, compiled from java/flink-jdbc-mysql (needs javac), both in DIR/recloop-jars.
 # Usage: scripts/flink_env.sh [--scorer] [--mysql] [DIR]   (default .venv-flink); then
 #   export RECLOOP_FLINK_PYTHON=DIR/bin/python
-# Needs python3.11 and java 17 on PATH.  About 2.5 minutes and 1 GB from a local index
+# Needs python3.11 and a JDK 17 (java, javac, jar) on PATH.  About 2.5 minutes and 1 GB from a local index
 # (--scorer: about 40 s and 1 GB more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,9 @@ for jar in flink-connector-kafka kafka-clients flink-connector-jdbc-core \
     flink-connector-jdbc-postgres postgresql; do
   test -f "$dir/connectors/pyflink/lib/$jar.jar" || { echo "missing $jar.jar" >&2; exit 1; }
 done
+# recloop's Flink functions (the popular items' sliding Top-N, java/flink-udf): needs javac.
+mkdir -p "$dir/recloop-jars"
+java/flink-udf/build.sh "$dir" "$dir/recloop-jars/recloop-flink-udf.jar"
 if [[ $scorer == 1 ]]; then
   # apache-flink in the same command: the resolver keeps its pins (torch alone would pull
   # a setuptools newer than apache-flink allows).

@@ -10,8 +10,13 @@ lib=$("$env/bin/python" -c 'import os, pyflink; print(os.path.join(os.path.dirna
 cp="$env/connectors/pyflink/lib/flink-connector-jdbc-core.jar:$(ls "$lib"/*.jar | tr '\n' ':')"
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
-javac -nowarn --release 11 -cp "$cp" -d "$build" $(find "$here/src" -name '*.java') 2>&1 \
-  | grep -v '^Note:' || true
+# javac's own status decides (its "Note:" lines are not errors, and are not shown).
+if ! javac -nowarn --release 11 -cp "$cp" -d "$build" $(find "$here/src" -name '*.java') \
+    >"$build/javac.log" 2>&1; then
+  cat "$build/javac.log" >&2
+  exit 1
+fi
+rm "$build/javac.log"
 cp -r "$here/resources/META-INF" "$build/"
 jar cf "$out" -C "$build" .
 echo "built $out"

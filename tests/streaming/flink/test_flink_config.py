@@ -17,6 +17,7 @@ from recloop.streaming.flink import job
 from recloop.streaming.flink.runner import (
     CONNECTOR_JARS,
     MYSQL_JARS,
+    UDF_JAR,
     FlinkJobConfig,
     connector_jars,
     jdbc_target,
@@ -71,11 +72,15 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     lib.mkdir(parents=True)
     for name in CONNECTOR_JARS:
         (lib / name).write_bytes(b"")
-    assert [j.name for j in connector_jars((), str(python))] == list(CONNECTOR_JARS)
-    with pytest.raises(ConfigError, match=r"recloop-flink-jdbc-mysql\.jar.*--mysql"):
-        connector_jars((), str(python), mysql=True)
+    # recloop's own functions (the popular items' Top-N), built by scripts/flink_env.sh.
+    with pytest.raises(ConfigError, match=r"recloop-flink-udf\.jar.*flink_env\.sh"):
+        connector_jars((), str(python))
     own = tmp_path / "env" / "recloop-jars"
     own.mkdir()
+    (own / UDF_JAR).write_bytes(b"")
+    assert [j.name for j in connector_jars((), str(python))] == [*CONNECTOR_JARS, UDF_JAR]
+    with pytest.raises(ConfigError, match=r"recloop-flink-jdbc-mysql\.jar.*--mysql"):
+        connector_jars((), str(python), mysql=True)
     for name in MYSQL_JARS:
         (own / name).write_bytes(b"")
     assert [j.name for j in connector_jars((), str(python), mysql=True)] == [
@@ -83,6 +88,7 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "kafka-clients.jar",
         "flink-connector-jdbc-core.jar",
         *MYSQL_JARS,
+        UDF_JAR,
     ]
     monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
     assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar"]
@@ -122,12 +128,17 @@ def test_sql_intervals_and_windows() -> None:
     assert job.interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
     with pytest.raises(ValueError, match="interval"):
         job.interval(-1)
-    sql = job.popular_top_view({"slide_s": 80, "window_s": 3600, "top": 7})
-    assert "INTERVAL '0 00:01:20' DAY TO SECOND, INTERVAL '0 01:00:00' DAY TO SECOND" in sql
-    assert "rn <= 7" in sql and "ORDER BY cnt DESC, item_id ASC" in sql
-    # One row per window whose last slide (a tumble of one slide) holds an event.
+    slides, windows = job.popular_views({"slide_s": 80, "window_s": 3600, "top": 7})
+    # Per-slide counts, aligned to the epoch (the Redis runner's buckets).
+    assert "TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), INTERVAL '0 00:01:20'" in slides
+    assert "GROUP BY window_start, window_end, window_time, item_id" in slides
+    # A slide's window is itself and the 44 slides before it (60 min / 80 s = 45).
+    assert "recloop_top_counts(item_id, cnt, 7)" in windows
+    assert "RANGE BETWEEN INTERVAL '0 00:58:40' DAY TO SECOND PRECEDING AND CURRENT ROW" in windows
+    assert "AS 'recloop.flink.udf.TopCounts' LANGUAGE JAVA" in job.TOP_COUNTS_FUNCTION
+    # One row per window: the slide's rows (each with the same list) gathered.
     sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})
-    assert sql.count("TUMBLE(TABLE") == 2 and "DESCRIPTOR(hop_time), INTERVAL '0 00:01:20'" in sql
+    assert "DESCRIPTOR(slide_time), INTERVAL '0 00:01:20'" in sql
     ddl = job.source_ddl(
         {"topic": "t'x", "bootstrap_servers": "h:1", "group": "g", "lateness_s": 300}
     )

@@ -2,7 +2,8 @@
 real-time popular items, recent items, the recommendation refresh and dead letters.
 
 This file is self-contained on purpose: it imports only the standard library, PyFlink and
-``redis`` (which PyFlink's own dependencies bring), never ``recloop`` — except the refresh
+``redis`` (which PyFlink's own dependencies bring), never ``recloop`` (its one Java function
+comes in ``recloop-flink-udf.jar``, with the connector jars) — except the refresh
 step, which imports :mod:`recloop.streaming.flink.refresh` in the Python workers (shipped to
 them as ``python.files``) when the config has a ``refresh`` block.  So it runs in an
 interpreter that has ``apache-flink`` but not recloop's pinned stack (numpy, pyarrow and
@@ -27,13 +28,14 @@ dead letters
     a record replayed after a restart writes the same row again, so the log holds every event
     exactly once.
 popular items
-    ``HOP`` windows (slide ``slide_s``, size ``window_s``, aligned to the epoch exactly as the
-    Redis runner's buckets) → per-item counts → window Top-N (``ROW_NUMBER`` by count desc,
-    item id asc, ``rn <= top``) → one row per window (``LISTAGG``), kept only if the window's
-    last slide holds an event, so that after a drain (or a quiet spell) the published list
+    Per-slide item counts (a ``TUMBLE`` of ``slide_s``, aligned to the epoch exactly as the
+    Redis runner's buckets) → for each slide that holds an event, the Top-N of the window
+    it ends (``recloop_top_counts``, recloop's Java aggregate, ``OVER`` the slides of the
+    last ``window_s``: each slide's counts added as it arrives, taken back as it leaves)
+    → one row per such window, so that after a drain (or a quiet spell) the published list
     is the window ending with the newest event's slide, as the Redis runner publishes it.
-    All of that runs in the JVM; the Python publisher gets one row per such window and
-    writes it to ``<prefix>popular`` (the Redis store's format) with one ``SET``.
+    All of that runs in the JVM; the Python publisher writes the newest list to
+    ``<prefix>popular`` (the Redis store's format) with one ``SET`` per ``flush_ms``.
 recent items (and the refresh)
     Each user's last ``recent_len`` events by a SQL Top-N and a per-user ``LISTAGG`` (JVM
     state with a TTL; mini-batches emit one row per changed user per batch); the Python step
@@ -133,7 +135,7 @@ CREATE TEMPORARY TABLE events (
 
 
 VALID_VIEW = f"""
-CREATE TEMPORARY VIEW valid_events AS
+CREATE TEMPORARY VIEW checked_valid_events AS
 SELECT * FROM events
 WHERE event_id IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL AND ts IS NOT NULL
   AND CHAR_LENGTH(event_id) BETWEEN 1 AND {MAX_ID_LEN}
@@ -278,58 +280,56 @@ INSERT INTO behavior_log
 SELECT event_id, user_id, item_id, ts, behavior, rating, reward FROM valid_events"""
 
 
-def popular_query(cfg: dict[str, Any]) -> str:
-    """One row per sliding window whose last slide holds an event: its Top-N as a JSON array
-    of ``[item_id, count]`` (in no particular order) and its newest event time (seconds).
+TOP_COUNTS_FUNCTION = """
+CREATE TEMPORARY SYSTEM FUNCTION IF NOT EXISTS recloop_top_counts
+AS 'recloop.flink.udf.TopCounts' LANGUAGE JAVA"""
+"""recloop's sliding-window Top-N (``java/flink-udf``, the jar ``recloop-flink-udf.jar``)."""
 
-    All in the JVM: window counts → window Top-N (``ROW_NUMBER`` by count desc, item id asc)
-    → the Top-N rows of each window gathered into one row by a ``TUMBLE`` of one slide on
-    ``window_time`` (a hopping window ``[end - size, end)`` is the only one whose
-    ``window_time`` falls in the tumble ``[end - slide, end)``) → joined with the events'
-    own slides (``TUMBLE`` of one slide, newest event time), which keeps only the windows
-    whose last slide holds an event — the ones the Redis runner publishes; the trailing
-    windows of a quiet spell or a drain, which hold fewer events, never reach Python.
 
-    The join is an interval join with zero bounds on the two sides' ``window_time`` (the
-    planner makes no window join of these two window aggregates): its state is freed as the
-    watermark passes, where a regular join would keep every window forever."""
+def popular_views(cfg: dict[str, Any]) -> list[str]:
+    """The views :func:`popular_query` reads — the Redis runner's scheme (per-slide buckets,
+    a window the sum of its slides) in the JVM:
+
+    ``popular_slides``
+        Item counts per slide (a ``TUMBLE`` of one slide, aligned to the epoch exactly as the
+        Redis runner's buckets) with the slide's newest event time: at most one row per
+        event.
+    ``popular_windows``
+        For each slide that holds an event, the Top-N of the window it ends:
+        ``recloop_top_counts`` (:data:`TOP_COUNTS_FUNCTION`) over the slides of the last
+        ``window_s`` (an ``OVER`` range of ``window_s - slide_s`` before the slide's
+        ``window_time``), which adds each slide's counts as it arrives and takes them back
+        as the slide leaves the window — O(rows) in all, where ranking every window (a
+        ``HOP`` and a window Top-N) costs O(windows × items in a window), each event being
+        in ``window_s / slide_s`` windows.  Windows whose last slide holds no event (a quiet
+        spell, the end of a drain) are never computed: the Redis runner publishes only the
+        window ending with the newest event's slide too."""
     slide = interval(cfg["slide_s"])
-    return f"""
-SELECT t.items, s.last_ts
-FROM (
-  SELECT window_start, window_end, window_time,
-    CONCAT('[', LISTAGG(JSON_ARRAY(item_id, cnt), ','), ']') AS items
-  FROM TABLE(TUMBLE(TABLE popular_top, DESCRIPTOR(hop_time), {slide}))
-  GROUP BY window_start, window_end, window_time
-) t
-JOIN (
-  SELECT window_start, window_end, window_time, MAX(ts) AS last_ts
-  FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {slide}))
-  GROUP BY window_start, window_end, window_time
-) s
-ON t.window_end = s.window_end
-  AND t.window_time BETWEEN s.window_time AND s.window_time"""
+    reach = interval(int(cfg["window_s"]) - int(cfg["slide_s"]))
+    return [
+        f"""
+CREATE TEMPORARY VIEW popular_slides AS
+SELECT window_time AS slide_time, item_id, COUNT(*) AS cnt, MAX(ts) AS last_ts
+FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {slide}))
+GROUP BY window_start, window_end, window_time, item_id""",
+        f"""
+CREATE TEMPORARY VIEW popular_windows AS
+SELECT slide_time, last_ts,
+  recloop_top_counts(item_id, cnt, {int(cfg["top"])}) OVER (
+    ORDER BY slide_time RANGE BETWEEN {reach} PRECEDING AND CURRENT ROW) AS items
+FROM popular_slides""",
+    ]
 
 
-def popular_top_view(cfg: dict[str, Any]) -> str:
-    """The view :func:`popular_query` reads (a windowing TVF takes a table, not a subquery):
-    the Top-N rows of every sliding window, stamped with its ``window_time`` (end - 1 ms)."""
-    hop = (
-        f"TABLE(HOP(TABLE valid_events, DESCRIPTOR(ts_ltz), "
-        f"{interval(cfg['slide_s'])}, {interval(cfg['window_s'])}))"
-    )
+def popular_query(cfg: dict[str, Any]) -> str:
+    """One row per sliding window whose last slide holds an event (:func:`popular_views`):
+    its Top-N as the store's JSON ``[[item_id, count], ...]`` and its newest event time
+    (seconds).  The ``OVER`` gives every item row of a slide the same value; a ``TUMBLE`` of
+    one slide keeps one row per slide, so Python gets one row per published window."""
     return f"""
-CREATE TEMPORARY VIEW popular_top AS
-SELECT window_time AS hop_time, item_id, cnt FROM (
-  SELECT window_start, window_end, window_time, item_id, cnt,
-    ROW_NUMBER() OVER (
-      PARTITION BY window_start, window_end ORDER BY cnt DESC, item_id ASC) AS rn
-  FROM (
-    SELECT window_start, window_end, window_time, item_id, COUNT(*) AS cnt
-    FROM {hop}
-    GROUP BY window_start, window_end, window_time, item_id
-  )
-) WHERE rn <= {int(cfg["top"])}"""
+SELECT MAX(items) AS items, MAX(last_ts) AS last_ts
+FROM TABLE(TUMBLE(TABLE popular_windows, DESCRIPTOR(slide_time), {interval(cfg["slide_s"])}))
+GROUP BY window_start, window_end, window_time"""
 
 
 # ----------------------------------------------------------------------------- publisher
@@ -354,15 +354,23 @@ def _publisher_class() -> Any:
     from pyflink.datastream.state import ValueStateDescriptor
 
     class PopularPublisher(KeyedProcessFunction):
-        """Writes each window's list (:func:`popular_query`: one row per window, only the
-        windows whose last slide holds an event) to the online store, one ``SET`` per window,
-        never a window older than the one already published (kept in keyed state)."""
+        """Writes the windows' lists (:func:`popular_query`: one row per window, only the
+        windows whose last slide holds an event) to the online store with one ``SET``,
+        never a window older than the one already published (kept in keyed state).
 
-        def __init__(self, *, redis_url: str, key: str, slide_s: int, top: int) -> None:
+        Rows arrive in window order; in a burst (a backlog, a replay) only the newest
+        window of each ``flush_ms`` is written — the store holds one list, and every
+        older one would be overwritten within that time anyway.  A processing-time timer
+        writes the tail of a burst; closing (a drain) writes what is pending."""
+
+        def __init__(
+            self, *, redis_url: str, key: str, slide_s: int, top: int, flush_ms: int
+        ) -> None:
             self.redis_url = redis_url
             self.key = key
             self.slide_s = slide_s
             self.top = top
+            self.flush_ms = flush_ms
 
         def open(self, runtime_context: RuntimeContext) -> None:
             import redis
@@ -371,18 +379,43 @@ def _publisher_class() -> Any:
             self.published = runtime_context.get_state(
                 ValueStateDescriptor("published_end", Types.LONG())
             )
+            self.pending: tuple[int, str] | None = None
+            self.flushed_at = time.monotonic()
 
         def process_element(self, value: Any, ctx: Any) -> Any:
             end_ms = window_end_ms(value[1], self.slide_s)
-            published = self.published.value()
-            if published is None or end_ms > published:
-                self.client.set(self.key, popular_list(value[0], self.top))
-                self.published.update(end_ms)
+            newest = self.published.value() if self.pending is None else self.pending[0]
+            if newest is not None and end_ms <= newest:
+                return iter(())
+            first = self.pending is None
+            self.pending = (end_ms, value[0])
+            if (time.monotonic() - self.flushed_at) * 1000 >= self.flush_ms:
+                self.flush()
+            elif first:
+                service = ctx.timer_service()
+                service.register_processing_time_timer(
+                    service.current_processing_time() + self.flush_ms
+                )
             return iter(())
+
+        def on_timer(self, timestamp: int, ctx: Any) -> Any:
+            self.flush()
+            return iter(())
+
+        def flush(self, *, keyed: bool = True) -> None:
+            self.flushed_at = time.monotonic()
+            if self.pending is None:
+                return
+            end_ms, items = self.pending
+            self.client.set(self.key, popular_list(items, self.top))
+            if keyed:  # keyed state only where a key is current (not in close)
+                self.published.update(end_ms)
+            self.pending = None
 
         def close(self) -> None:
             client = getattr(self, "client", None)
             if client is not None:
+                self.flush(keyed=False)
                 client.close()
 
     return PopularPublisher
@@ -589,6 +622,10 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
         "parallelism.default": str(cfg.get("parallelism", 1)),
         "pipeline.name": cfg.get("job_name", "recloop-online"),
     }
+    if int(cfg.get("parallelism", 1)) == 1:
+        # One task per operator: a local pre-aggregation before each keyed aggregation only
+        # adds an operator (there is no shuffle to save).
+        conf["table.optimizer.agg-phase-strategy"] = "ONE_PHASE"
     if cfg.get("python_executable"):
         # Local runs: the workers use the job's own interpreter.  On a cluster leave it out
         # and pass -pyexec to `flink run`.
@@ -635,6 +672,35 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
     return conf
 
 
+def share_valid_events(t_env: Any) -> None:
+    """``valid_events``: :data:`VALID_VIEW` read once for every branch.
+
+    Each branch below is planned on its own (the log's ``INSERT`` in a statement set, the
+    popular and recent queries as streams for Python), so a plain view would give each its
+    own Kafka source and JSON parse of every record.  Through one ``DataStream`` they share
+    one; its watermark goes along (``SOURCE_WATERMARK()``), the event time as ``ts_ltz``."""
+    from pyflink.table import Schema
+
+    # Planned without mini-batches: a mini-batch assigner here would replace the source's
+    # watermark by its own processing-time markers, and no event-time window would fire.
+    config = t_env.get_config()
+    mini_batch = config.get("table.exec.mini-batch.enabled", "false")
+    config.set("table.exec.mini-batch.enabled", "false")
+    shared = t_env.to_data_stream(t_env.from_path("checked_valid_events"))
+    config.set("table.exec.mini-batch.enabled", mini_batch)
+    schema = (
+        Schema.new_builder()
+        .column_by_metadata("rowtime", "TIMESTAMP_LTZ(3)")
+        .watermark("rowtime", "SOURCE_WATERMARK()")
+        .build()
+    )
+    t_env.create_temporary_view("shared_valid_events", t_env.from_data_stream(shared, schema))
+    t_env.execute_sql(
+        "CREATE TEMPORARY VIEW valid_events AS SELECT event_id, user_id, item_id, ts, "
+        "behavior, rating, reward, rowtime AS ts_ltz FROM shared_valid_events"
+    )
+
+
 def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     """The execution environment with both pipelines attached (not yet executed)."""
     from pyflink.common import Configuration, Types
@@ -648,6 +714,7 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(source_ddl(cfg))
     t_env.execute_sql(VALID_VIEW)
+    share_valid_events(t_env)
     statements = t_env.create_statement_set()
     if cfg.get("dead_letter_topic"):
         t_env.execute_sql(raw_source_ddl(cfg))
@@ -660,13 +727,16 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
     if cfg.get("jdbc_url") or cfg.get("dead_letter_topic"):
         statements.attach_as_datastream()
     if cfg.get("redis_url"):
-        t_env.execute_sql(popular_top_view(cfg))
+        t_env.execute_sql(TOP_COUNTS_FUNCTION)
+        for view in popular_views(cfg):
+            t_env.execute_sql(view)
         rows = t_env.to_data_stream(t_env.sql_query(popular_query(cfg)))
         publisher = _publisher_class()(
             redis_url=cfg["redis_url"],
             key=f"{cfg.get('store_prefix', 'recloop:')}popular",
             slide_s=int(cfg["slide_s"]),
             top=int(cfg["top"]),
+            flush_ms=int(cfg.get("popular_flush_ms", 200)),
         )
         # One key: the published list is global, and each window's rows must meet in one
         # task.  The publisher emits nothing; the print sink only makes the branch a job.

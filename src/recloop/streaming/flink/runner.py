@@ -47,6 +47,10 @@ MySQL dialect for the JDBC connector (``java/flink-jdbc-mysql``, built by
 ``scripts/flink_env.sh --mysql``) and MariaDB Connector/J (Debian's ``libmariadb-java``),
 both under ``<flink env>/recloop-jars``."""
 
+UDF_JAR = "recloop-flink-udf.jar"
+"""recloop's Flink functions (``java/flink-udf``, built by ``scripts/flink_env.sh`` under
+``<flink env>/recloop-jars``): the popular items' sliding Top-N."""
+
 STOP_MODES = ("drain", "savepoint", "cancel")
 
 
@@ -240,14 +244,15 @@ def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = F
         if mysql:
             jars = [j for j in jars if "postgres" not in j.name]
             jars += [env / "recloop-jars" / name for name in MYSQL_JARS]
+        jars.append(env / "recloop-jars" / UDF_JAR)
     missing = [str(j) for j in jars if not j.is_file()]
     if missing:
         raise ConfigError(
             "Flink connector jars not found: "
             + ", ".join(missing)
-            + " (set RECLOOP_FLINK_JARS or --jar; see docs/flink.md"
-            + (", scripts/flink_env.sh --mysql" if mysql else "")
-            + ")"
+            + " (build them with scripts/flink_env.sh"
+            + (" --mysql" if mysql else "")
+            + ", or set RECLOOP_FLINK_JARS or --jar; see docs/flink.md)"
         )
     return jars
 
