@@ -22,10 +22,10 @@ from recloop.stores.base import (
 )
 
 
-def _encode_recent(item: str, reward: float) -> bytes:
+def _recent_value(item: str, reward: float) -> str:
     # "reward item": a float's repr has no space, so the first space splits it off, and the
-    # item id may hold anything (spaces included) without JSON's cost per entry.
-    return f"{float(reward)!r} {item}".encode()
+    # item id may hold anything (spaces included) without JSON's cost per entry on reads.
+    return f"{float(reward)!r} {item}"
 
 
 def _decode_recent(raw: bytes) -> Scored:
@@ -45,13 +45,15 @@ def _decode_all(raw: Sequence[bytes | None], key: str) -> list[Scored]:
 # item".  Equal scores order by member bytes, i.e. by event id in code-point order, as
 # merge_recent sorts; the first version of an event id wins (HSETNX), as in the log.  The
 # push returns the ids it added (the Flink job refreshes recommendations only for those).
+# A user's events come as one JSON array of [ts, event id, "reward item"] (ARGV[2]): one
+# argument per user instead of three per event, which the client would encode one by one.
 RECENT_PUSH_SCRIPT = """
 local n = tonumber(ARGV[1])
 local added = {}
-for i = 2, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
-    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-    added[#added + 1] = ARGV[i + 1]
+for _, e in ipairs(cjson.decode(ARGV[2])) do
+  if redis.call('HSETNX', KEYS[2], e[2], e[3]) == 1 then
+    redis.call('ZADD', KEYS[1], e[1], e[2])
+    added[#added + 1] = e[2]
   end
 end
 local extra = redis.call('ZCARD', KEYS[1]) - n
@@ -167,10 +169,8 @@ class RedisStore:
         for user, items in events.items():
             if not items:
                 continue
-            args: list[Any] = [max_len]
-            for r in items:
-                args += [int(r.ts), str(r.event_id), _encode_recent(r.item, r.reward)]
-            calls.append((self._recent_keys(user), args))
+            entries = [[int(r.ts), str(r.event_id), _recent_value(r.item, r.reward)] for r in items]
+            calls.append((self._recent_keys(user), [max_len, orjson.dumps(entries)]))
         if calls:
             await self._scripts("push_recent", RECENT_PUSH_SCRIPT, calls)
 

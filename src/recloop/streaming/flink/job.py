@@ -426,10 +426,10 @@ def _publisher_class() -> Any:
 RECENT_PUSH_SCRIPT = """
 local n = tonumber(ARGV[1])
 local added = {}
-for i = 2, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 2]) == 1 then
-    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-    added[#added + 1] = ARGV[i + 1]
+for _, e in ipairs(cjson.decode(ARGV[2])) do
+  if redis.call('HSETNX', KEYS[2], e[2], e[3]) == 1 then
+    redis.call('ZADD', KEYS[1], e[1], e[2])
+    added[#added + 1] = e[2]
   end
 end
 local extra = redis.call('ZCARD', KEYS[1]) - n
@@ -491,11 +491,11 @@ def push_lists(
     kept_of: dict[str, list[list[Any]]] = {}
     for user, blob in lists.items():
         kept = kept_of[user] = kept_events(blob, max_len)
-        args: list[Any] = [max_len]
-        for ts, event_id, item, reward in kept:
-            args += [ts, event_id, f"{float(reward)!r} {item}"]
+        entries = [
+            [ts, event_id, f"{float(reward)!r} {item}"] for ts, event_id, item, reward in kept
+        ]
         keys = [f"{prefix}recent_ts:{{{user}}}", f"{prefix}recent_ev:{{{user}}}"]
-        pipe.evalsha(sha, 2, *keys, *args)
+        pipe.evalsha(sha, 2, *keys, max_len, json.dumps(entries, ensure_ascii=False))
     new = []
     for (user, kept), ids in zip(kept_of.items(), pipe.execute(), strict=True):
         added = {i.decode() if isinstance(i, bytes) else i for i in ids}
