@@ -360,6 +360,10 @@ class MariaDBRun:
     logged: pl.DataFrame
     rec_log: pl.DataFrame | None
     """The recommendation log (None: the Flink environment cannot score)."""
+    artifact: Path | None
+    popular: list[tuple[str, float]]
+    recent: dict[str, list[tuple[str, float]]]
+    recs: dict[str, tuple[list[tuple[str, float]], str] | None]
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +375,8 @@ def mariadb_run(
 ) -> Iterator[MariaDBRun]:
     """One run of the job on a small topic with a MariaDB log (recloop's MySQL dialect and
     MariaDB Connector/J, ``scripts/flink_env.sh --mysql``), refreshing recommendations when
-    the environment can score (the refresh writes the log through SQLAlchemy/PyMySQL)."""
+    the environment can score (the refresh writes the log through SQLAlchemy/PyMySQL) — at
+    parallelism 2 on a topic of two partitions, where the scenario above runs at 1."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     jars = Path(flink_python).absolute().parent.parent / "recloop-jars"
@@ -383,7 +388,7 @@ def mariadb_run(
     tag = f"rlm{uuid.uuid4().hex[:8]}"
     topic = f"{tag}-events"
     admin = AdminClient({"bootstrap.servers": flink_kafka_broker})
-    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result()
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result()
     events = make_events(400, seed=1)
     # A record sent twice: the upsert keeps one row.
     publish(flink_kafka_broker, topic, [*keyed(events), *keyed(events[:5])])
@@ -405,16 +410,26 @@ def mariadb_run(
                 recent_len=RECENT if artifact is not None else None,
                 artifact=artifact,
                 rec_n=REC_N,
+                window_s=WINDOW_S,
+                slide_s=SLIDE_S,
+                top=TOP,
+                allowed_lateness_s=LATENESS_S,
                 dead_letters=False,
+                parallelism=2,
                 checkpoint_dir=tmp_path_factory.mktemp("flink-mysql"),
                 exit_when_idle_s=4.0,
                 python=flink_python,
             )
         )
+        users = sorted(set(events["user_id"].to_list()))
         yield MariaDBRun(
             events=events,
             logged=log.read_events(),
             rec_log=log.read_recommendations() if artifact is not None else None,
+            artifact=artifact,
+            popular=asyncio.run(in_store(tag, lambda store: store.get_popular(TOP))),
+            recent=asyncio.run(in_store(tag, lambda store: store.get_recent(users, n=RECENT + 3))),
+            recs=asyncio.run(in_store(tag, lambda store: stored_recs(store, users))),
         )
     finally:
         asyncio.run(in_store(tag, lambda store: store.delete_all()))
@@ -435,3 +450,21 @@ def test_the_refresh_logs_lists_to_mariadb(mariadb_run: MariaDBRun) -> None:
     assert set(log["user_id"].to_list()) == set(mariadb_run.events["user_id"].to_list())
     assert log.filter(pl.col("user_id").is_first_distinct())["realised_reward"].is_null().all()
     assert all(len(json.loads(x)) == REC_N for x in log["items"].to_list())
+
+
+def test_at_parallelism_2_the_lists_equal_the_redis_runners(
+    mariadb_run: MariaDBRun, tmp_path: Path
+) -> None:
+    # Two source tasks, a keyed recent-items step and a refresh (a scorer per Python worker)
+    # in two tasks each; the popular items' Top-N in one.  A record sent twice changes none.
+    if mariadb_run.artifact is None:
+        no_scorer()
+    want = redis_runner(mariadb_run.events, tmp_path, mariadb_run.artifact)
+    assert len(want.popular) == TOP and mariadb_run.popular == want.popular
+    assert mariadb_run.recent == want.recent
+    assert set(mariadb_run.recs) == set(want.recs)
+    for user, got in mariadb_run.recs.items():
+        expected = want.recs[user]
+        assert got is not None and expected is not None, user
+        assert [i for i, _ in got[0]] == [i for i, _ in expected[0]], user
+        assert got[1] == expected[1]
