@@ -37,7 +37,7 @@ popular items
     All of that runs in the JVM; the Python publisher writes the newest list to
     ``<prefix>popular`` (the Redis store's format) with one ``SET`` per ``flush_ms``.
 recent items (and the refresh)
-    Each user's last ``recent_len`` events by a SQL Top-N and a per-user ``LISTAGG`` (JVM
+    Each user's last ``recent_len`` events in a per-user aggregate (recloop's Java function; JVM
     state with a TTL; mini-batches emit one row per changed user per batch); the Python step
     pushes the lists to the store in batches and, with ``refresh``, refreshes the
     recommendations of the users whose lists gained events.
@@ -336,8 +336,9 @@ GROUP BY window_start, window_end, window_time"""
 
 
 def popular_list(items: str, top: int) -> str:
-    """The store's popular list (JSON ``[[item, count], ...]``, count desc, item id asc) from
-    :func:`popular_query`'s ``items`` (LISTAGG keeps no order)."""
+    """The store's popular list (JSON ``[[item, count], ...]``, count desc, item id asc, the
+    first ``top``) from :func:`popular_query`'s ``items`` (ranked so already by the Java
+    function; checked here again, as the store's format depends on it)."""
     ranked = sorted(((str(i), int(n)) for i, n in json.loads(items)), key=lambda x: (-x[1], x[0]))
     return json.dumps([[i, float(n)] for i, n in ranked[:top]], separators=(",", ":"))
 
@@ -446,30 +447,36 @@ return added
 Redis store's idempotent, capped push of a user's recent events."""
 
 
+RECENT_EVENTS_FUNCTION = """
+CREATE TEMPORARY SYSTEM FUNCTION IF NOT EXISTS recloop_recent_events
+AS 'recloop.flink.udf.RecentEvents' LANGUAGE JAVA"""
+"""recloop's per-user recent events (``java/flink-udf``, in ``recloop-flink-udf.jar``)."""
+
+
 def recent_query(cfg: dict[str, Any]) -> str:
     """Each user's last ``recent_len`` events (by ts, then event id, as the stores order
     them) as one JSON array of ``[ts, event_id, item_id, reward]``, updated as they change.
 
-    The Top-N and the per-user aggregate keep their state in Flink's JVM operators (expiring
-    ``recent_ttl_s`` after a user's last change: ``table.exec.state.ttl``); with mini-batches
-    on, the aggregate emits one row per changed user per mini-batch, so the Python step sees
-    a user's list once per batch instead of once per event.  The default reward of an
-    interaction is one (as the Redis runner)."""
+    ``recloop_recent_events`` (:data:`RECENT_EVENTS_FUNCTION`) keeps the list in the
+    aggregate's JVM state, one insertion per event (a SQL Top-N per user and a ``LISTAGG``
+    of it would retract a row and rebuild the list for every event past the last
+    ``recent_len``); the state expires ``recent_ttl_s`` after a user's last change
+    (``table.exec.state.ttl``).  With mini-batches on, the aggregate emits one row per
+    changed user per mini-batch, so the Python step sees a user's list once per batch
+    instead of once per event.  The default reward of an interaction is one (as the Redis
+    runner)."""
     return f"""
 SELECT user_id,
-  CONCAT('[', LISTAGG(JSON_ARRAY(ts, event_id, item_id, reward), ','), ']') AS events
-FROM (
-  SELECT user_id, item_id, COALESCE(reward, 1.0) AS reward, ts, event_id,
-    ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY ts DESC, event_id DESC) AS rn
-  FROM valid_events
-) WHERE rn <= {int(cfg["recent_len"])}
+  recloop_recent_events(ts, event_id, item_id, COALESCE(reward, 1.0),
+    {int(cfg["recent_len"])}) AS events
+FROM valid_events
 GROUP BY user_id"""
 
 
 def kept_events(blob: str, max_len: int) -> list[list[Any]]:
-    """A user's events from :func:`recent_query`'s JSON: one entry per event id (the first;
-    a record the producer sent twice may sit twice in the Top-N), ordered by (ts, event id),
-    the last ``max_len``."""
+    """A user's events from :func:`recent_query`'s JSON: one entry per event id (the first),
+    ordered by (ts, event id), the last ``max_len`` (the list is kept so already; checked
+    here again because the store's push relies on it)."""
     seen: set[str] = set()
     kept = []
     for ts, event_id, item, reward in json.loads(blob):
@@ -639,7 +646,7 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
         # The idle check reads record counts from the REST API: refresh them often.
         conf["metrics.fetcher.update-interval"] = "500 ms"
     if cfg.get("recent_len") and cfg.get("redis_url"):
-        # The recent lists' Top-N and aggregate are the job's only unbounded SQL state: it
+        # The recent lists' aggregate is the job's only unbounded SQL state: it
         # expires this long after a user's last change.  Mini-batches make the aggregate emit
         # one list per changed user per batch (the windows and the log are not affected).
         conf["table.exec.state.ttl"] = f"{int(cfg.get('recent_ttl_s', 30 * 86400))} s"
@@ -744,6 +751,7 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
             publisher, output_type=Types.STRING()
         ).name("publish popular items").print()
     if cfg.get("redis_url") and cfg.get("recent_len"):
+        t_env.execute_sql(RECENT_EVENTS_FUNCTION)
         lists = t_env.to_changelog_stream(t_env.sql_query(recent_query(cfg)))
         refresh = cfg.get("refresh")
         if refresh:

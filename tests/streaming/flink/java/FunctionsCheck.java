@@ -1,0 +1,55 @@
+// Drives recloop's Flink functions by hand (java's single-file launch, from
+// test_flink_functions.py); ids and items are given as their UTF-16 units, uXXXX each.
+//   FunctionsCheck top-counts: lines "+ item count", "- item count", "top N" (prints the JSON)
+//   FunctionsCheck recent:     lines "+ ts id item reward cap", "list" (prints the JSON)
+import java.io.BufferedReader;
+import java.io.InputStreamReader;
+import java.io.PrintStream;
+import java.nio.charset.StandardCharsets;
+import recloop.flink.udf.RecentEvents;
+import recloop.flink.udf.TopCounts;
+
+public class FunctionsCheck {
+    public static void main(String[] args) throws Exception {
+        BufferedReader in =
+                new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        PrintStream out = new PrintStream(System.out, true, "UTF-8");
+        if (args[0].equals("top-counts")) {
+            TopCounts f = new TopCounts();
+            TopCounts.Acc acc = f.createAccumulator();
+            int top = 0;
+            for (String line; (line = in.readLine()) != null; ) {
+                String[] p = line.split(" ");
+                if (p[0].equals("top")) {
+                    top = Integer.parseInt(p[1]);
+                    acc.top = top;
+                    out.println(f.getValue(acc));
+                } else if (p[0].equals("+")) {
+                    f.accumulate(acc, unescape(p[1]), Long.parseLong(p[2]), top);
+                } else {
+                    f.retract(acc, unescape(p[1]), Long.parseLong(p[2]), top);
+                }
+            }
+        } else {
+            RecentEvents f = new RecentEvents();
+            RecentEvents.Acc acc = f.createAccumulator();
+            for (String line; (line = in.readLine()) != null; ) {
+                String[] p = line.split(" ");
+                if (p[0].equals("list")) {
+                    out.println(f.getValue(acc));
+                } else {
+                    f.accumulate(acc, Long.parseLong(p[1]), unescape(p[2]), unescape(p[3]),
+                            Double.parseDouble(p[4]), Integer.parseInt(p[5]));
+                }
+            }
+        }
+    }
+
+    static String unescape(String s) {
+        StringBuilder out = new StringBuilder();
+        for (int i = 0; i < s.length(); i += 5) {
+            out.append((char) Integer.parseInt(s.substring(i + 1, i + 5), 16));
+        }
+        return out.toString();
+    }
+}

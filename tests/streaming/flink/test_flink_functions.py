@@ -1,0 +1,148 @@
+"""recloop's Java functions for the Flink job (``java/flink-udf``) by hand, against the
+Python the publisher, the store and the Redis runner use: the sliding-window Top-N
+(``TopCounts``: counts added and taken back, ties broken by item id in code point order)
+and the per-user recent events (``RecentEvents``: ordered by (ts, event id), capped, the
+first version of an event id kept), ids of any characters in valid JSON.  Runs them with
+``java``'s single-file launch (about a second each, no Flink job)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recloop.streaming.flink import job
+from recloop.streaming.flink.runner import UDF_JAR
+
+pytestmark = [pytest.mark.flink]
+
+HERE = Path(__file__).parent
+
+
+# Quotes, backslashes, control characters, non-ASCII and characters past U+FFFF (where UTF-16
+# order and code point order differ): ids the event schema allows.
+ODD_IDS = ['a"b', "a\\b", "tab\there", "é", "\ufb01", "\U0001f600", "x", "x\n", "\ue000", "y"]
+
+
+def units(item: str) -> str:
+    raw = item.encode("utf-16-be")
+    return "".join(f"u{raw[i]:02x}{raw[i + 1]:02x}" for i in range(0, len(raw), 2))
+
+
+def run_check(flink_python: str, function: str, lines: list[str]) -> list[str]:
+    env = Path(flink_python).absolute().parent.parent
+    jar = env / "recloop-jars" / UDF_JAR
+    lib = subprocess.run(
+        [flink_python, "-c", "import os, pyflink; print(os.path.dirname(pyflink.__file__))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    classpath = ":".join([str(jar), *map(str, sorted(Path(lib, "lib").glob("flink-table*.jar")))])
+    done = subprocess.run(
+        ["java", "-cp", classpath, str(HERE / "java" / "FunctionsCheck.java"), function],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def python_top(counts: dict[str, int], top: int) -> list[list[object]]:
+    """The publisher's ranking (:func:`job.popular_list`) of the same counts."""
+    listed = json.dumps([[i, n] for i, n in counts.items() if n > 0])
+    return [[i, int(n)] for i, n in json.loads(job.popular_list(listed, top))]
+
+
+def test_counts_added_and_taken_back_and_ties(flink_python: str) -> None:
+    lines = [
+        "+ " + units("b") + " 2",
+        "+ " + units("a") + " 2",
+        "+ " + units("c") + " 5",
+        "top 2",  # c first; a before b on the tie
+        "- " + units("c") + " 5",  # gone, not a zero count
+        "+ " + units("b") + " 1",
+        "top 5",
+        "- " + units("zz") + " 1",  # never counted: no effect
+        "top 0",
+    ]
+    out = [json.loads(x) for x in run_check(flink_python, "top-counts", lines)]
+    assert out == [[["c", 5], ["a", 2]], [["b", 3], ["a", 2]], []]
+
+
+def test_ranks_as_python_on_random_streams_of_odd_ids(flink_python: str) -> None:
+    ids = ODD_IDS
+    rng = np.random.default_rng(0)
+    counts: dict[str, int] = {}
+    lines: list[str] = []
+    want: list[list[list[object]]] = []
+    for step in range(300):
+        item = ids[int(rng.integers(len(ids)))]
+        if counts.get(item, 0) > 0 and rng.random() < 0.4:
+            n = int(rng.integers(1, counts[item] + 1))
+            counts[item] -= n
+            lines.append(f"- {units(item)} {n}")
+        else:
+            n = int(rng.integers(1, 3))
+            counts[item] = counts.get(item, 0) + n
+            lines.append(f"+ {units(item)} {n}")
+        if step % 10 == 9:
+            top = int(rng.integers(1, 6))
+            lines.append(f"top {top}")
+            want.append(python_top(counts, top))
+    got = [json.loads(x) for x in run_check(flink_python, "top-counts", lines)]
+    assert got == want
+
+
+def test_recent_events_keep_the_last_ones_by_time_then_id(flink_python: str) -> None:
+    def add(ts: int, event_id: str, item: str, reward: float, cap: int) -> str:
+        return f"+ {ts} {units(event_id)} {units(item)} {reward!r} {cap}"
+
+    lines = [
+        add(5, "b", "i1", 1.0, 3),
+        add(3, "x", "i2", 0.5, 3),  # out of order: goes first
+        add(5, "a", "i3", 2.0, 3),  # same time: ordered by id
+        "list",
+        add(5, "b", "i9", 9.0, 3),  # an id kept already: the first version stays
+        add(1, "z", "i4", 1.0, 3),  # older than every kept event of a full list
+        add(7, "c", "i5", 0.0, 3),  # the oldest drops out
+        "list",
+    ]
+    out = [json.loads(x) for x in run_check(flink_python, "recent", lines)]
+    assert out == [
+        [[3, "x", "i2", 0.5], [5, "a", "i3", 2.0], [5, "b", "i1", 1.0]],
+        [[5, "a", "i3", 2.0], [5, "b", "i1", 1.0], [7, "c", "i5", 0.0]],
+    ]
+
+
+def test_recent_events_equal_the_stores_list_on_random_streams(flink_python: str) -> None:
+    # Times with many ties and odd ids, records sent twice: the list the Redis store keeps
+    # (distinct event ids, ordered by (ts, id) in code point order, the last `cap`), which
+    # the job's own check (job.kept_events) computes too.
+    rng = np.random.default_rng(1)
+    cap = 7
+    sent: list[list[object]] = []
+    lines: list[str] = []
+    want: list[list[list[object]]] = []
+    for step in range(400):
+        if sent and rng.random() < 0.15:
+            ts, event_id, item, reward = sent[int(rng.integers(len(sent)))]  # sent twice
+        else:
+            ts = int(rng.integers(0, 40))
+            event_id = ODD_IDS[int(rng.integers(len(ODD_IDS)))] + str(step)
+            item = ODD_IDS[int(rng.integers(len(ODD_IDS)))]
+            reward = float(rng.integers(0, 3)) / 2
+            sent.append([ts, event_id, item, reward])
+        lines.append(f"+ {ts} {units(str(event_id))} {units(str(item))} {reward!r} {cap}")
+        if step % 20 == 19:
+            lines.append("list")
+            want.append(job.kept_events(json.dumps(sent), cap))
+    got = [json.loads(x) for x in run_check(flink_python, "recent", lines)]
+    assert got == want
