@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Build recloop's Flink functions (TopCounts: the popular items' sliding Top-N; RecentEvents:
-# a user's last events) against the
-# Flink environment's jars.  Needs javac and jar (JDK 17).
+# a user's last events) against the Flink environment's jars.  Needs javac and jar (JDK 17).
 # Usage: java/flink-udf/build.sh FLINK_ENV OUT_JAR
 set -euo pipefail
 env=$1
