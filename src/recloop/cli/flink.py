@@ -56,7 +56,8 @@ def flink(
         None, envvar="RECLOOP_FLINK_PYTHON", help="Interpreter that has apache-flink."
     ),
     jar: list[Path] = typer.Option(
-        [], help="Connector jar (repeat); default: RECLOOP_FLINK_JARS or the Flink env's."
+        [],
+        help="Connector jar (repeat; with recloop-flink-udf.jar among them); default: RECLOOP_FLINK_JARS or the Flink env's.",
     ),
     artifact: Path | None = typer.Option(
         None,

@@ -91,7 +91,12 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         UDF_JAR,
     ]
     monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
-    assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar"]
+    with pytest.raises(ConfigError, match=r"lack recloop-flink-udf\.jar.*java/flink-udf/build"):
+        connector_jars((), str(python))
+    monkeypatch.setenv(
+        "RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar"), str(own / UDF_JAR)])
+    )
+    assert [j.name for j in connector_jars((), str(python))] == ["kafka-clients.jar", UDF_JAR]
 
 
 def test_restore_point_is_the_newest_complete_checkpoint_or_savepoint(tmp_path: Path) -> None:

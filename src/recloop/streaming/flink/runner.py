@@ -49,7 +49,8 @@ both under ``<flink env>/recloop-jars``."""
 
 UDF_JAR = "recloop-flink-udf.jar"
 """recloop's Flink functions (``java/flink-udf``, built by ``scripts/flink_env.sh`` under
-``<flink env>/recloop-jars``): the popular items' sliding Top-N."""
+``<flink env>/recloop-jars``): the popular items' sliding Top-N and the recent events.  A
+jar list given by hand must hold it under this name."""
 
 STOP_MODES = ("drain", "savepoint", "cancel")
 
@@ -245,6 +246,12 @@ def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = F
             jars = [j for j in jars if "postgres" not in j.name]
             jars += [env / "recloop-jars" / name for name in MYSQL_JARS]
         jars.append(env / "recloop-jars" / UDF_JAR)
+    if not any(j.name == UDF_JAR for j in jars):
+        raise ConfigError(
+            f"the Flink jars ({', '.join(str(j) for j in jars)}) lack {UDF_JAR}, recloop's "
+            "own functions the job calls: build it with java/flink-udf/build.sh FLINK_ENV "
+            f"OUT/{UDF_JAR} (scripts/flink_env.sh does) and add it; see docs/flink.md"
+        )
     missing = [str(j) for j in jars if not j.is_file()]
     if missing:
         raise ConfigError(
