@@ -57,7 +57,10 @@ def flink(
     ),
     jar: list[Path] = typer.Option(
         [],
-        help="Connector jar (repeat; with recloop-flink-udf.jar among them); default: RECLOOP_FLINK_JARS or the Flink env's.",
+        help=(
+            "Connector jar (repeat; recloop-flink-udf.jar among them); default: "
+            "RECLOOP_FLINK_JARS or the Flink env's."
+        ),
     ),
     artifact: Path | None = typer.Option(
         None,
