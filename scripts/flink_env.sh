@@ -39,7 +39,7 @@ for jar in flink-connector-kafka kafka-clients flink-connector-jdbc-core \
 done
 # recloop's Flink functions (the popular items' sliding Top-N, java/flink-udf): needs javac.
 mkdir -p "$dir/recloop-jars"
-java/flink-udf/build.sh "$dir" "$dir/recloop-jars/recloop-flink-udf.jar"
+java/build.sh flink-udf "$dir" "$dir/recloop-jars/recloop-flink-udf.jar"
 if [[ $scorer == 1 ]]; then
   # apache-flink in the same command: the resolver keeps its pins (torch alone would pull
   # a setuptools newer than apache-flink allows).
@@ -57,7 +57,7 @@ if [[ $mysql == 1 ]]; then
   fi
   mkdir -p "$dir/recloop-jars"
   cp "$driver" "$dir/recloop-jars/mariadb-java-client.jar"
-  java/flink-jdbc-mysql/build.sh "$dir" "$dir/recloop-jars/recloop-flink-jdbc-mysql.jar"
+  java/build.sh flink-jdbc-mysql "$dir" "$dir/recloop-jars/recloop-flink-jdbc-mysql.jar"
 fi
 "$dir/bin/python" -c 'import pyflink, redis; print("flink env ready:", pyflink.__file__)'
 echo "export RECLOOP_FLINK_PYTHON=$(cd "$dir" && pwd)/bin/python"

@@ -91,7 +91,7 @@ def test_missing_jars_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         UDF_JAR,
     ]
     monkeypatch.setenv("RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar")]))
-    with pytest.raises(ConfigError, match=r"lack recloop-flink-udf\.jar.*java/flink-udf/build"):
+    with pytest.raises(ConfigError, match=r"lack recloop-flink-udf\.jar.*java/build.sh flink-udf"):
         connector_jars((), str(python))
     monkeypatch.setenv(
         "RECLOOP_FLINK_JARS", os.pathsep.join([str(lib / "kafka-clients.jar"), str(own / UDF_JAR)])

@@ -349,6 +349,18 @@ def window_end_ms(last_ts: int, slide_s: int) -> int:
     return (int(last_ts) // slide_s + 1) * slide_s * 1000
 
 
+def flush_or_arm(step: Any, ctx: Any, *, due: bool, first: bool) -> None:
+    """A batching step's flush rule (the popular publisher's, the recent items'): flush now
+    when ``due``; else, for the first row of a batch, arm a processing-time timer
+    ``step.flush_ms`` ahead that flushes the tail of a burst if no later row does.  One
+    timer per batch, not per row: each timer is a round trip to the JVM."""
+    if due:
+        step.flush()
+    elif first:
+        service = ctx.timer_service()
+        service.register_processing_time_timer(service.current_processing_time() + step.flush_ms)
+
+
 def _publisher_class() -> Any:
     from pyflink.common import Types
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
@@ -390,13 +402,8 @@ def _publisher_class() -> Any:
                 return iter(())
             first = self.pending is None
             self.pending = (end_ms, value[0])
-            if (time.monotonic() - self.flushed_at) * 1000 >= self.flush_ms:
-                self.flush()
-            elif first:
-                service = ctx.timer_service()
-                service.register_processing_time_timer(
-                    service.current_processing_time() + self.flush_ms
-                )
+            due = (time.monotonic() - self.flushed_at) * 1000 >= self.flush_ms
+            flush_or_arm(self, ctx, due=due, first=first)
             return iter(())
 
         def on_timer(self, timestamp: int, ctx: Any) -> Any:
@@ -567,19 +574,11 @@ def _recent_class() -> Any:
                 return iter(())  # the list a newer row replaces
             first = not self.pending
             self.pending[value[0]] = value[1]
-            now = time.monotonic()
-            if (
+            due = (
                 len(self.pending) >= self.batch_users
-                or (now - self.flushed_at) * 1000 >= self.flush_ms
-            ):
-                self.flush()
-            elif first:
-                # The tail of a burst: flushed by this timer if no later row does it.  One
-                # timer per batch, not per row (each timer is a round trip to the JVM).
-                service = ctx.timer_service()
-                service.register_processing_time_timer(
-                    service.current_processing_time() + self.flush_ms
-                )
+                or (time.monotonic() - self.flushed_at) * 1000 >= self.flush_ms
+            )
+            flush_or_arm(self, ctx, due=due, first=first)
             return iter(())
 
         def on_timer(self, timestamp: int, ctx: Any) -> Any:

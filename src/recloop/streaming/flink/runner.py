@@ -249,7 +249,7 @@ def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = F
     if not any(j.name == UDF_JAR for j in jars):
         raise ConfigError(
             f"the Flink jars ({', '.join(str(j) for j in jars)}) lack {UDF_JAR}, recloop's "
-            "own functions the job calls: build it with java/flink-udf/build.sh FLINK_ENV "
+            "own functions the job calls: build it with java/build.sh flink-udf FLINK_ENV "
             f"OUT/{UDF_JAR} (scripts/flink_env.sh does) and add it; see docs/flink.md"
         )
     missing = [str(j) for j in jars if not j.is_file()]
