@@ -72,9 +72,19 @@ def test_counts_added_and_taken_back_and_ties(flink_python: str) -> None:
         "top 5",
         "- " + units("zz") + " 1",  # never counted: no effect
         "top 0",
+        f"+ {units('d')} 1 {units('a')} 1",  # a slide of two items
+        "top 5",
+        f"- {units('a')} 3 {units('b')} 3",  # a slide of two items leaves the window
+        "top 5",
     ]
     out = [json.loads(x) for x in run_check(flink_python, "top-counts", lines)]
-    assert out == [[["c", 5], ["a", 2]], [["b", 3], ["a", 2]], []]
+    assert out == [
+        [["c", 5], ["a", 2]],
+        [["b", 3], ["a", 2]],
+        [],
+        [["a", 3], ["b", 3], ["d", 1]],
+        [["d", 1]],
+    ]
 
 
 def test_ranks_as_python_on_random_streams_of_odd_ids(flink_python: str) -> None:

@@ -287,49 +287,40 @@ AS 'recloop.flink.udf.TopCounts' LANGUAGE JAVA"""
 
 
 def popular_views(cfg: dict[str, Any]) -> list[str]:
-    """The views :func:`popular_query` reads — the Redis runner's scheme (per-slide buckets,
-    a window the sum of its slides) in the JVM:
-
-    ``popular_slides``
-        Item counts per slide (a ``TUMBLE`` of one slide, aligned to the epoch exactly as the
-        Redis runner's buckets) with the slide's newest event time: at most one row per
-        event.
-    ``popular_windows``
-        For each slide that holds an event, the Top-N of the window it ends:
-        ``recloop_top_counts`` (:data:`TOP_COUNTS_FUNCTION`) over the slides of the last
-        ``window_s`` (an ``OVER`` range of ``window_s - slide_s`` before the slide's
-        ``window_time``), which adds each slide's counts as it arrives and takes them back
-        as the slide leaves the window — O(rows) in all, where ranking every window (a
-        ``HOP`` and a window Top-N) costs O(windows × items in a window), each event being
-        in ``window_s / slide_s`` windows.  Windows whose last slide holds no event (a quiet
-        spell, the end of a drain) are never computed: the Redis runner publishes only the
-        window ending with the newest event's slide too."""
-    slide = interval(cfg["slide_s"])
-    reach = interval(int(cfg["window_s"]) - int(cfg["slide_s"]))
+    """The view :func:`popular_query` reads (an ``OVER`` takes a time attribute of a table):
+    ``popular_slides``, one row per slide that holds an event — a ``TUMBLE`` of one slide,
+    aligned to the epoch exactly as the Redis runner's buckets — with the slide's item
+    counts (``COLLECT(item_id)``, a multiset: item → count) and its newest event time."""
     return [
         f"""
 CREATE TEMPORARY VIEW popular_slides AS
-SELECT window_time AS slide_time, item_id, COUNT(*) AS cnt, MAX(ts) AS last_ts
-FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {slide}))
-GROUP BY window_start, window_end, window_time, item_id""",
-        f"""
-CREATE TEMPORARY VIEW popular_windows AS
-SELECT slide_time, last_ts,
-  recloop_top_counts(item_id, cnt, {int(cfg["top"])}) OVER (
-    ORDER BY slide_time RANGE BETWEEN {reach} PRECEDING AND CURRENT ROW) AS items
-FROM popular_slides""",
+SELECT window_time AS slide_time, COLLECT(item_id) AS counts, MAX(ts) AS last_ts
+FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {interval(cfg["slide_s"])}))
+GROUP BY window_start, window_end, window_time"""
     ]
 
 
 def popular_query(cfg: dict[str, Any]) -> str:
-    """One row per sliding window whose last slide holds an event (:func:`popular_views`):
-    its Top-N as the store's JSON ``[[item_id, count], ...]`` and its newest event time
-    (seconds).  The ``OVER`` gives every item row of a slide the same value; a ``TUMBLE`` of
-    one slide keeps one row per slide, so Python gets one row per published window."""
+    """One row per sliding window whose last slide holds an event: its Top-N as the store's
+    JSON ``[[item_id, count], ...]`` and its newest event time (seconds) — the Redis runner's
+    scheme (per-slide buckets, a window the sum of its slides) in the JVM.
+
+    ``recloop_top_counts`` (:data:`TOP_COUNTS_FUNCTION`) runs ``OVER`` the slides of the
+    last ``window_s`` (a range of ``window_s - slide_s`` before the slide's ``window_time``,
+    its end - 1 ms: exactly the window's ``window_s / slide_s`` slides): each slide's counts
+    are added as it arrives and taken back as it leaves, and each slide's Top-N is one pass
+    over the window's distinct items in one operator, where a ``HOP`` and a window Top-N
+    send a row per (window, item) through the network and rank every window that holds an
+    event (each event is in ``window_s / slide_s`` of them).  Windows whose last slide holds
+    no event (a quiet spell, the end of a drain) are never computed: the Redis runner
+    publishes only the window ending with the newest event's slide too."""
+    reach = interval(int(cfg["window_s"]) - int(cfg["slide_s"]))
     return f"""
-SELECT MAX(items) AS items, MAX(last_ts) AS last_ts
-FROM TABLE(TUMBLE(TABLE popular_windows, DESCRIPTOR(slide_time), {interval(cfg["slide_s"])}))
-GROUP BY window_start, window_end, window_time"""
+SELECT
+  recloop_top_counts(counts, {int(cfg["top"])}) OVER (
+    ORDER BY slide_time RANGE BETWEEN {reach} PRECEDING AND CURRENT ROW) AS items,
+  last_ts
+FROM popular_slides"""
 
 
 # ----------------------------------------------------------------------------- publisher
@@ -374,7 +365,9 @@ def _publisher_class() -> Any:
         Rows arrive in window order; in a burst (a backlog, a replay) only the newest
         window of each ``flush_ms`` is written — the store holds one list, and every
         older one would be overwritten within that time anyway.  A processing-time timer
-        writes the tail of a burst; closing (a drain) writes what is pending."""
+        writes the tail of a burst; closing (a drain) writes what is pending.  The waiting
+        list is kept in keyed state as well, so a checkpoint taken while it waits (after
+        the window's row has left the SQL operators' state) does not lose it."""
 
         def __init__(
             self, *, redis_url: str, key: str, slide_s: int, top: int, flush_ms: int
@@ -392,6 +385,12 @@ def _publisher_class() -> Any:
             self.published = runtime_context.get_state(
                 ValueStateDescriptor("published_end", Types.LONG())
             )
+            # The list waiting for its SET, in state too: a checkpoint taken while it waits
+            # holds it (the window's row will not come again after a restore), and the
+            # restored timer writes it.
+            self.waiting = runtime_context.get_state(
+                ValueStateDescriptor("pending", Types.TUPLE([Types.LONG(), Types.STRING()]))
+            )
             self.pending: tuple[int, str] | None = None
             self.flushed_at = time.monotonic()
 
@@ -402,11 +401,15 @@ def _publisher_class() -> Any:
                 return iter(())
             first = self.pending is None
             self.pending = (end_ms, value[0])
+            self.waiting.update(self.pending)
             due = (time.monotonic() - self.flushed_at) * 1000 >= self.flush_ms
             flush_or_arm(self, ctx, due=due, first=first)
             return iter(())
 
         def on_timer(self, timestamp: int, ctx: Any) -> Any:
+            if self.pending is None:  # restored: the list waiting at the checkpoint
+                waiting = self.waiting.value()
+                self.pending = None if waiting is None else (int(waiting[0]), str(waiting[1]))
             self.flush()
             return iter(())
 
@@ -418,6 +421,7 @@ def _publisher_class() -> Any:
             self.client.set(self.key, popular_list(items, self.top))
             if keyed:  # keyed state only where a key is current (not in close)
                 self.published.update(end_ms)
+                self.waiting.clear()
             self.pending = None
 
         def close(self) -> None:
@@ -628,6 +632,10 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
         "parallelism.default": str(cfg.get("parallelism", 1)),
         "pipeline.name": cfg.get("job_name", "recloop-online"),
     }
+    # Windows over TIMESTAMP_LTZ are cut in the session time zone: UTC keeps them aligned
+    # to the epoch as the Redis runner's buckets, whatever the machine's zone (+05:30 would
+    # shift every 80 s slide).
+    conf["table.local-time-zone"] = "UTC"
     if int(cfg.get("parallelism", 1)) == 1:
         # One task per operator: a local pre-aggregation before each keyed aggregation only
         # adds an operator (there is no shuffle to save).

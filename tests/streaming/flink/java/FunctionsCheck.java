@@ -1,6 +1,7 @@
 // Drives recloop's Flink functions by hand (java's single-file launch, from
 // test_flink_functions.py); ids and items are given as their UTF-16 units, uXXXX each.
-//   FunctionsCheck top-counts: lines "+ item count", "- item count", "top N" (prints the JSON)
+//   FunctionsCheck top-counts: lines "+ item count ...", "- item count ..." (a slide's counts
+//                              added or taken back), "top N" (prints the JSON)
 //   FunctionsCheck recent:     lines "+ ts id item reward cap", "list" (prints the JSON)
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
@@ -24,10 +25,17 @@ public class FunctionsCheck {
                     top = Integer.parseInt(p[1]);
                     acc.top = top;
                     out.println(f.getValue(acc));
-                } else if (p[0].equals("+")) {
-                    f.accumulate(acc, unescape(p[1]), Long.parseLong(p[2]), top);
                 } else {
-                    f.retract(acc, unescape(p[1]), Long.parseLong(p[2]), top);
+                    // One slide's counts: "+|- item count [item count ...]".
+                    java.util.Map<String, Integer> counts = new java.util.HashMap<>();
+                    for (int i = 1; i + 1 < p.length; i += 2) {
+                        counts.put(unescape(p[i]), Integer.parseInt(p[i + 1]));
+                    }
+                    if (p[0].equals("+")) {
+                        f.accumulate(acc, counts, top);
+                    } else {
+                        f.retract(acc, counts, top);
+                    }
                 }
             }
         } else {
