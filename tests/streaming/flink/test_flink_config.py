@@ -133,9 +133,12 @@ def test_sql_intervals_and_windows() -> None:
     assert job.interval(3600 * 25 + 61) == "INTERVAL '1 01:01:01' DAY TO SECOND"
     with pytest.raises(ValueError, match="interval"):
         job.interval(-1)
-    (slides,) = job.popular_views({"slide_s": 80, "window_s": 3600, "top": 7})
-    # One row per slide that holds an event, aligned to the epoch (the Redis runner's buckets).
-    assert "TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), INTERVAL '0 00:01:20'" in slides
+    events, slides = job.popular_views({"slide_s": 80, "window_s": 3600, "top": 7})
+    # Each slide's events once per event id, aligned to the epoch (the Redis runner's
+    # buckets); then one row per slide that holds an event.
+    assert "TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), INTERVAL '0 00:01:20'" in events
+    assert "GROUP BY window_start, window_end, window_time, event_id" in events
+    assert "TUMBLE(TABLE slide_events, DESCRIPTOR(event_slide), INTERVAL '0 00:01:20'" in slides
     assert "COLLECT(item_id) AS counts" in slides
     # A slide's window is itself and the 44 slides before it (60 min / 80 s = 45).
     sql = job.popular_query({"slide_s": 80, "window_s": 3600, "top": 7})

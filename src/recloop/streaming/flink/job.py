@@ -287,16 +287,28 @@ AS 'recloop.flink.udf.TopCounts' LANGUAGE JAVA"""
 
 
 def popular_views(cfg: dict[str, Any]) -> list[str]:
-    """The view :func:`popular_query` reads (an ``OVER`` takes a time attribute of a table):
-    ``popular_slides``, one row per slide that holds an event — a ``TUMBLE`` of one slide,
-    aligned to the epoch exactly as the Redis runner's buckets — with the slide's item
-    counts (``COLLECT(item_id)``, a multiset: item → count) and its newest event time."""
+    """The views :func:`popular_query` reads (an ``OVER`` and a windowing TVF take a table):
+
+    ``slide_events``
+        The events of each slide (a ``TUMBLE`` of one slide, aligned to the epoch exactly
+        as the Redis runner's buckets), one row per event id: a record the producer sent
+        twice counts once, as in the Redis runner (which counts the events its log
+        inserted; a copy sent again carries the same time, so it falls in the same slide).
+    ``popular_slides``
+        One row per slide that holds an event, with its item counts (``COLLECT(item_id)``,
+        a multiset: item → count) and its newest event time."""
+    slide = interval(cfg["slide_s"])
     return [
+        f"""
+CREATE TEMPORARY VIEW slide_events AS
+SELECT window_time AS event_slide, event_id, MIN(item_id) AS item_id, MAX(ts) AS ts
+FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {slide}))
+GROUP BY window_start, window_end, window_time, event_id""",
         f"""
 CREATE TEMPORARY VIEW popular_slides AS
 SELECT window_time AS slide_time, COLLECT(item_id) AS counts, MAX(ts) AS last_ts
-FROM TABLE(TUMBLE(TABLE valid_events, DESCRIPTOR(ts_ltz), {interval(cfg["slide_s"])}))
-GROUP BY window_start, window_end, window_time"""
+FROM TABLE(TUMBLE(TABLE slide_events, DESCRIPTOR(event_slide), {slide}))
+GROUP BY window_start, window_end, window_time""",
     ]
 
 

@@ -264,6 +264,18 @@ def connector_jars(configured: tuple[Path, ...], python: str, *, mysql: bool = F
     return jars
 
 
+def java_causes(output: str, most: int = 6) -> str:
+    """The exception lines of a failed job's output (``…Exception: message`` and ``Caused
+    by:``, without their stack frames), the last ``most`` of them, so that the root cause
+    is shown even when the stack traces fill the tail of the output."""
+    lines = [
+        line.strip()
+        for line in output.splitlines()
+        if line.startswith("Caused by:") or ("Exception: " in line and not line[:1].isspace())
+    ]
+    return "".join(f"{line}\n" for line in lines[-most:]) + ("...\n" if lines else "")
+
+
 def latest_restore_point(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint (``<job>/chk-N``) or savepoint under ``checkpoint_dir``:
     a directory holding ``_metadata``, newest by that file's time."""
@@ -392,8 +404,10 @@ def run_flink(config: FlinkJobConfig) -> FlinkRunReport:
         logger.info("launching the Flink job: %s", " ".join(cmd))
         done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if done.returncode != 0 or not report_file.is_file():
-            tail = done.stdout.decode(errors="replace")[-4000:]
-            raise FlinkJobError(f"the Flink job failed (exit {done.returncode}):\n{tail}")
+            out = done.stdout.decode(errors="replace")
+            raise FlinkJobError(
+                f"the Flink job failed (exit {done.returncode}):\n{java_causes(out)}{out[-4000:]}"
+            )
         raw = json.loads(report_file.read_text())
     return FlinkRunReport(
         job_id=raw["job_id"],
