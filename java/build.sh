@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build one of recloop's Java modules for Flink against the Flink environment's jars (Flink's
-# own and the connectors'): java/flink-udf (the job's functions: the popular items' sliding
-# Top-N, a user's recent events) or java/flink-jdbc-mysql (the MySQL/MariaDB dialect of the
+# own and the connectors'): java/flink-udf (the job's functions: the event parse, the popular
+# items' sliding Top-N, a user's recent events) or java/flink-jdbc-mysql (the MySQL/MariaDB dialect of the
 # JDBC connector, see MySqlFactory.java for why).  Needs javac and jar (JDK 17).
 # Usage: java/build.sh MODULE FLINK_ENV OUT_JAR   (MODULE: flink-udf or flink-jdbc-mysql)
 set -euo pipefail

@@ -41,7 +41,10 @@ def run_check(flink_python: str, function: str, lines: list[str]) -> list[str]:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    classpath = ":".join([str(jar), *map(str, sorted(Path(lib, "lib").glob("flink-table*.jar")))])
+    flink_jars = sorted(
+        [*Path(lib, "lib").glob("flink-table*.jar"), *Path(lib, "lib").glob("flink-dist*.jar")]
+    )
+    classpath = ":".join([str(jar), *map(str, flink_jars)])
     done = subprocess.run(
         ["java", "-cp", classpath, str(HERE / "java" / "FunctionsCheck.java"), function],
         input="\n".join(lines) + "\n",
@@ -156,3 +159,92 @@ def test_recent_events_equal_the_stores_list_on_random_streams(flink_python: str
             want.append(job.kept_events(json.dumps(sent), cap))
     got = [json.loads(x) for x in run_check(flink_python, "recent", lines)]
     assert got == want
+
+
+# Records and the reason each is not a valid event (None: it is one), in the Flink job's
+# wording; the Redis Streams runner's parse_batch must agree on which are events.
+RECORDS: list[tuple[bytes | None, str | None]] = [
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5}', None),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"behavior":"buy","rating":4,'
+        b'"reward":2.5}',
+        None,
+    ),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"rating":null}', None),
+    ('{"event_id":"é","user_id":"🙂","item_id":"x","ts":0}'.encode(), None),
+    (('{"event_id":"' + "🙂" * 128 + '","user_id":"u","item_id":"i","ts":1}').encode(), None),
+    (
+        ('{"event_id":"' + "e" * 129 + '","user_id":"u","item_id":"i","ts":1}').encode(),
+        "event_id: missing, not a string or number, empty or over 128 characters",
+    ),
+    (None, "not a JSON object"),
+    (b"garbage", "not a JSON object"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5} trailing', "not a JSON object"),
+    (
+        b'{"event_id":"e1","item_id":"i","ts":5}',
+        "user_id: missing, not a string or number, empty or over 128 characters",
+    ),
+    (
+        b'{"event_id":"","user_id":"u","item_id":"i","ts":5}',
+        "event_id: missing, not a string or number, empty or over 128 characters",
+    ),
+    (
+        b'{"event_id":"e1","user_id":{"a":1},"item_id":"i","ts":5}',
+        "user_id: missing, not a string or number, empty or over 128 characters",
+    ),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":true,"ts":5}',
+        "item_id: missing, not a string or number, empty or over 128 characters",
+    ),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i"}', "ts: missing or not an integer"),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5.5}', "ts: missing or not an integer"),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":-1}', "ts: outside [0, 2**53)"),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":9007199254740992}',
+        "ts: outside [0, 2**53)",
+    ),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":99999999999999999999}',
+        "ts: outside [0, 2**53)",
+    ),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"behavior":"clik"}',
+        "behavior: not one of pv, cart, fav, buy",
+    ),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"rating":"abc"}',
+        "rating: not a number",
+    ),
+    (
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"reward":"1.5"}',
+        "reward: not a number",
+    ),
+    (b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5,"reward":true}', "reward: not a number"),
+]
+
+
+def test_each_record_is_an_event_or_has_a_reason(flink_python: str) -> None:
+    lines = ["-" if p is None else p.hex() for p, _ in RECORDS]
+    out = [line.split("\t") for line in run_check(flink_python, "parse", lines)]
+    assert len(out) == len(RECORDS)
+    for (payload, want), fields in zip(RECORDS, out, strict=True):
+        reason = None if fields[7] == "null" else fields[7]
+        assert reason == want, payload
+        event_time = None if fields[8] == "null" else int(fields[8])
+        if want is None:
+            doc = json.loads(payload or b"")
+            assert fields[:3] == [doc["event_id"], doc["user_id"], doc["item_id"]]
+            assert int(fields[3]) == doc["ts"] == event_time
+        else:
+            assert event_time is None  # never moves the watermark
+
+
+def test_the_redis_runner_agrees_on_which_records_are_events() -> None:
+    from recloop.streaming.events import BusMessage, parse_batch
+
+    messages = [BusMessage(str(i), p, None) for i, (p, _) in enumerate(RECORDS)]
+    parsed = parse_batch(messages)
+    dead = {d.entry_id for d in parsed.dead}
+    for i, (payload, want) in enumerate(RECORDS):
+        assert (str(i) not in dead) == (want is None), payload

@@ -53,6 +53,9 @@ BAD = [
     b"garbage",
     b'{"event_id": "x1", "item_id": "i1", "ts": 1000100}',
     b'{"event_id":"x2","user_id":"u1","item_id":"i1","ts":1000100,"behavior":"clik"}',
+    # A field of the wrong type: the JSON format logged it with a NULL rating (no dead
+    # letter); one parse with the Redis runner's rules now dead-letters it, as that runner.
+    b'{"event_id":"x3","user_id":"u1","item_id":"i1","ts":1000100,"rating":"abc"}',
 ]
 
 
@@ -274,6 +277,7 @@ def test_malformed_records_go_to_the_dead_letter_topic(scenario: Scenario) -> No
     assert reason[BAD[0]] == "not a JSON object"
     assert reason[BAD[1]].startswith("user_id: missing")
     assert reason[BAD[2]].startswith("behavior: not one of")
+    assert reason[BAD[3]] == "rating: not a number"
 
 
 def test_the_second_run_resumes_from_the_first_runs_checkpoint(scenario: Scenario) -> None:

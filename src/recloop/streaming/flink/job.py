@@ -15,14 +15,14 @@ The pipeline (Table API / SQL wherever the work is relational, so it runs in Fli
 operators; Python only in the small operator that writes the online store):
 
 ``events``
-    Kafka source, JSON format (recloop's event schema, :mod:`recloop.streaming.events`), an
-    event-time attribute ``ts_ltz`` from ``ts`` (seconds) and a bounded-out-of-orderness
-    watermark of ``lateness_s``.  Records that do not parse, or lack an id/time, or break the
-    id/time rules, are left out of every branch below.
+    Kafka source, read once as bytes, with an event-time attribute ``ts_ltz`` (seconds) and
+    a bounded-out-of-orderness watermark of ``lateness_s``; one parse per record
+    (``recloop_parse_event``, recloop's Java function with the rules of
+    :mod:`recloop.streaming.events`) gives the event or the reason it is not one, and one
+    ``DataStream`` of the parsed records feeds every branch below.
 dead letters
-    The topic read a second time as bytes; the same rules on a ``JSON_VALUE`` parse give
-    each record its reason, and those with one go to the dead-letter topic in the Kafka
-    bus's convention (value the bytes, reason/source id/stream/consumer headers).
+    The records with a reason go to the dead-letter topic in the Kafka bus's convention
+    (value the bytes, reason/source id/stream/consumer headers); the others are the events.
 ``behavior_log``
     JDBC upsert (primary key ``event_id``) into the table ``recloop prepare --from-db`` reads;
     a record replayed after a restart writes the same row again, so the log holds every event
@@ -59,10 +59,6 @@ from typing import Any
 
 logger = logging.getLogger("recloop.flink.job")
 
-MAX_ID_LEN = 128
-"""As ``recloop.data.validity.MAX_ID_LEN`` (not imported: this file runs without recloop)."""
-MAX_TS = 2**53
-"""Event times are in [0, 2**53), as ``recloop.data.validity``."""
 RECENT_STEP = "recent items"
 """Name of the recent-items (and refresh) operator."""
 ROWS_DONE = "recloop_rows_done"
@@ -108,98 +104,53 @@ def _kafka_source_options(cfg: dict[str, Any], **fmt: str) -> dict[str, str]:
     return options
 
 
+EVENT_FUNCTIONS = [
+    f"""
+CREATE TEMPORARY SYSTEM FUNCTION IF NOT EXISTS {name}
+AS 'recloop.flink.udf.{cls}' LANGUAGE JAVA"""
+    for name, cls in (("recloop_event_time", "EventTime"), ("recloop_parse_event", "ParseEvent"))
+]
+"""recloop's event rules on a record's bytes (``java/flink-udf``, ``recloop-flink-udf.jar``):
+its event time, and its fields with the reason it is not a valid event."""
+
+
 def source_ddl(cfg: dict[str, Any]) -> str:
-    """The Kafka source table with its event-time attribute and watermark (``json`` format:
-    one parse per record)."""
-    options = _kafka_source_options(
-        cfg,
-        format="json",
-        # A record that is not JSON (or has a field of the wrong type) is skipped, never
-        # fails the job; the valid-event filter below drops the rest of the bad ones.
-        **{"json.ignore-parse-errors": "true", "json.fail-on-missing-field": "false"},
-    )
+    """The Kafka topic as bytes (``raw`` format) with each record's partition and offset, the
+    event time of a valid event (``recloop_event_time``; 0 for a record that is not one, so
+    it never moves the watermark) and a bounded-out-of-orderness watermark.  Read once: every
+    branch takes its rows from :data:`PARSED_QUERY` through :func:`share_events`."""
+    options = _kafka_source_options(cfg, format="raw")
     return f"""
 CREATE TEMPORARY TABLE events (
-  event_id STRING,
-  user_id STRING,
-  item_id STRING,
-  ts BIGINT,
-  behavior STRING,
-  rating DOUBLE,
-  reward DOUBLE,
-  ts_ltz AS TO_TIMESTAMP_LTZ(ts, 0),
+  payload BYTES,
+  kafka_partition INT METADATA FROM 'partition' VIRTUAL,
+  kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
+  ts_ltz AS TO_TIMESTAMP_LTZ(COALESCE(recloop_event_time(payload), 0), 0),
   WATERMARK FOR ts_ltz AS ts_ltz - {interval(cfg["lateness_s"])}
 ) WITH (
   {_with(options)}
 )"""
 
 
-VALID_VIEW = f"""
-CREATE TEMPORARY VIEW checked_valid_events AS
-SELECT * FROM events
-WHERE event_id IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL AND ts IS NOT NULL
-  AND CHAR_LENGTH(event_id) BETWEEN 1 AND {MAX_ID_LEN}
-  AND CHAR_LENGTH(user_id) BETWEEN 1 AND {MAX_ID_LEN}
-  AND CHAR_LENGTH(item_id) BETWEEN 1 AND {MAX_ID_LEN}
-  AND ts >= 0 AND ts < {MAX_TS}
-  AND (behavior IS NULL OR behavior IN ('pv', 'cart', 'fav', 'buy'))"""
+PARSED_QUERY = """
+SELECT payload, kafka_partition, kafka_offset, recloop_parse_event(payload) AS ev, ts_ltz
+FROM events"""
+"""Every record with its event fields and, when it is not a valid event, the reason
+(``recloop_parse_event``: one JSON parse, the rules of ``recloop.streaming.events``): a
+record is either an event (the log, popular and recent items) or a dead letter, never both
+and never neither."""
+
+VALID_VIEW = """
+CREATE TEMPORARY VIEW valid_events AS
+SELECT ev.event_id AS event_id, ev.user_id AS user_id, ev.item_id AS item_id, ev.ts AS ts,
+  ev.behavior AS behavior, ev.rating AS rating, ev.reward AS reward, rowtime AS ts_ltz
+FROM parsed_events WHERE ev.reason IS NULL"""
 """The events the log, popular items and recent items take."""
 
-
-def _json_field(name: str, cast: str | None = None) -> str:
-    value = f"JSON_VALUE(CAST(payload AS STRING), '$.{name}')"
-    # TRY_CAST, not RETURNING: Flink's JSON_VALUE returns no BIGINT.
-    return f"TRY_CAST({value} AS {cast})" if cast else value
-
-
-def raw_source_ddl(cfg: dict[str, Any]) -> str:
-    """The same topic read a second time as bytes (``raw`` format) with each record's
-    partition and offset, and the fields :data:`VALID_VIEW` checks parsed with
-    ``JSON_VALUE`` (NULL when missing or of the wrong type) — for the dead letters only,
-    which must carry the record as it was.  A second read rather than one raw source for
-    every branch: ``JSON_VALUE`` parses the record once per call, and the log, popular and
-    recent branches would each pay that several times per record (measured: the log
-    branch at 1.6k instead of 3.8k events/s, bench/bench_flink.py, 20k events)."""
-    options = _kafka_source_options(cfg, format="raw")
-    return f"""
-CREATE TEMPORARY TABLE raw_events (
-  payload BYTES,
-  kafka_partition INT METADATA FROM 'partition' VIRTUAL,
-  kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
-  event_id AS {_json_field("event_id")},
-  user_id AS {_json_field("user_id")},
-  item_id AS {_json_field("item_id")},
-  ts AS {_json_field("ts", "BIGINT")},
-  behavior AS {_json_field("behavior")}
-) WITH (
-  {_with(options)}
-)"""
-
-
-def _id_rule(name: str) -> str:
-    return (
-        f"WHEN {name} IS NULL OR CHAR_LENGTH({name}) NOT BETWEEN 1 AND {MAX_ID_LEN} "
-        f"THEN '{name}: missing, not a string or number, empty or over {MAX_ID_LEN} characters'"
-    )
-
-
-CHECKED_VIEW = f"""
+CHECKED_VIEW = """
 CREATE TEMPORARY VIEW checked_events AS
-SELECT *, CASE
-  WHEN payload IS NULL OR NOT (CAST(payload AS STRING) IS JSON OBJECT)
-    THEN 'not a JSON object'
-  {_id_rule("event_id")}
-  {_id_rule("user_id")}
-  {_id_rule("item_id")}
-  WHEN ts IS NULL THEN 'ts: missing or not an integer'
-  WHEN ts < 0 OR ts >= {MAX_TS} THEN 'ts: outside [0, 2**53)'
-  WHEN behavior IS NOT NULL AND behavior NOT IN ('pv', 'cart', 'fav', 'buy')
-    THEN 'behavior: not one of pv, cart, fav, buy'
-  ELSE CAST(NULL AS STRING)
-END AS reason
-FROM raw_events"""
-"""Every record with why it is not a valid event (NULL: it is one): :data:`VALID_VIEW`'s
-rules, on the ``JSON_VALUE`` parse of :func:`raw_source_ddl`."""
+SELECT payload, kafka_partition, kafka_offset, ev.reason AS reason FROM parsed_events"""
+"""Every record with why it is not a valid event (NULL: it is one), for the dead letters."""
 
 
 def dead_letter_ddl(cfg: dict[str, Any]) -> str:
@@ -698,13 +649,15 @@ def flink_configuration(cfg: dict[str, Any]) -> dict[str, str]:
     return conf
 
 
-def share_valid_events(t_env: Any) -> None:
-    """``valid_events``: :data:`VALID_VIEW` read once for every branch.
+def share_events(t_env: Any) -> None:
+    """``parsed_events``: :data:`PARSED_QUERY` read once for every branch, and the views on
+    it (:data:`VALID_VIEW`, :data:`CHECKED_VIEW`).
 
-    Each branch below is planned on its own (the log's ``INSERT`` in a statement set, the
-    popular and recent queries as streams for Python), so a plain view would give each its
-    own Kafka source and JSON parse of every record.  Through one ``DataStream`` they share
-    one; its watermark goes along (``SOURCE_WATERMARK()``), the event time as ``ts_ltz``."""
+    Each branch below is planned on its own (the log's and the dead letters' ``INSERT`` in a
+    statement set, the popular and recent queries as streams for Python), so a plain view
+    would give each its own Kafka source and parse of every record.  Through one
+    ``DataStream`` they share one; its watermark goes along (``SOURCE_WATERMARK()``), the
+    event time as ``rowtime``."""
     from pyflink.table import Schema
 
     # Planned without mini-batches: a mini-batch assigner here would replace the source's
@@ -712,7 +665,7 @@ def share_valid_events(t_env: Any) -> None:
     config = t_env.get_config()
     mini_batch = config.get("table.exec.mini-batch.enabled", "false")
     config.set("table.exec.mini-batch.enabled", "false")
-    shared = t_env.to_data_stream(t_env.from_path("checked_valid_events"))
+    shared = t_env.to_data_stream(t_env.sql_query(PARSED_QUERY))
     config.set("table.exec.mini-batch.enabled", mini_batch)
     schema = (
         Schema.new_builder()
@@ -720,11 +673,9 @@ def share_valid_events(t_env: Any) -> None:
         .watermark("rowtime", "SOURCE_WATERMARK()")
         .build()
     )
-    t_env.create_temporary_view("shared_valid_events", t_env.from_data_stream(shared, schema))
-    t_env.execute_sql(
-        "CREATE TEMPORARY VIEW valid_events AS SELECT event_id, user_id, item_id, ts, "
-        "behavior, rating, reward, rowtime AS ts_ltz FROM shared_valid_events"
-    )
+    t_env.create_temporary_view("parsed_events", t_env.from_data_stream(shared, schema))
+    t_env.execute_sql(VALID_VIEW)
+    t_env.execute_sql(CHECKED_VIEW)
 
 
 def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
@@ -738,13 +689,12 @@ def build(cfg: dict[str, Any]) -> tuple[Any, Any]:
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
+    for function in EVENT_FUNCTIONS:
+        t_env.execute_sql(function)
     t_env.execute_sql(source_ddl(cfg))
-    t_env.execute_sql(VALID_VIEW)
-    share_valid_events(t_env)
+    share_events(t_env)
     statements = t_env.create_statement_set()
     if cfg.get("dead_letter_topic"):
-        t_env.execute_sql(raw_source_ddl(cfg))
-        t_env.execute_sql(CHECKED_VIEW)
         t_env.execute_sql(dead_letter_ddl(cfg))
         statements.add_insert_sql(dead_letter_insert(cfg))
     if cfg.get("jdbc_url"):

@@ -49,8 +49,8 @@ both under ``<flink env>/recloop-jars``."""
 
 UDF_JAR = "recloop-flink-udf.jar"
 """recloop's Flink functions (``java/flink-udf``, built by ``scripts/flink_env.sh`` under
-``<flink env>/recloop-jars``): the popular items' sliding Top-N and the recent events.  A
-jar list given by hand must hold it under this name."""
+``<flink env>/recloop-jars``): the event parse, the popular items' sliding Top-N and the
+recent events.  A jar list given by hand must hold it under this name."""
 
 STOP_MODES = ("drain", "savepoint", "cancel")
 

@@ -3,10 +3,15 @@
 //   FunctionsCheck top-counts: lines "+ item count ...", "- item count ..." (a slide's counts
 //                              added or taken back), "top N" (prints the JSON)
 //   FunctionsCheck recent:     lines "+ ts id item reward cap", "list" (prints the JSON)
+//   FunctionsCheck parse:      lines of a record's bytes as hex ("-" for none); prints the
+//                              event's fields and reason, and the event time, tab-separated
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
 import java.io.PrintStream;
 import java.nio.charset.StandardCharsets;
+import org.apache.flink.types.Row;
+import recloop.flink.udf.EventTime;
+import recloop.flink.udf.ParseEvent;
 import recloop.flink.udf.RecentEvents;
 import recloop.flink.udf.TopCounts;
 
@@ -38,6 +43,18 @@ public class FunctionsCheck {
                     }
                 }
             }
+        } else if (args[0].equals("parse")) {
+            ParseEvent parse = new ParseEvent();
+            EventTime time = new EventTime();
+            for (String line; (line = in.readLine()) != null; ) {
+                byte[] payload = line.equals("-") ? null : hex(line);
+                Row row = parse.eval(payload);
+                StringBuilder b = new StringBuilder();
+                for (int i = 0; i < row.getArity(); i++) {
+                    b.append(row.getField(i)).append('\t');
+                }
+                out.println(b.append(time.eval(payload)));
+            }
         } else {
             RecentEvents f = new RecentEvents();
             RecentEvents.Acc acc = f.createAccumulator();
@@ -51,6 +68,14 @@ public class FunctionsCheck {
                 }
             }
         }
+    }
+
+    static byte[] hex(String s) {
+        byte[] out = new byte[s.length() / 2];
+        for (int i = 0; i < out.length; i++) {
+            out[i] = (byte) Integer.parseInt(s.substring(2 * i, 2 * i + 2), 16);
+        }
+        return out;
     }
 
     static String unescape(String s) {
