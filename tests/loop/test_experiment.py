@@ -28,6 +28,7 @@ from recloop.loop.experiment import (
     compare_last_round,
     paired,
     parse_arms,
+    run_experiment,
     serve_round,
     write_csv,
 )
@@ -224,6 +225,10 @@ def test_arms_are_compared_user_by_user_with_the_baseline(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match="baseline 'nope'"):
         bad.baseline()
+    # ... and before any round runs: nothing is written.
+    with pytest.raises(ConfigError, match="baseline 'nope'"):
+        run_experiment(bad.config, arms, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_the_bootstrap_counts_clicks_not_impressions(tmp_path: Path) -> None:

@@ -385,6 +385,18 @@ def paired(
     )
 
 
+def baseline_arm(baseline: str | None, arms: Sequence[ArmSpec]) -> str:
+    """The arm the others are compared with: ``baseline`` (:attr:`ExperimentConfig.baseline`,
+    which must name an arm), else the first supervised arm, else ``random``, else the first."""
+    names = [a.name for a in arms]
+    if baseline is not None:
+        if baseline not in names:
+            raise ConfigError(f"baseline {baseline!r} is not an arm of {names}")
+        return baseline
+    sup = [n for n in names if n.startswith("supervised-")]
+    return sup[0] if sup else RANDOM if RANDOM in names else names[0]
+
+
 @dataclass(kw_only=True)
 class ExperimentResult:
     config: ExperimentConfig
@@ -398,14 +410,8 @@ class ExperimentResult:
         return sorted((r for r in self.rows if r.arm == name), key=lambda r: r.round)
 
     def baseline(self) -> str:
-        """The arm the others are compared with (:attr:`ExperimentConfig.baseline`)."""
-        names = [a.name for a in self.arms]
-        if self.config.baseline is not None:
-            if self.config.baseline not in names:
-                raise ConfigError(f"baseline {self.config.baseline!r} is not an arm of {names}")
-            return self.config.baseline
-        sup = [n for n in names if n.startswith("supervised-")]
-        return sup[0] if sup else RANDOM if RANDOM in names else names[0]
+        """The arm the others are compared with (:func:`baseline_arm`)."""
+        return baseline_arm(self.config.baseline, self.arms)
 
     def paired(self) -> dict[tuple[int, str], Paired]:
         """(round, arm) → the arm against the baseline arm on the round's users."""
@@ -926,6 +932,7 @@ async def run_experiment_async(
 ) -> ExperimentResult:
     from recloop.evaluation.worlds.base import build_world
 
+    baseline_arm(cfg.baseline, arms)  # a wrong name fails now, not after every round
     start = time.perf_counter()
     world = build_world(cfg.world, list(cfg.world_overrides))
     workdir.mkdir(parents=True, exist_ok=True)
