@@ -233,6 +233,14 @@ async def fill_store(
     await store.close()
 
 
+def filled_prefix(url: str, *, user_ids: list[str], item_ids: list[str], h: int) -> str:
+    """A fresh key prefix for one run; on a Redis store, :func:`fill_store` under it."""
+    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    if url.startswith("redis"):
+        asyncio.run(fill_store(url, prefix, user_ids=user_ids, item_ids=item_ids, h=h))
+    return prefix
+
+
 async def drop_store(url: str, prefix: str) -> None:
     store = open_store(url, prefix=prefix)
     if isinstance(store, RedisStore):
@@ -559,9 +567,7 @@ def bench_catalogue(
         h = 10
     if variant == "recloop-ann":
         ensure_index(name, art, kind=args.index_kind)
-    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
-    if store_url.startswith("redis"):
-        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=h))
+    prefix = filled_prefix(store_url, user_ids=user_ids, item_ids=item_ids, h=h)
     bodies = tmp / "bodies.jsonl"
     write_bodies(bodies, user_ids=user_ids)
     lua = tmp / "recommend.lua"
@@ -663,11 +669,9 @@ def bench_interleaved(
     if "recloop-ann" in variants:
         ensure_index(name, art, kind=args.index_kind)
     user_ids = [str(u) for u in range(1, n_users + 1)]
-    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    item_ids = [str(i) for i in range(1, n_items + 1)]
+    prefix = filled_prefix(store_url, user_ids=user_ids, item_ids=item_ids, h=10)
     redis = store_url.startswith("redis")
-    if redis:
-        item_ids = [str(i) for i in range(1, n_items + 1)]
-        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=10))
     bodies = tmp / "bodies.jsonl"
     write_bodies(bodies, user_ids=user_ids)
     lua = tmp / "recommend.lua"
@@ -1051,11 +1055,9 @@ def app_cost_child(variant: str, *, store_url: str, requests: int, concurrency: 
     tmp = Path(tempfile.mkdtemp(prefix="recloop-appcost-"))
     art = build_artifact(tmp / "artifact", n_users=n_users, n_items=n_items)
     user_ids = [str(u) for u in range(1, n_users + 1)]
-    prefix = f"recloop-bench:{uuid.uuid4().hex}:"
+    item_ids = [str(i) for i in range(1, n_items + 1)]
+    prefix = filled_prefix(store_url, user_ids=user_ids, item_ids=item_ids, h=10)
     redis = store_url.startswith("redis")
-    if redis:
-        item_ids = [str(i) for i in range(1, n_items + 1)]
-        asyncio.run(fill_store(store_url, prefix, user_ids=user_ids, item_ids=item_ids, h=10))
     rng = np.random.default_rng(1)
     bodies = [
         json.dumps({"user_id": user_ids[u], "n": 10}).encode()
