@@ -131,6 +131,38 @@ def can_score(flink_python: str) -> bool:
     return subprocess.run([flink_python, "-c", probe], capture_output=True).returncode == 0
 
 
+def scoring_artifact(
+    flink_python: str, tmp_path_factory: pytest.TempPathFactory, make_artifact: Any
+) -> Path | None:
+    """The refresh's artifact (users and items it knows, not all), or None when the Flink
+    environment cannot score."""
+    if not can_score(flink_python):
+        return None
+    return make_artifact(
+        tmp_path_factory.mktemp("flink-artifact"), user_ids=ART_USERS, item_ids=ART_ITEMS
+    )
+
+
+def job_config(tag: str, broker: str, python: str, **fields: Any) -> FlinkJobConfig:
+    """A run on the topic ``{tag}-events`` under the tag's table and store prefixes and
+    group, with the windows and list sizes the Redis runner is compared at, stopping 4 s
+    after the last record moved; ``fields`` give the rest."""
+    return FlinkJobConfig(
+        bus_url=f"kafka://{broker}/{tag}-events",
+        table_prefix=f"{tag}_",
+        store_prefix=f"{tag}:",
+        group=f"{tag}-group",
+        window_s=WINDOW_S,
+        slide_s=SLIDE_S,
+        top=TOP,
+        allowed_lateness_s=LATENESS_S,
+        rec_n=REC_N,
+        exit_when_idle_s=4.0,
+        python=python,
+        **fields,
+    )
+
+
 @pytest.fixture(scope="module")
 def scenario(
     flink_python: str,
@@ -147,30 +179,18 @@ def scenario(
     events = make_events()
     half = events.height // 2
     ck = tmp_path_factory.mktemp("flink-checkpoints")
-    artifact = None
-    if can_score(flink_python):
-        artifact = make_artifact(
-            tmp_path_factory.mktemp("flink-artifact"), user_ids=ART_USERS, item_ids=ART_ITEMS
-        )
-    config = FlinkJobConfig(
-        bus_url=f"kafka://{flink_kafka_broker}/{topic}",
+    artifact = scoring_artifact(flink_python, tmp_path_factory, make_artifact)
+    config = job_config(
+        tag,
+        flink_kafka_broker,
+        flink_python,
         database_url=POSTGRES_URL,
         store_url=REDIS_URL,
-        table_prefix=f"{tag}_",
-        store_prefix=f"{tag}:",
-        group=f"{tag}-group",
-        window_s=WINDOW_S,
-        slide_s=SLIDE_S,
-        top=TOP,
-        allowed_lateness_s=LATENESS_S,
         recent_len=RECENT,
         artifact=artifact,
-        rec_n=REC_N,
         checkpoint_dir=ck,
         checkpoint_interval_s=2.0,
-        exit_when_idle_s=4.0,
         stop_mode="cancel",
-        python=flink_python,
     )
     log = BehaviorLog(POSTGRES_URL, prefix=f"{tag}_")
     try:
@@ -397,33 +417,21 @@ def mariadb_run(
     # Records sent twice (the newest ones, inside the last popular window): the upsert keeps
     # one row, and neither the popular counts nor the recent lists count them twice.
     publish(flink_kafka_broker, topic, [*keyed(events), *keyed(events.sort("ts")[-5:])])
-    artifact = None
-    if can_score(flink_python):
-        artifact = make_artifact(
-            tmp_path_factory.mktemp("flink-mysql-artifact"), user_ids=ART_USERS, item_ids=ART_ITEMS
-        )
+    artifact = scoring_artifact(flink_python, tmp_path_factory, make_artifact)
     log = BehaviorLog(MARIADB_URL, prefix=f"{tag}_")
     try:
         run_flink(
-            FlinkJobConfig(
-                bus_url=f"kafka://{flink_kafka_broker}/{topic}",
+            job_config(
+                tag,
+                flink_kafka_broker,
+                flink_python,
                 database_url=MARIADB_URL,
                 store_url=REDIS_URL if artifact is not None else None,
-                table_prefix=f"{tag}_",
-                store_prefix=f"{tag}:",
-                group=f"{tag}-group",
                 recent_len=RECENT if artifact is not None else None,
                 artifact=artifact,
-                rec_n=REC_N,
-                window_s=WINDOW_S,
-                slide_s=SLIDE_S,
-                top=TOP,
-                allowed_lateness_s=LATENESS_S,
                 dead_letters=False,
                 parallelism=2,
                 checkpoint_dir=tmp_path_factory.mktemp("flink-mysql"),
-                exit_when_idle_s=4.0,
-                python=flink_python,
             )
         )
         users = sorted(set(events["user_id"].to_list()))
