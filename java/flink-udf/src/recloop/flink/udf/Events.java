@@ -8,6 +8,7 @@
 package recloop.flink.udf;
 
 import java.io.IOException;
+import java.util.Arrays;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.databind.DeserializationFeature;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.databind.JsonNode;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.databind.ObjectMapper;
@@ -30,7 +31,39 @@ final class Events {
 
     private Events() {}
 
+    /** A parse and the bytes it was made from (a copy: the caller may reuse its array). */
+    private static final class Parsed {
+        final byte[] payload;
+        final Events events;
+
+        Parsed(byte[] payload, Events events) {
+            this.payload = payload;
+            this.events = events;
+        }
+    }
+
+    /**
+     * The last record parsed.  One record is parsed up to three times in a row — for the
+     * watermark, for the event-time column and for the fields (a computed column cannot read
+     * another) — and comparing its bytes costs a fraction of a parse.  Shared by the threads
+     * of a TaskManager: an immutable pair behind a volatile field, so a race costs a parse,
+     * never a wrong answer.  Events are never changed after parse() returns.
+     */
+    private static volatile Parsed last;
+
     static Events parse(byte[] payload) {
+        Parsed cached = last;
+        if (cached != null && payload != null && Arrays.equals(cached.payload, payload)) {
+            return cached.events;
+        }
+        Events e = parseFresh(payload);
+        if (payload != null) {
+            last = new Parsed(payload.clone(), e);
+        }
+        return e;
+    }
+
+    private static Events parseFresh(byte[] payload) {
         Events e = new Events();
         JsonNode doc = null;
         if (payload != null) {

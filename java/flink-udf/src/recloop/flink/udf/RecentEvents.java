@@ -17,8 +17,14 @@ package recloop.flink.udf;
 
 import java.util.ArrayList;
 import java.util.List;
+import org.apache.flink.table.annotation.DataTypeHint;
+import org.apache.flink.table.annotation.FunctionHint;
 import org.apache.flink.table.functions.AggregateFunction;
 
+// The accumulator as a RAW value: Flink keeps the Java object itself in the state and hands it
+// to accumulate/getValue as it is.  As a structured type, every row converted the whole
+// accumulator (list) to Flink's internal format and back, which cost more than the work.
+@FunctionHint(accumulator = @DataTypeHint(value = "RAW", bridgedTo = RecentEvents.Acc.class))
 public class RecentEvents extends AggregateFunction<String, RecentEvents.Acc> {
 
     /** The kept events, oldest first, as parallel lists (at most cap of them). */

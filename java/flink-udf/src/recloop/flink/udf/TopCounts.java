@@ -25,8 +25,13 @@ import java.util.List;
 import java.util.Map;
 import java.util.PriorityQueue;
 import org.apache.flink.table.annotation.DataTypeHint;
+import org.apache.flink.table.annotation.FunctionHint;
 import org.apache.flink.table.functions.AggregateFunction;
 
+// The accumulator as a RAW value: Flink keeps the Java object itself in the state and hands it
+// to accumulate/getValue as it is.  As a structured type, every row converted the whole
+// accumulator (counts) to Flink's internal format and back, which cost more than the work.
+@FunctionHint(accumulator = @DataTypeHint(value = "RAW", bridgedTo = TopCounts.Acc.class))
 public class TopCounts extends AggregateFunction<String, TopCounts.Acc> {
 
     /** The window's count per item (items whose count fell to zero are removed). */
