@@ -91,11 +91,68 @@ def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"127.0.0.1:{port}"
 
 
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far (user + system, from /proc; empty elsewhere) by each thread of
+    the run's parts: the Flink JVM split into its JIT compilers, its garbage collector and
+    the rest (the tasks, the mini-cluster), the job's Python process (in a local run it also
+    hosts the Python workers), PostgreSQL, Redis and the Tansu broker."""
+    tick = os.sysconf("SC_CLK_TCK")
+    threads: dict[int, tuple[str, float]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        if b"flink/job.py" in cmd:
+            owner = "job's Python (workers)"
+        elif cmd.startswith(b"java ") and b"pyflink" in cmd:
+            owner = "JVM"
+        elif cmd.startswith(b"postgres"):
+            owner = "PostgreSQL"
+        elif cmd.startswith(b"redis-server"):
+            owner = "Redis"
+        elif b"tansu broker" in cmd:
+            owner = "Tansu"
+        else:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.find("(") + 1 : stat.rfind(")")]
+            fields = stat[stat.rfind(")") + 2 :].split()
+            part = owner
+            if owner == "JVM":
+                part = (
+                    "JVM: JIT compilers"
+                    if "CompilerThre" in name
+                    else "JVM: garbage collector"
+                    if name.startswith(("GC Thread", "G1 "))
+                    else "JVM: tasks and the rest"
+                )
+            threads[int(task.name)] = (part, (int(fields[11]) + int(fields[12])) / tick)
+    return threads
+
+
+def cpu_spent(
+    since: dict[int, tuple[str, float]], until: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per part between two :func:`thread_cpu` readings (a thread's last reading
+    where it ended before ``until``: pass readings merged over time)."""
+    spent: dict[str, float] = {}
+    for tid, (part, seconds) in until.items():
+        spent[part] = spent.get(part, 0.0) + seconds - since.get(tid, (part, 0.0))[1]
+    return spent
+
+
 def later_copies(events: pl.DataFrame, copies: int) -> pl.DataFrame:
     """``events`` followed by ``copies - 1`` copies of it, copy k shifted later by k times
     (its span + one hour, so no popular-items window holds two copies) with ``-k`` added to
     its event ids (every event a new one for the log)."""
-    span = int(events["ts"].max() - events["ts"].min()) + 3600
+    ts = events["ts"].to_numpy()
+    span = int(ts.max() - ts.min()) + 3600
     return pl.concat(
         [events]
         + [
@@ -131,6 +188,12 @@ def main() -> None:
         help="also refresh recommendations (bench_stream's random ml-100k-sized artifact; "
         "needs --recent-len and torch in the Flink environment)",
     )
+    parser.add_argument(
+        "--jvm-arg",
+        action="append",
+        default=[],
+        help="option of the mini-cluster's JVM (repeat), e.g. -XX:TieredStopAtLevel=1",
+    )
     args = parser.parse_args()
     ds, source = dataset(args.events)
     events = later_copies(replay_events(ds).head(args.events), args.copies)
@@ -139,7 +202,7 @@ def main() -> None:
     print(
         f"data: {source}, {n} events; recent items: {args.recent_len or 'off'}; "
         f"dead letters: {'off' if args.no_dead_letters else 'on'}; "
-        f"refresh: {'on' if args.refresh else 'off'}"
+        f"refresh: {'on' if args.refresh else 'off'}; JVM options: {args.jvm_arg or 'defaults'}"
     )
     tag = f"rlb{uuid.uuid4().hex[:8]}"
     broker, bootstrap = start_tansu()
@@ -174,16 +237,25 @@ def main() -> None:
                 artifact=random_artifact(ds, Path(ck) / "artifact") if args.refresh else None,
                 checkpoint_dir=Path(ck),
                 exit_when_idle_s=5.0,
+                jvm_args=tuple(args.jvm_arg),
             )
             worker = threading.Thread(target=lambda: result.append(run_flink(config)))
             launched = time.perf_counter()
             worker.start()
             count = sa.select(sa.func.count()).select_from(log.tables.behavior)
+            # Each thread's newest reading (threads end with the job), and the readings at
+            # the first logged row.
+            cpu_now: dict[int, tuple[str, float]] = {}
+            cpu_at_first: dict[int, tuple[str, float]] = {}
             while worker.is_alive():
                 with log.engine.connect() as conn:
                     samples.append(
                         (time.perf_counter() - launched, conn.execute(count).scalar_one())
                     )
+                if len(samples) % 5 == 1 or (not cpu_at_first and samples[-1][1] > 0):
+                    cpu_now.update(thread_cpu())  # once a second: the scan costs CPU too
+                if not cpu_at_first and samples[-1][1] > 0:
+                    cpu_at_first = dict(cpu_now)
                 time.sleep(0.2)
             worker.join()
         if not result:
@@ -218,6 +290,14 @@ def main() -> None:
             print(
                 f"  vertex {v['name'][:70]:70s} in {v['read']:>9,} out {v['written']:>9,} "
                 f"busy {v.get('busy_ms', 0.0) / 1000:6.1f} s"
+            )
+        if cpu_at_first:
+            # Where the CPU went from the first logged row to the end (the JIT compilers'
+            # share is the warm-up a longer run, --copies, spreads thinner).
+            spent = cpu_spent(cpu_at_first, cpu_now)
+            print(
+                "CPU seconds, first logged row → end: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
             )
         print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:

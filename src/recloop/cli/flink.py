@@ -62,6 +62,11 @@ def flink(
             "RECLOOP_FLINK_JARS or the Flink env's."
         ),
     ),
+    jvm_arg: list[str] = typer.Option(
+        [],
+        help="Option of the mini-cluster's JVM (repeat), e.g. -XX:TieredStopAtLevel=1 "
+        "(no C2 compiler: faster short runs on 2 cores; docs/flink.md).",
+    ),
     artifact: Path | None = typer.Option(
         None,
         help="Refresh the recommendations of users with new events with this artifact "
@@ -99,6 +104,7 @@ def flink(
             stop_mode=stop_mode,
             python=python,
             jars=tuple(jar),
+            jvm_args=tuple(jvm_arg),
         )
     )
     restored = f" (resumed from {report.restored_from})" if report.restored_from else ""

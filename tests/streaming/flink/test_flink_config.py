@@ -21,6 +21,7 @@ from recloop.streaming.flink.runner import (
     FlinkJobConfig,
     connector_jars,
     jdbc_target,
+    job_environment,
     job_settings,
     kafka_topic,
     latest_restore_point,
@@ -227,3 +228,19 @@ def test_every_record_is_an_event_or_a_dead_letter() -> None:
     assert "'consumer', CAST('flink:g' AS BYTES)" in insert
     ddl = job.dead_letter_ddl({"dead_letter_topic": "t.dead", "bootstrap_servers": "h:1"})
     assert "'topic' = 't.dead'" in ddl and "headers MAP<STRING, BYTES> METADATA" in ddl
+
+
+def test_jvm_args_reach_pyflinks_jvm_args_after_the_environments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("JVM_ARGS", "-Xss2m")
+    config = FlinkJobConfig(
+        bus_url="kafka://h:1/t", database_url=PG, jvm_args=("-XX:TieredStopAtLevel=1",)
+    )
+    env = job_environment(config)
+    assert env["JVM_ARGS"] == "-Xss2m -XX:TieredStopAtLevel=1"
+    assert "PYTHONPATH" not in env
+    monkeypatch.delenv("JVM_ARGS")
+    assert job_environment(config)["JVM_ARGS"] == "-XX:TieredStopAtLevel=1"
+    assert "JVM_ARGS" not in job_environment(dataclasses.replace(config, jvm_args=()))
