@@ -95,7 +95,9 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds used so far (user + system, from /proc; empty elsewhere) by each thread of
     the run's parts: the Flink JVM split into its JIT compilers, its garbage collector and
     the rest (the tasks, the mini-cluster), the job's Python process (in a local run it also
-    hosts the Python workers), PostgreSQL, Redis and the Tansu broker."""
+    hosts the Python workers), PostgreSQL, Redis and the Tansu broker.  Every PostgreSQL and
+    Redis process of the machine counts, the bench's own row counting (a ``count(*)`` five
+    times a second) among them."""
     tick = os.sysconf("SC_CLK_TCK")
     threads: dict[int, tuple[str, float]] = {}
     for proc in Path("/proc").glob("[0-9]*"):
@@ -106,7 +108,7 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
             continue
         if b"flink/job.py" in cmd:
             owner = "job's Python (workers)"
-        elif cmd.startswith(b"java ") and b"pyflink" in cmd:
+        elif cmd.split(b" ", 1)[0].rsplit(b"/", 1)[-1] == b"java" and b"pyflink" in cmd:
             owner = "JVM"
         elif cmd.startswith(b"postgres"):
             owner = "PostgreSQL"

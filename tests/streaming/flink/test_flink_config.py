@@ -244,3 +244,6 @@ def test_jvm_args_reach_pyflinks_jvm_args_after_the_environments(
     monkeypatch.delenv("JVM_ARGS")
     assert job_environment(config)["JVM_ARGS"] == "-XX:TieredStopAtLevel=1"
     assert "JVM_ARGS" not in job_environment(dataclasses.replace(config, jvm_args=()))
+    for bad in ("-Xmx1g -Xss2m", "Xmx1g", ""):
+        with pytest.raises(ConfigError, match="not one JVM option"):
+            dataclasses.replace(config, jvm_args=(bad,))
