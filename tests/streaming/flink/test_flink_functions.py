@@ -240,6 +240,25 @@ def test_each_record_is_an_event_or_has_a_reason(flink_python: str) -> None:
             assert event_time is None  # never moves the watermark
 
 
+def test_a_parse_is_reused_only_for_the_same_bytes(flink_python: str) -> None:
+    # The job parses a record up to three times in a row (watermark, event time, fields) and
+    # keeps the last parse: records of the same length written into one array in place (as
+    # a caller reusing its buffer would), each one twice, must each get their own fields.
+    same_length = [
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5}',
+        b'{"event_id":"e2","user_id":"v","item_id":"j","ts":6}',
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":5}',
+        b'{"event_id":"e1","user_id":"u","item_id":"i","ts":x}',
+    ]
+    lines = [p.hex() for p in same_length] + ["-" if p is None else p.hex() for p, _ in RECORDS]
+    fresh = run_check(flink_python, "parse", lines)
+    assert run_check(flink_python, "parse-reused", lines) == fresh
+    fields = [line.split("\t") for line in fresh[:4]]
+    assert [f[0] for f in fields[:3]] == ["e1", "e2", "e1"]
+    assert [f[8] for f in fields] == ["5", "6", "5", "null"]
+    assert fields[3][7] == "not a JSON object"
+
+
 def test_the_redis_runner_agrees_on_which_records_are_events() -> None:
     from recloop.streaming.events import BusMessage, parse_batch
 

@@ -5,6 +5,7 @@
 //   FunctionsCheck recent:     lines "+ ts id item reward cap", "list" (prints the JSON)
 //   FunctionsCheck parse:      lines of a record's bytes as hex ("-" for none); prints the
 //                              event's fields and reason, and the event time, tab-separated
+//   FunctionsCheck parse-reused: the same, each record in one array overwritten in place
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
 import java.io.PrintStream;
@@ -43,11 +44,24 @@ public class FunctionsCheck {
                     }
                 }
             }
-        } else if (args[0].equals("parse")) {
+        } else if (args[0].equals("parse") || args[0].equals("parse-reused")) {
+            // parse-reused: as the job calls them (the time, then the fields) on one array
+            // that the caller overwrites in place for each record of the same length — what
+            // the parse's one-entry cache must not be fooled by.
+            boolean reused = args[0].equals("parse-reused");
             ParseEvent parse = new ParseEvent();
             EventTime time = new EventTime();
+            byte[] buffer = null;
             for (String line; (line = in.readLine()) != null; ) {
                 byte[] payload = line.equals("-") ? null : hex(line);
+                if (reused && payload != null) {
+                    if (buffer == null || buffer.length != payload.length) {
+                        buffer = new byte[payload.length];
+                    }
+                    System.arraycopy(payload, 0, buffer, 0, payload.length);
+                    payload = buffer;
+                    time.eval(payload);
+                }
                 Row row = parse.eval(payload);
                 StringBuilder b = new StringBuilder();
                 for (int i = 0; i < row.getArity(); i++) {
