@@ -133,8 +133,9 @@ class FlinkJobConfig:
     jvm_args: tuple[str, ...] = ()
     """Options of the JVM that runs the local mini-cluster (PyFlink's ``JVM_ARGS``, after any
     already in the environment).  ``-XX:TieredStopAtLevel=1`` (no C2 compiler) made a
-    100,000-event replay on 2 cores 1.4× faster: C2 spent 7 CPU-seconds compiling while the
-    job ran; after 500,000 events both settings are level (docs/flink.md).  On a cluster the
+    100,000-event replay on 2 cores 1.35× faster (medians of three): C2 spent 7.5–8.5
+    CPU-seconds compiling while the job ran; after 500,000 events both settings are level
+    (docs/flink.md).  On a cluster the
     TaskManagers' options are ``env.java.opts.taskmanager`` in its config instead.  One option
     per entry, without spaces (PyFlink splits ``JVM_ARGS`` on whitespace)."""
 
