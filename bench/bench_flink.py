@@ -9,7 +9,9 @@ Publishes MovieLens-100K's ratings in time order (or the synthetic ml-100k-shape
 - steady state: events/s between 10 % and 90 % of the log filled (the log is the slowest
   sink; popular items run beside it on the same source);
 - checks: the log holds every event exactly once; the published popular list equals
-  ``popular_reference`` over the same events (the Redis runner's semantics).
+  ``popular_reference`` over the same events (the Redis runner's semantics); with
+  ``--recent-len``, each user's recent list equals the last events of that user by (ts,
+  event id), as the stores keep them.
 
 Run: ``.venv/bin/python bench/bench_flink.py [--events 100000] [--recent-len 50]
 [--no-dead-letters] [--refresh] [--copies K]`` with RECLOOP_FLINK_PYTHON
@@ -149,6 +151,22 @@ def cpu_spent(
     return spent
 
 
+def recent_reference(events: pl.DataFrame, n: int) -> dict[str, list[tuple[str, float]]]:
+    """Each user's last ``n`` events as the stores keep them — ordered by (ts, event id),
+    oldest first, as (item, reward) with a missing reward counted 1 — from the events
+    themselves (every event id here is distinct)."""
+    last = (
+        events.sort("user_id", "ts", "event_id")
+        .group_by("user_id", maintain_order=True)
+        .tail(n)
+        .with_columns(pl.col("reward").fill_null(1.0))
+    )
+    out: dict[str, list[tuple[str, float]]] = {}
+    for user, item, reward in last.select("user_id", "item_id", "reward").iter_rows():
+        out.setdefault(user, []).append((item, float(reward)))
+    return out
+
+
 def later_copies(events: pl.DataFrame, copies: int) -> pl.DataFrame:
     """``events`` followed by ``copies - 1`` copies of it, copy k shifted later by k times
     (its span + one hour, so no popular-items window holds two copies) with ``-k`` added to
@@ -274,6 +292,15 @@ def main() -> None:
         reference = popular_reference(
             events["item_id"], events["ts"].to_numpy(), window_s=3600, slide_s=80, top=20
         )
+        recent_check = ""
+        if args.recent_len:
+            users = sorted(set(events["user_id"].to_list()))
+            kept = asyncio.run(
+                in_store(tag, lambda store: store.get_recent(users, n=args.recent_len))
+            )
+            want = recent_reference(events, args.recent_len)
+            same = sum([(i, float(r)) for i, r in kept[u]] == want.get(u, []) for u in users)
+            recent_check = f"; recent lists equal the reference: {same} of {len(users)} users"
         report = result[0]
         print(
             f"start-up: all tasks running {report.startup_s:.1f} s, first logged row {first:.1f} s"
@@ -286,6 +313,7 @@ def main() -> None:
         print(
             f"log: {logged.height} rows, {logged['event_id'].n_unique()} distinct "
             f"(expected {n}); popular items equal the reference: {popular == reference}"
+            + recent_check
         )
         for v in report.raw.get("vertices", []):
             # Where the time went: records in/out and busy time of each vertex (chain).
