@@ -47,7 +47,7 @@ from recloop.stores import RedisStore
 from recloop.streaming.events import encode_events
 from recloop.streaming.flink.runner import FlinkJobConfig, FlinkRunReport, run_flink
 from recloop.streaming.log import BehaviorLog
-from recloop.streaming.operators import popular_reference
+from recloop.streaming.operators import popular_reference, recent_by_user
 from recloop.streaming.replay import replay_events
 
 T = TypeVar("T")
@@ -149,22 +149,6 @@ def cpu_spent(
     for tid, (part, seconds) in until.items():
         spent[part] = spent.get(part, 0.0) + seconds - since.get(tid, (part, 0.0))[1]
     return spent
-
-
-def recent_reference(events: pl.DataFrame, n: int) -> dict[str, list[tuple[str, float]]]:
-    """Each user's last ``n`` events as the stores keep them — ordered by (ts, event id),
-    oldest first, as (item, reward) with a missing reward counted 1 — from the events
-    themselves (every event id here is distinct)."""
-    last = (
-        events.sort("user_id", "ts", "event_id")
-        .group_by("user_id", maintain_order=True)
-        .tail(n)
-        .with_columns(pl.col("reward").fill_null(1.0))
-    )
-    out: dict[str, list[tuple[str, float]]] = {}
-    for user, item, reward in last.select("user_id", "item_id", "reward").iter_rows():
-        out.setdefault(user, []).append((item, float(reward)))
-    return out
 
 
 def later_copies(events: pl.DataFrame, copies: int) -> pl.DataFrame:
@@ -298,8 +282,12 @@ def main() -> None:
             kept = asyncio.run(
                 in_store(tag, lambda store: store.get_recent(users, n=args.recent_len))
             )
-            want = recent_reference(events, args.recent_len)
-            same = sum([(i, float(r)) for i, r in kept[u]] == want.get(u, []) for u in users)
+            # The stores' own reference: (ts, event id) order, first version, last N.
+            want = recent_by_user(events, max_len=args.recent_len)
+            same = sum(
+                [(i, float(r)) for i, r in kept[u]] == [(e.item, e.reward) for e in want.get(u, [])]
+                for u in users
+            )
             recent_check = f"; recent lists equal the reference: {same} of {len(users)} users"
         report = result[0]
         print(
