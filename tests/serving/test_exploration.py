@@ -15,6 +15,7 @@ from recloop.serving.exploration import (
     sample_epsilon_greedy,
     sample_plackett_luce,
     sample_plackett_luce_many,
+    seeded_generator,
 )
 
 NEG = -np.inf
@@ -182,13 +183,11 @@ def test_plackett_luce_many_draws_each_row_as_its_own_seed_alone_would() -> None
     scores[3, 1:] = NEG  # nothing to show
     n = np.array([3, 20, 1, 4, 40])
     temps = np.array([1.0, 0.3, 2.0, 1.0, 5.0])
-    seeds = [7, 8, 9, 10, 11]
-    batch = sample_plackett_luce_many(
-        scores, n, temperature=temps, rngs=[np.random.default_rng(s) for s in seeds]
-    )
+    seeds = [7, 8, 9, 10, 2**63 - 1]
+    batch = sample_plackett_luce_many(scores, n, temperature=temps, seeds=seeds)
     for i in range(5):
         alone = sample_plackett_luce(
-            scores[i], int(n[i]), temperature=float(temps[i]), rng=np.random.default_rng(seeds[i])
+            scores[i], int(n[i]), temperature=float(temps[i]), rng=seeded_generator(seeds[i])
         )
         assert batch[i].items.tolist() == alone.items.tolist()
         np.testing.assert_allclose(batch[i].propensity, alone.propensity, rtol=1e-12)
@@ -203,3 +202,52 @@ def test_plackett_luce_many_draws_each_row_as_its_own_seed_alone_would() -> None
             assert np.isfinite(scores[i, batch[i].items]).all()
     assert batch[3].items.size == 0 and batch[3].slate_propensity == 1.0
     assert batch[4].propensity[-1] == pytest.approx(1.0)  # the whole catalogue: last is certain
+
+
+def test_the_exponential_race_orders_items_as_the_gumbel_keys_do() -> None:
+    """The sampler's arrival times E / w order the items exactly as the Gumbel-top-k keys
+    s / T - log E of the same draws (the textbook form): same slates, row by row."""
+    rng = np.random.default_rng(5)
+    scores = rng.normal(scale=3.0, size=(200, 30))
+    scores[:, 0] = NEG
+    scores[rng.random(scores.shape) < 0.2] = NEG
+    temps = rng.uniform(0.2, 3.0, 200)
+    seeds = rng.integers(0, 2**63, 200).tolist()
+    got = sample_plackett_luce_many(scores, np.full(200, 8), temperature=temps, seeds=seeds)
+    for i, slate in enumerate(got):
+        noise = seeded_generator(seeds[i]).standard_exponential(30)
+        with np.errstate(divide="ignore"):
+            gumbel_keys = scores[i] / temps[i] - np.log(noise)
+        ok = np.isfinite(scores[i])
+        want = np.argsort(-np.where(ok, gumbel_keys, -np.inf), kind="stable")[: ok.sum()][:8]
+        assert slate.items.tolist() == want.tolist()
+
+
+def test_weights_that_underflow_are_still_drawn_in_order_and_never_masked_ones() -> None:
+    """Scores ~1,000 T apart underflow exp(): those rows fall back to log-domain keys and
+    propensities, so a list that must show every unmasked item shows them, best first, no
+    masked one, each with its exact (finite) choice probability."""
+    scores = np.array([NEG, 0.0, -1000.0, NEG, -2000.0, -1000.5])
+    valid = [1, 2, 4, 5]
+    seen: Counter[int] = Counter()
+    for seed in range(400):
+        (s,) = sample_plackett_luce_many(
+            scores[None, :], np.array([4]), temperature=np.array([1.0]), seeds=[seed]
+        )
+        items = s.items.tolist()
+        assert items[0] == 1 and items[3] == 4 and sorted(items) == valid
+        seen[items[1]] += 1
+        left = list(valid)
+        for j, x in enumerate(items):  # the hand formula, shifted by the best score left
+            exact = 1.0 / sum(math.exp(scores[y] - scores[x]) for y in left)
+            assert s.propensity[j] == pytest.approx(exact, rel=1e-12), (items, j)
+            left.remove(x)
+        assert s.slate_propensity == pytest.approx(float(np.prod(s.propensity)))
+    p2 = 1.0 / (1.0 + math.exp(-0.5))  # item 2 before item 5
+    assert abs(seen[2] / 400 - p2) < 5 * math.sqrt(p2 * (1 - p2) / 400)
+
+
+def test_seeded_generators_repeat_for_one_seed_and_differ_between_seeds() -> None:
+    draws = {s: seeded_generator(s).random(4).tolist() for s in (0, 1, 2, 2**63 - 1)}
+    assert seeded_generator(1).random(4).tolist() == draws[1]
+    assert len({tuple(d) for d in draws.values()}) == 4

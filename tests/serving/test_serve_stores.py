@@ -262,6 +262,42 @@ async def test_redis_recent_survives_a_script_flush_and_long_lists() -> None:
         await store.close()
 
 
+@pytest.mark.integration
+async def test_redis_reads_many_users_in_calls_of_a_few_hundred() -> None:
+    """A batch longer than one read call holds (``READ_MANY_USERS``) is split; every user
+    gets its own list, users without one get [], and a payload deleted behind the sorted
+    set's back is skipped, not shifted onto the next user."""
+    from recloop.stores.redis import READ_MANY_USERS
+
+    store = RedisStore(REDIS_URL, prefix=f"recloop-test:{uuid.uuid4().hex}:")
+    if not await store.ping():
+        await store.close()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    users = [f"u{k}" for k in range(READ_MANY_USERS + 40)]
+    try:
+        await store.push_recent(
+            {
+                u: [
+                    RecentItem(f"{u}-a", 1.0, 1, f"{u}-e1"),
+                    RecentItem(f"{u}-b", 0.5, 2, f"{u}-e2"),
+                ]
+                for u in users[::2]
+            },
+            max_len=5,
+        )
+        _, payloads = store._recent_keys("u2")
+        await store._client.hdel(payloads, "u2-e1")
+        got = await store.get_recent([*users, "nobody"], n=5)
+        assert got["u0"] == [("u0-a", 1.0), ("u0-b", 0.5)]
+        assert got["u2"] == [("u2-b", 0.5)]
+        assert got[users[-2]] == [(f"{users[-2]}-a", 1.0), (f"{users[-2]}-b", 0.5)]
+        assert all(got[u] == [] for u in users[1::2]) and got["nobody"] == []
+        assert len(got) == len(users) + 1
+    finally:
+        await store.delete_all()
+        await store.close()
+
+
 def test_check_store_url_names_what_is_wrong() -> None:
     assert check_store_url(None) == "memory"
     assert check_store_url("redis://127.0.0.1:6379/0") == "redis"

@@ -8,8 +8,9 @@ padding column at ``-inf``; M = the number of finite scores; the list has
     the deterministic top-k of :func:`recloop.ranking.topk`; every propensity is 1.
 ``softmax`` (= Plackett–Luce; ``plackett_luce`` is the same policy under its other name)
     k draws without replacement, each from softmax(scores / T) over the unmasked items not
-    drawn yet.  Sampled with the Gumbel-top-k trick (the top k of ``scores / T + Gumbel``
-    is exactly a Plackett–Luce sample).  The propensity of the item at position j is its
+    drawn yet.  Sampled as an exponential race (item i arrives at E_i / exp(s_i / T),
+    E_i ~ Exp(1); the first k arrivals in order are exactly a Plackett–Luce sample, the
+    Gumbel-top-k trick without its logs).  The propensity of the item at position j is its
     sequential choice probability ``w_j / (w_j + ... + w_k + rest)`` (``w = exp(s / T)``,
     ``rest`` the weight of every unmasked item not shown), and the slate's probability is
     their product.  So the logged per-item number is the *conditional* probability of the
@@ -25,18 +26,22 @@ padding column at ``-inf``; M = the number of finite scores; the list has
     there, :func:`epsilon_marginals`; no slate probability is reported (one slate can arise
     from several sets of exploring slots).
 
-Everything here is pure and takes an explicit ``numpy.random.Generator``: a request's seed
+Everything here is pure and draws from an explicit ``numpy.random.Generator`` or a seed
+(:func:`seeded_generator` maps a request's seed to its generator): a request's seed
 reproduces its list exactly.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+import torch
 
 POLICIES = ("topk", "softmax", "epsilon")
 """Serving policies; ``plackett_luce`` is accepted as a name of ``softmax``."""
@@ -79,17 +84,64 @@ def plackett_luce_propensities(
     return _sequential(np.exp(scores[items] / temperature - top), total)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit ints that spreads every input bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _pcg_state(seed: int) -> dict[str, Any]:
+    """PCG64's state for a request's seed: 128-bit state and (odd) increment from four
+    splitmix64 outputs of the seed.  Setting a state costs ~1 µs where building a
+    generator from a seed (``default_rng``: SeedSequence hashing) costs ~20 µs, once per
+    served list."""
+    x = seed & _M64
+    a = _mix64((x + 0x9E3779B97F4A7C15) & _M64)
+    b = _mix64((x + 0x3C6EF372FE94F82A) & _M64)
+    c = _mix64((x + 0xDAA66D2C7DDF743F) & _M64)
+    d = _mix64((x + 0x78DDE6E5FD29F054) & _M64)
+    return {
+        "bit_generator": "PCG64",
+        "state": {"state": (a << 64) | b, "inc": (c << 64) | d | 1},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+
+
+_LOCAL = threading.local()
+
+
+def _thread_generator() -> np.random.Generator:
+    """This thread's PCG64 generator, whose state callers set before every use (building
+    one costs ~50 µs: the seed-sequence hashing its constructor always does)."""
+    gen: np.random.Generator | None = getattr(_LOCAL, "gen", None)
+    if gen is None:
+        gen = _LOCAL.gen = np.random.Generator(np.random.PCG64(0))
+    return gen
+
+
+def seeded_generator(seed: int) -> np.random.Generator:
+    """The generator a request's ``seed`` (0 ≤ seed < 2**64) draws its list with: the
+    service's, and the one to use to redraw a served list offline."""
+    bg = np.random.PCG64()
+    bg.state = _pcg_state(seed)
+    return np.random.Generator(bg)
+
+
 def sample_plackett_luce(
     scores: np.ndarray, n: int, *, temperature: float, rng: np.random.Generator
 ) -> Slate:
-    """A Plackett–Luce slate of ``min(n, M)`` unmasked items (Gumbel-top-k); the one-row
-    case of :func:`sample_plackett_luce_many`, which draws the same list from the same
-    ``rng`` state."""
-    (slate,) = sample_plackett_luce_many(
-        scores[None, :],
-        np.array([n]),
-        temperature=np.array([temperature], np.float64),
-        rngs=[rng],
+    """A Plackett–Luce slate of ``min(n, M)`` unmasked items (exponential race, see
+    :func:`sample_plackett_luce_many`), with the N exponentials drawn from ``rng``;
+    ``rng=seeded_generator(seed)`` gives the list ``sample_plackett_luce_many`` gives that
+    seed."""
+    noise = rng.standard_exponential(scores.shape[0])[None, :]
+    (slate,) = _plackett_luce(
+        scores[None, :], np.array([n]), np.array([temperature], np.float64), noise
     )
     return slate
 
@@ -99,20 +151,54 @@ def sample_plackett_luce_many(
     n: np.ndarray,
     *,
     temperature: np.ndarray,
-    rngs: Sequence[np.random.Generator],
+    seeds: Sequence[int],
 ) -> list[Slate]:
     """One Plackett–Luce slate per row of ``scores`` (B, N) float64, masked at ``-inf``:
-    ``min(n[b], M_b)`` items drawn from softmax(scores[b] / temperature[b]) with ``rngs[b]``.
+    ``min(n[b], M_b)`` items drawn from softmax(scores[b] / temperature[b]) with the
+    generator of ``seeds[b]`` (:func:`seeded_generator`).
 
-    Only the random draws are per row (each row's own generator, so a row's list depends
-    on its seed alone, not on the batch it was scored in); keys, the top-k and the
-    propensities are computed for the whole batch at once.  Each row draws N exponentials
-    (one per column, masked ones too, so the draw count does not depend on the mask);
-    ``-log(Exp(1))`` is Gumbel(0, 1) and the exponential sampler is about 3x faster.
+    Only the random draws are per row (each row's own seed, so a row's list depends on its
+    seed alone, not on the batch it was scored in); keys, the top-k and the propensities are
+    computed for the whole batch at once.  Each row draws N exponentials, one per column
+    (masked ones too, so the draw count does not depend on the mask).
     """
-    b, width = scores.shape
+    noise = np.empty(scores.shape)  # (B, N)
+    gen = _thread_generator()
+    bg = gen.bit_generator
+    for row, seed in zip(noise, seeds, strict=True):
+        bg.state = _pcg_state(int(seed))
+        gen.standard_exponential(out=row)  # the same draws as size=N
+    return _plackett_luce(scores, np.asarray(n, np.int64), np.asarray(temperature), noise)
+
+
+def _log_domain_propensities(logits: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Sequential choice probabilities (k,) of ``items`` among ``logits`` (N,) (masked
+    -inf), each ``exp(l_j - log(sum of the weights left))`` with the sums taken in the log
+    domain: exact where ``exp(logits)`` underflows."""
+    rest = np.delete(logits, items)
+    log_rest = np.logaddexp.reduce(rest) if rest.size else -np.inf
+    shown = logits[items]
+    log_left = np.logaddexp(log_rest, np.logaddexp.accumulate(shown[::-1])[::-1])
+    out: np.ndarray = np.exp(shown - log_left)
+    return out
+
+
+def _plackett_luce(
+    scores: np.ndarray, n: np.ndarray, temperature: np.ndarray, noise: np.ndarray
+) -> list[Slate]:
+    """The slates of ``scores`` (B, N) given each row's Exp(1) draws ``noise`` (B, N).
+
+    Exponential race: item i "arrives" at E_i / w_i (E_i ~ Exp(1), w_i = exp(s_i / T)),
+    an exponential time of rate w_i, and the first k arrivals in order are exactly a
+    Plackett–Luce draw without replacement (the next arrival among those left is item i
+    with probability w_i / (their total)).  The same order as the Gumbel-top-k keys
+    ``s_i / T - log E_i``, without a log over every column.  A row where some unmasked
+    weight underflows (scores more than ~700 T apart), so fewer than k arrival times are
+    finite, takes its keys in the log domain instead.
+    """
+    b = scores.shape[0]
     ok = np.isfinite(scores)  # (B, N)
-    m = np.count_nonzero(ok, axis=1)  # (B,)
+    m = ok.sum(1)  # (B,)
     k = np.minimum(np.asarray(n, np.int64), m)  # (B,)
     kmax = int(k.max()) if b else 0
     if kmax == 0:
@@ -121,41 +207,44 @@ def sample_plackett_luce_many(
             for _ in range(b)
         ]
     # Each (B, N) pass below is done once, in place where the array is ours: at serving
-    # batch sizes these passes, not the arithmetic, are the sampler's cost.
+    # batch sizes these passes, not the arithmetic, are the sampler's cost.  The exp and
+    # the top-k are torch's (vectorised, 3x faster than numpy's here); the rest is numpy,
+    # whose calls cost a few µs where each torch call costs 10-20 on small arrays.
     logits = np.where(ok, scores, -np.inf)  # (B, N), a new array
     if not np.all(temperature == 1.0):  # x / 1.0 is x: skipping it changes no bit
         logits /= temperature[:, None]
-    top = logits.max(1)
-    logits -= np.where(m > 0, top, 0.0)[:, None]
-    keys = np.empty((b, width))  # (B, N): each row's exponentials, then its negated keys
-    for row, rng in zip(keys, rngs, strict=True):
-        rng.standard_exponential(out=row)  # the same draws as size=width
-    np.log(keys, out=keys)
-    np.subtract(keys, logits, out=keys)  # -(logits - log(noise)): masked stay +inf
-    if kmax < width:
-        part = np.argpartition(keys, kmax - 1, axis=1)[:, :kmax]  # (B, kmax)
-    else:
-        part = np.broadcast_to(np.arange(width), (b, width))
-    order = np.argsort(np.take_along_axis(keys, part, 1), axis=1, kind="stable")
-    chosen = np.take_along_axis(part, order, 1)  # (B, kmax) best key first
-    w = np.exp(logits, out=logits)  # (B, N), masked 0
+    logits -= np.where(m > 0, logits.max(1), 0.0)[:, None]
+    w = torch.exp(torch.from_numpy(logits)).numpy()  # (B, N), masked 0, the largest 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keys = noise / w  # (B, N) arrival times, masked +inf
+    first = torch.topk(torch.from_numpy(keys), kmax, dim=1, largest=False, sorted=True)
+    chosen = first.indices.numpy()  # (B, kmax), first arrival first
+    # a row whose k-th arrival is not finite has unmasked weights that underflowed: it
+    # takes the same order from log-domain keys
+    kth = first.values.numpy()[np.arange(b), np.maximum(k - 1, 0)]  # (B,)
+    short = np.flatnonzero((k > 0) & ~(kth < np.inf))
+    if short.size:
+        log_keys = torch.from_numpy(np.log(noise[short]) - logits[short])
+        chosen[short] = torch.topk(log_keys, kmax, dim=1, largest=False, sorted=True).indices
     shown = np.arange(kmax)[None, :] < k[:, None]  # (B, kmax)
-    w_shown = np.where(shown, np.take_along_axis(w, chosen, 1), 0.0)
+    rows = np.arange(b)[:, None]
+    at_chosen = w[rows, chosen]  # (B, kmax)
+    w_shown = np.where(shown, at_chosen, 0.0)
     # the weight left before position j, summed from positive terms only (rest + w_j + ...
     # + w_k; rest = the unshown items' weight, not total minus shown), so neither a long
     # tail nor a fully shown catalogue costs precision
-    rows = np.broadcast_to(np.arange(b)[:, None], chosen.shape)
-    w[rows[shown], chosen[shown]] = 0.0
+    w[rows, chosen] = at_chosen - w_shown  # the shown items' weights to 0, no others
     rest = w.sum(1)  # (B,)
     remaining = rest[:, None] + np.cumsum(w_shown[:, ::-1], axis=1)[:, ::-1]
-    prop = w_shown / np.where(shown, remaining, 1.0)  # (B, kmax)
+    with np.errstate(invalid="ignore"):  # 0 / 0 in underflowed rows, redone below
+        prop = w_shown / np.where(shown, remaining, 1.0)  # (B, kmax)
+    kk = k.tolist()
+    for i in short.tolist():
+        prop[i, : kk[i]] = _log_domain_propensities(logits[i], chosen[i, : kk[i]])
+    slate_p = np.where(shown, prop, 1.0).prod(1).tolist()
     return [
-        Slate(
-            items=chosen[i, :ki].astype(np.int64),
-            propensity=prop[i, :ki],
-            slate_propensity=float(np.prod(prop[i, :ki])),
-        )
-        for i, ki in enumerate(k.tolist())
+        Slate(items=chosen[i, :ki], propensity=prop[i, :ki], slate_propensity=slate_p[i])
+        for i, ki in enumerate(kk)
     ]
 
 

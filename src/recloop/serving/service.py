@@ -647,11 +647,16 @@ def _recommendation_ids(n: int) -> list[str]:
     return [blob[32 * i : 32 * (i + 1)] for i in range(n)]
 
 
+def _seed(row: _Row) -> int:
+    assert row.seed is not None  # every exploring row has one (:func:`_choose_policy`)
+    return row.seed
+
+
 def _explore(row: _Row, scores: np.ndarray, greedy: np.ndarray) -> exploration.Slate:
     """One row's epsilon-greedy list; ``scores`` (N + 1,) float64 masked, ``greedy`` its
     top-n (softmax rows are drawn for the whole batch in :meth:`_score_policy`)."""
-    rng = np.random.default_rng(row.seed)
     assert row.epsilon is not None
+    rng = exploration.seeded_generator(_seed(row))
     return exploration.sample_epsilon_greedy(scores, greedy, epsilon=row.epsilon, rng=rng)
 
 
@@ -968,7 +973,7 @@ class RecommenderService:
                 scores64,
                 np.array([rows[j].n for j in sampled], np.int64),
                 temperature=np.array([rows[j].temperature for j in sampled], np.float64),
-                rngs=[np.random.default_rng(rows[j].seed) for j in sampled],
+                seeds=[_seed(rows[j]) for j in sampled],
             )
             slates = dict(zip(sampled, drawn, strict=True))
             sampled_scores = dict(zip(sampled, scores64, strict=True))
