@@ -94,7 +94,7 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _pcg_state(seed: int) -> dict[str, Any]:
+def _pcg_state(seed: int) -> Any:  # numpy's PCG64 state dict
     """PCG64's state for a request's seed: 128-bit state and (odd) increment from four
     splitmix64 outputs of the seed.  Setting a state costs ~1 µs where building a
     generator from a seed (``default_rng``: SeedSequence hashing) costs ~20 µs, once per
@@ -139,7 +139,7 @@ def sample_plackett_luce(
     :func:`sample_plackett_luce_many`), with the N exponentials drawn from ``rng``;
     ``rng=seeded_generator(seed)`` gives the list ``sample_plackett_luce_many`` gives that
     seed."""
-    noise = rng.standard_exponential(scores.shape[0])[None, :]
+    noise = rng.standard_exponential(size=(1, scores.shape[0]))
     (slate,) = _plackett_luce(
         scores[None, :], np.array([n]), np.array([temperature], np.float64), noise
     )
