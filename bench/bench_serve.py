@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -85,7 +86,6 @@ SEED_REFERENCE = {16: (3800, 10.0), 64: (3300, 34.0)}
 TARGET = {16: (5000, 10.0), 64: (5000, 30.0)}
 """Issue 5's target: c → (requests/s at least, p99 ms at most)."""
 
-CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000)}
 COMPARED = "@compared"
 """Suffix of the variants run from ``--compare-src``."""
 CATALOGUES = {"ml100k": (943, 1682), "100k": (943, 100_000), "1m": (943, 1_000_000)}
@@ -1194,6 +1194,32 @@ def app_cost(args: argparse.Namespace, store_url: str) -> None:
         print(line)
 
 
+def sampler_cost() -> None:
+    """µs per served list of the softmax (Plackett–Luce) sampler alone, at the batch sizes
+    a worker sees: ml-100k's catalogue (N = 1,683 columns, padding and 10 consumed items
+    masked), n = 10, T = 1, each row's seeded draws included; the minimum over 7 repeats."""
+    import timeit
+
+    from recloop.serving.exploration import sample_plackett_luce_many
+
+    rng = np.random.default_rng(0)
+    n_cols = CATALOGUES["ml100k"][1] + 1
+    print(f"softmax sampler, N = {n_cols}, n = 10 ({machine()}):")
+    for b in (1, 2, 4, 8, 16, 32):
+        scores = rng.normal(size=(b, n_cols))
+        scores[:, :11] = -np.inf
+        seeds = rng.integers(0, 2**63, b).tolist()
+        draw = functools.partial(
+            sample_plackett_luce_many,
+            scores,
+            np.full(b, 10),
+            temperature=np.ones(b),
+            seeds=seeds,
+        )
+        per_call = min(timeit.repeat(draw, number=300, repeat=7)) / 300
+        print(f"  batch {b:2d}: {per_call / b * 1e6:6.1f} us per list", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1273,6 +1299,11 @@ def main() -> None:
     )
     ap.add_argument("--app-cost-child", help=argparse.SUPPRESS)
     ap.add_argument(
+        "--sampler-cost",
+        action="store_true",
+        help="only time the softmax sampler per served list at batch sizes 1-32, and exit",
+    )
+    ap.add_argument(
         "--keep",
         type=Path,
         help="build the synthetic catalogues' artifacts (and indexes) in this directory and "
@@ -1281,6 +1312,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.sampler_cost:
+        sampler_cost()
+        return
     if args.app_cost_child:  # one measurement of --app-cost, in its own process
         store_url = "memory://" if args.memory_store else args.redis_url
         app_cost_child(
