@@ -199,19 +199,20 @@ def _plackett_luce(
     b = scores.shape[0]
     ok = np.isfinite(scores)  # (B, N)
     m = ok.sum(1)  # (B,)
-    k = np.minimum(np.asarray(n, np.int64), m)  # (B,)
-    kmax = int(k.max()) if b else 0
+    kk = np.minimum(np.asarray(n, np.int64), m).tolist()  # (B,) list length per row
+    kmax = max(kk, default=0)
     if kmax == 0:
         return [
             Slate(items=np.zeros(0, np.int64), propensity=np.zeros(0), slate_propensity=1.0)
             for _ in range(b)
         ]
-    # Each (B, N) pass below is done once, in place where the array is ours: at serving
-    # batch sizes these passes, not the arithmetic, are the sampler's cost.  The exp and
-    # the top-k are torch's (vectorised, 3x faster than numpy's here); the rest is numpy,
-    # whose calls cost a few µs where each torch call costs 10-20 on small arrays.
+    # The (B, N) passes are done once each, in place where the array is ours; the exp and
+    # the top-k are torch's (vectorised, ~3x faster than numpy's here).  What is (B, k) or
+    # smaller is plain Python: at serving batch sizes (1-16 rows) the fixed cost of a numpy
+    # or torch call, not the arithmetic, was most of the sampler's time.
     logits = np.where(ok, scores, -np.inf)  # (B, N), a new array
-    if not np.all(temperature == 1.0):  # x / 1.0 is x: skipping it changes no bit
+    temps = temperature.tolist()
+    if any(t != 1.0 for t in temps):  # x / 1.0 is x: skipping it changes no bit
         logits /= temperature[:, None]
     logits -= np.where(m > 0, logits.max(1), 0.0)[:, None]
     w = torch.exp(torch.from_numpy(logits)).numpy()  # (B, N), masked 0, the largest 1
@@ -221,31 +222,40 @@ def _plackett_luce(
     chosen = first.indices.numpy()  # (B, kmax), first arrival first
     # a row whose k-th arrival is not finite has unmasked weights that underflowed: it
     # takes the same order from log-domain keys
-    kth = first.values.numpy()[np.arange(b), np.maximum(k - 1, 0)]  # (B,)
-    short = np.flatnonzero((k > 0) & ~(kth < np.inf))
-    if short.size:
+    kth = first.values.numpy().tolist()
+    short = [i for i, ki in enumerate(kk) if ki and not kth[i][ki - 1] < math.inf]
+    if short:
         log_keys = torch.from_numpy(np.log(noise[short]) - logits[short])
         chosen[short] = torch.topk(log_keys, kmax, dim=1, largest=False, sorted=True).indices
-    shown = np.arange(kmax)[None, :] < k[:, None]  # (B, kmax)
     rows = np.arange(b)[:, None]
-    at_chosen = w[rows, chosen]  # (B, kmax)
-    w_shown = np.where(shown, at_chosen, 0.0)
-    # the weight left before position j, summed from positive terms only (rest + w_j + ...
-    # + w_k; rest = the unshown items' weight, not total minus shown), so neither a long
-    # tail nor a fully shown catalogue costs precision
-    w[rows, chosen] = at_chosen - w_shown  # the shown items' weights to 0, no others
-    rest = w.sum(1)  # (B,)
-    remaining = rest[:, None] + np.cumsum(w_shown[:, ::-1], axis=1)[:, ::-1]
-    with np.errstate(invalid="ignore"):  # 0 / 0 in underflowed rows, redone below
-        prop = w_shown / np.where(shown, remaining, 1.0)  # (B, kmax)
-    kk = k.tolist()
-    for i in short.tolist():
-        prop[i, : kk[i]] = _log_domain_propensities(logits[i], chosen[i, : kk[i]])
-    slate_p = np.where(shown, prop, 1.0).prod(1).tolist()
-    return [
-        Slate(items=chosen[i, :ki], propensity=prop[i, :ki], slate_propensity=slate_p[i])
-        for i, ki in enumerate(kk)
-    ]
+    at_chosen = w[rows, chosen].tolist()  # (B, kmax)
+    w[rows, chosen] = 0.0
+    rest = w.sum(1).tolist()  # (B,) the weight of every item not among the kmax chosen
+    out = []
+    for i, ki in enumerate(kk):
+        wi = at_chosen[i]
+        if i in short:
+            prop = _log_domain_propensities(logits[i], chosen[i, :ki])
+            out.append(Slate(items=chosen[i, :ki], propensity=prop, slate_propensity=_prod(prop)))
+            continue
+        # the weight left before position j, summed from positive terms only (rest +
+        # w_k + ... + w_j; rest = the unshown items' weight, not total minus shown), so
+        # neither a long tail nor a fully shown catalogue costs precision
+        left = rest[i] + sum(wi[ki:])  # chosen beyond this row's k are not shown
+        props = [0.0] * ki
+        for j in range(ki - 1, -1, -1):
+            left += wi[j]
+            props[j] = wi[j] / left
+        prop = np.array(props)
+        out.append(Slate(items=chosen[i, :ki], propensity=prop, slate_propensity=_prod(props)))
+    return out
+
+
+def _prod(xs: Sequence[float] | np.ndarray) -> float:
+    out = 1.0
+    for x in xs:
+        out *= float(x)
+    return out
 
 
 @lru_cache(maxsize=4096)
