@@ -15,6 +15,7 @@ import pytest
 from serve_helpers import ITEM_IDS, REDIS_URL, ServeFactory, as_recent
 
 from recloop.artifacts import load_artifact
+from recloop.artifacts.manifest import MIN_TEMPERATURE
 from recloop.errors import ArtifactError
 from recloop.serving.exploration import plackett_luce_propensities
 from recloop.serving.metrics import ServiceMetrics
@@ -97,6 +98,7 @@ async def test_epsilon_zero_is_topk_and_plackett_luce_is_softmax(serve: ServeFac
     [
         ("policy", "greedy"),
         ("temperature", 0),
+        ("temperature", 1e-5),  # below MIN_TEMPERATURE: scores / T could overflow
         ("temperature", "1"),
         ("epsilon", 1.5),
         ("epsilon", True),
@@ -124,7 +126,7 @@ async def test_policy_fields_are_declared_in_the_openapi_schema(serve: ServeFact
             "plackett_luce",
             "epsilon",
         }
-        assert props["temperature"]["anyOf"][0]["exclusiveMinimum"] == 0
+        assert props["temperature"]["anyOf"][0]["minimum"] == MIN_TEMPERATURE
         assert props["epsilon"]["anyOf"][0]["maximum"] == 1
         assert props["seed"]["anyOf"][0]["minimum"] == 0
         out = schema["components"]["schemas"]["RecommendResponse"]["properties"]
@@ -305,6 +307,7 @@ async def test_a_reload_reads_the_new_artifacts_serving_section(
     [
         ({"policy": "greedy"}, "serving.policy"),
         ({"temperature": 0}, "serving.temperature"),
+        ({"temperature": 1e-5}, "serving.temperature"),
         ({"epsilon": 2}, "serving.epsilon"),
         ({"policy": "topk", "extra": 1}, "serving.extra"),
     ],

@@ -73,6 +73,11 @@ class DatasetSection(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
+MIN_TEMPERATURE = 1e-4
+"""Smallest softmax temperature served: below it scores / T can overflow float64 (and the
+policy is top-K in all but name).  Every place that takes a serving T checks it."""
+
+
 class ServingSection(_Strict):
     """``manifest["serving"]`` (optional): how ``recloop serve`` draws this artifact's lists
     unless a request says otherwise (see :mod:`recloop.serving.exploration`).  Not part of
@@ -81,7 +86,7 @@ class ServingSection(_Strict):
 
     policy: Literal["topk", "softmax", "plackett_luce", "epsilon"] | None = None
     """Default serving policy of this artifact (None: the service's)."""
-    temperature: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
+    temperature: float | None = Field(default=None, ge=MIN_TEMPERATURE, le=1e6, allow_inf_nan=False)
     """Default T of the softmax policy (None: the service's)."""
     epsilon: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     """Default exploration probability of the epsilon policy (None: the service's)."""

@@ -31,7 +31,7 @@ def experiment_command(
         0.1, "--epsilon", min=0.0, max=1.0, help="ε of the epsilon serving policy."
     ),
     temperature: float = typer.Option(
-        1.0, "--temperature", min=1e-6, help="T of the softmax serving policy."
+        1.0, "--temperature", min=1e-4, help="T of the softmax serving policy."
     ),
     bootstrap: str = typer.Option(
         "random",

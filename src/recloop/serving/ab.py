@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recloop.artifacts.manifest import MIN_TEMPERATURE
 from recloop.errors import ConfigError
 
 ARM_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -50,7 +51,7 @@ class ArmConfig(BaseModel):
     policy: Literal["topk", "softmax", "plackett_luce", "epsilon"] | None = None
     """This arm's serving policy (None: the artifact's ``serving`` section, else the
     service's); a request's own ``policy`` still wins."""
-    temperature: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
+    temperature: float | None = Field(default=None, ge=MIN_TEMPERATURE, le=1e6, allow_inf_nan=False)
     """This arm's softmax temperature (None: the artifact's, else the service's)."""
     epsilon: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     """This arm's epsilon (None: the artifact's, else the service's)."""

@@ -124,6 +124,15 @@ def _thread_generator() -> np.random.Generator:
     return gen
 
 
+def thread_generator(seed: int) -> np.random.Generator:
+    """:func:`seeded_generator`'s generator without building one: this thread's own, its
+    state set from ``seed``; valid until the next call in the same thread (the service
+    draws each list synchronously, so one list's draws are never interleaved)."""
+    gen = _thread_generator()
+    gen.bit_generator.state = _pcg_state(seed)
+    return gen
+
+
 def seeded_generator(seed: int) -> np.random.Generator:
     """The generator a request's ``seed`` (0 ≤ seed < 2**64) draws its list with: the
     service's, and the one to use to redraw a served list offline."""
@@ -216,8 +225,8 @@ def _plackett_luce(
         logits /= temperature[:, None]
     logits -= np.where(m > 0, logits.max(1), 0.0)[:, None]
     w = torch.exp(torch.from_numpy(logits)).numpy()  # (B, N), masked 0, the largest 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        keys = noise / w  # (B, N) arrival times, masked +inf
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        keys = noise / w  # (B, N) arrival times, masked +inf (and overflowed ones)
     first = torch.topk(torch.from_numpy(keys), kmax, dim=1, largest=False, sorted=True)
     chosen = first.indices.numpy()  # (B, kmax), first arrival first
     # a row whose k-th arrival is not finite has unmasked weights that underflowed: it
@@ -229,8 +238,12 @@ def _plackett_luce(
         chosen[short] = torch.topk(log_keys, kmax, dim=1, largest=False, sorted=True).indices
     rows = np.arange(b)[:, None]
     at_chosen = w[rows, chosen].tolist()  # (B, kmax)
-    w[rows, chosen] = 0.0
-    rest = w.sum(1).tolist()  # (B,) the weight of every item not among the kmax chosen
+    if kk.count(kmax) == b:
+        w[rows, chosen] = 0.0
+    else:  # zero only what each row shows: its propensities must not depend on the batch
+        shown = np.arange(kmax)[None, :] < np.array(kk)[:, None]
+        w[np.broadcast_to(rows, chosen.shape)[shown], chosen[shown]] = 0.0
+    rest = w.sum(1).tolist()  # (B,) the weight of every unmasked item a row does not show
     out = []
     for i, ki in enumerate(kk):
         wi = at_chosen[i]
@@ -241,7 +254,7 @@ def _plackett_luce(
         # the weight left before position j, summed from positive terms only (rest +
         # w_k + ... + w_j; rest = the unshown items' weight, not total minus shown), so
         # neither a long tail nor a fully shown catalogue costs precision
-        left = rest[i] + sum(wi[ki:])  # chosen beyond this row's k are not shown
+        left = rest[i]
         props = [0.0] * ki
         for j in range(ki - 1, -1, -1):
             left += wi[j]

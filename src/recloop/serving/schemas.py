@@ -28,6 +28,8 @@ from pydantic import (
     create_model,
 )
 
+from recloop.artifacts.manifest import MIN_TEMPERATURE
+
 MAX_ID_LEN = 512
 """Longest raw id accepted, in characters."""
 INT_ID_MIN, INT_ID_MAX = -(2**63), 2**63 - 1
@@ -120,7 +122,7 @@ PolicyName = Literal["topk", "softmax", "plackett_luce", "epsilon"]
 """Serving policies (``plackett_luce`` is another name of ``softmax``), see
 :mod:`recloop.serving.exploration`."""
 SEED_MAX = 2**63 - 1
-Temperature = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=1e6, allow_inf_nan=False)]
 RewardValue = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
 Epsilon = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 

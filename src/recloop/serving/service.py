@@ -648,7 +648,8 @@ def _recommendation_ids(n: int) -> list[str]:
 
 
 def _seed(row: _Row) -> int:
-    assert row.seed is not None  # every exploring row has one (:func:`_choose_policy`)
+    if row.seed is None:  # every exploring row has one (:func:`_choose_policy`)
+        raise RuntimeError(f"an exploring {row.policy} list without a seed")
     return row.seed
 
 
@@ -656,7 +657,7 @@ def _explore(row: _Row, scores: np.ndarray, greedy: np.ndarray) -> exploration.S
     """One row's epsilon-greedy list; ``scores`` (N + 1,) float64 masked, ``greedy`` its
     top-n (softmax rows are drawn for the whole batch in :meth:`_score_policy`)."""
     assert row.epsilon is not None
-    rng = exploration.seeded_generator(_seed(row))
+    rng = exploration.thread_generator(_seed(row))
     return exploration.sample_epsilon_greedy(scores, greedy, epsilon=row.epsilon, rng=rng)
 
 

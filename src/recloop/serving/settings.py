@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recloop.artifacts.manifest import MIN_TEMPERATURE
 from recloop.errors import ConfigError
 from recloop.serving.ab import ArmConfig, check_arms
 from recloop.serving.schemas import Limits
@@ -126,7 +127,7 @@ class ServeSettings(BaseSettings):
     An artifact's ``serving`` section in its manifest (and an A/B arm's own policy) takes
     precedence over this, and a request's ``policy`` over both; the same goes for
     ``temperature`` and ``epsilon``."""
-    temperature: float = Field(1.0, gt=0, le=1e6)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=1e6)
     """Default T of the softmax policy."""
     epsilon: float = Field(0.1, ge=0, le=1)
     """Default exploration probability per slot of the epsilon policy."""

@@ -77,7 +77,9 @@ return out
 """
 # The same read for many users in one call (KEYS: each user's two keys in turn), one list
 # per user: a batch's read is one command, not one per user, whose encoding, reply parsing
-# and timeout handling cost the client more than the read costs Redis.
+# and timeout handling cost the client more than the read costs Redis.  On Redis Cluster
+# the keys of one call would have to share a hash slot (CROSSSLOT otherwise): a cluster
+# client must group a batch by slot.  recloop's client is a standalone one.
 RECENT_READ_MANY_SCRIPT = """
 local n = tonumber(ARGV[1])
 local out = {}
