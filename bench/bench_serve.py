@@ -308,7 +308,7 @@ async def recommend(req: Req) -> dict:
         # bench ids are their own indices
         u = "{" + str(req.user_id) + "}"
         keys = [f"{prefix}{RECENT_KEY}:{u}", f"{prefix}{RECENT_EVENTS_KEY}:{u}"]
-        raw = await read_recent(keys=keys, args=[H])
+        (raw,) = await read_recent(keys=keys, args=[H])  # one user's list
         hist = [int(x.split(b" ", 1)[1]) for x in raw if x is not None]
     h = torch.tensor([[0] * (H - len(hist)) + hist])
     with torch.inference_mode():

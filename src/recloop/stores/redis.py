@@ -66,21 +66,12 @@ if extra > 0 then
 end
 return added
 """
+# A user's last n events, for many users in one call (KEYS: each user's two keys in turn),
+# one list per user: a batch's read is one command, not one per user, whose encoding, reply
+# parsing and timeout handling cost the client more than the read costs Redis.  On Redis
+# Cluster the keys of one call would have to share a hash slot (CROSSSLOT otherwise): a
+# cluster client must group a batch by slot.  recloop's client is a standalone one.
 RECENT_READ_SCRIPT = """
-local ids = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-local out = {}
-for j = 1, #ids, 1000 do
-  local part = redis.call('HMGET', KEYS[2], unpack(ids, j, math.min(j + 999, #ids)))
-  for k = 1, #part do out[#out + 1] = part[k] end
-end
-return out
-"""
-# The same read for many users in one call (KEYS: each user's two keys in turn), one list
-# per user: a batch's read is one command, not one per user, whose encoding, reply parsing
-# and timeout handling cost the client more than the read costs Redis.  On Redis Cluster
-# the keys of one call would have to share a hash slot (CROSSSLOT otherwise): a cluster
-# client must group a batch by slot.  recloop's client is a standalone one.
-RECENT_READ_MANY_SCRIPT = """
 local n = tonumber(ARGV[1])
 local out = {}
 for u = 1, #KEYS, 2 do
@@ -98,7 +89,7 @@ READ_MANY_USERS = 256
 """Users per read-many call: a long batch is split so that no one script holds Redis long."""
 _SHA = {
     script: hashlib.sha1(script.encode()).hexdigest()
-    for script in (RECENT_PUSH_SCRIPT, RECENT_READ_SCRIPT, RECENT_READ_MANY_SCRIPT)
+    for script in (RECENT_PUSH_SCRIPT, RECENT_READ_SCRIPT)
 }
 
 
@@ -201,7 +192,7 @@ class RedisStore:
             return {u: [] for u in users}
         chunks = [users[i : i + READ_MANY_USERS] for i in range(0, len(users), READ_MANY_USERS)]
         calls = [([k for u in chunk for k in self._recent_keys(u)], [n]) for chunk in chunks]
-        replies = await self._scripts("get_recent", RECENT_READ_MANY_SCRIPT, calls)
+        replies = await self._scripts("get_recent", RECENT_READ_SCRIPT, calls)
         lists = [raw for reply in replies for raw in reply]
         return {
             u: _decode_all(raw, self._key(RECENT_EVENTS_KEY, f"{{{u}}}"))
