@@ -10,6 +10,7 @@ import torch
 from recloop.algos.losses import (
     importance_weight,
     log_prob_of,
+    rewarded_cross_entropy,
     sampled_log_prob,
     scale_returns,
     topk_multiplier,
@@ -144,3 +145,16 @@ def test_log_prob_of_is_floored_not_infinite() -> None:
     got.sum().backward()
     assert logits.grad is not None
     torch.testing.assert_close(logits.grad, torch.tensor([[1.0, -1.0]]))
+
+
+def test_rewarded_cross_entropy_by_hand() -> None:
+    """−mean log π over the rewarded rows only; its gradient reaches those rows alone."""
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.1, 0.8])).requires_grad_(True)
+    reward = torch.tensor([1.0, 0.0, 3.0, -1.0])  # rows 0 and 2 rewarded
+    loss = rewarded_cross_entropy(logp, reward)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2, rel=1e-6)
+    loss.backward()
+    assert logp.grad is not None
+    torch.testing.assert_close(logp.grad, torch.tensor([-0.5, 0.0, -0.5, 0.0]))
+    none = rewarded_cross_entropy(logp.detach(), torch.zeros(4))
+    assert none.item() == 0.0

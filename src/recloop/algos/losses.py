@@ -100,6 +100,14 @@ def topk_off_policy_loss(
     return OffPolicyTerms(loss=loss, weight=weight, lambda_k=lam)
 
 
+def rewarded_cross_entropy(logp: Tensor, reward: Tensor) -> Tensor:
+    """−mean log π(a|s) over the rows whose logged action was rewarded (reward > 0), 0 in a
+    batch without one; shapes (B,) → ().  The supervised next-item loss on the clicks, added
+    to REINFORCE as its ``+CE`` variant (cf. the supervised head of SQN, Xin et al. 2020)."""
+    rewarded = (reward > 0).to(logp.dtype)
+    return -(logp * rewarded).sum() / rewarded.sum().clamp(min=1.0)
+
+
 def scale_returns(returns: Tensor, *, mode: str, eps: float = 1e-8) -> Tensor:
     """Discounted returns (B,) rescaled within the batch.
 

@@ -33,7 +33,7 @@ from recloop.algos.base import (
     build_adam,
     optimizer_step,
 )
-from recloop.algos.losses import scale_returns, topk_off_policy_loss
+from recloop.algos.losses import rewarded_cross_entropy, scale_returns, topk_off_policy_loss
 from recloop.algos.softmax import PROPOSALS, ItemSoftmax, use_sparse_tables
 from recloop.artifacts.heads import HeadConfig, LinearHead
 from recloop.config import check
@@ -76,6 +76,12 @@ class ReinforceConfig(AlgoConfig):
     pi and beta alike; None = full softmax."""
     proposal: str = "popularity"
     """Distribution of sampled negatives: ``uniform`` or ``popularity`` (train count + 1)."""
+    ce_weight: float = 0.0
+    """λ of REINFORCE+CE: λ · (−mean log π(a|s) over the rewarded logged actions) is added to
+    the corrected loss, so π also imitates the clicks.  Where the log is mostly greedy, π
+    then moves towards the logging policy and the importance weights π/β towards 1, which
+    otherwise start near 1/N on the greedy events (docs/experiment.md).  0: the paper's
+    loss."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
@@ -105,6 +111,10 @@ class ReinforceConfig(AlgoConfig):
             f"sampled_softmax must be >= 1 or null, got {self.sampled_softmax}",
         )
         check(self.proposal in PROPOSALS, f"proposal must be one of {list(PROPOSALS)}")
+        check(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
+
+    def label(self) -> str:
+        return f"{self.algo} (+CE, λ={self.ce_weight:g})" if self.ce_weight else self.algo
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class ReinforceStats(UpdateStats):
     """Mean top-K multiplier K (1 - pi)^(K - 1)."""
     logp: Scalar
     """Mean log pi(a|s) of the logged actions."""
+    ce: Scalar
+    """The +CE term (0 without ``ce_weight``: not computed)."""
 
 
 @ALGOS.register("reinforce")
@@ -201,14 +213,20 @@ class Reinforce(Algo[ReinforceConfig]):
             top_k=self.cfg.top_k,
             weight_cap=self.cfg.weight_cap,
         )
+        loss = terms.loss
+        ce = torch.zeros(())
+        if self.cfg.ce_weight:  # REINFORCE+CE: imitate the rewarded logged actions too
+            ce = rewarded_cross_entropy(logp, batch.reward)
+            loss = loss + self.cfg.ce_weight * ce
         beta_nll = -beta_logp.mean()
         # One backward for both: β's loss reaches only β's weights (the state is detached),
         # and each param group is clipped on its own.
-        optimizer_step(self.opt.values(), terms.loss + beta_nll, grad_clip=self.cfg.grad_clip)
+        optimizer_step(self.opt.values(), loss + beta_nll, grad_clip=self.cfg.grad_clip)
         return ReinforceStats(
             loss=terms.loss.detach(),
             beta_nll=beta_nll.detach(),
             weight=terms.weight.mean(),
             lambda_k=terms.lambda_k.mean(),
             logp=logp.detach().mean(),
+            ce=ce.detach(),
         )
