@@ -41,9 +41,15 @@ done
 mkdir -p "$dir/recloop-jars"
 java/build.sh flink-udf "$dir" "$dir/recloop-jars/recloop-flink-udf.jar"
 if [[ $scorer == 1 ]]; then
+  # The torch of the project's own venv when there is one (on a CPU-only machine its CPU
+  # build, not the newest release's several-GB CUDA build); else any torch >= 2.2.
+  torch_req='torch>=2.2'
+  if [[ -x .venv/bin/python ]] && v=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null); then
+    torch_req="torch==$v"
+  fi
   # apache-flink in the same command: the resolver keeps its pins (torch alone would pull
   # a setuptools newer than apache-flink allows).
-  "$dir/bin/pip" install -q 'apache-flink==2.0.*' 'torch>=2.2' 'safetensors>=0.4' \
+  "$dir/bin/pip" install -q 'apache-flink==2.0.*' "$torch_req" 'safetensors>=0.4' \
     'polars>=1.0' 'pydantic>=2.5' 'pydantic-settings>=2.1' 'sqlalchemy>=2.0' 'pyyaml>=6' \
     'tqdm>=4.66' 'orjson>=3.9' 'psycopg[binary]>=3.1' 'pymysql>=1.1'
   "$dir/bin/pip" check
