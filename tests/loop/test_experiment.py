@@ -57,6 +57,24 @@ def test_arms_are_parsed_with_their_training_fields() -> None:
         parse_arms("cql:lr", epsilon=0.1)
 
 
+def test_an_arm_may_set_its_own_serving_exploration() -> None:
+    """``serve.epsilon`` (policy, temperature) is the arm's serving, not a training field."""
+    arms = parse_arms("reinforce:behaviour=logged:serve.epsilon=0.3,sasrec", epsilon=0.1)
+    assert arms[0].epsilon == 0.3 and arms[0].train == {"behaviour": "logged"}
+    assert arms[0].name == "rl-reinforce(behaviour=logged,serve.epsilon=0.3)"
+    assert arms[1].epsilon == 0.1
+    soft = parse_arms("sasrec:serve.policy=softmax:serve.temperature=0.5", epsilon=0.1)[0]
+    assert (soft.policy, soft.temperature, soft.train) == ("softmax", 0.5, {})
+    for bad, match in [
+        ("cql:serve.eps=0.3", "serving fields are serve.policy"),
+        ("cql:serve.epsilon=1.5", r"serve\.epsilon .* must be in \[0, 1\]"),
+        ("cql:serve.policy=topk", "must be epsilon or softmax"),
+        ("cql:serve.temperature=0", r"serve\.temperature .* must be in"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_arms(bad, epsilon=0.1)
+
+
 def _row(r: int, arm: str, value: float, half: float, gate: GateCheck | None = None) -> ArmRound:
     return ArmRound(
         round=r,

@@ -178,11 +178,45 @@ def _scalar(text: str) -> Any:
         return text
 
 
+SERVING_FIELDS = ("policy", "epsilon", "temperature")
+"""What an arm may set for its own serving (``serve.<field>=value`` in ``--arms``)."""
+
+
+def _serving_field(key: str, token: str) -> str:
+    name = key.removeprefix("serve.")
+    if name not in SERVING_FIELDS:
+        raise ConfigError(
+            f"--arms: {key!r} in {token!r}: an arm's serving fields are "
+            + ", ".join(f"serve.{f}" for f in SERVING_FIELDS)
+        )
+    return name
+
+
+def _check_serving(serve: dict[str, Any], token: str) -> None:
+    from recloop.artifacts.manifest import MIN_TEMPERATURE
+
+    policy, eps, t = serve["policy"], serve["epsilon"], serve["temperature"]
+    if policy not in ("epsilon", "softmax"):
+        raise ConfigError(
+            f"--arms: serve.policy in {token!r} must be epsilon or softmax, got {policy!r}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps <= 1:
+        raise ConfigError(f"--arms: serve.epsilon in {token!r} must be in [0, 1], got {eps!r}")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not MIN_TEMPERATURE <= t <= 1e6:
+        raise ConfigError(
+            f"--arms: serve.temperature in {token!r} must be in "
+            f"[{MIN_TEMPERATURE:g}, 1e6], got {t!r}"
+        )
+
+
 def parse_arms(
     spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
 ) -> list[ArmSpec]:
     """``algo[:field=value[:field=value]]`` separated by commas; ``random`` is the arm
-    without a loop.  Names: ``rl-…``, ``supervised-…``, ``popularity``, ``random``."""
+    without a loop.  A field is a training setting, or with ``serve.`` the arm's own serving
+    ``policy``, ``epsilon`` or ``temperature`` (``reinforce:serve.epsilon=0.3``: that loop
+    explores more than the others).  Names: ``rl-…``, ``supervised-…``, ``popularity``,
+    ``random``."""
     arms: list[ArmSpec] = []
     for token in (t.strip() for t in spec.split(",")):
         if not token:
@@ -196,11 +230,16 @@ def parse_arms(
         if algo not in ALGOS.names():
             raise ConfigError(f"--arms: unknown algorithm {algo!r} in {token!r}")
         train: dict[str, Any] = {}
+        serve: dict[str, Any] = {"policy": policy, "epsilon": epsilon, "temperature": temperature}
         for f in fields:
             key, eq, value = f.partition("=")
             if not eq:
                 raise ConfigError(f"--arms: {f!r} in {token!r} is not field=value")
-            train[key] = _scalar(value)
+            if key.startswith("serve."):
+                serve[_serving_field(key, token)] = _scalar(value)
+            else:
+                train[key] = _scalar(value)
+        _check_serving(serve, token)
         kind = _KIND.get(algo)
         name = algo if kind is None else f"{kind}-{algo}"
         if fields:
@@ -210,9 +249,9 @@ def parse_arms(
                 name=name,
                 algo=algo,
                 train=train,
-                policy=policy,
-                epsilon=epsilon,
-                temperature=temperature,
+                policy=str(serve["policy"]),
+                epsilon=float(serve["epsilon"]),
+                temperature=float(serve["temperature"]),
                 train_targets="all" if kind == "rl" else "rewarded",
             )
         )
