@@ -67,9 +67,10 @@ def test_an_arm_may_set_its_own_serving_exploration() -> None:
     assert (soft.policy, soft.temperature, soft.train) == ("softmax", 0.5, {})
     for bad, match in [
         ("cql:serve.eps=0.3", "serving fields are serve.policy"),
-        ("cql:serve.epsilon=1.5", r"serve\.epsilon .* must be in \[0, 1\]"),
-        ("cql:serve.policy=topk", "must be epsilon or softmax"),
-        ("cql:serve.temperature=0", r"serve\.temperature .* must be in"),
+        ("cql:serve.epsilon=1.5", r"serve\.epsilon must be in \[0, 1\]"),
+        ("cql:serve.epsilon=abc", r"serve\.epsilon must be in \[0, 1\], got 'abc'"),
+        ("cql:serve.policy=topk", "serve.policy must be epsilon or softmax"),
+        ("cql:serve.temperature=0", r"serve\.temperature must be in \[0\.0001, 1e6\]"),
     ]:
         with pytest.raises(ConfigError, match=match):
             parse_arms(bad, epsilon=0.1)

@@ -123,6 +123,28 @@ class SimClock:
         return self.now
 
 
+def check_serving(*, policy: Any, epsilon: Any, temperature: Any, where: str = "") -> None:
+    """The serving settings of the experiment (``where`` ""), or of one arm: ``policy``
+    epsilon or softmax, ε in [0, 1], T in [MIN_TEMPERATURE, 1e6]; ConfigError otherwise."""
+    from recloop.artifacts.manifest import MIN_TEMPERATURE
+
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    check(
+        policy in ("epsilon", "softmax"),
+        f"{where}policy must be epsilon or softmax, got {policy!r}",
+    )
+    check(
+        number(epsilon) and 0 <= epsilon <= 1,
+        f"{where}epsilon must be in [0, 1], got {epsilon!r}",
+    )
+    check(
+        number(temperature) and MIN_TEMPERATURE <= temperature <= 1e6,
+        f"{where}temperature must be in [{MIN_TEMPERATURE:g}, 1e6], got {temperature!r}",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ArmSpec:
     """One closed loop: what it trains and how it serves."""
@@ -144,6 +166,14 @@ class ArmSpec:
     reward, 0 when ignored, and its logged propensity) or ``rewarded`` ones only
     (popularity and supervised arms: trained on every impression they would count or
     imitate what the serving model chose, ignored items included)."""
+
+    def __post_init__(self) -> None:
+        check_serving(
+            policy=self.policy,
+            epsilon=self.epsilon,
+            temperature=self.temperature,
+            where=f"--arms: {self.name}: serve.",
+        )
 
     def selection(self) -> Selection:
         """The same policy in the world's roll-outs (n = 1: one item per step)."""
@@ -192,23 +222,6 @@ def _serving_field(key: str, token: str) -> str:
     return name
 
 
-def _check_serving(serve: dict[str, Any], token: str) -> None:
-    from recloop.artifacts.manifest import MIN_TEMPERATURE
-
-    policy, eps, t = serve["policy"], serve["epsilon"], serve["temperature"]
-    if policy not in ("epsilon", "softmax"):
-        raise ConfigError(
-            f"--arms: serve.policy in {token!r} must be epsilon or softmax, got {policy!r}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps <= 1:
-        raise ConfigError(f"--arms: serve.epsilon in {token!r} must be in [0, 1], got {eps!r}")
-    if isinstance(t, bool) or not isinstance(t, int | float) or not MIN_TEMPERATURE <= t <= 1e6:
-        raise ConfigError(
-            f"--arms: serve.temperature in {token!r} must be in "
-            f"[{MIN_TEMPERATURE:g}, 1e6], got {t!r}"
-        )
-
-
 def parse_arms(
     spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
 ) -> list[ArmSpec]:
@@ -239,7 +252,6 @@ def parse_arms(
                 serve[_serving_field(key, token)] = _scalar(value)
             else:
                 train[key] = _scalar(value)
-        _check_serving(serve, token)
         kind = _KIND.get(algo)
         name = algo if kind is None else f"{kind}-{algo}"
         if fields:
@@ -249,9 +261,9 @@ def parse_arms(
                 name=name,
                 algo=algo,
                 train=train,
-                policy=str(serve["policy"]),
-                epsilon=float(serve["epsilon"]),
-                temperature=float(serve["temperature"]),
+                policy=serve["policy"],
+                epsilon=serve["epsilon"],
+                temperature=serve["temperature"],
                 train_targets="all" if kind == "rl" else "rewarded",
             )
         )
@@ -313,16 +325,11 @@ class ExperimentConfig:
         )
         check(self.truth_users >= 0, f"truth_users must be >= 0, got {self.truth_users}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(0 <= self.epsilon <= 1, f"epsilon must lie in [0, 1], got {self.epsilon}")
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
         check(
             self.gate in ("ope", "metric", "both"), f"gate: ope, metric or both, got {self.gate!r}"
         )
-        check(
-            self.policy in ("epsilon", "softmax"),
-            f"policy: epsilon or softmax, got {self.policy!r}",
-        )
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check_serving(policy=self.policy, epsilon=self.epsilon, temperature=self.temperature)
         check(
             self.bootstrap in ("random", "popularity"),
             f"bootstrap: random or popularity, got {self.bootstrap!r}",
