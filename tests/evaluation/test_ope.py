@@ -578,3 +578,55 @@ def test_uniform_topk_target_ignores_the_score_scale() -> None:
         masked, temperature=1.0, top_k=3, row_keys=torch.zeros(1), target="uniform_topk"
     )
     assert probs[0, 0].item() == 1.0 and probs[0, 1:].sum().item() == 0.0
+
+
+def _clickbait_log() -> PreparedDataset:
+    """Each of 40 users' one logged step: item 1 (bait: reward 1, then the user leaves) or
+    item 2 (a match: reward 0.5, then one more step worth 1, so a return of 0.5 + 0.9 * 1),
+    alternately, each logged with propensity 0.5; users 1-20 TRAIN, 21-40 TEST."""
+    n = 40
+    item = np.where(np.arange(n) % 2 == 0, 1, 2)
+    ds = PreparedDataset.from_arrays(
+        user=np.arange(1, n + 1), item=item, timestamp=np.zeros(n, np.int64),
+        reward=np.where(item == 1, 1.0, 0.5), returns=np.where(item == 1, 1.0, 1.4),
+        split=np.where(np.arange(n) < 20, TRAIN, TEST), n_users=n, n_items=2,
+    )  # fmt: skip
+    return replace(ds, extra={"propensity": np.full(n, 0.5)})
+
+
+def _always(item: int) -> Scorer:
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        out = torch.zeros(user.shape[0], 3)
+        out[:, 0] = float("-inf")
+        out[:, item] = 1.0
+        return out
+
+    return score
+
+
+@pytest.mark.parametrize(("outcome", "bait", "match"), [("reward", 1.0, 0.5), ("return", 1.0, 1.4)])
+def test_the_outcome_may_be_the_session_return(outcome: str, bait: float, match: float) -> None:
+    """The immediate reward prefers the bait; the return to the session's end, the match."""
+    ds = _clickbait_log()
+    cfg = OPEConfig(top_k=1, n_boot=50, outcome=outcome, reward_shrinkage=0.0)
+    events = logged_events(ds, cfg=cfg)
+    assert events.behaviour == "logged"
+    np.testing.assert_allclose(events.reward, np.where(ds.item == 1, bait, match)[20:])
+    # the reward model is fitted on the same outcome (TRAIN users): exact item means
+    assert events.rewards.mu == pytest.approx((bait + match) / 2)
+    np.testing.assert_allclose(events.rewards(np.array([1, 1]), np.array([1, 2])), [bait, match])
+    t_bait = policy_terms(_always(1), ds, events, history=1, cfg=cfg)
+    t_match = policy_terms(_always(2), ds, events, history=1, cfg=cfg)
+    # deterministic targets against beta = 1/2: weight 2 on half the events
+    assert ope_report(events, t_bait, cfg).estimates["ips"].value == pytest.approx(bait)
+    assert ope_report(events, t_match, cfg).estimates["ips"].value == pytest.approx(match)
+    diff = paired_report(events, t_bait, t_match, cfg=cfg, run="match", baseline_run="bait")
+    assert diff.differences["dr"].value == pytest.approx(match - bait)
+    assert ope_report(events, t_match, cfg).config["outcome"] == outcome
+
+
+def test_an_unknown_outcome_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"ope\.outcome must be one of reward, return, got .gain."
+    ):
+        OPEConfig(outcome="gain")

@@ -72,6 +72,8 @@ PROPENSITY = "propensity"
 
 BEHAVIOURS = ("auto", "logged", "fitted", "beta_head")
 """Values of ``OPEConfig.behaviour``."""
+OUTCOMES = ("reward", "return")
+"""Values of ``OPEConfig.outcome``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +118,15 @@ class OPEConfig:
     """Events per step when fitting the behaviour model."""
     reward_shrinkage: float = 5.0
     """Pseudo-count lambda shrinking the user and item reward biases towards 0."""
+    outcome: str = "reward"
+    """What each logged event's outcome is, for the estimators and the reward model: its
+    immediate ``reward``, or the discounted ``return`` to the end of its session (prepare's
+    ``returns``: gamma from the prepare config, sessions cut where the split changes).  With
+    ``return`` a one-step estimate values showing the target's item *and then following the
+    logging policy* (Q^beta(s, a)): it sees what the item does to the rest of the session -- a
+    click that does not satisfy and makes the user leave -- which the immediate reward
+    cannot; it is still not the value of following the target policy for the whole
+    session."""
     mean_weight_bounds: tuple[float, float] = (0.5, 2.0)
     """The mean unclipped weight is about 1 when beta is right; outside these bounds the
     report is flagged ``mean_weight_far_from_1``."""
@@ -149,6 +160,10 @@ class OPEConfig:
         check(self.behaviour_lr > 0, "ope.behaviour_lr must be > 0")
         check(self.behaviour_batch_size >= 1, "ope.behaviour_batch_size must be >= 1")
         check(self.reward_shrinkage >= 0, "ope.reward_shrinkage must be >= 0")
+        check(
+            self.outcome in OUTCOMES,
+            f"ope.outcome must be one of {', '.join(OUTCOMES)}, got {self.outcome!r}",
+        )
         lo, hi = self.mean_weight_bounds
         check(
             0 <= lo <= 1 <= hi,
@@ -529,14 +544,26 @@ class BaselineRewards:
         return self.mu + self.user_bias[user] + self.item_bias[item]
 
 
+def event_outcomes(dataset: PreparedDataset, outcome: str = "reward") -> np.ndarray:
+    """(E,) the per-event outcome OPE estimates (:attr:`OPEConfig.outcome`): the dataset's
+    ``reward`` or its per-session discounted ``returns``."""
+    if outcome == "reward":
+        return dataset.reward
+    if outcome == "return":
+        return dataset.returns
+    raise ConfigError(f"ope.outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+
+
 def fit_baseline_rewards(
-    dataset: PreparedDataset, *, shrinkage: float, split: int = TRAIN
+    dataset: PreparedDataset, *, shrinkage: float, split: int = TRAIN, outcome: str = "reward"
 ) -> BaselineRewards:
-    """Item biases first, then user biases on the residuals, each sum / (count + lambda)."""
+    """Item biases first, then user biases on the residuals, each sum / (count + lambda),
+    of the ``outcome`` (:func:`event_outcomes`) on ``split``."""
     rows = dataset.split == split
     if not rows.any():
         raise DataError(f"no event in the {SPLIT_NAMES[split]} split to fit the reward model on")
-    u, a, r = dataset.user[rows], dataset.item[rows], dataset.reward[rows].astype(np.float64)
+    y = event_outcomes(dataset, outcome)
+    u, a, r = dataset.user[rows], dataset.item[rows], y[rows].astype(np.float64)
     mu = float(r.mean())
     n_i = np.bincount(a, minlength=dataset.n_items + 1)
     b_i = np.bincount(a, r - mu, minlength=dataset.n_items + 1) / (n_i + shrinkage + 1e-12)
@@ -620,7 +647,7 @@ class LoggedEvents:
     rows: np.ndarray  # (E,) int64 dataset rows, ascending
     user: np.ndarray  # (E,) int64
     action: np.ndarray  # (E,) int64 logged items
-    reward: np.ndarray  # (E,) float64 logged rewards
+    reward: np.ndarray  # (E,) float64 logged outcomes (rewards, or returns: cfg.outcome)
     log_propensity: np.ndarray  # (E,) float64 log beta(a|s) of the logged items
     behaviour: str
     """Where the propensities come from: logged, fitted or beta_head."""
@@ -653,7 +680,8 @@ def logged_events(
     Propensities: from ``behaviour`` when one is given (it sees ``history`` items, default
     ``cfg.behaviour_history``), else by ``cfg.behaviour``: the logged ``propensity`` column
     (auto, logged) or a model fitted on TRAIN (auto without the column, fitted).  ``rewards``
-    defaults to the baseline fitted on TRAIN.
+    defaults to the baseline fitted on TRAIN.  The outcome of each event is its reward or its
+    session's discounted return from it (``cfg.outcome``).
     """
     code = split_code(split)
     rows = np.flatnonzero(dataset.split == code)
@@ -681,7 +709,7 @@ def logged_events(
             )
             name = "fitted"
     if rewards is None:
-        rewards = fit_baseline_rewards(dataset, shrinkage=cfg.reward_shrinkage)
+        rewards = fit_baseline_rewards(dataset, shrinkage=cfg.reward_shrinkage, outcome=cfg.outcome)
     user = dataset.user[rows].astype(np.int64)
     action = dataset.item[rows].astype(np.int64)
     return LoggedEvents(
@@ -689,7 +717,7 @@ def logged_events(
         rows=rows,
         user=user,
         action=action,
-        reward=dataset.reward[rows].astype(np.float64),
+        reward=event_outcomes(dataset, cfg.outcome)[rows].astype(np.float64),
         log_propensity=log_p,
         behaviour=name,
         rewards=rewards,
@@ -824,9 +852,10 @@ class OPEReport:
     estimates: dict[str, Interval]
     """ips, snips, dr, dm → value with its bootstrap interval and flags."""
     logged_value: float
-    """Mean logged reward: the behaviour policy's own value."""
+    """Mean logged outcome (reward, or return: ``config["outcome"]``): the behaviour
+    policy's own value."""
     reward_range: tuple[float, float]
-    """[min r, max r] of the logged rewards on the split."""
+    """[min r, max r] of the logged outcomes on the split."""
     behaviour_nll: float
     """Mean -log beta(a|s) of the logged actions on this split."""
     support: float

@@ -198,6 +198,7 @@ def gate(
             events, t_cur, t_cand, cfg=ope_cfg, run="candidate", baseline_run="current"
         )
         iv = diff.differences[estimator]
+        returns = ope_cfg.outcome == "return"
         ok_ope = iv.low >= -margin - 1e-9  # equal policies give a difference of 0 up to rounding
         ope_doc = {
             "behaviour": events.behaviour,
@@ -209,7 +210,8 @@ def gate(
         }
         words.append(
             f"OPE {estimator} difference {iv.value:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] "
-            f"({events.behaviour} propensities): low {'>=' if ok_ope else '<'} {-margin:g}"
+            f"({events.behaviour} propensities{', session returns' * returns}): "
+            f"low {'>=' if ok_ope else '<'} {-margin:g}"
         )
     promote = ok_metric and ok_ope
     verdict = "promote" if promote else "keep current" if current is not None else "not promoted"
