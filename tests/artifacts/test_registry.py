@@ -156,3 +156,55 @@ def test_rollback_needs_only_the_pointer(tmp_path: Path, artifacts: list[Path]) 
     assert reg.rollback() == b
     (tmp_path / "reg" / "history.jsonl").unlink()
     assert reg.rollback() == a
+
+
+def test_a_canary_starts_beside_current_and_ends_at_a_stop_promotion_or_rollback(
+    tmp_path: Path, artifacts: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0])
+    b = reg.publish(artifacts[1])
+    with pytest.raises(ArtifactError, match="needs a current version"):
+        reg.start_canary(b, share=0.2, since_ts=5)
+    reg.promote(a)
+    with pytest.raises(ArtifactError, match="already current"):
+        reg.start_canary(a, share=0.2, since_ts=5)
+    with pytest.raises(ArtifactError, match=r"share must lie in \(0, 1\), got 1"):
+        reg.start_canary(b, share=1.0, since_ts=5)
+    with pytest.raises(ArtifactError, match="no published version 'nope'"):
+        reg.start_canary("nope", share=0.2, since_ts=5)
+    assert reg.canary() is None
+    c = reg.start_canary(b, share=0.2, since_ts=5, reason="gate passed")
+    got = reg.canary()
+    assert got == c and (got.version, got.parent, got.share, got.since_ts) == (b, a, 0.2, 5)
+    assert got.salt == f"canary-{b}" and reg.current() == a  # the current version is unchanged
+    pointer = json.loads((tmp_path / "reg" / "current.json").read_text())
+    assert pointer["canary"]["version"] == b and pointer["stack"] == [a]
+    assert main(["registry", "list", str(tmp_path / "reg")]) == 0
+    assert f"~ {b}" in capsys.readouterr().out
+    assert reg.stop_canary(reason="worse online") == c
+    assert reg.canary() is None and reg.stop_canary() is None and reg.current() == a
+    reg.start_canary(b, share=0.2, since_ts=5)
+    reg.promote(b, reason="canary better")  # a promotion ends the canary
+    assert reg.canary() is None and reg.current() == b
+    reg.start_canary(a, share=0.5, since_ts=9)
+    reg.rollback()  # so does a rollback
+    assert reg.canary() is None and reg.current() == a
+    actions = [h["action"] for h in reg.history()]
+    assert actions[-6:] == ["canary-start", "canary-stop", "canary-start", "promote",
+                            "canary-start", "rollback"]  # fmt: skip
+    # the command line
+    assert main(["registry", "canary", str(tmp_path / "reg"), b, "--share", "0.3"]) == 0
+    assert reg.canary() is not None and reg.canary().share == 0.3  # type: ignore[union-attr]
+    assert main(["registry", "canary", str(tmp_path / "reg"), "--stop"]) == 0
+    assert reg.canary() is None
+
+
+def test_an_unreadable_canary_field_is_named(tmp_path: Path, artifacts: list[Path]) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    (tmp_path / "reg" / "current.json").write_text(
+        json.dumps({"version": a, "canary": {"version": "x"}})
+    )
+    with pytest.raises(ArtifactError, match=r"current\.json: unreadable field 'canary'"):
+        reg.canary()

@@ -145,3 +145,77 @@ def test_the_long_running_loop_logs_a_failure_and_retries(
     assert len(calls) == 2  # failed, retried and promoted, then nothing new to do
     assert "round failed at gate: OSError: registry disk unavailable" in caplog.text
     assert ArtifactRegistry(tmp_path / "registry").current() is not None
+
+
+def _served(url: str, rows: list[tuple[str, int, str, float]]) -> None:
+    """Settled impressions (user, ts, model version, reward) in the served-items table."""
+    import sqlite3
+
+    con = sqlite3.connect(url.removeprefix("sqlite:///"))
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS served_items (recommendation_id TEXT, position INTEGER, "
+        "user_id TEXT, item_id TEXT, ts INTEGER, model_version TEXT, policy TEXT, "
+        "propensity REAL, reward REAL, settled BOOLEAN)"
+    )
+    con.executemany(
+        "INSERT INTO served_items (recommendation_id, position, user_id, item_id, ts, "
+        "model_version, policy, source, propensity, reward, settled) "
+        "VALUES (?, 0, ?, 'i1', ?, ?, 'topk', 'policy', 1.0, ?, 1)",
+        [(f"r{i}", u, ts, v, r) for i, (u, ts, v, r) in enumerate(rows)],
+    )
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize(("canary_reward", "verdict"), [(2.0, "promote"), (0.2, "stop")])
+def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
+    tmp_path: Path, canary_reward: float, verdict: str
+) -> None:
+    from recloop.serving.ab import AbSplit
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
+    first = loop.run_once()
+    assert first.status == "promoted"  # the first model: nothing to compare a canary with
+    append_events(url, walk_events(steps=range(10, 13)))
+    second = loop.run_once()
+    reg = ArtifactRegistry(tmp_path / "registry")
+    assert second.status == "canary", second.reason
+    assert reg.current() == first.version
+    canary = reg.canary()
+    assert canary is not None and canary.version == second.version
+    assert (canary.parent, canary.share) == (first.version, 0.5)
+    assert canary.since_ts == 1_000_000 + 60 * 12 + 15  # the round's watermark
+
+    # nobody served yet: the next run waits and trains nothing
+    append_events(url, walk_events(steps=range(13, 15)))
+    waiting = loop.run_once()
+    assert waiting.status == "canary-waiting" and waiting.version is None
+    assert reg.canary() == canary
+
+    split = AbSplit([0.5, 0.5], salt=canary.salt)
+    rows = []
+    for i in range(120):
+        u = f"v{i}"
+        mine = split.assign(u) == 1
+        rows.append(
+            (u, canary.since_ts + 1 + i, canary.version if mine else canary.parent,
+             canary_reward if mine else 1.0)
+        )  # fmt: skip
+    _served(url, [(u, canary.since_ts - 5, canary.parent, 9.0) for u, *_ in rows[:5]] + rows)
+    judged = loop.run_once()
+    assert judged.canary["decision"] == verdict, judged.canary
+    assert judged.canary["users_canary"] + judged.canary["users_current"] == 120
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["last_canary"]["decision"] == verdict
+    assert state["last_canary"]["impressions_by_other_version"] == 0
+    assert reg.current() == (canary.version if verdict == "promote" else first.version)
+    # the run went on to train the new events' window, gated against the new current, and
+    # its candidate (margin 10: it passes) is the next canary
+    assert judged.status == "canary" and judged.parent == reg.current()
+    now = reg.canary()
+    assert now is not None and now.version == judged.version != canary.version
+    actions = [h["action"] for h in reg.history()]
+    assert "canary-start" in actions
+    assert ("canary-stop" in actions) == (verdict == "stop")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -338,3 +339,81 @@ async def test_the_random_arm_is_uniform_from_a_users_first_step(tmp_path: Path)
     assert len(first) == 10
     for _source, prop in first.values():
         assert prop == pytest.approx(1 / n_items)  # uniform over the catalogue at step 1
+
+
+def test_a_canarys_verdict_is_a_decision_checked_with_its_gate_time_truth() -> None:
+    truth = (Estimate(1.0, 0.9, 1.1), Estimate(1.5, 1.4, 1.6), Estimate(-0.5, -0.6, -0.4))
+    started = GateCheck(
+        decision="canary",
+        reason="promote: ...",
+        candidate="v1",
+        current="v0",
+        true_candidate=truth[0],
+        true_current=truth[1],
+        true_diff=truth[2],
+        violation=False,
+        worse_point=False,
+    )
+    stopped = dataclasses.replace(started, decision="reject", reason="canary: stop canary: ...")
+    row1 = _row(1, "rl-reinforce", 1.0, 0.1, started)
+    row2 = _row(2, "rl-reinforce", 1.0, 0.1)
+    row2.canary = stopped
+    result = ExperimentResult(
+        config=ExperimentConfig(rounds=2, users=10, canary=0.5),
+        arms=[ArmSpec(name="rl-reinforce", algo="reinforce")],
+        rows=[row1, row2],
+        world={},
+        bootstrap_version="v0",
+    )
+    doc = result.to_dict()
+    assert [(c["round"], c["stage"], c["decision"]) for c in doc["gate_checks"]] == [
+        (1, "gate", "canary"),
+        (2, "canary", "reject"),
+    ]
+    # starting a canary is not a final decision; the stop is, and it was right
+    assert doc["gate_summary"] == {
+        "decisions": 1,
+        "promoted": 0,
+        "violations": 0,
+        "truly_better_rejected": 0,
+        "truly_worse_rejected": 1,
+    }
+
+
+@pytest.mark.slow
+def test_a_tiny_experiment_with_canaries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a margin no candidate can miss, every candidate becomes the canary, serves part
+    of the next round's users and is promoted there."""
+    work = tmp_path / "exp"
+    code = main(
+        [
+            "-q", "experiment", "--world", "shop", "--rounds", "3", "--users", "40",
+            "--arms", "popularity", "--epochs", "1", "--canary", "0.5", "--margin", "100",
+            "--canary-min-users", "5",
+            "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work), "--json",
+        ]
+    )  # fmt: skip
+    assert code in (0, None)
+    doc = json.loads(capsys.readouterr().out)
+    checks = [(c["round"], c["stage"], c["decision"]) for c in doc["gate_checks"]]
+    assert checks == [
+        (1, "gate", "canary"),
+        (2, "canary", "promote"),
+        (2, "gate", "canary"),
+        (3, "canary", "promote"),
+        (3, "gate", "canary"),
+    ], [c["reason"] for c in doc["gate_checks"]]
+    first = doc["gate_checks"][0]["candidate"]
+    assert doc["gate_checks"][1]["candidate"] == first
+    assert "users" in doc["gate_checks"][1]["reason"]
+    (arm,) = doc["arms"]
+    # round 2's users were served by the bootstrap model and the canary, split by user
+    assert sorted(arm["model_version_per_round"][1].split("+")) == sorted(
+        [doc["bootstrap_version"], first]
+    )
+    assert arm["promoted_per_round"] == [False, True, True]
+    reg = work / "arms" / "popularity" / "registry"
+    actions = [json.loads(x)["action"] for x in (reg / "history.jsonl").read_text().splitlines()]
+    assert actions.count("canary-start") == 3 and actions.count("promote") == 3  # + bootstrap

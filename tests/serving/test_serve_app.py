@@ -143,7 +143,7 @@ async def test_health_ready_and_metrics(serve: ServeFactory) -> None:
     async with serve() as (client, svc):
         v = svc.model.model_version
         r = await client.get("/healthz")
-        assert r.json() == {"status": "ok", "model_version": v}
+        assert r.json() == {"status": "ok", "model_version": v, "canary": None}
         assert r.headers["x-model-version"] == v
         r = await client.get("/readyz")
         assert r.status_code == 200
@@ -846,6 +846,53 @@ async def test_service_follows_the_registry(
         await asyncio.sleep(0.3)
         assert await versions() == [v0, v0]
         assert (await c0.post("/v1/recommend", json={"user_id": "u1"})).status_code == 200
+
+
+async def test_service_serves_the_registrys_canary_to_its_share_of_users(
+    artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path
+) -> None:
+    """A canary in the registry answers the users its hash picks (arm ``canary``), the
+    current model the rest (arm ``current``); /healthz names it; a stop or a promotion
+    ends the split."""
+    from recloop.artifacts.registry import ArtifactRegistry
+    from recloop.serving.ab import AbSplit
+
+    reg = ArtifactRegistry(tmp_path / "registry")
+    v0 = reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    app = create_app(settings_for(reg.current_path(), registry=reg.root, reload_poll_s=0.05))
+
+    async def wait_for(canary: str | None, current: str) -> None:
+        for _ in range(100):
+            svc = app.state.service
+            c = svc.canary
+            if (None if c is None else c[0]) == canary and svc.model.model_version == current:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"canary {app.state.service.canary}, not {canary}")
+
+    users = [f"u{i}" for i in range(1, 41)]
+    async with running(app) as c:
+        reg.start_canary(v1, share=0.3, since_ts=0, reason="gate passed")
+        await wait_for(v1, v0)
+        health = (await c.get("/healthz")).json()
+        assert health["canary"] == {"model_version": v1, "share": 0.3}
+        split = AbSplit([0.7, 0.3], salt=f"canary-{v1}")
+        got = {}
+        for u in users:
+            body = (await c.post("/v1/recommend", json={"user_id": u})).json()
+            got[u] = (body["model_version"], body["arm"])
+        want = {u: (v1, "canary") if split.assign(u) == 1 else (v0, "current") for u in users}
+        assert got == want and 0 < sum(v == v1 for v, _ in got.values()) < len(users)
+        reg.stop_canary(reason="worse")
+        await wait_for(None, v0)
+        body = (await c.post("/v1/recommend", json={"user_id": users[0]})).json()
+        assert body["model_version"] == v0 and body.get("arm") is None
+        assert (await c.get("/healthz")).json()["canary"] is None
+        reg.start_canary(v1, share=0.3, since_ts=0)
+        await wait_for(v1, v0)
+        reg.promote(v1, reason="canary better")
+        await wait_for(None, v1)
 
 
 async def _chunked(body: bytes) -> Any:

@@ -5,8 +5,9 @@
     REGISTRY/
       versions/<model_version>/   one verified artifact each (manifest.json, weights, id maps)
                  registry.json    lineage: parent version, data window, gate metrics, when
-      current.json                {"version", "previous", "promoted_at", "reason", "stack"}
-      history.jsonl               every publish, promote and rollback, one JSON line each
+      current.json                {"version", "previous", "promoted_at", "reason", "stack",
+                                   "canary"}
+      history.jsonl               every publish, promote, rollback and canary start and stop
 
 Every change is crash-safe on one filesystem.  A version is copied into a temporary directory
 first and renamed into ``versions/`` only when complete (``os.rename`` is atomic), so a
@@ -16,6 +17,14 @@ one.  ``current.json`` is the truth, and it carries the rollback stack (the vers
 were current, oldest first), so a rollback depends on nothing else; ``history.jsonl`` is the
 audit trail (appended after the pointer moved, so a crash between the two loses at most one
 history line, never the pointer).  Services watch ``current.json`` and hot-swap.
+
+Canary.  ``current.json`` may also name a *canary*: a published version that serves a
+``share`` of the users (by a stable hash of the user id, salted by the canary's version)
+while the current version serves the rest (:meth:`ArtifactRegistry.start_canary`).  Services
+following the registry split their traffic accordingly, and every served list records the
+version that answered it, so ``recloop loop`` can compare the two on what users actually did
+and then promote the canary or stop it (:mod:`recloop.loop.canary`).  A promotion or a
+rollback ends any canary.
 """
 
 from __future__ import annotations
@@ -55,6 +64,38 @@ class RegistryEntry:
     """Parent version, data window, gate metrics and publish time (``registry.json``)."""
     current: bool
     """Whether ``current.json`` points at it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Canary:
+    """A version serving a share of the users beside the current one."""
+
+    version: str
+    """The canary's version."""
+    parent: str
+    """The version that was current when the canary started (it serves the other users)."""
+    share: float
+    """Share of users (0 < share < 1) the canary answers."""
+    salt: str
+    """Salt of the user hash that splits the traffic (one per canary)."""
+    since_ts: int
+    """Event time (unix seconds) from which the log's lists count for the comparison: the
+    newest logged event when the canary started."""
+    started_at: str
+    """Wall-clock time of the start (ISO 8601, UTC)."""
+    reason: str = ""
+    """Why it started (the offline gate's line)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "parent": self.parent,
+            "share": self.share,
+            "salt": self.salt,
+            "since_ts": self.since_ts,
+            "started_at": self.started_at,
+            "reason": self.reason,
+        }
 
 
 def _now() -> str:
@@ -141,12 +182,82 @@ class ArtifactRegistry:
         stack = doc.get("stack", [version])
         if not isinstance(stack, list) or not all(isinstance(v, str) for v in stack):
             raise ArtifactError(f"{path}: field 'stack' must be a list of versions")
+        canary = doc.get("canary")
+        if canary is not None:
+            try:
+                doc["canary"] = Canary(
+                    version=str(canary["version"]),
+                    parent=str(canary["parent"]),
+                    share=float(canary["share"]),
+                    salt=str(canary["salt"]),
+                    since_ts=int(canary["since_ts"]),
+                    started_at=str(canary.get("started_at", "")),
+                    reason=str(canary.get("reason", "")),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ArtifactError(f"{path}: unreadable field 'canary' ({exc!r})") from exc
         return {**doc, "stack": stack}
 
     def current(self) -> str | None:
         """The current version, or None before the first promotion."""
         doc = self._pointer()
         return None if doc is None else str(doc["version"])
+
+    def canary(self) -> Canary | None:
+        """The running canary, or None."""
+        doc = self._pointer()
+        return None if doc is None else doc.get("canary")
+
+    def version_path(self, version: str) -> Path:
+        """A published version's directory (raises when there is none)."""
+        return self._check_version(version)
+
+    def start_canary(
+        self, version: str, *, share: float, since_ts: int, reason: str = ""
+    ) -> Canary:
+        """Let the published ``version`` serve a ``share`` of the users beside the current
+        one (replacing any running canary)."""
+        if not 0.0 < share < 1.0:
+            raise ArtifactError(f"canary share must lie in (0, 1), got {share}")
+        path = self._check_version(version)
+        load_artifact(path)
+        pointer = self._pointer()
+        if pointer is None:
+            raise ArtifactError(f"{self.root}: a canary needs a current version beside it")
+        if pointer["version"] == version:
+            raise ArtifactError(f"{self.root}: {version} is already current")
+        canary = Canary(
+            version=version,
+            parent=str(pointer["version"]),
+            share=float(share),
+            salt=f"canary-{version}",
+            since_ts=int(since_ts),
+            started_at=_now(),
+            reason=reason,
+        )
+        self._write_pointer({**pointer, "canary": canary.to_dict()})
+        self._log("canary-start", version, parent=canary.parent, share=share, reason=reason)
+        logger.info(
+            "%s: canary %s on %.0f %% of users (%s)", self.root, version, 100 * share, reason
+        )
+        return canary
+
+    def stop_canary(self, *, reason: str = "") -> Canary | None:
+        """End the running canary without promoting it; returns it (None when none ran)."""
+        pointer = self._pointer()
+        canary = None if pointer is None else pointer.get("canary")
+        if pointer is None or canary is None:
+            return None
+        self._write_pointer({k: v for k, v in pointer.items() if k != "canary"})
+        self._log("canary-stop", canary.version, parent=canary.parent, reason=reason)
+        logger.info("%s: canary %s stopped (%s)", self.root, canary.version, reason)
+        return canary
+
+    def _write_pointer(self, doc: dict[str, Any]) -> None:
+        out = dict(doc)
+        if isinstance(out.get("canary"), Canary):
+            out["canary"] = out["canary"].to_dict()
+        _write_atomic(self.root / CURRENT, json.dumps(out, indent=2))
 
     def current_path(self) -> Path:
         """The current version's directory (raises when nothing is current)."""
@@ -156,7 +267,8 @@ class ArtifactRegistry:
         return self._check_version(version)
 
     def promote(self, version: str, *, reason: str = "") -> None:
-        """Make ``version`` current (it must be published and load cleanly)."""
+        """Make ``version`` current (it must be published and load cleanly); ends any
+        canary."""
         path = self._check_version(version)
         load_artifact(path)
         pointer = self._pointer()
@@ -174,7 +286,8 @@ class ArtifactRegistry:
         logger.info("current version of %s: %s (was %s; %s)", self.root, version, previous, reason)
 
     def rollback(self, *, reason: str = "") -> str:
-        """Make the version that was current before the current one current again."""
+        """Make the version that was current before the current one current again; ends
+        any canary."""
         pointer = self._pointer()
         if pointer is None:
             raise ArtifactError(f"{self.root}: nothing to roll back (no current version)")

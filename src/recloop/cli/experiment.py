@@ -53,6 +53,27 @@ def experiment_command(
         "on rewarded holdout impressions and paired DR on the logged propensities), ope or "
         "metric (one of them alone).",
     ),
+    canary: float = typer.Option(
+        0.0,
+        "--canary",
+        min=0.0,
+        max=0.99,
+        help="Share of an arm's users a candidate that passed the gate serves for a round "
+        "as the registry's canary, before the loop promotes or stops it on their behaviour "
+        "(0: promote at the gate).",
+    ),
+    canary_min_users: int = typer.Option(
+        30,
+        "--canary-min-users",
+        min=2,
+        help="Users each side of a canary needs before the loop judges it.",
+    ),
+    gate_outcome: str = typer.Option(
+        "reward",
+        "--gate-outcome",
+        help="The outcome the gate's DR estimates per logged impression: reward (the "
+        "impression's own) or return (the discounted return to the end of its session).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
     baseline: str | None = typer.Option(
         None,
@@ -94,6 +115,9 @@ def experiment_command(
         bootstrap=bootstrap,
         margin=margin,
         gate=gate,
+        gate_outcome=gate_outcome,
+        canary=canary,
+        canary_min_users=canary_min_users,
         seed=seed,
         baseline=baseline,
     )

@@ -1,4 +1,4 @@
-"""``recloop registry``: publish, list, promote and roll back versioned artifacts."""
+"""``recloop registry``: publish, list, promote, canary and roll back versioned artifacts."""
 
 from __future__ import annotations
 
@@ -38,14 +38,24 @@ def list_cmd(
     root: Path = _ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Published versions, oldest first; * marks the current one."""
+    """Published versions, oldest first; * marks the current one, ~ a running canary."""
     from recloop.artifacts.registry import ArtifactRegistry
 
-    entries = ArtifactRegistry(root).entries()
+    reg = ArtifactRegistry(root)
+    entries = reg.entries()
+    canary = reg.canary()
     if as_json:
         echo_json(
             [
-                {"version": e.version, "algo": e.algo, "current": e.current, **e.lineage}
+                {
+                    "version": e.version,
+                    "algo": e.algo,
+                    "current": e.current,
+                    "canary": None
+                    if canary is None or canary.version != e.version
+                    else canary.to_dict(),
+                    **e.lineage,
+                }
                 for e in entries
             ]
         )
@@ -53,7 +63,11 @@ def list_cmd(
     for e in entries:
         when = e.lineage.get("published_at", "")
         parent = e.lineage.get("parent") or "-"
-        echo(f"{'*' if e.current else ' '} {e.version}  {e.algo}  {when}  parent {parent}")
+        mark = "*" if e.current else "~" if canary and canary.version == e.version else " "
+        line = f"{mark} {e.version}  {e.algo}  {when}  parent {parent}"
+        if canary is not None and canary.version == e.version:
+            line += f"  canary on {100 * canary.share:g} % of users"
+        echo(line)
 
 
 @registry_app.command("promote")
@@ -78,3 +92,38 @@ def rollback_cmd(
     from recloop.artifacts.registry import ArtifactRegistry
 
     echo(ArtifactRegistry(root).rollback(reason=reason))
+
+
+@registry_app.command("canary")
+def canary_cmd(
+    root: Path = _ROOT,
+    version: str = typer.Argument(None, help="A published version; omit with --stop."),
+    share: float = typer.Option(
+        0.1, "--share", min=0.0, max=1.0, help="Share of users the canary serves, in (0, 1)."
+    ),
+    since_ts: int | None = typer.Option(
+        None,
+        "--since-ts",
+        help="Event time (unix s) from which `recloop loop` compares the two (default: now).",
+    ),
+    stop: bool = typer.Option(False, "--stop", help="End the running canary, promoting nothing."),
+    reason: str = typer.Option("by hand", "--reason", help="Recorded in the history."),
+) -> None:
+    """Serve a published version to a share of the users beside the current one; services
+    following the registry split their traffic, and `recloop loop` promotes or stops it on
+    what those users did."""
+    import time
+
+    from recloop.artifacts.registry import ArtifactRegistry
+    from recloop.errors import ConfigError
+
+    reg = ArtifactRegistry(root)
+    if stop:
+        ended = reg.stop_canary(reason=reason)
+        echo(f"stopped {ended.version}" if ended else "no canary was running")
+        return
+    if not version:
+        raise ConfigError("registry canary: give a VERSION, or --stop")
+    ts = int(time.time()) if since_ts is None else since_ts
+    c = reg.start_canary(version, share=share, since_ts=ts, reason=reason)
+    echo(f"{c.version} on {100 * c.share:g} % of users beside {c.parent}")

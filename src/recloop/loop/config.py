@@ -98,6 +98,17 @@ class LoopConfig:
     """The OPE estimate whose paired difference gates."""
     ope: OPEConfig = field(default_factory=_gate_ope)
     """Target policy, behaviour and reward models, and bootstrap of the OPE gate."""
+    canary_share: float = 0.0
+    """With a share in (0, 1), a candidate that passes the gate while a model is current is
+    not promoted at once: it becomes the registry's canary and serves this share of the
+    users, and a later round promotes it or stops it on what those users did against the
+    others (:mod:`recloop.loop.canary`).  0 = promote when the gate passes."""
+    canary_min_users: int = 30
+    """Users each arm needs since the canary started before it is judged (rounds wait,
+    training nothing new, until both have them)."""
+    canary_margin: float = 0.0
+    """The canary is promoted when the low end of the interval of (canary - current) reward
+    per user since it started is >= -canary_margin, and stopped otherwise."""
     keep_rounds: int = 3
     """Round folders kept in ``workdir/rounds`` (the newest finished ones)."""
 
@@ -153,6 +164,15 @@ class LoopConfig:
             self.ope_estimator in ("dr", "snips", "ips"),
             f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",
         )
+        check(
+            0.0 <= self.canary_share < 1.0,
+            f"canary_share must lie in [0, 1), got {self.canary_share}",
+        )
+        check(
+            self.canary_min_users >= 2,
+            f"canary_min_users must be >= 2, got {self.canary_min_users}",
+        )
+        check(self.canary_margin >= 0, f"canary_margin must be >= 0, got {self.canary_margin}")
         check(self.keep_rounds >= 1, f"keep_rounds must be >= 1, got {self.keep_rounds}")
 
     @property

@@ -6,7 +6,12 @@ One round::
     prepare  read the log, cut the window, split it (recloop.loop.window), save the data
     train    build the algorithm, warm-start it from the current artifact, fit, save
     gate     candidate vs current (or popularity) on the holdout (recloop.loop.gate)
-    publish  registry.publish with lineage; promote when the gate passed
+    publish  registry.publish with lineage; promote when the gate passed -- or, with
+             ``canary_share``, start it as the registry's canary
+
+With a canary running, a round first judges it on the users' behaviour since it started
+(recloop.loop.canary): promote it, stop it, or wait (and train nothing new) until both arms
+have ``canary_min_users`` users.  Each verdict is one atomic pointer write in the registry.
 
 Crash safety.  ``WORKDIR/state.json`` (rewritten atomically: temporary file, fsync,
 rename) holds the watermark of the last window whose round finished.  A round that dies
@@ -62,7 +67,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 ROUNDS = "rounds"
 HOOK_ENV = "RECLOOP_LOOP_HOOK"
-STEPS = ("check", "prepare", "train", "gate", "publish")
+STEPS = ("check", "canary", "prepare", "train", "gate", "publish")
 
 
 class LoopError(RecloopError):
@@ -80,8 +85,9 @@ class RoundResult:
     """What one call of :meth:`LoopController.run_once` did."""
 
     status: str
-    """skipped (no trigger), promoted, published (gate said no), or resumed-... for a
-    pending publish finished after a restart."""
+    """skipped (no trigger), promoted, published (gate said no), canary (passed the gate,
+    now the registry's canary), canary-waiting (a canary has too few users yet), or
+    resumed-... for a pending publish finished after a restart."""
     reason: str
     """One line: why."""
     version: str | None = None
@@ -98,6 +104,9 @@ class RoundResult:
     """What the warm start copied."""
     seconds: float = 0.0
     """Wall time of the round."""
+    canary: dict[str, Any] = field(default_factory=dict)
+    """The verdict on the canary that was running when the round started
+    (:class:`recloop.loop.canary.CanaryVerdict`; empty when none ran)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,6 +200,20 @@ class LoopController:
         if state.get("pending"):
             self.step = "publish"
             return self._finish_pending(state, resumed=True)
+        verdict: dict[str, Any] = {}
+        if self.registry.canary() is not None:
+            self.step = "canary"
+            verdict = self._judge_canary()
+            if verdict["decision"] != "wait":
+                state = {**state, "last_canary": {**verdict, "at": _now()}}
+                self._write_state(state)
+            if verdict["decision"] == "wait":
+                return RoundResult(
+                    status="canary-waiting",
+                    reason=verdict["reason"],
+                    current=self.registry.current(),
+                    canary=verdict,
+                )
         watermark = Watermark.from_dict(state.get("watermark"))
         since = None if watermark is None else watermark.ts
         new = count_newer(cfg.database_url, table=cfg.source_table, ts=since)
@@ -203,7 +226,7 @@ class LoopController:
         )
         current = self.registry.current()
         if not due:
-            return RoundResult(status="skipped", reason=why, current=current)
+            return RoundResult(status="skipped", reason=why, current=current, canary=verdict)
         logger.info("loop round: %s", why)
 
         self.step = "prepare"
@@ -253,7 +276,32 @@ class LoopController:
         state = {**state, "pending": pending}
         self._write_state(state)
         hook("publish", self.workdir)
-        return self._finish_pending(state, resumed=False)
+        return dataclasses.replace(self._finish_pending(state, resumed=False), canary=verdict)
+
+    def _judge_canary(self) -> dict[str, Any]:
+        """Judge the running canary on the settled impressions since it started, and promote
+        or stop it (:mod:`recloop.loop.canary`); returns the verdict."""
+        from recloop.data.loaders.sql import load_impressions_from_db
+        from recloop.loop.canary import judge_canary
+
+        cfg, reg = self.cfg, self.registry
+        canary = reg.canary()
+        assert canary is not None
+        current = reg.current()
+        if current != canary.parent:  # the pointer moved under it by hand: not comparable
+            reason = f"canary {canary.version} was started beside {canary.parent}, now {current}"
+            reg.stop_canary(reason=reason)
+            return {"version": canary.version, "decision": "stop", "reason": reason}
+        raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table)
+        v = judge_canary(
+            raw.events, canary, min_users=cfg.canary_min_users, margin=cfg.canary_margin
+        )
+        logger.info("canary: %s", v.reason)
+        if v.decision == "promote":
+            reg.promote(v.version, reason=f"canary: {v.reason}")
+        elif v.decision == "stop":
+            reg.stop_canary(reason=v.reason)
+        return v.to_dict()
 
     def _lineage(self, version: str) -> dict[str, Any]:
         for e in self.registry.entries():
@@ -365,18 +413,28 @@ class LoopController:
             self._write_state({**state, "pending": None})
             raise
         hook("promote", self.workdir)
-        promoted = False
+        promoted = canaried = False
         note = ""
         if p["promote"]:
             now = reg.current()
+            running = reg.canary()
             if now == version:
                 promoted = True  # the promotion itself happened before a crash
-            elif now == p["parent"]:
+            elif now != p["parent"]:
+                note = f" (not promoted: current moved from {p['parent']} to {now} meanwhile)"
+            elif self.cfg.canary_share > 0 and p["parent"] is not None:
+                if running is None or running.version != version:  # else: done before a crash
+                    reg.start_canary(
+                        version,
+                        share=self.cfg.canary_share,
+                        since_ts=int(p["watermark"]["ts"]),
+                        reason=p["reason"],
+                    )
+                canaried = True
+            else:
                 reg.promote(version, reason=p["reason"])
                 promoted = True
-            else:
-                note = f" (not promoted: current moved from {p['parent']} to {now} meanwhile)"
-        status = "promoted" if promoted else "published"
+        status = "promoted" if promoted else "canary" if canaried else "published"
         summary = {
             "status": status,
             "version": version,

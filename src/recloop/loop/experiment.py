@@ -67,6 +67,7 @@ from recloop.artifacts.bundle import load_artifact
 from recloop.artifacts.registry import ArtifactRegistry
 from recloop.config import check
 from recloop.errors import ConfigError
+from recloop.evaluation.ope import OUTCOMES
 from recloop.evaluation.worlds.base import ITEM_PREFIX, RESPONSES, USER_PREFIX, UserState, World
 from recloop.evaluation.worlds.rollout import (
     Estimate,
@@ -311,6 +312,17 @@ class ExperimentConfig:
     (the metric alone).  In a closed loop the metric favours the model that chose what was
     shown, and DR alone promoted candidates that were truly far worse
     (docs/experiment.md)."""
+    canary: float = 0.0
+    """With a share in (0, 1), a candidate that passes a loop's gate becomes the registry's
+    canary for that share of the arm's users, and the next round promotes or stops it on
+    their behaviour (``recloop loop``'s ``canary_share``); 0 = promote at the gate."""
+    canary_min_users: int = 30
+    """Users each side of a canary needs before it is judged (the loops' ``canary_min_users``:
+    until then the next rounds wait, training nothing)."""
+    gate_outcome: str = "reward"
+    """The outcome the gates' DR estimates per logged impression (``ope.outcome`` of the
+    loops): its ``reward``, or the discounted ``return`` to the end of its session (what the
+    impression did to the rest of the session, under the logging policy)."""
     seed: int = 0
     """Seed of the users' random numbers, request seeds and training."""
     baseline: str | None = None
@@ -330,6 +342,15 @@ class ExperimentConfig:
             self.gate in ("ope", "metric", "both"), f"gate: ope, metric or both, got {self.gate!r}"
         )
         check_serving(policy=self.policy, epsilon=self.epsilon, temperature=self.temperature)
+        check(0.0 <= self.canary < 1.0, f"canary must lie in [0, 1), got {self.canary}")
+        check(
+            self.canary_min_users >= 2,
+            f"canary_min_users must be >= 2, got {self.canary_min_users}",
+        )
+        check(
+            self.gate_outcome in OUTCOMES,
+            f"gate_outcome: {' or '.join(OUTCOMES)}, got {self.gate_outcome!r}",
+        )
         check(
             self.bootstrap in ("random", "popularity"),
             f"bootstrap: random or popularity, got {self.bootstrap!r}",
@@ -341,7 +362,8 @@ class GateCheck:
     """The gate's decision of one round next to the truth."""
 
     decision: str
-    """promote / reject (the gate's), or the loop's failure."""
+    """promote / reject (the gate's, or a canary's verdict), canary (passed the gate and
+    started as the canary: not a final decision), or the loop's failure."""
     reason: str
     """The gate's one line."""
     candidate: str | None
@@ -377,8 +399,11 @@ class ArmRound:
     model_version: str
     """The model that served the round."""
     promoted: bool = False
-    """Whether the loop after this round promoted its candidate."""
+    """Whether the loop after this round promoted a model (its candidate, or the canary)."""
     gate: GateCheck | None = None
+    canary: GateCheck | None = None
+    """The verdict on the canary that served part of this round's users (``--canary``);
+    its truth is the one computed when the canary passed the gate."""
     loop_seconds: float = 0.0
     serve_seconds: float = 0.0
     per_user: np.ndarray | None = None
@@ -492,9 +517,10 @@ class ExperimentResult:
                 }
             )
         checks = [
-            {"round": r.round, "arm": r.arm, **_gate_doc(r.gate)}
+            {"round": r.round, "arm": r.arm, "stage": stage, **_gate_doc(g)}
             for r in self.rows
-            if r.gate is not None
+            for stage, g in (("canary", r.canary), ("gate", r.gate))
+            if g is not None
         ]
         return {
             "world": self.world,
@@ -514,7 +540,10 @@ def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
     (violations), rejected although truly better, rejected and truly worse (intervals of
     the paired true difference wholly above 0 / below 0)."""
     gates = [
-        r.gate for r in rows if r.gate is not None and r.gate.decision in ("promote", "reject")
+        g
+        for r in rows
+        for g in (r.canary, r.gate)
+        if g is not None and g.decision in ("promote", "reject")
     ]
     promoted = [g for g in gates if g.decision == "promote"]
     rejected = [g for g in gates if g.decision == "reject" and g.true_diff is not None]
@@ -546,6 +575,7 @@ CSV_FIELDS = (
     "true_candidate", "true_current", "true_diff", "true_diff_lo", "true_diff_hi",
     "violation", "baseline", "diff_vs_baseline", "diff_lo", "diff_hi",
     "ratio_vs_baseline", "ratio_lo", "ratio_hi",
+    "canary_decision", "canary_candidate", "canary_true_diff", "canary_violation",
 )  # fmt: skip
 
 
@@ -569,7 +599,7 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
                 else [_num(x) for x in (p.diff.value, p.diff.low, p.diff.high, p.ratio,
                                         p.ratio_low, p.ratio_high)]
             )  # fmt: skip
-            g = r.gate
+            g, c = r.gate, r.canary
             cand = None if g is None else g.true_candidate
             cur = None if g is None else g.true_current
             diff = None if g is None else g.true_diff
@@ -586,6 +616,10 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
                                                                    diff.high))),
                     "" if g is None else int(g.violation),
                     base, *vs,
+                    "" if c is None else c.decision,
+                    "" if c is None else c.candidate or "",
+                    _num(None if c is None or c.true_diff is None else c.true_diff.value),
+                    "" if c is None else int(c.violation),
                 ]
             )  # fmt: skip
 
@@ -646,6 +680,9 @@ class ArmStack:
         self.registry.publish(bootstrap, promote=True, reason="experiment bootstrap")
         self.clock = clock
         self.loop: LoopController | None = None
+        self.truth: dict[str, tuple[Estimate, Estimate, Estimate]] = {}
+        """Truth roll-outs of each gated candidate against the model it was gated against
+        (a canary's verdict is checked with its gate-time truth)."""
         self.expected = 0
         """Entries the bus should hold: served lists and events so far."""
         if spec.algo is not None:
@@ -678,7 +715,12 @@ class ArmStack:
                     "margin": cfg.margin,
                     "use_ope": cfg.gate in ("ope", "both"),
                     "use_metric": cfg.gate in ("metric", "both"),
-                    "ope": {"n_boot": 100},
+                    "ope": {"n_boot": 100, "outcome": cfg.gate_outcome},
+                    "canary_share": cfg.canary,
+                    "canary_min_users": cfg.canary_min_users,
+                    # each round's users live all their sessions in the round: reward per
+                    # user over it is `sessions` x the return per session the margin is in
+                    "canary_margin": cfg.margin * clock.sessions,
                     "keep_rounds": 2,
                 },
                 source="recloop experiment",
@@ -917,14 +959,57 @@ async def _wait_for_version(client: Any, version: str, timeout_s: float) -> bool
     return False
 
 
-def run_loop_round(
-    stack: ArmStack, world: World, *, round_no: int
-) -> tuple[bool, GateCheck, float]:
-    """``recloop loop --once`` for the arm, then the gate's decision checked in the world."""
+@dataclass(frozen=True, kw_only=True)
+class LoopRound:
+    """What one loop run of an arm decided, checked against the truth."""
+
+    promoted: bool
+    """Whether a model was promoted (the canary, or the gated candidate)."""
+    gate: GateCheck | None
+    """The gate's decision on the round's candidate (None: no candidate was trained)."""
+    canary: GateCheck | None
+    """The verdict on the canary that was running (None: none, or still waiting)."""
+    seconds: float
+
+
+def _canary_check(stack: ArmStack, verdict: dict[str, Any]) -> GateCheck | None:
+    """The canary's promote/stop as a decision, with the truth of its gate round."""
+    if verdict.get("decision") not in ("promote", "stop"):
+        return None
+    version = str(verdict["version"])
+    cand, cur, diff = stack.truth.get(version, (None, None, None))
+    promoted = verdict["decision"] == "promote"
+    margin = stack.cfg.margin
+    return GateCheck(
+        decision="promote" if promoted else "reject",
+        reason="canary: " + str(verdict.get("reason", "")),
+        candidate=version,
+        current=verdict.get("parent"),
+        true_candidate=cand,
+        true_current=cur,
+        true_diff=diff,
+        violation=bool(promoted and diff is not None and diff.high < -margin),
+        worse_point=bool(promoted and diff is not None and diff.value < -margin),
+    )
+
+
+async def _wait_for_canary(client: Any, version: str | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = await client.get("/healthz")
+        if resp.status_code == 200:
+            c = resp.json().get("canary")
+            if (None if c is None else c.get("model_version")) == version:
+                return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound:
+    """``recloop loop --once`` for the arm, then its decisions checked in the world."""
     assert stack.loop is not None
     cfg = stack.cfg
     current = stack.registry.current()
-    current_path = stack.registry.current_path()
     start = time.perf_counter()
     try:
         result = stack.loop.run_once()
@@ -941,32 +1026,49 @@ def run_loop_round(
             violation=False,
             worse_point=False,
         )
-        return False, g, time.perf_counter() - start
+        return LoopRound(promoted=False, gate=g, canary=None, seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
+    canary = _canary_check(stack, result.canary)
+    if result.version is None:  # no candidate: skipped, or waiting for the canary
+        return LoopRound(
+            promoted=bool(canary and canary.decision == "promote"),
+            gate=None,
+            canary=canary,
+            seconds=seconds,
+        )
     promoted = result.status.endswith("promoted")
+    # what the candidate was gated against: the current model after any canary verdict
+    parent = result.parent
     cand = cur = diff = None
-    if result.version is not None and cfg.truth_users > 0:
+    if cfg.truth_users > 0 and parent is not None:
         cand, cur, diff = true_values(
             world,
             stack.registry.versions_dir / result.version,
-            current_path,
+            stack.registry.versions_dir / parent,
             users=cfg.truth_users,
             sel=stack.spec.selection(),
             seed=cfg.seed + 7919 * round_no,
         )
-    decision = "promote" if promoted else "reject" if result.version else result.status
+        stack.truth[result.version] = (cand, cur, diff)
+    canaried = result.status.endswith("canary")
+    decision = "promote" if promoted else "canary" if canaried else "reject"
     g = GateCheck(
         decision=decision,
         reason=result.reason,
         candidate=result.version,
-        current=current,
+        current=parent,
         true_candidate=cand,
         true_current=cur,
         true_diff=diff,
         violation=bool(promoted and diff is not None and diff.high < -cfg.margin),
         worse_point=bool(promoted and diff is not None and diff.value < -cfg.margin),
     )
-    return promoted, g, seconds
+    return LoopRound(
+        promoted=promoted or bool(canary and canary.decision == "promote"),
+        gate=g,
+        canary=canary,
+        seconds=seconds,
+    )
 
 
 async def run_experiment_async(
@@ -1030,15 +1132,18 @@ async def run_experiment_async(
                     per_user=served.reward,
                 )
                 if stack.loop is not None:
-                    promoted, gate, loop_s = await asyncio.to_thread(
-                        run_loop_round, stack, world, round_no=r
-                    )
-                    row.promoted, row.gate, row.loop_seconds = promoted, gate, round(loop_s, 2)
+                    done = await asyncio.to_thread(run_loop_round, stack, world, round_no=r)
+                    row.promoted, row.gate, row.canary = done.promoted, done.gate, done.canary
+                    row.loop_seconds = round(done.seconds, 2)
                     now = stack.registry.current()
-                    if promoted and now is not None:
+                    if done.promoted and now is not None:
                         swapped = await _wait_for_version(client, now, 30.0)
                         if not swapped:
                             raise RuntimeError(f"{a.name}: the service never swapped to {now}")
+                    running = stack.registry.canary()
+                    want = None if running is None else running.version
+                    if not await _wait_for_canary(client, want, 30.0):
+                        raise RuntimeError(f"{a.name}: the service never followed canary {want}")
                 rows.append(row)
                 say(_round_line(row))
     return ExperimentResult(
@@ -1061,6 +1166,13 @@ def _round_line(r: ArmRound) -> str:
         f"({r.steps} steps, {r.clicks} clicks, served by {r.model_version}; "
         f"{r.serve_seconds:.1f} s"
     )
+    c = r.canary
+    if c is not None:
+        line += f", canary {c.candidate}: {c.decision}"
+        if c.true_diff is not None:
+            line += f" (true {c.true_diff})"
+        if c.violation:
+            line += " VIOLATION"
     g = r.gate
     if g is not None:
         line += f", loop {r.loop_seconds:.1f} s) gate: {g.decision}"

@@ -466,17 +466,44 @@ async def _follow_registry(
 ) -> None:
     """Serve the registry's current version: when ``current.json`` names another version
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
-    and the old model keeps serving until the pointer moves again."""
+    and the old model keeps serving until the pointer moves again.  A canary named there is
+    served to its share of the users (:meth:`RecommenderService.set_canary`) and dropped
+    when the pointer no longer names it."""
     root = registry.root
+    canary_following: tuple[str, float, str] | None = None
+    warned = False
     while True:
         await asyncio.sleep(every_s)
         try:
             version = registry.current()
-            if version is None or version == following:
+            if version is not None and version != following:
+                following = version  # tried once: a broken version is not reloaded each second
+                logger.info("registry %s: current is now %s, loading it", root, version)
+                await service.reload(registry.current_path())
+            c = registry.canary()
+            if service.settings.ab:  # A/B arms from the settings: a canary is not followed
+                if c is not None and not warned:
+                    warned = True
+                    logger.warning(
+                        "registry %s names canary %s, but this service runs A/B arms from "
+                        "its settings: every user is served by its own arms",
+                        root,
+                        c.version,
+                    )
                 continue
-            following = version  # tried once: a broken version is not reloaded every second
-            logger.info("registry %s: current is now %s, loading it", root, version)
-            await service.reload(registry.current_path())
+            want = None if c is None else (c.version, c.share, c.salt)
+            if want == canary_following:
+                continue
+            canary_following = want  # tried once, as above
+            if c is None:
+                await service.set_canary(None)
+            else:
+                logger.info(
+                    "registry %s: canary %s on %.0f %% of users", root, c.version, 100 * c.share
+                )
+                await service.set_canary(
+                    registry.version_path(c.version), share=c.share, salt=c.salt
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad version or pointer must not stop the follower

@@ -331,7 +331,11 @@ async def healthz(request: Request) -> Response:
     """The process is alive; which model it serves."""
     svc: RecommenderService | None = getattr(request.app.state, "service", None)
     version = svc.model.model_version if svc is not None else None
-    return json_response({"status": "ok", "model_version": version}, version=version)
+    c = svc.canary if svc is not None else None
+    canary = None if c is None else {"model_version": c[0], "share": c[1]}
+    return json_response(
+        {"status": "ok", "model_version": version, "canary": canary}, version=version
+    )
 
 
 async def readyz(request: Request) -> Response:

@@ -303,6 +303,15 @@ class PopularResponse(BaseModel):
     model_version: str
 
 
+class CanaryInfo(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    model_version: str
+    """Version of the registry canary this process serves beside the current model."""
+    share: float
+    """Share of the users it answers."""
+
+
 class HealthResponse(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -310,6 +319,8 @@ class HealthResponse(BaseModel):
     """Always ``ok``: the process answers."""
     model_version: str | None
     """Version of the model this process serves (null before the model is loaded)."""
+    canary: CanaryInfo | None = None
+    """The registry canary this process serves to a share of the users, if any."""
 
 
 class ReloadResponse(BaseModel):

@@ -15,6 +15,7 @@ Concurrent single requests are gathered by :class:`MicroBatcher` into one call o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -611,6 +612,12 @@ class PolicyDefaults:
         )
 
 
+CURRENT_ARM = "current"
+"""Arm name of the current model's lists while a registry canary runs."""
+CANARY_ARM = "canary"
+"""Arm name of a registry canary's lists."""
+
+
 @dataclass(frozen=True, kw_only=True, eq=False, slots=True)
 class Arm:
     """A model the service answers with, and its A/B name and serving defaults."""
@@ -691,16 +698,20 @@ class RecommenderService:
                 f"{len(settings.ab)} A/B arms need {len(settings.ab) - 1} more models, "
                 f"got {len(arm_models)}"
             )
-        self._split = (
+        split = (
             AbSplit([a.weight for a in settings.ab], salt=settings.ab_salt) if settings.ab else None
         )
         control = self._arm(0, model, Path(artifact_path or settings.artifact))
-        self._arms = (
+        arms = (
             control,
             *(self._arm(i, m, settings.ab[i].artifact) for i, m in enumerate(arm_models, 1)),
         )
-        """Every arm (one without A/B serving); the first is the control, swapped by
-        :meth:`reload`.  Replaced as a whole, read once per batch."""
+        self._routing: tuple[AbSplit | None, tuple[Arm, ...]] = (split, arms)
+        """The user split (None: one arm) and every arm; the first arm is the control,
+        swapped by :meth:`reload`.  Replaced as a whole (one reference assignment), read
+        once per batch, so a batch never sees a split of one state and arms of another."""
+        self._canary: tuple[str, float, str] | None = None
+        """(version, share, salt) of the registry canary being served, if any."""
         self._reload_lock = asyncio.Lock()
         self._store_down_until = -1.0
         self._store_failing = False
@@ -720,11 +731,19 @@ class RecommenderService:
         }
         self._arm_served = {
             (a.name, s): self.metrics.arm_lists.labels(arm=a.name, source=s)
-            for a in self._arms
+            for a in arms
             if a.name is not None
             for s in (SOURCE_POLICY, SOURCE_POPULAR)
         }
         self.metrics.set_model(model.model_version)
+
+    def _arm_counter(self, name: str, source: str) -> Any:
+        counter = self._arm_served.get((name, source))
+        if counter is None:  # a canary's arms appear at run time
+            counter = self._arm_served[(name, source)] = self.metrics.arm_lists.labels(
+                arm=name, source=source
+            )
+        return counter
 
     def _arm(self, i: int, model: LoadedModel, path: Path) -> Arm:
         """Arm ``i`` of the settings' split (or the only one) serving ``model``."""
@@ -751,6 +770,10 @@ class RecommenderService:
         )
 
     @property
+    def _arms(self) -> tuple[Arm, ...]:
+        return self._routing[1]
+
+    @property
     def _model(self) -> LoadedModel:
         return self._arms[0].model
 
@@ -770,6 +793,50 @@ class RecommenderService:
     @property
     def _artifact_path(self) -> Path:
         return self._arms[0].path
+
+    @property
+    def canary(self) -> tuple[str, float, str] | None:
+        """(version, share, salt) of the registry canary this service serves, or None."""
+        return self._canary
+
+    async def set_canary(self, path: Path | None, *, share: float = 0.0, salt: str = "") -> None:
+        """Serve the artifact at ``path`` to a ``share`` of the users (by a hash of the user
+        id with ``salt``) and the current model to the others, as arms ``canary`` and
+        ``current``; ``path`` None ends the canary.  Refused with A/B arms from the
+        settings (they would be silently reshuffled)."""
+        if self.settings.ab:
+            raise ConfigError("a registry canary cannot run beside A/B arms from the settings")
+        async with self._reload_lock:
+            control = self._arms[0]
+            if path is None:
+                self._routing = (None, (dataclasses.replace(control, name=None),))
+                self._canary = None
+                logger.info("canary ended: serving %s to every user", control.model.model_version)
+                return
+            model = await asyncio.to_thread(
+                LoadedModel.load,
+                Path(path),
+                inference=self.settings.inference,
+                threads=self.settings.torch_threads,
+                search=self.settings.search,
+                ann_margin=self.settings.ann_margin,
+            )
+            canary = Arm(
+                name=CANARY_ARM,
+                model=model,
+                path=Path(path),
+                overrides={},
+                defaults=PolicyDefaults.resolve(self.settings, model.serving),
+            )
+            split = AbSplit([1.0 - share, share], salt=salt)
+            self._routing = (split, (dataclasses.replace(control, name=CURRENT_ARM), canary))
+            self._canary = (model.model_version, share, salt)
+            logger.info(
+                "canary %s on %.0f %% of users beside %s",
+                log_safe(model.model_version),
+                100 * share,
+                log_safe(control.model.model_version),
+            )
 
     # ------------------------------------------------------------------ store access
 
@@ -829,7 +896,7 @@ class RecommenderService:
     async def recommend_many(self, reqs: Sequence[RecommendRequest]) -> list[Recommendation]:
         """Lists for many users: one store round trip for all of them, and one forward pass
         per A/B arm (one in all without a split)."""
-        arms = self._arms  # read once: a reload during this batch does not touch it
+        split, arms = self._routing  # read once: a reload during this batch does not touch it
         s = self.settings
 
         # Users whose history or consumed items the store holds.
@@ -854,10 +921,10 @@ class RecommenderService:
             else:
                 recent = got
 
-        if self._split is None or len(arms) == 1:
+        if split is None or len(arms) == 1:
             recs = await self._answer_arm(arms[0], reqs, recent, store_warning)
         else:
-            assign = self._split.assign
+            assign = split.assign
             groups: dict[int, list[int]] = {}
             for i, r in enumerate(reqs):
                 groups.setdefault(assign(r.user_id), []).append(i)
@@ -901,8 +968,8 @@ class RecommenderService:
         if popular_rows:
             await self._answer_popular(model, reqs, rows, popular_rows, out)
         if arm.name is not None:
-            self._arm_served[(arm.name, SOURCE_POLICY)].inc(len(policy_rows))
-            self._arm_served[(arm.name, SOURCE_POPULAR)].inc(len(popular_rows))
+            self._arm_counter(arm.name, SOURCE_POLICY).inc(len(policy_rows))
+            self._arm_counter(arm.name, SOURCE_POPULAR).inc(len(popular_rows))
         return [o for o in out if o is not None]
 
     def _score_policy(
@@ -1128,7 +1195,9 @@ class RecommenderService:
                 logger.error("reload of %r refused: %s", str(target), log_safe(exc))
                 raise
             # the swap: one reference assignment (the control arm, with A/B serving)
-            self._arms = (self._arm(0, model, target), *self._arms[1:])
+            split, arms = self._routing
+            control = dataclasses.replace(self._arm(0, model, target), name=arms[0].name)
+            self._routing = (split, (control, *arms[1:]))
             self._popular_cache = None
             self.metrics.set_model(model.model_version)
             self.metrics.reloads.labels(outcome="ok").inc()

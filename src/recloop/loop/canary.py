@@ -1,0 +1,160 @@
+"""The canary stage of ``recloop loop``: judge a candidate on what users did with it.
+
+The offline gate (:mod:`recloop.loop.gate`) compares the candidate with the current model on
+the holdout by a ranking metric and a one-step doubly robust estimate.  Both can be fooled
+in the same direction: in ``recloop experiment`` a candidate that ranks the holdout's clicks
+well and whose DR difference was confidently positive was truly worse by half a reward per
+session (its items earned clicks that did not satisfy, and users left; docs/experiment.md).
+The only estimate no model can fake is the users' own behaviour, so with ``canary_share``
+set a candidate that passes the offline gate is not promoted at once: it serves that share
+of the users (the registry's canary, followed by every service) and the next round compares
+the two groups.
+
+Comparison.  Users are assigned by the service's hash of their id with the canary's salt
+(:func:`recloop.serving.ab.user_unit`), and the analysis uses the same assignment
+(intention to treat): a user counts in the arm the hash gives, with every settled impression
+shown to them since the canary started, whichever version served it (the few lists served
+before a service picked the canary up dilute the difference; they never bias its sign).  The
+unit is the user, and the statistic the mean over users of the reward attributed to their
+impressions in that period -- a user who leaves early contributes less, which a per-list
+rate would hide.  The interval of ``canary - current`` is a percentile bootstrap with the
+two arms resampled independently (they are disjoint random samples of users).
+
+Decision (``canary_margin`` m >= 0, in reward per user over the period): promote when the
+interval's low end is ``>= -m``; stop the canary (the current model keeps every user) when it
+is below; wait while either arm has fewer than ``canary_min_users`` users.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recloop.artifacts.registry import Canary
+from recloop.data.schema import RATING, TIMESTAMP, USER
+from recloop.serving.ab import AbSplit
+
+CANARY_ARM_INDEX = 1
+"""Index of the canary in the service's two-arm split ([current, canary])."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CanaryVerdict:
+    """The canary's comparison and what to do."""
+
+    version: str
+    """The canary's version."""
+    parent: str
+    """The version it was compared with."""
+    decision: str
+    """``promote``, ``stop`` or ``wait`` (too few users in an arm)."""
+    reason: str
+    """One line: the numbers that decided."""
+    users_canary: int
+    users_current: int
+    reward_canary: float
+    """Mean reward per canary user since the start."""
+    reward_current: float
+    """Mean reward per current-model user since the start."""
+    diff: float
+    """reward_canary - reward_current."""
+    low: float
+    high: float
+    """Bootstrap interval of the difference (equal to it when waiting)."""
+    lists_by_other_version: int
+    """Impressions counted in an arm but served by the other arm's version (or another)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "parent": self.parent,
+            "decision": self.decision,
+            "reason": self.reason,
+            "users_canary": self.users_canary,
+            "users_current": self.users_current,
+            "reward_canary": self.reward_canary,
+            "reward_current": self.reward_current,
+            "diff": self.diff,
+            "interval": [self.low, self.high],
+            "impressions_by_other_version": self.lists_by_other_version,
+        }
+
+
+def user_rewards(events: pl.DataFrame, canary: Canary) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-user total reward of the impressions after ``canary.since_ts``, split by the
+    canary's hash: (canary users' totals, current users' totals, impressions whose serving
+    version is not their arm's).  ``events`` as :func:`recloop.data.loaders.sql.
+    load_impressions_from_db` gives them (``user``, ``timestamp``, ``rating`` = reward,
+    ``policy_version``)."""
+    recent = events.filter(pl.col(TIMESTAMP) > canary.since_ts)
+    if recent.height == 0:
+        return np.zeros(0), np.zeros(0), 0
+    per_user = recent.group_by(USER).agg(
+        pl.col(RATING).cast(pl.Float64).fill_null(0.0).sum().alias("total"),
+        pl.col("policy_version").alias("versions"),
+    )
+    split = AbSplit([1.0 - canary.share, canary.share], salt=canary.salt)
+    users = per_user[USER].cast(pl.String).to_list()
+    arm = np.fromiter((split.assign(u) for u in users), np.int64, len(users))
+    total = per_user["total"].to_numpy()
+    own = np.where(arm == CANARY_ARM_INDEX, canary.version, canary.parent)
+    other = sum(
+        sum(1 for v in vs if v != o)
+        for vs, o in zip(per_user["versions"].to_list(), own, strict=True)
+    )
+    return total[arm == CANARY_ARM_INDEX], total[arm != CANARY_ARM_INDEX], int(other)
+
+
+def judge_canary(
+    events: pl.DataFrame,
+    canary: Canary,
+    *,
+    min_users: int,
+    margin: float,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> CanaryVerdict:
+    """Compare the canary with the current model on the impressions since it started
+    (module docstring)."""
+    c, b, other = user_rewards(events, canary)
+    mc = float(c.mean()) if c.size else 0.0
+    mb = float(b.mean()) if b.size else 0.0
+    diff = mc - mb
+    base = functools.partial(
+        CanaryVerdict,
+        version=canary.version,
+        parent=canary.parent,
+        users_canary=int(c.size),
+        users_current=int(b.size),
+        reward_canary=mc,
+        reward_current=mb,
+        diff=diff,
+        lists_by_other_version=other,
+    )
+    if min(c.size, b.size) < max(min_users, 2):
+        return base(
+            decision="wait",
+            reason=(
+                f"canary {canary.version}: {c.size} canary and {b.size} current users since "
+                f"it started, fewer than {max(min_users, 2)} in an arm: waiting"
+            ),
+            low=diff,
+            high=diff,
+        )
+    rng = np.random.default_rng(seed)
+    rc = c[rng.integers(0, c.size, (n_boot, c.size))].mean(1)
+    rb = b[rng.integers(0, b.size, (n_boot, b.size))].mean(1)
+    alpha = (1.0 - confidence) / 2
+    low, high = (float(x) for x in np.quantile(rc - rb, [alpha, 1.0 - alpha]))
+    promote = low >= -margin - 1e-12
+    reason = (
+        f"{'promote' if promote else 'stop canary'}: reward per user since the canary started "
+        f"{mc:.4f} ({c.size} users) vs current {mb:.4f} ({b.size} users), difference "
+        f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]: low {'>=' if promote else '<'} {-margin:g}"
+    )
+    return base(decision="promote" if promote else "stop", reason=reason, low=low, high=high)
