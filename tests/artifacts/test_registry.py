@@ -177,7 +177,7 @@ def test_a_canary_starts_beside_current_and_ends_at_a_stop_promotion_or_rollback
     c = reg.start_canary(b, share=0.2, since_ts=5, reason="gate passed")
     got = reg.canary()
     assert got == c and (got.version, got.parent, got.share, got.since_ts) == (b, a, 0.2, 5)
-    assert got.salt == f"canary-{b}" and reg.current() == a  # the current version is unchanged
+    assert got.salt.startswith(f"canary-{b}-") and reg.current() == a  # current unchanged
     pointer = json.loads((tmp_path / "reg" / "current.json").read_text())
     assert pointer["canary"]["version"] == b and pointer["stack"] == [a]
     assert main(["registry", "list", str(tmp_path / "reg")]) == 0
@@ -208,3 +208,25 @@ def test_an_unreadable_canary_field_is_named(tmp_path: Path, artifacts: list[Pat
     )
     with pytest.raises(ArtifactError, match=r"current\.json: unreadable field 'canary'"):
         reg.canary()
+
+
+def test_a_verdict_acts_only_on_the_canary_it_judged(tmp_path: Path, artifacts: list[Path]) -> None:
+    """A controller's verdict must not undo what an operator did meanwhile."""
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    c = reg.publish(artifacts[2])
+    judged = reg.start_canary(b, share=0.5, since_ts=0)
+    reg.stop_canary(reason="by hand")
+    assert not reg.finish_canary(judged, promote=True)  # stopped meanwhile: no promotion
+    assert reg.current() == a and reg.canary() is None
+    again = reg.start_canary(b, share=0.5, since_ts=0)
+    assert again.salt != judged.salt  # a new draw of users
+    assert not reg.finish_canary(judged, promote=True)  # the same version, another canary
+    reg.promote(c, reason="by hand")
+    assert not reg.finish_canary(again, promote=False)  # current moved
+    assert reg.current() == c
+    last = reg.start_canary(b, share=0.5, since_ts=0)
+    assert reg.finish_canary(last, promote=True, reason="better")
+    assert reg.current() == b and reg.canary() is None
+    assert [h["action"] for h in reg.history()][-2:] == ["canary-start", "promote"]

@@ -34,11 +34,13 @@ def test_users_are_split_by_the_services_hash_and_summed_since_the_start() -> No
         # one impression before the start (not counted), two after
         log[u] = [(90, 5.0, "cur"), (101, 1.0, own), (150, 2.0, own)]
     log["u0"].append((160, 1.0, "cur" if _arm("u0") == 1 else "cand"))  # the other version
-    c, b, other = user_rewards(_impressions(log), CANARY)
+    t = user_rewards(_impressions(log), CANARY)
     n_c = sum(_arm(u) == 1 for u in users)
-    assert 0 < n_c < 40 and c.size == n_c and b.size == 40 - n_c
-    assert other == 1  # counted in its hashed arm (intention to treat), and reported
-    assert sorted(np.r_[c, b].tolist()) == [3.0] * 39 + [4.0]
+    assert 0 < n_c < 40 and t.canary.size == n_c and t.current.size == 40 - n_c
+    assert t.by_other_version == 1  # counted in its hashed arm (intention to treat)
+    assert sorted(np.r_[t.canary, t.current].tolist()) == [3.0] * 39 + [4.0]
+    assert t.canary_arm_impressions == 2 * n_c + (_arm("u0") == 1)
+    assert t.canary_arm_other == (_arm("u0") == 1) and t.newest_ts == 160
 
 
 @pytest.mark.parametrize(
@@ -69,3 +71,36 @@ def test_too_few_users_in_an_arm_waits() -> None:
     assert v.decision == "wait" and "fewer than 30 in an arm" in v.reason
     empty = judge_canary(_impressions({}).head(0), CANARY, min_users=2, margin=0.0)
     assert empty.decision == "wait" and empty.users_canary == 0
+
+
+def _even_log(n: int = 200, *, canary_serves: bool = True) -> pl.DataFrame:
+    rng = np.random.default_rng(3)
+    log = {}
+    for i in range(n):
+        u = f"u{i}"
+        mine = _arm(u) == 1
+        version = "cand" if mine and canary_serves else "cur"
+        log[u] = [(200 + i, float(rng.poisson(2.0)), version)]
+    return _impressions(log)
+
+
+def test_a_verdict_is_reproducible() -> None:
+    events = _even_log()
+    shuffled = events.sample(fraction=1.0, shuffle=True, seed=1)
+    a = judge_canary(events, CANARY, min_users=30, margin=0.0)
+    b = judge_canary(events, CANARY, min_users=30, margin=0.0)
+    assert (a.low, a.high) == (b.low, b.high)
+    # the same events in another order: the same users, the same totals, the same mean
+    c = judge_canary(shuffled, CANARY, min_users=30, margin=0.0)
+    assert c.diff == pytest.approx(a.diff)
+
+
+def test_a_canary_its_services_do_not_serve_waits_then_expires() -> None:
+    """Lists the current model served to canary users would pull the difference to 0."""
+    events = _even_log(canary_serves=False)
+    v = judge_canary(events, CANARY, min_users=30, margin=0.0, max_age_s=1000)
+    assert v.decision == "wait" and "served 0 % of its users' impressions" in v.reason
+    v = judge_canary(events, CANARY, min_users=30, margin=0.0, max_age_s=100)
+    assert v.decision == "stop" and v.reason.startswith("stop canary: expired after")
+    v = judge_canary(events, CANARY, min_users=30, margin=0.0, min_served=0.0)
+    assert v.decision in ("promote", "stop") and v.low < v.high

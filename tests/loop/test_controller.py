@@ -219,3 +219,38 @@ def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
     actions = [h["action"] for h in reg.history()]
     assert "canary-start" in actions
     assert ("canary-stop" in actions) == (verdict == "stop")
+
+
+@pytest.mark.parametrize("stopped_by_hand", [False, True])
+def test_a_crash_after_the_canary_started_neither_starts_it_twice_nor_revives_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped_by_hand: bool
+) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
+    first = loop.run_once()
+    append_events(url, walk_events(steps=range(10, 13)))
+    reg = ArtifactRegistry(tmp_path / "registry")
+
+    class Crash(BaseException):
+        """Stands for kill -9 right after the pointer was written."""
+
+    real = ArtifactRegistry.start_canary
+
+    def start_then_crash(self: ArtifactRegistry, *a: object, **kw: object) -> object:
+        real(self, *a, **kw)  # type: ignore[arg-type]
+        raise Crash
+
+    monkeypatch.setattr(ArtifactRegistry, "start_canary", start_then_crash)
+    with pytest.raises(Crash):
+        loop.run_once()
+    monkeypatch.undo()
+    started = reg.canary()
+    assert started is not None and reg.current() == first.version
+    if stopped_by_hand:
+        reg.stop_canary(reason="by hand, while the controller was down")
+    done = LoopController(loop.cfg).run_once()
+    assert done.status == "resumed-canary" and done.version == started.version
+    assert reg.current() == first.version
+    assert reg.canary() == (None if stopped_by_hand else started)
+    assert [h["action"] for h in reg.history()].count("canary-start") == 1

@@ -417,3 +417,33 @@ def test_a_tiny_experiment_with_canaries(
     reg = work / "arms" / "popularity" / "registry"
     actions = [json.loads(x)["action"] for x in (reg / "history.jsonl").read_text().splitlines()]
     assert actions.count("canary-start") == 3 and actions.count("promote") == 3  # + bootstrap
+
+
+def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:
+    from types import SimpleNamespace
+
+    from recloop.loop.controller import LoopError
+    from recloop.loop.experiment import run_loop_round
+
+    class FailingLoop:
+        def __init__(self) -> None:
+            self.canary_verdict: dict[str, object] = {}
+
+        def run_once(self) -> None:
+            self.canary_verdict = {
+                "version": "v1", "parent": "v0", "decision": "promote", "reason": "better",
+            }  # fmt: skip
+            raise LoopError("train", RuntimeError("out of memory"))
+
+    diff = Estimate(-0.5, -0.6, -0.4)
+    stack = SimpleNamespace(
+        loop=FailingLoop(),
+        cfg=ExperimentConfig(rounds=1, users=4),
+        registry=SimpleNamespace(current=lambda: "v1"),
+        spec=ArmSpec(name="rl", algo="reinforce"),
+        truth={"v1": (Estimate(1.0, 0.9, 1.1), Estimate(1.5, 1.4, 1.6), diff)},
+    )
+    done = run_loop_round(stack, world=None, round_no=2)  # type: ignore[arg-type]
+    assert done.gate is not None and done.gate.decision == "failed at train"
+    assert done.promoted and done.canary is not None
+    assert done.canary.decision == "promote" and done.canary.violation  # truly worse

@@ -877,7 +877,9 @@ async def test_service_serves_the_registrys_canary_to_its_share_of_users(
         await wait_for(v1, v0)
         health = (await c.get("/healthz")).json()
         assert health["canary"] == {"model_version": v1, "share": 0.3}
-        split = AbSplit([0.7, 0.3], salt=f"canary-{v1}")
+        live = reg.canary()
+        assert live is not None
+        split = AbSplit([0.7, 0.3], salt=live.salt)
         got = {}
         for u in users:
             body = (await c.post("/v1/recommend", json={"user_id": u})).json()
@@ -893,6 +895,38 @@ async def test_service_serves_the_registrys_canary_to_its_share_of_users(
         await wait_for(v1, v0)
         reg.promote(v1, reason="canary better")
         await wait_for(None, v1)
+
+
+async def test_a_canary_that_failed_to_load_is_tried_again(
+    artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recloop.artifacts.registry import ArtifactRegistry
+    from recloop.serving import app as app_mod
+
+    monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.3)
+    reg = ArtifactRegistry(tmp_path / "registry")
+    reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    app = create_app(settings_for(reg.current_path(), registry=reg.root, reload_poll_s=0.05))
+    async with running(app):
+        svc = app.state.service
+        real = svc.set_canary
+        calls: list[float] = []
+
+        async def flaky(path: Path | None, **kw: Any) -> None:
+            calls.append(asyncio.get_running_loop().time())
+            if len(calls) == 1:
+                raise OSError("disk hiccup")
+            await real(path, **kw)
+
+        monkeypatch.setattr(svc, "set_canary", flaky)
+        reg.start_canary(v1, share=0.5, since_ts=0)
+        for _ in range(100):
+            if svc.canary is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert svc.canary is not None and svc.canary[0] == v1
+        assert len(calls) == 2 and calls[1] - calls[0] >= 0.3  # not every poll
 
 
 async def _chunked(body: bytes) -> Any:

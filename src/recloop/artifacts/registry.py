@@ -25,16 +25,24 @@ following the registry split their traffic accordingly, and every served list re
 version that answered it, so ``recloop loop`` can compare the two on what users actually did
 and then promote the canary or stop it (:mod:`recloop.loop.canary`).  A promotion or a
 rollback ends any canary.
+
+Every change of ``current.json`` holds an exclusive ``flock`` on ``REGISTRY/.lock`` while
+it reads and rewrites the pointer, so a controller's verdict and an operator's command in
+another process never overwrite each other (:meth:`ArtifactRegistry.finish_canary` acts
+only if the pointer still names the canary it judged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,10 +85,13 @@ class Canary:
     share: float
     """Share of users (0 < share < 1) the canary answers."""
     salt: str
-    """Salt of the user hash that splits the traffic (one per canary)."""
+    """Salt of the user hash that splits the traffic: ``canary-VERSION-K`` with K the
+    canaries started in this registry before it, so a version tried again meets a new draw
+    of users, and a replayed history the same one."""
     since_ts: int
-    """Event time (unix seconds) from which the log's lists count for the comparison: the
-    newest logged event when the canary started."""
+    """Event time (unix seconds) after which the log's impressions count for the comparison:
+    the newest served impression's time when the canary started (``recloop loop``), or the
+    caller's choice (``recloop registry canary --since-ts``)."""
     started_at: str
     """Wall-clock time of the start (ISO 8601, UTC)."""
     reason: str = ""
@@ -185,10 +196,13 @@ class ArtifactRegistry:
         canary = doc.get("canary")
         if canary is not None:
             try:
+                share = float(canary["share"])
+                if not 0.0 < share < 1.0:
+                    raise ValueError(f"share must lie in (0, 1), got {share}")
                 doc["canary"] = Canary(
                     version=str(canary["version"]),
                     parent=str(canary["parent"]),
-                    share=float(canary["share"]),
+                    share=share,
                     salt=str(canary["salt"]),
                     since_ts=int(canary["since_ts"]),
                     started_at=str(canary.get("started_at", "")),
@@ -212,6 +226,17 @@ class ArtifactRegistry:
         """A published version's directory (raises when there is none)."""
         return self._check_version(version)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the registry's pointer for one read-modify-write."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
     def start_canary(
         self, version: str, *, share: float, since_ts: int, reason: str = ""
     ) -> Canary:
@@ -221,16 +246,22 @@ class ArtifactRegistry:
             raise ArtifactError(f"canary share must lie in (0, 1), got {share}")
         path = self._check_version(version)
         load_artifact(path)
+        with self._locked():
+            return self._start_canary(version, share=share, since_ts=since_ts, reason=reason)
+
+    def _start_canary(self, version: str, *, share: float, since_ts: int, reason: str) -> Canary:
         pointer = self._pointer()
         if pointer is None:
             raise ArtifactError(f"{self.root}: a canary needs a current version beside it")
         if pointer["version"] == version:
             raise ArtifactError(f"{self.root}: {version} is already current")
+        before = sum(h.get("action") == "canary-start" for h in self.history())
         canary = Canary(
             version=version,
             parent=str(pointer["version"]),
             share=float(share),
-            salt=f"canary-{version}",
+            # fresh for every canary, and reproducible: the number of canaries before it
+            salt=f"canary-{version}-{before}",
             since_ts=int(since_ts),
             started_at=_now(),
             reason=reason,
@@ -244,14 +275,40 @@ class ArtifactRegistry:
 
     def stop_canary(self, *, reason: str = "") -> Canary | None:
         """End the running canary without promoting it; returns it (None when none ran)."""
-        pointer = self._pointer()
-        canary = None if pointer is None else pointer.get("canary")
-        if pointer is None or canary is None:
-            return None
+        with self._locked():
+            pointer = self._pointer()
+            canary = None if pointer is None else pointer.get("canary")
+            if pointer is None or canary is None:
+                return None
+            self._stop(pointer, canary, reason)
+            return canary
+
+    def _stop(self, pointer: dict[str, Any], canary: Canary, reason: str) -> None:
         self._write_pointer({k: v for k, v in pointer.items() if k != "canary"})
         self._log("canary-stop", canary.version, parent=canary.parent, reason=reason)
         logger.info("%s: canary %s stopped (%s)", self.root, canary.version, reason)
-        return canary
+
+    def finish_canary(self, canary: Canary, *, promote: bool, reason: str = "") -> bool:
+        """Promote or stop ``canary`` -- only if the pointer still names it (same version
+        and salt) beside the version it started from; False, changing nothing, when someone
+        stopped, replaced, promoted or rolled back meanwhile."""
+        if promote:
+            load_artifact(self._check_version(canary.version))
+        with self._locked():
+            pointer = self._pointer()
+            now = None if pointer is None else pointer.get("canary")
+            if (
+                pointer is None
+                or now is None
+                or (now.version, now.salt) != (canary.version, canary.salt)
+                or pointer["version"] != canary.parent
+            ):
+                return False
+            if promote:
+                self._promote(canary.version, pointer, reason=reason)
+            else:
+                self._stop(pointer, canary, reason)
+            return True
 
     def _write_pointer(self, doc: dict[str, Any]) -> None:
         out = dict(doc)
@@ -271,7 +328,10 @@ class ArtifactRegistry:
         canary."""
         path = self._check_version(version)
         load_artifact(path)
-        pointer = self._pointer()
+        with self._locked():
+            self._promote(version, self._pointer(), reason=reason)
+
+    def _promote(self, version: str, pointer: dict[str, Any] | None, *, reason: str) -> None:
         previous = None if pointer is None else pointer["version"]
         stack = [] if pointer is None else list(pointer["stack"])
         doc = {
@@ -288,6 +348,10 @@ class ArtifactRegistry:
     def rollback(self, *, reason: str = "") -> str:
         """Make the version that was current before the current one current again; ends
         any canary."""
+        with self._locked():
+            return self._rollback(reason=reason)
+
+    def _rollback(self, *, reason: str) -> str:
         pointer = self._pointer()
         if pointer is None:
             raise ArtifactError(f"{self.root}: nothing to roll back (no current version)")

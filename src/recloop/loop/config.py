@@ -109,6 +109,13 @@ class LoopConfig:
     canary_margin: float = 0.0
     """The canary is promoted when the low end of the interval of (canary - current) reward
     per user since it started is >= -canary_margin, and stopped otherwise."""
+    canary_min_served: float = 0.9
+    """The canary is judged only once it served at least this share of its arm's impressions
+    (the rest were served by the current model before a service picked it up, or by a
+    service that does not follow the registry; they pull the difference towards 0)."""
+    canary_max_days: float | None = 7.0
+    """A canary still waiting (too few users, or too little served) this many days of event
+    time after it started is stopped, so that the loop trains again; None = wait forever."""
     keep_rounds: int = 3
     """Round folders kept in ``workdir/rounds`` (the newest finished ones)."""
 
@@ -173,6 +180,14 @@ class LoopConfig:
             f"canary_min_users must be >= 2, got {self.canary_min_users}",
         )
         check(self.canary_margin >= 0, f"canary_margin must be >= 0, got {self.canary_margin}")
+        check(
+            0.0 <= self.canary_min_served <= 1.0,
+            f"canary_min_served must lie in [0, 1], got {self.canary_min_served}",
+        )
+        check(
+            self.canary_max_days is None or self.canary_max_days > 0,
+            f"canary_max_days must be > 0 or null, got {self.canary_max_days}",
+        )
         check(self.keep_rounds >= 1, f"keep_rounds must be >= 1, got {self.keep_rounds}")
 
     @property

@@ -9,9 +9,12 @@ One round::
     publish  registry.publish with lineage; promote when the gate passed -- or, with
              ``canary_share``, start it as the registry's canary
 
-With a canary running, a round first judges it on the users' behaviour since it started
-(recloop.loop.canary): promote it, stop it, or wait (and train nothing new) until both arms
-have ``canary_min_users`` users.  Each verdict is one atomic pointer write in the registry.
+With a canary running, a due round (the same triggers) first judges it on the users'
+behaviour since it started (recloop.loop.canary): promote it, stop it, or wait -- training
+nothing new -- until both arms have ``canary_min_users`` users and the canary served
+``canary_min_served`` of its arm (stopped as expired after ``canary_max_days``).  Each
+verdict is one pointer write in the registry, made only if the pointer still names the
+canary that was judged (an operator may have stopped or replaced it meanwhile).
 
 Crash safety.  ``WORKDIR/state.json`` (rewritten atomically: temporary file, fsync,
 rename) holds the watermark of the last window whose round finished.  A round that dies
@@ -58,6 +61,7 @@ from recloop.loop.window import (
     Watermark,
     count_newer,
     holdout_cuts,
+    newest_ts,
     round_due,
     window_events,
 )
@@ -155,6 +159,9 @@ class LoopController:
         self.registry = ArtifactRegistry(Path(cfg.registry))
         self.clock = clock
         self.step = "check"
+        self.canary_verdict: dict[str, Any] = {}
+        """The verdict on the canary of the last :meth:`run_once` (empty: none judged); kept
+        when a later step of that round fails, so a caller still learns of a promotion."""
 
     # -- state -----------------------------------------------------------------------
 
@@ -183,6 +190,7 @@ class LoopController:
         naming the step when it fails, leaving the registry's current version as it was."""
         start = time.perf_counter()
         self.step = "check"
+        self.canary_verdict = {}
         try:
             result = self._round()
         except LoopError:
@@ -200,20 +208,6 @@ class LoopController:
         if state.get("pending"):
             self.step = "publish"
             return self._finish_pending(state, resumed=True)
-        verdict: dict[str, Any] = {}
-        if self.registry.canary() is not None:
-            self.step = "canary"
-            verdict = self._judge_canary()
-            if verdict["decision"] != "wait":
-                state = {**state, "last_canary": {**verdict, "at": _now()}}
-                self._write_state(state)
-            if verdict["decision"] == "wait":
-                return RoundResult(
-                    status="canary-waiting",
-                    reason=verdict["reason"],
-                    current=self.registry.current(),
-                    canary=verdict,
-                )
         watermark = Watermark.from_dict(state.get("watermark"))
         since = None if watermark is None else watermark.ts
         new = count_newer(cfg.database_url, table=cfg.source_table, ts=since)
@@ -224,10 +218,23 @@ class LoopController:
             every_minutes=cfg.every_minutes,
             seconds_since_last=None if watermark is None else self.clock() - float(last or 0),
         )
-        current = self.registry.current()
         if not due:
-            return RoundResult(status="skipped", reason=why, current=current, canary=verdict)
+            return RoundResult(status="skipped", reason=why, current=self.registry.current())
         logger.info("loop round: %s", why)
+        verdict: dict[str, Any] = {}
+        if self.registry.canary() is not None:
+            self.step = "canary"
+            verdict = self.canary_verdict = self._judge_canary()
+            if verdict["decision"] == "wait":
+                return RoundResult(
+                    status="canary-waiting",
+                    reason=verdict["reason"],
+                    current=self.registry.current(),
+                    canary=verdict,
+                )
+            state = {**state, "last_canary": {**verdict, "at": _now()}}
+            self._write_state(state)
+        current = self.registry.current()
 
         self.step = "prepare"
         hook("prepare", self.workdir)
@@ -287,21 +294,25 @@ class LoopController:
         cfg, reg = self.cfg, self.registry
         canary = reg.canary()
         assert canary is not None
-        current = reg.current()
-        if current != canary.parent:  # the pointer moved under it by hand: not comparable
-            reason = f"canary {canary.version} was started beside {canary.parent}, now {current}"
-            reg.stop_canary(reason=reason)
-            return {"version": canary.version, "decision": "stop", "reason": reason}
         raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table)
         v = judge_canary(
-            raw.events, canary, min_users=cfg.canary_min_users, margin=cfg.canary_margin
+            raw.events,
+            canary,
+            min_users=cfg.canary_min_users,
+            margin=cfg.canary_margin,
+            min_served=cfg.canary_min_served,
+            max_age_s=None if cfg.canary_max_days is None else cfg.canary_max_days * 86400,
         )
         logger.info("canary: %s", v.reason)
-        if v.decision == "promote":
-            reg.promote(v.version, reason=f"canary: {v.reason}")
-        elif v.decision == "stop":
-            reg.stop_canary(reason=v.reason)
-        return v.to_dict()
+        doc = v.to_dict()
+        if v.decision in ("promote", "stop"):
+            reason = f"canary: {v.reason}" if v.decision == "promote" else v.reason
+            if not reg.finish_canary(canary, promote=v.decision == "promote", reason=reason):
+                # stopped, replaced, promoted or rolled back by someone else meanwhile
+                doc["decision"] = "superseded"
+                doc["reason"] = f"{v.reason} (not applied: the registry changed meanwhile)"
+                logger.warning("canary verdict not applied: the registry changed meanwhile")
+        return doc
 
     def _lineage(self, version: str) -> dict[str, Any]:
         for e in self.registry.entries():
@@ -423,11 +434,23 @@ class LoopController:
             elif now != p["parent"]:
                 note = f" (not promoted: current moved from {p['parent']} to {now} meanwhile)"
             elif self.cfg.canary_share > 0 and p["parent"] is not None:
-                if running is None or running.version != version:  # else: done before a crash
+                # started before a crash: running now, or stopped by someone since (then it
+                # stays stopped)
+                started = (running is not None and running.version == version) or (
+                    resumed
+                    and any(
+                        h.get("action") == "canary-start" and h.get("version") == version
+                        for h in reg.history()
+                    )
+                )
+                if not started:
+                    # the newest served impression, settled or not: lists served before the
+                    # canary never count in its comparison
+                    since = newest_ts(self.cfg.database_url, table=self.cfg.served_table)
                     reg.start_canary(
                         version,
                         share=self.cfg.canary_share,
-                        since_ts=int(p["watermark"]["ts"]),
+                        since_ts=int(p["watermark"]["ts"]) if since is None else since,
                         reason=p["reason"],
                     )
                 canaried = True

@@ -1026,7 +1026,14 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
             violation=False,
             worse_point=False,
         )
-        return LoopRound(promoted=False, gate=g, canary=None, seconds=time.perf_counter() - start)
+        # a canary verdict made before the failure still happened
+        canary = _canary_check(stack, stack.loop.canary_verdict)
+        return LoopRound(
+            promoted=bool(canary and canary.decision == "promote"),
+            gate=g,
+            canary=canary,
+            seconds=time.perf_counter() - start,
+        )
     seconds = time.perf_counter() - start
     canary = _canary_check(stack, result.canary)
     if result.version is None:  # no candidate: skipped, or waiting for the canary

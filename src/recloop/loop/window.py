@@ -127,6 +127,27 @@ def count_newer(url: str, *, table: str, ts: int | None) -> int:
         engine.dispose()
 
 
+def newest_ts(url: str, *, table: str) -> int | None:
+    """The newest event time in ``table`` (settled or not), or None when it is empty."""
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
+    t = sa.table(table, sa.column("ts"))
+    try:
+        with engine.connect() as conn:
+            got = conn.execute(sa.select(sa.func.max(t.c.ts))).scalar_one()
+    except sa.exc.DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        raise DataError(
+            f"cannot read the newest event time ({reason})", location=Location(file=where)
+        ) from None
+    finally:
+        engine.dispose()
+    return None if got is None else int(got)
+
+
 def round_due(
     *,
     new_events: int,

@@ -457,6 +457,10 @@ async def _load_first(
     return Path(settings.artifact), await asyncio.to_thread(load, Path(settings.artifact))
 
 
+CANARY_RETRY_S = 30.0
+"""Seconds between two tries of a registry canary that failed to load."""
+
+
 async def _follow_registry(
     service: RecommenderService,
     registry: ArtifactRegistry,
@@ -468,10 +472,14 @@ async def _follow_registry(
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
     and the old model keeps serving until the pointer moves again.  A canary named there is
     served to its share of the users (:meth:`RecommenderService.set_canary`) and dropped
-    when the pointer no longer names it."""
+    when the pointer no longer names it; one that fails to load is tried again every
+    ``CANARY_RETRY_S`` (until it serves, its users get the current model, and the loop's
+    verdict waits for it)."""
     root = registry.root
     canary_following: tuple[str, float, str] | None = None
-    warned = False
+    canary_failed: tuple[str, float, str] | None = None
+    retry_at = 0.0
+    failed = warned = False
     while True:
         await asyncio.sleep(every_s)
         try:
@@ -492,9 +500,10 @@ async def _follow_registry(
                     )
                 continue
             want = None if c is None else (c.version, c.share, c.salt)
-            if want == canary_following:
+            now = asyncio.get_running_loop().time()
+            if want == canary_following or (failed and want == canary_failed and now < retry_at):
                 continue
-            canary_following = want  # tried once, as above
+            failed, canary_failed, retry_at = True, want, now + CANARY_RETRY_S
             if c is None:
                 await service.set_canary(None)
             else:
@@ -504,6 +513,7 @@ async def _follow_registry(
                 await service.set_canary(
                     registry.version_path(c.version), share=c.share, salt=c.salt
                 )
+            canary_following, failed = want, False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad version or pointer must not stop the follower

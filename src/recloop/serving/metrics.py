@@ -87,8 +87,10 @@ class ServiceMetrics:
         )
         self.arm_lists = Counter(
             "recloop_ab_lists",
-            "Lists served per A/B arm and source (policy or popular); A/B serving only.  Their "
-            "clicks and rewards: recloop_ab_settled_* (from the stream workers).",
+            "Lists served per A/B arm and source (policy or popular): the settings' A/B arms, "
+            "or current and canary while a registry canary runs (counts add up over "
+            "successive canaries).  Their clicks and rewards: recloop_ab_settled_* (from the "
+            "stream workers).",
             ["arm", "source"],
             registry=reg,
         )
