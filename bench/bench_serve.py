@@ -323,6 +323,8 @@ VARIANTS = {
     "recloop-onnx": "recloop serve, micro-batching on, forward pass on onnxruntime",
     "recloop-softmax": "recloop serve, softmax (Plackett-Luce) sampling, T = 1",
     "recloop-epsilon": "recloop serve, epsilon-greedy, epsilon = 0.1",
+    "recloop-logged-onnx": "recloop-logged with the forward pass on onnxruntime (--inference "
+    "onnxruntime; the recloop[export] extra)",
     "recloop-logged": "recloop serve, softmax sampling, every served list logged (Redis "
     "stream, else SQLite)",
     "recloop-dashboard": "recloop serve while one dashboard client polls GET /dashboard/data "
@@ -335,8 +337,13 @@ POLICY_OF = {
     "recloop-softmax": "softmax",
     "recloop-epsilon": "epsilon",
     "recloop-logged": "softmax",
+    "recloop-logged-onnx": "softmax",
 }
 """Serving policy of the exploring variants (``recloop`` itself runs ``--policy``)."""
+ONNX_VARIANTS = frozenset({"recloop-onnx", "recloop-logged-onnx"})
+"""Variants whose forward pass runs on onnxruntime."""
+LOGGED_VARIANTS = frozenset({"recloop-logged", "recloop-logged-onnx"})
+"""Variants that log every served list."""
 
 
 class DashboardPoller:
@@ -583,12 +590,12 @@ def bench_catalogue(
             "RECLOOP_STORE_URL": store_url,
             "RECLOOP_STORE_PREFIX": prefix,
             "RECLOOP_MICROBATCH": "false" if variant == "recloop-nobatch" else "true",
-            "RECLOOP_INFERENCE": "onnxruntime" if variant == "recloop-onnx" else "torch",
+            "RECLOOP_INFERENCE": "onnxruntime" if variant in ONNX_VARIANTS else "torch",
             "RECLOOP_POLICY": POLICY_OF.get(variant, args.policy),
             # the plain variants score every item even when the artifact has an index
             "RECLOOP_SEARCH": "ann" if variant == "recloop-ann" else "exact",
         }
-        if variant == "recloop-logged":
+        if variant in LOGGED_VARIANTS:
             if store_url.startswith("redis"):
                 env["RECLOOP_BUS_URL"] = store_url
                 env["RECLOOP_STREAM"] = served_stream = f"{prefix}served"
@@ -639,7 +646,7 @@ def bench_catalogue(
             )
     finally:
         server.stop()
-        if variant == "recloop-logged" and store_url.startswith("redis"):
+        if variant in LOGGED_VARIANTS and store_url.startswith("redis"):
             logged = asyncio.run(_stream_length_and_drop(store_url, served_stream))
             total = sum(round(r["rps"] * args.duration) for r in rows)
             print(
@@ -696,14 +703,14 @@ def bench_interleaved(
                 "RECLOOP_STORE_URL": store_url,
                 "RECLOOP_STORE_PREFIX": prefix,
                 "RECLOOP_MICROBATCH": "false" if v == "recloop-nobatch" else "true",
-                "RECLOOP_INFERENCE": "onnxruntime" if v == "recloop-onnx" else "torch",
+                "RECLOOP_INFERENCE": "onnxruntime" if v in ONNX_VARIANTS else "torch",
                 "RECLOOP_POLICY": POLICY_OF.get(v, args.policy),
                 "RECLOOP_SEARCH": "ann" if v == "recloop-ann" else "exact",
             }
-            if v == "recloop-logged":
+            if v in LOGGED_VARIANTS:
                 if redis:
                     env["RECLOOP_BUS_URL"] = store_url
-                    env["RECLOOP_STREAM"] = f"{prefix}served{'-compared' if v != label else ''}"
+                    env["RECLOOP_STREAM"] = f"{prefix}served:{label}"
                     streams.append(env["RECLOOP_STREAM"])
                 else:
                     env["RECLOOP_DATABASE_URL"] = (
@@ -752,7 +759,7 @@ def bench_interleaved(
             server.stop()
         for stream in streams:
             logged = asyncio.run(_stream_length_and_drop(store_url, stream))
-            which = "recloop-logged" + (COMPARED if stream.endswith("-compared") else "")
+            which = stream.rpartition(":")[2]
             print(f"{name:>7} {which} lists logged on the stream: {logged}", flush=True)
         if redis:
             asyncio.run(drop_store(store_url, prefix))
@@ -994,17 +1001,17 @@ def report(rows: list[dict[str, Any]]) -> None:
         nob = by.get((cat, "recloop-nobatch", c))
         if v == "recloop" and nob is not None:
             print(f"  {cat:>7} c={c:<3} micro-batching on / off: {r['rps'] / nob['rps']:.2f}x")
-    issue12 = [(c, by.get(("ml100k", "recloop-logged", c)), by.get(("ml100k", "baseline", c)))
-               for c in (16, 64)]  # fmt: skip
-    if any(r is not None and b is not None for _, r, b in issue12):
+    issue12 = [(v, c, by.get(("ml100k", v, c)), by.get(("ml100k", "baseline", c)))
+               for v in sorted(LOGGED_VARIANTS) for c in (16, 64)]  # fmt: skip
+    if any(r is not None and b is not None for _, _, r, b in issue12):
         print("\nissue 12 (ml-100k, softmax sampling + every served list logged, same run):")
-        for c, r, b in issue12:
+        for v, c, r, b in issue12:
             if r is None or b is None:
                 continue
             ratio = r["rps"] / b["rps"]
             p99_ok = c != 16 or r["p99_ms"] <= 5.0
             print(
-                f"  c={c}: recloop-logged / baseline {ratio:.2f}x (target >= 1.5x), p99 "
+                f"  c={c}: {v} / baseline {ratio:.2f}x (target >= 1.5x), p99 "
                 f"{r['p99_ms']:.1f} ms{' (target <= 5 ms)' if c == 16 else ''}: "
                 f"{'met' if ratio >= 1.5 and p99_ok else 'NOT met'}"
             )
@@ -1038,7 +1045,13 @@ def report(rows: list[dict[str, Any]]) -> None:
         )
 
 
-APP_COST_VARIANTS = ("baseline", "recloop", "recloop-softmax", "recloop-logged")
+APP_COST_VARIANTS = (
+    "baseline",
+    "recloop",
+    "recloop-softmax",
+    "recloop-logged",
+    "recloop-logged-onnx",
+)
 """Variants :func:`app_cost` measures (each in a fresh process)."""
 
 
@@ -1078,7 +1091,7 @@ def app_cost_child(variant: str, *, store_url: str, requests: int, concurrency: 
         from recloop.serving.settings import ServeSettings
 
         extra: dict[str, Any] = {}
-        if variant == "recloop-logged":
+        if variant in LOGGED_VARIANTS:
             if redis:
                 extra = {"bus_url": store_url, "stream": f"{prefix}served"}
             else:
@@ -1088,6 +1101,7 @@ def app_cost_child(variant: str, *, store_url: str, requests: int, concurrency: 
             store_url=store_url,
             store_prefix=prefix,
             policy=POLICY_OF.get(variant, "topk"),
+            inference="onnxruntime" if variant in ONNX_VARIANTS else "torch",
             **extra,
         )
         app = create_app(settings)
