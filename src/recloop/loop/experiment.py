@@ -1173,23 +1173,20 @@ def _round_line(r: ArmRound) -> str:
         f"({r.steps} steps, {r.clicks} clicks, served by {r.model_version}; "
         f"{r.serve_seconds:.1f} s"
     )
-    c = r.canary
-    if c is not None:
-        line += f", canary {c.candidate}: {c.decision}"
-        if c.true_diff is not None:
-            line += f" (true {c.true_diff})"
-        if c.violation:
-            line += " VIOLATION"
-    g = r.gate
-    if g is not None:
-        line += f", loop {r.loop_seconds:.1f} s) gate: {g.decision}"
-        if g.true_diff is not None:
-            line += f"; true candidate − current {g.true_diff}"
-        if g.violation:
-            line += "  VIOLATION"
+    if r.canary is not None:
+        line += f", canary {r.canary.candidate}: {_decision_words(r.canary)}"
+    if r.gate is not None:
+        line += f", loop {r.loop_seconds:.1f} s) gate: {_decision_words(r.gate)}"
     else:
         line += ")"
     return line
+
+
+def _decision_words(g: GateCheck) -> str:
+    words = g.decision
+    if g.true_diff is not None:
+        words += f"; true candidate − current {g.true_diff}"
+    return words + ("  VIOLATION" if g.violation else "")
 
 
 def run_experiment(

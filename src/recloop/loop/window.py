@@ -104,47 +104,41 @@ def window_events(events: pl.DataFrame, *, window: str, days: float | None) -> p
     return events.filter(pl.col(TIMESTAMP) > start)
 
 
-def count_newer(url: str, *, table: str, ts: int | None) -> int:
-    """Rows of the behaviour log with event time after ``ts`` (all rows when None)."""
+def _scalar(url: str, *, table: str, what: str, query: Any) -> Any:
+    """One scalar from ``query(t)`` over ``table``'s ``ts`` column (``t``: the table)."""
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigError(f"database url {url!r}: {exc}") from None
     where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
-    t = sa.table(table, sa.column("ts"))
-    q = sa.select(sa.func.count()).select_from(t)
-    if ts is not None:
-        q = q.where(t.c.ts > ts)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(q).scalar_one())
+            return conn.execute(query(sa.table(table, sa.column("ts")))).scalar_one()
     except sa.exc.DBAPIError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-        raise DataError(
-            f"cannot count the log's new events ({reason})", location=Location(file=where)
-        ) from None
+        raise DataError(f"cannot {what} ({reason})", location=Location(file=where)) from None
     finally:
         engine.dispose()
+
+
+def count_newer(url: str, *, table: str, ts: int | None) -> int:
+    """Rows of the behaviour log with event time after ``ts`` (all rows when None)."""
+
+    def query(t: Any) -> Any:
+        q = sa.select(sa.func.count()).select_from(t)
+        return q if ts is None else q.where(t.c.ts > ts)
+
+    return int(_scalar(url, table=table, what="count the log's new events", query=query))
 
 
 def newest_ts(url: str, *, table: str) -> int | None:
     """The newest event time in ``table`` (settled or not), or None when it is empty."""
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        raise ConfigError(f"database url {url!r}: {exc}") from None
-    where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
-    t = sa.table(table, sa.column("ts"))
-    try:
-        with engine.connect() as conn:
-            got = conn.execute(sa.select(sa.func.max(t.c.ts))).scalar_one()
-    except sa.exc.DBAPIError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-        raise DataError(
-            f"cannot read the newest event time ({reason})", location=Location(file=where)
-        ) from None
-    finally:
-        engine.dispose()
+    got = _scalar(
+        url,
+        table=table,
+        what="read the newest event time",
+        query=lambda t: sa.select(sa.func.max(t.c.ts)),
+    )
     return None if got is None else int(got)
 
 
