@@ -254,3 +254,12 @@ def test_a_crash_after_the_canary_started_neither_starts_it_twice_nor_revives_it
     assert reg.current() == first.version
     assert reg.canary() == (None if stopped_by_hand else started)
     assert [h["action"] for h in reg.history()].count("canary-start") == 1
+
+
+def test_a_canary_needs_the_served_items_table(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path, canary_share=0.1, served_table="nope"))
+    with pytest.raises(LoopError, match=r"canary_share 0\.1 needs the served-items table 'nope'"):
+        loop.run_once()
+    assert ArtifactRegistry(tmp_path / "registry").current() is None  # nothing trained

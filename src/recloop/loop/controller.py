@@ -53,7 +53,7 @@ from recloop.artifacts.registry import ArtifactRegistry
 from recloop.data.dataset import PreparedDataset
 from recloop.data.schema import TIMESTAMP, RawData
 from recloop.data.splits import SplitConfig
-from recloop.errors import ArtifactError, RecloopError
+from recloop.errors import ArtifactError, ConfigError, DataError, RecloopError
 from recloop.loop.config import LoopConfig
 from recloop.loop.gate import GateResult, gate, rewarded_training
 from recloop.loop.window import (
@@ -221,6 +221,17 @@ class LoopController:
         if not due:
             return RoundResult(status="skipped", reason=why, current=self.registry.current())
         logger.info("loop round: %s", why)
+        if cfg.canary_share > 0:
+            # a canary is judged on the served-items table: without one it could never be
+            # promoted or stopped, so no round trains before the table is there
+            try:
+                newest_ts(cfg.database_url, table=cfg.served_table)
+            except DataError as exc:
+                raise ConfigError(
+                    f"canary_share {cfg.canary_share:g} needs the served-items table "
+                    f"{cfg.served_table!r} (serve with --database-url or --bus-url and run "
+                    f"`recloop stream`): {exc}"
+                ) from None
         verdict: dict[str, Any] = {}
         if self.registry.canary() is not None:
             self.step = "canary"
