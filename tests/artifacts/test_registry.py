@@ -221,12 +221,69 @@ def test_a_verdict_acts_only_on_the_canary_it_judged(tmp_path: Path, artifacts: 
     assert not reg.finish_canary(judged, promote=True)  # stopped meanwhile: no promotion
     assert reg.current() == a and reg.canary() is None
     again = reg.start_canary(b, share=0.5, since_ts=0)
-    assert again.salt != judged.salt  # a new draw of users
+    assert again is not None and again.salt == judged.salt  # the same log position
     assert not reg.finish_canary(judged, promote=True)  # the same version, another canary
+    later = reg.start_canary(b, share=0.5, since_ts=5)
+    assert later is not None and later.salt != judged.salt  # later in the log: new users
     reg.promote(c, reason="by hand")
-    assert not reg.finish_canary(again, promote=False)  # current moved
+    assert not reg.finish_canary(later, promote=False)  # current moved
     assert reg.current() == c
     last = reg.start_canary(b, share=0.5, since_ts=0)
     assert reg.finish_canary(last, promote=True, reason="better")
     assert reg.current() == b and reg.canary() is None
     assert [h["action"] for h in reg.history()][-2:] == ["canary-start", "promote"]
+
+
+def test_the_loops_conditional_start_and_promote_leave_an_operators_change_alone(
+    tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    c = reg.publish(artifacts[2])
+    mine = reg.start_canary(c, share=0.2, since_ts=7, reason="by hand")
+    assert mine is not None and mine.salt == f"canary-{c}-7"
+    # the loop's candidate: a canary runs, so it does not start
+    assert reg.start_canary(b, share=0.5, since_ts=9, expect_current=a) is None
+    assert reg.canary() == mine
+    # by hand a new canary replaces the running one, and the history says so
+    theirs = reg.start_canary(b, share=0.5, since_ts=9, tag="r1")
+    assert theirs is not None and reg.canary() == theirs
+    lines = reg.history()[-2:]
+    assert [h["action"] for h in lines] == ["canary-stop", "canary-start"]
+    assert lines[0]["version"] == c and "replaced by canary" in lines[0]["reason"]
+    assert (lines[1]["salt"], lines[1]["since_ts"], lines[1]["tag"]) == (theirs.salt, 9, "r1")
+    reg.stop_canary()
+    assert reg.start_canary(b, share=0.5, since_ts=9, expect_current=c) is None  # c is not current
+    assert not reg.promote(b, expect_current=c)  # the current version moved: nothing changes
+    assert reg.current() == a
+    assert reg.promote(b, expect_current=a) and reg.current() == b
+
+
+def test_pointer_changes_wait_for_the_registry_lock(tmp_path: Path, artifacts: list[Path]) -> None:
+    """A verdict in one process and a command in another never interleave their
+    read-modify-write of current.json: each holds an exclusive lock on REGISTRY/.lock."""
+    import threading
+
+    reg = ArtifactRegistry(tmp_path / "reg")
+    reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    reg.start_canary(b, share=0.5, since_ts=0)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ArtifactRegistry(tmp_path / "reg")._locked():  # as another process would
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    stopper = threading.Thread(target=lambda: reg.stop_canary(reason="operator"))
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive() and reg.canary() is not None  # blocked behind the lock
+    release.set()
+    stopper.join(10)
+    holder.join(10)
+    assert not stopper.is_alive() and reg.canary() is None

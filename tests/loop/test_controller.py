@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,7 @@ def _served(url: str, rows: list[tuple[str, int, str, float]]) -> None:
         "INSERT INTO served_items (recommendation_id, position, user_id, item_id, ts, "
         "model_version, policy, source, propensity, reward, settled) "
         "VALUES (?, 0, ?, 'i1', ?, ?, 'topk', 'policy', 1.0, ?, 1)",
-        [(f"r{i}", u, ts, v, r) for i, (u, ts, v, r) in enumerate(rows)],
+        [(uuid.uuid4().hex, u, ts, v, r) for u, ts, v, r in rows],
     )
     con.commit()
     con.close()
@@ -179,6 +180,7 @@ def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
     first = loop.run_once()
     assert first.status == "promoted"  # the first model: nothing to compare a canary with
     append_events(url, walk_events(steps=range(10, 13)))
+    _served(url, [("w0", 1_000_999, first.version, 5.0)])  # served, not yet settled in a round
     second = loop.run_once()
     reg = ArtifactRegistry(tmp_path / "registry")
     assert second.status == "canary", second.reason
@@ -186,7 +188,13 @@ def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
     canary = reg.canary()
     assert canary is not None and canary.version == second.version
     assert (canary.parent, canary.share) == (first.version, 0.5)
-    assert canary.since_ts == 1_000_000 + 60 * 12 + 15  # the round's watermark
+    # the newest served list when it started (after the round's watermark, 1_000_735): what
+    # was served before the canary never counts
+    assert canary.since_ts == 1_000_999 and canary.salt == f"canary-{canary.version}-1000999"
+
+    # no new events: no round is due, and the canary is not even judged
+    idle = loop.run_once()
+    assert idle.status == "skipped" and loop.canary_verdict == {} and reg.canary() == canary
 
     # nobody served yet: the next run waits and trains nothing
     append_events(url, walk_events(steps=range(13, 15)))
@@ -263,3 +271,37 @@ def test_a_canary_needs_the_served_items_table(tmp_path: Path) -> None:
     with pytest.raises(LoopError, match=r"canary_share 0\.1 needs the served-items table 'nope'"):
         loop.run_once()
     assert ArtifactRegistry(tmp_path / "registry").current() is None  # nothing trained
+
+
+def test_an_operators_canary_started_during_training_stands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from recloop.algos.popularity import PopularityConfig
+    from recloop.data.dataset import PreparedDataset
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
+    first = loop.run_once()
+    append_events(url, walk_events(steps=range(10, 13)))
+    reg = ArtifactRegistry(tmp_path / "registry")
+    rec = PopularityConfig().create()
+    rec.fit(
+        PreparedDataset.from_arrays(
+            user=np.array([1, 1, 2]), item=np.array([1, 2, 2]), timestamp=np.array([0, 1, 0])
+        )
+    )
+    theirs = reg.publish(rec.save(tmp_path / "operator"))
+    started: list[object] = []
+
+    def meanwhile(step: str, workdir: Path) -> None:
+        # after the gate, before the loop touches the registry: the operator starts a canary
+        if step == "publish" and not started:
+            started.append(reg.start_canary(theirs, share=0.3, since_ts=1, reason="by hand"))
+
+    monkeypatch.setattr(controller_mod, "hook", meanwhile)
+    done = loop.run_once()
+    assert done.status == "published" and "not started as a canary" in done.reason
+    assert reg.canary() == started[0] and reg.current() == first.version

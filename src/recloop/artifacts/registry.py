@@ -85,9 +85,9 @@ class Canary:
     share: float
     """Share of users (0 < share < 1) the canary answers."""
     salt: str
-    """Salt of the user hash that splits the traffic: ``canary-VERSION-K`` with K the
-    canaries started in this registry before it, so a version tried again meets a new draw
-    of users, and a replayed history the same one."""
+    """Salt of the user hash that splits the traffic: ``canary-VERSION-SINCE_TS``, so a
+    version canaried again (later in the log) meets a new draw of users, and a replay of
+    the same log the same one."""
     since_ts: int
     """Event time (unix seconds) after which the log's impressions count for the comparison:
     the newest served impression's time when the canary started (``recloop loop``), or the
@@ -238,36 +238,55 @@ class ArtifactRegistry:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def start_canary(
-        self, version: str, *, share: float, since_ts: int, reason: str = ""
-    ) -> Canary:
+        self,
+        version: str,
+        *,
+        share: float,
+        since_ts: int,
+        reason: str = "",
+        expect_current: str | None = None,
+        tag: str = "",
+    ) -> Canary | None:
         """Let the published ``version`` serve a ``share`` of the users beside the current
-        one (replacing any running canary)."""
+        one.  By hand (``expect_current`` None) it replaces any running canary (logging its
+        stop); with ``expect_current`` -- what ``recloop loop`` does -- it starts only if
+        that version is still current and no canary runs, and returns None otherwise, so
+        an operator's canary, promotion or rollback made meanwhile stands.  ``tag`` is
+        recorded in the history line (the loop's round)."""
         if not 0.0 < share < 1.0:
             raise ArtifactError(f"canary share must lie in (0, 1), got {share}")
         path = self._check_version(version)
         load_artifact(path)
         with self._locked():
-            return self._start_canary(version, share=share, since_ts=since_ts, reason=reason)
-
-    def _start_canary(self, version: str, *, share: float, since_ts: int, reason: str) -> Canary:
-        pointer = self._pointer()
-        if pointer is None:
-            raise ArtifactError(f"{self.root}: a canary needs a current version beside it")
-        if pointer["version"] == version:
-            raise ArtifactError(f"{self.root}: {version} is already current")
-        before = sum(h.get("action") == "canary-start" for h in self.history())
-        canary = Canary(
-            version=version,
-            parent=str(pointer["version"]),
-            share=float(share),
-            # fresh for every canary, and reproducible: the number of canaries before it
-            salt=f"canary-{version}-{before}",
-            since_ts=int(since_ts),
-            started_at=_now(),
-            reason=reason,
-        )
-        self._write_pointer({**pointer, "canary": canary.to_dict()})
-        self._log("canary-start", version, parent=canary.parent, share=share, reason=reason)
+            pointer = self._pointer()
+            if pointer is None:
+                raise ArtifactError(f"{self.root}: a canary needs a current version beside it")
+            if pointer["version"] == version:
+                raise ArtifactError(f"{self.root}: {version} is already current")
+            running = pointer.get("canary")
+            if expect_current is not None and (
+                pointer["version"] != expect_current or running is not None
+            ):
+                return None
+            if running is not None:
+                self._log("canary-stop", running.version, parent=running.parent,
+                          reason=f"replaced by canary {version}")  # fmt: skip
+            canary = Canary(
+                version=version,
+                parent=str(pointer["version"]),
+                share=float(share),
+                # fresh for every canary (a version canaried again starts later in the
+                # log) and reproducible from the log alone
+                salt=f"canary-{version}-{int(since_ts)}",
+                since_ts=int(since_ts),
+                started_at=_now(),
+                reason=reason,
+            )
+            self._write_pointer({**pointer, "canary": canary.to_dict()})
+            self._log(
+                "canary-start", version, parent=canary.parent, share=share, salt=canary.salt,
+                since_ts=canary.since_ts, tag=tag, reason=reason,
+            )  # fmt: skip
         logger.info(
             "%s: canary %s on %.0f %% of users (%s)", self.root, version, 100 * share, reason
         )
@@ -289,8 +308,8 @@ class ArtifactRegistry:
         logger.info("%s: canary %s stopped (%s)", self.root, canary.version, reason)
 
     def finish_canary(self, canary: Canary, *, promote: bool, reason: str = "") -> bool:
-        """Promote or stop ``canary`` -- only if the pointer still names it (same version
-        and salt) beside the version it started from; False, changing nothing, when someone
+        """Promote or stop ``canary`` -- only if the pointer still names it (same version,
+        salt and start) beside the version it started from; False, changing nothing, when someone
         stopped, replaced, promoted or rolled back meanwhile."""
         if promote:
             load_artifact(self._check_version(canary.version))
@@ -300,7 +319,8 @@ class ArtifactRegistry:
             if (
                 pointer is None
                 or now is None
-                or (now.version, now.salt) != (canary.version, canary.salt)
+                or (now.version, now.salt, now.started_at)
+                != (canary.version, canary.salt, canary.started_at)
                 or pointer["version"] != canary.parent
             ):
                 return False
@@ -323,13 +343,19 @@ class ArtifactRegistry:
             raise ArtifactError(f"{self.root}: no current version (publish and promote one)")
         return self._check_version(version)
 
-    def promote(self, version: str, *, reason: str = "") -> None:
+    def promote(self, version: str, *, reason: str = "", expect_current: str | None = None) -> bool:
         """Make ``version`` current (it must be published and load cleanly); ends any
-        canary."""
+        canary.  With ``expect_current``, only if that version is still current (False,
+        changing nothing, otherwise)."""
         path = self._check_version(version)
         load_artifact(path)
         with self._locked():
-            self._promote(version, self._pointer(), reason=reason)
+            pointer = self._pointer()
+            now = None if pointer is None else pointer["version"]
+            if expect_current is not None and now != expect_current:
+                return False
+            self._promote(version, pointer, reason=reason)
+        return True
 
     def _promote(self, version: str, pointer: dict[str, Any] | None, *, reason: str) -> None:
         previous = None if pointer is None else pointer["version"]

@@ -126,4 +126,5 @@ def canary_cmd(
         raise ConfigError("registry canary: give a VERSION, or --stop")
     ts = int(time.time()) if since_ts is None else since_ts
     c = reg.start_canary(version, share=share, since_ts=ts, reason=reason)
+    assert c is not None  # by hand it replaces any canary
     echo(f"{c.version} on {100 * c.share:g} % of users beside {c.parent}")

@@ -235,6 +235,8 @@ class LoopController:
         verdict: dict[str, Any] = {}
         if self.registry.canary() is not None:
             self.step = "canary"
+            # while it waits, every check that finds a round due judges it again: how
+            # much data a verdict sees is set by canary_min_users and canary_min_served
             verdict = self.canary_verdict = self._judge_canary()
             if verdict["decision"] == "wait":
                 return RoundResult(
@@ -445,29 +447,43 @@ class LoopController:
             elif now != p["parent"]:
                 note = f" (not promoted: current moved from {p['parent']} to {now} meanwhile)"
             elif self.cfg.canary_share > 0 and p["parent"] is not None:
-                # started before a crash: running now, or stopped by someone since (then it
-                # stays stopped)
+                # this round's canary started before a crash: running now, or stopped by
+                # someone since (then it stays stopped); the history line carries the round
                 started = (running is not None and running.version == version) or (
                     resumed
                     and any(
-                        h.get("action") == "canary-start" and h.get("version") == version
+                        h.get("action") == "canary-start"
+                        and h.get("version") == version
+                        and h.get("tag") == p["round"]
                         for h in reg.history()
                     )
                 )
-                if not started:
+                if started:
+                    canaried = True
+                else:
                     # the newest served impression, settled or not: lists served before the
                     # canary never count in its comparison
                     since = newest_ts(self.cfg.database_url, table=self.cfg.served_table)
-                    reg.start_canary(
-                        version,
-                        share=self.cfg.canary_share,
-                        since_ts=int(p["watermark"]["ts"]) if since is None else since,
-                        reason=p["reason"],
+                    canaried = (
+                        reg.start_canary(
+                            version,
+                            share=self.cfg.canary_share,
+                            since_ts=int(p["watermark"]["ts"]) if since is None else since,
+                            reason=p["reason"],
+                            expect_current=p["parent"],
+                            tag=p["round"],
+                        )
+                        is not None
                     )
-                canaried = True
+                    if not canaried:
+                        note = (
+                            " (not started as a canary: the registry changed meanwhile -- "
+                            "another canary runs, or the current version moved)"
+                        )
             else:
-                reg.promote(version, reason=p["reason"])
-                promoted = True
+                promoted = reg.promote(version, reason=p["reason"], expect_current=p["parent"])
+                if not promoted:
+                    note = f" (not promoted: current moved from {p['parent']} meanwhile)"
         status = "promoted" if promoted else "canary" if canaried else "published"
         summary = {
             "status": status,
