@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loop_helpers import append_events, tiny_config, walk_events
@@ -168,21 +169,27 @@ def _served(url: str, rows: list[tuple[str, int, str, float]]) -> None:
     con.close()
 
 
-@pytest.mark.parametrize(("canary_reward", "verdict"), [(2.0, "promote"), (0.2, "stop")])
-def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
-    tmp_path: Path, canary_reward: float, verdict: str
-) -> None:
-    from recloop.serving.ab import AbSplit
-
+def _canary_loop(tmp_path: Path) -> tuple[str, LoopController, Any, ArtifactRegistry]:
+    """A loop with canaries (margin 10: every candidate passes the gate) whose first model
+    is current, and new events for a second round."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
     loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
     first = loop.run_once()
     assert first.status == "promoted"  # the first model: nothing to compare a canary with
     append_events(url, walk_events(steps=range(10, 13)))
+    return url, loop, first, ArtifactRegistry(tmp_path / "registry")
+
+
+@pytest.mark.parametrize(("canary_reward", "verdict"), [(2.0, "promote"), (0.2, "stop")])
+def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
+    tmp_path: Path, canary_reward: float, verdict: str
+) -> None:
+    from recloop.serving.ab import AbSplit
+
+    url, loop, first, reg = _canary_loop(tmp_path)
     _served(url, [("w0", 1_000_999, first.version, 5.0)])  # served, not yet settled in a round
     second = loop.run_once()
-    reg = ArtifactRegistry(tmp_path / "registry")
     assert second.status == "canary", second.reason
     assert reg.current() == first.version
     canary = reg.canary()
@@ -233,12 +240,7 @@ def test_a_candidate_that_passes_the_gate_serves_as_a_canary_first(
 def test_a_crash_after_the_canary_started_neither_starts_it_twice_nor_revives_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped_by_hand: bool
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    append_events(url, walk_events(steps=range(0, 10)))
-    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
-    first = loop.run_once()
-    append_events(url, walk_events(steps=range(10, 13)))
-    reg = ArtifactRegistry(tmp_path / "registry")
+    _, loop, first, reg = _canary_loop(tmp_path)
 
     class Crash(BaseException):
         """Stands for kill -9 right after the pointer was written."""
@@ -281,12 +283,7 @@ def test_an_operators_canary_started_during_training_stands(
     from recloop.algos.popularity import PopularityConfig
     from recloop.data.dataset import PreparedDataset
 
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    append_events(url, walk_events(steps=range(0, 10)))
-    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
-    first = loop.run_once()
-    append_events(url, walk_events(steps=range(10, 13)))
-    reg = ArtifactRegistry(tmp_path / "registry")
+    _, loop, first, reg = _canary_loop(tmp_path)
     rec = PopularityConfig().create()
     rec.fit(
         PreparedDataset.from_arrays(
