@@ -19,7 +19,7 @@ audit trail (appended after the pointer moved, so a crash between the two loses 
 history line, never the pointer).  Services watch ``current.json`` and hot-swap.
 
 Canary.  ``current.json`` may also name a *canary*: a published version that serves a
-``share`` of the users (by a stable hash of the user id, salted by the canary's version)
+``share`` of the users (by a stable hash of the user id, salted per canary)
 while the current version serves the rest (:meth:`ArtifactRegistry.start_canary`).  Services
 following the registry split their traffic accordingly, and every served list records the
 version that answered it, so ``recloop loop`` can compare the two on what users actually did
@@ -43,7 +43,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +98,7 @@ class Canary:
     """Why it started (the offline gate's line)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "parent": self.parent,
-            "share": self.share,
-            "salt": self.salt,
-            "since_ts": self.since_ts,
-            "started_at": self.started_at,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 def _now() -> str:

@@ -60,7 +60,8 @@ class CanaryVerdict:
     parent: str
     """The version it was compared with."""
     decision: str
-    """``promote``, ``stop`` or ``wait`` (too few users in an arm)."""
+    """``promote``, ``stop`` (also when expired) or ``wait`` (too few users, or the canary
+    served too little of its arm)."""
     reason: str
     """One line: the numbers that decided."""
     users_canary: int
@@ -74,7 +75,7 @@ class CanaryVerdict:
     low: float
     high: float
     """Bootstrap interval of the difference (equal to it when waiting)."""
-    lists_by_other_version: int
+    impressions_by_other_version: int
     """Impressions counted in an arm but served by the other arm's version (or another)."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class CanaryVerdict:
             "reward_current": self.reward_current,
             "diff": self.diff,
             "interval": [self.low, self.high],
-            "impressions_by_other_version": self.lists_by_other_version,
+            "impressions_by_other_version": self.impressions_by_other_version,
         }
 
 
@@ -127,30 +128,27 @@ def user_rewards(events: pl.DataFrame, canary: Canary) -> ArmTotals:
             canary_arm_other=0,
             newest_ts=newest,
         )
+    version = pl.col("policy_version")
     per_user = recent.group_by(USER, maintain_order=True).agg(
         pl.col(RATING).cast(pl.Float64).fill_null(0.0).sum().alias("total"),
         pl.len().alias("n"),
-        pl.col("policy_version").alias("versions"),
+        (version == canary.version).sum().alias("by_canary"),
+        (version == canary.parent).sum().alias("by_parent"),
     )
     split = AbSplit([1.0 - canary.share, canary.share], salt=canary.salt)
+    # the service's hash, once per user (not per impression)
     users = per_user[USER].cast(pl.String).to_list()
     arm = np.fromiter((split.assign(u) for u in users), np.int64, len(users))
     in_canary = arm == CANARY_ARM_INDEX
     total = per_user["total"].to_numpy()
-    own = np.where(in_canary, canary.version, canary.parent)
-    other = np.fromiter(
-        (
-            sum(v != o for v in vs)
-            for vs, o in zip(per_user["versions"].to_list(), own, strict=True)
-        ),
-        np.int64,
-        len(users),
-    )
+    n = per_user["n"].to_numpy()
+    # impressions a user got from another version than the one their arm names
+    other = n - np.where(in_canary, per_user["by_canary"], per_user["by_parent"])
     return ArmTotals(
         canary=total[in_canary],
         current=total[~in_canary],
         by_other_version=int(other.sum()),
-        canary_arm_impressions=int(per_user["n"].to_numpy()[in_canary].sum()),
+        canary_arm_impressions=int(n[in_canary].sum()),
         canary_arm_other=int(other[in_canary].sum()),
         newest_ts=newest,
     )
@@ -184,7 +182,7 @@ def judge_canary(
         reward_canary=mc,
         reward_current=mb,
         diff=diff,
-        lists_by_other_version=t.by_other_version,
+        impressions_by_other_version=t.by_other_version,
     )
     served = (
         1.0 - t.canary_arm_other / t.canary_arm_impressions if t.canary_arm_impressions else 0.0

@@ -948,13 +948,20 @@ def true_values(
     return t_interval(out[0]), t_interval(out[1]), t_interval(out[0] - out[1])
 
 
-async def _wait_for_version(client: Any, version: str, timeout_s: float) -> bool:
-    # GET /v1/popular names the model too and serves no list: nothing reaches the log
+async def _wait_for_registry(
+    client: Any, current: str | None, canary: str | None, timeout_s: float
+) -> bool:
+    """Until the service serves the registry's ``current`` version and ``canary`` (None:
+    none).  GET /healthz names both and serves no list: nothing reaches the log."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        resp = await client.get("/v1/popular", params={"n": 1})
-        if resp.status_code == 200 and resp.json().get("model_version") == version:
-            return True
+        resp = await client.get("/healthz")
+        if resp.status_code == 200:
+            doc = resp.json()
+            c = doc.get("canary")
+            serving = (doc.get("model_version"), None if c is None else c.get("model_version"))
+            if serving == (current, canary):
+                return True
         await asyncio.sleep(0.1)
     return False
 
@@ -991,18 +998,6 @@ def _canary_check(stack: ArmStack, verdict: dict[str, Any]) -> GateCheck | None:
         violation=bool(promoted and diff is not None and diff.high < -margin),
         worse_point=bool(promoted and diff is not None and diff.value < -margin),
     )
-
-
-async def _wait_for_canary(client: Any, version: str | None, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        resp = await client.get("/healthz")
-        if resp.status_code == 200:
-            c = resp.json().get("canary")
-            if (None if c is None else c.get("model_version")) == version:
-                return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound:
@@ -1143,14 +1138,13 @@ async def run_experiment_async(
                     row.promoted, row.gate, row.canary = done.promoted, done.gate, done.canary
                     row.loop_seconds = round(done.seconds, 2)
                     now = stack.registry.current()
-                    if done.promoted and now is not None:
-                        swapped = await _wait_for_version(client, now, 30.0)
-                        if not swapped:
-                            raise RuntimeError(f"{a.name}: the service never swapped to {now}")
                     running = stack.registry.canary()
                     want = None if running is None else running.version
-                    if not await _wait_for_canary(client, want, 30.0):
-                        raise RuntimeError(f"{a.name}: the service never followed canary {want}")
+                    if not await _wait_for_registry(client, now, want, 30.0):
+                        raise RuntimeError(
+                            f"{a.name}: the service never followed the registry to {now} "
+                            f"(canary {want})"
+                        )
                 rows.append(row)
                 say(_round_line(row))
     return ExperimentResult(

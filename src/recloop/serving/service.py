@@ -799,6 +799,17 @@ class RecommenderService:
         """(version, share, salt) of the registry canary this service serves, or None."""
         return self._canary
 
+    async def _load(self, path: Path) -> LoadedModel:
+        """Load an artifact as the settings say, in a thread (requests go on meanwhile)."""
+        return await asyncio.to_thread(
+            LoadedModel.load,
+            path,
+            inference=self.settings.inference,
+            threads=self.settings.torch_threads,
+            search=self.settings.search,
+            ann_margin=self.settings.ann_margin,
+        )
+
     async def set_canary(self, path: Path | None, *, share: float = 0.0, salt: str = "") -> None:
         """Serve the artifact at ``path`` to a ``share`` of the users (by a hash of the user
         id with ``salt``) and the current model to the others, as arms ``canary`` and
@@ -813,14 +824,7 @@ class RecommenderService:
                 self._canary = None
                 logger.info("canary ended: serving %s to every user", control.model.model_version)
                 return
-            model = await asyncio.to_thread(
-                LoadedModel.load,
-                Path(path),
-                inference=self.settings.inference,
-                threads=self.settings.torch_threads,
-                search=self.settings.search,
-                ann_margin=self.settings.ann_margin,
-            )
+            model = await self._load(Path(path))
             canary = Arm(
                 name=CANARY_ARM,
                 model=model,
@@ -1181,14 +1185,7 @@ class RecommenderService:
             target = Path(path) if path is not None else self._artifact_path
             previous = self._model
             try:
-                model = await asyncio.to_thread(
-                    LoadedModel.load,
-                    target,
-                    inference=self.settings.inference,
-                    threads=self.settings.torch_threads,
-                    search=self.settings.search,
-                    ann_margin=self.settings.ann_margin,
-                )
+                model = await self._load(target)
             except ArtifactError as exc:
                 self.metrics.reloads.labels(outcome="refused").inc()
                 # repr and escapes: the path and the message may come from a client
