@@ -42,6 +42,7 @@ def first_batch(ds: PreparedDataset, size: int = 32) -> TransitionBatch:
         ("proposal", "zipf", "proposal must be one of"),
         ("lr", -1.0, "lr must be > 0"),
         ("ce_weight", -1.0, "ce_weight must be >= 0"),
+        ("ce_epochs", -1, "ce_epochs must be >= 0"),
     ],
 )
 def test_config_errors_name_the_field(field: str, value: object, message: str) -> None:
@@ -213,3 +214,71 @@ def test_ce_weight_adds_the_rewarded_cross_entropy_and_names_the_variant(
     torch.testing.assert_close(
         losses[1] - losses[0], 0.5 * expected_ce.detach(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_ce_warm_start_trains_pi_on_the_cross_entropy_alone_then_switches(
+    tiny_dataset: PreparedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During the first ``ce_epochs`` the step minimises −mean log π over the rewarded rows
+    (+ β's NLL, as always); from epoch ``ce_epochs`` on, the corrected loss."""
+    import recloop.algos.reinforce as reinforce_module
+
+    assert ReinforceConfig(ce_epochs=1).label() == "reinforce (CE warm start 1 ep)"
+    assert (
+        ReinforceConfig(ce_epochs=2, ce_weight=1).label()
+        == "reinforce (+CE, λ=1, CE warm start 2 ep)"
+    )
+    batch = first_batch(tiny_dataset, size=8)
+    batch = dataclasses.replace(batch, reward=torch.tensor([1.0, 0, 0, 2, 0, 1, 0, 0]))
+    losses: list[torch.Tensor] = []
+
+    def spy(*args: Any, **kw: Any) -> None:
+        losses.append(args[1].detach())
+
+    monkeypatch.setattr(reinforce_module, "optimizer_step", spy)
+    algo = make(tiny_dataset, ce_epochs=2)
+    assert algo.warm_start  # before the fit loop calls begin_epoch
+    state = algo.policy.state(batch.user, batch.history, batch.history_reward)
+    logp = torch.log_softmax(algo.pi.net(state), dim=1)[torch.arange(8), batch.action]
+    expected_ce = -(logp[[0, 3, 5]]).mean().detach()
+    beta_logits = algo.beta.net(state.detach())
+    beta_nll = -torch.log_softmax(beta_logits, dim=1)[torch.arange(8), batch.action].mean()
+    for epoch in (0, 1):
+        algo.begin_epoch(epoch)
+        stats = algo.update(batch)
+        torch.testing.assert_close(stats.ce, expected_ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            losses[-1], expected_ce + beta_nll.detach(), rtol=1e-5, atol=1e-6
+        )
+    algo.begin_epoch(2)
+    assert not algo.warm_start
+    stats = algo.update(batch)
+    torch.testing.assert_close(stats.ce, torch.zeros(()))
+    torch.testing.assert_close(losses[-1], (stats.loss + stats.beta_nll).detach())
+
+
+def test_fit_tells_the_algorithm_each_epoch_resumed_runs_included(
+    tiny_dataset: PreparedDataset, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recloop.training.fit import fit
+
+    seen: list[int] = []
+    real = Reinforce.begin_epoch
+
+    def spy(self: Reinforce, epoch: int) -> None:
+        seen.append(epoch)
+        real(self, epoch)
+
+    monkeypatch.setattr(Reinforce, "begin_epoch", spy)
+    cfg = FitConfig(epochs=2, progress=False, tensorboard=False, eval_every=2)
+    fit(make(tiny_dataset, ce_epochs=1), tiny_dataset, cfg=cfg, run_dir=tmp_path)
+    assert seen == [0, 1]
+    seen.clear()
+    fit(
+        make(tiny_dataset, ce_epochs=1),
+        tiny_dataset,
+        cfg=dataclasses.replace(cfg, epochs=3),
+        run_dir=tmp_path,
+        resume=True,
+    )
+    assert seen == [2]

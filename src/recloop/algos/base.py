@@ -183,6 +183,11 @@ class Algo(Generic[C]):
         """One gradient step on ``batch`` (already on ``self.device``)."""
         raise NotImplementedError
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called by the fit loop before each training epoch; ``epoch`` is 0-based from the
+        start of the run (a resumed run goes on counting).  Algorithms whose loss follows a
+        schedule over epochs override it; the default does nothing."""
+
     def networks(self) -> dict[str, nn.Module]:
         """Every module whose weights a checkpoint must hold (the policy included)."""
         return {"policy": self.policy}

@@ -82,6 +82,12 @@ class ReinforceConfig(AlgoConfig):
     then moves towards the logging policy and the importance weights π/β towards 1, which
     otherwise start near 1/N on the greedy events (docs/experiment.md).  0: the paper's
     loss."""
+    ce_epochs: int = 0
+    """Supervised warm start: the first ``ce_epochs`` epochs of a training run minimise only
+    the cross-entropy of π on the rewarded logged actions (the +CE term alone), so the
+    corrected gradient starts from a π that already ranks the clicked items, with weights
+    π/β near 1 on the greedy events instead of near 1/N; the corrected loss (+ ce_weight ·
+    CE) from then on.  β is trained in every epoch.  0: no warm start."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
@@ -112,9 +118,13 @@ class ReinforceConfig(AlgoConfig):
         )
         check(self.proposal in PROPOSALS, f"proposal must be one of {list(PROPOSALS)}")
         check(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
+        check(self.ce_epochs >= 0, f"ce_epochs must be >= 0, got {self.ce_epochs}")
 
     def label(self) -> str:
-        return f"{self.algo} (+CE, λ={self.ce_weight:g})" if self.ce_weight else self.algo
+        parts = [f"+CE, λ={self.ce_weight:g}"] if self.ce_weight else []
+        if self.ce_epochs:
+            parts.append(f"CE warm start {self.ce_epochs} ep")
+        return f"{self.algo} ({', '.join(parts)})" if parts else self.algo
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class ReinforceStats(UpdateStats):
     logp: Scalar
     """Mean log pi(a|s) of the logged actions."""
     ce: Scalar
-    """The +CE term (0 without ``ce_weight``: not computed)."""
+    """The +CE term (0 without ``ce_weight`` or a warm start: not computed)."""
 
 
 @ALGOS.register("reinforce")
@@ -176,6 +186,12 @@ class Reinforce(Algo[ReinforceConfig]):
             sparse=sparse,
         )
 
+        self.warm_start = cfg.ce_epochs > 0
+        """True while π trains on the cross-entropy alone (the first ``ce_epochs``)."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.warm_start = epoch < self.cfg.ce_epochs
+
     def networks(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "beta": self.beta}
 
@@ -213,11 +229,15 @@ class Reinforce(Algo[ReinforceConfig]):
             top_k=self.cfg.top_k,
             weight_cap=self.cfg.weight_cap,
         )
-        loss = terms.loss
         ce = torch.zeros(())
-        if self.cfg.ce_weight:  # REINFORCE+CE: imitate the rewarded logged actions too
+        if self.cfg.ce_weight or self.warm_start:
             ce = rewarded_cross_entropy(logp, batch.reward)
-            loss = loss + self.cfg.ce_weight * ce
+        if self.warm_start:  # supervised warm start: π imitates the clicks only
+            loss = ce
+        elif self.cfg.ce_weight:  # REINFORCE+CE: imitate the rewarded logged actions too
+            loss = terms.loss + self.cfg.ce_weight * ce
+        else:
+            loss = terms.loss
         beta_nll = -beta_logp.mean()
         # One backward for both: β's loss reaches only β's weights (the state is detached),
         # and each param group is clipped on its own.

@@ -490,6 +490,7 @@ def _train_epochs(
         if state.stop or (cfg.max_steps is not None and step >= cfg.max_steps):
             break
         batches.set_epoch(epoch)
+        algo.begin_epoch(epoch)
         algo.train(True)
         acc: dict[str, list[Any]] = {}
         n_epoch = 0
