@@ -58,6 +58,22 @@ def test_arms_are_parsed_with_their_training_fields() -> None:
         parse_arms("cql:lr", epsilon=0.1)
 
 
+def test_an_arms_dotted_fields_set_nested_training_settings() -> None:
+    (arm,) = parse_arms(
+        "reinforce:encoder.use_user=false:encoder.kind=attention:fit.epochs=4:lr=0.003",
+        epsilon=0.1,
+    )
+    assert arm.train == {
+        "encoder": {"use_user": False, "kind": "attention"},
+        "fit": {"epochs": 4},
+        "lr": 0.003,
+    }
+    with pytest.raises(ConfigError, match=r"'lr' in .* both a value and a group"):
+        parse_arms("reinforce:lr=0.1:lr.x=1", epsilon=0.1)
+    with pytest.raises(ConfigError, match=r"'encoder' in .* both a group and a value"):
+        parse_arms("reinforce:encoder.kind=gru:encoder=1", epsilon=0.1)
+
+
 def test_an_arm_may_set_its_own_serving_exploration() -> None:
     """``serve.epsilon`` (policy, temperature) is the arm's serving, not a training field."""
     arms = parse_arms("reinforce:behaviour=logged:serve.epsilon=0.3,sasrec", epsilon=0.1)

@@ -227,7 +227,8 @@ def parse_arms(
     spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
 ) -> list[ArmSpec]:
     """``algo[:field=value[:field=value]]`` separated by commas; ``random`` is the arm
-    without a loop.  A field is a training setting, or with ``serve.`` the arm's own serving
+    without a loop.  A field is a training setting (dotted for a nested one:
+    ``encoder.use_user=false``, ``fit.epochs=4``), or with ``serve.`` the arm's own serving
     ``policy``, ``epsilon`` or ``temperature`` (``reinforce:serve.epsilon=0.3``: that loop
     explores more than the others).  Names: ``rl-…``, ``supervised-…``, ``popularity``,
     ``random``."""
@@ -251,8 +252,17 @@ def parse_arms(
                 raise ConfigError(f"--arms: {f!r} in {token!r} is not field=value")
             if key.startswith("serve."):
                 serve[_serving_field(key, token)] = _scalar(value)
-            else:
-                train[key] = _scalar(value)
+                continue
+            # a dotted key sets a nested field: encoder.use_user=false, fit.epochs=4
+            node = train
+            *groups, last = key.split(".")
+            for g in groups:
+                node = node.setdefault(g, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--arms: {g!r} in {token!r} is both a value and a group")
+            if isinstance(node.get(last), dict):
+                raise ConfigError(f"--arms: {key!r} in {token!r} is both a group and a value")
+            node[last] = _scalar(value)
         kind = _KIND.get(algo)
         name = algo if kind is None else f"{kind}-{algo}"
         if fields:
