@@ -237,7 +237,7 @@ def test_ce_warm_start_trains_pi_on_the_cross_entropy_alone_then_switches(
 
     monkeypatch.setattr(reinforce_module, "optimizer_step", spy)
     algo = make(tiny_dataset, ce_epochs=2)
-    assert algo.warm_start  # before the fit loop calls begin_epoch
+    assert algo.ce_phase  # before the fit loop calls begin_epoch
     state = algo.policy.state(batch.user, batch.history, batch.history_reward)
     logp = torch.log_softmax(algo.pi.net(state), dim=1)[torch.arange(8), batch.action]
     expected_ce = -(logp[[0, 3, 5]]).mean().detach()
@@ -247,33 +247,45 @@ def test_ce_warm_start_trains_pi_on_the_cross_entropy_alone_then_switches(
         algo.begin_epoch(epoch)
         stats = algo.update(batch)
         torch.testing.assert_close(stats.ce, expected_ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.loss, expected_ce, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(
             losses[-1], expected_ce + beta_nll.detach(), rtol=1e-5, atol=1e-6
         )
     algo.begin_epoch(2)
-    assert not algo.warm_start
+    assert not algo.ce_phase
     stats = algo.update(batch)
     torch.testing.assert_close(stats.ce, torch.zeros(()))
     torch.testing.assert_close(losses[-1], (stats.loss + stats.beta_nll).detach())
 
 
-def test_fit_tells_the_algorithm_each_epoch_resumed_runs_included(
+def test_fit_sets_the_phase_before_each_epochs_updates_resumed_runs_included(
     tiny_dataset: PreparedDataset, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each update of the first ``ce_epochs`` epochs runs in the CE phase and every later
+    one outside it, in a resumed run too (which starts past the warm start)."""
     from recloop.training.fit import fit
 
-    seen: list[int] = []
-    real = Reinforce.begin_epoch
+    phases: list[tuple[int, bool]] = []
+    epochs: list[int] = []
+    real_update, real_begin = Reinforce.update, Reinforce.begin_epoch
 
-    def spy(self: Reinforce, epoch: int) -> None:
-        seen.append(epoch)
-        real(self, epoch)
+    def begin(self: Reinforce, epoch: int) -> None:
+        epochs.append(epoch)
+        real_begin(self, epoch)
 
-    monkeypatch.setattr(Reinforce, "begin_epoch", spy)
+    def update(self: Reinforce, batch: TransitionBatch) -> Any:
+        phases.append((epochs[-1] if epochs else -1, self.ce_phase))
+        return real_update(self, batch)
+
+    monkeypatch.setattr(Reinforce, "begin_epoch", begin)
+    monkeypatch.setattr(Reinforce, "update", update)
     cfg = FitConfig(epochs=2, progress=False, tensorboard=False, eval_every=2)
     fit(make(tiny_dataset, ce_epochs=1), tiny_dataset, cfg=cfg, run_dir=tmp_path)
-    assert seen == [0, 1]
-    seen.clear()
+    assert epochs == [0, 1]
+    assert {e for e, _ in phases} == {0, 1}
+    assert all(ce == (e == 0) for e, ce in phases)
+    epochs.clear()
+    phases.clear()
     fit(
         make(tiny_dataset, ce_epochs=1),
         tiny_dataset,
@@ -281,4 +293,4 @@ def test_fit_tells_the_algorithm_each_epoch_resumed_runs_included(
         run_dir=tmp_path,
         resume=True,
     )
-    assert seen == [2]
+    assert epochs == [2] and phases and not any(ce for _, ce in phases)

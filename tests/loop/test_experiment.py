@@ -72,6 +72,22 @@ def test_an_arms_dotted_fields_set_nested_training_settings() -> None:
         parse_arms("reinforce:lr=0.1:lr.x=1", epsilon=0.1)
     with pytest.raises(ConfigError, match=r"'encoder' in .* both a group and a value"):
         parse_arms("reinforce:encoder.kind=gru:encoder=1", epsilon=0.1)
+    for bad in ("encoder..kind=gru", ".x=1", "x.=1", "=1"):
+        with pytest.raises(ConfigError, match="empty field name"):
+            parse_arms(f"reinforce:{bad}", epsilon=0.1)
+    with pytest.raises(ConfigError, match="'lr' is set twice"):
+        parse_arms("reinforce:lr=0.1:lr=0.2", epsilon=0.1)
+
+
+def test_an_arms_training_fields_are_checked_before_any_round() -> None:
+    """A typo would otherwise fail each round's training and leave the arm serving the
+    bootstrap model for the whole experiment."""
+    with pytest.raises(ConfigError, match=r"'reinforce:encoder.use_usr=false'.*did you mean"):
+        parse_arms("reinforce:encoder.use_usr=false,random", epsilon=0.1)
+    with pytest.raises(ConfigError, match="ce_epochs must be >= 0"):
+        parse_arms("reinforce:ce_epochs=-1", epsilon=0.1)
+    with pytest.raises(ConfigError, match=r"fit\.epoch.*did you mean epochs"):
+        parse_arms("sasrec:fit.epoch=3", epsilon=0.1)
 
 
 def test_an_arm_may_set_its_own_serving_exploration() -> None:

@@ -110,3 +110,26 @@ def test_resume_refuses_another_config(tiny_dataset: PreparedDataset, tmp_path: 
         other.create().fit(
             tiny_dataset, fit=FitConfig(epochs=2, **QUIET), run_dir=tmp_path, resume=True
         )
+
+
+def test_a_run_saved_before_a_config_field_was_added_resumes(
+    tiny_dataset: PreparedDataset, tmp_path: Path
+) -> None:
+    """A checkpoint written by an older version lacks the fields added since: they take
+    their defaults, so it resumes; a field it has that no longer exists still refuses."""
+    CFG.create().fit(tiny_dataset, fit=FitConfig(epochs=1, **QUIET), run_dir=tmp_path)
+    path = tmp_path / "checkpoint" / "last.pt"
+    obj = torch.load(path, weights_only=True)
+    del obj["config"]["ce_epochs"]  # as saved before ce_epochs existed
+    torch.save(obj, path)
+    result = CFG.create().fit(
+        tiny_dataset, fit=FitConfig(epochs=2, **QUIET), run_dir=tmp_path, resume=True
+    )
+    assert result.epochs == 2
+    obj = torch.load(path, weights_only=True)
+    obj["config"]["retired_field"] = 1
+    torch.save(obj, path)
+    with pytest.raises(ConfigError, match="field 'retired_field' was 1, now None"):
+        CFG.create().fit(
+            tiny_dataset, fit=FitConfig(epochs=3, **QUIET), run_dir=tmp_path, resume=True
+        )

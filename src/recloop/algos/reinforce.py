@@ -87,7 +87,10 @@ class ReinforceConfig(AlgoConfig):
     the cross-entropy of π on the rewarded logged actions (the +CE term alone), so the
     corrected gradient starts from a π that already ranks the clicked items, with weights
     π/β near 1 on the greedy events instead of near 1/N; the corrected loss (+ ce_weight ·
-    CE) from then on.  β is trained in every epoch.  0: no warm start."""
+    CE) from then on.  β is trained in every epoch.  0: no warm start; ≥ ``fit.epochs``: π
+    never leaves the cross-entropy (a click-imitation model, the warm start's control).  An
+    epoch cut short by ``fit.max_steps`` counts as one, and each training run (each round of
+    ``recloop loop``, warm-started or not) starts with its own warm start."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
@@ -129,7 +132,8 @@ class ReinforceConfig(AlgoConfig):
 
 @dataclass(frozen=True)
 class ReinforceStats(UpdateStats):
-    """Scalars of one REINFORCE step (``loss`` is the policy loss)."""
+    """Scalars of one REINFORCE step (``loss`` is the loss π minimised: the corrected loss,
+    without the +CE term; the cross-entropy alone during a ``ce_epochs`` warm start)."""
 
     beta_nll: Scalar
     """Cross-entropy of the behaviour head on the logged items."""
@@ -186,11 +190,11 @@ class Reinforce(Algo[ReinforceConfig]):
             sparse=sparse,
         )
 
-        self.warm_start = cfg.ce_epochs > 0
+        self.ce_phase = cfg.ce_epochs > 0
         """True while π trains on the cross-entropy alone (the first ``ce_epochs``)."""
 
     def begin_epoch(self, epoch: int) -> None:
-        self.warm_start = epoch < self.cfg.ce_epochs
+        self.ce_phase = epoch < self.cfg.ce_epochs
 
     def networks(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "beta": self.beta}
@@ -230,9 +234,10 @@ class Reinforce(Algo[ReinforceConfig]):
             weight_cap=self.cfg.weight_cap,
         )
         ce = torch.zeros(())
-        if self.cfg.ce_weight or self.warm_start:
+        if self.cfg.ce_weight or self.ce_phase:
             ce = rewarded_cross_entropy(logp, batch.reward)
-        if self.warm_start:  # supervised warm start: π imitates the clicks only
+        if self.ce_phase:  # supervised warm start: π imitates the clicks only (the
+            # corrected terms are still computed: their weights say how far π is from β)
             loss = ce
         elif self.cfg.ce_weight:  # REINFORCE+CE: imitate the rewarded logged actions too
             loss = terms.loss + self.cfg.ce_weight * ce
@@ -243,7 +248,7 @@ class Reinforce(Algo[ReinforceConfig]):
         # and each param group is clipped on its own.
         optimizer_step(self.opt.values(), loss + beta_nll, grad_clip=self.cfg.grad_clip)
         return ReinforceStats(
-            loss=terms.loss.detach(),
+            loss=(ce if self.ce_phase else terms.loss).detach(),
             beta_nll=beta_nll.detach(),
             weight=terms.weight.mean(),
             lambda_k=terms.lambda_k.mean(),

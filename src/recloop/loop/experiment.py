@@ -223,6 +223,18 @@ def _serving_field(key: str, token: str) -> str:
     return name
 
 
+def _check_training(algo: str, train: dict[str, Any], token: str) -> None:
+    """Refuse an arm whose training fields would not make a run config, before any round
+    runs: a typo would otherwise fail every round's training and leave the arm serving its
+    bootstrap model."""
+    from recloop.training.runconfig import load_run_config
+
+    try:
+        load_run_config(algo, values=train)
+    except ConfigError as exc:
+        raise ConfigError(f"--arms: {token!r}: {exc}") from None
+
+
 def parse_arms(
     spec: str, *, epsilon: float, policy: str = "epsilon", temperature: float = 1.0
 ) -> list[ArmSpec]:
@@ -246,23 +258,32 @@ def parse_arms(
             raise ConfigError(f"--arms: unknown algorithm {algo!r} in {token!r}")
         train: dict[str, Any] = {}
         serve: dict[str, Any] = {"policy": policy, "epsilon": epsilon, "temperature": temperature}
+        seen: set[str] = set()
         for f in fields:
             key, eq, value = f.partition("=")
+            key = key.strip()
             if not eq:
                 raise ConfigError(f"--arms: {f!r} in {token!r} is not field=value")
+            if not all(key.split(".")):
+                raise ConfigError(f"--arms: {f!r} in {token!r} has an empty field name")
+            if key in seen:
+                raise ConfigError(f"--arms: {key!r} is set twice in {token!r}")
+            seen.add(key)
             if key.startswith("serve."):
                 serve[_serving_field(key, token)] = _scalar(value)
                 continue
             # a dotted key sets a nested field: encoder.use_user=false, fit.epochs=4
             node = train
             *groups, last = key.split(".")
-            for g in groups:
+            for i, g in enumerate(groups):
                 node = node.setdefault(g, {})
                 if not isinstance(node, dict):
-                    raise ConfigError(f"--arms: {g!r} in {token!r} is both a value and a group")
+                    group = ".".join(groups[: i + 1])
+                    raise ConfigError(f"--arms: {group!r} in {token!r} is both a value and a group")
             if isinstance(node.get(last), dict):
                 raise ConfigError(f"--arms: {key!r} in {token!r} is both a group and a value")
             node[last] = _scalar(value)
+        _check_training(algo, train, token)
         kind = _KIND.get(algo)
         name = algo if kind is None else f"{kind}-{algo}"
         if fields:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from recloop.algos.base import Algo
-from recloop.config import check, check_finite, config_to_dict
+from recloop.config import check, check_finite, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TEST, VALID, PreparedDataset
 from recloop.data.sampler import TransitionSampler
 from recloop.errors import ConfigError, DataError, TrainingError
@@ -302,6 +302,16 @@ def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _with_defaults(saved: dict[str, Any], cls: type[Any]) -> dict[str, Any]:
+    """A checkpoint's saved config with the fields added since it was saved at their
+    defaults, so a run saved by an older version resumes; one that no longer parses (a
+    field removed or retyped) is compared as saved, and the comparison names the field."""
+    try:
+        return config_to_dict(config_from_dict(cls, saved, source="checkpoint"))
+    except ConfigError:
+        return saved
+
+
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     if saved == current:
         return
@@ -374,7 +384,8 @@ def _fit(
         if run_dir is None:
             raise ConfigError("resume needs a run directory")
         ck = load_checkpoint(run_dir, map_location=algo.device)
-        _check_resume_config(ck.config, config_to_dict(algo.cfg), run_dir)
+        saved = _with_defaults(ck.config, type(algo.cfg))
+        _check_resume_config(saved, config_to_dict(algo.cfg), run_dir)
         algo.load_state_dict(ck.algo_state)
         state.progress = ck.progress
         state.best_networks = ck.best_networks
