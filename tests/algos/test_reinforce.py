@@ -32,6 +32,25 @@ def first_batch(ds: PreparedDataset, size: int = 32) -> TransitionBatch:
     return next(iter(TransitionSampler(ds, history=4, batch_size=size, shuffle=False)))
 
 
+def rewarded_batch(ds: PreparedDataset) -> TransitionBatch:
+    """Eight rows of which 0, 3 and 5 are rewarded."""
+    batch = first_batch(ds, size=8)
+    return dataclasses.replace(batch, reward=torch.tensor([1.0, 0, 0, 2, 0, 1, 0, 0]))
+
+
+def spy_on_losses(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The total loss of every update from now on, whose optimiser steps are skipped."""
+    import recloop.algos.reinforce as reinforce_module
+
+    losses: list[torch.Tensor] = []
+
+    def spy(*args: Any, **kw: Any) -> None:
+        losses.append(args[1].detach())
+
+    monkeypatch.setattr(reinforce_module, "optimizer_step", spy)
+    return losses
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -192,18 +211,10 @@ def test_ce_weight_adds_the_rewarded_cross_entropy_and_names_the_variant(
 ) -> None:
     """REINFORCE+CE's step minimises the corrected loss plus λ · the rewarded rows' −log π:
     the gradient reaching π's head equals that of the two terms computed by hand."""
-    import recloop.algos.reinforce as reinforce_module
-
     assert ReinforceConfig().label() == "reinforce"
     assert ReinforceConfig(ce_weight=0.5).label() == "reinforce (+CE, λ=0.5)"
-    batch = first_batch(tiny_dataset, size=8)
-    batch = dataclasses.replace(batch, reward=torch.tensor([1.0, 0, 0, 2, 0, 1, 0, 0]))
-    losses: list[torch.Tensor] = []
-
-    def spy(*args: Any, **kw: Any) -> None:
-        losses.append(args[1].detach())
-
-    monkeypatch.setattr(reinforce_module, "optimizer_step", spy)
+    batch = rewarded_batch(tiny_dataset)  # rows 0, 3 and 5 rewarded
+    losses = spy_on_losses(monkeypatch)
     plain, with_ce = make(tiny_dataset), make(tiny_dataset, ce_weight=0.5)
     plain.update(batch)
     stats = with_ce.update(batch)
@@ -221,21 +232,13 @@ def test_ce_warm_start_trains_pi_on_the_cross_entropy_alone_then_switches(
 ) -> None:
     """During the first ``ce_epochs`` the step minimises −mean log π over the rewarded rows
     (+ β's NLL, as always); from epoch ``ce_epochs`` on, the corrected loss."""
-    import recloop.algos.reinforce as reinforce_module
-
     assert ReinforceConfig(ce_epochs=1).label() == "reinforce (CE warm start 1 ep)"
     assert (
         ReinforceConfig(ce_epochs=2, ce_weight=1).label()
         == "reinforce (+CE, λ=1, CE warm start 2 ep)"
     )
-    batch = first_batch(tiny_dataset, size=8)
-    batch = dataclasses.replace(batch, reward=torch.tensor([1.0, 0, 0, 2, 0, 1, 0, 0]))
-    losses: list[torch.Tensor] = []
-
-    def spy(*args: Any, **kw: Any) -> None:
-        losses.append(args[1].detach())
-
-    monkeypatch.setattr(reinforce_module, "optimizer_step", spy)
+    batch = rewarded_batch(tiny_dataset)  # rows 0, 3 and 5 rewarded
+    losses = spy_on_losses(monkeypatch)
     algo = make(tiny_dataset, ce_epochs=2)
     assert algo.ce_phase  # before the fit loop calls begin_epoch
     state = algo.policy.state(batch.user, batch.history, batch.history_reward)
