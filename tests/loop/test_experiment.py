@@ -79,6 +79,21 @@ def test_an_arms_dotted_fields_set_nested_training_settings() -> None:
         parse_arms("reinforce:lr=0.1:lr=0.2", epsilon=0.1)
 
 
+def test_arm_directories_stay_short_and_distinct() -> None:
+    from recloop.loop.experiment import SLUG_MAX, _slug
+
+    assert _slug("rl-reinforce(behaviour=logged)") == "rl-reinforce_behaviour_logged_"
+    long = "rl-reinforce(" + ",".join(f"encoder.field{i}=value{i}" for i in range(13)) + ")"
+    other = long.replace("value12", "value13")
+    assert len(_slug(long)) == SLUG_MAX and _slug(long) != _slug(other)
+    assert _slug(long)[:40] == _slug(other)[:40]
+
+
+def test_an_arm_may_not_set_its_own_seed() -> None:
+    with pytest.raises(ConfigError, match="every arm trains with the experiment's --seed"):
+        parse_arms("reinforce:seed=3", epsilon=0.1)
+
+
 def test_an_arms_training_fields_are_checked_before_any_round() -> None:
     """A typo would otherwise fail each round's training and leave the arm serving the
     bootstrap model for the whole experiment."""

@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -268,6 +269,11 @@ def parse_arms(
                 raise ConfigError(f"--arms: {f!r} in {token!r} has an empty field name")
             if key in seen:
                 raise ConfigError(f"--arms: {key!r} is set twice in {token!r}")
+            if key == "seed":
+                raise ConfigError(
+                    f"--arms: {token!r} sets seed: every arm trains with the experiment's "
+                    "--seed (the arms are compared on the same users and luck)"
+                )
             seen.add(key)
             if key.startswith("serve."):
                 serve[_serving_field(key, token)] = _scalar(value)
@@ -1188,8 +1194,18 @@ async def run_experiment_async(
     )
 
 
+SLUG_MAX = 80
+"""Longest arm directory name: an arm with many fields would pass the file system's 255."""
+
+
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    """The arm's directory name: its name with every other character as ``_``; a long one
+    is cut and ends with a hash of the whole name, so two arms never share a directory."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    if len(slug) <= SLUG_MAX:
+        return slug
+    digest = hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
+    return f"{slug[: SLUG_MAX - len(digest) - 1]}-{digest}"
 
 
 def _round_line(r: ArmRound) -> str:
