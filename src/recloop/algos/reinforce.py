@@ -90,7 +90,9 @@ class ReinforceConfig(AlgoConfig):
     CE) from then on.  β is trained in every epoch.  0: no warm start; ≥ ``fit.epochs``: π
     never leaves the cross-entropy (a click-imitation model, the warm start's control).  An
     epoch cut short by ``fit.max_steps`` counts as one, and each training run (each round of
-    ``recloop loop``, warm-started or not) starts with its own warm start."""
+    ``recloop loop``, warm-started or not) starts with its own warm start.  With validation
+    and ``fit.restore_best``, the epoch put back may be one of the warm start's: the
+    metrics.jsonl ``train.ce`` column says which epochs were."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
