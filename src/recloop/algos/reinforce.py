@@ -92,7 +92,7 @@ class ReinforceConfig(AlgoConfig):
     epoch cut short by ``fit.max_steps`` counts as one, and each training run (each round of
     ``recloop loop``, warm-started or not) starts with its own warm start.  With validation
     and ``fit.restore_best``, the epoch put back may be one of the warm start's: the
-    metrics.jsonl ``train.ce`` column says which epochs were."""
+    warm start's epochs are those whose ``train.loss`` equals ``train.ce`` in metrics.jsonl."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
