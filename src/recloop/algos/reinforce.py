@@ -85,10 +85,12 @@ class ReinforceConfig(AlgoConfig):
     ce_epochs: int = 0
     """Supervised warm start: the first ``ce_epochs`` epochs of a training run minimise only
     the cross-entropy of π on the rewarded logged actions (the +CE term alone), so the
-    corrected gradient starts from a π that already ranks the clicked items, with weights
-    π/β near 1 on the greedy events instead of near 1/N; the corrected loss (+ ce_weight ·
-    CE) from then on.  β is trained in every epoch.  0: no warm start; ≥ ``fit.epochs``: π
-    never leaves the cross-entropy (a click-imitation model, the warm start's control).  An
+    corrected gradient starts from a π that already ranks the clicked items, and the weights
+    π/β of the greedy events start above the 1/N of a fresh π (in docs/experiment.md's
+    loop, a mean capped weight of 0.3 after one such epoch, 0.2 without); the corrected
+    loss (+ ce_weight · CE) from then on.  β is trained in every epoch.  0: no warm start;
+    ≥ ``fit.epochs``: π never leaves the cross-entropy (a click-imitation model, the warm
+    start's control).  An
     epoch cut short by ``fit.max_steps`` counts as one, and each training run (each round of
     ``recloop loop``, warm-started or not) starts with its own warm start.  With validation
     and ``fit.restore_best``, the epoch put back may be one of the warm start's: the
