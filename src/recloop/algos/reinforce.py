@@ -90,11 +90,11 @@ class ReinforceConfig(AlgoConfig):
     loop, a mean capped weight of 0.3 after one such epoch, 0.2 without); the corrected
     loss (+ ce_weight · CE) from then on.  β is trained in every epoch.  0: no warm start;
     ≥ ``fit.epochs``: π never leaves the cross-entropy (a click-imitation model, the warm
-    start's control).  An
-    epoch cut short by ``fit.max_steps`` counts as one, and each training run (each round of
-    ``recloop loop``, warm-started or not) starts with its own warm start.  With validation
-    and ``fit.restore_best``, the epoch put back may be one of the warm start's: the
-    warm start's epochs are those whose ``train.loss`` equals ``train.ce`` in metrics.jsonl."""
+    start's control).  An epoch cut short by ``fit.max_steps`` counts as one, and each
+    training run (each round of ``recloop loop``, warm-started or not) starts with its own
+    warm start.  With validation and ``fit.restore_best``, the epoch put back may be one of
+    the warm start's: those are the epochs whose ``train.loss`` equals ``train.ce`` in
+    metrics.jsonl."""
     behaviour: Literal["estimated", "logged"] = "estimated"
     """Where β(a|s) of the importance weight comes from: ``estimated`` by the behaviour head
     (the paper's section 4.3), or ``logged``: the dataset's ``propensity`` event column, the
