@@ -139,6 +139,41 @@ def _row(r: int, arm: str, value: float, half: float, gate: GateCheck | None = N
     )
 
 
+def test_the_rl_and_supervised_arms_compared_are_declared_not_the_best() -> None:
+    """The first RL arm of --arms against the baseline (or first supervised) arm: picking
+    the best of several arms on the same users would favour the side with more arms."""
+    from recloop.loop.experiment import ArmSpec
+
+    cfg = ExperimentConfig(rounds=1, users=10)
+    rows = [
+        _row(1, "rl-reinforce", 1.0, 0.05),
+        _row(1, "rl-cql", 1.5, 0.05),  # the luckier RL arm
+        _row(1, "supervised-gru4rec", 1.2, 0.05),
+        _row(1, "supervised-sasrec", 0.9, 0.05),
+    ]
+    arms = [
+        ArmSpec(name="rl-reinforce", algo="reinforce"),
+        ArmSpec(name="rl-cql", algo="cql"),
+        ArmSpec(name="supervised-gru4rec", algo="gru4rec"),
+        ArmSpec(name="supervised-sasrec", algo="sasrec"),
+    ]
+    result = ExperimentResult(config=cfg, arms=arms, rows=rows, world={}, bootstrap_version="v0")
+    cmp_ = compare_last_round(result)
+    assert cmp_ is not None
+    assert (cmp_["rl_arm"], cmp_["supervised_arm"]) == ("rl-reinforce", "supervised-gru4rec")
+    assert cmp_["ratio"] == pytest.approx(1.0 / 1.2) and not cmp_["target_met"]
+    assert [(c["rl_arm"], round(c["ratio"], 3)) for c in cmp_["all_rl_arms"]] == [
+        ("rl-reinforce", 0.833),
+        ("rl-cql", 1.25),
+    ]
+    as_baseline = dataclasses.replace(cfg, baseline="supervised-sasrec")
+    result = ExperimentResult(
+        config=as_baseline, arms=arms, rows=rows, world={}, bootstrap_version="v0"
+    )
+    cmp_ = compare_last_round(result)
+    assert cmp_ is not None and cmp_["supervised_arm"] == "supervised-sasrec"
+
+
 def test_last_round_comparison_and_csv(tmp_path: Path) -> None:
     worse = GateCheck(
         decision="promote",

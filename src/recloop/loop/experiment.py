@@ -1259,28 +1259,39 @@ def summary_table(result: ExperimentResult) -> str:
     return "\n".join(lines)
 
 
+def _last_round_pair(rl: ArmRound, sup: ArmRound) -> dict[str, Any]:
+    ratio = rl.reward.value / sup.reward.value if sup.reward.value else math.inf
+    doc: dict[str, Any] = {
+        "rl_arm": rl.arm,
+        "rl": rl.reward.to_dict(),
+        "supervised_arm": sup.arm,
+        "supervised": sup.reward.to_dict(),
+        "ratio": ratio,
+        "disjoint": rl.reward.low > sup.reward.high,
+        "target_met": ratio >= 1.2 and rl.reward.low > sup.reward.high,
+    }
+    if rl.per_user is not None and sup.per_user is not None:
+        # the same users with the same luck: the per-user difference is the sharper test
+        doc["paired"] = paired(rl.per_user, sup.per_user, baseline=sup.arm).to_dict()
+    return doc
+
+
 def compare_last_round(result: ExperimentResult) -> dict[str, Any] | None:
-    """Best RL arm vs best supervised arm in the last round: ratio and whether the 95 %
-    intervals are disjoint (the issue's target: ratio >= 1.2 with disjoint intervals)."""
-    last = [r for r in result.rows if r.round == result.config.rounds]
-    rl = [r for r in last if r.arm.startswith("rl-")]
-    sup = [r for r in last if r.arm.startswith("supervised-")]
+    """The RL arm against the supervised arm in the last round: ratio and whether the 95 %
+    intervals are disjoint (the issue's target: ratio >= 1.2 with disjoint intervals).
+
+    Both arms are declared before the run, not picked after it: the first ``rl-`` arm of
+    ``--arms``, and the baseline when it is a supervised arm, else the first supervised
+    one.  The best of several arms measured on the same users would favour the side with
+    more arms.  Every RL arm's own comparison is in ``all_rl_arms``."""
+    last = {r.arm: r for r in result.rows if r.round == result.config.rounds}
+    order = [a.name for a in result.arms if a.name in last]
+    rl = [n for n in order if n.startswith("rl-")]
+    sup = [n for n in order if n.startswith("supervised-")]
     if not rl or not sup:
         return None
-    best_rl = max(rl, key=lambda r: r.reward.value)
-    best_sup = max(sup, key=lambda r: r.reward.value)
-    ratio = best_rl.reward.value / best_sup.reward.value if best_sup.reward.value else math.inf
-    doc: dict[str, Any] = {
-        "rl_arm": best_rl.arm,
-        "rl": best_rl.reward.to_dict(),
-        "supervised_arm": best_sup.arm,
-        "supervised": best_sup.reward.to_dict(),
-        "ratio": ratio,
-        "disjoint": best_rl.reward.low > best_sup.reward.high,
-        "target_met": ratio >= 1.2 and best_rl.reward.low > best_sup.reward.high,
-    }
-    if best_rl.per_user is not None and best_sup.per_user is not None:
-        # the same users with the same luck: the per-user difference is the sharper test
-        p = paired(best_rl.per_user, best_sup.per_user, baseline=best_sup.arm)
-        doc["paired"] = p.to_dict()
+    base = result.baseline()
+    sup_arm = last[base if base in sup else sup[0]]
+    doc = _last_round_pair(last[rl[0]], sup_arm)
+    doc["all_rl_arms"] = [_last_round_pair(last[n], sup_arm) for n in rl]
     return doc
