@@ -74,6 +74,10 @@ def test_overrides_parse_yaml_values_and_dotted_keys() -> None:
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["lr"])
+    with pytest.raises(ConfigError, match="'inner' is set both as a value and a group"):
+        parse_overrides(["inner=1", "inner.width=7"])
+    with pytest.raises(ConfigError, match="'inner' is set both as a group and a value"):
+        parse_overrides(["inner.width=7", "inner=1"])
 
 
 def test_load_config_priority(tmp_path: Path) -> None:

@@ -156,15 +156,23 @@ def parse_overrides(items: Sequence[str], *, source: str = "--set") -> dict[str,
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{source} {item!r}: '{p}' is set both as a value and a group")
-            node = nxt
-        node[parts[-1]] = value
+        set_dotted(out, key, value, where=f"{source} {item!r}")
     return out
+
+
+def set_dotted(out: dict[str, Any], key: str, value: Any, *, where: str) -> None:
+    """``out["a"]["b"] = value`` for ``key`` ``"a.b"``, making the groups on the way; a
+    name set both as a value and as a group is an error naming ``where``."""
+    node = out
+    *groups, last = key.split(".")
+    for i, g in enumerate(groups):
+        node = node.setdefault(g, {})
+        if not isinstance(node, dict):
+            group = ".".join(groups[: i + 1])
+            raise ConfigError(f"{where}: '{group}' is set both as a value and a group")
+    if isinstance(node.get(last), dict):
+        raise ConfigError(f"{where}: '{key}' is set both as a group and a value")
+    node[last] = value
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -68,9 +68,9 @@ def test_an_arms_dotted_fields_set_nested_training_settings() -> None:
         "fit": {"epochs": 4},
         "lr": 0.003,
     }
-    with pytest.raises(ConfigError, match=r"'lr' in .* both a value and a group"):
+    with pytest.raises(ConfigError, match=r"--arms .*'lr' is set both as a value and a group"):
         parse_arms("reinforce:lr=0.1:lr.x=1", epsilon=0.1)
-    with pytest.raises(ConfigError, match=r"'encoder' in .* both a group and a value"):
+    with pytest.raises(ConfigError, match=r"--arms .*'encoder' is set both as a group and a"):
         parse_arms("reinforce:encoder.kind=gru:encoder=1", epsilon=0.1)
     for bad in ("encoder..kind=gru", ".x=1", "x.=1", "=1"):
         with pytest.raises(ConfigError, match="empty field name"):

@@ -66,7 +66,7 @@ import orjson
 
 from recloop.artifacts.bundle import load_artifact
 from recloop.artifacts.registry import ArtifactRegistry
-from recloop.config import check
+from recloop.config import check, set_dotted
 from recloop.errors import ConfigError
 from recloop.evaluation.ope import OUTCOMES
 from recloop.evaluation.worlds.base import ITEM_PREFIX, RESPONSES, USER_PREFIX, UserState, World
@@ -279,16 +279,7 @@ def parse_arms(
                 serve[_serving_field(key, token)] = _scalar(value)
                 continue
             # a dotted key sets a nested field: encoder.use_user=false, fit.epochs=4
-            node = train
-            *groups, last = key.split(".")
-            for i, g in enumerate(groups):
-                node = node.setdefault(g, {})
-                if not isinstance(node, dict):
-                    group = ".".join(groups[: i + 1])
-                    raise ConfigError(f"--arms: {group!r} in {token!r} is both a value and a group")
-            if isinstance(node.get(last), dict):
-                raise ConfigError(f"--arms: {key!r} in {token!r} is both a group and a value")
-            node[last] = _scalar(value)
+            set_dotted(train, key, _scalar(value), where=f"--arms {token!r}")
         _check_training(algo, train, token)
         kind = _KIND.get(algo)
         name = algo if kind is None else f"{kind}-{algo}"
