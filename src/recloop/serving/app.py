@@ -477,9 +477,9 @@ async def _follow_registry(
     verdict waits for it)."""
     root = registry.root
     canary_following: tuple[str, float, str] | None = None
-    canary_failed: tuple[str, float, str] | None = None
-    retry_at = 0.0
-    failed = warned = False
+    # (the canary whose setting failed, when to try it again); None: no failure pending
+    retry: tuple[tuple[str, float, str] | None, float] | None = None
+    warned = False
     while True:
         await asyncio.sleep(every_s)
         try:
@@ -501,9 +501,11 @@ async def _follow_registry(
                 continue
             want = None if c is None else (c.version, c.share, c.salt)
             now = asyncio.get_running_loop().time()
-            if want == canary_following or (failed and want == canary_failed and now < retry_at):
+            if want == canary_following or (
+                retry is not None and retry[0] == want and now < retry[1]
+            ):
                 continue
-            failed, canary_failed, retry_at = True, want, now + CANARY_RETRY_S
+            retry = (want, now + CANARY_RETRY_S)  # cleared once it serves
             if c is None:
                 await service.set_canary(None)
             else:
@@ -513,7 +515,7 @@ async def _follow_registry(
                 await service.set_canary(
                     registry.version_path(c.version), share=c.share, salt=c.salt
                 )
-            canary_following, failed = want, False
+            canary_following, retry = want, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad version or pointer must not stop the follower
