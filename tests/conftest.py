@@ -3,9 +3,11 @@ the real services (Redis, PostgreSQL, MariaDB) with names no other test uses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -352,3 +354,63 @@ def own_kafka() -> Iterator[TansuBroker]:
 def kafka_topic() -> str:
     """A topic name no other test uses."""
     return unique("rlt")
+
+
+# --- S3 ----------------------------------------------------------------------------------
+# moto's S3 server (a test extra, `moto[server]`) on a free port, stopped by its PID; it keeps
+# everything in memory and implements conditional PutObject (If-Match / If-None-Match), which
+# the registry's pointer relies on.  RECLOOP_S3_ENDPOINT points the tests at a real
+# S3-compatible store instead (with its credentials in the usual AWS_* variables).
+
+S3_BUCKET = os.environ.get("RECLOOP_S3_BUCKET", "recloop-test")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    given = os.environ.get("RECLOOP_S3_ENDPOINT")
+    if given:
+        yield given
+        return
+    pytest.importorskip("moto.server", reason="moto[server] is a test extra")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, tmp_path: Path) -> Iterator[str]:
+    """``s3://BUCKET/<fresh prefix>`` on the test server; boto3 in this process and in its
+    children (``recloop serve`` workers) finds the server through the environment (set
+    apart from the test's own ``monkeypatch``, which a test may undo)."""
+    boto3 = pytest.importorskip("boto3")
+    with pytest.MonkeyPatch.context() as env:
+        if not os.environ.get("RECLOOP_S3_ENDPOINT"):
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+                env.setenv(name, "testing")
+        env.setenv("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        env.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+        env.setenv("RECLOOP_REGISTRY_CACHE", str(tmp_path / "registry-cache"))
+        client = boto3.client("s3")
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=S3_BUCKET)
+        yield f"s3://{S3_BUCKET}/{unique('reg')}"

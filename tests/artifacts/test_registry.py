@@ -272,7 +272,7 @@ def test_pointer_changes_wait_for_the_registry_lock(tmp_path: Path, artifacts: l
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with ArtifactRegistry(tmp_path / "reg")._locked():  # as another process would
+        with ArtifactRegistry(tmp_path / "reg").storage.lock():  # as another process would
             held.set()
             release.wait(10)
 

@@ -302,3 +302,23 @@ def test_an_operators_canary_started_during_training_stands(
     done = loop.run_once()
     assert done.status == "published" and "not started as a canary" in done.reason
     assert reg.canary() == started[0] and reg.current() == first.version
+
+
+def test_rounds_on_an_s3_registry_publish_promote_and_warm_start(
+    tmp_path: Path, s3_url: str
+) -> None:
+    """The controller on ``registry: s3://...``: the same rounds, the current version read
+    back (downloaded) for the second round's warm start and gate."""
+    append_events(f"sqlite:///{tmp_path / 'log.db'}", walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path, registry=s3_url))
+    first = loop.run_once()
+    assert first.status == "promoted", first.reason
+    reg = ArtifactRegistry(s3_url)
+    assert reg.current() == first.version and not (tmp_path / "registry").exists()
+    append_events(loop.cfg.database_url, walk_events(steps=range(10, 13)))
+    second = loop.run_once()
+    assert second.status in ("promoted", "published") and second.parent == first.version
+    assert second.warm_start["shared_items"] > 0 and "vs current" in second.reason
+    entry = {e.version: e for e in reg.entries()}[second.version]
+    assert entry.lineage["parent"] == first.version and entry.location.startswith(s3_url)
+    assert [h["action"] for h in reg.history()][:2] == ["publish", "promote"]

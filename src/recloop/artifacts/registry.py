@@ -30,6 +30,14 @@ Every change of ``current.json`` holds an exclusive ``flock`` on ``REGISTRY/.loc
 it reads and rewrites the pointer, so a controller's verdict and an operator's command in
 another process never overwrite each other (:meth:`ArtifactRegistry.finish_canary` acts
 only if the pointer still names the canary it judged).
+
+On an object store.  ``s3://bucket/prefix`` keeps the same layout in an S3 (or
+S3-compatible: MinIO, Ceph, R2, ...) bucket, for services and controllers on several machines
+(:mod:`recloop.artifacts.s3`).  There the pointer changes by a conditional ``PutObject``
+(``If-Match`` on the ETag read, ``If-None-Match: *`` for the first one) instead of a lock: a
+writer that lost the race reads the pointer again and decides again.  A version is whole
+once its ``manifest.json`` is there, uploaded last; the history is one object per line.
+Readers download a version once into a local cache and load it from there.
 """
 
 from __future__ import annotations
@@ -42,10 +50,10 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from recloop.artifacts.bundle import load_artifact, resolve_artifact_dir
 from recloop.errors import ArtifactError
@@ -64,8 +72,8 @@ class RegistryEntry:
 
     version: str
     """The artifact's model version (its directory name under ``versions/``)."""
-    path: Path
-    """Its directory."""
+    location: str
+    """Where it lies: ``REGISTRY/versions/VERSION`` (a directory, or an ``s3://`` prefix)."""
     algo: str
     """The algorithm that trained it."""
     lineage: dict[str, Any]
@@ -119,21 +127,202 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-class ArtifactRegistry:
-    """Versioned artifacts under ``root`` with one current version (module docstring)."""
+class RegistryStorage(Protocol):
+    """Where a registry's files live: one filesystem (:class:`LocalStorage`) or an S3
+    bucket (:class:`recloop.artifacts.s3.S3Storage`).  The registry's logic is the same on
+    both; a storage gives it a pointer that changes only by compare-and-swap, whole versions,
+    and an append-only history."""
+
+    location: str
+    """The registry as a user names it: a directory, or ``s3://bucket/prefix``."""
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held around one read-modify-write of the pointer (a no-op where the write itself
+        is conditional)."""
+        ...
+
+    def read_pointer(self) -> tuple[bytes | None, str | None]:
+        """``current.json``'s bytes (None before the first promotion) and a tag that
+        :meth:`write_pointer` checks."""
+        ...
+
+    def write_pointer(self, data: bytes, *, tag: str | None) -> bool:
+        """Replace the pointer, atomically, if it is still the one read with ``tag`` (None:
+        if there is none yet); False, writing nothing, when it changed meanwhile."""
+        ...
+
+    def has_version(self, version: str) -> bool:
+        """Whether ``version`` is published whole (its ``manifest.json`` is there)."""
+        ...
+
+    def put_version(self, src: Path, version: str, *, lineage: bytes) -> bool:
+        """Publish the artifact directory ``src`` as ``version`` with its ``registry.json``,
+        so that no reader sees a part of it; False when the version was there already (the
+        first copy is kept)."""
+        ...
+
+    def local_version(self, version: str) -> Path:
+        """A local directory holding the published ``version`` (a download, once, for an
+        object store)."""
+        ...
+
+    def versions(self) -> list[tuple[str, bytes | None]]:
+        """Every whole version with its ``registry.json`` bytes (None when it has none)."""
+        ...
+
+    def append_history(self, line: str) -> None:
+        """Add one JSON line to the history, durably."""
+        ...
+
+    def history_lines(self) -> list[str]:
+        """The history, oldest first."""
+        ...
+
+
+class LocalStorage:
+    """A registry in a directory (the module docstring's layout); every change is crash-safe
+    on one filesystem, and pointer changes hold an exclusive ``flock`` on ``.lock``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def read_pointer(self) -> tuple[bytes | None, str | None]:
+        path = self.root / CURRENT
+        return (path.read_bytes(), None) if path.is_file() else (None, None)
+
+    def write_pointer(self, data: bytes, *, tag: str | None) -> bool:
+        # the caller holds lock(): nothing changed the pointer since it was read
+        _write_atomic(self.root / CURRENT, data.decode("utf-8"))
+        return True
+
+    def _dir(self, version: str) -> Path:
+        return self.root / VERSIONS / version
+
+    def has_version(self, version: str) -> bool:
+        return (self._dir(version) / "manifest.json").is_file()
+
+    def put_version(self, src: Path, version: str, *, lineage: bytes) -> bool:
+        if self.has_version(version):
+            return False
+        dest = self._dir(version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".tmp-{uuid.uuid4().hex}"
+        shutil.copytree(src, tmp)
+        (tmp / LINEAGE).write_bytes(lineage)
+        try:
+            os.rename(tmp, dest)  # atomic: a version directory is always whole
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self.has_version(version):
+                raise
+            return False  # another process published it meanwhile
+        return True
+
+    def local_version(self, version: str) -> Path:
+        return self._dir(version)
+
+    def versions(self) -> list[tuple[str, bytes | None]]:
+        vdir = self.root / VERSIONS
+        if not vdir.is_dir():
+            return []
+        out = []
+        for path in vdir.iterdir():
+            if path.name.startswith(".") or not (path / "manifest.json").is_file():
+                continue
+            lineage = path / LINEAGE
+            out.append((path.name, lineage.read_bytes() if lineage.is_file() else None))
+        return out
+
+    def append_history(self, line: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / HISTORY, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history_lines(self) -> list[str]:
+        path = self.root / HISTORY
+        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+
+
+def open_storage(location: Path | str, *, cache_dir: Path | None = None) -> RegistryStorage:
+    """The storage of a registry named ``location``: ``s3://bucket/prefix`` for an S3 (or
+    S3-compatible) bucket, anything else a directory."""
+    if isinstance(location, str) and location.startswith("s3://"):
+        from recloop.artifacts.s3 import S3Storage
+
+        return S3Storage(location, cache_dir=cache_dir)
+    return LocalStorage(Path(location))
+
+
+def is_object_store(location: Path | str | None) -> bool:
+    """Whether ``location`` names a registry on an object store (``s3://...``)."""
+    return isinstance(location, str) and location.startswith("s3://")
+
+
+def is_registry_dir(path: Path) -> bool:
+    """Whether the directory ``path`` is a registry (rather than an artifact or a run)."""
+    return (path / CURRENT).is_file() or (path / VERSIONS).is_dir()
+
+
+@dataclass
+class _Change:
+    """What a read-modify-write of the pointer decided."""
+
+    doc: dict[str, Any] | None
+    """The new pointer; None writes nothing."""
+    result: Any = None
+    """What the registry method returns."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """History lines (``action``, ``version`` and fields) to append once the pointer moved."""
+
+
+_POINTER_TRIES = 20
+"""Read-modify-write attempts of the pointer before giving up (object stores: each lost
+race with another writer costs one)."""
+
+
+class ArtifactRegistry:
+    """Versioned artifacts with one current version (module docstring), in a directory or,
+    with ``s3://bucket/prefix``, in an S3 bucket (``recloop[s3]``)."""
+
+    def __init__(self, root: Path | str, *, cache_dir: Path | None = None) -> None:
+        self.storage = open_storage(root, cache_dir=cache_dir)
+        self.location = self.storage.location
+        """The registry as a user names it, for messages."""
+
+    @property
+    def root(self) -> Path:
+        """The registry's directory (local registries only)."""
+        if not isinstance(self.storage, LocalStorage):
+            raise ArtifactError(f"{self.location}: not a directory")
+        return self.storage.root
 
     @property
     def versions_dir(self) -> Path:
+        """The directory of the published versions (local registries only)."""
         return self.root / VERSIONS
 
-    def _check_version(self, version: str) -> Path:
-        path = self.versions_dir / version
-        if "/" in version or version.startswith(".") or not (path / "manifest.json").is_file():
-            raise ArtifactError(f"{self.root}: no published version {version!r}")
-        return path
+    def _check_version(self, version: str) -> str:
+        if (
+            not version
+            or "/" in version
+            or version.startswith(".")
+            or not self.storage.has_version(version)
+        ):
+            raise ArtifactError(f"{self.location}: no published version {version!r}")
+        return version
 
     def publish(
         self,
@@ -152,39 +341,30 @@ class ArtifactRegistry:
         src = resolve_artifact_dir(Path(artifact))
         art = load_artifact(src)  # refuses anything damaged before it can be published
         version = art.model_version
-        dest = self.versions_dir / version
-        if not (dest / "manifest.json").is_file():
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.versions_dir / f".tmp-{uuid.uuid4().hex}"
-            shutil.copytree(src, tmp)
+        if not self.storage.has_version(version):
             doc = {"parent": parent, "published_at": _now(), "algo": art.algo, **(lineage or {})}
-            (tmp / LINEAGE).write_text(json.dumps(doc, indent=2, default=str))
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (dest / "manifest.json").is_file():
-                    raise
-            self._log("publish", version, parent=parent, reason=reason)
-            logger.info("published %s to %s", version, self.root)
+            data = json.dumps(doc, indent=2, default=str).encode("utf-8")
+            if self.storage.put_version(src, version, lineage=data):
+                self._log("publish", version, parent=parent, reason=reason)
+                logger.info("published %s to %s", version, self.location)
         if promote:
             self.promote(version, reason=reason or "published")
         return version
 
-    def _pointer(self) -> dict[str, Any] | None:
-        path = self.root / CURRENT
-        if not path.is_file():
+    def _parse_pointer(self, raw: bytes | None) -> dict[str, Any] | None:
+        if raw is None:
             return None
+        where = f"{self.location}/{CURRENT}"
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(raw.decode("utf-8"))
             version = doc["version"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{path}: unreadable pointer ({exc})") from exc
+            raise ArtifactError(f"{where}: unreadable pointer ({exc})") from exc
         if not isinstance(version, str):
-            raise ArtifactError(f"{path}: field 'version' must be a string")
+            raise ArtifactError(f"{where}: field 'version' must be a string")
         stack = doc.get("stack", [version])
         if not isinstance(stack, list) or not all(isinstance(v, str) for v in stack):
-            raise ArtifactError(f"{path}: field 'stack' must be a list of versions")
+            raise ArtifactError(f"{where}: field 'stack' must be a list of versions")
         canary = doc.get("canary")
         if canary is not None:
             try:
@@ -201,8 +381,34 @@ class ArtifactRegistry:
                     reason=str(canary.get("reason", "")),
                 )
             except (KeyError, TypeError, ValueError) as exc:
-                raise ArtifactError(f"{path}: unreadable field 'canary' ({exc!r})") from exc
+                raise ArtifactError(f"{where}: unreadable field 'canary' ({exc!r})") from exc
         return {**doc, "stack": stack}
+
+    def _pointer(self) -> dict[str, Any] | None:
+        return self._parse_pointer(self.storage.read_pointer()[0])
+
+    def _update(self, decide: Callable[[dict[str, Any] | None], _Change]) -> Any:
+        """One read-modify-write of the pointer: ``decide`` sees the pointer and returns the
+        change.  Under the directory's lock it runs once; on an object store the write is
+        conditional on the pointer read, and a lost race runs ``decide`` again on the
+        pointer that won (so it must do nothing but decide)."""
+        for _ in range(_POINTER_TRIES):
+            with self.storage.lock():
+                raw, tag = self.storage.read_pointer()
+                change = decide(self._parse_pointer(raw))
+                if change.doc is None:
+                    return change.result
+                out = dict(change.doc)
+                if isinstance(out.get("canary"), Canary):
+                    out["canary"] = out["canary"].to_dict()
+                if self.storage.write_pointer(json.dumps(out, indent=2).encode(), tag=tag):
+                    for line in change.history:
+                        self._log(**line)
+                    return change.result
+            logger.info("%s: the pointer changed meanwhile, reading it again", self.location)
+        raise ArtifactError(
+            f"{self.location}: the pointer changed under every one of {_POINTER_TRIES} tries"
+        )
 
     def current(self) -> str | None:
         """The current version, or None before the first promotion."""
@@ -214,20 +420,15 @@ class ArtifactRegistry:
         doc = self._pointer()
         return None if doc is None else doc.get("canary")
 
-    def version_path(self, version: str) -> Path:
-        """A published version's directory (raises when there is none)."""
-        return self._check_version(version)
+    def state(self) -> tuple[str | None, Canary | None]:
+        """The current version and the running canary, from one read of the pointer."""
+        doc = self._pointer()
+        return (None, None) if doc is None else (str(doc["version"]), doc.get("canary"))
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive lock on the registry's pointer for one read-modify-write."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def version_path(self, version: str) -> Path:
+        """A published version's local directory (raises when there is none; on an object
+        store, downloads it once into the cache)."""
+        return self.storage.local_version(self._check_version(version))
 
     def start_canary(
         self,
@@ -247,22 +448,23 @@ class ArtifactRegistry:
         recorded in the history line (the loop's round)."""
         if not 0.0 < share < 1.0:
             raise ArtifactError(f"canary share must lie in (0, 1), got {share}")
-        path = self._check_version(version)
-        load_artifact(path)
-        with self._locked():
-            pointer = self._pointer()
+        load_artifact(self.version_path(version))
+
+        def decide(pointer: dict[str, Any] | None) -> _Change:
             if pointer is None:
-                raise ArtifactError(f"{self.root}: a canary needs a current version beside it")
+                raise ArtifactError(f"{self.location}: a canary needs a current version beside it")
             if pointer["version"] == version:
-                raise ArtifactError(f"{self.root}: {version} is already current")
+                raise ArtifactError(f"{self.location}: {version} is already current")
             running = pointer.get("canary")
             if expect_current is not None and (
                 pointer["version"] != expect_current or running is not None
             ):
-                return None
+                return _Change(None)
+            history = []
             if running is not None:
-                self._log("canary-stop", running.version, parent=running.parent,
-                          reason=f"replaced by canary {version}")  # fmt: skip
+                history.append(dict(action="canary-stop", version=running.version,
+                                    parent=running.parent,
+                                    reason=f"replaced by canary {version}"))  # fmt: skip
             canary = Canary(
                 version=version,
                 parent=str(pointer["version"]),
@@ -274,39 +476,48 @@ class ArtifactRegistry:
                 started_at=_now(),
                 reason=reason,
             )
-            self._write_pointer({**pointer, "canary": canary.to_dict()})
-            self._log(
-                "canary-start", version, parent=canary.parent, share=share, salt=canary.salt,
-                since_ts=canary.since_ts, tag=tag, reason=reason,
+            history.append(dict(
+                action="canary-start", version=version, parent=canary.parent, share=share,
+                salt=canary.salt, since_ts=canary.since_ts, tag=tag, reason=reason,
+            ))  # fmt: skip
+            return _Change({**pointer, "canary": canary}, canary, history)
+
+        canary = self._update(decide)
+        if canary is not None:
+            logger.info(
+                "%s: canary %s on %.0f %% of users (%s)", self.location, version, 100 * share,
+                reason,
             )  # fmt: skip
-        logger.info(
-            "%s: canary %s on %.0f %% of users (%s)", self.root, version, 100 * share, reason
-        )
-        return canary
+        return cast(Canary | None, canary)
 
     def stop_canary(self, *, reason: str = "") -> Canary | None:
         """End the running canary without promoting it; returns it (None when none ran)."""
-        with self._locked():
-            pointer = self._pointer()
+
+        def decide(pointer: dict[str, Any] | None) -> _Change:
             canary = None if pointer is None else pointer.get("canary")
             if pointer is None or canary is None:
-                return None
-            self._stop(pointer, canary, reason)
-            return canary
+                return _Change(None)
+            return self._stop(pointer, canary, reason)
 
-    def _stop(self, pointer: dict[str, Any], canary: Canary, reason: str) -> None:
-        self._write_pointer({k: v for k, v in pointer.items() if k != "canary"})
-        self._log("canary-stop", canary.version, parent=canary.parent, reason=reason)
-        logger.info("%s: canary %s stopped (%s)", self.root, canary.version, reason)
+        return cast(Canary | None, self._update(decide))
+
+    def _stop(self, pointer: dict[str, Any], canary: Canary, reason: str) -> _Change:
+        logger.info("%s: stopping canary %s (%s)", self.location, canary.version, reason)
+        return _Change(
+            {k: v for k, v in pointer.items() if k != "canary"},
+            canary,
+            [dict(action="canary-stop", version=canary.version, parent=canary.parent,
+                  reason=reason)],
+        )  # fmt: skip
 
     def finish_canary(self, canary: Canary, *, promote: bool, reason: str = "") -> bool:
         """Promote or stop ``canary`` -- only if the pointer still names it (same version,
         salt and start) beside the version it started from; False, changing nothing, when someone
         stopped, replaced, promoted or rolled back meanwhile."""
         if promote:
-            load_artifact(self._check_version(canary.version))
-        with self._locked():
-            pointer = self._pointer()
+            load_artifact(self.version_path(canary.version))
+
+        def decide(pointer: dict[str, Any] | None) -> _Change:
             now = None if pointer is None else pointer.get("canary")
             if (
                 pointer is None
@@ -315,41 +526,41 @@ class ArtifactRegistry:
                 != (canary.version, canary.salt, canary.started_at)
                 or pointer["version"] != canary.parent
             ):
-                return False
-            if promote:
+                return _Change(None, False)
+            change = (
                 self._promote(canary.version, pointer, reason=reason)
-            else:
-                self._stop(pointer, canary, reason)
-            return True
+                if promote
+                else self._stop(pointer, canary, reason)
+            )
+            change.result = True
+            return change
 
-    def _write_pointer(self, doc: dict[str, Any]) -> None:
-        out = dict(doc)
-        if isinstance(out.get("canary"), Canary):
-            out["canary"] = out["canary"].to_dict()
-        _write_atomic(self.root / CURRENT, json.dumps(out, indent=2))
+        return bool(self._update(decide))
 
     def current_path(self) -> Path:
-        """The current version's directory (raises when nothing is current)."""
+        """The current version's local directory (raises when nothing is current)."""
         version = self.current()
         if version is None:
-            raise ArtifactError(f"{self.root}: no current version (publish and promote one)")
-        return self._check_version(version)
+            raise ArtifactError(f"{self.location}: no current version (publish and promote one)")
+        return self.version_path(version)
 
     def promote(self, version: str, *, reason: str = "", expect_current: str | None = None) -> bool:
         """Make ``version`` current (it must be published and load cleanly); ends any
         canary.  With ``expect_current``, only if that version is still current (False,
         changing nothing, otherwise)."""
-        path = self._check_version(version)
-        load_artifact(path)
-        with self._locked():
-            pointer = self._pointer()
+        load_artifact(self.version_path(version))
+
+        def decide(pointer: dict[str, Any] | None) -> _Change:
             now = None if pointer is None else pointer["version"]
             if expect_current is not None and now != expect_current:
-                return False
-            self._promote(version, pointer, reason=reason)
-        return True
+                return _Change(None, False)
+            change = self._promote(version, pointer, reason=reason)
+            change.result = True
+            return change
 
-    def _promote(self, version: str, pointer: dict[str, Any] | None, *, reason: str) -> None:
+        return bool(self._update(decide))
+
+    def _promote(self, version: str, pointer: dict[str, Any] | None, *, reason: str) -> _Change:
         previous = None if pointer is None else pointer["version"]
         stack = [] if pointer is None else list(pointer["stack"])
         doc = {
@@ -359,78 +570,66 @@ class ArtifactRegistry:
             "reason": reason,
             "stack": [*stack, version],
         }
-        _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
-        self._log("promote", version, previous=previous, reason=reason)
-        logger.info("current version of %s: %s (was %s; %s)", self.root, version, previous, reason)
+        logger.info(
+            "current version of %s: %s (was %s; %s)", self.location, version, previous, reason
+        )
+        return _Change(doc, None, [dict(action="promote", version=version, previous=previous,
+                                        reason=reason)])  # fmt: skip
 
     def rollback(self, *, reason: str = "") -> str:
         """Make the version that was current before the current one current again; ends
         any canary."""
-        with self._locked():
-            return self._rollback(reason=reason)
 
-    def _rollback(self, *, reason: str) -> str:
-        pointer = self._pointer()
-        if pointer is None:
-            raise ArtifactError(f"{self.root}: nothing to roll back (no current version)")
-        now = pointer["version"]
-        stack = list(pointer["stack"])
-        while stack and stack[-1] == now:  # a version promoted twice is left once
-            stack.pop()
-        if not stack:
-            raise ArtifactError(f"{self.root}: no earlier version to roll back to")
-        target = stack[-1]
-        path = self._check_version(target)
-        load_artifact(path)
-        doc = {
-            "version": target,
-            "previous": now,
-            "promoted_at": _now(),
-            "reason": reason,
-            "stack": stack,
-        }
-        _write_atomic(self.root / CURRENT, json.dumps(doc, indent=2))
-        self._log("rollback", target, previous=now, reason=reason)
-        return target
+        def decide(pointer: dict[str, Any] | None) -> _Change:
+            if pointer is None:
+                raise ArtifactError(f"{self.location}: nothing to roll back (no current version)")
+            now = pointer["version"]
+            stack = list(pointer["stack"])
+            while stack and stack[-1] == now:  # a version promoted twice is left once
+                stack.pop()
+            if not stack:
+                raise ArtifactError(f"{self.location}: no earlier version to roll back to")
+            target = stack[-1]
+            load_artifact(self.version_path(target))
+            doc = {
+                "version": target,
+                "previous": now,
+                "promoted_at": _now(),
+                "reason": reason,
+                "stack": stack,
+            }
+            return _Change(doc, target, [dict(action="rollback", version=target, previous=now,
+                                              reason=reason)])  # fmt: skip
+
+        return str(self._update(decide))
 
     def entries(self) -> list[RegistryEntry]:
         """Published versions, oldest first."""
-        if not self.versions_dir.is_dir():
-            return []
         current = self.current()
         out = []
-        for path in self.versions_dir.iterdir():
-            if path.name.startswith(".") or not (path / "manifest.json").is_file():
-                continue
-            lineage = json.loads((path / LINEAGE).read_text()) if (path / LINEAGE).is_file() else {}
+        for version, raw in self.storage.versions():
+            lineage = json.loads(raw) if raw is not None else {}
             out.append(
                 RegistryEntry(
-                    version=path.name,
-                    path=path,
+                    version=version,
+                    location=f"{self.location}/{VERSIONS}/{version}",
                     algo=str(lineage.get("algo", "")),
                     lineage=lineage,
-                    current=path.name == current,
+                    current=version == current,
                 )
             )
         return sorted(out, key=lambda e: (str(e.lineage.get("published_at", "")), e.version))
 
     def history(self) -> list[dict[str, Any]]:
         """Every publish, promote and rollback, oldest first (a torn last line is skipped)."""
-        path = self.root / HISTORY
-        if not path.is_file():
-            return []
         out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in self.storage.history_lines():
             try:
                 out.append(json.loads(line))
             except ValueError:
-                logger.warning("%s: skipping a torn history line", path)
+                logger.warning("%s: skipping a torn history line", self.location)
         return out
 
     def _log(self, action: str, version: str, **fields: Any) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"at": _now(), "action": action, "version": version, **fields})
-        with open(self.root / HISTORY, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.storage.append_history(line)

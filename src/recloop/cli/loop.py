@@ -52,7 +52,9 @@ def loop_command(
         None, "--database-url", help="The behaviour log (SQLAlchemy URL) `recloop stream` writes."
     ),
     table: str | None = typer.Option(None, "--table", help="Log table (default behavior_log)."),
-    registry: Path | None = typer.Option(None, "--registry", help="Artifact registry directory."),
+    registry: str | None = typer.Option(
+        None, "--registry", help="Artifact registry: a directory, or s3://BUCKET/PREFIX."
+    ),
     workdir: Path | None = typer.Option(
         None, "--workdir", help="Controller directory: state.json and the rounds' data and runs."
     ),
@@ -97,7 +99,7 @@ def loop_command(
     values: dict[str, Any] = {
         "database_url": database_url,
         "table": table,
-        "registry": str(registry) if registry is not None else None,
+        "registry": registry,
         "workdir": str(workdir) if workdir is not None else None,
         "algo": algo,
         "every_events": every_events,

@@ -14,11 +14,11 @@ from recloop.cli.app import app
 
 @app.command("serve")
 def serve(
-    artifact: Path | None = typer.Argument(
+    artifact: str | None = typer.Argument(
         None,
-        help="Artifact or run directory to serve, or a registry (recloop registry): then its "
-        "current version is served and every promotion or rollback is followed.  Omit it "
-        "with --ab.",
+        help="Artifact or run directory to serve, or a registry (recloop registry: a "
+        "directory or s3://BUCKET/PREFIX): then its current version is served and every "
+        "promotion or rollback is followed.  Omit it with --ab.",
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="TCP port, 1 to 65535."),
@@ -111,6 +111,7 @@ def serve(
     import uvicorn
 
     from recloop.artifacts import load_artifact, resolve_artifact_dir
+    from recloop.artifacts.registry import ArtifactRegistry, is_object_store, is_registry_dir
     from recloop.errors import ConfigError
     from recloop.serving.metrics import MULTIPROC_ENV
     from recloop.serving.settings import ServeSettings
@@ -141,16 +142,15 @@ def serve(
         path = arms[0].artifact
     elif artifact is None:
         raise ConfigError("name an ARTIFACT (or a registry) to serve, or two or more --ab arms")
-    elif (artifact / "current.json").is_file() or (artifact / "versions").is_dir():
+    elif is_object_store(artifact) or is_registry_dir(Path(artifact)):
         # a registry (recloop registry): serve its current version and follow promotions
-        from recloop.artifacts.registry import ArtifactRegistry
-
-        registry = artifact.resolve()
-        path = ArtifactRegistry(registry).current_path().resolve()
-        if artifact_root is None:
-            artifact_root = registry / "versions"
+        reg = ArtifactRegistry(artifact if is_object_store(artifact) else Path(artifact).resolve())
+        registry = reg.location
+        path = reg.current_path().resolve()
+        if artifact_root is None:  # where its versions lie on this machine
+            artifact_root = path.parent
     else:
-        path = resolve_artifact_dir(artifact).resolve()
+        path = resolve_artifact_dir(Path(artifact)).resolve()
     checked = load_artifact(path)
     # Workers are fresh processes that build the app from the environment.
     env = {"RECLOOP_ARTIFACT": str(path), "RECLOOP_LOG_LEVEL": log_level}

@@ -9,18 +9,23 @@ import typer
 from recloop.cli.app import PLAIN, app, echo, echo_json
 
 registry_app = typer.Typer(
-    help="A directory of versioned artifacts with an atomically switched current version.",
+    help="Versioned artifacts with an atomically switched current version, in a directory "
+    "or an S3 bucket (s3://BUCKET/PREFIX).",
     no_args_is_help=True,
     rich_markup_mode=PLAIN,
 )
 app.add_typer(registry_app, name="registry")
 
-_ROOT = typer.Argument(..., help="Registry directory (created on first publish).")
+_ROOT = typer.Argument(
+    ...,
+    help="Registry: a directory (created on first publish) or s3://BUCKET/PREFIX "
+    "(pip install 'recloop[s3]'; credentials and AWS_ENDPOINT_URL_S3 as for boto3).",
+)
 
 
 @registry_app.command("publish")
 def publish_cmd(
-    root: Path = _ROOT,
+    root: str = _ROOT,
     artifact: Path = typer.Argument(..., help="Artifact or run directory to publish."),
     promote: bool = typer.Option(False, "--promote", help="Make it the current version."),
     reason: str = typer.Option("", "--reason", help="Recorded in the history."),
@@ -35,7 +40,7 @@ def publish_cmd(
 
 @registry_app.command("list")
 def list_cmd(
-    root: Path = _ROOT,
+    root: str = _ROOT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Published versions, oldest first; * marks the current one, ~ a running canary."""
@@ -72,7 +77,7 @@ def list_cmd(
 
 @registry_app.command("promote")
 def promote_cmd(
-    root: Path = _ROOT,
+    root: str = _ROOT,
     version: str = typer.Argument(..., help="A published version (see `registry list`)."),
     reason: str = typer.Option("by hand", "--reason", help="Recorded in the history."),
 ) -> None:
@@ -85,7 +90,7 @@ def promote_cmd(
 
 @registry_app.command("rollback")
 def rollback_cmd(
-    root: Path = _ROOT,
+    root: str = _ROOT,
     reason: str = typer.Option("by hand", "--reason", help="Recorded in the history."),
 ) -> None:
     """Make the previously current version current again."""
@@ -96,7 +101,7 @@ def rollback_cmd(
 
 @registry_app.command("canary")
 def canary_cmd(
-    root: Path = _ROOT,
+    root: str = _ROOT,
     version: str = typer.Argument(None, help="A published version; omit with --stop."),
     share: float = typer.Option(
         0.1, "--share", min=0.0, max=1.0, help="Share of users the canary serves, in (0, 1)."

@@ -42,8 +42,8 @@ class LoopConfig:
     wanted; ``rewarded`` makes it learn from the clicks.  The gate still sees every
     holdout row (its OPE needs the ignored impressions too)."""
     registry: str = ""
-    """Artifact registry directory (``recloop registry``): candidates are published there and
-    the current version moves when the gate passes."""
+    """Artifact registry (``recloop registry``: a directory, or ``s3://BUCKET/PREFIX``):
+    candidates are published there and the current version moves when the gate passes."""
     workdir: str = ""
     """Controller's own directory: ``state.json`` (the watermark) and one folder per round
     (prepared data and training run)."""

@@ -156,7 +156,7 @@ class LoopController:
         cfg.require_paths()
         self.cfg = cfg
         self.workdir = Path(cfg.workdir)
-        self.registry = ArtifactRegistry(Path(cfg.registry))
+        self.registry = ArtifactRegistry(cfg.registry)
         self.clock = clock
         self.step = "check"
         self.canary_verdict: dict[str, Any] = {}

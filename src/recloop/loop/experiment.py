@@ -766,7 +766,7 @@ class ArmStack:
         settings = ServeSettings.model_validate(
             {
                 "artifact": self.registry.current_path(),
-                "registry": self.root / "registry",
+                "registry": str(self.root / "registry"),
                 "artifact_root": self.root / "registry" / "versions",
                 "reload_poll_s": 0.1,
                 "bus_url": self.bus_url,

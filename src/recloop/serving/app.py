@@ -316,7 +316,7 @@ def create_app(settings: ServeSettings, *, clock: Callable[[], float] = time.tim
         )
         registry_follower = None
         if settings.registry is not None:
-            registry = ArtifactRegistry(Path(settings.registry))
+            registry = ArtifactRegistry(settings.registry)
             # what this worker loaded (a registry names versions by model version): a
             # promotion since the launch, or a worker restarted later, is caught up at once
             registry_follower = asyncio.get_running_loop().create_task(
@@ -475,7 +475,7 @@ async def _follow_registry(
     when the pointer no longer names it; one that fails to load is tried again every
     ``CANARY_RETRY_S`` (until it serves, its users get the current model, and the loop's
     verdict waits for it)."""
-    root = registry.root
+    root = registry.location
     canary_following: tuple[str, float, str] | None = None
     # (the canary whose setting failed, when to try it again); None: no failure pending
     retry: tuple[tuple[str, float, str] | None, float] | None = None
@@ -483,12 +483,13 @@ async def _follow_registry(
     while True:
         await asyncio.sleep(every_s)
         try:
-            version = registry.current()
+            # off the event loop: on an object store these are network calls, and a new
+            # version is a download
+            version, c = await asyncio.to_thread(registry.state)
             if version is not None and version != following:
                 following = version  # tried once: a broken version is not reloaded each second
                 logger.info("registry %s: current is now %s, loading it", root, version)
-                await service.reload(registry.current_path())
-            c = registry.canary()
+                await service.reload(await asyncio.to_thread(registry.version_path, version))
             if service.settings.ab:  # A/B arms from the settings: a canary is not followed
                 if c is not None and not warned:
                     warned = True
@@ -513,7 +514,9 @@ async def _follow_registry(
                     "registry %s: canary %s on %.0f %% of users", root, c.version, 100 * c.share
                 )
                 await service.set_canary(
-                    registry.version_path(c.version), share=c.share, salt=c.salt
+                    await asyncio.to_thread(registry.version_path, c.version),
+                    share=c.share,
+                    salt=c.salt,
                 )
             canary_following, retry = want, None
         except asyncio.CancelledError:

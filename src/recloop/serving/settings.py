@@ -67,12 +67,14 @@ class ServeSettings(BaseSettings):
     uvicorn or gunicorn with several workers.  Unset: a reload reaches its own process only."""
     reload_poll_s: float = Field(1.0, gt=0)
     """How often each worker checks ``reload_state`` and ``registry`` (off the request path)."""
-    registry: Path | None = None
-    """An artifact registry (``recloop registry``) to follow: every worker checks its
-    ``current.json`` about every ``reload_poll_s`` seconds and loads the current version
-    when it changes (a promotion or rollback by ``recloop loop`` or by hand), so the service
-    swaps by itself.  ``recloop serve REGISTRY_DIR`` sets it; the registry needs a current
-    (promoted) version to start from."""
+    registry: str | None = None
+    """An artifact registry (``recloop registry``: a directory, or ``s3://BUCKET/PREFIX``) to
+    follow: every worker checks its ``current.json`` about every ``reload_poll_s`` seconds
+    and loads the current version when it changes (a promotion or rollback by ``recloop
+    loop`` or by hand), so the service swaps by itself; versions on an object store are
+    downloaded once into ``RECLOOP_REGISTRY_CACHE`` (default ``~/.cache/recloop/registry``).
+    ``recloop serve REGISTRY`` sets it; the registry needs a current (promoted) version to
+    start from."""
     default_n: int = Field(10, ge=1)
     """Items returned when a request does not say ``n``."""
     max_n: int = Field(100, ge=1)
@@ -160,6 +162,11 @@ class ServeSettings(BaseSettings):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _registry_name(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v  # a directory given as a Path
 
     @field_validator("policy", mode="after")
     @classmethod

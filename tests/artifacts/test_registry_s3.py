@@ -1,0 +1,188 @@
+"""The artifact registry on S3 (moto's server, or RECLOOP_S3_ENDPOINT): the directory
+registry's behaviour, races settled by conditional writes, crashes, and downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_registry import _artifact
+
+from recloop.artifacts.registry import ArtifactRegistry
+from recloop.artifacts.s3 import S3Storage, parse_s3_url
+from recloop.cli import main
+from recloop.errors import ArtifactError, ConfigError
+
+pytest.importorskip("boto3")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("reg-s3")
+    return [_artifact(tmp, s) for s in (0, 1, 2)]
+
+
+def _storage(reg: ArtifactRegistry) -> S3Storage:
+    assert isinstance(reg.storage, S3Storage)
+    return reg.storage
+
+
+def test_publish_promote_rollback_and_canary_on_s3(
+    s3_url: str, tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(s3_url)
+    assert reg.current() is None and reg.entries() == [] and reg.history() == []
+    a = reg.publish(artifacts[0], promote=True, lineage={"window": [0, 10]})
+    b = reg.publish(artifacts[1], parent=a)
+    assert a != b and reg.current() == a
+    assert reg.publish(artifacts[1]) == b  # publishing again keeps the first copy
+    reg.promote(b, reason="better")
+    path = reg.current_path()
+    cache = tmp_path / "registry-cache"
+    assert path.is_relative_to(cache) and path.name == b
+    assert (path / "manifest.json").read_bytes() == (artifacts[1] / "manifest.json").read_bytes()
+    c = reg.publish(artifacts[2])
+    canary = reg.start_canary(c, share=0.25, since_ts=7, reason="gate passed")
+    assert canary is not None and reg.state() == (b, canary)
+    assert reg.finish_canary(canary, promote=False, reason="worse")
+    assert not reg.finish_canary(canary, promote=True)  # already stopped: nothing changes
+    reg.promote(c)
+    assert reg.rollback(reason="worse") == b
+    assert reg.rollback() == a
+    with pytest.raises(ArtifactError, match="no earlier version"):
+        reg.rollback()
+    entries = {e.version: e for e in reg.entries()}
+    assert set(entries) == {a, b, c} and entries[a].current
+    assert entries[a].lineage["window"] == [0, 10] and entries[b].lineage["parent"] == a
+    assert entries[a].location == f"{s3_url}/versions/{a}"
+    actions = [h["action"] for h in reg.history()]
+    assert actions == ["publish", "promote", "publish", "promote", "publish", "canary-start",
+                       "canary-stop", "promote", "rollback", "rollback"]  # fmt: skip
+    # a second registry object (another machine) sees the same state
+    again = ArtifactRegistry(s3_url, cache_dir=tmp_path / "other-cache")
+    assert (
+        again.current() == a
+        and again.current_path().parent
+        == tmp_path / "other-cache" / (_storage(again).bucket) / _storage(again).prefix
+    )
+
+
+def test_a_lost_race_decides_again_on_the_winners_pointer(
+    s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers read the same pointer; the second write is refused (If-Match on the
+    ETag read) and decides again on what the first wrote -- never a lost update."""
+    reg = ArtifactRegistry(s3_url)
+    other = ArtifactRegistry(s3_url)
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    c = reg.publish(artifacts[2])
+    storage = _storage(reg)
+    real_read = storage.read_pointer
+    reads: list[str | None] = []
+
+    def read_then_lose_the_race() -> tuple[bytes | None, str | None]:
+        raw, tag = real_read()
+        reads.append(tag)
+        if len(reads) == 1:
+            other.promote(c, reason="an operator, meanwhile")  # after our read
+        return raw, tag
+
+    monkeypatch.setattr(storage, "read_pointer", read_then_lose_the_race)
+    # the loop's conditional promotion: a was current when it decided, c is now
+    assert not reg.promote(b, expect_current=a)
+    assert len(reads) == 2 and reads[0] != reads[1]
+    assert reg.current() == c
+    # an unconditional change is applied on top of the winner's pointer
+    reads.clear()
+    monkeypatch.setattr(
+        storage,
+        "read_pointer",
+        lambda: (reads.append("x"), other.promote(b) if len(reads) == 1 else None, real_read())[2],
+    )
+    assert reg.rollback(reason="worse") == c  # b's predecessor in the winner's stack
+    assert json.loads(real_read()[0] or b"{}")["stack"] == [a, c]
+    monkeypatch.undo()
+    # the very first pointer is conditional too (If-None-Match: *)
+    first = ArtifactRegistry(s3_url + "-fresh")
+    v = first.publish(artifacts[0])
+    assert _storage(first).write_pointer(b'{"version": "x"}', tag=None)
+    assert not _storage(first).write_pointer(b'{"version": "y"}', tag=None)
+    assert first.promote(v) and first.current() == v
+
+
+def test_a_publish_that_died_is_no_version_and_completes_when_repeated(
+    s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = ArtifactRegistry(s3_url)
+    a = reg.publish(artifacts[0], promote=True)
+    storage = _storage(reg)
+    real_put = storage._put
+
+    def die_before_the_manifest(key: str, data: bytes, **condition: str) -> bool:
+        if key.endswith("/manifest.json"):
+            raise KeyboardInterrupt  # the process dies with every other file uploaded
+        return real_put(key, data, **condition)
+
+    monkeypatch.setattr(storage, "_put", die_before_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        reg.publish(artifacts[1], promote=True)
+    monkeypatch.undo()
+    assert reg.current() == a and [e.version for e in reg.entries()] == [a]
+    assert [h["action"] for h in reg.history()] == ["publish", "promote"]
+    b = reg.publish(artifacts[1], promote=True)  # a restart publishes it again
+    assert reg.current() == b and {e.version for e in reg.entries()} == {a, b}
+
+
+def test_a_damaged_download_is_refused_and_a_version_is_downloaded_once(
+    s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = ArtifactRegistry(s3_url)
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    storage = _storage(reg)
+    storage.client.put_object(
+        Bucket=storage.bucket, Key=f"{storage.prefix}/versions/{b}/weights.safetensors",
+        Body=b"garbage",
+    )  # fmt: skip
+    with pytest.raises(ArtifactError, match="sha256"):
+        reg.promote(b)
+    assert reg.current() == a
+    with pytest.raises(ArtifactError, match="no published version"):
+        reg.version_path("nope")
+    downloads: list[str] = []
+    real = storage.client.download_file
+    monkeypatch.setattr(
+        storage.client,
+        "download_file",
+        lambda bucket, key, dest: (downloads.append(key), real(bucket, key, dest))[1],
+    )
+    fresh = ArtifactRegistry(s3_url, cache_dir=storage.cache.parent.parent / "fresh")
+    monkeypatch.setattr(_storage(fresh), "client", storage.client)
+    first = fresh.version_path(a)
+    n = len(downloads)
+    assert n > 0 and fresh.version_path(a) == first and len(downloads) == n
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_s3_urls_are_checked() -> None:
+    assert parse_s3_url("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert parse_s3_url("s3://bucket") == ("bucket", "")
+    with pytest.raises(ConfigError, match="no bucket"):
+        parse_s3_url("s3:///prefix")
+
+
+def test_cli_on_s3(s3_url: str, artifacts: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["registry", "publish", s3_url, str(artifacts[0]), "--promote"]) == 0
+    a = capsys.readouterr().out.split()[0]
+    assert main(["registry", "publish", s3_url, str(artifacts[1])]) == 0
+    b = capsys.readouterr().out.split()[0]
+    assert main(["registry", "canary", s3_url, b, "--share", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", s3_url, "--json"]) == 0
+    rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[a]["current"] and rows[b]["canary"]["share"] == 0.5
+    assert main(["registry", "promote", s3_url, b]) == 0
+    assert main(["registry", "rollback", s3_url]) == 0
+    assert capsys.readouterr().out.split()[-1] == a

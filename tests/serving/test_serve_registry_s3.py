@@ -1,0 +1,44 @@
+"""A service following an artifact registry on S3 (moto's server, or RECLOOP_S3_ENDPOINT)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_helpers import running, settings_for
+
+from recloop.artifacts.registry import ArtifactRegistry
+from recloop.serving.app import create_app
+
+pytest.importorskip("boto3")
+
+
+async def test_a_service_follows_an_s3_registry(
+    s3_url: str, artifact_dir: Path, artifact_dir_b: Path
+) -> None:
+    """Workers serving s3://... load promotions, rollbacks and canaries by themselves."""
+    reg = ArtifactRegistry(s3_url)
+    v0 = reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    app = create_app(settings_for(reg.current_path(), registry=s3_url, reload_poll_s=0.05))
+
+    async def wait_for(current: str, canary: str | None) -> None:
+        for _ in range(200):
+            svc: Any = app.state.service
+            c = svc.canary
+            if svc.model.model_version == current and (None if c is None else c[0]) == canary:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"serving {app.state.service.model.model_version}, not {current}")
+
+    async with running(app) as client:
+        await asyncio.to_thread(reg.promote, v1, reason="better")
+        await wait_for(v1, None)
+        r = await client.post("/v1/recommend", json={"user_id": "u1"})
+        assert r.status_code == 200 and r.headers["x-model-version"] == v1
+        await asyncio.to_thread(reg.rollback, reason="worse")
+        await wait_for(v0, None)
+        await asyncio.to_thread(reg.start_canary, v1, share=0.5, since_ts=0)
+        await wait_for(v0, v1)
