@@ -92,7 +92,8 @@ def test_a_lost_race_decides_again_on_the_winners_pointer(
     monkeypatch.setattr(storage, "read_pointer", read_then_lose_the_race)
     # the loop's conditional promotion: a was current when it decided, c is now
     assert not reg.promote(b, expect_current=a)
-    assert len(reads) == 2 and reads[0] != reads[1]
+    # read, write refused, read (not our write), decide again on c: nothing to do
+    assert len(reads) == 3 and reads[0] != reads[1] == reads[2]
     assert reg.current() == c
     # an unconditional change is applied on top of the winner's pointer
     reads.clear()
@@ -112,6 +113,56 @@ def test_a_lost_race_decides_again_on_the_winners_pointer(
     assert first.promote(v) and first.current() == v
 
 
+def test_a_write_that_landed_but_was_reported_refused_is_applied_once(
+    s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client retry of a conditional put that had landed (timeout or 5xx after the
+    write) gets 412: the registry sees its own write id in the pointer and stops there,
+    instead of deciding again on its own change (a rollback two steps back, a promotion
+    reported as superseded)."""
+    reg = ArtifactRegistry(s3_url)
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1], promote=True)
+    c = reg.publish(artifacts[2], promote=True)
+    storage = _storage(reg)
+    real_write = storage.write_pointer
+
+    def landed_but_refused(data: bytes, *, tag: str | None) -> bool:
+        assert real_write(data, tag=tag)
+        return False  # what the retried request reports
+
+    monkeypatch.setattr(storage, "write_pointer", landed_but_refused)
+    assert reg.rollback(reason="worse") == b
+    assert reg.current() == b and json.loads(storage.read_pointer()[0] or b"")["stack"] == [a, b]
+    assert reg.promote(c, expect_current=b) and reg.current() == c
+    canary = reg.start_canary(b, share=0.5, since_ts=1)
+    assert canary is not None and reg.canary() == canary
+    assert reg.finish_canary(canary, promote=False) and reg.canary() is None
+    actions = [h["action"] for h in reg.history()]
+    assert actions[-4:] == ["rollback", "promote", "canary-start", "canary-stop"]
+
+
+def test_two_publishers_of_one_version_keep_the_first_lineage(
+    s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = ArtifactRegistry(s3_url), ArtifactRegistry(s3_url)
+    v = first.publish(artifacts[0], lineage={"who": "loop"})
+    # the second checked before the first had finished: it uploads everything again
+    storage = _storage(second)
+    real, checks = storage.has_version, []
+
+    def not_yet_before_uploading(version: str) -> bool:
+        checks.append(version)
+        return len(checks) > 2 and real(version)  # the registry's and the storage's checks
+
+    monkeypatch.setattr(storage, "has_version", not_yet_before_uploading)
+    assert second.publish(artifacts[0], lineage={"who": "operator"}) == v
+    assert len(checks) == 3  # and once after the lineage's refused put
+    monkeypatch.undo()
+    assert [e.lineage["who"] for e in first.entries()] == ["loop"]
+    assert [h["action"] for h in first.history()] == ["publish"]
+
+
 def test_a_publish_that_died_is_no_version_and_completes_when_repeated(
     s3_url: str, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,15 +171,21 @@ def test_a_publish_that_died_is_no_version_and_completes_when_repeated(
     storage = _storage(reg)
     real_put = storage._put
 
-    def die_before_the_manifest(key: str, data: bytes, **condition: str) -> bool:
-        if key.endswith("/manifest.json"):
-            raise KeyboardInterrupt  # the process dies with every other file uploaded
+    uploaded: list[str] = []
+
+    def die_before_the_lineage(key: str, data: bytes, **condition: str) -> bool:
+        if key.endswith("/registry.json") and "/versions/" in key:
+            # the process dies with every file of the artifact uploaded
+            uploaded.extend(storage._keys(key.rsplit("/", 1)[0] + "/"))
+            raise KeyboardInterrupt
         return real_put(key, data, **condition)
 
-    monkeypatch.setattr(storage, "_put", die_before_the_manifest)
+    monkeypatch.setattr(storage, "_put", die_before_the_lineage)
     with pytest.raises(KeyboardInterrupt):
         reg.publish(artifacts[1], promote=True)
     monkeypatch.undo()
+    files = {p.relative_to(artifacts[1]).as_posix() for p in artifacts[1].rglob("*") if p.is_file()}
+    assert {k.rsplit("/versions/", 1)[1].split("/", 1)[1] for k in uploaded} == files
     assert reg.current() == a and [e.version for e in reg.entries()] == [a]
     assert [h["action"] for h in reg.history()] == ["publish", "promote"]
     b = reg.publish(artifacts[1], promote=True)  # a restart publishes it again
@@ -148,7 +205,14 @@ def test_a_damaged_download_is_refused_and_a_version_is_downloaded_once(
     )  # fmt: skip
     with pytest.raises(ArtifactError, match="sha256"):
         reg.promote(b)
-    assert reg.current() == a
+    assert reg.current() == a and not (storage.cache / b).exists()  # nothing cached
+    # repaired on the store: the next read downloads it again and it serves
+    storage.client.upload_file(
+        str(artifacts[1] / "weights.safetensors"), storage.bucket,
+        f"{storage.prefix}/versions/{b}/weights.safetensors",
+    )  # fmt: skip
+    assert reg.promote(b) and reg.current_path() == storage.cache / b
+    reg.rollback()
     with pytest.raises(ArtifactError, match="no published version"):
         reg.version_path("nope")
     downloads: list[str] = []

@@ -42,3 +42,37 @@ async def test_a_service_follows_an_s3_registry(
         await wait_for(v0, None)
         await asyncio.to_thread(reg.start_canary, v1, share=0.5, since_ts=0)
         await wait_for(v0, v1)
+
+
+async def test_a_version_that_could_not_be_fetched_is_fetched_again(
+    s3_url: str, artifact_dir: Path, artifact_dir_b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed download (the store unreachable for a moment) is no broken version: the
+    worker tries again after CANARY_RETRY_S, not only when the pointer moves again."""
+    from recloop.artifacts.s3 import S3Storage
+    from recloop.serving import app as app_mod
+
+    monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.3)
+    reg = ArtifactRegistry(s3_url)
+    reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    app = create_app(settings_for(reg.current_path(), registry=s3_url, reload_poll_s=0.05))
+    real = S3Storage.local_version
+    tries: list[float] = []
+
+    def flaky(self: S3Storage, version: str) -> Path:
+        if version == v1:
+            tries.append(0.0)
+            if len(tries) == 1:
+                raise OSError("connection reset")
+        return real(self, version)
+
+    reg.promote(v1)  # before the worker starts: its first poll finds v1 to fetch
+    monkeypatch.setattr(S3Storage, "local_version", flaky)
+    async with running(app):
+        for _ in range(100):
+            if app.state.service.model.model_version == v1:
+                break
+            await asyncio.sleep(0.05)
+        assert app.state.service.model.model_version == v1
+        assert len(tries) >= 2

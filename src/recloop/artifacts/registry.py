@@ -36,8 +36,8 @@ S3-compatible: MinIO, Ceph, R2, ...) bucket, for services and controllers on sev
 (:mod:`recloop.artifacts.s3`).  There the pointer changes by a conditional ``PutObject``
 (``If-Match`` on the ETag read, ``If-None-Match: *`` for the first one) instead of a lock: a
 writer that lost the race reads the pointer again and decides again.  A version is whole
-once its ``manifest.json`` is there, uploaded last; the history is one object per line.
-Readers download a version once into a local cache and load it from there.
+once its ``registry.json`` is there, uploaded last; the history is one object per line.
+Readers download a version once into a local cache, checked, and load it from there.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class RegistryStorage(Protocol):
         ...
 
     def has_version(self, version: str) -> bool:
-        """Whether ``version`` is published whole (its ``manifest.json`` is there)."""
+        """Whether ``version`` is published whole."""
         ...
 
     def put_version(self, src: Path, version: str, *, lineage: bytes) -> bool:
@@ -286,11 +286,20 @@ class _Change:
     """What the registry method returns."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """History lines (``action``, ``version`` and fields) to append once the pointer moved."""
+    message: str = ""
+    """Logged once the pointer moved."""
 
 
 _POINTER_TRIES = 20
 """Read-modify-write attempts of the pointer before giving up (object stores: each lost
 race with another writer costs one)."""
+
+
+def _write_id(raw: bytes) -> str | None:
+    try:
+        return json.loads(raw).get("write_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 class ArtifactRegistry:
@@ -401,9 +410,19 @@ class ArtifactRegistry:
                 out = dict(change.doc)
                 if isinstance(out.get("canary"), Canary):
                     out["canary"] = out["canary"].to_dict()
-                if self.storage.write_pointer(json.dumps(out, indent=2).encode(), tag=tag):
+                # Which write this is: a refused write whose pointer carries it is our own,
+                # done by an earlier try of the same request (a client retry after a
+                # timeout or a 5xx); deciding again on it would apply the change twice.
+                out["write_id"] = write_id = uuid.uuid4().hex
+                done = self.storage.write_pointer(json.dumps(out, indent=2).encode(), tag=tag)
+                if not done:
+                    now = self.storage.read_pointer()[0]
+                    done = now is not None and _write_id(now) == write_id
+                if done:
                     for line in change.history:
                         self._log(**line)
+                    if change.message:
+                        logger.info("%s: %s", self.location, change.message)
                     return change.result
             logger.info("%s: the pointer changed meanwhile, reading it again", self.location)
         raise ArtifactError(
@@ -480,15 +499,10 @@ class ArtifactRegistry:
                 action="canary-start", version=version, parent=canary.parent, share=share,
                 salt=canary.salt, since_ts=canary.since_ts, tag=tag, reason=reason,
             ))  # fmt: skip
-            return _Change({**pointer, "canary": canary}, canary, history)
+            message = f"canary {version} on {100 * share:.0f} % of users ({reason})"
+            return _Change({**pointer, "canary": canary}, canary, history, message)
 
-        canary = self._update(decide)
-        if canary is not None:
-            logger.info(
-                "%s: canary %s on %.0f %% of users (%s)", self.location, version, 100 * share,
-                reason,
-            )  # fmt: skip
-        return cast(Canary | None, canary)
+        return cast(Canary | None, self._update(decide))
 
     def stop_canary(self, *, reason: str = "") -> Canary | None:
         """End the running canary without promoting it; returns it (None when none ran)."""
@@ -502,12 +516,12 @@ class ArtifactRegistry:
         return cast(Canary | None, self._update(decide))
 
     def _stop(self, pointer: dict[str, Any], canary: Canary, reason: str) -> _Change:
-        logger.info("%s: stopping canary %s (%s)", self.location, canary.version, reason)
         return _Change(
             {k: v for k, v in pointer.items() if k != "canary"},
             canary,
             [dict(action="canary-stop", version=canary.version, parent=canary.parent,
                   reason=reason)],
+            f"canary {canary.version} stopped ({reason})",
         )  # fmt: skip
 
     def finish_canary(self, canary: Canary, *, promote: bool, reason: str = "") -> bool:
@@ -570,11 +584,12 @@ class ArtifactRegistry:
             "reason": reason,
             "stack": [*stack, version],
         }
-        logger.info(
-            "current version of %s: %s (was %s; %s)", self.location, version, previous, reason
+        return _Change(
+            doc,
+            None,
+            [dict(action="promote", version=version, previous=previous, reason=reason)],
+            f"current version {version} (was {previous}; {reason})",
         )
-        return _Change(doc, None, [dict(action="promote", version=version, previous=previous,
-                                        reason=reason)])  # fmt: skip
 
     def rollback(self, *, reason: str = "") -> str:
         """Make the version that was current before the current one current again; ends
@@ -598,8 +613,12 @@ class ArtifactRegistry:
                 "reason": reason,
                 "stack": stack,
             }
-            return _Change(doc, target, [dict(action="rollback", version=target, previous=now,
-                                              reason=reason)])  # fmt: skip
+            return _Change(
+                doc,
+                target,
+                [dict(action="rollback", version=target, previous=now, reason=reason)],
+                f"rolled back to {target} (was {now}; {reason})",
+            )
 
         return str(self._update(decide))
 

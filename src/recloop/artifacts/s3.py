@@ -3,8 +3,8 @@
 The layout is the directory registry's (:mod:`recloop.artifacts.registry`), as keys under
 ``prefix/``::
 
-    versions/<model_version>/...    the artifact's files; manifest.json uploaded last
-    versions/<model_version>/registry.json
+    versions/<model_version>/...    the artifact's files (manifest.json, weights, id maps)
+    versions/<model_version>/registry.json   lineage; uploaded last, and only once
     current.json                    changed only by conditional PutObject
     history/<time>-<random>.json    one object per history line
 
@@ -12,19 +12,25 @@ What replaces the directory's atomic renames and lock:
 
 - **The pointer** is written with ``If-Match: <ETag read>`` (or ``If-None-Match: *`` when
   there was none), so of two writers that read the same pointer one wins and the other gets
-  412 and decides again on the winner's pointer.  Amazon S3 has done this since 2024
-  (conditional writes); MinIO, Ceph RGW, Cloudflare R2 and Google Cloud Storage's XML API
-  do too.  A store that ignores the headers would let a lost race overwrite.
-- **A version** is whole once ``manifest.json`` is there: every other file goes first, and
-  the manifest's own put is ``If-None-Match: *``, so the first complete copy is kept.  A
-  publish that died half way leaves files no reader counts; publishing again completes it.
-- **The history** has no append: each line is its own object, named by its time.
+  412 and decides again on the winner's pointer.  Each write carries a fresh ``write_id``:
+  a refused write whose pointer holds it was this request's own, done by an earlier try (a
+  client retry after a timeout or a 5xx), and is not applied again.  Amazon S3 has done
+  conditional writes since 2024; MinIO, Ceph RGW, Cloudflare R2 and Google Cloud Storage's
+  XML API do too.  A store that ignores the headers would let a lost race overwrite.
+- **A version** is whole once its ``registry.json`` is there: every file of the artifact
+  goes first, and the lineage's put is ``If-None-Match: *``, so of two publishers of one
+  version the first to finish keeps its lineage (the artifact's files are the same bytes:
+  the version names its contents).  A publish that died half way leaves files no reader
+  counts; publishing again completes it.
+- **The history** has no append: each line is its own object, named by the writer's clock
+  when the pointer had moved (writers on several machines: as far as their clocks agree).
 
 Readers (services, the loop's warm start) download a version once into a local cache,
 ``RECLOOP_REGISTRY_CACHE`` or ``~/.cache/recloop/registry``, as
-``<cache>/<bucket>/<prefix>/<version>/``, written to a temporary directory and renamed, so a
-cached version is whole; :func:`recloop.artifacts.load_artifact` checks every file's sha256
-against the manifest before anything is served from it.
+``<cache>/<bucket>/<prefix>/<version>/``: downloaded into a temporary directory, synced,
+checked by :func:`recloop.artifacts.load_artifact` (every file's sha256 against the
+manifest) and only then renamed into place, so a cached version is whole and sound (a
+damaged download is never cached: the next read downloads it again).
 
 Credentials, region and endpoint come from boto3's usual places (environment, ``~/.aws``,
 instance roles); ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points at a non-AWS store.
@@ -148,7 +154,7 @@ class S3Storage:
         return self._put(self._key(_CURRENT), data, **condition)
 
     def has_version(self, version: str) -> bool:
-        return self._exists(self._key(_VERSIONS, version, _MANIFEST))
+        return self._exists(self._key(_VERSIONS, version, _LINEAGE))
 
     def put_version(self, src: Path, version: str, *, lineage: bytes) -> bool:
         if self.has_version(version):
@@ -156,39 +162,51 @@ class S3Storage:
         files = sorted(p for p in Path(src).rglob("*") if p.is_file())
         for path in files:
             rel = path.relative_to(src).as_posix()
-            if rel not in {_MANIFEST, _LINEAGE}:
+            if rel != _LINEAGE:
                 self.client.upload_file(str(path), self.bucket, self._key(_VERSIONS, version, rel))
-        self._put(self._key(_VERSIONS, version, _LINEAGE), lineage)
-        # last: its presence makes the version whole; the first complete copy is kept
-        return self._put(
-            self._key(_VERSIONS, version, _MANIFEST),
-            (Path(src) / _MANIFEST).read_bytes(),
-            IfNoneMatch="*",
-        )
+        # last, and once: its presence makes the version whole
+        if self._put(self._key(_VERSIONS, version, _LINEAGE), lineage, IfNoneMatch="*"):
+            return True
+        if not self.has_version(version):  # 409: another publisher's write still under way
+            raise ArtifactError(
+                f"{self.location}: publishing {version} met another publisher's; publish again"
+            )
+        return False  # another publisher finished first; its lineage stands
 
     def local_version(self, version: str) -> Path:
         dest = self.cache / version
         if (dest / _MANIFEST).is_file():
-            return dest  # versions never change once whole; load_artifact checks the bytes
+            return dest  # checked before it was cached; a version never changes once whole
+        from recloop.artifacts.bundle import load_artifact
+
         base = self._key(_VERSIONS, version) + "/"
-        keys = list(self._keys(base))
-        if base + _MANIFEST not in keys:
+        # "folder" markers (keys ending in /) that some consoles create hold no file
+        keys = [k for k in self._keys(base) if not k.endswith("/")]
+        if base + _LINEAGE not in keys:
             raise ArtifactError(f"{self.location}: no published version {version!r}")
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = self.cache / f".tmp-{uuid.uuid4().hex}"
         try:
             for key in keys:
                 rel = key.removeprefix(base)
-                if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                if rel.startswith("/") or ".." in rel.split("/"):
                     raise ArtifactError(f"s3://{self.bucket}/{key}: not a file of {version}")
                 out = tmp / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 self.client.download_file(self.bucket, key, str(out))
+                with open(out, "rb") as f:
+                    os.fsync(f.fileno())  # a power cut cannot leave a cached half file
+            load_artifact(tmp)  # a damaged download is refused here, never cached
             try:
                 os.rename(tmp, dest)
             except OSError:
                 if not (dest / _MANIFEST).is_file():  # not another reader's finished copy
                     raise
+            dir_fd = os.open(self.cache, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -198,7 +216,7 @@ class S3Storage:
         out = []
         for key in self._keys(base):
             version, _, rest = key.removeprefix(base).partition("/")
-            if rest == _MANIFEST and version and not version.startswith("."):
+            if rest == _LINEAGE and version and not version.startswith("."):
                 got = self._get(self._key(_VERSIONS, version, _LINEAGE))
                 out.append((version, None if got is None else got[0]))
         return out

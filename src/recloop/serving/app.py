@@ -458,7 +458,8 @@ async def _load_first(
 
 
 CANARY_RETRY_S = 30.0
-"""Seconds between two tries of a registry canary that failed to load."""
+"""Seconds between two tries of a registry canary that failed to load, or of a registry
+version that could not be fetched (an object store's download)."""
 
 
 async def _follow_registry(
@@ -470,15 +471,18 @@ async def _follow_registry(
 ) -> None:
     """Serve the registry's current version: when ``current.json`` names another version
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
-    and the old model keeps serving until the pointer moves again.  A canary named there is
-    served to its share of the users (:meth:`RecommenderService.set_canary`) and dropped
-    when the pointer no longer names it; one that fails to load is tried again every
-    ``CANARY_RETRY_S`` (until it serves, its users get the current model, and the loop's
-    verdict waits for it)."""
+    and the old model keeps serving until the pointer moves again (one that could not be
+    fetched -- an object store's download -- is tried again every ``CANARY_RETRY_S``).  A
+    canary named there is served to its share of the users
+    (:meth:`RecommenderService.set_canary`) and dropped when the pointer no longer names
+    it; one that fails to load is tried again every ``CANARY_RETRY_S`` (until it serves,
+    its users get the current model, and the loop's verdict waits for it)."""
     root = registry.location
     canary_following: tuple[str, float, str] | None = None
     # (the canary whose setting failed, when to try it again); None: no failure pending
     retry: tuple[tuple[str, float, str] | None, float] | None = None
+    # (the current version whose fetch failed, when to try it again)
+    fetch_retry: tuple[str, float] | None = None
     warned = False
     while True:
         await asyncio.sleep(every_s)
@@ -486,10 +490,19 @@ async def _follow_registry(
             # off the event loop: on an object store these are network calls, and a new
             # version is a download
             version, c = await asyncio.to_thread(registry.state)
-            if version is not None and version != following:
-                following = version  # tried once: a broken version is not reloaded each second
+            now = asyncio.get_running_loop().time()
+            if (
+                version is not None
+                and version != following
+                and (fetch_retry is None or fetch_retry[0] != version or now >= fetch_retry[1])
+            ):
                 logger.info("registry %s: current is now %s, loading it", root, version)
-                await service.reload(await asyncio.to_thread(registry.version_path, version))
+                # a failed fetch (an object store's download) is tried again after a while
+                fetch_retry = (version, now + CANARY_RETRY_S)
+                path = await asyncio.to_thread(registry.version_path, version)
+                fetch_retry = None
+                following = version  # tried once: a broken version is not reloaded each second
+                await service.reload(path)
             if service.settings.ab:  # A/B arms from the settings: a canary is not followed
                 if c is not None and not warned:
                     warned = True
@@ -501,7 +514,6 @@ async def _follow_registry(
                     )
                 continue
             want = None if c is None else (c.version, c.share, c.salt)
-            now = asyncio.get_running_loop().time()
             if want == canary_following or (
                 retry is not None and retry[0] == want and now < retry[1]
             ):
