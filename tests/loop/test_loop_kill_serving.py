@@ -53,24 +53,29 @@ async def _ask(client: httpx.AsyncClient) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", ["train", "gate", "promote"])
-def test_a_service_keeps_serving_through_a_killed_controller(tmp_path: Path, step: str) -> None:
+@pytest.mark.parametrize(
+    ("step", "where"), [("train", "dir"), ("gate", "dir"), ("promote", "dir"), ("promote", "s3")]
+)
+def test_a_service_keeps_serving_through_a_killed_controller(
+    tmp_path: Path, step: str, where: str, request: pytest.FixtureRequest
+) -> None:
     from recloop.serving.app import create_app
     from recloop.serving.settings import ServeSettings
 
+    registry = str(tmp_path / "registry") if where == "dir" else request.getfixturevalue("s3_url")
     append_events(f"sqlite:///{tmp_path / 'log.db'}", walk_events(steps=range(0, 10)))
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, registry=registry)
     config = tmp_path / "loop.yaml"
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
     first = LoopController(cfg).run_once()
     assert first.status == "promoted"
     append_events(cfg.database_url, walk_events(steps=range(10, 13)))
-    reg = ArtifactRegistry(tmp_path / "registry")
+    reg = ArtifactRegistry(registry)
     settings = ServeSettings.model_validate(
         {
             "artifact": reg.current_path(),
-            "registry": tmp_path / "registry",
-            "artifact_root": tmp_path / "registry" / "versions",
+            "registry": registry,
+            "artifact_root": reg.current_path().parent,
             "reload_poll_s": 0.05,
             "microbatch": False,
             "gc_freeze": False,
@@ -94,7 +99,8 @@ def test_a_service_keeps_serving_through_a_killed_controller(tmp_path: Path, ste
                 assert reply["model_version"] == first.version and reply["items"]
                 assert reg.current() == first.version
                 load_artifact(reg.current_path())
-                assert not [p for p in reg.versions_dir.iterdir() if p.name.startswith(".tmp")]
+                if where == "dir":
+                    assert not [p for p in reg.versions_dir.iterdir() if p.name.startswith(".tmp")]
                 state = json.loads((tmp_path / "work" / "state.json").read_text())
                 assert state["watermark"]["events"] == 160
                 assert (state["pending"] is not None) is (step == "promote")

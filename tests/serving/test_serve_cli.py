@@ -317,3 +317,20 @@ def test_serve_refuses_a_bad_policy_naming_the_option(
 ) -> None:
     assert main(["serve", str(artifact_dir), flag, value]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_serve_follows_a_registry_in_a_directory_or_a_bucket(
+    artifact_dir: Path, tmp_path: Path, uvicorn_calls: list[dict[str, Any]], s3_url: str
+) -> None:
+    """``recloop serve REGISTRY`` serves the current version and tells the workers to follow
+    the registry; an ``s3://`` URL (which a Path would collapse to ``s3:/``) stays whole."""
+    from recloop.artifacts.registry import ArtifactRegistry
+
+    for where in (str(tmp_path / "reg"), s3_url):
+        reg = ArtifactRegistry(where)
+        reg.publish(artifact_dir, promote=True)
+        assert main(["serve", where]) == 0
+        env = uvicorn_calls[-1]["env"]
+        current = reg.current_path().resolve()
+        assert env["RECLOOP_REGISTRY"] == where and env["RECLOOP_ARTIFACT"] == str(current)
+        assert env["RECLOOP_ARTIFACT_ROOT"] == str(current.parent)
