@@ -39,15 +39,24 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [_artifact(tmp, s) for s in (0, 1, 2)]
 
 
-def test_publish_promote_rollback(tmp_path: Path, artifacts: list[Path]) -> None:
-    reg = ArtifactRegistry(tmp_path / "reg")
-    assert reg.current() is None
+@pytest.fixture(params=["dir", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A registry in a directory, or in a bucket (tests/artifacts/test_registry_s3.py)."""
+    return str(tmp_path / "reg") if request.param == "dir" else request.getfixturevalue("s3_url")
+
+
+def test_publish_promote_rollback(where: str, tmp_path: Path, artifacts: list[Path]) -> None:
+    reg = ArtifactRegistry(where)
+    assert reg.current() is None and reg.entries() == [] and reg.history() == []
     a = reg.publish(artifacts[0], promote=True, lineage={"window": [0, 10]})
     b = reg.publish(artifacts[1], parent=a)
     assert a != b and reg.current() == a
     assert reg.publish(artifacts[1]) == b  # publishing again keeps the first copy
     reg.promote(b, reason="better")
-    assert reg.current() == b and reg.current_path() == tmp_path / "reg" / "versions" / b
+    path = reg.current_path()  # on S3: downloaded into the cache
+    local = tmp_path / ("reg/versions" if where.endswith("/reg") else "registry-cache")
+    assert reg.current() == b and path.name == b and path.is_relative_to(local)
+    assert (path / "manifest.json").read_bytes() == (artifacts[1] / "manifest.json").read_bytes()
     c = reg.publish(artifacts[2], promote=True)
     assert reg.rollback(reason="worse") == b
     assert reg.rollback() == a
@@ -56,6 +65,7 @@ def test_publish_promote_rollback(tmp_path: Path, artifacts: list[Path]) -> None
     entries = {e.version: e for e in reg.entries()}
     assert set(entries) == {a, b, c} and entries[a].current
     assert entries[a].lineage["window"] == [0, 10] and entries[b].lineage["parent"] == a
+    assert entries[a].location == f"{where}/versions/{a}"
     actions = [h["action"] for h in reg.history()]
     assert actions == ["publish", "promote", "publish", "promote", "publish", "promote",
                        "rollback", "rollback"]  # fmt: skip

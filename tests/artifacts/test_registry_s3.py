@@ -28,44 +28,23 @@ def _storage(reg: ArtifactRegistry) -> S3Storage:
     return reg.storage
 
 
-def test_publish_promote_rollback_and_canary_on_s3(
+def test_a_canary_and_a_second_reader_on_s3(
     s3_url: str, tmp_path: Path, artifacts: list[Path]
 ) -> None:
+    """(Publish, promote and rollback: test_registry.py, on both storages.)"""
     reg = ArtifactRegistry(s3_url)
-    assert reg.current() is None and reg.entries() == [] and reg.history() == []
-    a = reg.publish(artifacts[0], promote=True, lineage={"window": [0, 10]})
-    b = reg.publish(artifacts[1], parent=a)
-    assert a != b and reg.current() == a
-    assert reg.publish(artifacts[1]) == b  # publishing again keeps the first copy
-    reg.promote(b, reason="better")
-    path = reg.current_path()
-    cache = tmp_path / "registry-cache"
-    assert path.is_relative_to(cache) and path.name == b
-    assert (path / "manifest.json").read_bytes() == (artifacts[1] / "manifest.json").read_bytes()
-    c = reg.publish(artifacts[2])
-    canary = reg.start_canary(c, share=0.25, since_ts=7, reason="gate passed")
-    assert canary is not None and reg.state() == (b, canary)
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    canary = reg.start_canary(b, share=0.25, since_ts=7, reason="gate passed")
+    assert canary is not None and reg.state() == (a, canary)
     assert reg.finish_canary(canary, promote=False, reason="worse")
     assert not reg.finish_canary(canary, promote=True)  # already stopped: nothing changes
-    reg.promote(c)
-    assert reg.rollback(reason="worse") == b
-    assert reg.rollback() == a
-    with pytest.raises(ArtifactError, match="no earlier version"):
-        reg.rollback()
-    entries = {e.version: e for e in reg.entries()}
-    assert set(entries) == {a, b, c} and entries[a].current
-    assert entries[a].lineage["window"] == [0, 10] and entries[b].lineage["parent"] == a
-    assert entries[a].location == f"{s3_url}/versions/{a}"
-    actions = [h["action"] for h in reg.history()]
-    assert actions == ["publish", "promote", "publish", "promote", "publish", "canary-start",
-                       "canary-stop", "promote", "rollback", "rollback"]  # fmt: skip
-    # a second registry object (another machine) sees the same state
+    assert [h["action"] for h in reg.history()][-2:] == ["canary-start", "canary-stop"]
+    # a second registry object (another machine) sees the same state, in its own cache
     again = ArtifactRegistry(s3_url, cache_dir=tmp_path / "other-cache")
-    assert (
-        again.current() == a
-        and again.current_path().parent
-        == tmp_path / "other-cache" / (_storage(again).bucket) / _storage(again).prefix
-    )
+    storage = _storage(again)
+    assert again.state() == (a, None)
+    assert again.current_path() == tmp_path / "other-cache" / storage.bucket / storage.prefix / a
 
 
 def test_a_lost_race_decides_again_on_the_winners_pointer(
