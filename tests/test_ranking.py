@@ -156,3 +156,21 @@ def test_candidate_columns_rank_as_their_items_in_the_catalogue(k: int) -> None:
     # without the items, the keys of the candidate positions decide: other lists
     plain = topk(scores.gather(1, cand), k, row_keys=rows)
     assert not torch.equal(cand.gather(1, plain.indices), full.indices)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_with_and_without_ties_in_one_batch_match_the_reference(seed: int) -> None:
+    """Distinct rows (whose order needs no keys) beside rows with ties among the chosen,
+    at the boundary, or above it: every row in (score, key) order."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(24, 15, generator=g)
+    scores[3, :6] = 2.0  # ties among the top
+    scores[7, [1, 4, 9]] = scores[7].max() - 0.5  # ties across the k-th place
+    scores[11] = torch.randint(0, 3, (15,), generator=g).float()
+    scores[15, 2] = float("nan")
+    rows = torch.arange(24) * 5 + 1
+    for k in (1, 2, 4, 7):
+        got = topk(scores, k, row_keys=rows, seed=seed)
+        assert got.indices.tolist() == _reference(scores, k, rows, seed), k
+        filled = scores.masked_fill(scores.isnan(), float("-inf"))
+        assert torch.equal(got.values, filled.gather(1, got.indices))

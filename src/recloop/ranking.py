@@ -114,7 +114,11 @@ def topk(
         chosen = torch.topk(priority, k, dim=1).indices
         indices = indices.index_copy(0, rows, chosen)
         values = values.index_copy(0, rows, sub.gather(1, chosen))
-    # Within the k: by key, then stably by descending score.
+    # Within the k: by key, then stably by descending score.  Where every row's k values
+    # already fall strictly (real-valued scores, no tie among the chosen) that order is the
+    # one they are in, and the keys are not needed: one comparison instead of ten calls.
+    if bool((values[:, 1:] < values[:, :-1]).all()):
+        return TopK(values=values, indices=indices)
     chosen_items = indices if items is None else items.gather(1, indices)
     order = torch.argsort(tie_keys(row_keys, chosen_items, seed=seed), dim=1)
     indices, values = indices.gather(1, order), values.gather(1, order)
