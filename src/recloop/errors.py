@@ -56,5 +56,10 @@ class ArtifactError(RecloopError):
     """An artifact is missing, corrupt, or does not match what loads it."""
 
 
+class RegistryUnreachableError(ArtifactError):
+    """The store behind a registry did not answer (network, credentials, a 5xx): nothing
+    is known to be wrong with what it holds, and trying again later may succeed."""
+
+
 class TrainingError(RecloopError):
     """Training cannot go on: the loss or the weights became NaN or infinite."""

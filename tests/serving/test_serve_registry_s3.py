@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +46,22 @@ async def test_a_service_follows_an_s3_registry(
         await wait_for(v0, v1)
 
 
-async def test_a_version_that_could_not_be_fetched_is_fetched_again(
-    s3_url: str, artifact_dir: Path, artifact_dir_b: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failure", ["unreachable", "damaged"])
+async def test_a_version_the_store_could_not_give_is_fetched_again_a_damaged_one_not(
+    s3_url: str,
+    artifact_dir: Path,
+    artifact_dir_b: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
 ) -> None:
-    """A failed download (the store unreachable for a moment) is no broken version: the
-    worker tries again after CANARY_RETRY_S, not only when the pointer moves again."""
+    """A store that did not answer for a moment is no broken version: the worker tries
+    again every CANARY_RETRY_S (not every poll), and serves it once it comes.  A damaged
+    one is tried once, like a bad load, until the pointer moves."""
     from recloop.artifacts.s3 import S3Storage
+    from recloop.errors import ArtifactError, RegistryUnreachableError
     from recloop.serving import app as app_mod
 
-    monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.3)
+    monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.4)
     reg = ArtifactRegistry(s3_url)
     reg.publish(artifact_dir, promote=True)
     v1 = reg.publish(artifact_dir_b)
@@ -62,17 +71,22 @@ async def test_a_version_that_could_not_be_fetched_is_fetched_again(
 
     def flaky(self: S3Storage, version: str) -> Path:
         if version == v1:
-            tries.append(0.0)
-            if len(tries) == 1:
-                raise OSError("connection reset")
+            tries.append(time.monotonic())
+            if len(tries) < 3:
+                if failure == "unreachable":
+                    raise RegistryUnreachableError("connection reset")
+                raise ArtifactError("weights file: sha256 does not match")
         return real(self, version)
 
     reg.promote(v1)  # before the worker starts: its first poll finds v1 to fetch
     monkeypatch.setattr(S3Storage, "local_version", flaky)
     async with running(app):
-        for _ in range(100):
+        for _ in range(60):
             if app.state.service.model.model_version == v1:
                 break
             await asyncio.sleep(0.05)
-        assert app.state.service.model.model_version == v1
-        assert len(tries) >= 2
+        if failure == "unreachable":
+            assert app.state.service.model.model_version == v1 and len(tries) == 3
+            assert min(b - a for a, b in itertools.pairwise(tries)) >= 0.35
+        else:
+            assert app.state.service.model.model_version != v1 and len(tries) == 1

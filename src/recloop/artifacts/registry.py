@@ -295,11 +295,19 @@ _POINTER_TRIES = 20
 race with another writer costs one)."""
 
 
-def _write_id(raw: bytes) -> str | None:
+_WRITES_KEPT = 32
+"""Ids of the newest pointer writes that the pointer carries (``writes``)."""
+
+
+def _writes(raw: bytes | None) -> list[str]:
+    """The ids of the last pointer writes, oldest first (none in older pointers)."""
+    if raw is None:
+        return []
     try:
-        return json.loads(raw).get("write_id")
+        ids = json.loads(raw).get("writes", [])
     except (ValueError, AttributeError):
-        return None
+        return []
+    return [str(i) for i in ids] if isinstance(ids, list) else []
 
 
 class ArtifactRegistry:
@@ -410,14 +418,21 @@ class ArtifactRegistry:
                 out = dict(change.doc)
                 if isinstance(out.get("canary"), Canary):
                     out["canary"] = out["canary"].to_dict()
-                # Which write this is: a refused write whose pointer carries it is our own,
-                # done by an earlier try of the same request (a client retry after a
-                # timeout or a 5xx); deciding again on it would apply the change twice.
-                out["write_id"] = write_id = uuid.uuid4().hex
-                done = self.storage.write_pointer(json.dumps(out, indent=2).encode(), tag=tag)
+                # Which write this is, beside the last ones: a write refused or failed whose
+                # id the pointer carries landed after all, done by an earlier try of the
+                # same request (a client retry after a timeout or a 5xx, maybe with other
+                # writes since); deciding again on it would apply the change twice.
+                write_id = uuid.uuid4().hex
+                out["writes"] = [*_writes(raw)[-(_WRITES_KEPT - 1) :], write_id]
+                data = json.dumps(out, indent=2).encode()
+                try:
+                    done = self.storage.write_pointer(data, tag=tag)
+                except ArtifactError:
+                    if write_id not in _writes(self.storage.read_pointer()[0]):
+                        raise
+                    done = True
                 if not done:
-                    now = self.storage.read_pointer()[0]
-                    done = now is not None and _write_id(now) == write_id
+                    done = write_id in _writes(self.storage.read_pointer()[0])
                 if done:
                     for line in change.history:
                         self._log(**line)

@@ -12,25 +12,29 @@ What replaces the directory's atomic renames and lock:
 
 - **The pointer** is written with ``If-Match: <ETag read>`` (or ``If-None-Match: *`` when
   there was none), so of two writers that read the same pointer one wins and the other gets
-  412 and decides again on the winner's pointer.  Each write carries a fresh ``write_id``:
-  a refused write whose pointer holds it was this request's own, done by an earlier try (a
-  client retry after a timeout or a 5xx), and is not applied again.  Amazon S3 has done
-  conditional writes since 2024; MinIO, Ceph RGW, Cloudflare R2 and Google Cloud Storage's
-  XML API do too.  A store that ignores the headers would let a lost race overwrite.
+  412 and decides again on the winner's pointer.  The pointer carries the ids of its last
+  32 writes: a write refused (or failed) whose id is among them landed after all, done by an
+  earlier try of the same request (a client retry after a timeout or a 5xx, other writes
+  maybe since), and is not applied again.  Amazon S3 has had conditional writes since 2024,
+  MinIO, Ceph RGW and Cloudflare R2 have them too; a store that ignores the headers (check
+  yours) would let a lost race overwrite.
 - **A version** is whole once its ``registry.json`` is there: every file of the artifact
   goes first, and the lineage's put is ``If-None-Match: *``, so of two publishers of one
-  version the first to finish keeps its lineage (the artifact's files are the same bytes:
-  the version names its contents).  A publish that died half way leaves files no reader
-  counts; publishing again completes it.
+  version the first to finish keeps its lineage.  Their artifacts are the same model (the
+  version hashes the weights and everything else that changes behaviour), though the
+  manifest's bookkeeping (creation time, metrics) may end up from either.  A publish that
+  died half way leaves files no reader counts; publishing again completes it.
 - **The history** has no append: each line is its own object, named by the writer's clock
   when the pointer had moved (writers on several machines: as far as their clocks agree).
 
-Readers (services, the loop's warm start) download a version once into a local cache,
+Readers (services, the loop's warm start) download a version into a local cache (once per
+cache; workers that miss it at the same moment each download it),
 ``RECLOOP_REGISTRY_CACHE`` or ``~/.cache/recloop/registry``, as
 ``<cache>/<bucket>/<prefix>/<version>/``: downloaded into a temporary directory, synced,
-checked by :func:`recloop.artifacts.load_artifact` (every file's sha256 against the
-manifest) and only then renamed into place, so a cached version is whole and sound (a
-damaged download is never cached: the next read downloads it again).
+checked by :func:`recloop.artifacts.load_artifact` (the weights' and id maps' sha256 against
+the manifest, the manifest's schema) and only then renamed into place, so a cached version
+is whole and sound.  A damaged version is never cached; what a download left behind when its
+process died is removed by a later download after an hour.
 
 Credentials, region and endpoint come from boto3's usual places (environment, ``~/.aws``,
 instance roles); ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points at a non-AWS store.
@@ -42,12 +46,13 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recloop.errors import ArtifactError, ConfigError
+from recloop.errors import ArtifactError, ConfigError, RegistryUnreachableError
 
 CACHE_ENV = "RECLOOP_REGISTRY_CACHE"
 """Environment variable naming the local cache of downloaded versions."""
@@ -57,6 +62,8 @@ _CURRENT = "current.json"
 _HISTORY = "history"
 _MANIFEST = "manifest.json"
 _LINEAGE = "registry.json"
+_STALE_S = 3600.0
+"""Age after which a download's temporary directory is taken for a dead process's."""
 
 
 def _default_cache() -> Path:
@@ -109,7 +116,7 @@ class S3Storage:
         except Exception as exc:
             if self._code(exc) in {"NoSuchKey", "404", "NotFound"}:
                 return None
-            raise ArtifactError(f"s3://{self.bucket}/{key}: {exc}") from exc
+            raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
         return obj["Body"].read(), str(obj["ETag"])
 
     def _exists(self, key: str) -> bool:
@@ -118,7 +125,7 @@ class S3Storage:
         except Exception as exc:
             if self._code(exc) in {"NoSuchKey", "404", "NotFound"}:
                 return False
-            raise ArtifactError(f"s3://{self.bucket}/{key}: {exc}") from exc
+            raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
         return True
 
     def _put(self, key: str, data: bytes, **condition: str) -> bool:
@@ -130,16 +137,17 @@ class S3Storage:
             # read again and retry, as for a failed precondition
             if self._code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
                 return False
-            raise ArtifactError(f"s3://{self.bucket}/{key}: {exc}") from exc
+            raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
         return True
 
-    def _keys(self, prefix: str) -> Iterator[str]:
+    def _keys(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix
         )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield str(obj["Key"])
+        try:
+            return [str(obj["Key"]) for page in pages for obj in page.get("Contents", [])]
+        except Exception as exc:
+            raise RegistryUnreachableError(f"s3://{self.bucket}/{prefix}: {exc}") from exc
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -163,11 +171,19 @@ class S3Storage:
         for path in files:
             rel = path.relative_to(src).as_posix()
             if rel != _LINEAGE:
-                self.client.upload_file(str(path), self.bucket, self._key(_VERSIONS, version, rel))
+                key = self._key(_VERSIONS, version, rel)
+                try:
+                    self.client.upload_file(str(path), self.bucket, key)
+                except Exception as exc:
+                    raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
         # last, and once: its presence makes the version whole
-        if self._put(self._key(_VERSIONS, version, _LINEAGE), lineage, IfNoneMatch="*"):
+        key = self._key(_VERSIONS, version, _LINEAGE)
+        if self._put(key, lineage, IfNoneMatch="*"):
             return True
-        if not self.has_version(version):  # 409: another publisher's write still under way
+        got = self._get(key)
+        if got is not None and got[0] == lineage:  # ours, landed before a client retry
+            return True
+        if got is None:  # 409: another publisher's write still under way
             raise ArtifactError(
                 f"{self.location}: publishing {version} met another publisher's; publish again"
             )
@@ -185,6 +201,10 @@ class S3Storage:
         if base + _LINEAGE not in keys:
             raise ArtifactError(f"{self.location}: no published version {version!r}")
         self.cache.mkdir(parents=True, exist_ok=True)
+        for old in self.cache.glob(".tmp-*"):  # left by a process killed mid-download
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > _STALE_S:
+                    shutil.rmtree(old, ignore_errors=True)
         tmp = self.cache / f".tmp-{uuid.uuid4().hex}"
         try:
             for key in keys:
@@ -193,7 +213,10 @@ class S3Storage:
                     raise ArtifactError(f"s3://{self.bucket}/{key}: not a file of {version}")
                 out = tmp / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, key, str(out))
+                try:
+                    self.client.download_file(self.bucket, key, str(out))
+                except Exception as exc:
+                    raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
                 with open(out, "rb") as f:
                     os.fsync(f.fileno())  # a power cut cannot leave a cached half file
             load_artifact(tmp)  # a damaged download is refused here, never cached

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop import __version__
 from recloop.artifacts.registry import ArtifactRegistry
-from recloop.errors import RecloopError
+from recloop.errors import RecloopError, RegistryUnreachableError
 from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.dashboard import dashboard_router
@@ -472,7 +472,7 @@ async def _follow_registry(
     """Serve the registry's current version: when ``current.json`` names another version
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
     and the old model keeps serving until the pointer moves again (one that could not be
-    fetched -- an object store's download -- is tried again every ``CANARY_RETRY_S``).  A
+    fetched because the store did not answer is tried again every ``CANARY_RETRY_S``).  A
     canary named there is served to its share of the users
     (:meth:`RecommenderService.set_canary`) and dropped when the pointer no longer names
     it; one that fails to load is tried again every ``CANARY_RETRY_S`` (until it serves,
@@ -483,6 +483,7 @@ async def _follow_registry(
     retry: tuple[tuple[str, float, str] | None, float] | None = None
     # (the current version whose fetch failed, when to try it again)
     fetch_retry: tuple[str, float] | None = None
+    failing: str | None = None  # the last failure logged
     warned = False
     while True:
         await asyncio.sleep(every_s)
@@ -497,9 +498,14 @@ async def _follow_registry(
                 and (fetch_retry is None or fetch_retry[0] != version or now >= fetch_retry[1])
             ):
                 logger.info("registry %s: current is now %s, loading it", root, version)
-                # a failed fetch (an object store's download) is tried again after a while
                 fetch_retry = (version, now + CANARY_RETRY_S)
-                path = await asyncio.to_thread(registry.version_path, version)
+                try:
+                    path = await asyncio.to_thread(registry.version_path, version)
+                except RegistryUnreachableError:
+                    raise  # the store did not answer: tried again after CANARY_RETRY_S
+                except Exception:
+                    following = version  # missing or damaged: tried once, like a bad load
+                    raise
                 fetch_retry = None
                 following = version  # tried once: a broken version is not reloaded each second
                 await service.reload(path)
@@ -512,11 +518,13 @@ async def _follow_registry(
                         root,
                         c.version,
                     )
+                failing = None
                 continue
             want = None if c is None else (c.version, c.share, c.salt)
             if want == canary_following or (
                 retry is not None and retry[0] == want and now < retry[1]
             ):
+                failing = None
                 continue
             retry = (want, now + CANARY_RETRY_S)  # cleared once it serves
             if c is None:
@@ -531,10 +539,14 @@ async def _follow_registry(
                     salt=c.salt,
                 )
             canary_following, retry = want, None
+            failing = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad version or pointer must not stop the follower
-            logger.error("following registry %s failed, still serving: %s", root, log_safe(exc))
+            # once per distinct failure: a store down for an hour is one line, not 3,600
+            if log_safe(exc) != failing:
+                failing = log_safe(exc)
+                logger.error("following registry %s failed, still serving: %s", root, failing)
 
 
 async def _follow_reloads(
