@@ -46,7 +46,7 @@ async def test_a_service_follows_an_s3_registry(
         await wait_for(v0, v1)
 
 
-@pytest.mark.parametrize("failure", ["unreachable", "damaged"])
+@pytest.mark.parametrize("failure", ["unreachable", "disk", "damaged"])
 async def test_a_version_the_store_could_not_give_is_fetched_again_a_damaged_one_not(
     s3_url: str,
     artifact_dir: Path,
@@ -54,9 +54,9 @@ async def test_a_version_the_store_could_not_give_is_fetched_again_a_damaged_one
     monkeypatch: pytest.MonkeyPatch,
     failure: str,
 ) -> None:
-    """A store that did not answer for a moment is no broken version: the worker tries
-    again every CANARY_RETRY_S (not every poll), and serves it once it comes.  A damaged
-    one is tried once, like a bad load, until the pointer moves."""
+    """A store that did not answer for a moment (or a full cache disk) is no broken version:
+    the worker tries again every CANARY_RETRY_S (not every poll), and serves it once it
+    comes.  A damaged one is tried once, like a bad load, until the pointer moves."""
     from recloop.artifacts.s3 import S3Storage
     from recloop.errors import ArtifactError, RegistryUnreachableError
     from recloop.serving import app as app_mod
@@ -75,6 +75,8 @@ async def test_a_version_the_store_could_not_give_is_fetched_again_a_damaged_one
             if len(tries) < 3:
                 if failure == "unreachable":
                     raise RegistryUnreachableError("connection reset")
+                if failure == "disk":
+                    raise OSError(28, "No space left on device")
                 raise ArtifactError("weights file: sha256 does not match")
         return real(self, version)
 
@@ -85,7 +87,7 @@ async def test_a_version_the_store_could_not_give_is_fetched_again_a_damaged_one
             if app.state.service.model.model_version == v1:
                 break
             await asyncio.sleep(0.05)
-        if failure == "unreachable":
+        if failure != "damaged":
             assert app.state.service.model.model_version == v1 and len(tries) == 3
             assert min(b - a for a, b in itertools.pairwise(tries)) >= 0.35
         else:

@@ -34,7 +34,7 @@ cache; workers that miss it at the same moment each download it),
 checked by :func:`recloop.artifacts.load_artifact` (the weights' and id maps' sha256 against
 the manifest, the manifest's schema) and only then renamed into place, so a cached version
 is whole and sound.  A damaged version is never cached; what a download left behind when its
-process died is removed by a later download after an hour.
+process died is removed by a later download once nothing in it changed for six hours.
 
 Credentials, region and endpoint come from boto3's usual places (environment, ``~/.aws``,
 instance roles); ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points at a non-AWS store.
@@ -62,8 +62,9 @@ _CURRENT = "current.json"
 _HISTORY = "history"
 _MANIFEST = "manifest.json"
 _LINEAGE = "registry.json"
-_STALE_S = 3600.0
-"""Age after which a download's temporary directory is taken for a dead process's."""
+_STALE_S = 6 * 3600.0
+"""Time since anything in a download's temporary directory last changed after which it is
+taken for a dead process's (a live download keeps writing its current file)."""
 
 
 def _default_cache() -> Path:
@@ -113,11 +114,11 @@ class S3Storage:
     def _get(self, key: str) -> tuple[bytes, str] | None:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=key)
+            return obj["Body"].read(), str(obj["ETag"])  # the body streams: read it here
         except Exception as exc:
             if self._code(exc) in {"NoSuchKey", "404", "NotFound"}:
                 return None
             raise RegistryUnreachableError(f"s3://{self.bucket}/{key}: {exc}") from exc
-        return obj["Body"].read(), str(obj["ETag"])
 
     def _exists(self, key: str) -> bool:
         try:
@@ -203,7 +204,8 @@ class S3Storage:
         self.cache.mkdir(parents=True, exist_ok=True)
         for old in self.cache.glob(".tmp-*"):  # left by a process killed mid-download
             with contextlib.suppress(OSError):
-                if time.time() - old.stat().st_mtime > _STALE_S:
+                changed = max([old.stat().st_mtime, *(f.stat().st_mtime for f in old.rglob("*"))])
+                if time.time() - changed > _STALE_S:
                     shutil.rmtree(old, ignore_errors=True)
         tmp = self.cache / f".tmp-{uuid.uuid4().hex}"
         try:

@@ -472,7 +472,8 @@ async def _follow_registry(
     """Serve the registry's current version: when ``current.json`` names another version
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
     and the old model keeps serving until the pointer moves again (one that could not be
-    fetched because the store did not answer is tried again every ``CANARY_RETRY_S``).  A
+    fetched because the store did not answer or the local cache failed is tried again
+    every ``CANARY_RETRY_S``).  A
     canary named there is served to its share of the users
     (:meth:`RecommenderService.set_canary`) and dropped when the pointer no longer names
     it; one that fails to load is tried again every ``CANARY_RETRY_S`` (until it serves,
@@ -501,8 +502,10 @@ async def _follow_registry(
                 fetch_retry = (version, now + CANARY_RETRY_S)
                 try:
                     path = await asyncio.to_thread(registry.version_path, version)
-                except RegistryUnreachableError:
-                    raise  # the store did not answer: tried again after CANARY_RETRY_S
+                except (RegistryUnreachableError, OSError):
+                    # the store did not answer, or the local cache failed (a full disk):
+                    # nothing known wrong with the version, tried again after CANARY_RETRY_S
+                    raise
                 except Exception:
                     following = version  # missing or damaged: tried once, like a bad load
                     raise
@@ -543,7 +546,8 @@ async def _follow_registry(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad version or pointer must not stop the follower
-            # once per distinct failure: a store down for an hour is one line, not 3,600
+            # a failure repeated at every poll (a store down for an hour) is one line, not
+            # 3,600; one retried every CANARY_RETRY_S is one line per try
             if log_safe(exc) != failing:
                 failing = log_safe(exc)
                 logger.error("following registry %s failed, still serving: %s", root, failing)
