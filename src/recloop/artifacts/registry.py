@@ -48,7 +48,9 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -409,7 +411,9 @@ class ArtifactRegistry:
         change.  Under the directory's lock it runs once; on an object store the write is
         conditional on the pointer read, and a lost race runs ``decide`` again on the
         pointer that won (so it must do nothing but decide)."""
-        for _ in range(_POINTER_TRIES):
+        for attempt in range(_POINTER_TRIES):
+            if attempt:  # lost the race: let the other writers finish (jittered backoff)
+                time.sleep(random.uniform(0.0, 0.01 * 2 ** min(attempt, 6)))
             with self.storage.lock():
                 raw, tag = self.storage.read_pointer()
                 change = decide(self._parse_pointer(raw))
