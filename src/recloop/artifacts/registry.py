@@ -261,10 +261,10 @@ class LocalStorage:
 def open_storage(location: Path | str, *, cache_dir: Path | None = None) -> RegistryStorage:
     """The storage of a registry named ``location``: ``s3://bucket/prefix`` for an S3 (or
     S3-compatible) bucket, anything else a directory."""
-    if isinstance(location, str) and location.startswith("s3://"):
+    if is_object_store(location):
         from recloop.artifacts.s3 import S3Storage
 
-        return S3Storage(location, cache_dir=cache_dir)
+        return S3Storage(str(location), cache_dir=cache_dir)
     return LocalStorage(Path(location))
 
 
