@@ -457,9 +457,15 @@ class Server:
 
 
 def run_wrk(
-    port: int, *, concurrency: int, duration: float, bodies: Path, lua: Path
+    port: int,
+    *,
+    concurrency: int,
+    duration: float,
+    bodies: Path,
+    lua: Path,
+    threads: int = 2,
 ) -> dict[str, Any]:
-    threads = min(2, concurrency)
+    threads = min(threads, concurrency)
     cmd = [
         "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
         "--timeout", "5s",
@@ -609,7 +615,9 @@ def bench_catalogue(
         body_list = [b.encode() for b in bodies.read_text().splitlines()]
         # Warm-up: first requests pay for lazy imports and connection set-up.
         if use_wrk:
-            run_wrk(port, concurrency=4, duration=2, bodies=bodies, lua=lua)
+            run_wrk(
+                port, concurrency=4, duration=2, bodies=bodies, lua=lua, threads=args.wrk_threads
+            )
         else:
             asyncio.run(_python_load(port, concurrency=4, duration=2, bodies=body_list))
         for c in args.concurrency:
@@ -617,7 +625,14 @@ def bench_catalogue(
             with poller or contextlib.nullcontext():
                 cpu0 = server.cpu_s()
                 if use_wrk:
-                    r = run_wrk(port, concurrency=c, duration=args.duration, bodies=bodies, lua=lua)
+                    r = run_wrk(
+                        port,
+                        concurrency=c,
+                        duration=args.duration,
+                        bodies=bodies,
+                        lua=lua,
+                        threads=args.wrk_threads,
+                    )
                 else:
                     r = asyncio.run(
                         _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
@@ -725,7 +740,14 @@ def bench_interleaved(
         for server in servers.values():
             server.wait_ready(timeout=600.0 if name in CLUSTERED else 90.0)
         for server in servers.values():  # warm-up
-            run_wrk(server.port, concurrency=4, duration=2, bodies=bodies, lua=lua)
+            run_wrk(
+                server.port,
+                concurrency=4,
+                duration=2,
+                bodies=bodies,
+                lua=lua,
+                threads=args.wrk_threads,
+            )
         order = np.random.default_rng(0)
         for c in args.concurrency:
             for k in range(args.rounds):
@@ -737,6 +759,7 @@ def bench_interleaved(
                         duration=args.duration,
                         bodies=bodies,
                         lua=lua,
+                        threads=args.wrk_threads,
                     )
                     r["cpu_us"] = (servers[v].cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
                     r.update(
@@ -1208,6 +1231,89 @@ def app_cost(args: argparse.Namespace, store_url: str) -> None:
         print(line)
 
 
+EMPTY_APP = r"""
+BODY = b'{"items":["1","2","3","4","5","6","7","8","9","10"]}'
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(BODY)).encode())]})
+    await send({"type": "http.response.body", "body": BODY})
+"""
+"""An ASGI app that answers every request with a fixed body and does nothing else."""
+
+PROTOCOLS = {
+    "httptools": "httptools",
+    "corked": "recloop.serving.protocol:CorkedHttpToolsProtocol",
+}
+"""``--protocol-cost``'s HTTP protocols: uvicorn's own, and recloop serve's."""
+
+
+def protocol_cost(args: argparse.Namespace) -> None:
+    """req/s and p99 of :data:`EMPTY_APP` under uvicorn with each of :data:`PROTOCOLS`,
+    ``--workers`` workers, wrk at each ``--concurrency``; the protocols alternate in each of
+    ``--rounds`` rounds and the medians are reported.  What the server alone costs, and what
+    sending a response's head and body in one write saves of it."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="recloop-bench-") as d:
+        tmp = Path(d)
+        (tmp / "emptyapp.py").write_text(EMPTY_APP)
+        bodies = tmp / "bodies.jsonl"
+        bodies.write_text('{"user_id": "1"}\n')
+        lua = tmp / "empty.lua"
+        lua.write_text(WRK_LUA)
+        for k in range(args.rounds):
+            for name, http in PROTOCOLS.items():
+                port = free_port()
+                cmd = [sys.executable, "-m", "uvicorn", "emptyapp:app", "--app-dir", str(tmp)]
+                cmd += ["--port", str(port), "--workers", str(args.workers)]
+                cmd += ["--log-level", "warning", "--no-access-log", "--http", http]
+                server = Server(cmd, port=port, env={})
+                try:
+                    server.wait_ready()
+                    run_wrk(port, concurrency=4, duration=1, bodies=bodies, lua=lua)
+                    for c in args.concurrency:
+                        cpu0 = server.cpu_s()
+                        r = run_wrk(
+                            port,
+                            concurrency=c,
+                            duration=args.duration,
+                            bodies=bodies,
+                            lua=lua,
+                            threads=args.wrk_threads,
+                        )
+                        r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+                        r.update(protocol=name, concurrency=c, round=k)
+                        rows.append(r)
+                        print(
+                            f"  {name:10s} c={c:<3d} round {k}  {r['rps']:8.0f} req/s  "
+                            f"p50 {r['p50_ms']:5.2f}  p99 {r['p99_ms']:6.2f} ms  "
+                            f"cpu {r['cpu_us']:5.1f} us/req",
+                            flush=True,
+                        )
+                finally:
+                    server.stop()
+    print("empty ASGI app, medians over rounds:")
+    for c in args.concurrency:
+        med = {}
+        for name in PROTOCOLS:
+            rs = [r for r in rows if r["protocol"] == name and r["concurrency"] == c]
+            med[name] = {
+                key: float(np.median([r[key] for r in rs])) for key in ("rps", "p99_ms", "cpu_us")
+            }
+            print(
+                f"  c={c:<3d} {name:10s} {med[name]['rps']:8.0f} req/s  "
+                f"p99 {med[name]['p99_ms']:6.2f} ms  cpu {med[name]['cpu_us']:5.1f} us/req"
+            )
+        ratio = med["corked"]["rps"] / med["httptools"]["rps"]
+        print(f"  c={c:<3d} corked / httptools: {ratio:.2f}x req/s")
+
+
 def sampler_cost() -> None:
     """µs per served list of the softmax (Plackett–Luce) sampler alone, at the batch sizes
     a worker sees: ml-100k's catalogue (N = 1,683 columns, padding and 10 consumed items
@@ -1286,6 +1392,13 @@ def main() -> None:
     )
     ap.add_argument("--python-load", action="store_true", help="use the Python load generator")
     ap.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=2,
+        help="wrk's threads (at most one per connection); each is one more busy thread on "
+        "the cores the services use",
+    )
+    ap.add_argument(
         "--index-kind",
         choices=["ivf", "hnsw"],
         default="ivf",
@@ -1318,6 +1431,12 @@ def main() -> None:
         help="only time the softmax sampler per served list at batch sizes 1-32, and exit",
     )
     ap.add_argument(
+        "--protocol-cost",
+        action="store_true",
+        help="only serve an ASGI app that does nothing, under uvicorn's httptools protocol "
+        "and recloop serve's (one write per response), alternated --rounds times, and exit",
+    )
+    ap.add_argument(
         "--keep",
         type=Path,
         help="build the synthetic catalogues' artifacts (and indexes) in this directory and "
@@ -1328,6 +1447,15 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.sampler_cost:
         sampler_cost()
+        return
+    if args.protocol_cost:
+        if shutil.which("wrk") is None:
+            ap.error("--protocol-cost needs wrk (apt-get install -y wrk)")
+        print(f"machine: {machine()}")
+        print(f"load average at start (1, 5, 15 min): {os.getloadavg()}")
+        print(f"wrk with {args.wrk_threads} thread(s), {args.workers} uvicorn workers")
+        protocol_cost(args)
+        print(f"load average at end (1, 5, 15 min): {os.getloadavg()}")
         return
     if args.app_cost_child:  # one measurement of --app-cost, in its own process
         store_url = "memory://" if args.memory_store else args.redis_url
@@ -1358,6 +1486,8 @@ def main() -> None:
     print(f"load average at start (1, 5, 15 min): {os.getloadavg()}")
     if shutil.which("wrk") is None:
         print("wrk not found (apt-get install -y wrk); using the Python load generator")
+    elif not args.python_load:
+        print(f"load: wrk with {args.wrk_threads} thread(s) on the same cores")
     use_redis = not args.memory_store and asyncio.run(redis_up(args.redis_url))
     store_url = args.redis_url if use_redis else "memory://"
     print(f"store: {'redis ' + args.redis_url if use_redis else 'in-process memory (per worker)'}")

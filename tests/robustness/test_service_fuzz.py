@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, settings
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.app import create_app
+from recloop.serving.protocol import http_protocol
 from recloop.serving.settings import ServeSettings
 from recloop.stores import RecentItem, open_store
 
@@ -73,7 +74,14 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     asyncio.run(_fill(store_url))  # a file the server's own store then reads
     app = create_app(_settings(artifact, store_url=store_url))
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=http_protocol(),  # as recloop serve runs it
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

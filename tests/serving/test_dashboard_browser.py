@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from serve_helpers import settings_for
 
 from recloop.serving.app import create_app
+from recloop.serving.protocol import http_protocol
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -42,7 +43,14 @@ def serving(app: FastAPI) -> Iterator[str]:
     """The app under uvicorn on 127.0.0.1 in a thread; yields its base URL."""
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            http=http_protocol(),  # as recloop serve runs it
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
