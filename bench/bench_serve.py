@@ -1249,7 +1249,7 @@ async def app(scope, receive, send):
 
 PROTOCOLS = {
     "httptools": "httptools",
-    "corked": "recloop.serving.protocol:CorkedHttpToolsProtocol",
+    "corked": "recloop.serving.http_protocol:CorkedHttpToolsProtocol",
 }
 """``--protocol-cost``'s HTTP protocols: uvicorn's own, and recloop serve's."""
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.app import create_app
-from recloop.serving.protocol import http_protocol
+from recloop.serving.http_protocol import http_protocol
 from recloop.serving.settings import ServeSettings
 from recloop.stores import RecentItem, open_store
 

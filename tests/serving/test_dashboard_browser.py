@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from serve_helpers import settings_for
 
 from recloop.serving.app import create_app
-from recloop.serving.protocol import http_protocol
+from recloop.serving.http_protocol import http_protocol
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -113,8 +113,8 @@ def serve(
     from recloop.artifacts import load_artifact, resolve_artifact_dir
     from recloop.artifacts.registry import ArtifactRegistry, is_object_store, is_registry_dir
     from recloop.errors import ConfigError
+    from recloop.serving.http_protocol import http_protocol
     from recloop.serving.metrics import MULTIPROC_ENV
-    from recloop.serving.protocol import http_protocol
     from recloop.serving.settings import ServeSettings
     from recloop.stores import StoreError, check_store, open_store
 
@@ -227,7 +227,7 @@ def serve(
             log_level=log_level.lower(),
             access_log=False,
             lifespan="on",
-            # each response's head and body in one socket write (recloop.serving.protocol)
+            # each response's head and body in one socket write (recloop.serving.http_protocol)
             http=http_protocol(),
             # a worker importing torch on a busy machine can take longer than the default 5 s
             timeout_worker_healthcheck=120,

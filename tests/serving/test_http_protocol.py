@@ -1,4 +1,4 @@
-"""recloop.serving.protocol: one socket write per response, nothing lost or reordered."""
+"""recloop.serving.http_protocol: one socket write per response, nothing lost or reordered."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from recloop.serving.protocol import (
+from recloop.serving.http_protocol import (
     STRAIGHT_BYTES,
     CorkedHttpToolsProtocol,
     CorkedTransport,
@@ -128,7 +128,7 @@ def test_everything_else_is_the_transports() -> None:
 
 def test_serve_uses_it_where_httptools_is_installed() -> None:
     pytest.importorskip("httptools")
-    assert http_protocol() == "recloop.serving.protocol:CorkedHttpToolsProtocol"
+    assert http_protocol() == "recloop.serving.http_protocol:CorkedHttpToolsProtocol"
 
 
 # ------------------------------------------------------------------ over a real socket
