@@ -4,19 +4,23 @@ uvicorn writes a response's status line and headers when the app sends
 ``http.response.start`` and the body when it sends ``http.response.body``: two
 ``transport.write`` calls, each a ``send(2)`` on the socket (uvloop writes at once when
 nothing is buffered) and, with ``TCP_NODELAY``, two segments that wake the client twice.
-:class:`CorkedHttpToolsProtocol` holds a write while it is the only one pending; the next
-write, or the event loop's next turn, sends it.  A head followed by its body in the same
-turn (every response of a non-streaming route) leaves in one ``send``.
+:class:`CorkedHttpToolsProtocol` holds a response's head until the next write (its body,
+or a streamed response's first chunk), which takes it along in the same ``send``; the
+response's completion, the client's end of stream, a close, or the event loop's next turn
+sends a head that is still held.
 
 One ``send`` less per response saved 2-5 % of the workers' CPU per request and gave
 1.04-1.06x the requests/s at c=64 on ``recloop serve``'s 2-core benchmark machine, and
 nothing measurable at c=16 (docs/benchmarks.md, "One write per response").  What it
 changes:
 
-- nothing is reordered, dropped or held past the loop turn it was written in;
-- a write of :data:`STRAIGHT_BYTES` or more goes out at once, so a large or streamed body
-  keeps the transport's own buffering and back-pressure (``pause_writing``);
-- ``close`` sends what is held first; ``abort`` drops it, as the transport would;
+- only a response head (a write that starts with ``HTTP/``) is ever held, at most one at a
+  time, and never past its response's completion or the loop turn it was written in;
+  a body, a chunk or a large head is written at once, as before, so a streamed body keeps
+  the transport's own buffering and back-pressure (``pause_writing``);
+- nothing is reordered: whatever is written next goes out with the held head, after it;
+- ``close`` and the client's half-close (``eof_received``, after which uvloop closes the
+  transport itself) send what is held first; ``abort`` drops it, as the transport would;
 - a WebSocket upgrade hands the raw transport to the WebSocket protocol.
 """
 
@@ -28,11 +32,12 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 STRAIGHT_BYTES = 64 * 1024
-"""A write at least this large is not held (uvicorn's flow control high-water mark)."""
+"""A head at least this large is written at once (uvloop's default write high-water mark)."""
 
 
 class CorkedTransport:
-    """Wraps a transport: holds one pending write until the next write or loop turn.
+    """Wraps a transport: holds one response head until the next write, :meth:`flush`,
+    ``close`` or the loop's next turn.
 
     Everything but ``write``, ``writelines``, ``close``, ``abort`` and
     ``get_write_buffer_size`` is the wrapped transport's own.
@@ -47,18 +52,18 @@ class CorkedTransport:
         self._scheduled = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._held is not None:  # the body after its head: both go now, in one send
-            data = self._held + bytes(data)
+        held = self._held
+        if held is not None:  # the body after its head: both go now, in one send
             self._held = None
-            self.transport.write(data)
+            self.transport.writelines((held, data))  # uvloop: one writev, no copy
             return
-        if len(data) >= STRAIGHT_BYTES or self.transport.is_closing():
-            self.transport.write(data)
+        if data[:5] == b"HTTP/" and len(data) < STRAIGHT_BYTES and not self.transport.is_closing():
+            self._held = data if isinstance(data, bytes) else bytes(data)
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._send_held)
             return
-        self._held = bytes(data)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._send_held)
+        self.transport.write(data)
 
     def writelines(self, lines: Any) -> None:
         self.write(b"".join(lines))
@@ -68,7 +73,7 @@ class CorkedTransport:
         self.flush()
 
     def flush(self) -> None:
-        """Send the held write now (if any)."""
+        """Send the held head now (if any)."""
         held, self._held = self._held, None
         if held is not None and not self.transport.is_closing():
             self.transport.write(held)
@@ -85,6 +90,8 @@ class CorkedTransport:
         self.transport.abort()
 
     def __getattr__(self, name: str) -> Any:
+        if name in CorkedTransport.__slots__:  # not set yet (a copy, say): no recursion
+            raise AttributeError(name)
         return getattr(self.transport, name)
 
 
@@ -94,6 +101,21 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         corked = CorkedTransport(transport, asyncio.get_running_loop())
         super().connection_made(corked)  # type: ignore[arg-type]
+
+    def _flush(self) -> None:
+        if isinstance(self.transport, CorkedTransport):
+            self.transport.flush()
+
+    def on_response_complete(self) -> None:
+        # a response whose head was its last write (HEAD, 204, 304) goes now, not after
+        # whatever the app still does in this task step
+        self._flush()
+        super().on_response_complete()
+
+    def eof_received(self) -> None:
+        # uvloop closes the transport itself, not through the wrapper, when this returns
+        self._flush()
+        super().eof_received()
 
     def handle_websocket_upgrade(self) -> None:
         corked = self.transport
