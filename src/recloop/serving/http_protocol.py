@@ -9,10 +9,11 @@ or a streamed response's first chunk), which takes it along in the same ``send``
 response's completion, the client's end of stream, a close, or the event loop's next turn
 sends a head that is still held.
 
-One ``send`` less per response saved 2-5 % of the workers' CPU per request and gave
-1.04-1.06x the requests/s at c=64 on ``recloop serve``'s 2-core benchmark machine, and
-nothing measurable at c=16 (docs/benchmarks.md, "One write per response").  What it
-changes:
+Measured on ``recloop serve``'s 2-core benchmark machine against uvicorn's own protocol, in
+the same interleaved rounds: 1.00-1.03x the requests/s and 0.97-1.01x the workers' CPU per
+request at c=16 and c=64 (docs/benchmarks.md, "One write per response") -- small on
+loopback, where a segment costs little; on a real network it is one packet less per
+response.  What it changes:
 
 - only a response head (a write that starts with ``HTTP/``) is ever held, at most one at a
   time, and never past its response's completion or the loop turn it was written in;
