@@ -493,6 +493,24 @@ def run_wrk(
     }
 
 
+def wrk_burst(
+    server: Server, *, concurrency: int, args: argparse.Namespace, bodies: Path, lua: Path
+) -> dict[str, Any]:
+    """One wrk run of ``args.duration`` s against ``server``, with the server's CPU per
+    request (``cpu_us``, see :func:`group_cpu_s`)."""
+    cpu0 = server.cpu_s()
+    r = run_wrk(
+        server.port,
+        concurrency=concurrency,
+        duration=args.duration,
+        bodies=bodies,
+        lua=lua,
+        threads=args.wrk_threads,
+    )
+    r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+    return r
+
+
 async def _python_load(
     port: int, *, concurrency: int, duration: float, bodies: list[bytes]
 ) -> dict[str, Any]:
@@ -623,21 +641,14 @@ def bench_catalogue(
         for c in args.concurrency:
             poller = DashboardPoller(port) if variant == "recloop-dashboard" else None
             with poller or contextlib.nullcontext():
-                cpu0 = server.cpu_s()
                 if use_wrk:
-                    r = run_wrk(
-                        port,
-                        concurrency=c,
-                        duration=args.duration,
-                        bodies=bodies,
-                        lua=lua,
-                        threads=args.wrk_threads,
-                    )
+                    r = wrk_burst(server, concurrency=c, args=args, bodies=bodies, lua=lua)
                 else:
+                    cpu0 = server.cpu_s()
                     r = asyncio.run(
                         _python_load(port, concurrency=c, duration=args.duration, bodies=body_list)
                     )
-                r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+                    r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
             if poller is not None:
                 r["dashboard_polls"] = len(poller.latencies)
                 r["dashboard_poll_failures"] = poller.failures
@@ -752,16 +763,7 @@ def bench_interleaved(
         for c in args.concurrency:
             for k in range(args.rounds):
                 for v in order.permutation(variants).tolist():
-                    cpu0 = servers[v].cpu_s()
-                    r = run_wrk(
-                        servers[v].port,
-                        concurrency=c,
-                        duration=args.duration,
-                        bodies=bodies,
-                        lua=lua,
-                        threads=args.wrk_threads,
-                    )
-                    r["cpu_us"] = (servers[v].cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+                    r = wrk_burst(servers[v], concurrency=c, args=args, bodies=bodies, lua=lua)
                     r.update(
                         catalogue=name,
                         concurrency=c,
@@ -1278,16 +1280,7 @@ def protocol_cost(args: argparse.Namespace) -> None:
                     server.wait_ready()
                     run_wrk(port, concurrency=4, duration=1, bodies=bodies, lua=lua)
                     for c in args.concurrency:
-                        cpu0 = server.cpu_s()
-                        r = run_wrk(
-                            port,
-                            concurrency=c,
-                            duration=args.duration,
-                            bodies=bodies,
-                            lua=lua,
-                            threads=args.wrk_threads,
-                        )
-                        r["cpu_us"] = (server.cpu_s() - cpu0) / max(r["requests"], 1) * 1e6
+                        r = wrk_burst(server, concurrency=c, args=args, bodies=bodies, lua=lua)
                         r.update(protocol=name, concurrency=c, round=k)
                         rows.append(r)
                         print(

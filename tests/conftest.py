@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -245,6 +246,48 @@ def wait_for_port(proc: subprocess.Popen[bytes], port: int, *, what: str, timeou
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} on port {port} did not start") from None
             time.sleep(0.02)
+
+
+@dataclass
+class ThreadServer:
+    """An ASGI app under uvicorn in a thread of the test process (:func:`serve_in_thread`)."""
+
+    port: int
+    server: Any  # uvicorn.Server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def _serve_in_thread(app: Any, **config: Any) -> Iterator[ThreadServer]:
+    import uvicorn
+
+    from recloop.serving.http_protocol import http_protocol
+
+    config = {"log_level": "warning", "http": http_protocol(), **config}  # as recloop serve
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield ThreadServer(port=port, server=server)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve_in_thread() -> Callable[..., contextlib.AbstractContextManager[ThreadServer]]:
+    """``with serve_in_thread(app, **uvicorn_config) as running:`` the app on 127.0.0.1 in
+    a thread, on the HTTP protocol ``recloop serve`` uses unless ``http=`` says otherwise."""
+    return _serve_in_thread
 
 
 def tansu_binary() -> str | None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,11 @@ import numpy as np
 import pytest
 import schemathesis
 import torch
-import uvicorn
 from hypothesis import HealthCheck, settings
 
 from recloop.artifacts import HeadConfig, PolicyNet, PolicySpec, save_artifact
 from recloop.encoders.base import EncoderConfig
 from recloop.serving.app import create_app
-from recloop.serving.http_protocol import http_protocol
 from recloop.serving.settings import ServeSettings
 from recloop.stores import RecentItem, open_store
 
@@ -66,34 +62,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def base_url(tmp_path_factory: pytest.TempPathFactory, serve_in_thread: Any) -> Iterator[str]:
     """The service on a real socket, small limits so that examples reach them."""
     tmp = tmp_path_factory.mktemp("fuzz")
     artifact = _artifact(tmp / "artifact")
     store_url = f"sqlite:///{tmp}/store.db"
     asyncio.run(_fill(store_url))  # a file the server's own store then reads
     app = create_app(_settings(artifact, store_url=store_url))
-    port = _free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        http=http_protocol(),  # as recloop serve runs it
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(app, lifespan="on") as running:
+        yield running.url
 
 
 async def _fill(url: str) -> None:

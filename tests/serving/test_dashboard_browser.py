@@ -9,61 +9,21 @@ saved to ``out/screenshots/`` (git-ignored) as an artifact of the run.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from serve_helpers import settings_for
 
 from recloop.serving.app import create_app
-from recloop.serving.http_protocol import http_protocol
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "out" / "screenshots"
 KNOWN = ["u1", "u2", "u3", "u4", "u5"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1 in a thread; yields its base URL."""
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-            http=http_protocol(),  # as recloop serve runs it
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def wait_until(page: Any, check: Any, what: str, timeout_s: float = 20.0) -> None:
@@ -93,10 +53,11 @@ def _shown_number(page: Any, selector: str) -> int:
 
 
 def test_dashboard_updates_under_load_and_user_box_matches_the_api(
-    browser: Any, artifact_dir: Path
+    browser: Any, artifact_dir: Path, serve_in_thread: Any
 ) -> None:
     app = create_app(settings_for(artifact_dir))
-    with serving(app) as base:
+    with serve_in_thread(app, lifespan="on") as running:
+        base = running.url
         # the stream processor's window, as `recloop stream` would publish it
         _run_in_thread(app.state.service.store.set_popular([("i9", 12.0), ("i4", 7.0)]))
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
@@ -157,9 +118,10 @@ def test_dashboard_updates_under_load_and_user_box_matches_the_api(
         assert problems == []
 
 
-def test_dashboard_with_an_api_key(browser: Any, artifact_dir: Path) -> None:
+def test_dashboard_with_an_api_key(browser: Any, artifact_dir: Path, serve_in_thread: Any) -> None:
     app = create_app(settings_for(artifact_dir, api_key="k3y"))
-    with serving(app) as base:
+    with serve_in_thread(app, lifespan="on") as running:
+        base = running.url
         anonymous = browser.new_page()
         assert anonymous.goto(f"{base}/dashboard").status == 401
         # a browser that sends the key (a header extension, a proxy) gets the page and data

@@ -8,11 +8,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import uvicorn
 
 from recloop.serving.http_protocol import (
     STRAIGHT_BYTES,
@@ -20,6 +18,9 @@ from recloop.serving.http_protocol import (
     CorkedTransport,
     http_protocol,
 )
+
+if TYPE_CHECKING:  # the fixture's type; tests/*/conftest.py are several modules named conftest
+    from conftest import ThreadServer
 
 
 class FakeTransport:
@@ -229,35 +230,15 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
-@dataclass
-class Running:
-    port: int
-    server: uvicorn.Server
-
-
 @pytest.fixture(scope="module")
-def running() -> Iterator[Running]:
+def running(serve_in_thread: Any) -> Iterator[ThreadServer]:
     pytest.importorskip("httptools")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    config = uvicorn.Config(
-        _app, host="127.0.0.1", port=free, log_level="warning", http=RecordedCorked
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield Running(port=free, server=server)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(_app, http=RecordedCorked) as running:
+        yield running
 
 
 @pytest.fixture
-def port(running: Running) -> int:
+def port(running: ThreadServer) -> int:
     SENDS.clear()
     BLOCKING.clear()
     return running.port
@@ -344,7 +325,7 @@ def test_100_continue_is_sent(port: int) -> None:
         assert b"echo:abc" in _read(s, until=b"echo:abc")
 
 
-def test_a_websocket_gets_the_raw_transport(running: Running, port: int) -> None:
+def test_a_websocket_gets_the_raw_transport(running: ThreadServer, port: int) -> None:
     pytest.importorskip("websockets")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(
