@@ -1278,7 +1278,14 @@ def protocol_cost(args: argparse.Namespace) -> None:
                 server = Server(cmd, port=port, env={})
                 try:
                     server.wait_ready()
-                    run_wrk(port, concurrency=4, duration=1, bodies=bodies, lua=lua)
+                    run_wrk(
+                        port,
+                        concurrency=4,
+                        duration=1,
+                        bodies=bodies,
+                        lua=lua,
+                        threads=args.wrk_threads,
+                    )
                     for c in args.concurrency:
                         r = wrk_burst(server, concurrency=c, args=args, bodies=bodies, lua=lua)
                         r.update(protocol=name, concurrency=c, round=k)
