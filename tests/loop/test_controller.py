@@ -170,11 +170,12 @@ def _served(url: str, rows: list[tuple[str, int, str, float]]) -> None:
 
 
 def _canary_loop(tmp_path: Path) -> tuple[str, LoopController, Any, ArtifactRegistry]:
-    """A loop with canaries (margin 10: every candidate passes the gate) whose first model
-    is current, and new events for a second round."""
+    """A loop with canaries (margin 10 and OPE warnings not gating: every candidate passes
+    the gate) whose first model is current, and new events for a second round."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
-    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
+    cfg = tiny_config(tmp_path, canary_share=0.5, margin=10.0, ope_require_trusted=False)
+    loop = LoopController(cfg)
     first = loop.run_once()
     assert first.status == "promoted"  # the first model: nothing to compare a canary with
     append_events(url, walk_events(steps=range(10, 13)))
@@ -322,3 +323,27 @@ def test_rounds_on_an_s3_registry_publish_promote_and_warm_start(
     entry = {e.version: e for e in reg.entries()}[second.version]
     assert entry.lineage["parent"] == first.version and entry.location.startswith(s3_url)
     assert [h["action"] for h in reg.history()][:2] == ["publish", "promote"]
+
+
+@pytest.mark.parametrize("trusted", [None, False])
+def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool | None
+) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    over = {} if trusted is None else {"ope_require_trusted": trusted}
+    loop = LoopController(tiny_config(tmp_path, **over))
+    assert loop.run_once().status == "promoted"
+    append_events(url, walk_events(steps=range(10, 13)))
+    real_gate = controller_mod.gate
+    seen: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs["require_trusted"])
+        return real_gate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(controller_mod, "gate", spy)
+    second = loop.run_once()
+    assert seen == [trusted is None]  # the default is to require trusted estimates
+    gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
+    assert gate_doc["ope"]["require_trusted"] is (trusted is None), second.reason

@@ -466,14 +466,14 @@ def test_a_canarys_verdict_is_a_decision_checked_with_its_gate_time_truth() -> N
 def test_a_tiny_experiment_with_canaries(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With a margin no candidate can miss, every candidate becomes the canary, serves part
-    of the next round's users and is promoted there."""
+    """With a margin no candidate can miss (and OPE warnings not gating), every candidate
+    becomes the canary, serves part of the next round's users and is promoted there."""
     work = tmp_path / "exp"
     code = main(
         [
             "-q", "experiment", "--world", "shop", "--rounds", "3", "--users", "40",
             "--arms", "popularity", "--epochs", "1", "--canary", "0.5", "--margin", "100",
-            "--canary-min-users", "5",
+            "--gate-untrusted", "--canary-min-users", "5",
             "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work), "--json",
         ]
     )  # fmt: skip

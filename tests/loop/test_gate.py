@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,57 @@ def test_rewarded_training_counts_only_rewarded_rows_as_targets(tmp_path: Path) 
     # a trainer's sampler sees only the rewarded rows as transitions
     sampler = TransitionSampler(trained, history=3, batch_size=8)
     assert sampler.n_transitions == int((train & (ds.reward > 0)).sum())
+
+
+def _with_propensity(ds: PreparedDataset, value: float) -> PreparedDataset:
+    from recloop.data.schema import PROPENSITY
+
+    extra = {**ds.extra, PROPENSITY: np.full(ds.n_events, value)}
+    return dataclasses.replace(ds, extra=extra)
+
+
+def test_untrusted_lists_the_gating_estimates_flags_and_a_far_mean_weight() -> None:
+    from recloop.evaluation.ope import Interval, OPEReport
+    from recloop.loop.gate import untrusted
+
+    def report(mean_weight: float, flags: tuple[str, ...]) -> OPEReport:
+        return OPEReport(
+            split="test", n_events=10, behaviour="logged",
+            estimates={"dr": Interval(0.1, -0.2, 0.3, flags), "ips": Interval(0.1, 0.0, 0.2)},
+            logged_value=0.1, reward_range=(0.0, 1.0), behaviour_nll=1.0, support=1.0,
+            mean_weight=mean_weight, max_weight=3.0, clipped_share=0.0, ess=4.0,
+            flags=flags + (("mean_weight_far_from_1",) if mean_weight > 2 else ()),
+        )  # fmt: skip
+
+    assert untrusted(report(1.0, ()), "dr") == []
+    assert untrusted(report(1.0, ("dr_out_of_range",)), "dr") == ["dr_out_of_range"]
+    assert untrusted(report(1.0, ("dr_out_of_range",)), "ips") == []  # another estimate's
+    assert untrusted(report(9.68, ()), "ips") == ["mean weight 9.68"]
+
+
+def test_a_flagged_estimate_fails_the_ope_check_only_when_trust_is_required(
+    tmp_path: Path,
+) -> None:
+    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
+    base = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
+    rec = cfg.create()
+    rec.build(base, device="cpu")
+    cur = load_artifact(rec.save(tmp_path / "cur"))
+    ope = OPEConfig(n_boot=50, behaviour="logged")
+    # logged propensities of 0.002 for items the target picks with 1/8: weights ~60
+    rare = _with_propensity(base, 0.002)
+    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope)
+    told = gate(cur, cur, rare, **kw)  # type: ignore[arg-type]
+    assert told.promote, told.reason  # the difference is 0: the warning alone does not count
+    assert "OPE warnings, not gating: candidate dr_out_of_range, mean weight 60." in told.reason
+    assert told.ope["warnings"]["current"] and not told.ope["require_trusted"]
+    kept = gate(cur, cur, rare, require_trusted=True, **kw)  # type: ignore[arg-type]
+    assert not kept.promote
+    assert kept.reason.startswith("keep current") and "OPE untrusted: candidate" in kept.reason
+    # propensities of 1 with bounds that admit the resulting mean weight: nothing to warn
+    sure = _with_propensity(base, 1.0)
+    wide = dataclasses.replace(ope, mean_weight_bounds=(0.0, 2.0))
+    ok = gate(cur, cur, sure, require_trusted=True, **{**kw, "ope_cfg": wide})  # type: ignore[arg-type]
+    assert ok.promote, ok.reason
+    assert ok.ope["warnings"] == {"candidate": [], "current": []}
+    assert "untrusted" not in ok.reason and "warnings" not in ok.reason

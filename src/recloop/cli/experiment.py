@@ -68,6 +68,13 @@ def experiment_command(
         min=2,
         help="Users each side of a canary needs before the loop judges it.",
     ),
+    gate_trusted: bool = typer.Option(
+        True,
+        "--gate-trusted/--gate-untrusted",
+        help="Whether the gates act only on OPE estimates their reports do not warn about "
+        "(estimate out of the outcomes' range, mean importance weight far from 1); "
+        "--gate-untrusted only logs the warnings (the gate before 2026-12-06).",
+    ),
     gate_outcome: str = typer.Option(
         "reward",
         "--gate-outcome",
@@ -116,6 +123,7 @@ def experiment_command(
         margin=margin,
         gate=gate,
         gate_outcome=gate_outcome,
+        gate_trusted=gate_trusted,
         canary=canary,
         canary_min_users=canary_min_users,
         seed=seed,

@@ -96,6 +96,11 @@ class LoopConfig:
     """Also gate on off-policy evaluation of the two models on the holdout."""
     ope_estimator: Literal["dr", "snips", "ips"] = "dr"
     """The OPE estimate whose paired difference gates."""
+    ope_require_trusted: bool = True
+    """The OPE check fails when either model's report warns about the gating estimate: it
+    (or its interval) lies outside the range of the logged outcomes, or the mean importance
+    weight is outside ``ope.mean_weight_bounds`` (see :mod:`recloop.loop.gate`).  False: the
+    warnings are logged with the decision but do not count."""
     ope: OPEConfig = field(default_factory=_gate_ope)
     """Target policy, behaviour and reward models, and bootstrap of the OPE gate."""
     canary_share: float = 0.0

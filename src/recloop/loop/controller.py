@@ -278,6 +278,7 @@ class LoopController:
             ope_cfg=cfg.ope,
             rewarded_targets=cfg.rewarded_targets,
             use_metric=cfg.use_metric,
+            require_trusted=cfg.ope_require_trusted,
         )
         logger.info("gate: %s", result.reason)
 

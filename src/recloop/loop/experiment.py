@@ -347,6 +347,9 @@ class ExperimentConfig:
     canary_min_users: int = 30
     """Users each side of a canary needs before it is judged (the loops' ``canary_min_users``:
     until then the next rounds wait, training nothing)."""
+    gate_trusted: bool = True
+    """The loops' gates act only on OPE estimates their reports do not warn about
+    (``recloop loop``'s ``ope_require_trusted``); False: the warnings are only logged."""
     gate_outcome: str = "reward"
     """The outcome the gates' DR estimates per logged impression (``ope.outcome`` of the
     loops): its ``reward``, or the discounted ``return`` to the end of its session (what the
@@ -743,6 +746,7 @@ class ArmStack:
                     "margin": cfg.margin,
                     "use_ope": cfg.gate in ("ope", "both"),
                     "use_metric": cfg.gate in ("metric", "both"),
+                    "ope_require_trusted": cfg.gate_trusted,
                     "ope": {"n_boot": 100, "outcome": cfg.gate_outcome},
                     "canary_share": cfg.canary,
                     "canary_min_users": cfg.canary_min_users,

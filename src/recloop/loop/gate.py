@@ -29,6 +29,18 @@ Decision (``margin`` m >= 0): with a current model, promote when
 ``metric(candidate) >= metric(current) - m`` and, with OPE, the lower end of the paired
 interval of ``estimator(candidate) - estimator(current)`` is ``>= -m``.  The first model is
 promoted when its metric is above the popularity ranking's (train counts) on the holdout.
+
+Trusted estimates only (``require_trusted``).  Each model's OPE report carries its own
+warnings: the gating estimate (or its interval) outside the range of the logged outcomes,
+and a mean unclipped weight pi / beta outside ``ope.mean_weight_bounds`` (it is 1 in
+expectation for any pi that beta covers, so far from 1 means the estimate rests on a few
+events with huge weights, or on propensities that do not fit).  With ``require_trusted``
+a warning on either model fails the OPE check: the paired interval is not evidence then,
+whatever its bounds.  Found in ``recloop experiment`` (2026-12-06): on the loop's
+epsilon-greedy logs the effective sample size of the gate's weights was 2-12 events of
+300-1,100, and a candidate truly worse by 0.26 per session passed on a DR difference of
++0.20 [+0.01, +0.53] against a current model whose own DR estimate was -0.16 (rewards in
+[0, 1]) with a mean weight of 9.7.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from recloop.artifacts.bundle import Artifact
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.evaluation.ope import (
     OPEConfig,
+    OPEReport,
     logged_events,
     ope_report,
     paired_report,
@@ -147,6 +160,16 @@ def rewarded_training(dataset: PreparedDataset) -> PreparedDataset:
     return dataclasses.replace(dataset, split=split)
 
 
+def untrusted(report: OPEReport, estimator: str) -> list[str]:
+    """The warnings of ``report`` that make its ``estimator`` estimate no evidence: that
+    estimate (or its interval) outside the outcomes' range, and a mean weight far from 1."""
+    flags = report.estimates[estimator].flags
+    out = list(flags)
+    if "mean_weight_far_from_1" in report.flags:
+        out.append(f"mean weight {report.mean_weight:.2f}")
+    return out
+
+
 def gate(
     candidate: Artifact,
     current: Artifact | None,
@@ -159,10 +182,12 @@ def gate(
     ope_cfg: OPEConfig,
     rewarded_targets: bool = False,
     use_metric: bool = True,
+    require_trusted: bool = False,
 ) -> GateResult:
     """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
     (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
-    model, ``use_metric`` false and ``use_ope`` true, OPE alone decides)."""
+    model, ``use_metric`` false and ``use_ope`` true, OPE alone decides; with
+    ``require_trusted`` an OPE report's warning on either model fails the OPE check)."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
@@ -200,19 +225,31 @@ def gate(
         iv = diff.differences[estimator]
         returns = ope_cfg.outcome == "return"
         ok_ope = iv.low >= -margin - 1e-9  # equal policies give a difference of 0 up to rounding
+        reports = {
+            "candidate": ope_report(events, t_cand, ope_cfg),
+            "current": ope_report(events, t_cur, ope_cfg),
+        }
+        warnings = {name: untrusted(r, estimator) for name, r in reports.items()}
         ope_doc = {
             "behaviour": events.behaviour,
             "n_events": events.n_events,
             "estimator": estimator,
-            "candidate": ope_report(events, t_cand, ope_cfg).to_dict(),
-            "current": ope_report(events, t_cur, ope_cfg).to_dict(),
+            **{name: r.to_dict() for name, r in reports.items()},
             "paired": diff.to_dict(),
+            "warnings": warnings,
+            "require_trusted": require_trusted,
         }
         words.append(
             f"OPE {estimator} difference {iv.value:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] "
-            f"({events.behaviour} propensities{', session returns' * returns}): "
-            f"low {'>=' if ok_ope else '<'} {-margin:g}"
+            f"({events.behaviour} propensities{', session returns' * returns}, "
+            f"ESS {reports['candidate'].ess:.1f} / {reports['current'].ess:.1f} of "
+            f"{events.n_events}): low {'>=' if ok_ope else '<'} {-margin:g}"
         )
+        flagged = [f"{name} {', '.join(w)}" for name, w in warnings.items() if w]
+        if flagged:
+            trust = "untrusted" if require_trusted else "warnings, not gating"
+            words.append(f"OPE {trust}: {'; '.join(flagged)}")
+            ok_ope = ok_ope and not require_trusted
     promote = ok_metric and ok_ope
     verdict = "promote" if promote else "keep current" if current is not None else "not promoted"
     return GateResult(
