@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ from loop_helpers import append_events, tiny_config, walk_events
 from recloop.artifacts.bundle import load_artifact
 from recloop.artifacts.registry import ArtifactRegistry
 from recloop.loop import controller as controller_mod
+from recloop.loop.config import LoopConfig
 from recloop.loop.controller import LoopController, LoopError
 
 
@@ -331,7 +333,8 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
-    over = {} if trusted is None else {"ope_require_trusted": trusted}
+    over: dict[str, Any] = {} if trusted is None else {"ope_require_trusted": trusted}
+    over["ope_min_ess"] = 12.5
     loop = LoopController(tiny_config(tmp_path, **over))
     assert loop.run_once().status == "promoted"
     append_events(url, walk_events(steps=range(10, 13)))
@@ -339,11 +342,14 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise(
     seen: list[object] = []
 
     def spy(*args: object, **kwargs: object) -> object:
-        seen.append(kwargs["require_trusted"])
+        seen.append((kwargs["require_trusted"], kwargs["min_ess"]))
         return real_gate(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(controller_mod, "gate", spy)
     second = loop.run_once()
-    assert seen == [trusted is None]  # the default is to require trusted estimates
+    assert seen == [(trusted is None, 12.5)]  # the default is to require trusted estimates
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
     assert gate_doc["ope"]["require_trusted"] is (trusted is None), second.reason
+    assert gate_doc["ope"]["min_ess"] == 12.5
+    defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
+    assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0

@@ -473,7 +473,7 @@ def test_a_tiny_experiment_with_canaries(
         [
             "-q", "experiment", "--world", "shop", "--rounds", "3", "--users", "40",
             "--arms", "popularity", "--epochs", "1", "--canary", "0.5", "--margin", "100",
-            "--gate-untrusted", "--canary-min-users", "5",
+            "--gate-untrusted", "--gate-min-ess", "7.5", "--canary-min-users", "5",
             "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work), "--json",
         ]
     )  # fmt: skip
@@ -499,6 +499,11 @@ def test_a_tiny_experiment_with_canaries(
     reg = work / "arms" / "popularity" / "registry"
     actions = [json.loads(x)["action"] for x in (reg / "history.jsonl").read_text().splitlines()]
     assert actions.count("canary-start") == 3 and actions.count("promote") == 3  # + bootstrap
+    # the gate flags reach each loop's gate
+    ope = json.loads((reg / "versions" / first / "registry.json").read_text())
+    ope = ope["gate"]["ope"]
+    assert (ope["require_trusted"], ope["min_ess"]) == (False, 7.5)
+    assert (doc["config"]["gate_trusted"], doc["config"]["gate_min_ess"]) == (False, 7.5)
 
 
 def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:

@@ -78,8 +78,9 @@ def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -
     rec.build(ds, device="cpu")
     cur = load_artifact(rec.save(tmp_path / "cur"))
     ope = OPEConfig(n_boot=50, behaviour_epochs=1)
+    # 12 holdout events: no estimate is trusted (ESS < 30); the warnings are tested below
     same = gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
-                ope_cfg=ope)  # fmt: skip
+                ope_cfg=ope, require_trusted=False)  # fmt: skip
     assert same.promote, same.reason
     assert same.candidate == same.baseline
     assert same.ope["paired"]["differences"]["dr"]["value"] == 0.0
@@ -121,16 +122,16 @@ def test_without_the_metric_ope_alone_decides(tmp_path: Path) -> None:
     cur = load_artifact(rec.save(tmp_path / "cur"))
     ope = OPEConfig(n_boot=50, behaviour_epochs=1)
     same = gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
-                ope_cfg=ope, use_metric=False)  # fmt: skip
+                ope_cfg=ope, use_metric=False, require_trusted=False)  # fmt: skip
     assert same.promote and "(not gating)" in same.reason
     with torch.no_grad():
         for p in rec.algo.policy.head.parameters():  # type: ignore[union-attr]
             p.neg_()
     worse = load_artifact(rec.save(tmp_path / "worse"))
     both = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
-                ope_cfg=ope)  # fmt: skip
+                ope_cfg=ope, require_trusted=False)  # fmt: skip
     alone = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
-                 ope_cfg=ope, use_metric=False)  # fmt: skip
+                 ope_cfg=ope, use_metric=False, require_trusted=False)  # fmt: skip
     low = alone.ope["paired"]["differences"]["dr"]["low"]
     assert alone.promote is (low >= 0)  # the metric no longer counts
     assert both.promote is (alone.promote and both.candidate["ndcg@5"] >= both.baseline["ndcg@5"])
@@ -168,28 +169,56 @@ def _with_propensity(ds: PreparedDataset, value: float) -> PreparedDataset:
     return dataclasses.replace(ds, extra=extra)
 
 
-def test_untrusted_lists_the_gating_estimates_flags_and_a_far_mean_weight() -> None:
+def test_untrusted_lists_the_gating_estimates_flags_a_far_mean_weight_and_a_small_ess() -> None:
     from recloop.evaluation.ope import Interval, OPEReport
     from recloop.loop.gate import untrusted
 
-    def report(mean_weight: float, flags: tuple[str, ...]) -> OPEReport:
+    def report(mean_weight: float, flags: tuple[str, ...], ess: float = 40.0) -> OPEReport:
         return OPEReport(
-            split="test", n_events=10, behaviour="logged",
+            split="test", n_events=100, behaviour="logged",
             estimates={"dr": Interval(0.1, -0.2, 0.3, flags), "ips": Interval(0.1, 0.0, 0.2)},
             logged_value=0.1, reward_range=(0.0, 1.0), behaviour_nll=1.0, support=1.0,
-            mean_weight=mean_weight, max_weight=3.0, clipped_share=0.0, ess=4.0,
-            flags=flags + (("mean_weight_far_from_1",) if mean_weight > 2 else ()),
+            mean_weight=mean_weight, max_weight=3.0, clipped_share=0.0, ess=ess,
+            flags=flags + (("mean_weight_far_from_1",) if not 0.5 <= mean_weight <= 2 else ()),
         )  # fmt: skip
 
-    assert untrusted(report(1.0, ()), "dr") == []
+    assert untrusted(report(1.0, ()), "dr", min_ess=30) == []
     assert untrusted(report(1.0, ("dr_out_of_range",)), "dr") == ["dr_out_of_range"]
     assert untrusted(report(1.0, ("dr_out_of_range",)), "ips") == []  # another estimate's
     assert untrusted(report(9.68, ()), "ips") == ["mean weight 9.68"]
+    assert untrusted(report(0.07, ()), "ips") == ["mean weight 0.07"]
+    assert untrusted(report(1.0, (), ess=4.1), "dr", min_ess=30) == ["ESS 4.1 < 30"]
+    assert untrusted(report(1.0, (), ess=30.0), "dr", min_ess=30) == []
+    assert untrusted(report(1.0, (), ess=29.5), "dr", min_ess=30) == ["ESS 29.5 < 30"]
+    assert untrusted(report(1.0, (), ess=4.1), "dr") == []  # no minimum by default
 
 
-def test_a_flagged_estimate_fails_the_ope_check_only_when_trust_is_required(
-    tmp_path: Path,
-) -> None:
+def test_the_ope_check_fails_on_a_warning_about_either_model_when_trust_is_required() -> None:
+    from recloop.evaluation.ope import Interval
+    from recloop.loop.gate import ope_check
+
+    up, down = Interval(0.2, 0.01, 0.5), Interval(0.2, -0.3, 0.5)
+    clean: dict[str, list[str]] = {"candidate": [], "current": []}
+    only_current = {"candidate": [], "current": ["mean weight 9.68"]}
+    only_candidate = {"candidate": ["ESS 4.1 < 30"], "current": []}
+    for trusted in (True, False):
+        c = ope_check(up, clean, margin=0.0, require_trusted=trusted)
+        assert c.passed and c.words == "low >= -0"
+        assert not ope_check(down, clean, margin=0.0, require_trusted=trusted).passed
+        assert ope_check(down, clean, margin=0.5, require_trusted=trusted).passed
+    for warned in (only_current, only_candidate):
+        kept = ope_check(up, warned, margin=0.0, require_trusted=True)
+        assert not kept.passed and "OPE untrusted: " in kept.words
+        told = ope_check(up, warned, margin=0.0, require_trusted=False)
+        assert told.passed and "OPE warnings, not gating: " in told.words
+        # not gating on the warnings still gates on the interval
+        assert not ope_check(down, warned, margin=0.0, require_trusted=False).passed
+    assert ope_check(up, only_current, margin=0.0, require_trusted=True).words == (
+        "low >= -0; OPE untrusted: current mean weight 9.68"
+    )
+
+
+def test_a_flagged_estimate_fails_the_gate_only_when_trust_is_required(tmp_path: Path) -> None:
     cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
     base = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
     rec = cfg.create()
@@ -198,18 +227,22 @@ def test_a_flagged_estimate_fails_the_ope_check_only_when_trust_is_required(
     ope = OPEConfig(n_boot=50, behaviour="logged")
     # logged propensities of 0.002 for items the target picks with 1/8: weights ~60
     rare = _with_propensity(base, 0.002)
-    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope)
-    told = gate(cur, cur, rare, **kw)  # type: ignore[arg-type]
+    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope, min_ess=0)
+    told = gate(cur, cur, rare, require_trusted=False, **kw)  # type: ignore[arg-type]
     assert told.promote, told.reason  # the difference is 0: the warning alone does not count
     assert "OPE warnings, not gating: candidate dr_out_of_range, mean weight 60." in told.reason
     assert told.ope["warnings"]["current"] and not told.ope["require_trusted"]
-    kept = gate(cur, cur, rare, require_trusted=True, **kw)  # type: ignore[arg-type]
+    kept = gate(cur, cur, rare, **kw)  # type: ignore[arg-type]
+    assert kept.ope["require_trusted"]  # the default
     assert not kept.promote
     assert kept.reason.startswith("keep current") and "OPE untrusted: candidate" in kept.reason
     # propensities of 1 with bounds that admit the resulting mean weight: nothing to warn
     sure = _with_propensity(base, 1.0)
     wide = dataclasses.replace(ope, mean_weight_bounds=(0.0, 2.0))
-    ok = gate(cur, cur, sure, require_trusted=True, **{**kw, "ope_cfg": wide})  # type: ignore[arg-type]
+    ok = gate(cur, cur, sure, **{**kw, "ope_cfg": wide})  # type: ignore[arg-type]
     assert ok.promote, ok.reason
     assert ok.ope["warnings"] == {"candidate": [], "current": []}
     assert "untrusted" not in ok.reason and "warnings" not in ok.reason
+    # ... but 12 events are not enough for the default minimum ESS
+    few = gate(cur, cur, sure, **{**kw, "ope_cfg": wide, "min_ess": 30})  # type: ignore[arg-type]
+    assert not few.promote and "current ESS" in few.reason

@@ -72,8 +72,15 @@ def experiment_command(
         True,
         "--gate-trusted/--gate-untrusted",
         help="Whether the gates act only on OPE estimates their reports do not warn about "
-        "(estimate out of the outcomes' range, mean importance weight far from 1); "
-        "--gate-untrusted only logs the warnings (the gate before 2026-12-06).",
+        "(estimate out of the outcomes' range, mean importance weight far from 1, effective "
+        "sample size below --gate-min-ess); --gate-untrusted only logs the warnings (the "
+        "gate before 2026-12-06).",
+    ),
+    gate_min_ess: float = typer.Option(
+        30.0,
+        "--gate-min-ess",
+        min=0.0,
+        help="Smallest effective sample size of an OPE estimate the gates act on (0: none).",
     ),
     gate_outcome: str = typer.Option(
         "reward",
@@ -124,6 +131,7 @@ def experiment_command(
         gate=gate,
         gate_outcome=gate_outcome,
         gate_trusted=gate_trusted,
+        gate_min_ess=gate_min_ess,
         canary=canary,
         canary_min_users=canary_min_users,
         seed=seed,

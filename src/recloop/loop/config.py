@@ -97,10 +97,14 @@ class LoopConfig:
     ope_estimator: Literal["dr", "snips", "ips"] = "dr"
     """The OPE estimate whose paired difference gates."""
     ope_require_trusted: bool = True
-    """The OPE check fails when either model's report warns about the gating estimate: it
-    (or its interval) lies outside the range of the logged outcomes, or the mean importance
-    weight is outside ``ope.mean_weight_bounds`` (see :mod:`recloop.loop.gate`).  False: the
-    warnings are logged with the decision but do not count."""
+    """The OPE check fails when either model's estimate is no evidence: it (or its interval)
+    lies outside the range of the logged outcomes, the mean importance weight is outside
+    ``ope.mean_weight_bounds``, or the effective sample size of the weights is below
+    ``ope_min_ess`` (see :mod:`recloop.loop.gate`).  False: the warnings are logged with the
+    decision but do not count."""
+    ope_min_ess: float = 30.0
+    """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
+    estimate that the gate acts on; 0 = no minimum."""
     ope: OPEConfig = field(default_factory=_gate_ope)
     """Target policy, behaviour and reward models, and bootstrap of the OPE gate."""
     canary_share: float = 0.0
@@ -172,6 +176,7 @@ class LoopConfig:
             f"metric must be NAME@K with NAME in {list(METRIC_NAMES)}, got {self.metric!r}",
         )
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        check(self.ope_min_ess >= 0, f"ope_min_ess must be >= 0, got {self.ope_min_ess}")
         check(
             self.ope_estimator in ("dr", "snips", "ips"),
             f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",

@@ -279,6 +279,7 @@ class LoopController:
             rewarded_targets=cfg.rewarded_targets,
             use_metric=cfg.use_metric,
             require_trusted=cfg.ope_require_trusted,
+            min_ess=cfg.ope_min_ess,
         )
         logger.info("gate: %s", result.reason)
 

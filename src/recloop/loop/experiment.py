@@ -350,6 +350,9 @@ class ExperimentConfig:
     gate_trusted: bool = True
     """The loops' gates act only on OPE estimates their reports do not warn about
     (``recloop loop``'s ``ope_require_trusted``); False: the warnings are only logged."""
+    gate_min_ess: float = 30.0
+    """Smallest effective sample size of an OPE estimate the loops' gates act on
+    (``recloop loop``'s ``ope_min_ess``); 0 = no minimum."""
     gate_outcome: str = "reward"
     """The outcome the gates' DR estimates per logged impression (``ope.outcome`` of the
     loops): its ``reward``, or the discounted ``return`` to the end of its session (what the
@@ -747,6 +750,7 @@ class ArmStack:
                     "use_ope": cfg.gate in ("ope", "both"),
                     "use_metric": cfg.gate in ("metric", "both"),
                     "ope_require_trusted": cfg.gate_trusted,
+                    "ope_min_ess": cfg.gate_min_ess,
                     "ope": {"n_boot": 100, "outcome": cfg.gate_outcome},
                     "canary_share": cfg.canary,
                     "canary_min_users": cfg.canary_min_users,

@@ -30,17 +30,19 @@ Decision (``margin`` m >= 0): with a current model, promote when
 interval of ``estimator(candidate) - estimator(current)`` is ``>= -m``.  The first model is
 promoted when its metric is above the popularity ranking's (train counts) on the holdout.
 
-Trusted estimates only (``require_trusted``).  Each model's OPE report carries its own
-warnings: the gating estimate (or its interval) outside the range of the logged outcomes,
-and a mean unclipped weight pi / beta outside ``ope.mean_weight_bounds`` (it is 1 in
-expectation for any pi that beta covers, so far from 1 means the estimate rests on a few
-events with huge weights, or on propensities that do not fit).  With ``require_trusted``
-a warning on either model fails the OPE check: the paired interval is not evidence then,
-whatever its bounds.  Found in ``recloop experiment`` (2026-12-06): on the loop's
-epsilon-greedy logs the effective sample size of the gate's weights was 2-12 events of
-300-1,100, and a candidate truly worse by 0.26 per session passed on a DR difference of
-+0.20 [+0.01, +0.53] against a current model whose own DR estimate was -0.16 (rewards in
-[0, 1]) with a mean weight of 9.7.
+Trusted estimates only (``require_trusted``, ``min_ess``).  The OPE check fails, and the
+current model stays, when either model's estimate is no evidence (:func:`untrusted`): the
+estimate or its interval outside the observed outcomes' range; a mean unclipped weight
+pi / beta outside ``ope.mean_weight_bounds`` (it is 1 in expectation for any pi that beta
+covers: far below, most of pi's mass is on actions the log never showed and DR there is
+its reward model's opinion; far above, a few huge weights dominate); or an effective
+sample size (Kish) of the clipped weights below ``min_ess`` (30: the usual floor for an
+interval built on the central limit theorem, as the bootstrap's percentile interval is).
+Found in ``recloop experiment`` (2026-12-06): on the loop's epsilon-greedy logs the ESS of
+the gate's weights was 2-12 events of 300-1,100; a candidate truly worse by 0.26 per
+session passed on a DR difference of +0.20 [+0.01, +0.53] (current model: DR -0.16 with
+rewards in [0, 1], mean weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23]
+with both mean weights within bounds and an ESS of 4.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from torch import Tensor
 from recloop.artifacts.bundle import Artifact
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.evaluation.ope import (
+    Interval,
     OPEConfig,
     OPEReport,
     logged_events,
@@ -160,14 +163,50 @@ def rewarded_training(dataset: PreparedDataset) -> PreparedDataset:
     return dataclasses.replace(dataset, split=split)
 
 
-def untrusted(report: OPEReport, estimator: str) -> list[str]:
-    """The warnings of ``report`` that make its ``estimator`` estimate no evidence: that
-    estimate (or its interval) outside the outcomes' range, and a mean weight far from 1."""
-    flags = report.estimates[estimator].flags
-    out = list(flags)
+def untrusted(report: OPEReport, estimator: str, *, min_ess: float = 0.0) -> list[str]:
+    """The warnings that make ``report``'s ``estimator`` estimate no evidence: the estimate
+    or its interval outside the observed outcomes' range (a variance too large for the
+    interval to mean anything), a mean weight outside the report's bounds (below: most of
+    the target's mass is on actions the log never showed, so DR is its reward model's
+    opinion there; above: a few huge weights dominate), and an effective sample size of the
+    clipped weights below ``min_ess`` (the estimate rests on that many events' worth of
+    data, too few for a bootstrap interval)."""
+    out = list(report.estimates[estimator].flags)
     if "mean_weight_far_from_1" in report.flags:
         out.append(f"mean weight {report.mean_weight:.2f}")
+    if report.ess < min_ess:
+        out.append(f"ESS {report.ess:.1f} < {min_ess:g}")
     return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPECheck:
+    """The OPE half of the gate's decision."""
+
+    passed: bool
+    """Whether OPE lets the candidate through."""
+    words: str
+    """How it decided, for the reason line."""
+
+
+def ope_check(
+    difference: Interval,
+    warnings: dict[str, list[str]],
+    *,
+    margin: float,
+    require_trusted: bool,
+) -> OPECheck:
+    """Passed when the paired interval's low end is >= ``-margin`` and, with
+    ``require_trusted``, no model's estimate has a warning (``warnings``: model name -> its
+    :func:`untrusted` list)."""
+    # equal policies give a difference of 0 up to rounding
+    ok = difference.low >= -margin - 1e-9
+    words = f"low {'>=' if ok else '<'} {-margin:g}"
+    flagged = [f"{name} {', '.join(w)}" for name, w in warnings.items() if w]
+    if flagged:
+        trust = "untrusted" if require_trusted else "warnings, not gating"
+        words += f"; OPE {trust}: {'; '.join(flagged)}"
+    return OPECheck(passed=ok and not (require_trusted and flagged), words=words)
 
 
 def gate(
@@ -182,12 +221,14 @@ def gate(
     ope_cfg: OPEConfig,
     rewarded_targets: bool = False,
     use_metric: bool = True,
-    require_trusted: bool = False,
+    require_trusted: bool = True,
+    min_ess: float = 30.0,
 ) -> GateResult:
     """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
     (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
     model, ``use_metric`` false and ``use_ope`` true, OPE alone decides; with
-    ``require_trusted`` an OPE report's warning on either model fails the OPE check)."""
+    ``require_trusted`` an OPE report's warning on either model, :func:`untrusted` with
+    ``min_ess``, fails the OPE check)."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
@@ -224,12 +265,13 @@ def gate(
         )
         iv = diff.differences[estimator]
         returns = ope_cfg.outcome == "return"
-        ok_ope = iv.low >= -margin - 1e-9  # equal policies give a difference of 0 up to rounding
         reports = {
             "candidate": ope_report(events, t_cand, ope_cfg),
             "current": ope_report(events, t_cur, ope_cfg),
         }
-        warnings = {name: untrusted(r, estimator) for name, r in reports.items()}
+        warnings = {name: untrusted(r, estimator, min_ess=min_ess) for name, r in reports.items()}
+        check = ope_check(iv, warnings, margin=margin, require_trusted=require_trusted)
+        ok_ope = check.passed
         ope_doc = {
             "behaviour": events.behaviour,
             "n_events": events.n_events,
@@ -238,18 +280,14 @@ def gate(
             "paired": diff.to_dict(),
             "warnings": warnings,
             "require_trusted": require_trusted,
+            "min_ess": min_ess,
         }
         words.append(
             f"OPE {estimator} difference {iv.value:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] "
             f"({events.behaviour} propensities{', session returns' * returns}, "
             f"ESS {reports['candidate'].ess:.1f} / {reports['current'].ess:.1f} of "
-            f"{events.n_events}): low {'>=' if ok_ope else '<'} {-margin:g}"
+            f"{events.n_events}): {check.words}"
         )
-        flagged = [f"{name} {', '.join(w)}" for name, w in warnings.items() if w]
-        if flagged:
-            trust = "untrusted" if require_trusted else "warnings, not gating"
-            words.append(f"OPE {trust}: {'; '.join(flagged)}")
-            ok_ope = ok_ope and not require_trusted
     promote = ok_metric and ok_ope
     verdict = "promote" if promote else "keep current" if current is not None else "not promoted"
     return GateResult(
