@@ -172,12 +172,12 @@ def _served(url: str, rows: list[tuple[str, int, str, float]]) -> None:
 
 
 def _canary_loop(tmp_path: Path) -> tuple[str, LoopController, Any, ArtifactRegistry]:
-    """A loop with canaries (margin 10 and OPE warnings not gating: every candidate passes
-    the gate) whose first model is current, and new events for a second round."""
+    """A loop with canaries (margin 10, and OPE warnings do not count with a canary: every
+    candidate passes the gate) whose first model is current, and new events for a second
+    round."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
-    cfg = tiny_config(tmp_path, canary_share=0.5, margin=10.0, ope_require_trusted=False)
-    loop = LoopController(cfg)
+    loop = LoopController(tiny_config(tmp_path, canary_share=0.5, margin=10.0))
     first = loop.run_once()
     assert first.status == "promoted"  # the first model: nothing to compare a canary with
     append_events(url, walk_events(steps=range(10, 13)))
@@ -327,14 +327,15 @@ def test_rounds_on_an_s3_registry_publish_promote_and_warm_start(
     assert [h["action"] for h in reg.history()][:2] == ["publish", "promote"]
 
 
-@pytest.mark.parametrize("trusted", [None, False])
-def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool | None
+@pytest.mark.parametrize(("trusted", "canary"), [(None, 0.0), (False, 0.0), (None, 0.5)])
+def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_judges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool | None, canary: float
 ) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
     over: dict[str, Any] = {} if trusted is None else {"ope_require_trusted": trusted}
     over["ope_min_ess"] = 12.5
+    over["canary_share"] = canary
     loop = LoopController(tiny_config(tmp_path, **over))
     assert loop.run_once().status == "promoted"
     append_events(url, walk_events(steps=range(10, 13)))
@@ -347,9 +348,10 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise(
 
     monkeypatch.setattr(controller_mod, "gate", spy)
     second = loop.run_once()
-    assert seen == [(trusted is None, 12.5)]  # the default is to require trusted estimates
+    required = trusted is None and not canary  # the default, unless a canary judges
+    assert seen == [(required, 12.5)]
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
-    assert gate_doc["ope"]["require_trusted"] is (trusted is None), second.reason
+    assert gate_doc["ope"]["require_trusted"] is required, second.reason
     assert gate_doc["ope"]["min_ess"] == 12.5
     defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0

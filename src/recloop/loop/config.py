@@ -101,7 +101,9 @@ class LoopConfig:
     lies outside the range of the logged outcomes, the mean importance weight is outside
     ``ope.mean_weight_bounds``, or the effective sample size of the weights is below
     ``ope_min_ess`` (see :mod:`recloop.loop.gate`).  False: the warnings are logged with the
-    decision but do not count."""
+    decision but do not count.  With a canary (``canary_share`` > 0) they do not count
+    either: a candidate that passes the rest of the gate starts as the canary, and its users'
+    behaviour, not the offline estimate, decides its promotion."""
     ope_min_ess: float = 30.0
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""

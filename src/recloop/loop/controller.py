@@ -278,7 +278,8 @@ class LoopController:
             ope_cfg=cfg.ope,
             rewarded_targets=cfg.rewarded_targets,
             use_metric=cfg.use_metric,
-            require_trusted=cfg.ope_require_trusted,
+            # with a canary the users judge the candidate: the offline gate only screens it
+            require_trusted=cfg.ope_require_trusted and not cfg.canary_share,
             min_ess=cfg.ope_min_ess,
         )
         logger.info("gate: %s", result.reason)
