@@ -534,3 +534,20 @@ def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:
     assert done.gate is not None and done.gate.decision == "failed at train"
     assert done.promoted and done.canary is not None
     assert done.canary.decision == "promote" and done.canary.violation  # truly worse
+
+
+def test_a_second_experiment_in_the_same_workdir_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fcntl
+
+    work = tmp_path / "exp"
+    work.mkdir()
+    (work / "arms" / "keep").mkdir(parents=True)  # a running experiment's arms
+    with open(work / ".lock", "a") as running:
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX)
+        code = main(["-q", "experiment", "--rounds", "1", "--users", "5", "--workdir", str(work)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "another recloop experiment is running in this directory" in err, err
+    assert (work / "arms" / "keep").is_dir()  # nothing of the running one was deleted

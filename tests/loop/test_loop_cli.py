@@ -119,3 +119,44 @@ def test_kill_9_at_a_step_then_restart(tmp_path: Path, step: str) -> None:
     assert again.parent == first.version and again.window["events"] == 208
     load_artifact(reg.current_path())
     assert LoopController(cfg).run_once().status == "skipped"  # the window is done
+
+
+@pytest.mark.slow
+def test_a_second_controller_on_the_workdir_is_busy_while_a_round_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _setup(tmp_path)
+    cfg = tiny_config(tmp_path)
+    proc = _run_until_hook(tmp_path, config, "train")  # holds the lock, asleep in its round
+    try:
+        state_before = (tmp_path / "work" / "state.json").exists()
+        busy = LoopController(cfg).run_once()
+        assert busy.status == "busy" and str(tmp_path / "work" / ".lock") in busy.reason
+        assert main(["loop", "--config", str(config), "--once"]) == 0
+        assert capsys.readouterr().out.startswith("busy: another controller is running")
+        # nothing was trained or written beside the running round
+        assert (tmp_path / "work" / "state.json").exists() is state_before
+        assert ArtifactRegistry(tmp_path / "registry").current() is None
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+    # the kernel dropped the dead controller's lock: the next call runs the round
+    assert LoopController(cfg).run_once().status == "promoted"
+
+
+def test_the_workdir_lock_is_per_process_call(tmp_path: Path) -> None:
+    import fcntl
+
+    _setup(tmp_path)
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / ".lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert LoopController(cfg).run_once().status == "busy"
+    first = LoopController(cfg).run_once()
+    assert first.status == "promoted"
+    # run_once released it: another open of the file gets it at once
+    with open(tmp_path / "work" / ".lock", "a") as again:
+        fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

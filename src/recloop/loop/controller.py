@@ -26,6 +26,12 @@ controller finishes a pending publish (publishing is idempotent, and the promoti
 redone only while the current version is still the one the candidate was gated against)
 and then advances the watermark, so a finished window is never trained twice.
 
+One controller per workdir.  A round holds an exclusive ``flock`` on ``WORKDIR/.lock``
+(taken without waiting; the kernel drops it when the process dies, even by kill -9).  A
+second controller on the same workdir -- a cron ``--once`` that starts while the last one
+still trains, a second ``recloop loop`` -- does not run a round beside it (which would
+train the same window twice and race on ``state.json``): its call returns ``busy``.
+
 Test hook: with ``RECLOOP_LOOP_HOOK=STEP[:SECONDS]`` in the environment the controller
 writes ``WORKDIR/.hook-STEP`` (its pid) when it reaches STEP and sleeps there (default an
 hour), so a test can kill it at that step.
@@ -33,15 +39,17 @@ hour), so a test can kill it at that step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 ROUNDS = "rounds"
+LOCK_FILE = ".lock"
 HOOK_ENV = "RECLOOP_LOOP_HOOK"
 STEPS = ("check", "canary", "prepare", "train", "gate", "publish")
 
@@ -90,8 +99,9 @@ class RoundResult:
 
     status: str
     """skipped (no trigger), promoted, published (gate said no), canary (passed the gate,
-    now the registry's canary), canary-waiting (a canary has too few users yet), or
-    resumed-... for a pending publish finished after a restart."""
+    now the registry's canary), canary-waiting (a canary has too few users yet),
+    resumed-... for a pending publish finished after a restart, or busy (another controller
+    holds the workdir's lock: nothing was done)."""
     reason: str
     """One line: why."""
     version: str | None = None
@@ -191,6 +201,32 @@ class LoopController:
         start = time.perf_counter()
         self.step = "check"
         self.canary_verdict = {}
+        with self._workdir_lock() as held:
+            if not held:
+                return RoundResult(
+                    status="busy",
+                    reason=f"another controller is running a round in {self.workdir} "
+                    f"(it holds {self.workdir / LOCK_FILE}); nothing done",
+                    current=self.registry.current(),
+                )
+            return self._locked_round(start)
+
+    @contextlib.contextmanager
+    def _workdir_lock(self) -> Iterator[bool]:
+        """Whether this process got the workdir's exclusive lock (held until the exit)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / LOCK_FILE, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _locked_round(self, start: float) -> RoundResult:
         try:
             result = self._round()
         except LoopError:
@@ -535,7 +571,9 @@ class LoopController:
         while max_rounds is None or done < max_rounds:
             try:
                 result = self.run_once()
-                if result.status != "skipped":
+                if result.status == "busy":
+                    logger.warning("%s", result.reason)
+                elif result.status != "skipped":
                     logger.info("round %s: %s", result.status, result.reason)
                 else:
                     logger.debug("no round: %s", result.reason)

@@ -56,7 +56,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ import orjson
 from recloop.artifacts.bundle import load_artifact
 from recloop.artifacts.registry import ArtifactRegistry
 from recloop.config import check, set_dotted
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, RecloopError
 from recloop.evaluation.ope import OUTCOMES
 from recloop.evaluation.worlds.base import ITEM_PREFIX, RESPONSES, USER_PREFIX, UserState, World
 from recloop.evaluation.worlds.rollout import (
@@ -1122,6 +1122,39 @@ async def run_experiment_async(
     start = time.perf_counter()
     world = build_world(cfg.world, list(cfg.world_overrides))
     workdir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(workdir):
+        return await _run_locked(cfg, arms, workdir, world=world, start=start, say=say)
+
+
+@contextlib.contextmanager
+def _exclusive(workdir: Path) -> Iterator[None]:
+    """Holds ``workdir/.lock`` for the run: a second run in the same directory would delete
+    this one's arms under it (each run starts from an empty ``arms``)."""
+    import fcntl
+
+    with open(workdir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecloopError(
+                f"{workdir}: another recloop experiment is running in this directory "
+                f"(it holds {workdir / '.lock'}); give another --workdir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+async def _run_locked(
+    cfg: ExperimentConfig,
+    arms: list[ArmSpec],
+    workdir: Path,
+    *,
+    world: World,
+    start: float,
+    say: Callable[[str], None],
+) -> ExperimentResult:
     arms_dir = workdir / "arms"
     if arms_dir.exists():
         import shutil
