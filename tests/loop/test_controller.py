@@ -350,6 +350,9 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     second = loop.run_once()
     required = trusted is None and not canary  # the default, unless a canary judges
     assert seen == [(required, 12.5)]
+    # this tiny log's estimates carry warnings: they keep the candidate out only when required
+    assert "OPE untrusted" in second.reason if required else "OPE warnings" in second.reason
+    assert second.status == ("published" if required else "canary" if canary else "promoted")
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
     assert gate_doc["ope"]["require_trusted"] is required, second.reason
     assert gate_doc["ope"]["min_ess"] == 12.5

@@ -122,31 +122,51 @@ def test_kill_9_at_a_step_then_restart(tmp_path: Path, step: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("step", ["train", "publish", "promote"])
 def test_a_second_controller_on_the_workdir_is_busy_while_a_round_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], step: str
 ) -> None:
     config = _setup(tmp_path)
     cfg = tiny_config(tmp_path)
-    proc = _run_until_hook(tmp_path, config, "train")  # holds the lock, asleep in its round
+    proc = _run_until_hook(tmp_path, config, step)  # holds the lock, asleep in its round
     try:
-        state_before = (tmp_path / "work" / "state.json").exists()
+        state = tmp_path / "work" / "state.json"
+        before = state.read_bytes() if state.exists() else None
         busy = LoopController(cfg).run_once()
         assert busy.status == "busy" and str(tmp_path / "work" / ".lock") in busy.reason
-        assert main(["loop", "--config", str(config), "--once"]) == 0
+        assert main(["loop", "--config", str(config), "--once"]) == 75
         assert capsys.readouterr().out.startswith("busy: another controller is running")
         # nothing was trained or written beside the running round
-        assert (tmp_path / "work" / "state.json").exists() is state_before
+        assert (state.read_bytes() if state.exists() else None) == before
         assert ArtifactRegistry(tmp_path / "registry").current() is None
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
-    # the kernel dropped the dead controller's lock: the next call runs the round
-    assert LoopController(cfg).run_once().status == "promoted"
+    # the kernel dropped the dead controller's lock: the next call runs (or finishes) the round
+    assert LoopController(cfg).run_once().status in ("promoted", "resumed-promoted")
 
 
-def test_the_workdir_lock_is_per_process_call(tmp_path: Path) -> None:
+def test_a_lock_that_cannot_be_taken_fails_the_check_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    from recloop.loop.controller import LoopError
+
+    _setup(tmp_path)
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LoopError, match=r"round failed at check: .*No locks available"):
+        LoopController(tiny_config(tmp_path)).run_once()
+
+
+def test_run_once_holds_the_workdir_lock_only_during_its_round(tmp_path: Path) -> None:
     import fcntl
 
     _setup(tmp_path)

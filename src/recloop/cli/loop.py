@@ -10,6 +10,10 @@ import typer
 
 from recloop.cli.app import app, echo, echo_json
 
+BUSY_EXIT = 75
+"""Exit code of ``recloop loop --once`` while another controller runs a round in the same
+workdir (EX_TEMPFAIL: try again later)."""
+
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """``--set`` items for the loop's own fields and those for the training run.
@@ -92,7 +96,8 @@ def loop_command(
     on the holdout (ranking metric and OPE) and publishes the candidate with its lineage,
     promoting it only when it is not worse by more than --margin.  A failed round leaves the
     current model in place: with --once it exits 2 with one line, otherwise it is logged and
-    retried at the next check.
+    retried at the next check.  While another controller runs a round in the same workdir,
+    --once prints "busy: ..." and exits 75 (EX_TEMPFAIL: try again later).
     """
     from recloop.loop.controller import LoopController
 
@@ -124,3 +129,5 @@ def loop_command(
             line += f"\n  version {result.version} (parent {result.parent or '-'})"
         line += f"\n  current {result.current or '-'}"
         echo(line)
+    if result.status == "busy":
+        raise SystemExit(BUSY_EXIT)  # click returns a typer.Exit's code without exiting

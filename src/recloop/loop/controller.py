@@ -26,11 +26,17 @@ controller finishes a pending publish (publishing is idempotent, and the promoti
 redone only while the current version is still the one the candidate was gated against)
 and then advances the watermark, so a finished window is never trained twice.
 
-One controller per workdir.  A round holds an exclusive ``flock`` on ``WORKDIR/.lock``
-(taken without waiting; the kernel drops it when the process dies, even by kill -9).  A
-second controller on the same workdir -- a cron ``--once`` that starts while the last one
-still trains, a second ``recloop loop`` -- does not run a round beside it (which would
-train the same window twice and race on ``state.json``): its call returns ``busy``.
+One round at a time per workdir.  A round (its canary verdict, training, gate, publish and
+promotion) holds an exclusive ``flock`` on ``WORKDIR/.lock``, taken without waiting; the
+kernel drops it when the process dies, even by kill -9.  A second controller on the same
+workdir -- a cron ``--once`` that starts while the last one still trains, a second
+``recloop loop`` -- does not run a round beside it (which would train the same window
+twice and race on ``state.json``): its call returns ``busy`` (``--once`` exits 75).  Two
+long-running controllers on one workdir take turns, each round re-reading the state.  The
+lock is as good as the filesystem's ``flock``: local filesystems, and NFS only where the
+mount supports locks (not ``nolock``; ``local_lock=flock`` makes it host-local).  It
+guards the workdir, not the registry: controllers with different workdirs on one registry
+are kept apart only by the registry's conditional promotion.
 
 Test hook: with ``RECLOOP_LOOP_HOOK=STEP[:SECONDS]`` in the environment the controller
 writes ``WORKDIR/.hook-STEP`` (its pid) when it reaches STEP and sleeps there (default an
@@ -203,24 +209,36 @@ class LoopController:
         self.canary_verdict = {}
         with self._workdir_lock() as held:
             if not held:
+                try:
+                    current = self.registry.current()
+                except Exception as exc:
+                    raise LoopError(self.step, exc) from exc
                 return RoundResult(
                     status="busy",
                     reason=f"another controller is running a round in {self.workdir} "
                     f"(it holds {self.workdir / LOCK_FILE}); nothing done",
-                    current=self.registry.current(),
+                    current=current,
                 )
             return self._locked_round(start)
 
     @contextlib.contextmanager
     def _workdir_lock(self) -> Iterator[bool]:
-        """Whether this process got the workdir's exclusive lock (held until the exit)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.workdir / LOCK_FILE, "a") as f:
+        """Whether this call got the workdir's exclusive lock (held until the exit).  A
+        lock that cannot be taken at all (a read-only or foreign directory, an NFS mount
+        without locking) is the check step's failure."""
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            f = open(self.workdir / LOCK_FILE, "a")  # noqa: SIM115 -- closed below
+        except OSError as exc:
+            raise LoopError(self.step, exc) from exc
+        with f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield False
                 return
+            except OSError as exc:
+                raise LoopError(self.step, exc) from exc
             try:
                 yield True
             finally:

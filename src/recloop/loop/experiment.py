@@ -1116,45 +1116,13 @@ async def run_experiment_async(
     *,
     say: Callable[[str], None] = lambda _: None,
 ) -> ExperimentResult:
+    """The rounds of :func:`run_experiment`, whose caller holds ``workdir`` (its lock)."""
     from recloop.evaluation.worlds.base import build_world
 
     baseline_arm(cfg.baseline, arms)  # a wrong name fails now, not after every round
     start = time.perf_counter()
     world = build_world(cfg.world, list(cfg.world_overrides))
     workdir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(workdir):
-        return await _run_locked(cfg, arms, workdir, world=world, start=start, say=say)
-
-
-@contextlib.contextmanager
-def _exclusive(workdir: Path) -> Iterator[None]:
-    """Holds ``workdir/.lock`` for the run: a second run in the same directory would delete
-    this one's arms under it (each run starts from an empty ``arms``)."""
-    import fcntl
-
-    with open(workdir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RecloopError(
-                f"{workdir}: another recloop experiment is running in this directory "
-                f"(it holds {workdir / '.lock'}); give another --workdir"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-async def _run_locked(
-    cfg: ExperimentConfig,
-    arms: list[ArmSpec],
-    workdir: Path,
-    *,
-    world: World,
-    start: float,
-    say: Callable[[str], None],
-) -> ExperimentResult:
     arms_dir = workdir / "arms"
     if arms_dir.exists():
         import shutil
@@ -1262,6 +1230,26 @@ def _decision_words(g: GateCheck) -> str:
     return words + ("  VIOLATION" if g.violation else "")
 
 
+@contextlib.contextmanager
+def _exclusive(workdir: Path) -> Iterator[None]:
+    """Holds ``workdir/.lock`` for the run: a second run in the same directory would delete
+    this one's arms under it (each run starts from an empty ``arms``)."""
+    import fcntl
+
+    with open(workdir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecloopError(
+                f"{workdir}: another recloop experiment is running in this directory "
+                f"(it holds {workdir / '.lock'}); give another --workdir"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     arms: list[ArmSpec],
@@ -1271,9 +1259,12 @@ def run_experiment(
 ) -> ExperimentResult:
     """Run every round of every arm, write ``workdir/experiment.csv`` and
     ``workdir/experiment.json``, and return the result."""
-    result = asyncio.run(run_experiment_async(cfg, arms, workdir, say=say))
-    write_csv(result, workdir / "experiment.csv")
-    (workdir / "experiment.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    baseline_arm(cfg.baseline, arms)  # a wrong name fails before anything is written
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(workdir):
+        result = asyncio.run(run_experiment_async(cfg, arms, workdir, say=say))
+        write_csv(result, workdir / "experiment.csv")
+        (workdir / "experiment.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

@@ -36,13 +36,13 @@ estimate or its interval outside the observed outcomes' range; a mean unclipped 
 pi / beta outside ``ope.mean_weight_bounds`` (it is 1 in expectation for any pi that beta
 covers: far below, most of pi's mass is on actions the log never showed and DR there is
 its reward model's opinion; far above, a few huge weights dominate); or an effective
-sample size (Kish) of the clipped weights below ``min_ess`` (30: the usual floor for an
-interval built on the central limit theorem, as the bootstrap's percentile interval is).
-Found in ``recloop experiment`` (2026-12-06): on the loop's epsilon-greedy logs the ESS of
-the gate's weights was 2-12 events of 300-1,100; a candidate truly worse by 0.26 per
-session passed on a DR difference of +0.20 [+0.01, +0.53] (current model: DR -0.16 with
-rewards in [0, 1], mean weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23]
-with both mean weights within bounds and an ESS of 4.
+sample size (Kish) of the clipped weights below ``min_ess`` (30: a heuristic floor, the
+"n >= 30" rule of thumb for a large-sample interval).  Found in ``recloop experiment``
+(2026-12-06): on the loop's epsilon-greedy logs the ESS of the gate's weights had a median
+of 3.7 events of 226-1,108; a candidate truly worse by 0.26 per session passed on a DR
+difference of +0.20 [+0.01, +0.53] (current model: DR -0.16 with rewards in [0, 1], mean
+weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23] with both mean weights
+within bounds and an ESS of 4.
 """
 
 from __future__ import annotations
