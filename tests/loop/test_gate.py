@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from recloop.algos.supervised import SupervisedConfig
-from recloop.artifacts.bundle import load_artifact
+from recloop.artifacts.bundle import Artifact, load_artifact
 from recloop.data.dataset import TEST, TRAIN, PreparedDataset
 from recloop.encoders.base import EncoderConfig
 from recloop.evaluation.ope import OPEConfig
@@ -33,6 +34,16 @@ def _dataset(user_ids: list[str], item_ids: list[str], seed: int = 0) -> Prepare
         user_ids=user_ids,
         item_ids=item_ids,
     )
+
+
+def _current_model(tmp_path: Path) -> tuple[Any, Artifact, PreparedDataset]:
+    """(the recommender, its saved artifact, the dataset): a tiny supervised model of 12
+    users and 8 items, one holdout event each."""
+    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
+    ds = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
+    rec = cfg.create()
+    rec.build(ds, device="cpu")
+    return rec, load_artifact(rec.save(tmp_path / "cur")), ds
 
 
 def test_index_translation() -> None:
@@ -72,11 +83,7 @@ def test_popularity_scorer_ranks_by_train_counts() -> None:
 
 
 def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -> None:
-    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
-    ds = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
-    rec = cfg.create()
-    rec.build(ds, device="cpu")
-    cur = load_artifact(rec.save(tmp_path / "cur"))
+    rec, cur, ds = _current_model(tmp_path)
     ope = OPEConfig(n_boot=50, behaviour_epochs=1)
     # 12 holdout events: no estimate is trusted (ESS < 30); the warnings are tested below
     same = gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
@@ -86,7 +93,7 @@ def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -
     assert same.ope["paired"]["differences"]["dr"]["value"] == 0.0
     # a candidate scoring the current model's ranking upside down
     with torch.no_grad():
-        for p in rec.algo.policy.head.parameters():  # type: ignore[union-attr]
+        for p in rec.algo.policy.head.parameters():
             p.neg_()
     worse = load_artifact(rec.save(tmp_path / "worse"))
     res = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=False, estimator="dr",
@@ -115,17 +122,13 @@ def test_rewarded_holdout_keeps_only_rewarded_targets() -> None:
 
 
 def test_without_the_metric_ope_alone_decides(tmp_path: Path) -> None:
-    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
-    ds = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
-    rec = cfg.create()
-    rec.build(ds, device="cpu")
-    cur = load_artifact(rec.save(tmp_path / "cur"))
+    rec, cur, ds = _current_model(tmp_path)
     ope = OPEConfig(n_boot=50, behaviour_epochs=1)
     same = gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
                 ope_cfg=ope, use_metric=False, require_trusted=False)  # fmt: skip
     assert same.promote and "(not gating)" in same.reason
     with torch.no_grad():
-        for p in rec.algo.policy.head.parameters():  # type: ignore[union-attr]
+        for p in rec.algo.policy.head.parameters():
             p.neg_()
     worse = load_artifact(rec.save(tmp_path / "worse"))
     both = gate(worse, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
@@ -219,11 +222,7 @@ def test_the_ope_check_fails_on_a_warning_about_either_model_when_trust_is_requi
 
 
 def test_a_flagged_estimate_fails_the_gate_only_when_trust_is_required(tmp_path: Path) -> None:
-    cfg = SupervisedConfig(encoder=EncoderConfig(kind="mean", history=2, embedding_dim=4))
-    base = _dataset([f"u{i}" for i in range(12)], [f"i{i}" for i in range(8)], seed=5)
-    rec = cfg.create()
-    rec.build(base, device="cpu")
-    cur = load_artifact(rec.save(tmp_path / "cur"))
+    _, cur, base = _current_model(tmp_path)
     ope = OPEConfig(n_boot=50, behaviour="logged")
     # logged propensities of 0.002 for items the target picks with 1/8: weights ~60
     rare = _with_propensity(base, 0.002)
