@@ -211,6 +211,7 @@ def test_last_round_comparison_and_csv(tmp_path: Path) -> None:
         "violations": 1,
         "truly_better_rejected": 0,
         "truly_worse_rejected": 0,
+        "rejected_untrusted": 0,
     }
     assert doc["arms"][0]["reward_per_round"] == [1.0, 1.3]
     assert doc["arms"][0]["interval_per_round"][1] == pytest.approx([1.25, 1.35])
@@ -459,7 +460,32 @@ def test_a_canarys_verdict_is_a_decision_checked_with_its_gate_time_truth() -> N
         "violations": 0,
         "truly_better_rejected": 0,
         "truly_worse_rejected": 1,
+        "rejected_untrusted": 0,
     }
+
+
+def test_rejections_on_untrusted_ope_are_counted() -> None:
+    from recloop.loop.experiment import GateCheck, _ope_untrusted, gate_summary
+
+    warned = {"candidate": [], "current": ["mean weight 9.68"]}
+    assert _ope_untrusted({"ope": {"require_trusted": True, "warnings": warned}})
+    assert not _ope_untrusted({"ope": {"require_trusted": False, "warnings": warned}})
+    clean = {"candidate": [], "current": []}
+    assert not _ope_untrusted({"ope": {"require_trusted": True, "warnings": clean}})
+    assert not _ope_untrusted({})  # the first model: no OPE
+    base = GateCheck(
+        decision="reject", reason="keep current: ...", candidate="v1", current="v0",
+        true_candidate=None, true_current=None, true_diff=None, violation=False,
+        worse_point=False,
+    )  # fmt: skip
+    rows = [
+        _row(1, "a", 1.0, 0.1, dataclasses.replace(base, ope_untrusted=True)),
+        _row(1, "b", 1.0, 0.1, base),
+        _row(2, "a", 1.0, 0.1, dataclasses.replace(base, decision="promote")),
+        _row(2, "b", 1.0, 0.1, dataclasses.replace(base, decision="canary", ope_untrusted=True)),
+    ]
+    summary = gate_summary(rows)
+    assert (summary["decisions"], summary["rejected_untrusted"]) == (3, 1)
 
 
 @pytest.mark.slow

@@ -169,3 +169,9 @@ def experiment_command(
         f"{g['truly_better_rejected']} truly better rejected, {g['truly_worse_rejected']} "
         f"truly worse rejected; {workdir / 'experiment.csv'}"
     )
+    if g["rejected_untrusted"]:
+        echo(
+            f"{g['rejected_untrusted']} of the rejections were on untrusted OPE estimates (the "
+            "loops' logs could not evaluate those candidates): a canary (--canary) or more "
+            "exploration lets a loop learn; docs/experiment.md"
+        )

@@ -416,6 +416,9 @@ class GateCheck:
     worse_point: bool
     """Promoted and the point estimate of the difference is below −margin (a weaker flag:
     the interval may still cover −margin)."""
+    ope_untrusted: bool = False
+    """The gate's OPE check failed on estimates with warnings (``ope_require_trusted``):
+    the log could not evaluate the candidate, whatever its interval said."""
 
 
 @dataclass(kw_only=True)
@@ -572,7 +575,8 @@ class ExperimentResult:
 def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
     """Gate decisions against the truth: how many promoted, promoted although truly worse
     (violations), rejected although truly better, rejected and truly worse (intervals of
-    the paired true difference wholly above 0 / below 0)."""
+    the paired true difference wholly above 0 / below 0), and rejected because the OPE
+    estimates could not be trusted."""
     gates = [
         g
         for r in rows
@@ -587,6 +591,7 @@ def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
         "violations": sum(g.violation for g in promoted),
         "truly_better_rejected": sum(g.true_diff.low > 0 for g in rejected if g.true_diff),
         "truly_worse_rejected": sum(g.true_diff.high < 0 for g in rejected if g.true_diff),
+        "rejected_untrusted": sum(g.ope_untrusted for g in gates if g.decision == "reject"),
     }
 
 
@@ -1036,6 +1041,13 @@ def _canary_check(stack: ArmStack, verdict: dict[str, Any]) -> GateCheck | None:
     )
 
 
+def _ope_untrusted(gate_doc: dict[str, Any]) -> bool:
+    """Whether the gate (:class:`recloop.loop.gate.GateResult` as a dict) required trusted
+    OPE estimates and either model's had a warning."""
+    ope = gate_doc.get("ope") or {}
+    return bool(ope.get("require_trusted")) and any(ope.get("warnings", {}).values())
+
+
 def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound:
     """``recloop loop --once`` for the arm, then its decisions checked in the world."""
     assert stack.loop is not None
@@ -1100,6 +1112,7 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
         true_diff=diff,
         violation=bool(promoted and diff is not None and diff.high < -cfg.margin),
         worse_point=bool(promoted and diff is not None and diff.value < -cfg.margin),
+        ope_untrusted=_ope_untrusted(result.gate),
     )
     return LoopRound(
         promoted=promoted or bool(canary and canary.decision == "promote"),
