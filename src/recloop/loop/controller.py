@@ -136,6 +136,24 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created with its parents), taken without waiting:
+    yields whether it was got, and holds it until the exit.  ``OSError`` when no lock can be
+    taken at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def write_json_atomic(path: Path, doc: Any) -> None:
     """``path`` replaced by ``doc`` as JSON in one step: a reader (or a restart after a
     crash) sees the old file or the new one, never half of one."""
@@ -207,7 +225,11 @@ class LoopController:
         start = time.perf_counter()
         self.step = "check"
         self.canary_verdict = {}
-        with self._workdir_lock() as held:
+        with contextlib.ExitStack() as stack:
+            try:  # a lock that cannot be taken at all (read-only dir, NFS without locks)
+                held = stack.enter_context(exclusive_lock(self.workdir / LOCK_FILE))
+            except OSError as exc:
+                raise LoopError(self.step, exc) from exc
             if not held:
                 try:
                     current = self.registry.current()
@@ -220,29 +242,6 @@ class LoopController:
                     current=current,
                 )
             return self._locked_round(start)
-
-    @contextlib.contextmanager
-    def _workdir_lock(self) -> Iterator[bool]:
-        """Whether this call got the workdir's exclusive lock (held until the exit).  A
-        lock that cannot be taken at all (a read-only or foreign directory, an NFS mount
-        without locking) is the check step's failure."""
-        try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            f = open(self.workdir / LOCK_FILE, "a")  # noqa: SIM115 -- closed below
-        except OSError as exc:
-            raise LoopError(self.step, exc) from exc
-        with f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            except OSError as exc:
-                raise LoopError(self.step, exc) from exc
-            try:
-                yield True
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _locked_round(self, start: float) -> RoundResult:
         try:

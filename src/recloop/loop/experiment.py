@@ -56,7 +56,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ from recloop.evaluation.worlds.rollout import (
     t_interval,
 )
 from recloop.loop.config import LoopConfig
-from recloop.loop.controller import LoopController, LoopError
+from recloop.loop.controller import LoopController, LoopError, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -1243,26 +1243,6 @@ def _decision_words(g: GateCheck) -> str:
     return words + ("  VIOLATION" if g.violation else "")
 
 
-@contextlib.contextmanager
-def _exclusive(workdir: Path) -> Iterator[None]:
-    """Holds ``workdir/.lock`` for the run: a second run in the same directory would delete
-    this one's arms under it (each run starts from an empty ``arms``)."""
-    import fcntl
-
-    with open(workdir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RecloopError(
-                f"{workdir}: another recloop experiment is running in this directory "
-                f"(it holds {workdir / '.lock'}); give another --workdir"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def run_experiment(
     cfg: ExperimentConfig,
     arms: list[ArmSpec],
@@ -1273,8 +1253,13 @@ def run_experiment(
     """Run every round of every arm, write ``workdir/experiment.csv`` and
     ``workdir/experiment.json``, and return the result."""
     baseline_arm(cfg.baseline, arms)  # a wrong name fails before anything is written
-    workdir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(workdir):
+    with exclusive_lock(workdir / ".lock") as held:
+        # a second run here would delete this one's arms under it (each run starts afresh)
+        if not held:
+            raise RecloopError(
+                f"{workdir}: another recloop experiment is running in this directory "
+                f"(it holds {workdir / '.lock'}); give another --workdir"
+            )
         result = asyncio.run(run_experiment_async(cfg, arms, workdir, say=say))
         write_csv(result, workdir / "experiment.csv")
         (workdir / "experiment.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
