@@ -171,13 +171,17 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     ev = raw.events
     assert ev.columns == [
         "user", "item", "timestamp", "rating", "propensity", "policy_version", "policy",
-        "position", "event_id",
+        "temperature", "epsilon", "position", "list_length", "event_id",
     ]  # fmt: skip
     assert ev.height == 6 and everything.events.height == 12
     assert ev["rating"].to_list() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]  # reward of r0's item 1
     assert ev["propensity"].to_list() == rows["propensity"][:6].to_list()
     assert ev["policy_version"].to_list() == ["m2"] * 3 + ["m1"] * 3
     assert ev["event_id"][:2].to_list() == ["r0:0", "r0:1"]
+    assert ev["position"].to_list() == [0, 1, 2] * 2
+    assert ev["list_length"].to_list() == [3] * 6
+    assert ev["temperature"].to_list() == [1.0] * 6
+    assert ev["epsilon"].null_count() == 6
 
 
 def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:
@@ -185,6 +189,7 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
     ``propensity`` column OPE and REINFORCE read."""
     import numpy as np
 
+    from recloop.data.dataset import PreparedDataset
     from recloop.data.loaders.sql import load_impressions_from_db
     from recloop.data.prepare import PrepareConfig, prepare
 
@@ -199,6 +204,18 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
     assert ds.n_events == rows.height
     np.testing.assert_allclose(got, np.sort(rows["propensity"].to_numpy()))
     assert set(np.unique(ds.reward).tolist()) == {0.0}
+    # how each impression was served, for OPE's served target, survives a save and a load
+    ds.save(tmp_path / "ds")
+    back = PreparedDataset.load(tmp_path / "ds")
+    assert back.extra["policy"].tolist() == ["softmax"] * rows.height
+    assert back.extra["list_length"].tolist() == [3] * rows.height
+    assert np.isnan(back.extra["epsilon"]).all() and (back.extra["temperature"] == 1.0).all()
+    # a list's rows stay together, in position order, at one time
+    pos = back.extra["position"]
+    first = np.flatnonzero(pos == 0)
+    assert first.shape[0] == 400
+    np.testing.assert_array_equal(pos[first[:, None] + np.arange(3)], [[0, 1, 2]] * 400)
+    np.testing.assert_array_equal(np.diff(back.timestamp[first[:, None] + np.arange(3)]), 0)
 
 
 def test_impressions_need_from_db(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -273,3 +274,50 @@ def test_policy_versions_travel_with_their_propensities(tmp_path: Path) -> None:
     back = PreparedDataset.load(tmp_path / "out")
     assert back.extra["policy_version"].tolist() == ["v1", "v1", "v2", "v2"]
     np.testing.assert_array_equal(back.extra["propensity"], [1.0, 0.5, 0.25, 0.125])
+
+
+def test_serving_columns_travel_with_their_impressions() -> None:
+    events = pl.DataFrame(
+        {
+            "user": [2, 1, 1, 2],
+            "item": [5, 5, 6, 6],
+            "timestamp": [3, 2, 1, 4],
+            "propensity": [0.25, 0.5, 1.0, 0.125],
+            "policy": ["epsilon", "softmax", "topk", "epsilon"],
+            "position": ["1", "0", "0", "0"],  # CSV columns arrive as text
+            "list_length": [2, 1, 1, 1],
+            "epsilon": [0.1, None, None, 0.2],
+            "temperature": [None, 0.5, None, None],
+        }
+    )
+    ds = prepare(RawData(events=events), PrepareConfig())
+    assert ds.extra["policy"].tolist() == ["topk", "softmax", "epsilon", "epsilon"]
+    assert ds.extra["position"].tolist() == [0, 0, 1, 0]
+    assert ds.extra["position"].dtype == np.int32
+    assert ds.extra["list_length"].tolist() == [1, 1, 2, 1]
+    np.testing.assert_array_equal(ds.extra["epsilon"], [np.nan, np.nan, 0.1, 0.2])
+    np.testing.assert_array_equal(ds.extra["temperature"], [np.nan, 0.5, np.nan, np.nan])
+    assert ds.manifest["dropped_columns"] == []
+    assert ds.manifest["columns"]["position"] == {"dtype": "int32"}
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "match"),
+    [
+        ("position", ["0", "-1"], r'column "position", row 2: .*-1.* is not an integer >= 0'),
+        ("position", [0, 1.5], r'column "position", row 2: 1\.5 is not an integer >= 0'),
+        ("position", [0, None], r'column "position", row 2: None is not an integer'),
+        ("list_length", [1, 0], r'column "list_length", row 2: 0 is not an integer >= 1'),
+        ("epsilon", [0.1, 1.5], r'column "epsilon", row 2: 1\.5 is not in \[0, 1\]'),
+        ("temperature", [None, 0.0], r'column "temperature", row 2: 0\.0 is not > 0'),
+        ("list_length", [1, 1], r'column "position", row 2: 1 is not below its list_length 1'),
+    ],
+)
+def test_bad_serving_columns_name_the_row(column: str, values: list[Any], match: str) -> None:
+    cols: dict[str, list[Any]] = {
+        "user": [1, 1], "item": [5, 6], "timestamp": [1, 2], "position": [0, 1],
+        "list_length": [1, 2],
+    }  # fmt: skip
+    cols[column] = values
+    with pytest.raises(DataError, match=match):
+        prepare(RawData(events=pl.DataFrame(cols, strict=False)), PrepareConfig())

@@ -56,10 +56,15 @@ from recloop.data.loaders.base import LoadOptions
 from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
 from recloop.data.schema import (
     BEHAVIOR,
+    EPSILON,
     ITEM,
+    LIST_LENGTH,
     POLICY_VERSION,
+    POSITION,
     PROPENSITY,
     RATING,
+    SERVED_POLICY,
+    SERVING_COLUMNS,
     TIMESTAMP,
     USER,
     RawData,
@@ -75,6 +80,12 @@ from recloop.data.splits import SplitConfig, assign_splits
 from recloop.errors import ConfigError, DataError, PrepareError
 
 logger = logging.getLogger(__name__)
+
+KEPT_COLUMNS = (
+    *(USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY, POLICY_VERSION),
+    *SERVING_COLUMNS,
+)
+"""The input columns prepare keeps; the manifest lists the others as dropped."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +198,7 @@ class _Source:
     rating: np.ndarray | None  # (E,) float64
     propensity: np.ndarray | None  # (E,) float64 in (0, 1], the logging policy's
     policy_version: np.ndarray | None  # (E,) str, the model version that served the item
+    serving: dict[str, np.ndarray]  # SERVING_COLUMNS present, each (E,): how it was served
 
     def dedupe_keys(self) -> dict[str, np.ndarray]:
         keys = {BEHAVIOR: self.behavior, RATING: self.rating}
@@ -231,6 +243,51 @@ def _propensities(events: pl.DataFrame) -> np.ndarray:
     return p
 
 
+def _serving_columns(events: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The :data:`SERVING_COLUMNS` the events have, checked: ``policy`` as text (null ""),
+    ``position`` >= 0 and ``list_length`` >= 1 as int32 (no null), ``position`` below
+    ``list_length``, ``epsilon`` in [0, 1] and ``temperature`` > 0 as float64 (null NaN)."""
+    out: dict[str, np.ndarray] = {}
+
+    def fail(col: str, rows: np.ndarray, what: str) -> DataError:
+        row = int(rows[0])
+        return DataError(
+            f'column "{col}", row {row + 1}: {events[col][row]!r} {what} '
+            f"({rows.shape[0]} such rows)"
+        )
+
+    for col in SERVING_COLUMNS:
+        if col not in events.columns:
+            continue
+        s = events[col]
+        if col == SERVED_POLICY:
+            out[col] = s.cast(pl.String).fill_null("").to_numpy().astype(str)
+            continue
+        integer = col in (POSITION, LIST_LENGTH)
+        try:
+            x = s.cast(pl.Float64, strict=False).to_numpy()
+        except pl.exceptions.PolarsError:
+            raise DataError(f'column "{col}" must hold numbers, got {s.dtype}') from None
+        if integer:
+            lowest = 0 if col == POSITION else 1
+            bad = np.flatnonzero(~((x >= lowest) & (x == np.round(x)) & (x < 2**31)))
+            if bad.shape[0]:
+                raise fail(col, bad, f"is not an integer >= {lowest}")
+            out[col] = x.astype(np.int32)
+        else:
+            ok = (x >= 0) & (x <= 1) if col == EPSILON else x > 0
+            bad = np.flatnonzero(~(ok | np.isnan(x)))
+            if bad.shape[0]:
+                want = "in [0, 1]" if col == EPSILON else "> 0"
+                raise fail(col, bad, f"is not {want}")
+            out[col] = x
+    if POSITION in out and LIST_LENGTH in out:
+        bad = np.flatnonzero(out[POSITION] >= out[LIST_LENGTH])
+        if bad.shape[0]:
+            raise fail(POSITION, bad, f"is not below its list_length {out[LIST_LENGTH][bad[0]]}")
+    return out
+
+
 def _ratings(events: pl.DataFrame) -> np.ndarray:
     """The ``rating`` column as float64; each value must stay finite as a float32 reward
     (1e308 would become inf, and every return after it NaN)."""
@@ -262,6 +319,7 @@ def _read_source(raw: RawData) -> _Source:
             if POLICY_VERSION in ev.columns
             else None
         ),
+        serving=_serving_columns(ev),
         users=dense_codes(ev[USER], name=USER),
         items=dense_codes(ev[ITEM], name=ITEM),
         timestamp=_timestamps(ev),
@@ -485,7 +543,10 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         extra[PROPENSITY] = src.propensity[idx.row]
     if src.policy_version is not None:
         extra[POLICY_VERSION] = src.policy_version[idx.row]
+    for col, values in src.serving.items():
+        extra[col] = values[idx.row]
     src.behavior = src.rating = src.propensity = src.policy_version = None
+    src.serving = {}
     rewards = compute_rewards(
         behavior=extra.get(BEHAVIOR),
         rating=extra.get(RATING),
@@ -536,12 +597,9 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
             **({RATING: {"dtype": "float32"}} if RATING in extra else {}),
             **({PROPENSITY: {"dtype": "float64"}} if PROPENSITY in extra else {}),
             **({POLICY_VERSION: {"dtype": "string"}} if POLICY_VERSION in extra else {}),
+            **{c: {"dtype": str(extra[c].dtype)} for c in SERVING_COLUMNS if c in extra},
         },
-        "dropped_columns": [
-            c
-            for c in rest.columns
-            if c not in (USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY, POLICY_VERSION)
-        ],
+        "dropped_columns": [c for c in rest.columns if c not in KEPT_COLUMNS],
         "features": {
             "user": user_feats.columns,
             "item": item_feats.columns,

@@ -21,6 +21,7 @@ TIMESTAMP = "timestamp"
 BEHAVIOR = "behavior"
 """Kind of interaction (String), e.g. pv, cart, fav, buy; absent for rating data."""
 RATING = "rating"
+"""Explicit rating (Float64); absent for implicit-feedback data."""
 POLICY_VERSION = "policy_version"
 """Optional: the model version that served the item (impressions read back with
 ``prepare --from-db --impressions``); kept by ``prepare`` beside ``propensity``, so a log
@@ -28,7 +29,20 @@ served by a mixture of versions says which version each propensity belongs to.""
 PROPENSITY = "propensity"
 """Optional: the probability with which the logging policy showed the item (0, 1]; kept by
 ``prepare`` for off-policy corrections and estimators."""
-"""Explicit rating (Float64); absent for implicit-feedback data."""
+SERVED_POLICY = "policy"
+"""Optional: the serving policy that drew the item's list (topk, softmax, epsilon)."""
+POSITION = "position"
+"""Optional: the item's 0-based position in its served list."""
+LIST_LENGTH = "list_length"
+"""Optional: the number of items of its served list."""
+EPSILON = "epsilon"
+"""Optional: the exploration share of an ε-greedy list (null for other policies)."""
+TEMPERATURE = "temperature"
+"""Optional: the temperature of a softmax list (null for other policies)."""
+SERVING_COLUMNS = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE)
+"""How each impression was served (``prepare --from-db --impressions`` reads them from the
+served-items table): kept by ``prepare`` beside ``propensity``, so that OPE can score a
+model as the service would serve it with the same exploration (``ope.target: served``)."""
 EVENT_ID = "event_id"
 """Optional unique event id (String); used for idempotent logging."""
 

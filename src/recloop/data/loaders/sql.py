@@ -111,6 +111,8 @@ IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(),
     "policy": pl.String(),
     "propensity": pl.Float64(),
+    "temperature": pl.Float64(),
+    "epsilon": pl.Float64(),
     "reward": pl.Float64(),
     "settled": pl.Boolean(),
 }
@@ -127,8 +129,12 @@ def load_impressions_from_db(
     impression's reward (the attributed event's reward, 0 for a shown-but-ignored item), so
     that the default reward source reads it as the reward, and the extras ``propensity``
     (the logging policy's probability of showing it there), ``policy_version`` (the
-    model version that served it), ``policy`` (topk, softmax, epsilon), ``position`` and
-    ``event_id`` (``<recommendation_id>:<position>``).  ``settled_only``: leave out the
+    model version that served it), ``policy`` (topk, softmax, epsilon), its settings
+    ``temperature`` and ``epsilon`` (null where the policy has none), ``position``,
+    ``list_length`` (the items of its list: OPE's ``served`` target re-serves each slot of
+    the list from one state) and ``event_id`` (``<recommendation_id>:<position>``).  A
+    list's impressions are served together and settle together, so ``list_length`` counts
+    the rows of its recommendation id.  ``settled_only``: leave out the
     impressions whose attribution window is still open (their reward is not known yet).
     """
     frame, where = _read_table(
@@ -151,7 +157,12 @@ def load_impressions_from_db(
             frame["propensity"].alias("propensity"),
             frame["model_version"].alias("policy_version"),
             frame["policy"].alias("policy"),
+            frame["temperature"].alias("temperature"),
+            frame["epsilon"].alias("epsilon"),
             frame["position"].alias("position"),
+            frame.select(pl.len().over("recommendation_id").cast(pl.Int32))
+            .to_series()
+            .alias("list_length"),
             (frame["recommendation_id"] + ":" + frame["position"].cast(pl.String)).alias(EVENT_ID),
         ]
     )
