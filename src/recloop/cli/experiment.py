@@ -88,6 +88,13 @@ def experiment_command(
         help="The outcome the gate's DR estimates per logged impression: reward (the "
         "impression's own) or return (the discounted return to the end of its session).",
     ),
+    gate_target: str = typer.Option(
+        "uniform_topk",
+        "--gate-target",
+        help="The policy the gate's OPE scores each model as: uniform_topk (one of its top "
+        "10, uniformly) or served (as the arm's service serves it, with the logged "
+        "exploration: the policy the truth rolls out).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
     baseline: str | None = typer.Option(
         None,
@@ -130,6 +137,7 @@ def experiment_command(
         margin=margin,
         gate=gate,
         gate_outcome=gate_outcome,
+        gate_target=gate_target,
         gate_trusted=gate_trusted,
         gate_min_ess=gate_min_ess,
         canary=canary,

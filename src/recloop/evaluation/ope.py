@@ -9,6 +9,18 @@ items outside its top K get no weight, so pi's support is what it can actually s
 ``mask_consumed`` (default) it is the policy as served: the items the user consumed before
 the event are removed from its scores first.
 
+Target ``served`` (``OPEConfig.target``) scores a model **as the service would serve it,
+with the same exploration as the log**: each impression of a log read by ``prepare
+--from-db --impressions`` carries its serving policy, settings, position and list length,
+and pi(a|s) is the exact probability that the model, served with those settings from the
+state of the impression's list, shows item a at that position (ε-greedy: the slot's
+marginal :func:`recloop.slates.epsilon_marginals` over the model's greedy list; top-k: 1
+for the model's greedy item of the slot; softmax: softmax(scores / T) over every unmasked
+item, first positions only).  The estimate is then the value per impression of the policy
+the loop would put in production, and, since pi covers every item beta covers, its mean
+weight is 1 in expectation.  Each position is scored as its own round (the item-position
+model: an impression's reward depends on its item and position, not on its neighbours).
+
 Estimators (Dudik, Langford & Li, ICML 2011; Swaminathan & Joachims, NeurIPS 2015), with
 importance weights ``w = min(pi(a|s) / beta(a|s), cap)``:
 
@@ -58,9 +70,18 @@ from recloop.artifacts.policy import PolicyNet
 from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
 from recloop.data.sampler import TransitionSampler, gather_windows
+from recloop.data.schema import (
+    EPSILON,
+    LIST_LENGTH,
+    POSITION,
+    SERVED_POLICY,
+    SERVING_COLUMNS,
+    TEMPERATURE,
+)
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
 from recloop.ranking import topk
+from recloop.slates import inverse_pool_means
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +93,8 @@ PROPENSITY = "propensity"
 
 BEHAVIOURS = ("auto", "logged", "fitted", "beta_head")
 """Values of ``OPEConfig.behaviour``."""
+TARGETS = ("uniform_topk", "softmax", "served")
+"""Values of ``OPEConfig.target``."""
 OUTCOMES = ("reward", "return")
 """Values of ``OPEConfig.outcome``."""
 
@@ -83,8 +106,11 @@ class OPEConfig:
     target: str = "uniform_topk"
     """The stochastic policy evaluated for each run: uniform_topk (one of its top K items,
     each with probability 1/K: depends only on the ranking, so runs whose scores live on
-    different scales — logits, Q-values, cosines — are compared on the same footing) or
-    softmax (softmax(scores / temperature) over the top K: depends on the score scale)."""
+    different scales — logits, Q-values, cosines — are compared on the same footing),
+    softmax (softmax(scores / temperature) over the top K: depends on the score scale) or
+    served (the run served with each impression's logged policy, settings and position, see
+    the module docstring; needs the serving columns of ``prepare --from-db --impressions``,
+    and ignores ``top_k`` and ``temperature``)."""
     temperature: float = 1.0
     """Softmax temperature of the ``softmax`` target policy over its scores."""
     top_k: int | None = 10
@@ -142,8 +168,8 @@ class OPEConfig:
     def __post_init__(self) -> None:
         check(self.temperature > 0, f"ope.temperature must be > 0, got {self.temperature}")
         check(
-            self.target in ("uniform_topk", "softmax"),
-            f"ope.target must be uniform_topk or softmax, got {self.target!r}",
+            self.target in TARGETS,
+            f"ope.target must be one of {', '.join(TARGETS)}, got {self.target!r}",
         )
         check(self.top_k is None or self.top_k >= 1, f"ope.top_k must be >= 1, got {self.top_k}")
         check(
@@ -792,6 +818,218 @@ def served_scores(
         yield sl, users, scores
 
 
+SOFTMAX_POLICIES = ("softmax", "plackett_luce")
+"""Logged policy names of a softmax (Plackett–Luce) list."""
+GREEDY_POLICIES = ("topk", "epsilon")
+"""Logged policy names of a list built on the greedy top-k (top-k is ε-greedy with ε = 0)."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ServingIndex:
+    """How the service of a model scored over a dataset's indices (a scorer's optional
+    ``serving_index`` attribute; :func:`recloop.loop.gate.mapped_scorer` sets it) indexes
+    users and items, so that the ``served`` target re-serves it exactly: the service breaks
+    ties by keys of its own user and item indices, and explores over its own catalogue.
+    Without one, the dataset's indices are the service's (a model trained on the dataset)."""
+
+    user: Tensor  # (U + 1,) int64 the service's index of each dataset user, 0 = unknown
+    item: Tensor  # (N + 1,) int64 the service's index of each dataset item
+    unseen: Tensor  # (X,) int64 the service's indices of its items the dataset lacks
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ServedSettings:
+    """How each logged impression was served, for the ``served`` target."""
+
+    state_row: np.ndarray  # (E,) int64 first row of its (user, timestamp) run: its list's state
+    slot: np.ndarray  # (E,) int64 0-based position in its list
+    length: np.ndarray  # (E,) int64 items in its list
+    epsilon: np.ndarray  # (E,) float64 exploration share (0 for top-k and softmax)
+    temperature: np.ndarray  # (E,) float64 softmax temperature (1 for the others)
+    softmax: np.ndarray  # (E,) bool, a softmax list
+
+
+def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSettings:
+    """The serving columns of the events at ``rows`` (E,), checked.
+
+    The state an impression's list was drawn from is the user's state before the first row
+    of its run of rows with the same user and timestamp: a list's items are logged with one
+    time and sorted by position, so the items above a slot are not part of its state (two
+    lists served to one user in the same second share the first one's state).
+    """
+    where = _events_file(dataset)
+    missing = [c for c in SERVING_COLUMNS if c not in dataset.extra]
+    if missing:
+        raise DataError(
+            f"{where}: ope.target=served needs how each impression was served, the columns "
+            f"{', '.join(SERVING_COLUMNS)} (`recloop prepare --from-db --impressions` keeps "
+            f"them); missing {', '.join(missing)}"
+        )
+    policy = dataset.extra[SERVED_POLICY][rows].astype(str)
+    softmax = np.isin(policy, SOFTMAX_POLICIES)
+    bad = np.flatnonzero(~(softmax | np.isin(policy, GREEDY_POLICIES)))
+
+    def fail(i: np.ndarray, field: str, value: object, what: str) -> DataError:
+        return DataError(
+            f"{where}, row {int(rows[i[0]])}: field {field!r} {value!r} {what} "
+            f"({i.shape[0]} such events in the split)"
+        )
+
+    if bad.shape[0]:
+        known = ", ".join(GREEDY_POLICIES + SOFTMAX_POLICIES)
+        raise fail(bad, SERVED_POLICY, str(policy[bad[0]]), f"is no serving policy ({known})")
+    slot = dataset.extra[POSITION][rows].astype(np.int64)
+    eps = dataset.extra[EPSILON][rows].astype(np.float64)
+    temp = dataset.extra[TEMPERATURE][rows].astype(np.float64)
+    is_eps = policy == "epsilon"
+    bad = np.flatnonzero(is_eps & ~((eps >= 0) & (eps <= 1)))
+    if bad.shape[0]:
+        raise fail(bad, EPSILON, float(eps[bad[0]]), "of an epsilon list is not in [0, 1]")
+    bad = np.flatnonzero(softmax & ~(temp > 0))
+    if bad.shape[0]:
+        raise fail(bad, TEMPERATURE, float(temp[bad[0]]), "of a softmax list is not > 0")
+    bad = np.flatnonzero(softmax & (slot > 0))
+    if bad.shape[0]:
+        # below the first position a softmax list's logged propensity is the item's choice
+        # probability given the items above it, and the slot's value needs the whole
+        # prefix's probability: a slate estimator, not this per-position one
+        raise fail(
+            bad,
+            POSITION,
+            int(slot[bad[0]]),
+            "of a softmax list is not its first: ope.target=served scores softmax lists at "
+            "their first position only (serve lists of n=1, or use target uniform_topk)",
+        )
+    n = dataset.n_events
+    new_run = np.ones(n, bool)
+    new_run[1:] = (dataset.user[1:] != dataset.user[:-1]) | (
+        dataset.timestamp[1:] != dataset.timestamp[:-1]
+    )
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    return ServedSettings(
+        state_row=run_start[rows].astype(np.int64),
+        slot=slot,
+        length=dataset.extra[LIST_LENGTH][rows].astype(np.int64),
+        epsilon=np.where(is_eps, eps, 0.0),
+        temperature=np.where(softmax, temp, 1.0),
+        softmax=softmax,
+    )
+
+
+def _unseen_scores(
+    policy: Scorer, dataset: PreparedDataset, rows: np.ndarray, history: int
+) -> Tensor:
+    """(b, X) scores of the items only ``policy``'s service indexes (``serving_index.unseen``),
+    in the state before each of ``rows`` (the scorer's ``unseen_scores``)."""
+    method = getattr(policy, "unseen_scores", None)
+    if not callable(method):
+        raise ConfigError(
+            "ope.target=served: the scorer's service has items the dataset lacks "
+            "(serving_index.unseen) but the scorer gives no unseen_scores"
+        )
+    user = dataset.user[rows].astype(np.int64)
+    win = gather_windows(
+        dataset.item, dataset.reward, end=rows, start=dataset.user_offsets[user], length=history
+    )
+    out: Tensor = method(
+        torch.from_numpy(user),
+        torch.from_numpy(win.item.astype(np.int64)),
+        torch.from_numpy(win.reward),
+    )
+    return out
+
+
+@torch.no_grad()
+def served_terms(
+    policy: Scorer,
+    dataset: PreparedDataset,
+    events: LoggedEvents,
+    *,
+    history: int,
+    cfg: OPEConfig = OPEConfig(),
+) -> PolicyTerms:
+    """pi(a|s) and V(s) of ``policy`` served as each impression was (target ``served``).
+
+    Per impression at slot j of a list of length k, from its list's state, with the M items
+    the policy's service may show (unmasked; with a ``serving_index``, its items the dataset
+    lacks too) and its greedy list g = its top min(k, M), ties broken as the service does:
+
+    * top-k and ε-greedy: pi(a) = the marginal of a at slot j
+      (:func:`recloop.slates.epsilon_marginals`; ε = 0 for top-k), 0 for a masked item and
+      for every item when j >= min(k, M) (the slot shows nothing);
+    * softmax (j = 0): pi(a) = softmax(scores / T)[a] over the unmasked items.
+
+    V(s) = sum_a pi(a|s) q(s, a) over every item (an item the dataset lacks at the reward
+    model's unseen item, ``mu + b_user``).
+    """
+    st = served_settings(dataset, events.rows)
+    index: ServingIndex | None = getattr(policy, "serving_index", None)
+    n_unseen = 0 if index is None else int(index.unseen.shape[0])
+    rw = events.rewards
+    e = events.n_events
+    p_pi = np.empty(e)
+    v = np.empty(e)
+    all_items = np.arange(dataset.n_items + 1)[None, :]
+    for sl, users, scores in served_scores(policy, dataset, st.state_row, history=history, cfg=cfg):
+        b = sl.stop - sl.start
+        q = torch.from_numpy(rw(events.user[sl, None], all_items).astype(np.float64))
+        keys, cols = users, None  # the service's tie-break keys: its user and item indices
+        if index is not None:
+            keys = index.user[users]
+            cols = torch.cat([index.item, index.unseen]).expand(b, -1)
+        if n_unseen:
+            # the service ranks, explores and samples over its whole catalogue
+            extra = _unseen_scores(policy, dataset, st.state_row[sl], history)
+            scores = torch.cat([scores, extra.to(scores.dtype)], 1)
+            q_one = rw.mu + rw.user_bias[events.user[sl]].astype(np.float64)  # (b,)
+            q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, n_unseen)], 1)
+        finite = torch.isfinite(scores)  # (b, C) C = N + 1 + unseen columns
+        q = q.masked_fill(~finite, 0.0)  # masked items are never shown
+        m = finite.sum(1)  # (b,) the items the service may show
+        a = torch.from_numpy(events.action[sl])[:, None]  # (b, 1)
+        slot = torch.from_numpy(st.slot[sl])  # (b,)
+        k = torch.minimum(torch.from_numpy(st.length[sl]), m)  # (b,) the policy's list length
+        shows = (slot < k) & finite.gather(1, a)[:, 0]  # (b,) the slot can show the item
+        p = torch.zeros(b, dtype=torch.float64)
+        val = torch.zeros(b, dtype=torch.float64)
+        kmax = int(k.max()) if b else 0
+        if kmax:
+            g = topk(scores, kmax, row_keys=keys, items=cols).indices  # (b, kmax) greedy
+            valid = torch.arange(kmax)[None, :] < k[:, None]  # (b, kmax)
+            hit = (g == a) & valid
+            rank = torch.where(hit.any(1), hit.to(torch.int64).argmax(1), -1)  # (b,)
+            q_g = q.gather(1, g) * valid  # (b, kmax)
+            q_self = q_g.gather(1, slot.clamp(max=kmax - 1)[:, None])[:, 0]  # (b,)
+            eps = torch.from_numpy(st.epsilon[sl])
+            trip = np.stack([k.numpy(), m.numpy(), st.epsilon[sl]], 1)
+            uniq, inv = np.unique(trip, axis=0, return_inverse=True)
+            ab = np.array(
+                [inverse_pool_means(int(x), int(y), z) if x else (0, 0) for x, y, z in uniq]
+            )
+            pool_a = torch.from_numpy(ab[inv.reshape(-1), 0])  # (b,) E[1 / |pool|], k - 1 slots
+            pool_b = torch.from_numpy(ab[inv.reshape(-1), 1])  # (b,) same, k - 2 slots
+            p_self = 1.0 - eps + eps * pool_a
+            p_greedy = torch.where(
+                rank == slot, p_self, torch.where(rank < 0, eps * pool_a, eps * eps * pool_b)
+            )
+            v_greedy = (
+                p_self * q_self
+                + eps * eps * pool_b * (q_g.sum(1) - q_self)
+                + eps * pool_a * (q.sum(1) - q_g.sum(1))
+            )
+            p = torch.where(shows, p_greedy, 0.0)
+            val = torch.where(slot < k, v_greedy, 0.0)
+        soft = torch.from_numpy(st.softmax[sl])
+        if bool(soft.any()):
+            t = torch.from_numpy(st.temperature[sl])[:, None]
+            probs = torch.softmax(scores.double() / t, 1).nan_to_num(nan=0.0)  # (b, C)
+            p = torch.where(soft, torch.where(shows, probs.gather(1, a)[:, 0], 0.0), p)
+            val = torch.where(soft, (probs * q).sum(1), val)
+        p_pi[sl] = p.numpy()
+        v[sl] = val.numpy()
+    return PolicyTerms(p_target=p_pi, v_target=v)
+
+
 @torch.no_grad()
 def policy_terms(
     policy: Scorer,
@@ -802,6 +1040,8 @@ def policy_terms(
     cfg: OPEConfig = OPEConfig(),
 ) -> PolicyTerms:
     """pi(a|s) of the logged items and V(s) of ``policy`` on ``events`` (its history H)."""
+    if cfg.target == "served":
+        return served_terms(policy, dataset, events, history=history, cfg=cfg)
     rows, user, action = events.rows, events.user, events.action
     e = rows.shape[0]
     p_pi = np.empty(e)

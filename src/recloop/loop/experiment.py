@@ -353,6 +353,10 @@ class ExperimentConfig:
     gate_min_ess: float = 30.0
     """Smallest effective sample size of an OPE estimate the loops' gates act on
     (``recloop loop``'s ``ope_min_ess``); 0 = no minimum."""
+    gate_target: str = "uniform_topk"
+    """The policy the gates' OPE scores each model as (``ope.target`` of the loops):
+    ``uniform_topk`` (one of its top 10 uniformly) or ``served`` (as the arm's service
+    serves it, with the log's exploration settings: the policy the truth rolls out)."""
     gate_outcome: str = "reward"
     """The outcome the gates' DR estimates per logged impression (``ope.outcome`` of the
     loops): its ``reward``, or the discounted ``return`` to the end of its session (what the
@@ -384,6 +388,10 @@ class ExperimentConfig:
         check(
             self.gate_outcome in OUTCOMES,
             f"gate_outcome: {' or '.join(OUTCOMES)}, got {self.gate_outcome!r}",
+        )
+        check(
+            self.gate_target in ("uniform_topk", "served"),
+            f"gate_target: uniform_topk or served, got {self.gate_target!r}",
         )
         check(
             self.bootstrap in ("random", "popularity"),
@@ -756,7 +764,11 @@ class ArmStack:
                     "use_metric": cfg.gate in ("metric", "both"),
                     "ope_require_trusted": cfg.gate_trusted,
                     "ope_min_ess": cfg.gate_min_ess,
-                    "ope": {"n_boot": 100, "outcome": cfg.gate_outcome},
+                    "ope": {
+                        "n_boot": 100,
+                        "outcome": cfg.gate_outcome,
+                        "target": cfg.gate_target,
+                    },
                     "canary_share": cfg.canary,
                     "canary_min_users": cfg.canary_min_users,
                     # each round's users live all their sessions in the round: reward per

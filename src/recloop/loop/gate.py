@@ -62,6 +62,7 @@ from recloop.evaluation.ope import (
     Interval,
     OPEConfig,
     OPEReport,
+    ServingIndex,
     logged_events,
     ope_report,
     paired_report,
@@ -82,18 +83,36 @@ def index_translation(old_ids: list[str], new_ids: list[str]) -> np.ndarray:
     return out
 
 
+class MappedScorer:
+    """An artifact's policy as a scorer over a dataset's user and item indices (raw ids
+    translated; the dataset's items the artifact lacks at -inf, padding included).  Its
+    ``serving_index`` lets OPE's ``served`` target re-serve it as its service does (tie keys
+    of the artifact's own indices, its whole catalogue), and :meth:`unseen_scores` gives the
+    scores of the items only the artifact indexes (a softmax list spreads over them too)."""
+
+    def __init__(self, artifact: Artifact, dataset: PreparedDataset) -> None:
+        self.users = torch.from_numpy(index_translation(artifact.user_ids, dataset.user_ids))
+        self.items = torch.from_numpy(index_translation(artifact.item_ids, dataset.item_ids))
+        self.unknown = self.items == 0  # (N_new + 1,), padding included: never ranked
+        seen = np.zeros(len(artifact.item_ids) + 1, bool)
+        seen[self.items.numpy()] = True
+        self.unseen = torch.from_numpy(np.flatnonzero(~seen))  # old columns, never 0
+        self.policy = artifact.policy
+        self.serving_index = ServingIndex(user=self.users, item=self.items, unseen=self.unseen)
+
+    def __call__(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        old = self.policy(self.users[user], self.items[history], history_reward)  # (B, N_old + 1)
+        return old[:, self.items].masked_fill(self.unknown, float("-inf"))  # (B, N_new + 1)
+
+    def unseen_scores(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        """(B, X) scores of the artifact's items the dataset lacks (``serving_index.unseen``)."""
+        old = self.policy(self.users[user], self.items[history], history_reward)
+        return old[:, self.unseen]
+
+
 def mapped_scorer(artifact: Artifact, dataset: PreparedDataset) -> Scorer:
     """``artifact``'s policy as a scorer over ``dataset``'s user and item indices."""
-    users = torch.from_numpy(index_translation(artifact.user_ids, dataset.user_ids))
-    items = torch.from_numpy(index_translation(artifact.item_ids, dataset.item_ids))
-    unknown = items == 0  # (N_new + 1,), padding included: never ranked
-    policy = artifact.policy
-
-    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
-        old = policy(users[user], items[history], history_reward)  # (B, N_old + 1)
-        return old[:, items].masked_fill(unknown, float("-inf"))  # (B, N_new + 1)
-
-    return score
+    return MappedScorer(artifact, dataset)
 
 
 def popularity_scorer(dataset: PreparedDataset) -> Scorer:

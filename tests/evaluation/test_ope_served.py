@@ -1,0 +1,318 @@
+"""OPE's ``served`` target: a model scored as the service would serve it, with each
+impression's own policy, settings, position and list length.
+
+The logs here are drawn by the service's own samplers (:mod:`recloop.serving.exploration`)
+from a table of scores per user, masking what each user was shown before, as the service
+does with ``exclude_consumed``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from recloop.data.dataset import TEST, TRAIN, PreparedDataset
+from recloop.errors import DataError
+from recloop.evaluation.ope import (
+    BaselineRewards,
+    OPEConfig,
+    importance_weights,
+    logged_events,
+    ope_report,
+    policy_terms,
+)
+from recloop.evaluation.protocol import Scorer
+from recloop.ranking import topk
+from recloop.serving.exploration import (
+    plackett_luce_propensities,
+    sample_epsilon_greedy,
+    sample_plackett_luce,
+)
+
+U, N = 5, 12
+"""Users and items of the logs below."""
+CFG = OPEConfig(target="served", weight_cap=None, n_boot=0)
+
+
+def _table(seed: int) -> np.ndarray:
+    """(U + 1, N + 1) scores, float32 values as a model's; row 0 and column 0 are never
+    used."""
+    t = np.random.default_rng(seed).normal(0, 2, (U + 1, N + 1))
+    return t.astype(np.float32).astype(np.float64)
+
+
+def _scorer(table: np.ndarray) -> Scorer:
+    t = torch.from_numpy(table).float()
+
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return t[user]
+
+    return score
+
+
+def _masked(table: np.ndarray, user: int, shown: list[int]) -> np.ndarray:
+    s = table[user].copy()
+    s[0] = -np.inf
+    s[shown] = -np.inf
+    return s
+
+
+def _log(
+    table: np.ndarray,
+    *,
+    policy: str,
+    lists: int = 4,
+    k: int = 3,
+    epsilon: float = 0.5,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> PreparedDataset:
+    """``lists`` lists of ``k`` items per user, each from the user's state after the lists
+    before it (their items masked), with the samplers' propensities; the first list of a user
+    is TRAIN, the others TEST.  Rewards are Bernoulli(0.3)."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list[object]] = {c: [] for c in ("u", "i", "ts", "split", "p", "pos", "len")}
+    for u in range(1, U + 1):
+        shown: list[int] = []
+        for t in range(lists):
+            s = _masked(table, u, shown)
+            if policy == "epsilon":
+                greedy = topk(torch.from_numpy(s)[None], k, row_keys=torch.tensor([u])).indices[0]
+                slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=epsilon, rng=rng)
+            else:
+                slate = sample_plackett_luce(s, k, temperature=temperature, rng=rng)
+            for j, (item, p) in enumerate(zip(slate.items, slate.propensity, strict=True)):
+                cols["u"].append(u)
+                cols["i"].append(int(item))
+                cols["ts"].append(1000 * u + t)
+                cols["split"].append(TRAIN if t == 0 else TEST)
+                cols["p"].append(float(p))
+                cols["pos"].append(j)
+                cols["len"].append(len(slate.items))
+            shown += slate.items.tolist()
+    e = len(cols["u"])
+    ds = PreparedDataset.from_arrays(
+        user=np.array(cols["u"]), item=np.array(cols["i"]), timestamp=np.array(cols["ts"]),
+        reward=(rng.random(e) < 0.3).astype(np.float32), split=np.array(cols["split"]),
+        n_users=U, n_items=N,
+    )  # fmt: skip
+    order = np.lexsort((np.arange(e), np.array(cols["ts"]), np.array(cols["u"])))
+    eps = epsilon if policy == "epsilon" else np.nan
+    temp = temperature if policy == "softmax" else np.nan
+    extra = {
+        "propensity": np.array(cols["p"])[order],
+        "policy": np.full(e, policy),
+        "position": np.array(cols["pos"], np.int32)[order],
+        "list_length": np.array(cols["len"], np.int32)[order],
+        "epsilon": np.full(e, eps),
+        "temperature": np.full(e, temp),
+    }
+    return replace(ds, extra=extra)
+
+
+def test_the_logging_model_gets_its_logged_propensities_back() -> None:
+    """Served as logged, the logging model's pi is the service's propensity at every slot:
+    every weight is 1.  Fails if a slot's state included the items above it in its list,
+    if earlier lists were not masked, or if the list length or pool size were wrong."""
+    table = _table(0)
+    ds = _log(table, policy="epsilon", lists=4, k=3, epsilon=0.5)
+    events = logged_events(ds, cfg=CFG)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-12)
+    w_raw, _, _ = importance_weights(events, terms, None)
+    np.testing.assert_allclose(w_raw, 1.0, rtol=1e-12)
+    # some slots explored and showed items of other slots' greedy lists or outside them
+    assert len(np.unique(np.round(terms.p_target, 9))) >= 3
+
+
+def test_softmax_first_positions_get_their_logged_propensities_back() -> None:
+    table = _table(1)
+    ds = _log(table, policy="softmax", lists=6, k=1, temperature=0.7)
+    events = logged_events(ds, cfg=CFG)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-9)
+    # and that is the service's Plackett-Luce choice probability of the first position
+    row = int(events.rows[0])
+    u, start = int(ds.user[row]), int(ds.user_offsets[ds.user[row]])
+    s = _masked(table, u, ds.item[start:row].tolist())
+    p, _ = plackett_luce_propensities(s, np.array([ds.item[row]]), temperature=0.7)
+    assert terms.p_target[0] == pytest.approx(float(p[0]), rel=1e-9)
+
+
+def _indicator_rewards(n_users: int, item: int) -> BaselineRewards:
+    bias = np.zeros(N + 1, np.float32)
+    bias[item] = 1.0
+    return BaselineRewards(mu=0.0, user_bias=np.zeros(n_users + 1, np.float32), item_bias=bias)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.3, 1.0])
+def test_pi_over_every_item_is_the_served_lists_frequency(epsilon: float) -> None:
+    """V(s) with q = [a = x] is pi(x | s, slot): over every item x it must match how often
+    the service's sampler, serving another model from the slot's state, puts x there."""
+    logging_table, target_table = _table(2), _table(3)
+    ds = _log(logging_table, policy="epsilon", lists=3, k=4, epsilon=0.5)
+    ds = replace(ds, extra={**ds.extra, "epsilon": np.full(ds.n_events, epsilon)})
+    events = logged_events(ds, cfg=CFG)
+    pick = [int(np.flatnonzero(ds.split[events.rows] == TEST)[i]) for i in (0, 5, 11)]
+    draws = 4000
+    rng = np.random.default_rng(9)
+    for e in pick:
+        row = int(events.rows[e])
+        slot = int(ds.extra["position"][row])
+        u, start = int(ds.user[row]), int(ds.user_offsets[ds.user[row]])
+        state = row - slot  # the list's first row: its items are not yet consumed there
+        s = _masked(target_table, u, ds.item[start:state].tolist())
+        greedy = topk(torch.from_numpy(s)[None], 4, row_keys=torch.tensor([u])).indices[0]
+        at_slot = np.array(
+            [
+                sample_epsilon_greedy(s, greedy.numpy(), epsilon=epsilon, rng=rng).items[slot]
+                for _ in range(draws)
+            ]
+        )
+        freq = np.bincount(at_slot, minlength=N + 1) / draws
+        pi = np.empty(N + 1)
+        for x in range(N + 1):
+            ev = replace(events, rewards=_indicator_rewards(U, x))
+            pi[x] = policy_terms(_scorer(target_table), ds, ev, history=1, cfg=CFG).v_target[e]
+        assert pi.sum() == pytest.approx(1.0, abs=1e-12)
+        assert pi[0] == 0.0 and np.all(pi[ds.item[start:state]] == 0.0)  # masked
+        se = np.sqrt(pi * (1 - pi) / draws)
+        assert np.all(np.abs(freq - pi) <= 4 * se + 1e-12), (slot, freq, pi)
+
+
+def test_ips_on_served_lists_is_unbiased_for_the_served_value() -> None:
+    """Rewards depend on the item and its user only (the item-position model): the mean
+    over logs of IPS and DR equals the value of serving the target model with the log's
+    exploration, computed from pi and the true reward means."""
+    logging_table, target_table = _table(4), _table(5)
+    mu = np.random.default_rng(6).uniform(0, 1, (U + 1, N + 1))
+    ips, dr, truth = [], [], []
+    for seed in range(60):
+        ds = _log(logging_table, policy="epsilon", lists=3, k=3, epsilon=0.6, seed=seed)
+        r = (np.random.default_rng(100 + seed).random(ds.n_events) < mu[ds.user, ds.item]).astype(
+            np.float32
+        )
+        ds = replace(ds, reward=r, returns=r)
+        cfg = replace(CFG, mask_consumed=True)
+        events = logged_events(ds, cfg=cfg)
+        terms = policy_terms(_scorer(target_table), ds, events, history=1, cfg=cfg)
+        rep = ope_report(events, terms, cfg)
+        ips.append(rep.estimates["ips"].value)
+        dr.append(rep.estimates["dr"].value)
+        # the truth on these states: sum_a pi(a) mu(u, a)
+        v = np.zeros(events.n_events)
+        for x in range(1, N + 1):
+            ev = replace(events, rewards=_indicator_rewards(U, x))
+            pi_x = policy_terms(_scorer(target_table), ds, ev, history=1, cfg=cfg).v_target
+            v += pi_x * mu[events.user, x]
+        truth.append(v.mean())
+    diff = np.array(ips) - np.array(truth)
+    assert abs(diff.mean()) < 3 * diff.std() / np.sqrt(len(diff)) + 1e-3, diff.mean()
+    diff = np.array(dr) - np.array(truth)
+    assert abs(diff.mean()) < 3 * diff.std() / np.sqrt(len(diff)) + 1e-3, diff.mean()
+
+
+def test_served_target_refuses_what_it_cannot_score() -> None:
+    table = _table(7)
+    ds = _log(table, policy="epsilon")
+    events = logged_events(ds, cfg=CFG)
+    plain = replace(ds, extra={"propensity": ds.extra["propensity"]})
+    with pytest.raises(DataError, match=r"target=served needs .* missing policy, position"):
+        policy_terms(_scorer(table), plain, events, history=1, cfg=CFG)
+    bad = ds.extra["policy"].astype(object)
+    row = int(events.rows[2])
+    bad[row] = "boltzmann"
+    with pytest.raises(DataError, match=rf"row {row}: field 'policy' 'boltzmann' is no serving"):
+        policy_terms(
+            _scorer(table), replace(ds, extra={**ds.extra, "policy": bad}), events, history=1,
+            cfg=CFG,
+        )  # fmt: skip
+    eps = ds.extra["epsilon"].copy()
+    eps[row] = np.nan
+    with pytest.raises(DataError, match=rf"row {row}: field 'epsilon' nan of an epsilon list"):
+        policy_terms(
+            _scorer(table), replace(ds, extra={**ds.extra, "epsilon": eps}), events, history=1,
+            cfg=CFG,
+        )  # fmt: skip
+    soft = _log(table, policy="softmax", k=2)
+    ev = logged_events(soft, cfg=CFG)
+    second = int(ev.rows[np.flatnonzero(soft.extra["position"][ev.rows] == 1)[0]])
+    with pytest.raises(DataError, match=rf"row {second}: field 'position' 1 of a softmax list"):
+        policy_terms(_scorer(table), soft, ev, history=1, cfg=CFG)
+
+
+def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() -> None:
+    """The gate scores the current model through :class:`MappedScorer` (the dataset's ids
+    translated into the model's).  Its service breaks score ties by keys of its own user and
+    item indices (0 for an unknown user) and explores over its whole catalogue, items the
+    dataset never saw included: the served target must do the same to give back the
+    propensities the service logged.  Integer scores tie everywhere."""
+    from types import SimpleNamespace
+
+    from recloop.loop.gate import MappedScorer
+
+    rng = np.random.default_rng(11)
+    n_art = 14
+    art_users = [f"u{i}" for i in range(1, U + 1)]
+    art_items = [f"i{i}" for i in range(1, n_art + 1)]
+    table = rng.integers(0, 3, (U + 1, n_art + 1)).astype(np.float64)
+    t = torch.from_numpy(table).float()
+
+    def art_policy(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return t[user]
+
+    art = SimpleNamespace(user_ids=art_users, item_ids=art_items, policy=art_policy)
+    served_users = ["u2", "u9", "u4", "u1"]  # u9: unknown to the model, its row 0
+    rows: list[tuple[str, str, int, int, int, float]] = []
+    for ts, raw in enumerate(served_users):
+        key = art_users.index(raw) + 1 if raw in art_users else 0
+        shown: list[int] = []
+        for lst in range(3):
+            s = table[key].copy()
+            s[0] = -np.inf
+            s[shown] = -np.inf
+            greedy = topk(torch.from_numpy(s)[None], 2, row_keys=torch.tensor([key])).indices[0]
+            slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=0.5, rng=rng)
+            for j, (col, p) in enumerate(zip(slate.items, slate.propensity, strict=True)):
+                rows.append((raw, art_items[col - 1], 100 * ts + lst, j, 2, float(p)))
+            shown += slate.items.tolist()
+    # the dataset's own maps: other users and items, in another order
+    d_users = sorted({r[0] for r in rows}, reverse=True)
+    d_items = sorted({r[1] for r in rows}, key=lambda x: (len(x), x), reverse=True)
+    assert len(d_items) < n_art  # the model can show items the dataset never saw
+    e = len(rows)
+    ds = PreparedDataset.from_arrays(
+        user=np.array([d_users.index(r[0]) + 1 for r in rows]),
+        item=np.array([d_items.index(r[1]) + 1 for r in rows]),
+        timestamp=np.array([r[2] for r in rows]), split=np.full(e, TEST),
+        user_ids=d_users, item_ids=d_items, n_users=len(d_users), n_items=len(d_items),
+    )  # fmt: skip
+    ds = replace(ds, split=np.where(np.arange(e) % 3 == 0, TRAIN, TEST).astype(np.int8))
+    order = np.lexsort(
+        (np.arange(e), [r[2] for r in rows], [d_users.index(r[0]) + 1 for r in rows])
+    )
+    ds = replace(
+        ds,
+        extra={
+            "propensity": np.array([r[5] for r in rows])[order],
+            "policy": np.full(e, "epsilon"),
+            "position": np.array([r[3] for r in rows], np.int32)[order],
+            "list_length": np.full(e, 2, np.int32),
+            "epsilon": np.full(e, 0.5),
+            "temperature": np.full(e, np.nan),
+        },
+    )
+    events = logged_events(ds, cfg=CFG)
+    scorer = MappedScorer(art, ds)  # type: ignore[arg-type]
+    terms = policy_terms(scorer, ds, events, history=1, cfg=CFG)
+    np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-12)
+    # V over the whole catalogue: the unseen items' share of pi is there too
+    one = BaselineRewards(
+        mu=1.0, user_bias=np.zeros(len(d_users) + 1, np.float32),
+        item_bias=np.zeros(len(d_items) + 1, np.float32),
+    )  # fmt: skip
+    v = policy_terms(scorer, ds, replace(events, rewards=one), history=1, cfg=CFG).v_target
+    np.testing.assert_allclose(v, 1.0, rtol=1e-12)
