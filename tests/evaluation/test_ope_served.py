@@ -316,3 +316,30 @@ def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() ->
     )  # fmt: skip
     v = policy_terms(scorer, ds, replace(events, rewards=one), history=1, cfg=CFG).v_target
     np.testing.assert_allclose(v, 1.0, rtol=1e-12)
+
+
+def test_lists_served_in_one_second_each_start_from_their_own_state() -> None:
+    """Two top-k lists of one item for one user in the same second: the second was served
+    after the first, whose item it then excluded; it is the model's second best.  Served
+    from its own state (the first list's item consumed), the logging model shows it with
+    probability 1."""
+    table = np.zeros((2, 4))
+    table[1, 1:] = [3.0, 2.0, 1.0]
+    ds = PreparedDataset.from_arrays(
+        user=np.array([1, 1, 1]), item=np.array([3, 1, 2]), timestamp=np.array([5, 10, 10]),
+        split=np.array([TRAIN, TEST, TEST]), n_users=1, n_items=3,
+    )  # fmt: skip
+    ds = replace(
+        ds,
+        extra={
+            "propensity": np.ones(3),
+            "policy": np.full(3, "topk"),
+            "position": np.zeros(3, np.int32),
+            "list_length": np.ones(3, np.int32),
+            "epsilon": np.full(3, np.nan),
+            "temperature": np.full(3, np.nan),
+        },
+    )
+    events = logged_events(ds, cfg=CFG)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    np.testing.assert_array_equal(terms.p_target, [1.0, 1.0])

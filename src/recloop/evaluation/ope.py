@@ -852,10 +852,13 @@ class ServedSettings:
 def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSettings:
     """The serving columns of the events at ``rows`` (E,), checked.
 
-    The state an impression's list was drawn from is the user's state before the first row
-    of its run of rows with the same user and timestamp: a list's items are logged with one
-    time and sorted by position, so the items above a slot are not part of its state (two
-    lists served to one user in the same second share the first one's state).
+    The state an impression's list was drawn from is the user's state before the list's
+    first row: a list's items are logged with one time and sorted by position, so its rows
+    run from a position 0 (or, where prepare dropped that row, a change of user or time) to
+    the next, and the items above a slot are not part of its state.  Two lists served to
+    one user in the same second are told apart by their positions, but their order is the
+    served-items table's (time, then recommendation id), which need not be the order they
+    were served in.
     """
     where = _events_file(dataset)
     missing = [c for c in SERVING_COLUMNS if c not in dataset.extra]
@@ -901,8 +904,9 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
             "their first position only (serve lists of n=1, or use target uniform_topk)",
         )
     n = dataset.n_events
-    new_run = np.ones(n, bool)
-    new_run[1:] = (dataset.user[1:] != dataset.user[:-1]) | (
+    new_run = dataset.extra[POSITION] == 0  # (E,) a list starts at its first position
+    new_run[0] = True
+    new_run[1:] |= (dataset.user[1:] != dataset.user[:-1]) | (
         dataset.timestamp[1:] != dataset.timestamp[:-1]
     )
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
