@@ -500,6 +500,7 @@ def test_a_tiny_experiment_with_canaries(
             "-q", "experiment", "--world", "shop", "--rounds", "3", "--users", "40",
             "--arms", "popularity", "--epochs", "1", "--canary", "0.5", "--margin", "100",
             "--gate-untrusted", "--gate-min-ess", "7.5", "--canary-min-users", "5",
+            "--gate-target", "served",
             "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work), "--json",
         ]
     )  # fmt: skip
@@ -530,6 +531,11 @@ def test_a_tiny_experiment_with_canaries(
     ope = ope["gate"]["ope"]
     assert (ope["require_trusted"], ope["min_ess"]) == (False, 7.5)
     assert (doc["config"]["gate_trusted"], doc["config"]["gate_min_ess"]) == (False, 7.5)
+    assert ope["target"] == doc["config"]["gate_target"] == "served"
+    # scored as served, the model that served the holdout through the real service, bus,
+    # SQL log and prepare gets its logged propensities back: every weight is 1
+    assert ope["current"]["ess"] == pytest.approx(ope["n_events"], rel=1e-9)
+    assert ope["current"]["mean_weight"] == pytest.approx(1.0, rel=1e-9)
 
 
 def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:
@@ -577,3 +583,9 @@ def test_a_second_experiment_in_the_same_workdir_is_refused(
     err = capsys.readouterr().err
     assert "another recloop experiment is running in this directory" in err, err
     assert (work / "arms" / "keep").is_dir()  # nothing of the running one was deleted
+
+
+def test_the_gate_target_is_checked() -> None:
+    assert ExperimentConfig(gate_target="served").gate_target == "served"
+    with pytest.raises(ConfigError, match="gate_target: uniform_topk or served, got 'slate'"):
+        ExperimentConfig(gate_target="slate")

@@ -295,6 +295,7 @@ def gate(
             "behaviour": events.behaviour,
             "n_events": events.n_events,
             "estimator": estimator,
+            "target": ope_cfg.target,
             **{name: r.to_dict() for name, r in reports.items()},
             "paired": diff.to_dict(),
             "warnings": warnings,
