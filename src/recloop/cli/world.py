@@ -72,7 +72,7 @@ def generate_cmd(
     start = time.perf_counter()
     roll = simulate(world, pol, np.arange(users, dtype=np.int64), seed=seed)
     sim_s = time.perf_counter() - start
-    n_rows = write_events(world, roll, output / "events.csv")
+    n_rows = write_events(world, roll, output / "events.csv", selection=selection)
     total_s = time.perf_counter() - start
     meta = {
         **world.describe(),
@@ -163,6 +163,13 @@ def ope_cmd(
     ),
     temperature: float = typer.Option(1.0, "--temperature", help="Target softmax temperature."),
     top_k: int = typer.Option(10, "--top-k", help="Target policy's K."),
+    target: str = typer.Option(
+        "softmax",
+        "--target",
+        help="The policy each run is evaluated as: softmax (over its top K, --temperature) or "
+        "served (as the service would serve it with the log's own exploration; the log must "
+        "come from `recloop world generate` with --epsilon, or --temperature without --top-k).",
+    ),
     clip: float = typer.Option(10.0, "--clip", help="Weight cap of the clipped DR."),
     users: int = typer.Option(1000, "--users", "-n", min=1, help="Roll-out users per run."),
     seed: int = typer.Option(0, "--seed", help="Seed of the roll-outs and the bootstrap."),
@@ -197,7 +204,9 @@ def ope_cmd(
     if fresh_users > 0:
         _fresh_ope(runs, world, log_dir, fresh_users, temperature, top_k, clip, seed, as_json)
         return
-    cfg = OPEConfig(temperature=temperature, top_k=top_k, n_boot=n_boot, seed=seed)
+    if target not in ("softmax", "served"):
+        raise ConfigError(f"--target must be softmax or served, got {target!r}")
+    cfg = OPEConfig(temperature=temperature, top_k=top_k, n_boot=n_boot, seed=seed, target=target)
     report = ope_against_truth(
         runs, dataset, world, cfg=cfg, clip=clip, rollout_users=users, seed=seed
     )

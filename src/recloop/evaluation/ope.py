@@ -943,6 +943,100 @@ def _unseen_scores(
     return out
 
 
+def served_probs(
+    scores: Tensor,
+    *,
+    keys: Tensor,
+    cols: Tensor | None,
+    slot: np.ndarray,
+    length: np.ndarray,
+    epsilon: np.ndarray,
+    temperature: np.ndarray,
+    softmax: np.ndarray,
+) -> Tensor:
+    """pi (b, C) float64 over the columns of ``scores`` (b, C), masked at -inf: the
+    probability that a service serving these scores with each row's settings (``slot``,
+    ``length``, ``epsilon``, ``temperature``, ``softmax``, all (b,)) shows each item at the
+    row's slot j.  With M unmasked columns and k = min(length, M):
+
+    * top-k and ε-greedy (ε = 0 for top-k), greedy list g = the top k (ties by
+      :func:`recloop.ranking.topk` with ``keys`` (b,) and item keys ``cols`` (b, C)): the
+      slot's greedy item 1 - ε + εA, another greedy item ε²B, any other unmasked item εA
+      (:func:`recloop.slates.epsilon_marginals`); a row with j >= k is all 0 (the slot
+      shows nothing);
+    * softmax (j = 0): softmax(scores / T) over the unmasked columns.
+    """
+    b = scores.shape[0]
+    finite = torch.isfinite(scores)  # (b, C)
+    m = finite.sum(1)  # (b,)
+    slot_t = torch.from_numpy(slot)
+    k = torch.minimum(torch.from_numpy(length), m)  # (b,) the served list's length
+    probs = torch.zeros(scores.shape, dtype=torch.float64)
+    kmax = int(k.max()) if b else 0
+    if kmax:
+        g = topk(scores, kmax, row_keys=keys, items=cols).indices  # (b, kmax) greedy lists
+        valid = torch.arange(kmax)[None, :] < k[:, None]  # (b, kmax)
+        trip = np.stack([k.numpy(), m.numpy(), epsilon], 1)
+        uniq, inv = np.unique(trip, axis=0, return_inverse=True)
+        ab = np.array([inverse_pool_means(int(x), int(y), z) if x else (0, 0) for x, y, z in uniq])
+        pool_a = torch.from_numpy(ab[inv.reshape(-1), 0])  # (b,) E[1 / |pool|], k - 1 slots
+        pool_b = torch.from_numpy(ab[inv.reshape(-1), 1])  # (b,) same, k - 2 slots
+        eps = torch.from_numpy(epsilon)
+        pool = (eps * pool_a)[:, None]  # (b, 1) an item outside the greedy list
+        at_greedy = torch.where(
+            torch.arange(kmax)[None, :] == slot_t[:, None],
+            (1.0 - eps + eps * pool_a)[:, None],
+            (eps * eps * pool_b)[:, None],
+        )  # (b, kmax)
+        probs = pool.expand(b, scores.shape[1]).clone()
+        probs.scatter_(1, g, torch.where(valid, at_greedy, pool))
+        probs = probs.masked_fill(~finite, 0.0).masked_fill((slot_t >= k)[:, None], 0.0)
+    soft = torch.from_numpy(softmax)
+    if bool(soft.any()):
+        t = torch.from_numpy(temperature)[:, None]
+        sm = torch.softmax(scores.double() / t, 1).nan_to_num(nan=0.0)  # (b, C)
+        probs = torch.where(soft[:, None], sm, probs)
+    return probs
+
+
+def served_distributions(
+    policy: Scorer,
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    *,
+    history: int,
+    cfg: OPEConfig,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Per batch of the impression ``rows`` (E,): (its slice, pi (b, C)) of ``policy`` served
+    as each was (:func:`served_probs`, from its list's state), C = N + 1 columns plus, with a
+    ``serving_index``, the items only the policy's service has (after the dataset's)."""
+    st = served_settings(dataset, rows)
+    index: ServingIndex | None = getattr(policy, "serving_index", None)
+    n_unseen = 0 if index is None else int(index.unseen.shape[0])
+    for sl, users, scores in served_scores(policy, dataset, st.state_row, history=history, cfg=cfg):
+        keys, cols = users, None  # the service's tie-break keys: its user and item indices
+        if index is not None:
+            keys = index.user[users]
+            cols = torch.cat([index.item, index.unseen]).expand(users.shape[0], -1)
+        if n_unseen:
+            # the service ranks, explores and samples over its whole catalogue
+            extra = _unseen_scores(policy, dataset, st.state_row[sl], history)
+            scores = torch.cat([scores, extra.to(scores.dtype)], 1)
+        yield (
+            sl,
+            served_probs(
+                scores,
+                keys=keys,
+                cols=cols,
+                slot=st.slot[sl],
+                length=st.length[sl],
+                epsilon=st.epsilon[sl],
+                temperature=st.temperature[sl],
+                softmax=st.softmax[sl],
+            ),
+        )
+
+
 @torch.no_grad()
 def served_terms(
     policy: Scorer,
@@ -952,85 +1046,22 @@ def served_terms(
     history: int,
     cfg: OPEConfig = OPEConfig(),
 ) -> PolicyTerms:
-    """pi(a|s) and V(s) of ``policy`` served as each impression was (target ``served``).
-
-    Per impression at slot j of a list of length k, from its list's state, with the M items
-    the policy's service may show (unmasked; with a ``serving_index``, its items the dataset
-    lacks too) and its greedy list g = its top min(k, M), ties broken as the service does:
-
-    * top-k and ε-greedy: pi(a) = the marginal of a at slot j
-      (:func:`recloop.slates.epsilon_marginals`; ε = 0 for top-k), 0 for a masked item and
-      for every item when j >= min(k, M) (the slot shows nothing);
-    * softmax (j = 0): pi(a) = softmax(scores / T)[a] over the unmasked items.
-
-    V(s) = sum_a pi(a|s) q(s, a) over every item (an item the dataset lacks at the reward
-    model's unseen item, ``mu + b_user``).
-    """
-    st = served_settings(dataset, events.rows)
-    index: ServingIndex | None = getattr(policy, "serving_index", None)
-    n_unseen = 0 if index is None else int(index.unseen.shape[0])
+    """pi(a|s) and V(s) = sum_a pi(a|s) q(s, a) of ``policy`` served as each impression was
+    (target ``served``, :func:`served_distributions`); an item only the policy's service
+    has is valued at the reward model's unseen item, ``mu + b_user``."""
     rw = events.rewards
-    e = events.n_events
-    p_pi = np.empty(e)
-    v = np.empty(e)
+    p_pi = np.empty(events.n_events)
+    v = np.empty(events.n_events)
     all_items = np.arange(dataset.n_items + 1)[None, :]
-    for sl, users, scores in served_scores(policy, dataset, st.state_row, history=history, cfg=cfg):
-        b = sl.stop - sl.start
+    for sl, probs in served_distributions(policy, dataset, events.rows, history=history, cfg=cfg):
+        b, c = probs.shape
         q = torch.from_numpy(rw(events.user[sl, None], all_items).astype(np.float64))
-        keys, cols = users, None  # the service's tie-break keys: its user and item indices
-        if index is not None:
-            keys = index.user[users]
-            cols = torch.cat([index.item, index.unseen]).expand(b, -1)
-        if n_unseen:
-            # the service ranks, explores and samples over its whole catalogue
-            extra = _unseen_scores(policy, dataset, st.state_row[sl], history)
-            scores = torch.cat([scores, extra.to(scores.dtype)], 1)
+        if c > q.shape[1]:
             q_one = rw.mu + rw.user_bias[events.user[sl]].astype(np.float64)  # (b,)
-            q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, n_unseen)], 1)
-        finite = torch.isfinite(scores)  # (b, C) C = N + 1 + unseen columns
-        q = q.masked_fill(~finite, 0.0)  # masked items are never shown
-        m = finite.sum(1)  # (b,) the items the service may show
-        a = torch.from_numpy(events.action[sl])[:, None]  # (b, 1)
-        slot = torch.from_numpy(st.slot[sl])  # (b,)
-        k = torch.minimum(torch.from_numpy(st.length[sl]), m)  # (b,) the policy's list length
-        shows = (slot < k) & finite.gather(1, a)[:, 0]  # (b,) the slot can show the item
-        p = torch.zeros(b, dtype=torch.float64)
-        val = torch.zeros(b, dtype=torch.float64)
-        kmax = int(k.max()) if b else 0
-        if kmax:
-            g = topk(scores, kmax, row_keys=keys, items=cols).indices  # (b, kmax) greedy
-            valid = torch.arange(kmax)[None, :] < k[:, None]  # (b, kmax)
-            hit = (g == a) & valid
-            rank = torch.where(hit.any(1), hit.to(torch.int64).argmax(1), -1)  # (b,)
-            q_g = q.gather(1, g) * valid  # (b, kmax)
-            q_self = q_g.gather(1, slot.clamp(max=kmax - 1)[:, None])[:, 0]  # (b,)
-            eps = torch.from_numpy(st.epsilon[sl])
-            trip = np.stack([k.numpy(), m.numpy(), st.epsilon[sl]], 1)
-            uniq, inv = np.unique(trip, axis=0, return_inverse=True)
-            ab = np.array(
-                [inverse_pool_means(int(x), int(y), z) if x else (0, 0) for x, y, z in uniq]
-            )
-            pool_a = torch.from_numpy(ab[inv.reshape(-1), 0])  # (b,) E[1 / |pool|], k - 1 slots
-            pool_b = torch.from_numpy(ab[inv.reshape(-1), 1])  # (b,) same, k - 2 slots
-            p_self = 1.0 - eps + eps * pool_a
-            p_greedy = torch.where(
-                rank == slot, p_self, torch.where(rank < 0, eps * pool_a, eps * eps * pool_b)
-            )
-            v_greedy = (
-                p_self * q_self
-                + eps * eps * pool_b * (q_g.sum(1) - q_self)
-                + eps * pool_a * (q.sum(1) - q_g.sum(1))
-            )
-            p = torch.where(shows, p_greedy, 0.0)
-            val = torch.where(slot < k, v_greedy, 0.0)
-        soft = torch.from_numpy(st.softmax[sl])
-        if bool(soft.any()):
-            t = torch.from_numpy(st.temperature[sl])[:, None]
-            probs = torch.softmax(scores.double() / t, 1).nan_to_num(nan=0.0)  # (b, C)
-            p = torch.where(soft, torch.where(shows, probs.gather(1, a)[:, 0], 0.0), p)
-            val = torch.where(soft, (probs * q).sum(1), val)
-        p_pi[sl] = p.numpy()
-        v[sl] = val.numpy()
+            q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, c - q.shape[1])], 1)
+        a = torch.from_numpy(events.action[sl])[:, None]
+        p_pi[sl] = probs.gather(1, a)[:, 0].numpy()
+        v[sl] = (probs * q).sum(1).numpy()
     return PolicyTerms(p_target=p_pi, v_target=v)
 
 

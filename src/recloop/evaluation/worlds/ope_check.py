@@ -32,7 +32,9 @@ from recloop.evaluation.ope import (
     logged_events,
     ope_report,
     policy_terms,
+    served_distributions,
     served_scores,
+    served_settings,
     target_probs,
 )
 from recloop.evaluation.protocol import split_code
@@ -125,8 +127,17 @@ def one_step_truth(
     cfg: OPEConfig,
 ) -> np.ndarray:
     """(E,) exact ``sum_a pi(a | s) R(s, a)`` at the dataset ``rows``: pi built exactly as
-    :func:`recloop.evaluation.ope.policy_terms` builds it (same windows, masks, top-K)."""
+    :func:`recloop.evaluation.ope.policy_terms` builds it (same windows, masks, top-K; with
+    ``cfg.target == "served"``, the policy served as each event was)."""
     out = np.empty(rows.shape[0])
+    if cfg.target == "served":
+        world_cols = index.item  # (N + 1,) the world item of each dataset column
+        for sl, probs in served_distributions(policy, dataset, rows, history=history, cfg=cfg):
+            at = rows[sl]
+            r_all = world.expected_reward_all(states.taste[at], states.satiety[at])
+            r = np.where(world_cols > 0, r_all[:, world_cols], 0.0)  # (b, N + 1)
+            out[sl] = (probs.numpy() * r).sum(1)
+        return out
     for sl, u, scores in served_scores(policy, dataset, rows, history=history, cfg=cfg):
         items, probs = target_probs(
             scores, temperature=cfg.temperature, top_k=cfg.top_k, row_keys=u, target=cfg.target
@@ -197,6 +208,30 @@ class TruthReport:
         }
 
 
+def logged_selection(dataset: PreparedDataset, rows: np.ndarray) -> Any:
+    """The roll-out :class:`~recloop.evaluation.worlds.rollout.Selection` of the served
+    target: the one policy and setting that served every event at ``rows`` (lists of one)."""
+    from recloop.evaluation.worlds.rollout import Selection
+
+    st = served_settings(dataset, rows)
+    if (st.length != 1).any():
+        raise DataError(
+            f"{dataset.path}: the world's roll-outs serve one item per step, the log has "
+            f"lists of up to {int(st.length.max())}"
+        )
+    settings = np.stack([st.softmax.astype(np.float64), st.epsilon, st.temperature], 1)
+    kinds = np.unique(settings, axis=0)  # (policies, 3)
+    if kinds.shape[0] != 1:
+        raise DataError(
+            f"{dataset.path}: the served target's roll-out needs one serving policy, the log "
+            f"has {kinds.shape[0]} (policy, epsilon, temperature) settings"
+        )
+    soft, eps, temp = bool(kinds[0, 0]), float(kinds[0, 1]), float(kinds[0, 2])
+    if soft:
+        return Selection(kind="softmax", temperature=temp, top_k=None)
+    return Selection(kind="epsilon", epsilon=eps)
+
+
 def ope_against_truth(
     runs: Sequence[Path],
     dataset: PreparedDataset,
@@ -226,8 +261,10 @@ def ope_against_truth(
     if not runs:
         raise ConfigError("no run to evaluate")
     # the truth below is computed for the softmax-over-top-K policy, so OPE must score that
-    # same policy (its default target is uniform over the top K)
-    base = replace(cfg, behaviour="logged", target="softmax")
+    # same policy (its default target is uniform over the top K) -- or, with the served
+    # target, for each run served as the log was
+    served = cfg.target == "served"
+    base = replace(cfg, behaviour="logged", target="served" if served else "softmax")
     raw_cfg, cap_cfg = replace(base, weight_cap=None), replace(base, weight_cap=clip)
     events = logged_events(dataset, split=split, cfg=raw_cfg)
     terms = []
@@ -253,7 +290,11 @@ def ope_against_truth(
     truth: list[float] = []
     rollout: list[dict[str, float]] = []
     ids = evaluation_users(rollout_users)
-    selection = Selection(kind="softmax", temperature=cfg.temperature, top_k=cfg.top_k)
+    selection = (
+        logged_selection(dataset, rows)
+        if served
+        else Selection(kind="softmax", temperature=cfg.temperature, top_k=cfg.top_k)
+    )
     for run in runs:
         art = load_artifact(run)
         v = one_step_truth(

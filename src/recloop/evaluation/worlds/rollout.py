@@ -468,13 +468,19 @@ def rollout_metrics(
 # --- logs -------------------------------------------------------------------------------
 
 
-def write_events(world: World, roll: Rollout, path: Path) -> int:
+def write_events(
+    world: World, roll: Rollout, path: Path, *, selection: Selection | None = None
+) -> int:
     """Write ``roll`` as a CSV ``recloop prepare --format csv`` reads; returns the rows.
 
     Columns: user (``u{n}``), item (``i{j}``), timestamp (integer seconds), rating (the
     step's reward, 0 for an ignored impression), propensity (exact, of the logging policy)
     and response (the deepest behaviour name or ``none``; an extra column prepare drops —
     a ``behavior`` column would have to be pv/cart/fav/buy and could not say "ignored").
+    With the logging ``selection``, when the service has the same policy (ε-greedy; softmax
+    over every candidate), also how each step was served, as the served-items table says it
+    (``policy``, ``position`` 0, ``list_length`` 1, ``epsilon``, ``temperature``), for OPE's
+    ``served`` target.
     """
     import polars as pl
 
@@ -497,6 +503,16 @@ def write_events(world: World, roll: Rollout, path: Path) -> int:
         pl.col("propensity"),
         pl.col("r").replace_strict(list(range(len(RESPONSES))), list(RESPONSES)).alias("response"),
     )
+    served = selection is not None and (selection.kind == "epsilon" or selection.top_k is None)
+    if selection is not None and served:
+        eps = selection.kind == "epsilon"
+        frame = frame.with_columns(
+            pl.lit("epsilon" if eps else "softmax").alias("policy"),
+            pl.lit(0, pl.Int32).alias("position"),
+            pl.lit(1, pl.Int32).alias("list_length"),
+            pl.lit(selection.epsilon if eps else None, pl.Float64).alias("epsilon"),
+            pl.lit(None if eps else selection.temperature, pl.Float64).alias("temperature"),
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.write_csv(path, float_precision=None)
     return frame.height
