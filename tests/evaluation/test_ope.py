@@ -630,3 +630,34 @@ def test_an_unknown_outcome_is_refused() -> None:
         ConfigError, match=r"ope\.outcome must be one of reward, return, got .gain."
     ):
         OPEConfig(outcome="gain")
+
+
+def test_a_report_whose_dr_rests_on_the_reward_model_alone_is_flagged() -> None:
+    """The target always shows an item the log never showed (beta 0.001): every weight is
+    0, so IPS is 0 and DR is the reward model's 0.9 -- disjoint intervals."""
+    from recloop.evaluation.ope import (
+        DR_IPS_DISAGREE,
+        BaselineRewards,
+        LoggedEvents,
+        PolicyTerms,
+    )
+
+    n = 200
+    rng = np.random.default_rng(0)
+    r = (rng.random(n) < 0.3).astype(np.float64)
+    events = LoggedEvents(
+        split=TEST, rows=np.arange(n), user=np.arange(n) % 20 + 1, action=np.full(n, 2),
+        reward=r, log_propensity=np.full(n, np.log(0.999)), behaviour="logged",
+        rewards=BaselineRewards(mu=0.9, user_bias=np.zeros(21, np.float32),
+                                item_bias=np.zeros(4, np.float32)),
+        q_logged=np.full(n, 0.9),
+    )  # fmt: skip
+    terms = PolicyTerms(p_target=np.zeros(n), v_target=np.full(n, 0.9))
+    rep = ope_report(events, terms, OPEConfig(n_boot=200))
+    assert rep.estimates["ips"].value == 0.0 and rep.estimates["dr"].value == pytest.approx(0.9)
+    assert DR_IPS_DISAGREE in rep.flags
+    # the policy the log followed: DR and IPS agree
+    same = PolicyTerms(p_target=np.full(n, 0.999), v_target=np.full(n, 0.9))
+    assert DR_IPS_DISAGREE not in ope_report(events, same, OPEConfig(n_boot=200)).flags
+    # no intervals, no comparison
+    assert DR_IPS_DISAGREE not in ope_report(events, terms, OPEConfig(n_boot=0)).flags

@@ -194,6 +194,22 @@ def test_untrusted_lists_the_gating_estimates_flags_a_far_mean_weight_and_a_smal
     assert untrusted(report(1.0, (), ess=30.0), "dr", min_ess=30) == []
     assert untrusted(report(1.0, (), ess=29.5), "dr", min_ess=30) == ["ESS 29.5 < 30"]
     assert untrusted(report(1.0, (), ess=4.1), "dr") == []  # no minimum by default
+    disagree = dataclasses.replace(
+        report(1.0, ()),
+        estimates={"dr": Interval(0.45, 0.44, 0.47), "ips": Interval(0.31, 0.30, 0.33)},
+        flags=("dr_ips_disagree",),
+    )
+    assert untrusted(disagree, "dr") == ["DR [0.440, 0.470] vs IPS [0.300, 0.330]"]
+    assert untrusted(disagree, "ips") == []  # IPS does not rest on the reward model
+
+
+def test_dr_and_ips_disagree_only_when_their_intervals_are_disjoint() -> None:
+    from recloop.evaluation.ope import Interval, estimators_disagree
+
+    assert estimators_disagree(Interval(0.45, 0.44, 0.47), Interval(0.31, 0.30, 0.33))
+    assert estimators_disagree(Interval(0.1, 0.0, 0.2), Interval(0.5, 0.3, 0.7))
+    assert not estimators_disagree(Interval(0.45, 0.40, 0.47), Interval(0.35, 0.30, 0.40))
+    assert not estimators_disagree(Interval(0.45, 0.44, 0.47), Interval(0.5, 0.2, 0.9))
 
 
 def test_the_ope_check_fails_on_a_warning_about_either_model_when_trust_is_required() -> None:
@@ -235,9 +251,15 @@ def test_a_flagged_estimate_fails_the_gate_only_when_trust_is_required(tmp_path:
     assert kept.ope["require_trusted"]  # the default
     assert not kept.promote
     assert kept.reason.startswith("keep current") and "OPE untrusted: candidate" in kept.reason
-    # propensities of 1 with bounds that admit the resulting mean weight: nothing to warn
+    # propensities of 1 with bounds that admit the resulting mean weight: a target that
+    # puts 7/8 of its mass on items the log never shows is scored by the reward model there,
+    # and DR and IPS disagree
     sure = _with_propensity(base, 1.0)
     wide = dataclasses.replace(ope, mean_weight_bounds=(0.0, 2.0))
+    model_only = gate(cur, cur, sure, **{**kw, "ope_cfg": wide})  # type: ignore[arg-type]
+    assert not model_only.promote and "candidate DR [" in model_only.reason
+    # ... without intervals there is nothing to compare, and nothing to warn
+    wide = dataclasses.replace(wide, n_boot=0)
     ok = gate(cur, cur, sure, **{**kw, "ope_cfg": wide})  # type: ignore[arg-type]
     assert ok.promote, ok.reason
     assert ok.ope["warnings"] == {"candidate": [], "current": []}

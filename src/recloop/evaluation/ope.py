@@ -49,8 +49,10 @@ events for both, so the shared noise of the events cancels (Efron & Tibshirani 1
 
 Honesty checks: an estimate (or its interval) that leaves the range of the rewards logged on
 the split is flagged ``<estimator>_out_of_range`` (IPS can; SNIPS, a weighted mean of
-rewards, cannot), and a mean unclipped weight outside ``mean_weight_bounds`` is flagged
-``mean_weight_far_from_1``: ``E_beta[pi / beta] = 1`` when beta is right and covers pi.
+rewards, cannot), a mean unclipped weight outside ``mean_weight_bounds`` is flagged
+``mean_weight_far_from_1``: ``E_beta[pi / beta] = 1`` when beta is right and covers pi, and
+DR and IPS intervals that do not overlap are flagged ``dr_ips_disagree``
+(:func:`estimators_disagree`).
 """
 
 from __future__ import annotations
@@ -1144,7 +1146,8 @@ class OPEReport:
     ess: float
     """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
     flags: tuple[str, ...] = ()
-    """Every warning: the estimates' flags and ``mean_weight_far_from_1``."""
+    """Every warning: the estimates' flags, ``mean_weight_far_from_1`` and (with
+    intervals) ``dr_ips_disagree``."""
     config: dict[str, Any] = field(default_factory=dict)
     """The OPE config used."""
 
@@ -1168,6 +1171,23 @@ class OPEReport:
         }
 
 
+DR_IPS_DISAGREE = "dr_ips_disagree"
+"""Flag of a report whose DR and IPS intervals do not overlap (:func:`estimators_disagree`)."""
+
+
+def estimators_disagree(dr: Interval, ips: Interval) -> bool:
+    """Whether the intervals of DR and IPS are disjoint.  With logged propensities IPS is
+    unbiased, and DR is IPS plus the reward model's control variate: where the target puts
+    its mass on actions the log seldom shows, IPS rests on the few events that show them
+    and DR on the reward model.  When the two do not even overlap, the reward model is
+    carrying the estimate beyond what the events support, and neither is evidence.  Found
+    in ``recloop experiment`` (2026-12-06): with the ``served`` target every gate promotion
+    that was truly worse had this on one of its two models (8 of 8), and 5 of 6 truly
+    better ones did not; on a world log ``recloop world ope --target served`` a REINFORCE
+    run's DR was 0.45 [0.44, 0.47], its IPS 0.31 [0.30, 0.33], the truth 0.36."""
+    return dr.high < ips.low or ips.high < dr.low
+
+
 def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPEReport:
     """The estimates, intervals, diagnostics and flags of one policy on ``events``."""
     w_raw, w, clipped = importance_weights(events, terms, cfg.weight_cap)
@@ -1185,6 +1205,8 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
     w_lo, w_hi = cfg.mean_weight_bounds
     if not w_lo <= mean_weight <= w_hi:
         flags.append("mean_weight_far_from_1")
+    if cfg.n_boot and estimators_disagree(estimates["dr"], estimates["ips"]):
+        flags.append(DR_IPS_DISAGREE)
     return OPEReport(
         split=SPLIT_NAMES[events.split],
         n_events=events.n_events,

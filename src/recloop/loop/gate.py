@@ -59,6 +59,7 @@ from torch import Tensor
 from recloop.artifacts.bundle import Artifact
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
 from recloop.evaluation.ope import (
+    DR_IPS_DISAGREE,
     Interval,
     OPEConfig,
     OPEReport,
@@ -187,10 +188,15 @@ def untrusted(report: OPEReport, estimator: str, *, min_ess: float = 0.0) -> lis
     or its interval outside the observed outcomes' range (a variance too large for the
     interval to mean anything), a mean weight outside the report's bounds (below: most of
     the target's mass is on actions the log never showed, so DR is its reward model's
-    opinion there; above: a few huge weights dominate), and an effective sample size of the
+    opinion there; above: a few huge weights dominate), an effective sample size of the
     clipped weights below ``min_ess`` (the estimate rests on that many events' worth of
-    data, too few for a bootstrap interval)."""
+    data, too few for a bootstrap interval), and, for DR, intervals of DR and IPS that do
+    not overlap (the reward model carries DR where the events do not:
+    :func:`recloop.evaluation.ope.estimators_disagree`)."""
     out = list(report.estimates[estimator].flags)
+    if estimator == "dr" and DR_IPS_DISAGREE in report.flags:
+        iv, ips = report.estimates["dr"], report.estimates["ips"]
+        out.append(f"DR [{iv.low:.3f}, {iv.high:.3f}] vs IPS [{ips.low:.3f}, {ips.high:.3f}]")
     if "mean_weight_far_from_1" in report.flags:
         out.append(f"mean weight {report.mean_weight:.2f}")
     if report.ess < min_ess:
