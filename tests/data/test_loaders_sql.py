@@ -171,7 +171,7 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     ev = raw.events
     assert ev.columns == [
         "user", "item", "timestamp", "rating", "propensity", "policy_version", "policy",
-        "temperature", "epsilon", "position", "list_length", "event_id",
+        "temperature", "epsilon", "list_source", "position", "list_length", "event_id",
     ]  # fmt: skip
     assert ev.height == 6 and everything.events.height == 12
     assert ev["rating"].to_list() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]  # reward of r0's item 1
@@ -182,6 +182,7 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     assert ev["list_length"].to_list() == [3] * 6
     assert ev["temperature"].to_list() == [1.0] * 6
     assert ev["epsilon"].null_count() == 6
+    assert ev["list_source"].to_list() == ["policy"] * 6
 
 
 def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:

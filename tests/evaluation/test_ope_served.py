@@ -343,3 +343,23 @@ def test_lists_served_in_one_second_each_start_from_their_own_state() -> None:
     events = logged_events(ds, cfg=CFG)
     terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
     np.testing.assert_array_equal(terms.p_target, [1.0, 1.0])
+
+
+def test_fallback_lists_are_left_out_of_the_served_target() -> None:
+    """A popular fallback list was drawn by no model's policy: the served target compares
+    the models on the other impressions, and says how many it left out."""
+    table = _table(8)
+    ds = _log(table, policy="epsilon")
+    test_rows = np.flatnonzero(ds.split == TEST)
+    source = np.full(ds.n_events, "policy", dtype=object)
+    source[test_rows[:5]] = "popular"
+    ds = replace(ds, extra={**ds.extra, "list_source": source})
+    events = logged_events(ds, cfg=CFG)
+    assert events.left_out == 5 and events.n_events == test_rows.shape[0] - 5
+    np.testing.assert_array_equal(events.rows, test_rows[5:])
+    # other targets evaluate every event
+    plain = logged_events(ds, cfg=replace(CFG, target="uniform_topk"))
+    assert plain.left_out == 0 and plain.n_events == test_rows.shape[0]
+    source[test_rows] = "popular"
+    with pytest.raises(DataError, match="every impression of the test split is of a fallback"):
+        logged_events(replace(ds, extra={**ds.extra, "list_source": source}), cfg=CFG)

@@ -59,6 +59,7 @@ from recloop.data.schema import (
     EPSILON,
     ITEM,
     LIST_LENGTH,
+    LIST_SOURCE,
     POLICY_VERSION,
     POSITION,
     PROPENSITY,
@@ -244,7 +245,8 @@ def _propensities(events: pl.DataFrame) -> np.ndarray:
 
 
 def _serving_columns(events: pl.DataFrame) -> dict[str, np.ndarray]:
-    """The :data:`SERVING_COLUMNS` the events have, checked: ``policy`` as text (null ""),
+    """The :data:`SERVING_COLUMNS` the events have, checked: ``policy`` and ``list_source``
+    as text (null ""),
     ``position`` >= 0 and ``list_length`` >= 1 as int32 (no null), ``position`` below
     ``list_length``, ``epsilon`` in [0, 1] and ``temperature`` > 0 as float64 (null NaN)."""
     out: dict[str, np.ndarray] = {}
@@ -260,7 +262,7 @@ def _serving_columns(events: pl.DataFrame) -> dict[str, np.ndarray]:
         if col not in events.columns:
             continue
         s = events[col]
-        if col == SERVED_POLICY:
+        if col in (SERVED_POLICY, LIST_SOURCE):
             out[col] = s.cast(pl.String).fill_null("").to_numpy().astype(str)
             continue
         integer = col in (POSITION, LIST_LENGTH)

@@ -39,7 +39,10 @@ EPSILON = "epsilon"
 """Optional: the exploration share of an ε-greedy list (null for other policies)."""
 TEMPERATURE = "temperature"
 """Optional: the temperature of a softmax list (null for other policies)."""
-SERVING_COLUMNS = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE)
+LIST_SOURCE = "list_source"
+"""Optional: what drew the item's list: ``policy`` (the model's serving policy) or
+``popular`` (the service's fallback for a user it knows nothing about)."""
+SERVING_COLUMNS = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE, LIST_SOURCE)
 """How each impression was served (``prepare --from-db --impressions`` reads them from the
 served-items table): kept by ``prepare`` beside ``propensity``, so that OPE can score a
 model as the service would serve it with the same exploration (``ope.target: served``)."""

@@ -75,9 +75,9 @@ from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.data.schema import (
     EPSILON,
     LIST_LENGTH,
+    LIST_SOURCE,
     POSITION,
     SERVED_POLICY,
-    SERVING_COLUMNS,
     TEMPERATURE,
 )
 from recloop.errors import ConfigError, DataError
@@ -682,6 +682,9 @@ class LoggedEvents:
     rewards: BaselineRewards
     """The reward model q (fitted on TRAIN)."""
     q_logged: np.ndarray  # (E,) float64 q(s, a) of the logged items
+    left_out: int = 0
+    """Impressions of the split not evaluated: with target ``served``, those of fallback
+    lists (``list_source`` ``popular``), which no model's policy drew."""
 
     @property
     def n_events(self) -> int:
@@ -715,6 +718,22 @@ def logged_events(
     rows = np.flatnonzero(dataset.split == code)
     if rows.shape[0] == 0:
         raise DataError(f"no event in the {SPLIT_NAMES[code]} split; nothing to evaluate")
+    left_out = 0
+    if cfg.target == "served" and LIST_SOURCE in dataset.extra:
+        # a fallback list was drawn by no model's policy: serving a model there means
+        # whatever its service falls back to, which the served target does not model, so
+        # every policy is compared on the impressions of lists a policy drew
+        drawn = dataset.extra[LIST_SOURCE][rows].astype(str) != FALLBACK_SOURCE
+        left_out = int(rows.shape[0] - drawn.sum())
+        rows = rows[drawn]
+        if rows.shape[0] == 0:
+            raise DataError(
+                f"{_events_file(dataset)}: every impression of the {SPLIT_NAMES[code]} split "
+                f"is of a fallback list ({LIST_SOURCE} {FALLBACK_SOURCE!r}); ope.target=served "
+                "has nothing to evaluate"
+            )
+        if left_out:
+            logger.info("served target: %d fallback-list impressions left out", left_out)
     if behaviour is not None:
         h = cfg.behaviour_history if history is None else history
         log_p = model_log_propensities(behaviour, dataset, rows, history=h)
@@ -741,6 +760,7 @@ def logged_events(
     user = dataset.user[rows].astype(np.int64)
     action = dataset.item[rows].astype(np.int64)
     return LoggedEvents(
+        left_out=left_out,
         split=code,
         rows=rows,
         user=user,
@@ -820,6 +840,10 @@ def served_scores(
         yield sl, users, scores
 
 
+SERVED_REQUIRED = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE)
+"""The serving columns the ``served`` target needs (``list_source`` is optional)."""
+FALLBACK_SOURCE = "popular"
+"""``list_source`` of the service's popular fallback lists."""
 SOFTMAX_POLICIES = ("softmax", "plackett_luce")
 """Logged policy names of a softmax (Plackett–Luce) list."""
 GREEDY_POLICIES = ("topk", "epsilon")
@@ -863,11 +887,11 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     were served in.
     """
     where = _events_file(dataset)
-    missing = [c for c in SERVING_COLUMNS if c not in dataset.extra]
+    missing = [c for c in SERVED_REQUIRED if c not in dataset.extra]
     if missing:
         raise DataError(
             f"{where}: ope.target=served needs how each impression was served, the columns "
-            f"{', '.join(SERVING_COLUMNS)} (`recloop prepare --from-db --impressions` keeps "
+            f"{', '.join(SERVED_REQUIRED)} (`recloop prepare --from-db --impressions` keeps "
             f"them); missing {', '.join(missing)}"
         )
     policy = dataset.extra[SERVED_POLICY][rows].astype(str)

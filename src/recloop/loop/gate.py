@@ -300,6 +300,7 @@ def gate(
         ope_doc = {
             "behaviour": events.behaviour,
             "n_events": events.n_events,
+            "left_out": events.left_out,
             "estimator": estimator,
             "target": ope_cfg.target,
             **{name: r.to_dict() for name, r in reports.items()},

@@ -113,6 +113,7 @@ IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
     "propensity": pl.Float64(),
     "temperature": pl.Float64(),
     "epsilon": pl.Float64(),
+    "source": pl.String(),
     "reward": pl.Float64(),
     "settled": pl.Boolean(),
 }
@@ -130,7 +131,8 @@ def load_impressions_from_db(
     that the default reward source reads it as the reward, and the extras ``propensity``
     (the logging policy's probability of showing it there), ``policy_version`` (the
     model version that served it), ``policy`` (topk, softmax, epsilon), its settings
-    ``temperature`` and ``epsilon`` (null where the policy has none), ``position``,
+    ``temperature`` and ``epsilon`` (null where the policy has none), ``list_source``
+    (``policy``, or ``popular`` for the service's fallback list), ``position``,
     ``list_length`` (the items of its list: OPE's ``served`` target re-serves each slot of
     the list from one state) and ``event_id`` (``<recommendation_id>:<position>``).  A
     list's impressions are served together and settle together, so ``list_length`` counts
@@ -159,6 +161,7 @@ def load_impressions_from_db(
             frame["policy"].alias("policy"),
             frame["temperature"].alias("temperature"),
             frame["epsilon"].alias("epsilon"),
+            frame["source"].alias("list_source"),
             frame["position"].alias("position"),
             frame.select(pl.len().over("recommendation_id").cast(pl.Int32))
             .to_series()
