@@ -10,6 +10,7 @@ import pytest
 from loop_helpers import append_events, walk_events
 
 from recloop.errors import ConfigError
+from recloop.evaluation.ope import OPEConfig
 from recloop.loop.config import LoopConfig
 from recloop.loop.window import (
     count_newer,
@@ -93,3 +94,7 @@ def test_config_errors_name_the_field() -> None:
         LoopConfig(every_events=1, metric="ndcg10")
     with pytest.raises(ConfigError, match="holdout"):
         LoopConfig(every_events=1, holdout=0.6, valid=0.5)
+    served = OPEConfig(target="served")
+    with pytest.raises(ConfigError, match=r"ope.target=served .* needs source: impressions"):
+        LoopConfig(every_events=1, ope=served)
+    assert LoopConfig(every_events=1, ope=served, source="impressions").ope.target == "served"

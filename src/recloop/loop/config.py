@@ -108,7 +108,9 @@ class LoopConfig:
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
     ope: OPEConfig = field(default_factory=_gate_ope)
-    """Target policy, behaviour and reward models, and bootstrap of the OPE gate."""
+    """Target policy, behaviour and reward models, and bootstrap of the OPE gate.  With
+    ``source: impressions``, ``ope: {target: served}`` scores each model as the service
+    would serve it with the log's own exploration (see docs/experiment.md)."""
     canary_share: float = 0.0
     """With a share in (0, 1), a candidate that passes the gate while a model is current is
     not promoted at once: it becomes the registry's canary and serves this share of the
@@ -179,6 +181,11 @@ class LoopConfig:
         )
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
         check(self.ope_min_ess >= 0, f"ope_min_ess must be >= 0, got {self.ope_min_ess}")
+        check(
+            self.ope.target != "served" or self.source == "impressions",
+            "ope.target=served scores models as the service served the logged impressions: "
+            "it needs source: impressions (the served-items table), got source: events",
+        )
         check(
             self.ope_estimator in ("dr", "snips", "ips"),
             f"ope_estimator must be dr, snips or ips, got {self.ope_estimator!r}",
