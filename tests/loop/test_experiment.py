@@ -586,6 +586,7 @@ def test_a_second_experiment_in_the_same_workdir_is_refused(
 
 
 def test_the_gate_target_is_checked() -> None:
-    assert ExperimentConfig(gate_target="served").gate_target == "served"
+    assert ExperimentConfig().gate_target == "served"  # the default since 2026-12-06
+    assert ExperimentConfig(gate_target="uniform_topk").gate_target == "uniform_topk"
     with pytest.raises(ConfigError, match="gate_target: uniform_topk or served, got 'slate'"):
         ExperimentConfig(gate_target="slate")

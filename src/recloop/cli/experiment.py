@@ -89,11 +89,11 @@ def experiment_command(
         "impression's own) or return (the discounted return to the end of its session).",
     ),
     gate_target: str = typer.Option(
-        "uniform_topk",
+        "served",
         "--gate-target",
-        help="The policy the gate's OPE scores each model as: uniform_topk (one of its top "
-        "10, uniformly) or served (as the arm's service serves it, with the logged "
-        "exploration: the policy the truth rolls out).",
+        help="The policy the gate's OPE scores each model as: served (as the arm's service "
+        "serves it, with the logged exploration: the policy the truth rolls out) or "
+        "uniform_topk (one of its top 10, uniformly; the default until 2026-12-06).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of users, requests and training."),
     baseline: str | None = typer.Option(

@@ -353,10 +353,11 @@ class ExperimentConfig:
     gate_min_ess: float = 30.0
     """Smallest effective sample size of an OPE estimate the loops' gates act on
     (``recloop loop``'s ``ope_min_ess``); 0 = no minimum."""
-    gate_target: str = "uniform_topk"
+    gate_target: str = "served"
     """The policy the gates' OPE scores each model as (``ope.target`` of the loops):
-    ``uniform_topk`` (one of its top 10 uniformly) or ``served`` (as the arm's service
-    serves it, with the log's exploration settings: the policy the truth rolls out)."""
+    ``served`` (as the arm's service serves it, with the log's exploration settings: the
+    policy the truth rolls out) or ``uniform_topk`` (one of its top 10 uniformly, the
+    default until 2026-12-06: no estimate was trusted, and nothing was promoted)."""
     gate_outcome: str = "reward"
     """The outcome the gates' DR estimates per logged impression (``ope.outcome`` of the
     loops): its ``reward``, or the discounted ``return`` to the end of its session (what the
