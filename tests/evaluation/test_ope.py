@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -661,3 +662,13 @@ def test_a_report_whose_dr_rests_on_the_reward_model_alone_is_flagged() -> None:
     assert DR_IPS_DISAGREE not in ope_report(events, same, OPEConfig(n_boot=200)).flags
     # no intervals, no comparison
     assert DR_IPS_DISAGREE not in ope_report(events, terms, OPEConfig(n_boot=0)).flags
+    # half the events carry the target's weight: IPS is halved, SNIPS and DR (with an exact
+    # reward model) are not; it is IPS that DR is checked against
+    ones = np.ones(n)
+    half = dataclasses.replace(events, reward=ones, q_logged=ones, rewards=dataclasses.replace(
+        events.rewards, mu=1.0))  # fmt: skip
+    halved = PolicyTerms(p_target=np.where(np.arange(n) % 2 == 0, 0.999, 0.0), v_target=ones)
+    rep = ope_report(half, halved, OPEConfig(n_boot=200))
+    assert rep.estimates["snips"].value == pytest.approx(1.0)
+    assert rep.estimates["ips"].value == pytest.approx(0.5)
+    assert DR_IPS_DISAGREE in rep.flags

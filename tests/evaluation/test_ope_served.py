@@ -353,6 +353,7 @@ def test_fallback_lists_are_left_out_of_the_served_target() -> None:
     test_rows = np.flatnonzero(ds.split == TEST)
     source = np.full(ds.n_events, "policy", dtype=object)
     source[test_rows[:5]] = "popular"
+    source[test_rows[5]] = ""  # a list whose source was not logged: kept
     ds = replace(ds, extra={**ds.extra, "list_source": source})
     events = logged_events(ds, cfg=CFG)
     assert events.left_out == 5 and events.n_events == test_rows.shape[0] - 5

@@ -210,6 +210,8 @@ def test_dr_and_ips_disagree_only_when_their_intervals_are_disjoint() -> None:
     assert estimators_disagree(Interval(0.1, 0.0, 0.2), Interval(0.5, 0.3, 0.7))
     assert not estimators_disagree(Interval(0.45, 0.40, 0.47), Interval(0.35, 0.30, 0.40))
     assert not estimators_disagree(Interval(0.45, 0.44, 0.47), Interval(0.5, 0.2, 0.9))
+    # intervals that touch overlap
+    assert not estimators_disagree(Interval(0.45, 0.40, 0.47), Interval(0.5, 0.47, 0.6))
 
 
 def test_the_ope_check_fails_on_a_warning_about_either_model_when_trust_is_required() -> None:

@@ -1200,15 +1200,23 @@ DR_IPS_DISAGREE = "dr_ips_disagree"
 
 
 def estimators_disagree(dr: Interval, ips: Interval) -> bool:
-    """Whether the intervals of DR and IPS are disjoint.  With logged propensities IPS is
-    unbiased, and DR is IPS plus the reward model's control variate: where the target puts
-    its mass on actions the log seldom shows, IPS rests on the few events that show them
-    and DR on the reward model.  When the two do not even overlap, the reward model is
-    carrying the estimate beyond what the events support, and neither is evidence.  Found
-    in ``recloop experiment`` (2026-12-06): with the ``served`` target every gate promotion
-    that was truly worse had this on one of its two models (8 of 8), and 5 of 6 truly
-    better ones did not; on a world log ``recloop world ope --target served`` a REINFORCE
-    run's DR was 0.45 [0.44, 0.47], its IPS 0.31 [0.30, 0.33], the truth 0.36."""
+    """Whether the intervals of DR and IPS are disjoint (touching intervals overlap).
+
+    DR is IPS plus the reward model's control variate.  Where the target puts its mass on
+    actions the log seldom shows, IPS rests on the few events that show them and DR on the
+    reward model; when the two do not even overlap, the reward model carries DR beyond what
+    the events support.  IPS is no referee either: it is unbiased only before clipping, and
+    when the weights that would lift it are too rare to be in the sample it reads low.  So
+    in practice the flag fires when much of the target's mass is off the log's choices (on
+    the loop's ε-greedy logs, about where the mean weight falls below 0.7-0.8), whether or not
+    the reward model is wrong there: a conservative check, not a test of the model.
+
+    Found in ``recloop experiment`` (2026-12-06, ``served`` target): every truly worse
+    promotion of five seeds had it (8 of 8), 1 of 6 truly better ones did; on five fresh
+    seeds it alone kept out 3 truly worse candidates and 10 truly better ones
+    (docs/experiment.md).  On a world log (``recloop world ope --target served``) a
+    REINFORCE run's DR was 0.45 [0.44, 0.47], its IPS 0.31 [0.30, 0.33], the truth 0.36.
+    """
     return dr.high < ips.low or ips.high < dr.low
 
 
