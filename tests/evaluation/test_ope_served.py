@@ -264,7 +264,7 @@ def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() ->
     def art_policy(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
         return t[user]
 
-    art = SimpleNamespace(user_ids=art_users, item_ids=art_items, policy=art_policy)
+    art = SimpleNamespace(user_ids=art_users, item_ids=art_items, policy=art_policy, history_len=1)
     served_users = ["u2", "u9", "u4", "u1"]  # u9: unknown to the model, its row 0
     rows: list[tuple[str, str, int, int, int, float]] = []
     for ts, raw in enumerate(served_users):

@@ -269,3 +269,38 @@ def test_a_flagged_estimate_fails_the_gate_only_when_trust_is_required(tmp_path:
     # ... but 12 events are not enough for the default minimum ESS
     few = gate(cur, cur, sure, **{**kw, "ope_cfg": wide, "min_ess": 30})  # type: ignore[arg-type]
     assert not few.promote and "current ESS" in few.reason
+
+
+def test_the_current_model_drops_the_items_it_does_not_know_before_taking_its_history() -> None:
+    """As its service does: unknown items leave the window first, then the last H known
+    ones are kept, with their rewards, right-aligned."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from recloop.data.dataset import PreparedDataset
+    from recloop.loop.gate import MappedScorer
+
+    seen: list[tuple[list[int], list[float]]] = []
+
+    def policy(user: Any, history: Any, reward: Any) -> Any:
+        seen.append((history[0].tolist(), reward[0].tolist()))
+        return torch.zeros(history.shape[0], 4)
+
+    art = SimpleNamespace(
+        user_ids=["u1"], item_ids=["a", "b", "c"], policy=policy, history_len=2
+    )  # old indices: a 1, b 2, c 3
+    ds = PreparedDataset.from_arrays(
+        user=np.array([1] * 5), item=np.array([1, 2, 3, 4, 5]), timestamp=np.arange(5),
+        user_ids=["u1"], item_ids=["c", "new1", "a", "new2", "b"], n_users=1, n_items=5,
+    )  # fmt: skip
+    scorer = MappedScorer(art, ds)  # type: ignore[arg-type]
+    # a window of dataset items: c, new1, a, new2, b (0 = padding) and their rewards
+    window = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    rewards = torch.tensor([[0.0, 0.5, 0.9, 0.7, 0.8, 0.3]])
+    scorer(torch.tensor([1]), window, rewards)
+    assert seen[-1][0] == [1, 2]  # a then b, the last two known
+    np.testing.assert_allclose(seen[-1][1], [0.7, 0.3], rtol=1e-6)
+    scorer(torch.tensor([1]), window[:, :3], rewards[:, :3])  # c, new1: one known item
+    assert seen[-1][0] == [0, 3]
+    np.testing.assert_allclose(seen[-1][1], [0.0, 0.5], rtol=1e-6)

@@ -99,16 +99,36 @@ class MappedScorer:
         seen[self.items.numpy()] = True
         self.unseen = torch.from_numpy(np.flatnonzero(~seen))  # old columns, never 0
         self.policy = artifact.policy
+        self.history_len = artifact.history_len
         self.serving_index = ServingIndex(user=self.users, item=self.items, unseen=self.unseen)
 
+    def history(self, history: Tensor, history_reward: Tensor) -> tuple[Tensor, Tensor]:
+        """The artifact's own history of windows (B, W) of dataset items: as its service
+        does, the items it does not know are dropped first, then the last ``history_len``
+        known ones are kept (right-aligned, padding 0 with reward 0 on the left).  Give a
+        window wider than ``history_len`` (:data:`MAPPED_WINDOW`) so that dropped items
+        leave room for earlier known ones."""
+        old = self.items[history]  # (B, W) 0: padding or unknown to the artifact
+        order = torch.argsort((old > 0).to(torch.int8), dim=1, stable=True)  # known last
+        old = old.gather(1, order)[:, -self.history_len :]
+        reward = history_reward.gather(1, order)[:, -self.history_len :]
+        return old, reward * (old > 0).to(reward.dtype)
+
     def __call__(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
-        old = self.policy(self.users[user], self.items[history], history_reward)  # (B, N_old + 1)
+        items, reward = self.history(history, history_reward)
+        old = self.policy(self.users[user], items, reward)  # (B, N_old + 1)
         return old[:, self.items].masked_fill(self.unknown, float("-inf"))  # (B, N_new + 1)
 
     def unseen_scores(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
         """(B, X) scores of the artifact's items the dataset lacks (``serving_index.unseen``)."""
-        old = self.policy(self.users[user], self.items[history], history_reward)
-        return old[:, self.unseen]
+        items, reward = self.history(history, history_reward)
+        return self.policy(self.users[user], items, reward)[:, self.unseen]
+
+
+MAPPED_WINDOW = 4
+"""The current model is given windows of this many times its history: it drops the items it
+does not know and keeps its last ``history_len`` known ones, as its service does (exact
+while at most 3 in 4 of a user's latest items are new to it)."""
 
 
 def mapped_scorer(artifact: Artifact, dataset: PreparedDataset) -> Scorer:
@@ -263,7 +283,7 @@ def gate(
         base_scorer, base_name, base_h = popularity_scorer(dataset), "popularity", 1
     else:
         base_scorer, base_name = mapped_scorer(current, dataset), "current"
-        base_h = current.history_len
+        base_h = MAPPED_WINDOW * current.history_len  # MappedScorer keeps its known items
     base = evaluate(base_scorer, ranked, split="test", history=base_h, cfg=eval_cfg)
     c, b = cand.metrics[metric], base.metrics[metric]
     # the metric decides for the first model, and whenever OPE does not gate alone
