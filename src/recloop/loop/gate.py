@@ -5,7 +5,8 @@ dataset, TEST split): the same users, the same states (each user's last H events
 the holdout, as raw events), the same targets and the same masked items.  The current model
 was trained with other id maps, so it is evaluated through a translation of the candidate
 dataset's indices into its own (:func:`mapped_scorer`): users and history items are looked
-up by raw id (unknown ones become its unknown-user row / padding), and its scores are
+up by raw id (an unknown user becomes its unknown-user row; history items it does not
+know are dropped before its last H are taken, as its service does), and its scores are
 gathered back into the new item order.  Items it has never seen get -inf: it could not
 serve them, and that is exactly what a retrained model may gain over it.
 
