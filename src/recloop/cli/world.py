@@ -200,12 +200,15 @@ def ope_cmd(
     log_dir = log if log is not None else log_dir_of(dataset)
     if log_dir is None:
         raise ConfigError(f"{path}: cannot find the generated log's world.json; pass --log")
-    world = load_world_for(world_name, log_dir)
-    if fresh_users > 0:
-        _fresh_ope(runs, world, log_dir, fresh_users, temperature, top_k, clip, seed, as_json)
-        return
     if target not in ("softmax", "served"):
         raise ConfigError(f"--target must be softmax or served, got {target!r}")
+    world = load_world_for(world_name, log_dir)
+    if fresh_users > 0:
+        if target != "softmax":
+            # the fresh log's estimators score the softmax target only
+            raise ConfigError("--fresh-users evaluates the softmax target; drop --target served")
+        _fresh_ope(runs, world, log_dir, fresh_users, temperature, top_k, clip, seed, as_json)
+        return
     cfg = OPEConfig(temperature=temperature, top_k=top_k, n_boot=n_boot, seed=seed, target=target)
     report = ope_against_truth(
         runs, dataset, world, cfg=cfg, clip=clip, rollout_users=users, seed=seed

@@ -98,6 +98,9 @@ def test_world_ope_fresh_users_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     for name in ("ips", "snips", "dr", "sndr"):
         est = out["estimates"][name][0]
         assert abs(est["value"] - truth) < 4 * est["se"], (name, est, truth)
+    # the fresh log's estimators have no served target: refused, not silently softmax
+    assert main(["world", "ope", str(run), "--fresh-users", "1000", "--target", "served"]) == 2
+    assert "--fresh-users evaluates the softmax target" in capsys.readouterr().err
 
 
 def test_spearman_by_hand_with_ties() -> None:
