@@ -820,7 +820,6 @@ def served_scores(
     user = dataset.user[rows].astype(np.int64)
     start = dataset.user_offsets[user]
     win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
-    width = dataset.n_items + 1
     pad = torch.zeros(1, dtype=torch.long)
     for lo in range(0, rows.shape[0], cfg.batch_size):
         sl = slice(lo, min(lo + cfg.batch_size, rows.shape[0]))
@@ -835,6 +834,7 @@ def served_scores(
             # would grow with the square of the users' history lengths
             offsets, c_rows = csr_ranges(start[sl], rows[sl])
             c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
+            width = scores.shape[1]  # N + 1, or more for a scorer's own extra columns
             key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
             scores.view(-1).index_fill_(0, key, float("-inf"))
         yield sl, users, scores
@@ -861,6 +861,9 @@ class ServingIndex:
     user: Tensor  # (U + 1,) int64 the service's index of each dataset user, 0 = unknown
     item: Tensor  # (N + 1,) int64 the service's index of each dataset item
     unseen: Tensor  # (X,) int64 the service's indices of its items the dataset lacks
+    catalogue_scorer: Scorer
+    """The scorer's table over the whole catalogue, (B, N + 1 + X): the dataset's columns,
+    then the ``unseen`` items'."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -946,29 +949,6 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     )
 
 
-def _unseen_scores(
-    policy: Scorer, dataset: PreparedDataset, rows: np.ndarray, history: int
-) -> Tensor:
-    """(b, X) scores of the items only ``policy``'s service indexes (``serving_index.unseen``),
-    in the state before each of ``rows`` (the scorer's ``unseen_scores``)."""
-    method = getattr(policy, "unseen_scores", None)
-    if not callable(method):
-        raise ConfigError(
-            "ope.target=served: the scorer's service has items the dataset lacks "
-            "(serving_index.unseen) but the scorer gives no unseen_scores"
-        )
-    user = dataset.user[rows].astype(np.int64)
-    win = gather_windows(
-        dataset.item, dataset.reward, end=rows, start=dataset.user_offsets[user], length=history
-    )
-    out: Tensor = method(
-        torch.from_numpy(user),
-        torch.from_numpy(win.item.astype(np.int64)),
-        torch.from_numpy(win.reward),
-    )
-    return out
-
-
 def served_probs(
     scores: Tensor,
     *,
@@ -1038,16 +1018,15 @@ def served_distributions(
     ``serving_index``, the items only the policy's service has (after the dataset's)."""
     st = served_settings(dataset, rows)
     index: ServingIndex | None = getattr(policy, "serving_index", None)
-    n_unseen = 0 if index is None else int(index.unseen.shape[0])
-    for sl, users, scores in served_scores(policy, dataset, st.state_row, history=history, cfg=cfg):
+    scorer = policy
+    if index is not None and index.unseen.shape[0]:
+        # the service ranks, explores and samples over its whole catalogue
+        scorer = index.catalogue_scorer
+    for sl, users, scores in served_scores(scorer, dataset, st.state_row, history=history, cfg=cfg):
         keys, cols = users, None  # the service's tie-break keys: its user and item indices
         if index is not None:
             keys = index.user[users]
             cols = torch.cat([index.item, index.unseen]).expand(users.shape[0], -1)
-        if n_unseen:
-            # the service ranks, explores and samples over its whole catalogue
-            extra = _unseen_scores(policy, dataset, st.state_row[sl], history)
-            scores = torch.cat([scores, extra.to(scores.dtype)], 1)
         yield (
             sl,
             served_probs(

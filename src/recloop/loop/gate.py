@@ -89,8 +89,8 @@ class MappedScorer:
     """An artifact's policy as a scorer over a dataset's user and item indices (raw ids
     translated; the dataset's items the artifact lacks at -inf, padding included).  Its
     ``serving_index`` lets OPE's ``served`` target re-serve it as its service does (tie keys
-    of the artifact's own indices, its whole catalogue), and :meth:`unseen_scores` gives the
-    scores of the items only the artifact indexes (a softmax list spreads over them too)."""
+    of the artifact's own indices, and its whole catalogue through :meth:`catalogue`: a
+    list may show, and a softmax spreads over, the items only the artifact indexes)."""
 
     def __init__(self, artifact: Artifact, dataset: PreparedDataset) -> None:
         self.users = torch.from_numpy(index_translation(artifact.user_ids, dataset.user_ids))
@@ -101,7 +101,9 @@ class MappedScorer:
         self.unseen = torch.from_numpy(np.flatnonzero(~seen))  # old columns, never 0
         self.policy = artifact.policy
         self.history_len = artifact.history_len
-        self.serving_index = ServingIndex(user=self.users, item=self.items, unseen=self.unseen)
+        self.serving_index = ServingIndex(
+            user=self.users, item=self.items, unseen=self.unseen, catalogue_scorer=self.catalogue
+        )
 
     def history(self, history: Tensor, history_reward: Tensor) -> tuple[Tensor, Tensor]:
         """The artifact's own history of windows (B, W) of dataset items: as its service
@@ -115,15 +117,21 @@ class MappedScorer:
         reward = history_reward.gather(1, order)[:, -self.history_len :]
         return old, reward * (old > 0).to(reward.dtype)
 
-    def __call__(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+    def _old_scores(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        """(B, N_old + 1) the artifact's own scores."""
         items, reward = self.history(history, history_reward)
-        old = self.policy(self.users[user], items, reward)  # (B, N_old + 1)
+        return self.policy(self.users[user], items, reward)
+
+    def __call__(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        old = self._old_scores(user, history, history_reward)
         return old[:, self.items].masked_fill(self.unknown, float("-inf"))  # (B, N_new + 1)
 
-    def unseen_scores(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
-        """(B, X) scores of the artifact's items the dataset lacks (``serving_index.unseen``)."""
-        items, reward = self.history(history, history_reward)
-        return self.policy(self.users[user], items, reward)[:, self.unseen]
+    def catalogue(self, user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        """(B, N_new + 1 + X) the scores of :meth:`__call__`, then those of the artifact's
+        items the dataset lacks (``serving_index.unseen``), from one pass of the policy."""
+        old = self._old_scores(user, history, history_reward)
+        new = old[:, self.items].masked_fill(self.unknown, float("-inf"))
+        return torch.cat([new, old[:, self.unseen]], 1)
 
 
 MAPPED_WINDOW = 4
