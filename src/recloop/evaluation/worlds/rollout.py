@@ -503,8 +503,8 @@ def write_events(
         pl.col("propensity"),
         pl.col("r").replace_strict(list(range(len(RESPONSES))), list(RESPONSES)).alias("response"),
     )
-    served = selection is not None and (selection.kind == "epsilon" or selection.top_k is None)
-    if selection is not None and served:
+    # the service's softmax spreads over every unmasked item: a top-K softmax is not its
+    if selection is not None and (selection.kind == "epsilon" or selection.top_k is None):
         eps = selection.kind == "epsilon"
         frame = frame.with_columns(
             pl.lit("epsilon" if eps else "softmax").alias("policy"),
