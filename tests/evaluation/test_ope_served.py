@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from recloop.data.dataset import TEST, TRAIN, PreparedDataset
-from recloop.errors import DataError
+from recloop.errors import ConfigError, DataError
 from recloop.evaluation.ope import (
     BaselineRewards,
     OPEConfig,
@@ -237,11 +237,123 @@ def test_served_target_refuses_what_it_cannot_score() -> None:
             _scorer(table), replace(ds, extra={**ds.extra, "epsilon": eps}), events, history=1,
             cfg=CFG,
         )  # fmt: skip
-    soft = _log(table, policy="softmax", k=2)
+
+
+def test_softmax_slots_below_the_first_refuse_lists_they_cannot_reconstruct() -> None:
+    """A softmax slot j > 0 is scored with the items and propensities of the slots above it:
+    a list with one of them missing, drawn with another temperature above, repeating an item,
+    or whose propensities were not logged, is refused, naming the row."""
+    table = _table(7)
+    soft = _log(table, policy="softmax", k=3)
     ev = logged_events(soft, cfg=CFG)
-    second = int(ev.rows[np.flatnonzero(soft.extra["position"][ev.rows] == 1)[0]])
-    with pytest.raises(DataError, match=rf"row {second}: field 'position' 1 of a softmax list"):
-        policy_terms(_scorer(table), soft, ev, history=1, cfg=CFG)
+    pos = soft.extra["position"]
+    second = int(ev.rows[np.flatnonzero(pos[ev.rows] == 1)[0]])
+
+    def terms_of(**extra: np.ndarray) -> None:
+        ds = replace(soft, extra={**soft.extra, **extra})
+        policy_terms(_scorer(table), ds, ev, history=1, cfg=CFG)
+
+    gap = pos.copy()
+    gap[second] = 2  # its list's slot 1 is not in the data
+    with pytest.raises(
+        DataError, match=rf"row {second}: field 'position' 2 of a softmax list lacks"
+    ):
+        terms_of(position=gap)
+    temp = soft.extra["temperature"].copy()
+    temp[second - 1] = 2.0  # the slot above was drawn with another temperature
+    with pytest.raises(DataError, match=rf"row {second}: .* below a slot served with another"):
+        terms_of(temperature=temp)
+    item = soft.item.copy()
+    item[second] = item[second - 1]
+    with pytest.raises(DataError, match=rf"row {second}: .* repeats an item above it"):
+        policy_terms(_scorer(table), replace(soft, item=item), ev, history=1, cfg=CFG)
+    fitted = logged_events(soft, cfg=replace(CFG, behaviour="fitted"))
+    with pytest.raises(ConfigError, match="softmax slots below the first with the logged"):
+        policy_terms(_scorer(table), soft, fitted, history=1, cfg=CFG)
+
+
+def test_softmax_lists_get_their_logged_propensities_back_at_every_slot() -> None:
+    """Served as logged, the logging model's pi at a softmax slot given the items above it
+    is the logged choice probability, and the items above weigh 1: every weight is 1."""
+    table = _table(12)
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    events = logged_events(ds, cfg=CFG)
+    assert (ds.extra["position"][events.rows] == 3).sum() > 0
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-9)
+
+
+def _slates(n: int, k: int) -> list[tuple[int, ...]]:
+    from itertools import permutations
+
+    return list(permutations(range(1, n + 1), k))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_softmax_lists_are_scored_without_bias_at_every_slot(temperature: float) -> None:
+    """Every ordered list of 3 of 5 items, one per user (all in the same state), logged with
+    its Plackett-Luce propensities: the expectation of IPS and of DR (with a wrong reward
+    model) under the logging policy, summed over the lists weighted by their probability,
+    is exactly the value of serving the target model with the same softmax, whose reward at
+    a slot depends on its item and its position (cascade weights; Kiyohara et al. 2022).
+    Fails without the weight of the items above a slot, or with them left in its pool."""
+    n, k = 5, 3
+    slates = _slates(n, k)
+    u = len(slates)
+    rng = np.random.default_rng(13)
+    log_scores = np.r_[-np.inf, rng.normal(0, 1.5, n)]
+    # float32 values, as the scorer's: the truth below uses the same numbers
+    tgt_scores = np.r_[-np.inf, rng.normal(0, 1.5, n)].astype(np.float32).astype(np.float64)
+    base = rng.uniform(0, 1, n + 1)
+    decay = np.array([1.0, 0.6, 0.3])
+    user = np.repeat(np.arange(1, u + 1), k)
+    item = np.array(slates).reshape(-1)
+    p_log = np.concatenate(
+        [
+            plackett_luce_propensities(log_scores, np.array(sl), temperature=temperature)[0]
+            for sl in slates
+        ]
+    )
+    reward = (base[item] * np.tile(decay, u)).astype(np.float32).astype(np.float64)
+    ds = PreparedDataset.from_arrays(
+        user=user, item=item, timestamp=np.repeat(np.arange(u), k) + 100, reward=reward,
+        split=np.full(u * k, TEST), n_users=u, n_items=n,
+    )  # fmt: skip
+    ds = replace(
+        ds,
+        extra={
+            "propensity": p_log,
+            "policy": np.full(u * k, "softmax"),
+            "position": np.tile(np.arange(k, dtype=np.int32), u),
+            "list_length": np.full(u * k, k, np.int32),
+            "epsilon": np.full(u * k, np.nan),
+            "temperature": np.full(u * k, temperature),
+        },
+    )
+    wrong_q = BaselineRewards(
+        mu=0.4,
+        user_bias=np.zeros(u + 1, np.float32),
+        item_bias=rng.normal(0, 0.3, n + 1).astype(np.float32),
+    )
+    events = logged_events(ds, cfg=CFG, rewards=wrong_q)
+    tgt = np.tile(tgt_scores, (u + 1, 1))
+    terms = policy_terms(_scorer(tgt), ds, events, history=1, cfg=CFG)
+    w, _, _ = importance_weights(events, terms, None)
+    mu_slate = np.prod(p_log.reshape(u, k), 1)  # (u,) the logging policy's list probability
+    assert mu_slate.sum() == pytest.approx(1.0, abs=1e-12)
+    ips = (mu_slate * (w * events.reward).reshape(u, k).sum(1)).sum()
+    dr_terms = terms.v_target + w * (events.reward - events.q_logged)
+    dr = (mu_slate * dr_terms.reshape(u, k).sum(1)).sum()
+    pi_slate = np.array(
+        [
+            plackett_luce_propensities(tgt_scores, np.array(sl), temperature=temperature)[1]
+            for sl in slates
+        ]
+    )
+    truth = (pi_slate * reward.reshape(u, k).sum(1)).sum()
+    assert ips == pytest.approx(truth, rel=1e-9)
+    assert dr == pytest.approx(truth, rel=1e-9)
+    assert (mu_slate * w.reshape(u, k)[:, 2]).sum() == pytest.approx(1.0, rel=1e-9)
 
 
 def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() -> None:

@@ -16,10 +16,16 @@ and pi(a|s) is the exact probability that the model, served with those settings 
 state of the impression's list, shows item a at that position (ε-greedy: the slot's
 marginal :func:`recloop.slates.epsilon_marginals` over the model's greedy list; top-k: 1
 for the model's greedy item of the slot; softmax: softmax(scores / T) over every unmasked
-item, first positions only).  The estimate is then the value per impression of the policy
-the loop would put in production, and, since pi covers every item beta covers, its mean
-weight is 1 in expectation.  Each position is scored as its own round (the item-position
-model: an impression's reward depends on its item and position, not on its neighbours).
+item not shown above the slot).  The estimate is then the value per impression of the
+policy the loop would put in production, and, since pi covers every item beta covers, its
+mean weight is 1 in expectation.  Each position of a greedy or ε-greedy list is scored as
+its own round (the item-position model: an impression's reward depends on its item and
+position, not on its neighbours).  A softmax list is drawn one slot after the other, and the
+service logs each slot's choice probability given the slots above it: a slot j > 0 is
+scored given the items logged above it, its weight times theirs (cascade weights, the
+Cascade-DR of Kiyohara, Saito, Matsuhiro, Narita, Shimizu & Yamamoto, WSDM 2022; unbiased
+when a slot's reward depends on the items at and above it, not below), so its variance grows
+with its depth.
 
 Estimators (Dudik, Langford & Li, ICML 2011; Swaminathan & Joachims, NeurIPS 2015), with
 importance weights ``w = min(pi(a|s) / beta(a|s), cap)``:
@@ -780,8 +786,9 @@ def logged_events(
 class PolicyTerms:
     """What one target policy contributes on the events of a :class:`LoggedEvents`."""
 
-    p_target: np.ndarray  # (E,) float64 pi(a|s) of the logged items
-    v_target: np.ndarray  # (E,) float64 V(s) = sum_a pi(a|s) q(s, a)
+    p_target: np.ndarray  # (E,) float64 pi(a|s) of the logged items (target served:
+    # times the weight of the items above a softmax slot, see served_terms)
+    v_target: np.ndarray  # (E,) float64 V(s) = sum_a pi(a|s) q(s, a) (the same)
 
 
 def target_probs(
@@ -920,18 +927,6 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     bad = np.flatnonzero(softmax & ~(temp > 0))
     if bad.shape[0]:
         raise fail(bad, TEMPERATURE, float(temp[bad[0]]), "of a softmax list is not > 0")
-    bad = np.flatnonzero(softmax & (slot > 0))
-    if bad.shape[0]:
-        # below the first position a softmax list's logged propensity is the item's choice
-        # probability given the items above it, and the slot's value needs the whole
-        # prefix's probability: a slate estimator, not this per-position one
-        raise fail(
-            bad,
-            POSITION,
-            int(slot[bad[0]]),
-            "of a softmax list is not its first: ope.target=served scores softmax lists at "
-            "their first position only (serve lists of n=1, or use target uniform_topk)",
-        )
     n = dataset.n_events
     new_run = dataset.extra[POSITION] == 0  # (E,) a list starts at its first position
     new_run[0] = True
@@ -939,8 +934,50 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
         dataset.timestamp[1:] != dataset.timestamp[:-1]
     )
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    state_row = run_start[rows].astype(np.int64)
+    # below its first position a softmax slot is scored with the items above it (cascade
+    # weights, :func:`softmax_slot`): every one of them must be in the data, in order, and
+    # drawn by the same softmax
+    deep = np.flatnonzero(softmax & (slot > 0))
+    if deep.shape[0]:
+        first = state_row[deep]
+        bad = deep[(rows[deep] - first != slot[deep]) | (dataset.extra[POSITION][first] != 0)]
+        if bad.shape[0]:
+            raise fail(
+                bad,
+                POSITION,
+                int(slot[bad[0]]),
+                "of a softmax list lacks positions above it: ope.target=served scores a "
+                "softmax slot below the first with the items and propensities of every slot "
+                "above it in its list",
+            )
+        _, above = csr_ranges(first, rows[deep])  # (sum of the slots,) the rows above
+        group = np.repeat(np.arange(deep.shape[0]), slot[deep])  # (sum of the slots,)
+        keys = np.concatenate([group, np.arange(deep.shape[0])]) * (dataset.n_items + 1)
+        keys += np.concatenate([dataset.item[above], dataset.item[rows[deep]]])
+        uniq, count = np.unique(keys, return_counts=True)
+        if (count > 1).any():
+            i = int(uniq[np.flatnonzero(count > 1)[0]] // (dataset.n_items + 1))
+            raise fail(
+                deep[i:],
+                POSITION,
+                int(slot[deep[i]]),
+                "of a softmax list repeats an item above it (a softmax list draws without "
+                "replacement)",
+            )
+        t_above = dataset.extra[TEMPERATURE][above].astype(np.float64)
+        p_above = dataset.extra[SERVED_POLICY][above].astype(str)
+        odd = ~np.isin(p_above, SOFTMAX_POLICIES) | (t_above != temp[deep].repeat(slot[deep]))
+        if odd.any():
+            i = int(np.searchsorted(np.cumsum(slot[deep]), np.flatnonzero(odd)[0], side="right"))
+            raise fail(
+                deep[i:],
+                POSITION,
+                int(slot[deep[i]]),
+                "of a softmax list sits below a slot served with another policy or temperature",
+            )
     return ServedSettings(
-        state_row=run_start[rows].astype(np.int64),
+        state_row=state_row,
         slot=slot,
         length=dataset.extra[LIST_LENGTH][rows].astype(np.int64),
         epsilon=np.where(is_eps, eps, 0.0),
@@ -959,7 +996,8 @@ def served_probs(
     epsilon: np.ndarray,
     temperature: np.ndarray,
     softmax: np.ndarray,
-) -> Tensor:
+    above: Tensor | None = None,
+) -> ServedProbs:
     """pi (b, C) float64 over the columns of ``scores`` (b, C), masked at -inf: the
     probability that a service serving these scores with each row's settings (``slot``,
     ``length``, ``epsilon``, ``temperature``, ``softmax``, all (b,)) shows each item at the
@@ -970,7 +1008,10 @@ def served_probs(
       slot's greedy item 1 - ε + εA, another greedy item ε²B, any other unmasked item εA
       (:func:`recloop.slates.epsilon_marginals`); a row with j >= k is all 0 (the slot
       shows nothing);
-    * softmax (j = 0): softmax(scores / T) over the unmasked columns.
+    * softmax: softmax(scores / T) over the unmasked columns not shown above slot j
+      (``above`` (b, J) int64, the columns at slots 0..j-1 of each softmax row, J >= max j;
+      needed when a softmax row has j > 0), and the choice probability of each of those
+      (:func:`softmax_slot`).
     """
     b = scores.shape[0]
     finite = torch.isfinite(scores)  # (b, C)
@@ -998,11 +1039,79 @@ def served_probs(
         probs.scatter_(1, g, torch.where(valid, at_greedy, pool))
         probs = probs.masked_fill(~finite, 0.0).masked_fill((slot_t >= k)[:, None], 0.0)
     soft = torch.from_numpy(softmax)
+    n_above = torch.from_numpy(np.where(softmax, slot, 0))  # (b,)
+    if above is None:
+        if bool((n_above > 0).any()):
+            raise ValueError("softmax rows below their first slot need the items above them")
+        above = torch.zeros((b, 0), dtype=torch.long)
+    chosen = torch.ones(above.shape, dtype=torch.float64)
     if bool(soft.any()):
-        t = torch.from_numpy(temperature)[:, None]
-        sm = torch.softmax(scores.double() / t, 1).nan_to_num(nan=0.0)  # (b, C)
-        probs = torch.where(soft[:, None], sm, probs)
-    return probs
+        sm = softmax_slot(
+            scores, temperature=torch.from_numpy(temperature), above=above, n_above=n_above
+        )
+        probs = torch.where(soft[:, None], sm.probs, probs)
+        chosen = sm.above
+    return ServedProbs(probs=probs, above=chosen)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ServedProbs:
+    """What :func:`served_probs` gives for a batch of b impressions."""
+
+    probs: Tensor  # (b, C) float64 pi(a | state, slot j, and for softmax the items above j)
+    above: Tensor  # (b, J) float64 softmax rows: pi of the item at each slot l < j given the
+    # items above l; 1 elsewhere
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SoftmaxSlot:
+    """:func:`softmax_slot`'s Plackett–Luce probabilities along one list per row."""
+
+    probs: Tensor  # (b, C) float64 pi(a | the items above slot j) at slot j
+    above: Tensor  # (b, J) float64 pi(a_l | a_0..a_{l-1}) of the item at each slot l < j; 1
+    # past j
+
+
+def softmax_slot(
+    scores: Tensor, *, temperature: Tensor, above: Tensor, n_above: Tensor
+) -> SoftmaxSlot:
+    """Plackett–Luce choice probabilities (Plackett 1975; the service's softmax lists, drawn
+    without replacement, :mod:`recloop.serving.exploration`) at slot j = ``n_above`` (b,) of
+    a list whose slots 0..j-1 show the columns ``above`` (b, J) (entries past j ignored), for
+    ``scores`` (b, C) masked at -inf and ``temperature`` (b,).
+
+    With p = softmax(scores / T) over the unmasked columns, slot l's item a_l is chosen with
+    p(a_l) / (1 - p(a_0) - ... - p(a_{l-1})), and slot j's distribution is p over the items
+    not above it, renormalised.  The weight left before slot l is summed from positive terms
+    only (the unshown items' p, plus p(a_l) + ... + p(a_{j-1})), as the service does, so a
+    prefix holding most of the mass costs no precision.  A row with j = 0 gets p itself.
+    """
+    p = torch.softmax(scores.double() / temperature.double()[:, None], 1).nan_to_num(nan=0.0)
+    valid = torch.arange(above.shape[1])[None, :] < n_above[:, None]  # (b, J)
+    cols = torch.where(valid, above, 0)
+    shown = torch.zeros(p.shape, dtype=torch.uint8).scatter_reduce_(
+        1, cols, valid.to(torch.uint8), reduce="amax"
+    )  # (b, C) 1 where a column is above slot j
+    rest = p.masked_fill(shown.bool(), 0.0)  # (b, C)
+    left = rest.sum(1)  # (b,) the mass of the items not above slot j
+    p_above = p.gather(1, cols) * valid  # (b, J)
+    before = left[:, None] + p_above.flip(1).cumsum(1).flip(1)  # (b, J) mass left before l
+    cond = torch.where(before > 0, p_above / before.clamp_min(1e-300), 0.0)
+    deep = (n_above > 0)[:, None]
+    probs = torch.where(deep & (left > 0)[:, None], rest / left.clamp_min(1e-300)[:, None], 0.0)
+    return SoftmaxSlot(probs=torch.where(deep, probs, p), above=torch.where(valid, cond, 1.0))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ServedBatch:
+    """One batch of :func:`served_distributions`."""
+
+    rows: slice
+    """The batch's slice of the impressions."""
+    probs: Tensor  # (b, C) float64 pi at each impression's slot (see served_probs)
+    above_weight: np.ndarray  # (b,) float64 softmax rows below their first slot: the
+    # product over the slots l above of pi(a_l | a_<l) / beta(a_l | a_<l), the logged
+    # items' choice probabilities under the policy over their logged ones; 1 elsewhere
 
 
 def served_distributions(
@@ -1012,34 +1121,56 @@ def served_distributions(
     *,
     history: int,
     cfg: OPEConfig,
-) -> Iterator[tuple[slice, Tensor]]:
-    """Per batch of the impression ``rows`` (E,): (its slice, pi (b, C)) of ``policy`` served
-    as each was (:func:`served_probs`, from its list's state), C = N + 1 columns plus, with a
-    ``serving_index``, the items only the policy's service has (after the dataset's)."""
+) -> Iterator[ServedBatch]:
+    """Per batch of the impression ``rows`` (E,): pi (b, C) of ``policy`` served as each
+    was (:func:`served_probs`, from its list's state), C = N + 1 columns plus, with a
+    ``serving_index``, the items only the policy's service has (after the dataset's); and,
+    for a softmax slot j > 0, the weight of the items logged above it (cascade weights,
+    Kiyohara et al., WSDM 2022): pi there is the slot's distribution given the logged items
+    above, so an estimate needs the probability of reaching them under pi over under beta
+    (the logged ``propensity`` of a softmax slot is its choice probability given the slots
+    above, what the service logs)."""
     st = served_settings(dataset, rows)
     index: ServingIndex | None = getattr(policy, "serving_index", None)
     scorer = policy
     if index is not None and index.unseen.shape[0]:
         # the service ranks, explores and samples over its whole catalogue
         scorer = index.catalogue_scorer
+    deep = st.softmax & (st.slot > 0)  # (E,)
+    if deep.any() and PROPENSITY not in dataset.extra:
+        raise DataError(
+            f"{_events_file(dataset)}: ope.target=served scores a softmax slot below the first "
+            f"with the logged {PROPENSITY!r} of the slots above it; the events have no such "
+            "column"
+        )
     for sl, users, scores in served_scores(scorer, dataset, st.state_row, history=history, cfg=cfg):
         keys, cols = users, None  # the service's tie-break keys: its user and item indices
         if index is not None:
             keys = index.user[users]
             cols = torch.cat([index.item, index.unseen]).expand(users.shape[0], -1)
-        yield (
-            sl,
-            served_probs(
-                scores,
-                keys=keys,
-                cols=cols,
-                slot=st.slot[sl],
-                length=st.length[sl],
-                epsilon=st.epsilon[sl],
-                temperature=st.temperature[sl],
-                softmax=st.softmax[sl],
-            ),
+        n_above = np.where(deep[sl], st.slot[sl], 0)  # (b,)
+        j = int(n_above.max()) if n_above.shape[0] else 0
+        above_rows = st.state_row[sl, None] + np.arange(j)[None, :]  # (b, J)
+        valid = np.arange(j)[None, :] < n_above[:, None]
+        above_rows = np.where(valid, above_rows, st.state_row[sl, None])
+        out = served_probs(
+            scores,
+            keys=keys,
+            cols=cols,
+            slot=st.slot[sl],
+            length=st.length[sl],
+            epsilon=st.epsilon[sl],
+            temperature=st.temperature[sl],
+            softmax=st.softmax[sl],
+            above=torch.from_numpy(dataset.item[above_rows].astype(np.int64)),
         )
+        weight = np.ones(n_above.shape[0])
+        if j:
+            logged = logged_propensities(dataset, above_rows.reshape(-1))
+            assert logged is not None  # the column is there: checked above
+            beta = np.where(valid, logged.reshape(above_rows.shape), 1.0)  # (b, J)
+            weight = np.prod(out.above.numpy() / beta, axis=1)
+        yield ServedBatch(rows=sl, probs=out.probs, above_weight=weight)
 
 
 @torch.no_grad()
@@ -1053,20 +1184,39 @@ def served_terms(
 ) -> PolicyTerms:
     """pi(a|s) and V(s) = sum_a pi(a|s) q(s, a) of ``policy`` served as each impression was
     (target ``served``, :func:`served_distributions`); an item only the policy's service
-    has is valued at the reward model's unseen item, ``mu + b_user``."""
+    has is valued at the reward model's unseen item, ``mu + b_user``.
+
+    A softmax slot j > 0 is a step of its list (the cascade model: its reward may depend on
+    the items above it, not below): with W the weight of the items logged above it
+    (:attr:`ServedBatch.above_weight`), its terms are W pi(a | above) and W V(s, above), so
+    that IPS averages W w r and DR W (V + w (r - q)), the Cascade-DR of Kiyohara et al.
+    (WSDM 2022) with the reward model q(s, a); its "DM" is then W V.  Unbiased for the slot's
+    value under pi, for every policy, given the logged propensities of the whole list.
+    """
+    extra = dataset.extra
+    if events.behaviour != "logged" and SERVED_POLICY in extra and POSITION in extra:
+        policy_col = extra[SERVED_POLICY][events.rows].astype(str)
+        deep = np.isin(policy_col, SOFTMAX_POLICIES) & (extra[POSITION][events.rows] > 0)
+        if deep.any():
+            raise ConfigError(
+                "ope.target=served scores softmax slots below the first with the logged "
+                f"propensities of their lists; these events' propensities are "
+                f"{events.behaviour} (use ope.behaviour logged or auto)"
+            )
     rw = events.rewards
     p_pi = np.empty(events.n_events)
     v = np.empty(events.n_events)
     all_items = np.arange(dataset.n_items + 1)[None, :]
-    for sl, probs in served_distributions(policy, dataset, events.rows, history=history, cfg=cfg):
+    for batch in served_distributions(policy, dataset, events.rows, history=history, cfg=cfg):
+        sl, probs = batch.rows, batch.probs
         b, c = probs.shape
         q = torch.from_numpy(rw(events.user[sl, None], all_items).astype(np.float64))
         if c > q.shape[1]:
             q_one = rw.mu + rw.user_bias[events.user[sl]].astype(np.float64)  # (b,)
             q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, c - q.shape[1])], 1)
         a = torch.from_numpy(events.action[sl])[:, None]
-        p_pi[sl] = probs.gather(1, a)[:, 0].numpy()
-        v[sl] = (probs * q).sum(1).numpy()
+        p_pi[sl] = batch.above_weight * probs.gather(1, a)[:, 0].numpy()
+        v[sl] = batch.above_weight * (probs * q).sum(1).numpy()
     return PolicyTerms(p_target=p_pi, v_target=v)
 
 

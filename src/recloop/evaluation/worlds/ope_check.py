@@ -132,11 +132,17 @@ def one_step_truth(
     out = np.empty(rows.shape[0])
     if cfg.target == "served":
         world_cols = index.item  # (N + 1,) the world item of each dataset column
-        for sl, probs in served_distributions(policy, dataset, rows, history=history, cfg=cfg):
-            at = rows[sl]
+        for batch in served_distributions(policy, dataset, rows, history=history, cfg=cfg):
+            if (batch.above_weight != 1.0).any():
+                # such a slot's pi is given the logged items above it, not its marginal
+                raise DataError(
+                    f"{dataset.path}: the one-step truth of a softmax slot below the first "
+                    "is not computed (the world's logs serve one item per step)"
+                )
+            at = rows[batch.rows]
             r_all = world.expected_reward_all(states.taste[at], states.satiety[at])
             r = np.where(world_cols > 0, r_all[:, world_cols], 0.0)  # (b, N + 1)
-            out[sl] = (probs.numpy() * r).sum(1)
+            out[batch.rows] = (batch.probs.numpy() * r).sum(1)
         return out
     for sl, u, scores in served_scores(policy, dataset, rows, history=history, cfg=cfg):
         items, probs = target_probs(
