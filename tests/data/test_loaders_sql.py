@@ -217,6 +217,22 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
     assert first.shape[0] == 400
     np.testing.assert_array_equal(pos[first[:, None] + np.arange(3)], [[0, 1, 2]] * 400)
     np.testing.assert_array_equal(np.diff(back.timestamp[first[:, None] + np.arange(3)]), 0)
+    # and OPE's served target scores every slot of these softmax lists, the lower ones given
+    # the items logged above them
+    import torch
+
+    from recloop.evaluation.ope import OPEConfig, logged_events, policy_terms
+
+    # (these random lists show a user the same items again and again: nothing masked here)
+    cfg = OPEConfig(target="served", n_boot=0, mask_consumed=False)
+    events = logged_events(back, cfg=cfg)
+    table = torch.randn(
+        back.n_users + 1, back.n_items + 1, generator=torch.Generator().manual_seed(0)
+    )
+    terms = policy_terms(lambda u, h, r: table[u], back, events, history=2, cfg=cfg)
+    slots = back.extra["position"][events.rows]
+    assert set(slots.tolist()) == {0, 1, 2}
+    assert np.isfinite(terms.p_target).all() and (terms.p_target > 0).all()
 
 
 def test_impressions_need_from_db(tmp_path: Path) -> None:
