@@ -241,35 +241,89 @@ def test_served_target_refuses_what_it_cannot_score() -> None:
 
 def test_softmax_slots_below_the_first_refuse_lists_they_cannot_reconstruct() -> None:
     """A softmax slot j > 0 is scored with the items and propensities of the slots above it:
-    a list with one of them missing, drawn with another temperature above, repeating an item,
-    or whose propensities were not logged, is refused, naming the row."""
+    a list with one of them missing or out of place, drawn with another policy or temperature
+    above, of another length above, repeating an item, or whose propensities were not logged,
+    is refused, naming the first such row and counting them.  The faulty list is the last
+    one, so that the row named is not simply the first lower slot."""
     table = _table(7)
     soft = _log(table, policy="softmax", k=3)
     ev = logged_events(soft, cfg=CFG)
     pos = soft.extra["position"]
-    second = int(ev.rows[np.flatnonzero(pos[ev.rows] == 1)[0]])
+    last = int(ev.rows[-1])  # slot 2 of the last list
+    assert pos[last] == 2 and pos[last - 1] == 1 and pos[last - 2] == 0
 
-    def terms_of(**extra: np.ndarray) -> None:
+    def refused(match: str, **extra: np.ndarray) -> None:
         ds = replace(soft, extra={**soft.extra, **extra})
-        policy_terms(_scorer(table), ds, ev, history=1, cfg=CFG)
+        with pytest.raises(DataError, match=match):
+            policy_terms(_scorer(table), ds, ev, history=1, cfg=CFG)
 
-    gap = pos.copy()
-    gap[second] = 2  # its list's slot 1 is not in the data
+    p = pos.copy()
+    p[last] = 3  # its slot 2 is not in the data
+    refused(rf"row {last}: field 'position' 3 of a softmax list lacks .* \(1 such", position=p)
+    p = pos.copy()
+    p[last - 2] = 1  # the list reads 1, 1, 2: this row is a slot 1 with nothing above it
+    refused(rf"row {last - 2}: field 'position' 1 of a softmax list lacks .* \(1 such", position=p)
+    # the same with that row out of the evaluated split: the rows below it are refused
+    split = soft.split.copy()
+    split[last - 2] = TRAIN
+    cut = replace(soft, split=split, extra={**soft.extra, "position": p})
     with pytest.raises(
-        DataError, match=rf"row {second}: field 'position' 2 of a softmax list lacks"
+        DataError, match=rf"row {last - 1}: field 'position' 1 .* lacks .* \(2 such"
     ):
-        terms_of(position=gap)
+        policy_terms(_scorer(table), cut, logged_events(cut, cfg=CFG), history=1, cfg=CFG)
+    n = soft.extra["list_length"].copy()
+    n[last - 2] = 4  # the slot above belongs to a list of another length
+    refused(rf"row {last - 1}: .* lacks .* \(2 such", list_length=n)
     temp = soft.extra["temperature"].copy()
-    temp[second - 1] = 2.0  # the slot above was drawn with another temperature
-    with pytest.raises(DataError, match=rf"row {second}: .* below a slot served with another"):
-        terms_of(temperature=temp)
+    temp[last - 1] = 2.0  # slot 1 drawn with another temperature than slot 0 (and 2)
+    refused(rf"row {last - 1}: .* 1 of .* another policy or temperature \(2 such", temperature=temp)
+    policy = soft.extra["policy"].astype(object)
+    policy[last - 2] = "topk"
+    refused(
+        rf"row {last - 1}: .* below a slot served with another policy .* \(2 such", policy=policy
+    )
     item = soft.item.copy()
-    item[second] = item[second - 1]
-    with pytest.raises(DataError, match=rf"row {second}: .* repeats an item above it"):
+    item[last] = item[last - 2]
+    with pytest.raises(DataError, match=rf"row {last}: .* repeats an item above it .* \(1 such"):
         policy_terms(_scorer(table), replace(soft, item=item), ev, history=1, cfg=CFG)
-    fitted = logged_events(soft, cfg=replace(CFG, behaviour="fitted"))
+    # the logged propensities are what a lower slot is weighed with: fitted ones will not do
+    two = _log(table, policy="softmax", k=2)
+    fitted = logged_events(two, cfg=replace(CFG, behaviour="fitted"))
     with pytest.raises(ConfigError, match="softmax slots below the first with the logged"):
-        policy_terms(_scorer(table), soft, fitted, history=1, cfg=CFG)
+        policy_terms(_scorer(table), two, fitted, history=1, cfg=CFG)
+    plain = {k: v for k, v in two.extra.items() if k != "propensity"}
+    ev2 = logged_events(two, cfg=CFG)
+    with pytest.raises(DataError, match="with the logged 'propensity' of the slots above"):
+        policy_terms(_scorer(table), replace(two, extra=plain), ev2, history=1, cfg=CFG)
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 5e-4, 0.011])
+def test_softmax_lists_at_low_temperatures_keep_their_weights(temperature: float) -> None:
+    """At a low temperature the mass left below a list's first slots is far below what a
+    float64 holds outside the log domain (the service allows T down to 1e-4): the logging
+    model re-served must still get every weight 1."""
+    table = _table(14) * 4
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=temperature)
+    events = logged_events(ds, cfg=CFG)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    w_raw, _, _ = importance_weights(events, terms, None)
+    np.testing.assert_allclose(w_raw, 1.0, rtol=1e-9)
+
+
+def test_first_slots_of_softmax_lists_are_scored_as_before_bit_for_bit() -> None:
+    """A softmax list's first slot is softmax(scores / T) over the unmasked items, exactly
+    the same bits whether or not lower slots share its batch."""
+    table = _table(15)
+    ds = _log(table, policy="softmax", lists=3, k=3, temperature=0.7)
+    events = logged_events(ds, cfg=CFG)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
+    for e in np.flatnonzero(ds.extra["position"][events.rows] == 0):
+        row = int(events.rows[e])
+        u, start = int(ds.user[row]), int(ds.user_offsets[ds.user[row]])
+        s = torch.from_numpy(_masked(table, u, ds.item[start:row].tolist())).float().double()
+        t = torch.tensor([0.7], dtype=torch.float64)
+        expected = torch.softmax(s[None] / t[:, None], 1)[0, int(ds.item[row])].item()
+        assert terms.p_target[e] == expected
 
 
 def test_softmax_lists_get_their_logged_propensities_back_at_every_slot() -> None:
@@ -476,3 +530,25 @@ def test_fallback_lists_are_left_out_of_the_served_target() -> None:
     source[test_rows] = "popular"
     with pytest.raises(DataError, match="every impression of the test split is of a fallback"):
         logged_events(replace(ds, extra={**ds.extra, "list_source": source}), cfg=CFG)
+
+
+def test_the_weight_cap_bounds_the_baseline_term_of_lower_softmax_slots() -> None:
+    """With a weight cap the estimators clip W w; the DR baseline term W V of a lower slot is
+    clipped the same way, min(W, cap) V.  With q = 1 everywhere V = 1, so the baseline term
+    is W itself."""
+    logging_table = _table(16)
+    target_table = 2.0 * logging_table  # sharper: the logged items, mostly its top ones, gain
+    ds = _log(logging_table, policy="softmax", lists=3, k=4, temperature=0.7)
+    one = BaselineRewards(
+        mu=1.0, user_bias=np.zeros(U + 1, np.float32), item_bias=np.zeros(N + 1, np.float32)
+    )
+    events = logged_events(ds, cfg=CFG, rewards=one)
+    free = policy_terms(_scorer(target_table), ds, events, history=1, cfg=CFG)
+    cap = 1.5
+    capped = policy_terms(
+        _scorer(target_table), ds, events, history=1, cfg=replace(CFG, weight_cap=cap)
+    )
+    assert free.v_target.max() > cap  # the cap binds somewhere
+    np.testing.assert_allclose(capped.v_target, np.minimum(free.v_target, cap), rtol=1e-12)
+    first = ds.extra["position"][events.rows] == 0
+    np.testing.assert_allclose(free.v_target[first], 1.0, rtol=1e-12)

@@ -33,7 +33,8 @@ importance weights ``w = min(pi(a|s) / beta(a|s), cap)``:
 - IPS   ``mean(w r)``
 - SNIPS ``sum(w r) / sum(w)``
 - DR    ``mean(V(s) + w (r - q(s, a)))`` with ``V(s) = sum_a pi(a|s) q(s, a)``
-- DM    ``mean(V(s))``, the reward model alone, for reference.
+- DM    ``mean(V(s))``, the reward model alone, for reference (target ``served``: a softmax
+  slot below the first contributes its V times the weight of the items above it).
 
 Two runs' estimates are comparable only when they are computed against the same beta and the
 same q on the same events, so everything that does not depend on the policy -- the events,
@@ -940,41 +941,52 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     # drawn by the same softmax
     deep = np.flatnonzero(softmax & (slot > 0))
     if deep.shape[0]:
+        length = dataset.extra[LIST_LENGTH]
         first = state_row[deep]
-        bad = deep[(rows[deep] - first != slot[deep]) | (dataset.extra[POSITION][first] != 0)]
+        bad = deep[rows[deep] - first != slot[deep]]
+        lacks = (
+            "of a softmax list lacks positions above it: ope.target=served scores a softmax "
+            "slot below the first with the items and propensities of every slot above it in "
+            "its list"
+        )
         if bad.shape[0]:
+            raise fail(bad, POSITION, int(slot[bad[0]]), lacks)
+        _, above = csr_ranges(first, rows[deep])  # (sum of the slots,) the rows above
+        group = np.repeat(np.arange(deep.shape[0]), slot[deep])  # (sum of the slots,)
+        # each row above is its list's slot l (l = 0, 1, ...), of the same list length
+
+        def groups(hit: np.ndarray) -> np.ndarray:
+            return deep[np.unique(group[hit])]
+
+        hit = (dataset.extra[POSITION][above] != above - np.repeat(first, slot[deep])) | (
+            length[above] != length[rows[deep]].repeat(slot[deep])
+        )
+        if hit.any():
+            bad = groups(hit)
+            raise fail(bad, POSITION, int(slot[bad[0]]), lacks)
+        p_above = dataset.extra[SERVED_POLICY][above].astype(str)
+        t_above = dataset.extra[TEMPERATURE][above].astype(np.float64)
+        hit = ~np.isin(p_above, SOFTMAX_POLICIES) | (t_above != temp[deep].repeat(slot[deep]))
+        if hit.any():
+            bad = groups(hit)
             raise fail(
                 bad,
                 POSITION,
                 int(slot[bad[0]]),
-                "of a softmax list lacks positions above it: ope.target=served scores a "
-                "softmax slot below the first with the items and propensities of every slot "
-                "above it in its list",
+                "of a softmax list sits below a slot served with another policy or temperature",
             )
-        _, above = csr_ranges(first, rows[deep])  # (sum of the slots,) the rows above
-        group = np.repeat(np.arange(deep.shape[0]), slot[deep])  # (sum of the slots,)
-        keys = np.concatenate([group, np.arange(deep.shape[0])]) * (dataset.n_items + 1)
+        width = dataset.n_items + 1
+        keys = np.concatenate([group, np.arange(deep.shape[0])]) * width
         keys += np.concatenate([dataset.item[above], dataset.item[rows[deep]]])
         uniq, count = np.unique(keys, return_counts=True)
         if (count > 1).any():
-            i = int(uniq[np.flatnonzero(count > 1)[0]] // (dataset.n_items + 1))
+            bad = deep[np.unique(uniq[count > 1] // width)]
             raise fail(
-                deep[i:],
+                bad,
                 POSITION,
-                int(slot[deep[i]]),
+                int(slot[bad[0]]),
                 "of a softmax list repeats an item above it (a softmax list draws without "
                 "replacement)",
-            )
-        t_above = dataset.extra[TEMPERATURE][above].astype(np.float64)
-        p_above = dataset.extra[SERVED_POLICY][above].astype(str)
-        odd = ~np.isin(p_above, SOFTMAX_POLICIES) | (t_above != temp[deep].repeat(slot[deep]))
-        if odd.any():
-            i = int(np.searchsorted(np.cumsum(slot[deep]), np.flatnonzero(odd)[0], side="right"))
-            raise fail(
-                deep[i:],
-                POSITION,
-                int(slot[deep[i]]),
-                "of a softmax list sits below a slot served with another policy or temperature",
             )
     return ServedSettings(
         state_row=state_row,
@@ -1082,24 +1094,27 @@ def softmax_slot(
 
     With p = softmax(scores / T) over the unmasked columns, slot l's item a_l is chosen with
     p(a_l) / (1 - p(a_0) - ... - p(a_{l-1})), and slot j's distribution is p over the items
-    not above it, renormalised.  The weight left before slot l is summed from positive terms
-    only (the unshown items' p, plus p(a_l) + ... + p(a_{j-1})), as the service does, so a
-    prefix holding most of the mass costs no precision.  A row with j = 0 gets p itself.
+    not above it, renormalised.  Everything is taken in the log domain, the mass left before
+    slot l as the log-sum-exp of the logits of the items not above j and of a_l..a_{j-1}
+    (positive terms only, as the service sums them): exact however far apart the scores are
+    (the service allows T down to 1e-4, where a gap of 0.1 in the scores is a factor e^1000).
+    A row with j = 0 gets softmax(scores / T) itself, bit for bit.
     """
-    p = torch.softmax(scores.double() / temperature.double()[:, None], 1).nan_to_num(nan=0.0)
+    logits = scores.double() / temperature.double()[:, None]  # (b, C), masked -inf
     valid = torch.arange(above.shape[1])[None, :] < n_above[:, None]  # (b, J)
     cols = torch.where(valid, above, 0)
-    shown = torch.zeros(p.shape, dtype=torch.uint8).scatter_reduce_(
+    shown = torch.zeros(logits.shape, dtype=torch.uint8).scatter_reduce_(
         1, cols, valid.to(torch.uint8), reduce="amax"
     )  # (b, C) 1 where a column is above slot j
-    rest = p.masked_fill(shown.bool(), 0.0)  # (b, C)
-    left = rest.sum(1)  # (b,) the mass of the items not above slot j
-    p_above = p.gather(1, cols) * valid  # (b, J)
-    before = left[:, None] + p_above.flip(1).cumsum(1).flip(1)  # (b, J) mass left before l
-    cond = torch.where(before > 0, p_above / before.clamp_min(1e-300), 0.0)
-    deep = (n_above > 0)[:, None]
-    probs = torch.where(deep & (left > 0)[:, None], rest / left.clamp_min(1e-300)[:, None], 0.0)
-    return SoftmaxSlot(probs=torch.where(deep, probs, p), above=torch.where(valid, cond, 1.0))
+    rest = logits.masked_fill(shown.bool(), float("-inf"))  # (b, C) the items not above j
+    probs = torch.softmax(rest, 1).nan_to_num(nan=0.0)  # a row with nothing left shows nothing
+    log_left = torch.logsumexp(rest, 1)  # (b,)
+    l_above = logits.gather(1, cols).masked_fill(~valid, float("-inf"))  # (b, J)
+    log_before = torch.logaddexp(
+        log_left[:, None], torch.logcumsumexp(l_above.flip(1), 1).flip(1)
+    )  # (b, J) the log mass left before each slot l
+    cond = torch.exp(l_above - log_before).nan_to_num(nan=0.0)  # -inf - -inf: nothing left
+    return SoftmaxSlot(probs=probs, above=torch.where(valid, cond, 1.0))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -1166,9 +1181,10 @@ def served_distributions(
         )
         weight = np.ones(n_above.shape[0])
         if j:
-            logged = logged_propensities(dataset, above_rows.reshape(-1))
+            beta = np.ones(above_rows.shape)  # (b, J), read only where a slot is above
+            logged = logged_propensities(dataset, above_rows[valid])
             assert logged is not None  # the column is there: checked above
-            beta = np.where(valid, logged.reshape(above_rows.shape), 1.0)  # (b, J)
+            beta[valid] = logged
             weight = np.prod(out.above.numpy() / beta, axis=1)
         yield ServedBatch(rows=sl, probs=out.probs, above_weight=weight)
 
@@ -1190,8 +1206,10 @@ def served_terms(
     the items above it, not below): with W the weight of the items logged above it
     (:attr:`ServedBatch.above_weight`), its terms are W pi(a | above) and W V(s, above), so
     that IPS averages W w r and DR W (V + w (r - q)), the Cascade-DR of Kiyohara et al.
-    (WSDM 2022) with the reward model q(s, a); its "DM" is then W V.  Unbiased for the slot's
-    value under pi, for every policy, given the logged propensities of the whole list.
+    (WSDM 2022) with the reward model q(s, a).  Unbiased for the slot's value under pi, for
+    every policy, given the logged propensities of the whole list (before clipping: with
+    ``cfg.weight_cap`` the baseline term is min(W, cap) V, as the estimators clip W w).  Such
+    a slot's "DM" is W V, the reward model reweighted, not a direct method.
     """
     extra = dataset.extra
     if events.behaviour != "logged" and SERVED_POLICY in extra and POSITION in extra:
@@ -1201,7 +1219,8 @@ def served_terms(
             raise ConfigError(
                 "ope.target=served scores softmax slots below the first with the logged "
                 f"propensities of their lists; these events' propensities are "
-                f"{events.behaviour} (use ope.behaviour logged or auto)"
+                f"{events.behaviour}: they need the events' own {PROPENSITY!r} column, "
+                "with ope.behaviour logged (or auto)"
             )
     rw = events.rewards
     p_pi = np.empty(events.n_events)
@@ -1215,8 +1234,13 @@ def served_terms(
             q_one = rw.mu + rw.user_bias[events.user[sl]].astype(np.float64)  # (b,)
             q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, c - q.shape[1])], 1)
         a = torch.from_numpy(events.action[sl])[:, None]
-        p_pi[sl] = batch.above_weight * probs.gather(1, a)[:, 0].numpy()
-        v[sl] = batch.above_weight * (probs * q).sum(1).numpy()
+        w_above = batch.above_weight
+        p_pi[sl] = w_above * probs.gather(1, a)[:, 0].numpy()
+        # the baseline term's weight is clipped at the estimators' cap like the others (each
+        # weight of an estimate bounded); 0 wherever V is (an overflowed weight times 0)
+        v_slot = (probs * q).sum(1).numpy()
+        cap = np.inf if cfg.weight_cap is None else cfg.weight_cap
+        v[sl] = np.where(v_slot == 0.0, 0.0, np.minimum(w_above, cap) * v_slot)
     return PolicyTerms(p_target=p_pi, v_target=v)
 
 
@@ -1289,7 +1313,8 @@ class OPEReport:
     behaviour_nll: float
     """Mean -log beta(a|s) of the logged actions on this split."""
     support: float
-    """Share of events whose logged item is in the target policy's top K (w > 0)."""
+    """Share of events the target policy could have logged (w > 0): their item is in its top
+    K, or, for target ``served``, shown with positive probability."""
     mean_weight: float
     """Mean unclipped weight; near 1 when beta is right and pi's support is covered by beta."""
     max_weight: float

@@ -314,3 +314,27 @@ def test_served_ope_is_unbiased_on_a_bandit_like_world(tmp_path: Path) -> None:
         mean_ok = (r * ok).sum(1) / ok.sum(1)
         values.append(0.5 * r[np.arange(len(at)), top] + 0.5 * mean_ok)
     assert truth == pytest.approx(float(np.concatenate(values).mean()), rel=1e-9)
+    # a softmax slot below the first has no one-step truth here: its pi is given the items
+    # logged above it.  The first test event becomes slot 1 of a softmax list of 2.
+    from dataclasses import replace
+
+    from recloop.errors import DataError
+    from recloop.evaluation.worlds.ope_check import one_step_truth
+
+    r = int(rows[0])
+    assert ds.user[r - 1] == ds.user[r] and ds.item[r - 1] != ds.item[r]
+    ts = ds.timestamp.copy()
+    ts[r] = ts[r - 1]
+    extra = {
+        **ds.extra,
+        "policy": np.full(ds.n_events, "softmax"),
+        "temperature": np.ones(ds.n_events),
+        "position": np.where(np.arange(ds.n_events) == r, 1, 0).astype(np.int32),
+        "list_length": np.where(np.isin(np.arange(ds.n_events), [r - 1, r]), 2, 1),
+    }
+    soft = replace(ds, timestamp=ts, extra=extra)
+    with pytest.raises(DataError, match=rf"row {r}: the one-step truth of a softmax slot below"):
+        one_step_truth(
+            art.policy, soft, world, states, index, np.array([r]), history=art.history_len,
+            cfg=cfg,
+        )  # fmt: skip

@@ -132,13 +132,16 @@ def one_step_truth(
     out = np.empty(rows.shape[0])
     if cfg.target == "served":
         world_cols = index.item  # (N + 1,) the world item of each dataset column
+        st = served_settings(dataset, rows)
+        deep = np.flatnonzero(st.softmax & (st.slot > 0))
+        if deep.shape[0]:
+            # such a slot's pi is given the logged items above it, not its marginal
+            raise DataError(
+                f"{dataset.path}, row {int(rows[deep[0]])}: the one-step truth of a softmax "
+                "slot below the first is not computed (the world's logs serve one item per "
+                "step)"
+            )
         for batch in served_distributions(policy, dataset, rows, history=history, cfg=cfg):
-            if (batch.above_weight != 1.0).any():
-                # such a slot's pi is given the logged items above it, not its marginal
-                raise DataError(
-                    f"{dataset.path}: the one-step truth of a softmax slot below the first "
-                    "is not computed (the world's logs serve one item per step)"
-                )
             at = rows[batch.rows]
             r_all = world.expected_reward_all(states.taste[at], states.satiety[at])
             r = np.where(world_cols > 0, r_all[:, world_cols], 0.0)  # (b, N + 1)
