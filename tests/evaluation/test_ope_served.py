@@ -72,14 +72,17 @@ def _log(
 ) -> PreparedDataset:
     """``lists`` lists of ``k`` items per user, each from the user's state after the lists
     before it (their items masked), with the samplers' propensities; the first list of a user
-    is TRAIN, the others TEST.  Rewards are Bernoulli(0.3)."""
+    is TRAIN, the others TEST.  Rewards are Bernoulli(0.3).  ``policy="mixed"``: ε-greedy
+    and softmax lists in turn."""
     rng = np.random.default_rng(seed)
-    cols: dict[str, list[object]] = {c: [] for c in ("u", "i", "ts", "split", "p", "pos", "len")}
+    keys = ("u", "i", "ts", "split", "p", "pos", "len", "policy")
+    cols: dict[str, list[object]] = {c: [] for c in keys}
     for u in range(1, U + 1):
         shown: list[int] = []
         for t in range(lists):
             s = _masked(table, u, shown)
-            if policy == "epsilon":
+            kind = policy if policy != "mixed" else ("epsilon", "softmax")[(u + t) % 2]
+            if kind == "epsilon":
                 greedy = topk(torch.from_numpy(s)[None], k, row_keys=torch.tensor([u])).indices[0]
                 slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=epsilon, rng=rng)
             else:
@@ -92,6 +95,7 @@ def _log(
                 cols["p"].append(float(p))
                 cols["pos"].append(j)
                 cols["len"].append(len(slate.items))
+                cols["policy"].append(kind)
             shown += slate.items.tolist()
     e = len(cols["u"])
     ds = PreparedDataset.from_arrays(
@@ -100,15 +104,14 @@ def _log(
         n_users=U, n_items=N,
     )  # fmt: skip
     order = np.lexsort((np.arange(e), np.array(cols["ts"]), np.array(cols["u"])))
-    eps = epsilon if policy == "epsilon" else np.nan
-    temp = temperature if policy == "softmax" else np.nan
+    kinds = np.array(cols["policy"])[order]
     extra = {
         "propensity": np.array(cols["p"])[order],
-        "policy": np.full(e, policy),
+        "policy": kinds,
         "position": np.array(cols["pos"], np.int32)[order],
         "list_length": np.array(cols["len"], np.int32)[order],
-        "epsilon": np.full(e, eps),
-        "temperature": np.full(e, temp),
+        "epsilon": np.where(kinds == "epsilon", epsilon, np.nan),
+        "temperature": np.where(kinds == "softmax", temperature, np.nan),
     }
     return replace(ds, extra=extra)
 
@@ -326,11 +329,15 @@ def test_first_slots_of_softmax_lists_are_scored_as_before_bit_for_bit() -> None
         assert terms.p_target[e] == expected
 
 
-def test_softmax_lists_get_their_logged_propensities_back_at_every_slot() -> None:
+@pytest.mark.parametrize("policy", ["softmax", "mixed"])
+def test_softmax_lists_get_their_logged_propensities_back_at_every_slot(policy: str) -> None:
     """Served as logged, the logging model's pi at a softmax slot given the items above it
-    is the logged choice probability, and the items above weigh 1: every weight is 1."""
+    is the logged choice probability, and the items above weigh 1: every weight is 1; also
+    when ε-greedy and softmax lists share a batch."""
     table = _table(12)
-    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    ds = _log(table, policy=policy, lists=3, k=4, temperature=0.7)
+    if policy == "mixed":
+        assert set(ds.extra["policy"][ds.split == TEST]) == {"epsilon", "softmax"}
     events = logged_events(ds, cfg=CFG)
     assert (ds.extra["position"][events.rows] == 3).sum() > 0
     terms = policy_terms(_scorer(table), ds, events, history=1, cfg=CFG)
@@ -552,3 +559,30 @@ def test_the_weight_cap_bounds_the_baseline_term_of_lower_softmax_slots() -> Non
     np.testing.assert_allclose(capped.v_target, np.minimum(free.v_target, cap), rtol=1e-12)
     first = ds.extra["position"][events.rows] == 0
     np.testing.assert_allclose(free.v_target[first], 1.0, rtol=1e-12)
+
+
+def test_the_slots_of_one_list_share_one_forward_pass() -> None:
+    """served_scores scores equal neighbouring rows (a list's slots, all in its state) once
+    and repeats the scores: the same bits as scoring each row alone, with one policy row
+    per list."""
+    from recloop.evaluation.ope import served_scores
+
+    table = _table(18)
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    rows = np.flatnonzero(ds.split == TEST)
+    state = rows - ds.extra["position"][rows]  # each slot's list start
+    seen: list[int] = []
+    inner = _scorer(table)
+
+    def counting(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        seen.append(int(user.shape[0]))
+        return inner(user, history, history_reward)
+
+    cfg = replace(CFG, batch_size=1024)
+    batched = [(sl, u, s) for sl, u, s in served_scores(counting, ds, state, history=2, cfg=cfg)]
+    assert sum(seen) == np.unique(state).shape[0] < state.shape[0]
+    alone = list(served_scores(inner, ds, state, history=2, cfg=replace(cfg, batch_size=1)))
+    got = torch.cat([s for _, _, s in batched])
+    want = torch.cat([s for _, _, s in alone])
+    assert torch.equal(got, want)
+    assert torch.equal(torch.cat([u for _, u, _ in batched]), torch.from_numpy(ds.user[state]))

@@ -824,28 +824,38 @@ def served_scores(
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Per batch of the event ``rows`` (E,): (its slice, users (b,), scores (b, N + 1)) of
     ``policy`` in the state before each event, as served — padding and, with
-    ``cfg.mask_consumed``, the user's earlier items at -inf."""
-    user = dataset.user[rows].astype(np.int64)
-    start = dataset.user_offsets[user]
-    win = gather_windows(dataset.item, dataset.reward, end=rows, start=start, length=history)
+    ``cfg.mask_consumed``, the user's earlier items at -inf.
+
+    Equal rows next to each other (the served target's slots of one list, which share the
+    list's state) are scored once and their scores repeated: a list of K costs one forward
+    pass, not K."""
     pad = torch.zeros(1, dtype=torch.long)
     for lo in range(0, rows.shape[0], cfg.batch_size):
         sl = slice(lo, min(lo + cfg.batch_size, rows.shape[0]))
-        users = torch.from_numpy(user[sl])
-        items = torch.from_numpy(win.item[sl].astype(np.int64))
+        at = rows[sl]
+        new = np.ones(at.shape[0], bool)
+        new[1:] = at[1:] != at[:-1]
+        uniq = at[new]  # (u,) the distinct states of the batch, in order
+        user = dataset.user[uniq].astype(np.int64)
+        start = dataset.user_offsets[user]
+        win = gather_windows(dataset.item, dataset.reward, end=uniq, start=start, length=history)
         # index_fill out of place: the scorer's own tensors stay as they are
-        scores = policy(users, items, torch.from_numpy(win.reward[sl])).index_fill(
-            1, pad, float("-inf")
-        )
+        scores = policy(
+            torch.from_numpy(user),
+            torch.from_numpy(win.item.astype(np.int64)),
+            torch.from_numpy(win.reward),
+        ).index_fill(1, pad, float("-inf"))
         if cfg.mask_consumed:
             # each event's earlier items, built per batch: all events' prefixes at once
             # would grow with the square of the users' history lengths
-            offsets, c_rows = csr_ranges(start[sl], rows[sl])
-            c_row, c_sl = batch_rows(offsets, 0, sl.stop - sl.start)
+            offsets, c_rows = csr_ranges(start, uniq)
+            c_row, c_sl = batch_rows(offsets, 0, uniq.shape[0])
             width = scores.shape[1]  # N + 1, or more for a scorer's own extra columns
             key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
             scores.view(-1).index_fill_(0, key, float("-inf"))
-        yield sl, users, scores
+        if uniq.shape[0] < at.shape[0]:
+            scores = scores.index_select(0, torch.from_numpy(np.cumsum(new) - 1))
+        yield sl, torch.from_numpy(dataset.user[at].astype(np.int64)), scores
 
 
 SERVED_REQUIRED = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE)
@@ -1026,44 +1036,78 @@ def served_probs(
       (:func:`softmax_slot`).
     """
     b = scores.shape[0]
+    n_above = np.where(softmax, slot, 0)  # (b,)
+    if above is None:
+        if (n_above > 0).any():
+            raise ValueError("softmax rows below their first slot need the items above them")
+        above = torch.zeros((b, 0), dtype=torch.long)
+    chosen = torch.ones(above.shape, dtype=torch.float64)
+    # each kind of row computed on its own rows only: a (b, C) pass costs the same for a row
+    # whatever it holds
+    soft = np.flatnonzero(softmax)
+    greedy = np.flatnonzero(~softmax)
+    if soft.shape[0] == b:
+        sm = softmax_slot(
+            scores, temperature=torch.from_numpy(temperature), above=above,
+            n_above=torch.from_numpy(n_above),
+        )  # fmt: skip
+        return ServedProbs(probs=sm.probs, above=sm.above)
+    if greedy.shape[0] == b:
+        probs = _greedy_probs(
+            scores, keys=keys, cols=cols, slot=slot, length=length, epsilon=epsilon
+        )
+        return ServedProbs(probs=probs, above=chosen)
+    probs = torch.zeros(scores.shape, dtype=torch.float64)
+    g_idx = torch.from_numpy(greedy)
+    probs[g_idx] = _greedy_probs(
+        scores[g_idx], keys=keys[g_idx], cols=None if cols is None else cols[g_idx],
+        slot=slot[greedy], length=length[greedy], epsilon=epsilon[greedy],
+    )  # fmt: skip
+    s_idx = torch.from_numpy(soft)
+    sm = softmax_slot(
+        scores[s_idx], temperature=torch.from_numpy(temperature[soft]), above=above[s_idx],
+        n_above=torch.from_numpy(n_above[soft]),
+    )  # fmt: skip
+    probs[s_idx] = sm.probs
+    chosen[s_idx] = sm.above
+    return ServedProbs(probs=probs, above=chosen)
+
+
+def _greedy_probs(
+    scores: Tensor,
+    *,
+    keys: Tensor,
+    cols: Tensor | None,
+    slot: np.ndarray,
+    length: np.ndarray,
+    epsilon: np.ndarray,
+) -> Tensor:
+    """:func:`served_probs` of top-k and ε-greedy rows, (b, C) float64."""
+    b = scores.shape[0]
     finite = torch.isfinite(scores)  # (b, C)
     m = finite.sum(1)  # (b,)
     slot_t = torch.from_numpy(slot)
     k = torch.minimum(torch.from_numpy(length), m)  # (b,) the served list's length
-    probs = torch.zeros(scores.shape, dtype=torch.float64)
     kmax = int(k.max()) if b else 0
-    if kmax:
-        g = topk(scores, kmax, row_keys=keys, items=cols).indices  # (b, kmax) greedy lists
-        valid = torch.arange(kmax)[None, :] < k[:, None]  # (b, kmax)
-        trip = np.stack([k.numpy(), m.numpy(), epsilon], 1)
-        uniq, inv = np.unique(trip, axis=0, return_inverse=True)
-        ab = np.array([inverse_pool_means(int(x), int(y), z) if x else (0, 0) for x, y, z in uniq])
-        pool_a = torch.from_numpy(ab[inv.reshape(-1), 0])  # (b,) E[1 / |pool|], k - 1 slots
-        pool_b = torch.from_numpy(ab[inv.reshape(-1), 1])  # (b,) same, k - 2 slots
-        eps = torch.from_numpy(epsilon)
-        pool = (eps * pool_a)[:, None]  # (b, 1) an item outside the greedy list
-        at_greedy = torch.where(
-            torch.arange(kmax)[None, :] == slot_t[:, None],
-            (1.0 - eps + eps * pool_a)[:, None],
-            (eps * eps * pool_b)[:, None],
-        )  # (b, kmax)
-        probs = pool.expand(b, scores.shape[1]).clone()
-        probs.scatter_(1, g, torch.where(valid, at_greedy, pool))
-        probs = probs.masked_fill(~finite, 0.0).masked_fill((slot_t >= k)[:, None], 0.0)
-    soft = torch.from_numpy(softmax)
-    n_above = torch.from_numpy(np.where(softmax, slot, 0))  # (b,)
-    if above is None:
-        if bool((n_above > 0).any()):
-            raise ValueError("softmax rows below their first slot need the items above them")
-        above = torch.zeros((b, 0), dtype=torch.long)
-    chosen = torch.ones(above.shape, dtype=torch.float64)
-    if bool(soft.any()):
-        sm = softmax_slot(
-            scores, temperature=torch.from_numpy(temperature), above=above, n_above=n_above
-        )
-        probs = torch.where(soft[:, None], sm.probs, probs)
-        chosen = sm.above
-    return ServedProbs(probs=probs, above=chosen)
+    if not kmax:
+        return torch.zeros(scores.shape, dtype=torch.float64)
+    g = topk(scores, kmax, row_keys=keys, items=cols).indices  # (b, kmax) greedy lists
+    valid = torch.arange(kmax)[None, :] < k[:, None]  # (b, kmax)
+    trip = np.stack([k.numpy(), m.numpy(), epsilon], 1)
+    uniq, inv = np.unique(trip, axis=0, return_inverse=True)
+    ab = np.array([inverse_pool_means(int(x), int(y), z) if x else (0, 0) for x, y, z in uniq])
+    pool_a = torch.from_numpy(ab[inv.reshape(-1), 0])  # (b,) E[1 / |pool|], k - 1 slots
+    pool_b = torch.from_numpy(ab[inv.reshape(-1), 1])  # (b,) same, k - 2 slots
+    eps = torch.from_numpy(epsilon)
+    pool = (eps * pool_a)[:, None]  # (b, 1) an item outside the greedy list
+    at_greedy = torch.where(
+        torch.arange(kmax)[None, :] == slot_t[:, None],
+        (1.0 - eps + eps * pool_a)[:, None],
+        (eps * eps * pool_b)[:, None],
+    )  # (b, kmax)
+    probs = pool.expand(b, scores.shape[1]).clone()
+    probs.scatter_(1, g, torch.where(valid, at_greedy, pool))
+    return probs.masked_fill(~finite, 0.0).masked_fill((slot_t >= k)[:, None], 0.0)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -1101,15 +1145,22 @@ def softmax_slot(
     A row with j = 0 gets softmax(scores / T) itself, bit for bit.
     """
     logits = scores.double() / temperature.double()[:, None]  # (b, C), masked -inf
+    if not bool((n_above > 0).any()):
+        probs = torch.softmax(logits, 1).nan_to_num(nan=0.0)
+        return SoftmaxSlot(probs=probs, above=torch.ones(above.shape, dtype=torch.float64))
     valid = torch.arange(above.shape[1])[None, :] < n_above[:, None]  # (b, J)
+    # the items above slot j out of its pool; past j, column 0 (the padding, masked already)
     cols = torch.where(valid, above, 0)
-    shown = torch.zeros(logits.shape, dtype=torch.uint8).scatter_reduce_(
-        1, cols, valid.to(torch.uint8), reduce="amax"
-    )  # (b, C) 1 where a column is above slot j
-    rest = logits.masked_fill(shown.bool(), float("-inf"))  # (b, C) the items not above j
-    probs = torch.softmax(rest, 1).nan_to_num(nan=0.0)  # a row with nothing left shows nothing
-    log_left = torch.logsumexp(rest, 1)  # (b,)
     l_above = logits.gather(1, cols).masked_fill(~valid, float("-inf"))  # (b, J)
+    rest = logits.scatter_(1, cols, float("-inf"))  # (b, C) the items not above j (in place)
+    probs = torch.softmax(rest, 1)  # rows with nothing above: softmax(logits), bit for bit
+    top = rest.max(1).values  # (b,)
+    empty = torch.isinf(top)  # nothing left to show: softmax gave NaN
+    if bool(empty.any()):
+        probs[empty] = 0.0
+    # log of the mass left: softmax's own normaliser, read off its largest entry
+    # (p_max = exp(top - log_left)) instead of a second pass of exps
+    log_left = torch.where(empty, float("-inf"), top - torch.log(probs.max(1).values))
     log_before = torch.logaddexp(
         log_left[:, None], torch.logcumsumexp(l_above.flip(1), 1).flip(1)
     )  # (b, J) the log mass left before each slot l
@@ -1225,20 +1276,23 @@ def served_terms(
     rw = events.rewards
     p_pi = np.empty(events.n_events)
     v = np.empty(events.n_events)
-    all_items = np.arange(dataset.n_items + 1)[None, :]
+    n_cols = dataset.n_items + 1
+    item_bias = torch.from_numpy(rw.item_bias)  # (N + 1,) float32
     for batch in served_distributions(policy, dataset, events.rows, history=history, cfg=cfg):
         sl, probs = batch.rows, batch.probs
-        b, c = probs.shape
-        q = torch.from_numpy(rw(events.user[sl, None], all_items).astype(np.float64))
-        if c > q.shape[1]:
+        c = probs.shape[1]
+        # q (b, N + 1): float32 sums as the reward model computes them (q_logged's values)
+        base = rw.mu + rw.user_bias[events.user[sl]]  # (b,) float32
+        q = (torch.from_numpy(base)[:, None] + item_bias[None, :]).double()
+        v_slot = (probs[:, :n_cols] * q).sum(1).numpy()
+        if c > n_cols:  # items only the policy's service has: the unseen item, mu + b_user
             q_one = rw.mu + rw.user_bias[events.user[sl]].astype(np.float64)  # (b,)
-            q = torch.cat([q, torch.from_numpy(q_one)[:, None].expand(b, c - q.shape[1])], 1)
+            v_slot = v_slot + probs[:, n_cols:].sum(1).numpy() * q_one
         a = torch.from_numpy(events.action[sl])[:, None]
         w_above = batch.above_weight
         p_pi[sl] = w_above * probs.gather(1, a)[:, 0].numpy()
         # the baseline term's weight is clipped at the estimators' cap like the others (each
         # weight of an estimate bounded); 0 wherever V is (an overflowed weight times 0)
-        v_slot = (probs * q).sum(1).numpy()
         cap = np.inf if cfg.weight_cap is None else cfg.weight_cap
         v[sl] = np.where(v_slot == 0.0, 0.0, np.minimum(w_above, cap) * v_slot)
     return PolicyTerms(p_target=p_pi, v_target=v)
