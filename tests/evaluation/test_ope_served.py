@@ -586,3 +586,24 @@ def test_the_slots_of_one_list_share_one_forward_pass() -> None:
     want = torch.cat([s for _, _, s in alone])
     assert torch.equal(got, want)
     assert torch.equal(torch.cat([u for _, u, _ in batched]), torch.from_numpy(ds.user[state]))
+
+
+def test_a_score_that_is_not_finite_is_never_shown() -> None:
+    """The service's softmax sampler never shows an item whose score is NaN or +inf: the
+    served target scores the list as if that item were masked, whatever else shares the
+    batch (a NaN used to spread to every row of its batch)."""
+    table = _table(19)
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    events = logged_events(ds, cfg=CFG)
+    never = 11  # shown in some lists: under the target it has probability 0 there
+    masked = table.copy()
+    masked[:, never] = -np.inf
+    want = policy_terms(_scorer(masked), ds, events, history=1, cfg=CFG)
+    for bad in (np.nan, np.inf):
+        odd = table.copy()
+        odd[:, never] = bad
+        for size in (1, 4, 1024):
+            cfg = replace(CFG, batch_size=size)
+            got = policy_terms(_scorer(odd), ds, events, history=1, cfg=cfg)
+            np.testing.assert_allclose(got.p_target, want.p_target, rtol=1e-12)
+            np.testing.assert_allclose(got.v_target, want.v_target, rtol=1e-12)

@@ -1142,9 +1142,12 @@ def softmax_slot(
     slot l as the log-sum-exp of the logits of the items not above j and of a_l..a_{j-1}
     (positive terms only, as the service sums them): exact however far apart the scores are
     (the service allows T down to 1e-4, where a gap of 0.1 in the scores is a factor e^1000).
-    A row with j = 0 gets softmax(scores / T) itself, bit for bit.
+    A row with j = 0 gets softmax(scores / T) itself, bit for bit.  Column 0 is the padding,
+    masked (:func:`served_scores` masks it): entries of ``above`` past j are sent there.
     """
     logits = scores.double() / temperature.double()[:, None]  # (b, C), masked -inf
+    # a score that is not finite (NaN, +inf) is never shown, as in the service's sampler
+    logits.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
     if not bool((n_above > 0).any()):
         probs = torch.softmax(logits, 1).nan_to_num(nan=0.0)
         return SoftmaxSlot(probs=probs, above=torch.ones(above.shape, dtype=torch.float64))
