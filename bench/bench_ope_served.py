@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_ope_slates import machine
+from bench_eval import machine  # the same machine line
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,17 +32,15 @@ sample size; over all slots, the served target's report (user-bootstrap interval
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from bench_eval import machine  # the same machine line
 from recloop.data.dataset import TEST, TRAIN, PreparedDataset
 from recloop.evaluation.ope import (
     OPEConfig,
@@ -52,21 +50,6 @@ from recloop.evaluation.ope import (
     policy_terms,
 )
 from recloop.serving.exploration import sample_plackett_luce_many
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = os.getloadavg()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, load avg {load[0]:.1f}/{load[1]:.1f}, "
-        f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
-    )
 
 
 def click_prob(x: np.ndarray, y: np.ndarray, slot: np.ndarray) -> np.ndarray:
