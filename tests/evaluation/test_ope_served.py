@@ -607,3 +607,24 @@ def test_a_score_that_is_not_finite_is_never_shown() -> None:
             got = policy_terms(_scorer(odd), ds, events, history=1, cfg=cfg)
             np.testing.assert_allclose(got.p_target, want.p_target, rtol=1e-12)
             np.testing.assert_allclose(got.v_target, want.v_target, rtol=1e-12)
+
+
+def test_positions_keeps_the_first_slots_of_each_list_and_counts_the_rest() -> None:
+    """``ope.positions=2``: only the impressions at a list's first two slots are evaluated,
+    with the same terms as when every slot is; the others are left out and counted."""
+    table = _table(20)
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    every = logged_events(ds, cfg=CFG)
+    cfg = replace(CFG, positions=2)
+    top = logged_events(ds, cfg=cfg)
+    slot = ds.extra["position"][every.rows]
+    np.testing.assert_array_equal(top.rows, every.rows[slot < 2])
+    assert top.left_out == int((slot >= 2).sum()) > 0
+    all_terms = policy_terms(_scorer(2 * table), ds, every, history=1, cfg=CFG)
+    top_terms = policy_terms(_scorer(2 * table), ds, top, history=1, cfg=cfg)
+    np.testing.assert_array_equal(top_terms.p_target, all_terms.p_target[slot < 2])
+    with pytest.raises(ConfigError, match=r"ope\.positions must be >= 1, got 0"):
+        replace(CFG, positions=0)
+    plain = replace(ds, extra={k: v for k, v in ds.extra.items() if k != "position"})
+    with pytest.raises(DataError, match=r"ope\.positions needs each impression's 'position'"):
+        logged_events(plain, cfg=cfg)

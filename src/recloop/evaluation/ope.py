@@ -122,6 +122,11 @@ class OPEConfig:
     and ignores ``top_k`` and ``temperature``)."""
     temperature: float = 1.0
     """Softmax temperature of the ``softmax`` target policy over its scores."""
+    positions: int | None = None
+    """Target ``served`` only: evaluate the impressions at the first ``positions`` slots of
+    their lists, the others left out and counted; None = every slot.  A softmax list's lower
+    slots carry the product of the weights above them, so their variance grows with depth:
+    fewer positions trade the lower slots' value for a tighter estimate of the top ones'."""
     top_k: int | None = 10
     """The target policy picks from its K best items; None = the whole catalogue."""
     cluster_by_user: bool = True
@@ -181,6 +186,10 @@ class OPEConfig:
             f"ope.target must be one of {', '.join(TARGETS)}, got {self.target!r}",
         )
         check(self.top_k is None or self.top_k >= 1, f"ope.top_k must be >= 1, got {self.top_k}")
+        check(
+            self.positions is None or self.positions >= 1,
+            f"ope.positions must be >= 1, got {self.positions}",
+        )
         check(
             self.weight_cap is None or self.weight_cap > 0,
             f"ope.weight_cap must be > 0, got {self.weight_cap}",
@@ -691,7 +700,8 @@ class LoggedEvents:
     q_logged: np.ndarray  # (E,) float64 q(s, a) of the logged items
     left_out: int = 0
     """Impressions of the split not evaluated: with target ``served``, those of fallback
-    lists (``list_source`` ``popular``), which no model's policy drew."""
+    lists (``list_source`` ``popular``), which no model's policy drew, and those below
+    ``positions``."""
 
     @property
     def n_events(self) -> int:
@@ -741,6 +751,24 @@ def logged_events(
             )
         if left_out:
             logger.info("served target: %d fallback-list impressions left out", left_out)
+    if cfg.target == "served" and cfg.positions is not None:
+        if POSITION not in dataset.extra:
+            raise DataError(
+                f"{_events_file(dataset)}: ope.positions needs each impression's "
+                f"{POSITION!r} (`recloop prepare --from-db --impressions` keeps it)"
+            )
+        top = dataset.extra[POSITION][rows] < cfg.positions
+        lower = int(rows.shape[0] - top.sum())
+        if lower == rows.shape[0]:
+            raise DataError(
+                f"{_events_file(dataset)}: no impression of the {SPLIT_NAMES[code]} split is "
+                f"at the first {cfg.positions} slots of its list; nothing to evaluate"
+            )
+        rows = rows[top]
+        left_out += lower
+        logger.info(
+            "served target: %d impressions below position %d left out", lower, cfg.positions
+        )
     if behaviour is not None:
         h = cfg.behaviour_history if history is None else history
         log_p = model_log_propensities(behaviour, dataset, rows, history=h)
