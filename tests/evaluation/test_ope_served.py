@@ -623,6 +623,20 @@ def test_positions_keeps_the_first_slots_of_each_list_and_counts_the_rest() -> N
     all_terms = policy_terms(_scorer(2 * table), ds, every, history=1, cfg=CFG)
     top_terms = policy_terms(_scorer(2 * table), ds, top, history=1, cfg=cfg)
     np.testing.assert_array_equal(top_terms.p_target, all_terms.p_target[slot < 2])
+    # the report says how many impressions it left out, and so does `recloop evaluate --ope`
+    from types import SimpleNamespace
+
+    from recloop.cli.train import _ope_tables
+
+    rep = ope_report(top, top_terms, cfg).to_dict()
+    assert rep["left_out"] == top.left_out
+    table_text = _ope_tables(
+        [SimpleNamespace(run="r", algo="a")],
+        [rep],
+        [],
+        split="test",  # type: ignore[list-item]
+    )
+    assert f"{top.left_out} impressions of the split left out" in table_text
     with pytest.raises(ConfigError, match=r"ope\.positions must be >= 1, got 0"):
         replace(CFG, positions=0)
     plain = replace(ds, extra={k: v for k, v in ds.extra.items() if k != "position"})

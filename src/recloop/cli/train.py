@@ -482,6 +482,12 @@ def _ope_tables(
         f"off-policy value of each policy on the {split} split's logged events "
         f"({conf}% bootstrap intervals; ! = flagged, see the warnings)",
     ]
+    left_out = reports[0].get("left_out", 0)
+    if left_out:
+        lines.append(
+            f"{left_out} impressions of the split left out: fallback lists, which no policy "
+            "drew, and any below ope.positions"
+        )
     if paired:
         algo = {res.run: res.algo for res in results}
         diff_rows = [

@@ -1411,6 +1411,8 @@ class OPEReport:
     flags: tuple[str, ...] = ()
     """Every warning: the estimates' flags, ``mean_weight_far_from_1`` and (with
     intervals) ``dr_ips_disagree``."""
+    left_out: int = 0
+    """Impressions of the split not evaluated (:attr:`LoggedEvents.left_out`)."""
     config: dict[str, Any] = field(default_factory=dict)
     """The OPE config used."""
 
@@ -1430,6 +1432,7 @@ class OPEReport:
             "ess": self.ess,
             "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
             "flags": list(self.flags),
+            "left_out": self.left_out,
             "config": dict(self.config),
         }
 
@@ -1492,6 +1495,7 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         clipped_share=clipped,
         ess=effective_sample_size(w),
         flags=tuple(flags),
+        left_out=events.left_out,
         config=config_to_dict(cfg),
     )
 
