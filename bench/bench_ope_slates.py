@@ -66,6 +66,13 @@ def _scorer(table: np.ndarray) -> Any:
     return score
 
 
+def _z(values: np.ndarray, truth: float, truth_se: float) -> float:
+    """(mean of the logs' estimates - truth) over its standard error: the logs' spread and
+    the truth's own Monte Carlo error."""
+    se = float(np.hypot(values.std(ddof=1) / np.sqrt(values.shape[0]), truth_se))
+    return float((values.mean() - truth) / se) if se > 0 else 0.0
+
+
 def _mean_ci(v: np.ndarray) -> tuple[float, float, float]:
     h = 1.96 * float(v.std(ddof=1)) / np.sqrt(v.shape[0])
     return float(v.mean()), float(v.mean()) - h, float(v.mean()) + h
@@ -115,6 +122,11 @@ def main() -> None:
     ap.add_argument("--truth-draws", type=int, default=200, help="Target lists per user.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the world and targets.")
     ap.add_argument("--logs", type=int, default=10, help="Logs drawn (each its own seed).")
+    ap.add_argument(
+        "--targets",
+        default="logging,true scores,logging + noise 0.5,random",
+        help="Comma-separated targets to score (the world and log are the same whatever).",
+    )
     args = ap.parse_args()
     print(f"machine: {machine()}")
     t0 = time.perf_counter()
@@ -133,13 +145,21 @@ def main() -> None:
         t = tables[name].astype(np.float32).astype(np.float64)
         t[:, 0] = -np.inf
         tables[name] = t
+    log_table = tables["logging"]
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(tables))
+    if unknown:
+        ap.error(f"unknown targets {unknown}; known: {', '.join(tables)}")
+    tables = {name: tables[name] for name in wanted}
 
     # the truth: each target's own lists for the test users, expected clicks per slot
     test_users = np.arange(u // 2 + 1, u + 1)  # the second half: the first is TRAIN
     truth: dict[str, np.ndarray] = {}
+    truth_se: dict[str, np.ndarray] = {}
     gen = torch.Generator().manual_seed(args.seed + 1)
     for name, table in tables.items():
         t = np.zeros((test_users.shape[0], k))
+        var = np.zeros((test_users.shape[0], k))
         for lo in range(0, test_users.shape[0], 100):
             rows = test_users[lo : lo + 100]
             sc = torch.from_numpy(table[rows]) / temp  # (b, N + 1)
@@ -149,11 +169,14 @@ def main() -> None:
                 )
             )
             lists = torch.topk(sc[None] + g, k, dim=2).indices.numpy()  # (D, b, K) exact PL
-            t[lo : lo + 100] = click_prob(x[rows][None, :, None], y[lists], np.arange(k)).mean(0)
+            clicks = click_prob(x[rows][None, :, None], y[lists], np.arange(k))  # (D, b, K)
+            t[lo : lo + 100] = clicks.mean(0)
+            var[lo : lo + 100] = clicks.var(0) / args.truth_draws
         truth[name] = t.mean(0)  # (K,)
+        truth_se[name] = np.sqrt(var.sum(0)) / test_users.shape[0]  # (K,) Monte Carlo error
     stats = {name: {"ips": [], "dr": [], "ess": [], "all": []} for name in tables}
     for rep_seed in range(args.logs):
-        ds = softmax_log(tables["logging"], x, y, k=k, temperature=temp, seed=1000 + rep_seed)
+        ds = softmax_log(log_table, x, y, k=k, temperature=temp, seed=1000 + rep_seed)
         cfg = OPEConfig(target="served", weight_cap=None, n_boot=200, seed=rep_seed)
         events = logged_events(ds, cfg=cfg)
         ev_slot = ds.extra["position"][events.rows]
@@ -184,13 +207,20 @@ def main() -> None:
         ess = np.array(st["ess"])  # (L, K)
         tr = truth[name]
         print(f"\ntarget: {name}")
-        print("  slot   truth    IPS mean  covered   DR mean  covered   ESS/n")
+        print(
+            "  slot   truth    IPS mean   (z)  covered   DR mean   (z)  covered   ESS/n"
+            "   (z: mean minus truth over its standard error, the logs' spread and the "
+            "truth's Monte Carlo error)"
+        )
         for j in range(k):
             cov_i = int(((ips[:, j, 1] <= tr[j]) & (tr[j] <= ips[:, j, 2])).sum())
             cov_d = int(((dr[:, j, 1] <= tr[j]) & (tr[j] <= dr[:, j, 2])).sum())
+            zi = _z(ips[:, j, 0], tr[j], truth_se[name][j])
+            zd = _z(dr[:, j, 0], tr[j], truth_se[name][j])
             print(
-                f"  {j:4d}  {tr[j]:.4f}   {ips[:, j, 0].mean():.4f}   {cov_i:2d}/{args.logs}"
-                f"    {dr[:, j, 0].mean():.4f}   {cov_d:2d}/{args.logs}    {ess[:, j].mean():.3f}"
+                f"  {j:4d}  {tr[j]:.4f}   {ips[:, j, 0].mean():.4f} {zi:+5.1f}"
+                f"  {cov_i:3d}/{args.logs}    {dr[:, j, 0].mean():.4f} {zd:+5.1f}"
+                f"  {cov_d:3d}/{args.logs}    {ess[:, j].mean():.3f}"
             )
         reps = st["all"]
         t_all = tr.mean()
