@@ -642,3 +642,31 @@ def test_positions_keeps_the_first_slots_of_each_list_and_counts_the_rest() -> N
     plain = replace(ds, extra={k: v for k, v in ds.extra.items() if k != "position"})
     with pytest.raises(DataError, match=r"ope\.positions needs each impression's 'position'"):
         logged_events(plain, cfg=cfg)
+
+
+def test_the_report_gives_the_effective_sample_size_of_each_list_position() -> None:
+    """On lists, the report gives each slot's ESS over its impressions (the weights of the
+    lower softmax slots multiply those above them); the logging model's are all 1, and
+    lists of one item get none."""
+    from types import SimpleNamespace
+
+    from recloop.cli.train import _ope_tables
+    from recloop.evaluation.ope import effective_sample_size
+
+    table = _table(21)
+    ds = _log(table, policy="softmax", lists=3, k=4, temperature=0.7)
+    events = logged_events(ds, cfg=CFG)
+    same = ope_report(events, policy_terms(_scorer(table), ds, events, history=1, cfg=CFG), CFG)
+    assert same.ess_by_position == pytest.approx({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
+    terms = policy_terms(_scorer(2 * table), ds, events, history=1, cfg=CFG)
+    rep = ope_report(events, terms, CFG)
+    _, w, _ = importance_weights(events, terms, CFG.weight_cap)
+    at = ds.extra["position"][events.rows] == 2
+    assert rep.ess_by_position[2] == pytest.approx(effective_sample_size(w[at]) / at.sum())
+    assert rep.ess_by_position[3] < 1.0
+    text = _ope_tables([SimpleNamespace(run="r", algo="a")], [rep.to_dict()], [], split="test")
+    assert "r: ESS / impressions by list position: 0: " in text
+    ones = _log(table, policy="softmax", lists=3, k=1)
+    ev1 = logged_events(ones, cfg=CFG)
+    rep1 = ope_report(ev1, policy_terms(_scorer(table), ones, ev1, history=1, cfg=CFG), CFG)
+    assert rep1.ess_by_position == {}

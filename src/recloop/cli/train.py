@@ -482,6 +482,11 @@ def _ope_tables(
         f"off-policy value of each policy on the {split} split's logged events "
         f"({conf}% bootstrap intervals; ! = flagged, see the warnings)",
     ]
+    for res, rep in zip(results, reports, strict=True):
+        by_slot = rep.get("ess_by_position") or {}
+        if by_slot:
+            cells = ", ".join(f"{k}: {v:.2f}" for k, v in by_slot.items())
+            lines.append(f"{res.run}: ESS / impressions by list position: {cells}")
     left_out = reports[0].get("left_out", 0)
     if left_out:
         lines.append(

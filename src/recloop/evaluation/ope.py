@@ -702,6 +702,8 @@ class LoggedEvents:
     """Impressions of the split not evaluated: with target ``served``, those of fallback
     lists (``list_source`` ``popular``), which no model's policy drew, and those below
     ``positions``."""
+    position: np.ndarray | None = None  # (E,) int64 slot of each impression in its list
+    # (target served, lists of more than one item), for the report's ESS by position
 
     @property
     def n_events(self) -> int:
@@ -794,8 +796,14 @@ def logged_events(
         rewards = fit_baseline_rewards(dataset, shrinkage=cfg.reward_shrinkage, outcome=cfg.outcome)
     user = dataset.user[rows].astype(np.int64)
     action = dataset.item[rows].astype(np.int64)
+    position = None
+    if cfg.target == "served" and POSITION in dataset.extra:
+        position = dataset.extra[POSITION][rows].astype(np.int64)
+        if not (position > 0).any():
+            position = None  # lists of one: the report's ESS says it all
     return LoggedEvents(
         left_out=left_out,
+        position=position,
         split=code,
         rows=rows,
         user=user,
@@ -1413,6 +1421,9 @@ class OPEReport:
     intervals) ``dr_ips_disagree``."""
     left_out: int = 0
     """Impressions of the split not evaluated (:attr:`LoggedEvents.left_out`)."""
+    ess_by_position: dict[int, float] = field(default_factory=dict)
+    """Target ``served`` on lists: each slot's effective sample size over its impressions,
+    as a share of them (a softmax list's lower slots weigh the items above them too)."""
     config: dict[str, Any] = field(default_factory=dict)
     """The OPE config used."""
 
@@ -1433,6 +1444,7 @@ class OPEReport:
             "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
             "flags": list(self.flags),
             "left_out": self.left_out,
+            "ess_by_position": {str(k): v for k, v in self.ess_by_position.items()},
             "config": dict(self.config),
         }
 
@@ -1460,6 +1472,17 @@ def estimators_disagree(dr: Interval, ips: Interval) -> bool:
     REINFORCE run's DR was 0.45 [0.44, 0.47], its IPS 0.31 [0.30, 0.33], the truth 0.36.
     """
     return dr.high < ips.low or ips.high < dr.low
+
+
+def _ess_by_position(w: np.ndarray, position: np.ndarray | None) -> dict[int, float]:
+    """{slot: ESS of the clipped weights ``w`` (E,) at that slot / its impressions}."""
+    if position is None:
+        return {}
+    out = {}
+    for slot in np.unique(position).tolist():
+        at = w[position == slot]
+        out[int(slot)] = effective_sample_size(at) / at.shape[0]
+    return out
 
 
 def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPEReport:
@@ -1496,6 +1519,7 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         ess=effective_sample_size(w),
         flags=tuple(flags),
         left_out=events.left_out,
+        ess_by_position=_ess_by_position(w, events.position),
         config=config_to_dict(cfg),
     )
 
