@@ -590,3 +590,79 @@ def test_the_gate_target_is_checked() -> None:
     assert ExperimentConfig(gate_target="uniform_topk").gate_target == "uniform_topk"
     with pytest.raises(ConfigError, match="gate_target: uniform_topk or served, got 'slate'"):
         ExperimentConfig(gate_target="slate")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["softmax", "epsilon"])
+async def test_lists_served_by_the_real_stack_are_re_served_exactly(
+    tmp_path: Path, policy: str
+) -> None:
+    """Lists of 3 served by the real service (softmax at T = 0.5, or ε-greedy at 0.5), logged
+    through the bus into SQL and read back by ``prepare --from-db --impressions``: the gate's
+    scorer of the serving model, on the served target, gets back the logged propensity of
+    every slot (a lower softmax slot's given the items above it, which the re-served model
+    draws with their logged probabilities: W = 1), so every weight is 1 and the ESS is the
+    number of impressions."""
+    from recloop.data.loaders.sql import load_impressions_from_db
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.schema import RawData
+    from recloop.data.splits import SplitConfig
+    from recloop.evaluation.ope import (
+        OPEConfig,
+        importance_weights,
+        logged_events,
+        ope_report,
+        policy_terms,
+    )
+    from recloop.evaluation.worlds.base import USER_PREFIX, build_world
+    from recloop.loop.gate import MAPPED_WINDOW, MappedScorer
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(bootstrap_users=60, users=8, truth_users=0)
+    boot = bootstrap_model(world, cfg, tmp_path)
+    spec = ArmSpec(
+        name="popularity", algo="popularity", policy=policy, epsilon=0.5, temperature=0.5,
+        train_targets="rewarded",
+    )  # fmt: skip
+    stack = ArmStack(spec, root=tmp_path / "arm", cfg=cfg, bootstrap=boot, clock=SimClock(world))
+    users = [f"{USER_PREFIX}{500_000_000 + i}" for i in range(8)]
+    shown: dict[str, list[str]] = {u: [] for u in users}
+    async with stack.serving() as client:
+        for step in range(3):
+            stack.clock.at(1, 0, step)
+            body = {
+                "requests": [
+                    {
+                        "user_id": u,
+                        "recent_items": [{"item": x, "reward": 0.0} for x in shown[u]],
+                        "exclude_consumed": True,
+                        "n": 3,
+                        "seed": 1000 * step + i,
+                    }
+                    for i, u in enumerate(users)
+                ]
+            }
+            resp = await client.post("/v1/recommend/batch", json=body)
+            assert resp.status_code == 200, resp.text
+            for u, r in zip(users, resp.json()["results"], strict=True):
+                assert r["policy"]["name"] == policy and len(r["items"]) == 3
+                shown[u] += [x["item_id"] for x in r["items"]]
+            stack.expected += len(users)
+    await stack.drain()
+    raw = load_impressions_from_db(stack.database_url, table="served_items")
+    assert raw.events.height == 8 * 3 * 3
+    ds = prepare(
+        RawData(events=raw.events, source=raw.source), PrepareConfig(split=SplitConfig(mode="loo"))
+    )
+    scorer = MappedScorer(load_artifact(stack.registry.current_path()), ds)
+    ope = OPEConfig(target="served", n_boot=0)
+    for split in ("train", "test"):
+        events = logged_events(ds, split=split, cfg=ope)
+        h = MAPPED_WINDOW * scorer.history_len  # as the gate scores its current model
+        terms = policy_terms(scorer, ds, events, history=h, cfg=ope)
+        w_raw, _, _ = importance_weights(events, terms, None)
+        np.testing.assert_allclose(w_raw, 1.0, rtol=1e-5)
+        rep = ope_report(events, terms, ope)
+        assert rep.ess == pytest.approx(events.n_events, rel=1e-5)
+    assert set(ds.extra["position"].tolist()) == {0, 1, 2}
+    assert set(ds.extra["position"][events.rows].tolist()) == {2}  # loo: the last slot
