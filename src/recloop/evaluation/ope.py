@@ -1141,9 +1141,15 @@ def _greedy_probs(
         (1.0 - eps + eps * pool_a)[:, None],
         (eps * eps * pool_b)[:, None],
     )  # (b, kmax)
-    probs = pool.expand(b, scores.shape[1]).clone()
+    # the pool's share on the unmasked items, the greedy list's slots, the masked items
+    # (and ranked ones that are not finite) at 0 again: in place, two (b, C) passes
+    probs = torch.where(finite, pool, 0.0)
     probs.scatter_(1, g, torch.where(valid, at_greedy, pool))
-    return probs.masked_fill(~finite, 0.0).masked_fill((slot_t >= k)[:, None], 0.0)
+    probs.masked_fill_(~finite, 0.0)
+    empty = slot_t >= k  # (b,) the slot shows nothing
+    if bool(empty.any()):
+        probs[empty] = 0.0
+    return probs
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
