@@ -670,3 +670,49 @@ def test_the_report_gives_the_effective_sample_size_of_each_list_position() -> N
     ev1 = logged_events(ones, cfg=CFG)
     rep1 = ope_report(ev1, policy_terms(_scorer(table), ones, ev1, history=1, cfg=CFG), CFG)
     assert rep1.ess_by_position == {}
+
+
+def test_the_re_serve_check_finds_the_impressions_a_model_does_not_get_back() -> None:
+    """The logging model re-served on its own context gets every propensity back; on
+    another context (its service excluded what each user saw, the OPE does not) it does
+    not, and the check names the first such impression.  Other versions' impressions are
+    not compared."""
+    from recloop.errors import ConfigError
+    from recloop.evaluation.ope import reserve_check
+
+    table = _table(0)
+    ds = _log(table, policy="mixed", lists=4, k=3, epsilon=0.5)
+    version = np.where(ds.user <= 3, "v1", "v2")
+    ds = replace(ds, extra={**ds.extra, "policy_version": version})
+    events = logged_events(ds, cfg=CFG)
+    mine = int((ds.user[events.rows] <= 3).sum())
+    # the logging table for users 1-3, another model's for users 4-5
+    other = table.copy()
+    other[4:] = _table(7)[4:]
+    terms = policy_terms(_scorer(other), ds, events, history=1, cfg=CFG)
+    ok = reserve_check(ds, events, terms, version="v1")
+    assert (ok.impressions, ok.mismatched, ok.first_row) == (mine, 0, None)
+    assert ok.worst < 1e-9 and ok.share == 0.0
+    assert ok.words() == f"its {mine} own impressions re-served with their propensities"
+    theirs = reserve_check(ds, events, terms, version="v2")
+    assert theirs.impressions == events.n_events - mine and theirs.mismatched > 0
+    row = theirs.first_row
+    assert row is not None and ds.user[row] >= 4
+    at = int(np.flatnonzero(events.rows == row)[0])
+    assert theirs.logged == pytest.approx(np.exp(events.log_propensity[at]))
+    assert theirs.reserved == pytest.approx(terms.p_target[at])
+    assert "own impressions re-served with other propensities (row" in theirs.words()
+    assert reserve_check(ds, events, terms, version="v9").impressions == 0
+    # the right model on the wrong context: earlier lists' items not excluded
+    loose = replace(CFG, mask_consumed=False)
+    terms = policy_terms(_scorer(table), ds, events, history=1, cfg=loose)
+    bad = reserve_check(ds, events, terms, version="v1")
+    assert 0 < bad.mismatched <= mine and bad.worst > 0.01
+    # a NaN probability is a mismatch, not a pass
+    nan = replace(terms, p_target=np.where(np.arange(events.n_events) == 0, np.nan, terms.p_target))
+    assert reserve_check(ds, events, nan, version="v1", rtol=1.0).mismatched == 1
+    bare = {k: v for k, v in ds.extra.items() if k != "policy_version"}
+    with pytest.raises(DataError, match="'policy_version'"):
+        reserve_check(replace(ds, extra=bare), events, terms, version="v1")
+    with pytest.raises(ConfigError, match="logged propensities; these are fitted"):
+        reserve_check(ds, replace(events, behaviour="fitted"), terms, version="v1")

@@ -613,6 +613,7 @@ async def test_lists_served_by_the_real_stack_are_re_served_exactly(
         logged_events,
         ope_report,
         policy_terms,
+        reserve_check,
     )
     from recloop.evaluation.worlds.base import USER_PREFIX, build_world
     from recloop.loop.gate import MAPPED_WINDOW, MappedScorer
@@ -662,6 +663,9 @@ async def test_lists_served_by_the_real_stack_are_re_served_exactly(
         terms = policy_terms(scorer, ds, events, history=h, cfg=ope)
         w_raw, _, _ = importance_weights(events, terms, None)
         np.testing.assert_allclose(w_raw, 1.0, rtol=1e-5)
+        # ... which is what the gate's re-serve check of the current model sees
+        rs = reserve_check(ds, events, terms, version=str(stack.registry.current()))
+        assert (rs.impressions, rs.mismatched) == (events.n_events, 0) and rs.worst < 1e-5
         rep = ope_report(events, terms, ope)
         assert rep.ess == pytest.approx(events.n_events, rel=1e-5)
     assert set(ds.extra["position"].tolist()) == {0, 1, 2}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from recloop.algos.supervised import SupervisedConfig
@@ -304,3 +305,87 @@ def test_the_current_model_drops_the_items_it_does_not_know_before_taking_its_hi
     scorer(torch.tensor([1]), window[:, :3], rewards[:, :3])  # c, new1: one known item
     assert seen[-1][0] == [0, 3]
     np.testing.assert_allclose(seen[-1][1], [0.0, 0.5], rtol=1e-6)
+
+
+def _served_by(cur: Artifact, ds: PreparedDataset, *, version: str) -> PreparedDataset:
+    """``ds`` as if ``cur``'s service (not excluding consumed items) had shown each event's
+    item in an ε-greedy list of one (ε = 0.5) with the propensity the served target gives
+    the current model back: the log of a service whose state the served target rebuilds
+    exactly."""
+    from recloop.data.schema import (
+        EPSILON,
+        LIST_LENGTH,
+        POLICY_VERSION,
+        POSITION,
+        PROPENSITY,
+        SERVED_POLICY,
+        TEMPERATURE,
+    )
+    from recloop.evaluation.ope import logged_events, policy_terms
+    from recloop.loop.gate import MAPPED_WINDOW
+
+    e = ds.n_events
+    extra = {
+        SERVED_POLICY: np.full(e, "epsilon"),
+        POSITION: np.zeros(e, np.int32),
+        LIST_LENGTH: np.ones(e, np.int32),
+        EPSILON: np.full(e, 0.5),
+        TEMPERATURE: np.full(e, np.nan),
+        POLICY_VERSION: np.full(e, version),
+        PROPENSITY: np.full(e, 0.5),
+    }
+    ds = dataclasses.replace(ds, extra=extra)
+    cfg = OPEConfig(target="served", n_boot=0, mask_consumed=False)
+    p = np.full(e, 0.5)
+    for split in ("train", "test"):
+        events = logged_events(ds, split=split, cfg=cfg)
+        h = MAPPED_WINDOW * cur.history_len
+        terms = policy_terms(mapped_scorer(cur, ds), ds, events, history=h, cfg=cfg)
+        p[events.rows] = terms.p_target
+    return dataclasses.replace(ds, extra={**extra, PROPENSITY: p})
+
+
+def test_the_gate_distrusts_ope_that_does_not_give_the_current_model_its_propensities_back(
+    tmp_path: Path,
+) -> None:
+    """Target ``served``: the current model must get back the propensities of the
+    impressions it served.  Where more than ``max_unreproduced`` of them differ, the served
+    target scored both models on a context the service did not see, and the current
+    model's estimate carries the warning (so the trusted gate keeps it)."""
+    from recloop.data.schema import POLICY_VERSION, PROPENSITY
+
+    _, cur, base = _current_model(tmp_path)
+    exact = _served_by(cur, base, version=cur.model_version)
+    # (its random items repeat: a service that does not exclude what the user saw)
+    ope = OPEConfig(target="served", n_boot=50, mask_consumed=False)
+    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope, min_ess=0)
+    ok = gate(cur, cur, exact, **kw)  # type: ignore[arg-type]
+    rs = ok.ope["reserve"]
+    assert rs["version"] == cur.model_version and rs["impressions"] == 12
+    assert rs["mismatched"] == 0 and rs["worst"] < 1e-6
+    assert ok.ope["warnings"]["current"] == [] and ok.promote, ok.reason
+    # three of the twelve holdout impressions logged with other propensities
+    test_rows = np.flatnonzero(exact.split == TEST)
+    p = exact.extra[PROPENSITY].copy()
+    p[test_rows[[2, 5, 9]]] *= 0.5
+    off = dataclasses.replace(exact, extra={**exact.extra, PROPENSITY: p})
+    kept = gate(cur, cur, off, **kw)  # type: ignore[arg-type]
+    rs = kept.ope["reserve"]
+    assert (rs["impressions"], rs["mismatched"], rs["first_row"]) == (12, 3, int(test_rows[2]))
+    assert rs["reserved"] == pytest.approx(2 * rs["logged"]) and rs["worst"] == pytest.approx(1.0)
+    assert not kept.promote
+    assert "3 of its 12 own impressions re-served with other propensities" in kept.reason
+    # ... a tolerance above their share lets the gate act on the estimates again
+    told = gate(cur, cur, off, **kw, max_unreproduced=0.25)  # type: ignore[arg-type]
+    assert told.ope["reserve"]["mismatched"] == 3
+    assert not any("re-served" in w for w in told.ope["warnings"]["current"])
+    # ... and impressions of another version are not the current model's to give back
+    moved = np.isin(np.arange(off.n_events), test_rows[[2, 5, 9]])
+    other = np.where(moved, "v0", cur.model_version)
+    mixed = dataclasses.replace(off, extra={**off.extra, POLICY_VERSION: other})
+    rs = gate(cur, cur, mixed, **kw).ope["reserve"]  # type: ignore[arg-type]
+    assert (rs["impressions"], rs["mismatched"]) == (9, 0)
+    # no versions logged: nothing to check against
+    bare = {k: v for k, v in off.extra.items() if k != POLICY_VERSION}
+    none = gate(cur, cur, dataclasses.replace(off, extra=bare), **kw)  # type: ignore[arg-type]
+    assert none.ope["reserve"] is None

@@ -83,6 +83,7 @@ from recloop.data.schema import (
     EPSILON,
     LIST_LENGTH,
     LIST_SOURCE,
+    POLICY_VERSION,
     POSITION,
     SERVED_POLICY,
     TEMPERATURE,
@@ -1373,6 +1374,108 @@ def policy_terms(
         q_top = events.rewards(user[sl, None], items.numpy())  # (b, K)
         v[sl] = (probs.double().numpy() * q_top).sum(1)
     return PolicyTerms(p_target=p_pi, v_target=v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReserveCheck:
+    """Whether the ``served`` target gives a model back the propensities its own service
+    logged (:func:`reserve_check`): the test that it rebuilds the state, the exclusions and
+    the catalogue the service served from.  On the impressions the model served, pi must
+    equal beta at every slot (W = 1 above a softmax slot too); where it does not, every
+    model's served probabilities on these events are computed from the wrong context, and
+    no estimate that rests on them is evidence."""
+
+    version: str
+    """The model version checked (the ``policy_version`` of its impressions)."""
+    impressions: int
+    """Evaluated impressions that version served."""
+    mismatched: int
+    """Those whose re-served probability differs from the logged one by more than ``rtol``."""
+    rtol: float
+    """Relative tolerance on pi / beta - 1."""
+    worst: float
+    """Largest |pi / beta - 1| over the version's impressions (0 when it has none)."""
+    first_row: int | None = None
+    """Dataset row of the first mismatched impression."""
+    logged: float | None = None
+    """Its logged propensity."""
+    reserved: float | None = None
+    """Its re-served probability (times the weight of the items above it)."""
+
+    @property
+    def share(self) -> float:
+        """Mismatched share of the version's impressions (0 when it has none)."""
+        return self.mismatched / self.impressions if self.impressions else 0.0
+
+    def words(self) -> str:
+        """One line for a reason or a log."""
+        if not self.mismatched:
+            return f"its {self.impressions} own impressions re-served with their propensities"
+        return (
+            f"{self.mismatched} of its {self.impressions} own impressions re-served with "
+            f"other propensities (row {self.first_row}: logged {self.logged:.4g}, re-served "
+            f"{self.reserved:.4g}; worst |pi/beta - 1| {self.worst:.3g}): the served target "
+            "does not rebuild the state its service served from"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "impressions": self.impressions,
+            "mismatched": self.mismatched,
+            "share": self.share,
+            "rtol": self.rtol,
+            "worst": self.worst,
+            "first_row": self.first_row,
+            "logged": self.logged,
+            "reserved": self.reserved,
+        }
+
+
+def reserve_check(
+    dataset: PreparedDataset,
+    events: LoggedEvents,
+    terms: PolicyTerms,
+    *,
+    version: str,
+    rtol: float = 1e-3,
+) -> ReserveCheck:
+    """Compare ``terms`` (target ``served``, of the model ``version``) with the logged
+    propensities on the impressions that version served (column ``policy_version``).
+
+    Exact re-serving gives pi / beta = 1 up to float32 rounding (about 1e-6): the service
+    and the served target draw from the same float32 scores.  A larger gap means the served
+    target scored the model on a context its service did not see -- typically a state the
+    service read from its online store (recent items fed by the behaviour stream) while the
+    prepared impressions carry every shown item, ignored ones included, as history.
+    """
+    if POLICY_VERSION not in dataset.extra:
+        raise DataError(
+            f"{_events_file(dataset)}: the re-serve check needs each impression's "
+            f"{POLICY_VERSION!r} (`recloop prepare --from-db --impressions` keeps it)"
+        )
+    if events.behaviour != "logged":
+        raise ConfigError(
+            f"the re-serve check compares with logged propensities; these are {events.behaviour}"
+        )
+    mine = np.flatnonzero(dataset.extra[POLICY_VERSION][events.rows].astype(str) == version)
+    if mine.shape[0] == 0:
+        return ReserveCheck(version=version, impressions=0, mismatched=0, rtol=rtol, worst=0.0)
+    logged = np.exp(events.log_propensity[mine])
+    reserved = terms.p_target[mine]
+    gap = np.abs(reserved / logged - 1.0)
+    bad = np.flatnonzero(~(gap <= rtol))  # a NaN gap is a mismatch too
+    first = int(bad[0]) if bad.shape[0] else None
+    return ReserveCheck(
+        version=version,
+        impressions=int(mine.shape[0]),
+        mismatched=int(bad.shape[0]),
+        rtol=rtol,
+        worst=float(np.nanmax(gap)) if np.isfinite(gap).any() else float("inf"),
+        first_row=None if first is None else int(events.rows[mine[first]]),
+        logged=None if first is None else float(logged[first]),
+        reserved=None if first is None else float(reserved[first]),
+    )
 
 
 def importance_weights(

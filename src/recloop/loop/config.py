@@ -107,6 +107,13 @@ class LoopConfig:
     ope_min_ess: float = 30.0
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
+    ope_max_unreproduced: float = 0.01
+    """With ``ope: {target: served}`` on logged propensities: the largest share of the
+    current model's own holdout impressions whose propensity the served target may fail to
+    re-serve (more than 0.1 % off) before the current model's estimate carries a warning.
+    Such a gap means the served target scored the models on a context their services did not
+    see (typically a state read from the online store, while the prepared impressions carry
+    every shown item as history): no estimate on those events is evidence."""
     ope: OPEConfig = field(default_factory=_gate_ope)
     """Target policy, behaviour and reward models, and bootstrap of the OPE gate.  With
     ``source: impressions``, ``ope: {target: served}`` scores each model as the service
@@ -181,6 +188,10 @@ class LoopConfig:
         )
         check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
         check(self.ope_min_ess >= 0, f"ope_min_ess must be >= 0, got {self.ope_min_ess}")
+        check(
+            0 <= self.ope_max_unreproduced <= 1,
+            f"ope_max_unreproduced must lie in [0, 1], got {self.ope_max_unreproduced}",
+        )
         check(
             self.ope.target != "served" or self.source == "impressions",
             "ope.target=served scores models as the service served the logged impressions: "

@@ -334,6 +334,7 @@ class LoopController:
             # with a canary the users judge the candidate: the offline gate only screens it
             require_trusted=cfg.ope_require_trusted and not cfg.canary_share,
             min_ess=cfg.ope_min_ess,
+            max_unreproduced=cfg.ope_max_unreproduced,
         )
         logger.info("gate: %s", result.reason)
 

@@ -44,6 +44,13 @@ of 3.7 events of 226-1,108; a candidate truly worse by 0.26 per session passed o
 difference of +0.20 [+0.01, +0.53] (current model: DR -0.16 with rewards in [0, 1], mean
 weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23] with both mean weights
 within bounds and an ESS of 4.
+
+The re-serve check (target ``served``, logged propensities with their ``policy_version``).
+On the holdout impressions the current model served, the served target must give it back
+the propensities its service logged (pi / beta = 1 at every slot).  Where it does not, the
+served target rebuilt a context (state, excluded items, catalogue) that the service did
+not see -- every model's served probabilities on these events are then wrong -- and the
+current model's estimate carries a warning (``max_unreproduced``: the share tolerated).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from torch import Tensor
 
 from recloop.artifacts.bundle import Artifact
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.data.schema import POLICY_VERSION
 from recloop.evaluation.ope import (
     DR_IPS_DISAGREE,
     Interval,
@@ -69,6 +77,7 @@ from recloop.evaluation.ope import (
     ope_report,
     paired_report,
     policy_terms,
+    reserve_check,
 )
 from recloop.evaluation.protocol import EvalConfig, Scorer, evaluate
 from recloop.loop.warmstart import row_map
@@ -277,12 +286,16 @@ def gate(
     use_metric: bool = True,
     require_trusted: bool = True,
     min_ess: float = 30.0,
+    max_unreproduced: float = 0.01,
 ) -> GateResult:
     """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
     (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
     model, ``use_metric`` false and ``use_ope`` true, OPE alone decides; with
     ``require_trusted`` an OPE report's warning on either model, :func:`untrusted` with
-    ``min_ess``, fails the OPE check)."""
+    ``min_ess``, fails the OPE check).  With target ``served`` on logged propensities, the
+    current model must get back the propensities of the impressions it served
+    (:func:`recloop.evaluation.ope.reserve_check`): where more than ``max_unreproduced`` of
+    them differ, the current model's estimate carries that warning."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
@@ -324,6 +337,16 @@ def gate(
             "current": ope_report(events, t_cur, ope_cfg),
         }
         warnings = {name: untrusted(r, estimator, min_ess=min_ess) for name, r in reports.items()}
+        reserved = None
+        if (
+            ope_cfg.target == "served"
+            and events.behaviour == "logged"
+            and POLICY_VERSION in dataset.extra
+        ):
+            reserved = reserve_check(dataset, events, t_cur, version=current.model_version)
+            logger.info("re-serve check of the current model: %s", reserved.words())
+            if reserved.share > max_unreproduced:
+                warnings["current"].append(reserved.words())
         check = ope_check(iv, warnings, margin=margin, require_trusted=require_trusted)
         ok_ope = check.passed
         ope_doc = {
@@ -337,6 +360,8 @@ def gate(
             "warnings": warnings,
             "require_trusted": require_trusted,
             "min_ess": min_ess,
+            "reserve": None if reserved is None else reserved.to_dict(),
+            "max_unreproduced": max_unreproduced,
         }
         words.append(
             f"OPE {estimator} difference {iv.value:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] "
