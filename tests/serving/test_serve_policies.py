@@ -155,6 +155,55 @@ async def test_served_lists_are_logged_to_sql_with_their_propensities(
     assert set(pop["source"]) == {"popular"} and set(pop["propensity"]) == {1.0}
 
 
+async def test_served_lists_log_the_context_they_were_drawn_from(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    """Each list logs the recent items its state was built from (the store's list, or the
+    request's, unknown ids included, with their rewards) and every item masked from the
+    ranking; the SQL log keeps it as JSON on the list's first row.  The popular fallback
+    was drawn from nothing and logs none."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    async with serve(database_url=url) as (client, svc):
+        await svc.store.push_recent(
+            as_recent({"u1": [("i2", 1.0), ("ghost", 0.5), ("i5", 0.0)]}), max_len=5
+        )
+        stored = await post(client, {"user_id": "u1", "n": 3, "policy": "softmax", "seed": 1})
+        sent = await post(
+            client,
+            {
+                "user_id": "u2",
+                "n": 2,
+                "recent_items": [{"item": "i7", "reward": 0.0}, "nope", "i3"],
+            },
+        )
+        kept = await post(client, {"user_id": "u1", "n": 2, "exclude_consumed": False})
+        fallback = await post(client, {"user_id": "nobody", "n": 2})
+    log = BehaviorLog(url)
+    rows = log.read_served()
+    log.dispose()
+
+    def context(body: dict[str, Any]) -> Any:
+        mine = rows.filter(rows["recommendation_id"] == body["recommendation_id"])
+        mine = mine.sort("position")
+        assert mine["context"][1:].null_count() == mine.height - 1  # the first row only
+        text = mine["context"][0]
+        return None if text is None else orjson.loads(text)
+
+    assert context(stored) == {
+        "recent": ["i2", "ghost", "i5"],
+        "rewards": [1.0, 0.5, 0.0],
+        "excluded": ["i2", "i5"],  # known to the model, in its index order
+    }
+    assert context(sent) == {
+        "recent": ["i7", "nope", "i3"],
+        "rewards": [0.0, 1.0, 1.0],  # a bare id is a reward of 1
+        "excluded": ["i3", "i7"],
+    }
+    assert context(kept) == {"recent": ["i2", "ghost", "i5"], "rewards": [1.0, 0.5, 0.0],
+                             "excluded": []}  # fmt: skip
+    assert context(fallback) is None
+
+
 @pytest.mark.parametrize(
     "kind",
     [

@@ -124,6 +124,19 @@ def test_served_rows_one_row_per_item_with_positions() -> None:
         served_rows([{**LISTS[0], "propensities": [0.5]}])
 
 
+def test_served_rows_keep_a_lists_context_as_json_on_its_first_row() -> None:
+    ctx = {"recent": ["a", "z"], "rewards": [1.0, 0.0], "excluded": ["a"]}
+    rows = served_rows([{**LISTS[0], "context": ctx}, LISTS[1]])
+    assert orjson.loads(rows["context"][0]) == ctx
+    assert rows["context"][1:].to_list() == [None] * 4  # other positions; a list without one
+    with pytest.raises(ValueError, match=r"recent and rewards differ in length \(2, 1\)"):
+        served_rows([{**LISTS[0], "context": {**ctx, "rewards": [1.0]}}])
+    with pytest.raises(ValueError, match="needs the list excluded"):
+        served_rows([{**LISTS[0], "context": {"recent": [], "rewards": []}}])
+    with pytest.raises(TypeError, match="must be an object"):
+        served_rows([{**LISTS[0], "context": ["a"]}])
+
+
 def test_events_carry_recommendation_ids_apart_and_bad_ones_are_dead_letters() -> None:
     msgs = [BusMessage(str(i), orjson.dumps(e)) for i, e in enumerate(EVENTS)]
     msgs.append(BusMessage("9", b'{"event_id":"x","user_id":"u","item_id":"i","ts":1,'
@@ -179,17 +192,21 @@ async def test_processor_attributes_out_of_order_and_duplicated_deliveries(
     assert set(final["policy"]) == {"softmax"} and set(final["seed"]) == {7}
 
 
-def test_a_served_table_from_before_ab_serving_gets_its_arm_column(log: BehaviorLog) -> None:
-    """create_all leaves an existing table alone: the arm column is added by ALTER TABLE."""
+def test_a_served_table_from_before_ab_serving_gets_its_arm_and_context_columns(
+    log: BehaviorLog,
+) -> None:
+    """create_all leaves an existing table alone: the arm and context columns are added by
+    ALTER TABLE."""
     import sqlalchemy as sa
 
     old = sa.MetaData()
     sv = log.tables.served
-    sa.Table(sv.name, old, *[c._copy() for c in sv.columns if c.name != "arm"])
+    added = {"arm", "context"}
+    sa.Table(sv.name, old, *[c._copy() for c in sv.columns if c.name not in added])
     old.create_all(log.engine)
-    assert "arm" not in {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
+    assert not added & {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
     log.create_schema()
-    assert "arm" in {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
+    assert added <= {c["name"] for c in sa.inspect(log.engine).get_columns(sv.name)}
     doc = {
         "recommendation_id": "r1",
         "user_id": "u1",
@@ -205,6 +222,7 @@ def test_a_served_table_from_before_ab_serving_gets_its_arm_column(log: Behavior
     }
     log.append_served(served_rows([doc]))
     assert log.read_served()["arm"].to_list() == ["explore"]
+    assert log.read_served()["context"].to_list() == [None]  # a service from before context
     fresh = BehaviorLog(log.url, prefix=sv.name.removesuffix("served_items"))
     fresh.create_schema()  # a second process: nothing left to add
     fresh.dispose()

@@ -402,6 +402,32 @@ def load_ann(artifact: Artifact, *, search: str, threads: int) -> ItemIndex | No
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ServedContext:
+    """What a list was drawn from, beyond the user: logged with the list so that OPE's
+    ``served`` target scores every model on the very context the service saw (it cannot be
+    rebuilt from the log when the state came from the online store)."""
+
+    recent: Sequence[tuple[str, float]]
+    """(raw item id, reward) the state was built from, oldest first: the request's
+    ``recent_items``, else the store's list; ids the model does not know included (another
+    model may know them)."""
+    excluded: set[int]
+    """The model's item indices masked from the ranking."""
+    item_ids: np.ndarray
+    """The model's raw item ids by index (to log ``excluded`` as raw ids)."""
+
+    def to_doc(self) -> dict[str, list[Any]]:
+        """``{"recent": [id, ...], "rewards": [r, ...], "excluded": [id, ...]}``."""
+        excluded = np.fromiter(self.excluded, np.int64, len(self.excluded))
+        excluded.sort()
+        return {
+            "recent": [i for i, _ in self.recent],
+            "rewards": [r for _, r in self.recent],
+            "excluded": self.item_ids[excluded].tolist(),
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Recommendation:
     """One answer: ranked raw ids with scores."""
 
@@ -433,6 +459,8 @@ class Recommendation:
     """Unix time it was served, in whole seconds."""
     arm: str | None = None
     """A/B arm that served it (None: no A/B split)."""
+    context: ServedContext | None = None
+    """What the model drew the list from (None for the popular fallback)."""
 
     def _propensities(self) -> list[float]:
         return self.propensities if self.propensities is not None else [1.0] * len(self.item_ids)
@@ -474,6 +502,7 @@ class Recommendation:
             "items": self.item_ids,
             "scores": self.scores,
             "propensities": self._propensities(),
+            "context": None if self.context is None else self.context.to_doc(),
         }
 
 
@@ -518,6 +547,7 @@ class _Row:
         "hist_reward",
         "n",
         "policy",
+        "recent",
         "seed",
         "temperature",
         "user",
@@ -536,6 +566,7 @@ class _Row:
         self.user = 0
         self.hist: list[int] = []
         self.hist_reward: list[float] = []
+        self.recent: Sequence[tuple[str, float]] = ()
         self.exclude: set[int] = set()
         self.consumed_raw: set[str] = set()
         self.warnings: list[str] = []
@@ -558,9 +589,11 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
         known_reward = []
         unknown = []
         raws = []
+        recent = []
         for entry in req.recent_items:
             raw, reward = (entry, 1.0) if isinstance(entry, str) else (entry.item, entry.reward)
             raws.append(raw)
+            recent.append((raw, float(reward)))
             idx = item_index.get(raw)
             if idx is None:
                 unknown.append(raw)
@@ -571,10 +604,12 @@ def _fill_row(row: _Row, req: RecommendRequest, model: LoadedModel, stored: list
             row.warnings.append(f"unknown item ids ignored: {_name_ids(unknown)}")
         row.hist = known[-h:]
         row.hist_reward = known_reward[-h:]
+        row.recent = recent
         if req.exclude_consumed:
             row.exclude.update(known)
             row.consumed_raw.update(raws)
     else:
+        row.recent = stored
         pairs = [(item_index.get(i, 0), r) for i, r in stored]
         pairs = [p for p in pairs if p[0]][-h:]
         row.hist = [i for i, _ in pairs]
@@ -1090,6 +1125,7 @@ class RecommenderService:
                 seed=r.seed,
                 ts=now,
                 arm=r.arm,
+                context=ServedContext(recent=r.recent, excluded=r.exclude, item_ids=ids),
             )
         self._served[SOURCE_POLICY].inc(b)
 

@@ -168,6 +168,9 @@ def log_tables(prefix: str = "") -> LogTables:
         sa.Column("score", sa.Double),
         sa.Column("propensity", sa.Double, nullable=False),
         sa.Column("slate_propensity", sa.Double),
+        # added after the first release, as arm: JSON of what the list was drawn from, on
+        # the row of position 0 (MEDIUMTEXT on MySQL: a long recent list passes TEXT's 64 KB)
+        sa.Column("context", sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")),
         sa.Column("event_id", _ID),
         sa.Column("reward", sa.Double),
         sa.Column("attributed_by", BinaryString(8)),
@@ -300,7 +303,7 @@ class BehaviorLog:
             self._check_mysql_columns()
         self._ready = True
 
-    ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("served", "arm"),)
+    ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("served", "arm"), ("served", "context"))
     """(table attribute, column) added to the schema after tables were first created in the
     wild; ``create_all`` leaves an existing table as it is, so these are added by ALTER."""
 

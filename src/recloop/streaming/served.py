@@ -7,10 +7,18 @@ the stream processor tells them from behaviour events by a prefix test, without 
     {"type": "served", "recommendation_id": "3f2a…", "user_id": "196", "ts": 1733350000,
      "model_version": "…", "arm": null, "policy": "softmax", "temperature": 1.0, "epsilon": null,
      "seed": 123, "source": "policy", "slate_propensity": 0.0123,
-     "items": ["242", "302"], "scores": [3.1, 2.7], "propensities": [0.21, 0.06]}
+     "items": ["242", "302"], "scores": [3.1, 2.7], "propensities": [0.21, 0.06],
+     "context": {"recent": ["50", "181"], "rewards": [1.0, 0.0], "excluded": ["50", "181"]}}
+
+``context`` (null for the popular fallback, absent from older services) is what the model
+drew the list from: the recent items its state was built from (the request's, else the
+online store's, oldest first, with their rewards) and every item masked from the ranking.
+OPE's ``served`` target re-serves a model on it (the store's list cannot be rebuilt from
+the log afterwards).
 
 In the SQL log a list is one row per shown item (``served_items``, key (recommendation_id,
-position)); see :mod:`recloop.streaming.log`.
+position)), its ``context`` as JSON text on the row of position 0 (null on the others); see
+:mod:`recloop.streaming.log`.
 
 Attribution (:func:`attribute`) is a pure function of the impressions and the events, so
 the order in which they arrive (and redeliveries) cannot change its answer:
@@ -54,8 +62,10 @@ SERVED_SCHEMA: dict[str, pl.DataType] = {
     "score": pl.Float64(),
     "propensity": pl.Float64(),
     "slate_propensity": pl.Float64(),
+    "context": pl.String(),
 }
-"""Columns of a served-items frame: one row per shown item."""
+"""Columns of a served-items frame: one row per shown item (``context``: JSON text at
+position 0, null elsewhere)."""
 
 _LIST_FIELDS = (
     "recommendation_id",
@@ -81,6 +91,25 @@ def encode_served(doc: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": "served", **doc})
 
 
+def _context_text(context: Any) -> str | None:
+    """A served list's ``context`` as JSON text (None stays None), checked for its shape."""
+    if context is None:
+        return None
+    if not isinstance(context, dict):
+        raise TypeError(f"served list context must be an object, got {type(context).__name__}")
+    recent, rewards = context.get("recent"), context.get("rewards")
+    if not isinstance(recent, list) or not isinstance(rewards, list):
+        raise ValueError("served list context needs the lists recent and rewards")
+    if len(recent) != len(rewards):
+        raise ValueError(
+            f"served list context: recent and rewards differ in length ({len(recent)}, "
+            f"{len(rewards)})"
+        )
+    if not isinstance(context.get("excluded"), list):
+        raise ValueError("served list context needs the list excluded")
+    return orjson.dumps(context).decode()
+
+
 def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
     """One :data:`SERVED_SCHEMA` row per shown item of the served-list documents.
 
@@ -101,11 +130,13 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
             "item_id": [d["items"] for d in docs],
             "score": [d["scores"] for d in docs],
             "propensity": [d["propensities"] for d in docs],
+            "context": [_context_text(d.get("context")) for d in docs],
         },
         schema_overrides={
             "item_id": pl.List(pl.String),
             "score": pl.List(pl.Float64),
             "propensity": pl.List(pl.Float64),
+            "context": pl.String(),
             **{k: SERVED_SCHEMA[k] for k in _LIST_FIELDS},
         },
         strict=False,
@@ -114,6 +145,10 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
         pl.int_ranges(0, pl.col("item_id").list.len(), dtype=pl.Int32).alias("position")
     ).explode("item_id", "score", "propensity", "position")
     rows = rows.drop_nulls("position")  # an empty list shows nothing
+    # the list's context once, on its first row
+    rows = rows.with_columns(
+        pl.when(pl.col("position") == 0).then(pl.col("context")).alias("context")
+    )
     if rows["recommendation_id"].null_count() or rows["user_id"].null_count():
         raise ValueError("served list without recommendation_id or user_id")
     return rows.select([pl.col(c).cast(t) for c, t in SERVED_SCHEMA.items()])
