@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
+import orjson
 import polars as pl
 import pytest
 import sqlalchemy as sa
@@ -118,6 +120,14 @@ def test_logged_events_prepare_into_the_next_training_set(tmp_path: Path) -> Non
     assert sorted(ds.item_ids) == sorted(events["item_id"].unique().to_list())
 
 
+def context_of(k: int) -> dict[str, list[Any]] | None:
+    """The context list ``k`` of :func:`served_lists` logs (even lists only, as if the odd
+    ones came from a service from before contexts)."""
+    if k % 2:
+        return None
+    return {"recent": [f"i{k}", "gone"], "rewards": [1.0, 0.0], "excluded": [f"i{k}"]}
+
+
 def served_lists(n_lists: int, seed: int = 0) -> pl.DataFrame:
     """Served-items rows of random lists of 3 (SERVED_SCHEMA), propensities in (0, 1]."""
     import numpy as np
@@ -143,6 +153,7 @@ def served_lists(n_lists: int, seed: int = 0) -> pl.DataFrame:
                 "items": items,
                 "scores": [0.0] * 3,
                 "propensities": rng.uniform(0.05, 1.0, 3).round(3).tolist(),
+                "context": context_of(k),
             }
         )
     return served_rows(docs)
@@ -172,6 +183,7 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     assert ev.columns == [
         "user", "item", "timestamp", "rating", "propensity", "policy_version", "policy",
         "temperature", "epsilon", "list_source", "position", "list_length", "event_id",
+        "served_context",
     ]  # fmt: skip
     assert ev.height == 6 and everything.events.height == 12
     assert ev["rating"].to_list() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]  # reward of r0's item 1
@@ -183,6 +195,9 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     assert ev["temperature"].to_list() == [1.0] * 6
     assert ev["epsilon"].null_count() == 6
     assert ev["list_source"].to_list() == ["policy"] * 6
+    # each list's context on its first row (r0 logged one, r1 did not)
+    assert orjson.loads(ev["served_context"][0]) == context_of(0)
+    assert ev["served_context"][1:].to_list() == [None] * 5
 
 
 def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:
@@ -211,6 +226,12 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
     assert back.extra["policy"].tolist() == ["softmax"] * rows.height
     assert back.extra["list_length"].tolist() == [3] * rows.height
     assert np.isnan(back.extra["epsilon"]).all() and (back.extra["temperature"] == 1.0).all()
+    # ... and so does what each list was drawn from: on its first row, as objects
+    ctx = back.extra["served_context"]
+    assert ctx.dtype == object
+    texts = {orjson.loads(t)["recent"][0]: t for t in ctx.tolist() if t}
+    assert len(texts) == 200 and (ctx[back.extra["position"] > 0] == "").all()
+    assert orjson.loads(texts["i4"]) == context_of(4)
     # a list's rows stay together, in position order, at one time
     pos = back.extra["position"]
     first = np.flatnonzero(pos == 0)

@@ -716,3 +716,114 @@ def test_the_re_serve_check_finds_the_impressions_a_model_does_not_get_back() ->
         reserve_check(replace(ds, extra=bare), events, terms, version="v1")
     with pytest.raises(ConfigError, match="logged propensities; these are fitted"):
         reserve_check(ds, replace(events, behaviour="fitted"), terms, version="v1")
+
+
+H = 3
+"""History length of the context-dependent scorer below."""
+
+
+def _context_scorer(table: np.ndarray, mix: np.ndarray) -> Scorer:
+    """Scores that depend on the state: table[user] + sum_h reward_h mix[item_h]."""
+    t, m = torch.from_numpy(table).float(), torch.from_numpy(mix).float()
+
+    def score(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return t[user] + (m[history] * history_reward[..., None]).sum(1)
+
+    return score
+
+
+def _context_log(
+    table: np.ndarray, mix: np.ndarray, *, lists: int = 4, k: int = 3, seed: int = 0
+) -> PreparedDataset:
+    """Lists drawn, as a store-fed service draws them, from contexts that the log cannot
+    rebuild: each list's recent items are a random handful (an unknown id among them),
+    never the user's earlier impressions, and only some of them are excluded.  Softmax and
+    ε-greedy lists in turn; each list's context is logged on its first row."""
+    import orjson
+
+    rng = np.random.default_rng(seed)
+    m = mix.astype(np.float32).astype(np.float64)
+    keys = ("u", "i", "ts", "split", "p", "pos", "len", "policy", "ctx")
+    cols: dict[str, list[object]] = {c: [] for c in keys}
+    for u in range(1, U + 1):
+        for t in range(lists):
+            recent = [int(x) for x in rng.choice(np.arange(1, N + 1), 4, replace=False)]
+            rewards = rng.random(5).round(2).tolist()
+            raw = [f"i{x}" for x in recent[:3]] + ["unknown"] + [f"i{recent[3]}"]
+            known = recent[1:]  # the unknown id is dropped, then the last H kept
+            hist_reward = rewards[1:3] + rewards[4:]
+            s = table[u] + (m[known] * np.asarray(hist_reward)[:, None]).sum(0)
+            excluded = recent[1::2]
+            s[0] = -np.inf
+            s[excluded] = -np.inf
+            kind = ("epsilon", "softmax")[(u + t) % 2]
+            if kind == "epsilon":
+                greedy = topk(torch.from_numpy(s)[None], k, row_keys=torch.tensor([u])).indices[0]
+                slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=0.5, rng=rng)
+            else:
+                slate = sample_plackett_luce(s, k, temperature=0.7, rng=rng)
+            ctx = {"recent": raw, "rewards": rewards, "excluded": [f"i{x}" for x in excluded]}
+            for j, (item, p) in enumerate(zip(slate.items, slate.propensity, strict=True)):
+                cols["u"].append(u)
+                cols["i"].append(int(item))
+                cols["ts"].append(1000 * u + t)
+                cols["split"].append(TRAIN if t == 0 else TEST)
+                cols["p"].append(float(p))
+                cols["pos"].append(j)
+                cols["len"].append(len(slate.items))
+                cols["policy"].append(kind)
+                cols["ctx"].append(orjson.dumps(ctx).decode() if j == 0 else "")
+    e = len(cols["u"])
+    ds = PreparedDataset.from_arrays(
+        user=np.array(cols["u"]), item=np.array(cols["i"]), timestamp=np.array(cols["ts"]),
+        reward=(rng.random(e) < 0.3).astype(np.float32), split=np.array(cols["split"]),
+        n_users=U, n_items=N, item_ids=[f"i{j}" for j in range(1, N + 1)],
+    )  # fmt: skip
+    order = np.lexsort((np.arange(e), np.array(cols["ts"]), np.array(cols["u"])))
+    kinds = np.array(cols["policy"])[order]
+    extra = {
+        "propensity": np.array(cols["p"])[order],
+        "policy": kinds,
+        "position": np.array(cols["pos"], np.int32)[order],
+        "list_length": np.array(cols["len"], np.int32)[order],
+        "epsilon": np.where(kinds == "epsilon", 0.5, np.nan),
+        "temperature": np.where(kinds == "softmax", 0.7, np.nan),
+        "served_context": np.array(cols["ctx"], dtype=object)[order],
+    }
+    return replace(ds, extra=extra)
+
+
+def test_lists_are_re_served_on_the_context_their_service_logged() -> None:
+    """A store-fed service's state is not the log's history: from the logged context (its
+    recent items, unknown ids dropped before the last H are taken, and its excluded items)
+    the logging model gets every propensity back, at every slot, whatever
+    ``mask_consumed``; without it, the rebuilt history does not."""
+    table = _table(3)
+    mix = np.random.default_rng(4).normal(0, 1.5, (N + 1, N + 1))
+    mix[0] = 0.0
+    ds = _context_log(table, mix)
+    scorer = _context_scorer(table, mix)
+    for cfg in (CFG, replace(CFG, mask_consumed=False)):
+        for split in ("train", "test"):
+            events = logged_events(ds, split=split, cfg=cfg)
+            terms = policy_terms(scorer, ds, events, history=H, cfg=cfg)
+            np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-5)
+    assert set(ds.extra["position"][events.rows].tolist()) == {0, 1, 2}
+    bare = replace(ds, extra={k: v for k, v in ds.extra.items() if k != "served_context"})
+    events = logged_events(bare, cfg=CFG)
+    terms = policy_terms(scorer, bare, events, history=H, cfg=CFG)
+    off = np.abs(terms.p_target / np.exp(events.log_propensity) - 1) > 1e-3
+    assert off.mean() > 0.5
+
+
+def test_a_context_that_is_not_the_services_json_names_its_row() -> None:
+    table = _table(3)
+    ds = _context_log(table, np.zeros((N + 1, N + 1)))
+    ctx = ds.extra["served_context"].copy()
+    first = np.flatnonzero(ctx != "")
+    for bad in ('{"recent": ["i1"], "rewards": [], "excluded": []}', "[1, 2", '{"recent": 3}'):
+        ctx[first[-1]] = bad
+        broken = replace(ds, extra={**ds.extra, "served_context": ctx})
+        events = logged_events(broken, cfg=CFG)
+        with pytest.raises(DataError, match=f"row {first[-1]}: field 'served_context'"):
+            policy_terms(_scorer(table), broken, events, history=H, cfg=CFG)

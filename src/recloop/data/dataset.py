@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from recloop import __version__
+from recloop.data.schema import SERVED_CONTEXT
 from recloop.errors import DataError
 
 FORMAT_VERSION = 2
@@ -326,6 +327,10 @@ def user_offsets(user: np.ndarray, n_users: int) -> np.ndarray:
     return offsets
 
 
+OBJECT_TEXT_COLUMNS = frozenset({SERVED_CONTEXT})
+"""Text columns read back as object arrays (long, and empty on most rows)."""
+
+
 def write_events(path: Path, columns: dict[str, np.ndarray]) -> None:
     """Write event columns (E,) as one uncompressed Arrow IPC record batch (see :func:`load`).
 
@@ -357,7 +362,11 @@ def read_events(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            out[name] = np.asarray(column.to_pylist(), dtype=str)
+            # long texts (the served context) as objects: numpy's fixed-width strings would
+            # give every row the longest one's width
+            out[name] = np.asarray(
+                column.to_pylist(), dtype=object if name in OBJECT_TEXT_COLUMNS else str
+            )
         elif column.num_chunks == 1 and column.null_count == 0:
             out[name] = column.chunk(0).to_numpy(zero_copy_only=True)
         else:

@@ -64,6 +64,7 @@ from recloop.data.schema import (
     POSITION,
     PROPENSITY,
     RATING,
+    SERVED_CONTEXT,
     SERVED_POLICY,
     SERVING_COLUMNS,
     TIMESTAMP,
@@ -85,6 +86,7 @@ logger = logging.getLogger(__name__)
 KEPT_COLUMNS = (
     *(USER, ITEM, TIMESTAMP, BEHAVIOR, RATING, PROPENSITY, POLICY_VERSION),
     *SERVING_COLUMNS,
+    SERVED_CONTEXT,
 )
 """The input columns prepare keeps; the manifest lists the others as dropped."""
 
@@ -200,6 +202,7 @@ class _Source:
     propensity: np.ndarray | None  # (E,) float64 in (0, 1], the logging policy's
     policy_version: np.ndarray | None  # (E,) str, the model version that served the item
     serving: dict[str, np.ndarray]  # SERVING_COLUMNS present, each (E,): how it was served
+    context: np.ndarray | None  # (E,) object: JSON text of what the list was drawn from, ""
 
     def dedupe_keys(self) -> dict[str, np.ndarray]:
         keys = {BEHAVIOR: self.behavior, RATING: self.rating}
@@ -322,6 +325,12 @@ def _read_source(raw: RawData) -> _Source:
             else None
         ),
         serving=_serving_columns(ev),
+        # object, not numpy's fixed-width str: one long context would widen every row
+        context=(
+            ev[SERVED_CONTEXT].cast(pl.String).fill_null("").to_numpy().astype(object)
+            if SERVED_CONTEXT in ev.columns
+            else None
+        ),
         users=dense_codes(ev[USER], name=USER),
         items=dense_codes(ev[ITEM], name=ITEM),
         timestamp=_timestamps(ev),
@@ -547,7 +556,9 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
         extra[POLICY_VERSION] = src.policy_version[idx.row]
     for col, values in src.serving.items():
         extra[col] = values[idx.row]
-    src.behavior = src.rating = src.propensity = src.policy_version = None
+    if src.context is not None:
+        extra[SERVED_CONTEXT] = src.context[idx.row]
+    src.behavior = src.rating = src.propensity = src.policy_version = src.context = None
     src.serving = {}
     rewards = compute_rewards(
         behavior=extra.get(BEHAVIOR),
@@ -600,6 +611,7 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
             **({PROPENSITY: {"dtype": "float64"}} if PROPENSITY in extra else {}),
             **({POLICY_VERSION: {"dtype": "string"}} if POLICY_VERSION in extra else {}),
             **{c: {"dtype": str(extra[c].dtype)} for c in SERVING_COLUMNS if c in extra},
+            **({SERVED_CONTEXT: {"dtype": "string"}} if SERVED_CONTEXT in extra else {}),
         },
         "dropped_columns": [c for c in rest.columns if c not in KEPT_COLUMNS],
         "features": {

@@ -46,6 +46,10 @@ SERVING_COLUMNS = (SERVED_POLICY, POSITION, LIST_LENGTH, EPSILON, TEMPERATURE, L
 """How each impression was served (``prepare --from-db --impressions`` reads them from the
 served-items table): kept by ``prepare`` beside ``propensity``, so that OPE can score a
 model as the service would serve it with the same exploration (``ope.target: served``)."""
+SERVED_CONTEXT = "served_context"
+"""Optional: what the impression's list was drawn from, as the service logged it (JSON text
+``{"recent": [item ids], "rewards": [...], "excluded": [item ids]}``, on the row of a list's
+first position, "" elsewhere): OPE's ``served`` target re-serves each model on it."""
 EVENT_ID = "event_id"
 """Optional unique event id (String); used for idempotent logging."""
 

@@ -71,6 +71,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
+import polars as pl
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +87,7 @@ from recloop.data.schema import (
     LIST_SOURCE,
     POLICY_VERSION,
     POSITION,
+    SERVED_CONTEXT,
     SERVED_POLICY,
     TEMPERATURE,
 )
@@ -851,6 +854,106 @@ def target_probs(
     return ranked.indices, torch.softmax(ranked.values / temperature, dim=1)
 
 
+_CONTEXT_TYPE = pl.Struct(
+    {"recent": pl.List(pl.String), "rewards": pl.List(pl.Float64), "excluded": pl.List(pl.String)}
+)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ContextWindows:
+    """The logged contexts (:data:`recloop.data.schema.SERVED_CONTEXT`) of some rows, in
+    the dataset's item indices: what :func:`served_scores` scores them on instead of the
+    history rebuilt from the log."""
+
+    has: np.ndarray  # (u,) bool, the row carries a logged context
+    item: np.ndarray  # (u, W) int64 its recent items the dataset knows, the last W,
+    # right-aligned, 0 = padding
+    reward: np.ndarray  # (u, W) float32 their logged rewards (0 at padding)
+    excluded_row: np.ndarray  # (X,) int64 row (0..u-1) of each excluded item
+    excluded_item: np.ndarray  # (X,) int64 its dataset index
+
+
+def context_windows(
+    dataset: PreparedDataset, rows: np.ndarray, *, history: int, ids: pl.DataFrame
+) -> ContextWindows:
+    """The logged contexts of ``rows`` (u,) as windows of ``history`` items.
+
+    As the service builds a state (:mod:`recloop.serving.service`): ids the dataset does not
+    know are dropped first, then the last ``history`` are kept.  ``ids``: the dataset's
+    raw item ids with their indices (:func:`_item_id_frame`).  A context that is not the
+    service's JSON is a DataError naming the row."""
+    u = rows.shape[0]
+    texts = pl.Series("ctx", dataset.extra[SERVED_CONTEXT][rows], dtype=pl.String)
+    has = (texts.fill_null("").str.len_bytes() > 0).to_numpy()
+    item = np.zeros((u, history), np.int64)
+    reward = np.zeros((u, history), np.float32)
+    frame = pl.DataFrame({"r": np.arange(u), "ctx": texts}).filter(pl.Series(has))
+    empty = np.zeros(0, np.int64)
+    if frame.height == 0:
+        return ContextWindows(
+            has=has, item=item, reward=reward, excluded_row=empty, excluded_item=empty
+        )
+    try:
+        dec = frame.with_columns(pl.col("ctx").str.json_decode(_CONTEXT_TYPE)).unnest("ctx")
+        recent = dec.select("r", "recent", "rewards").explode("recent", "rewards")
+    except pl.exceptions.PolarsError as exc:
+        raise _context_error(dataset, rows, frame, exc) from None
+    recent = (
+        recent.join(ids, left_on="recent", right_on="id", how="inner", maintain_order="left")
+        .with_columns(back=pl.len().over("r") - pl.int_range(pl.len()).over("r"))
+        .filter(pl.col("back") <= history)
+    )
+    r = recent["r"].to_numpy()
+    col = history - recent["back"].to_numpy()
+    item[r, col] = recent["idx"].to_numpy()
+    reward[r, col] = recent["rewards"].fill_null(0.0).to_numpy()
+    ex = (
+        dec.select("r", "excluded")
+        .explode("excluded")
+        .join(ids, left_on="excluded", right_on="id", how="inner")
+    )
+    return ContextWindows(
+        has=has,
+        item=item,
+        reward=reward,
+        excluded_row=ex["r"].to_numpy().astype(np.int64),
+        excluded_item=ex["idx"].to_numpy().astype(np.int64),
+    )
+
+
+def _item_id_frame(dataset: PreparedDataset) -> pl.DataFrame:
+    """(id, idx): each raw item id of ``dataset`` (as text) and its index."""
+    return pl.DataFrame(
+        {
+            "id": pl.Series([str(i) for i in dataset.item_ids], dtype=pl.String),
+            "idx": np.arange(1, len(dataset.item_ids) + 1, dtype=np.int64),
+        }
+    )
+
+
+def _context_error(
+    dataset: PreparedDataset, rows: np.ndarray, frame: pl.DataFrame, exc: Exception
+) -> DataError:
+    """The DataError of the first context of ``frame`` that is not the service's JSON."""
+    for r, text in zip(frame["r"].to_list(), frame["ctx"].to_list(), strict=True):
+        try:
+            doc = orjson.loads(text)
+            ok = (
+                isinstance(doc, dict)
+                and all(isinstance(doc.get(k), list) for k in ("recent", "rewards", "excluded"))
+                and len(doc["recent"]) == len(doc["rewards"])
+            )
+        except orjson.JSONDecodeError:
+            ok = False
+        if not ok:
+            return DataError(
+                f"{_events_file(dataset)}, row {int(rows[r])}: field {SERVED_CONTEXT!r} "
+                f'{text[:80]!r} is not a served list\'s context ({{"recent": [...], '
+                '"rewards": [...] of the same length, "excluded": [...]})'
+            )
+    return DataError(f"{_events_file(dataset)}: field {SERVED_CONTEXT!r} unreadable ({exc})")
+
+
 def served_scores(
     policy: Scorer,
     dataset: PreparedDataset,
@@ -863,10 +966,20 @@ def served_scores(
     ``policy`` in the state before each event, as served — padding and, with
     ``cfg.mask_consumed``, the user's earlier items at -inf.
 
+    Target ``served``: a row that carries the context its list was drawn from
+    (:data:`recloop.data.schema.SERVED_CONTEXT`) is scored on it instead -- the state from
+    the logged recent items, the logged excluded items at -inf (whatever
+    ``cfg.mask_consumed``) -- as its service saw it.
+
     Equal rows next to each other (the served target's slots of one list, which share the
     list's state) are scored once and their scores repeated: a list of K costs one forward
     pass, not K."""
     pad = torch.zeros(1, dtype=torch.long)
+    ids = (
+        _item_id_frame(dataset)
+        if cfg.target == "served" and SERVED_CONTEXT in dataset.extra
+        else None
+    )
     for lo in range(0, rows.shape[0], cfg.batch_size):
         sl = slice(lo, min(lo + cfg.batch_size, rows.shape[0]))
         at = rows[sl]
@@ -876,19 +989,31 @@ def served_scores(
         user = dataset.user[uniq].astype(np.int64)
         start = dataset.user_offsets[user]
         win = gather_windows(dataset.item, dataset.reward, end=uniq, start=start, length=history)
+        hist, hist_reward = win.item.astype(np.int64), win.reward
+        ctx = None if ids is None else context_windows(dataset, uniq, history=history, ids=ids)
+        if ctx is not None and ctx.has.any():
+            hist = np.where(ctx.has[:, None], ctx.item, hist)
+            hist_reward = np.where(ctx.has[:, None], ctx.reward, hist_reward)
         # index_fill out of place: the scorer's own tensors stay as they are
         scores = policy(
             torch.from_numpy(user),
-            torch.from_numpy(win.item.astype(np.int64)),
-            torch.from_numpy(win.reward),
+            torch.from_numpy(hist),
+            torch.from_numpy(hist_reward),
         ).index_fill(1, pad, float("-inf"))
+        width = scores.shape[1]  # N + 1, or more for a scorer's own extra columns
         if cfg.mask_consumed:
             # each event's earlier items, built per batch: all events' prefixes at once
             # would grow with the square of the users' history lengths
             offsets, c_rows = csr_ranges(start, uniq)
             c_row, c_sl = batch_rows(offsets, 0, uniq.shape[0])
-            width = scores.shape[1]  # N + 1, or more for a scorer's own extra columns
-            key = torch.from_numpy(c_row * width + dataset.item[c_rows[c_sl]].astype(np.int64))
+            c_item = dataset.item[c_rows[c_sl]].astype(np.int64)
+            if ctx is not None:  # a logged context says what its service excluded
+                keep = ~ctx.has[c_row]
+                c_row, c_item = c_row[keep], c_item[keep]
+            key = torch.from_numpy(c_row * width + c_item)
+            scores.view(-1).index_fill_(0, key, float("-inf"))
+        if ctx is not None and ctx.excluded_row.shape[0]:
+            key = torch.from_numpy(ctx.excluded_row * width + ctx.excluded_item)
             scores.view(-1).index_fill_(0, key, float("-inf"))
         if uniq.shape[0] < at.shape[0]:
             scores = scores.index_select(0, torch.from_numpy(np.cumsum(new) - 1))

@@ -11,7 +11,16 @@ import polars as pl
 import sqlalchemy as sa
 
 from recloop.data.loaders._validate import infer_int
-from recloop.data.schema import BEHAVIOR, EVENT_ID, ITEM, RATING, TIMESTAMP, USER, RawData
+from recloop.data.schema import (
+    BEHAVIOR,
+    EVENT_ID,
+    ITEM,
+    RATING,
+    SERVED_CONTEXT,
+    TIMESTAMP,
+    USER,
+    RawData,
+)
 from recloop.errors import ConfigError, DataError, Location
 
 LOG_SCHEMA: dict[str, pl.DataType] = {
@@ -35,8 +44,10 @@ def _read_table(
     kind: str,
     missing_hint: str,
     where_true: str | None = None,
+    optional: dict[str, pl.DataType] | None = None,
 ) -> tuple[pl.DataFrame, str]:
-    """The ``schema`` columns of ``table`` in one query, ordered, as (frame, where-string).
+    """The ``schema`` columns of ``table`` (and those of ``optional`` it has) in one query,
+    ordered, as (frame, where-string).
 
     A bad URL is a ConfigError; a missing table or column and an unreachable database are
     one-line DataErrors naming the database and table.
@@ -59,6 +70,7 @@ def _read_table(
                 f"not a {kind}: missing columns {', '.join(missing)}",
                 location=Location(file=where),
             )
+        schema = {**schema, **{c: d for c, d in (optional or {}).items() if c in t.c}}
         query = sa.select(*[t.c[c] for c in schema]).order_by(*[t.c[c] for c in order_by])
         if where_true is not None:
             query = query.where(t.c[where_true] == sa.true())
@@ -118,6 +130,8 @@ IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
     "settled": pl.Boolean(),
 }
 """Columns of the served-items table read by :func:`load_impressions_from_db`."""
+IMPRESSION_OPTIONAL: dict[str, pl.DataType] = {"context": pl.String()}
+"""Columns read when the served-items table has them (added after its first release)."""
 
 
 def load_impressions_from_db(
@@ -136,7 +150,9 @@ def load_impressions_from_db(
     ``list_length`` (the items of its list: OPE's ``served`` target re-serves each slot of
     the list from one state) and ``event_id`` (``<recommendation_id>:<position>``).  A
     list's impressions are served together and settle together, so ``list_length`` counts
-    the rows of its recommendation id.  ``settled_only``: leave out the
+    the rows of its recommendation id.  ``served_context``: the JSON of what the list was
+    drawn from (:mod:`recloop.streaming.served`), on its first row; only when the table has
+    some.  ``settled_only``: leave out the
     impressions whose attribution window is still open (their reward is not known yet).
     """
     frame, where = _read_table(
@@ -148,7 +164,11 @@ def load_impressions_from_db(
         missing_hint="serve with --bus-url or --database-url and run `recloop stream` first, "
         "or pass the table name",
         where_true="settled" if settled_only else None,
+        optional=IMPRESSION_OPTIONAL,
     )
+    context = []
+    if "context" in frame.columns and frame["context"].null_count() < frame.height:
+        context = [frame["context"].alias(SERVED_CONTEXT)]
     events = pl.DataFrame(
         [
             infer_int(frame["user_id"]).alias(USER),
@@ -167,6 +187,7 @@ def load_impressions_from_db(
             .to_series()
             .alias("list_length"),
             (frame["recommendation_id"] + ":" + frame["position"].cast(pl.String)).alias(EVENT_ID),
+            *context,
         ]
     )
     return RawData(events=events, source=f"sql impressions {where}")
