@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -670,3 +671,94 @@ async def test_lists_served_by_the_real_stack_are_re_served_exactly(
         assert rep.ess == pytest.approx(events.n_events, rel=1e-5)
     assert set(ds.extra["position"].tolist()) == {0, 1, 2}
     assert set(ds.extra["position"][events.rows].tolist()) == {2}  # loo: the last slot
+
+
+REDIS_URL = os.environ.get("RECLOOP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
+    tmp_path: Path,
+) -> None:
+    """Requests without recent items: the service reads each user's state from the online
+    store (Redis), which the stream processor fills with the clicks only, while the
+    prepared impressions carry every shown item as history.  A history-dependent model
+    (SASRec) re-served on each list's logged context gets back every propensity (lists of
+    3, softmax at T = 0.5); rebuilt from the log instead, most of them are off, and the
+    gate's re-serve check says so."""
+    import uuid
+
+    from recloop.data.loaders.sql import load_impressions_from_db
+    from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.schema import RawData
+    from recloop.data.splits import SplitConfig
+    from recloop.evaluation.ope import OPEConfig, logged_events, policy_terms, reserve_check
+    from recloop.evaluation.worlds.base import USER_PREFIX, build_world
+    from recloop.loop.experiment import _publish_events
+    from recloop.loop.gate import MAPPED_WINDOW, MappedScorer
+    from recloop.stores import open_store
+    from recloop.training.recommender import train_run
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(bootstrap_users=60, users=8, truth_users=0)
+    boot = bootstrap_model(world, cfg, tmp_path)
+    train_run(
+        "sasrec", boot.parent.parent / "data", tmp_path / "sasrec", overwrite=True,
+        progress=False, epochs=1,
+    )  # fmt: skip
+    spec = ArmSpec(
+        name="sasrec", algo="sasrec", policy="softmax", epsilon=0.1, temperature=0.5,
+        train_targets="rewarded",
+    )  # fmt: skip
+    prefix = f"rl-ctx-{uuid.uuid4().hex[:8]}:"
+    stack = ArmStack(
+        spec, root=tmp_path / "arm", cfg=cfg, bootstrap=tmp_path / "sasrec" / "artifact",
+        clock=SimClock(world), store_url=REDIS_URL, store_prefix=prefix,
+    )  # fmt: skip
+    users = [f"{USER_PREFIX}{500_000_000 + i}" for i in range(12)]
+    rng = np.random.default_rng(0)
+    try:
+        async with stack.serving() as client:
+            for step in range(5):
+                now = stack.clock.at(1, 0, step)
+                body = {
+                    "requests": [
+                        {"user_id": u, "n": 3, "seed": 1000 * step + i} for i, u in enumerate(users)
+                    ]
+                }
+                resp = await client.post("/v1/recommend/batch", json=body)
+                assert resp.status_code == 200, resp.text
+                events = []
+                for u, r in zip(users, resp.json()["results"], strict=True):
+                    assert r["source"] == "policy" and len(r["items"]) == 3
+                    if rng.random() < 0.6:  # a click on the first item
+                        rid = r["recommendation_id"]
+                        events.append(
+                            {"event_id": f"{rid}:0", "user_id": u, "ts": now, "behavior": "pv",
+                             "item_id": r["items"][0]["item_id"], "reward": 1.0,
+                             "recommendation_id": rid}
+                        )  # fmt: skip
+                await _publish_events(stack.bus_url, events)
+                stack.expected += len(users) + len(events)
+                await stack.drain()  # the processor stores the clicks before the next step
+    finally:
+        await open_store(stack.store_url, prefix=prefix).delete_all()  # type: ignore[attr-defined]
+    raw = load_impressions_from_db(stack.database_url, table="served_items")
+    ds = prepare(
+        RawData(events=raw.events, source=raw.source), PrepareConfig(split=SplitConfig(mode="loo"))
+    )
+    assert (ds.extra["served_context"][ds.extra["position"] == 0] != "").all()
+    version = str(stack.registry.current())
+    scorer = MappedScorer(load_artifact(stack.registry.current_path()), ds)
+    ope = OPEConfig(target="served", n_boot=0)
+    h = MAPPED_WINDOW * scorer.history_len
+    events = logged_events(ds, split="train", cfg=ope)
+    terms = policy_terms(scorer, ds, events, history=h, cfg=ope)
+    rs = reserve_check(ds, events, terms, version=version)
+    assert (rs.impressions, rs.mismatched) == (events.n_events, 0) and rs.worst < 1e-4
+    bare = dataclasses.replace(
+        ds, extra={k: v for k, v in ds.extra.items() if k != "served_context"}
+    )
+    terms = policy_terms(scorer, bare, events, history=h, cfg=ope)
+    assert reserve_check(bare, events, terms, version=version).share > 0.5

@@ -718,8 +718,15 @@ class ArmStack:
         cfg: ExperimentConfig,
         bootstrap: Path,
         clock: SimClock,
+        store_url: str = "memory://",
+        store_prefix: str = "recloop:",
     ) -> None:
         self.spec = spec
+        self.store_url = store_url
+        """The online store of the arm's service and stream processor: with a shared one
+        (Redis) a request that sends no recent items is served from the recent items the
+        processor stored, as in a deployment; the experiment's users send theirs."""
+        self.store_prefix = store_prefix
         self.root = root
         self.cfg = cfg
         self.registry = ArtifactRegistry(root / "registry")
@@ -796,8 +803,9 @@ class ArmStack:
                 "artifact_root": self.root / "registry" / "versions",
                 "reload_poll_s": 0.1,
                 "bus_url": self.bus_url,
-                "store_url": "memory://",
-                "history_source": "request",
+                "store_url": self.store_url,
+                "store_prefix": self.store_prefix,
+                "history_source": "request" if self.store_url == "memory://" else "store",
                 # a fresh user's first list is drawn by the arm's policy from the model's
                 # empty state (random: uniform), as the world's roll-outs draw it
                 "cold_start": "policy",
@@ -827,7 +835,8 @@ class ArmStack:
         settings = load_stream_settings(
             bus_url=self.bus_url,
             database_url=self.database_url,
-            store_url="memory://",
+            store_url=self.store_url,
+            store_prefix=self.store_prefix,
             batch_size=5000,
             block_ms=50,
             exit_when_idle_s=0.3,
