@@ -11,6 +11,7 @@ alternating rounds, and the ratio is printed.
     PYTHONPATH=src python bench/bench_ope_served.py
     mkdir /tmp/before && git archive REV src | tar -x -C /tmp/before
     PYTHONPATH=src python bench/bench_ope_served.py --compare-src /tmp/before/src
+    PYTHONPATH=src python bench/bench_ope_served.py --contexts 50   # lists with contexts
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ def _one(args: argparse.Namespace) -> float:
         e = ds.n_events
         extra = {**ds.extra, "policy": np.full(e, "epsilon"), "epsilon": np.full(e, 0.1)}
         ds = replace(ds, extra={**extra, "temperature": np.full(e, np.nan)})
+    if args.contexts:
+        # each list's context on its first row, as the service logs it: recent items with
+        # their rewards, the same items excluded (the served target then scores its state
+        # and masks from the context instead of the user's earlier rows)
+        import orjson
+
+        first = np.flatnonzero(ds.extra["position"] == 0)
+        picks = rng.integers(1, n + 1, (first.shape[0], args.contexts))
+        ctx = np.full(ds.n_events, "", dtype=object)
+        for row, items in zip(first.tolist(), picks.tolist(), strict=True):
+            ids = [str(ds.item_ids[i - 1]) for i in items]
+            ctx[row] = orjson.dumps(
+                {"recent": ids, "rewards": [1.0] * len(ids), "excluded": ids}
+            ).decode()
+        ds = replace(ds, extra={**ds.extra, "served_context": ctx})
     cfg = OPEConfig(target="served", n_boot=0)
     events = logged_events(ds, cfg=cfg)
     g = torch.Generator().manual_seed(0)
@@ -81,6 +97,12 @@ def main() -> None:
         choices=("softmax", "epsilon"),
         default="softmax",
         help="How the log's lists were served (epsilon: the softmax lists relabelled).",
+    )
+    ap.add_argument(
+        "--contexts",
+        type=int,
+        default=0,
+        help="Log each list's context with this many recent (and excluded) items (0: none).",
     )
     ap.add_argument("--compare-src", default=None, help="Another tree's src/ to time too.")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
