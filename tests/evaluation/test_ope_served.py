@@ -702,7 +702,9 @@ def test_the_re_serve_check_finds_the_impressions_a_model_does_not_get_back() ->
     assert theirs.logged == pytest.approx(np.exp(events.log_propensity[at]))
     assert theirs.reserved == pytest.approx(terms.p_target[at])
     assert "own impressions re-served with other propensities (row" in theirs.words()
-    assert reserve_check(ds, events, terms, version="v9").impressions == 0
+    none = reserve_check(ds, events, terms, version="v9")
+    assert (none.impressions, none.share) == (0, 0.0)
+    assert none.words() == "not checked: no evaluated impression was served by v9"
     # the right model on the wrong context: earlier lists' items not excluded
     loose = replace(CFG, mask_consumed=False)
     terms = policy_terms(_scorer(table), ds, events, history=1, cfg=loose)
@@ -827,3 +829,86 @@ def test_a_context_that_is_not_the_services_json_names_its_row() -> None:
         events = logged_events(broken, cfg=CFG)
         with pytest.raises(DataError, match=f"row {first[-1]}: field 'served_context'"):
             policy_terms(_scorer(table), broken, events, history=H, cfg=CFG)
+
+
+def test_a_logged_context_with_items_only_the_current_model_knows_is_re_served() -> None:
+    """The gate's current model may know items the new dataset lacks (a sliding window left
+    them out) and its store may hold them as recent items: its service built its state
+    from them and masked them.  Re-served through :class:`MappedScorer` on the logged
+    context, such items are read as the model's own (after the dataset's columns), so it
+    still gets back every propensity."""
+    import orjson
+
+    from recloop.loop.gate import MAPPED_WINDOW, MappedScorer
+
+    rng = np.random.default_rng(5)
+    n_art, h = 30, 3
+    art_users = [f"u{i}" for i in range(1, U + 1)]
+    art_items = [f"i{i}" for i in range(1, n_art + 1)]
+    table = rng.normal(0, 2, (U + 1, n_art + 1)).astype(np.float32).astype(np.float64)
+    mix = rng.normal(0, 1.5, (n_art + 1, n_art + 1)).astype(np.float32).astype(np.float64)
+    mix[0] = 0.0
+    t, m = torch.from_numpy(table).float(), torch.from_numpy(mix).float()
+
+    def art_policy(user: Tensor, history: Tensor, history_reward: Tensor) -> Tensor:
+        return t[user] + (m[history] * history_reward[..., None]).sum(1)
+
+    from types import SimpleNamespace
+
+    art = SimpleNamespace(user_ids=art_users, item_ids=art_items, policy=art_policy, history_len=h)
+    rows: list[tuple[str, str, int, int, float, str]] = []
+    contexts_items: set[str] = set()
+    for u in range(1, U + 1):
+        for lst in range(3):
+            recent = [int(x) for x in rng.choice(np.arange(1, n_art + 1), 4, replace=False)]
+            rewards = rng.random(5).round(2).tolist()
+            raw = (
+                [art_items[x - 1] for x in recent[:2]]
+                + ["zz"]
+                + [art_items[x - 1] for x in recent[2:]]
+            )
+            known, hist_reward = recent[-h:], [rewards[i] for i in (1, 3, 4)][-h:]
+            s = table[u] + (mix[known] * np.asarray(hist_reward)[:, None]).sum(0)
+            excluded = [int(x) for x in rng.choice(np.arange(1, n_art + 1), 3, replace=False)]
+            s[0] = -np.inf
+            s[excluded] = -np.inf
+            greedy = topk(torch.from_numpy(s)[None], 2, row_keys=torch.tensor([u])).indices[0]
+            slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=0.5, rng=rng)
+            ctx = orjson.dumps(
+                {"recent": raw, "rewards": rewards,
+                 "excluded": sorted([art_items[x - 1] for x in excluded] + ["zz2"])}
+            ).decode()  # fmt: skip
+            contexts_items |= {art_items[x - 1] for x in recent + excluded}
+            for j, (col, p) in enumerate(zip(slate.items, slate.propensity, strict=True)):
+                rows.append(
+                    (f"u{u}", art_items[col - 1], 100 * u + lst, j, float(p), ctx * (j == 0))
+                )
+    d_users = sorted({r[0] for r in rows}, reverse=True)
+    d_items = sorted({r[1] for r in rows}, reverse=True)
+    assert contexts_items - set(d_items)  # contexts name items only the model knows
+    e = len(rows)
+    uidx = np.array([d_users.index(r[0]) + 1 for r in rows])
+    ds = PreparedDataset.from_arrays(
+        user=uidx, item=np.array([d_items.index(r[1]) + 1 for r in rows]),
+        timestamp=np.array([r[2] for r in rows]),
+        split=np.array([TRAIN if r[2] % 100 == 0 else TEST for r in rows]),
+        user_ids=d_users, item_ids=d_items, n_users=len(d_users), n_items=len(d_items),
+    )  # fmt: skip
+    order = np.lexsort((np.arange(e), [r[2] for r in rows], uidx))
+    ds = replace(
+        ds,
+        extra={
+            "propensity": np.array([r[4] for r in rows])[order],
+            "policy": np.full(e, "epsilon"),
+            "position": np.array([r[3] for r in rows], np.int32)[order],
+            "list_length": np.full(e, 2, np.int32),
+            "epsilon": np.full(e, 0.5),
+            "temperature": np.full(e, np.nan),
+            "served_context": np.array([r[5] for r in rows], dtype=object)[order],
+        },
+    )
+    events = logged_events(ds, cfg=CFG)
+    scorer = MappedScorer(art, ds)  # type: ignore[arg-type]
+    assert scorer.unseen.shape[0] > 0
+    terms = policy_terms(scorer, ds, events, history=MAPPED_WINDOW * h, cfg=CFG)
+    np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-5)

@@ -159,9 +159,10 @@ async def test_served_lists_log_the_context_they_were_drawn_from(
     serve: ServeFactory, tmp_path: Path
 ) -> None:
     """Each list logs the recent items its state was built from (the store's list, or the
-    request's, unknown ids included, with their rewards) and every item masked from the
-    ranking; the SQL log keeps it as JSON on the list's first row.  The popular fallback
-    was drawn from nothing and logs none."""
+    request's, unknown ids included, with their rewards) and every consumed item excluded
+    from the ranking (unknown ids included: a model that knows them would mask them); the
+    SQL log keeps it as JSON on the list's first row.  The popular fallback was drawn from
+    nothing and logs none."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     async with serve(database_url=url) as (client, svc):
         await svc.store.push_recent(
@@ -192,12 +193,12 @@ async def test_served_lists_log_the_context_they_were_drawn_from(
     assert context(stored) == {
         "recent": ["i2", "ghost", "i5"],
         "rewards": [1.0, 0.5, 0.0],
-        "excluded": ["i2", "i5"],  # known to the model, in its index order
+        "excluded": ["ghost", "i2", "i5"],  # unknown to the model too: another may know it
     }
     assert context(sent) == {
         "recent": ["i7", "nope", "i3"],
         "rewards": [0.0, 1.0, 1.0],  # a bare id is a reward of 1
-        "excluded": ["i3", "i7"],
+        "excluded": ["i3", "i7", "nope"],
     }
     assert context(kept) == {"recent": ["i2", "ghost", "i5"], "rewards": [1.0, 0.5, 0.0],
                              "excluded": []}  # fmt: skip

@@ -878,10 +878,11 @@ def context_windows(
 ) -> ContextWindows:
     """The logged contexts of ``rows`` (u,) as windows of ``history`` items.
 
-    As the service builds a state (:mod:`recloop.serving.service`): ids the dataset does not
-    know are dropped first, then the last ``history`` are kept.  ``ids``: the dataset's
-    raw item ids with their indices (:func:`_item_id_frame`).  A context that is not the
-    service's JSON is a DataError naming the row."""
+    As the service builds a state (:mod:`recloop.serving.service`): ids the scorer does not
+    know are dropped first, then the last ``history`` are kept.  ``ids``: the raw item ids
+    the scorer knows with their indices (:func:`_item_id_frame`: the dataset's, then any
+    items only the scorer's service has).  A context that is not the service's JSON is a
+    DataError naming the row."""
     u = rows.shape[0]
     texts = pl.Series("ctx", dataset.extra[SERVED_CONTEXT][rows], dtype=pl.String)
     has = (texts.fill_null("").str.len_bytes() > 0).to_numpy()
@@ -921,12 +922,14 @@ def context_windows(
     )
 
 
-def _item_id_frame(dataset: PreparedDataset) -> pl.DataFrame:
-    """(id, idx): each raw item id of ``dataset`` (as text) and its index."""
+def _item_id_frame(dataset: PreparedDataset, extra: Sequence[str] = ()) -> pl.DataFrame:
+    """(id, idx): each raw item id of ``dataset`` (as text) and its index, then the ``extra``
+    ids (a service's items the dataset lacks) at N + 1, N + 2, ..."""
+    known = [str(i) for i in dataset.item_ids]
     return pl.DataFrame(
         {
-            "id": pl.Series([str(i) for i in dataset.item_ids], dtype=pl.String),
-            "idx": np.arange(1, len(dataset.item_ids) + 1, dtype=np.int64),
+            "id": pl.Series([*known, *extra], dtype=pl.String),
+            "idx": np.arange(1, len(known) + len(extra) + 1, dtype=np.int64),
         }
     )
 
@@ -961,6 +964,7 @@ def served_scores(
     *,
     history: int,
     cfg: OPEConfig,
+    extra_ids: Sequence[str] = (),
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """Per batch of the event ``rows`` (E,): (its slice, users (b,), scores (b, N + 1)) of
     ``policy`` in the state before each event, as served — padding and, with
@@ -969,14 +973,16 @@ def served_scores(
     Target ``served``: a row that carries the context its list was drawn from
     (:data:`recloop.data.schema.SERVED_CONTEXT`) is scored on it instead -- the state from
     the logged recent items, the logged excluded items at -inf (whatever
-    ``cfg.mask_consumed``) -- as its service saw it.
+    ``cfg.mask_consumed``) -- as its service saw it.  ``extra_ids``: raw ids of the
+    scorer's columns past N (a catalogue scorer's items the dataset lacks), read in the
+    contexts too.
 
     Equal rows next to each other (the served target's slots of one list, which share the
     list's state) are scored once and their scores repeated: a list of K costs one forward
     pass, not K."""
     pad = torch.zeros(1, dtype=torch.long)
     ids = (
-        _item_id_frame(dataset)
+        _item_id_frame(dataset, extra_ids)
         if cfg.target == "served" and SERVED_CONTEXT in dataset.extra
         else None
     )
@@ -1043,7 +1049,10 @@ class ServingIndex:
     unseen: Tensor  # (X,) int64 the service's indices of its items the dataset lacks
     catalogue_scorer: Scorer
     """The scorer's table over the whole catalogue, (B, N + 1 + X): the dataset's columns,
-    then the ``unseen`` items'."""
+    then the ``unseen`` items'.  Its histories may hold index N + 1 + x for unseen item x
+    (a logged context's recent item that only the service knows)."""
+    unseen_ids: tuple[str, ...] = ()
+    """(X,) raw ids of the ``unseen`` items, to read them in logged contexts."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -1370,9 +1379,21 @@ def served_distributions(
     st = served_settings(dataset, rows)
     index: ServingIndex | None = getattr(policy, "serving_index", None)
     scorer = policy
+    extra_ids: Sequence[str] = ()
     if index is not None and index.unseen.shape[0]:
         # the service ranks, explores and samples over its whole catalogue
-        scorer = index.catalogue_scorer
+        scorer, extra_ids = index.catalogue_scorer, index.unseen_ids
+    if SERVED_CONTEXT in dataset.extra:
+        first = np.unique(st.state_row)
+        bare = int((dataset.extra[SERVED_CONTEXT][first] == "").sum())
+        if bare:
+            logger.warning(
+                "served target: %d of %d lists carry no logged context (served before "
+                "contexts were logged, or prepare dropped their first row): scored on the "
+                "state rebuilt from the log",
+                bare,
+                first.shape[0],
+            )
     deep = st.softmax & (st.slot > 0)  # (E,)
     if deep.any() and PROPENSITY not in dataset.extra:
         raise DataError(
@@ -1380,7 +1401,9 @@ def served_distributions(
             f"with the logged {PROPENSITY!r} of the slots above it; the events have no such "
             "column"
         )
-    for sl, users, scores in served_scores(scorer, dataset, st.state_row, history=history, cfg=cfg):
+    for sl, users, scores in served_scores(
+        scorer, dataset, st.state_row, history=history, cfg=cfg, extra_ids=extra_ids
+    ):
         keys, cols = users, None  # the service's tie-break keys: its user and item indices
         if index is not None:
             keys = index.user[users]
@@ -1534,6 +1557,8 @@ class ReserveCheck:
 
     def words(self) -> str:
         """One line for a reason or a log."""
+        if not self.impressions:
+            return f"not checked: no evaluated impression was served by {self.version}"
         if not self.mismatched:
             return f"its {self.impressions} own impressions re-served with their propensities"
         return (

@@ -108,19 +108,26 @@ class MappedScorer:
         seen = np.zeros(len(artifact.item_ids) + 1, bool)
         seen[self.items.numpy()] = True
         self.unseen = torch.from_numpy(np.flatnonzero(~seen))  # old columns, never 0
+        # a history's index N_new + 1 + x is unseen item x (from a logged context)
+        self._history_items = torch.cat([self.items, self.unseen])
         self.policy = artifact.policy
         self.history_len = artifact.history_len
         self.serving_index = ServingIndex(
-            user=self.users, item=self.items, unseen=self.unseen, catalogue_scorer=self.catalogue
+            user=self.users,
+            item=self.items,
+            unseen=self.unseen,
+            catalogue_scorer=self.catalogue,
+            unseen_ids=tuple(str(artifact.item_ids[i - 1]) for i in self.unseen.tolist()),
         )
 
     def history(self, history: Tensor, history_reward: Tensor) -> tuple[Tensor, Tensor]:
-        """The artifact's own history of windows (B, W) of dataset items: as its service
-        does, the items it does not know are dropped first, then the last ``history_len``
-        known ones are kept (right-aligned, padding 0 with reward 0 on the left).  Give a
-        window wider than ``history_len`` (:data:`MAPPED_WINDOW`) so that dropped items
-        leave room for earlier known ones."""
-        old = self.items[history]  # (B, W) 0: padding or unknown to the artifact
+        """The artifact's own history of windows (B, W) of dataset items (index N + 1 + x:
+        its unseen item x, which a logged context may name): as its service does, the items
+        it does not know are dropped first, then the last ``history_len`` known ones are
+        kept (right-aligned, padding 0 with reward 0 on the left).  Give a window wider than
+        ``history_len`` (:data:`MAPPED_WINDOW`) so that dropped items leave room for earlier
+        known ones."""
+        old = self._history_items[history]  # (B, W) 0: padding or unknown to the artifact
         order = torch.argsort((old > 0).to(torch.int8), dim=1, stable=True)  # known last
         old = old.gather(1, order)[:, -self.history_len :]
         reward = history_reward.gather(1, order)[:, -self.history_len :]

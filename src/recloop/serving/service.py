@@ -411,19 +411,16 @@ class ServedContext:
     """(raw item id, reward) the state was built from, oldest first: the request's
     ``recent_items``, else the store's list; ids the model does not know included (another
     model may know them)."""
-    excluded: set[int]
-    """The model's item indices masked from the ranking."""
-    item_ids: np.ndarray
-    """The model's raw item ids by index (to log ``excluded`` as raw ids)."""
+    excluded: set[str]
+    """Raw ids of every consumed item excluded from the ranking, those the model does not
+    know included: another model's service, knowing them, would have masked them."""
 
     def to_doc(self) -> dict[str, list[Any]]:
         """``{"recent": [id, ...], "rewards": [r, ...], "excluded": [id, ...]}``."""
-        excluded = np.fromiter(self.excluded, np.int64, len(self.excluded))
-        excluded.sort()
         return {
             "recent": [i for i, _ in self.recent],
             "rewards": [r for _, r in self.recent],
-            "excluded": self.item_ids[excluded].tolist(),
+            "excluded": sorted(self.excluded),
         }
 
 
@@ -1125,7 +1122,7 @@ class RecommenderService:
                 seed=r.seed,
                 ts=now,
                 arm=r.arm,
-                context=ServedContext(recent=r.recent, excluded=r.exclude, item_ids=ids),
+                context=ServedContext(recent=r.recent, excluded=r.consumed_raw),
             )
         self._served[SOURCE_POLICY].inc(b)
 

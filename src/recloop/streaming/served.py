@@ -12,7 +12,9 @@ the stream processor tells them from behaviour events by a prefix test, without 
 
 ``context`` (null for the popular fallback, absent from older services) is what the model
 drew the list from: the recent items its state was built from (the request's, else the
-online store's, oldest first, with their rewards) and every item masked from the ranking.
+online store's, oldest first, with their rewards) and every consumed item it excluded from
+the ranking (ids the model does not know included: a model that knows them would exclude
+them).
 OPE's ``served`` target re-serves a model on it (the store's list cannot be rebuilt from
 the log afterwards).
 
