@@ -7,7 +7,9 @@ does with ``exclude_consumed``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,18 +71,27 @@ def _log(
     epsilon: float = 0.5,
     temperature: float = 0.7,
     seed: int = 0,
+    context: Callable[[np.random.Generator, int], tuple[np.ndarray, dict[str, Any]]] | None = None,
 ) -> PreparedDataset:
     """``lists`` lists of ``k`` items per user, each from the user's state after the lists
     before it (their items masked), with the samplers' propensities; the first list of a user
     is TRAIN, the others TEST.  Rewards are Bernoulli(0.3).  ``policy="mixed"``: ε-greedy
-    and softmax lists in turn."""
+    and softmax lists in turn.  ``context(rng, user)``: a list's (N + 1,) scores and the
+    context it logs (``served_context``, on its first row), for lists drawn as a store-fed
+    service draws them instead."""
+    import orjson
+
     rng = np.random.default_rng(seed)
-    keys = ("u", "i", "ts", "split", "p", "pos", "len", "policy")
+    keys = ("u", "i", "ts", "split", "p", "pos", "len", "policy", "ctx")
     cols: dict[str, list[object]] = {c: [] for c in keys}
     for u in range(1, U + 1):
         shown: list[int] = []
         for t in range(lists):
-            s = _masked(table, u, shown)
+            ctx = None
+            s = _masked(table, u, shown) if context is None else None
+            if context is not None:
+                s, ctx = context(rng, u)
+            assert s is not None
             kind = policy if policy != "mixed" else ("epsilon", "softmax")[(u + t) % 2]
             if kind == "epsilon":
                 greedy = topk(torch.from_numpy(s)[None], k, row_keys=torch.tensor([u])).indices[0]
@@ -96,12 +107,13 @@ def _log(
                 cols["pos"].append(j)
                 cols["len"].append(len(slate.items))
                 cols["policy"].append(kind)
+                cols["ctx"].append(orjson.dumps(ctx).decode() if ctx and j == 0 else "")
             shown += slate.items.tolist()
     e = len(cols["u"])
     ds = PreparedDataset.from_arrays(
         user=np.array(cols["u"]), item=np.array(cols["i"]), timestamp=np.array(cols["ts"]),
         reward=(rng.random(e) < 0.3).astype(np.float32), split=np.array(cols["split"]),
-        n_users=U, n_items=N,
+        n_users=U, n_items=N, item_ids=[f"i{j}" for j in range(1, N + 1)],
     )  # fmt: skip
     order = np.lexsort((np.arange(e), np.array(cols["ts"]), np.array(cols["u"])))
     kinds = np.array(cols["policy"])[order]
@@ -113,6 +125,8 @@ def _log(
         "epsilon": np.where(kinds == "epsilon", epsilon, np.nan),
         "temperature": np.where(kinds == "softmax", temperature, np.nan),
     }
+    if context is not None:
+        extra["served_context"] = np.array(cols["ctx"], dtype=object)[order]
     return replace(ds, extra=extra)
 
 
@@ -417,6 +431,21 @@ def test_softmax_lists_are_scored_without_bias_at_every_slot(temperature: float)
     assert (mu_slate * w.reshape(u, k)[:, 2]).sum() == pytest.approx(1.0, rel=1e-9)
 
 
+def _pairs_extra(
+    propensity: list[float], position: list[int], order: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Serving columns of ε-greedy (ε = 0.5) lists of two, rows put in dataset ``order``."""
+    e = len(propensity)
+    return {
+        "propensity": np.array(propensity)[order],
+        "policy": np.full(e, "epsilon"),
+        "position": np.array(position, np.int32)[order],
+        "list_length": np.full(e, 2, np.int32),
+        "epsilon": np.full(e, 0.5),
+        "temperature": np.full(e, np.nan),
+    }
+
+
 def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() -> None:
     """The gate scores the current model through :class:`MappedScorer` (the dataset's ids
     translated into the model's).  Its service breaks score ties by keys of its own user and
@@ -467,17 +496,7 @@ def test_a_model_with_its_own_id_maps_is_re_served_as_its_service_served_it() ->
     order = np.lexsort(
         (np.arange(e), [r[2] for r in rows], [d_users.index(r[0]) + 1 for r in rows])
     )
-    ds = replace(
-        ds,
-        extra={
-            "propensity": np.array([r[5] for r in rows])[order],
-            "policy": np.full(e, "epsilon"),
-            "position": np.array([r[3] for r in rows], np.int32)[order],
-            "list_length": np.full(e, 2, np.int32),
-            "epsilon": np.full(e, 0.5),
-            "temperature": np.full(e, np.nan),
-        },
-    )
+    ds = replace(ds, extra=_pairs_extra([r[5] for r in rows], [r[3] for r in rows], order))
     events = logged_events(ds, cfg=CFG)
     scorer = MappedScorer(art, ds)  # type: ignore[arg-type]
     terms = policy_terms(scorer, ds, events, history=1, cfg=CFG)
@@ -734,65 +753,27 @@ def _context_scorer(table: np.ndarray, mix: np.ndarray) -> Scorer:
     return score
 
 
-def _context_log(
-    table: np.ndarray, mix: np.ndarray, *, lists: int = 4, k: int = 3, seed: int = 0
-) -> PreparedDataset:
+def _context_log(table: np.ndarray, mix: np.ndarray, *, lists: int = 4) -> PreparedDataset:
     """Lists drawn, as a store-fed service draws them, from contexts that the log cannot
     rebuild: each list's recent items are a random handful (an unknown id among them),
     never the user's earlier impressions, and only some of them are excluded.  Softmax and
-    ε-greedy lists in turn; each list's context is logged on its first row."""
-    import orjson
-
-    rng = np.random.default_rng(seed)
+    ε-greedy lists of 3 in turn; each list's context is logged on its first row."""
     m = mix.astype(np.float32).astype(np.float64)
-    keys = ("u", "i", "ts", "split", "p", "pos", "len", "policy", "ctx")
-    cols: dict[str, list[object]] = {c: [] for c in keys}
-    for u in range(1, U + 1):
-        for t in range(lists):
-            recent = [int(x) for x in rng.choice(np.arange(1, N + 1), 4, replace=False)]
-            rewards = rng.random(5).round(2).tolist()
-            raw = [f"i{x}" for x in recent[:3]] + ["unknown"] + [f"i{recent[3]}"]
-            known = recent[1:]  # the unknown id is dropped, then the last H kept
-            hist_reward = rewards[1:3] + rewards[4:]
-            s = table[u] + (m[known] * np.asarray(hist_reward)[:, None]).sum(0)
-            excluded = recent[1::2]
-            s[0] = -np.inf
-            s[excluded] = -np.inf
-            kind = ("epsilon", "softmax")[(u + t) % 2]
-            if kind == "epsilon":
-                greedy = topk(torch.from_numpy(s)[None], k, row_keys=torch.tensor([u])).indices[0]
-                slate = sample_epsilon_greedy(s, greedy.numpy(), epsilon=0.5, rng=rng)
-            else:
-                slate = sample_plackett_luce(s, k, temperature=0.7, rng=rng)
-            ctx = {"recent": raw, "rewards": rewards, "excluded": [f"i{x}" for x in excluded]}
-            for j, (item, p) in enumerate(zip(slate.items, slate.propensity, strict=True)):
-                cols["u"].append(u)
-                cols["i"].append(int(item))
-                cols["ts"].append(1000 * u + t)
-                cols["split"].append(TRAIN if t == 0 else TEST)
-                cols["p"].append(float(p))
-                cols["pos"].append(j)
-                cols["len"].append(len(slate.items))
-                cols["policy"].append(kind)
-                cols["ctx"].append(orjson.dumps(ctx).decode() if j == 0 else "")
-    e = len(cols["u"])
-    ds = PreparedDataset.from_arrays(
-        user=np.array(cols["u"]), item=np.array(cols["i"]), timestamp=np.array(cols["ts"]),
-        reward=(rng.random(e) < 0.3).astype(np.float32), split=np.array(cols["split"]),
-        n_users=U, n_items=N, item_ids=[f"i{j}" for j in range(1, N + 1)],
-    )  # fmt: skip
-    order = np.lexsort((np.arange(e), np.array(cols["ts"]), np.array(cols["u"])))
-    kinds = np.array(cols["policy"])[order]
-    extra = {
-        "propensity": np.array(cols["p"])[order],
-        "policy": kinds,
-        "position": np.array(cols["pos"], np.int32)[order],
-        "list_length": np.array(cols["len"], np.int32)[order],
-        "epsilon": np.where(kinds == "epsilon", 0.5, np.nan),
-        "temperature": np.where(kinds == "softmax", 0.7, np.nan),
-        "served_context": np.array(cols["ctx"], dtype=object)[order],
-    }
-    return replace(ds, extra=extra)
+
+    def context(rng: np.random.Generator, u: int) -> tuple[np.ndarray, dict[str, Any]]:
+        recent = [int(x) for x in rng.choice(np.arange(1, N + 1), 4, replace=False)]
+        rewards = rng.random(5).round(2).tolist()
+        raw = [f"i{x}" for x in recent[:3]] + ["unknown"] + [f"i{recent[3]}"]
+        known = recent[1:]  # the unknown id is dropped, then the last H kept
+        hist_reward = rewards[1:3] + rewards[4:]
+        s = table[u] + (m[known] * np.asarray(hist_reward)[:, None]).sum(0)
+        excluded = recent[1::2]
+        s[0] = -np.inf
+        s[excluded] = -np.inf
+        return s, {"recent": raw, "rewards": rewards, "excluded": [f"i{x}" for x in excluded]}
+
+    return _log(table, policy="mixed", lists=lists, k=3, epsilon=0.5, temperature=0.7,
+                context=context)  # fmt: skip
 
 
 def test_lists_are_re_served_on_the_context_their_service_logged() -> None:
@@ -895,18 +876,9 @@ def test_a_logged_context_with_items_only_the_current_model_knows_is_re_served()
         user_ids=d_users, item_ids=d_items, n_users=len(d_users), n_items=len(d_items),
     )  # fmt: skip
     order = np.lexsort((np.arange(e), [r[2] for r in rows], uidx))
-    ds = replace(
-        ds,
-        extra={
-            "propensity": np.array([r[4] for r in rows])[order],
-            "policy": np.full(e, "epsilon"),
-            "position": np.array([r[3] for r in rows], np.int32)[order],
-            "list_length": np.full(e, 2, np.int32),
-            "epsilon": np.full(e, 0.5),
-            "temperature": np.full(e, np.nan),
-            "served_context": np.array([r[5] for r in rows], dtype=object)[order],
-        },
-    )
+    extra = _pairs_extra([r[4] for r in rows], [r[3] for r in rows], order)
+    extra["served_context"] = np.array([r[5] for r in rows], dtype=object)[order]
+    ds = replace(ds, extra=extra)
     events = logged_events(ds, cfg=CFG)
     scorer = MappedScorer(art, ds)  # type: ignore[arg-type]
     assert scorer.unseen.shape[0] > 0
