@@ -862,15 +862,16 @@ _CONTEXT_TYPE = pl.Struct(
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ContextWindows:
     """The logged contexts (:data:`recloop.data.schema.SERVED_CONTEXT`) of some rows, in
-    the dataset's item indices: what :func:`served_scores` scores them on instead of the
-    history rebuilt from the log."""
+    the scorer's item columns (the dataset's indices, then the items only its service
+    has): what :func:`served_scores` scores them on instead of the history rebuilt from
+    the log."""
 
     has: np.ndarray  # (u,) bool, the row carries a logged context
-    item: np.ndarray  # (u, W) int64 its recent items the dataset knows, the last W,
+    item: np.ndarray  # (u, W) int64 its recent items the scorer knows, the last W,
     # right-aligned, 0 = padding
     reward: np.ndarray  # (u, W) float32 their logged rewards (0 at padding)
     excluded_row: np.ndarray  # (X,) int64 row (0..u-1) of each excluded item
-    excluded_item: np.ndarray  # (X,) int64 its dataset index
+    excluded_item: np.ndarray  # (X,) int64 its column
 
 
 def context_windows(
