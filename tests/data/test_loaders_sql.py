@@ -200,6 +200,21 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
     assert ev["served_context"][1:].to_list() == [None] * 5
 
 
+def test_a_context_column_without_a_value_is_kept(tmp_path: Path) -> None:
+    """A served-items table from before contexts were logged gets the column (ALTER), every
+    value null: it is read all the same, so that OPE can say its lists carry none."""
+    from recloop.data.loaders.sql import load_impressions_from_db
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = BehaviorLog(url)
+    rows = served_lists(4).with_columns(pl.lit(None, pl.String).alias("context"))
+    log.append_served(rows)
+    log.settle(10**9)
+    log.dispose()
+    ev = load_impressions_from_db(url).events
+    assert ev["served_context"].null_count() == ev.height == 12
+
+
 def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:
     """The off-policy loop: served lists → attributed impressions → a prepared dataset whose
     ``propensity`` column OPE and REINFORCE read."""
@@ -229,6 +244,13 @@ def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> N
     # ... and so does what each list was drawn from: on its first row, as objects
     ctx = back.extra["served_context"]
     assert ctx.dtype == object
+    # written as a large string (64-bit offsets: past 2 GiB of contexts in one column)
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    events_file = next((tmp_path / "ds").glob("events*.arrow"))
+    table = ipc.open_file(pa.memory_map(str(events_file), "r")).read_all()
+    assert table.schema.field("served_context").type == pa.large_string()
     texts = {orjson.loads(t)["recent"][0]: t for t in ctx.tolist() if t}
     assert len(texts) == 200 and (ctx[back.extra["position"] > 0] == "").all()
     assert orjson.loads(texts["i4"]) == context_of(4)

@@ -4,6 +4,7 @@ explicit recommendation ids, the time window, out-of-order and duplicated delive
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import orjson
@@ -124,17 +125,24 @@ def test_served_rows_one_row_per_item_with_positions() -> None:
         served_rows([{**LISTS[0], "propensities": [0.5]}])
 
 
-def test_served_rows_keep_a_lists_context_as_json_on_its_first_row() -> None:
+def test_served_rows_keep_a_lists_context_as_json_on_its_first_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     ctx = {"recent": ["a", "z"], "rewards": [1.0, 0.0], "excluded": ["a"]}
     rows = served_rows([{**LISTS[0], "context": ctx}, LISTS[1]])
     assert orjson.loads(rows["context"][0]) == ctx
     assert rows["context"][1:].to_list() == [None] * 4  # other positions; a list without one
-    with pytest.raises(ValueError, match=r"recent and rewards differ in length \(2, 1\)"):
-        served_rows([{**LISTS[0], "context": {**ctx, "rewards": [1.0]}}])
-    with pytest.raises(ValueError, match="needs the list excluded"):
-        served_rows([{**LISTS[0], "context": {"recent": [], "rewards": []}}])
-    with pytest.raises(TypeError, match="must be an object"):
-        served_rows([{**LISTS[0], "context": ["a"]}])
+    # a context of another shape is dropped, named in a warning; the list is kept
+    for bad, why in [
+        ({**ctx, "rewards": [1.0]}, r"recent and rewards differ in length \(2, 1\)"),
+        ({"recent": [], "rewards": []}, "needs the list excluded"),
+        (["a"], "must be an object, got list"),
+    ]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recloop.streaming.served"):
+            rows = served_rows([{**LISTS[0], "context": bad}])
+        assert rows.height == 3 and rows["context"].null_count() == 3
+        assert re.search(f"served list 'r1': field 'context' {why}; context dropped", caplog.text)
 
 
 def test_events_carry_recommendation_ids_apart_and_bad_ones_are_dead_letters() -> None:

@@ -338,7 +338,11 @@ def write_events(path: Path, columns: dict[str, np.ndarray]) -> None:
     strings.
     """
     arrays = {
-        name: pa.array(a.tolist() if a.dtype.kind in "UO" else a) for name, a in columns.items()
+        # long texts as large strings: 64-bit offsets, past 2 GiB of text in one column
+        name: pa.array(a.tolist(), type=pa.large_string())
+        if name in OBJECT_TEXT_COLUMNS
+        else pa.array(a.tolist() if a.dtype.kind in "UO" else a)
+        for name, a in columns.items()
     }
     batch = pa.record_batch(arrays)
     # A new file renamed over the old one: a process that has the old one mapped keeps

@@ -1566,7 +1566,8 @@ class ReserveCheck:
             f"{self.mismatched} of its {self.impressions} own impressions re-served with "
             f"other propensities (row {self.first_row}: logged {self.logged:.4g}, re-served "
             f"{self.reserved:.4g}; worst |pi/beta - 1| {self.worst:.3g}): the served target "
-            "does not rebuild the state its service served from"
+            "does not re-serve what its service served (another context, or another scorer: "
+            "onnxruntime inference, an ANN index)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1596,9 +1597,10 @@ def reserve_check(
 
     Exact re-serving gives pi / beta = 1 up to float32 rounding (about 1e-6): the service
     and the served target draw from the same float32 scores.  A larger gap means the served
-    target scored the model on a context its service did not see -- typically a state the
-    service read from its online store (recent items fed by the behaviour stream) while the
-    prepared impressions carry every shown item, ignored ones included, as history.
+    target scored the model on a context its service did not see -- a list without its
+    logged context whose state the service read from its online store, say -- or with
+    other scores than the service's: its ``inference: onnxruntime`` (equal to torch's to
+    about 1e-3 of the largest score) or an approximate (ANN) index for its top-k.
     """
     if POLICY_VERSION not in dataset.extra:
         raise DataError(

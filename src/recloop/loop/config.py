@@ -112,8 +112,9 @@ class LoopConfig:
     current model's own holdout impressions whose propensity the served target may fail to
     re-serve (more than 0.1 % off) before the current model's estimate carries a warning.
     Such a gap means the served target scored the models on a context their services did not
-    see (typically a state read from the online store, while the prepared impressions carry
-    every shown item as history): no estimate on those events is evidence."""
+    see (a list logged without its context, whose state the service read from the online
+    store), or that the service scored otherwise than the artifact's torch policy
+    (``inference: onnxruntime``, an ANN index): no estimate on those events is evidence."""
     ope: OPEConfig = field(default_factory=_gate_ope)
     """Target policy, behaviour and reward models, and bootstrap of the OPE gate.  With
     ``source: impressions``, ``ope: {target: served}`` scores each model as the service

@@ -48,9 +48,10 @@ within bounds and an ESS of 4.
 The re-serve check (target ``served``, logged propensities with their ``policy_version``).
 On the holdout impressions the current model served, the served target must give it back
 the propensities its service logged (pi / beta = 1 at every slot).  Where it does not, the
-served target rebuilt a context (state, excluded items, catalogue) that the service did
-not see -- every model's served probabilities on these events are then wrong -- and the
-current model's estimate carries a warning (``max_unreproduced``: the share tolerated).
+served target scored it on a context (state, excluded items, catalogue) that the service
+did not see, or its service scored otherwise (onnxruntime inference, an ANN index) -- every
+model's served probabilities on these events are then suspect -- and the current model's
+estimate carries a warning (``max_unreproduced``: the share tolerated).
 """
 
 from __future__ import annotations

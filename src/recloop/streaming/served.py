@@ -39,11 +39,14 @@ passed its ``ts + window_s + allowed lateness`` (the processor settles them).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import polars as pl
+
+logger = logging.getLogger(__name__)
 
 SERVED_PREFIX = b'{"type":"served"'
 """How a served-list payload starts (see the module docstring)."""
@@ -93,22 +96,35 @@ def encode_served(doc: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": "served", **doc})
 
 
-def _context_text(context: Any) -> str | None:
-    """A served list's ``context`` as JSON text (None stays None), checked for its shape."""
-    if context is None:
-        return None
+def _context_problem(context: Any) -> str | None:
+    """What is wrong with a served list's ``context`` (None: nothing)."""
     if not isinstance(context, dict):
-        raise TypeError(f"served list context must be an object, got {type(context).__name__}")
+        return f"must be an object, got {type(context).__name__}"
     recent, rewards = context.get("recent"), context.get("rewards")
     if not isinstance(recent, list) or not isinstance(rewards, list):
-        raise ValueError("served list context needs the lists recent and rewards")
+        return "needs the lists recent and rewards"
     if len(recent) != len(rewards):
-        raise ValueError(
-            f"served list context: recent and rewards differ in length ({len(recent)}, "
-            f"{len(rewards)})"
-        )
+        return f"recent and rewards differ in length ({len(recent)}, {len(rewards)})"
     if not isinstance(context.get("excluded"), list):
-        raise ValueError("served list context needs the list excluded")
+        return "needs the list excluded"
+    return None
+
+
+def _context_text(doc: dict[str, Any]) -> str | None:
+    """A served list's ``context`` as JSON text (None stays None).  One that is not the
+    service's shape is dropped with a warning naming the list: the list and its impressions
+    are kept (OPE then rebuilds its state from the log, and says how many such lists)."""
+    context = doc.get("context")
+    if context is None:
+        return None
+    problem = _context_problem(context)
+    if problem is not None:
+        logger.warning(
+            "served list %r: field 'context' %s; context dropped, the list kept",
+            doc.get("recommendation_id"),
+            problem,
+        )
+        return None
     return orjson.dumps(context).decode()
 
 
@@ -132,7 +148,7 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
             "item_id": [d["items"] for d in docs],
             "score": [d["scores"] for d in docs],
             "propensity": [d["propensities"] for d in docs],
-            "context": [_context_text(d.get("context")) for d in docs],
+            "context": [_context_text(d) for d in docs],
         },
         schema_overrides={
             "item_id": pl.List(pl.String),

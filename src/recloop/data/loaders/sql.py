@@ -151,8 +151,8 @@ def load_impressions_from_db(
     the list from one state) and ``event_id`` (``<recommendation_id>:<position>``).  A
     list's impressions are served together and settle together, so ``list_length`` counts
     the rows of its recommendation id.  ``served_context``: the JSON of what the list was
-    drawn from (:mod:`recloop.streaming.served`), on its first row; only when the table has
-    some.  ``settled_only``: leave out the
+    drawn from (:mod:`recloop.streaming.served`), on its first row; when the table has the
+    column.  ``settled_only``: leave out the
     impressions whose attribution window is still open (their reward is not known yet).
     """
     frame, where = _read_table(
@@ -166,9 +166,9 @@ def load_impressions_from_db(
         where_true="settled" if settled_only else None,
         optional=IMPRESSION_OPTIONAL,
     )
-    context = []
-    if "context" in frame.columns and frame["context"].null_count() < frame.height:
-        context = [frame["context"].alias(SERVED_CONTEXT)]
+    # kept even where every value is null (a table from before contexts were logged), so
+    # that OPE's served target can say how many lists it rebuilt from the log
+    context = [frame["context"].alias(SERVED_CONTEXT)] if "context" in frame.columns else []
     events = pl.DataFrame(
         [
             infer_int(frame["user_id"]).alias(USER),
