@@ -213,6 +213,8 @@ def test_a_context_column_without_a_value_is_kept(tmp_path: Path) -> None:
     log.dispose()
     ev = load_impressions_from_db(url).events
     assert ev["served_context"].null_count() == ev.height == 12
+    # a reader that does not need the contexts does not read them
+    assert "served_context" not in load_impressions_from_db(url, context=False).events.columns
 
 
 def test_impressions_prepare_with_their_logged_propensities(tmp_path: Path) -> None:

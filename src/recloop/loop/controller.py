@@ -364,7 +364,8 @@ class LoopController:
         cfg, reg = self.cfg, self.registry
         canary = reg.canary()
         assert canary is not None
-        raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table)
+        # the canary counts rewards per user and arm: the lists' contexts are not read
+        raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table, context=False)
         v = judge_canary(
             raw.events,
             canary,

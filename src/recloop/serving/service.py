@@ -1122,7 +1122,11 @@ class RecommenderService:
                 seed=r.seed,
                 ts=now,
                 arm=r.arm,
-                context=ServedContext(recent=r.recent, excluded=r.consumed_raw),
+                context=(  # only a logged list needs it
+                    ServedContext(recent=r.recent, excluded=r.consumed_raw)
+                    if self.served_log is not None
+                    else None
+                ),
             )
         self._served[SOURCE_POLICY].inc(b)
 

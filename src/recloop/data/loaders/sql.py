@@ -135,7 +135,7 @@ IMPRESSION_OPTIONAL: dict[str, pl.DataType] = {"context": pl.String()}
 
 
 def load_impressions_from_db(
-    url: str, *, table: str = "served_items", settled_only: bool = True
+    url: str, *, table: str = "served_items", settled_only: bool = True, context: bool = True
 ) -> RawData:
     """Impression-level events: one row per item the service showed, from the served-items
     table that ``recloop stream`` fills and attributes (see ``recloop.streaming.served``).
@@ -152,7 +152,8 @@ def load_impressions_from_db(
     list's impressions are served together and settle together, so ``list_length`` counts
     the rows of its recommendation id.  ``served_context``: the JSON of what the list was
     drawn from (:mod:`recloop.streaming.served`), on its first row; when the table has the
-    column.  ``settled_only``: leave out the
+    column, and ``context`` is true (a reader that does not need it is spared the text).
+    ``settled_only``: leave out the
     impressions whose attribution window is still open (their reward is not known yet).
     """
     frame, where = _read_table(
@@ -164,11 +165,11 @@ def load_impressions_from_db(
         missing_hint="serve with --bus-url or --database-url and run `recloop stream` first, "
         "or pass the table name",
         where_true="settled" if settled_only else None,
-        optional=IMPRESSION_OPTIONAL,
+        optional=IMPRESSION_OPTIONAL if context else None,
     )
     # kept even where every value is null (a table from before contexts were logged), so
     # that OPE's served target can say how many lists it rebuilt from the log
-    context = [frame["context"].alias(SERVED_CONTEXT)] if "context" in frame.columns else []
+    contexts = [frame["context"].alias(SERVED_CONTEXT)] if "context" in frame.columns else []
     events = pl.DataFrame(
         [
             infer_int(frame["user_id"]).alias(USER),
@@ -187,7 +188,7 @@ def load_impressions_from_db(
             .to_series()
             .alias("list_length"),
             (frame["recommendation_id"] + ":" + frame["position"].cast(pl.String)).alias(EVENT_ID),
-            *context,
+            *contexts,
         ]
     )
     return RawData(events=events, source=f"sql impressions {where}")
