@@ -327,7 +327,7 @@ def _read_source(raw: RawData) -> _Source:
         serving=_serving_columns(ev),
         # object, not numpy's fixed-width str: one long context would widen every row
         context=(
-            ev[SERVED_CONTEXT].cast(pl.String).fill_null("").to_numpy().astype(object)
+            np.asarray(ev[SERVED_CONTEXT].cast(pl.String).fill_null("").to_numpy(), dtype=object)
             if SERVED_CONTEXT in ev.columns
             else None
         ),

@@ -50,6 +50,24 @@ SERVED_CONTEXT = "served_context"
 """Optional: what the impression's list was drawn from, as the service logged it (JSON text
 ``{"recent": [item ids], "rewards": [...], "excluded": [item ids]}``, on the row of a list's
 first position, "" elsewhere): OPE's ``served`` target re-serves each model on it."""
+
+
+def served_context_problem(context: object) -> str | None:
+    """What is wrong with a served list's context (the parsed JSON of
+    :data:`SERVED_CONTEXT`), or None: an object whose ``recent`` and ``rewards`` are lists
+    of one length and whose ``excluded`` is a list."""
+    if not isinstance(context, dict):
+        return f"must be an object, got {type(context).__name__}"
+    recent, rewards = context.get("recent"), context.get("rewards")
+    if not isinstance(recent, list) or not isinstance(rewards, list):
+        return "needs the lists recent and rewards"
+    if len(recent) != len(rewards):
+        return f"recent and rewards differ in length ({len(recent)}, {len(rewards)})"
+    if not isinstance(context.get("excluded"), list):
+        return "needs the list excluded"
+    return None
+
+
 EVENT_ID = "event_id"
 """Optional unique event id (String); used for idempotent logging."""
 

@@ -90,6 +90,7 @@ from recloop.data.schema import (
     SERVED_CONTEXT,
     SERVED_POLICY,
     TEMPERATURE,
+    served_context_problem,
 )
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
@@ -941,19 +942,13 @@ def _context_error(
     """The DataError of the first context of ``frame`` that is not the service's JSON."""
     for r, text in zip(frame["r"].to_list(), frame["ctx"].to_list(), strict=True):
         try:
-            doc = orjson.loads(text)
-            ok = (
-                isinstance(doc, dict)
-                and all(isinstance(doc.get(k), list) for k in ("recent", "rewards", "excluded"))
-                and len(doc["recent"]) == len(doc["rewards"])
-            )
+            problem = served_context_problem(orjson.loads(text))
         except orjson.JSONDecodeError:
-            ok = False
-        if not ok:
+            problem = "is not JSON"
+        if problem is not None:
             return DataError(
                 f"{_events_file(dataset)}, row {int(rows[r])}: field {SERVED_CONTEXT!r} "
-                f'{text[:80]!r} is not a served list\'s context ({{"recent": [...], '
-                '"rewards": [...] of the same length, "excluded": [...]})'
+                f"{text[:80]!r} {problem} (a served list's context)"
             )
     return DataError(f"{_events_file(dataset)}: field {SERVED_CONTEXT!r} unreadable ({exc})")
 

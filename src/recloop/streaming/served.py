@@ -46,6 +46,8 @@ from typing import Any
 import orjson
 import polars as pl
 
+from recloop.data.schema import served_context_problem
+
 logger = logging.getLogger(__name__)
 
 SERVED_PREFIX = b'{"type":"served"'
@@ -96,20 +98,6 @@ def encode_served(doc: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": "served", **doc})
 
 
-def _context_problem(context: Any) -> str | None:
-    """What is wrong with a served list's ``context`` (None: nothing)."""
-    if not isinstance(context, dict):
-        return f"must be an object, got {type(context).__name__}"
-    recent, rewards = context.get("recent"), context.get("rewards")
-    if not isinstance(recent, list) or not isinstance(rewards, list):
-        return "needs the lists recent and rewards"
-    if len(recent) != len(rewards):
-        return f"recent and rewards differ in length ({len(recent)}, {len(rewards)})"
-    if not isinstance(context.get("excluded"), list):
-        return "needs the list excluded"
-    return None
-
-
 def _context_text(doc: dict[str, Any]) -> str | None:
     """A served list's ``context`` as JSON text (None stays None).  One that is not the
     service's shape is dropped with a warning naming the list: the list and its impressions
@@ -117,7 +105,7 @@ def _context_text(doc: dict[str, Any]) -> str | None:
     context = doc.get("context")
     if context is None:
         return None
-    problem = _context_problem(context)
+    problem = served_context_problem(context)
     if problem is not None:
         logger.warning(
             "served list %r: field 'context' %s; context dropped, the list kept",
