@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_sampler.py [--events 10000000] [--history 10] [--batch 2048]
     .venv/bin/python bench/bench_sampler.py --mmap            # the same, saved and memory-mapped
     .venv/bin/python bench/bench_sampler.py --data DIR        # a prepared dataset, memory-mapped
+    .venv/bin/python bench/bench_sampler.py --lists 10        # also states="lists" vs "rows"
 
 ``--data`` opens a prepared dataset (e.g. ``bench_prepare.py --events 100000000 --keep``'s
 output) with ``PreparedDataset.load``, which memory-maps the events; ``--mmap`` saves the
@@ -21,6 +22,7 @@ sampler, next to the bytes of the event arrays and of the permutation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch
 
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
@@ -143,6 +146,66 @@ def time_epoch(
     return n, clock
 
 
+def as_lists(ds: PreparedDataset, k: int, share: float, history: int) -> PreparedDataset:
+    """``ds`` as impressions of served lists of ``k`` slots (each user's events cut in
+    runs of k, one time per list), a ``share`` of the lists with a logged context of
+    ``history`` random recent items (JSON on the list's first row)."""
+    rng = np.random.default_rng(7)
+    e = ds.n_events
+    at = np.arange(e) - ds.user_offsets[ds.user]  # position in the user's events
+    position = (at % k).astype(np.int32)
+    head = np.flatnonzero((position == 0) & (rng.random(e) < share))
+    ids = np.asarray([str(i) for i in ds.item_ids], dtype=object)
+    recent = ids[rng.integers(0, ds.n_items, (head.shape[0], history))]
+    context = np.full(e, "", dtype=object)
+    rewards = [1.0] * history
+    context[head] = [
+        orjson.dumps({"recent": list(r), "rewards": rewards, "excluded": []}).decode()
+        for r in recent
+    ]
+    # one time per list: the user's events keep their order, a list's slots share a time
+    timestamp = ds.timestamp - at % k
+    return dataclasses.replace(
+        ds, timestamp=timestamp, extra={"position": position, "served_context": context}
+    )
+
+
+def lists_variant(ds: PreparedDataset, args: argparse.Namespace) -> None:
+    """Batches of ``states="lists"`` against ``"rows"`` on the same impressions, same run."""
+    with Clock() as build:
+        listed = as_lists(ds, args.lists, args.contexts, args.history)
+    kw = {"history": args.history, "batch_size": args.batch, "splits": (TRAIN,)}
+    rows = TransitionSampler(listed, **kw, seed=args.seed)  # type: ignore[arg-type]
+    with Clock() as setup:
+        lists = TransitionSampler(listed, **kw, seed=args.seed, states="lists")  # type: ignore[arg-type]
+    packed = rows.epoch_rows(2)
+    bs = args.batch
+    n_b = min(len(rows), 1500)
+    m = n_b * bs
+    timed = {}
+    for _ in range(2):  # alternated, twice: the second pass of each is kept
+        for name, sampler in (("rows", rows), ("lists", lists)):
+            with Clock() as clock:
+                for b in range(n_b):
+                    part = sampler.unpack(packed[b * bs : (b + 1) * bs])
+                    sampler._batch(part.rows, part.done)
+            timed[name] = clock
+    print(
+        f"served lists of {args.lists} slots, {args.contexts:.0%} with a logged context of "
+        f"{args.history} items ({lists._lists.n_contexts if lists._lists else 0:,} contexts; "
+        f"building the impressions {build.wall:.1f} s, not timed below)"
+    )
+    print(
+        f"  states=lists setup (list runs, contexts parsed)  {setup.wall:.2f} s wall, "
+        f"{setup.cpu:.2f} s CPU"
+    )
+    print(f"  batches only, states=rows    {timed['rows'].rates(m)}")
+    print(
+        f"  batches only, states=lists   {timed['lists'].rates(m)} "
+        f"(x{timed['lists'].cpu / timed['rows'].cpu:.2f} the CPU of rows)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--events", type=int, default=10_000_000)
@@ -152,6 +215,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="a prepared dataset directory (memory-mapped)")
     ap.add_argument("--mmap", action="store_true", help="save the synthetic data and map it")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/recloop-bench"))
+    ap.add_argument(
+        "--lists",
+        type=int,
+        default=0,
+        help="also time states='lists': the events as served lists of this many slots",
+    )
+    ap.add_argument(
+        "--contexts",
+        type=float,
+        default=0.5,
+        help="with --lists: share of lists carrying a logged context of H recent items",
+    )
     args = ap.parse_args()
     print("machine:", machine())
 
@@ -257,6 +332,8 @@ def main() -> None:
             f"target RSS growth < 1 GiB: heap {'met' if grow < 1024 else 'NOT met'} "
             f"(+{grow:.0f} MiB); total VmRSS +{peak - base:.0f} MiB including the mapped pages"
         )
+    if args.lists:
+        lists_variant(ds, args)
     wall_rate, cpu_rate = n / full.wall, n / full.cpu
     target = 2e6
     print(

@@ -3,6 +3,7 @@ per-user reference on random data."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -73,6 +74,27 @@ def test_build_eval_users_by_hand() -> None:
     assert ev.history.tolist() == [[1, 2]]
     assert ev.target_items.tolist() == [3]
     assert ev.consumed_items.tolist() == [1, 2]
+
+
+def test_on_impressions_the_state_is_the_one_the_targets_list_was_served_from() -> None:
+    """A list of 3 served at t=2 whose third slot is the first rewarded holdout row (the
+    slots above it are no target): the state and the consumed items end before the list,
+    not at the slots shown beside the target."""
+    from recloop.loop.gate import NOT_A_TARGET
+
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(5, np.int32),
+        item=np.array([1, 2, 3, 4, 5]),
+        timestamp=np.array([1, 2, 2, 2, 3]),
+        split=np.array([TRAIN, NOT_A_TARGET, NOT_A_TARGET, TEST, TEST]),
+        n_items=6,
+    )
+    listed = dataclasses.replace(ds, extra={"position": np.array([0, 0, 1, 2, 0], np.int32)})
+    assert build_eval_users(ds, split="test", history=3).history.tolist() == [[1, 2, 3]]
+    eu = build_eval_users(listed, split="test", history=3)
+    assert eu.history.tolist() == [[0, 0, 1]]
+    assert eu.consumed_items.tolist() == [1]
+    assert eu.target_items.tolist() == [4, 5]
 
 
 def test_evaluate_by_hand_with_masking() -> None:

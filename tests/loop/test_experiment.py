@@ -689,8 +689,10 @@ async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
     gate's re-serve check says so."""
     import uuid
 
+    from recloop.data.dataset import TRAIN
     from recloop.data.loaders.sql import load_impressions_from_db
     from recloop.data.prepare import PrepareConfig, prepare
+    from recloop.data.sampler import TransitionSampler
     from recloop.data.schema import RawData
     from recloop.data.splits import SplitConfig
     from recloop.evaluation.ope import OPEConfig, logged_events, policy_terms, reserve_check
@@ -718,6 +720,8 @@ async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
     )  # fmt: skip
     users = [f"{USER_PREFIX}{500_000_000 + i}" for i in range(12)]
     rng = np.random.default_rng(0)
+    clicked: dict[str, list[str]] = {u: [] for u in users}
+    before: dict[tuple[str, int], list[str]] = {}  # (user, step): what the store held
     try:
         async with stack.serving() as client:
             for step in range(5):
@@ -732,7 +736,9 @@ async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
                 events = []
                 for u, r in zip(users, resp.json()["results"], strict=True):
                     assert r["source"] == "policy" and len(r["items"]) == 3
+                    before[u, step] = list(clicked[u])
                     if rng.random() < 0.6:  # a click on the first item
+                        clicked[u].append(r["items"][0]["item_id"])
                         rid = r["recommendation_id"]
                         events.append(
                             {"event_id": f"{rid}:0", "user_id": u, "ts": now, "behavior": "pv",
@@ -762,3 +768,23 @@ async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
     )
     terms = policy_terms(scorer, bare, events, history=h, cfg=ope)
     assert reserve_check(bare, events, terms, version=version).share > 0.5
+
+    # Training on the same log: with states="lists" every slot's state is its list's
+    # context, the user's clicks before the list (what the store held), not the shown
+    # items above it or before it, as the service served; "rows" rebuilds it from the log.
+    hist = 4
+    index = {str(raw): i + 1 for i, raw in enumerate(ds.item_ids)}
+    want = []
+    for p in range(ds.n_events):
+        u = str(ds.user_ids[int(ds.user[p]) - 1])
+        step = (p - int(ds.user_offsets[int(ds.user[p])])) // 3
+        items = [index[i] for i in before[u, step]][-hist:]
+        want.append([0] * (hist - len(items)) + items)
+    assert all(int(n) == 15 for n in np.diff(ds.user_offsets)[1:])  # 5 lists of 3 each
+    train = np.flatnonzero(ds.split == TRAIN)
+    lists = TransitionSampler(ds, history=hist, batch_size=10_000, states="lists").batch(train)
+    rows = TransitionSampler(ds, history=hist, batch_size=10_000, states="rows").batch(train)
+    assert lists.history.tolist() == [want[p] for p in train]
+    assert ((lists.history > 0) == (lists.history_reward == 1.0)).all()
+    same = [r == want[p] for r, p in zip(rows.history.tolist(), train, strict=True)]
+    assert sum(same) < 0.5 * train.shape[0]

@@ -52,6 +52,7 @@ from recloop.data.ids import (
     encode_features,
     frequency_ranked,
 )
+from recloop.data.lists import list_returns, list_starts
 from recloop.data.loaders.base import LoadOptions
 from recloop.data.rewards import BEHAVIOR_CODES, RewardConfig, behavior_codes, compute_rewards
 from recloop.data.schema import (
@@ -574,8 +575,18 @@ def prepare(raw: RawData, cfg: PrepareConfig) -> PreparedDataset:
     starts = session_starts(idx.user, idx.timestamp, gap_seconds=gap, split=idx.split)
     session = np.cumsum(starts, dtype=np.int32)
     session -= 1
-    returns = discounted_returns(reward, starts, cfg.gamma)
-    del starts
+    lists = (
+        None
+        if POSITION not in extra
+        else list_starts(idx.user, idx.timestamp, extra[POSITION]) | starts
+    )
+    if lists is not None and int(lists.sum()) < lists.shape[0]:
+        # impressions of lists longer than one: a step is a list (its slots were drawn
+        # together from one state), so a slot's return skips the slots beside it
+        returns = list_returns(reward, session_starts=starts, starts=lists, gamma=cfg.gamma)
+    else:
+        returns = discounted_returns(reward, starts, cfg.gamma)
+    del starts, lists
     clock.lap("sessions and returns")
 
     user_feats = encode_features(

@@ -32,7 +32,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recloop.config import check
 from recloop.data.batch import TransitionBatch
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
+from recloop.data.lists import list_states
 from recloop.data.schema import PROPENSITY
+
+STATES = ("rows", "lists")
+"""What a step is: an event row, or a served list (:class:`TransitionSampler`)."""
 
 _CHUNK = 1 << 20
 """Rows scanned at a time when listing the transition rows, to keep the scratch small."""
@@ -171,6 +175,15 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     :meth:`set_epoch` sets it explicitly (do that with DataLoader workers, which iterate
     copies of the sampler).
 
+    ``states="lists"`` (impressions of served lists, which have the ``position`` column:
+    :mod:`recloop.data.lists`) takes a step to be a list, as the service drew it: every slot
+    of a list gets the state before the list (its logged context where the service logged
+    one, else the H rows before the list's first row), never the slots above it, and the
+    next state is the next list's (the H rows up to the list's end, or that list's logged
+    context where it has one and lies in the same split); ``done`` is True for every slot
+    of a list after which the session ends.  ``"rows"`` (the default) is the above: a step
+    is an event row.
+
     Memory: the dataset's arrays (not copied: a dataset opened with
     :meth:`PreparedDataset.load` is memory-mapped, so its pages are shared page cache, not
     heap, and DataLoader workers or a second trainer read the same pages), one permutation
@@ -190,9 +203,11 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        states: str = "rows",
     ) -> None:
         super().__init__()
         check(history >= 1, f"sampler history must be >= 1, got {history}")
+        check(states in STATES, f"sampler states must be one of {STATES}, got {states!r}")
         check(batch_size >= 1, f"sampler batch_size must be >= 1, got {batch_size}")
         splits = tuple(int(s) for s in splits)
         check(
@@ -219,6 +234,10 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         self._user = dataset.user
         self._offsets = dataset.user_offsets
         self._n_events = dataset.n_events
+        self.states = states
+        self._lists = list_states(dataset, history=history) if states == "lists" else None
+        self._timestamp = dataset.timestamp
+        self._cut = np.iinfo(np.int64).max  # the first held-out event's time
         # Split codes are int8; a 256-entry table answers "in splits?" with one gather.
         self._in_splits = np.zeros(256, dtype=bool)
         self._in_splits[list(splits)] = True
@@ -228,9 +247,17 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         else:
             self._row_dtype = np.uint64
             self._done_bit = 63
+        # the split codes no transition is drawn from (held out: valid, test)
+        held_out = np.zeros(256, dtype=bool)
+        held_out[[c for c in SPLIT_NAMES if c not in splits]] = True
         self.n_transitions = 0
         for lo in range(0, self._n_events, _CHUNK):
-            self.n_transitions += int(self._in(self._split[lo : lo + _CHUNK]).sum())
+            split = self._split[lo : lo + _CHUNK]
+            self.n_transitions += int(self._in(split).sum())
+            held = held_out[split.view(np.uint8)]
+            if self._lists is not None and held.any():
+                ts = int(self._timestamp[lo : lo + _CHUNK][held].min())
+                self._cut = min(self._cut, ts)
 
     def _in(self, split: np.ndarray) -> np.ndarray:
         return self._in_splits[split.view(np.uint8)]
@@ -242,6 +269,8 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         of the user's events or of the split is a truncation (see the class docstring).
         """
         p = np.asarray(rows, dtype=np.int64)
+        if self._lists is not None:
+            p = self._lists.end[p] - 1  # a list's slots end when its last slot does
         nxt = p + 1
         last = nxt >= self._n_events
         nxt[last] = p[last]
@@ -317,6 +346,8 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         return self._batch(p, self.done(p))
 
     def _batch(self, p: np.ndarray, done: np.ndarray) -> TransitionBatch:
+        if self._lists is not None:
+            return self._list_batch(p, done)
         h = self.history
         user = self._user[p]
         start = self._offsets[user]
@@ -339,3 +370,50 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
                 else torch.from_numpy(self._propensity[p].astype(np.float32, copy=False))
             ),
         )
+
+    def _list_batch(self, p: np.ndarray, done: np.ndarray) -> TransitionBatch:
+        """:meth:`_batch` with a list's state for each slot (``states="lists"``)."""
+        lists = self._lists
+        assert lists is not None
+        user = self._user[p]
+        start = self._offsets[user]
+        state = self._state(lists.first[p], lists.context[p], start)
+        end = lists.end[p]
+        # the next list's logged context counts where that list is the same user's, in
+        # the same split, or in none (rows that are no target: ``train_targets:
+        # rewarded``) earlier than every held-out event: a held-out list's context would
+        # carry what the user did after the cut
+        nxt = np.minimum(end, self._n_events - 1)
+        follows = (end < self._n_events) & (self._user[nxt] == user)
+        split_next = self._split[nxt]
+        follows &= (split_next == self._split[p]) | (self._timestamp[nxt] < self._cut)
+        next_state = self._state(end, np.where(follows, lists.context[nxt], -1), start)
+        return TransitionBatch(
+            user=torch.from_numpy(user.astype(np.int64)),
+            history=torch.from_numpy(state.item.astype(np.int64)),
+            history_reward=torch.from_numpy(state.reward),
+            action=torch.from_numpy(self._item[p].astype(np.int64)),
+            reward=torch.from_numpy(self._reward[p].astype(np.float32)),
+            returns=torch.from_numpy(self._returns[p]),
+            next_history=torch.from_numpy(next_state.item.astype(np.int64)),
+            next_history_reward=torch.from_numpy(next_state.reward),
+            done=torch.from_numpy(done),
+            propensity=(
+                None
+                if self._propensity is None
+                else torch.from_numpy(self._propensity[p].astype(np.float32, copy=False))
+            ),
+        )
+
+    def _state(self, end: np.ndarray, context: np.ndarray, start: np.ndarray) -> Windows:
+        """(B, H) states: the logged context ``context`` (B,) where it is >= 0, else the H
+        rows before ``end`` (B,) of users starting at ``start``."""
+        lists = self._lists
+        assert lists is not None
+        win = gather_windows(self._item, self._reward, end=end, start=start, length=self.history)
+        item, reward = win.item.astype(np.int64), win.reward.copy()
+        has = np.flatnonzero(context >= 0)
+        if has.shape[0]:
+            item[has] = lists.item[context[has]]
+            reward[has] = lists.reward[context[has]]
+        return Windows(item=item, reward=reward)

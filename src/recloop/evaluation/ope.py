@@ -71,8 +71,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
-import polars as pl
 import torch
 from torch import Tensor, nn
 
@@ -80,6 +78,7 @@ from recloop.artifacts.heads import HeadConfig, LinearHead
 from recloop.artifacts.policy import PolicyNet
 from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
+from recloop.data.lists import context_windows, item_id_frame, list_runs, list_starts
 from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.data.schema import (
     EPSILON,
@@ -90,7 +89,6 @@ from recloop.data.schema import (
     SERVED_CONTEXT,
     SERVED_POLICY,
     TEMPERATURE,
-    served_context_problem,
 )
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.protocol import Scorer, batch_rows, csr_ranges, split_code
@@ -855,104 +853,6 @@ def target_probs(
     return ranked.indices, torch.softmax(ranked.values / temperature, dim=1)
 
 
-_CONTEXT_TYPE = pl.Struct(
-    {"recent": pl.List(pl.String), "rewards": pl.List(pl.Float64), "excluded": pl.List(pl.String)}
-)
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class ContextWindows:
-    """The logged contexts (:data:`recloop.data.schema.SERVED_CONTEXT`) of some rows, in
-    the scorer's item columns (the dataset's indices, then the items only its service
-    has): what :func:`served_scores` scores them on instead of the history rebuilt from
-    the log."""
-
-    has: np.ndarray  # (u,) bool, the row carries a logged context
-    item: np.ndarray  # (u, W) int64 its recent items the scorer knows, the last W,
-    # right-aligned, 0 = padding
-    reward: np.ndarray  # (u, W) float32 their logged rewards (0 at padding)
-    excluded_row: np.ndarray  # (X,) int64 row (0..u-1) of each excluded item
-    excluded_item: np.ndarray  # (X,) int64 its column
-
-
-def context_windows(
-    dataset: PreparedDataset, rows: np.ndarray, *, history: int, ids: pl.DataFrame
-) -> ContextWindows:
-    """The logged contexts of ``rows`` (u,) as windows of ``history`` items.
-
-    As the service builds a state (:mod:`recloop.serving.service`): ids the scorer does not
-    know are dropped first, then the last ``history`` are kept.  ``ids``: the raw item ids
-    the scorer knows with their indices (:func:`_item_id_frame`: the dataset's, then any
-    items only the scorer's service has).  A context that is not the service's JSON is a
-    DataError naming the row."""
-    u = rows.shape[0]
-    texts = pl.Series("ctx", dataset.extra[SERVED_CONTEXT][rows], dtype=pl.String)
-    has = (texts.fill_null("").str.len_bytes() > 0).to_numpy()
-    item = np.zeros((u, history), np.int64)
-    reward = np.zeros((u, history), np.float32)
-    frame = pl.DataFrame({"r": np.arange(u), "ctx": texts}).filter(pl.Series(has))
-    empty = np.zeros(0, np.int64)
-    if frame.height == 0:
-        return ContextWindows(
-            has=has, item=item, reward=reward, excluded_row=empty, excluded_item=empty
-        )
-    try:
-        dec = frame.with_columns(pl.col("ctx").str.json_decode(_CONTEXT_TYPE)).unnest("ctx")
-        recent = dec.select("r", "recent", "rewards").explode("recent", "rewards")
-    except pl.exceptions.PolarsError as exc:
-        raise _context_error(dataset, rows, frame, exc) from None
-    recent = (
-        recent.join(ids, left_on="recent", right_on="id", how="inner", maintain_order="left")
-        .with_columns(back=pl.len().over("r") - pl.int_range(pl.len()).over("r"))
-        .filter(pl.col("back") <= history)
-    )
-    r = recent["r"].to_numpy()
-    col = history - recent["back"].to_numpy()
-    item[r, col] = recent["idx"].to_numpy()
-    reward[r, col] = recent["rewards"].fill_null(0.0).to_numpy()
-    ex = (
-        dec.select("r", "excluded")
-        .explode("excluded")
-        .join(ids, left_on="excluded", right_on="id", how="inner")
-    )
-    return ContextWindows(
-        has=has,
-        item=item,
-        reward=reward,
-        excluded_row=ex["r"].to_numpy().astype(np.int64),
-        excluded_item=ex["idx"].to_numpy().astype(np.int64),
-    )
-
-
-def _item_id_frame(dataset: PreparedDataset, extra: Sequence[str] = ()) -> pl.DataFrame:
-    """(id, idx): each raw item id of ``dataset`` (as text) and its index, then the ``extra``
-    ids (a service's items the dataset lacks) at N + 1, N + 2, ..."""
-    known = [str(i) for i in dataset.item_ids]
-    return pl.DataFrame(
-        {
-            "id": pl.Series([*known, *extra], dtype=pl.String),
-            "idx": np.arange(1, len(known) + len(extra) + 1, dtype=np.int64),
-        }
-    )
-
-
-def _context_error(
-    dataset: PreparedDataset, rows: np.ndarray, frame: pl.DataFrame, exc: Exception
-) -> DataError:
-    """The DataError of the first context of ``frame`` that is not the service's JSON."""
-    for r, text in zip(frame["r"].to_list(), frame["ctx"].to_list(), strict=True):
-        try:
-            problem = served_context_problem(orjson.loads(text))
-        except orjson.JSONDecodeError:
-            problem = "is not JSON"
-        if problem is not None:
-            return DataError(
-                f"{_events_file(dataset)}, row {int(rows[r])}: field {SERVED_CONTEXT!r} "
-                f"{text[:80]!r} {problem} (a served list's context)"
-            )
-    return DataError(f"{_events_file(dataset)}: field {SERVED_CONTEXT!r} unreadable ({exc})")
-
-
 def served_scores(
     policy: Scorer,
     dataset: PreparedDataset,
@@ -978,7 +878,7 @@ def served_scores(
     pass, not K."""
     pad = torch.zeros(1, dtype=torch.long)
     ids = (
-        _item_id_frame(dataset, extra_ids)
+        item_id_frame(dataset, extra_ids)
         if cfg.target == "served" and SERVED_CONTEXT in dataset.extra
         else None
     )
@@ -1105,14 +1005,8 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     bad = np.flatnonzero(softmax & ~(temp > 0))
     if bad.shape[0]:
         raise fail(bad, TEMPERATURE, float(temp[bad[0]]), "of a softmax list is not > 0")
-    n = dataset.n_events
-    new_run = dataset.extra[POSITION] == 0  # (E,) a list starts at its first position
-    new_run[0] = True
-    new_run[1:] |= (dataset.user[1:] != dataset.user[:-1]) | (
-        dataset.timestamp[1:] != dataset.timestamp[:-1]
-    )
-    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
-    state_row = run_start[rows].astype(np.int64)
+    run_start, _ = list_runs(list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION]))
+    state_row = run_start[rows]
     # below its first position a softmax slot is scored with the items above it (cascade
     # weights, :func:`softmax_slot`): every one of them must be in the data, in order, and
     # drawn by the same softmax

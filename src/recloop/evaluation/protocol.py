@@ -4,11 +4,13 @@ Protocol, for a target split S (``valid`` or ``test``), applied to every user wi
 event in S:
 
 - **state**: the user's last H events before their first event in S, whatever their split
-  (left-padded with ``PAD_ID``) — what a deployed policy would have seen;
+  (left-padded with ``PAD_ID``) — what a deployed policy would have seen; on impressions of
+  served lists (a ``position`` column), before the list that holds that event;
 - **targets**: the distinct items of all the user's events in S — one for leave-one-out, the
   tail of the sequence for the per-user ratio split, every event after the cut for a global
   time cut;
-- **consumed**: the items of all the user's events before their first event in S.
+- **consumed**: the items of all the user's events before their first event in S (before
+  its list, on impressions).
 
 With ``mask_consumed`` (the *masked* protocol) the consumed items are removed from the
 ranking, **except the user's targets**: this is RecBole's full-sort protocol for *general*
@@ -41,7 +43,9 @@ from torch import Tensor
 
 from recloop.config import check
 from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
+from recloop.data.lists import list_runs, list_starts
 from recloop.data.sampler import gather_windows
+from recloop.data.schema import POSITION
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.metrics import METRICS
 from recloop.ranking import InnerProduct, topk, topk_inner_product
@@ -180,6 +184,11 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
     group = np.flatnonzero(new_user)  # (M,) first target position of each user
     user = users[group].astype(np.int64)
     first = rows[group]  # (M,) row of the first event in the split
+    if POSITION in dataset.extra:
+        # impressions: the state is the one the first target's list was served from,
+        # before the list (the slots above the target were shown with it, not before it)
+        starts = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
+        first = list_runs(starts)[0][first]
     start = dataset.user_offsets[user]
     win = gather_windows(dataset.item, dataset.reward, end=first, start=start, length=history)
     target_offsets = np.append(group, rows.shape[0]).astype(np.int64)

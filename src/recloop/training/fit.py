@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from torch import Tensor
 from recloop.algos.base import Algo
 from recloop.config import check, check_finite, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TEST, VALID, PreparedDataset
-from recloop.data.sampler import TransitionSampler
+from recloop.data.sampler import STATES, TransitionSampler
+from recloop.data.schema import POSITION
 from recloop.errors import ConfigError, DataError, TrainingError
 from recloop.progress import progress
 from recloop.training import distributed
@@ -74,6 +75,12 @@ class FitConfig:
     """Cut-offs K of the ranking metrics."""
     mask_consumed: bool = True
     """Evaluation masks the items a user consumed before the target."""
+    states: Literal["auto", "rows", "lists"] = "auto"
+    """What a training step is: ``rows`` (each event, its state the events before it),
+    ``lists`` (each served list: every slot's state is the one its list was served from,
+    the logged context or the events before the list, never the slots above it; needs
+    impressions with their ``position``) or ``auto`` (``lists`` when the data has positions,
+    i.e. impressions read with ``prepare --from-db --impressions``, else ``rows``)."""
     eval_batch_size: int = 1024
     """Users scored at once during evaluation."""
     final_eval: bool = True
@@ -100,6 +107,10 @@ class FitConfig:
             f"fit.max_steps must be >= 1 or null, got {self.max_steps}",
         )
         check(self.eval_every >= 0, f"fit.eval_every must be >= 0, got {self.eval_every}")
+        check(
+            self.states in ("auto", *STATES),
+            f"fit.states must be auto, rows or lists, got {self.states!r}",
+        )
         check(
             self.patience is None or self.patience >= 1,
             f"fit.patience must be >= 1 or null, got {self.patience}",
@@ -458,6 +469,19 @@ def _fit(
     )
 
 
+def training_states(cfg: FitConfig, dataset: PreparedDataset) -> str:
+    """``cfg.states`` with ``auto`` resolved for ``dataset``: ``lists`` when its events carry
+    their ``position`` in a served list."""
+    if cfg.states == "auto":
+        return "lists" if POSITION in dataset.extra else "rows"
+    if cfg.states == "lists" and POSITION not in dataset.extra:
+        raise ConfigError(
+            f"fit.states=lists needs impressions with their {POSITION!r} in a served list "
+            "(`recloop prepare --from-db --impressions`); these events have none"
+        )
+    return cfg.states
+
+
 def _train_epochs(
     algo: Algo[Any],
     dataset: PreparedDataset,
@@ -472,6 +496,7 @@ def _train_epochs(
         history=algo.cfg.encoder.history,
         batch_size=algo.cfg.batch_size,
         seed=algo.cfg.seed,
+        states=training_states(cfg, dataset),
     )
     if sampler.n_transitions == 0:
         raise DataError("the train split holds no events: nothing to train on")

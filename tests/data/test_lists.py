@@ -1,0 +1,330 @@
+"""Served lists: their runs, returns counted in lists, and the sampler's list states."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import orjson
+import polars as pl
+import pytest
+
+from recloop.data.batch import PAD_ID
+from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.data.lists import list_returns, list_runs, list_starts, list_states
+from recloop.data.prepare import PrepareConfig, prepare
+from recloop.data.sampler import TransitionSampler
+from recloop.data.schema import RawData
+from recloop.data.sessions import discounted_returns
+from recloop.data.splits import SplitConfig
+from recloop.errors import ConfigError, DataError
+from recloop.loop.gate import NOT_A_TARGET
+from recloop.training.fit import FitConfig, training_states
+
+
+def test_lists_run_from_position_zero_or_a_change_of_user_or_time() -> None:
+    user = np.array([1, 1, 1, 1, 1, 2, 2, 2])
+    ts = np.array([5, 5, 5, 5, 9, 9, 9, 9])
+    # user 1: a list of 2, a list of 2 in the same second, a list whose first row was
+    # dropped (position 1 at a new time); user 2: a list that starts at position 1
+    pos = np.array([0, 1, 0, 1, 1, 1, 2, 0])
+    starts = list_starts(user, ts, pos)
+    assert starts.tolist() == [True, False, True, False, True, True, False, True]
+    first, end = list_runs(starts)
+    assert first.tolist() == [0, 0, 2, 2, 4, 5, 5, 7]
+    assert end.tolist() == [2, 2, 4, 4, 5, 7, 7, 8]
+
+
+def test_a_slots_return_skips_the_slots_beside_it_and_discounts_by_lists() -> None:
+    reward = np.array([1, 0, 1, 0, 1, 1], np.float32)
+    lists = np.array([1, 0, 0, 1, 0, 1], bool)  # lists of 3, 2, 1
+    one_session = np.array([1, 0, 0, 0, 0, 0], bool)
+    g = list_returns(reward, session_starts=one_session, starts=lists, gamma=0.5)
+    # G(list 3) = 1, G(list 2) = 1 + 0.5, G(list 1) = 2 + 0.5 * 1.5
+    np.testing.assert_allclose(g, [1.75, 0.75, 1.75, 0.5, 1.5, 1.0])
+    broken = np.array([1, 0, 0, 0, 0, 1], bool)  # the last list opens a new session
+    g = list_returns(reward, session_starts=broken, starts=lists, gamma=0.5)
+    np.testing.assert_allclose(g, [1.5, 0.5, 1.5, 0.0, 1.0, 1.0])
+
+
+def test_lists_of_one_give_the_rows_returns() -> None:
+    rng = np.random.default_rng(0)
+    reward = rng.random(300).astype(np.float32)
+    sessions = rng.random(300) < 0.1
+    sessions[0] = True
+    g = list_returns(reward, session_starts=sessions, starts=np.ones(300, bool), gamma=0.9)
+    np.testing.assert_allclose(g, discounted_returns(reward, sessions, 0.9), rtol=1e-5)
+
+
+def test_prepare_counts_returns_in_lists_where_the_impressions_come_in_lists() -> None:
+    events = pl.DataFrame(
+        {
+            "user": [1, 1, 1, 1, 1],
+            "item": [5, 6, 7, 8, 9],
+            "timestamp": [10, 10, 10, 20, 20],
+            "behavior": ["buy", "pv", "buy", "pv", "buy"],
+            "position": [0, 1, 2, 0, 1],
+            "list_length": [3, 3, 3, 2, 2],
+        }
+    )
+    cfg = PrepareConfig(gamma=0.5, split=SplitConfig(min_user_events=10))  # one split
+    ds = prepare(RawData(events=events), cfg)
+    assert ds.session.tolist() == [0] * 5
+    r = ds.reward.astype(np.float64)
+    second = r[3] + r[4]
+    want = [r[0] + 0.5 * second, r[1] + 0.5 * second, r[2] + 0.5 * second, r[3], r[4]]
+    np.testing.assert_allclose(ds.returns, want, rtol=1e-6)
+    # without positions every row is a step
+    rows = prepare(RawData(events=events.drop("position", "list_length")), cfg)
+    np.testing.assert_allclose(
+        rows.returns, discounted_returns(rows.reward, np.eye(1, 5, 0, bool)[0], 0.5)
+    )
+
+
+def ctx(recent: list[int], rewards: list[float]) -> str:
+    return orjson.dumps(
+        {"recent": [str(i) for i in recent], "rewards": rewards, "excluded": []}
+    ).decode()
+
+
+def list_dataset(seed: int, *, context_share: float = 0.5, n_users: int = 12) -> PreparedDataset:
+    """Users with a few lists of 1-4 items each (positions 0..k-1, one time per list),
+    random sessions and time-ordered splits per user, and a logged context on some lists'
+    first rows (recent ids the dataset knows and one it does not, "999")."""
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[int, int, int, int, str, int]] = []
+    t = 0
+    for u in range(1, n_users + 1):
+        m = int(rng.integers(0, 7))
+        for n in range(m):
+            t += 1
+            k = int(rng.integers(1, 5))
+            items = rng.choice(np.arange(1, 31), k, replace=False)
+            text = ""
+            if rng.random() < context_share:
+                n_recent = int(rng.integers(0, 8))
+                recent = [int(x) for x in rng.integers(1, 31, n_recent)]
+                if n_recent:
+                    recent.insert(int(rng.integers(0, n_recent)), 999)
+                text = ctx(recent, [float(x) for x in rng.integers(0, 3, len(recent))])
+            # time order per user: the last list is test and the one before valid (with 3+)
+            split = TEST if m >= 3 and n == m - 1 else VALID if m >= 3 and n == m - 2 else TRAIN
+            for j, it in enumerate(items):
+                rows.append((u, int(it), t, j, text if j == 0 else "", split))
+    e = len(rows)
+    user = np.array([r[0] for r in rows])
+    ts = np.array([r[2] for r in rows])
+    pos = np.array([r[3] for r in rows])
+    split = np.array([r[5] for r in rows])
+    # some training rows are no target (train_targets: rewarded keeps them as history)
+    split[(split == TRAIN) & (rng.random(e) < 0.25)] = NOT_A_TARGET
+    # sessions: breaks at some list starts
+    new_session = (pos == 0) & (rng.random(e) < 0.3)
+    session = np.cumsum(new_session | np.r_[True, user[1:] != user[:-1]]) - 1
+    ds = PreparedDataset.from_arrays(
+        user=user,
+        item=np.array([r[1] for r in rows]),
+        timestamp=ts,
+        reward=rng.integers(0, 3, e).astype(np.float32),
+        returns=np.arange(e, dtype=np.float32),  # each transition names its row
+        session=session,
+        split=split,
+        n_users=n_users,
+        n_items=30,
+        item_ids=[str(i) for i in range(1, 31)],
+    )
+    return dataclasses.replace(
+        ds,
+        extra={
+            "position": pos.astype(np.int32),
+            "served_context": np.array([r[4] for r in rows], dtype=object),
+        },
+    )
+
+
+def window(ds: PreparedDataset, lo: int, end: int, history: int) -> tuple[list, list]:
+    past = list(range(max(lo, end - history), end))
+    pad = history - len(past)
+    return (
+        [PAD_ID] * pad + [int(ds.item[q]) for q in past],
+        [0.0] * pad + [float(ds.reward[q]) for q in past],
+    )
+
+
+def context_state(text: str, history: int) -> tuple[list, list]:
+    doc = orjson.loads(text)
+    kept = [(int(i), r) for i, r in zip(doc["recent"], doc["rewards"], strict=True) if i != "999"]
+    kept = kept[-history:] if history else []
+    pad = history - len(kept)
+    return [PAD_ID] * pad + [i for i, _ in kept], [0.0] * pad + [float(r) for _, r in kept]
+
+
+def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -> dict[int, dict]:
+    """Every transition of ``states="lists"``, one row at a time in plain Python."""
+    ctx_col = ds.extra["served_context"]
+    pos = ds.extra["position"]
+    held = {c for c in (TRAIN, VALID, TEST) if c not in splits}
+    cut = min(
+        (int(t) for t, s in zip(ds.timestamp, ds.split, strict=True) if int(s) in held),
+        default=2**62,
+    )
+    out: dict[int, dict] = {}
+    for u in range(1, ds.n_users + 1):
+        lo, hi = int(ds.user_offsets[u]), int(ds.user_offsets[u + 1])
+        for p in range(lo, hi):
+            if int(ds.split[p]) not in splits:
+                continue
+            first = p
+            while first > lo and pos[first] != 0 and ds.timestamp[first - 1] == ds.timestamp[p]:
+                first -= 1
+            end = p + 1
+            while end < hi and pos[end] != 0 and ds.timestamp[end] == ds.timestamp[p]:
+                end += 1
+            if ctx_col[first]:
+                hist, hist_r = context_state(ctx_col[first], history)
+            else:
+                hist, hist_r = window(ds, lo, first, history)
+            s_next = int(ds.split[end]) if end < hi else None
+            uses_next = (
+                end < hi
+                and bool(ctx_col[end])
+                and (
+                    s_next == int(ds.split[p])
+                    or (s_next not in held and int(ds.timestamp[end]) < cut)
+                )
+            )
+            if uses_next:
+                nxt, nxt_r = context_state(ctx_col[end], history)
+            else:
+                nxt, nxt_r = window(ds, lo, end, history)
+            done = (
+                end < hi
+                and ds.split[end] == ds.split[end - 1]
+                and ds.session[end] != ds.session[end - 1]
+            )
+            out[p] = {
+                "history": hist,
+                "history_reward": hist_r,
+                "action": int(ds.item[p]),
+                "reward": float(ds.reward[p]),
+                "next_history": nxt,
+                "next_history_reward": nxt_r,
+                "done": bool(done),
+            }
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("history", [1, 3, 8])
+@pytest.mark.parametrize("splits", [(TRAIN,), (TRAIN, VALID), (TEST,)])
+def test_list_states_match_a_row_by_row_reference(
+    seed: int, history: int, splits: tuple[int, ...]
+) -> None:
+    ds = list_dataset(seed)
+    sampler = TransitionSampler(
+        ds, history=history, batch_size=7, splits=splits, seed=seed, states="lists"
+    )
+    ref = list_reference(ds, history, splits)
+    seen = 0
+    for batch in sampler:
+        fields = ("history", "history_reward", "action", "reward", "next_history")
+        cols = {f: getattr(batch, f).tolist() for f in fields}
+        cols["next_history_reward"] = batch.next_history_reward.tolist()
+        cols["done"] = batch.done.tolist()
+        for i, row in enumerate(batch.returns.tolist()):
+            want = ref[int(row)]
+            got = {f: cols[f][i] for f in want}
+            assert got == want, f"row {int(row)}"
+            seen += 1
+    assert seen == len(ref) > 0
+
+
+def test_every_slot_of_a_list_gets_the_state_before_the_list_not_the_slots_above() -> None:
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(5, np.int32),
+        item=np.array([1, 2, 3, 4, 5]),
+        timestamp=np.array([1, 1, 2, 2, 2]),
+        reward=np.array([1, 0, 0, 1, 0], np.float32),
+        n_items=5,
+        item_ids=[str(i) for i in range(1, 6)],
+    )
+    ds = dataclasses.replace(ds, extra={"position": np.array([0, 1, 0, 1, 2], np.int32)})
+    rows = TransitionSampler(ds, history=3, batch_size=5, shuffle=False, states="rows")
+    lists = TransitionSampler(ds, history=3, batch_size=5, shuffle=False, states="lists")
+    b_rows, b_lists = next(iter(rows)), next(iter(lists))
+    assert b_rows.history[4].tolist() == [2, 3, 4]  # the row view: slots above in the state
+    assert b_lists.history.tolist() == [[0, 0, 0]] * 2 + [[0, 1, 2]] * 3
+    assert b_lists.history_reward[2:].tolist() == [[0.0, 1.0, 0.0]] * 3
+    assert b_lists.next_history.tolist() == [[0, 1, 2]] * 2 + [[3, 4, 5]] * 3
+
+
+def test_the_logged_context_is_the_state_and_an_unknown_id_is_dropped_first() -> None:
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(3, np.int32),
+        item=np.array([1, 2, 3]),
+        timestamp=np.array([1, 2, 2]),
+        n_items=5,
+        item_ids=[str(i) for i in range(1, 6)],
+    )
+    texts = np.array(["", ctx([5, 4, 999], [1.0, 0.5, 1.0]), ""], dtype=object)
+    ds = dataclasses.replace(
+        ds, extra={"position": np.array([0, 0, 1], np.int32), "served_context": texts}
+    )
+    states = list_states(ds, history=2)
+    assert states.context.tolist() == [-1, 0, 0]
+    assert states.item.tolist() == [[5, 4]]  # not [4, pad]: 999 goes before the last 2
+    b = next(iter(TransitionSampler(ds, history=2, batch_size=3, shuffle=False, states="lists")))
+    assert b.history.tolist() == [[0, 0], [5, 4], [5, 4]]
+    assert b.history_reward.tolist() == [[0.0, 0.0], [1.0, 0.5], [1.0, 0.5]]
+    assert b.next_history.tolist()[0] == [5, 4]  # the next list's context
+
+
+def test_a_held_out_lists_context_never_reaches_a_training_state() -> None:
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(3, np.int32),
+        item=np.array([1, 2, 3]),
+        timestamp=np.array([1, 2, 3]),
+        split=np.array([TRAIN, NOT_A_TARGET, TEST]),
+        n_items=5,
+        item_ids=[str(i) for i in range(1, 6)],
+    )
+    texts = np.array(["", ctx([4], [1.0]), ctx([5], [1.0])], dtype=object)
+    ds = dataclasses.replace(ds, extra={"position": np.zeros(3, np.int32), "served_context": texts})
+    b = TransitionSampler(ds, history=1, batch_size=3, shuffle=False, states="lists").batch(
+        np.array([0, 1])
+    )
+    # row 0's next list is no target (train_targets: rewarded) and before the held-out
+    # events: its context is the next state; row 1's next list is held out: the log's
+    assert b.next_history.tolist() == [[4], [2]]
+    # a no-target list as late as a held-out event (another user's) lends nothing
+    two = PreparedDataset.from_arrays(
+        user=np.array([1, 1, 2], np.int32),
+        item=np.array([1, 2, 3]),
+        timestamp=np.array([1, 3, 3]),
+        split=np.array([TRAIN, NOT_A_TARGET, TEST]),
+        n_items=5,
+        item_ids=[str(i) for i in range(1, 6)],
+    )
+    two = dataclasses.replace(
+        two, extra={"position": np.zeros(3, np.int32), "served_context": texts}
+    )
+    sampler = TransitionSampler(two, history=1, batch_size=3, states="lists")
+    assert sampler.batch(np.array([0])).next_history.tolist() == [[1]]
+
+
+def test_states_lists_need_positions_and_auto_picks_them() -> None:
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(2, np.int32), item=np.array([1, 2]), timestamp=np.array([1, 2])
+    )
+    with pytest.raises(DataError, match="position"):
+        TransitionSampler(ds, history=2, batch_size=2, states="lists")
+    with pytest.raises(ConfigError, match="states"):
+        TransitionSampler(ds, history=2, batch_size=2, states="slots")
+    assert training_states(FitConfig(), ds) == "rows"
+    with pytest.raises(ConfigError, match="position"):
+        training_states(FitConfig(states="lists"), ds)
+    listed = dataclasses.replace(ds, extra={"position": np.zeros(2, np.int32)})
+    assert training_states(FitConfig(), listed) == "lists"
+    assert training_states(FitConfig(states="rows"), listed) == "rows"
+    with pytest.raises(ConfigError, match=r"fit\.states"):
+        FitConfig(states="slots")  # type: ignore[arg-type]
