@@ -195,9 +195,14 @@ def lists_variant(ds: PreparedDataset, args: argparse.Namespace) -> None:
         f"{args.history} items ({lists._lists.n_contexts if lists._lists else 0:,} contexts; "
         f"building the impressions {build.wall:.1f} s, not timed below)"
     )
+    ls = lists._lists
+    assert ls is not None
+    held = (ls.segment, ls.first, ls.end, ls.context, ls.item, ls.reward)
+    held_mb = (sum(a.nbytes for a in held) + lists._segment_next.nbytes) / 2**20
     print(
         f"  states=lists setup (list runs, contexts parsed)  {setup.wall:.2f} s wall, "
-        f"{setup.cpu:.2f} s CPU"
+        f"{setup.cpu:.2f} s CPU; holds {held_mb:.0f} MiB "
+        f"({held_mb * 2**20 / listed.n_events:.1f} bytes an event)"
     )
     print(f"  batches only, states=rows    {timed['rows'].rates(m)}")
     print(

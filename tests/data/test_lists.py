@@ -11,7 +11,7 @@ import pytest
 
 from recloop.data.batch import PAD_ID
 from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
-from recloop.data.lists import list_returns, list_runs, list_starts, list_states
+from recloop.data.lists import list_first, list_returns, list_starts, list_states
 from recloop.data.prepare import PrepareConfig, prepare
 from recloop.data.sampler import TransitionSampler
 from recloop.data.schema import RawData
@@ -22,6 +22,12 @@ from recloop.loop.gate import NOT_A_TARGET
 from recloop.training.fit import FitConfig, training_states
 
 
+def test_two_lists_in_one_second_split_where_the_positions_start_again() -> None:
+    # 0 1 2 | 1 2: the second list lost its first row
+    starts = list_starts(np.ones(5), np.full(5, 7), np.array([0, 1, 2, 1, 2]))
+    assert starts.tolist() == [True, False, False, True, False]
+
+
 def test_lists_run_from_position_zero_or_a_change_of_user_or_time() -> None:
     user = np.array([1, 1, 1, 1, 1, 2, 2, 2])
     ts = np.array([5, 5, 5, 5, 9, 9, 9, 9])
@@ -30,9 +36,8 @@ def test_lists_run_from_position_zero_or_a_change_of_user_or_time() -> None:
     pos = np.array([0, 1, 0, 1, 1, 1, 2, 0])
     starts = list_starts(user, ts, pos)
     assert starts.tolist() == [True, False, True, False, True, True, False, True]
-    first, end = list_runs(starts)
+    first = list_first(starts, np.arange(8))
     assert first.tolist() == [0, 0, 2, 2, 4, 5, 5, 7]
-    assert end.tolist() == [2, 2, 4, 4, 5, 7, 7, 8]
 
 
 def test_a_slots_return_skips_the_slots_beside_it_and_discounts_by_lists() -> None:
@@ -88,16 +93,20 @@ def ctx(recent: list[int], rewards: list[float]) -> str:
 
 
 def list_dataset(seed: int, *, context_share: float = 0.5, n_users: int = 12) -> PreparedDataset:
-    """Users with a few lists of 1-4 items each (positions 0..k-1, one time per list),
-    random sessions and time-ordered splits per user, and a logged context on some lists'
-    first rows (recent ids the dataset knows and one it does not, "999")."""
+    """Users with a few lists of 1-4 items each (positions 0..k-1, one time per list; some
+    lists share the second of the list before them, some lost their first row), random
+    sessions, time-ordered splits per user (the last list test, the one before valid, and
+    some lists' last slot held out as a per-user split cuts them), some training rows no
+    target, and a logged context on some lists' first rows (recent ids the dataset knows
+    and one it does not, "999")."""
     rng = np.random.default_rng(seed)
     rows: list[tuple[int, int, int, int, str, int]] = []
     t = 0
     for u in range(1, n_users + 1):
         m = int(rng.integers(0, 7))
         for n in range(m):
-            t += 1
+            if n == 0 or rng.random() > 0.2:
+                t += 1  # else a second list in the same second
             k = int(rng.integers(1, 5))
             items = rng.choice(np.arange(1, 31), k, replace=False)
             text = ""
@@ -107,10 +116,14 @@ def list_dataset(seed: int, *, context_share: float = 0.5, n_users: int = 12) ->
                 if n_recent:
                     recent.insert(int(rng.integers(0, n_recent)), 999)
                 text = ctx(recent, [float(x) for x in rng.integers(0, 3, len(recent))])
-            # time order per user: the last list is test and the one before valid (with 3+)
             split = TEST if m >= 3 and n == m - 1 else VALID if m >= 3 and n == m - 2 else TRAIN
+            straddle = k > 1 and split == TRAIN and rng.random() < 0.2
+            dropped = k > 1 and rng.random() < 0.1  # prepare dropped its first row
             for j, it in enumerate(items):
-                rows.append((u, int(it), t, j, text if j == 0 else "", split))
+                if j == 0 and dropped:
+                    continue
+                held = TEST if straddle and j == k - 1 else split
+                rows.append((u, int(it), t, j, text if j == 0 else "", held))
     e = len(rows)
     user = np.array([r[0] for r in rows])
     ts = np.array([r[2] for r in rows])
@@ -163,11 +176,12 @@ def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -
     """Every transition of ``states="lists"``, one row at a time in plain Python."""
     ctx_col = ds.extra["served_context"]
     pos = ds.extra["position"]
-    held = {c for c in (TRAIN, VALID, TEST) if c not in splits}
-    cut = min(
-        (int(t) for t, s in zip(ds.timestamp, ds.split, strict=True) if int(s) in held),
-        default=2**62,
-    )
+
+    def opens(q: int, lo: int) -> bool:  # row q opens a served list
+        return (
+            q == lo or pos[q] == 0 or ds.timestamp[q] != ds.timestamp[q - 1] or pos[q] <= pos[q - 1]
+        )
+
     out: dict[int, dict] = {}
     for u in range(1, ds.n_users + 1):
         lo, hi = int(ds.user_offsets[u]), int(ds.user_offsets[u + 1])
@@ -175,23 +189,18 @@ def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -
             if int(ds.split[p]) not in splits:
                 continue
             first = p
-            while first > lo and pos[first] != 0 and ds.timestamp[first - 1] == ds.timestamp[p]:
+            while not opens(first, lo):
                 first -= 1
+            # the list ends for this slot where the next list opens or the split changes
             end = p + 1
-            while end < hi and pos[end] != 0 and ds.timestamp[end] == ds.timestamp[p]:
+            while end < hi and not opens(end, lo) and ds.split[end] == ds.split[p]:
                 end += 1
             if ctx_col[first]:
                 hist, hist_r = context_state(ctx_col[first], history)
             else:
                 hist, hist_r = window(ds, lo, first, history)
-            s_next = int(ds.split[end]) if end < hi else None
             uses_next = (
-                end < hi
-                and bool(ctx_col[end])
-                and (
-                    s_next == int(ds.split[p])
-                    or (s_next not in held and int(ds.timestamp[end]) < cut)
-                )
+                end < hi and opens(end, lo) and ds.split[end] == ds.split[p] and bool(ctx_col[end])
             )
             if uses_next:
                 nxt, nxt_r = context_state(ctx_col[end], history)
@@ -271,7 +280,8 @@ def test_the_logged_context_is_the_state_and_an_unknown_id_is_dropped_first() ->
         ds, extra={"position": np.array([0, 0, 1], np.int32), "served_context": texts}
     )
     states = list_states(ds, history=2)
-    assert states.context.tolist() == [-1, 0, 0]
+    assert states.segment.tolist() == [0, 1, 1] and states.first.tolist() == [0, 1]
+    assert states.end.tolist() == [1, 3] and states.context.tolist() == [-1, 0]
     assert states.item.tolist() == [[5, 4]]  # not [4, pad]: 999 goes before the last 2
     b = next(iter(TransitionSampler(ds, history=2, batch_size=3, shuffle=False, states="lists")))
     assert b.history.tolist() == [[0, 0], [5, 4], [5, 4]]
@@ -279,37 +289,42 @@ def test_the_logged_context_is_the_state_and_an_unknown_id_is_dropped_first() ->
     assert b.next_history.tolist()[0] == [5, 4]  # the next list's context
 
 
-def test_a_held_out_lists_context_never_reaches_a_training_state() -> None:
+def test_held_out_slots_and_contexts_never_reach_a_training_state() -> None:
+    """A list whose last slots a per-user split holds out ends, for its training slots,
+    where they end: neither the held-out items nor their session break reach them; and a
+    next list's context counts only in the same split."""
     ds = PreparedDataset.from_arrays(
-        user=np.ones(3, np.int32),
-        item=np.array([1, 2, 3]),
-        timestamp=np.array([1, 2, 3]),
-        split=np.array([TRAIN, NOT_A_TARGET, TEST]),
-        n_items=5,
-        item_ids=[str(i) for i in range(1, 6)],
+        user=np.ones(6, np.int32),
+        item=np.array([1, 2, 3, 4, 5, 6]),
+        timestamp=np.array([1, 1, 1, 1, 9000, 9000]),
+        reward=np.array([1, 0, 3, 3, 1, 1], np.float32),
+        session=np.array([0, 0, 0, 1, 2, 2]),  # a break inside the held-out slots
+        split=np.array([TRAIN, TRAIN, VALID, TEST, TEST, TEST]),
+        n_items=6,
+        item_ids=[str(i) for i in range(1, 7)],
     )
-    texts = np.array(["", ctx([4], [1.0]), ctx([5], [1.0])], dtype=object)
-    ds = dataclasses.replace(ds, extra={"position": np.zeros(3, np.int32), "served_context": texts})
-    b = TransitionSampler(ds, history=1, batch_size=3, shuffle=False, states="lists").batch(
-        np.array([0, 1])
+    texts = np.array(["", "", "", "", ctx([6], [1.0]), ""], dtype=object)
+    ds = dataclasses.replace(
+        ds,
+        extra={"position": np.array([0, 1, 2, 3, 0, 1], np.int32), "served_context": texts},
     )
-    # row 0's next list is no target (train_targets: rewarded) and before the held-out
-    # events: its context is the next state; row 1's next list is held out: the log's
-    assert b.next_history.tolist() == [[4], [2]]
-    # a no-target list as late as a held-out event (another user's) lends nothing
-    two = PreparedDataset.from_arrays(
-        user=np.array([1, 1, 2], np.int32),
-        item=np.array([1, 2, 3]),
-        timestamp=np.array([1, 3, 3]),
-        split=np.array([TRAIN, NOT_A_TARGET, TEST]),
-        n_items=5,
-        item_ids=[str(i) for i in range(1, 6)],
-    )
-    two = dataclasses.replace(
-        two, extra={"position": np.zeros(3, np.int32), "served_context": texts}
-    )
-    sampler = TransitionSampler(two, history=1, batch_size=3, states="lists")
-    assert sampler.batch(np.array([0])).next_history.tolist() == [[1]]
+    b = TransitionSampler(ds, history=4, batch_size=6, states="lists").batch(np.array([0, 1]))
+    assert b.next_history.tolist() == [[0, 0, 1, 2]] * 2  # not [1, 2, 3, 4]
+    assert b.next_history_reward.tolist() == [[0.0, 0.0, 1.0, 0.0]] * 2
+    assert b.done.tolist() == [False, False]  # the end of the split is a truncation
+    # the test slots of the served list keep its state (before the list), not the slots
+    # above them; their next state is the next list's context (same split)
+    t = TransitionSampler(ds, history=4, batch_size=6, splits=(TEST,), states="lists")
+    bt = t.batch(np.array([3]))
+    assert bt.history.tolist() == [[0, 0, 0, 0]] and bt.next_history.tolist() == [[0, 0, 0, 6]]
+    # a next list of another split code (no target: train_targets rewarded) lends nothing
+    codes = np.array([TRAIN, TRAIN, TRAIN, TRAIN, NOT_A_TARGET, NOT_A_TARGET], np.int8)
+    other = dataclasses.replace(ds, split=codes)
+    bo = TransitionSampler(other, history=1, batch_size=6, states="lists").batch(np.array([0]))
+    assert bo.next_history.tolist() == [[4]]
+    same = dataclasses.replace(ds, split=np.zeros(6, np.int8))
+    bs = TransitionSampler(same, history=1, batch_size=6, states="lists").batch(np.array([0]))
+    assert bs.next_history.tolist() == [[6]]
 
 
 def test_states_lists_need_positions_and_auto_picks_them() -> None:

@@ -279,7 +279,7 @@ def test_softmax_slots_below_the_first_refuse_lists_they_cannot_reconstruct() ->
     refused(rf"row {last}: field 'position' 3 of a softmax list lacks .* \(1 such", position=p)
     p = pos.copy()
     p[last - 2] = 1  # the list reads 1, 1, 2: this row is a slot 1 with nothing above it
-    refused(rf"row {last - 2}: field 'position' 1 of a softmax list lacks .* \(1 such", position=p)
+    refused(rf"row {last - 2}: field 'position' 1 of a softmax list lacks .* \(3 such", position=p)
     # the same with that row out of the evaluated split: the rows below it are refused
     split = soft.split.copy()
     split[last - 2] = TRAIN

@@ -88,6 +88,7 @@ def test_on_impressions_the_state_is_the_one_the_targets_list_was_served_from() 
         timestamp=np.array([1, 2, 2, 2, 3]),
         split=np.array([TRAIN, NOT_A_TARGET, NOT_A_TARGET, TEST, TEST]),
         n_items=6,
+        item_ids=[str(i) for i in range(1, 7)],
     )
     listed = dataclasses.replace(ds, extra={"position": np.array([0, 0, 1, 2, 0], np.int32)})
     assert build_eval_users(ds, split="test", history=3).history.tolist() == [[1, 2, 3]]
@@ -95,6 +96,14 @@ def test_on_impressions_the_state_is_the_one_the_targets_list_was_served_from() 
     assert eu.history.tolist() == [[0, 0, 1]]
     assert eu.consumed_items.tolist() == [1]
     assert eu.target_items.tolist() == [4, 5]
+    # where the list logged its context (a store-fed service's: the clicks), that is the state
+    ctx = '{"recent": ["6", "999", "5"], "rewards": [2.0, 1.0, 1.0], "excluded": []}'
+    texts = np.array(["", ctx, "", "", ""], dtype=object)
+    logged = dataclasses.replace(listed, extra={**listed.extra, "served_context": texts})
+    eu = build_eval_users(logged, split="test", history=3)
+    assert eu.history.tolist() == [[0, 6, 5]]
+    assert eu.history_reward.tolist() == [[0.0, 2.0, 1.0]]
+    assert eu.consumed_items.tolist() == [1]
 
 
 def test_evaluate_by_hand_with_masking() -> None:

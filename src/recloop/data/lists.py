@@ -31,25 +31,28 @@ def list_starts(user: np.ndarray, timestamp: np.ndarray, position: np.ndarray) -
     """(E,) bool: the rows that open a served list, of events sorted by (user, time).
 
     A row opens a list at position 0, at a change of user or of time (a list's rows share
-    its time; where prepare dropped a list's first row the next row still starts a run).
-    Two lists served to one user in the same second are told apart by their positions, in
-    the served-items table's order (time, then recommendation id)."""
-    starts = np.asarray(position) == 0
+    its time; where prepare dropped a list's first row the next row still starts a run),
+    and where its position does not follow the row before it (two lists served to one user
+    in the same second, the second without its first row).  A list's rows come in position
+    order, as the served-items table is read (time, recommendation id, position)."""
+    position = np.asarray(position)
+    starts = position == 0
     if starts.shape[0]:
         starts[0] = True
-        starts[1:] |= (user[1:] != user[:-1]) | (timestamp[1:] != timestamp[:-1])
+        starts[1:] |= (
+            (user[1:] != user[:-1])
+            | (timestamp[1:] != timestamp[:-1])
+            | (position[1:] <= position[:-1])
+        )
     return starts
 
 
-def list_runs(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``first`` and ``end`` (E,) int64 of every row: the first row of its list and the row
-    after its last, given the list starts (E,) bool of :func:`list_starts`."""
-    n = starts.shape[0]
-    at = np.arange(n, dtype=np.int64)
-    first = np.maximum.accumulate(np.where(starts, at, 0))
-    bounds = np.append(np.flatnonzero(starts), n).astype(np.int64)
-    end = bounds[np.cumsum(starts) if n else np.zeros(0, np.int64)]
-    return first, end
+def list_first(starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(B,) int64 first row of the list of each of ``rows`` (B,), given the list starts
+    (E,) bool of :func:`list_starts` (the first row must start one)."""
+    heads = np.flatnonzero(starts)
+    out: np.ndarray = heads[np.searchsorted(heads, rows, side="right") - 1]
+    return out
 
 
 def list_returns(
@@ -90,6 +93,7 @@ def list_returns(
 _CONTEXT_TYPE = pl.Struct(
     {"recent": pl.List(pl.String), "rewards": pl.List(pl.Float64), "excluded": pl.List(pl.String)}
 )
+_STATE_TYPE = pl.Struct({"recent": pl.List(pl.String), "rewards": pl.List(pl.Float64)})
 
 
 def events_file(dataset: PreparedDataset) -> str:
@@ -112,15 +116,21 @@ class ContextWindows:
 
 
 def context_windows(
-    dataset: PreparedDataset, rows: np.ndarray, *, history: int, ids: pl.DataFrame
+    dataset: PreparedDataset,
+    rows: np.ndarray,
+    *,
+    history: int,
+    ids: pl.DataFrame,
+    excluded: bool = True,
 ) -> ContextWindows:
     """The logged contexts of ``rows`` (u,) as windows of ``history`` items.
 
     As the service builds a state (:mod:`recloop.serving.service`): ids the scorer does not
     know are dropped first, then the last ``history`` are kept.  ``ids``: the raw item ids
     the scorer knows with their indices (:func:`item_id_frame`: the dataset's, then any
-    items only the scorer's service has).  A context that is not the service's JSON is a
-    DataError naming the row."""
+    items only the scorer's service has).  ``excluded`` False leaves the excluded items out
+    (not even parsed).  A context that is not the service's JSON is a DataError naming the
+    row."""
     u = rows.shape[0]
     texts = pl.Series("ctx", dataset.extra[SERVED_CONTEXT][rows], dtype=pl.String)
     has = (texts.fill_null("").str.len_bytes() > 0).to_numpy()
@@ -133,7 +143,8 @@ def context_windows(
             has=has, item=item, reward=reward, excluded_row=empty, excluded_item=empty
         )
     try:
-        dec = frame.with_columns(pl.col("ctx").str.json_decode(_CONTEXT_TYPE)).unnest("ctx")
+        kind = _CONTEXT_TYPE if excluded else _STATE_TYPE
+        dec = frame.with_columns(pl.col("ctx").str.json_decode(kind)).unnest("ctx")
         recent = dec.select("r", "recent", "rewards").explode("recent", "rewards")
     except pl.exceptions.PolarsError as exc:
         raise _context_error(dataset, rows, frame, exc) from None
@@ -146,6 +157,10 @@ def context_windows(
     col = history - recent["back"].to_numpy()
     item[r, col] = recent["idx"].to_numpy()
     reward[r, col] = recent["rewards"].fill_null(0.0).to_numpy()
+    if not excluded:
+        return ContextWindows(
+            has=has, item=item, reward=reward, excluded_row=empty, excluded_item=empty
+        )
     ex = (
         dec.select("r", "excluded")
         .explode("excluded")
@@ -192,14 +207,25 @@ def _context_error(
 # --- the state of every slot ----------------------------------------------------------------
 
 
+_CONTEXT_CHUNK = 1 << 16
+"""Logged contexts parsed at a time, to bound the parser's scratch."""
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ListStates:
-    """Where the state of each row's list comes from (:func:`list_states`)."""
+    """Where the state of each row's list comes from (:func:`list_states`).
 
-    first: np.ndarray  # (E,) int64 first row of the row's list: the log's state ends there
-    end: np.ndarray  # (E,) int64 the row after the list's last: the next list's first row
-    context: np.ndarray  # (E,) int64 the list's logged context in item/reward, -1: none
-    item: np.ndarray  # (C, H) int64 the logged contexts as windows (dataset indices)
+    Rows are grouped in *segments*: a served list, cut where the split changes (a list
+    whose last slots are held out, as a per-user split may cut it, ends for its training
+    slots where they end).  Per row one segment index; the rest is per segment or per
+    logged context: a dataset of E impressions in K segments, C of them with a logged
+    context, costs 4 E (8 E past 2**31 rows) + 24 K + 8 H C bytes."""
+
+    segment: np.ndarray  # (E,) int32 (int64 past 2**31 rows) the row's segment
+    first: np.ndarray  # (K,) int64 first row of the segment's served list: its state ends there
+    end: np.ndarray  # (K,) int64 the row after the segment's last
+    context: np.ndarray  # (K,) int64 its served list's logged context (row of item), -1: none
+    item: np.ndarray  # (C, H) int32 the logged contexts as windows (dataset indices, 0 pad)
     reward: np.ndarray  # (C, H) float32 their rewards
 
     @property
@@ -208,7 +234,7 @@ class ListStates:
 
 
 def list_states(dataset: PreparedDataset, *, history: int) -> ListStates:
-    """Each row's list (:func:`list_starts`) and the state its service drew it from.
+    """Each row's served list (:func:`list_starts`) and the state its service drew it from.
 
     The state of every slot of a list is the user's ``history`` items before the list: its
     logged context (:data:`SERVED_CONTEXT`, read as the service read it with the dataset's
@@ -220,18 +246,33 @@ def list_states(dataset: PreparedDataset, *, history: int) -> ListStates:
             f"{events_file(dataset)}: states of served lists need the column {POSITION!r} "
             "(impressions read with `recloop prepare --from-db --impressions`)"
         )
-    starts = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
-    first, end = list_runs(starts)
     n = dataset.n_events
-    context = np.full(n, -1, np.int64)
-    item = np.zeros((0, history), np.int64)
+    served = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
+    cut = served.copy()
+    cut[1:] |= dataset.split[1:] != dataset.split[:-1]
+    segment: np.ndarray = np.cumsum(cut, dtype=np.int32 if n < 2**31 else np.int64)
+    segment -= 1
+    heads = np.flatnonzero(cut)  # (K,) first row of each segment
+    end = np.append(heads[1:], n).astype(np.int64)
+    served_heads = np.flatnonzero(served)
+    first = served_heads[np.searchsorted(served_heads, heads, side="right") - 1]
+    context = np.full(heads.shape[0], -1, np.int64)
+    item = np.zeros((0, history), np.int32)
     reward = np.zeros((0, history), np.float32)
     if SERVED_CONTEXT in dataset.extra:
-        heads = np.flatnonzero(starts)
-        win = context_windows(dataset, heads, history=history, ids=item_id_frame(dataset))
-        with_ctx = heads[win.has]
-        item, reward = win.item[win.has], win.reward[win.has]
-        at_head = np.full(n, -1, np.int64)
-        at_head[with_ctx] = np.arange(with_ctx.shape[0])
-        context = at_head[first]
-    return ListStates(first=first, end=end, context=context, item=item, reward=reward)
+        texts = pl.Series(dataset.extra[SERVED_CONTEXT][served_heads], dtype=pl.String)
+        written = served_heads[(texts.fill_null("").str.len_bytes() > 0).to_numpy()]
+        ids = item_id_frame(dataset)
+        items, rewards = [], []
+        for lo in range(0, written.shape[0], _CONTEXT_CHUNK):
+            rows = written[lo : lo + _CONTEXT_CHUNK]
+            win = context_windows(dataset, rows, history=history, ids=ids, excluded=False)
+            items.append(win.item.astype(np.int32))
+            rewards.append(win.reward)
+        if items:
+            item, reward = np.concatenate(items), np.concatenate(rewards)
+            at = np.minimum(np.searchsorted(written, first), written.shape[0] - 1)
+            context = np.where(written[at] == first, at, -1)
+    return ListStates(
+        segment=segment, first=first, end=end, context=context, item=item, reward=reward
+    )

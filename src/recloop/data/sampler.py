@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recloop.config import check
 from recloop.data.batch import TransitionBatch
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
-from recloop.data.lists import list_states
+from recloop.data.lists import ListStates, list_states
 from recloop.data.schema import PROPENSITY
 
 STATES = ("rows", "lists")
@@ -178,17 +178,22 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     ``states="lists"`` (impressions of served lists, which have the ``position`` column:
     :mod:`recloop.data.lists`) takes a step to be a list, as the service drew it: every slot
     of a list gets the state before the list (its logged context where the service logged
-    one, else the H rows before the list's first row), never the slots above it, and the
-    next state is the next list's (the H rows up to the list's end, or that list's logged
-    context where it has one and lies in the same split); ``done`` is True for every slot
-    of a list after which the session ends.  ``"rows"`` (the default) is the above: a step
-    is an event row.
+    one, else the H rows before the list's first row), never the slots above it.  For
+    the next state and ``done`` a list ends where it ends or where the split changes
+    (the held-out slots of a list a per-user split cuts are not part of the training
+    slots' step): the next state is the next list's logged context where that list
+    follows in the same split and has one, else the H rows up to the list's end; ``done``
+    is as above, read after the list's last row in the split, so it too depends on no
+    event outside ``splits``.  ``"rows"`` (the default) is the above: a step is an event
+    row.
 
     Memory: the dataset's arrays (not copied: a dataset opened with
     :meth:`PreparedDataset.load` is memory-mapped, so its pages are shared page cache, not
     heap, and DataLoader workers or a second trainer read the same pages), one permutation
     of the transition rows per epoch (4 bytes a transition while the events number under
-    2**31) and O(batch) scratch.
+    2**31) and O(batch) scratch; with ``states="lists"`` also
+    :class:`~recloop.data.lists.ListStates` on the heap (4 bytes an event, 32 a list, and
+    the logged contexts' windows, 8 H bytes each).
     The ``done`` flag of each transition rides in the top bit of its permutation entry, so a
     batch needs no gather from the session and split arrays.
     """
@@ -236,8 +241,6 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         self._n_events = dataset.n_events
         self.states = states
         self._lists = list_states(dataset, history=history) if states == "lists" else None
-        self._timestamp = dataset.timestamp
-        self._cut = np.iinfo(np.int64).max  # the first held-out event's time
         # Split codes are int8; a 256-entry table answers "in splits?" with one gather.
         self._in_splits = np.zeros(256, dtype=bool)
         self._in_splits[list(splits)] = True
@@ -247,17 +250,11 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         else:
             self._row_dtype = np.uint64
             self._done_bit = 63
-        # the split codes no transition is drawn from (held out: valid, test)
-        held_out = np.zeros(256, dtype=bool)
-        held_out[[c for c in SPLIT_NAMES if c not in splits]] = True
         self.n_transitions = 0
         for lo in range(0, self._n_events, _CHUNK):
-            split = self._split[lo : lo + _CHUNK]
-            self.n_transitions += int(self._in(split).sum())
-            held = held_out[split.view(np.uint8)]
-            if self._lists is not None and held.any():
-                ts = int(self._timestamp[lo : lo + _CHUNK][held].min())
-                self._cut = min(self._cut, ts)
+            self.n_transitions += int(self._in(self._split[lo : lo + _CHUNK]).sum())
+        if self._lists is not None:
+            self._segment_done, self._segment_next = self._segment_steps(self._lists)
 
     def _in(self, split: np.ndarray) -> np.ndarray:
         return self._in_splits[split.view(np.uint8)]
@@ -267,10 +264,14 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
 
         Only a session boundary inside one user's events of one split is terminal; the end
         of the user's events or of the split is a truncation (see the class docstring).
+        With ``states="lists"``, whether the session ends after the row's list.
         """
         p = np.asarray(rows, dtype=np.int64)
         if self._lists is not None:
-            p = self._lists.end[p] - 1  # a list's slots end when its last slot does
+            return self._segment_done[self._lists.segment[p]]
+        return self._row_done(p)
+
+    def _row_done(self, p: np.ndarray) -> np.ndarray:
         nxt = p + 1
         last = nxt >= self._n_events
         nxt[last] = p[last]
@@ -371,31 +372,38 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
             ),
         )
 
+    def _segment_steps(self, lists: ListStates) -> tuple[np.ndarray, np.ndarray]:
+        """Per segment (K,): whether the session ends after it (:meth:`done` of its last
+        row), and the row of ``lists.item`` of its next state's logged context, -1 where
+        the next state is the log's: the next row must open the same user's next served
+        list, in the same split (another split's context would carry what the user did
+        after the cut), and carry a context."""
+        last = lists.end - 1
+        done = self._row_done(last)
+        nxt = np.minimum(lists.end, self._n_events - 1)
+        follows = (lists.end < self._n_events) & (self._user[nxt] == self._user[last])
+        follows &= self._split[nxt] == self._split[last]
+        # in the same split, the next segment opens a served list (a segment that does
+        # not is cut from its list by a change of split)
+        return done, np.where(follows, lists.context[lists.segment[nxt]], -1)
+
     def _list_batch(self, p: np.ndarray, done: np.ndarray) -> TransitionBatch:
         """:meth:`_batch` with a list's state for each slot (``states="lists"``)."""
         lists = self._lists
         assert lists is not None
         user = self._user[p]
         start = self._offsets[user]
-        state = self._state(lists.first[p], lists.context[p], start)
-        end = lists.end[p]
-        # the next list's logged context counts where that list is the same user's, in
-        # the same split, or in none (rows that are no target: ``train_targets:
-        # rewarded``) earlier than every held-out event: a held-out list's context would
-        # carry what the user did after the cut
-        nxt = np.minimum(end, self._n_events - 1)
-        follows = (end < self._n_events) & (self._user[nxt] == user)
-        split_next = self._split[nxt]
-        follows &= (split_next == self._split[p]) | (self._timestamp[nxt] < self._cut)
-        next_state = self._state(end, np.where(follows, lists.context[nxt], -1), start)
+        k = lists.segment[p]
+        state = self._state(lists.first[k], lists.context[k], start)
+        next_state = self._state(lists.end[k], self._segment_next[k], start)
         return TransitionBatch(
             user=torch.from_numpy(user.astype(np.int64)),
-            history=torch.from_numpy(state.item.astype(np.int64)),
+            history=torch.from_numpy(state.item),
             history_reward=torch.from_numpy(state.reward),
             action=torch.from_numpy(self._item[p].astype(np.int64)),
-            reward=torch.from_numpy(self._reward[p].astype(np.float32)),
+            reward=torch.from_numpy(self._reward[p]),
             returns=torch.from_numpy(self._returns[p]),
-            next_history=torch.from_numpy(next_state.item.astype(np.int64)),
+            next_history=torch.from_numpy(next_state.item),
             next_history_reward=torch.from_numpy(next_state.reward),
             done=torch.from_numpy(done),
             propensity=(
@@ -406,14 +414,25 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         )
 
     def _state(self, end: np.ndarray, context: np.ndarray, start: np.ndarray) -> Windows:
-        """(B, H) states: the logged context ``context`` (B,) where it is >= 0, else the H
-        rows before ``end`` (B,) of users starting at ``start``."""
+        """(B, H) int64 / float32 states: the logged context ``context`` (B,) where it is
+        >= 0, else the H rows before ``end`` (B,) of users starting at ``start``."""
         lists = self._lists
         assert lists is not None
-        win = gather_windows(self._item, self._reward, end=end, start=start, length=self.history)
-        item, reward = win.item.astype(np.int64), win.reward.copy()
-        has = np.flatnonzero(context >= 0)
-        if has.shape[0]:
-            item[has] = lists.item[context[has]]
-            reward[has] = lists.reward[context[has]]
+        b, h = end.shape[0], self.history
+        logged = context >= 0
+        if not logged.any():
+            win = gather_windows(self._item, self._reward, end=end, start=start, length=h)
+            return Windows(item=win.item.astype(np.int64), reward=win.reward)
+        item = np.empty((b, h), np.int64)
+        reward = np.empty((b, h), np.float32)
+        has = np.flatnonzero(logged)
+        item[has] = lists.item.take(context[has], axis=0)
+        reward[has] = lists.reward.take(context[has], axis=0)
+        bare = np.flatnonzero(~logged)
+        if bare.shape[0]:  # the log's rows only where no context stands in for them
+            win = gather_windows(
+                self._item, self._reward, end=end[bare], start=start[bare], length=h
+            )
+            item[bare] = win.item
+            reward[bare] = win.reward
         return Windows(item=item, reward=reward)

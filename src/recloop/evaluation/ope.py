@@ -78,7 +78,7 @@ from recloop.artifacts.heads import HeadConfig, LinearHead
 from recloop.artifacts.policy import PolicyNet
 from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
-from recloop.data.lists import context_windows, item_id_frame, list_runs, list_starts
+from recloop.data.lists import context_windows, item_id_frame, list_first, list_starts
 from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.data.schema import (
     EPSILON,
@@ -1005,8 +1005,8 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     bad = np.flatnonzero(softmax & ~(temp > 0))
     if bad.shape[0]:
         raise fail(bad, TEMPERATURE, float(temp[bad[0]]), "of a softmax list is not > 0")
-    run_start, _ = list_runs(list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION]))
-    state_row = run_start[rows]
+    starts = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
+    state_row = list_first(starts, rows)
     # below its first position a softmax slot is scored with the items above it (cascade
     # weights, :func:`softmax_slot`): every one of them must be in the data, in order, and
     # drawn by the same softmax

@@ -5,7 +5,10 @@ event in S:
 
 - **state**: the user's last H events before their first event in S, whatever their split
   (left-padded with ``PAD_ID``) — what a deployed policy would have seen; on impressions of
-  served lists (a ``position`` column), before the list that holds that event;
+  served lists (a ``position`` column), the state that event's list was served from: its
+  logged context (``served_context``, read with the dataset's items) where it has one,
+  else the H events before the list (so with a leave-one-out split whose valid and test
+  events are the last slots of one list, both are scored on that list's state);
 - **targets**: the distinct items of all the user's events in S — one for leave-one-out, the
   tail of the sequence for the per-user ratio split, every event after the cut for a global
   time cut;
@@ -43,9 +46,9 @@ from torch import Tensor
 
 from recloop.config import check
 from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
-from recloop.data.lists import list_runs, list_starts
+from recloop.data.lists import context_windows, item_id_frame, list_first, list_starts
 from recloop.data.sampler import gather_windows
-from recloop.data.schema import POSITION
+from recloop.data.schema import POSITION, SERVED_CONTEXT
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.metrics import METRICS
 from recloop.ranking import InnerProduct, topk, topk_inner_product
@@ -188,9 +191,17 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
         # impressions: the state is the one the first target's list was served from,
         # before the list (the slots above the target were shown with it, not before it)
         starts = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
-        first = list_runs(starts)[0][first]
+        first = list_first(starts, first)
     start = dataset.user_offsets[user]
     win = gather_windows(dataset.item, dataset.reward, end=first, start=start, length=history)
+    hist, hist_reward = win.item.astype(np.int64), win.reward
+    if SERVED_CONTEXT in dataset.extra and POSITION in dataset.extra:
+        # the list's logged context, where its service logged one, is the state it saw
+        ctx = context_windows(
+            dataset, first, history=history, ids=item_id_frame(dataset), excluded=False
+        )
+        hist = np.where(ctx.has[:, None], ctx.item, hist)
+        hist_reward = np.where(ctx.has[:, None], ctx.reward, hist_reward)
     target_offsets = np.append(group, rows.shape[0]).astype(np.int64)
     target_items = dataset.item[rows]
     # Distinct targets per user: count distinct (user position, item) pairs.
@@ -202,8 +213,8 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
         split=code,
         n_items=dataset.n_items,
         user=user,
-        history=win.item.astype(np.int64),
-        history_reward=win.reward,
+        history=hist,
+        history_reward=hist_reward,
         target_offsets=target_offsets,
         target_items=target_items,
         target_rewards=dataset.reward[rows],
