@@ -788,3 +788,83 @@ async def test_a_store_fed_services_lists_are_re_served_on_their_logged_context(
     assert ((lists.history > 0) == (lists.history_reward == 1.0)).all()
     same = [r == want[p] for r, p in zip(rows.history.tolist(), train, strict=True)]
     assert sum(same) < 0.5 * train.shape[0]
+
+
+@pytest.mark.slow
+async def test_with_history_source_store_the_service_serves_from_the_clicks(
+    tmp_path: Path,
+) -> None:
+    """``--history-source store``: the users send no recent items, the stream processor
+    stores each step's clicks before the next step, and the service's state and
+    exclusions are the clicks: a list's logged context holds the user's clicked items
+    (with their rewards) before it, an ignored item may be shown again, a clicked one not."""
+    from recloop.evaluation.worlds.base import build_world
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(bootstrap_users=60, users=10, truth_users=0, history_source="store")
+    boot = bootstrap_model(world, cfg, tmp_path)
+    spec = ArmSpec(name="popularity", algo="popularity", epsilon=0.1, train_targets="rewarded")
+    stack = ArmStack(
+        spec, root=tmp_path / "arm", cfg=cfg, bootstrap=boot, clock=SimClock(world),
+        store_url=f"sqlite:///{tmp_path / 'arm' / 'store.db'}",
+    )  # fmt: skip
+    who = 500_000_000 + np.arange(10, dtype=np.int64)
+    async with stack.serving() as client:
+        served = await serve_round(stack, client, world, users=who, seed=(0, 1), round_no=1)
+    await stack.drain()
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(stack.database_url)
+    with eng.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT user_id, item_id, context FROM served_items ORDER BY user_id, ts")
+        ).all()
+    eng.dispose()
+    by_user: dict[str, list[tuple[str, dict]]] = {}
+    for user, item, context in rows:
+        by_user.setdefault(user, []).append((item, json.loads(context)))
+    repeats = 0
+    for i, u in enumerate(who.tolist()):
+        lists = by_user[f"u{u}"]
+        assert [item for item, _ in lists] == served.shown[i]
+        clicked: list[tuple[str, float]] = []
+        for t, ((item, ctx), reward) in enumerate(zip(lists, served.earned[i], strict=True)):
+            assert ctx["recent"] == [c for c, _ in clicked]  # the store's: the clicks
+            assert ctx["rewards"] == pytest.approx([r for _, r in clicked])
+            assert item not in [c for c, _ in clicked]  # a clicked item is excluded
+            repeats += item in [x for x, _ in lists[:t]]  # an ignored one may come back
+            if reward:
+                clicked.append((item, reward))
+    assert repeats > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_store_fed_experiment_checks_its_gates_with_click_fed_roll_outs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recloop.loop.experiment as experiment
+
+    feedback: list[str] = []
+    real = experiment.simulate
+
+    def spy(*args: object, **kwargs: object) -> object:
+        feedback.append(str(kwargs.get("feedback", "shown")))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "simulate", spy)
+    work = tmp_path / "exp"
+    code = main(
+        [
+            "-q", "experiment", "--world", "shop", "--rounds", "2", "--users", "8",
+            "--arms", "popularity,random", "--truth-users", "20", "--bootstrap-users", "60",
+            "--history-source", "store", "--workdir", str(work), "--json",
+        ]
+    )  # fmt: skip
+    assert code in (0, None)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["history_source"] == "store"
+    assert (work / "arms" / "popularity" / "store.db").is_file()
+    assert len(doc["gate_checks"]) == 2
+    # the bootstrap log is the world's own policy (every shown item); the truth roll-outs of
+    # the gates feed the models the clicks, as the arms' services are fed
+    assert feedback[0] == "shown" and feedback[1:] == ["clicks"] * 4

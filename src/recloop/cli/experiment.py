@@ -33,6 +33,14 @@ def experiment_command(
     temperature: float = typer.Option(
         1.0, "--temperature", min=1e-4, help="T of the softmax serving policy."
     ),
+    history_source: str = typer.Option(
+        "request",
+        "--history-source",
+        help="Where the arms' services read a user's recent items: request (the users send "
+        "every item shown with its reward) or store (they send none: the service reads "
+        "the arm's online store, which the stream processor fills with the clicks; the "
+        "truth roll-outs feed the models the clicks too).",
+    ),
     bootstrap: str = typer.Option(
         "random",
         "--bootstrap",
@@ -131,6 +139,7 @@ def experiment_command(
         truth_users=truth_users,
         epochs=epochs,
         policy=policy,
+        history_source=history_source,
         epsilon=epsilon,
         temperature=temperature,
         bootstrap=bootstrap,

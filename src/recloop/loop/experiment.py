@@ -326,6 +326,13 @@ class ExperimentConfig:
     """ε of the epsilon serving policy."""
     temperature: float = 1.0
     """T of the softmax serving policy."""
+    history_source: str = "request"
+    """Where each arm's service reads a user's recent items: ``request`` (the users send
+    every item they were shown, with the reward it earned, 0 when ignored) or ``store``
+    (they send none: the service reads the arm's online store, a SQLite file, which the
+    stream processor fills with the users' behaviour events, i.e. their clicks; it excludes
+    those only, so an ignored item may be shown again).  The truth roll-outs feed each
+    model the same (:func:`recloop.evaluation.worlds.rollout.simulate`'s ``feedback``)."""
     bootstrap: str = "random"
     """World policy whose log trains the shared first model (``popularity`` counts of that
     log): ``random`` (uniform: a cold start that knows next to nothing) or ``popularity``
@@ -370,6 +377,10 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        check(
+            self.history_source in ("request", "store"),
+            f"history_source must be request or store, got {self.history_source!r}",
+        )
         check(self.users >= 2, f"users must be >= 2, got {self.users}")
         check(
             self.bootstrap_users >= 2, f"bootstrap_users must be >= 2, got {self.bootstrap_users}"
@@ -823,10 +834,10 @@ class ArmStack:
             async with httpx.AsyncClient(transport=transport, base_url="http://arm") as client:
                 yield client
 
-    async def drain(self) -> dict[str, float]:
+    async def drain(self, *, idle_s: float = 0.3, settle: bool = True) -> dict[str, float]:
         """Wait for the service's served-list logger to have published every list, run the
-        stream processor until the bus is idle, then close the round's impressions;
-        returns the worker's counters."""
+        stream processor until the bus is idle for ``idle_s``, then (``settle``) close the
+        round's impressions; returns the worker's counters."""
         from recloop.streaming.bus import open_bus
         from recloop.streaming.log import BehaviorLog
         from recloop.streaming.runner import run_worker_async
@@ -839,7 +850,7 @@ class ArmStack:
             store_prefix=self.store_prefix,
             batch_size=5000,
             block_ms=50,
-            exit_when_idle_s=0.3,
+            exit_when_idle_s=idle_s,
             attribution_window_s=0,
             allowed_lateness_s=0,
             popular_refresh_s=60.0,
@@ -855,6 +866,8 @@ class ArmStack:
                 )
             await asyncio.sleep(0.02)
         stats = await run_worker_async(settings, stop=asyncio.Event())
+        if not settle:
+            return stats.as_dict()
         log = BehaviorLog(self.database_url)
         try:
             await asyncio.to_thread(log.settle, self.clock.now + 1)
@@ -899,7 +912,10 @@ async def serve_round(
     """The round's users in the arm's service; the world answers (module docstring).  Each
     request sends the user's shown items with the rewards they earned (0: ignored), as the
     log records them and the world's roll-outs feed them; events carry the simulated clock's
-    time (:class:`SimClock`)."""
+    time (:class:`SimClock`).  With ``history_source: store`` requests send no recent items
+    and the stream processor stores each step's events before the next step's requests,
+    as a deployment's does between a user's requests."""
+    from_store = stack.cfg.history_source == "store"
     m = world.mech
     b = users.shape[0]
     state = world.initial_state(users)
@@ -919,17 +935,25 @@ async def serve_round(
             rng = np.random.default_rng([*seed, s, t])
             uni = rng.random((5, b))
             req_seed = np.asarray(rng.integers(0, 2**62, size=b), np.int64)
-            rows = np.flatnonzero(alive & (np.array([len(x) for x in shown]) < world.n_items))
+            # until the user has been shown (or, served from the store: has clicked) every item
+            seen = [sum(1 for r in e if r) for e in earned] if from_store else map(len, shown)
+            rows = np.flatnonzero(alive & (np.fromiter(seen, np.int64, b) < world.n_items))
             if rows.shape[0] == 0:
                 break
             body = {
                 "requests": [
                     {
                         "user_id": ids[i],
-                        "recent_items": [
-                            {"item": it, "reward": r}
-                            for it, r in zip(shown[i], earned[i], strict=True)
-                        ],
+                        **(
+                            {}
+                            if from_store
+                            else {
+                                "recent_items": [
+                                    {"item": it, "reward": r}
+                                    for it, r in zip(shown[i], earned[i], strict=True)
+                                ]
+                            }
+                        ),
                         "exclude_consumed": True,
                         "n": 1,
                         "seed": int(req_seed[i]),
@@ -982,6 +1006,8 @@ async def serve_round(
                     )
             await _publish_events(stack.bus_url, events)
             stack.expected += len(results) + len(events)
+            if from_store:  # the clicks are in the store before the next requests
+                await stack.drain(idle_s=0.01, settle=False)
             total[rows] += out.reward
             steps += rows.shape[0]
             clicks += len(events)
@@ -998,16 +1024,29 @@ async def serve_round(
     )
 
 
+FEEDBACK_OF = {"request": "shown", "store": "clicks"}
+"""The roll-outs' ``feedback`` for each ``history_source`` of the arms' services."""
+
+
 def true_values(
-    world: World, candidate: Path, current: Path, *, users: int, sel: Selection, seed: int
+    world: World,
+    candidate: Path,
+    current: Path,
+    *,
+    users: int,
+    sel: Selection,
+    seed: int,
+    feedback: str = "shown",
 ) -> tuple[Estimate, Estimate, Estimate]:
     """True return per session of two artifacts on the same fresh users and random numbers
-    (with the arm's serving policy ``sel``), and their paired difference."""
+    (with the arm's serving policy ``sel``, fed ``feedback`` as the arms' services are),
+    and their paired difference."""
     who = TRUTH_USER_BASE + np.arange(users, dtype=np.int64)
     out = []
     for path in (candidate, current):
         policy: Policy = make_policy(world, str(path), sel)
-        out.append(simulate(world, policy, who, seed=seed).per_user()["return"])
+        roll = simulate(world, policy, who, seed=seed, feedback=feedback)
+        out.append(roll.per_user()["return"])
     return t_interval(out[0]), t_interval(out[1]), t_interval(out[0] - out[1])
 
 
@@ -1120,6 +1159,7 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
             users=cfg.truth_users,
             sel=stack.spec.selection(),
             seed=cfg.seed + 7919 * round_no,
+            feedback=FEEDBACK_OF[cfg.history_source],
         )
         stack.truth[result.version] = (cand, cur, diff)
     canaried = result.status.endswith("canary")
@@ -1171,7 +1211,16 @@ async def run_experiment_async(
     )
     stacks = {
         a.name: ArmStack(
-            a, root=arms_dir / _slug(a.name), cfg=cfg, bootstrap=boot, clock=SimClock(world)
+            a,
+            root=arms_dir / _slug(a.name),
+            cfg=cfg,
+            bootstrap=boot,
+            clock=SimClock(world),
+            store_url=(
+                "memory://"
+                if cfg.history_source == "request"
+                else f"sqlite:///{(arms_dir / _slug(a.name) / 'store.db').resolve()}"
+            ),
         )
         for a in arms
     }

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recloop.errors import ConfigError
 from recloop.evaluation.worlds import build_world
 from recloop.evaluation.worlds.base import Mechanics, replay_states
 from recloop.evaluation.worlds.rollout import (
@@ -338,3 +339,64 @@ def test_served_ope_is_unbiased_on_a_bandit_like_world(tmp_path: Path) -> None:
             art.policy, soft, world, states, index, np.array([r]), history=art.history_len,
             cfg=cfg,
         )  # fmt: skip
+
+
+class _Recording(PopularityScorer):
+    """The world's popularity, scored per step (not static), recording each state it sees."""
+
+    history = 4
+    static = False
+
+    def __init__(self, world: ShopWorld) -> None:
+        super().__init__(world)
+        self.seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def __call__(self, user, hist_item, hist_reward, state):  # type: ignore[no-untyped-def]
+        self.seen.append((user.copy(), hist_item.copy(), hist_reward.copy()))
+        return super().__call__(user, hist_item, hist_reward, state)
+
+
+@pytest.mark.parametrize("feedback", ["shown", "clicks"])
+def test_a_roll_out_feeds_its_policy_every_shown_item_or_the_clicks_only(feedback: str) -> None:
+    """``shown``: the state holds every item shown, none is shown twice.  ``clicks`` (a
+    store-fed service's view): the state holds the items responded to, with their rewards,
+    and an ignored item may come back (the top item until it is clicked)."""
+    world = small_world()
+    scorer = _Recording(world)
+    pol = Policy(name="p", scorer=scorer, selection=Selection(epsilon=0.0))
+    users = np.arange(50)
+    roll = simulate(world, pol, users, seed=3, feedback=feedback)
+    fed: dict[int, list[tuple[int, float]]] = {int(u): [] for u in users}  # the state's
+    shows: dict[int, list[int]] = {int(u): [] for u in users}  # every item shown
+    want: dict[int, list[tuple[list[int], list[float]]]] = {int(u): [] for u in users}
+    repeats = 0
+    for u, item, reward, response in zip(
+        roll.user.tolist(),
+        roll.item.tolist(),
+        roll.reward.tolist(),
+        roll.response.tolist(),
+        strict=True,
+    ):
+        last = ([(0, 0.0)] * 4 + fed[u])[-4:]
+        want[u].append(([i for i, _ in last], [r for _, r in last]))
+        assert item not in [i for i, _ in fed[u]]  # nothing in the state is shown again
+        repeats += item in shows[u]
+        shows[u].append(item)
+        if feedback == "shown" or response != 0:
+            fed[u].append((item, reward))
+    got: dict[int, list[tuple[list[int], list[float]]]] = {int(u): [] for u in users}
+    for user, hist, hist_r in scorer.seen:
+        for u, h, r in zip(user.tolist(), hist.tolist(), hist_r.tolist(), strict=True):
+            got[u].append((h, r))
+    assert got == want  # the states the policy saw, step by step
+    if feedback == "shown":
+        assert repeats == 0
+    else:
+        assert repeats > 0  # ignored items came back
+
+
+def test_a_roll_outs_feedback_is_checked() -> None:
+    world = small_world()
+    pol = Policy(name="p", scorer=PopularityScorer(world), selection=Selection(epsilon=0.3))
+    with pytest.raises(ConfigError, match="feedback"):
+        simulate(world, pol, np.arange(3), seed=0, feedback="views")

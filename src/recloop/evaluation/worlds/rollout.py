@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from recloop.config import check
 from recloop.evaluation.ope import target_probs
 from recloop.evaluation.worlds.base import ITEM_PREFIX, USER_PREFIX, UserState, World
 from recloop.ranking import topk
@@ -296,6 +297,10 @@ class Rollout:
         return {"return": ret, "length": length, "pos": pos}
 
 
+FEEDBACK = ("shown", "clicks")
+"""What a roll-out feeds its policy (:func:`simulate`)."""
+
+
 def simulate(
     world: World,
     policy: Policy,
@@ -304,8 +309,16 @@ def simulate(
     seed: int,
     chunk: int = 8192,
     progress: Callable[[int], None] | None = None,
+    feedback: str = "shown",
 ) -> Rollout:
-    """Roll ``policy`` out for ``users`` (U,) sorted user numbers over the world's sessions."""
+    """Roll ``policy`` out for ``users`` (U,) sorted user numbers over the world's sessions.
+
+    ``feedback`` is what the policy's state and exclusions are made of: ``shown`` (every
+    item shown, with its reward, 0 when ignored; none is shown twice) or ``clicks`` (the
+    items the user responded to only, as a service reading its users' recent items from
+    an online store that the stream processor fills with behaviour events; an ignored
+    item may be shown again)."""
+    check(feedback in FEEDBACK, f"feedback must be one of {FEEDBACK}, got {feedback!r}")
     users = np.asarray(users, np.int64)
     m, n = world.mech, world.n_items
     h = max(1, int(policy.scorer.history))
@@ -317,7 +330,9 @@ def simulate(
         state = world.initial_state(ids)
         hist_item = np.zeros((b, h), np.int64)
         hist_reward = np.zeros((b, h), np.float32)
+        # what the policy may not show again: every shown item, or the clicked ones only
         shown = Shown.empty(b, n, m.sessions * m.horizon)
+        clicks = feedback == "clicks"
         if policy.scorer.static:
             dummy = UserState(
                 user=ids, taste=state.taste, satiety=state.satiety, misses=state.misses
@@ -360,10 +375,13 @@ def simulate(
                     sub.satiety,
                     sub.misses,
                 )
-                shown.add(rows, item)
-                hist_item[rows] = np.concatenate([hist_item[rows, 1:], item[:, None]], 1)
-                hist_reward[rows] = np.concatenate(
-                    [hist_reward[rows, 1:], out.reward[:, None].astype(np.float32)], 1
+                fed = rows[out.response != 0] if clicks else rows
+                fed_item = item[out.response != 0] if clicks else item
+                fed_reward = out.reward[out.response != 0] if clicks else out.reward
+                shown.add(fed, fed_item)
+                hist_item[fed] = np.concatenate([hist_item[fed, 1:], fed_item[:, None]], 1)
+                hist_reward[fed] = np.concatenate(
+                    [hist_reward[fed, 1:], fed_reward[:, None].astype(np.float32)], 1
                 )
                 alive[rows] = ~out.quit
                 parts.append(
