@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from recloop.data.batch import PAD_ID
-from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.data.dataset import NO_TARGET, TEST, TRAIN, VALID, PreparedDataset
 from recloop.data.lists import list_first, list_returns, list_starts, list_states
 from recloop.data.prepare import PrepareConfig, prepare
 from recloop.data.sampler import TransitionSampler
@@ -18,7 +18,7 @@ from recloop.data.schema import RawData
 from recloop.data.sessions import discounted_returns
 from recloop.data.splits import SplitConfig
 from recloop.errors import ConfigError, DataError
-from recloop.loop.gate import NOT_A_TARGET
+from recloop.loop.gate import rewarded_training
 from recloop.training.fit import FitConfig, training_states
 
 
@@ -129,8 +129,8 @@ def list_dataset(seed: int, *, context_share: float = 0.5, n_users: int = 12) ->
     ts = np.array([r[2] for r in rows])
     pos = np.array([r[3] for r in rows])
     split = np.array([r[5] for r in rows])
-    # some training rows are no target (train_targets: rewarded keeps them as history)
-    split[(split == TRAIN) & (rng.random(e) < 0.25)] = NOT_A_TARGET
+    # some train and valid rows are no target (train_targets: rewarded keeps them as history)
+    split[(split != TEST) & (rng.random(e) < 0.25)] += NO_TARGET
     # sessions: breaks at some list starts
     new_session = (pos == 0) & (rng.random(e) < 0.3)
     session = np.cumsum(new_session | np.r_[True, user[1:] != user[:-1]]) - 1
@@ -176,6 +176,8 @@ def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -
     """Every transition of ``states="lists"``, one row at a time in plain Python."""
     ctx_col = ds.extra["served_context"]
     pos = ds.extra["position"]
+    # a row that is no target (NO_TARGET + its split) belongs to its split's period
+    period = [int(c) - NO_TARGET if int(c) >= NO_TARGET else int(c) for c in ds.split]
 
     def opens(q: int, lo: int) -> bool:  # row q opens a served list
         return (
@@ -193,14 +195,14 @@ def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -
                 first -= 1
             # the list ends for this slot where the next list opens or the split changes
             end = p + 1
-            while end < hi and not opens(end, lo) and ds.split[end] == ds.split[p]:
+            while end < hi and not opens(end, lo) and period[end] == period[p]:
                 end += 1
             if ctx_col[first]:
                 hist, hist_r = context_state(ctx_col[first], history)
             else:
                 hist, hist_r = window(ds, lo, first, history)
             uses_next = (
-                end < hi and opens(end, lo) and ds.split[end] == ds.split[p] and bool(ctx_col[end])
+                end < hi and opens(end, lo) and period[end] == period[p] and bool(ctx_col[end])
             )
             if uses_next:
                 nxt, nxt_r = context_state(ctx_col[end], history)
@@ -208,7 +210,7 @@ def list_reference(ds: PreparedDataset, history: int, splits: tuple[int, ...]) -
                 nxt, nxt_r = window(ds, lo, end, history)
             done = (
                 end < hi
-                and ds.split[end] == ds.split[end - 1]
+                and period[end] == period[end - 1]
                 and ds.session[end] != ds.session[end - 1]
             )
             out[p] = {
@@ -317,14 +319,43 @@ def test_held_out_slots_and_contexts_never_reach_a_training_state() -> None:
     t = TransitionSampler(ds, history=4, batch_size=6, splits=(TEST,), states="lists")
     bt = t.batch(np.array([3]))
     assert bt.history.tolist() == [[0, 0, 0, 0]] and bt.next_history.tolist() == [[0, 0, 0, 6]]
-    # a next list of another split code (no target: train_targets rewarded) lends nothing
-    codes = np.array([TRAIN, TRAIN, TRAIN, TRAIN, NOT_A_TARGET, NOT_A_TARGET], np.int8)
-    other = dataclasses.replace(ds, split=codes)
-    bo = TransitionSampler(other, history=1, batch_size=6, states="lists").batch(np.array([0]))
-    assert bo.next_history.tolist() == [[4]]
-    same = dataclasses.replace(ds, split=np.zeros(6, np.int8))
-    bs = TransitionSampler(same, history=1, batch_size=6, states="lists").batch(np.array([0]))
-    assert bs.next_history.tolist() == [[6]]
+    # a next list that is no target (train_targets: rewarded) lends its context if it
+    # belongs to the same split's period, and not if it is a valid row's
+    cases = ((NO_TARGET + TRAIN, [[6]]), (NO_TARGET + VALID, [[4]]), (TRAIN, [[6]]))
+    for next_code, want in cases:
+        codes = np.array([TRAIN] * 4 + [next_code] * 2, np.int8)
+        other = dataclasses.replace(ds, split=codes)
+        b = TransitionSampler(other, history=1, batch_size=6, states="lists").batch(np.array([0]))
+        assert b.next_history.tolist() == want, next_code
+
+
+def test_a_click_inside_a_list_of_no_target_slots_steps_to_the_next_list() -> None:
+    """``train_targets: rewarded``: the ignored slots around a click are no target, and
+    still part of its list: its next state is the next list's context, and its session
+    ends after the list."""
+    ds = PreparedDataset.from_arrays(
+        user=np.ones(6, np.int32),
+        item=np.array([1, 2, 3, 4, 5, 6]),
+        timestamp=np.array([1, 1, 1, 1, 5000, 5000]),
+        reward=np.array([0, 1, 0, 0, 0, 1], np.float32),
+        session=np.array([0, 0, 0, 0, 1, 1]),
+        n_items=6,
+        item_ids=[str(i) for i in range(1, 7)],
+    )
+    texts = np.array(["", "", "", "", ctx([2, 5], [1.0, 0.0]), ""], dtype=object)
+    ds = dataclasses.replace(
+        ds,
+        extra={"position": np.array([0, 1, 2, 3, 0, 1], np.int32), "served_context": texts},
+    )
+    rewarded = rewarded_training(ds)
+    assert rewarded.split.tolist() == [NO_TARGET, TRAIN, NO_TARGET, NO_TARGET, NO_TARGET, TRAIN]
+    sampler = TransitionSampler(rewarded, history=2, batch_size=6, states="lists")
+    assert sampler.n_transitions == 2
+    b = sampler.batch(np.array([1]))
+    assert b.history.tolist() == [[0, 0]] and b.next_history.tolist() == [[2, 5]]
+    assert b.done.tolist() == [True]
+    rows = TransitionSampler(rewarded, history=2, batch_size=6, states="rows").batch(np.array([1]))
+    assert rows.done.tolist() == [False]  # the row view: the next slot is no session end
 
 
 def test_states_lists_need_positions_and_auto_picks_them() -> None:
@@ -343,3 +374,24 @@ def test_states_lists_need_positions_and_auto_picks_them() -> None:
     assert training_states(FitConfig(states="rows"), listed) == "rows"
     with pytest.raises(ConfigError, match=r"fit\.states"):
         FitConfig(states="slots")  # type: ignore[arg-type]
+
+
+def test_contexts_are_parsed_in_bounded_chunks_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import recloop.data.lists as lists_module
+    from recloop.evaluation.protocol import build_eval_users
+
+    ds = list_dataset(4, context_share=0.8, n_users=30)
+    whole = list_states(ds, history=5)
+    users = build_eval_users(ds, split="test", history=5)
+    monkeypatch.setattr(lists_module, "_CONTEXT_ROWS", 3)
+    monkeypatch.setattr(lists_module, "_CONTEXT_BYTES", 60)  # about one context a chunk
+    parts = list_states(ds, history=5)
+    assert parts.n_contexts == whole.n_contexts > 10
+    for field in ("segment", "first", "end", "context", "item", "reward"):
+        assert np.array_equal(getattr(parts, field), getattr(whole, field)), field
+    chunked = build_eval_users(ds, split="test", history=5)
+    assert np.array_equal(chunked.history, users.history)
+    assert np.array_equal(chunked.history_reward, users.history_reward)
+    assert (users.history != 0).any()

@@ -47,6 +47,19 @@ EVENTS_FILE = "events.arrow"
 LEGACY_EVENTS_FILE = "events.parquet"
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
+NO_TARGET = 3
+"""A row of split S that is no target (kept in the users' sequences as history, drawn by
+no sampler, ranked by no protocol) has the code ``NO_TARGET + S``, which no split has: its
+period (:func:`split_period`) stays S."""
+
+
+def split_period(split: np.ndarray) -> np.ndarray:
+    """(E,) int8 the split each row's time belongs to: its code, or for a row that is no
+    target (``NO_TARGET + S``) S.  Comparing periods, not codes, tells a change of split
+    from a row that is merely no target."""
+    out: np.ndarray = np.asarray(split) % NO_TARGET
+    return out.astype(np.int8, copy=False)
+
 
 EVENT_COLUMNS = ("user", "item", "timestamp", "reward", "return", "session", "split")
 """Columns every events file has; ``behavior``, ``rating``, ... may follow."""

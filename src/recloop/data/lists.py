@@ -4,7 +4,8 @@ service drew it from, and returns counted in lists.
 A dataset read from the served-items table (``recloop prepare --from-db --impressions``)
 holds one row per shown item, with its ``position`` in its list.  A list's items are
 logged with one time and sorted by position, so a list runs from a position 0 (or, where
-prepare dropped that row, a change of user or time) to the next.  The service drew every
+prepare dropped that row, a change of user or time, or a position that does not grow) to
+the next.  The service drew every
 slot of a list from one state: the user's recent items *before* the list (its logged
 ``served_context`` where the service logged one), never the items above the slot.  So a
 model trained or evaluated on such data takes each slot's state at its list's start
@@ -21,7 +22,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from recloop.data.dataset import PreparedDataset
+from recloop.data.dataset import PreparedDataset, split_period
 from recloop.data.schema import POSITION, SERVED_CONTEXT, served_context_problem
 from recloop.data.sessions import discounted_returns
 from recloop.errors import DataError
@@ -207,15 +208,62 @@ def _context_error(
 # --- the state of every slot ----------------------------------------------------------------
 
 
-_CONTEXT_CHUNK = 1 << 16
-"""Logged contexts parsed at a time, to bound the parser's scratch."""
+_CONTEXT_ROWS = 1 << 16
+"""Rows whose context texts are looked at together (to find the written ones)."""
+_CONTEXT_BYTES = 8 << 20
+"""JSON bytes of logged contexts parsed at a time: the parser's scratch is about 20 times
+the text (some 260 bytes a recent id), so about 160 MiB."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ContextStates:
+    """The logged contexts of some rows as states (:func:`context_states`)."""
+
+    rows: np.ndarray  # (C,) int64 the rows that carry a context, ascending as given
+    item: np.ndarray  # (C, H) int32 their states: recent items the dataset knows, the last H
+    reward: np.ndarray  # (C, H) float32 their rewards
+
+
+def context_states(dataset: PreparedDataset, rows: np.ndarray, *, history: int) -> ContextStates:
+    """The states the logged contexts of ``rows`` (u,) give, with the dataset's items
+    (:func:`context_windows` without the excluded items), parsed a bounded chunk of text
+    at a time: the memory is the result's, 8 H bytes a context, whatever their length."""
+    ids = item_id_frame(dataset)
+    texts = dataset.extra[SERVED_CONTEXT]
+    kept, items, rewards = [], [], []
+    for lo in range(0, rows.shape[0], _CONTEXT_ROWS):
+        part = rows[lo : lo + _CONTEXT_ROWS]
+        size = pl.Series(texts[part], dtype=pl.String).fill_null("").str.len_bytes().to_numpy()
+        written = np.flatnonzero(size > 0)
+        # cut where the running text passes each multiple of the budget
+        bound = np.cumsum(size[written], dtype=np.int64) // _CONTEXT_BYTES
+        for piece in np.split(written, np.flatnonzero(np.diff(bound)) + 1):
+            if piece.shape[0] == 0:
+                continue
+            at = part[piece]
+            win = context_windows(dataset, at, history=history, ids=ids, excluded=False)
+            kept.append(at[win.has])
+            items.append(win.item[win.has].astype(np.int32))
+            rewards.append(win.reward[win.has])
+    if not kept:
+        return ContextStates(
+            rows=np.zeros(0, np.int64),
+            item=np.zeros((0, history), np.int32),
+            reward=np.zeros((0, history), np.float32),
+        )
+    return ContextStates(
+        rows=np.concatenate(kept).astype(np.int64),
+        item=np.concatenate(items),
+        reward=np.concatenate(rewards),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ListStates:
     """Where the state of each row's list comes from (:func:`list_states`).
 
-    Rows are grouped in *segments*: a served list, cut where the split changes (a list
+    Rows are grouped in *segments*: a served list, cut where the split's period changes
+    (:func:`recloop.data.dataset.split_period`: a row that is no target cuts nothing; a list
     whose last slots are held out, as a per-user split may cut it, ends for its training
     slots where they end).  Per row one segment index; the rest is per segment or per
     logged context: a dataset of E impressions in K segments, C of them with a logged
@@ -249,7 +297,9 @@ def list_states(dataset: PreparedDataset, *, history: int) -> ListStates:
     n = dataset.n_events
     served = list_starts(dataset.user, dataset.timestamp, dataset.extra[POSITION])
     cut = served.copy()
-    cut[1:] |= dataset.split[1:] != dataset.split[:-1]
+    period = split_period(dataset.split)  # a no-target row cuts no list
+    cut[1:] |= period[1:] != period[:-1]
+    del period
     segment: np.ndarray = np.cumsum(cut, dtype=np.int32 if n < 2**31 else np.int64)
     segment -= 1
     heads = np.flatnonzero(cut)  # (K,) first row of each segment
@@ -260,19 +310,11 @@ def list_states(dataset: PreparedDataset, *, history: int) -> ListStates:
     item = np.zeros((0, history), np.int32)
     reward = np.zeros((0, history), np.float32)
     if SERVED_CONTEXT in dataset.extra:
-        texts = pl.Series(dataset.extra[SERVED_CONTEXT][served_heads], dtype=pl.String)
-        written = served_heads[(texts.fill_null("").str.len_bytes() > 0).to_numpy()]
-        ids = item_id_frame(dataset)
-        items, rewards = [], []
-        for lo in range(0, written.shape[0], _CONTEXT_CHUNK):
-            rows = written[lo : lo + _CONTEXT_CHUNK]
-            win = context_windows(dataset, rows, history=history, ids=ids, excluded=False)
-            items.append(win.item.astype(np.int32))
-            rewards.append(win.reward)
-        if items:
-            item, reward = np.concatenate(items), np.concatenate(rewards)
-            at = np.minimum(np.searchsorted(written, first), written.shape[0] - 1)
-            context = np.where(written[at] == first, at, -1)
+        states = context_states(dataset, served_heads, history=history)
+        item, reward = states.item, states.reward
+        if states.rows.shape[0]:
+            at = np.minimum(np.searchsorted(states.rows, first), states.rows.shape[0] - 1)
+            context = np.where(states.rows[at] == first, at, -1)
     return ListStates(
         segment=segment, first=first, end=end, context=context, item=item, reward=reward
     )

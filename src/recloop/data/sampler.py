@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from recloop.config import check
 from recloop.data.batch import TransitionBatch
-from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
+from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset, split_period
 from recloop.data.lists import ListStates, list_states
 from recloop.data.schema import PROPENSITY
 
@@ -160,14 +160,15 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     - ``propensity`` is row ``p``'s logged β(a|s) when the dataset has a ``propensity`` event
       column (``dataset.extra``), else None;
     - ``done`` is True only where the user's session really ends: row ``p + 1`` belongs to the
-      same user and the same split but starts a new session (a pause longer than the session
-      gap).  The end of the data — the user's last event, or the last before the split
-      changes — is a time-limit *truncation*, not a terminal state: the user's sequence goes
-      on (in the held-out splits, or after the log was cut), so ``done`` is False there and
-      value-based methods bootstrap from ``next_history`` (Pardo et al., "Time Limits in
-      Reinforcement Learning", ICML 2018).  That also keeps ``done`` independent of every
-      event outside ``splits``: whether a held-out event comes soon or late changes no
-      training transition.
+      same user and the same split (its period, :func:`~recloop.data.dataset.split_period`:
+      a row that is no target counts as its split's) but starts a new session (a pause
+      longer than the session gap).  The end of the data — the user's last event, or the
+      last before the split changes — is a time-limit *truncation*, not a terminal state:
+      the user's sequence goes on (in the held-out splits, or after the log was cut), so
+      ``done`` is False there and value-based methods bootstrap from ``next_history``
+      (Pardo et al., "Time Limits in Reinforcement Learning", ICML 2018).  That also
+      keeps ``done`` independent of every held-out event: whether one comes soon or late
+      changes no training transition.
 
     Epoch ``e`` visits every transition exactly once in the order of a permutation drawn
     with seed ``seed + e`` (row order when ``shuffle`` is off).  Iterating starts the current
@@ -178,14 +179,13 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
     ``states="lists"`` (impressions of served lists, which have the ``position`` column:
     :mod:`recloop.data.lists`) takes a step to be a list, as the service drew it: every slot
     of a list gets the state before the list (its logged context where the service logged
-    one, else the H rows before the list's first row), never the slots above it.  For
-    the next state and ``done`` a list ends where it ends or where the split changes
+    one, else the H rows before the list's first row), never the slots above it.  For the
+    next state and ``done`` a list ends where it ends or where the split's period changes
     (the held-out slots of a list a per-user split cuts are not part of the training
-    slots' step): the next state is the next list's logged context where that list
-    follows in the same split and has one, else the H rows up to the list's end; ``done``
-    is as above, read after the list's last row in the split, so it too depends on no
-    event outside ``splits``.  ``"rows"`` (the default) is the above: a step is an event
-    row.
+    slots' step): the next state is the next list's logged context where that list follows
+    in the same period and has one, else the H rows up to the list's end; ``done`` is as
+    above, read after the list's last row in the period, so it too depends on no held-out
+    event.  ``"rows"`` (the default) is the above: a step is an event row.
 
     Memory: the dataset's arrays (not copied: a dataset opened with
     :meth:`PreparedDataset.load` is memory-mapped, so its pages are shared page cache, not
@@ -278,7 +278,7 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         return (
             ~last
             & (self._user[nxt] == self._user[p])
-            & (self._split[nxt] == self._split[p])
+            & (split_period(self._split[nxt]) == split_period(self._split[p]))
             & (self._session[nxt] != self._session[p])
         )
 
@@ -382,7 +382,7 @@ class TransitionSampler(IterableDataset[TransitionBatch]):
         done = self._row_done(last)
         nxt = np.minimum(lists.end, self._n_events - 1)
         follows = (lists.end < self._n_events) & (self._user[nxt] == self._user[last])
-        follows &= self._split[nxt] == self._split[last]
+        follows &= split_period(self._split[nxt]) == split_period(self._split[last])
         # in the same split, the next segment opens a served list (a segment that does
         # not is cut from its list by a change of split)
         return done, np.where(follows, lists.context[lists.segment[nxt]], -1)

@@ -955,7 +955,7 @@ class ServingIndex:
 class ServedSettings:
     """How each logged impression was served, for the ``served`` target."""
 
-    state_row: np.ndarray  # (E,) int64 first row of its (user, timestamp) run: its list's state
+    state_row: np.ndarray  # (E,) int64 first row of its list (recloop.data.lists.list_starts)
     slot: np.ndarray  # (E,) int64 0-based position in its list
     length: np.ndarray  # (E,) int64 items in its list
     epsilon: np.ndarray  # (E,) float64 exploration share (0 for top-k and softmax)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from recloop.config import check
 from recloop.data.dataset import SPLIT_NAMES, PreparedDataset
-from recloop.data.lists import context_windows, item_id_frame, list_first, list_starts
+from recloop.data.lists import context_states, list_first, list_starts
 from recloop.data.sampler import gather_windows
 from recloop.data.schema import POSITION, SERVED_CONTEXT
 from recloop.errors import ConfigError, DataError
@@ -197,11 +197,12 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
     hist, hist_reward = win.item.astype(np.int64), win.reward
     if SERVED_CONTEXT in dataset.extra and POSITION in dataset.extra:
         # the list's logged context, where its service logged one, is the state it saw
-        ctx = context_windows(
-            dataset, first, history=history, ids=item_id_frame(dataset), excluded=False
-        )
-        hist = np.where(ctx.has[:, None], ctx.item, hist)
-        hist_reward = np.where(ctx.has[:, None], ctx.reward, hist_reward)
+        # (``first`` ascends: the users' blocks are in order)
+        ctx = context_states(dataset, first, history=history)
+        at = np.searchsorted(first, ctx.rows)
+        hist[at] = ctx.item
+        hist_reward = hist_reward.copy()
+        hist_reward[at] = ctx.reward
     target_offsets = np.append(group, rows.shape[0]).astype(np.int64)
     target_items = dataset.item[rows]
     # Distinct targets per user: count distinct (user position, item) pairs.

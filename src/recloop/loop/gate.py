@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from recloop.artifacts.bundle import Artifact
-from recloop.data.dataset import TEST, TRAIN, VALID, PreparedDataset
+from recloop.data.dataset import NO_TARGET, TEST, TRAIN, VALID, PreparedDataset
 from recloop.data.schema import POLICY_VERSION
 from recloop.evaluation.ope import (
     DR_IPS_DISAGREE,
@@ -208,24 +208,26 @@ class GateResult:
         }
 
 
-NOT_A_TARGET = 3
-"""Split code given to the holdout rows that are not ranking targets (no split's code)."""
+NOT_A_TARGET = NO_TARGET + TRAIN
+"""Split code of the TRAIN rows that are no target (:data:`recloop.data.dataset.NO_TARGET`)."""
 
 
 def rewarded_holdout(dataset: PreparedDataset) -> PreparedDataset:
     """``dataset`` whose TEST split keeps only the rows with a positive reward (the other
-    holdout rows get a code no split has: they stay in the users' sequences)."""
+    holdout rows get the code ``NO_TARGET + TEST``, which no split has: they stay in the
+    users' sequences)."""
     split = dataset.split.copy()
-    split[(split == TEST) & (dataset.reward <= 0)] = NOT_A_TARGET
+    split[(split == TEST) & (dataset.reward <= 0)] += NO_TARGET
     return dataclasses.replace(dataset, split=split)
 
 
 def rewarded_training(dataset: PreparedDataset) -> PreparedDataset:
     """``dataset`` whose TRAIN and VALID splits keep only the rows with a positive reward as
-    targets (the others get a code no split has: they stay in the users' sequences as
-    history, with their reward 0) -- what ``train_targets: rewarded`` trains on."""
+    targets (the others get ``NO_TARGET`` + their split's code, which no split has: they
+    stay in the users' sequences as history, with their reward 0, in their split's period)
+    -- what ``train_targets: rewarded`` trains on."""
     split = dataset.split.copy()
-    split[((split == TRAIN) | (split == VALID)) & (dataset.reward <= 0)] = NOT_A_TARGET
+    split[((split == TRAIN) | (split == VALID)) & (dataset.reward <= 0)] += NO_TARGET
     return dataclasses.replace(dataset, split=split)
 
 
