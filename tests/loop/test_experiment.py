@@ -352,6 +352,19 @@ def test_the_bootstrap_counts_clicks_not_impressions(tmp_path: Path) -> None:
     assert fit.sum() == (ds.reward[~held_out] > 0).sum()  # every click outside the holdout
 
 
+def _served_items(stack: ArmStack, columns: str) -> list:
+    """``columns`` of the arm's served-items table, by user and time."""
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(stack.database_url)
+    with eng.connect() as conn:
+        rows = conn.execute(
+            sa.text(f"SELECT {columns} FROM served_items ORDER BY user_id, ts")
+        ).all()
+    eng.dispose()
+    return list(rows)
+
+
 async def _one_round(tmp_path: Path, spec: ArmSpec, users: int = 10) -> tuple[Served, ArmStack]:
     from recloop.evaluation.worlds.base import build_world
 
@@ -406,16 +419,9 @@ async def test_a_round_keeps_order_sessions_and_rewards_through_prepare(tmp_path
 
 @pytest.mark.slow
 async def test_the_random_arm_is_uniform_from_a_users_first_step(tmp_path: Path) -> None:
-    import sqlalchemy as sa
-
     _, stack = await _one_round(tmp_path, ArmSpec(name="random", algo=None, epsilon=1.0))
     n_items = len(load_artifact(stack.registry.current_path()).item_ids)
-    eng = sa.create_engine(stack.database_url)
-    with eng.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT user_id, ts, source, propensity FROM served_items ORDER BY user_id, ts")
-        ).all()
-    eng.dispose()
+    rows = _served_items(stack, "user_id, ts, source, propensity")
     first = {}
     for user, _ts, source, prop in rows:
         first.setdefault(user, (source, prop))
@@ -812,14 +818,7 @@ async def test_with_history_source_store_the_service_serves_from_the_clicks(
     async with stack.serving() as client:
         served = await serve_round(stack, client, world, users=who, seed=(0, 1), round_no=1)
     await stack.drain()
-    import sqlalchemy as sa
-
-    eng = sa.create_engine(stack.database_url)
-    with eng.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT user_id, item_id, context FROM served_items ORDER BY user_id, ts")
-        ).all()
-    eng.dispose()
+    rows = _served_items(stack, "user_id, item_id, context")
     by_user: dict[str, list[tuple[str, dict]]] = {}
     for user, item, context in rows:
         by_user.setdefault(user, []).append((item, json.loads(context)))
