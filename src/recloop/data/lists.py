@@ -5,12 +5,11 @@ A dataset read from the served-items table (``recloop prepare --from-db --impres
 holds one row per shown item, with its ``position`` in its list.  A list's items are
 logged with one time and sorted by position, so a list runs from a position 0 (or, where
 prepare dropped that row, a change of user or time, or a position that does not grow) to
-the next.  The service drew every
-slot of a list from one state: the user's recent items *before* the list (its logged
-``served_context`` where the service logged one), never the items above the slot.  So a
-model trained or evaluated on such data takes each slot's state at its list's start
-(:func:`list_states`), and a step of the user's trajectory is a list, not a row
-(:func:`list_returns`).
+the next.  The service drew every slot of a list from one state: the user's recent items
+*before* the list (its logged ``served_context`` where the service logged one), never the
+items above the slot.  So a model trained or evaluated on such data takes each slot's
+state at its list's start (:func:`list_states`), and a step of the user's trajectory is a
+list, not a row (:func:`list_returns`).
 """
 
 from __future__ import annotations
