@@ -867,3 +867,99 @@ def test_a_tiny_store_fed_experiment_checks_its_gates_with_click_fed_roll_outs(
     # the bootstrap log is the world's own policy (every shown item); the truth roll-outs of
     # the gates feed the models the clicks, as the arms' services are fed
     assert feedback[0] == "shown" and feedback[1:] == ["clicks"] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("history_source", ["request", "store"])
+async def test_the_truth_roll_out_chooses_what_the_arms_service_serves(
+    tmp_path: Path, history_source: str
+) -> None:
+    """The gates' truth rolls a model out as its service serves it: from the same state
+    (every shown item, or the clicks only) and the same exclusions, the roll-out's greedy
+    choice is the service's item at every step, ties included (the bootstrap's popularity
+    counts tie a lot: its service breaks them by its own indices, the same order for every
+    fresh user) and only within the model's catalogue."""
+    import torch
+
+    from recloop.evaluation.worlds.base import ITEM_PREFIX, build_world
+    from recloop.evaluation.worlds.rollout import Selection, Shown, make_policy, top1
+
+    world = build_world("shop", [])
+    cfg = ExperimentConfig(
+        bootstrap_users=60, users=10, truth_users=0, history_source=history_source
+    )
+    boot = bootstrap_model(world, cfg, tmp_path)
+    store = "memory://" if history_source == "request" else f"sqlite:///{tmp_path / 'store.db'}"
+    stack = ArmStack(
+        ArmSpec(name="greedy", algo=None, epsilon=0.0), root=tmp_path / "arm", cfg=cfg,
+        bootstrap=boot, clock=SimClock(world), store_url=store,
+    )  # fmt: skip
+    who = 500_000_000 + np.arange(10, dtype=np.int64)
+    async with stack.serving() as client:
+        served = await serve_round(stack, client, world, users=who, seed=(0, 1), round_no=1)
+    scorer = make_policy(world, str(boot), Selection(kind="epsilon", epsilon=0.0)).scorer
+    h, n = scorer.history, world.n_items
+    users, hist, hist_r, masks, got = [], [], [], [], []
+    for i, u in enumerate(who.tolist()):
+        fed: list[tuple[int, float]] = []
+        for raw, reward in zip(served.shown[i], served.earned[i], strict=True):
+            last = ([(0, 0.0)] * h + fed)[-h:]
+            users.append(u)
+            hist.append([x for x, _ in last])
+            hist_r.append([r for _, r in last])
+            masks.append([x for x, _ in fed])
+            item = int(raw[len(ITEM_PREFIX) :])
+            got.append(item)
+            if history_source == "request" or reward:
+                fed.append((item, reward))
+    b = len(users)
+    shown = Shown.empty(b, n, world.mech.sessions * world.mech.horizon, scorer.blocked)
+    for j, mask in enumerate(masks):
+        for item in mask:
+            shown.add(np.array([j]), np.array([item]))
+    ids = np.array(users, np.int64)
+    scores = scorer(ids, np.array(hist), np.array(hist_r, np.float32), None)
+    ties = int((torch.sort(scores[0], descending=True).values[:50].diff() == 0).sum())
+    chosen = top1(scores, shown, np.arange(b), scorer.tie_keys(ids), scorer.tie_items)
+    assert ties > 10  # the bootstrap's scores tie: the tie-break decides
+    assert chosen.tolist() == got
+    # the world's own numbers as tie-break keys (the roll-out before 2026-12-07) disagree
+    assert top1(scores, shown, np.arange(b), ids).tolist() != got
+
+
+@pytest.mark.slow
+def test_a_models_roll_out_keeps_its_services_order_and_catalogue(tmp_path: Path) -> None:
+    """simulate() of a saved model: greedy, every fresh user meets the model's own order
+    of its tied items (one order, as its service shows them); exploring, only the
+    model's catalogue is drawn from, with the propensity its service logs."""
+    from recloop.evaluation.worlds.base import build_world
+    from recloop.evaluation.worlds.rollout import Selection, make_policy, simulate
+
+    world = build_world("shop", [])
+    boot = bootstrap_model(world, ExperimentConfig(bootstrap_users=60), tmp_path)
+    n_known = len(load_artifact(boot).item_ids)
+    assert n_known < world.n_items  # a catalogue smaller than the world's
+    users = 900_000_000 + np.arange(40, dtype=np.int64)
+    greedy = make_policy(world, str(boot), Selection(kind="epsilon", epsilon=0.0))
+    roll = simulate(world, greedy, users, seed=0)  # every shown item masked: a fixed order
+    orders = [roll.item[roll.user == u].tolist() for u in users.tolist()]
+    longest = max(orders, key=len)
+    assert all(o == longest[: len(o)] for o in orders)
+    # ... the order its service ranks for a user it never saw (index 0, no history)
+    import torch
+
+    from recloop.ranking import topk
+
+    art = load_artifact(boot)
+    h = art.history_len
+    zero = torch.zeros(1, dtype=torch.int64)
+    scores = art.policy(zero, torch.zeros(1, h, dtype=torch.int64), torch.zeros(1, h))
+    scores[:, 0] = float("-inf")
+    ranked = topk(scores, len(longest), row_keys=zero).indices[0].tolist()
+    assert [int(art.item_ids[c - 1][1:]) for c in ranked] == longest
+    uniform = make_policy(world, str(boot), Selection(kind="epsilon", epsilon=1.0))
+    roll = simulate(world, uniform, users, seed=0)
+    known = {int(i[1:]) for i in load_artifact(boot).item_ids}
+    assert set(roll.item.tolist()) <= known
+    first = np.r_[True, roll.user[1:] != roll.user[:-1]]
+    np.testing.assert_allclose(roll.propensity[first], 1.0 / n_known)

@@ -11,7 +11,12 @@ over users).  A policy is a scorer over the world's items plus a selection rule:
   propensity is that probability.
 
 Candidates are the items not yet shown to the user (a policy never repeats an item, as the
-service and OPE's ``mask_consumed`` do).  Random numbers are common across policies: the
+service and OPE's ``mask_consumed`` do), or with ``feedback="clicks"`` the items the user has
+not responded to (a service that reads its users' recent items from an online store of
+their behaviour events).  A saved model (:class:`ArtifactScorer`) is rolled out as its
+service serves it: its own catalogue only (for exploration too) and ties broken by its own
+user and item indices (:func:`recloop.ranking.topk`), which for a user it never saw is the
+same order for every user.  Random numbers are common across policies: the
 uniforms of (chunk, session, step) are drawn for every user of the chunk whatever the
 policy, so two policies rolled out with one seed meet the same users with the same luck
 (a paired comparison).
@@ -135,12 +140,21 @@ class ArtifactScorer:
         self.cols = torch.from_numpy(self.art_of_world)
         self.unknown = torch.from_numpy(self.art_of_world == 0)
         self.user_index = artifact.user_index
+        # as its service serves: ties broken by its own user and item indices, and only
+        # its catalogue to show (the world's other items are never candidates, not even
+        # for exploration)
+        self.tie_items = self.cols
+        self.blocked = np.flatnonzero(self.art_of_world[1:] == 0) + 1
+
+    def tie_keys(self, user: np.ndarray) -> np.ndarray:
+        """(B,) int64 the service's tie-break key of each world user: its user index."""
+        return np.array([self.user_index.get(f"{USER_PREFIX}{n}", 0) for n in user], np.int64)
 
     @torch.inference_mode()
     def __call__(
         self, user: np.ndarray, hist_item: np.ndarray, hist_reward: np.ndarray, state: UserState
     ) -> torch.Tensor:
-        u = np.array([self.user_index.get(f"{USER_PREFIX}{n}", 0) for n in user], np.int64)
+        u = self.tie_keys(user)
         h = torch.from_numpy(self.art_of_world[hist_item])
         r = torch.from_numpy(hist_reward.astype(np.float32))
         scores = self.art.policy(torch.from_numpy(u), h, r).float()
@@ -177,8 +191,10 @@ def kth_unshown(shown_sorted: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 @dataclass(kw_only=True, eq=False)
 class Shown:
-    """What each user of a chunk has been shown: a mask for scorers, a sorted list for
-    uniform draws, and for static scorers a per-user order with a pointer."""
+    """What each user of a chunk may not be shown (again): the items shown, or with
+    click feedback the items clicked, and the items the policy cannot show; a mask for
+    scorers, a sorted list for uniform draws, and for static scorers a per-user order with
+    a pointer."""
 
     mask: np.ndarray  # (B, N + 1) bool, column 0 True
     sorted: np.ndarray  # (B, T) int64 ascending shown items, padded with N + 1
@@ -187,12 +203,17 @@ class Shown:
     pointer: np.ndarray | None = None  # (B,) int64 first position in order not yet shown
 
     @classmethod
-    def empty(cls, b: int, n: int, slots: int) -> Shown:
+    def empty(cls, b: int, n: int, slots: int, blocked: np.ndarray | None = None) -> Shown:
+        """Nothing shown yet, except ``blocked`` (k,) ascending items, which count as shown
+        from the start (items the policy's service cannot show: not in its catalogue)."""
+        blocked = np.zeros(0, np.int64) if blocked is None else np.asarray(blocked, np.int64)
+        k = blocked.shape[0]
         mask = np.zeros((b, n + 1), bool)
         mask[:, 0] = True
-        return cls(
-            mask=mask, sorted=np.full((b, slots), n + 1, np.int64), count=np.zeros(b, np.int64)
-        )
+        mask[:, blocked] = True
+        ordered = np.full((b, slots + k), n + 1, np.int64)
+        ordered[:, :k] = blocked
+        return cls(mask=mask, sorted=ordered, count=np.full(b, k, np.int64))
 
     def add(self, rows: np.ndarray, item: np.ndarray) -> None:
         self.mask[rows, item] = True
@@ -203,7 +224,11 @@ class Shown:
 
 
 def top1(
-    scores: torch.Tensor | None, shown: Shown, rows: np.ndarray, row_keys: np.ndarray
+    scores: torch.Tensor | None,
+    shown: Shown,
+    rows: np.ndarray,
+    row_keys: np.ndarray,
+    items: torch.Tensor | None = None,
 ) -> np.ndarray:
     """The best candidate of each row: :func:`recloop.ranking.topk` of the masked scores,
     or (static scorers, ``scores`` None) the first unshown item of the row's order, which
@@ -220,7 +245,8 @@ def top1(
         shown.pointer[rows] = ptr
         return item
     masked = _masked(scores, shown.mask[rows])
-    return topk(masked, 1, row_keys=torch.from_numpy(row_keys)).indices[:, 0].numpy()
+    cols = None if items is None else items.expand(masked.shape[0], -1)
+    return topk(masked, 1, row_keys=torch.from_numpy(row_keys), items=cols).indices[:, 0].numpy()
 
 
 def _masked(scores: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
@@ -237,6 +263,7 @@ def select(
     row_keys: np.ndarray,
     u_explore: np.ndarray,
     u_pick: np.ndarray,
+    items: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chosen items (B,) and their exact probabilities (B,) under ``selection`` for the
     users at ``rows`` of ``shown``; ``scores`` (B, N + 1) or None for a static scorer whose
@@ -249,7 +276,7 @@ def select(
         uniform = kth_unshown(shown.sorted[rows], k)
         if eps >= 1.0:
             return uniform, 1.0 / n_cand
-        best = top1(scores, shown, rows, row_keys)
+        best = top1(scores, shown, rows, row_keys, items)
         item = np.where(u_explore < eps, uniform, best)
         prob = (1 - eps) * (item == best) + eps / n_cand
         return item.astype(np.int64), prob.astype(np.float64)
@@ -322,6 +349,12 @@ def simulate(
     users = np.asarray(users, np.int64)
     m, n = world.mech, world.n_items
     h = max(1, int(policy.scorer.history))
+    # a saved model is rolled out as its service serves it: its own tie-break keys (its
+    # user and item indices) and its own catalogue (the world's other items are never
+    # candidates); the world's reference policies rank world items by world numbers
+    tie_keys: Callable[[np.ndarray], np.ndarray] = getattr(policy.scorer, "tie_keys", lambda u: u)
+    tie_items: torch.Tensor | None = getattr(policy.scorer, "tie_items", None)
+    blocked: np.ndarray | None = getattr(policy.scorer, "blocked", None)
     parts: list[tuple[np.ndarray, ...]] = []
     for c, lo in enumerate(range(0, users.shape[0], chunk)):
         ids = users[lo : lo + chunk]
@@ -331,7 +364,8 @@ def simulate(
         hist_item = np.zeros((b, h), np.int64)
         hist_reward = np.zeros((b, h), np.float32)
         # what the policy may not show again: every shown item, or the clicked ones only
-        shown = Shown.empty(b, n, m.sessions * m.horizon)
+        shown = Shown.empty(b, n, m.sessions * m.horizon, blocked)
+        keys = tie_keys(ids)
         clicks = feedback == "clicks"
         if policy.scorer.static:
             dummy = UserState(
@@ -364,9 +398,10 @@ def simulate(
                     shown,
                     rows,
                     policy.selection,
-                    row_keys=ids[rows],
+                    row_keys=keys[rows],
                     u_explore=uni[5, rows],
                     u_pick=uni[6, rows],
+                    items=tie_items,
                 )
                 expected = world.expected_reward(sub, item)
                 out = world.step(sub, item, uni[:5, rows])
