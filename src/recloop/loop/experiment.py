@@ -855,6 +855,9 @@ class ArmStack:
             allowed_lateness_s=0,
             popular_refresh_s=60.0,
             stats_interval_s=600.0,
+            # every click a user can make in a round stays in the store (the service reads
+            # up to its consumed_len, 100): the truth's roll-outs never forget one either
+            recent_len=100,
         )
         bus = open_bus(self.bus_url)
         deadline = time.monotonic() + 30.0
@@ -1007,7 +1010,12 @@ async def serve_round(
             await _publish_events(stack.bus_url, events)
             stack.expected += len(results) + len(events)
             if from_store:  # the clicks are in the store before the next requests
-                await stack.drain(idle_s=0.01, settle=False)
+                stats = await stack.drain(idle_s=0.01, settle=False)
+                if stats.get("failed_steps"):  # a store write failed: the next state is stale
+                    raise RuntimeError(
+                        f"{stack.spec.name}: the stream processor failed to store events "
+                        f"({stats}); the next requests would be served from a stale store"
+                    )
             total[rows] += out.reward
             steps += rows.shape[0]
             clicks += len(events)
