@@ -78,7 +78,13 @@ from recloop.artifacts.heads import HeadConfig, LinearHead
 from recloop.artifacts.policy import PolicyNet
 from recloop.config import check, config_from_dict, config_to_dict
 from recloop.data.dataset import SPLIT_NAMES, TRAIN, PreparedDataset
-from recloop.data.lists import context_windows, item_id_frame, list_first, list_starts
+from recloop.data.lists import (
+    context_windows,
+    events_file,
+    item_id_frame,
+    list_first,
+    list_starts,
+)
 from recloop.data.sampler import TransitionSampler, gather_windows
 from recloop.data.schema import (
     EPSILON,
@@ -625,10 +631,6 @@ def fit_baseline_rewards(
 # --- the policy-independent half: events, propensities, reward model ---------------------
 
 
-def _events_file(dataset: PreparedDataset) -> str:
-    return str(dataset.events_file) if dataset.events_file else "events"
-
-
 def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarray | None:
     """(E,) float64 logged ``propensity`` of the events at ``rows``; None without the column.
 
@@ -641,13 +643,13 @@ def logged_propensities(dataset: PreparedDataset, rows: np.ndarray) -> np.ndarra
         p = np.asarray(col[rows], dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(
-            f"{_events_file(dataset)}: column {PROPENSITY!r} must be numeric, got dtype {col.dtype}"
+            f"{events_file(dataset)}: column {PROPENSITY!r} must be numeric, got dtype {col.dtype}"
         ) from None
     bad = np.flatnonzero(~((p > 0) & (p <= 1)))  # NaN fails both tests
     if bad.shape[0]:
         row = int(rows[bad[0]])
         raise DataError(
-            f"{_events_file(dataset)}, row {row}: field {PROPENSITY!r} must be a probability "
+            f"{events_file(dataset)}, row {row}: field {PROPENSITY!r} must be a probability "
             f"in (0, 1], got {float(p[bad[0]])} ({bad.shape[0]} such events in the split)"
         )
     return p
@@ -750,7 +752,7 @@ def logged_events(
         rows = rows[drawn]
         if rows.shape[0] == 0:
             raise DataError(
-                f"{_events_file(dataset)}: every impression of the {SPLIT_NAMES[code]} split "
+                f"{events_file(dataset)}: every impression of the {SPLIT_NAMES[code]} split "
                 f"is of a fallback list ({LIST_SOURCE} {FALLBACK_SOURCE!r}); ope.target=served "
                 "has nothing to evaluate"
             )
@@ -759,14 +761,14 @@ def logged_events(
     if cfg.target == "served" and cfg.positions is not None:
         if POSITION not in dataset.extra:
             raise DataError(
-                f"{_events_file(dataset)}: ope.positions needs each impression's "
+                f"{events_file(dataset)}: ope.positions needs each impression's "
                 f"{POSITION!r} (`recloop prepare --from-db --impressions` keeps it)"
             )
         top = dataset.extra[POSITION][rows] < cfg.positions
         lower = int(rows.shape[0] - top.sum())
         if lower == rows.shape[0]:
             raise DataError(
-                f"{_events_file(dataset)}: no impression of the {SPLIT_NAMES[code]} split is "
+                f"{events_file(dataset)}: no impression of the {SPLIT_NAMES[code]} split is "
                 f"at the first {cfg.positions} slots of its list; nothing to evaluate"
             )
         rows = rows[top]
@@ -784,7 +786,7 @@ def logged_events(
         logged = logged_propensities(dataset, rows) if cfg.behaviour != "fitted" else None
         if logged is None and cfg.behaviour == "logged":
             raise DataError(
-                f"{_events_file(dataset)}: ope.behaviour=logged but the events have no "
+                f"{events_file(dataset)}: ope.behaviour=logged but the events have no "
                 f"{PROPENSITY!r} column"
             )
         if logged is not None:
@@ -974,7 +976,7 @@ def served_settings(dataset: PreparedDataset, rows: np.ndarray) -> ServedSetting
     served-items table's (time, then recommendation id), which need not be the order they
     were served in.
     """
-    where = _events_file(dataset)
+    where = events_file(dataset)
     missing = [c for c in SERVED_REQUIRED if c not in dataset.extra]
     if missing:
         raise DataError(
@@ -1287,7 +1289,7 @@ def served_distributions(
     deep = st.softmax & (st.slot > 0)  # (E,)
     if deep.any() and PROPENSITY not in dataset.extra:
         raise DataError(
-            f"{_events_file(dataset)}: ope.target=served scores a softmax slot below the first "
+            f"{events_file(dataset)}: ope.target=served scores a softmax slot below the first "
             f"with the logged {PROPENSITY!r} of the slots above it; the events have no such "
             "column"
         )
@@ -1493,7 +1495,7 @@ def reserve_check(
     """
     if POLICY_VERSION not in dataset.extra:
         raise DataError(
-            f"{_events_file(dataset)}: the re-serve check needs each impression's "
+            f"{events_file(dataset)}: the re-serve check needs each impression's "
             f"{POLICY_VERSION!r} (`recloop prepare --from-db --impressions` keeps it)"
         )
     if events.behaviour != "logged":

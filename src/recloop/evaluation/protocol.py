@@ -201,8 +201,7 @@ def build_eval_users(dataset: PreparedDataset, *, split: str | int, history: int
         ctx = context_states(dataset, first, history=history)
         at = np.searchsorted(first, ctx.rows)
         hist[at] = ctx.item
-        hist_reward = hist_reward.copy()
-        hist_reward[at] = ctx.reward
+        hist_reward[at] = ctx.reward  # the windows are fresh arrays, the dataset untouched
     target_offsets = np.append(group, rows.shape[0]).astype(np.int64)
     target_items = dataset.item[rows]
     # Distinct targets per user: count distinct (user position, item) pairs.
