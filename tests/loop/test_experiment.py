@@ -213,6 +213,13 @@ def test_last_round_comparison_and_csv(tmp_path: Path) -> None:
         "truly_better_rejected": 0,
         "truly_worse_rejected": 0,
         "rejected_untrusted": 0,
+        "one_step_checked": 0,
+        "ope_misses_one_step": 0,
+        "one_step_contradicts_truth": 0,
+        "one_step_flips": 0,
+        "one_step_misses_ips": 0,
+        "one_step_misses_snips": 0,
+        "one_step_misses_dr": 0,
     }
     assert doc["arms"][0]["reward_per_round"] == [1.0, 1.3]
     assert doc["arms"][0]["interval_per_round"][1] == pytest.approx([1.25, 1.35])
@@ -468,6 +475,13 @@ def test_a_canarys_verdict_is_a_decision_checked_with_its_gate_time_truth() -> N
         "truly_better_rejected": 0,
         "truly_worse_rejected": 1,
         "rejected_untrusted": 0,
+        "one_step_checked": 0,
+        "ope_misses_one_step": 0,
+        "one_step_contradicts_truth": 0,
+        "one_step_flips": 0,
+        "one_step_misses_ips": 0,
+        "one_step_misses_snips": 0,
+        "one_step_misses_dr": 0,
     }
 
 
@@ -493,6 +507,81 @@ def test_rejections_on_untrusted_ope_are_counted() -> None:
     ]
     summary = gate_summary(rows)
     assert (summary["decisions"], summary["rejected_untrusted"]) == (3, 1)
+
+
+def test_the_summary_tells_an_ope_error_from_a_one_step_value_that_misleads() -> None:
+    """A gate's OPE interval is checked against the exact one-step difference it estimates,
+    and that difference against the session truth."""
+    from recloop.evaluation.worlds.rollout import Estimate
+    from recloop.loop.experiment import GateCheck, gate_summary
+
+    trio = tuple[float, float, float]
+
+    def check(
+        ope: trio | None,
+        one: float | None,
+        true: trio | None,
+        shadowed: tuple[trio, trio] | None = None,
+    ) -> GateCheck:
+        return GateCheck(
+            decision="promote", reason="", candidate="v1", current="v0",
+            true_candidate=None, true_current=None,
+            true_diff=None if true is None else Estimate(*true), violation=False,
+            worse_point=False, ope_diff=None if ope is None else Estimate(*ope),
+            one_step_diff=one,
+            on_current_states=None if shadowed is None else Estimate(*shadowed[0]),
+            on_candidate_states=None if shadowed is None else Estimate(*shadowed[1]),
+        )  # fmt: skip
+
+    rows = [
+        # right about the one-step value, which is not the session's: the store-fed case
+        _row(
+            1,
+            "a",
+            1.0,
+            0.1,
+            check(
+                (0.03, 0.01, 0.05),
+                0.034,
+                (-0.2, -0.26, -0.17),
+                ((0.08, 0.05, 0.1), (-0.3, -0.4, -0.2)),
+            ),
+        ),
+        # the one-step value is just outside the interval (an estimation error), and the
+        # session truth is not resolved
+        _row(
+            1,
+            "b",
+            1.0,
+            0.1,
+            check(
+                (0.03, 0.01, 0.05), 0.0, (0.1, -0.1, 0.3), ((0.08, 0.05, 0.1), (-0.3, -0.4, 0.2))
+            ),
+        ),
+        # both agree, and the truth too
+        _row(2, "a", 1.0, 0.1, check((-0.1, -0.2, -0.05), -0.1, (-0.3, -0.4, -0.2))),
+        # truly better, one-step worse, OPE interval holding it: misleads, no miss
+        _row(2, "b", 1.0, 0.1, check((-0.1, -0.2, 0.05), -0.02, (0.3, 0.2, 0.4))),
+        # no OPE (the first model, or --gate metric): not checked
+        _row(3, "a", 1.0, 0.1, check(None, None, (-0.3, -0.4, -0.2))),
+        _row(3, "b", 1.0, 0.1, check((0.0, -0.1, 0.1), None, None)),
+    ]
+    summary = gate_summary(rows)
+    assert summary["one_step_checked"] == 4
+    assert summary["ope_misses_one_step"] == 1
+    assert summary["one_step_contradicts_truth"] == 2
+    assert summary["one_step_flips"] == 1  # the second's own-state interval covers 0
+    # each estimator of the report is checked too
+    first = rows[0].gate
+    assert first is not None
+    rows[0].gate = dataclasses.replace(
+        first, ope_diffs={"ips": Estimate(-0.02, -0.03, -0.01), "dr": Estimate(0.03, 0.01, 0.05)}
+    )
+    summary = gate_summary(rows)
+    assert (summary["one_step_misses_ips"], summary["one_step_misses_dr"]) == (1, 0)
+    assert summary["one_step_misses_snips"] == 0  # not in the report
+    # with session returns as the outcome, the interval does not estimate the one-step value
+    assert gate_summary(rows, ope_outcome="return")["ope_misses_one_step"] == 0
 
 
 @pytest.mark.slow
@@ -549,7 +638,7 @@ def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:
     from types import SimpleNamespace
 
     from recloop.loop.controller import LoopError
-    from recloop.loop.experiment import run_loop_round
+    from recloop.loop.experiment import TruthCheck, run_loop_round
 
     class FailingLoop:
         def __init__(self) -> None:
@@ -567,12 +656,21 @@ def test_a_canary_promotion_before_a_failed_round_is_still_counted() -> None:
         cfg=ExperimentConfig(rounds=1, users=4),
         registry=SimpleNamespace(current=lambda: "v1"),
         spec=ArmSpec(name="rl", algo="reinforce"),
-        truth={"v1": (Estimate(1.0, 0.9, 1.1), Estimate(1.5, 1.4, 1.6), diff)},
+        truth={
+            "v1": TruthCheck(
+                candidate=Estimate(1.0, 0.9, 1.1),
+                current=Estimate(1.5, 1.4, 1.6),
+                diff=diff,
+                on_candidate_states=Estimate(-0.3, -0.4, -0.2),
+                on_current_states=Estimate(0.1, 0.05, 0.15),
+            )
+        },
     )
     done = run_loop_round(stack, world=None, round_no=2)  # type: ignore[arg-type]
     assert done.gate is not None and done.gate.decision == "failed at train"
     assert done.promoted and done.canary is not None
     assert done.canary.decision == "promote" and done.canary.violation  # truly worse
+    assert done.canary.on_candidate_states == Estimate(-0.3, -0.4, -0.2)
 
 
 def test_a_second_experiment_in_the_same_workdir_is_refused(
@@ -867,6 +965,28 @@ def test_a_tiny_store_fed_experiment_checks_its_gates_with_click_fed_roll_outs(
     # the bootstrap log is the world's own policy (every shown item); the truth roll-outs of
     # the gates feed the models the clicks, as the arms' services are fed
     assert feedback[0] == "shown" and feedback[1:] == ["clicks"] * 4
+    # each gate's OPE difference comes with the exact one-step difference it estimates
+    with_ope = [c for c in doc["gate_checks"] if c["ope_diff"] is not None]
+    assert with_ope and all(isinstance(c["one_step_diff"], float) for c in with_ope)
+    assert all(set(c["ope_diffs"]) == {"ips", "snips", "dr"} for c in with_ope)
+    assert all(c["ope_diffs"]["dr"] == c["ope_diff"] for c in with_ope)  # the gating one
+    # and each gate's truth with the one-step advantage in either model's roll-out states
+    for c in doc["gate_checks"]:
+        for key in ("on_candidate_states", "on_current_states"):
+            assert c[key]["low"] <= c[key]["value"] <= c[key]["high"]
+    assert doc["gate_summary"]["one_step_checked"] == len(with_ope)
+    # the candidate scored directly and through the gate's id translation is one policy
+    from recloop.evaluation.ope import OPEConfig
+    from recloop.evaluation.worlds.base import build_world
+    from recloop.loop.experiment import one_step_difference
+
+    arm = work / "arms" / "popularity"
+    last = sorted((arm / "loop" / "rounds").iterdir())[-1]
+    version = arm / "registry" / "versions" / with_ope[-1]["candidate"]
+    same = one_step_difference(
+        build_world("shop"), version, version, last / "data", ope_cfg=OPEConfig(target="served")
+    )
+    assert same == 0.0
 
 
 @pytest.mark.slow

@@ -186,6 +186,21 @@ def experiment_command(
         f"{g['truly_better_rejected']} truly better rejected, {g['truly_worse_rejected']} "
         f"truly worse rejected; {workdir / 'experiment.csv'}"
     )
+    if g.get("one_step_checked"):
+        outcome = doc["config"].get("gate_outcome", "reward")
+        misses = (
+            f"{g['ope_misses_one_step']} OPE interval(s) missed it"
+            if outcome == "reward"
+            else "not the OPE's estimand with session returns"
+        )
+        echo(
+            f"OPE against the exact one-step difference on the gates' holdout states "
+            f"({g['one_step_checked']} gates): {misses}; in {g['one_step_contradicts_truth']} "
+            "the one-step difference had the opposite sign of a resolved session truth (a "
+            "perfect one-step estimate would have misled the gate there); in "
+            f"{g['one_step_flips']} the candidate's one-step advantage had one sign in the "
+            "current model's roll-out states and the other in its own"
+        )
     if g["rejected_untrusted"]:
         echo(
             f"{g['rejected_untrusted']} of the rejections were on untrusted OPE estimates (the "

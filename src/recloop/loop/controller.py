@@ -127,6 +127,9 @@ class RoundResult:
     canary: dict[str, Any] = field(default_factory=dict)
     """The verdict on the canary that was running when the round started
     (:class:`recloop.loop.canary.CanaryVerdict`; empty when none ran)."""
+    round: str | None = None
+    """The round's folder under the workdir's ``rounds/`` (its prepared ``data`` and the
+    candidate's ``run``; kept for the newest ``keep_rounds`` rounds)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -569,6 +572,7 @@ class LoopController:
             window=p["lineage"].get("window", {}),
             gate=p["lineage"].get("gate", {}),
             warm_start=p.get("warm_start") or {},
+            round=p["round"],
         )
 
     def _prune(self, *, keep: str) -> None:

@@ -68,7 +68,7 @@ from recloop.artifacts.bundle import load_artifact
 from recloop.artifacts.registry import ArtifactRegistry
 from recloop.config import check, set_dotted
 from recloop.errors import ConfigError, RecloopError
-from recloop.evaluation.ope import OUTCOMES
+from recloop.evaluation.ope import OUTCOMES, OPEConfig
 from recloop.evaluation.worlds.base import ITEM_PREFIX, RESPONSES, USER_PREFIX, UserState, World
 from recloop.evaluation.worlds.rollout import (
     Estimate,
@@ -79,7 +79,7 @@ from recloop.evaluation.worlds.rollout import (
     t_interval,
 )
 from recloop.loop.config import LoopConfig
-from recloop.loop.controller import LoopController, LoopError, exclusive_lock
+from recloop.loop.controller import ROUNDS, LoopController, LoopError, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +439,24 @@ class GateCheck:
     ope_untrusted: bool = False
     """The gate's OPE check failed on estimates with warnings (``ope_require_trusted``):
     the log could not evaluate the candidate, whatever its interval said."""
+    ope_diff: Estimate | None = None
+    """The gate's paired OPE difference, candidate − current, per impression (its
+    estimator's bootstrap interval; None without OPE)."""
+    ope_diffs: dict[str, Estimate] = field(default_factory=dict)
+    """The paired differences of every estimator of the gate's report (``ope_diff`` is
+    the gating one's)."""
+    one_step_diff: float | None = None
+    """The exact value of what that difference estimates with ``--gate-outcome reward``:
+    the mean over the same impressions of ``V_cand(s) − V_cur(s)`` at their logged states
+    (:func:`one_step_difference`).  Against ``ope_diff`` it tells an estimation error;
+    against ``true_diff`` a one-step value that is not the session's."""
+    on_candidate_states: Estimate | None = None
+    """The candidate's one-step advantage per session over the current model in the
+    states of its own truth roll-out (:attr:`TruthCheck.on_candidate_states`)."""
+    on_current_states: Estimate | None = None
+    """The same in the current model's roll-out: when it has the sign of ``one_step_diff``
+    and the other one that of ``true_diff``, the gate's estimate was right about the
+    states it read and the candidate leads users elsewhere."""
 
 
 @dataclass(kw_only=True)
@@ -587,16 +605,29 @@ class ExperimentResult:
             "arms": arms,
             "gate_checks": checks,
             "gate_violations": sum(1 for c in checks if c["violation"]),
-            "gate_summary": gate_summary(self.rows),
+            "gate_summary": gate_summary(self.rows, ope_outcome=self.config.gate_outcome),
             "seconds": round(self.seconds, 1),
         }
 
 
-def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
+def gate_summary(rows: Sequence[ArmRound], *, ope_outcome: str = "reward") -> dict[str, int]:
     """Gate decisions against the truth: how many promoted, promoted although truly worse
     (violations), rejected although truly better, rejected and truly worse (intervals of
     the paired true difference wholly above 0 / below 0), and rejected because the OPE
-    estimates could not be trusted."""
+    estimates could not be trusted.
+
+    And where the OPE went wrong, over the gate decisions with an OPE difference and its
+    one-step truth (``one_step_checked``): ``ope_misses_one_step`` counts the OPE intervals
+    that do not hold the exact one-step difference they estimate (an estimation error; with
+    ``ope_outcome`` ``return`` the estimand is not the one-step value and this is not
+    counted), ``one_step_contradicts_truth`` the decisions whose session truth is resolved
+    (its interval excludes 0) and whose exact one-step difference has the other sign: there
+    a perfect one-step estimate would mislead the gate; ``one_step_misses_<estimator>``
+    count the misses of each estimator of the gate's report (IPS, SNIPS, DR).
+    ``one_step_flips`` counts the gate decisions whose candidate's one-step advantage is
+    resolved (interval excluding 0) with one sign in the current model's roll-out states
+    and with the other in its own:
+    the states a model leads its users to decide there."""
     gates = [
         g
         for r in rows
@@ -605,6 +636,23 @@ def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
     ]
     promoted = [g for g in gates if g.decision == "promote"]
     rejected = [g for g in gates if g.decision == "reject" and g.true_diff is not None]
+    with_ope = [
+        r.gate
+        for r in rows
+        if r.gate is not None and r.gate.ope_diff is not None and r.gate.one_step_diff is not None
+    ]
+
+    def missed(iv: Estimate | None, one: float | None) -> bool:
+        return iv is not None and one is not None and not iv.low <= one <= iv.high
+
+    def opposite(a: Estimate | None, b: float | Estimate | None) -> bool:
+        """``a`` resolved one way and ``b`` (a value, or a resolved interval) the other."""
+        if a is None or b is None:
+            return False
+        lo, hi = (b, b) if isinstance(b, float) else (b.low, b.high)
+        return (a.low > 0 and hi < 0) or (a.high < 0 and lo > 0)
+
+    reward = ope_outcome == "reward"  # else the intervals do not estimate the one-step value
     return {
         "decisions": len(gates),
         "promoted": len(promoted),
@@ -612,6 +660,19 @@ def gate_summary(rows: Sequence[ArmRound]) -> dict[str, int]:
         "truly_better_rejected": sum(g.true_diff.low > 0 for g in rejected if g.true_diff),
         "truly_worse_rejected": sum(g.true_diff.high < 0 for g in rejected if g.true_diff),
         "rejected_untrusted": sum(g.ope_untrusted for g in gates if g.decision == "reject"),
+        "one_step_checked": len(with_ope),
+        "ope_misses_one_step": reward * sum(missed(g.ope_diff, g.one_step_diff) for g in with_ope),
+        **{
+            f"one_step_misses_{name}": reward
+            * sum(missed(g.ope_diffs.get(name), g.one_step_diff) for g in with_ope)
+            for name in ("ips", "snips", "dr")
+        },
+        "one_step_contradicts_truth": sum(opposite(g.true_diff, g.one_step_diff) for g in with_ope),
+        "one_step_flips": sum(
+            opposite(r.gate.on_current_states, r.gate.on_candidate_states)
+            for r in rows
+            if r.gate is not None
+        ),
     }
 
 
@@ -623,8 +684,10 @@ def _gate_doc(g: GateCheck | None) -> dict[str, Any]:
     if g is None:
         return {}
     doc = dataclasses.asdict(g)
-    for k in ("true_candidate", "true_current", "true_diff"):
+    for k in ("true_candidate", "true_current", "true_diff", "ope_diff", "on_candidate_states",
+              "on_current_states"):  # fmt: skip
         doc[k] = _est(getattr(g, k))
+    doc["ope_diffs"] = {name: e.to_dict() for name, e in g.ope_diffs.items()}
     return doc
 
 
@@ -635,6 +698,8 @@ CSV_FIELDS = (
     "violation", "baseline", "diff_vs_baseline", "diff_lo", "diff_hi",
     "ratio_vs_baseline", "ratio_lo", "ratio_hi",
     "canary_decision", "canary_candidate", "canary_true_diff", "canary_violation",
+    "ope_diff", "ope_diff_lo", "ope_diff_hi", "one_step_diff",
+    "on_candidate_states", "on_current_states",
 )  # fmt: skip
 
 
@@ -662,6 +727,8 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
             cand = None if g is None else g.true_candidate
             cur = None if g is None else g.true_current
             diff = None if g is None else g.true_diff
+            shadowed = (None, None) if g is None else (g.on_candidate_states,
+                                                       g.on_current_states)  # fmt: skip
             w.writerow(
                 [
                     r.round, r.arm, r.algo,
@@ -679,6 +746,10 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
                     "" if c is None else c.candidate or "",
                     _num(None if c is None or c.true_diff is None else c.true_diff.value),
                     "" if c is None else int(c.violation),
+                    *(["", "", ""] if g is None or g.ope_diff is None else map(_num, (
+                        g.ope_diff.value, g.ope_diff.low, g.ope_diff.high))),
+                    _num(None if g is None else g.one_step_diff),
+                    *(_num(None if e is None else e.value) for e in shadowed),
                 ]
             )  # fmt: skip
 
@@ -746,7 +817,7 @@ class ArmStack:
         self.registry.publish(bootstrap, promote=True, reason="experiment bootstrap")
         self.clock = clock
         self.loop: LoopController | None = None
-        self.truth: dict[str, tuple[Estimate, Estimate, Estimate]] = {}
+        self.truth: dict[str, TruthCheck] = {}
         """Truth roll-outs of each gated candidate against the model it was gated against
         (a canary's verdict is checked with its gate-time truth)."""
         self.expected = 0
@@ -1036,6 +1107,26 @@ FEEDBACK_OF = {"request": "shown", "store": "clicks"}
 """The roll-outs' ``feedback`` for each ``history_source`` of the arms' services."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class TruthCheck:
+    """Two models rolled out in the world on the same fresh users and random numbers."""
+
+    candidate: Estimate
+    """True return per session of the candidate."""
+    current: Estimate
+    """The same for the current model."""
+    diff: Estimate
+    """Paired candidate − current, per user."""
+    on_candidate_states: Estimate
+    """One-step advantage per session of the candidate's items over the current model's,
+    in the states of the candidate's own roll-out (the current model as its shadow,
+    :func:`recloop.evaluation.worlds.rollout.simulate`): the states a canary's users
+    reach."""
+    on_current_states: Estimate
+    """The same in the states of the current model's roll-out (the candidate as its
+    shadow): the states of the log the gate's OPE reads."""
+
+
 def true_values(
     world: World,
     candidate: Path,
@@ -1045,17 +1136,27 @@ def true_values(
     sel: Selection,
     seed: int,
     feedback: str = "shown",
-) -> tuple[Estimate, Estimate, Estimate]:
+) -> TruthCheck:
     """True return per session of two artifacts on the same fresh users and random numbers
     (with the arm's serving policy ``sel``, fed ``feedback`` as the arms' services are),
-    and their paired difference."""
+    their paired difference, and each one's roll-out with the other as its shadow."""
     who = TRUTH_USER_BASE + np.arange(users, dtype=np.int64)
-    out = []
-    for path in (candidate, current):
+    ret, adv = [], []
+    for path, other in ((candidate, current), (current, candidate)):
         policy: Policy = make_policy(world, str(path), sel)
-        roll = simulate(world, policy, who, seed=seed, feedback=feedback)
-        out.append(roll.per_user()["return"])
-    return t_interval(out[0]), t_interval(out[1]), t_interval(out[0] - out[1])
+        shadow = make_policy(world, str(other), sel).scorer
+        roll = simulate(world, policy, who, seed=seed, feedback=feedback, shadow=shadow)
+        per_user = roll.per_user()
+        ret.append(per_user["return"])
+        adv.append(per_user["advantage"])
+    return TruthCheck(
+        candidate=t_interval(ret[0]),
+        current=t_interval(ret[1]),
+        diff=t_interval(ret[0] - ret[1]),
+        on_candidate_states=t_interval(adv[0]),
+        # the current model's advantage over its shadow, turned into the candidate's
+        on_current_states=t_interval(-adv[1]),
+    )
 
 
 async def _wait_for_registry(
@@ -1094,7 +1195,8 @@ def _canary_check(stack: ArmStack, verdict: dict[str, Any]) -> GateCheck | None:
     if verdict.get("decision") not in ("promote", "stop"):
         return None
     version = str(verdict["version"])
-    cand, cur, diff = stack.truth.get(version, (None, None, None))
+    truth = stack.truth.get(version)
+    diff = None if truth is None else truth.diff
     promoted = verdict["decision"] == "promote"
     margin = stack.cfg.margin
     return GateCheck(
@@ -1102,11 +1204,13 @@ def _canary_check(stack: ArmStack, verdict: dict[str, Any]) -> GateCheck | None:
         reason="canary: " + str(verdict.get("reason", "")),
         candidate=version,
         current=verdict.get("parent"),
-        true_candidate=cand,
-        true_current=cur,
+        true_candidate=None if truth is None else truth.candidate,
+        true_current=None if truth is None else truth.current,
         true_diff=diff,
         violation=bool(promoted and diff is not None and diff.high < -margin),
         worse_point=bool(promoted and diff is not None and diff.value < -margin),
+        on_candidate_states=None if truth is None else truth.on_candidate_states,
+        on_current_states=None if truth is None else truth.on_current_states,
     )
 
 
@@ -1115,6 +1219,46 @@ def _ope_untrusted(gate_doc: dict[str, Any]) -> bool:
     OPE estimates and either model's had a warning."""
     ope = gate_doc.get("ope") or {}
     return bool(ope.get("require_trusted")) and any(ope.get("warnings", {}).values())
+
+
+def _gate_ope_diffs(gate_doc: dict[str, Any]) -> dict[str, Estimate]:
+    """The gate's paired OPE differences from its report, by estimator (empty without)."""
+    ope = gate_doc.get("ope") or {}
+    diffs = (ope.get("paired") or {}).get("differences", {})
+    return {
+        name: Estimate(float(iv["value"]), float(iv["low"]), float(iv["high"]))
+        for name, iv in diffs.items()
+    }
+
+
+def one_step_difference(
+    world: World, candidate: Path, current: Path, data: Path, *, ope_cfg: OPEConfig
+) -> float:
+    """The exact mean, over the impressions a loop gate's OPE scored (the TEST split of the
+    round's prepared ``data``), of ``V_cand(s) − V_cur(s)``, ``V(s) = sum_a pi(a | s)
+    R(s, a)`` at each impression's logged state s (replayed in the world from the round's
+    log: the experiment's users are fresh each round, so their whole history is in it),
+    each model scored as the gate scores it (the current one through its id translation,
+    :func:`recloop.loop.gate.mapped_scorer`).  It is what the gate's paired difference
+    estimates with the outcome ``reward``."""
+    from recloop.data.dataset import PreparedDataset
+    from recloop.evaluation.ope import logged_events
+    from recloop.evaluation.worlds.ope_check import WorldIndex, dataset_states, one_step_truth
+    from recloop.loop.gate import MAPPED_WINDOW, mapped_scorer
+
+    dataset = PreparedDataset.load(data)
+    cand, cur = load_artifact(candidate), load_artifact(current)
+    rows = logged_events(dataset, split="test", cfg=ope_cfg).rows
+    index = WorldIndex.of(dataset, world)
+    states = dataset_states(dataset, world, index)
+    v_cand = one_step_truth(
+        cand.policy, dataset, world, states, index, rows, history=cand.history_len, cfg=ope_cfg
+    )
+    v_cur = one_step_truth(
+        mapped_scorer(cur, dataset), dataset, world, states, index, rows,
+        history=MAPPED_WINDOW * cur.history_len, cfg=ope_cfg,
+    )  # fmt: skip
+    return float((v_cand - v_cur).mean()) if rows.shape[0] else 0.0
 
 
 def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound:
@@ -1158,9 +1302,9 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
     promoted = result.status.endswith("promoted")
     # what the candidate was gated against: the current model after any canary verdict
     parent = result.parent
-    cand = cur = diff = None
+    truth = None
     if cfg.truth_users > 0 and parent is not None:
-        cand, cur, diff = true_values(
+        truth = true_values(
             world,
             stack.registry.versions_dir / result.version,
             stack.registry.versions_dir / parent,
@@ -1169,7 +1313,19 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
             seed=cfg.seed + 7919 * round_no,
             feedback=FEEDBACK_OF[cfg.history_source],
         )
-        stack.truth[result.version] = (cand, cur, diff)
+        stack.truth[result.version] = truth
+    diff = None if truth is None else truth.diff
+    ope_diffs = _gate_ope_diffs(result.gate)
+    ope_diff = ope_diffs.get(str((result.gate.get("ope") or {}).get("estimator")))
+    one_step = None
+    if cfg.truth_users > 0 and parent is not None and ope_diff is not None and result.round:
+        one_step = one_step_difference(
+            world,
+            stack.registry.versions_dir / result.version,
+            stack.registry.versions_dir / parent,
+            stack.loop.workdir / ROUNDS / result.round / "data",
+            ope_cfg=stack.loop.cfg.ope,
+        )
     canaried = result.status.endswith("canary")
     decision = "promote" if promoted else "canary" if canaried else "reject"
     g = GateCheck(
@@ -1177,12 +1333,17 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
         reason=result.reason,
         candidate=result.version,
         current=parent,
-        true_candidate=cand,
-        true_current=cur,
+        true_candidate=None if truth is None else truth.candidate,
+        true_current=None if truth is None else truth.current,
         true_diff=diff,
         violation=bool(promoted and diff is not None and diff.high < -cfg.margin),
         worse_point=bool(promoted and diff is not None and diff.value < -cfg.margin),
         ope_untrusted=_ope_untrusted(result.gate),
+        ope_diff=ope_diff,
+        ope_diffs=ope_diffs,
+        one_step_diff=one_step,
+        on_candidate_states=None if truth is None else truth.on_candidate_states,
+        on_current_states=None if truth is None else truth.on_current_states,
     )
     return LoopRound(
         promoted=promoted or bool(canary and canary.decision == "promote"),
@@ -1319,6 +1480,13 @@ def _decision_words(g: GateCheck) -> str:
     words = g.decision
     if g.true_diff is not None:
         words += f"; true candidate − current {g.true_diff}"
+    if g.one_step_diff is not None:
+        words += f" (exact one-step difference on the holdout states {g.one_step_diff:+.3f})"
+    if g.on_candidate_states is not None and g.on_current_states is not None:
+        words += (
+            f"; one-step advantage per session in the current model's roll-out "
+            f"{g.on_current_states}, in the candidate's own {g.on_candidate_states}"
+        )
     return words + ("  VIOLATION" if g.violation else "")
 
 

@@ -16,6 +16,7 @@ from recloop.evaluation.worlds.rollout import (
     OracleScorer,
     Policy,
     PopularityScorer,
+    Rollout,
     Selection,
     Shown,
     evaluation_users,
@@ -366,9 +367,23 @@ def test_a_roll_out_feeds_its_policy_every_shown_item_or_the_clicks_only(feedbac
     pol = Policy(name="p", scorer=scorer, selection=Selection(epsilon=0.0))
     users = np.arange(50)
     roll = simulate(world, pol, users, seed=3, feedback=feedback)
-    fed: dict[int, list[tuple[int, float]]] = {int(u): [] for u in users}  # the state's
-    shows: dict[int, list[int]] = {int(u): [] for u in users}  # every item shown
-    want: dict[int, list[tuple[list[int], list[float]]]] = {int(u): [] for u in users}
+    want, repeats = _fed_states(roll, feedback, history=4)
+    assert _seen_states(scorer) == want  # the states the policy saw, step by step
+    if feedback == "shown":
+        assert repeats == 0
+    else:
+        assert repeats > 0  # ignored items came back
+
+
+_States = dict[int, list[tuple[list[int], list[float]]]]
+
+
+def _fed_states(roll: Rollout, feedback: str, *, history: int) -> tuple[_States, int]:
+    """The state (last ``history`` fed items and rewards) before each step of each user,
+    from the roll-out's events; and how many shown items had been shown before."""
+    fed: dict[int, list[tuple[int, float]]] = {int(u): [] for u in roll.users}
+    shows: dict[int, list[int]] = {int(u): [] for u in roll.users}  # every item shown
+    want: _States = {int(u): [] for u in roll.users}
     repeats = 0
     for u, item, reward, response in zip(
         roll.user.tolist(),
@@ -377,22 +392,51 @@ def test_a_roll_out_feeds_its_policy_every_shown_item_or_the_clicks_only(feedbac
         roll.response.tolist(),
         strict=True,
     ):
-        last = ([(0, 0.0)] * 4 + fed[u])[-4:]
+        last = ([(0, 0.0)] * history + fed[u])[-history:]
         want[u].append(([i for i, _ in last], [r for _, r in last]))
         assert item not in [i for i, _ in fed[u]]  # nothing in the state is shown again
         repeats += item in shows[u]
         shows[u].append(item)
         if feedback == "shown" or response != 0:
             fed[u].append((item, reward))
-    got: dict[int, list[tuple[list[int], list[float]]]] = {int(u): [] for u in users}
+    return want, repeats
+
+
+def _seen_states(scorer: _Recording) -> _States:
+    got: _States = {}
     for user, hist, hist_r in scorer.seen:
         for u, h, r in zip(user.tolist(), hist.tolist(), hist_r.tolist(), strict=True):
-            got[u].append((h, r))
-    assert got == want  # the states the policy saw, step by step
-    if feedback == "shown":
-        assert repeats == 0
-    else:
-        assert repeats > 0  # ignored items came back
+            got.setdefault(u, []).append((h, r))
+    return got
+
+
+@pytest.mark.parametrize("feedback", ["shown", "clicks"])
+def test_a_shadow_sees_the_policys_states_and_chooses_with_its_random_numbers(
+    feedback: str,
+) -> None:
+    """A shadow does not act; it sees the states the policy's own roll-out visits, with its
+    own (longer) history, and chooses with the policy's selection and random numbers, so a
+    shadow that scores as the policy does chooses its items, and the myopic oracle's items
+    are never worse in expectation."""
+    world = small_world()
+    driver = Policy(name="p", scorer=PopularityScorer(world), selection=Selection(epsilon=0.3))
+    users = np.arange(60)
+    shadow = _Recording(world)  # the world's popularity too, scored per step, history 4
+    roll = simulate(world, driver, users, seed=3, feedback=feedback, shadow=shadow)
+    plain = simulate(world, driver, users, seed=3, feedback=feedback)
+    assert np.array_equal(roll.item, plain.item) and np.array_equal(roll.reward, plain.reward)
+    assert plain.shadow_expected is None and "advantage" not in plain.per_user()
+    want, _ = _fed_states(roll, feedback, history=4)
+    assert _seen_states(shadow) == want
+    assert roll.shadow_expected is not None
+    np.testing.assert_array_equal(roll.shadow_expected, roll.expected)
+    assert np.array_equal(roll.per_user()["advantage"], np.zeros(users.shape[0]))
+    greedy = Policy(name="g", scorer=PopularityScorer(world), selection=Selection(epsilon=0.0))
+    vs_oracle = simulate(world, greedy, users, seed=3, feedback=feedback,
+                         shadow=OracleScorer(world))  # fmt: skip
+    assert vs_oracle.shadow_expected is not None
+    assert (vs_oracle.shadow_expected >= vs_oracle.expected - 1e-12).all()
+    assert (vs_oracle.per_user()["advantage"] < 0).mean() > 0.5
 
 
 def test_a_roll_outs_feedback_is_checked() -> None:
@@ -400,3 +444,59 @@ def test_a_roll_outs_feedback_is_checked() -> None:
     pol = Policy(name="p", scorer=PopularityScorer(world), selection=Selection(epsilon=0.3))
     with pytest.raises(ConfigError, match="feedback"):
         simulate(world, pol, np.arange(3), seed=0, feedback="views")
+
+
+def test_the_one_step_truth_of_a_model_with_other_id_maps_covers_its_own_catalogue(
+    tmp_path: Path,
+) -> None:
+    """The gate's current model has its own id maps and may know items the holdout never
+    showed; served, its policy can pick them, and the one-step truth must value them as
+    the world's items they are.  Here the current model's most popular item is absent from
+    the dataset, so, served greedily (the log's ε 0), it shows that item at every step."""
+    import polars as pl
+
+    from recloop.artifacts import load_artifact
+    from recloop.data.dataset import PreparedDataset
+    from recloop.evaluation.ope import OPEConfig
+    from recloop.evaluation.worlds.base import UserState
+    from recloop.evaluation.worlds.ope_check import WorldIndex, dataset_states, one_step_truth
+    from recloop.loop.gate import MAPPED_WINDOW, mapped_scorer
+
+    log, data, other, run = (tmp_path / n for n in ("log", "data", "other", "cur"))
+    args = ["-q", "world", "generate", "--policy", "popularity", "--epsilon", "0",
+            "--users", "60", "--output", str(log), *_sets(SMALL)]  # fmt: skip
+    assert _main(args) == 0
+    events = pl.read_csv(log / "events.csv")
+    shown = set(events["item"].to_list())
+    absent, second = [f"i{j}" for j in range(1, 41) if f"i{j}" not in shown][:2]
+    # the current model learnt from a log where `absent` is clicked more than any item, and
+    # `second` (also absent) less
+    extra = [
+        events.slice(at, n).with_columns(
+            pl.lit(item).alias("item"), pl.lit(1.0).alias("rating"), pl.lit("pv").alias("response")
+        )
+        for item, at, n in ((second, 0, 20), (absent, 20, 80))
+    ]
+    pl.concat([events, *extra]).sort("user", "timestamp").write_csv(tmp_path / "other.csv")
+    for src, out in ((log / "events.csv", data), (tmp_path / "other.csv", other)):
+        assert _main(["-q", "prepare", "--format", "csv", "--input", str(src),
+                      "--split", "loo", "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        _main(["-q", "train", "--algo", "popularity", "--data", str(other), "--out", str(run)]) == 0
+    )
+    ds, cur = PreparedDataset.load(data), load_artifact(run)
+    assert {absent, second}.isdisjoint(ds.item_ids) and {absent, second} <= set(cur.item_ids)
+    world = build_world("shop", SMALL)
+    index = WorldIndex.of(ds, world)
+    states = dataset_states(ds, world, index)
+    rows = np.flatnonzero(ds.split == 2)
+    v = one_step_truth(
+        mapped_scorer(cur, ds), ds, world, states, index, rows,
+        history=MAPPED_WINDOW * cur.history_len, cfg=OPEConfig(target="served"),
+    )  # fmt: skip
+    state = UserState(
+        user=states.user[rows], taste=states.taste[rows], satiety=states.satiety[rows],
+        misses=np.zeros(rows.shape[0], np.int64),
+    )  # fmt: skip
+    expected = world.expected_reward(state, np.full(rows.shape[0], int(absent[1:])))
+    np.testing.assert_allclose(v, expected, rtol=1e-9)

@@ -132,6 +132,12 @@ def one_step_truth(
     out = np.empty(rows.shape[0])
     if cfg.target == "served":
         world_cols = index.item  # (N + 1,) the world item of each dataset column
+        serving = getattr(policy, "serving_index", None)
+        if serving is not None and serving.unseen.shape[0]:
+            # a model with other id maps (the gate's current model) is served over its whole
+            # catalogue: its items the dataset lacks come after the dataset's columns
+            extra = parse_ids(list(serving.unseen_ids), ITEM_PREFIX, what="item")
+            world_cols = np.r_[world_cols, extra]
         st = served_settings(dataset, rows)
         deep = np.flatnonzero(st.softmax & (st.slot > 0))
         if deep.shape[0]:

@@ -310,18 +310,27 @@ class Rollout:
     users: np.ndarray  # (U,) int64 simulated users
     sessions: int
     """Sessions per user."""
+    shadow_expected: np.ndarray | None = None
+    """(E,) float64 exact E[reward] of the item a ``shadow`` policy would have shown in the
+    same state (:func:`simulate`); None without one."""
 
     def timestamps(self, world: World, start: int = 1_600_000_000) -> np.ndarray:
         m = world.mech
         return start + self.session * m.session_gap_seconds + self.step * m.step_seconds
 
     def per_user(self) -> dict[str, np.ndarray]:
-        """Per simulated user (U,): return per session, steps per session, diversity."""
+        """Per simulated user (U,): return per session, steps per session, and with a
+        shadow the one-step advantage per session ``sum_t R(s_t, a_t) - R(s_t, a'_t)`` of
+        the policy's items over the shadow's in the policy's own states."""
         pos = np.searchsorted(self.users, self.user)
         n_users = self.users.shape[0]
         ret = np.bincount(pos, self.reward, minlength=n_users) / self.sessions
         length = np.bincount(pos, minlength=n_users) / self.sessions
-        return {"return": ret, "length": length, "pos": pos}
+        out = {"return": ret, "length": length, "pos": pos}
+        if self.shadow_expected is not None:
+            gain = self.expected - self.shadow_expected
+            out["advantage"] = np.bincount(pos, gain, minlength=n_users) / self.sessions
+        return out
 
 
 FEEDBACK = ("shown", "clicks")
@@ -337,6 +346,7 @@ def simulate(
     chunk: int = 8192,
     progress: Callable[[int], None] | None = None,
     feedback: str = "shown",
+    shadow: Scorer | None = None,
 ) -> Rollout:
     """Roll ``policy`` out for ``users`` (U,) sorted user numbers over the world's sessions.
 
@@ -344,11 +354,21 @@ def simulate(
     item shown, with its reward, 0 when ignored; none is shown twice) or ``clicks`` (the
     items the user responded to only, as a service reading its users' recent items from
     an online store that the stream processor fills with behaviour events; an ignored
-    item may be shown again)."""
+    item may be shown again).
+
+    ``shadow``: another scorer that sees the same states, histories and exclusions (within
+    its own catalogue and tie-break) and chooses with the same selection and random
+    numbers at every step, without acting; the exact E[reward] of its item is recorded
+    (``Rollout.shadow_expected``).  The policy's one-step advantage over it in the
+    policy's own states is what a comparison on the states the policy visits sees (the
+    performance difference lemma, Kakade & Langford 2002, sums the shadow's advantage
+    function over them; this is its one-step part)."""
     check(feedback in FEEDBACK, f"feedback must be one of {FEEDBACK}, got {feedback!r}")
     users = np.asarray(users, np.int64)
     m, n = world.mech, world.n_items
     h = max(1, int(policy.scorer.history))
+    # the histories kept: the policy's, or the shadow's if longer (each is given its own)
+    width = h if shadow is None else max(h, int(shadow.history))
     # a saved model is rolled out as its service serves it: its own tie-break keys (its
     # user and item indices) and its own catalogue (the world's other items are never
     # candidates); the world's reference policies rank world items by world numbers
@@ -356,22 +376,30 @@ def simulate(
     tie_items: torch.Tensor | None = getattr(policy.scorer, "tie_items", None)
     blocked: np.ndarray | None = getattr(policy.scorer, "blocked", None)
     parts: list[tuple[np.ndarray, ...]] = []
+    shadow_parts: list[np.ndarray] = []
+    sh_keys_of: Callable[[np.ndarray], np.ndarray] = getattr(shadow, "tie_keys", lambda u: u)
+    sh_items: torch.Tensor | None = getattr(shadow, "tie_items", None)
     for c, lo in enumerate(range(0, users.shape[0], chunk)):
         ids = users[lo : lo + chunk]
         b = ids.shape[0]
         rng = np.random.default_rng([seed, c])
         state = world.initial_state(ids)
-        hist_item = np.zeros((b, h), np.int64)
-        hist_reward = np.zeros((b, h), np.float32)
+        hist_item = np.zeros((b, width), np.int64)
+        hist_reward = np.zeros((b, width), np.float32)
         # what the policy may not show again: every shown item, or the clicked ones only
         shown = Shown.empty(b, n, m.sessions * m.horizon, blocked)
         keys = tie_keys(ids)
         clicks = feedback == "clicks"
+        if shadow is not None:
+            sh_shown = Shown.empty(b, n, m.sessions * m.horizon, getattr(shadow, "blocked", None))
+            sh_keys = sh_keys_of(ids)
         if policy.scorer.static:
             dummy = UserState(
                 user=ids, taste=state.taste, satiety=state.satiety, misses=state.misses
             )
-            full = _masked(policy.scorer(ids, hist_item, hist_reward, dummy), shown.mask)
+            full = _masked(
+                policy.scorer(ids, hist_item[:, -h:], hist_reward[:, -h:], dummy), shown.mask
+            )
             shown.order = topk(full, n + 1, row_keys=torch.from_numpy(ids)).indices.numpy()
             shown.pointer = np.zeros(b, np.int64)
         for s in range(m.sessions):
@@ -391,7 +419,7 @@ def simulate(
                 scores = (
                     None
                     if policy.scorer.static and policy.selection.kind == "epsilon"
-                    else policy.scorer(ids[rows], hist_item[rows], hist_reward[rows], sub)
+                    else policy.scorer(ids[rows], hist_item[rows, -h:], hist_reward[rows, -h:], sub)
                 )
                 item, prob = select(
                     scores,
@@ -404,6 +432,14 @@ def simulate(
                     items=tie_items,
                 )
                 expected = world.expected_reward(sub, item)
+                if shadow is not None:
+                    shadow_parts.append(
+                        _shadow_expected(
+                            world, shadow, sh_shown, rows, sub, policy.selection,
+                            ids=ids, hist_item=hist_item, hist_reward=hist_reward,
+                            keys=sh_keys, uni=uni, items=sh_items,
+                        )
+                    )  # fmt: skip
                 out = world.step(sub, item, uni[:5, rows])
                 state.taste[rows], state.satiety[rows], state.misses[rows] = (
                     sub.taste,
@@ -414,6 +450,10 @@ def simulate(
                 fed_item = item[out.response != 0] if clicks else item
                 fed_reward = out.reward[out.response != 0] if clicks else out.reward
                 shown.add(fed, fed_item)
+                if shadow is not None:
+                    # an item outside the shadow's catalogue is excluded there already
+                    new = ~sh_shown.mask[fed, fed_item]
+                    sh_shown.add(fed[new], fed_item[new])
                 hist_item[fed] = np.concatenate([hist_item[fed, 1:], fed_item[:, None]], 1)
                 hist_reward[fed] = np.concatenate(
                     [hist_reward[fed, 1:], fed_reward[:, None].astype(np.float32)], 1
@@ -431,6 +471,9 @@ def simulate(
         cols = [z.astype(np.int64), z.astype(np.int64), z, z.astype(np.int8), z, z,
                 z.astype(np.int64), z.astype(np.int64)]  # fmt: skip
     order = np.lexsort((cols[7], cols[6], cols[0]))
+    shadow_expected = None
+    if shadow is not None:
+        shadow_expected = (np.concatenate(shadow_parts) if shadow_parts else np.zeros(0))[order]
     return Rollout(
         user=cols[0][order],
         item=cols[1][order],
@@ -442,7 +485,44 @@ def simulate(
         step=cols[7][order].astype(np.int64),
         users=users,
         sessions=m.sessions,
+        shadow_expected=shadow_expected,
     )
+
+
+def _shadow_expected(
+    world: World,
+    shadow: Scorer,
+    shown: Shown,
+    rows: np.ndarray,
+    state: UserState,
+    selection: Selection,
+    *,
+    ids: np.ndarray,
+    hist_item: np.ndarray,
+    hist_reward: np.ndarray,
+    keys: np.ndarray,
+    uni: np.ndarray,
+    items: torch.Tensor | None,
+) -> np.ndarray:
+    """(b,) exact E[reward] of the item ``shadow`` would choose at ``rows`` (0 where its
+    catalogue has nothing left to show)."""
+    h = max(1, int(shadow.history))
+    out = np.zeros(rows.shape[0])
+    ok = np.flatnonzero(shown.count[rows] < shown.mask.shape[1] - 1)
+    if ok.shape[0] == 0:
+        return out
+    at = rows[ok]
+    sub = UserState(
+        user=state.user[ok], taste=state.taste[ok], satiety=state.satiety[ok],
+        misses=state.misses[ok],
+    )  # fmt: skip
+    scores = shadow(ids[at], hist_item[at, -h:], hist_reward[at, -h:], sub)
+    item, _ = select(
+        scores, shown, at, selection, row_keys=keys[at], u_explore=uni[5, at],
+        u_pick=uni[6, at], items=items,
+    )  # fmt: skip
+    out[ok] = world.expected_reward(sub, item)
+    return out
 
 
 # --- metrics ----------------------------------------------------------------------------
