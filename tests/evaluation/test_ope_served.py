@@ -884,3 +884,32 @@ def test_a_logged_context_with_items_only_the_current_model_knows_is_re_served()
     assert scorer.unseen.shape[0] > 0
     terms = policy_terms(scorer, ds, events, history=MAPPED_WINDOW * h, cfg=CFG)
     np.testing.assert_allclose(terms.p_target, np.exp(events.log_propensity), rtol=1e-5)
+
+
+def test_a_model_trained_on_the_log_is_scored_without_the_items_only_the_holdout_has() -> None:
+    """A model trained on a dataset has an id for every item of every split; the items
+    first logged in the holdout are in its catalogue only because they were logged there.
+    Scored as trained (``TrainedCatalogue``), it never shows them and spreads its ε over
+    the items it could have learnt, so pi over the TRAIN items sums to 1."""
+    from recloop.data.dataset import split_period
+    from recloop.evaluation.ope import TrainedCatalogue
+
+    table = _table(7)
+    ds = _log(table, policy="epsilon", lists=3, k=3, epsilon=0.6)
+    train_items = set(ds.item[split_period(ds.split) == TRAIN].tolist())
+    only_holdout = sorted(set(ds.item[ds.split == TEST].tolist()) - train_items)
+    assert only_holdout  # explored at the holdout only
+    cfg = replace(CFG, mask_consumed=True)
+    events = logged_events(ds, cfg=cfg)
+    scorer = TrainedCatalogue(_scorer(table), ds)
+    mass = np.zeros(events.n_events)
+    for x in range(1, N + 1):
+        ev = replace(events, rewards=_indicator_rewards(U, x))
+        pi_x = policy_terms(scorer, ds, ev, history=1, cfg=cfg).v_target
+        plain = policy_terms(_scorer(table), ds, ev, history=1, cfg=cfg).v_target
+        if x in only_holdout:
+            assert np.all(pi_x == 0.0)
+            assert plain.max() > 0.0  # as a plain table, it would explore them
+        else:
+            mass += pi_x
+    np.testing.assert_allclose(mass, 1.0, atol=1e-9)

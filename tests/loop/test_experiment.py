@@ -976,17 +976,39 @@ def test_a_tiny_store_fed_experiment_checks_its_gates_with_click_fed_roll_outs(
             assert c[key]["low"] <= c[key]["value"] <= c[key]["high"]
     assert doc["gate_summary"]["one_step_checked"] == len(with_ope)
     # the candidate scored directly and through the gate's id translation is one policy
-    from recloop.evaluation.ope import OPEConfig
+    import numpy as np
+
+    from recloop.artifacts import load_artifact
+    from recloop.data.dataset import TEST, PreparedDataset
+    from recloop.evaluation.ope import OPEConfig, TrainedCatalogue
     from recloop.evaluation.worlds.base import build_world
+    from recloop.evaluation.worlds.ope_check import WorldIndex, dataset_states, one_step_truth
     from recloop.loop.experiment import one_step_difference
+    from recloop.loop.gate import MAPPED_WINDOW, mapped_scorer
 
     arm = work / "arms" / "popularity"
     last = sorted((arm / "loop" / "rounds").iterdir())[-1]
     version = arm / "registry" / "versions" / with_ope[-1]["candidate"]
-    same = one_step_difference(
-        build_world("shop"), version, version, last / "data", ope_cfg=OPEConfig(target="served")
+    world, ds, art = (
+        build_world("shop"),
+        PreparedDataset.load(last / "data"),
+        load_artifact(version),
     )
-    assert same == 0.0
+    cfg = OPEConfig(target="served")
+    index = WorldIndex.of(ds, world)
+    states = dataset_states(ds, world, index)
+    rows = np.flatnonzero(ds.split == TEST)
+    direct = one_step_truth(art.policy, ds, world, states, index, rows,
+                            history=art.history_len, cfg=cfg)  # fmt: skip
+    mapped = one_step_truth(mapped_scorer(art, ds), ds, world, states, index, rows,
+                            history=MAPPED_WINDOW * art.history_len, cfg=cfg)  # fmt: skip
+    np.testing.assert_allclose(direct, mapped, rtol=1e-6, atol=1e-9)
+    # and the gate's difference of a model against itself is what leaving out the items
+    # it could not have learnt changes
+    trained = one_step_truth(TrainedCatalogue(art.policy, ds), ds, world, states, index, rows,
+                             history=art.history_len, cfg=cfg)  # fmt: skip
+    same = one_step_difference(world, version, version, last / "data", ope_cfg=cfg)
+    assert same == pytest.approx(float((trained - mapped).mean()), abs=1e-9)
 
 
 @pytest.mark.slow

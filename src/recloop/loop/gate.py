@@ -16,6 +16,10 @@ column when the data has one, else one behaviour model fitted on TRAIN -- and on
 model) shared by both policies, and the paired bootstrap of candidate minus current.
 ``ope_for_runs`` itself takes artifact paths whose id maps must equal the dataset's, which
 the current model's do not; the scorer translation above is what makes the pairing possible.
+The candidate is scored without the items that have no TRAIN row
+(:class:`recloop.evaluation.ope.TrainedCatalogue`): their ids come from the holdout itself,
+and an exploring policy that spreads its ε over them would be judged on a catalogue drawn
+from the very impressions it is scored on.
 
 Rewarded targets.  On a log of impressions (``source: impressions``) most holdout rows are
 items the service showed and the user ignored (reward 0).  Ranking those as targets
@@ -74,6 +78,7 @@ from recloop.evaluation.ope import (
     OPEConfig,
     OPEReport,
     ServingIndex,
+    TrainedCatalogue,
     logged_events,
     ope_report,
     paired_report,
@@ -335,7 +340,11 @@ def gate(
         events = logged_events(dataset, split="test", cfg=ope_cfg)
         t_cur = policy_terms(base_scorer, dataset, events, history=base_h, cfg=ope_cfg)
         t_cand = policy_terms(
-            cand_scorer, dataset, events, history=candidate.history_len, cfg=ope_cfg
+            TrainedCatalogue(cand_scorer, dataset),
+            dataset,
+            events,
+            history=candidate.history_len,
+            cfg=ope_cfg,
         )
         diff = paired_report(
             events, t_cur, t_cand, cfg=ope_cfg, run="candidate", baseline_run="current"

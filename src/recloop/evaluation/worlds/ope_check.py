@@ -29,6 +29,7 @@ from recloop.data.dataset import PreparedDataset
 from recloop.errors import ConfigError, DataError
 from recloop.evaluation.ope import (
     OPEConfig,
+    TrainedCatalogue,
     logged_events,
     ope_report,
     policy_terms,
@@ -290,8 +291,10 @@ def ope_against_truth(
                 f"{run}: the policy has {art.n_users} users and {art.n_items} items, "
                 f"the dataset {dataset.path or ''} {dataset.n_users} and {dataset.n_items}"
             )
-        terms.append(policy_terms(art.policy, dataset, events, history=art.history_len,
-                                  cfg=raw_cfg))  # fmt: skip
+        # the run is trained on the dataset: as OPE scores it, without the items only the
+        # evaluated splits have (TrainedCatalogue), here and in its one-step truth below
+        terms.append(policy_terms(TrainedCatalogue(art.policy, dataset), dataset, events,
+                                  history=art.history_len, cfg=raw_cfg))  # fmt: skip
     raw = [ope_report(events, t, raw_cfg) for t in terms]
     capped = [ope_report(events, t, cap_cfg) for t in terms]
     index = WorldIndex.of(dataset, world)
@@ -313,8 +316,9 @@ def ope_against_truth(
     for run in runs:
         art = load_artifact(run)
         v = one_step_truth(
-            art.policy, dataset, world, states, index, rows, history=art.history_len, cfg=base
-        )
+            TrainedCatalogue(art.policy, dataset), dataset, world, states, index, rows,
+            history=art.history_len, cfg=base,
+        )  # fmt: skip
         truth.append(float(v.mean()))
         if rollout_users > 0:
             pol = make_policy(world, str(run), selection)
