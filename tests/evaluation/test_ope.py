@@ -527,9 +527,16 @@ def test_ope_for_runs_shares_one_beta_and_pairs_the_runs(
     monkeypatch.setattr(
         ope_mod, "fit_behaviour", lambda *a, **k: fits.append(1) or real_fit(*a, **k)
     )
+    scored: list[object] = []
+    real_terms = ope_mod.policy_terms
+    monkeypatch.setattr(
+        ope_mod, "policy_terms", lambda p, *a, **k: scored.append(p) or real_terms(p, *a, **k)
+    )
     cfg = OPEConfig(n_boot=50)
     out = ope_for_runs([tmp_path / "a", tmp_path / "b"], [ds, ds], cfg=cfg)
     assert len(fits) == 1  # one behaviour model for both runs
+    # each run is trained on its dataset: scored without the items no TRAIN row has
+    assert len(scored) == 2 and all(isinstance(p, ope_mod.TrainedCatalogue) for p in scored)
     a, b = out.reports
     assert a.behaviour == b.behaviour == "fitted"
     assert a.behaviour_nll == b.behaviour_nll  # the same beta on the same events

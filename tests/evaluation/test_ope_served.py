@@ -913,3 +913,21 @@ def test_a_model_trained_on_the_log_is_scored_without_the_items_only_the_holdout
         else:
             mass += pi_x
     np.testing.assert_allclose(mass, 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_above", [0, 1])
+def test_a_softmax_slot_with_every_item_masked_shows_nothing(n_above: int) -> None:
+    """A row whose every column is -inf (everything consumed, excluded or unknown) has no
+    item to show: probability 0 everywhere, not a uniform spread over the masked columns
+    (torch's nan_to_num turns -inf into a finite number unless told not to)."""
+    from recloop.evaluation.ope import softmax_slot
+
+    scores = torch.tensor([[float("-inf")] * 5, [float("-inf"), 1.0, 2.0, 0.5, -1.0]])
+    out = softmax_slot(
+        scores,
+        temperature=torch.tensor([0.7, 0.7]),
+        above=torch.tensor([[2], [2]]),
+        n_above=torch.tensor([n_above, n_above]),
+    )
+    assert torch.all(out.probs[0] == 0.0)
+    assert out.probs[1].sum().item() == pytest.approx(1.0)

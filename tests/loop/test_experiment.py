@@ -1105,3 +1105,29 @@ def test_a_models_roll_out_keeps_its_services_order_and_catalogue(tmp_path: Path
     assert set(roll.item.tolist()) <= known
     first = np.r_[True, roll.user[1:] != roll.user[:-1]]
     np.testing.assert_allclose(roll.propensity[first], 1.0 / n_known)
+
+
+def test_the_truth_gives_the_candidates_one_step_advantage_in_both_models_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The myopic oracle as the candidate against a constant scorer: in either model's
+    roll-out, with the same exploration, the candidate's items are worth at least the
+    current model's at every step, so both advantages are positive (the current model's
+    roll-out gives the current's advantage over its shadow; its sign is turned)."""
+    import recloop.loop.experiment as experiment
+    from recloop.evaluation.worlds.base import build_world
+    from recloop.evaluation.worlds.rollout import ConstantScorer, OracleScorer, Policy, Selection
+
+    world = build_world("shop", ["n_items=60", "mechanics.horizon=5", "mechanics.sessions=2"])
+    sel = Selection(kind="epsilon", epsilon=0.2)
+    scorers = {"oracle": OracleScorer(world), "constant": ConstantScorer(world)}
+
+    def make(world_: object, spec: str, selection: Selection) -> Policy:
+        return Policy(name=spec, scorer=scorers[spec], selection=selection)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experiment, "make_policy", make)
+    truth = experiment.true_values(
+        world, Path("oracle"), Path("constant"), users=80, sel=sel, seed=3, feedback="clicks"
+    )
+    assert truth.on_candidate_states.low > 0 and truth.on_current_states.low > 0
+    assert truth.diff.value > 0

@@ -107,6 +107,28 @@ def test_an_identical_model_passes_and_a_worse_one_is_kept_out(tmp_path: Path) -
     assert loose.promote  # any ndcg difference is within a margin of 1
 
 
+def test_the_gates_ope_scores_the_candidate_without_the_items_only_the_holdout_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The candidate is trained on the dataset, whose id maps hold the holdout's items
+    too; OPE scores it without them (TrainedCatalogue), and the current model through its
+    own id maps and catalogue (MappedScorer), unrestricted."""
+    import recloop.loop.gate as gate_mod
+    from recloop.evaluation.ope import TrainedCatalogue
+
+    _, cur, ds = _current_model(tmp_path)
+    scored: list[object] = []
+    real = gate_mod.policy_terms
+    monkeypatch.setattr(
+        gate_mod, "policy_terms", lambda p, *a, **k: scored.append(p) or real(p, *a, **k)
+    )
+    gate(cur, cur, ds, metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr",
+         ope_cfg=OPEConfig(n_boot=10, behaviour_epochs=1), require_trusted=False)  # fmt: skip
+    current, candidate = scored
+    assert isinstance(current, gate_mod.MappedScorer)
+    assert isinstance(candidate, TrainedCatalogue) and candidate.policy is cur.policy
+
+
 def test_rewarded_holdout_keeps_only_rewarded_targets() -> None:
     from recloop.evaluation.protocol import build_eval_users
     from recloop.loop.gate import rewarded_holdout

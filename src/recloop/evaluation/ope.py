@@ -1240,7 +1240,7 @@ def softmax_slot(
     """
     logits = scores.double() / temperature.double()[:, None]  # (b, C), masked -inf
     # a score that is not finite (NaN, +inf) is never shown, as in the service's sampler
-    logits.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
+    logits.nan_to_num_(nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
     if not bool((n_above > 0).any()):
         probs = torch.softmax(logits, 1).nan_to_num(nan=0.0)
         return SoftmaxSlot(probs=probs, above=torch.ones(above.shape, dtype=torch.float64))

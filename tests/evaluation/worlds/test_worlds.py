@@ -10,7 +10,7 @@ import torch
 
 from recloop.errors import ConfigError
 from recloop.evaluation.worlds import build_world
-from recloop.evaluation.worlds.base import Mechanics, replay_states
+from recloop.evaluation.worlds.base import Mechanics, UserState, replay_states
 from recloop.evaluation.worlds.rollout import (
     ConstantScorer,
     OracleScorer,
@@ -211,12 +211,24 @@ def test_generate_prepare_train_evaluate_end_to_end(
     assert rows[str(run)]["return"]["value"] > rows["random"]["return"]["value"]
 
 
-def test_ope_is_unbiased_on_a_bandit_like_world(tmp_path: Path) -> None:
+def test_ope_is_unbiased_on_a_bandit_like_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No satiety, drift or quit: logged by a uniform policy with exact propensities, IPS
     and DR of a target policy cover its exact one-step value."""
+    import recloop.evaluation.worlds.ope_check as ope_check
     from recloop.data.dataset import PreparedDataset
-    from recloop.evaluation.ope import OPEConfig
+    from recloop.evaluation.ope import OPEConfig, TrainedCatalogue
     from recloop.evaluation.worlds.ope_check import ope_against_truth
+
+    # the run is scored, and its truth computed, without the items no TRAIN row has
+    scored: list[object] = []
+    for name in ("policy_terms", "one_step_truth"):
+        real = getattr(ope_check, name)
+        monkeypatch.setattr(
+            ope_check, name,
+            lambda p, *a, _real=real, **k: scored.append(p) or _real(p, *a, **k),
+        )  # fmt: skip
 
     bandit = [*SMALL, "mechanics.boredom=0", "mechanics.drift=0", "mechanics.quit_base=0",
               "mechanics.quit_per_miss=0", "mechanics.sessions=1",
@@ -240,6 +252,7 @@ def test_ope_is_unbiased_on_a_bandit_like_world(tmp_path: Path) -> None:
         est = report.estimates[name][0]
         assert est["low"] <= truth <= est["high"], (name, est, truth)
     assert report.errors["ips"]["covered"] == 1.0
+    assert len(scored) == 2 and all(isinstance(p, TrainedCatalogue) for p in scored)
 
 
 def test_ml100k_world_is_calibrated_and_cached(
@@ -437,6 +450,65 @@ def test_a_shadow_sees_the_policys_states_and_chooses_with_its_random_numbers(
     assert vs_oracle.shadow_expected is not None
     assert (vs_oracle.shadow_expected >= vs_oracle.expected - 1e-12).all()
     assert (vs_oracle.per_user()["advantage"] < 0).mean() > 0.5
+
+
+def test_shown_counts_an_item_once() -> None:
+    """Adding an item a user may already not be shown (shown before, or out of the
+    catalogue) changes nothing: the uniform draws count the items left."""
+    shown = Shown.empty(2, 6, 4, blocked=np.array([2, 4]))
+    shown.add(np.array([0, 1]), np.array([4, 5]))  # 4 is blocked for both
+    shown.add(np.array([1]), np.array([5]))  # 5 again
+    assert shown.count.tolist() == [2, 3]
+    assert shown.sorted.tolist() == [[2, 4, 7, 7, 7, 7], [2, 4, 5, 7, 7, 7]]
+    assert kth_unshown(shown.sorted, np.array([3, 3])).tolist() == [5, 6]
+
+
+class _LongBlocked(_Recording):
+    """A recording shadow with a longer history than its driver's and half the catalogue
+    out of reach (as a saved model's catalogue is)."""
+
+    history = 6
+
+    def __init__(self, world: ShopWorld) -> None:
+        super().__init__(world)
+        self.blocked = np.arange(2, world.n_items + 1, 2)
+
+
+@pytest.mark.parametrize("feedback", ["shown", "clicks"])
+def test_a_shadow_with_its_own_history_and_catalogue(feedback: str) -> None:
+    """A driver scored per step keeps its own history width when its shadow's is longer;
+    the shadow sees its own, never chooses an item out of its catalogue or one it may not
+    show (with exploration: uniform over what is left to it), and its choice's value is
+    the world's exact value of that item in the driver's state."""
+    world = small_world()
+    driver_scorer = _Recording(world)  # history 4, not static
+    driver = Policy(name="p", scorer=driver_scorer, selection=Selection(epsilon=0.5))
+    shadow = _LongBlocked(world)
+    users = np.arange(60)
+    roll = simulate(world, driver, users, seed=5, feedback=feedback, shadow=shadow)
+    assert _seen_states(driver_scorer) == _fed_states(roll, feedback, history=4)[0]
+    assert _seen_states(shadow) == _fed_states(roll, feedback, history=6)[0]
+    assert roll.shadow_item is not None and roll.shadow_expected is not None
+    assert not np.isin(roll.shadow_item, shadow.blocked).any()
+    # never an item the driver's feedback put in the state before (the shadow's exclusions)
+    seen: dict[int, set[int]] = {}
+    for u, item, shadow_item, response in zip(
+        roll.user.tolist(), roll.item.tolist(), roll.shadow_item.tolist(),
+        roll.response.tolist(), strict=True,
+    ):  # fmt: skip
+        assert shadow_item not in seen.setdefault(u, set())
+        if feedback == "shown" or response != 0:
+            seen[u].add(item)
+    replayed = replay_states(
+        world, user=roll.user, item=roll.item, clicked=roll.response > 0,
+        new_session=np.r_[True, (roll.user[1:] != roll.user[:-1])
+                          | (roll.session[1:] != roll.session[:-1])],
+    )  # fmt: skip
+    state = UserState(user=replayed.user, taste=replayed.taste, satiety=replayed.satiety,
+                      misses=np.zeros(roll.user.shape[0], np.int64))  # fmt: skip
+    np.testing.assert_allclose(
+        roll.shadow_expected, world.expected_reward(state, roll.shadow_item), atol=1e-12
+    )
 
 
 def test_a_roll_outs_feedback_is_checked() -> None:

@@ -216,6 +216,10 @@ class Shown:
         return cls(mask=mask, sorted=ordered, count=np.full(b, k, np.int64))
 
     def add(self, rows: np.ndarray, item: np.ndarray) -> None:
+        """Mark ``item`` (k,) shown to the users at ``rows`` (k,); an item already out of
+        reach (shown, or not in the catalogue: a shadow's) is not counted twice."""
+        new = ~self.mask[rows, item]
+        rows, item = rows[new], item[new]
         self.mask[rows, item] = True
         sub = self.sorted[rows]
         sub[:, -1] = item
@@ -313,6 +317,8 @@ class Rollout:
     shadow_expected: np.ndarray | None = None
     """(E,) float64 exact E[reward] of the item a ``shadow`` policy would have shown in the
     same state (:func:`simulate`); None without one."""
+    shadow_item: np.ndarray | None = None
+    """(E,) int64 that item (0 where the shadow had nothing left to show)."""
 
     def timestamps(self, world: World, start: int = 1_600_000_000) -> np.ndarray:
         m = world.mech
@@ -376,7 +382,7 @@ def simulate(
     tie_items: torch.Tensor | None = getattr(policy.scorer, "tie_items", None)
     blocked: np.ndarray | None = getattr(policy.scorer, "blocked", None)
     parts: list[tuple[np.ndarray, ...]] = []
-    shadow_parts: list[np.ndarray] = []
+    shadow_parts: list[tuple[np.ndarray, np.ndarray]] = []
     sh_keys_of: Callable[[np.ndarray], np.ndarray] = getattr(shadow, "tie_keys", lambda u: u)
     sh_items: torch.Tensor | None = getattr(shadow, "tie_items", None)
     for c, lo in enumerate(range(0, users.shape[0], chunk)):
@@ -451,9 +457,7 @@ def simulate(
                 fed_reward = out.reward[out.response != 0] if clicks else out.reward
                 shown.add(fed, fed_item)
                 if shadow is not None:
-                    # an item outside the shadow's catalogue is excluded there already
-                    new = ~sh_shown.mask[fed, fed_item]
-                    sh_shown.add(fed[new], fed_item[new])
+                    sh_shown.add(fed, fed_item)
                 hist_item[fed] = np.concatenate([hist_item[fed, 1:], fed_item[:, None]], 1)
                 hist_reward[fed] = np.concatenate(
                     [hist_reward[fed, 1:], fed_reward[:, None].astype(np.float32)], 1
@@ -471,9 +475,11 @@ def simulate(
         cols = [z.astype(np.int64), z.astype(np.int64), z, z.astype(np.int8), z, z,
                 z.astype(np.int64), z.astype(np.int64)]  # fmt: skip
     order = np.lexsort((cols[7], cols[6], cols[0]))
-    shadow_expected = None
+    shadow_expected = shadow_item = None
     if shadow is not None:
-        shadow_expected = (np.concatenate(shadow_parts) if shadow_parts else np.zeros(0))[order]
+        shadow_item = np.concatenate([p[0] for p in shadow_parts] or [np.zeros(0, np.int64)])
+        shadow_expected = np.concatenate([p[1] for p in shadow_parts] or [np.zeros(0)])
+        shadow_item, shadow_expected = shadow_item[order], shadow_expected[order]
     return Rollout(
         user=cols[0][order],
         item=cols[1][order],
@@ -486,6 +492,7 @@ def simulate(
         users=users,
         sessions=m.sessions,
         shadow_expected=shadow_expected,
+        shadow_item=shadow_item,
     )
 
 
@@ -503,14 +510,15 @@ def _shadow_expected(
     keys: np.ndarray,
     uni: np.ndarray,
     items: torch.Tensor | None,
-) -> np.ndarray:
-    """(b,) exact E[reward] of the item ``shadow`` would choose at ``rows`` (0 where its
-    catalogue has nothing left to show)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(b,) the item ``shadow`` would choose at ``rows`` and (b,) its exact E[reward] (item
+    and value 0 where its catalogue has nothing left to show)."""
     h = max(1, int(shadow.history))
     out = np.zeros(rows.shape[0])
+    chosen = np.zeros(rows.shape[0], np.int64)
     ok = np.flatnonzero(shown.count[rows] < shown.mask.shape[1] - 1)
     if ok.shape[0] == 0:
-        return out
+        return chosen, out
     at = rows[ok]
     sub = UserState(
         user=state.user[ok], taste=state.taste[ok], satiety=state.satiety[ok],
@@ -522,7 +530,8 @@ def _shadow_expected(
         u_pick=uni[6, at], items=items,
     )  # fmt: skip
     out[ok] = world.expected_reward(sub, item)
-    return out
+    chosen[ok] = item
+    return chosen, out
 
 
 # --- metrics ----------------------------------------------------------------------------
