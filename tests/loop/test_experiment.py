@@ -125,6 +125,14 @@ def test_an_arm_may_set_its_own_serving_exploration() -> None:
             parse_arms(bad, epsilon=0.1)
 
 
+NO_ONE_STEP = dict.fromkeys(
+    ("one_step_checked", "ope_misses_one_step", "one_step_contradicts_truth", "one_step_flips",
+     "one_step_misses_ips", "one_step_misses_snips", "one_step_misses_dr"),
+    0,
+)  # fmt: skip
+"""The summary's OPE-against-truth counts of a run whose gates had no OPE."""
+
+
 def _row(r: int, arm: str, value: float, half: float, gate: GateCheck | None = None) -> ArmRound:
     return ArmRound(
         round=r,
@@ -213,13 +221,7 @@ def test_last_round_comparison_and_csv(tmp_path: Path) -> None:
         "truly_better_rejected": 0,
         "truly_worse_rejected": 0,
         "rejected_untrusted": 0,
-        "one_step_checked": 0,
-        "ope_misses_one_step": 0,
-        "one_step_contradicts_truth": 0,
-        "one_step_flips": 0,
-        "one_step_misses_ips": 0,
-        "one_step_misses_snips": 0,
-        "one_step_misses_dr": 0,
+        **NO_ONE_STEP,
     }
     assert doc["arms"][0]["reward_per_round"] == [1.0, 1.3]
     assert doc["arms"][0]["interval_per_round"][1] == pytest.approx([1.25, 1.35])
@@ -475,13 +477,7 @@ def test_a_canarys_verdict_is_a_decision_checked_with_its_gate_time_truth() -> N
         "truly_better_rejected": 0,
         "truly_worse_rejected": 1,
         "rejected_untrusted": 0,
-        "one_step_checked": 0,
-        "ope_misses_one_step": 0,
-        "one_step_contradicts_truth": 0,
-        "one_step_flips": 0,
-        "one_step_misses_ips": 0,
-        "one_step_misses_snips": 0,
-        "one_step_misses_dr": 0,
+        **NO_ONE_STEP,
     }
 
 
