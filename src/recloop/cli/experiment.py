@@ -204,6 +204,7 @@ def experiment_command(
     if g["rejected_untrusted"]:
         echo(
             f"{g['rejected_untrusted']} of the rejections were on untrusted OPE estimates (the "
-            "loops' logs could not evaluate those candidates): a canary (--canary) or more "
+            "loops' logs could not evaluate those candidates): a canary (--canary), softmax "
+            "serving (--policy softmax: its logs keep the estimates trustworthy) or more "
             "exploration lets a loop learn; docs/experiment.md"
         )
