@@ -626,8 +626,9 @@ def gate_summary(rows: Sequence[ArmRound], *, ope_outcome: str = "reward") -> di
     count the misses of each estimator of the gate's report (IPS, SNIPS, DR).
     ``one_step_flips`` counts the gate decisions whose candidate's one-step advantage is
     resolved (interval excluding 0) with one sign in the current model's roll-out states
-    and with the other in its own:
-    the states a model leads its users to decide there."""
+    and with the other in its own: there the states a model leads its users to decide.
+    A gate decision that started a canary counts in these (it had OPE), not in
+    ``decisions``."""
     gates = [
         g
         for r in rows
@@ -1141,11 +1142,11 @@ def true_values(
     (with the arm's serving policy ``sel``, fed ``feedback`` as the arms' services are),
     their paired difference, and each one's roll-out with the other as its shadow."""
     who = TRUTH_USER_BASE + np.arange(users, dtype=np.int64)
+    cand: Policy = make_policy(world, str(candidate), sel)
+    cur: Policy = make_policy(world, str(current), sel)
     ret, adv = [], []
-    for path, other in ((candidate, current), (current, candidate)):
-        policy: Policy = make_policy(world, str(path), sel)
-        shadow = make_policy(world, str(other), sel).scorer
-        roll = simulate(world, policy, who, seed=seed, feedback=feedback, shadow=shadow)
+    for policy, other in ((cand, cur), (cur, cand)):
+        roll = simulate(world, policy, who, seed=seed, feedback=feedback, shadow=other.scorer)
         per_user = roll.per_user()
         ret.append(per_user["return"])
         adv.append(per_user["advantage"])

@@ -440,7 +440,7 @@ def simulate(
                 expected = world.expected_reward(sub, item)
                 if shadow is not None:
                     shadow_parts.append(
-                        _shadow_expected(
+                        _shadow_choice(
                             world, shadow, sh_shown, rows, sub, policy.selection,
                             ids=ids, hist_item=hist_item, hist_reward=hist_reward,
                             keys=sh_keys, uni=uni, items=sh_items,
@@ -496,7 +496,7 @@ def simulate(
     )
 
 
-def _shadow_expected(
+def _shadow_choice(
     world: World,
     shadow: Scorer,
     shown: Shown,
