@@ -592,7 +592,7 @@ def test_a_tiny_experiment_with_canaries(
             "-q", "experiment", "--world", "shop", "--rounds", "3", "--users", "40",
             "--arms", "popularity", "--epochs", "1", "--canary", "0.5", "--margin", "100",
             "--gate-untrusted", "--gate-min-ess", "7.5", "--canary-min-users", "5",
-            "--gate-target", "served",
+            "--gate-target", "served", "--gate-mean-weight", "0.1,5",
             "--truth-users", "30", "--bootstrap-users", "60", "--workdir", str(work), "--json",
         ]
     )  # fmt: skip
@@ -624,6 +624,9 @@ def test_a_tiny_experiment_with_canaries(
     assert (ope["require_trusted"], ope["min_ess"]) == (False, 7.5)
     assert (doc["config"]["gate_trusted"], doc["config"]["gate_min_ess"]) == (False, 7.5)
     assert ope["target"] == doc["config"]["gate_target"] == "served"
+    bounds = [0.1, 5.0]
+    assert ope["candidate"]["config"]["mean_weight_bounds"] == doc["config"]["gate_mean_weight"]
+    assert doc["config"]["gate_mean_weight"] == bounds
     # scored as served, the model that served the holdout through the real service, bus,
     # SQL log and prepare gets its logged propensities back: every weight is 1
     assert ope["current"]["ess"] == pytest.approx(ope["n_events"], rel=1e-9)
@@ -684,6 +687,12 @@ def test_a_second_experiment_in_the_same_workdir_is_refused(
     err = capsys.readouterr().err
     assert "another recloop experiment is running in this directory" in err, err
     assert (work / "arms" / "keep").is_dir()  # nothing of the running one was deleted
+
+
+def test_the_gate_mean_weight_bounds_are_checked() -> None:
+    assert ExperimentConfig().gate_mean_weight == (0.5, 2.0)  # OPEConfig's default
+    with pytest.raises(ConfigError, match=r"0 <= low <= 1 <= high, got 1\.2, 2\.0"):
+        ExperimentConfig(gate_mean_weight=(1.2, 2.0))
 
 
 def test_the_gate_target_is_checked() -> None:

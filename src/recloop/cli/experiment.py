@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from recloop.cli.app import app, echo, echo_json
+from recloop.errors import ConfigError
 
 
 @app.command("experiment")
@@ -90,6 +91,13 @@ def experiment_command(
         min=0.0,
         help="Smallest effective sample size of an OPE estimate the gates act on (0: none).",
     ),
+    gate_mean_weight: str = typer.Option(
+        "0.5,2",
+        "--gate-mean-weight",
+        help="LOW,HIGH: the gates act only on OPE estimates whose mean importance weight lies "
+        "in [LOW, HIGH] (below LOW, that share of a model's choices was never shown in the "
+        "log).",
+    ),
     gate_outcome: str = typer.Option(
         "reward",
         "--gate-outcome",
@@ -149,6 +157,7 @@ def experiment_command(
         gate_target=gate_target,
         gate_trusted=gate_trusted,
         gate_min_ess=gate_min_ess,
+        gate_mean_weight=_bounds(gate_mean_weight),
         canary=canary,
         canary_min_users=canary_min_users,
         seed=seed,
@@ -208,3 +217,13 @@ def experiment_command(
             "serving (--policy softmax: its logs keep the estimates trustworthy) or more "
             "exploration lets a loop learn; docs/experiment.md"
         )
+
+
+def _bounds(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` → (low, high)."""
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--gate-mean-weight takes LOW,HIGH: two numbers, got {text!r}") from None
+    return low, high

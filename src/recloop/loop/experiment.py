@@ -360,6 +360,10 @@ class ExperimentConfig:
     gate_min_ess: float = 30.0
     """Smallest effective sample size of an OPE estimate the loops' gates act on
     (``recloop loop``'s ``ope_min_ess``); 0 = no minimum."""
+    gate_mean_weight: tuple[float, float] = (0.5, 2.0)
+    """Bounds of the mean unclipped importance weight of an estimate the loops' gates act on
+    (their ``ope.mean_weight_bounds``): below the low one, that share of the model's
+    choices was never shown in the log, and its estimate rests on the reward model there."""
     gate_target: str = "served"
     """The policy the gates' OPE scores each model as (``ope.target`` of the loops):
     ``served`` (as the arm's service serves it, with the log's exploration settings: the
@@ -393,6 +397,11 @@ class ExperimentConfig:
         )
         check_serving(policy=self.policy, epsilon=self.epsilon, temperature=self.temperature)
         check(0.0 <= self.canary < 1.0, f"canary must lie in [0, 1), got {self.canary}")
+        low, high = self.gate_mean_weight
+        check(
+            0.0 <= low <= 1.0 <= high,
+            f"gate_mean_weight must satisfy 0 <= low <= 1 <= high, got {low}, {high}",
+        )
         check(
             self.canary_min_users >= 2,
             f"canary_min_users must be >= 2, got {self.canary_min_users}",
@@ -859,6 +868,7 @@ class ArmStack:
                         "n_boot": 100,
                         "outcome": cfg.gate_outcome,
                         "target": cfg.gate_target,
+                        "mean_weight_bounds": list(cfg.gate_mean_weight),
                     },
                     "canary_share": cfg.canary,
                     "canary_min_users": cfg.canary_min_users,
