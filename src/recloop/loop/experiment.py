@@ -1249,27 +1249,25 @@ def one_step_difference(
     round's prepared ``data``), of ``V_cand(s) − V_cur(s)``, ``V(s) = sum_a pi(a | s)
     R(s, a)`` at each impression's logged state s (replayed in the world from the round's
     log: the experiment's users are fresh each round, so their whole history is in it),
-    each model scored as the gate scores it (the candidate without the items that have no
-    TRAIN row, the current one through its id translation,
-    :func:`recloop.loop.gate.mapped_scorer`).  It is what the gate's paired difference
-    estimates with the outcome ``reward``."""
+    each model scored as the gate scores it (:func:`recloop.loop.gate.ope_scorers`).  It
+    is what the gate's paired difference estimates with the outcome ``reward``."""
     from recloop.data.dataset import PreparedDataset
-    from recloop.evaluation.ope import TrainedCatalogue, logged_events
+    from recloop.evaluation.ope import logged_events
     from recloop.evaluation.worlds.ope_check import WorldIndex, dataset_states, one_step_truth
-    from recloop.loop.gate import MAPPED_WINDOW, mapped_scorer
+    from recloop.loop.gate import ope_scorers
 
     dataset = PreparedDataset.load(data)
-    cand, cur = load_artifact(candidate), load_artifact(current)
+    scorers = ope_scorers(load_artifact(candidate), load_artifact(current), dataset)
     rows = logged_events(dataset, split="test", cfg=ope_cfg).rows
     index = WorldIndex.of(dataset, world)
     states = dataset_states(dataset, world, index)
     v_cand = one_step_truth(
-        TrainedCatalogue(cand.policy, dataset), dataset, world, states, index, rows,
-        history=cand.history_len, cfg=ope_cfg,
+        scorers.candidate, dataset, world, states, index, rows,
+        history=scorers.candidate_history, cfg=ope_cfg,
     )  # fmt: skip
     v_cur = one_step_truth(
-        mapped_scorer(cur, dataset), dataset, world, states, index, rows,
-        history=MAPPED_WINDOW * cur.history_len, cfg=ope_cfg,
+        scorers.current, dataset, world, states, index, rows,
+        history=scorers.current_history, cfg=ope_cfg,
     )  # fmt: skip
     return float((v_cand - v_cur).mean()) if rows.shape[0] else 0.0
 

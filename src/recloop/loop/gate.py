@@ -167,6 +167,32 @@ def mapped_scorer(artifact: Artifact, dataset: PreparedDataset) -> Scorer:
     return MappedScorer(artifact, dataset)
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class OPEScorers:
+    """The two policies the gate's OPE compares on a candidate's dataset, each with the
+    history window it is given."""
+
+    candidate: Scorer
+    """The candidate without the items no TRAIN row has
+    (:class:`recloop.evaluation.ope.TrainedCatalogue`)."""
+    candidate_history: int
+    current: Scorer
+    """The current model through its own id maps and catalogue (:class:`MappedScorer`)."""
+    current_history: int
+
+
+def ope_scorers(candidate: Artifact, current: Artifact, dataset: PreparedDataset) -> OPEScorers:
+    """How the gate's OPE scores ``candidate`` (trained on ``dataset``) and ``current``:
+    what :func:`gate` and the experiment's one-step truth share."""
+    return OPEScorers(
+        candidate=TrainedCatalogue(candidate.policy, dataset),
+        candidate_history=candidate.history_len,
+        current=mapped_scorer(current, dataset),
+        # MappedScorer keeps its last history_len known items of a wider window
+        current_history=MAPPED_WINDOW * current.history_len,
+    )
+
+
 def popularity_scorer(dataset: PreparedDataset) -> Scorer:
     """Every user gets the items ranked by their TRAIN counts."""
     counts = np.bincount(dataset.item[dataset.split == TRAIN], minlength=dataset.n_items + 1)
@@ -316,11 +342,11 @@ def gate(
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
     cand_scorer: Scorer = candidate.policy
     cand = evaluate(cand_scorer, ranked, split="test", history=candidate.history_len, cfg=eval_cfg)
-    if current is None:
+    scorers = None if current is None else ope_scorers(candidate, current, dataset)
+    if scorers is None:
         base_scorer, base_name, base_h = popularity_scorer(dataset), "popularity", 1
-    else:
-        base_scorer, base_name = mapped_scorer(current, dataset), "current"
-        base_h = MAPPED_WINDOW * current.history_len  # MappedScorer keeps its known items
+    else:  # the current model is ranked as its OPE scores it (its own ids and catalogue)
+        base_scorer, base_name, base_h = scorers.current, "current", scorers.current_history
     base = evaluate(base_scorer, ranked, split="test", history=base_h, cfg=eval_cfg)
     c, b = cand.metrics[metric], base.metrics[metric]
     # the metric decides for the first model, and whenever OPE does not gate alone
@@ -336,15 +362,11 @@ def gate(
         words[0] += " (not gating)"
     ope_doc: dict[str, Any] = {}
     ok_ope = True
-    if use_ope and current is not None:
+    if use_ope and current is not None and scorers is not None:
         events = logged_events(dataset, split="test", cfg=ope_cfg)
         t_cur = policy_terms(base_scorer, dataset, events, history=base_h, cfg=ope_cfg)
         t_cand = policy_terms(
-            TrainedCatalogue(cand_scorer, dataset),
-            dataset,
-            events,
-            history=candidate.history_len,
-            cfg=ope_cfg,
+            scorers.candidate, dataset, events, history=scorers.candidate_history, cfg=ope_cfg
         )
         diff = paired_report(
             events, t_cur, t_cand, cfg=ope_cfg, run="candidate", baseline_run="current"
