@@ -5,6 +5,7 @@ recommendation refresh with its realised rewards."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,8 @@ async def test_reclaimed_redelivery_is_logged_and_counted_once(
     # A worker read 40 events, committed the first 25 to the log, and died before its ack.
     doomed = await bus.read(names["group"], "doomed", count=40, block_ms=0)
     log.append(ev[:25], slide_s=80)
-    # Idle long enough to be claimed; the live worker's own reads (acked within a batch)
-    # must not be: a second is far more than a batch takes, even on a loaded machine.
+    # Idle long enough to be claimed (the live worker's own batch in the sinks is not
+    # claimed, however long it takes: test_a_slow_batch_is_not_claimed_back_...).
     await asyncio.sleep(1.05)
     s = settings(names, claim_min_idle_ms=1000, allowed_lateness_s=None, recent_len=20)
     store = MemoryStore()
@@ -181,6 +182,31 @@ async def test_reclaimed_redelivery_is_logged_and_counted_once(
     for user, items in ev.group_by("user_id", maintain_order=True).agg("item_id").iter_rows():
         got = (await store.get_recent([user], n=50))[user]
         assert [i for i, _ in got] == items
+
+
+class SlowLog(BehaviorLog):
+    """A behaviour log whose appends take longer than the claim's idle threshold."""
+
+    def append(self, *args: Any, **kw: Any) -> Any:
+        time.sleep(0.3)
+        return super().append(*args, **kw)
+
+
+async def test_a_slow_batch_is_not_claimed_back_by_its_own_worker(
+    names: dict[str, str], tmp_path: Path
+) -> None:
+    """The next batch is fetched (with a claim when due) while this one is in the sinks:
+    this batch is pending and idle past ``claim_min_idle_ms`` then, but it is not stale."""
+    ev = rows([(f"e{i}", f"u{i % 4}", f"i{i % 6}", 1000 + 10 * i, 1.0) for i in range(300)])
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish(encode_events(ev))
+    log = SlowLog(f"sqlite:///{tmp_path / 'log.db'}")
+    s = settings(names, claim_min_idle_ms=100, allowed_lateness_s=None)
+    stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log)
+    assert stats.claimed == 0 and stats.duplicates == 0
+    assert stats.logged == 300 and stats.messages == 300
+    assert log.count() == 300
+    assert await bus.pending_count(names["group"]) == 0
 
 
 async def test_recent_lists_only_get_events_as_the_log_holds_them(

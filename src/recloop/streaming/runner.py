@@ -574,18 +574,25 @@ class Worker:
         last_stats = last_report = time.monotonic()
         idle_refreshed = True
         heartbeat = Heartbeat(p)
+        # Ids of the batch in the sinks now.  The next batch is fetched meanwhile, and a
+        # claim then sees this batch as pending and idle since it was read: on a slow sink
+        # it could take its own entries over and process them a second time.
+        in_flight: set[str] = set()
 
         async def fetch() -> tuple[list[BusMessage], ParsedBatch | None]:
             nonlocal next_claim
             msgs: list[BusMessage] = []
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + s.claim_interval_s
+                busy = frozenset(in_flight)  # as the claim is sent: the batch may end meanwhile
                 msgs = await p._retry(
                     "claim stale entries",
                     lambda: bus.claim_stale(
                         group, me, min_idle_ms=s.claim_min_idle_ms, count=s.batch_size
                     ),
                 )
+                # Still this consumer's (a claim by itself moves nothing): its batch acks them.
+                msgs = [m for m in msgs if m.id not in busy]
                 if msgs:
                     p.stats.claimed += len(msgs)
                     logger.info("%s took over %d stale entries", me, len(msgs))
@@ -618,8 +625,12 @@ class Worker:
                 if msgs:
                     last_event = now
                     idle_refreshed = False
+                    in_flight.update(m.id for m in msgs)
                     ahead = asyncio.create_task(fetch())
-                    await p.process(msgs, parsed)
+                    try:
+                        await p.process(msgs, parsed)
+                    finally:
+                        in_flight.clear()
                     continue
                 # Idle: publish the final window once (other workers' batches included).
                 if not idle_refreshed:

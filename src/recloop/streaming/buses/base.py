@@ -90,7 +90,11 @@ class EventBus(Protocol):
     async def claim_stale(
         self, group: str, consumer: str, *, min_idle_ms: int, count: int
     ) -> list[BusMessage]:
-        """Take over up to ``count`` entries pending for at least ``min_idle_ms`` elsewhere."""
+        """Take over up to ``count`` entries pending for at least ``min_idle_ms``.
+
+        As Redis's XAUTOCLAIM, the caller's own pending entries are among them: a worker
+        leaves out the batch it is processing.
+        """
         ...
 
     async def touch(self, group: str, consumer: str, ids: Sequence[str]) -> None:
