@@ -114,3 +114,40 @@ def test_slope_clips_a_weight_whose_noise_swamps_the_estimate() -> None:
 def test_slope_caps_are_ascending_and_end_unclipped() -> None:
     assert list(SLOPE_CAPS) == sorted(SLOPE_CAPS)
     assert SLOPE_CAPS[-1] == float("inf")
+
+
+def test_the_unweighed_mass_is_one_minus_the_mean_clipped_weight() -> None:
+    from recloop.evaluation.ope import unweighed_mass
+
+    assert unweighed_mass(np.array([1.0, 0.0, 0.5, 0.5])) == 0.5
+    assert unweighed_mass(np.array([3.0, 1.0])) == 0.0  # noise above 1 is no negative mass
+    assert unweighed_mass(np.array([0.0, 0.0])) == 1.0
+    assert unweighed_mass(np.array([])) == 0.0
+
+
+def test_the_clipping_bias_bound_holds_the_exact_bias_of_clipped_ips_and_dr() -> None:
+    """A bandit of 4 actions whose expectations are computed exactly (no sampling): beta
+    shows action 3 with 0.001, pi puts 0.6 on it; at cap 10 the clipped weights cannot
+    weigh 0.6 - 10 x 0.001 = 0.59 of pi.  The expected mean clipped weight gives that mass
+    back, and the bias of IPS and of DR (a wrong reward model) lies within the bound."""
+    from recloop.evaluation.ope import clipping_bias_bound, unweighed_mass
+
+    beta = np.array([0.5, 0.3, 0.199, 0.001])
+    pi = np.array([0.1, 0.1, 0.2, 0.6])
+    q = np.array([0.2, 0.9, 0.4, 0.05])  # true values, within [0, 1]
+    q_hat = np.array([0.3, 0.5, 0.5, 0.8])  # the reward model overrates action 3
+    cap = 10.0
+    w = np.minimum(pi / beta, cap)
+    mass = unweighed_mass(np.array([float(beta @ w)]))  # E_beta[min(w, c)] as one "event"
+    assert mass == pytest.approx(0.59)
+    value = float(pi @ q)
+    e_ips = float(beta @ (w * q))
+    e_dr = float(pi @ q_hat) + float(beta @ (w * (q - q_hat)))
+    bound = clipping_bias_bound(mass, reward_range=(0.0, 1.0), predictions=(0.3, 0.8))
+    assert bound == pytest.approx(0.59)
+    assert abs(value - e_ips) <= bound and abs(value - e_dr) <= bound
+    # DR's bias here is most of the bound: the unweighed mass is valued at 0.8, worth 0.05
+    assert value - e_dr == pytest.approx(0.59 * (0.05 - 0.8))
+    # predictions outside the outcome range widen it
+    assert clipping_bias_bound(0.5, reward_range=(0.0, 1.0), predictions=(-0.5, 1.0)) == 0.75
+    assert clipping_bias_bound(0.0, reward_range=(0.0, 1.0), predictions=(0.0, 1.0)) == 0.0

@@ -578,6 +578,14 @@ def test_the_summary_tells_an_ope_error_from_a_one_step_value_that_misleads() ->
     assert summary["one_step_misses_snips"] == 0  # not in the report
     # with session returns as the outcome, the interval does not estimate the one-step value
     assert gate_summary(rows, ope_outcome="return")["ope_misses_one_step"] == 0
+    # promotions whose outer interval reaches below -margin: the bias bound would stop them
+    assert summary["outer_would_keep_out"] == 0  # no outer low recorded
+    rows[0].gate = dataclasses.replace(rows[0].gate, outer_low=-0.05)
+    rows[2].gate = dataclasses.replace(rows[2].gate, outer_low=0.01)
+    assert gate_summary(rows)["outer_would_keep_out"] == 1
+    assert gate_summary(rows, margin=0.1)["outer_would_keep_out"] == 0
+    rows[1].gate = dataclasses.replace(rows[1].gate, decision="reject", outer_low=-0.5)
+    assert gate_summary(rows)["outer_would_keep_out"] == 1  # a rejection is not counted
 
 
 @pytest.mark.slow
@@ -980,6 +988,10 @@ def test_a_tiny_store_fed_experiment_checks_its_gates_with_click_fed_roll_outs(
         for key in ("on_candidate_states", "on_current_states"):
             assert c[key]["low"] <= c[key]["value"] <= c[key]["high"]
     assert doc["gate_summary"]["one_step_checked"] == len(with_ope)
+    # the outer low end: the DR interval's low end minus the clipping-bias bound
+    for c in with_ope:
+        assert 0.0 <= c["unweighed_mass"] <= 1.0
+        assert c["outer_low"] <= c["ope_diff"]["low"]
     # the candidate scored directly and through the gate's id translation is one policy
     import numpy as np
 

@@ -411,3 +411,57 @@ def test_the_gate_distrusts_ope_that_does_not_give_the_current_model_its_propens
     bare = {k: v for k, v in off.extra.items() if k != POLICY_VERSION}
     none = gate(cur, cur, dataclasses.replace(off, extra=bare), **kw)  # type: ignore[arg-type]
     assert none.ope["reserve"] is None
+
+
+def test_the_outer_check_bounds_what_the_log_cannot_weigh(tmp_path: Path) -> None:
+    """Propensities of 1 for items the target picks with 1/8: 7/8 of each model's mass is
+    on items the log never shows.  Their difference is 0, but the outer interval widens it
+    by both clipping-bias bounds: it gates only with ``bound_bias``, and is reported
+    either way."""
+    _, cur, base = _current_model(tmp_path)
+    sure = _with_propensity(base, 1.0)
+    ope = OPEConfig(n_boot=0, behaviour="logged", mean_weight_bounds=(0.0, 2.0))
+    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope, min_ess=0)
+    told = gate(cur, cur, sure, **kw)  # type: ignore[arg-type]
+    assert told.promote, told.reason
+    for name in ("candidate", "current"):
+        # no weight is clipped (all <= 1): the mass is what the mean weight lacks, about
+        # 7/8 (a few logged items are outside a model's top 8, or fewer are left unmasked)
+        mass = told.ope[name]["unweighed_mass"]
+        assert mass == pytest.approx(1 - told.ope[name]["mean_weight"]) and 0.85 < mass < 0.9
+        assert told.ope[name]["bias_bound"] == pytest.approx(mass * told.ope[name]["bias_scale"])
+        assert told.ope[name]["bias_scale"] >= 1.0  # rewards in [0, 1]
+    bias = told.ope["bias_bound"]
+    assert bias == pytest.approx(2 * told.ope["candidate"]["bias_bound"])
+    assert told.ope["outer_low"] == pytest.approx(-bias) and not told.ope["bound_bias"]
+    assert f"outer low {-bias:+.4f} (clipping bias <= {bias:.4f}) < -0 (not gating)" in (
+        told.reason
+    )
+    kept = gate(cur, cur, sure, bound_bias=True, **kw)  # type: ignore[arg-type]
+    assert not kept.promote and kept.ope["bound_bias"]
+    assert kept.reason.startswith("keep current") and "(not gating)" not in kept.reason
+    # a margin as wide as the bias lets it through
+    wide = gate(cur, cur, sure, bound_bias=True, **{**kw, "margin": bias + 0.01})  # type: ignore[arg-type]
+    assert wide.promote, wide.reason
+
+
+def test_the_outer_check_widens_the_interval_by_the_bias() -> None:
+    from recloop.evaluation.ope import Interval
+    from recloop.loop.gate import ope_check
+
+    clean: dict[str, list[str]] = {"candidate": [], "current": []}
+    up = Interval(0.2, 0.05, 0.5)
+    assert ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.04, bound_bias=True).passed
+    c = ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.06, bound_bias=True)
+    assert not c.passed
+    assert c.words == "low >= -0; outer low -0.0100 (clipping bias <= 0.0600) < -0"
+    assert ope_check(
+        up, clean, margin=0.02, require_trusted=True, bias=0.06, bound_bias=True
+    ).passed
+    told = ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.06)
+    assert told.passed and told.words.endswith("< -0 (not gating)")
+    # the inner interval still gates on its own
+    down = Interval(0.2, -0.01, 0.5)
+    assert not ope_check(
+        down, clean, margin=0.0, require_trusted=True, bias=0.0, bound_bias=True
+    ).passed

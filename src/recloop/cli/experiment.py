@@ -98,6 +98,13 @@ def experiment_command(
         "in [LOW, HIGH] (below LOW, that share of a model's choices was never shown in the "
         "log).",
     ),
+    gate_bound_bias: bool = typer.Option(
+        False,
+        "--gate-bound-bias/--gate-no-bias-bound",
+        help="The gates also need the OPE difference's outer interval, widened by both "
+        "estimates' largest clipping bias (the share of a policy the clipped weights cannot "
+        "weigh x the outcome range), to clear the margin.",
+    ),
     gate_outcome: str = typer.Option(
         "reward",
         "--gate-outcome",
@@ -158,6 +165,7 @@ def experiment_command(
         gate_trusted=gate_trusted,
         gate_min_ess=gate_min_ess,
         gate_mean_weight=_bounds(gate_mean_weight),
+        gate_bound_bias=gate_bound_bias,
         canary=canary,
         canary_min_users=canary_min_users,
         seed=seed,
@@ -209,6 +217,12 @@ def experiment_command(
             "perfect one-step estimate would have misled the gate there); in "
             f"{g['one_step_flips']} the candidate's one-step advantage had one sign in the "
             "current model's roll-out states and the other in its own"
+        )
+    if g.get("outer_would_keep_out"):
+        echo(
+            f"{g['outer_would_keep_out']} promotion(s) rested on the reward model where the "
+            "log could not weigh the candidate: their OPE interval, widened by the clipping "
+            "bias, reached below the margin (--gate-bound-bias keeps such candidates out)"
         )
     if g["rejected_untrusted"]:
         echo(

@@ -1593,6 +1593,13 @@ class OPEReport:
     """Share of weights the cap changed."""
     ess: float
     """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
+    unweighed_mass: float = 0.0
+    """Estimated share of the target's probability that the clipped weights cannot weigh
+    (:func:`unweighed_mass`); the estimates' clipping bias is at most this times
+    :attr:`bias_scale` (:func:`clipping_bias_bound`)."""
+    bias_scale: float = 0.0
+    """The largest gap between an outcome and the reward model's prediction that the
+    outcomes' range and the predictions allow (:func:`clipping_bias_bound`)."""
     flags: tuple[str, ...] = ()
     """Every warning: the estimates' flags, ``mean_weight_far_from_1`` and (with
     intervals) ``dr_ips_disagree``."""
@@ -1619,11 +1626,57 @@ class OPEReport:
             "clipped_share": self.clipped_share,
             "ess": self.ess,
             "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
+            "unweighed_mass": self.unweighed_mass,
+            "bias_scale": self.bias_scale,
+            "bias_bound": self.bias_bound,
             "flags": list(self.flags),
             "left_out": self.left_out,
             "ess_by_position": {str(k): v for k, v in self.ess_by_position.items()},
             "config": dict(self.config),
         }
+
+    @property
+    def bias_bound(self) -> float:
+        """The largest clipping bias of this report's IPS or DR estimate
+        (:func:`clipping_bias_bound`)."""
+        return self.unweighed_mass * self.bias_scale
+
+
+def unweighed_mass(w: np.ndarray) -> float:
+    """1 - the mean clipped weight ``w`` (E,), within [0, 1]: the estimated share of the
+    target's probability that the clipped weights cannot weigh.
+
+    E_beta[min(pi / beta, c)] = sum_a min(pi(a), c beta(a)): the target's mass the log can
+    weigh at cap c, so one minus it is the mass the estimators miss -- on actions the log
+    shows with a probability below pi / c, or never.  The mean of weights bounded by c is
+    a low-variance estimate of it, where the unclipped mean weight (:attr:`OPEReport.
+    mean_weight`) is not.  Bottou et al. 2013, "Counterfactual reasoning and learning
+    systems", section 4.4 (the clipped mass W-bar and the outer confidence interval).
+    With ``weight_cap`` None, only the mass beta never shows is missed, and this estimates
+    that.
+    """
+    if w.shape[0] == 0:
+        return 0.0
+    return float(np.clip(1.0 - np.mean(w), 0.0, 1.0))
+
+
+def clipping_bias_bound(
+    mass: float, *, reward_range: tuple[float, float], predictions: tuple[float, float]
+) -> float:
+    """The largest |bias| of clipped IPS or DR from clipping: ``mass`` (the unweighed mass,
+    :func:`unweighed_mass`) times the largest gap between an outcome and what the estimator
+    puts in its place.
+
+    Clipped IPS counts the unweighed mass as outcome 0, so V - E[IPS] = sum_a (pi(a) -
+    min(pi(a), c beta(a))) q(a), within mass x [lo, hi]; DR counts it as the reward model's
+    prediction, so V - E[DR] = sum_a (...) (q(a) - q_hat(a)), within mass x [lo - max q_hat,
+    hi - min q_hat].  Both lie within +-mass x the largest of |lo|, |hi|, hi - min q_hat and
+    max q_hat - lo.  ``predictions``: the smallest and largest prediction the estimate used.
+    SNIPS renormalises the clipped weights; the bound is not exact for it.
+    """
+    lo, hi = reward_range
+    q_lo, q_hi = predictions
+    return float(mass * max(abs(lo), abs(hi), hi - q_lo, q_hi - lo, 0.0))
 
 
 DR_IPS_DISAGREE = "dr_ips_disagree"
@@ -1662,6 +1715,18 @@ def _ess_by_position(w: np.ndarray, position: np.ndarray | None) -> dict[int, fl
     return out
 
 
+def _prediction_range(events: LoggedEvents) -> tuple[float, float]:
+    """The smallest and largest prediction the reward model q(u, a) = mu + b_u + b_a can
+    make for the events' users and any item (DR puts it where the weights miss)."""
+    if events.n_events == 0:
+        return 0.0, 0.0
+    q, b_u = events.rewards, events.rewards.user_bias[np.unique(events.user)]
+    return (
+        float(q.mu + b_u.min() + q.item_bias.min()),
+        float(q.mu + b_u.max() + q.item_bias.max()),
+    )
+
+
 def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPEReport:
     """The estimates, intervals, diagnostics and flags of one policy on ``events``."""
     w_raw, w, clipped = importance_weights(events, terms, cfg.weight_cap)
@@ -1694,6 +1759,10 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         max_weight=float(w_raw.max()),
         clipped_share=clipped,
         ess=effective_sample_size(w),
+        unweighed_mass=unweighed_mass(w),
+        bias_scale=clipping_bias_bound(
+            1.0, reward_range=(lo, hi), predictions=_prediction_range(events)
+        ),
         flags=tuple(flags),
         left_out=events.left_out,
         ess_by_position=_ess_by_position(w, events.position),

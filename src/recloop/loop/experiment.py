@@ -364,6 +364,10 @@ class ExperimentConfig:
     """Bounds of the mean unclipped importance weight of an estimate the loops' gates act on
     (their ``ope.mean_weight_bounds``): below the low one, that share of the model's
     choices was never shown in the log, and its estimate rests on the reward model there."""
+    gate_bound_bias: bool = False
+    """The loops' gates also need the OPE difference's outer interval (widened by both
+    estimates' largest clipping bias) to clear the margin (``recloop loop``'s
+    ``ope_bound_bias``)."""
     gate_target: str = "served"
     """The policy the gates' OPE scores each model as (``ope.target`` of the loops):
     ``served`` (as the arm's service serves it, with the log's exploration settings: the
@@ -466,6 +470,12 @@ class GateCheck:
     """The same in the current model's roll-out: when it has the sign of ``one_step_diff``
     and the other one that of ``true_diff``, the gate's estimate was right about the
     states it read and the candidate leads users elsewhere."""
+    outer_low: float | None = None
+    """The low end of the gate's OPE interval minus both estimates' largest clipping bias
+    (``recloop loop``'s ``ope_bound_bias``), whether or not it gated (None without OPE)."""
+    unweighed_mass: float | None = None
+    """The candidate's share of probability the gate's clipped weights could not weigh
+    (:func:`recloop.evaluation.ope.unweighed_mass`)."""
 
 
 @dataclass(kw_only=True)
@@ -614,12 +624,16 @@ class ExperimentResult:
             "arms": arms,
             "gate_checks": checks,
             "gate_violations": sum(1 for c in checks if c["violation"]),
-            "gate_summary": gate_summary(self.rows, ope_outcome=self.config.gate_outcome),
+            "gate_summary": gate_summary(
+                self.rows, ope_outcome=self.config.gate_outcome, margin=self.config.margin
+            ),
             "seconds": round(self.seconds, 1),
         }
 
 
-def gate_summary(rows: Sequence[ArmRound], *, ope_outcome: str = "reward") -> dict[str, int]:
+def gate_summary(
+    rows: Sequence[ArmRound], *, ope_outcome: str = "reward", margin: float = 0.0
+) -> dict[str, int]:
     """Gate decisions against the truth: how many promoted, promoted although truly worse
     (violations), rejected although truly better, rejected and truly worse (intervals of
     the paired true difference wholly above 0 / below 0), and rejected because the OPE
@@ -637,7 +651,9 @@ def gate_summary(rows: Sequence[ArmRound], *, ope_outcome: str = "reward") -> di
     resolved (interval excluding 0) with one sign in the current model's roll-out states
     and with the other in its own: there the states a model leads its users to decide.
     A gate decision that started a canary counts in these (it had OPE), not in
-    ``decisions``."""
+    ``decisions``.  ``outer_would_keep_out`` counts the promotions whose outer OPE interval
+    (``outer_low``: widened by the clipping bias) reaches below ``-margin``: those that
+    ``ope_bound_bias`` would have kept out (0 when it gated)."""
     gates = [
         g
         for r in rows
@@ -683,6 +699,9 @@ def gate_summary(rows: Sequence[ArmRound], *, ope_outcome: str = "reward") -> di
             for r in rows
             if r.gate is not None
         ),
+        "outer_would_keep_out": sum(
+            g.outer_low is not None and g.outer_low < -margin - 1e-9 for g in promoted
+        ),
     }
 
 
@@ -709,7 +728,7 @@ CSV_FIELDS = (
     "ratio_vs_baseline", "ratio_lo", "ratio_hi",
     "canary_decision", "canary_candidate", "canary_true_diff", "canary_violation",
     "ope_diff", "ope_diff_lo", "ope_diff_hi", "one_step_diff",
-    "on_candidate_states", "on_current_states",
+    "on_candidate_states", "on_current_states", "outer_low", "unweighed_mass",
 )  # fmt: skip
 
 
@@ -760,6 +779,8 @@ def write_csv(result: ExperimentResult, path: Path) -> None:
                         g.ope_diff.value, g.ope_diff.low, g.ope_diff.high))),
                     _num(None if g is None else g.one_step_diff),
                     *(_num(None if e is None else e.value) for e in shadowed),
+                    _num(None if g is None else g.outer_low),
+                    _num(None if g is None else g.unweighed_mass),
                 ]
             )  # fmt: skip
 
@@ -864,6 +885,7 @@ class ArmStack:
                     "use_metric": cfg.gate in ("metric", "both"),
                     "ope_require_trusted": cfg.gate_trusted,
                     "ope_min_ess": cfg.gate_min_ess,
+                    "ope_bound_bias": cfg.gate_bound_bias,
                     "ope": {
                         "n_boot": 100,
                         "outcome": cfg.gate_outcome,
@@ -1232,6 +1254,17 @@ def _ope_untrusted(gate_doc: dict[str, Any]) -> bool:
     return bool(ope.get("require_trusted")) and any(ope.get("warnings", {}).values())
 
 
+def _gate_outer(gate_doc: dict[str, Any]) -> dict[str, float | None]:
+    """``outer_low`` and the candidate's ``unweighed_mass`` from a gate report (None
+    without OPE)."""
+    ope = gate_doc.get("ope") or {}
+    low, mass = ope.get("outer_low"), (ope.get("candidate") or {}).get("unweighed_mass")
+    return {
+        "outer_low": None if low is None else float(low),
+        "unweighed_mass": None if mass is None else float(mass),
+    }
+
+
 def _gate_ope_diffs(gate_doc: dict[str, Any]) -> dict[str, Estimate]:
     """The gate's paired OPE differences from its report, by estimator (empty without)."""
     ope = gate_doc.get("ope") or {}
@@ -1355,6 +1388,7 @@ def run_loop_round(stack: ArmStack, world: World, *, round_no: int) -> LoopRound
         one_step_diff=one_step,
         on_candidate_states=None if truth is None else truth.on_candidate_states,
         on_current_states=None if truth is None else truth.on_current_states,
+        **_gate_outer(result.gate),
     )
     return LoopRound(
         promoted=promoted or bool(canary and canary.decision == "promote"),

@@ -49,6 +49,18 @@ difference of +0.20 [+0.01, +0.53] (current model: DR -0.16 with rewards in [0, 
 weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23] with both mean weights
 within bounds and an ESS of 4.
 
+The outer check (``bound_bias``).  Clipped IPS values the share of a policy's probability
+that its clipped weights cannot weigh (its unweighed mass m: on items the log shows with a
+probability below pi / cap, or never) at 0, and DR at the reward model's prediction; either
+is off by at most m times the largest gap between an outcome and that prediction
+(:func:`recloop.evaluation.ope.clipping_bias_bound`; Bottou et al. 2013, section 4.4).  The
+outer interval widens the paired interval by both models' bounds; with ``bound_bias`` its
+low end, too, must be ``>= -margin``: the candidate passes on what the log can weigh,
+whatever the reward model says of the rest.  On an epsilon-greedy log a candidate's m is
+about the share of states where its choice is not the current model's, so such a gate
+promotes little that departs from the current model: what the log cannot judge is left to a
+canary (with which the check does not gate) or to a log that explores more (softmax).
+
 The re-serve check (target ``served``, logged propensities with their ``policy_version``).
 On the holdout impressions the current model served, the served target must give it back
 the propensities its service logged (pi / beta = 1 at every slot).  Where it does not, the
@@ -299,13 +311,25 @@ def ope_check(
     *,
     margin: float,
     require_trusted: bool,
+    bias: float = 0.0,
+    bound_bias: bool = False,
 ) -> OPECheck:
-    """Passed when the paired interval's low end is >= ``-margin`` and, with
+    """Passed when the paired interval's low end is >= ``-margin``, with ``bound_bias`` also
+    its low end minus ``bias`` (the outer interval: the largest clipping bias of the two
+    estimates, :func:`recloop.evaluation.ope.clipping_bias_bound`), and, with
     ``require_trusted``, no model's estimate has a warning (``warnings``: model name -> its
     :func:`untrusted` list)."""
     # equal policies give a difference of 0 up to rounding
     ok = difference.low >= -margin - 1e-9
     words = f"low {'>=' if ok else '<'} {-margin:g}"
+    if bias > 0 or bound_bias:
+        outer = difference.low - bias
+        outer_ok = outer >= -margin - 1e-9
+        words += (
+            f"; outer low {outer:+.4f} (clipping bias <= {bias:.4f}) "
+            f"{'>=' if outer_ok else '<'} {-margin:g}{'' if bound_bias else ' (not gating)'}"
+        )
+        ok = ok and (outer_ok or not bound_bias)
     flagged = [f"{name} {', '.join(w)}" for name, w in warnings.items() if w]
     if flagged:
         trust = "untrusted" if require_trusted else "warnings, not gating"
@@ -328,6 +352,7 @@ def gate(
     require_trusted: bool = True,
     min_ess: float = 30.0,
     max_unreproduced: float = 0.01,
+    bound_bias: bool = False,
 ) -> GateResult:
     """Compare ``candidate`` (trained on ``dataset``) with ``current`` on its TEST split
     (only its rewarded rows as ranking targets with ``rewarded_targets``; with a current
@@ -336,7 +361,10 @@ def gate(
     ``min_ess``, fails the OPE check).  With target ``served`` on logged propensities, the
     current model must get back the propensities of the impressions it served
     (:func:`recloop.evaluation.ope.reserve_check`): where more than ``max_unreproduced`` of
-    them differ, the current model's estimate carries that warning."""
+    them differ, the current model's estimate carries that warning.  With ``bound_bias``
+    the OPE check also needs the outer interval's low end (the paired interval widened by
+    both estimates' largest clipping bias) >= ``-margin``; the bias is reported either
+    way."""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
@@ -388,7 +416,15 @@ def gate(
             logger.info("re-serve check of the current model: %s", reserved.words())
             if reserved.share > max_unreproduced:
                 warnings["current"].append(reserved.words())
-        check = ope_check(iv, warnings, margin=margin, require_trusted=require_trusted)
+        bias = sum(r.bias_bound for r in reports.values())
+        check = ope_check(
+            iv,
+            warnings,
+            margin=margin,
+            require_trusted=require_trusted,
+            bias=bias,
+            bound_bias=bound_bias,
+        )
         ok_ope = check.passed
         ope_doc = {
             "behaviour": events.behaviour,
@@ -401,6 +437,9 @@ def gate(
             "warnings": warnings,
             "require_trusted": require_trusted,
             "min_ess": min_ess,
+            "bias_bound": bias,
+            "outer_low": iv.low - bias,
+            "bound_bias": bound_bias,
             "reserve": None if reserved is None else reserved.to_dict(),
             "max_unreproduced": max_unreproduced,
         }
