@@ -125,29 +125,44 @@ def test_the_unweighed_mass_is_one_minus_the_mean_clipped_weight() -> None:
     assert unweighed_mass(np.array([])) == 0.0
 
 
-def test_the_clipping_bias_bound_holds_the_exact_bias_of_clipped_ips_and_dr() -> None:
-    """A bandit of 4 actions whose expectations are computed exactly (no sampling): beta
-    shows action 3 with 0.001, pi puts 0.6 on it; at cap 10 the clipped weights cannot
-    weigh 0.6 - 10 x 0.001 = 0.59 of pi.  The expected mean clipped weight gives that mass
-    back, and the bias of IPS and of DR (a wrong reward model) lies within the bound."""
-    from recloop.evaluation.ope import clipping_bias_bound, unweighed_mass
+def test_the_clipping_bias_holds_the_exact_bias_of_clipped_ips_and_dr() -> None:
+    """A bandit of 4 actions whose expectations are computed exactly: 1,000 events logged in
+    beta's proportions (beta shows action 3 once), pi puts 0.6 on action 3.  At cap 10 the
+    clipped weights cannot weigh 0.6 - 10 x 0.001 = 0.59 of pi; the means of the events give
+    that mass and DR's value of it back, and the biases of IPS and DR (with a reward model
+    that overrates action 3) lie within the bounds, DR's overestimate close to its bound."""
+    from recloop.evaluation.ope import clipping_bias, unweighed_mass, unweighed_prediction
 
     beta = np.array([0.5, 0.3, 0.199, 0.001])
     pi = np.array([0.1, 0.1, 0.2, 0.6])
     q = np.array([0.2, 0.9, 0.4, 0.05])  # true values, within [0, 1]
     q_hat = np.array([0.3, 0.5, 0.5, 0.8])  # the reward model overrates action 3
     cap = 10.0
-    w = np.minimum(pi / beta, cap)
-    mass = unweighed_mass(np.array([float(beta @ w)]))  # E_beta[min(w, c)] as one "event"
+    action = np.repeat(np.arange(4), (beta * 1000).round().astype(int))  # (1000,)
+    w = np.minimum(pi[action] / beta[action], cap)
+    mass = unweighed_mass(w)
     assert mass == pytest.approx(0.59)
+    u = unweighed_prediction(
+        w, q_hat[action], np.full(action.shape[0], pi @ q_hat), mass=mass, predictions=(0.3, 0.8)
+    )
+    assert u == pytest.approx(0.59 * 0.8)  # the unweighed mass is all on action 3
     value = float(pi @ q)
-    e_ips = float(beta @ (w * q))
-    e_dr = float(pi @ q_hat) + float(beta @ (w * (q - q_hat)))
-    bound = clipping_bias_bound(mass, reward_range=(0.0, 1.0), predictions=(0.3, 0.8))
-    assert bound == pytest.approx(0.59)
-    assert abs(value - e_ips) <= bound and abs(value - e_dr) <= bound
-    # DR's bias here is most of the bound: the unweighed mass is valued at 0.8, worth 0.05
-    assert value - e_dr == pytest.approx(0.59 * (0.05 - 0.8))
-    # predictions outside the outcome range widen it
-    assert clipping_bias_bound(0.5, reward_range=(0.0, 1.0), predictions=(-0.5, 1.0)) == 0.75
-    assert clipping_bias_bound(0.0, reward_range=(0.0, 1.0), predictions=(0.0, 1.0)) == 0.0
+    e_ips = float(np.mean(w * q[action]))
+    e_dr = float(pi @ q_hat + np.mean(w * (q[action] - q_hat[action])))
+    assert value - e_dr == pytest.approx(0.59 * (0.05 - 0.8))  # DR overestimates by 0.44
+    for name, estimate in (("ips", e_ips), ("dr", e_dr)):
+        b = clipping_bias(name, mass=mass, prediction=u, reward_range=(0.0, 1.0))
+        assert -b.over <= value - estimate <= b.under
+    dr = clipping_bias("dr", mass=mass, prediction=u, reward_range=(0.0, 1.0))
+    assert (dr.over, dr.under) == pytest.approx((0.59 * 0.8, 0.59 * 0.2))
+    ips = clipping_bias("ips", mass=mass, prediction=u, reward_range=(0.0, 1.0))
+    assert (ips.over, ips.under) == pytest.approx((0.0, 0.59))  # IPS can only read low
+    # outcomes that can be negative: IPS may read high too
+    neg = clipping_bias("ips", mass=0.5, prediction=0.0, reward_range=(-1.0, 1.0))
+    assert (neg.over, neg.under) == (0.5, 0.5)
+    # DR's value of the unweighed mass is kept within the model's own predictions
+    assert (
+        unweighed_prediction(w, q_hat[action], np.full(1000, 9.0), mass=0.5, predictions=(0.3, 0.8))
+        == 0.4
+    )
+    assert clipping_bias("dr", mass=0.0, prediction=0.0, reward_range=(0.0, 3.0)).under == 0.0

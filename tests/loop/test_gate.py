@@ -429,10 +429,16 @@ def test_the_outer_check_bounds_what_the_log_cannot_weigh(tmp_path: Path) -> Non
         # 7/8 (a few logged items are outside a model's top 8, or fewer are left unmasked)
         mass = told.ope[name]["unweighed_mass"]
         assert mass == pytest.approx(1 - told.ope[name]["mean_weight"]) and 0.85 < mass < 0.9
-        assert told.ope[name]["bias_bound"] == pytest.approx(mass * told.ope[name]["bias_scale"])
-        assert told.ope[name]["bias_scale"] >= 1.0  # rewards in [0, 1]
+    # the candidate valued at the worst outcome where it cannot be weighed (DR over by at
+    # most U - m lo), the current model at the best (DR under by at most m hi - U)
+    cand, cur_ = told.ope["candidate"], told.ope["current"]
+    lo, hi = cand["reward_range"]
+    over = cand["unweighed_prediction"] - cand["unweighed_mass"] * lo
+    under = cur_["unweighed_mass"] * hi - cur_["unweighed_prediction"]
+    assert cand["clipping_bias"]["dr"]["over"] == pytest.approx(over)
+    assert cur_["clipping_bias"]["dr"]["under"] == pytest.approx(under)
     bias = told.ope["bias_bound"]
-    assert bias == pytest.approx(2 * told.ope["candidate"]["bias_bound"])
+    assert bias == pytest.approx(over + under) and over > 0 and under > 0
     assert told.ope["outer_low"] == pytest.approx(-bias) and not told.ope["bound_bias"]
     assert f"outer low {-bias:+.4f} (clipping bias <= {bias:.4f}) < -0 (not gating)" in (
         told.reason

@@ -101,9 +101,9 @@ def experiment_command(
     gate_bound_bias: bool = typer.Option(
         False,
         "--gate-bound-bias/--gate-no-bias-bound",
-        help="The gates also need the OPE difference's outer interval, widened by both "
-        "estimates' largest clipping bias (the share of a policy the clipped weights cannot "
-        "weigh x the outcome range), to clear the margin.",
+        help="The gates also need the OPE difference's outer low end to clear the margin: "
+        "the share of each policy the clipped weights cannot weigh valued at the worst "
+        "outcome for the candidate and at the best for the current model.",
     ),
     gate_outcome: str = typer.Option(
         "reward",

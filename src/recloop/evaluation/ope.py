@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1594,12 +1594,11 @@ class OPEReport:
     ess: float
     """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
     unweighed_mass: float = 0.0
-    """Estimated share of the target's probability that the clipped weights cannot weigh
-    (:func:`unweighed_mass`); the estimates' clipping bias is at most this times
-    :attr:`bias_scale` (:func:`clipping_bias_bound`)."""
-    bias_scale: float = 0.0
-    """The largest gap between an outcome and the reward model's prediction that the
-    outcomes' range and the predictions allow (:func:`clipping_bias_bound`)."""
+    """Estimated share m of the target's probability that the clipped weights cannot weigh
+    (:func:`unweighed_mass`)."""
+    unweighed_prediction: float = 0.0
+    """Estimated sum over actions of that unweighed probability times the reward model's
+    prediction, U (:func:`unweighed_prediction`): what DR puts where the weights miss."""
     flags: tuple[str, ...] = ()
     """Every warning: the estimates' flags, ``mean_weight_far_from_1`` and (with
     intervals) ``dr_ips_disagree``."""
@@ -1627,23 +1626,27 @@ class OPEReport:
             "ess": self.ess,
             "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
             "unweighed_mass": self.unweighed_mass,
-            "bias_scale": self.bias_scale,
-            "bias_bound": self.bias_bound,
+            "unweighed_prediction": self.unweighed_prediction,
+            "clipping_bias": {name: asdict(self.clipping_bias(name)) for name in ("ips", "dr")},
             "flags": list(self.flags),
             "left_out": self.left_out,
             "ess_by_position": {str(k): v for k, v in self.ess_by_position.items()},
             "config": dict(self.config),
         }
 
-    @property
-    def bias_bound(self) -> float:
-        """The largest clipping bias of this report's IPS or DR estimate
-        (:func:`clipping_bias_bound`)."""
-        return self.unweighed_mass * self.bias_scale
+    def clipping_bias(self, estimator: str) -> ClippingBias:
+        """How far clipping can move this report's ``estimator`` estimate from the policy's
+        value (:func:`clipping_bias`)."""
+        return clipping_bias(
+            estimator,
+            mass=self.unweighed_mass,
+            prediction=self.unweighed_prediction,
+            reward_range=self.reward_range,
+        )
 
 
 def unweighed_mass(w: np.ndarray) -> float:
-    """1 - the mean clipped weight ``w`` (E,), within [0, 1]: the estimated share of the
+    """1 - the mean clipped weight ``w`` (E,), within [0, 1]: the estimated share m of the
     target's probability that the clipped weights cannot weigh.
 
     E_beta[min(pi / beta, c)] = sum_a min(pi(a), c beta(a)): the target's mass the log can
@@ -1660,23 +1663,60 @@ def unweighed_mass(w: np.ndarray) -> float:
     return float(np.clip(1.0 - np.mean(w), 0.0, 1.0))
 
 
-def clipping_bias_bound(
-    mass: float, *, reward_range: tuple[float, float], predictions: tuple[float, float]
+def unweighed_prediction(
+    w: np.ndarray,
+    q_logged: np.ndarray,
+    v_target: np.ndarray,
+    *,
+    mass: float,
+    predictions: tuple[float, float],
 ) -> float:
-    """The largest |bias| of clipped IPS or DR from clipping: ``mass`` (the unweighed mass,
-    :func:`unweighed_mass`) times the largest gap between an outcome and what the estimator
-    puts in its place.
+    """U = sum_a u(a) q_hat(a), u(a) = pi(a) - min(pi(a), c beta(a)): the reward model's
+    value of the target's unweighed mass, estimated as mean(v_target) - mean(w q_logged)
+    (E_pi[q_hat] minus its weighable part, E_beta[min(w, c) q_hat]) and kept within
+    ``mass`` x the ``predictions`` range (the model's smallest and largest prediction).
+    ``w``, ``q_logged``, ``v_target``: (E,) clipped weights, predictions at the logged
+    actions, the target's expected prediction at each event."""
+    if w.shape[0] == 0:
+        return 0.0
+    u = float(np.mean(v_target) - np.mean(w * q_logged))
+    q_lo, q_hi = predictions
+    return float(np.clip(u, mass * q_lo, mass * q_hi))
 
-    Clipped IPS counts the unweighed mass as outcome 0, so V - E[IPS] = sum_a (pi(a) -
-    min(pi(a), c beta(a))) q(a), within mass x [lo, hi]; DR counts it as the reward model's
-    prediction, so V - E[DR] = sum_a (...) (q(a) - q_hat(a)), within mass x [lo - max q_hat,
-    hi - min q_hat].  Both lie within +-mass x the largest of |lo|, |hi|, hi - min q_hat and
-    max q_hat - lo.  ``predictions``: the smallest and largest prediction the estimate used.
-    SNIPS renormalises the clipped weights; the bound is not exact for it.
+
+@dataclass(frozen=True, kw_only=True)
+class ClippingBias:
+    """How far clipping can move an estimate from the policy's value V."""
+
+    over: float
+    """E[estimate] - V is at most this."""
+    under: float
+    """V - E[estimate] is at most this."""
+
+
+def clipping_bias(
+    estimator: str, *, mass: float, prediction: float, reward_range: tuple[float, float]
+) -> ClippingBias:
+    """The largest over- and underestimate clipping allows, outcomes in ``reward_range``
+    [lo, hi], with unweighed mass m (:func:`unweighed_mass`) and DR's value of it U
+    (``prediction``, :func:`unweighed_prediction`).
+
+    With u(a) = pi(a) - min(pi(a), c beta(a)) (summing to m), clipped IPS counts the
+    unweighed mass as outcome 0: V - E[IPS] = sum_a u(a) q(a), within [m lo, m hi].  DR
+    counts it at the reward model's prediction: V - E[DR] = sum_a u(a) (q(a) - q_hat(a)),
+    within [m lo - U, m hi - U].  So a pessimistic reading of the candidate values its
+    unweighed mass at the worst outcome, and of the current model at the best.  Not
+    derived for SNIPS (it renormalises the clipped weights; IPS's bound is given) nor for
+    the cascade terms of a softmax list's lower slots: there it is a guide, not a bound.
+    m and U are point estimates; their own sampling error (Bottou et al. give W-bar an
+    interval) is not added.
     """
     lo, hi = reward_range
-    q_lo, q_hi = predictions
-    return float(mass * max(abs(lo), abs(hi), hi - q_lo, q_hi - lo, 0.0))
+    if estimator == "dr":
+        return ClippingBias(
+            over=max(prediction - mass * lo, 0.0), under=max(mass * hi - prediction, 0.0)
+        )
+    return ClippingBias(over=max(-mass * lo, 0.0), under=max(mass * hi, 0.0))
 
 
 DR_IPS_DISAGREE = "dr_ips_disagree"
@@ -1740,6 +1780,7 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         k: Interval(iv.value, iv.low, iv.high, range_flags(k, iv, lo, hi)) for k, iv in raw.items()
     }
     mean_weight = float(w_raw.mean())
+    mass = unweighed_mass(w)
     flags = [f for iv in estimates.values() for f in iv.flags]
     w_lo, w_hi = cfg.mean_weight_bounds
     if not w_lo <= mean_weight <= w_hi:
@@ -1759,9 +1800,9 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         max_weight=float(w_raw.max()),
         clipped_share=clipped,
         ess=effective_sample_size(w),
-        unweighed_mass=unweighed_mass(w),
-        bias_scale=clipping_bias_bound(
-            1.0, reward_range=(lo, hi), predictions=_prediction_range(events)
+        unweighed_mass=mass,
+        unweighed_prediction=unweighed_prediction(
+            w, events.q_logged, terms.v_target, mass=mass, predictions=_prediction_range(events)
         ),
         flags=tuple(flags),
         left_out=events.left_out,

@@ -108,14 +108,15 @@ class LoopConfig:
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
     ope_bound_bias: bool = False
-    """The OPE check also needs the low end of the paired interval minus both estimates'
-    largest clipping bias (the outer interval) to be ``>= -margin``: each estimate's
-    unweighed mass -- the share of its policy's probability the clipped weights cannot
-    weigh -- times the largest gap between an outcome and the reward model's prediction
-    (Bottou et al. 2013, section 4.4; :func:`recloop.evaluation.ope.clipping_bias_bound`).
-    The check then holds whatever the reward model says where the log cannot weigh the
-    candidate's choices.  With a canary it does not count (the users judge the candidate).
-    The bound and the outer low end are in every gate report either way."""
+    """The OPE check also needs the outer low end to be ``>= -margin``: the paired
+    interval's low end minus the candidate's largest overestimate and the current model's
+    largest underestimate that clipping allows -- the share of each policy's probability
+    the clipped weights cannot weigh, valued at the worst outcome for the candidate and at
+    the best for the current model instead of at the reward model's prediction (Bottou et
+    al. 2013, section 4.4; :func:`recloop.evaluation.ope.clipping_bias`).  The check then
+    holds whatever the reward model says where the log cannot weigh the candidate's
+    choices.  With a canary it does not count (the users judge the candidate).  The bound
+    and the outer low end are in every gate report either way."""
     ope_max_unreproduced: float = 0.01
     """With ``ope: {target: served}`` on logged propensities: the largest share of the
     current model's own holdout impressions whose propensity the served target may fail to

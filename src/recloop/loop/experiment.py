@@ -365,8 +365,8 @@ class ExperimentConfig:
     (their ``ope.mean_weight_bounds``): below the low one, that share of the model's
     choices was never shown in the log, and its estimate rests on the reward model there."""
     gate_bound_bias: bool = False
-    """The loops' gates also need the OPE difference's outer interval (widened by both
-    estimates' largest clipping bias) to clear the margin (``recloop loop``'s
+    """The loops' gates also need the OPE difference's outer low end (what the clipped
+    weights cannot weigh valued pessimistically) to clear the margin (``recloop loop``'s
     ``ope_bound_bias``)."""
     gate_target: str = "served"
     """The policy the gates' OPE scores each model as (``ope.target`` of the loops):

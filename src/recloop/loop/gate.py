@@ -51,15 +51,17 @@ within bounds and an ESS of 4.
 
 The outer check (``bound_bias``).  Clipped IPS values the share of a policy's probability
 that its clipped weights cannot weigh (its unweighed mass m: on items the log shows with a
-probability below pi / cap, or never) at 0, and DR at the reward model's prediction; either
-is off by at most m times the largest gap between an outcome and that prediction
-(:func:`recloop.evaluation.ope.clipping_bias_bound`; Bottou et al. 2013, section 4.4).  The
-outer interval widens the paired interval by both models' bounds; with ``bound_bias`` its
-low end, too, must be ``>= -margin``: the candidate passes on what the log can weigh,
-whatever the reward model says of the rest.  On an epsilon-greedy log a candidate's m is
-about the share of states where its choice is not the current model's, so such a gate
-promotes little that departs from the current model: what the log cannot judge is left to a
-canary (with which the check does not gate) or to a log that explores more (softmax).
+probability below pi / cap, or never) at 0, and DR at the reward model's prediction U; with
+outcomes in [lo, hi] the truth there lies between m lo and m hi
+(:func:`recloop.evaluation.ope.clipping_bias`; Bottou et al. 2013, section 4.4).  The outer
+low end takes the pessimistic reading of both: the paired interval's low end minus the
+candidate's largest overestimate (DR: U - m lo) and the current model's largest
+underestimate (DR: m hi - U).  With ``bound_bias`` it, too, must be ``>= -margin``: the
+candidate passes on what the log can weigh, whatever the reward model says of the rest.
+On an epsilon-greedy log a candidate's m is about the share of states where its choice is
+not the current model's, so such a gate promotes little that departs from the current
+model: what the log cannot judge is left to a canary (with which the check does not gate)
+or to a log that explores more (softmax).
 
 The re-serve check (target ``served``, logged propensities with their ``policy_version``).
 On the holdout impressions the current model served, the served target must give it back
@@ -316,7 +318,7 @@ def ope_check(
 ) -> OPECheck:
     """Passed when the paired interval's low end is >= ``-margin``, with ``bound_bias`` also
     its low end minus ``bias`` (the outer interval: the largest clipping bias of the two
-    estimates, :func:`recloop.evaluation.ope.clipping_bias_bound`), and, with
+    estimates, :func:`recloop.evaluation.ope.clipping_bias`), and, with
     ``require_trusted``, no model's estimate has a warning (``warnings``: model name -> its
     :func:`untrusted` list)."""
     # equal policies give a difference of 0 up to rounding
@@ -416,7 +418,12 @@ def gate(
             logger.info("re-serve check of the current model: %s", reserved.words())
             if reserved.share > max_unreproduced:
                 warnings["current"].append(reserved.words())
-        bias = sum(r.bias_bound for r in reports.values())
+        # the pessimistic reading: the candidate at most overestimated, the current model at
+        # most underestimated, by what their clipped weights cannot weigh
+        bias = (
+            reports["candidate"].clipping_bias(estimator).over
+            + reports["current"].clipping_bias(estimator).under
+        )
         check = ope_check(
             iv,
             warnings,
