@@ -127,10 +127,11 @@ def test_an_arm_may_set_its_own_serving_exploration() -> None:
 
 NO_ONE_STEP = dict.fromkeys(
     ("one_step_checked", "ope_misses_one_step", "one_step_contradicts_truth", "one_step_flips",
-     "one_step_misses_ips", "one_step_misses_snips", "one_step_misses_dr"),
+     "one_step_misses_ips", "one_step_misses_snips", "one_step_misses_dr",
+     "outer_would_keep_out"),
     0,
 )  # fmt: skip
-"""The summary's OPE-against-truth counts of a run whose gates had no OPE."""
+"""The summary's OPE counts of a run whose gates had no OPE."""
 
 
 def _row(r: int, arm: str, value: float, half: float, gate: GateCheck | None = None) -> ArmRound:
