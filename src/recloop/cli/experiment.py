@@ -99,11 +99,12 @@ def experiment_command(
         "log).",
     ),
     gate_bound_bias: bool = typer.Option(
-        False,
-        "--gate-bound-bias/--gate-no-bias-bound",
+        True,
+        "--gate-bound-bias/--gate-no-bound-bias",
         help="The gates also need the OPE difference's outer low end to clear the margin: "
         "the share of each policy the clipped weights cannot weigh valued at the worst "
-        "outcome for the candidate and at the best for the current model.",
+        "outcome for the candidate and at the best for the current model (the default; "
+        "--gate-no-bound-bias: DR's interval alone, the gate before 2026-12-07).",
     ),
     gate_outcome: str = typer.Option(
         "reward",
@@ -222,7 +223,8 @@ def experiment_command(
         echo(
             f"{g['outer_would_keep_out']} promotion(s) rested on the reward model where the "
             "log could not weigh the candidate: their OPE interval, widened by the clipping "
-            "bias, reached below the margin (--gate-bound-bias keeps such candidates out)"
+            "bias, reached below the margin (the default --gate-bound-bias keeps such "
+            "candidates out)"
         )
     if g["rejected_untrusted"]:
         echo(

@@ -1713,10 +1713,11 @@ def clipping_bias(
     """
     lo, hi = reward_range
     if estimator == "dr":
+        # 0.0 first: max keeps the first of equals, so no bound reads -0.0
         return ClippingBias(
-            over=max(prediction - mass * lo, 0.0), under=max(mass * hi - prediction, 0.0)
+            over=max(0.0, prediction - mass * lo), under=max(0.0, mass * hi - prediction)
         )
-    return ClippingBias(over=max(-mass * lo, 0.0), under=max(mass * hi, 0.0))
+    return ClippingBias(over=max(0.0, -mass * lo), under=max(0.0, mass * hi))
 
 
 DR_IPS_DISAGREE = "dr_ips_disagree"

@@ -107,7 +107,7 @@ class LoopConfig:
     ope_min_ess: float = 30.0
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
-    ope_bound_bias: bool = False
+    ope_bound_bias: bool = True
     """The OPE check also needs the outer low end to be ``>= -margin``: the paired
     interval's low end minus the candidate's largest overestimate and the current model's
     largest underestimate that clipping allows -- the share of each policy's probability
@@ -116,7 +116,10 @@ class LoopConfig:
     al. 2013, section 4.4; :func:`recloop.evaluation.ope.clipping_bias`).  The check then
     holds whatever the reward model says where the log cannot weigh the candidate's
     choices.  With a canary it does not count (the users judge the candidate).  The bound
-    and the outer low end are in every gate report either way."""
+    and the outer low end are in every gate report either way.  On by default since
+    2026-12-07: in ``recloop experiment`` (store-fed, seeds 0-2) the gate without it
+    promoted 2 truly worse models of 60 on epsilon-greedy logs, with it none (and nothing
+    else either: such logs cannot weigh what a candidate changes); docs/experiment.md."""
     ope_max_unreproduced: float = 0.01
     """With ``ope: {target: served}`` on logged propensities: the largest share of the
     current model's own holdout impressions whose propensity the served target may fail to

@@ -364,7 +364,7 @@ class ExperimentConfig:
     """Bounds of the mean unclipped importance weight of an estimate the loops' gates act on
     (their ``ope.mean_weight_bounds``): below the low one, that share of the model's
     choices was never shown in the log, and its estimate rests on the reward model there."""
-    gate_bound_bias: bool = False
+    gate_bound_bias: bool = True
     """The loops' gates also need the OPE difference's outer low end (what the clipped
     weights cannot weigh valued pessimistically) to clear the margin (``recloop loop``'s
     ``ope_bound_bias``)."""
