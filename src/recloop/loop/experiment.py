@@ -471,8 +471,9 @@ class GateCheck:
     and the other one that of ``true_diff``, the gate's estimate was right about the
     states it read and the candidate leads users elsewhere."""
     outer_low: float | None = None
-    """The low end of the gate's OPE interval minus both estimates' largest clipping bias
-    (``recloop loop``'s ``ope_bound_bias``), whether or not it gated (None without OPE)."""
+    """The low end of the gate's OPE interval minus the candidate's largest overestimate
+    and the current model's largest underestimate that clipping allows (``recloop loop``'s
+    ``ope_bound_bias``), whether or not it gated (None without OPE)."""
     unweighed_mass: float | None = None
     """The candidate's share of probability the gate's clipped weights could not weigh
     (:func:`recloop.evaluation.ope.unweighed_mass`)."""
@@ -651,9 +652,9 @@ def gate_summary(
     resolved (interval excluding 0) with one sign in the current model's roll-out states
     and with the other in its own: there the states a model leads its users to decide.
     A gate decision that started a canary counts in these (it had OPE), not in
-    ``decisions``.  ``outer_would_keep_out`` counts the promotions whose outer OPE interval
-    (``outer_low``: widened by the clipping bias) reaches below ``-margin``: those that
-    ``ope_bound_bias`` would have kept out (0 when it gated)."""
+    ``decisions``.  ``outer_would_keep_out`` counts the promotions whose outer OPE low end
+    (``outer_low``) is below ``-margin``: those that ``ope_bound_bias`` would have kept out
+    (0 when it gated)."""
     gates = [
         g
         for r in rows

@@ -317,8 +317,9 @@ def ope_check(
     bound_bias: bool = False,
 ) -> OPECheck:
     """Passed when the paired interval's low end is >= ``-margin``, with ``bound_bias`` also
-    its low end minus ``bias`` (the outer interval: the largest clipping bias of the two
-    estimates, :func:`recloop.evaluation.ope.clipping_bias`), and, with
+    its low end minus ``bias`` (the outer low end: ``bias`` is the candidate's largest
+    overestimate plus the current model's largest underestimate that clipping allows,
+    :func:`recloop.evaluation.ope.clipping_bias`), and, with
     ``require_trusted``, no model's estimate has a warning (``warnings``: model name -> its
     :func:`untrusted` list)."""
     # equal policies give a difference of 0 up to rounding
@@ -364,9 +365,8 @@ def gate(
     current model must get back the propensities of the impressions it served
     (:func:`recloop.evaluation.ope.reserve_check`): where more than ``max_unreproduced`` of
     them differ, the current model's estimate carries that warning.  With ``bound_bias``
-    the OPE check also needs the outer interval's low end (the paired interval widened by
-    both estimates' largest clipping bias) >= ``-margin``; the bias is reported either
-    way."""
+    the OPE check also needs the outer low end (module docstring) >= ``-margin``; it is
+    reported either way.  (``recloop loop`` turns it on by default: ``ope_bound_bias``.)"""
     k = int(metric.partition("@")[2])
     eval_cfg = EvalConfig(ks=(k,) if k == 10 else (k, 10))
     ranked = rewarded_holdout(dataset) if rewarded_targets else dataset
