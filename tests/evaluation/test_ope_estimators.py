@@ -3,6 +3,8 @@ hand and on synthetic bandits whose value is known analytically."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -125,44 +127,76 @@ def test_the_unweighed_mass_is_one_minus_the_mean_clipped_weight() -> None:
     assert unweighed_mass(np.array([])) == 0.0
 
 
-def test_the_clipping_bias_holds_the_exact_bias_of_clipped_ips_and_dr() -> None:
-    """A bandit of 4 actions whose expectations are computed exactly: 1,000 events logged in
-    beta's proportions (beta shows action 3 once), pi puts 0.6 on action 3.  At cap 10 the
-    clipped weights cannot weigh 0.6 - 10 x 0.001 = 0.59 of pi; the means of the events give
-    that mass and DR's value of it back, and the biases of IPS and DR (with a reward model
-    that overrates action 3) lie within the bounds, DR's overestimate close to its bound."""
-    from recloop.evaluation.ope import clipping_bias, unweighed_mass, unweighed_prediction
+def _bandit_events(beta: np.ndarray, q: np.ndarray, n: int = 1000) -> Any:
+    """``n`` events logged in ``beta``'s proportions, each with its action's outcome
+    ``q``, one user each: their means are the exact expectations under beta."""
+    from recloop.evaluation.ope import BaselineRewards, LoggedEvents
+
+    action = np.repeat(np.arange(beta.shape[0]), (beta * n).round().astype(int))  # (E,)
+    e = action.shape[0]
+    return LoggedEvents(
+        split=2, rows=np.arange(e), user=np.arange(e), action=action,
+        reward=q[action].astype(np.float64), log_propensity=np.log(beta[action]),
+        behaviour="logged", rewards=BaselineRewards(
+            mu=0.0, user_bias=np.zeros(e + 1, np.float32),
+            item_bias=np.zeros(beta.shape[0] + 1, np.float32)),
+        q_logged=np.zeros(e),
+    )  # fmt: skip
+
+
+def test_the_outer_difference_brackets_both_values_whatever_the_log_cannot_show() -> None:
+    """A bandit of 4 actions with exact expectations: beta shows action 3 once in 1,000, pi
+    puts 0.6 on it; at cap 10 the clipped weights cannot weigh 0.59 of pi.  The outer
+    difference values that mass at the worst outcome for the policy compared and at the
+    best for the baseline: below the true difference, by (hi - lo) x the masses."""
+    from recloop.evaluation.ope import OPEConfig, PolicyTerms, outer_difference
 
     beta = np.array([0.5, 0.3, 0.199, 0.001])
-    pi = np.array([0.1, 0.1, 0.2, 0.6])
-    q = np.array([0.2, 0.9, 0.4, 0.05])  # true values, within [0, 1]
-    q_hat = np.array([0.3, 0.5, 0.5, 0.8])  # the reward model overrates action 3
-    cap = 10.0
-    action = np.repeat(np.arange(4), (beta * 1000).round().astype(int))  # (1000,)
-    w = np.minimum(pi[action] / beta[action], cap)
-    mass = unweighed_mass(w)
-    assert mass == pytest.approx(0.59)
-    u = unweighed_prediction(
-        w, q_hat[action], np.full(action.shape[0], pi @ q_hat), mass=mass, predictions=(0.3, 0.8)
+    q = np.array([0.2, 1.0, 0.4, 0.05])  # observed outcomes within [0.05, 1]: f = 0, g = 1
+    events = _bandit_events(beta, q)
+    cfg = OPEConfig(n_boot=0, weight_cap=10.0)
+
+    def terms(pi: np.ndarray) -> PolicyTerms:
+        return PolicyTerms(p_target=pi[events.action], v_target=np.full(events.n_events, 0.0))
+
+    pi_b = np.array([0.1, 0.1, 0.2, 0.6])  # 0.59 of it unweighed
+    pi_a = np.array([0.5, 0.3, 0.2, 0.0])  # all of it weighed
+    nothing = PolicyTerms(p_target=np.zeros(events.n_events), v_target=np.zeros(events.n_events))
+    v_b, v_a = float(pi_b @ q), float(pi_a @ q)
+    # each side alone: against a baseline that shows nothing (w = 0, H = hi = 1)
+    low_b = outer_difference(events, nothing, terms(pi_b), cfg=cfg).value + 1.0
+    assert low_b == pytest.approx(v_b - 0.59 * q[3]) and low_b < v_b
+    # the baseline fully weighed: its H is its value; the difference's outer value is below
+    # the truth by what B's unweighed mass is worth (on action 3: 0.05 each)
+    out = outer_difference(events, terms(pi_a), terms(pi_b), cfg=cfg)
+    assert out.value == pytest.approx(low_b - v_a)
+    assert out.value < v_b - v_a
+    # swapped: B as the baseline is read at its best (its unweighed 0.59 worth 1 each)
+    swapped = outer_difference(events, terms(pi_b), terms(pi_a), cfg=cfg)
+    assert swapped.value == pytest.approx(v_a - (v_b + 0.59 * (1.0 - q[3])))
+    assert swapped.value < v_a - v_b
+    # equal, fully weighed policies: exactly 0, with or without intervals
+    assert outer_difference(events, terms(pi_a), terms(pi_a), cfg=cfg).value == pytest.approx(0)
+    boot = outer_difference(
+        events, terms(pi_a), terms(pi_b), cfg=OPEConfig(n_boot=200, weight_cap=10.0)
     )
-    assert u == pytest.approx(0.59 * 0.8)  # the unweighed mass is all on action 3
-    value = float(pi @ q)
-    e_ips = float(np.mean(w * q[action]))
-    e_dr = float(pi @ q_hat + np.mean(w * (q[action] - q_hat[action])))
-    assert value - e_dr == pytest.approx(0.59 * (0.05 - 0.8))  # DR overestimates by 0.44
-    for name, estimate in (("ips", e_ips), ("dr", e_dr)):
-        b = clipping_bias(name, mass=mass, prediction=u, reward_range=(0.0, 1.0))
-        assert -b.over <= value - estimate <= b.under
-    dr = clipping_bias("dr", mass=mass, prediction=u, reward_range=(0.0, 1.0))
-    assert (dr.over, dr.under) == pytest.approx((0.59 * 0.8, 0.59 * 0.2))
-    ips = clipping_bias("ips", mass=mass, prediction=u, reward_range=(0.0, 1.0))
-    assert (ips.over, ips.under) == pytest.approx((0.0, 0.59))  # IPS can only read low
-    # outcomes that can be negative: IPS may read high too
-    neg = clipping_bias("ips", mass=0.5, prediction=0.0, reward_range=(-1.0, 1.0))
-    assert (neg.over, neg.under) == (0.5, 0.5)
-    # DR's value of the unweighed mass is kept within the model's own predictions
-    assert (
-        unweighed_prediction(w, q_hat[action], np.full(1000, 9.0), mass=0.5, predictions=(0.3, 0.8))
-        == 0.4
-    )
-    assert clipping_bias("dr", mass=0.0, prediction=0.0, reward_range=(0.0, 3.0)).under == 0.0
+    assert boot.low <= boot.value <= boot.high and boot.value == pytest.approx(out.value)
+
+
+def test_the_outer_difference_holds_where_the_target_shows_nothing_and_outcomes_are_positive() -> (
+    None
+):
+    """Ratings in [1, 5]: a policy that shows nothing at an event is worth 0 there, below
+    the lowest outcome, so the worst value of what cannot be weighed is min(lo, 0)."""
+    from recloop.evaluation.ope import OPEConfig, PolicyTerms, outer_difference
+
+    beta = np.array([0.5, 0.5])
+    q = np.array([1.0, 5.0])
+    events = _bandit_events(beta, q, n=10)
+    shows_nothing = PolicyTerms(p_target=np.zeros(10), v_target=np.zeros(10))
+    shows_a = PolicyTerms(p_target=np.ones(10) * (events.action == 0), v_target=np.zeros(10))
+    cfg = OPEConfig(n_boot=0, weight_cap=None)
+    # nothing vs always action 0 (value 1): the outer difference must not exceed -1
+    out = outer_difference(events, shows_a, shows_nothing, cfg=cfg)
+    assert out.value <= 0.0 - 1.0
+    assert outer_difference(events, shows_nothing, shows_a, cfg=cfg).value <= 1.0 - 0.0

@@ -343,18 +343,21 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     seen: list[object] = []
 
     def spy(*args: object, **kwargs: object) -> object:
-        seen.append((kwargs["require_trusted"], kwargs["min_ess"]))
+        seen.append((kwargs["require_trusted"], kwargs["min_ess"], kwargs["bound_bias"]))
         return real_gate(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(controller_mod, "gate", spy)
     second = loop.run_once()
     required = trusted is None and not canary  # the default, unless a canary judges
-    assert seen == [(required, 12.5)]
+    # the outer check is on by default too, unless a canary judges
+    assert seen == [(required, 12.5, not canary)]
     # this tiny log's estimates carry warnings: they keep the candidate out only when required
     assert "OPE untrusted" in second.reason if required else "OPE warnings" in second.reason
     assert second.status == ("published" if required else "canary" if canary else "promoted")
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
     assert gate_doc["ope"]["require_trusted"] is required, second.reason
     assert gate_doc["ope"]["min_ess"] == 12.5
+    assert gate_doc["ope"]["bound_bias"] is (not canary)
     defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0
+    assert defaults["ope_bound_bias"] is True

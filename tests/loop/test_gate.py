@@ -413,61 +413,69 @@ def test_the_gate_distrusts_ope_that_does_not_give_the_current_model_its_propens
     assert none.ope["reserve"] is None
 
 
-def test_the_outer_check_bounds_what_the_log_cannot_weigh(tmp_path: Path) -> None:
-    """Propensities of 1 for items the target picks with 1/8: 7/8 of each model's mass is
-    on items the log never shows.  Their difference is 0, but the outer interval widens it
-    by both clipping-bias bounds: it gates only with ``bound_bias``, and is reported
-    either way."""
-    _, cur, base = _current_model(tmp_path)
+def test_the_outer_check_reads_what_the_log_cannot_weigh_at_its_worst(tmp_path: Path) -> None:
+    """Propensities of 1 for items a model picks with about 1/8: about 7/8 of each model's
+    mass is on items the log never shows.  The outer difference values the candidate's at
+    the lowest outcome (0) and the current model's at the highest: with no weight clipped,
+    it is the IPS difference minus hi x the current model's unweighed mass, so swapping the
+    two models changes it.  It gates only with ``bound_bias``, and is reported either way."""
+    rec, cur, base = _current_model(tmp_path)
+    with torch.no_grad():
+        for p in rec.algo.policy.head.parameters():
+            p.neg_()
+    other = load_artifact(rec.save(tmp_path / "other"))
     sure = _with_propensity(base, 1.0)
     ope = OPEConfig(n_boot=0, behaviour="logged", mean_weight_bounds=(0.0, 2.0))
-    kw = dict(metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope, min_ess=0)
-    told = gate(cur, cur, sure, **kw)  # type: ignore[arg-type]
-    assert told.promote, told.reason
-    for name in ("candidate", "current"):
-        # no weight is clipped (all <= 1): the mass is what the mean weight lacks, about
-        # 7/8 (a few logged items are outside a model's top 8, or fewer are left unmasked)
-        mass = told.ope[name]["unweighed_mass"]
-        assert mass == pytest.approx(1 - told.ope[name]["mean_weight"]) and 0.85 < mass < 0.9
-    # the candidate valued at the worst outcome where it cannot be weighed (DR over by at
-    # most U - m lo), the current model at the best (DR under by at most m hi - U)
-    cand, cur_ = told.ope["candidate"], told.ope["current"]
-    lo, hi = cand["reward_range"]
-    over = cand["unweighed_prediction"] - cand["unweighed_mass"] * lo
-    under = cur_["unweighed_mass"] * hi - cur_["unweighed_prediction"]
-    assert cand["clipping_bias"]["dr"]["over"] == pytest.approx(over)
-    assert cur_["clipping_bias"]["dr"]["under"] == pytest.approx(under)
-    bias = told.ope["bias_bound"]
-    assert bias == pytest.approx(over + under) and over > 0 and under > 0
-    assert told.ope["outer_low"] == pytest.approx(-bias) and not told.ope["bound_bias"]
-    assert f"outer low {-bias:+.4f} (clipping bias <= {bias:.4f}) < -0 (not gating)" in (
-        told.reason
-    )
+    kw = dict(
+        metric="ndcg@5", margin=0.0, use_ope=True, estimator="dr", ope_cfg=ope, min_ess=0,
+        use_metric=False,
+    )  # fmt: skip
+    ab = gate(other, cur, sure, **kw)  # type: ignore[arg-type]
+    ba = gate(cur, other, sure, **kw)  # type: ignore[arg-type]
+    for res in (ab, ba):
+        cand, cur_ = res.ope["candidate"], res.ope["current"]
+        lo, hi = cand["reward_range"]
+        assert lo == 0.0 and hi > 0
+        for r in (cand, cur_):  # w <= 1: nothing clipped, the mass is what the mean lacks
+            assert r["unweighed_mass"] == pytest.approx(1 - r["mean_weight"])
+            assert 0.5 < r["unweighed_mass"] < 1.0
+        ips = res.ope["paired"]["differences"]["ips"]["value"]
+        assert res.ope["outer"]["value"] == pytest.approx(ips - hi * cur_["unweighed_mass"])
+        assert res.ope["outer_low"] == res.ope["outer"]["low"] < 0
+        assert not res.ope["bound_bias"] and res.reason.endswith("< -0 (not gating)")
+    m_a, m_b = ab.ope["candidate"]["unweighed_mass"], ab.ope["current"]["unweighed_mass"]
+    hi = ab.ope["candidate"]["reward_range"][1]
+    assert ab.ope["outer"]["value"] + ba.ope["outer"]["value"] == pytest.approx(-hi * (m_a + m_b))
+    same = gate(cur, cur, sure, **kw)  # type: ignore[arg-type]
+    assert same.promote, same.reason  # the DR difference is 0 and the outer check not gating
     kept = gate(cur, cur, sure, bound_bias=True, **kw)  # type: ignore[arg-type]
     assert not kept.promote and kept.ope["bound_bias"]
-    assert kept.reason.startswith("keep current") and "(not gating)" not in kept.reason
-    # a margin as wide as the bias lets it through
-    wide = gate(cur, cur, sure, bound_bias=True, **{**kw, "margin": bias + 0.01})  # type: ignore[arg-type]
-    assert wide.promote, wide.reason
+    assert kept.reason.endswith(f"outer low {kept.ope['outer_low']:+.4f} < -0")
+    assert kept.reason.startswith("keep current")
+    # a margin as wide as the outer gap lets it through
+    wide = {**kw, "margin": -kept.ope["outer_low"] + 0.01}
+    assert gate(cur, cur, sure, bound_bias=True, **wide).promote  # type: ignore[arg-type]
 
 
-def test_the_outer_check_widens_the_interval_by_the_bias() -> None:
+def test_the_outer_check_gates_on_the_outer_interval_only_when_asked() -> None:
     from recloop.evaluation.ope import Interval
     from recloop.loop.gate import ope_check
 
     clean: dict[str, list[str]] = {"candidate": [], "current": []}
     up = Interval(0.2, 0.05, 0.5)
-    assert ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.04, bound_bias=True).passed
-    c = ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.06, bound_bias=True)
-    assert not c.passed
-    assert c.words == "low >= -0; outer low -0.0100 (clipping bias <= 0.0600) < -0"
+    fine, short = Interval(0.1, 0.01, 0.2), Interval(0.1, -0.01, 0.2)
     assert ope_check(
-        up, clean, margin=0.02, require_trusted=True, bias=0.06, bound_bias=True
+        up, clean, margin=0.0, require_trusted=True, outer=fine, bound_bias=True
     ).passed
-    told = ope_check(up, clean, margin=0.0, require_trusted=True, bias=0.06)
+    c = ope_check(up, clean, margin=0.0, require_trusted=True, outer=short, bound_bias=True)
+    assert not c.passed and c.words == "low >= -0; outer low -0.0100 < -0"
+    assert ope_check(
+        up, clean, margin=0.02, require_trusted=True, outer=short, bound_bias=True
+    ).passed
+    told = ope_check(up, clean, margin=0.0, require_trusted=True, outer=short)
     assert told.passed and told.words.endswith("< -0 (not gating)")
     # the inner interval still gates on its own
     down = Interval(0.2, -0.01, 0.5)
     assert not ope_check(
-        down, clean, margin=0.0, require_trusted=True, bias=0.0, bound_bias=True
+        down, clean, margin=0.0, require_trusted=True, outer=fine, bound_bias=True
     ).passed

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1594,11 +1594,9 @@ class OPEReport:
     ess: float
     """Effective sample size of the clipped weights, (sum w)^2 / sum w^2."""
     unweighed_mass: float = 0.0
-    """Estimated share m of the target's probability that the clipped weights cannot weigh
-    (:func:`unweighed_mass`)."""
-    unweighed_prediction: float = 0.0
-    """Estimated sum over actions of that unweighed probability times the reward model's
-    prediction, U (:func:`unweighed_prediction`): what DR puts where the weights miss."""
+    """Estimated share of the target's probability that the clipped weights cannot weigh
+    (:func:`unweighed_mass`): what the estimates value at 0 (IPS) or at the reward model's
+    prediction (DR) rather than by the events (see :func:`outer_difference`)."""
     flags: tuple[str, ...] = ()
     """Every warning: the estimates' flags, ``mean_weight_far_from_1`` and (with
     intervals) ``dr_ips_disagree``."""
@@ -1626,23 +1624,11 @@ class OPEReport:
             "ess": self.ess,
             "ess_ratio": self.ess / self.n_events if self.n_events else 0.0,
             "unweighed_mass": self.unweighed_mass,
-            "unweighed_prediction": self.unweighed_prediction,
-            "clipping_bias": {name: asdict(self.clipping_bias(name)) for name in ("ips", "dr")},
             "flags": list(self.flags),
             "left_out": self.left_out,
             "ess_by_position": {str(k): v for k, v in self.ess_by_position.items()},
             "config": dict(self.config),
         }
-
-    def clipping_bias(self, estimator: str) -> ClippingBias:
-        """How far clipping can move this report's ``estimator`` estimate from the policy's
-        value (:func:`clipping_bias`)."""
-        return clipping_bias(
-            estimator,
-            mass=self.unweighed_mass,
-            prediction=self.unweighed_prediction,
-            reward_range=self.reward_range,
-        )
 
 
 def unweighed_mass(w: np.ndarray) -> float:
@@ -1661,63 +1647,6 @@ def unweighed_mass(w: np.ndarray) -> float:
     if w.shape[0] == 0:
         return 0.0
     return float(np.clip(1.0 - np.mean(w), 0.0, 1.0))
-
-
-def unweighed_prediction(
-    w: np.ndarray,
-    q_logged: np.ndarray,
-    v_target: np.ndarray,
-    *,
-    mass: float,
-    predictions: tuple[float, float],
-) -> float:
-    """U = sum_a u(a) q_hat(a), u(a) = pi(a) - min(pi(a), c beta(a)): the reward model's
-    value of the target's unweighed mass, estimated as mean(v_target) - mean(w q_logged)
-    (E_pi[q_hat] minus its weighable part, E_beta[min(w, c) q_hat]) and kept within
-    ``mass`` x the ``predictions`` range (the model's smallest and largest prediction).
-    ``w``, ``q_logged``, ``v_target``: (E,) clipped weights, predictions at the logged
-    actions, the target's expected prediction at each event."""
-    if w.shape[0] == 0:
-        return 0.0
-    u = float(np.mean(v_target) - np.mean(w * q_logged))
-    q_lo, q_hi = predictions
-    return float(np.clip(u, mass * q_lo, mass * q_hi))
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClippingBias:
-    """How far clipping can move an estimate from the policy's value V."""
-
-    over: float
-    """E[estimate] - V is at most this."""
-    under: float
-    """V - E[estimate] is at most this."""
-
-
-def clipping_bias(
-    estimator: str, *, mass: float, prediction: float, reward_range: tuple[float, float]
-) -> ClippingBias:
-    """The largest over- and underestimate clipping allows, outcomes in ``reward_range``
-    [lo, hi], with unweighed mass m (:func:`unweighed_mass`) and DR's value of it U
-    (``prediction``, :func:`unweighed_prediction`).
-
-    With u(a) = pi(a) - min(pi(a), c beta(a)) (summing to m), clipped IPS counts the
-    unweighed mass as outcome 0: V - E[IPS] = sum_a u(a) q(a), within [m lo, m hi].  DR
-    counts it at the reward model's prediction: V - E[DR] = sum_a u(a) (q(a) - q_hat(a)),
-    within [m lo - U, m hi - U].  So a pessimistic reading of the candidate values its
-    unweighed mass at the worst outcome, and of the current model at the best.  Not
-    derived for SNIPS (it renormalises the clipped weights; IPS's bound is given) nor for
-    the cascade terms of a softmax list's lower slots: there it is a guide, not a bound.
-    m and U are point estimates; their own sampling error (Bottou et al. give W-bar an
-    interval) is not added.
-    """
-    lo, hi = reward_range
-    if estimator == "dr":
-        # 0.0 first: max keeps the first of equals, so no bound reads -0.0
-        return ClippingBias(
-            over=max(0.0, prediction - mass * lo), under=max(0.0, mass * hi - prediction)
-        )
-    return ClippingBias(over=max(0.0, -mass * lo), under=max(0.0, mass * hi))
 
 
 DR_IPS_DISAGREE = "dr_ips_disagree"
@@ -1756,18 +1685,6 @@ def _ess_by_position(w: np.ndarray, position: np.ndarray | None) -> dict[int, fl
     return out
 
 
-def _prediction_range(events: LoggedEvents) -> tuple[float, float]:
-    """The smallest and largest prediction the reward model q(u, a) = mu + b_u + b_a can
-    make for the events' users and any item (DR puts it where the weights miss)."""
-    if events.n_events == 0:
-        return 0.0, 0.0
-    q, b_u = events.rewards, events.rewards.user_bias[np.unique(events.user)]
-    return (
-        float(q.mu + b_u.min() + q.item_bias.min()),
-        float(q.mu + b_u.max() + q.item_bias.max()),
-    )
-
-
 def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPEReport:
     """The estimates, intervals, diagnostics and flags of one policy on ``events``."""
     w_raw, w, clipped = importance_weights(events, terms, cfg.weight_cap)
@@ -1781,7 +1698,6 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         k: Interval(iv.value, iv.low, iv.high, range_flags(k, iv, lo, hi)) for k, iv in raw.items()
     }
     mean_weight = float(w_raw.mean())
-    mass = unweighed_mass(w)
     flags = [f for iv in estimates.values() for f in iv.flags]
     w_lo, w_hi = cfg.mean_weight_bounds
     if not w_lo <= mean_weight <= w_hi:
@@ -1801,10 +1717,7 @@ def ope_report(events: LoggedEvents, terms: PolicyTerms, cfg: OPEConfig) -> OPER
         max_weight=float(w_raw.max()),
         clipped_share=clipped,
         ess=effective_sample_size(w),
-        unweighed_mass=mass,
-        unweighed_prediction=unweighed_prediction(
-            w, events.q_logged, terms.v_target, mass=mass, predictions=_prediction_range(events)
-        ),
+        unweighed_mass=unweighed_mass(w),
         flags=tuple(flags),
         left_out=events.left_out,
         ess_by_position=_ess_by_position(w, events.position),
@@ -1892,6 +1805,44 @@ def paired_report(
         n_boot=cfg.n_boot,
         confidence=cfg.confidence,
     )
+
+
+def outer_difference(
+    events: LoggedEvents, baseline: PolicyTerms, other: PolicyTerms, *, cfg: OPEConfig
+) -> Interval:
+    """A pessimistic estimate of V(other) - V(baseline) with a paired bootstrap interval
+    (the resamples of :func:`paired_report`).  The share of each policy's probability that
+    the clipped weights cannot weigh is valued at the worst outcome for ``other`` and at the
+    best for ``baseline``, where IPS values it at 0 and DR at a reward model's prediction.
+
+    With clipped weights w (E,), outcomes r in [lo, hi], f = min(lo, 0) and g = max(hi, 0):
+    L = mean(w (r - f)) + f and H = mean(w (r - g)) + g.  With u(a) = pi(a) - min(pi(a),
+    c beta(a)) >= 0, V - E[L] = sum_a u(a) (q(a) - f) - f (1 - sum_a pi(a)) >= 0, and
+    likewise E[H] >= V.  So L and H bracket the value whatever the log cannot show; their
+    gap is (g - f) times the unweighed mass (:func:`unweighed_mass`).  This is the outer
+    confidence interval of Bottou et al. 2013, "Counterfactual reasoning and learning
+    systems", section 4.4, and the bootstrap carries the noise of the mass with the rest.
+    It holds on the served target's lower softmax slots too, given exact propensities:
+    their weights carry the items above, whose ratio has expectation 1.  The interval's low
+    end is an approximate lower confidence bound on the true difference.  The outcomes'
+    range is the one observed on ``events``.
+    """
+    _, w_a, _ = importance_weights(events, baseline, cfg.weight_cap)
+    _, w_b, _ = importance_weights(events, other, cfg.weight_cap)
+    lo, hi = events.reward_range
+    f, g = min(lo, 0.0), max(hi, 0.0)
+    r = events.reward
+    col = w_b * (r - f) + f - (w_a * (r - g) + g)  # (E,) per event: L of other - H of base
+    value = float(col.mean()) if col.shape[0] else 0.0
+    if cfg.n_boot == 0 or col.shape[0] == 0:
+        return Interval(value, value, value)
+    m = bootstrap_means(
+        col[:, None],
+        n_boot=cfg.n_boot,
+        rng=np.random.default_rng(cfg.seed),
+        clusters=events.user if cfg.cluster_by_user else None,
+    )
+    return _percentiles({"outer": value}, {"outer": m[:, 0]}, cfg.confidence)["outer"]
 
 
 # --- saved runs -------------------------------------------------------------------------

@@ -108,15 +108,14 @@ class LoopConfig:
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
     ope_bound_bias: bool = True
-    """The OPE check also needs the outer low end to be ``>= -margin``: the paired
-    interval's low end minus the candidate's largest overestimate and the current model's
-    largest underestimate that clipping allows -- the share of each policy's probability
-    the clipped weights cannot weigh, valued at the worst outcome for the candidate and at
-    the best for the current model instead of at the reward model's prediction (Bottou et
-    al. 2013, section 4.4; :func:`recloop.evaluation.ope.clipping_bias`).  The check then
-    holds whatever the reward model says where the log cannot weigh the candidate's
-    choices.  With a canary it does not count (the users judge the candidate).  The bound
-    and the outer low end are in every gate report either way.  On by default since
+    """The OPE check also needs the low end of the outer difference to be ``>= -margin``:
+    the share of each policy's probability the clipped weights cannot weigh valued at the
+    worst observed outcome for the candidate and at the best for the current model, instead
+    of at 0 (IPS) or at the reward model's prediction (DR), with the same paired bootstrap
+    (Bottou et al. 2013, section 4.4; :func:`recloop.evaluation.ope.outer_difference`).
+    The check then holds whatever the reward model says where the log cannot weigh the
+    candidate's choices.  With a canary it does not count (the users judge the candidate).
+    The outer interval is in every gate report either way.  On by default since
     2026-12-07: in ``recloop experiment`` (store-fed, seeds 0-2) the gate without it
     promoted 2 truly worse models of 60 on epsilon-greedy logs, with it none (and nothing
     else either: such logs cannot weigh what a candidate changes); docs/experiment.md."""

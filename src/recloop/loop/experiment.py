@@ -471,9 +471,10 @@ class GateCheck:
     and the other one that of ``true_diff``, the gate's estimate was right about the
     states it read and the candidate leads users elsewhere."""
     outer_low: float | None = None
-    """The low end of the gate's OPE interval minus the candidate's largest overestimate
-    and the current model's largest underestimate that clipping allows (``recloop loop``'s
-    ``ope_bound_bias``), whether or not it gated (None without OPE)."""
+    """The low end of the gate's outer difference (what the clipped weights cannot weigh
+    valued at the worst outcome for the candidate and the best for the current model:
+    :func:`recloop.evaluation.ope.outer_difference`), whether or not it gated (None
+    without OPE)."""
     unweighed_mass: float | None = None
     """The candidate's share of probability the gate's clipped weights could not weigh
     (:func:`recloop.evaluation.ope.unweighed_mass`)."""

@@ -50,18 +50,16 @@ weight 9.7), and one truly worse by 0.43 on +0.08 [+0.02, +0.23] with both mean 
 within bounds and an ESS of 4.
 
 The outer check (``bound_bias``).  Clipped IPS values the share of a policy's probability
-that its clipped weights cannot weigh (its unweighed mass m: on items the log shows with a
-probability below pi / cap, or never) at 0, and DR at the reward model's prediction U; with
-outcomes in [lo, hi] the truth there lies between m lo and m hi
-(:func:`recloop.evaluation.ope.clipping_bias`; Bottou et al. 2013, section 4.4).  The outer
-low end takes the pessimistic reading of both: the paired interval's low end minus the
-candidate's largest overestimate (DR: U - m lo) and the current model's largest
-underestimate (DR: m hi - U).  With ``bound_bias`` it, too, must be ``>= -margin``: the
-candidate passes on what the log can weigh, whatever the reward model says of the rest.
-On an epsilon-greedy log a candidate's m is about the share of states where its choice is
-not the current model's, so such a gate promotes little that departs from the current
-model: what the log cannot judge is left to a canary (with which the check does not gate)
-or to a log that explores more (softmax).
+that its clipped weights cannot weigh (its unweighed mass: items the log shows with a
+probability below pi / cap, or never) at 0, and DR at the reward model's prediction.  The
+outer difference (:func:`recloop.evaluation.ope.outer_difference`; Bottou et al. 2013,
+section 4.4) values it at the worst observed outcome for the candidate and at the best for
+the current model, with the same paired bootstrap; with ``bound_bias`` its interval's low
+end, too, must be ``>= -margin``: the candidate passes on what the log can weigh, whatever
+a reward model says of the rest.  On an epsilon-greedy log a candidate's unweighed mass is
+about the share of states where its choice is not the current model's, so such a gate
+promotes little that departs from the current model: what the log cannot judge is left to a
+canary (with which the check does not gate) or to a log that explores more (softmax).
 
 The re-serve check (target ``served``, logged propensities with their ``policy_version``).
 On the holdout impressions the current model served, the served target must give it back
@@ -95,6 +93,7 @@ from recloop.evaluation.ope import (
     TrainedCatalogue,
     logged_events,
     ope_report,
+    outer_difference,
     paired_report,
     policy_terms,
     reserve_check,
@@ -313,24 +312,22 @@ def ope_check(
     *,
     margin: float,
     require_trusted: bool,
-    bias: float = 0.0,
+    outer: Interval | None = None,
     bound_bias: bool = False,
 ) -> OPECheck:
     """Passed when the paired interval's low end is >= ``-margin``, with ``bound_bias`` also
-    its low end minus ``bias`` (the outer low end: ``bias`` is the candidate's largest
-    overestimate plus the current model's largest underestimate that clipping allows,
-    :func:`recloop.evaluation.ope.clipping_bias`), and, with
-    ``require_trusted``, no model's estimate has a warning (``warnings``: model name -> its
-    :func:`untrusted` list)."""
+    the low end of ``outer`` (:func:`recloop.evaluation.ope.outer_difference`: what the
+    log cannot weigh valued at the worst outcome for the candidate and the best for the
+    current model), and, with ``require_trusted``, no model's estimate has a warning
+    (``warnings``: model name -> its :func:`untrusted` list)."""
     # equal policies give a difference of 0 up to rounding
     ok = difference.low >= -margin - 1e-9
     words = f"low {'>=' if ok else '<'} {-margin:g}"
-    if bias > 0 or bound_bias:
-        outer = difference.low - bias
-        outer_ok = outer >= -margin - 1e-9
+    if outer is not None:
+        outer_ok = outer.low >= -margin - 1e-9
         words += (
-            f"; outer low {outer:+.4f} (clipping bias <= {bias:.4f}) "
-            f"{'>=' if outer_ok else '<'} {-margin:g}{'' if bound_bias else ' (not gating)'}"
+            f"; outer low {outer.low:+.4f} {'>=' if outer_ok else '<'} {-margin:g}"
+            f"{'' if bound_bias else ' (not gating)'}"
         )
         ok = ok and (outer_ok or not bound_bias)
     flagged = [f"{name} {', '.join(w)}" for name, w in warnings.items() if w]
@@ -418,18 +415,13 @@ def gate(
             logger.info("re-serve check of the current model: %s", reserved.words())
             if reserved.share > max_unreproduced:
                 warnings["current"].append(reserved.words())
-        # the pessimistic reading: the candidate at most overestimated, the current model at
-        # most underestimated, by what their clipped weights cannot weigh
-        bias = (
-            reports["candidate"].clipping_bias(estimator).over
-            + reports["current"].clipping_bias(estimator).under
-        )
+        outer = outer_difference(events, t_cur, t_cand, cfg=ope_cfg)
         check = ope_check(
             iv,
             warnings,
             margin=margin,
             require_trusted=require_trusted,
-            bias=bias,
+            outer=outer,
             bound_bias=bound_bias,
         )
         ok_ope = check.passed
@@ -444,8 +436,8 @@ def gate(
             "warnings": warnings,
             "require_trusted": require_trusted,
             "min_ess": min_ess,
-            "bias_bound": bias,
-            "outer_low": iv.low - bias,
+            "outer": outer.to_dict(),
+            "outer_low": outer.low,
             "bound_bias": bound_bias,
             "reserve": None if reserved is None else reserved.to_dict(),
             "max_unreproduced": max_unreproduced,
