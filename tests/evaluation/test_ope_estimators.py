@@ -3,6 +3,7 @@ hand and on synthetic bandits whose value is known analytically."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -200,3 +201,46 @@ def test_the_outer_difference_holds_where_the_target_shows_nothing_and_outcomes_
     out = outer_difference(events, shows_a, shows_nothing, cfg=cfg)
     assert out.value <= 0.0 - 1.0
     assert outer_difference(events, shows_nothing, shows_a, cfg=cfg).value <= 1.0 - 0.0
+
+
+def test_the_outer_difference_reads_negative_outcomes_at_their_best_as_0() -> None:
+    """Outcomes in [-2, -1]: a baseline that shows nothing is worth 0, above every outcome,
+    so the best value of what cannot be weighed is max(hi, 0) = 0, not hi."""
+    from recloop.evaluation.ope import OPEConfig, PolicyTerms, outer_difference
+
+    beta = np.array([0.5, 0.5])
+    events = _bandit_events(beta, np.array([-2.0, -1.0]), n=10)
+    logger_like = PolicyTerms(p_target=np.full(10, 0.5), v_target=np.zeros(10))  # w = 1
+    shows_nothing = PolicyTerms(p_target=np.zeros(10), v_target=np.zeros(10))
+    out = outer_difference(events, shows_nothing, logger_like, cfg=OPEConfig(n_boot=0))
+    assert out.value == pytest.approx(-1.5 - 0.0)  # the true difference: all of it weighed
+
+
+def test_the_outer_difference_resamples_as_the_paired_report_does() -> None:
+    """Against a baseline that shows nothing, with outcomes >= 0, the outer difference is
+    the IPS difference minus hi, event by event: with the same resamples (users clustered,
+    same seed) its interval is the paired report's IPS interval shifted by hi."""
+    from recloop.evaluation.ope import OPEConfig, PolicyTerms, outer_difference, paired_report
+
+    rng = np.random.default_rng(0)
+    beta = np.array([0.4, 0.3, 0.2, 0.1])
+    events = _bandit_events(beta, np.array([0.0, 1.0, 0.5, 2.0]), n=200)
+    events = dataclasses.replace(events, user=rng.integers(0, 30, events.n_events))
+    other = PolicyTerms(p_target=rng.uniform(0, 1, events.n_events), v_target=np.zeros(200))
+    nothing = PolicyTerms(p_target=np.zeros(200), v_target=np.zeros(200))
+    cfg = OPEConfig(n_boot=300, weight_cap=None, seed=7)
+    out = outer_difference(events, nothing, other, cfg=cfg)
+    ips = paired_report(events, nothing, other, cfg=cfg, run="b", baseline_run="a")
+    iv = ips.differences["ips"]
+    assert (out.value, out.low, out.high) == pytest.approx((iv.value - 2, iv.low - 2, iv.high - 2))
+
+
+def test_an_overflowing_weight_gives_the_worst_outer_difference() -> None:
+    from recloop.evaluation.ope import OUTER_NOT_FINITE, OPEConfig, PolicyTerms, outer_difference
+
+    events = _bandit_events(np.array([0.5, 0.5]), np.array([0.0, 1.0]), n=10)
+    events = dataclasses.replace(events, log_propensity=np.full(10, -800.0))  # 1 / beta = inf
+    some = PolicyTerms(p_target=np.full(10, 0.5), v_target=np.zeros(10))
+    out = outer_difference(events, some, some, cfg=OPEConfig(n_boot=50, weight_cap=None))
+    assert (out.value, out.low, out.high) == (-1.0, -1.0, -1.0)
+    assert out.flags == (OUTER_NOT_FINITE,)

@@ -1807,6 +1807,10 @@ def paired_report(
     )
 
 
+OUTER_NOT_FINITE = "outer_not_finite"
+"""Flag of an outer difference whose weights overflowed: it is the worst the outcomes allow."""
+
+
 def outer_difference(
     events: LoggedEvents, baseline: PolicyTerms, other: PolicyTerms, *, cfg: OPEConfig
 ) -> Interval:
@@ -1827,14 +1831,21 @@ def outer_difference(
     end is an approximate lower confidence bound on the true difference.  The outcomes'
     range is the one observed on ``events``.
     """
+    if events.n_events == 0:
+        return Interval(0.0, 0.0, 0.0)
     _, w_a, _ = importance_weights(events, baseline, cfg.weight_cap)
     _, w_b, _ = importance_weights(events, other, cfg.weight_cap)
     lo, hi = events.reward_range
     f, g = min(lo, 0.0), max(hi, 0.0)
     r = events.reward
-    col = w_b * (r - f) + f - (w_a * (r - g) + g)  # (E,) per event: L of other - H of base
-    value = float(col.mean()) if col.shape[0] else 0.0
-    if cfg.n_boot == 0 or col.shape[0] == 0:
+    with np.errstate(invalid="ignore", over="ignore"):
+        col = w_b * (r - f) + f - (w_a * (r - g) + g)  # (E,) per event: L of other - H of base
+    if not np.isfinite(col).all():
+        # an unclipped weight overflowed (weight_cap None): no estimate, so the worst
+        # difference the outcomes allow -- the candidate at f everywhere, the baseline at g
+        return Interval(f - g, f - g, f - g, (OUTER_NOT_FINITE,))
+    value = float(col.mean())
+    if cfg.n_boot == 0:
         return Interval(value, value, value)
     m = bootstrap_means(
         col[:, None],
