@@ -222,9 +222,8 @@ def experiment_command(
     if g.get("outer_would_keep_out"):
         echo(
             f"{g['outer_would_keep_out']} promotion(s) rested on the reward model where the "
-            "log could not weigh the candidate: their OPE interval, widened by the clipping "
-            "bias, reached below the margin (the default --gate-bound-bias keeps such "
-            "candidates out)"
+            "log could not weigh the candidate: the low end of their outer difference was "
+            "below the margin (the default --gate-bound-bias keeps such candidates out)"
         )
     if g["rejected_untrusted"]:
         echo(

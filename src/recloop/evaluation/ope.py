@@ -1827,9 +1827,9 @@ def outer_difference(
     confidence interval of Bottou et al. 2013, "Counterfactual reasoning and learning
     systems", section 4.4, and the bootstrap carries the noise of the mass with the rest.
     It holds on the served target's lower softmax slots too, given exact propensities:
-    their weights carry the items above, whose ratio has expectation 1.  The interval's low
-    end is an approximate lower confidence bound on the true difference.  The outcomes'
-    range is the one observed on ``events``.
+    their weights carry the ratio of the items above, whose expectation is at most 1.
+    The interval's low end is an approximate lower confidence bound on the true
+    difference.  The outcomes' range is the one observed on ``events``.
     """
     if events.n_events == 0:
         return Interval(0.0, 0.0, 0.0)
