@@ -13,7 +13,7 @@ import pytest
 
 from recloop.stores import MemoryStore
 from recloop.streaming.bus import MemoryBus
-from recloop.streaming.events import BusMessage, parse_batch
+from recloop.streaming.events import EVENT_SCHEMA, BusMessage, parse_batch
 from recloop.streaming.log import BehaviorLog
 from recloop.streaming.runner import run_worker_async
 from recloop.streaming.served import attribute, encode_served, served_rows
@@ -163,9 +163,8 @@ def settings(names: dict[str, str], **kw: Any) -> StreamSettings:
         block_ms=20,
         exit_when_idle_s=0.2,
         popular_refresh_s=0.0,
-        allowed_lateness_s=5000,
         attribution_window_s=WINDOW,
-        **kw,
+        **{"allowed_lateness_s": 5000, **kw},
     )
 
 
@@ -263,3 +262,112 @@ async def test_settled_clicks_and_rewards_are_counted_per_arm_once(
     assert 'recloop_ab_attributed_clicks_total{arm="a",worker="w"} 2.0' in text
     assert 'recloop_ab_attributed_reward_total{arm="b",worker="w"} 2.0' in text
     assert 'recloop_ab_settled_impressions_total{arm="a",worker="w"} 4.0' in text
+
+
+def test_an_explicit_click_on_an_item_shown_twice_in_its_list_is_one_reward() -> None:
+    """The list shows x at positions 0 and 2: the event naming it goes to position 0 only,
+    as a window event does."""
+    lists = [served("r1", "u1", 0, ["x", "y", "x"])]
+    imps = served_rows(lists).select("recommendation_id", "position", "user_id", "item_id", "ts")
+    for link in ("r1", None):
+        ev = {"event_id": "e", "user_id": "u1", "item_id": "x", "ts": 10, "reward": 1.0}
+        got = as_dict(
+            attribute(imps, event_frame([{**ev, "recommendation_id": link}]), window_s=WINDOW)
+        )
+        assert [k for k, v in got.items() if v[0] == "e"] == [("r1", 0)], link
+
+
+def table(log: BehaviorLog) -> dict[str, Any]:
+    frame = log.read_served()
+    return {
+        r["recommendation_id"]: (r["event_id"], r["settled"]) for r in frame.iter_rows(named=True)
+    }
+
+
+def at(event_id: str, user: str, item: str, ts: int, **kw: Any) -> bytes:
+    return orjson.dumps({"event_id": event_id, "user_id": user, "item_id": item, "ts": ts, **kw})
+
+
+async def test_a_click_held_by_a_settled_list_is_never_the_reward_of_another(
+    names: dict[str, str], log: BehaviorLog
+) -> None:
+    """Settled is final: u1 is shown x in A (t=0) and in B (t=1000) and clicks x naming A
+    (t=1100); once A has settled with the click, later activity of u1 must not hand the
+    same click to B by the window.  And a list that reaches the log after a settled list
+    took a window click (a late publish) does not take that click too."""
+    s = settings(names, allowed_lateness_s=300)
+    bus = MemoryBus(stream=names["stream"])
+
+    async def run(*payloads: bytes) -> Any:
+        await bus.publish(list(payloads))
+        return await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w")
+
+    await run(
+        encode_served(served("A", "u1", 0, ["x"])),
+        encode_served(served("B", "u1", 1000, ["x"])),
+        at("E", "u1", "x", 1100, recommendation_id="A"),
+    )
+    await run(at("z1", "u9", "q", 2500))  # watermark 2500 - 1800 - 300 = 400: A settles
+    assert table(log) == {"A": ("E", True), "B": (None, False)}
+    await run(at("e2", "u1", "other", 2600))  # u1 again: B is attributed again
+    stats = await run(at("z2", "u9", "q", 6000))  # B settles
+    assert table(log) == {"A": ("E", True), "B": (None, True)}
+    assert stats.feedback_after_settlement == 0
+    # a window click held by settled C; D (earlier, the same item) is logged only now
+    await run(encode_served(served("C", "u2", 7000, ["y"])), at("F", "u2", "y", 7100))
+    await run(at("z3", "u9", "q", 9500))  # C settles with F
+    await run(encode_served(served("D", "u2", 7050, ["y"])))
+    await run(at("z4", "u9", "q", 12000))  # D settles
+    got = table(log)
+    assert got["C"] == ("F", True) and got["D"] == (None, True)
+
+
+async def test_feedback_for_a_list_another_worker_settled_is_counted_not_lost_silently(
+    names: dict[str, str], log: BehaviorLog
+) -> None:
+    """Worker w1's watermark settles list A; the click naming A reaches worker w2 only
+    afterwards (within w2's own lateness, so not a late event).  A stays settled, the click
+    is logged, attributed to nothing (not to B, which showed u1 the same item just before
+    it, by the window), and counted."""
+    s = settings(names, allowed_lateness_s=300)
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish(
+        [
+            encode_served(served("A", "u1", 0, ["x"])),
+            encode_served(served("B", "u1", 500, ["x"])),
+            at("z1", "u9", "q", 2500),  # watermark 2500 - 1800 - 300 = 400: A settles, B not
+        ]
+    )
+    first = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w1")
+    assert first.settled == 1
+    await bus.publish([at("E", "u1", "x", 600, recommendation_id="A")])
+    second = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w2")
+    assert second.logged == 1 and second.late_events == 0
+    assert second.feedback_after_settlement == 1
+    assert table(log) == {"A": (None, True), "B": (None, False)}
+    # redelivered, it is a duplicate and not counted again
+    await bus.publish([at("E", "u1", "x", 600, recommendation_id="A")])
+    again = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w2")
+    assert again.duplicates == 1 and again.feedback_after_settlement == 0
+    assert table(log) == {"A": (None, True), "B": (None, False)}
+
+
+def test_the_served_log_reads_back_when_its_first_hundreds_of_lists_had_no_click(
+    log: BehaviorLog,
+) -> None:
+    """The attribution columns are null on every row before the first click: the reader
+    must not take their type from the first rows (it took it from 100 of them)."""
+    lists = [served(f"r{i:04d}", "u1", i, ["a"]) for i in range(150)]
+    log.append_served(served_rows(lists))
+    ev = {"event_id": "e1", "user_id": "u1", "item_id": "a", "ts": 149, "reward": 2.0}
+    log.append(
+        pl.DataFrame([{**ev, "behavior": "click", "rating": None}], schema=EVENT_SCHEMA),
+        slide_s=60,
+    )
+    log.attribute_users(["u1"], window_s=0)
+    log.settle(10**6)
+    frame = log.read_served()
+    assert frame.height == 150
+    assert frame["event_id"].to_list() == [None] * 149 + ["e1"]
+    assert frame["reward"].to_list() == [0.0] * 149 + [2.0]
+    assert frame["attributed_by"].to_list()[-1] == "window"

@@ -590,11 +590,27 @@ class BehaviorLog:
     def attribute_users(self, users: Sequence[str], *, window_s: int) -> int:
         """Recompute the attribution of the unsettled impressions of ``users`` from the
         events logged so far (:func:`recloop.streaming.served.attribute`); returns how many
-        impressions have an event now."""
+        impressions have an event now.  Settled impressions keep theirs: the events they
+        hold, and the events naming a list whose impression of their item is settled, are
+        left out (settled is final; :mod:`recloop.streaming.served`)."""
         from recloop.streaming.served import attribute
 
         self.create_schema()
         sv, b, ln = self.tables.served, self.tables.behavior, self.tables.links
+        held, named = sv.alias("held"), sv.alias("named")
+        # an event a settled impression of its user holds
+        held_by_settled = sa.exists().where(
+            held.c.user_id == b.c.user_id,
+            held.c.event_id == b.c.event_id,
+            held.c.settled == sa.true(),
+        )
+        # an event naming a list whose impression of its item is settled
+        names_settled = sa.exists().where(
+            named.c.recommendation_id == ln.c.recommendation_id,
+            named.c.user_id == b.c.user_id,
+            named.c.item_id == b.c.item_id,
+            named.c.settled == sa.true(),
+        )
         users = list(dict.fromkeys(users))
         attributed = 0
         for i in range(0, len(users), 500):
@@ -630,6 +646,7 @@ class BehaviorLog:
                     .where(b.c.user_id.in_(part))
                     # an event naming its list counts whenever it happened; others in the window
                     .where(sa.or_(ln.c.recommendation_id.is_not(None), b.c.ts.between(lo, hi)))
+                    .where(~held_by_settled, ~names_settled)
                 )
                 events = pl.DataFrame(
                     [tuple(r) for r in conn.execute(q).all()],
@@ -669,6 +686,37 @@ class BehaviorLog:
                     ).to_dicts(),
                 )
         return attributed
+
+    def feedback_after_settlement(self, event_ids: Sequence[str]) -> int:
+        """How many of the logged events ``event_ids`` name a list (``feedback_links``)
+        whose impression of their user and item is settled without holding them: feedback
+        that came after its list was settled, which attribution leaves out."""
+        self.create_schema()
+        sv, b, ln = self.tables.served, self.tables.behavior, self.tables.links
+        out = 0
+        ids = list(dict.fromkeys(event_ids))
+        for i in range(0, len(ids), 500):
+            q = (
+                sa.select(sa.func.count(sa.distinct(b.c.event_id)))
+                .select_from(
+                    b.join(ln, ln.c.event_id == b.c.event_id).join(
+                        sv,
+                        sa.and_(
+                            sv.c.recommendation_id == ln.c.recommendation_id,
+                            sv.c.user_id == b.c.user_id,
+                            sv.c.item_id == b.c.item_id,
+                        ),
+                    )
+                )
+                .where(
+                    b.c.event_id.in_(ids[i : i + 500]),
+                    sv.c.settled == sa.true(),
+                    sa.or_(sv.c.event_id.is_(None), sv.c.event_id != b.c.event_id),
+                )
+            )
+            with self.engine.connect() as conn:
+                out += int(conn.execute(q).scalar_one())
+        return out
 
     def settle(self, before_ts: int) -> int:
         """Close the impressions served before ``before_ts``: their attribution is final and
@@ -724,8 +772,13 @@ class BehaviorLog:
             "attributed_by": pl.String(),
             "settled": pl.Boolean(),
         }
+        # every row read for the types: a long run of lists nobody clicked starts the table
+        # with nulls in the attribution columns (polars would guess from the first 100)
         frame = pl.DataFrame(
-            [tuple(r) for r in rows], schema=[c.name for c in sv.columns], orient="row"
+            [tuple(r) for r in rows],
+            schema=[c.name for c in sv.columns],
+            orient="row",
+            infer_schema_length=None,
         )
         return frame.select([pl.col(c).cast(t) for c, t in schema.items()])
 

@@ -204,6 +204,9 @@ class WorkerStats:
     """Served lists (from the service) written to the served-items table."""
     settled: int = 0
     """Impressions whose reward was settled."""
+    feedback_after_settlement: int = 0
+    """New events naming a list whose impression of their item was settled before they
+    could be its reward (settled is final: they are logged and attributed to nothing)."""
     popular_refreshes: int = 0
     retries: int = 0
     failed_steps: int = 0
@@ -314,6 +317,7 @@ class StreamProcessor:
         self.stats.batches += 1
         self.stats.messages += len(messages)
         users: list[str] = []
+        new_ids: list[str] = []
         if served_msgs:
             users += await self._served(served_msgs, ids)
         if parsed.dead:
@@ -329,7 +333,7 @@ class StreamProcessor:
                 ]
             late = self.watermark.observe(events["ts"].to_numpy(), parts)
             origin = [event_msgs[i] for i in index.tolist()]
-            await self._sinks(events, late, ids, origin)
+            new_ids = await self._sinks(events, late, ids, origin)
             if parsed.links is not None and parsed.links.height:
                 links = parsed.links
                 await self._cache_step(
@@ -338,6 +342,11 @@ class StreamProcessor:
             users += events["user_id"].unique().to_list()
         if self.settings.attribution and (users or self.watermark.max_ts is not None):
             await self._cache_step("attribution", lambda: self._attribute(users), ids)
+            if parsed.links is not None and parsed.links.height and new_ids:
+                named = parsed.links.filter(pl.col("event_id").is_in(new_ids))
+                await self._cache_step(
+                    "feedback after settlement", lambda: self._after_settlement(named), ids
+                )
         await self._retry("ack", lambda: self.bus.ack(self.settings.group, ids), ids)
         if ids:
             self.last_entry_id = ids[-1]
@@ -390,6 +399,20 @@ class StreamProcessor:
                     )
             self._settled_before = horizon
 
+    async def _after_settlement(self, named: pl.DataFrame) -> None:
+        """Count the batch's new events that named a list settled without them (after
+        attribution: what it could still place, it has placed)."""
+        if named.height == 0:
+            return
+        n = await asyncio.to_thread(self.log.feedback_after_settlement, named["event_id"].to_list())
+        if n:
+            self.stats.feedback_after_settlement += n
+            logger.warning(
+                "%d events named a list settled before they arrived: logged, attributed to "
+                "nothing (raise allowed_lateness_s if this is frequent)",
+                n,
+            )
+
     async def _dead_letter(self, letters: Sequence[DeadLetter], ids: Sequence[str]) -> None:
         await self._retry(
             "dead-letter", lambda: self.bus.dead_letter(letters, consumer=self.consumer), ids
@@ -404,8 +427,9 @@ class StreamProcessor:
         late: np.ndarray,
         ids: list[str],
         origin: Sequence[BusMessage],
-    ) -> None:
-        """``origin[r]``: the bus message of event row r (dead letters keep its bytes)."""
+    ) -> list[str]:
+        """``origin[r]``: the bus message of event row r (dead letters keep its bytes).
+        Returns the ids of the events newly logged."""
         s = self.settings
         try:
             result = await self._retry(
@@ -423,7 +447,7 @@ class StreamProcessor:
             logger.exception("behaviour log rejected a batch of %d events", events.height)
             reason = f"behaviour log rejected the batch: {_short(exc)}"
             await self._dead_letter([DeadLetter.of(m, reason) for m in origin], ids)
-            return
+            return []
         if result.rejected:
             await self._dead_letter(
                 [
@@ -450,9 +474,10 @@ class StreamProcessor:
         await self._cache_step("recent items", lambda: self._push_recent(events, result), ids)
         new = result.new
         if new.height == 0:
-            return
+            return []
         if self.recommender is not None:
             await self._cache_step("recommendations", lambda: self._refresh(new, ids), ids)
+        return new["event_id"].to_list()
 
     async def _push_recent(self, events: pl.DataFrame, result: AppendResult) -> None:
         """The batch's events as the log holds them onto the recent lists: the new ones, and

@@ -26,7 +26,8 @@ Attribution (:func:`attribute`) is a pure function of the impressions and the ev
 the order in which they arrive (and redeliveries) cannot change its answer:
 
 1. an event carrying ``recommendation_id`` goes to that list's impression of the same user
-   and item, whenever it happened;
+   and item (its first position, should the list show the item twice), whenever it
+   happened;
 2. failing that, to the latest impression of the same user and item served at most
    ``window_s`` seconds before the event (``imp.ts <= event.ts <= imp.ts + window_s``);
 3. an impression that several events claim takes the explicit one first, then the
@@ -35,6 +36,15 @@ the order in which they arrive (and redeliveries) cannot change its answer:
 The impression's reward is the event's ``reward`` (1 when the event has none); an
 impression nobody claimed gets 0 once settled, i.e. when the event-time watermark has
 passed its ``ts + window_s + allowed lateness`` (the processor settles them).
+
+Settled is final.  The processor attributes again only the impressions not settled yet
+(:meth:`recloop.streaming.log.BehaviorLog.attribute_users`), and it leaves out the events a
+settled impression holds and the events naming a list whose impression of their item is
+settled: one event is never the reward of two impressions, and a click on one list is
+never moved to another.  So what arrives after the impressions it concerns were settled
+(a served list published late, feedback beyond the allowed lateness, a batch reclaimed
+from a stalled worker) can change nothing settled; the processor counts the events naming
+a settled list without being its reward (``WorkerStats.feedback_after_settlement``).
 """
 
 from __future__ import annotations
@@ -199,6 +209,9 @@ def attribute(impressions: pl.DataFrame, events: pl.DataFrame, *, window_s: int)
             left_on=["link", "user_id", "item_id"],
             right_on=["recommendation_id", "user_id", "item_id"],
         )
+        # an item shown at two positions of the named list: the event goes to the first
+        .sort(["event_id", "position"])
+        .unique("event_id", keep="first")
         .select(
             pl.col("link").alias("recommendation_id"),
             "position",
