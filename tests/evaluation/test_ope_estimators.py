@@ -244,3 +244,20 @@ def test_an_overflowing_weight_gives_the_worst_outer_difference() -> None:
     out = outer_difference(events, some, some, cfg=OPEConfig(n_boot=50, weight_cap=None))
     assert (out.value, out.low, out.high) == (-1.0, -1.0, -1.0)
     assert out.flags == (OUTER_NOT_FINITE,)
+
+
+@pytest.mark.parametrize("n_boot", [0, 50])
+def test_the_outer_difference_on_fitted_propensities_is_flagged_as_no_bound(n_boot: int) -> None:
+    """The bracket needs E[w] <= 1, which only the logging policy's own probabilities
+    give: on fitted ones the interval is reported, flagged."""
+    from recloop.evaluation.ope import OUTER_NOT_LOGGED, OPEConfig, PolicyTerms, outer_difference
+
+    logged = _bandit_events(np.array([0.5, 0.5]), np.array([0.0, 1.0]), n=10)
+    some = PolicyTerms(p_target=np.full(10, 0.5), v_target=np.zeros(10))
+    cfg = OPEConfig(n_boot=n_boot, weight_cap=10.0)
+    assert OUTER_NOT_LOGGED not in outer_difference(logged, some, some, cfg=cfg).flags
+    for behaviour in ("fitted", "beta_head"):
+        fitted = dataclasses.replace(logged, behaviour=behaviour)
+        out = outer_difference(fitted, some, some, cfg=cfg)
+        assert out.flags == (OUTER_NOT_LOGGED,)
+        assert out.value == outer_difference(logged, some, some, cfg=cfg).value

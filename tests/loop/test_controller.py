@@ -327,15 +327,26 @@ def test_rounds_on_an_s3_registry_publish_promote_and_warm_start(
     assert [h["action"] for h in reg.history()][:2] == ["publish", "promote"]
 
 
-@pytest.mark.parametrize(("trusted", "canary"), [(None, 0.0), (False, 0.0), (None, 0.5)])
+@pytest.mark.parametrize(
+    ("trusted", "canary", "bound"),
+    [(None, 0.0, None), (False, 0.0, None), (False, 0.0, False), (None, 0.5, None)],
+)
 def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_judges(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool | None, canary: float
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: bool | None,
+    canary: float,
+    bound: bool | None,
 ) -> None:
+    """The behaviour log (``source: events``) has no logged propensities: its OPE is on
+    fitted ones, where the outer check (on by default) cannot pass."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
     over: dict[str, Any] = {} if trusted is None else {"ope_require_trusted": trusted}
     over["ope_min_ess"] = 12.5
     over["canary_share"] = canary
+    if bound is not None:
+        over["ope_bound_bias"] = bound
     loop = LoopController(tiny_config(tmp_path, **over))
     assert loop.run_once().status == "promoted"
     append_events(url, walk_events(steps=range(10, 13)))
@@ -350,14 +361,21 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     second = loop.run_once()
     required = trusted is None and not canary  # the default, unless a canary judges
     # the outer check is on by default too, unless a canary judges
-    assert seen == [(required, 12.5, not canary)]
+    bounded = bound is None and not canary
+    assert seen == [(required, 12.5, bounded)]
     # this tiny log's estimates carry warnings: they keep the candidate out only when required
     assert "OPE untrusted" in second.reason if required else "OPE warnings" in second.reason
-    assert second.status == ("published" if required else "canary" if canary else "promoted")
+    assert "outer check needs logged propensities" in second.reason
+    assert ("logged propensities (source: impressions) (not gating)" in second.reason) is (
+        not bounded
+    )
+    kept_out = required or bounded
+    assert second.status == ("published" if kept_out else "canary" if canary else "promoted")
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
     assert gate_doc["ope"]["require_trusted"] is required, second.reason
     assert gate_doc["ope"]["min_ess"] == 12.5
-    assert gate_doc["ope"]["bound_bias"] is (not canary)
+    assert gate_doc["ope"]["bound_bias"] is bounded
+    assert "outer_propensities_not_logged" in gate_doc["ope"]["outer"]["flags"]
     defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0
     assert defaults["ope_bound_bias"] is True

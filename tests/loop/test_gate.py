@@ -479,3 +479,22 @@ def test_the_outer_check_gates_on_the_outer_interval_only_when_asked() -> None:
     assert not ope_check(
         down, clean, margin=0.0, require_trusted=True, outer=fine, bound_bias=True
     ).passed
+
+
+def test_an_outer_interval_on_fitted_propensities_never_passes_the_outer_check() -> None:
+    """Its low end may be far above 0 (a mean weight of 4.6 gave +9.8 on rewards in [1, 5]):
+    with bound_bias it fails whatever it says, and the reason says why."""
+    from recloop.evaluation.ope import OUTER_NOT_LOGGED, Interval
+    from recloop.loop.gate import ope_check
+
+    diff = Interval(0.1, 0.05, 0.15)
+    high = Interval(15.5, 9.8, 20.0, (OUTER_NOT_LOGGED,))
+    on = ope_check(diff, {}, margin=0.0, require_trusted=True, outer=high, bound_bias=True)
+    assert not on.passed and "outer check needs logged propensities" in on.words
+    assert "9.8" not in on.words
+    off = ope_check(diff, {}, margin=0.0, require_trusted=True, outer=high, bound_bias=False)
+    assert off.passed and "(not gating)" in off.words
+    fine = ope_check(
+        diff, {}, margin=0.0, require_trusted=True, outer=Interval(0.1, 0.0, 0.2), bound_bias=True
+    )
+    assert fine.passed and "outer low +0.0000 >= -0" in fine.words

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1809,6 +1809,9 @@ def paired_report(
 
 OUTER_NOT_FINITE = "outer_not_finite"
 """Flag of an outer difference whose weights overflowed: it is the worst the outcomes allow."""
+OUTER_NOT_LOGGED = "outer_propensities_not_logged"
+"""Flag of an outer difference computed on fitted or estimated propensities: its bracket
+needs the logging policy's own probabilities, so it is no bound there."""
 
 
 def outer_difference(
@@ -1830,6 +1833,11 @@ def outer_difference(
     their weights carry the ratio of the items above, whose expectation is at most 1.
     The interval's low end is an approximate lower confidence bound on the true
     difference.  The outcomes' range is the one observed on ``events``.
+
+    Only with logged propensities: a fitted behaviour model's weights need not have
+    expectation at most 1 (a mean weight of 4.6 gave an "outer" difference of +15.5 on
+    rewards in [1, 5]), so on any other ``events.behaviour`` the interval is flagged
+    :data:`OUTER_NOT_LOGGED` and bounds nothing.
     """
     if events.n_events == 0:
         return Interval(0.0, 0.0, 0.0)
@@ -1845,15 +1853,17 @@ def outer_difference(
         # difference the outcomes allow -- the candidate at f everywhere, the baseline at g
         return Interval(f - g, f - g, f - g, (OUTER_NOT_FINITE,))
     value = float(col.mean())
+    flags = () if events.behaviour == "logged" else (OUTER_NOT_LOGGED,)
     if cfg.n_boot == 0:
-        return Interval(value, value, value)
+        return Interval(value, value, value, flags)
     m = bootstrap_means(
         col[:, None],
         n_boot=cfg.n_boot,
         rng=np.random.default_rng(cfg.seed),
         clusters=events.user if cfg.cluster_by_user else None,
     )
-    return _percentiles({"outer": value}, {"outer": m[:, 0]}, cfg.confidence)["outer"]
+    iv = _percentiles({"outer": value}, {"outer": m[:, 0]}, cfg.confidence)["outer"]
+    return replace(iv, flags=iv.flags + flags)
 
 
 # --- saved runs -------------------------------------------------------------------------

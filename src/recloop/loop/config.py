@@ -118,7 +118,9 @@ class LoopConfig:
     The outer interval is in every gate report either way.  On by default since
     2026-12-07: in ``recloop experiment`` (store-fed, seeds 0-2) the gate without it
     promoted 2 truly worse models of 60 on epsilon-greedy logs, with it none (and nothing
-    else either: such logs cannot weigh what a candidate changes); docs/experiment.md."""
+    else either: such logs cannot weigh what a candidate changes); docs/experiment.md.
+    The bracket needs logged propensities (``source: impressions``): on the fitted ones of
+    ``source: events`` the outer interval bounds nothing and the OPE check fails."""
     ope_max_unreproduced: float = 0.01
     """With ``ope: {target: served}`` on logged propensities: the largest share of the
     current model's own holdout impressions whose propensity the served target may fail to

@@ -59,7 +59,10 @@ end, too, must be ``>= -margin``: the candidate passes on what the log can weigh
 a reward model says of the rest.  On an epsilon-greedy log a candidate's unweighed mass is
 about the share of states where its choice is not the current model's, so such a gate
 promotes little that departs from the current model: what the log cannot judge is left to a
-canary (with which the check does not gate) or to a log that explores more (softmax).
+canary (with which the check does not gate) or to a log that explores more (softmax).  The
+bracket needs the logging policy's own probabilities: on fitted ones (``source: events``)
+the outer interval bounds nothing, and with ``bound_bias`` the OPE check fails (the
+reason says so).
 
 The re-serve check (target ``served``, logged propensities with their ``policy_version``).
 On the holdout impressions the current model served, the served target must give it back
@@ -86,6 +89,7 @@ from recloop.data.dataset import NO_TARGET, TEST, TRAIN, VALID, PreparedDataset
 from recloop.data.schema import POLICY_VERSION
 from recloop.evaluation.ope import (
     DR_IPS_DISAGREE,
+    OUTER_NOT_LOGGED,
     Interval,
     OPEConfig,
     OPEReport,
@@ -323,7 +327,12 @@ def ope_check(
     # equal policies give a difference of 0 up to rounding
     ok = difference.low >= -margin - 1e-9
     words = f"low {'>=' if ok else '<'} {-margin:g}"
-    if outer is not None:
+    if outer is not None and OUTER_NOT_LOGGED in outer.flags:
+        # no bracket without the logging policy's own probabilities: it cannot pass
+        words += "; outer check needs logged propensities (source: impressions)"
+        words += "" if bound_bias else " (not gating)"
+        ok = ok and not bound_bias
+    elif outer is not None:
         outer_ok = outer.low >= -margin - 1e-9
         words += (
             f"; outer low {outer.low:+.4f} {'>=' if outer_ok else '<'} {-margin:g}"
