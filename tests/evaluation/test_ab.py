@@ -202,3 +202,68 @@ def test_evaluate_ab_cli_reads_the_sql_log(
     assert "reward/list - A" in text and "1 lists still open" in text
     assert main(["evaluate", "--ab"]) == 2
     assert "--database-url" in capsys.readouterr().err
+
+
+def test_the_control_or_current_arm_is_the_default_baseline() -> None:
+    """`serve --ab control=...:0.9 --ab candidate=...:0.1` (README): candidate - control, not
+    the other way round because "candidate" sorts first; a registry canary's log: canary -
+    current."""
+    renamed = {"A": "control", "B": "candidate"}
+    log = [(rid, u, renamed.get(arm, arm), ts, s, items) for rid, u, arm, ts, s, items in LOG]
+    rep = ab_report(served_frame(log), n_boot=200)
+    assert rep.baseline == "control"
+    assert [(d.arm, d.baseline) for d in rep.differences] == [("candidate", "control")]
+    assert rep.differences[0].reward_per_list.value == pytest.approx(1 / 2 - 4 / 3)
+    canary = {"A": "current", "B": "canary"}
+    log = [(rid, u, canary.get(arm, arm), ts, s, items) for rid, u, arm, ts, s, items in LOG]
+    assert ab_report(served_frame(log), n_boot=200).baseline == "current"
+    assert ab_report(served_frame(), n_boot=200).baseline == "A"  # no such name: the first
+
+
+def test_arms_with_few_users_are_said_to_be_too_small_to_mark(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One user an arm: every resample is that user, so the interval has width 0 and the
+    difference 'excludes 0' -- not evidence; the report says so and marks nothing."""
+    from recloop.cli.train import format_ab
+
+    log = [(f"r{arm}{k}", f"u{arm}", arm, k, True, [(r, f"e{arm}{k}" if r else None)])
+           for arm, r in (("A", 1.0), ("B", 0.0)) for k in range(50)]  # fmt: skip
+    rep = ab_report(served_frame(log), n_boot=200, min_users=30)
+    (d,) = rep.differences
+    assert (d.reward_per_list.low, d.reward_per_list.high) == (-1.0, -1.0)
+    assert d.small_sample and rep.min_users == 30
+    assert any("fewer than 30 users: A (1), B (1)" in n for n in rep.notes)
+    text = format_ab(rep)
+    assert "-1.0000] *" not in text and "note: arms with fewer than 30 users" in text
+    big = ab_report(served_frame(log), n_boot=200, min_users=1)
+    assert not big.differences[0].small_sample and "-1.0000] *" in format_ab(big)
+
+
+def test_a_non_finite_reward_is_refused_with_the_list_that_has_it() -> None:
+    frame = served_frame().with_columns(
+        pl.when(pl.col("recommendation_id") == "r3")
+        .then(float("nan"))
+        .otherwise(pl.col("reward"))
+        .alias("reward")
+    )
+    with pytest.raises(
+        DataError, match=r"2 impressions with a non-finite reward \(first: list 'r3'"
+    ):
+        ab_report(frame, n_boot=200)
+
+
+def test_feedback_worth_nothing_is_attributed_but_is_no_click() -> None:
+    """An event with reward 0 (or a dislike below 0) is its impression's reward, not a click."""
+    log = [
+        ("r1", "a1", "A", 0, True, [(0.0, "e1"), (0.0, None)]),  # a view worth 0
+        ("r2", "a2", "A", 1, True, [(-1.0, "e2")]),  # a dislike
+        ("r3", "b1", "B", 2, True, [(1.0, "e3")]),
+        ("r4", "b2", "B", 3, True, [(0.0, None)]),
+    ]
+    lists = served_lists(served_frame(log))
+    assert lists["clicked"].to_list() == [False, False, True, False]
+    rep = ab_report(served_frame(log), n_boot=200)
+    assert rep.arms[0].click_rate.value == 0.0
+    assert rep.arms[0].reward_per_list.value == pytest.approx(-0.5)
+    assert rep.arms[1].click_rate.value == pytest.approx(0.5)

@@ -371,3 +371,21 @@ def test_the_served_log_reads_back_when_its_first_hundreds_of_lists_had_no_click
     assert frame["event_id"].to_list() == [None] * 149 + ["e1"]
     assert frame["reward"].to_list() == [0.0] * 149 + [2.0]
     assert frame["attributed_by"].to_list()[-1] == "window"
+
+
+def test_a_settled_event_worth_nothing_is_no_click_of_its_arm(log: BehaviorLog) -> None:
+    lists = [{**served("r1", "u1", 0, ["a", "b"]), "arm": "x"}]
+    log.append_served(served_rows(lists))
+    events = [
+        {"event_id": "e1", "user_id": "u1", "item_id": "a", "ts": 5, "reward": 0.0},
+        {"event_id": "e2", "user_id": "u1", "item_id": "b", "ts": 6, "reward": 2.0},
+    ]
+    log.append(
+        pl.DataFrame(
+            [{**e, "behavior": "click", "rating": None} for e in events], schema=EVENT_SCHEMA
+        ),
+        slide_s=60,
+    )
+    assert log.attribute_users(["u1"], window_s=WINDOW) == 2
+    tally = log.settle_by_arm(10**6)
+    assert (tally["x"].impressions, tally["x"].clicks, tally["x"].reward) == (2, 1, 2.0)

@@ -240,7 +240,9 @@ def evaluate_cmd(
         None, help="With --ab: lists served since unix seconds, an ISO time or e.g. 24h, 7d."
     ),
     baseline: str | None = typer.Option(
-        None, help="With --ab: the arm the others are compared with (default: first by name)."
+        None,
+        help="With --ab: the arm the others are compared with (default: control, else current, "
+        "else the first by name).",
     ),
     include_open: bool = typer.Option(
         False,
@@ -382,8 +384,8 @@ def format_ab(report: AbReport) -> str:
     """The report as two plain tables."""
     from recloop.training.compare import format_table
 
-    def cell(iv: Interval, *, diff: bool = False) -> str:
-        mark = " *" if diff and (iv.low > 0 or iv.high < 0) else ""
+    def cell(iv: Interval, *, diff: bool = False, small: bool = False) -> str:
+        mark = " *" if diff and not small and (iv.low > 0 or iv.high < 0) else ""
         return f"{iv.value:.4f} [{iv.low:.4f}, {iv.high:.4f}]{mark}"
 
     conf = f"{report.confidence:.0%}"
@@ -410,11 +412,16 @@ def format_ab(report: AbReport) -> str:
         format_table(
             ["arm", f"reward/list - {report.baseline}", f"click rate - {report.baseline}"],
             [
-                [d.arm, cell(d.reward_per_list, diff=True), cell(d.click_rate, diff=True)]
+                [
+                    d.arm,
+                    cell(d.reward_per_list, diff=True, small=d.small_sample),
+                    cell(d.click_rate, diff=True, small=d.small_sample),
+                ]
                 for d in report.differences
             ],
         ),
-        f"independent bootstrap of each arm and the baseline ({conf}; * = excludes 0)",
+        f"independent bootstrap of each arm and the baseline ({conf}; * = excludes 0, "
+        f"both arms with at least {report.min_users} users)",
     ]
     if report.open_lists:
         lines.append(f"{report.open_lists} lists still open (attribution not settled) left out")

@@ -2,7 +2,9 @@
 
 The unit is the *served list* (one ``recommendation_id``): its reward is the sum of the
 rewards attributed to its items (:mod:`recloop.streaming.served`: an ignored item gets 0
-once settled), and it is *clicked* when at least one feedback event was attributed to it.
+once settled), and it is *clicked* when at least one feedback event with a positive reward
+was attributed to it (an event with reward 0 or below -- a dislike, a view worth nothing
+-- sets its impression's reward but is no click).
 Per arm the report gives
 
 * reward per served list = sum of list rewards / number of lists, and
@@ -16,6 +18,11 @@ from the baseline is bootstrapped with independent resamples of the two arms (an
 for ``arm - baseline``, not paired).  A user found in several arms (the weights or the
 salt changed during the experiment) is counted in each and reported in
 ``users_in_several_arms``; the intervals then assume too much independence.
+
+The baseline is the arm named ``control``, else ``current`` (a registry canary's log), else
+``baseline``, else the first arm by name.  A percentile bootstrap over few users is too
+narrow (one user gives a zero-width interval): differences involving an arm of fewer than
+``min_users`` users are marked ``small_sample`` and the report says so.
 
 By default only *settled* lists count (every item's attribution window closed); a list
 still open would count its late clicks as zeros.
@@ -33,6 +40,9 @@ import numpy as np
 import polars as pl
 
 from recloop.errors import ConfigError, DataError
+
+PREFERRED_BASELINES = ("control", "current", "baseline")
+"""Arm names taken as the baseline when none is given, in this order."""
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -90,6 +100,9 @@ class ArmDifference:
     reward_per_list: Interval
     """``arm - baseline``, independent bootstrap."""
     click_rate: Interval
+    small_sample: bool = False
+    """Either arm has fewer than the report's ``min_users`` users: the intervals are too
+    narrow to read as evidence."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +120,8 @@ class AbReport:
     lists_without_arm: int
     """Lists served without A/B serving (arm null), left out."""
     users_in_several_arms: int
+    min_users: int = 30
+    """Users an arm needs before its intervals are read as evidence."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +135,14 @@ def served_lists(served: pl.DataFrame) -> pl.DataFrame:
     missing = need - set(served.columns)
     if missing:
         raise DataError(f"served log: missing columns {sorted(missing)}")
+    bad = served.filter(pl.col("reward").is_nan() | pl.col("reward").is_infinite())
+    if bad.height:
+        first = bad.row(0, named=True)
+        raise DataError(
+            f"served log: {bad.height} impressions with a non-finite reward (first: list "
+            f"{first['recommendation_id']!r}, position {first.get('position')}, reward "
+            f"{first['reward']})"
+        )
     return (
         served.group_by("recommendation_id", maintain_order=True)
         .agg(
@@ -129,7 +152,7 @@ def served_lists(served: pl.DataFrame) -> pl.DataFrame:
             pl.col("model_version").first(),
             pl.col("policy").first(),
             pl.col("reward").fill_null(0.0).sum().alias("reward"),
-            pl.col("event_id").is_not_null().any().alias("clicked"),
+            (pl.col("event_id").is_not_null() & (pl.col("reward") > 0)).any().alias("clicked"),
             pl.len().alias("impressions"),
             pl.col("settled").all().alias("settled"),
         )
@@ -184,9 +207,11 @@ def ab_report(
     confidence: float = 0.95,
     n_boot: int = 2000,
     seed: int = 0,
+    min_users: int = 30,
 ) -> AbReport:
     """Per-arm reward per list and click rate with user-bootstrap intervals, and each arm
-    minus ``baseline`` (default: the first arm by name) — see the module docstring.
+    minus ``baseline`` (default: ``control``, ``current`` or ``baseline`` when an arm is so
+    named, else the first arm by name) — see the module docstring.
 
     ``served``: the served-items table (:meth:`recloop.streaming.log.BehaviorLog.read_served`),
     one row per shown item."""
@@ -210,7 +235,10 @@ def ab_report(
             f"; {open_lists} lists still open, {no_arm} without an arm): serve with --ab and "
             "let `recloop stream` settle the attribution first"
         )
-    base = names[0] if baseline is None else baseline
+    if baseline is None:
+        base = next((n for n in PREFERRED_BASELINES if n in names), names[0])
+    else:
+        base = baseline
     if base not in names:
         raise ConfigError(f"--baseline {base!r} is not an arm of the log ({', '.join(names)})")
     rng = np.random.default_rng(seed)
@@ -246,6 +274,7 @@ def ab_report(
                 reps[name][1] - reps[base][1],
                 confidence,
             ),
+            small_sample=min(results[name].users, results[base].users) < min_users,
         )
         for name in names
         if name != base
@@ -257,6 +286,12 @@ def ab_report(
         .height
     )
     notes = []
+    small = [f"{r.arm} ({r.users})" for r in results.values() if r.users < min_users]
+    if small:
+        notes.append(
+            f"arms with fewer than {min_users} users: {', '.join(small)}; a bootstrap over "
+            "so few users is too narrow, so their differences are not marked as excluding 0"
+        )
     if several:
         notes.append(
             f"{several} users were served by several arms (weights or salt changed?): they "
@@ -274,5 +309,6 @@ def ab_report(
         open_lists=open_lists,
         lists_without_arm=no_arm,
         users_in_several_arms=several,
+        min_users=min_users,
         notes=notes,
     )

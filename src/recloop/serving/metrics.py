@@ -135,7 +135,11 @@ class ServiceMetrics:
 
 ARM_FEEDBACK = (
     ("impressions", "recloop_ab_settled_impressions", "Impressions settled per A/B arm"),
-    ("clicks", "recloop_ab_attributed_clicks", "Settled impressions an event was attributed to"),
+    (
+        "clicks",
+        "recloop_ab_attributed_clicks",
+        "Settled impressions an event with a positive reward was attributed to",
+    ),
     ("reward", "recloop_ab_attributed_reward", "Sum of the attributed rewards"),
 )
 

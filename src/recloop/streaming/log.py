@@ -222,7 +222,7 @@ class ArmTally:
 
     impressions: int = 0
     clicks: int = 0
-    """Impressions an event was attributed to."""
+    """Impressions an event with a positive reward was attributed to."""
     reward: float = 0.0
     """Sum of their rewards (0 for the ignored ones)."""
 
@@ -725,7 +725,8 @@ class BehaviorLog:
 
     def settle_by_arm(self, before_ts: int) -> dict[str | None, ArmTally]:
         """:meth:`settle`, returning what it settled per A/B arm (None: lists served without
-        a split): impressions, clicks (an event was attributed) and their summed reward.
+        a split): impressions, clicks (an event with a positive reward was attributed) and their
+        summed reward.
 
         Only the rows this call settled are counted, so concurrent workers and repeated
         calls never count an impression twice: ``UPDATE … RETURNING`` where the database
@@ -748,7 +749,7 @@ class BehaviorLog:
             t = out.get(arm) or ArmTally()
             out[arm] = ArmTally(
                 impressions=t.impressions + 1,
-                clicks=t.clicks + (event_id is not None),
+                clicks=t.clicks + (event_id is not None and float(reward or 0.0) > 0),
                 reward=t.reward + float(reward or 0.0),
             )
         return out
