@@ -159,7 +159,9 @@ def served_lists(n_lists: int, seed: int = 0) -> pl.DataFrame:
     return served_rows(docs)
 
 
-def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
+def test_impressions_read_back_with_rewards_and_propensities(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from recloop.data.loaders.sql import load_impressions_from_db
 
     prefix = f"ld{uuid.uuid4().hex[:8]}_"
@@ -186,6 +188,10 @@ def test_impressions_read_back_with_rewards_and_propensities(url: str) -> None:
         "served_context",
     ]  # fmt: skip
     assert ev.height == 6 and everything.events.height == 12
+    # the open ones are left out with a count, not silently
+    assert raw.source.endswith("(6 open impressions left out)")
+    assert "6 impressions left out, their attribution window still open" in caplog.text
+    assert "left out" not in everything.source
     assert ev["rating"].to_list() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]  # reward of r0's item 1
     assert ev["propensity"].to_list() == rows["propensity"][:6].to_list()
     assert ev["policy_version"].to_list() == ["m2"] * 3 + ["m1"] * 3
@@ -289,3 +295,49 @@ def test_impressions_need_from_db(tmp_path: Path) -> None:
         run_prepare(
             fmt=None, input_path=None, output=tmp_path / "o", job=PrepareJob(), impressions=True
         )
+
+
+def test_a_log_with_some_events_without_a_behaviour_prepares_with_skip_bad_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stream accepts an event without a behaviour; rewards from behaviours need one
+    per event: the error says what to do, and --skip-bad-rows leaves those events out with
+    a count naming them (not the whole log)."""
+    import json
+
+    import numpy as np
+
+    from recloop.cli import main
+
+    rng = np.random.default_rng(0)
+    n = 300
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    behaviors = [None if i in (7, 100) else ["pv", "cart"][i % 2] for i in range(n)]
+    events = pl.DataFrame(
+        {
+            "event_id": [f"e{i:03d}" for i in range(n)],
+            "user_id": [f"u{k}" for k in rng.integers(1, 20, n)],
+            "item_id": [f"i{k}" for k in rng.integers(1, 30, n)],
+            "ts": np.arange(n) * 10,
+            "behavior": behaviors,
+            "rating": [None] * n,
+            "reward": [1.0] * n,
+        },
+        schema=EVENT_SCHEMA,
+    )
+    log = BehaviorLog(url)
+    log.append(events, slide_s=80)
+    log.dispose()
+    args = ["prepare", "--from-db", url, "--split", "ratio", "--json"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "2 events without a behaviour" in err and "--skip-bad-rows" in err
+    assert main([*args, "--output", str(tmp_path / "b"), "--skip-bad-rows"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n_events"] == n - 2, doc
+    assert doc["skipped_bad_rows"] == 2
+    assert "event 'e007': column behavior: no value" in doc["skipped_examples"][0]
+    # rewards from elsewhere need no behaviour: nothing is skipped
+    const = [*args, "--output", str(tmp_path / "c"), "--skip-bad-rows"]
+    assert main([*const, "--set", "reward.source=constant"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_events"] == n

@@ -48,7 +48,11 @@ def run_prepare(
                 # One event per shown item, with its logged propensity: the off-policy view.
                 served_table = "served_items" if table == "behavior_log" else table
                 return load_impressions_from_db(from_db, table=served_table)
-            return load_from_db(from_db, table=table)
+            # rows the behaviour rewards cannot use are the bad rows of a log
+            by_behavior = job.reward.source in ("auto", "behavior")
+            return load_from_db(
+                from_db, table=table, skip_without_behavior=job.load.skip_bad_rows and by_behavior
+            )
         if fmt is None or input_path is None:
             raise ConfigError("give --format and --input (or --from-db DATABASE_URL)")
         if fmt not in FORMATS:

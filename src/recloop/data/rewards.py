@@ -124,7 +124,8 @@ def compute_rewards(
             row = where(int(np.flatnonzero(missing)[0]))
             raise PrepareError(
                 f'column "{BEHAVIOR}": {int(missing.sum())} events without a behaviour '
-                f"(first: event row {row}); rewards need one per event"
+                f"(first: event row {row}); rewards need one per event: --skip-bad-rows leaves "
+                "them out, or --set reward.source=rating|constant takes rewards from elsewhere"
             )
         return Rewards(reward, "behavior")
     if source == "rating":

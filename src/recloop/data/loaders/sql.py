@@ -7,6 +7,8 @@ query into a polars frame (no Python loop per row).
 
 from __future__ import annotations
 
+import logging
+
 import polars as pl
 import sqlalchemy as sa
 
@@ -20,8 +22,11 @@ from recloop.data.schema import (
     TIMESTAMP,
     USER,
     RawData,
+    SkipReport,
 )
 from recloop.errors import ConfigError, DataError, Location
+
+logger = logging.getLogger(__name__)
 
 LOG_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.String(),
@@ -86,12 +91,20 @@ def _read_table(
     return frame, where
 
 
-def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
+def load_from_db(
+    url: str, *, table: str = "behavior_log", skip_without_behavior: bool = False
+) -> RawData:
     """Events of a behaviour-log table as :class:`RawData`.
 
     Columns: ``user``, ``item`` (Int64 when all ids are integers, else String),
     ``timestamp``, ``behavior`` / ``rating`` when any row has one, and the extras
     ``reward`` and ``event_id``; rows ordered by (timestamp, event_id).
+
+    The stream accepts events without a behaviour.  When some rows have one and others do
+    not, rewards from behaviours cannot be computed for all of them: with
+    ``skip_without_behavior`` (``prepare --from-db --skip-bad-rows``, where the rewards
+    come from behaviours) those rows are left out and counted in ``RawData.skipped``, each
+    example naming the table, the event id and the column.
     """
     frame, where = _read_table(
         url,
@@ -101,6 +114,15 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
         kind="behaviour log",
         missing_hint="run `recloop stream` first, or pass the table name",
     )
+    skipped = SkipReport()
+    lacking = frame["behavior"].is_null()
+    if skip_without_behavior and 0 < int(lacking.sum()) < frame.height:
+        bad = frame.filter(lacking)["event_id"]
+        skipped = SkipReport(
+            bad.len(),
+            tuple(f"{where}: event {e!r}: column behavior: no value" for e in bad.head(10)),
+        )
+        frame = frame.filter(~lacking)
     cols = [
         infer_int(frame["user_id"]).alias(USER),
         infer_int(frame["item_id"]).alias(ITEM),
@@ -111,7 +133,7 @@ def load_from_db(url: str, *, table: str = "behavior_log") -> RawData:
     if frame["rating"].null_count() < frame.height:
         cols.append(frame["rating"].alias(RATING))
     cols += [frame["reward"].alias("reward"), frame["event_id"].alias(EVENT_ID)]
-    return RawData(events=pl.DataFrame(cols), source=f"sql {where}")
+    return RawData(events=pl.DataFrame(cols), source=f"sql {where}", skipped=skipped)
 
 
 IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
@@ -164,9 +186,21 @@ def load_impressions_from_db(
         kind="served-items table",
         missing_hint="serve with --bus-url or --database-url and run `recloop stream` first, "
         "or pass the table name",
-        where_true="settled" if settled_only else None,
         optional=IMPRESSION_OPTIONAL if context else None,
     )
+    if settled_only:
+        # read, then left out with a count: open impressions are only the newest ones
+        open_rows = int((~frame["settled"]).sum())
+        if open_rows:
+            frame = frame.filter(pl.col("settled"))
+            logger.warning(
+                "%s: %d impressions left out, their attribution window still open (reward "
+                "not known yet; `recloop stream` settles them); %d settled ones read",
+                where,
+                open_rows,
+                frame.height,
+            )
+            where += f" ({open_rows} open impressions left out)"
     # kept even where every value is null (a table from before contexts were logged), so
     # that OPE's served target can say how many lists it rebuilt from the log
     contexts = [frame["context"].alias(SERVED_CONTEXT)] if "context" in frame.columns else []
