@@ -189,6 +189,9 @@ async def test_unknown_user_without_history_gets_realtime_popular(artifact_dir: 
     rec = await svc.recommend(RecommendRequest(user_id="stranger", recent_items=["zz"], n=3))
     assert rec.source == "popular" and rec.item_ids == ["i9", "i3", "new-item"]
     assert rec.warnings[0] == "unknown item ids ignored: 'zz'"
+    # asked to explore, it still answers the deterministic popular list: no drawn seed
+    rec = await svc.recommend(RecommendRequest(user_id="stranger", n=3, policy="softmax"))
+    assert rec.source == "popular" and rec.seed is None
 
 
 async def test_popular_excludes_consumed_raw_ids(artifact_dir: Path) -> None:

@@ -233,7 +233,10 @@ async def test_malformed_records_are_dead_lettered_with_their_reason(
         letters = await bus.read_dead_letters()
         by_reason = sorted(d.reason for d in letters)
         assert by_reason[0].startswith("behavior: unknown value 'clik'")
-        assert by_reason[1] == "bus entry without a payload field (its fields: trace)"
+        assert by_reason[1] == (
+            "bus entry without a payload (its fields: trace; the event's JSON goes in field "
+            "'e' on Redis Streams, in the record's value on Kafka)"
+        )
         assert by_reason[2].startswith("unparsable JSON")
         assert by_reason[3] == "user_id: missing"
         tomb = next(d for d in letters if d.reason.startswith("bus entry"))

@@ -226,11 +226,17 @@ def experiment_command(
             "below the margin (the default --gate-bound-bias keeps such candidates out)"
         )
     if g["rejected_untrusted"]:
+        cfg = doc["config"]
+        ways = [] if cfg.get("canary") else ["a canary (--canary)"]
+        if cfg.get("policy") != "softmax":
+            ways.append(
+                "softmax serving (--policy softmax: its logs keep the estimates trustworthy)"
+            )
+        ways.append("more exploration")
         echo(
             f"{g['rejected_untrusted']} of the rejections were on untrusted OPE estimates (the "
-            "loops' logs could not evaluate those candidates): a canary (--canary), softmax "
-            "serving (--policy softmax: its logs keep the estimates trustworthy) or more "
-            "exploration lets a loop learn; docs/experiment.md"
+            f"loops' logs could not evaluate those candidates): {' or '.join(ways)} lets a "
+            "loop learn; docs/experiment.md"
         )
 
 

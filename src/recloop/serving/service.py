@@ -1159,7 +1159,7 @@ class RecommenderService:
                 warnings=row.warnings,
                 recommendation_id=_recommendation_ids(1)[0],
                 user_id=row.user_id,
-                seed=row.seed,
+                seed=None,  # nothing was drawn: a seed would reproduce nothing
                 ts=int(self.clock()),
                 arm=row.arm,
             )

@@ -35,6 +35,7 @@ import polars as pl
 from recloop.data import validity
 from recloop.data.schema import BEHAVIORS
 from recloop.data.validity import MAX_ID_LEN as MAX_ID_LEN  # re-exported: the log's width
+from recloop.streaming.buses.base import PAYLOAD_FIELD
 
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.String(),
@@ -169,7 +170,11 @@ def parse_batch(messages: Sequence[BusMessage]) -> ParsedBatch:
         for i, m in enumerate(messages):
             if m.payload is None:
                 have = ", ".join(k.decode(errors="replace") for k in m.fields or {}) or "none"
-                reason[i] = f"bus entry without a payload field (its fields: {have})"
+                reason[i] = (
+                    f"bus entry without a payload (its fields: {have}; the event's JSON goes "
+                    f"in field {PAYLOAD_FIELD.decode()!r} on Redis Streams, in the record's "
+                    "value on Kafka)"
+                )
         raw = [b"{}" if p is None else p for p in payloads]
     docs = _decode_all(raw)
     if set(map(type, docs)) != {dict}:
