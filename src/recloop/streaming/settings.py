@@ -91,7 +91,11 @@ class StreamSettings(BaseSettings):
     """An event without a recommendation_id goes to the latest list that showed its user the
     item at most this many seconds before it; impressions are settled (reward 0 when
     unanswered) once the event-time watermark is this much plus the allowed lateness past
-    them."""
+    them (no lateness when ``allowed_lateness_s`` is None).  Settled is final: feedback
+    arriving later is logged and counted (``feedback_after_settlement``), not attributed.
+    Each worker settles by its own watermark, so with several workers the allowed lateness
+    should also cover how far one worker's batches can trail another's (a batch reclaimed
+    from a stalled worker)."""
     backoff_initial_s: float = Field(0.1, gt=0)
     """First wait after a failed sink write; it doubles up to backoff_max_s."""
     backoff_max_s: float = Field(10.0, gt=0)
