@@ -597,20 +597,6 @@ class BehaviorLog:
 
         self.create_schema()
         sv, b, ln = self.tables.served, self.tables.behavior, self.tables.links
-        held, named = sv.alias("held"), sv.alias("named")
-        # an event a settled impression of its user holds
-        held_by_settled = sa.exists().where(
-            held.c.user_id == b.c.user_id,
-            held.c.event_id == b.c.event_id,
-            held.c.settled == sa.true(),
-        )
-        # an event naming a list whose impression of its item is settled
-        names_settled = sa.exists().where(
-            named.c.recommendation_id == ln.c.recommendation_id,
-            named.c.user_id == b.c.user_id,
-            named.c.item_id == b.c.item_id,
-            named.c.settled == sa.true(),
-        )
         users = list(dict.fromkeys(users))
         attributed = 0
         for i in range(0, len(users), 500):
@@ -646,7 +632,6 @@ class BehaviorLog:
                     .where(b.c.user_id.in_(part))
                     # an event naming its list counts whenever it happened; others in the window
                     .where(sa.or_(ln.c.recommendation_id.is_not(None), b.c.ts.between(lo, hi)))
-                    .where(~held_by_settled, ~names_settled)
                 )
                 events = pl.DataFrame(
                     [tuple(r) for r in conn.execute(q).all()],
@@ -660,6 +645,7 @@ class BehaviorLog:
                     },
                     orient="row",
                 )
+                events = self._unclaimed(conn, part, events)
                 got = attribute(imps, events, window_s=window_s)
                 attributed += got.height - got["event_id"].null_count()
                 upd = (
@@ -686,6 +672,43 @@ class BehaviorLog:
                     ).to_dicts(),
                 )
         return attributed
+
+    def _unclaimed(
+        self, conn: sa.Connection, users: Sequence[str], events: pl.DataFrame
+    ) -> pl.DataFrame:
+        """``events`` of ``users`` (event_id, user_id, item_id, recommendation_id, ...)
+        without those a settled impression holds and those naming a list whose impression
+        of their item is settled.  Two indexed reads (the users' rows, the named lists' keys)
+        and anti-joins here: correlated subqueries scanned the settled rows per event on
+        SQLite."""
+        sv = self.tables.served
+        if events.height == 0:
+            return events
+        ids = events["event_id"].unique().to_list()
+        held: list[str] = []
+        for i in range(0, len(ids), 1000):
+            q = sa.select(sv.c.event_id).where(
+                sv.c.user_id.in_(list(users)),
+                sv.c.settled == sa.true(),
+                sv.c.event_id.in_(ids[i : i + 1000]),
+            )
+            held += [str(r[0]) for r in conn.execute(q)]
+        links = events["recommendation_id"].drop_nulls().unique().to_list()
+        named: list[tuple[str, str, str]] = []
+        for i in range(0, len(links), 1000):
+            q = sa.select(sv.c.recommendation_id, sv.c.user_id, sv.c.item_id).where(
+                sv.c.recommendation_id.in_(links[i : i + 1000]), sv.c.settled == sa.true()
+            )
+            named += [(str(r[0]), str(r[1]), str(r[2])) for r in conn.execute(q)]
+        out = events.filter(~pl.col("event_id").is_in(held))
+        if named:
+            settled = pl.DataFrame(
+                named,
+                schema={"recommendation_id": pl.String, "user_id": pl.String, "item_id": pl.String},
+                orient="row",
+            ).unique()
+            out = out.join(settled, on=["recommendation_id", "user_id", "item_id"], how="anti")
+        return out
 
     def feedback_after_settlement(self, event_ids: Sequence[str]) -> int:
         """How many of the logged events ``event_ids`` name a list (``feedback_links``)
