@@ -379,3 +379,47 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0
     assert defaults["ope_bound_bias"] is True
+
+
+def test_open_impressions_do_not_make_the_same_settled_window_due_again(tmp_path: Path) -> None:
+    """``source: impressions`` reads settled impressions only, and its watermark is the
+    newest settled one; a live service always has newer open ones.  They must not count as
+    new: the second poll, with nothing newly settled, trains nothing."""
+    import sqlite3
+
+    import numpy as np
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    rng = np.random.default_rng(0)
+    rows = [
+        (
+            f"u{u}",
+            f"i{int(rng.integers(1, 20))}",
+            1_000_000 + 10 * t + u,
+            float(rng.integers(0, 2)),
+            1,
+        )
+        for t in range(20)
+        for u in range(12)
+    ]
+    rows.append(("u1", "i3", 2_000_000, None, 0))  # a list still open: no reward yet
+    con = sqlite3.connect(tmp_path / "log.db")
+    con.execute(
+        "CREATE TABLE served_items (recommendation_id TEXT, position INTEGER, user_id TEXT, "
+        "item_id TEXT, ts INTEGER, model_version TEXT, policy TEXT, source TEXT, "
+        "propensity REAL, reward REAL, settled BOOLEAN, temperature REAL, epsilon REAL)"
+    )
+    con.executemany(
+        "INSERT INTO served_items VALUES (?, 0, ?, ?, ?, 'v0', 'topk', 'policy', 1.0, ?, ?, "
+        "NULL, NULL)",
+        [(uuid.uuid4().hex, *r) for r in rows],
+    )
+    con.commit()
+    con.close()
+    loop = LoopController(tiny_config(tmp_path, source="impressions"))
+    assert loop.cfg.database_url == url
+    first = loop.run_once()
+    assert first.status in ("promoted", "published"), first.reason
+    again = loop.run_once()
+    assert again.status == "skipped" and "no new events" in again.reason
+    assert len(list((loop.workdir / "rounds").iterdir())) == 1

@@ -266,7 +266,12 @@ class LoopController:
             return self._finish_pending(state, resumed=True)
         watermark = Watermark.from_dict(state.get("watermark"))
         since = None if watermark is None else watermark.ts
-        new = count_newer(cfg.database_url, table=cfg.source_table, ts=since)
+        new = count_newer(
+            cfg.database_url,
+            table=cfg.source_table,
+            ts=since,
+            settled_only=cfg.source == "impressions",
+        )
         last = state.get("last_round_unix")
         due, why = round_due(
             new_events=new,

@@ -105,7 +105,8 @@ def window_events(events: pl.DataFrame, *, window: str, days: float | None) -> p
 
 
 def _scalar(url: str, *, table: str, what: str, query: Any) -> Any:
-    """One scalar from ``query(t)`` over ``table``'s ``ts`` column (``t``: the table)."""
+    """One scalar from ``query(t)`` over ``table``'s ``ts`` and ``settled`` columns (``t``:
+    the table; ``settled`` only where the query reads it: a served-items table)."""
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError) as exc:
@@ -113,7 +114,8 @@ def _scalar(url: str, *, table: str, what: str, query: Any) -> Any:
     where = f"{engine.url.render_as_string(hide_password=True)} table {table}"
     try:
         with engine.connect() as conn:
-            return conn.execute(query(sa.table(table, sa.column("ts")))).scalar_one()
+            t = sa.table(table, sa.column("ts"), sa.column("settled", sa.Boolean))
+            return conn.execute(query(t)).scalar_one()
     except sa.exc.DBAPIError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
         raise DataError(f"cannot {what} ({reason})", location=Location(file=where)) from None
@@ -121,11 +123,16 @@ def _scalar(url: str, *, table: str, what: str, query: Any) -> Any:
         engine.dispose()
 
 
-def count_newer(url: str, *, table: str, ts: int | None) -> int:
-    """Rows of the behaviour log with event time after ``ts`` (all rows when None)."""
+def count_newer(url: str, *, table: str, ts: int | None, settled_only: bool = False) -> int:
+    """Rows of the behaviour log with event time after ``ts`` (all rows when None); with
+    ``settled_only`` (a served-items table) the settled ones only, the rows a round reads:
+    open impressions newer than the last window are always there while a service serves,
+    and counting them made every poll train the same window again."""
 
     def query(t: Any) -> Any:
         q = sa.select(sa.func.count()).select_from(t)
+        if settled_only:
+            q = q.where(t.c.settled == sa.true())
         return q if ts is None else q.where(t.c.ts > ts)
 
     return int(_scalar(url, table=table, what="count the log's new events", query=query))
