@@ -297,3 +297,47 @@ def test_pointer_changes_wait_for_the_registry_lock(tmp_path: Path, artifacts: l
     stopper.join(10)
     holder.join(10)
     assert not stopper.is_alive() and reg.canary() is None
+
+
+def test_a_line_torn_by_a_crash_does_not_swallow_the_next_one(
+    tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    with open(tmp_path / "reg" / "history.jsonl", "a") as f:
+        f.write('{"at": "2026-12-07T00:00:00", "action": "prom')  # killed mid-write
+    reg.promote(b, reason="after the crash")
+    assert [h["action"] for h in reg.history()] == ["publish", "promote", "publish", "promote"]
+    assert reg.history()[-1]["version"] == b and reg.current() == b != a
+
+
+def test_a_change_made_whose_history_line_fails_is_reported_done(
+    tmp_path: Path, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The pointer moved: the caller is told so (a retry would promote twice), and the lost
+    history line is logged as an error."""
+    reg = ArtifactRegistry(tmp_path / "reg")
+    a = reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+
+    def full(line: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reg.storage, "append_history", full)
+    assert reg.promote(b, reason="better") is True
+    assert reg.current() == b != a
+    assert "promote is done, but its history line could not be written" in caplog.text
+
+
+def test_a_promotion_tagged_with_its_round_says_so_in_the_history(
+    tmp_path: Path, artifacts: list[Path]
+) -> None:
+    reg = ArtifactRegistry(tmp_path / "reg")
+    reg.publish(artifacts[0], promote=True)
+    b = reg.publish(artifacts[1])
+    assert reg.promote(b, reason="r", tag="round-7")
+    assert reg.history()[-1]["tag"] == "round-7"
+    c = reg.publish(artifacts[2])
+    assert reg.promote(c) and "tag" not in reg.history()[-1]

@@ -423,3 +423,47 @@ def test_open_impressions_do_not_make_the_same_settled_window_due_again(tmp_path
     again = loop.run_once()
     assert again.status == "skipped" and "no new events" in again.reason
     assert len(list((loop.workdir / "rounds").iterdir())) == 1
+
+
+class _Crash(BaseException):
+    """A kill -9: nothing after it runs."""
+
+
+def test_a_restarted_controller_leaves_an_operators_rollback_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after its promotion moved the pointer, before state.json says so; the operator
+    rolls back while it is down.  On restart the history shows the round's promotion was
+    done: the rollback stands."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    append_events(url, walk_events(steps=range(0, 10)))
+    loop = LoopController(tiny_config(tmp_path))
+    first = loop.run_once()
+    assert first.status == "promoted"
+    append_events(url, walk_events(steps=range(10, 13)))
+    real_gate = controller_mod.gate
+    monkeypatch.setattr(
+        controller_mod,
+        "gate",
+        lambda *a, **k: dataclasses.replace(real_gate(*a, **k), promote=True),
+    )
+    real_promote = ArtifactRegistry.promote
+
+    def promote_then_die(self: ArtifactRegistry, *a: Any, **k: Any) -> bool:
+        real_promote(self, *a, **k)
+        raise _Crash
+
+    monkeypatch.setattr(ArtifactRegistry, "promote", promote_then_die)
+    with pytest.raises(_Crash):
+        loop.run_once()
+    monkeypatch.undo()
+    reg = ArtifactRegistry(tmp_path / "registry")
+    bad = reg.current()
+    assert bad != first.version
+    assert reg.rollback(reason="operator: the new model is bad") == first.version
+    done = LoopController(loop.cfg).run_once()
+    assert done.status == "resumed-published" and "rolled back since: left" in done.reason
+    assert reg.current() == first.version
+    assert [h["action"] for h in reg.history()][-2:] == ["promote", "rollback"]
+    # and a resumed promotion that had not happened still happens
+    assert LoopController(loop.cfg).read_state()["pending"] is None

@@ -248,8 +248,14 @@ class LocalStorage:
 
     def append_history(self, line: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / HISTORY, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open(self.root / HISTORY, "a+b") as f:
+            # a line torn by a crash has no newline: end it, or this one would join it and
+            # be skipped with it
+            torn = False
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -439,7 +445,14 @@ class ArtifactRegistry:
                     done = write_id in _writes(self.storage.read_pointer()[0])
                 if done:
                     for line in change.history:
-                        self._log(**line)
+                        try:
+                            self._log(**line)
+                        except Exception:  # the change is made: say so, not that it failed
+                            logger.exception(
+                                "%s: %s is done, but its history line could not be written",
+                                self.location,
+                                line.get("action"),
+                            )
                     if change.message:
                         logger.info("%s: %s", self.location, change.message)
                     return change.result
@@ -577,10 +590,13 @@ class ArtifactRegistry:
             raise ArtifactError(f"{self.location}: no current version (publish and promote one)")
         return self.version_path(version)
 
-    def promote(self, version: str, *, reason: str = "", expect_current: str | None = None) -> bool:
+    def promote(
+        self, version: str, *, reason: str = "", expect_current: str | None = None, tag: str = ""
+    ) -> bool:
         """Make ``version`` current (it must be published and load cleanly); ends any
         canary.  With ``expect_current``, only if that version is still current (False,
-        changing nothing, otherwise)."""
+        changing nothing, otherwise).  ``tag`` goes on the history line (the loop's round,
+        so a restarted controller can tell its promotion was done before a crash)."""
         load_artifact(self.version_path(version))
 
         def decide(pointer: dict[str, Any] | None) -> _Change:
@@ -588,6 +604,8 @@ class ArtifactRegistry:
             if expect_current is not None and now != expect_current:
                 return _Change(None, False)
             change = self._promote(version, pointer, reason=reason)
+            if tag:
+                change.history[0]["tag"] = tag
             change.result = True
             return change
 

@@ -547,8 +547,19 @@ class LoopController:
                             " (not started as a canary: the registry changed meanwhile -- "
                             "another canary runs, or the current version moved)"
                         )
+            elif resumed and any(
+                h.get("action") == "promote"
+                and h.get("version") == version
+                and h.get("tag") == p["round"]
+                for h in reg.history()
+            ):
+                # promoted before a crash, and the parent is current again since: an
+                # operator's rollback, which stands
+                note = " (promoted before a crash and rolled back since: left as it is)"
             else:
-                promoted = reg.promote(version, reason=p["reason"], expect_current=p["parent"])
+                promoted = reg.promote(
+                    version, reason=p["reason"], expect_current=p["parent"], tag=p["round"]
+                )
                 if not promoted:
                     note = f" (not promoted: current moved from {p['parent']} meanwhile)"
         status = "promoted" if promoted else "canary" if canaried else "published"
