@@ -929,6 +929,43 @@ async def test_a_canary_that_failed_to_load_is_tried_again(
         assert len(calls) == 2 and calls[1] - calls[0] >= 0.3  # not every poll
 
 
+async def test_a_current_version_whose_load_failed_for_want_of_resources_is_loaded_again(
+    artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too many open files says nothing of the version: it is loaded again after
+    CANARY_RETRY_S (a damaged one is tried once)."""
+    import errno
+
+    from recloop.artifacts.registry import ArtifactRegistry
+    from recloop.serving import app as app_mod
+
+    monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.3)
+    reg = ArtifactRegistry(tmp_path / "registry")
+    v0 = reg.publish(artifact_dir, promote=True)
+    v1 = reg.publish(artifact_dir_b)
+    app = create_app(settings_for(reg.current_path(), registry=reg.root, reload_poll_s=0.05))
+    async with running(app):
+        svc = app.state.service
+        real = svc.reload
+        calls: list[float] = []
+
+        async def flaky(path: Path | None = None) -> Any:
+            calls.append(asyncio.get_running_loop().time())
+            if len(calls) == 1:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return await real(path)
+
+        monkeypatch.setattr(svc, "reload", flaky)
+        assert svc.model.model_version == v0
+        reg.promote(v1, reason="better")
+        for _ in range(100):
+            if svc.model.model_version == v1:
+                break
+            await asyncio.sleep(0.05)
+        assert svc.model.model_version == v1
+        assert len(calls) == 2 and calls[1] - calls[0] >= 0.3  # not every poll
+
+
 async def _chunked(body: bytes) -> Any:
     # no Content-Length: the request takes the full Starlette stack, not the fast path
     yield body[:5]

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop import __version__
 from recloop.artifacts.registry import ArtifactRegistry
-from recloop.errors import RecloopError, RegistryUnreachableError
+from recloop.errors import ArtifactError, RecloopError, RegistryUnreachableError
 from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.dashboard import dashboard_router
@@ -472,8 +472,9 @@ async def _follow_registry(
     """Serve the registry's current version: when ``current.json`` names another version
     than ``following`` (a promotion or a rollback), load it; a bad version is logged once
     and the old model keeps serving until the pointer moves again (one that could not be
-    fetched because the store did not answer or the local cache failed is tried again
-    every ``CANARY_RETRY_S``).  A
+    fetched because the store did not answer or the local cache failed, or whose load failed
+    for another reason than the artifact -- memory, file handles -- is tried again every
+    ``CANARY_RETRY_S``).  A
     canary named there is served to its share of the users
     (:meth:`RecommenderService.set_canary`) and dropped when the pointer no longer names
     it; one that fails to load is tried again every ``CANARY_RETRY_S`` (until it serves,
@@ -509,9 +510,16 @@ async def _follow_registry(
                 except Exception:
                     following = version  # missing or damaged: tried once, like a bad load
                     raise
+                try:
+                    await service.reload(path)
+                except ArtifactError:
+                    following = version  # broken: tried once, not reloaded each second
+                    fetch_retry = None
+                    raise
+                # anything else (out of memory, too many open files) says nothing of the
+                # version: fetch_retry stands, and it is loaded again after CANARY_RETRY_S
                 fetch_retry = None
-                following = version  # tried once: a broken version is not reloaded each second
-                await service.reload(path)
+                following = version
             if service.settings.ab:  # A/B arms from the settings: a canary is not followed
                 if c is not None and not warned:
                     warned = True
