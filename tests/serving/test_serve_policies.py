@@ -400,3 +400,101 @@ async def test_the_log_lingers_to_write_lists_that_arrive_together_at_once() -> 
         await asyncio.sleep(0.01)
     await log.close(timeout_s=2.0)
     assert eager.sizes == [1, 1, 1]
+
+
+class Refusing:
+    """A sink that refuses every write holding a poisoned list (a row the database cannot
+    store), and every write while ``down``."""
+
+    def __init__(self, poison: set[int]) -> None:
+        self.poison = poison
+        self.down = False
+        self.written: list[int] = []
+        self.calls = 0
+
+    async def write(self, docs: Any) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("bus down")
+        if any(d["k"] in self.poison for d in docs):
+            raise ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        self.written += [d["k"] for d in docs]
+
+    async def close(self) -> None:
+        pass
+
+
+class Broken:
+    def log_doc(self) -> dict[str, Any]:
+        raise KeyError("model_version")
+
+
+async def test_a_list_the_sink_refuses_for_good_does_not_stop_the_others() -> None:
+    metrics = ServiceMetrics()
+    sink = Refusing(poison={3})
+    log = ServedLog(sink, metrics=metrics, batch=5, retry_s=0.01, isolate_after=2)
+    log.start()
+    for k in range(6):
+        log.submit(Numbered(k))
+    log.submit(Broken())  # its document cannot be built: rejected, the drain goes on
+    for k in range(6, 12):
+        log.submit(Numbered(k))
+    await log.close(timeout_s=3.0)
+    assert sorted(sink.written) == [k for k in range(12) if k != 3]
+    text = metrics.render().decode()
+    assert 'recloop_served_lists_total{outcome="logged"} 11.0' in text
+    assert 'recloop_served_lists_total{outcome="rejected"} 2.0' in text
+    assert (log.rejected, log.lost, log.dropped) == (2, 0, 0)
+
+
+async def test_a_sink_that_is_down_keeps_every_list_and_is_probed_not_flooded() -> None:
+    """Down: nothing is rejected (a list refused while nothing goes through is not told
+    apart from the sink), a pass gives up after a few failures, and the queue gauge says how
+    many wait; back up, every list is logged."""
+    metrics = ServiceMetrics()
+    sink = Refusing(poison=set())
+    sink.down = True
+    log = ServedLog(
+        sink, metrics=metrics, batch=50, retry_s=0.01, retry_max_s=0.02, isolate_after=2,
+        max_probe_failures=3,
+    )  # fmt: skip
+    log.start()
+    for k in range(40):
+        log.submit(Numbered(k))
+    await asyncio.sleep(0.3)
+    assert sink.written == [] and log.rejected == 0
+    assert "recloop_served_queue 40.0" in metrics.render().decode()
+    calls = sink.calls
+    assert calls < 40 * 3  # never one write per queued list per pass
+    sink.down = False
+    await log.close(timeout_s=3.0)
+    assert sorted(sink.written) == list(range(40)) and log.rejected == 0
+
+
+async def test_a_hung_write_times_out_and_what_is_left_at_shutdown_is_counted_lost() -> None:
+    metrics = ServiceMetrics()
+    sink = Stuck()
+    log = ServedLog(sink, metrics=metrics, batch=10, retry_s=0.01, write_timeout_s=0.05)
+    log.start()
+    for k in range(5):
+        log.submit(Numbered(k))
+    await asyncio.sleep(0.3)
+    assert sink.calls >= 2  # timed out, and tried again
+    assert "recloop_served_queue 5.0" in metrics.render().decode()
+    await log.close(timeout_s=0.1)
+    text = metrics.render().decode()
+    assert log.lost == 5 and 'recloop_served_lists_total{outcome="lost"} 5.0' in text
+    assert "recloop_served_queue 0.0" in text
+
+
+def test_an_id_with_a_nul_is_refused_at_the_door() -> None:
+    """The SQL log cannot store it (PostgreSQL refuses the row): refused with 422 rather
+    than served and never logged."""
+    from pydantic import ValidationError
+
+    from recloop.serving.schemas import RecommendRequest
+
+    for body in ({"user_id": "a\x00b"}, {"user_id": "u", "recent_items": ["i\x00"]}):
+        with pytest.raises(ValidationError, match="NUL character"):
+            RecommendRequest.model_validate(body)
+    assert RecommendRequest.model_validate({"user_id": "ab"}).user_id == "ab"

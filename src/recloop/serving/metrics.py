@@ -81,7 +81,9 @@ class ServiceMetrics:
         )
         self.served_lists = Counter(
             "recloop_served_lists",
-            "Served lists by logging outcome: logged, or dropped (the queue was full).",
+            "Served lists by logging outcome: logged; dropped (the queue was full); rejected "
+            "(the sink refused the list alone, or its document could not be built); lost "
+            "(still queued when the service stopped).",
             ["outcome"],
             registry=reg,
         )

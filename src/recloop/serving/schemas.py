@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,7 @@ from pydantic import (
 )
 
 from recloop.artifacts.manifest import MIN_TEMPERATURE
+from recloop.data.validity import NUL_MESSAGE
 
 MAX_ID_LEN = 512
 """Longest raw id accepted, in characters."""
@@ -88,15 +90,28 @@ def _id_schema(min_length: int) -> WithJsonSchema:
     )
 
 
+def _no_nul(value: str) -> str:
+    # the SQL log cannot store it (PostgreSQL refuses the row): refused here, as the stream
+    # refuses such events, rather than served and then never logged
+    if "\x00" in value:
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
 UserId = Annotated[
     str,
     Field(min_length=1, max_length=MAX_ID_LEN),
     BeforeValidator(_number_id_to_str),
+    AfterValidator(_no_nul),
     _id_schema(1),
 ]
 """A raw user id: a non-empty string, or a whole number read as its decimal digits."""
 ItemId = Annotated[
-    str, Field(max_length=MAX_ID_LEN), BeforeValidator(_number_id_to_str), _id_schema(0)
+    str,
+    Field(max_length=MAX_ID_LEN),
+    BeforeValidator(_number_id_to_str),
+    AfterValidator(_no_nul),
+    _id_schema(0),
 ]
 """A raw item id: a string, or a whole number read as its decimal digits."""
 
