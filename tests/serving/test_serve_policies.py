@@ -494,7 +494,9 @@ def test_an_id_with_a_nul_is_refused_at_the_door() -> None:
 
     from recloop.serving.schemas import RecommendRequest
 
-    for body in ({"user_id": "a\x00b"}, {"user_id": "u", "recent_items": ["i\x00"]}):
-        with pytest.raises(ValidationError, match="NUL character"):
-            RecommendRequest.model_validate(body)
+    with pytest.raises(ValidationError, match="NUL character"):
+        RecommendRequest.model_validate({"user_id": "a\x00b"})
     assert RecommendRequest.model_validate({"user_id": "ab"}).user_id == "ab"
+    # an item id may hold one (unknown, ignored; the logged context is escaped JSON text)
+    ok = RecommendRequest.model_validate({"user_id": "u", "recent_items": ["i\x00"]})
+    assert ok.recent_items == ["i\x00"]

@@ -91,8 +91,10 @@ def _id_schema(min_length: int) -> WithJsonSchema:
 
 
 def _no_nul(value: str) -> str:
-    # the SQL log cannot store it (PostgreSQL refuses the row): refused here, as the stream
-    # refuses such events, rather than served and then never logged
+    # the SQL log cannot store it in served_items.user_id (PostgreSQL refuses the row):
+    # refused here, as the stream refuses such events, rather than served and then never
+    # logged.  Item ids may hold one: an unknown item is ignored, and the logged context
+    # is JSON text, where it is escaped
     if "\x00" in value:
         raise ValueError(NUL_MESSAGE)
     return value
@@ -107,11 +109,7 @@ UserId = Annotated[
 ]
 """A raw user id: a non-empty string, or a whole number read as its decimal digits."""
 ItemId = Annotated[
-    str,
-    Field(max_length=MAX_ID_LEN),
-    BeforeValidator(_number_id_to_str),
-    AfterValidator(_no_nul),
-    _id_schema(0),
+    str, Field(max_length=MAX_ID_LEN), BeforeValidator(_number_id_to_str), _id_schema(0)
 ]
 """A raw item id: a string, or a whole number read as its decimal digits."""
 
