@@ -542,3 +542,35 @@ async def test_metrics_show_the_stream_workers_per_arm_feedback(artifact_dir: Pa
     assert 'recloop_ab_attributed_clicks_total{arm="ctl",worker="w1"} 3.0' in text
     assert 'recloop_ab_attributed_reward_total{arm="ctl",worker="w1"} 4.5' in text
     assert "recloop_http_requests_total" in text  # the service's own metrics stay
+
+
+async def test_nan_and_inf_scores_are_never_shown_and_lists_stay_full(
+    artifact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model that gives NaN or +inf for some items (a numerical fault): every policy fills
+    its list from the finite scores; top-k used to rank +inf first, then drop it."""
+    import dataclasses
+
+    row = np.array(
+        [-np.inf, 5, np.inf, np.nan, 1, 1, 1, 0.5, np.inf, -1, 2, 3, 0], np.float32
+    )  # padding, then i1..i12: i2, i3, i8 are not finite
+
+    def faulty(user: np.ndarray, hist: np.ndarray, rew: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.repeat(row[None, :], len(user), 0))
+
+    model = dataclasses.replace(LoadedModel.load(artifact_dir), scorer=faulty)
+    svc = RecommenderService(settings=settings_for(artifact_dir), store=MemoryStore(), model=model)
+    shown: dict[str, list[str]] = {}
+    for policy, extra in (("topk", {}), ("epsilon", {"epsilon": 0.5}), ("softmax", {})):
+        req = RecommendRequest(
+            user_id="u1", policy=policy, n=5, recent_items=["i9"], seed=3, **extra
+        )
+        rec = await svc.recommend(req)
+        shown[policy] = rec.item_ids
+        assert len(rec.item_ids) == 5, (policy, rec.item_ids)
+        assert not {"i2", "i3", "i8", "i9"} & set(rec.item_ids)
+        assert all(math.isfinite(v) for v in rec.scores)
+    # 5, 3, 2, then two of the three tied at 1
+    assert shown["topk"][:3] == ["i1", "i11", "i10"]
+    assert set(shown["topk"][3:]) < {"i4", "i5", "i6"}
+    assert "gave 3 NaN or +inf scores in a batch" in caplog.text

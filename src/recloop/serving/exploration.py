@@ -16,7 +16,10 @@ padding column at ``-inf``; M = the number of finite scores; the list has
     their product.  So the logged per-item number is the *conditional* probability of the
     item at j given the items above it (at position 0 it is also the marginal); the marginal
     P(item at position j) would need a sum over every ordered prefix and is not logged —
-    an estimator that needs it can take the slate probability, which is exact.
+    an estimator that needs it can take the slate probability, which is exact up to
+    float64: a long list from a large catalogue can be less likely than 1e-308 (100 items
+    of 100,000 at T = 1: about e^-1119) and is then logged as 0.0; the sum of the logs of
+    the per-position propensities, each exact, is its log-probability.
 ``epsilon``
     ε-greedy over the greedy list g_1..g_k (the top-k).  Each slot j independently explores
     with probability ε; a slot that does not explore shows g_j.  The exploring slots, in

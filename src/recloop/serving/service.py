@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import secrets
@@ -283,6 +284,13 @@ class LoadedModel:
         these rows only (the indices and values are then (R, k); rows whose policy samples
         from all the scores need no top-k)."""
         scores = self.scorer(user, history, history_reward)
+        # a NaN or +inf score is a numerical fault, not a preference: never shown, so that
+        # every policy fills its list from the finite ones (top-k ranked +inf first and then
+        # dropped it, answering fewer items than asked)
+        bad = torch.isnan(scores) | torch.isposinf(scores)
+        if bool(bad.any()):
+            scores = scores.masked_fill(bad, float("-inf"))
+            _warn_non_finite(int(bad.sum()), self.model_version)
         if len(exclude_rows):
             scores[torch.from_numpy(exclude_rows), torch.from_numpy(exclude_cols)] = float("-inf")
         k = min(k, self.n_items)
@@ -663,6 +671,23 @@ class Arm:
     """The arm's own policy, temperature, epsilon (unset keys absent)."""
     defaults: PolicyDefaults
     """Settings, then the artifact's serving section, then ``overrides``."""
+
+
+_NON_FINITE_BATCHES = itertools.count(1)
+"""Batches in which a model gave NaN or +inf scores, in this process."""
+
+
+def _warn_non_finite(n: int, version: str) -> None:
+    """Log the first batch with non-finite scores, then every 1,000th."""
+    batches = next(_NON_FINITE_BATCHES)
+    if batches == 1 or batches % 1000 == 0:
+        logger.warning(
+            "model %s gave %d NaN or +inf scores in a batch (%d batches so far): those items "
+            "are not shown",
+            log_safe(version),
+            n,
+            batches,
+        )
 
 
 def _choose_policy(row: _Row, req: RecommendRequest, d: PolicyDefaults) -> None:
