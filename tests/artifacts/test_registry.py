@@ -341,3 +341,29 @@ def test_a_promotion_tagged_with_its_round_says_so_in_the_history(
     assert reg.history()[-1]["tag"] == "round-7"
     c = reg.publish(artifacts[2])
     assert reg.promote(c) and "tag" not in reg.history()[-1]
+
+
+def test_a_published_version_is_on_disk_before_anything_can_name_it(
+    tmp_path: Path, artifacts: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file and directory of the version is fsynced before its rename, and the rename
+    after it, so a power cut cannot leave the (synced) pointer naming empty files."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    reg = ArtifactRegistry(tmp_path / "reg")
+    version = reg.publish(artifacts[0])
+    final = tmp_path / "reg" / "versions" / version
+    tmp_dirs = {Path(p).parent for p in synced if "/.tmp-" in p and not p.endswith(".tmp")}
+    (tmp,) = {d for d in tmp_dirs if d.name.startswith(".tmp-")}
+    files = sorted(p.relative_to(final) for p in final.rglob("*") if p.is_file())
+    assert files and all(str(tmp / f) in synced for f in files)
+    assert str(tmp) in synced  # the directory's entries
+    assert str(final.parent) in synced  # and the rename

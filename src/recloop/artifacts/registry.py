@@ -115,6 +115,26 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under ``root`` and every directory, ``root`` included, on disk: a version
+    the pointer names must not come back empty after a power cut (the pointer is synced)."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
+        if path.is_dir():
+            _fsync_dir(path)
+        else:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -122,11 +142,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
 
 
 class RegistryStorage(Protocol):
@@ -222,6 +238,7 @@ class LocalStorage:
         tmp = dest.parent / f".tmp-{uuid.uuid4().hex}"
         shutil.copytree(src, tmp)
         (tmp / LINEAGE).write_bytes(lineage)
+        _fsync_tree(tmp)
         try:
             os.rename(tmp, dest)  # atomic: a version directory is always whole
         except OSError:
@@ -229,6 +246,7 @@ class LocalStorage:
             if not self.has_version(version):
                 raise
             return False  # another process published it meanwhile
+        _fsync_dir(dest.parent)
         return True
 
     def local_version(self, version: str) -> Path:
