@@ -63,7 +63,7 @@ from typing import Any
 import polars as pl
 
 from recloop.artifacts.bundle import Artifact, load_artifact
-from recloop.artifacts.registry import ArtifactRegistry
+from recloop.artifacts.registry import ArtifactRegistry, Canary
 from recloop.data.dataset import PreparedDataset
 from recloop.data.schema import TIMESTAMP, RawData
 from recloop.data.splits import SplitConfig
@@ -294,11 +294,12 @@ class LoopController:
                     f"`recloop stream`): {exc}"
                 ) from None
         verdict: dict[str, Any] = {}
-        if self.registry.canary() is not None:
+        running = self.registry.canary()
+        if running is not None:
             self.step = "canary"
             # while it waits, every check that finds a round due judges it again: how
             # much data a verdict sees is set by canary_min_users and canary_min_served
-            verdict = self.canary_verdict = self._judge_canary()
+            verdict = self.canary_verdict = self._judge_canary(running)
             if verdict["decision"] == "wait":
                 return RoundResult(
                     status="canary-waiting",
@@ -364,15 +365,14 @@ class LoopController:
         hook("publish", self.workdir)
         return dataclasses.replace(self._finish_pending(state, resumed=False), canary=verdict)
 
-    def _judge_canary(self) -> dict[str, Any]:
-        """Judge the running canary on the settled impressions since it started, and promote
-        or stop it (:mod:`recloop.loop.canary`); returns the verdict."""
+    def _judge_canary(self, canary: Canary) -> dict[str, Any]:
+        """Judge ``canary`` (the registry's, as read) on the settled impressions since it
+        started, and promote or stop it (:mod:`recloop.loop.canary`; a verdict applies only
+        if the registry still names it); returns the verdict."""
         from recloop.data.loaders.sql import load_impressions_from_db
         from recloop.loop.canary import judge_canary
 
         cfg, reg = self.cfg, self.registry
-        canary = reg.canary()
-        assert canary is not None
         # the canary counts rewards per user and arm: the lists' contexts are not read
         raw = load_impressions_from_db(cfg.database_url, table=cfg.served_table, context=False)
         v = judge_canary(
