@@ -389,3 +389,21 @@ def test_a_settled_event_worth_nothing_is_no_click_of_its_arm(log: BehaviorLog) 
     assert log.attribute_users(["u1"], window_s=WINDOW) == 2
     tally = log.settle_by_arm(10**6)
     assert (tally["x"].impressions, tally["x"].clicks, tally["x"].reward) == (2, 1, 2.0)
+
+
+async def test_a_served_list_the_log_cannot_store_is_a_dead_letter_alone(
+    names: dict[str, str], log: BehaviorLog
+) -> None:
+    """A producer's list whose user id holds a NUL (PostgreSQL refuses such a row on every
+    try): refused by the per-list check, dead-lettered with the field named; the rest of
+    the batch is logged."""
+    bad = served("rbad", "a\x00b", 10, ["x"])
+    with pytest.raises(ValueError, match=r"served list 'rbad': field 'user_id' contains a NUL"):
+        served_rows([bad])
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish([encode_served(bad), encode_served(served("rok", "u1", 10, ["x", "y"]))])
+    stats = await run_worker_async(settings(names), bus=bus, store=MemoryStore(), log=log)
+    assert (stats.served_lists, stats.dead_letters) == (1, 1)
+    assert log.read_served()["recommendation_id"].to_list() == ["rok", "rok"]
+    (letter,) = await bus.read_dead_letters()
+    assert "field 'user_id' contains a NUL" in letter.reason

@@ -93,7 +93,8 @@ def ts_out_of_range(value: int) -> str:
 
 
 _OK = {"id": id_ok, "ts": ts_ok}
-_PROBLEM = {"id": id_problem, "ts": ts_problem}
+PROBLEM = {"id": id_problem, "ts": ts_problem}
+"""Rule -> the expression saying why a value breaks it (null when it does not)."""
 
 
 def all_ok(frame: pl.DataFrame, fields: Sequence[tuple[str, Rule]]) -> bool:
@@ -143,5 +144,5 @@ def rows_ok(fields: Sequence[tuple[str, Rule]]) -> pl.Expr:
 def first_problem(fields: Sequence[tuple[str, Rule]]) -> pl.Expr:
     """String per row: ``"<column>: <why>"`` for its first broken rule, null for a valid row."""
     return pl.coalesce(
-        [pl.concat_str(pl.lit(f"{name}: "), _PROBLEM[rule](pl.col(name))) for name, rule in fields]
+        [pl.concat_str(pl.lit(f"{name}: "), PROBLEM[rule](pl.col(name))) for name, rule in fields]
     )

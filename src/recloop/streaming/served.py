@@ -56,6 +56,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from recloop.data import validity
 from recloop.data.schema import served_context_problem
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,27 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
     )
     if rows["recommendation_id"].null_count() or rows["user_id"].null_count():
         raise ValueError("served list without recommendation_id or user_id")
-    return rows.select([pl.col(c).cast(t) for c, t in SERVED_SCHEMA.items()])
+    out = rows.select([pl.col(c).cast(t) for c, t in SERVED_SCHEMA.items()])
+    # the ids and times the log can store (the stream's rules for events): a list that
+    # breaks them is refused here, alone, rather than failing every write of its batch
+    if not validity.all_ok(out, _ROW_RULES):
+        for name, rule in _ROW_RULES:
+            bad = out.filter(~validity.rows_ok([(name, rule)]))
+            if bad.height:
+                first = bad.row(0, named=True)
+                why = bad.select(validity.PROBLEM[rule](pl.col(name))).item(0, 0)
+                raise ValueError(
+                    f"served list {first['recommendation_id']!r}: field {name!r} {why}"
+                )
+    return out
+
+
+_ROW_RULES: tuple[tuple[str, validity.Rule], ...] = (
+    ("recommendation_id", "id"),
+    ("user_id", "id"),
+    ("item_id", "id"),
+    ("ts", "ts"),
+)
 
 
 ATTRIBUTION_SCHEMA: dict[str, pl.DataType] = {
