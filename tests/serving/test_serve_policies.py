@@ -500,3 +500,36 @@ def test_an_id_with_a_nul_is_refused_at_the_door() -> None:
     # an item id may hold one (unknown, ignored; the logged context is escaped JSON text)
     ok = RecommendRequest.model_validate({"user_id": "u", "recent_items": ["i\x00"]})
     assert ok.recent_items == ["i\x00"]
+
+
+class Outage:
+    """Refuses its first ``down`` writes (the bus restarting), then takes everything."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.calls = 0
+        self.written: list[int] = []
+
+    async def write(self, docs: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise ConnectionError("Connection refused")
+        self.written += [d["k"] for d in docs]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("down", [3, 4, 6, 9])
+async def test_a_sink_that_comes_back_in_the_middle_of_a_pass_loses_no_list(down: int) -> None:
+    """Lists refused one at a time only because the sink was still down get a second try
+    once it took one: none is rejected."""
+    sink = Outage(down)
+    log = ServedLog(
+        sink, metrics=ServiceMetrics(), batch=20, retry_s=0.01, retry_max_s=0.02, isolate_after=2
+    )
+    log.start()
+    for k in range(20):
+        log.submit(Numbered(k))
+    await log.close(timeout_s=3.0)
+    assert log.rejected == 0 and sorted(sink.written) == list(range(20))

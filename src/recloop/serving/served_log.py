@@ -7,14 +7,15 @@ writes them to a sink: the event bus (``recloop stream`` then writes them to SQL
 fails (or takes longer than ``write_timeout_s``) keeps its batch at the head of the queue
 and is retried with backoff; when the queue is full, new lists are dropped.  Nothing is
 lost silently: every list ends in ``recloop_served_lists{outcome=...}`` as ``logged``,
-``dropped`` (the queue was full), ``rejected`` (the sink refused it alone, or its document
-could not be built) or ``lost`` (still queued when the service stopped), and each of the
-last three is logged as an error.
+``dropped`` (the queue was full), ``rejected`` (the sink refused it alone twice while
+taking other lists, or its document could not be built) or ``lost`` (still queued when the
+service stopped), and each of the last three is logged as an error.
 
 One list the sink refuses for good (a row the database cannot store) must not stop the
 others: after ``isolate_after`` failed writes of one batch its lists are written one at a
-time; those refused while another list of the pass went through are rejected, and when
-none goes through (the sink is down) all stay queued.  A pass gives up after
+time; a list refused there is tried alone once more after the pass, and rejected only if
+refused again while other lists went through (a sink coming back mid-pass costs nothing),
+and when none goes through (the sink is down) all stay queued.  A pass gives up after
 ``max_probe_failures`` failures in a row without a success, so a sink that is down costs
 a few writes per pass, not one per queued list.
 """
@@ -215,28 +216,47 @@ class ServedLog:
             self._depth.set(len(self._queue))
 
     async def _one_at_a_time(self, pairs: list[tuple[Served, dict[str, Any]]]) -> bool:
-        """Write ``pairs`` one list at a time; a list refused while another went through is
-        rejected.  True when something went through (the sink is up)."""
-        refused: list[tuple[Served, str]] = []
+        """Write ``pairs`` one list at a time.  True when something went through (the sink
+        is up).  A list refused in the pass is written alone once more after that; refused
+        again, with the sink seen working, it is rejected.  A write that timed out is never
+        a refusal (a slow sink), nor is one refused before the sink came back in the same
+        pass (it gets its second try after)."""
+        refused: list[tuple[Served, dict[str, Any]]] = []
         went = 0
         for served, doc in pairs:
-            try:
-                await self._write([doc])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                refused.append((served, _short(exc)))
-                if not went and len(refused) >= self.max_probe_failures:
-                    break  # nothing goes through: the sink is down, keep everything
+            if await self._alone(served, doc):
+                went += 1
                 continue
-            self._queue.remove(served)
-            went += 1
-            self._logged.inc()
+            refused.append((served, doc))
+            if not went and len(refused) >= self.max_probe_failures:
+                break  # nothing goes through: the sink is down, keep everything
         if went:
-            for served, why in refused:
-                self._reject(served, f"the sink refused it alone ({why})")
+            for served, doc in refused:
+                try:
+                    await self._write([doc])
+                except asyncio.CancelledError:
+                    raise
+                except TimeoutError:
+                    continue  # slow, not a refusal: kept
+                except Exception as exc:
+                    self._reject(served, f"the sink refused it alone, twice ({_short(exc)})")
+                    continue
+                self._queue.remove(served)
+                self._logged.inc()
         self._depth.set(len(self._queue))
         return went > 0
+
+    async def _alone(self, served: Served, doc: dict[str, Any]) -> bool:
+        """Write one list; True when it went through (and left the queue)."""
+        try:
+            await self._write([doc])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        self._queue.remove(served)
+        self._logged.inc()
+        return True
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (for at most ``timeout_s``), then stop and close the sink;

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -287,8 +288,9 @@ class LoadedModel:
         # a NaN or +inf score is a numerical fault, not a preference: never shown, so that
         # every policy fills its list from the finite ones (top-k ranked +inf first and then
         # dropped it, answering fewer items than asked)
-        bad = torch.isnan(scores) | torch.isposinf(scores)
-        if bool(bad.any()):
+        top = float(scores.amax()) if scores.numel() else 0.0  # NaN if any is NaN
+        if math.isnan(top) or top == math.inf:  # one pass when all is well
+            bad = torch.isnan(scores) | torch.isposinf(scores)
             scores = scores.masked_fill(bad, float("-inf"))
             _warn_non_finite(int(bad.sum()), self.model_version)
         if len(exclude_rows):
