@@ -932,12 +932,14 @@ async def test_a_canary_that_failed_to_load_is_tried_again(
 async def test_a_current_version_whose_load_failed_for_want_of_resources_is_loaded_again(
     artifact_dir: Path, artifact_dir_b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Too many open files says nothing of the version: it is loaded again after
-    CANARY_RETRY_S (a damaged one is tried once)."""
+    """Too many open files, met deep in loading (and wrapped in an ArtifactError there),
+    says nothing of the version: it is loaded again after CANARY_RETRY_S, while a damaged
+    one is tried once."""
     import errno
 
     from recloop.artifacts.registry import ArtifactRegistry
     from recloop.serving import app as app_mod
+    from recloop.serving import service as service_mod
 
     monkeypatch.setattr(app_mod, "CANARY_RETRY_S", 0.3)
     reg = ArtifactRegistry(tmp_path / "registry")
@@ -946,16 +948,18 @@ async def test_a_current_version_whose_load_failed_for_want_of_resources_is_load
     app = create_app(settings_for(reg.current_path(), registry=reg.root, reload_poll_s=0.05))
     async with running(app):
         svc = app.state.service
-        real = svc.reload
+        real = service_mod.load_artifact
         calls: list[float] = []
 
-        async def flaky(path: Path | None = None) -> Any:
-            calls.append(asyncio.get_running_loop().time())
+        def flaky(path: Path) -> Any:
+            import time
+
+            calls.append(time.monotonic())  # called in a loading thread
             if len(calls) == 1:
                 raise OSError(errno.EMFILE, "Too many open files")
-            return await real(path)
+            return real(path)
 
-        monkeypatch.setattr(svc, "reload", flaky)
+        monkeypatch.setattr(service_mod, "load_artifact", flaky)
         assert svc.model.model_version == v0
         reg.promote(v1, reason="better")
         for _ in range(100):
@@ -964,6 +968,28 @@ async def test_a_current_version_whose_load_failed_for_want_of_resources_is_load
             await asyncio.sleep(0.05)
         assert svc.model.model_version == v1
         assert len(calls) == 2 and calls[1] - calls[0] >= 0.3  # not every poll
+
+
+def test_only_running_out_of_memory_or_file_handles_is_worth_loading_again() -> None:
+    import errno
+
+    from recloop.errors import ArtifactError, ConfigError
+    from recloop.serving.app import want_of_resources
+
+    def wrapped(inner: BaseException) -> ArtifactError:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise ArtifactError("cannot load artifact") from exc
+        except ArtifactError as outer:
+            return outer
+
+    assert want_of_resources(wrapped(OSError(errno.EMFILE, "Too many open files")))
+    assert want_of_resources(wrapped(MemoryError()))
+    assert not want_of_resources(wrapped(ValueError("bad header")))
+    assert not want_of_resources(wrapped(OSError(errno.ENOENT, "No such file")))
+    assert not want_of_resources(ConfigError("search=ann needs an index"))
 
 
 async def _chunked(body: bytes) -> Any:

@@ -10,6 +10,7 @@ background task per worker follows the shared reload state (``recloop.serving.ad
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import hmac
 import inspect
@@ -31,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recloop import __version__
 from recloop.artifacts.registry import ArtifactRegistry
-from recloop.errors import ArtifactError, RecloopError, RegistryUnreachableError
+from recloop.errors import RecloopError, RegistryUnreachableError
 from recloop.progress import setup_logging
 from recloop.serving.admin import ReloadBroadcast, log_safe
 from recloop.serving.dashboard import dashboard_router
@@ -462,6 +463,25 @@ CANARY_RETRY_S = 30.0
 version that could not be fetched (an object store's download)."""
 
 
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+def want_of_resources(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from: loading wraps every failure in an
+    ArtifactError) is the process running out of memory or file handles, not a fault of
+    what it was loading."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # a cause chain is short; a cycle must not hang the follower
+        if seen is None:
+            return False
+        if isinstance(seen, MemoryError) or type(seen).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(seen, OSError) and seen.errno in _RESOURCE_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 async def _follow_registry(
     service: RecommenderService,
     registry: ArtifactRegistry,
@@ -512,12 +532,14 @@ async def _follow_registry(
                     raise
                 try:
                     await service.reload(path)
-                except ArtifactError:
-                    following = version  # broken: tried once, not reloaded each second
-                    fetch_retry = None
+                except Exception as exc:
+                    # out of memory or file handles says nothing of the version: fetch_retry
+                    # stands, and it is loaded again after CANARY_RETRY_S; anything else
+                    # (broken, misconfigured) is tried once, not reloaded each second
+                    if not want_of_resources(exc):
+                        following = version
+                        fetch_retry = None
                     raise
-                # anything else (out of memory, too many open files) says nothing of the
-                # version: fetch_retry stands, and it is loaded again after CANARY_RETRY_S
                 fetch_retry = None
                 following = version
             if service.settings.ab:  # A/B arms from the settings: a canary is not followed

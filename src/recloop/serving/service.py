@@ -288,8 +288,8 @@ class LoadedModel:
         # a NaN or +inf score is a numerical fault, not a preference: never shown, so that
         # every policy fills its list from the finite ones (top-k ranked +inf first and then
         # dropped it, answering fewer items than asked)
-        top = float(scores.amax()) if scores.numel() else 0.0  # NaN if any is NaN
-        if math.isnan(top) or top == math.inf:  # one pass when all is well
+        peak = float(scores.amax()) if scores.numel() else 0.0  # NaN if any is NaN
+        if math.isnan(peak) or peak == math.inf:  # one pass when all is well
             bad = torch.isnan(scores) | torch.isposinf(scores)
             scores = scores.masked_fill(bad, float("-inf"))
             _warn_non_finite(int(bad.sum()), self.model_version)
