@@ -407,3 +407,23 @@ async def test_a_served_list_the_log_cannot_store_is_a_dead_letter_alone(
     assert log.read_served()["recommendation_id"].to_list() == ["rok", "rok"]
     (letter,) = await bus.read_dead_letters()
     assert "field 'user_id' contains a NUL" in letter.reason
+
+
+async def test_a_click_attributed_in_time_is_not_counted_as_after_settlement(
+    names: dict[str, str], log: BehaviorLog
+) -> None:
+    """The list shows x twice; the explicit click takes position 0, position 2 settles
+    empty in the same batch: the click was on time, and is not counted."""
+    s = settings(names, allowed_lateness_s=0)
+    bus = MemoryBus(stream=names["stream"])
+    await bus.publish(
+        [
+            encode_served(served("A", "u1", 0, ["x", "y", "x"])),
+            at("E", "u1", "x", 100, recommendation_id="A"),
+            at("z", "u9", "q", 5000),  # settles A in this run
+        ]
+    )
+    stats = await run_worker_async(s, bus=bus, store=MemoryStore(), log=log, consumer="w")
+    got = log.read_served()
+    assert got["event_id"].to_list() == ["E", None, None] and got["settled"].all()
+    assert stats.feedback_after_settlement == 0

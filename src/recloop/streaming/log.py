@@ -712,15 +712,18 @@ class BehaviorLog:
 
     def feedback_after_settlement(self, event_ids: Sequence[str]) -> int:
         """How many of the logged events ``event_ids`` name a list (``feedback_links``)
-        whose impression of their user and item is settled without holding them: feedback
-        that came after its list was settled, which attribution leaves out."""
+        whose impression of their user and item is settled, and are the reward of no
+        impression at all: feedback that came after its list was settled, which attribution
+        leaves out.  (An event that one position of a list holds while another position of
+        the same item settled empty is not counted.)"""
         self.create_schema()
         sv, b, ln = self.tables.served, self.tables.behavior, self.tables.links
         out = 0
         ids = list(dict.fromkeys(event_ids))
         for i in range(0, len(ids), 500):
             q = (
-                sa.select(sa.func.count(sa.distinct(b.c.event_id)))
+                sa.select(b.c.event_id, b.c.user_id)
+                .distinct()
                 .select_from(
                     b.join(ln, ln.c.event_id == b.c.event_id).join(
                         sv,
@@ -731,14 +734,17 @@ class BehaviorLog:
                         ),
                     )
                 )
-                .where(
-                    b.c.event_id.in_(ids[i : i + 500]),
-                    sv.c.settled == sa.true(),
-                    sa.or_(sv.c.event_id.is_(None), sv.c.event_id != b.c.event_id),
-                )
+                .where(b.c.event_id.in_(ids[i : i + 500]), sv.c.settled == sa.true())
             )
             with self.engine.connect() as conn:
-                out += int(conn.execute(q).scalar_one())
+                named = {str(e): str(u) for e, u in conn.execute(q)}
+                if not named:
+                    continue
+                held = sa.select(sv.c.event_id).where(
+                    sv.c.user_id.in_(sorted(set(named.values()))),
+                    sv.c.event_id.in_(sorted(named)),
+                )
+                out += len(named.keys() - {str(r[0]) for r in conn.execute(held)})
         return out
 
     def settle(self, before_ts: int) -> int:
