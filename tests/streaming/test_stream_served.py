@@ -400,13 +400,23 @@ async def test_a_served_list_the_log_cannot_store_is_a_dead_letter_alone(
     bad = served("rbad", "a\x00b", 10, ["x"])
     with pytest.raises(ValueError, match=r"served list 'rbad': field 'user_id' contains a NUL"):
         served_rows([bad])
+    # wider than the table's column: PostgreSQL refuses the row, MariaDB may cut it short
+    with pytest.raises(
+        ValueError, match=r"field 'recommendation_id' longer than 64 characters \(80\)"
+    ):
+        served_rows([served("r" * 80, "u1", 10, ["x"])])
+    with pytest.raises(ValueError, match=r"field 'arm' longer than 64 characters"):
+        served_rows([{**served("r1", "u1", 10, ["x"]), "arm": "a" * 65}])
     bus = MemoryBus(stream=names["stream"])
-    await bus.publish([encode_served(bad), encode_served(served("rok", "u1", 10, ["x", "y"]))])
+    long = served("r" * 80, "u1", 10, ["x"])
+    ok = served("rok", "u1", 10, ["x", "y"])
+    await bus.publish([encode_served(bad), encode_served(long), encode_served(ok)])
     stats = await run_worker_async(settings(names), bus=bus, store=MemoryStore(), log=log)
-    assert (stats.served_lists, stats.dead_letters) == (1, 1)
+    assert (stats.served_lists, stats.dead_letters) == (1, 2)
     assert log.read_served()["recommendation_id"].to_list() == ["rok", "rok"]
-    (letter,) = await bus.read_dead_letters()
-    assert "field 'user_id' contains a NUL" in letter.reason
+    reasons = " | ".join(d.reason for d in await bus.read_dead_letters())
+    assert "'rbad': field 'user_id' contains a NUL" in reasons
+    assert "field 'recommendation_id' longer than 64 characters" in reasons
 
 
 async def test_a_click_attributed_in_time_is_not_counted_as_after_settlement(

@@ -50,6 +50,7 @@ from sqlalchemy.dialects import mysql, sqlite
 from recloop.errors import ConfigError
 from recloop.streaming.events import MAX_ID_LEN
 from recloop.streaming.operators import bucket_counts
+from recloop.streaming.served import SERVED_WIDTHS as W
 
 logger = logging.getLogger(__name__)
 
@@ -152,19 +153,19 @@ def log_tables(prefix: str = "") -> LogTables:
     served = sa.Table(
         f"{prefix}served_items",
         md,
-        sa.Column("recommendation_id", BinaryString(64), primary_key=True),
+        sa.Column("recommendation_id", BinaryString(W["recommendation_id"]), primary_key=True),
         sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("user_id", _ID, nullable=False),
         sa.Column("item_id", _ID, nullable=False),
         sa.Column("ts", sa.BigInteger, nullable=False),
-        sa.Column("model_version", BinaryString(128), nullable=False),
+        sa.Column("model_version", BinaryString(W["model_version"]), nullable=False),
         # added after the first release: _add_missing_columns adds it to older tables
-        sa.Column("arm", BinaryString(64)),
-        sa.Column("policy", BinaryString(16), nullable=False),
+        sa.Column("arm", BinaryString(W["arm"])),
+        sa.Column("policy", BinaryString(W["policy"]), nullable=False),
         sa.Column("temperature", sa.Double),
         sa.Column("epsilon", sa.Double),
         sa.Column("seed", sa.BigInteger),
-        sa.Column("source", BinaryString(16), nullable=False),
+        sa.Column("source", BinaryString(W["source"]), nullable=False),
         sa.Column("score", sa.Double),
         sa.Column("propensity", sa.Double, nullable=False),
         sa.Column("slate_propensity", sa.Double),

@@ -169,8 +169,17 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
     if rows["recommendation_id"].null_count() or rows["user_id"].null_count():
         raise ValueError("served list without recommendation_id or user_id")
     out = rows.select([pl.col(c).cast(t) for c, t in SERVED_SCHEMA.items()])
-    # the ids and times the log can store (the stream's rules for events): a list that
-    # breaks them is refused here, alone, rather than failing every write of its batch
+    # the ids, times and texts the log can store (the stream's rules for events, and the
+    # table's widths: PostgreSQL refuses a longer value, MariaDB may cut it short): a list
+    # that breaks them is refused here, alone, rather than failing every write of its batch
+    for name, width in SERVED_WIDTHS.items():
+        long = out.filter(pl.col(name).str.len_chars() > width)
+        if long.height:
+            first = long.row(0, named=True)
+            raise ValueError(
+                f"served list {first['recommendation_id'][:80]!r}: field {name!r} longer than "
+                f"{width} characters ({len(first[name])})"
+            )
     if not validity.all_ok(out, _ROW_RULES):
         for name, rule in _ROW_RULES:
             bad = out.filter(~validity.rows_ok([(name, rule)]))
@@ -182,6 +191,16 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
                 )
     return out
 
+
+SERVED_WIDTHS: dict[str, int] = {
+    "recommendation_id": 64,
+    "model_version": 128,
+    "arm": 64,
+    "policy": 16,
+    "source": 16,
+}
+"""Widths (characters) of the served-items table's narrower text columns; ids and item ids
+take ``MAX_ID_LEN`` (:mod:`recloop.data.validity`)."""
 
 _ROW_RULES: tuple[tuple[str, validity.Rule], ...] = (
     ("recommendation_id", "id"),
