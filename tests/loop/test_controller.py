@@ -339,7 +339,8 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     bound: bool | None,
 ) -> None:
     """The behaviour log (``source: events``) has no logged propensities: its OPE is on
-    fitted ones, where the outer check (on by default) cannot pass."""
+    fitted ones, where the outer check bounds nothing; by default it is off there, its
+    flagged interval reported, not gating."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
     append_events(url, walk_events(steps=range(0, 10)))
     over: dict[str, Any] = {} if trusted is None else {"ope_require_trusted": trusted}
@@ -360,8 +361,8 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     monkeypatch.setattr(controller_mod, "gate", spy)
     second = loop.run_once()
     required = trusted is None and not canary  # the default, unless a canary judges
-    # the outer check is on by default too, unless a canary judges
-    bounded = bound is None and not canary
+    # the outer check is off by default on fitted propensities (and with a canary)
+    bounded = False
     assert seen == [(required, 12.5, bounded)]
     # this tiny log's estimates carry warnings: they keep the candidate out only when required
     assert "OPE untrusted" in second.reason if required else "OPE warnings" in second.reason
@@ -369,8 +370,7 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     assert ("logged propensities (source: impressions) (not gating)" in second.reason) is (
         not bounded
     )
-    kept_out = required or bounded
-    assert second.status == ("published" if kept_out else "canary" if canary else "promoted")
+    assert second.status == ("published" if required else "canary" if canary else "promoted")
     gate_doc = ArtifactRegistry(tmp_path / "registry").entries()[-1].lineage["gate"]
     assert gate_doc["ope"]["require_trusted"] is required, second.reason
     assert gate_doc["ope"]["min_ess"] == 12.5
@@ -378,7 +378,7 @@ def test_the_gate_acts_only_on_trusted_ope_unless_told_otherwise_or_a_canary_jud
     assert "outer_propensities_not_logged" in gate_doc["ope"]["outer"]["flags"]
     defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
     assert defaults["ope_require_trusted"] is True and defaults["ope_min_ess"] == 30.0
-    assert defaults["ope_bound_bias"] is True
+    assert defaults["ope_bound_bias"] is None  # on with logged propensities (below)
 
 
 def test_open_impressions_do_not_make_the_same_settled_window_due_again(tmp_path: Path) -> None:
@@ -467,3 +467,20 @@ def test_a_restarted_controller_leaves_an_operators_rollback_alone(
     assert [h["action"] for h in reg.history()][-2:] == ["promote", "rollback"]
     # and a resumed promotion that had not happened still happens
     assert LoopController(loop.cfg).read_state()["pending"] is None
+
+
+def test_the_outer_check_is_refused_where_it_could_never_pass() -> None:
+    """On by default with the served-items table's logged propensities, off with the
+    behaviour log's fitted ones, and refused there when asked for."""
+    from recloop.errors import ConfigError
+
+    base = {
+        "database_url": "sqlite://", "registry": "r", "workdir": "w", "algo": "popularity",
+        "every_events": 1,
+    }  # fmt: skip
+    assert LoopConfig(**base, source="impressions").bound_bias
+    assert not LoopConfig(**base).bound_bias
+    assert not LoopConfig(**base, source="impressions", ope_bound_bias=False).bound_bias
+    with pytest.raises(ConfigError, match="ope_bound_bias: true needs source: impressions"):
+        LoopConfig(**base, ope_bound_bias=True)
+    assert LoopConfig(**base, ope_bound_bias=True, use_ope=False).bound_bias  # no OPE: moot

@@ -107,8 +107,9 @@ class LoopConfig:
     ope_min_ess: float = 30.0
     """Smallest effective sample size (Kish, of the clipped weights) of either model's OPE
     estimate that the gate acts on; 0 = no minimum."""
-    ope_bound_bias: bool = True
-    """The OPE check also needs the low end of the outer difference to be ``>= -margin``:
+    ope_bound_bias: bool | None = None
+    """None: on with ``source: impressions``, off with ``source: events``.  On: the OPE
+    check also needs the low end of the outer difference to be ``>= -margin``:
     the share of each policy's probability the clipped weights cannot weigh valued at the
     worst observed outcome for the candidate and at the best for the current model, instead
     of at 0 (IPS) or at the reward model's prediction (DR), with the same paired bootstrap
@@ -120,7 +121,16 @@ class LoopConfig:
     promoted 2 truly worse models of 60 on epsilon-greedy logs, with it none (and nothing
     else either: such logs cannot weigh what a candidate changes); docs/experiment.md.
     The bracket needs logged propensities (``source: impressions``): on the fitted ones of
-    ``source: events`` the outer interval bounds nothing and the OPE check fails."""
+    ``source: events`` the outer interval bounds nothing, so there it is off by default
+    (the gate then rests on DR and its trust checks, as before 2026-12-07) and refused when
+    asked for (it could never pass)."""
+
+    @property
+    def bound_bias(self) -> bool:
+        """Whether the outer check gates (``ope_bound_bias`` resolved for the source)."""
+        if self.ope_bound_bias is None:
+            return self.source == "impressions"
+        return self.ope_bound_bias
     ope_max_unreproduced: float = 0.01
     """With ``ope: {target: served}`` on logged propensities: the largest share of the
     current model's own holdout impressions whose propensity the served target may fail to
@@ -155,6 +165,12 @@ class LoopConfig:
     """Round folders kept in ``workdir/rounds`` (the newest finished ones)."""
 
     def __post_init__(self) -> None:
+        check(
+            not (self.ope_bound_bias and self.use_ope and self.source == "events"),
+            "ope_bound_bias: true needs source: impressions (the outer check's bracket needs "
+            "the logged propensities; on the behaviour log's fitted ones it could never pass): "
+            "set source: impressions, or leave ope_bound_bias unset",
+        )
         check(
             self.window in ("growing", "sliding"),
             f"window must be growing or sliding, got {self.window!r}",

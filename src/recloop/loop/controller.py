@@ -344,7 +344,7 @@ class LoopController:
             require_trusted=cfg.ope_require_trusted and not cfg.canary_share,
             min_ess=cfg.ope_min_ess,
             max_unreproduced=cfg.ope_max_unreproduced,
-            bound_bias=cfg.ope_bound_bias and not cfg.canary_share,
+            bound_bias=cfg.bound_bias and not cfg.canary_share,
         )
         logger.info("gate: %s", result.reason)
 
