@@ -242,7 +242,7 @@ def evaluate_cmd(
     baseline: str | None = typer.Option(
         None,
         help="With --ab: the arm the others are compared with (default: control, else current, "
-        "else the first by name).",
+        "else baseline, else the first by name).",
     ),
     include_open: bool = typer.Option(
         False,

@@ -124,8 +124,9 @@ def compute_rewards(
             row = where(int(np.flatnonzero(missing)[0]))
             raise PrepareError(
                 f'column "{BEHAVIOR}": {int(missing.sum())} events without a behaviour '
-                f"(first: event row {row}); rewards need one per event: --skip-bad-rows leaves "
-                "them out, or --set reward.source=rating|constant takes rewards from elsewhere"
+                f"(first: event row {row}); rewards need one per event: `recloop prepare "
+                "--skip-bad-rows` leaves them out, or reward.source rating or constant takes "
+                "rewards from elsewhere"
             )
         return Rewards(reward, "behavior")
     if source == "rating":

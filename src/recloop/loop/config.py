@@ -131,6 +131,7 @@ class LoopConfig:
         if self.ope_bound_bias is None:
             return self.source == "impressions"
         return self.ope_bound_bias
+
     ope_max_unreproduced: float = 0.01
     """With ``ope: {target: served}`` on logged propensities: the largest share of the
     current model's own holdout impressions whose propensity the served target may fail to
