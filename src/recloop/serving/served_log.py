@@ -224,7 +224,7 @@ class ServedLog:
         refused: list[tuple[Served, dict[str, Any]]] = []
         went = 0
         for served, doc in pairs:
-            if await self._alone(served, doc):
+            if await self._alone(served, doc) is None:
                 went += 1
                 continue
             refused.append((served, doc))
@@ -232,31 +232,23 @@ class ServedLog:
                 break  # nothing goes through: the sink is down, keep everything
         if went:
             for served, doc in refused:
-                try:
-                    await self._write([doc])
-                except asyncio.CancelledError:
-                    raise
-                except TimeoutError:
-                    continue  # slow, not a refusal: kept
-                except Exception as exc:
+                exc = await self._alone(served, doc)
+                if exc is not None and not isinstance(exc, TimeoutError):  # slow: kept
                     self._reject(served, f"the sink refused it alone, twice ({_short(exc)})")
-                    continue
-                self._queue.remove(served)
-                self._logged.inc()
         self._depth.set(len(self._queue))
         return went > 0
 
-    async def _alone(self, served: Served, doc: dict[str, Any]) -> bool:
-        """Write one list; True when it went through (and left the queue)."""
+    async def _alone(self, served: Served, doc: dict[str, Any]) -> Exception | None:
+        """Write one list: None when it went through (and left the queue), else why not."""
         try:
             await self._write([doc])
         except asyncio.CancelledError:
             raise
-        except Exception:
-            return False
+        except Exception as exc:
+            return exc
         self._queue.remove(served)
         self._logged.inc()
-        return True
+        return None
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (for at most ``timeout_s``), then stop and close the sink;

@@ -355,20 +355,31 @@ class StreamProcessor:
     async def _served(self, messages: Sequence[BusMessage], ids: Sequence[str]) -> list[str]:
         """Write served lists to the served-items table; a malformed one is dead-lettered.
         Returns their users."""
-        docs: list[Any] = []
+        parsed: list[tuple[BusMessage, Any]] = []
         bad: list[DeadLetter] = []
         for m in messages:
             try:
-                doc = orjson.loads(m.payload or b"")
-                served_rows([doc])  # the per-list check; the batch is converted once below
-                docs.append(doc)
-            except Exception as exc:  # any malformed list is kept with its reason
+                parsed.append((m, orjson.loads(m.payload or b"")))
+            except Exception as exc:
                 bad.append(DeadLetter.of(m, f"served list: {_short(exc)}"))
+        docs = [doc for _, doc in parsed]
+        try:
+            rows = served_rows(docs)  # the batch at once: the usual case
+        except Exception:
+            # some list is malformed: each is checked alone, and the bad ones kept with
+            # their reasons (any error of the conversion names a bad list)
+            docs = []
+            for m, doc in parsed:
+                try:
+                    served_rows([doc])
+                    docs.append(doc)
+                except Exception as exc:
+                    bad.append(DeadLetter.of(m, f"served list: {_short(exc)}"))
+            rows = served_rows(docs)
         if bad:
             await self._dead_letter(bad, ids)
         if not docs:
             return []
-        rows = served_rows(docs)
         await self._retry(
             "served lists", lambda: asyncio.to_thread(self.log.append_served, rows), ids
         )

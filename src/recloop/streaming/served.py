@@ -172,10 +172,10 @@ def served_rows(docs: Sequence[dict[str, Any]]) -> pl.DataFrame:
     # the ids, times and texts the log can store (the stream's rules for events, and the
     # table's widths: PostgreSQL refuses a longer value, MariaDB may cut it short): a list
     # that breaks them is refused here, alone, rather than failing every write of its batch
+    longest = out.select(pl.col(list(SERVED_WIDTHS)).str.len_chars().max()).row(0, named=True)
     for name, width in SERVED_WIDTHS.items():
-        long = out.filter(pl.col(name).str.len_chars() > width)
-        if long.height:
-            first = long.row(0, named=True)
+        if (longest[name] or 0) > width:
+            first = out.filter(pl.col(name).str.len_chars() > width).row(0, named=True)
             raise ValueError(
                 f"served list {first['recommendation_id'][:80]!r}: field {name!r} longer than "
                 f"{width} characters ({len(first[name])})"
